@@ -1,0 +1,86 @@
+"""Argument checks shared by every op, run once before dispatch (never repeated inside a backend)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """q, k, v: tensors of one floating dtype on one device, each (batch, heads, seq, head_dim), same shape."""
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected rank 4 (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+    for name, t in zip(names[1:], (k, v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)} like {names[0]}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like {names[0]}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like {names[0]}, got {t.device}")
+    if q.shape[0] == 0:
+        raise ValueError(f"{names[0]}: empty batch (batch size 0) is not a valid input")
+    if q.shape[-1] == 0 or q.shape[1] == 0:
+        raise ValueError(f"{names[0]}: heads and head_dim must be positive, got shape {tuple(q.shape)}")
+
+
+def check_token_mask(mask: torch.Tensor | None, name: str, q: torch.Tensor) -> torch.Tensor | None:
+    """A (batch, seq) bool mask on q's device (None passes through)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a bool tensor (batch, seq), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: expected dtype torch.bool (True = {_meaning(name)}), got {mask.dtype}")
+    b, _, s, _ = q.shape
+    if tuple(mask.shape) != (b, s):
+        raise ValueError(f"{name}: expected shape (batch, seq) = {(b, s)}, got {tuple(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device}, got {mask.device}")
+    return mask.contiguous()
+
+
+def _meaning(name: str) -> str:
+    return "global token" if "global" in name else "real token"
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (scale > 0 and scale != float("inf")):
+        raise ValueError(f"scale: expected a positive finite float, got {scale}")
+    return scale
+
+
+def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_finite(**tensors: torch.Tensor | None) -> None:
+    """NaN/Inf inputs are rejected with a ValueError naming the argument.
+
+    Documented choice: attention would spread a single NaN over every query that sees it, so we refuse it at
+    the door. The check costs one reduction per input (O(seq*head_dim), small next to attention) and is
+    skipped while torch.compile traces, where a data-dependent branch would break the graph.
+    """
+    if _compiling():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or Inf; etkd ops reject non-finite inputs")

@@ -1,0 +1,29 @@
+"""`python -m etkd_kernels.info`: what is built, and which backend can run which op on this machine."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import BACKENDS, available_backends, support_matrix
+
+
+def report() -> str:
+    lines = [f"torch {torch.__version__}  (cuda build: {torch.version.cuda or 'no'})", "", "backends:"]
+    for info in available_backends().values():
+        lines.append(f"  {info}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        lines += ["", f"op x backend on {device} float32 ('ok' or why not):"]
+        matrix = support_matrix(device, torch.float32)
+        for op, row in matrix.items():
+            lines.append(f"  {op:15s}" + "  ".join(f"{b}={row[b]}" for b in BACKENDS))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

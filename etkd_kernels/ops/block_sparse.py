@@ -1,0 +1,100 @@
+"""`block_sparse_attention`: exact softmax restricted to the allowed blocks of a block layout."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_finite, check_qkv, check_scale, check_token_mask
+from ..dispatch import requested_backend
+from ..masks import BlockLayout
+from ._common import pad_to_multiple
+from ._define import define, empty_to_none, fake_out_lse
+
+_FWD = (
+    "(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, Tensor? key_padding_mask, float scale, "
+    "str backend) -> (Tensor, Tensor)"
+)
+_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor layout, int block_size, "
+    "Tensor? key_padding_mask, float scale, str backend) -> Tensor[]"
+)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, layout, block_size, kpm, scale, backend):
+    return [torch.empty_like(q) for _ in range(3)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout, block_size, kpm, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, layout, kpm)
+    ctx.args = (block_size, scale, backend)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, layout, kpm = ctx.saved_tensors
+    block_size, scale, backend = ctx.args
+    dq, dk, dv = empty_to_none(_bwd_op(grad_out.contiguous(), q, k, v, out, lse, layout, block_size, kpm, scale, backend))
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op, _bwd_op = define("block_sparse", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+
+
+def as_layout(layout: BlockLayout | torch.Tensor, seq_len: int, heads: int, device: torch.device) -> BlockLayout:
+    """Check `layout` against a (heads, seq_len) input and return it as a BlockLayout on `device`."""
+    if isinstance(layout, torch.Tensor):
+        if layout.dtype != torch.bool or layout.dim() != 3:
+            raise TypeError(
+                f"layout: expected a BlockLayout or a bool tensor (heads or 1, q_blocks, k_blocks), "
+                f"got {layout.dtype} tensor of shape {tuple(layout.shape)}"
+            )
+        nb = layout.shape[1]
+        if nb == 0 or seq_len % nb:
+            raise ValueError(
+                f"layout: a plain tensor's block size is seq_len / q_blocks, but seq_len {seq_len} is not a "
+                f"multiple of q_blocks {nb}; pass a BlockLayout (it carries its block size) instead"
+            )
+        layout = BlockLayout(layout, seq_len // nb)
+    elif not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a BlockLayout or a bool tensor, got {type(layout).__name__}")
+    nb = -(-seq_len // layout.block_size)
+    if layout.q_blocks != nb or layout.k_blocks != nb:
+        raise ValueError(
+            f"layout: expected ({nb}, {nb}) blocks for seq_len {seq_len} with block_size {layout.block_size}, "
+            f"got ({layout.q_blocks}, {layout.k_blocks})"
+        )
+    if layout.num_heads not in (1, heads):
+        raise ValueError(f"layout: expected 1 or {heads} heads, got {layout.num_heads}")
+    return layout.to(device)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout | torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact softmax attention restricted to the allowed (query block, key block) pairs of `layout`.
+
+    q, k, v: (batch, heads, seq, head_dim). layout: a `BlockLayout` from a builder (`bigbird_layout`,
+    `longformer_layout`, `lsg_layout`, `fixed_layout`) or a bool tensor (heads or 1, q_blocks, k_blocks)
+    whose block size is seq / q_blocks. A seq that is not a multiple of the block size is padded inside.
+    key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); rows that
+    see no real key (padded queries among them) are zeros.
+
+    Plain-PyTorch meaning: softmax(scale * q @ k.T masked by layout.to_dense() & key_padding_mask) @ v.
+    """
+    check_qkv(q, k, v)
+    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
+    layout = as_layout(layout, q.shape[2], q.shape[1], q.device)
+    scale = check_scale(scale, q.shape[-1])
+    check_finite(q=q, k=k, v=v)
+    requested_backend(backend)
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, layout.block_size)
+    out, _ = _fwd_op(q, k, v, layout.mask.contiguous(), layout.block_size, kpm, scale, backend)
+    return out[:, :, :s]

@@ -1,0 +1,86 @@
+"""`lsg_attention`: Local + Sparse + Global attention (Condevaux & Harispe, LSG)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from ..dispatch import requested_backend
+from ._common import pad_to_multiple
+from ._define import define, empty_to_none, fake_out_lse
+
+SPARSITY_TYPES = ("none", "pooling", "stride", "block_stride")
+
+_FWD = (
+    "(Tensor q, Tensor k, Tensor v, int block_size, int sparse_block_size, int sparsity_factor, "
+    "str sparsity_type, int num_global_tokens, Tensor? key_padding_mask, float scale, str backend) "
+    "-> (Tensor, Tensor)"
+)
+_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int block_size, "
+    "int sparse_block_size, int sparsity_factor, str sparsity_type, int num_global_tokens, "
+    "Tensor? key_padding_mask, float scale, str backend) -> Tensor[]"
+)
+
+
+def _bwd_fake(grad_out, q, *args):
+    return [torch.empty_like(q) for _ in range(3)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bs, sbs, factor, stype, ng, kpm, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, *output, kpm)
+    ctx.args = (bs, sbs, factor, stype, ng, scale, backend)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kpm = ctx.saved_tensors
+    bs, sbs, factor, stype, ng, scale, backend = ctx.args
+    grads = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, bs, sbs, factor, stype, ng, kpm, scale, backend)
+    dq, dk, dv = empty_to_none(grads)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_fwd_op, _bwd_op = define("lsg", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+
+
+def lsg_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 128,
+    sparse_block_size: int = 128,
+    sparsity_factor: int = 2,
+    sparsity_type: str = "pooling",
+    num_global_tokens: int = 1,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LSG attention: each query block sees its own and the neighbouring key blocks (local), a compressed
+    view of the keys around them (sparse: `sparsity_type` pooling / stride / block_stride by
+    `sparsity_factor`, `sparse_block_size` compressed tokens each side), and the first `num_global_tokens`
+    positions (global, which also attend to every key).
+
+    q, k, v: (batch, heads, seq, head_dim); a seq that is not a multiple of block_size is padded inside.
+    key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim).
+    The exact key set of each query is defined by `etkd_kernels.reference.lsg`.
+    """
+    check_qkv(q, k, v)
+    check_positive_int(block_size, "block_size")
+    check_positive_int(sparse_block_size, "sparse_block_size", minimum=0)
+    check_positive_int(sparsity_factor, "sparsity_factor")
+    check_positive_int(num_global_tokens, "num_global_tokens", minimum=0)
+    if sparsity_type not in SPARSITY_TYPES:
+        raise ValueError(f"sparsity_type: expected one of {SPARSITY_TYPES}, got {sparsity_type!r}")
+    if num_global_tokens > q.shape[2]:
+        raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
+    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
+    scale = check_scale(scale, q.shape[-1])
+    check_finite(q=q, k=k, v=v)
+    requested_backend(backend)
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
+    out, _ = _fwd_op(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
+                     kpm, scale, backend)
+    return out[:, :, :s]

@@ -1,0 +1,84 @@
+"""`nystrom_attention`: Nystromformer's landmark approximation of softmax attention."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from ..dispatch import requested_backend
+from ._define import define, empty_to_none
+
+PINV_INITS = ("per_head", "hf_global")
+
+_FWD = (
+    "(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
+    "float scale, str pinv_init, str backend) -> Tensor"
+)
+_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, int num_landmarks, int pinv_iterations, "
+    "Tensor? key_padding_mask, float scale, str pinv_init, str backend) -> Tensor[]"
+)
+
+
+def _fwd_fake(q, *args):
+    return torch.empty_like(q)
+
+
+def _bwd_fake(grad_out, q, *args):
+    return [torch.empty_like(q) for _ in range(3)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, num_landmarks, iters, kpm, scale, pinv_init, backend = inputs
+    ctx.save_for_backward(q, k, v, output, kpm)
+    ctx.args = (num_landmarks, iters, scale, pinv_init, backend)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, out, kpm = ctx.saved_tensors
+    nl, iters, scale, pinv_init, backend = ctx.args
+    grads = _bwd_op(grad_out.contiguous(), q, k, v, out, nl, iters, kpm, scale, pinv_init, backend)
+    dq, dk, dv = empty_to_none(grads)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op, _bwd_op = define("nystrom", _FWD, _BWD, _fwd_fake, _bwd_fake, _setup_context, _backward)
+
+
+def nystrom_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_landmarks: int,
+    *,
+    pinv_iterations: int = 6,
+    pinv_init: str = "per_head",
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Nystromformer attention with `num_landmarks` segment-mean landmarks and an iterative pseudo-inverse.
+
+    q, k, v: (batch, heads, seq, head_dim). The sequence is cut into `num_landmarks` contiguous segments
+    (padded inside when seq is not a multiple); landmarks are segment means. With
+    K1 = softmax(s q k~^T), K2 = softmax(s q~ k~^T), K3 = softmax(s q~ k^T) (keys masked by padding):
+    out = K1 @ pinv(K2) @ (K3 @ v), pinv by `pinv_iterations` Newton-Schulz steps. pinv_init:
+    "per_head" scales the initial inverse per (batch, head); "hf_global" uses one max over the whole batch
+    and all heads, as HF `NystromformerSelfAttention` does (its outputs then depend on the other batch rows).
+    When num_landmarks == seq the op is exact softmax attention. Padded query rows are zeros.
+    """
+    check_qkv(q, k, v)
+    check_positive_int(num_landmarks, "num_landmarks")
+    check_positive_int(pinv_iterations, "pinv_iterations", minimum=0)
+    if pinv_init not in PINV_INITS:
+        raise ValueError(f"pinv_init: expected one of {PINV_INITS}, got {pinv_init!r}")
+    if num_landmarks > q.shape[2]:
+        raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
+    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
+    scale = check_scale(scale, q.shape[-1])
+    check_finite(q=q, k=k, v=v)
+    requested_backend(backend)
+    return _fwd_op(
+        q.contiguous(), k.contiguous(), v.contiguous(), num_landmarks, pinv_iterations, key_padding_mask, scale,
+        pinv_init, backend,
+    )

@@ -1,0 +1,98 @@
+"""`sliding_window_attention`: Longformer's pattern (local band + global tokens), one public op."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from ..dispatch import requested_backend
+from ._define import define, empty_to_none, fake_out_lse
+
+_FWD = (
+    "(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? qg, Tensor? kg, Tensor? vg, "
+    "Tensor? key_padding_mask, float scale, str backend) -> (Tensor, Tensor)"
+)
+_BWD = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, Tensor? global_mask, "
+    "Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale, str backend) -> Tensor[]"
+)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, kpm, scale, backend):
+    n = 6 if qg is not None else 3
+    return [torch.empty_like(q) for _ in range(n)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, global_mask, qg, kg, vg, kpm, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, global_mask, qg, kg, vg, kpm)
+    ctx.args = (window, scale, backend)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, global_mask, qg, kg, vg, kpm = ctx.saved_tensors
+    window, scale, backend = ctx.args
+    grads = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, window, global_mask, qg, kg, vg, kpm, scale, backend)
+    grads = empty_to_none(grads) + [None] * (6 - len(grads))
+    dq, dk, dv, dqg, dkg, dvg = grads
+    return dq, dk, dv, None, None, dqg, dkg, dvg, None, None, None
+
+
+_fwd_op, _bwd_op = define("sliding_window", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    *,
+    global_mask: torch.Tensor | None = None,
+    global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Longformer attention: a local band of `window + 1` keys per query, plus global tokens.
+
+    q, k, v: (batch, heads, seq, head_dim). window: HF's `attention_window`, even; query i sees key j
+    when |i - j| <= window // 2. global_mask: (batch, seq) bool, True = global token: it attends to every
+    key and every query attends to it. global_qkv: (qg, kg, vg), each like q: the separate projections HF
+    uses for global query rows (scores qg_i . kg_j, values vg); without it global rows use q, k, v.
+    key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); padded
+    query rows are zeros.
+
+    Plain-PyTorch meaning (O(seq^2) memory; the backends never build this):
+        allowed = (i - j).abs() <= window // 2 | global_mask[:, None, None, :]        # (b, 1, s, s)
+        s = scale * q @ k.T masked by allowed & key_padding_mask[:, None, None, :]
+        out = softmax(s) @ v; rows i with global_mask[i] use softmax(scale * qg @ kg.T, masked by padding) @ vg
+    """
+    check_qkv(q, k, v)
+    check_positive_int(window, "window", minimum=2)
+    if window % 2:
+        raise ValueError(f"window: expected an even int (HF attention_window; one side is window // 2), got {window}")
+    global_mask = check_token_mask(global_mask, "global_mask", q)
+    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
+    qg = kg = vg = None
+    if global_qkv is not None:
+        if not isinstance(global_qkv, (tuple, list)) or len(global_qkv) != 3:
+            raise TypeError("global_qkv: expected a tuple (qg, kg, vg) of tensors shaped like q")
+        if global_mask is None:
+            raise ValueError("global_qkv: given without global_mask, so no row would use it")
+        qg, kg, vg = global_qkv
+        check_qkv(qg, kg, vg, ("global_qkv[0]", "global_qkv[1]", "global_qkv[2]"))
+        for name, t in (("global_qkv[0]", qg),):
+            if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(
+                    f"{name}: expected {tuple(q.shape)} {q.dtype} on {q.device} like q, "
+                    f"got {tuple(t.shape)} {t.dtype} on {t.device}"
+                )
+        qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
+    scale = check_scale(scale, q.shape[-1])
+    check_finite(q=q, k=k, v=v, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg})
+    requested_backend(backend)  # validates the name now; the op resolves it when it runs
+    out, _ = _fwd_op(
+        q.contiguous(), k.contiguous(), v.contiguous(), window, global_mask, qg, kg, vg, key_padding_mask, scale, backend
+    )
+    return out

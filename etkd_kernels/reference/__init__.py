@@ -1,0 +1,26 @@
+"""`reference`: plain PyTorch, exact, the oracle every fused kernel is tested against.
+
+Each module here defines its pattern's semantics: `forward` is the definition, `backward` recomputes it
+under autograd. Memory is O(seq * window) (or O(nnz blocks)) where the pattern allows it.
+"""
+
+import torch
+
+NAME = "reference"
+DESCRIPTION = "plain PyTorch, any device, the oracle"
+OPS = {
+    "sliding_window": "sliding_window",
+    "block_sparse": "block_sparse",
+    "lsg": "lsg",
+    "nystrom": "nystrom",
+    "full": "full",
+}
+AUTO_DEVICES = None  # any device
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def not_supported_reasons(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    return []

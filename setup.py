@@ -1,0 +1,98 @@
+"""Build script: the CPU extension always (unless ETKD_NO_EXT=1), the CUDA one only where it can be built.
+
+The CPU extension `etkd_kernels._C` is compiled from csrc/cpu with OpenMP. The CUDA extension
+`etkd_kernels._C_cuda` is compiled from csrc/cuda only when torch is a CUDA build and a CUDA toolkit is found,
+or when FORCE_CUDA=1. The path taken is printed so a user can see it in the pip log.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+PACKAGES = [
+    "etkd_kernels",
+    "etkd_kernels.ops",
+    "etkd_kernels.reference",
+    "etkd_kernels.cpu",
+    "etkd_kernels.triton",
+    "etkd_kernels.cuda",
+    "etkd.models",
+    "etkd.distill",
+    "etkd.benchmarks",
+]
+PACKAGE_DIR = {"etkd.models": "models", "etkd.distill": "distill", "etkd.benchmarks": "benchmarks"}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"[etkd setup] {msg}", file=sys.stderr)
+
+
+def _extensions():
+    if os.environ.get("ETKD_NO_EXT") == "1":
+        _say("ETKD_NO_EXT=1: building no compiled extension (reference and triton backends only)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        _say("torch is not importable at build time: no compiled extension (use --no-build-isolation)")
+        return [], {}
+
+    exts = []
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if cpu_sources:
+        if sys.platform == "darwin":
+            omp_c, omp_l = ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+        else:
+            omp_c, omp_l = ["-fopenmp"], ["-fopenmp"]
+        exts.append(
+            CppExtension(
+                "etkd_kernels._C",
+                cpu_sources,
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={"cxx": ["-O3", "-std=c++17", *omp_c]},
+                extra_link_args=omp_l,
+            )
+        )
+        _say(f"building CPU extension etkd_kernels._C from {len(cpu_sources)} sources (OpenMP on)")
+
+    force = os.environ.get("FORCE_CUDA") == "1"
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    binding = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    can_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if cuda_sources and (can_cuda or force):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        exts.append(
+            CUDAExtension(
+                "etkd_kernels._C_cuda",
+                binding + cuda_sources,
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++17"],
+                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                },
+            )
+        )
+        _say(f"building CUDA extension etkd_kernels._C_cuda for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    elif cuda_sources:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) found"
+        _say(f"skipping CUDA extension: {why} (FORCE_CUDA=1 forces it)")
+
+    if not exts:
+        return [], {}
+    # Cap parallel compile jobs: every torch-including translation unit needs ~1.5 GB of RAM.
+    os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
