@@ -4,7 +4,12 @@
 // Layout contract (the binding enforces it): every (B, H, S, D) tensor of one call shares the strides
 // below and has unit stride in D; lse is (B, H, S) contiguous float32; masks are (B, S) contiguous bool;
 // gradient outputs are float32 workspaces of the (B, H, S, D) shape, zero-initialised by the caller
-// (dK/dV are accumulated with atomics, see attn_tile.cuh-part below), cast to the input dtype afterwards.
+// (dK/dV are accumulated with atomics, see the backward engine below), cast to the input dtype afterwards.
+//
+// The second half of this header (only seen by nvcc) is the tile engine both .cu files share: the
+// FlashAttention-2 forward/backward loop over one query tile, parameterised by a "pattern" object that
+// says which rows the CTA owns, which key tiles it visits and which (query, key) pairs are inside the
+// pattern. The index arithmetic of the patterns lives in csrc/common/tile_index.h, tested on the host.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -107,3 +112,468 @@ cudaError_t block_sparse_bwd(const BlockSparseBwdParams& p, cudaStream_t stream)
 
 }  // namespace cuda
 }  // namespace etkd
+
+// =========================================================================================================
+// Device tile engine (nvcc only)
+// =========================================================================================================
+#if defined(__CUDACC__)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "common/tile_index.h"
+
+namespace etkd {
+namespace cuda {
+namespace detail {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  static constexpr bool kTensorCore = false;  // fp32 stays exact fp32 FMA (no TF32 rounding)
+  static __device__ __forceinline__ float to_f(float x) { return x; }
+  static __device__ __forceinline__ float from_f(float x) { return x; }
+};
+template <>
+struct Num<__half> {
+  static constexpr bool kTensorCore = true;
+  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static constexpr bool kTensorCore = true;
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+};
+
+// Tile sizes. Backward keeps more tiles resident (Q, dO, K, V, S, dP, P, dS, dQ, a dK/dV partial), so its
+// tiles are smaller; fp32 tiles are twice the bytes, so they shrink first. All fit the sm_80 opt-in limit.
+template <typename T, int D>
+struct FwdTiles {
+  static constexpr int BM = 64;
+  static constexpr int BN = D == 128 ? 32 : 64;
+};
+template <typename T, int D>
+struct BwdTiles {
+  static constexpr int BM = (sizeof(T) == 2 && D <= 64) ? 64 : 32;
+  static constexpr int BN = BM;
+};
+
+constexpr int align128(int x) { return (x + 127) / 128 * 128; }
+
+// Leading dimensions padded by 16 bytes: keeps WMMA's ldm/alignment rules (ldm a multiple of 16 bytes,
+// fragment pointers 32-byte aligned since row offsets are multiples of 16 rows) and breaks bank conflicts.
+template <typename T, int N>
+constexpr int ld_of() {
+  return N + 16 / static_cast<int>(sizeof(T));
+}
+
+template <typename T, int D, int BM, int BN>
+struct FwdLayout {
+  static constexpr int ldT = ld_of<T, D>();
+  static constexpr int ldS = ld_of<float, BN>();
+  static constexpr int ldP = ld_of<T, BN>();
+  static constexpr int ldO = ld_of<float, D>();
+  static constexpr int kQ = 0;
+  static constexpr int kK = align128(kQ + BM * ldT * (int)sizeof(T));
+  static constexpr int kV = align128(kK + BN * ldT * (int)sizeof(T));
+  static constexpr int kS = align128(kV + BN * ldT * (int)sizeof(T));
+  static constexpr int kP = align128(kS + BM * ldS * 4);
+  static constexpr int kO = align128(kP + BM * ldP * (int)sizeof(T));
+  static constexpr int kM = align128(kO + BM * ldO * 4);
+  static constexpr int kL = kM + BM * 4;
+  static constexpr int kRows = kL + BM * 4;
+  static constexpr int kLive = kRows + BM * 4;
+  static constexpr int kCols = kLive + BM * 4;
+  static constexpr int kBytes = align128(kCols + BN * 4);
+  static_assert(kBytes <= 160 * 1024, "forward tile does not fit the sm_80 shared-memory opt-in limit");
+};
+
+template <typename T, int D, int BM, int BN>
+struct BwdLayout {
+  static constexpr int ldT = ld_of<T, D>();
+  static constexpr int ldS = ld_of<float, BN>();
+  static constexpr int ldP = ld_of<T, BN>();
+  static constexpr int ldO = ld_of<float, D>();
+  static constexpr int kQ = 0;
+  static constexpr int kDO = align128(kQ + BM * ldT * (int)sizeof(T));
+  static constexpr int kK = align128(kDO + BM * ldT * (int)sizeof(T));
+  static constexpr int kV = align128(kK + BN * ldT * (int)sizeof(T));
+  static constexpr int kS = align128(kV + BN * ldT * (int)sizeof(T));
+  static constexpr int kDP = align128(kS + BM * ldS * 4);
+  static constexpr int kP = align128(kDP + BM * ldS * 4);
+  static constexpr int kDS = align128(kP + BM * ldP * (int)sizeof(T));
+  static constexpr int kDQ = align128(kDS + BM * ldP * (int)sizeof(T));
+  static constexpr int kPart = align128(kDQ + BM * ldO * 4);
+  static constexpr int kLse = align128(kPart + BN * ldO * 4);
+  static constexpr int kDelta = kLse + BM * 4;
+  static constexpr int kRows = kDelta + BM * 4;
+  static constexpr int kLive = kRows + BM * 4;
+  static constexpr int kCols = kLive + BM * 4;
+  static constexpr int kBytes = align128(kCols + BN * 4);
+  static_assert(kBytes <= 160 * 1024, "backward tile does not fit the sm_80 shared-memory opt-in limit");
+};
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// C (M x N, fp32, shared) = [C +] A (M x K) * B (K x N), A and B in shared memory.
+// ARow: A(m, k) = A[m * lda + k], else A[k * lda + m]. BRow: B(k, n) = B[k * ldb + n], else B[n * ldb + k].
+// fp16/bf16 run on tensor cores (WMMA m16n16k16, fp32 accumulate), one warp per 16x16 output tile.
+// The caller synchronises before reading C.
+template <int M, int N, int K, bool ARow, bool BRow, typename T>
+__device__ __forceinline__ void smem_gemm(const T* A, int lda, const T* B, int ldb, float* C, int ldc,
+                                          bool accumulate) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr bool kWmma = Num<T>::kTensorCore;
+#else
+  constexpr bool kWmma = false;  // bf16 WMMA needs sm_80; older targets take the FMA path
+#endif
+  if constexpr (kWmma) {
+    namespace wmma = nvcuda::wmma;
+    static_assert(M % 16 == 0 && N % 16 == 0 && K % 16 == 0, "WMMA tiles are 16x16x16");
+    using LA = std::conditional_t<ARow, wmma::row_major, wmma::col_major>;
+    using LB = std::conditional_t<BRow, wmma::row_major, wmma::col_major>;
+    constexpr int TN = N / 16;
+    const int warp = threadIdx.x / 32;
+    for (int t = warp; t < (M / 16) * TN; t += kWarps) {
+      const int m0 = (t / TN) * 16, n0 = (t % TN) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+      if (accumulate) {
+        wmma::load_matrix_sync(c, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(c, 0.0f);
+      }
+#pragma unroll
+      for (int kk = 0; kk < K; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+        wmma::load_matrix_sync(a, ARow ? A + m0 * lda + kk : A + kk * lda + m0, lda);
+        wmma::load_matrix_sync(b, BRow ? B + kk * ldb + n0 : B + n0 * ldb + kk, ldb);
+        wmma::mma_sync(c, a, b, c);
+      }
+      wmma::store_matrix_sync(C + m0 * ldc + n0, c, ldc, wmma::mem_row_major);
+    }
+  } else {
+    for (int e = threadIdx.x; e < M * N; e += kThreads) {
+      const int m = e / N, n = e % N;
+      float s = accumulate ? C[m * ldc + n] : 0.0f;
+#pragma unroll 8
+      for (int kk = 0; kk < K; ++kk) {
+        const float a = Num<T>::to_f(ARow ? A[m * lda + kk] : A[kk * lda + m]);
+        const float b = Num<T>::to_f(BRow ? B[kk * ldb + n] : B[n * ldb + kk]);
+        s = fmaf(a, b, s);
+      }
+      C[m * ldc + n] = s;
+    }
+  }
+}
+
+// dst[r * ld + :D] = src[idx[r] * stride_s + :D] for r < R (zeros where idx[r] < 0), 16-byte vectors.
+// The binding guarantees 16-byte aligned base pointers and row strides.
+template <typename T, int D, int R>
+__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t stride_s, const int* idx) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int C = D / V;
+  for (int e = threadIdx.x; e < R * C; e += kThreads) {
+    const int r = e / C, c = (e % C) * V;
+    const int i = idx[r];
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (i >= 0) val = *reinterpret_cast<const uint4*>(src + i * stride_s + c);
+    *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
+  }
+}
+
+// A pattern (see sliding_window.cu / block_sparse.cu) is a small per-CTA object with
+//   int  row(int r)                 query index owned by tile row r, or -1 (row written by another CTA)
+//   bool row_live(int i)            owned query i is a real token (dead owned rows get out 0, lse +inf)
+//   int  num_iters()                number of key tiles visited
+//   int  col(int it, int c)         key index of column c of key tile `it`, or -1 (padding / past the end)
+//   bool dense(int it)              every (live row, valid column) pair of key tile `it` is visible
+//   bool visible(int i, int j, int it)   the per-element pattern predicate (used when !dense(it))
+
+// Forward over one query tile: online softmax (exp2 domain, fp32 statistics) and fp32 accumulation of
+// O in shared memory; writes out (input dtype) and lse (natural log, +inf for rows that see no key).
+template <typename T, int D, int BM, int BN, class Pat>
+__device__ __forceinline__ void attn_fwd_tile(const Pat& pat, const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v, T* __restrict__ out,
+                                              float* __restrict__ lse, int64_t ss, float scale) {
+  using L = FwdLayout<T, D, BM, BN>;
+  static_assert(BN % 32 == 0, "one warp covers a score row in BN / 32 steps");
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + L::kQ);
+  T* Ks = reinterpret_cast<T*>(smem + L::kK);
+  T* Vs = reinterpret_cast<T*>(smem + L::kV);
+  float* Ss = reinterpret_cast<float*>(smem + L::kS);
+  T* Ps = reinterpret_cast<T*>(smem + L::kP);
+  float* Os = reinterpret_cast<float*>(smem + L::kO);
+  float* m_s = reinterpret_cast<float*>(smem + L::kM);
+  float* l_s = reinterpret_cast<float*>(smem + L::kL);
+  int* rows = reinterpret_cast<int*>(smem + L::kRows);
+  int* live = reinterpret_cast<int*>(smem + L::kLive);
+  int* cols = reinterpret_cast<int*>(smem + L::kCols);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  int any_live = 0;
+  for (int r = tid; r < BM; r += kThreads) {
+    const int i = pat.row(r);
+    rows[r] = i;
+    live[r] = (i >= 0 && pat.row_live(i)) ? 1 : 0;
+    any_live |= live[r];
+    m_s[r] = -INFINITY;
+    l_s[r] = 0.0f;
+  }
+  for (int e = tid; e < BM * L::ldO; e += kThreads) Os[e] = 0.0f;
+  // A tile whose owned rows are all padding visits nothing (its rows still get out 0 / lse +inf below).
+  const int n_it = __syncthreads_or(any_live) ? pat.num_iters() : 0;
+  load_rows<T, D, BM>(Qs, L::ldT, q, ss, rows);
+
+  const float sl2 = scale * kLog2e;
+  for (int it = 0; it < n_it; ++it) {
+    int any = 0;
+    for (int c = tid; c < BN; c += kThreads) {
+      cols[c] = pat.col(it, c);
+      any |= cols[c] >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;  // nothing real in this key tile (e.g. all padding)
+    load_rows<T, D, BN>(Ks, L::ldT, k, ss, cols);
+    load_rows<T, D, BN>(Vs, L::ldT, v, ss, cols);
+    __syncthreads();
+    smem_gemm<BM, BN, D, true, false>(Qs, L::ldT, Ks, L::ldT, Ss, L::ldS, false);  // S = Q K^T
+    __syncthreads();
+
+    const bool dense = pat.dense(it);
+    for (int r = warp; r < BM; r += kWarps) {
+      const int i = rows[r];
+      const bool lv = live[r] != 0;
+      const float m_old = m_s[r];
+      float x[BN / 32];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int t = 0; t < BN / 32; ++t) {
+        const int c = lane + 32 * t, j = cols[c];
+        const bool ok = lv && j >= 0 && (dense || pat.visible(i, j, it));
+        x[t] = ok ? Ss[r * L::ldS + c] * sl2 : -INFINITY;
+        mx = fmaxf(mx, x[t]);
+      }
+      const float m_new = fmaxf(m_old, warp_max(mx));
+      float alpha = 1.0f, sum = 0.0f;
+      if (m_new != -INFINITY) {  // else nothing seen yet: P = 0 and O (still 0) keeps its scale
+        alpha = exp2f(m_old - m_new);
+#pragma unroll
+        for (int t = 0; t < BN / 32; ++t) {
+          x[t] = exp2f(x[t] - m_new);
+          sum += x[t];
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < BN / 32; ++t) x[t] = 0.0f;
+      }
+      sum = warp_sum(sum);
+#pragma unroll
+      for (int t = 0; t < BN / 32; ++t) Ps[r * L::ldP + lane + 32 * t] = Num<T>::from_f(x[t]);
+      for (int d = lane; d < D; d += 32) Os[r * L::ldO + d] *= alpha;
+      __syncwarp();
+      if (lane == 0) {
+        m_s[r] = m_new;
+        l_s[r] = l_s[r] * alpha + sum;
+      }
+    }
+    __syncthreads();
+    smem_gemm<BM, D, BN, true, true>(Ps, L::ldP, Vs, L::ldT, Os, L::ldO, true);  // O += P V
+    __syncthreads();
+  }
+
+  for (int e = tid; e < BM * D; e += kThreads) {
+    const int r = e / D, d = e % D, i = rows[r];
+    if (i < 0) continue;
+    const float l = l_s[r];
+    out[i * ss + d] = Num<T>::from_f(l > 0.0f ? Os[r * L::ldO + d] / l : 0.0f);
+  }
+  for (int r = tid; r < BM; r += kThreads) {
+    const int i = rows[r];
+    if (i < 0) continue;
+    const float l = l_s[r];
+    lse[i] = l > 0.0f ? m_s[r] * kLn2 + logf(l) : INFINITY;
+  }
+}
+
+// Backward over one query tile, recomputing P = exp(scale * q.k - lse) from the saved lse.
+// dQ of the tile's rows accumulates in shared memory and is stored once (each row is owned by one CTA).
+// dK/dV: this CTA's contribution to each visited key tile is formed in shared memory and added to the
+// fp32 workspaces with atomicAdd. We chose atomics over a separate key-tile-major pass because one loop
+// then serves every pattern: the key-major pass would need the transposed visit lists (query tiles per
+// key tile, and for global keys *every* query tile), a second copy of the pattern logic per op. The cost
+// is contention on global-key rows (touched by every query tile) and non-deterministic fp32 summation
+// order; both are acceptable for training (FlashAttention-2 does the same for dQ).
+template <typename T, int D, int BM, int BN, class Pat>
+__device__ __forceinline__ void attn_bwd_tile(const Pat& pat, const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v, const T* __restrict__ out,
+                                              const T* __restrict__ dout, const float* __restrict__ lse,
+                                              float* __restrict__ dq, float* dk, float* dv, int64_t ss,
+                                              float scale) {
+  using L = BwdLayout<T, D, BM, BN>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + L::kQ);
+  T* dOs = reinterpret_cast<T*>(smem + L::kDO);
+  T* Ks = reinterpret_cast<T*>(smem + L::kK);
+  T* Vs = reinterpret_cast<T*>(smem + L::kV);
+  float* Ss = reinterpret_cast<float*>(smem + L::kS);
+  float* dPs = reinterpret_cast<float*>(smem + L::kDP);
+  T* Ps = reinterpret_cast<T*>(smem + L::kP);
+  T* dSs = reinterpret_cast<T*>(smem + L::kDS);
+  float* dQs = reinterpret_cast<float*>(smem + L::kDQ);
+  float* Part = reinterpret_cast<float*>(smem + L::kPart);
+  float* lse2 = reinterpret_cast<float*>(smem + L::kLse);
+  float* delta = reinterpret_cast<float*>(smem + L::kDelta);
+  int* rows = reinterpret_cast<int*>(smem + L::kRows);
+  int* live = reinterpret_cast<int*>(smem + L::kLive);
+  int* cols = reinterpret_cast<int*>(smem + L::kCols);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  int any_live = 0;
+  for (int r = tid; r < BM; r += kThreads) {
+    const int i = pat.row(r);
+    rows[r] = i;
+    live[r] = (i >= 0 && pat.row_live(i)) ? 1 : 0;
+    any_live |= live[r];
+    // lse = +inf (row saw nothing) gives P = exp2(s - inf) = 0 everywhere below.
+    lse2[r] = live[r] ? lse[i] * kLog2e : INFINITY;
+  }
+  for (int e = tid; e < BM * L::ldO; e += kThreads) dQs[e] = 0.0f;
+  if (!__syncthreads_or(any_live)) return;  // dq of these rows stays 0 (zero-initialised workspace)
+  // delta_i = sum_d dO_id * O_id (the softmax-backward row term), one warp per row, fp32.
+  for (int r = warp; r < BM; r += kWarps) {
+    float s = 0.0f;
+    if (live[r]) {
+      const int i = rows[r];
+      for (int d = lane; d < D; d += 32) s += Num<T>::to_f(dout[i * ss + d]) * Num<T>::to_f(out[i * ss + d]);
+    }
+    s = warp_sum(s);
+    if (lane == 0) delta[r] = s;
+  }
+  load_rows<T, D, BM>(Qs, L::ldT, q, ss, rows);
+  load_rows<T, D, BM>(dOs, L::ldT, dout, ss, rows);
+
+  const float sl2 = scale * kLog2e;
+  const int n_it = pat.num_iters();
+  for (int it = 0; it < n_it; ++it) {
+    int any = 0;
+    for (int c = tid; c < BN; c += kThreads) {
+      cols[c] = pat.col(it, c);
+      any |= cols[c] >= 0;
+    }
+    if (!__syncthreads_or(any)) continue;
+    load_rows<T, D, BN>(Ks, L::ldT, k, ss, cols);
+    load_rows<T, D, BN>(Vs, L::ldT, v, ss, cols);
+    __syncthreads();
+    smem_gemm<BM, BN, D, true, false>(Qs, L::ldT, Ks, L::ldT, Ss, L::ldS, false);    // S = Q K^T
+    smem_gemm<BM, BN, D, true, false>(dOs, L::ldT, Vs, L::ldT, dPs, L::ldS, false);  // dP = dO V^T
+    __syncthreads();
+
+    const bool dense = pat.dense(it);
+    for (int e = tid; e < BM * BN; e += kThreads) {
+      const int r = e / BN, c = e % BN, j = cols[c];
+      const bool ok = live[r] && j >= 0 && (dense || pat.visible(rows[r], j, it));
+      const float p = ok ? exp2f(Ss[r * L::ldS + c] * sl2 - lse2[r]) : 0.0f;
+      const float ds = p * (dPs[r * L::ldS + c] - delta[r]);
+      Ps[r * L::ldP + c] = Num<T>::from_f(p);
+      dSs[r * L::ldP + c] = Num<T>::from_f(ds * scale);  // d(score)/d(q.k) folds the scale in
+    }
+    __syncthreads();
+    smem_gemm<BM, D, BN, true, true>(dSs, L::ldP, Ks, L::ldT, dQs, L::ldO, true);     // dQ += dS K
+    smem_gemm<BN, D, BM, false, true>(dSs, L::ldP, Qs, L::ldT, Part, L::ldO, false);  // dK_t = dS^T Q
+    __syncthreads();
+    for (int e = tid; e < BN * D; e += kThreads) {
+      const int c = e / D, d = e % D, j = cols[c];
+      if (j >= 0) atomicAdd(dk + j * ss + d, Part[c * L::ldO + d]);
+    }
+    __syncthreads();
+    smem_gemm<BN, D, BM, false, true>(Ps, L::ldP, dOs, L::ldT, Part, L::ldO, false);  // dV_t = P^T dO
+    __syncthreads();
+    for (int e = tid; e < BN * D; e += kThreads) {
+      const int c = e / D, d = e % D, j = cols[c];
+      if (j >= 0) atomicAdd(dv + j * ss + d, Part[c * L::ldO + d]);
+    }
+    __syncthreads();  // cols / Part are rewritten by the next key tile
+  }
+
+  for (int e = tid; e < BM * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    if (live[r]) dq[rows[r] * ss + d] = dQs[r * L::ldO + d];
+  }
+}
+
+// Opt in to more than 48 KiB of dynamic shared memory; refuse sizes the device cannot give.
+template <class Kernel>
+inline cudaError_t prepare_smem(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0, optin = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return e;
+  if (bytes > optin) return cudaErrorInvalidConfiguration;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T_, int D_>
+struct Inst {
+  using T = T_;
+  static constexpr int D = D_;
+};
+
+// Calls f(Inst<T, D>{}) for the runtime dtype and head_dim. ETKD_CUDA_MIN_INSTANCES (compile tests only)
+// keeps one head_dim so the sm_80 + sm_90 compile check stays fast on small CI machines.
+template <typename T, class F>
+inline cudaError_t dispatch_head_dim(int head_dim, F&& f) {
+  switch (head_dim) {
+#if !defined(ETKD_CUDA_MIN_INSTANCES)
+    case 32:
+      return f(Inst<T, 32>{});
+    case 128:
+      return f(Inst<T, 128>{});
+#endif
+    case 64:
+      return f(Inst<T, 64>{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <class F>
+inline cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return dispatch_head_dim<float>(head_dim, f);
+    case DType::kFloat16:
+      return dispatch_head_dim<__half>(head_dim, f);
+    case DType::kBFloat16:
+      return dispatch_head_dim<__nv_bfloat16>(head_dim, f);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace etkd
+
+#endif  // __CUDACC__

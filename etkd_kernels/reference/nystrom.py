@@ -1,0 +1,103 @@
+"""Reference Nystromformer attention: the definition of the pattern, in O(seq * num_landmarks) memory.
+
+It is the core of HF `NystromformerSelfAttention` (everything up to, not including, its optional depthwise
+conv term `conv(v)`), with the same landmarks, kernels and Newton-Schulz pseudo-inverse:
+
+    q~, k~  = segment means of q, k (one landmark per contiguous segment of the sequence)
+    K1 = softmax(s q  k~^T)   (seq, L)        K2 = softmax(s q~ k~^T)   (L, L)
+    K3 = softmax(s q~ k^T)    (L, seq), padded keys masked
+    out = K1 @ pinv(K2) @ (K3 @ v)
+
+Choices, and where they differ from HF:
+- Segments. seq is cut into segments of c = ceil(seq / L) tokens, the last one shorter when L does not
+  divide seq; each landmark is the mean over the tokens its segment holds. When L divides seq this is HF's
+  `reshape(..., L, seq // L, d).mean(-2)` (HF cannot run that case at all). With c tokens per segment only
+  ceil(seq / c) segments are non-empty, which can be fewer than L (seq=10, L=6: c=2, 5 landmarks); the
+  empty ones are dropped (identical to keeping them as masked landmarks: their K2 rows/columns would be
+  zero and Newton-Schulz keeps them zero).
+- Key padding follows HF exactly: only K3 masks padded keys; the landmark means include padded positions
+  (their q/k rows are whatever the caller passes) and K1/K2 are unmasked. Padded query rows of the output
+  are then set to zero (HF leaves values there); real rows are HF's.
+- Scale. HF multiplies q and k each by d^-1/4 before every product; we multiply each product by `scale`
+  (d^-1/2 by default). Means and products are linear, so this is the same function; the two differ only by
+  rounding (~1e-7 relative in fp32, see tests/test_nystrom.py).
+- pinv. HF's `iterative_inv`: Z0 = K2^T / max_j sum_i K2[i, j], then `pinv_iterations` steps of
+  Z <- Z/4 (13 I - K2 Z (15 I - K2 Z (7 I - K2 Z))). `pinv_init="hf_global"` takes that max over the whole
+  (batch, heads, L, L) tensor, as HF does (so a batch row's output depends on the other rows);
+  `"per_head"` takes it per (batch, head) matrix, so every batch row is independent of the others.
+- num_landmarks == seq is exact softmax attention (HF special-cases it too), keys masked by padding.
+
+Everything is computed in fp32 (fp64 for fp64 inputs) and cast back; no seq x seq tensor is formed except
+in the exact num_landmarks == seq case.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import full
+from ._autograd import recompute_backward
+from ._softmax import compute_dtype, masked_softmax
+
+
+def segment_means(x: torch.Tensor, num_landmarks: int) -> torch.Tensor:
+    """x (b, h, s, d) -> (b, h, L', d): means over contiguous segments of ceil(s / L) tokens.
+
+    L' = ceil(s / ceil(s / L)) (= L when L divides s); the last segment may be shorter.
+    """
+    b, h, s, d = x.shape
+    c = -(-s // num_landmarks)
+    n = -(-s // c)
+    if n * c == s:
+        # HF's exact expression (same rounding) when the segments tile the sequence.
+        return x.reshape(b, h, n, c, d).mean(dim=-2)
+    sums = F.pad(x, (0, 0, 0, n * c - s)).reshape(b, h, n, c, d).sum(dim=-2)
+    counts = torch.full((n, 1), float(c), dtype=x.dtype, device=x.device)
+    counts[-1] = s - (n - 1) * c
+    return sums / counts
+
+
+def iterative_pinv(m: torch.Tensor, iterations: int, pinv_init: str) -> torch.Tensor:
+    """HF's Newton-Schulz pseudo-inverse of the row-stochastic (b, h, L, L) matrices `m`."""
+    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
+    col_sums = m.sum(dim=-2)  # (b, h, L); softmax rows make ||m||_inf = 1, so this is ||m||_1's column sums
+    if pinv_init == "hf_global":
+        coeff = 1 / col_sums.max()
+    else:
+        coeff = 1 / col_sums.amax(dim=-1)[..., None, None]
+    z = coeff * m.transpose(-1, -2)
+    for _ in range(iterations):
+        mz = m @ z
+        # Same association and constants as HF so fp32 rounding matches as closely as possible.
+        z = (0.25 * z) @ (13 * eye - mz @ (15 * eye - mz @ (7 * eye - mz)))
+    return z
+
+
+def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    b, h, s, d = q.shape
+    if num_landmarks == s:
+        return full.attend(q, k, v, key_padding_mask, scale)[0]
+    out_dtype = q.dtype
+    ct = compute_dtype(q.dtype)
+    q, k, v = (t.to(ct) for t in (q, k, v))
+    ql, kl = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
+    k1 = torch.softmax((q @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, s, L)
+    k2 = torch.softmax((ql @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, L, L)
+    kmask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    k3, _ = masked_softmax((ql @ k.transpose(-1, -2)) * scale, kmask)  # (b, h, L, s)
+    # K1 @ (Z @ (K3 @ v)): the (L, d) products first, never a (seq, L) x (L, L) one.
+    out = k1 @ (iterative_pinv(k2, pinv_iterations, pinv_init) @ (k3 @ v))
+    if key_padding_mask is not None:
+        out = torch.where(key_padding_mask[:, None, :, None], out, torch.zeros_like(out))
+    return out.to(out_dtype)
+
+
+def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+
+
+def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    return recompute_backward(
+        attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
+    )

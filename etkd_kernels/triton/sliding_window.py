@@ -1,0 +1,341 @@
+"""Triton sliding-window attention with global tokens (Longformer), FlashAttention-2 style.
+
+Semantics are `etkd_kernels/reference/sliding_window.py`'s. Every token has a kind: 0 padding, 1 real local,
+2 real global (a global token that is padding counts as padding, as in the reference). Then
+
+  local query rows (kind 1) see the band keys |i - j| <= w of kind 1 plus the compact list of global keys;
+  global query rows (kind 2) see every real key, with qg/kg/vg when given (else q/k/v);
+  padded query rows: out 0, lse +inf.
+
+Two kernels per pass, each launched with flags that pick its rows and loops:
+  * `_fwd` / `_bwd_dq` (a program owns query rows): a loop over key tiles (the band around its tile, or all
+    keys) and, optionally, a loop over the compact global-key list.
+  * `_bwd_dkv` (a program owns key rows): a loop over query tiles (band or all) and, optionally, a loop over
+    the compact global-query list. No atomics: each output row is written by exactly one program.
+The program's own rows are a contiguous tile, or gathered from the global list (GATHER). Scores live in
+the log2 domain (scale * log2 e folded in); lse is saved in natural log, float32, (B, H, S).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, configs, dot, head_block, precision, upcast
+
+LOCAL, GLOBAL, REAL, ALL = 2, 4, 6, 7  # bit sets over kinds (bit k = kind k allowed); kind 0 = padding
+_KEY = ["S", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST"]
+
+
+@triton.jit
+def _allowed(kind, BITS: tl.constexpr):
+    k = kind.to(tl.int32)
+    return ((k * 0 + BITS) >> k) & 1 != 0
+
+
+@triton.jit
+def _own_rows(pid, b, S, IDX, CNT, G, GATHER: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions of the program's own rows and which of them exist."""
+    r = pid * BLOCK + tl.arange(0, BLOCK)
+    if GATHER:
+        valid = r < tl.load(CNT + b)
+        pos = tl.load(IDX + b * G + r, mask=valid, other=0)
+    else:
+        valid = r < S
+        pos = r
+    return pos, valid
+
+
+@triton.jit
+def _loop_bounds(pid, S, W, n_own, BAND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Range of the other side visited by the tile loop: the band around the tile, or everything."""
+    if BAND:
+        first = pid * BLOCK_P
+        lo = tl.maximum(first - W, 0) // BLOCK_O * BLOCK_O
+        hi = tl.minimum(first + BLOCK_P + W, S)
+    else:
+        lo = 0
+        hi = S
+    hi = tl.where(n_own > 0, hi, lo)  # tiles with no row to compute skip the loop
+    return lo, hi
+
+
+@triton.jit
+def _load_rows(X, base, pos, ok, dd, D):
+    return tl.load(X + base + pos[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _softmax_step(q, k, v, ok, m, l, acc, scale2, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    s = dot(q, tl.trans(k), UPCAST, PREC) * scale2
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PREC)
+    return m_new, l, acc
+
+
+@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.jit
+def _fwd(
+    Q, K, V, O, LSE, KIND, IDX, CNT, scale2, S, D, H, G, W,
+    GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
+    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * S * D
+    pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
+    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
+    own = valid & _allowed(kind, OWN)
+    n_own = tl.sum(own.to(tl.int32), 0)
+    dd = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, base, pos, valid, dd, D)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    if RANGE:
+        lo, hi = _loop_bounds(pid, S, W, n_own, BAND, BLOCK_P, BLOCK_O)
+        for start in range(lo, hi, BLOCK_O):
+            j = start + tl.arange(0, BLOCK_O)
+            jin = j < S
+            ok = own[:, None] & (jin & _allowed(tl.load(KIND + b * S + j, mask=jin, other=0), OTHER))[None, :]
+            if BAND:
+                diff = pos[:, None] - j[None, :]
+                ok = ok & (diff <= W) & (diff >= -W)
+            k = _load_rows(K, base, j, jin, dd, D)
+            v = _load_rows(V, base, j, jin, dd, D)
+            m, l, acc = _softmax_step(q, k, v, ok, m, l, acc, scale2, UPCAST, PREC)
+    if LIST:
+        cnt = tl.where(n_own > 0, tl.load(CNT + b), 0)
+        for start in range(0, cnt, BLOCK_O):
+            t = start + tl.arange(0, BLOCK_O)
+            tin = t < cnt
+            j = tl.load(IDX + b * G + t, mask=tin, other=0)
+            k = _load_rows(K, base, j, tin, dd, D)
+            v = _load_rows(V, base, j, tin, dd, D)
+            m, l, acc = _softmax_step(q, k, v, own[:, None] & tin[None, :], m, l, acc, scale2, UPCAST, PREC)
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) / 1.4426950408889634, float("inf"))
+    store = valid & _allowed(kind, STORE)
+    tl.store(
+        O + base + pos[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=store[:, None] & (dd < D)[None, :]
+    )
+    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=store)
+
+
+@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, KIND, IDX, CNT, scale2, scale, S, D, H, G, W,
+    GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
+    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * S * D
+    pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
+    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
+    own = valid & _allowed(kind, OWN)
+    n_own = tl.sum(own.to(tl.int32), 0)
+    dd = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, base, pos, valid, dd, D)
+    do = _load_rows(DO, base, pos, valid, dd, D)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
+    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    if RANGE:
+        lo, hi = _loop_bounds(pid, S, W, n_own, BAND, BLOCK_P, BLOCK_O)
+        for start in range(lo, hi, BLOCK_O):
+            j = start + tl.arange(0, BLOCK_O)
+            jin = j < S
+            ok = own[:, None] & (jin & _allowed(tl.load(KIND + b * S + j, mask=jin, other=0), OTHER))[None, :]
+            if BAND:
+                diff = pos[:, None] - j[None, :]
+                ok = ok & (diff <= W) & (diff >= -W)
+            k = _load_rows(K, base, j, jin, dd, D)
+            v = _load_rows(V, base, j, jin, dd, D)
+            p = tl.where(ok, tl.exp2(dot(q, tl.trans(k), UPCAST, PREC) * scale2 - lse2[:, None]), 0.0)
+            ds = p * (dot(do, tl.trans(v), UPCAST, PREC) - delta[:, None])
+            dq += dot(ds.to(k.dtype), k, UPCAST, PREC)
+    if LIST:
+        cnt = tl.where(n_own > 0, tl.load(CNT + b), 0)
+        for start in range(0, cnt, BLOCK_O):
+            t = start + tl.arange(0, BLOCK_O)
+            tin = t < cnt
+            j = tl.load(IDX + b * G + t, mask=tin, other=0)
+            k = _load_rows(K, base, j, tin, dd, D)
+            v = _load_rows(V, base, j, tin, dd, D)
+            ok = own[:, None] & tin[None, :]
+            p = tl.where(ok, tl.exp2(dot(q, tl.trans(k), UPCAST, PREC) * scale2 - lse2[:, None]), 0.0)
+            ds = p * (dot(do, tl.trans(v), UPCAST, PREC) - delta[:, None])
+            dq += dot(ds.to(k.dtype), k, UPCAST, PREC)
+    store = valid & _allowed(kind, STORE)
+    tl.store(
+        DQ + base + pos[:, None] * D + dd[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=store[:, None] & (dd < D)[None, :],
+    )
+
+
+@triton.jit
+def _dkv_step(k, v, q, do, lse2, delta, ok, dk, dv, scale2, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    pt = tl.where(ok, tl.exp2(dot(k, tl.trans(q), UPCAST, PREC) * scale2 - lse2[None, :]), 0.0)  # (P, O)
+    dv += dot(pt.to(do.dtype), do, UPCAST, PREC)
+    dst = pt * (dot(v, tl.trans(do), UPCAST, PREC) - delta[None, :])
+    dk += dot(dst.to(q.dtype), q, UPCAST, PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.jit
+def _bwd_dkv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, IDX, CNT, scale2, scale, S, D, H, G, W,
+    GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
+    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    # Own rows are keys; the loops run over query rows (band/all tiles, then the global-query list).
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * S * D
+    lbase = bh.to(tl.int64) * S
+    pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
+    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
+    own = valid & _allowed(kind, OWN)
+    n_own = tl.sum(own.to(tl.int32), 0)
+    dd = tl.arange(0, BLOCK_D)
+    k = _load_rows(K, base, pos, valid, dd, D)
+    v = _load_rows(V, base, pos, valid, dd, D)
+    dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    if RANGE:
+        lo, hi = _loop_bounds(pid, S, W, n_own, BAND, BLOCK_P, BLOCK_O)
+        for start in range(lo, hi, BLOCK_O):
+            i = start + tl.arange(0, BLOCK_O)
+            iok = (i < S) & _allowed(tl.load(KIND + b * S + i, mask=i < S, other=0), OTHER)
+            ok = own[:, None] & iok[None, :]
+            if BAND:
+                diff = i[None, :] - pos[:, None]
+                ok = ok & (diff <= W) & (diff >= -W)
+            q = _load_rows(Q, base, i, iok, dd, D)
+            do = _load_rows(DO, base, i, iok, dd, D)
+            lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
+            dk, dv = _dkv_step(k, v, q, do, lse2, delta, ok, dk, dv, scale2, UPCAST, PREC)
+    if LIST:
+        cnt = tl.where(n_own > 0, tl.load(CNT + b), 0)
+        for start in range(0, cnt, BLOCK_O):
+            t = start + tl.arange(0, BLOCK_O)
+            tin = t < cnt
+            i = tl.load(IDX + b * G + t, mask=tin, other=0)
+            q = _load_rows(Q, base, i, tin, dd, D)
+            do = _load_rows(DO, base, i, tin, dd, D)
+            lse2 = tl.load(LSE + lbase + i, mask=tin, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + lbase + i, mask=tin, other=0.0)
+            dk, dv = _dkv_step(k, v, q, do, lse2, delta, own[:, None] & tin[None, :], dk, dv, scale2, UPCAST, PREC)
+    store = valid & _allowed(kind, STORE)
+    smask = store[:, None] & (dd < D)[None, :]
+    offs = base + pos[:, None] * D + dd[None, :]
+    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=smask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=smask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _kinds(q: torch.Tensor, global_mask, key_padding_mask):
+    """kind (B, S) int8 and the compact global list: idx (B, G) int32 ascending, cnt (B,) int32, G."""
+    b, _, s, _ = q.shape
+    real = key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    glob = None if global_mask is None else global_mask & real
+    kind = real.to(torch.int8)
+    if glob is not None:
+        kind = kind + glob.to(torch.int8)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if glob is None or not bool(glob.any()):
+        return kind.contiguous(), dummy, dummy, 0
+    cnt = glob.sum(-1, dtype=torch.int32)
+    g = int(cnt.max().item())
+    idx = torch.argsort((~glob).to(torch.int8), dim=-1, stable=True)[:, :g].to(torch.int32)
+    return kind.contiguous(), idx.contiguous(), cnt.contiguous(), g
+
+
+def _meta(q: torch.Tensor, window: int, scale: float, kinds) -> dict:
+    kind, idx, cnt, g = kinds
+    b, h, s, d = q.shape
+    return dict(
+        KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E, S=s, D=d, H=h, G=max(g, 1), W=window // 2,
+        UPCAST=upcast(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+    )  # fmt: skip
+
+
+def _grid(rows: int, bh: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]), bh)
+
+
+def _flags(gather, rng, band, lst, own, other, store):
+    return dict(GATHER=gather, RANGE=rng, BAND=band, LIST=lst, OWN=own, OTHER=other, STORE=store)
+
+
+def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+    b, h, s, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    kinds = _kinds(q, global_mask, key_padding_mask)
+    g = kinds[3]
+    meta = _meta(q, window, scale, kinds)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    # Local and padded query rows: the band of local keys plus the compact list of global keys.
+    _fwd[_grid(s, b * h)](
+        q, k, v, out, lse, **meta, **_flags(False, True, True, g > 0, LOCAL, LOCAL, ALL - GLOBAL if g else ALL)
+    )
+    if g:
+        # Global query rows: every real key, with the global projections when given.
+        qq, kk, vv = (q, k, v) if qg is None else (qg.contiguous(), kg.contiguous(), vg.contiguous())
+        _fwd[_grid(g, b * h)](qq, kk, vv, out, lse, **meta, **_flags(True, True, False, False, GLOBAL, REAL, ALL))
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+    b, h, s, d = q.shape
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    kinds = _kinds(q, global_mask, key_padding_mask)
+    g = kinds[3]
+    meta = _meta(q, window, scale, kinds)
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (B, H, S)
+    lse = lse.contiguous()
+    same = qg is None
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grid_s, grid_g = _grid(s, b * h), _grid(g, b * h)
+    # dq of local rows (and of global rows' q, which is unused when separate projections exist: zeros).
+    local_store = ALL - GLOBAL if (g and same) else ALL
+    _bwd_dq[grid_s](q, k, v, do, lse, delta, dq, scale=scale, **meta,
+                    **_flags(False, True, True, g > 0, LOCAL, LOCAL, local_store))  # fmt: skip
+    # dk, dv of local keys: band of local queries, plus global queries when they share the projections.
+    _bwd_dkv[grid_s](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta,
+                     **_flags(False, True, True, g > 0 and same, LOCAL, LOCAL, ALL - GLOBAL if g else ALL))  # fmt: skip
+    if not g:
+        return dq, dk, dv, *((None,) * 3 if same else (torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)))
+    # dk, dv of global keys: every local query (and every global one when projections are shared).
+    _bwd_dkv[grid_g](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta,
+                     **_flags(True, True, False, False, GLOBAL, REAL if same else LOCAL, ALL))  # fmt: skip
+    if same:
+        _bwd_dq[grid_g](q, k, v, do, lse, delta, dq, scale=scale, **meta,
+                        **_flags(True, True, False, False, GLOBAL, REAL, ALL))  # fmt: skip
+        return dq, dk, dv, None, None, None
+    qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
+    dqg, dkg, dvg = torch.zeros_like(qg), torch.empty_like(kg), torch.empty_like(vg)
+    _bwd_dq[grid_g](qg, kg, vg, do, lse, delta, dqg, scale=scale, **meta,
+                    **_flags(True, True, False, False, GLOBAL, REAL, ALL))  # fmt: skip
+    _bwd_dkv[grid_s](qg, kg, vg, do, lse, delta, dkg, dvg, scale=scale, **meta,
+                     **_flags(False, False, False, True, REAL, REAL, ALL))  # fmt: skip
+    return dq, dk, dv, dqg, dkg, dvg

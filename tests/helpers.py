@@ -1,0 +1,29 @@
+"""Test helpers shared by every module: a verbose allclose and the HF-module builders."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = "") -> float:
+    """Like torch.testing.assert_close, but says how many elements mismatch, where, and about NaN/Inf.
+
+    Returns the max abs error so tests can report it.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    bad_nan = (~torch.isfinite(a)) & torch.isfinite(e)
+    err = (a - e).abs()
+    err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    tol = atol + rtol * e.abs()
+    mismatch = (err > tol) | bad_nan
+    max_err = float(err.max()) if err.numel() else 0.0
+    if mismatch.any():
+        n = int(mismatch.sum())
+        idx = tuple(int(i) for i in mismatch.nonzero()[0])
+        raise AssertionError(
+            f"{name}: {n}/{a.numel()} elements differ (atol {atol}, rtol {rtol}); max abs err {max_err:.3e}; "
+            f"first at {idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g}; "
+            f"non-finite in actual: {int((~torch.isfinite(a)).sum())}"
+        )
+    return max_err

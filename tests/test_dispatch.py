@@ -1,0 +1,87 @@
+"""Backend selection: argument > use_backend context > ETKD_BACKEND > auto; clear errors with reasons."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import etkd_kernels
+from etkd_kernels import available_backends, sliding_window_attention, use_backend
+from etkd_kernels.dispatch import BACKENDS, requested_backend, resolve
+
+
+def test_import_does_not_touch_gpu_or_triton():
+    code = (
+        "import sys, etkd_kernels; "
+        "assert 'triton' not in sys.modules, 'triton imported at import time'; "
+        "print(sorted(etkd_kernels.available_backends()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "reference" in out.stdout
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    info = available_backends()
+    assert set(info) == set(BACKENDS)
+    assert info["reference"].available
+    for item in info.values():
+        assert item.reason  # either what it is or why it cannot run
+    if torch.version.cuda is None:
+        assert not info["cuda"].available and "CPU build" in info["cuda"].reason
+
+
+def test_precedence(monkeypatch):
+    monkeypatch.setenv("ETKD_BACKEND", "reference")
+    assert requested_backend() == "reference"
+    with use_backend("cpu"):
+        assert requested_backend() == "cpu"
+        with use_backend("triton"):
+            assert requested_backend() == "triton"
+        assert requested_backend("reference") == "reference"
+    monkeypatch.delenv("ETKD_BACKEND")
+    assert requested_backend() == "auto"
+
+
+def test_auto_on_cpu_never_picks_the_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    name = resolve("sliding_window", torch.device("cpu"), torch.float32).__name__
+    assert name.split(".")[1] in ("cpu", "reference")
+
+
+def test_unknown_backend_names_the_argument(monkeypatch):
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="backend"):
+        sliding_window_attention(q, q, q, 2, backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        with use_backend("nope"):
+            pass
+    monkeypatch.setenv("ETKD_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="ETKD_BACKEND"):
+        sliding_window_attention(q, q, q, 2)
+
+
+def test_explicit_unusable_backend_raises_with_reasons():
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(RuntimeError, match="cuda.*cannot run.*CUDA tensors|cuda.*cannot run.*CPU build"):
+        sliding_window_attention(q, q, q, 2, backend="cuda")
+
+
+def test_use_backend_context_reaches_the_op(monkeypatch):
+    calls = []
+    import etkd_kernels.reference.full as ref_full
+
+    real = ref_full.forward
+    monkeypatch.setattr(ref_full, "forward", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 1, 4, 4)
+    with use_backend("reference"):
+        etkd_kernels.full_attention(q, q, q)
+    assert calls == [1]
+
+
+def test_info_command_prints_the_matrix():
+    from etkd.distill.cli import main
+
+    assert main(["info"]) == 0
