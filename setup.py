@@ -76,7 +76,9 @@ def _extensions():
                 },
             )
         )
-        _say(f"building CUDA extension etkd_kernels._C_cuda for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        _say(
+            f"building CUDA extension etkd_kernels._C_cuda for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
     elif cuda_sources:
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) found"
         _say(f"skipping CUDA extension: {why} (FORCE_CUDA=1 forces it)")

@@ -50,8 +50,14 @@ def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: i
                 q, k, v, ek.longformer_layout(seq, 64), key_padding_mask=real, backend=be
             ),
         ),
-        "lsg(64)": ("lsg", lambda be, q, k, v: ek.lsg_attention(q, k, v, block_size=64, key_padding_mask=real, backend=be)),
-        "nystrom(64)": ("nystrom", lambda be, q, k, v: ek.nystrom_attention(q, k, v, 64, key_padding_mask=real, backend=be)),
+        "lsg(64)": (
+            "lsg",
+            lambda be, q, k, v: ek.lsg_attention(q, k, v, block_size=64, key_padding_mask=real, backend=be),
+        ),
+        "nystrom(64)": (
+            "nystrom",
+            lambda be, q, k, v: ek.nystrom_attention(q, k, v, 64, key_padding_mask=real, backend=be),
+        ),
     }
     rows = []
     for label, (op, fn) in cases.items():
@@ -108,8 +114,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    print(f"etkd demo: attention kernels, batch 1, {args.heads} heads x 64, seq {args.seq}, fp32, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"etkd demo: attention kernels, batch 1, {args.heads} heads x 64, seq {args.seq}, fp32, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     rows = kernel_table(seq=args.seq, heads=args.heads, repeats=args.repeats)
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)

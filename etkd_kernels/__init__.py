@@ -6,7 +6,7 @@ Importing this package never touches a GPU and never fails because a compiled pa
 """
 
 from .dispatch import BackendInfo, available_backends, selected_backend_name, support_matrix, use_backend
-from .layouts import fixed_layout, longformer_layout
+from .layouts import bigbird_layout, fixed_layout, longformer_layout, lsg_layout
 from .masks import BlockLayout
 from .ops.block_sparse import block_sparse_attention
 from .ops.full import full_attention
@@ -18,11 +18,13 @@ __all__ = [
     "BackendInfo",
     "BlockLayout",
     "available_backends",
+    "bigbird_layout",
     "block_sparse_attention",
     "fixed_layout",
     "full_attention",
     "longformer_layout",
     "lsg_attention",
+    "lsg_layout",
     "nystrom_attention",
     "selected_backend_name",
     "sliding_window_attention",

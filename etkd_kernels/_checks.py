@@ -11,15 +11,21 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str, str] = ("q", "k", "v")
+) -> None:
     """q, k, v: tensors of one floating dtype on one device, each (batch, heads, seq, head_dim), same shape."""
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name}: expected rank 4 (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"{name}: expected rank 4 (batch, heads, seq, head_dim), got shape {tuple(t.shape)}"
+            )
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+            raise TypeError(
+                f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}"
+            )
     for name, t in zip(names[1:], (k, v)):
         if t.shape != q.shape:
             raise ValueError(f"{name}: expected shape {tuple(q.shape)} like {names[0]}, got {tuple(t.shape)}")

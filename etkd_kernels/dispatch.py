@@ -50,7 +50,9 @@ def _module(name: str) -> ModuleType:
 
 def _check_name(name: str, argname: str = "backend") -> None:
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"{argname}: unknown backend {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"{argname}: unknown backend {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
+        )
 
 
 def available_backends() -> dict[str, BackendInfo]:
@@ -128,6 +130,9 @@ def selected_backend_name(op: str, device: torch.device, dtype: torch.dtype, bac
 def support_matrix(device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, str]]:
     """op -> backend -> "ok" or the reasons it cannot run, for the given device and dtype."""
     return {
-        op: {name: ("ok" if not (why := reasons(name, op, device, dtype)) else "; ".join(why)) for name in BACKENDS}
+        op: {
+            name: ("ok" if not (why := reasons(name, op, device, dtype)) else "; ".join(why))
+            for name in BACKENDS
+        }
         for op in OPS
     }

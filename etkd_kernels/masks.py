@@ -27,7 +27,9 @@ class BlockLayout:
     def __post_init__(self) -> None:
         if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool or self.mask.dim() != 3:
             got = getattr(self.mask, "shape", type(self.mask).__name__)
-            raise TypeError(f"layout.mask: expected a bool tensor (heads or 1, q_blocks, k_blocks), got {got}")
+            raise TypeError(
+                f"layout.mask: expected a bool tensor (heads or 1, q_blocks, k_blocks), got {got}"
+            )
         if int(self.block_size) < 1:
             raise ValueError(f"layout.block_size: expected a positive int, got {self.block_size}")
 

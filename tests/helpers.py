@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = "") -> float:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = ""
+) -> float:
     """Like torch.testing.assert_close, but says how many elements mismatch, where, and about NaN/Inf.
 
     Returns the max abs error so tests can report it.

@@ -13,7 +13,9 @@ Q = torch.randn(2, 2, 16, 8)
 def _sw(**kw):
     args = dict(q=Q, k=Q, v=Q, window=4)
     args.update(kw)
-    return ek.sliding_window_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("window"), **args)
+    return ek.sliding_window_attention(
+        args.pop("q"), args.pop("k"), args.pop("v"), args.pop("window"), **args
+    )
 
 
 @pytest.mark.parametrize(
@@ -28,7 +30,11 @@ def _sw(**kw):
         (dict(window=0), ValueError, r"window: expected an int >= 2"),
         (dict(window=4.0), TypeError, r"window: expected an int"),
         (dict(key_padding_mask=torch.ones(2, 16)), TypeError, r"key_padding_mask: expected dtype torch.bool"),
-        (dict(key_padding_mask=torch.ones(2, 15, dtype=torch.bool)), ValueError, r"key_padding_mask: expected shape"),
+        (
+            dict(key_padding_mask=torch.ones(2, 15, dtype=torch.bool)),
+            ValueError,
+            r"key_padding_mask: expected shape",
+        ),
         (dict(global_mask=torch.ones(16, dtype=torch.bool)), ValueError, r"global_mask: expected shape"),
         (dict(global_qkv=(Q, Q, Q)), ValueError, r"global_qkv: given without global_mask"),
         (dict(global_qkv=(Q, Q)), TypeError, r"global_qkv: expected a tuple"),
@@ -74,7 +80,9 @@ def test_block_sparse_layout_errors_name_layout():
     with pytest.raises(ValueError, match="layout"):
         ek.block_sparse_attention(Q, Q, Q, ek.fixed_layout(32, block_size=4))
     with pytest.raises(ValueError, match="layout"):
-        ek.block_sparse_attention(Q, Q, Q, torch.ones(3, 4, 4, dtype=torch.bool))  # 3 heads for a 2-head input
+        ek.block_sparse_attention(
+            Q, Q, Q, torch.ones(3, 4, 4, dtype=torch.bool)
+        )  # 3 heads for a 2-head input
 
 
 def test_layout_builder_errors_name_the_argument():

@@ -21,20 +21,38 @@ def _real(b, s, pad=3):
 
 # Each entry: a name and a function of (q, k, v) calling the public op on small shapes.
 OPS = {
-    "sliding_window": lambda q, k, v: ek.sliding_window_attention(q, k, v, 4, key_padding_mask=_real(q.shape[0], q.shape[2])),
+    "sliding_window": lambda q, k, v: ek.sliding_window_attention(
+        q, k, v, 4, key_padding_mask=_real(q.shape[0], q.shape[2])
+    ),
     "sliding_window_global": lambda q, k, v: ek.sliding_window_attention(
-        q, k, v, 4, global_mask=torch.arange(q.shape[2]).eq(1).expand(q.shape[0], -1).contiguous(),
+        q,
+        k,
+        v,
+        4,
+        global_mask=torch.arange(q.shape[2]).eq(1).expand(q.shape[0], -1).contiguous(),
         global_qkv=(q * 0.5, k * 2.0, v + 1.0),
     ),
     "full": lambda q, k, v: ek.full_attention(q, k, v, key_padding_mask=_real(q.shape[0], q.shape[2])),
     "block_sparse": lambda q, k, v: ek.block_sparse_attention(
-        q, k, v, ek.longformer_layout(q.shape[2], block_size=4, num_window_blocks=1), key_padding_mask=_real(q.shape[0], q.shape[2])
-    ),
-    "lsg": lambda q, k, v: ek.lsg_attention(
-        q, k, v, block_size=4, sparse_block_size=2, sparsity_factor=2, num_global_tokens=1,
+        q,
+        k,
+        v,
+        ek.longformer_layout(q.shape[2], block_size=4, num_window_blocks=1),
         key_padding_mask=_real(q.shape[0], q.shape[2]),
     ),
-    "nystrom": lambda q, k, v: ek.nystrom_attention(q, k, v, 3, key_padding_mask=_real(q.shape[0], q.shape[2])),
+    "lsg": lambda q, k, v: ek.lsg_attention(
+        q,
+        k,
+        v,
+        block_size=4,
+        sparse_block_size=2,
+        sparsity_factor=2,
+        num_global_tokens=1,
+        key_padding_mask=_real(q.shape[0], q.shape[2]),
+    ),
+    "nystrom": lambda q, k, v: ek.nystrom_attention(
+        q, k, v, 3, key_padding_mask=_real(q.shape[0], q.shape[2])
+    ),
 }
 
 
@@ -74,5 +92,8 @@ def test_compile_fullgraph(name):
 def test_opcheck_sliding_window_and_full():
     q, k, v = (t.detach().float() for t in _inputs())
     real = _real(1, 12)
-    torch.library.opcheck(torch.ops.etkd.sliding_window_fwd.default, (q, k, v, 4, None, None, None, None, real, 0.5, "reference"))
+    torch.library.opcheck(
+        torch.ops.etkd.sliding_window_fwd.default,
+        (q, k, v, 4, None, None, None, None, real, 0.5, "reference"),
+    )
     torch.library.opcheck(torch.ops.etkd.full_fwd.default, (q, k, v, real, 0.5, "reference"))

@@ -38,7 +38,10 @@ def dense_sliding_window(q, k, v, window, global_mask=None, global_qkv=None, key
 
 def _hf_module(hidden: int, heads: int, window: int) -> LongformerSelfAttention:
     cfg = LongformerConfig(
-        hidden_size=hidden, num_attention_heads=heads, attention_window=[window], attention_probs_dropout_prob=0.0
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        attention_window=[window],
+        attention_probs_dropout_prob=0.0,
     )
     return LongformerSelfAttention(cfg, layer_id=0).eval()
 

@@ -129,5 +129,106 @@ ETKD_HD bool is_global(const bool* global_mask, int b, int i, int seq) {
   return global_mask != nullptr && i >= 0 && i < seq && global_mask[static_cast<long long>(b) * seq + i];
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Patterns: what one CTA of a kernel does, as pure index logic (the kernels in csrc/cuda run exactly these;
+// tests/cpp/test_tile_index.cpp replays them on the host and checks them against brute force). Interface:
+//   int  row(int r)              query index owned by tile row r, or -1 (row written by another CTA)
+//   bool row_live(int i)         owned query i is a real token (dead owned rows get out 0, lse +inf)
+//   int  num_iters()             number of key tiles visited
+//   int  col(int it, int c)      real key index of column c of key tile `it`, or -1
+//   bool dense(int it)           every (live row, valid column) pair of key tile `it` is visible
+//   bool visible(int i, int j, int it)   the per-element predicate (only needed when !dense(it))
+// ---------------------------------------------------------------------------------------------------------
+
+// Sliding window, non-global rows of query tile q_tile: the band key tiles, then the global-key list in
+// tiles of BN, from which only keys outside the band are taken (in-band globals were counted by the band).
+template <int BM, int BN>
+struct BandPattern {
+  int b, q_tile, seq, half;
+  const bool* kpm;
+  const bool* gm;
+  GlobalList globals;
+  int k_tile0;  // first band key tile
+  int n_band;   // band key tiles
+  int n_glob;   // tiles of the global-key list
+
+  ETKD_HD BandPattern(int b_, int q_tile_, int seq_, int half_, const bool* kpm_, const bool* gm_, GlobalList g)
+      : b(b_), q_tile(q_tile_), seq(seq_), half(half_), kpm(kpm_), gm(gm_), globals(g) {
+    const Span kt = band_key_tiles(q_tile, BM, BN, seq, half);
+    k_tile0 = kt.begin;
+    n_band = kt.size();
+    n_glob = globals.num_tiles(b, BN);
+  }
+  static ETKD_HD int num_ctas(int seq) { return cdiv(seq, BM); }
+  ETKD_HD int row(int r) const {
+    const int i = q_tile * BM + r;
+    return (i < seq && !is_global(gm, b, i, seq)) ? i : -1;
+  }
+  ETKD_HD bool row_live(int i) const { return is_real(kpm, b, i, seq); }
+  ETKD_HD int num_iters() const { return n_band + n_glob; }
+  ETKD_HD int col(int it, int c) const {
+    const int j = it < n_band ? (k_tile0 + it) * BN + c : globals.at(b, (it - n_band) * BN + c);
+    return is_real(kpm, b, j, seq) ? j : -1;
+  }
+  ETKD_HD bool dense(int it) const {
+    return it < n_band && tile_fully_in_band(q_tile, BM, k_tile0 + it, BN, seq, half);
+  }
+  ETKD_HD bool visible(int i, int j, int it) const {
+    return it < n_band ? in_band(i, j, half) : global_key_outside_band(i, j, half);
+  }
+};
+
+// Sliding window, global rows: entries [g_tile * BM, (g_tile + 1) * BM) of the batch's global list, each
+// attending to every real key.
+template <int BM, int BN>
+struct GlobalRowsPattern {
+  int b, g_tile, seq;
+  const bool* kpm;
+  GlobalList globals;
+
+  static ETKD_HD int num_ctas(int max_global) { return max_global > 0 ? cdiv(max_global, BM) : 0; }
+  ETKD_HD int row(int r) const { return globals.at(b, g_tile * BM + r); }
+  ETKD_HD bool row_live(int i) const { return is_real(kpm, b, i, seq); }
+  ETKD_HD int num_iters() const { return num_tiles(seq, BN); }
+  ETKD_HD int col(int it, int c) const {
+    const int j = it * BN + c;
+    return is_real(kpm, b, j, seq) ? j : -1;
+  }
+  ETKD_HD bool dense(int) const { return true; }
+  ETKD_HD bool visible(int, int, int) const { return true; }
+};
+
+// Block sparse: CTA x owns query sub-tile x % q_sub of query block x / q_sub and walks, for every LUT entry
+// of that block, the k_sub key tiles of the key block. Tiles never straddle two blocks.
+template <int BM, int BN>
+struct BlockPattern {
+  int b, h, qb, sub, block_size, seq, k_sub;
+  const bool* kpm;
+  BlockLut lut;
+
+  ETKD_HD BlockPattern(int b_, int h_, int cta_x, int block_size_, int seq_, const bool* kpm_, BlockLut lut_)
+      : b(b_), h(h_), block_size(block_size_), seq(seq_), kpm(kpm_), lut(lut_) {
+    const int q_sub = sub_tiles(block_size, BM);
+    qb = cta_x / q_sub;
+    sub = cta_x % q_sub;
+    k_sub = sub_tiles(block_size, BN);
+  }
+  static ETKD_HD int num_ctas(int nqb, int block_size) { return nqb * sub_tiles(block_size, BM); }
+  ETKD_HD int row(int r) const {
+    const Span s = block_sub_span(qb, sub, BM, block_size);
+    const int i = s.begin + r;
+    return i < s.end ? i : -1;
+  }
+  ETKD_HD bool row_live(int i) const { return is_real(kpm, b, i, seq); }
+  ETKD_HD int num_iters() const { return lut.size(h, qb) * k_sub; }
+  ETKD_HD int col(int it, int c) const {
+    const Span s = block_sub_span(lut.at(h, qb, it / k_sub), it % k_sub, BN, block_size);
+    const int j = s.begin + c;
+    return (j < s.end && is_real(kpm, b, j, seq)) ? j : -1;
+  }
+  ETKD_HD bool dense(int) const { return true; }
+  ETKD_HD bool visible(int, int, int) const { return true; }
+};
+
 }  // namespace tile
 }  // namespace etkd

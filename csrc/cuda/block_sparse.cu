@@ -1,8 +1,7 @@
 // Block-sparse attention, forward and backward: exact softmax over the key blocks a block layout allows,
 // read from a look-up table (LUT) of key blocks per query block that the Python module builds once.
 //
-// Grid = (nqb * ceil(block_size / BM), batch * heads): CTA x owns query sub-tile x % qsub of query block
-// x / qsub and walks, for every LUT entry, the ceil(block_size / BN) key tiles of that key block.
+// Grid = (nqb * ceil(block_size / BM), batch * heads); what each CTA visits is tile_index.h's BlockPattern.
 // Block sizes smaller than the tile waste the rest of the tile (masked columns); tiles never straddle two
 // blocks, so the LUT of one query block is all a CTA needs.
 #include "cuda/kernels.h"
@@ -15,41 +14,10 @@ using namespace detail;
 namespace ti = etkd::tile;
 
 template <int BM, int BN>
-struct BlockPattern {
-  int b, h, qb, sub, block_size, seq, k_sub;
-  const bool* kpm;
-  ti::BlockLut lut;
-
-  __device__ int row(int r) const {
-    const ti::Span s = ti::block_sub_span(qb, sub, BM, block_size);
-    const int i = s.begin + r;
-    return i < s.end ? i : -1;
-  }
-  __device__ bool row_live(int i) const { return ti::is_real(kpm, b, i, seq); }
-  __device__ int num_iters() const { return lut.size(h, qb) * k_sub; }
-  __device__ int col(int it, int c) const {
-    const ti::Span s = ti::block_sub_span(lut.at(h, qb, it / k_sub), it % k_sub, BN, block_size);
-    const int j = s.begin + c;
-    return (j < s.end && ti::is_real(kpm, b, j, seq)) ? j : -1;
-  }
-  __device__ bool dense(int) const { return true; }
-  __device__ bool visible(int, int, int) const { return true; }
-};
-
-template <int BM, int BN>
-__device__ __forceinline__ BlockPattern<BM, BN> make_pattern(const BlockSparseArgs& a) {
-  const int q_sub = ti::sub_tiles(a.block_size, BM);
-  BlockPattern<BM, BN> pat;
-  pat.b = blockIdx.y / a.shape.heads;
-  pat.h = blockIdx.y % a.shape.heads;
-  pat.qb = blockIdx.x / q_sub;
-  pat.sub = blockIdx.x % q_sub;
-  pat.block_size = a.block_size;
-  pat.seq = a.shape.seq;
-  pat.k_sub = ti::sub_tiles(a.block_size, BN);
-  pat.kpm = a.key_padding_mask;
-  pat.lut = ti::BlockLut{a.lut, a.lut_count, a.heads_lut, a.nqb, a.max_nnz};
-  return pat;
+__device__ __forceinline__ ti::BlockPattern<BM, BN> make_pattern(const BlockSparseArgs& a) {
+  return ti::BlockPattern<BM, BN>(blockIdx.y / a.shape.heads, blockIdx.y % a.shape.heads, blockIdx.x, a.block_size,
+                                  a.shape.seq, a.key_padding_mask,
+                                  ti::BlockLut{a.lut, a.lut_count, a.heads_lut, a.nqb, a.max_nnz});
 }
 
 __device__ __forceinline__ int64_t bh_offset(const AttnShape& s) {
@@ -92,8 +60,9 @@ cudaError_t check_args(const BlockSparseArgs& a) {
   return cudaSuccess;
 }
 
-dim3 grid_for(const BlockSparseArgs& a, int BM) {
-  return dim3(a.nqb * ti::sub_tiles(a.block_size, BM), a.shape.batch * a.shape.heads);
+template <int BM>
+dim3 grid_for(const BlockSparseArgs& a) {
+  return dim3(ti::BlockPattern<BM, 0>::num_ctas(a.nqb, a.block_size), a.shape.batch * a.shape.heads);
 }
 
 }  // namespace
@@ -106,7 +75,7 @@ cudaError_t block_sparse_fwd(const BlockSparseFwdParams& p, cudaStream_t stream)
     using Tl = FwdTiles<T, D>;
     constexpr int smem = FwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
     if (cudaError_t e = prepare_smem(bs_fwd_kernel<T, D>, smem); e != cudaSuccess) return e;
-    bs_fwd_kernel<T, D><<<grid_for(p.args, Tl::BM), kThreads, smem, stream>>>(p);
+    bs_fwd_kernel<T, D><<<grid_for<Tl::BM>(p.args), kThreads, smem, stream>>>(p);
     return cudaGetLastError();
   });
 }
@@ -119,7 +88,7 @@ cudaError_t block_sparse_bwd(const BlockSparseBwdParams& p, cudaStream_t stream)
     using Tl = BwdTiles<T, D>;
     constexpr int smem = BwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
     if (cudaError_t e = prepare_smem(bs_bwd_kernel<T, D>, smem); e != cudaSuccess) return e;
-    bs_bwd_kernel<T, D><<<grid_for(p.args, Tl::BM), kThreads, smem, stream>>>(p);
+    bs_bwd_kernel<T, D><<<grid_for<Tl::BM>(p.args), kThreads, smem, stream>>>(p);
     return cudaGetLastError();
   });
 }

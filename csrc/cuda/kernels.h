@@ -302,13 +302,8 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t 
   }
 }
 
-// A pattern (see sliding_window.cu / block_sparse.cu) is a small per-CTA object with
-//   int  row(int r)                 query index owned by tile row r, or -1 (row written by another CTA)
-//   bool row_live(int i)            owned query i is a real token (dead owned rows get out 0, lse +inf)
-//   int  num_iters()                number of key tiles visited
-//   int  col(int it, int c)         key index of column c of key tile `it`, or -1 (padding / past the end)
-//   bool dense(int it)              every (live row, valid column) pair of key tile `it` is visible
-//   bool visible(int i, int j, int it)   the per-element pattern predicate (used when !dense(it))
+// `Pat` is one of the per-CTA patterns of csrc/common/tile_index.h (BandPattern, GlobalRowsPattern,
+// BlockPattern): which rows the CTA owns, which key tiles it visits, which pairs are visible.
 
 // Forward over one query tile: online softmax (exp2 domain, fp32 statistics) and fp32 accumulation of
 // O in shared memory; writes out (input dtype) and lse (natural log, +inf for rows that see no key).

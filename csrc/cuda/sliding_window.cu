@@ -1,5 +1,5 @@
 // Sliding-window (Longformer) attention, forward and backward. FlashAttention-2 style tiles from the
-// engine in kernels.h; this file only says which rows each CTA owns and which key tiles it visits.
+// engine in kernels.h, driven by the patterns of csrc/common/tile_index.h (BandPattern, GlobalRowsPattern).
 //
 // One launch covers both kinds of query rows. Grid = (n_band_tiles + n_global_tiles, batch * heads):
 //  * band CTAs (x < n_band_tiles) own the non-global rows of query tile x; they visit the key tiles of
@@ -17,58 +17,8 @@ namespace {
 using namespace detail;
 namespace ti = etkd::tile;
 
-template <int BM, int BN>
-struct BandPattern {
-  int b, q_tile, seq, half;
-  const bool* kpm;
-  const bool* gm;
-  ti::GlobalList globals;
-  int k_tile0;  // first band key tile
-  int n_band;   // band key tiles
-  int n_glob;   // tiles of the global-key list
-
-  __device__ BandPattern(int b_, int q_tile_, int seq_, int half_, const bool* kpm_, const bool* gm_,
-                         ti::GlobalList g)
-      : b(b_), q_tile(q_tile_), seq(seq_), half(half_), kpm(kpm_), gm(gm_), globals(g) {
-    const ti::Span kt = ti::band_key_tiles(q_tile, BM, BN, seq, half);
-    k_tile0 = kt.begin;
-    n_band = kt.size();
-    n_glob = globals.num_tiles(b, BN);
-  }
-  __device__ int row(int r) const {
-    const int i = q_tile * BM + r;
-    return (i < seq && !ti::is_global(gm, b, i, seq)) ? i : -1;
-  }
-  __device__ bool row_live(int i) const { return ti::is_real(kpm, b, i, seq); }
-  __device__ int num_iters() const { return n_band + n_glob; }
-  __device__ int col(int it, int c) const {
-    const int j = it < n_band ? (k_tile0 + it) * BN + c : globals.at(b, (it - n_band) * BN + c);
-    return ti::is_real(kpm, b, j, seq) ? j : -1;
-  }
-  __device__ bool dense(int it) const {
-    return it < n_band && ti::tile_fully_in_band(q_tile, BM, k_tile0 + it, BN, seq, half);
-  }
-  __device__ bool visible(int i, int j, int it) const {
-    return it < n_band ? ti::in_band(i, j, half) : ti::global_key_outside_band(i, j, half);
-  }
-};
-
-template <int BM, int BN>
-struct GlobalRowsPattern {
-  int b, g_tile, seq;
-  const bool* kpm;
-  ti::GlobalList globals;
-
-  __device__ int row(int r) const { return globals.at(b, g_tile * BM + r); }
-  __device__ bool row_live(int i) const { return ti::is_real(kpm, b, i, seq); }
-  __device__ int num_iters() const { return ti::num_tiles(seq, BN); }
-  __device__ int col(int it, int c) const {
-    const int j = it * BN + c;
-    return ti::is_real(kpm, b, j, seq) ? j : -1;
-  }
-  __device__ bool dense(int) const { return true; }
-  __device__ bool visible(int, int, int) const { return true; }
-};
+using ti::BandPattern;
+using ti::GlobalRowsPattern;
 
 struct Offsets {
   int b, h;
@@ -141,11 +91,10 @@ cudaError_t check_args(const SlidingWindowArgs& a) {
   return cudaSuccess;
 }
 
-template <typename T, int D, int BM>
+template <int BM>
 dim3 grid_for(const SlidingWindowArgs& a, int* n_band_tiles) {
-  *n_band_tiles = ti::cdiv(a.shape.seq, BM);
-  const int n_global_tiles = a.max_global > 0 ? ti::cdiv(a.max_global, BM) : 0;
-  return dim3(*n_band_tiles + n_global_tiles, a.shape.batch * a.shape.heads);
+  *n_band_tiles = BandPattern<BM, 0>::num_ctas(a.shape.seq);
+  return dim3(*n_band_tiles + GlobalRowsPattern<BM, 0>::num_ctas(a.max_global), a.shape.batch * a.shape.heads);
 }
 
 }  // namespace
@@ -159,7 +108,7 @@ cudaError_t sliding_window_fwd(const SlidingWindowFwdParams& p, cudaStream_t str
     constexpr int smem = FwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
     if (cudaError_t e = prepare_smem(sw_fwd_kernel<T, D>, smem); e != cudaSuccess) return e;
     int n_band = 0;
-    const dim3 grid = grid_for<T, D, Tl::BM>(p.args, &n_band);
+    const dim3 grid = grid_for<Tl::BM>(p.args, &n_band);
     sw_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, n_band);
     return cudaGetLastError();
   });
@@ -174,7 +123,7 @@ cudaError_t sliding_window_bwd(const SlidingWindowBwdParams& p, cudaStream_t str
     constexpr int smem = BwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
     if (cudaError_t e = prepare_smem(sw_bwd_kernel<T, D>, smem); e != cudaSuccess) return e;
     int n_band = 0;
-    const dim3 grid = grid_for<T, D, Tl::BM>(p.args, &n_band);
+    const dim3 grid = grid_for<Tl::BM>(p.args, &n_band);
     sw_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, n_band);
     return cudaGetLastError();
   });

@@ -34,14 +34,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, layout, kpm = ctx.saved_tensors
     block_size, scale, backend = ctx.args
-    dq, dk, dv = empty_to_none(_bwd_op(grad_out.contiguous(), q, k, v, out, lse, layout, block_size, kpm, scale, backend))
+    dq, dk, dv = empty_to_none(
+        _bwd_op(grad_out.contiguous(), q, k, v, out, lse, layout, block_size, kpm, scale, backend)
+    )
     return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op, _bwd_op = define("block_sparse", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
 
 
-def as_layout(layout: BlockLayout | torch.Tensor, seq_len: int, heads: int, device: torch.device) -> BlockLayout:
+def as_layout(
+    layout: BlockLayout | torch.Tensor, seq_len: int, heads: int, device: torch.device
+) -> BlockLayout:
     """Check `layout` against a (heads, seq_len) input and return it as a BlockLayout on `device`."""
     if isinstance(layout, torch.Tensor):
         if layout.dtype != torch.bool or layout.dim() != 3:

@@ -8,7 +8,9 @@ from .._checks import check_finite, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
 from ._define import define, empty_to_none, fake_out_lse
 
-_FWD = "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, str backend) -> (Tensor, Tensor)"
+_FWD = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, str backend) -> (Tensor, Tensor)"
+)
 _BWD = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
     "float scale, str backend) -> Tensor[]"

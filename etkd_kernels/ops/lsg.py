@@ -81,6 +81,17 @@ def lsg_attention(
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
-    out, _ = _fwd_op(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
-                     kpm, scale, backend)
+    out, _ = _fwd_op(
+        q,
+        k,
+        v,
+        block_size,
+        sparse_block_size,
+        sparsity_factor,
+        sparsity_type,
+        num_global_tokens,
+        kpm,
+        scale,
+        backend,
+    )
     return out[:, :, :s]

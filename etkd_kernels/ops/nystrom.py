@@ -79,6 +79,13 @@ def nystrom_attention(
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
     return _fwd_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), num_landmarks, pinv_iterations, key_padding_mask, scale,
-        pinv_init, backend,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        num_landmarks,
+        pinv_iterations,
+        key_padding_mask,
+        scale,
+        pinv_init,
+        backend,
     )

@@ -33,7 +33,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, global_mask, qg, kg, vg, kpm = ctx.saved_tensors
     window, scale, backend = ctx.args
-    grads = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, window, global_mask, qg, kg, vg, kpm, scale, backend)
+    grads = _bwd_op(
+        grad_out.contiguous(), q, k, v, out, lse, window, global_mask, qg, kg, vg, kpm, scale, backend
+    )
     grads = empty_to_none(grads) + [None] * (6 - len(grads))
     dq, dk, dv, dqg, dkg, dvg = grads
     return dq, dk, dv, None, None, dqg, dkg, dvg, None, None, None
@@ -71,7 +73,9 @@ def sliding_window_attention(
     check_qkv(q, k, v)
     check_positive_int(window, "window", minimum=2)
     if window % 2:
-        raise ValueError(f"window: expected an even int (HF attention_window; one side is window // 2), got {window}")
+        raise ValueError(
+            f"window: expected an even int (HF attention_window; one side is window // 2), got {window}"
+        )
     global_mask = check_token_mask(global_mask, "global_mask", q)
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     qg = kg = vg = None
@@ -93,6 +97,16 @@ def sliding_window_attention(
     check_finite(q=q, k=k, v=v, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg})
     requested_backend(backend)  # validates the name now; the op resolves it when it runs
     out, _ = _fwd_op(
-        q.contiguous(), k.contiguous(), v.contiguous(), window, global_mask, qg, kg, vg, key_padding_mask, scale, backend
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        window,
+        global_mask,
+        qg,
+        kg,
+        vg,
+        key_padding_mask,
+        scale,
+        backend,
     )
     return out

@@ -10,7 +10,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_softmax(
+    scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax over `dim` of `scores` where `mask` is True; returns (probs, lse).
 
     Rows with no allowed entry get probs 0 and lse +inf (the convention every backend's saved

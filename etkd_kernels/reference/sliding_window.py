@@ -38,7 +38,11 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
     c = w
     nc = -(-s // c)
     sp = nc * c
-    real = key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    real = (
+        key_padding_mask
+        if key_padding_mask is not None
+        else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    )
     is_global = global_mask if global_mask is not None else torch.zeros_like(real)
 
     # Local band, chunked: (b, h, nc, c, 3c) scores.

@@ -32,6 +32,11 @@ def upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def compute_type(dtype: torch.dtype) -> tl.constexpr:
+    """Element type the kernels feed to tl.dot: the input's, or fp32 when `upcast` says so."""
+    return tl.float32 if upcast(dtype) else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+
+
 def precision(dtype: torch.dtype) -> str:
     """fp32 inputs get true fp32 products (not TF32) so they match the fp32 oracle to ~1e-6."""
     return "ieee" if dtype == torch.float32 or upcast(dtype) else "tf32"
@@ -49,11 +54,3 @@ def configs(primary: str, other: str, gpu: list[tuple[int, int, int, int]]) -> l
 # as in FlashAttention-2's Triton tutorial; configs that exceed shared memory are skipped by the autotuner.
 FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 4)]
 BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 128, 8, 2)]
-
-
-@triton.jit
-def dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)

@@ -22,16 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, configs, dot, head_block, precision, upcast
+from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
 
 LOCAL, GLOBAL, REAL, ALL = 2, 4, 6, 7  # bit sets over kinds (bit k = kind k allowed); kind 0 = padding
 _KEY = ["S", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST"]
 
-
-@triton.jit
-def _allowed(kind, BITS: tl.constexpr):
-    k = kind.to(tl.int32)
-    return ((k * 0 + BITS) >> k) & 1 != 0
+# The kernels inline their loop bodies on purpose: under TRITON_INTERPRET=1 every call of a @triton.jit
+# helper re-patches triton.language (~5 ms), which dominated the test time. Range tiles and global-list
+# tiles share one loop (a scalar branch picks the indices), so the body is written once per kernel.
 
 
 @triton.jit
@@ -48,35 +46,25 @@ def _own_rows(pid, b, S, IDX, CNT, G, GATHER: tl.constexpr, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _loop_bounds(pid, S, W, n_own, BAND: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
-    """Range of the other side visited by the tile loop: the band around the tile, or everything."""
-    if BAND:
-        first = pid * BLOCK_P
-        lo = tl.maximum(first - W, 0) // BLOCK_O * BLOCK_O
-        hi = tl.minimum(first + BLOCK_P + W, S)
-    else:
-        lo = 0
-        hi = S
-    hi = tl.where(n_own > 0, hi, lo)  # tiles with no row to compute skip the loop
-    return lo, hi
-
-
-@triton.jit
-def _load_rows(X, base, pos, ok, dd, D):
-    return tl.load(X + base + pos[:, None] * D + dd[None, :], mask=ok[:, None] & (dd < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _softmax_step(q, k, v, ok, m, l, acc, scale2, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    s = dot(q, tl.trans(k), UPCAST, PREC) * scale2
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
-    alpha = tl.exp2(m - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PREC)
-    return m_new, l, acc
+def _loop(pid, b, S, W, CNT, n_own, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
+          BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):  # fmt: skip
+    """(lo, number of range tiles, list length, total tiles) of the loop over the other side: the band
+    around the tile (or every row) then the compact global list; nothing when the tile owns no row."""
+    lo = 0
+    n_range = 0
+    cnt = 0
+    if RANGE:
+        if BAND:
+            first = pid * BLOCK_P
+            lo = tl.maximum(first - W, 0) // BLOCK_O * BLOCK_O
+            n_range = tl.cdiv(tl.minimum(first + BLOCK_P + W, S) - lo, BLOCK_O)
+        else:
+            n_range = tl.cdiv(S, BLOCK_O)
+    if LIST:
+        cnt = tl.load(CNT + b)
+    n_range = tl.where(n_own > 0, n_range, 0)
+    cnt = tl.where(n_own > 0, cnt, 0)
+    return lo, n_range, cnt, n_range + tl.cdiv(cnt, BLOCK_O)
 
 
 @triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
@@ -85,48 +73,50 @@ def _fwd(
     Q, K, V, O, LSE, KIND, IDX, CNT, scale2, S, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * S * D
     pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
     kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
-    own = valid & _allowed(kind, OWN)
-    n_own = tl.sum(own.to(tl.int32), 0)
+    own = valid & ((kind & OWN) != 0)
     dd = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, base, pos, valid, dd, D)
+    dmask = dd < D
+    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0).to(CT)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    if RANGE:
-        lo, hi = _loop_bounds(pid, S, W, n_own, BAND, BLOCK_P, BLOCK_O)
-        for start in range(lo, hi, BLOCK_O):
-            j = start + tl.arange(0, BLOCK_O)
+    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    for it in range(0, n_iter):
+        if it < n_range:
+            j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
             jin = j < S
-            ok = own[:, None] & (jin & _allowed(tl.load(KIND + b * S + j, mask=jin, other=0), OTHER))[None, :]
+            ok = own[:, None] & (jin & ((tl.load(KIND + b * S + j, mask=jin, other=0) & OTHER) != 0))[None, :]
             if BAND:
-                diff = pos[:, None] - j[None, :]
-                ok = ok & (diff <= W) & (diff >= -W)
-            k = _load_rows(K, base, j, jin, dd, D)
-            v = _load_rows(V, base, j, jin, dd, D)
-            m, l, acc = _softmax_step(q, k, v, ok, m, l, acc, scale2, UPCAST, PREC)
-    if LIST:
-        cnt = tl.where(n_own > 0, tl.load(CNT + b), 0)
-        for start in range(0, cnt, BLOCK_O):
-            t = start + tl.arange(0, BLOCK_O)
-            tin = t < cnt
-            j = tl.load(IDX + b * G + t, mask=tin, other=0)
-            k = _load_rows(K, base, j, tin, dd, D)
-            v = _load_rows(V, base, j, tin, dd, D)
-            m, l, acc = _softmax_step(q, k, v, own[:, None] & tin[None, :], m, l, acc, scale2, UPCAST, PREC)
+                ok = ok & (tl.abs(pos[:, None] - j[None, :]) <= W)
+        else:
+            t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
+            jin = t < cnt
+            j = tl.load(IDX + b * G + t, mask=jin, other=0)
+            ok = own[:, None] & jin[None, :]
+        kvmask = jin[:, None] & dmask[None, :]
+        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
+        m = m_new
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) / 1.4426950408889634, float("inf"))
-    store = valid & _allowed(kind, STORE)
-    tl.store(
-        O + base + pos[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=store[:, None] & (dd < D)[None, :]
-    )
+    store = valid & ((kind & STORE) != 0)
+    omask = store[:, None] & dmask[None, :]
+    tl.store(O + base + pos[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=omask)
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=store)
 
 
@@ -136,62 +126,44 @@ def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KIND, IDX, CNT, scale2, scale, S, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * S * D
     pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
     kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
-    own = valid & _allowed(kind, OWN)
-    n_own = tl.sum(own.to(tl.int32), 0)
+    own = valid & ((kind & OWN) != 0)
     dd = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, base, pos, valid, dd, D)
-    do = _load_rows(DO, base, pos, valid, dd, D)
+    dmask = dd < D
+    rmask = valid[:, None] & dmask[None, :]
+    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    if RANGE:
-        lo, hi = _loop_bounds(pid, S, W, n_own, BAND, BLOCK_P, BLOCK_O)
-        for start in range(lo, hi, BLOCK_O):
-            j = start + tl.arange(0, BLOCK_O)
+    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    for it in range(0, n_iter):
+        if it < n_range:
+            j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
             jin = j < S
-            ok = own[:, None] & (jin & _allowed(tl.load(KIND + b * S + j, mask=jin, other=0), OTHER))[None, :]
+            ok = own[:, None] & (jin & ((tl.load(KIND + b * S + j, mask=jin, other=0) & OTHER) != 0))[None, :]
             if BAND:
-                diff = pos[:, None] - j[None, :]
-                ok = ok & (diff <= W) & (diff >= -W)
-            k = _load_rows(K, base, j, jin, dd, D)
-            v = _load_rows(V, base, j, jin, dd, D)
-            p = tl.where(ok, tl.exp2(dot(q, tl.trans(k), UPCAST, PREC) * scale2 - lse2[:, None]), 0.0)
-            ds = p * (dot(do, tl.trans(v), UPCAST, PREC) - delta[:, None])
-            dq += dot(ds.to(k.dtype), k, UPCAST, PREC)
-    if LIST:
-        cnt = tl.where(n_own > 0, tl.load(CNT + b), 0)
-        for start in range(0, cnt, BLOCK_O):
-            t = start + tl.arange(0, BLOCK_O)
-            tin = t < cnt
-            j = tl.load(IDX + b * G + t, mask=tin, other=0)
-            k = _load_rows(K, base, j, tin, dd, D)
-            v = _load_rows(V, base, j, tin, dd, D)
-            ok = own[:, None] & tin[None, :]
-            p = tl.where(ok, tl.exp2(dot(q, tl.trans(k), UPCAST, PREC) * scale2 - lse2[:, None]), 0.0)
-            ds = p * (dot(do, tl.trans(v), UPCAST, PREC) - delta[:, None])
-            dq += dot(ds.to(k.dtype), k, UPCAST, PREC)
-    store = valid & _allowed(kind, STORE)
-    tl.store(
-        DQ + base + pos[:, None] * D + dd[None, :],
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=store[:, None] & (dd < D)[None, :],
-    )
-
-
-@triton.jit
-def _dkv_step(k, v, q, do, lse2, delta, ok, dk, dv, scale2, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    pt = tl.where(ok, tl.exp2(dot(k, tl.trans(q), UPCAST, PREC) * scale2 - lse2[None, :]), 0.0)  # (P, O)
-    dv += dot(pt.to(do.dtype), do, UPCAST, PREC)
-    dst = pt * (dot(v, tl.trans(do), UPCAST, PREC) - delta[None, :])
-    dk += dot(dst.to(q.dtype), q, UPCAST, PREC)
-    return dk, dv
+                ok = ok & (tl.abs(pos[:, None] - j[None, :]) <= W)
+        else:
+            t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
+            jin = t < cnt
+            j = tl.load(IDX + b * G + t, mask=jin, other=0)
+            ok = own[:, None] & jin[None, :]
+        kvmask = jin[:, None] & dmask[None, :]
+        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
+    store = valid & ((kind & STORE) != 0)
+    tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=store[:, None] & dmask[None, :])  # fmt: skip
 
 
 @triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
@@ -200,49 +172,47 @@ def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KIND, IDX, CNT, scale2, scale, S, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    # Own rows are keys; the loops run over query rows (band/all tiles, then the global-query list).
+    # Own rows are keys; the loop runs over query rows (band/all tiles, then the global-query list).
     pid, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * S * D
     lbase = bh.to(tl.int64) * S
     pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
     kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
-    own = valid & _allowed(kind, OWN)
-    n_own = tl.sum(own.to(tl.int32), 0)
+    own = valid & ((kind & OWN) != 0)
     dd = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, base, pos, valid, dd, D)
-    v = _load_rows(V, base, pos, valid, dd, D)
+    dmask = dd < D
+    rmask = valid[:, None] & dmask[None, :]
+    k = tl.load(K + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    v = tl.load(V + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    if RANGE:
-        lo, hi = _loop_bounds(pid, S, W, n_own, BAND, BLOCK_P, BLOCK_O)
-        for start in range(lo, hi, BLOCK_O):
-            i = start + tl.arange(0, BLOCK_O)
-            iok = (i < S) & _allowed(tl.load(KIND + b * S + i, mask=i < S, other=0), OTHER)
+    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    for it in range(0, n_iter):
+        if it < n_range:
+            i = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
+            iok = (i < S) & ((tl.load(KIND + b * S + i, mask=i < S, other=0) & OTHER) != 0)
             ok = own[:, None] & iok[None, :]
             if BAND:
-                diff = i[None, :] - pos[:, None]
-                ok = ok & (diff <= W) & (diff >= -W)
-            q = _load_rows(Q, base, i, iok, dd, D)
-            do = _load_rows(DO, base, i, iok, dd, D)
-            lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
-            dk, dv = _dkv_step(k, v, q, do, lse2, delta, ok, dk, dv, scale2, UPCAST, PREC)
-    if LIST:
-        cnt = tl.where(n_own > 0, tl.load(CNT + b), 0)
-        for start in range(0, cnt, BLOCK_O):
-            t = start + tl.arange(0, BLOCK_O)
-            tin = t < cnt
-            i = tl.load(IDX + b * G + t, mask=tin, other=0)
-            q = _load_rows(Q, base, i, tin, dd, D)
-            do = _load_rows(DO, base, i, tin, dd, D)
-            lse2 = tl.load(LSE + lbase + i, mask=tin, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + lbase + i, mask=tin, other=0.0)
-            dk, dv = _dkv_step(k, v, q, do, lse2, delta, own[:, None] & tin[None, :], dk, dv, scale2, UPCAST, PREC)
-    store = valid & _allowed(kind, STORE)
-    smask = store[:, None] & (dd < D)[None, :]
+                ok = ok & (tl.abs(i[None, :] - pos[:, None]) <= W)
+        else:
+            t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
+            iok = t < cnt
+            i = tl.load(IDX + b * G + t, mask=iok, other=0)
+            ok = own[:, None] & iok[None, :]
+        qmask = iok[:, None] & dmask[None, :]
+        q = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        do = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
+        pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(CT), do, input_precision=PREC)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+        dk += tl.dot(dst.to(CT), q, input_precision=PREC)
+    store = valid & ((kind & STORE) != 0)
+    smask = store[:, None] & dmask[None, :]
     offs = base + pos[:, None] * D + dd[None, :]
     tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=smask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=smask)
@@ -253,13 +223,15 @@ def _bwd_dkv(
 
 
 def _kinds(q: torch.Tensor, global_mask, key_padding_mask):
-    """kind (B, S) int8 and the compact global list: idx (B, G) int32 ascending, cnt (B,) int32, G."""
+    """Token kinds as bits (B, S) int8 (1 padding, 2 local, 4 global) and the compact global list:
+    idx (B, G) int32 ascending, cnt (B,) int32, G."""
     b, _, s, _ = q.shape
     real = key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
     glob = None if global_mask is None else global_mask & real
     kind = real.to(torch.int8)
     if glob is not None:
         kind = kind + glob.to(torch.int8)
+    kind = torch.bitwise_left_shift(torch.ones_like(kind), kind)
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     if glob is None or not bool(glob.any()):
         return kind.contiguous(), dummy, dummy, 0
@@ -274,7 +246,7 @@ def _meta(q: torch.Tensor, window: int, scale: float, kinds) -> dict:
     b, h, s, d = q.shape
     return dict(
         KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E, S=s, D=d, H=h, G=max(g, 1), W=window // 2,
-        UPCAST=upcast(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
 
 

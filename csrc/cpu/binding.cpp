@@ -1,0 +1,41 @@
+// Registration of the etkd_cpu ops (torch.ops.etkd_cpu.*) and the Python module init of etkd_kernels._C.
+// The public ops (torch.ops.etkd.*) are defined once in Python (etkd_kernels/ops); these are the CPU
+// kernels the `cpu` backend modules call.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+TORCH_LIBRARY(etkd_cpu, m) {
+  m.def(
+      "sliding_window_fwd(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? qg, Tensor? kg, "
+      "Tensor? vg, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "sliding_window_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, "
+      "Tensor? global_mask, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale) -> Tensor[]");
+  m.def(
+      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor lut, Tensor counts, int block_size, "
+      "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "block_sparse_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor lut, "
+      "Tensor counts, int block_size, Tensor? key_padding_mask, float scale) -> Tensor[]");
+  m.def("softmax_matmul_fwd(Tensor a, Tensor b, Tensor c, Tensor? key_mask, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "softmax_matmul_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor c, Tensor out, Tensor lse, Tensor? key_mask, "
+      "float scale) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
+  m.impl("sliding_window_fwd", &etkd::cpu::sliding_window_fwd);
+  m.impl("sliding_window_bwd", &etkd::cpu::sliding_window_bwd);
+  m.impl("block_sparse_fwd", &etkd::cpu::block_sparse_fwd);
+  m.impl("block_sparse_bwd", &etkd::cpu::block_sparse_bwd);
+  m.impl("softmax_matmul_fwd", &etkd::cpu::softmax_matmul_fwd);
+  m.impl("softmax_matmul_bwd", &etkd::cpu::softmax_matmul_bwd);
+}
+
+// A plain module: importing it runs the registrations above (no pybind11 needed).
+static PyModuleDef etkd_cpu_module = {PyModuleDef_HEAD_INIT, "_C", "etkd CPU kernels (ops in torch.ops.etkd_cpu)",
+                                      -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&etkd_cpu_module); }

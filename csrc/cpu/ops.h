@@ -1,0 +1,36 @@
+// The CPU ops registered by binding.cpp (schemas there); each implemented in its pattern's file.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+#include <vector>
+
+namespace etkd::cpu {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
+                                              const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
+                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale);
+std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& out, const Tensor& lse, int64_t window,
+                                       const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
+                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale);
+
+std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut,
+                                            const Tensor& counts, int64_t block_size,
+                                            const OptTensor& key_padding_mask, double scale);
+std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& out, const Tensor& lse, const Tensor& lut, const Tensor& counts,
+                                     int64_t block_size, const OptTensor& key_padding_mask, double scale);
+
+// softmax(scale * a @ b^T, keys masked by key_mask) @ c, the fused product the Nystrom op is built from.
+std::tuple<Tensor, Tensor> softmax_matmul_fwd(const Tensor& a, const Tensor& b, const Tensor& c,
+                                              const OptTensor& key_mask, double scale);
+std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, const Tensor& b, const Tensor& c,
+                                       const Tensor& out, const Tensor& lse, const OptTensor& key_mask, double scale);
+
+}  // namespace etkd::cpu

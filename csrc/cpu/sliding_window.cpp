@@ -1,0 +1,188 @@
+// Sliding-window (Longformer) attention on the CPU: forward and backward.
+//
+// Two passes over the shared tile driver (flash_tile.h):
+//   band pass    every real non-global query tile [i0, i0 + bq) visits the keys [i0 - w, i0 + bq + w) of
+//                the main source (band |i - j| <= w applied per row, global and padded keys biased out)
+//                and, as a second source, the gathered global keys (each key counted once, as HF does);
+//   global pass  the gathered global query rows (qg or q) attend to every real key of (kg, vg) or (k, v).
+// Global/padded rows are skipped by the band pass; the global pass writes the global rows afterwards.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/common.h"
+#include "cpu/flash_tile.h"
+
+namespace etkd::cpu {
+namespace {
+
+struct Globals {
+  Tensor real;      // (B, S) uint8
+  Tensor is_glob;   // (B, S) uint8: global & real
+  Tensor idx;       // (B, G) int64 positions of global tokens (slot >= count: 0)
+  std::vector<int64_t> count;  // per batch
+  int64_t G = 0;
+};
+
+Globals find_globals(const OptTensor& global_mask, const OptTensor& kpm, int64_t B, int64_t S) {
+  Globals g;
+  g.real = real_mask(kpm, B, S);
+  g.is_glob = global_mask.has_value() ? (global_mask->to(at::kByte) * g.real).contiguous() : at::zeros({B, S}, at::kByte);
+  const uint8_t* gm = g.is_glob.data_ptr<uint8_t>();
+  g.count.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < S; ++i) g.count[b] += gm[b * S + i] != 0;
+  g.G = B ? *std::max_element(g.count.begin(), g.count.end()) : 0;
+  g.idx = at::zeros({B, std::max<int64_t>(g.G, 1)}, at::kLong);
+  int64_t* ip = g.idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < S; ++i)
+      if (gm[b * S + i]) ip[b * g.idx.size(1) + n++] = i;
+  }
+  g.idx = g.idx.narrow(1, 0, g.G).contiguous();
+  return g;
+}
+
+// x (B, H, S, D) -> rows at idx: (B, H, G, D).
+Tensor gather_rows(const Tensor& x, const Tensor& idx) {
+  const auto B = x.size(0), H = x.size(1), D = x.size(3), G = idx.size(1);
+  return x.gather(2, idx.view({B, 1, G, 1}).expand({B, H, G, D})).contiguous();
+}
+
+// dst[b, h, idx[b, s]] (+)= src[b, h, s] for the valid slots s < count[b]; rows of `row` floats.
+void scatter_rows(float* dst, const float* src, const Globals& g, int64_t H, int64_t S, int64_t row, bool add) {
+  const int64_t B = static_cast<int64_t>(g.count.size());
+  const int64_t* ip = g.idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s = 0; s < g.count[b]; ++s) {
+        float* d = dst + ((b * H + h) * S + ip[b * g.G + s]) * row;
+        const float* x = src + ((b * H + h) * g.G + s) * row;
+        if (add) {
+          for (int64_t j = 0; j < row; ++j) d[j] += x[j];
+        } else {
+          std::memcpy(d, x, row * sizeof(float));
+        }
+      }
+}
+
+struct Passes {
+  Problem band, glob;
+  Tensor band_bias, skip, gbias, kx, vx, real_bias, qrows, gskip;
+};
+
+// Everything both passes need, built once per call.
+Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, const Globals& g, const Tensor& qg_,
+             const Tensor& kg_, const Tensor& vg_, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), w = window / 2, G = g.G;
+  Passes ps;
+  auto usable = g.real * (1 - g.is_glob);  // band keys and band rows: real and not global
+  ps.band_bias = bias_from(usable);
+  ps.skip = (1 - usable).contiguous();
+  Problem& p = ps.band;
+  p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale), p.bq = 64;
+  p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
+  p.kbias = ps.band_bias.data_ptr<float>(), p.qskip = ps.skip.data_ptr<uint8_t>(), p.w = w;
+  if (G > 0) {
+    ps.kx = gather_rows(k, g.idx), ps.vx = gather_rows(v, g.idx);
+    auto slot = at::arange(G, at::kLong).view({1, G});
+    auto cnt = at::tensor(g.count, at::kLong).view({B, 1});
+    ps.gbias = bias_from(slot < cnt);
+    ps.gskip = (slot >= cnt).to(at::kByte).contiguous();
+    p.kx = ps.kx.data_ptr<float>(), p.vx = ps.vx.data_ptr<float>(), p.kxbias = ps.gbias.data_ptr<float>(), p.Sx = G;
+  }
+  p.segments = [S, w, G](int64_t, int64_t, int64_t i0, int64_t rows, std::vector<Seg>& segs) {
+    append_run(segs, std::max<int64_t>(0, i0 - w), std::min<int64_t>(S, i0 + rows + w), 0);
+    append_run(segs, 0, G, 1);
+  };
+  if (G > 0) {
+    ps.real_bias = bias_from(g.real);
+    ps.qrows = gather_rows(qg_, g.idx);
+    Problem& r = ps.glob;
+    r.B = B, r.H = H, r.Sq = G, r.Sk = S, r.D = D, r.scale = p.scale, r.bq = 64;
+    r.q = ps.qrows.data_ptr<float>(), r.k = kg_.data_ptr<float>(), r.v = vg_.data_ptr<float>();
+    r.kbias = ps.real_bias.data_ptr<float>(), r.qskip = ps.gskip.data_ptr<uint8_t>();
+    r.segments = [S](int64_t, int64_t, int64_t, int64_t, std::vector<Seg>& segs) { append_run(segs, 0, S, 0); };
+  }
+  return ps;
+}
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, const OptTensor& qg,
+                  const OptTensor& kg, const OptTensor& vg) {
+  check_float(q, "q");
+  TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
+  check_like(k, q, "k");
+  check_like(v, q, "v");
+  TORCH_CHECK(window >= 2 && window % 2 == 0, "window: expected an even int >= 2, got ", window);
+  TORCH_CHECK(qg.has_value() == kg.has_value() && kg.has_value() == vg.has_value(),
+              "global_qkv: give all of qg, kg, vg or none");
+  if (qg.has_value()) {
+    check_like(*qg, q, "qg");
+    check_like(*kg, q, "kg");
+    check_like(*vg, q, "vg");
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
+                                              const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
+                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale) {
+  check_inputs(q, k, v, window, qg, kg, vg);
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  Globals g = find_globals(global_mask, key_padding_mask, B, S);
+  const bool sep = qg.has_value();
+  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({B, H, S}, q.options());
+  run_forward(ps.band, out.data_ptr<float>(), lse.data_ptr<float>());
+  if (g.G > 0) {
+    auto og = at::empty({B, H, g.G, D}, q.options());
+    auto lg = at::empty({B, H, g.G}, q.options());
+    run_forward(ps.glob, og.data_ptr<float>(), lg.data_ptr<float>());
+    scatter_rows(out.data_ptr<float>(), og.data_ptr<float>(), g, H, S, D, false);
+    scatter_rows(lse.data_ptr<float>(), lg.data_ptr<float>(), g, H, S, 1, false);
+  }
+  return {out, lse};
+}
+
+std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& out, const Tensor& lse, int64_t window,
+                                       const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
+                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale) {
+  check_inputs(q, k, v, window, qg, kg, vg);
+  check_like(grad_out, q, "grad_out");
+  check_like(out, q, "out");
+  check_float(lse, "lse");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  Globals g = find_globals(global_mask, key_padding_mask, B, S);
+  const bool sep = qg.has_value();
+  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
+  auto delta = at::empty({B, H, S}, q.options());
+  rowwise_dot(grad_out.data_ptr<float>(), out.data_ptr<float>(), delta.data_ptr<float>(), B * H * S, D);
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  Tensor dkx, dvx;
+  if (g.G > 0) dkx = at::zeros({B, H, g.G, D}, q.options()), dvx = at::zeros({B, H, g.G, D}, q.options());
+  run_backward(ps.band, grad_out.data_ptr<float>(), lse.data_ptr<float>(), delta.data_ptr<float>(),
+               dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+               g.G ? dkx.data_ptr<float>() : nullptr, g.G ? dvx.data_ptr<float>() : nullptr);
+  if (g.G == 0) {
+    if (sep) return {dq, dk, dv, at::zeros_like(q), at::zeros_like(q), at::zeros_like(q)};
+    return {dq, dk, dv};
+  }
+  scatter_rows(dk.data_ptr<float>(), dkx.data_ptr<float>(), g, H, S, D, true);
+  scatter_rows(dv.data_ptr<float>(), dvx.data_ptr<float>(), g, H, S, D, true);
+  // Global rows: gathered dout / lse / delta, gradients into (dqg, dkg, dvg) or back into (dq, dk, dv).
+  auto gdo = gather_rows(grad_out, g.idx);
+  auto glse = gather_rows(lse.unsqueeze(-1), g.idx);
+  auto gdelta = gather_rows(delta.unsqueeze(-1), g.idx);
+  auto dqx = at::zeros({B, H, g.G, D}, q.options());
+  Tensor dqg = sep ? at::zeros_like(q) : dq, dkg = sep ? at::zeros_like(q) : dk, dvg = sep ? at::zeros_like(q) : dv;
+  run_backward(ps.glob, gdo.data_ptr<float>(), glse.data_ptr<float>(), gdelta.data_ptr<float>(),
+               dqx.data_ptr<float>(), dkg.data_ptr<float>(), dvg.data_ptr<float>(), nullptr, nullptr);
+  scatter_rows(dqg.data_ptr<float>(), dqx.data_ptr<float>(), g, H, S, D, true);
+  if (sep) return {dq, dk, dv, dqg, dkg, dvg};
+  return {dq, dk, dv};
+}
+
+}  // namespace etkd::cpu

@@ -1,0 +1,183 @@
+"""Distillation losses.
+
+Task-agnostic (Brown et al. 2023, Appendix B; DistilBERT): `distillation_loss` =
+alpha * MLM + beta * T^2 * KL(teacher_T || student_T) + gamma * (1 - cos(h_s, h_t)).
+
+Task-specific (Dasgupta et al. 2023, eq. 8-9): `task_kd_loss` = lam * CE(y, f) + (1 - lam) * L_KD with
+L_KD one of
+- "taylor": eq. 8 as printed, KL(p_hat || f) + <y - p_hat, -log f>. Algebraically this is
+  CE(y, f) - H(p_hat): the teacher only adds a constant, so it drops out of the gradient.
+- "taylor-mse": the authors' first released loss, mean over classes of p_hat * (z_s - z_t - (y/p_hat - 1))^2
+  on student/teacher logits; this one does carry the teacher.
+- "kd": Hinton KD, T^2 * KL(p_hat_T || f_T).
+- "ce": no teacher; L = CE(y, f).
+Shapes: b = batch, s = seq, v = vocab, c = classes, d = hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TASK_LOSSES = ("taylor", "taylor-mse", "kd", "ce")
+IGNORE_INDEX = -100
+
+
+def platt_scale(t: torch.Tensor, center: float = 2.5) -> torch.Tensor:
+    """STS-B-style real targets -> probabilities, p = 1 / (1 + exp(-(t - center))) (paper 2, Section 4)."""
+    return torch.sigmoid(t - center)
+
+
+def inverse_platt(p: torch.Tensor, center: float = 2.5) -> torch.Tensor:
+    """Probability of the positive class back to the regression scale (for Pearson/Spearman)."""
+    return torch.logit(p, eps=1e-6) + center
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(b,) class ids -> (b, c) one-hot; (b,) floats in [0, 1] -> (b, 2) [1 - p, p]; (b, c) -> itself."""
+    if labels.dim() == 2:
+        return labels.float()
+    if labels.dtype.is_floating_point:
+        if num_classes != 2:
+            raise ValueError(f"labels: probability targets need num_classes == 2, got {num_classes}")
+        p = labels.float()
+        return torch.stack([1 - p, p], dim=-1)
+    return F.one_hot(labels.long(), num_classes).float()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -<y, log softmax(logits)>; logits (b, c), target (b, c) probabilities."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over classes, mean over rows. (n, c) inputs."""
+    t = temperature
+    log_f = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return (log_p.exp() * (log_p - log_f)).sum(-1).mean() * t * t
+
+
+def taylor_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Eq. 8 as printed: KL(p_hat || f) + <y - p_hat, -log f>, mean over the batch (x T^2 when T != 1).
+
+    Equals CE(y, f) - H(p_hat) exactly, so its gradient w.r.t. the student is that of CE(y, f).
+    """
+    t = temperature
+    log_f = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_f)).sum(-1)
+    taylor = ((target - p) * -log_f).sum(-1)
+    return (kl + taylor).mean() * t * t
+
+
+def taylor_mse(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """The authors' first released loss: mean over classes and batch of p_hat (z_s - z_t - (y / p_hat - 1))^2.
+
+    p_hat = softmax(z_t) is clamped at `eps` so y / p_hat stays finite for a confident, wrong teacher.
+    """
+    zs, zt = student_logits.float(), teacher_logits.float()
+    p = F.softmax(zt, dim=-1).clamp_min(eps)
+    return (p * (zs - zt - (target / p - 1)) ** 2).mean()
+
+
+def task_kd_loss(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    lam: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L = lam * CE(y, f) + (1 - lam) * L_KD (eq. 9). student/teacher logits (b, c); labels (b,) ids,
+    (b,) probabilities (Platt-scaled, 2 classes) or (b, c) distributions. Returns (loss, logs)."""
+    if name not in TASK_LOSSES:
+        raise ValueError(f"loss: expected one of {TASK_LOSSES}, got {name!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda: expected a value in [0, 1], got {lam}")
+    y = soft_targets(labels, student_logits.shape[-1]).to(student_logits.device)
+    ce = soft_cross_entropy(student_logits, y)
+    if name == "ce":
+        return ce, {"ce": ce.detach()}
+    if teacher_logits is None:
+        raise ValueError(f"loss {name!r} needs teacher logits")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits: expected the student's shape {tuple(student_logits.shape)}, "
+            f"got {tuple(teacher_logits.shape)}"
+        )
+    teacher_logits = teacher_logits.detach()
+    if name == "taylor":
+        kd = taylor_kd(student_logits, teacher_logits, y, temperature)
+    elif name == "taylor-mse":
+        kd = taylor_mse(student_logits, teacher_logits, y)
+    else:
+        kd = kd_kl(student_logits, teacher_logits, temperature)
+    loss = lam * ce + (1 - lam) * kd
+    return loss, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over positions whose label is not -100. logits (b, s, v), labels (b, s)."""
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0  # keeps the graph (and DDP) happy on a batch with nothing masked
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    alpha: float = 2.0,
+    beta: float = 5.0,
+    gamma: float = 1.0,
+    temperature: float = 2.0,
+    masked_only: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DistilBERT objective (paper 1, Appendix B): alpha * MLM + beta * KD + gamma * cosine.
+
+    logits (b, s, v), hidden (b, s, d), labels (b, s) with -100 on unmasked tokens, attention_mask (b, s)
+    (True/1 = real token). KD is T^2 * KL(softmax(t/T) || softmax(s/T)) summed over the vocab and averaged
+    over real tokens (masked ones only with `masked_only`); cosine is mean(1 - cos(h_s, h_t)) over real
+    tokens. Returns (loss, logs with each term).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"teacher_logits: expected the student's shape {tuple(student_logits.shape)} (same vocab and "
+            f"sequence), got {tuple(teacher_logits.shape)}"
+        )
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"teacher_hidden: the cosine loss needs equal hidden sizes, student {tuple(student_hidden.shape)} "
+            f"vs teacher {tuple(teacher_hidden.shape)} (set gamma=0 to drop it)"
+        )
+    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    kd_sel = (labels != IGNORE_INDEX) & real if masked_only else real
+    logs: dict[str, torch.Tensor] = {}
+    loss = student_logits.new_zeros((), dtype=torch.float32)
+    if alpha:
+        mlm = mlm_loss(student_logits, labels)
+        loss = loss + alpha * mlm
+        logs["mlm"] = mlm.detach()
+    if beta:
+        if kd_sel.any():
+            kd = kd_kl(student_logits[kd_sel], teacher_logits.detach()[kd_sel], temperature)
+        else:
+            kd = student_logits.sum() * 0.0
+        loss = loss + beta * kd
+        logs["kd"] = kd.detach()
+    if gamma:
+        hs, ht = student_hidden[real].float(), teacher_hidden.detach()[real].float()
+        cos = (1 - F.cosine_similarity(hs, ht, dim=-1)).mean() if hs.numel() else student_hidden.sum() * 0.0
+        loss = loss + gamma * cos
+        logs["cos"] = cos.detach()
+    return loss, logs

@@ -1,0 +1,68 @@
+"""Sliding-window (Longformer) attention on the fused CUDA kernels of csrc/cuda/sliding_window.cu.
+
+Same contract as `etkd_kernels.reference.sliding_window` (which defines the semantics): q, k, v and the
+optional global projections qg, kg, vg are (batch, heads, seq, head_dim) tensors of one dtype
+(float16/bfloat16/float32, head_dim 32/64/128); masks are (batch, seq) bool; lse is (batch, heads, seq)
+float32, +inf for rows that see no key.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+def _ops():
+    """torch.ops.etkd_cuda, registered by importing the extension on first use (no import-time probe)."""
+    if not hasattr(torch.ops.etkd_cuda, "sliding_window_fwd"):
+        try:
+            importlib.import_module("etkd_kernels._C_cuda")
+        except ImportError as exc:
+            raise RuntimeError(
+                "the cuda backend needs the compiled extension etkd_kernels._C_cuda, which is not built "
+                f"({exc}); install with a CUDA build of torch and a CUDA toolkit, or use another backend"
+            ) from exc
+    return torch.ops.etkd_cuda
+
+
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    global_mask: torch.Tensor | None,
+    qg: torch.Tensor | None,
+    kg: torch.Tensor | None,
+    vg: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, S, D), lse (B, H, S) float32)."""
+    return _ops().sliding_window_fwd(
+        q, k, v, int(window), global_mask, qg, kg, vg, key_padding_mask, float(scale)
+    )
+
+
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    window: int,
+    global_mask: torch.Tensor | None,
+    qg: torch.Tensor | None,
+    kg: torch.Tensor | None,
+    vg: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dqg, dkg, dvg); the last three are None when qg is None."""
+    dq, dk, dv, dqg, dkg, dvg = _ops().sliding_window_bwd(
+        grad_out, q, k, v, out, lse, int(window), global_mask, qg, kg, vg, key_padding_mask, float(scale)
+    )
+    if qg is None:  # the schema returns empty tensors for absent global gradients
+        return dq, dk, dv, None, None, None
+    return dq, dk, dv, dqg, dkg, dvg

@@ -1,0 +1,113 @@
+"""The paper's step 1 (§3.1): turn a pretrained full-attention encoder into an efficient long one
+(`convert`), and initialise a half-depth student from a teacher (`make_student`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .config import ATTENTION_TYPES
+from .encoder import EncoderModel
+
+
+def tile_positions(old: torch.Tensor, rows: int, first: int) -> torch.Tensor:
+    """A (rows, d) position table: rows [0, first) kept, then old[first:] repeated (Longformer's recipe).
+
+    `first` is the first row real tokens use: 0 for BERT, pad+1 = 2 for RoBERTa, 2 for Nystromformer.
+    """
+    if rows <= old.shape[0]:
+        return old[:rows].clone()
+    new = old.new_empty(rows, old.shape[1])
+    new[:first] = old[:first]
+    src = old[first:]
+    k = first
+    while k < rows:
+        n = min(src.shape[0], rows - k)
+        new[k : k + n] = src[:n]
+        k += n
+    return new
+
+
+def convert(
+    model: EncoderModel,
+    to: str,
+    max_positions: int = 4096,
+    *,
+    window: int | list[int] = 512,
+    block_size: int = 64,
+    num_random_blocks: int = 3,
+    num_landmarks: int = 64,
+    sparse_block_size: int | None = None,
+    sparsity_factor: int = 2,
+    sparsity_type: str = "pooling",
+    num_global_tokens: int = 1,
+) -> EncoderModel:
+    """A copy of `model` with attention pattern `to` that takes up to `max_positions` tokens.
+
+    Position embeddings are copied out to the new length by tiling the pretrained ones (RoBERTa's two
+    reserved rows kept in place); Longformer's global q/k/v projections start as copies of the local ones;
+    every other weight is copied. Settings: `window` (longformer, even), `block_size` and
+    `num_random_blocks` (bigbird, lsg), `num_landmarks` (nystrom), `sparse_block_size` (default
+    block_size), `sparsity_factor`, `sparsity_type`, `num_global_tokens` (lsg).
+    """
+    if to not in ATTENTION_TYPES:
+        raise ValueError(f"to: expected one of {ATTENTION_TYPES}, got {to!r}")
+    if not isinstance(max_positions, int) or max_positions < 1:
+        raise ValueError(f"max_positions: expected a positive int, got {max_positions!r}")
+    cfg = model.config
+    first = cfg.max_positions - cfg.max_tokens
+    new_cfg = cfg.replace(
+        attention=to, max_positions=max_positions + first, window=window, global_projections=to == "longformer",
+        block_size=block_size, num_random_blocks=num_random_blocks, num_landmarks=num_landmarks,
+        sparse_block_size=sparse_block_size or block_size, sparsity_factor=sparsity_factor,
+        sparsity_type=sparsity_type, num_global_tokens=num_global_tokens,
+        conv_kernel_size=cfg.conv_kernel_size if cfg.attention == "nystrom" and to == "nystrom" else None,
+        extra={k: v for k, v in cfg.extra.items() if k != "segment_means_seq_len"},
+    )  # fmt: skip
+    new = EncoderModel(new_cfg)
+    old_sd = model.state_dict()
+    sd = new.state_dict()
+    with torch.no_grad():
+        for key, t in sd.items():
+            if key == "encoder.embeddings.position.weight":
+                t.copy_(tile_positions(old_sd[key], t.shape[0], first))
+            elif key in old_sd:
+                t.copy_(old_sd[key])
+            elif m := re.fullmatch(r"(.*\.attn\.)(q|k|v)g\.(weight|bias)", key):
+                t.copy_(old_sd[f"{m[1]}{m[2]}.{m[3]}"])  # global projections from the local ones
+            else:
+                raise KeyError(f"convert: no source for {key!r}")
+    for a, b in zip(model.encoder.layers, new.encoder.layers):
+        b.attn.backend = a.attn.backend
+    return new.train(model.training)
+
+
+def make_student(teacher: EncoderModel, layers: str | Sequence[int] = "every_other") -> EncoderModel:
+    """A shallower copy of `teacher`: embeddings, the chosen layers (in order) and the head copied.
+
+    layers: "every_other" (0, 2, 4, ... as DistilBERT) or a list of teacher layer indices.
+    """
+    n = teacher.config.num_layers
+    if layers == "every_other":
+        chosen = list(range(0, n, 2))
+    elif isinstance(layers, str):
+        raise ValueError(f"layers: expected 'every_other' or a list of layer indices, got {layers!r}")
+    else:
+        chosen = [int(i) for i in layers]
+        if not chosen or any(not 0 <= i < n for i in chosen):
+            raise ValueError(f"layers: expected a non-empty list of indices in [0, {n}), got {list(layers)}")
+    cfg = teacher.config
+    window = [cfg.window[i] for i in chosen] if isinstance(cfg.window, list) else cfg.window
+    student = EncoderModel(cfg.replace(num_layers=len(chosen), window=window))
+    old = teacher.state_dict()
+    sd = student.state_dict()
+    with torch.no_grad():
+        for key, t in sd.items():
+            m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
+            src = f"encoder.layers.{chosen[int(m[1])]}.{m[2]}" if m else key
+            t.copy_(old[src])
+    for i, layer in zip(chosen, student.encoder.layers):
+        layer.attn.backend = teacher.encoder.layers[i].attn.backend
+    return student.train(teacher.training)

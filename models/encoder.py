@@ -1,0 +1,237 @@
+"""One small BERT-style encoder whose attention pattern is a config field and whose kernel backend swaps
+at run time. Shapes: b = batch, s = seq, d = hidden, h = heads, hd = head_dim.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import get_attention
+from .config import EncoderConfig
+
+WEIGHTS_NAME = "model.safetensors"
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: torch.Tensor  # (b, s, d)
+    logits: torch.Tensor | None = None  # head output; QA: (b, s, 2) = start, end
+    pooled: torch.Tensor | None = None  # (b, d) when the config has a pooler
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + every layer, when asked
+
+    @property
+    def start_logits(self) -> torch.Tensor:
+        return self.logits[..., 0]
+
+    @property
+    def end_logits(self) -> torch.Tensor:
+        return self.logits[..., 1]
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def position_ids(self, input_ids: torch.Tensor | None, b: int, s: int, device: torch.device) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.position_style == "padded" and input_ids is not None:
+            # fairseq/RoBERTa: real tokens count from pad+1, pad tokens sit on row pad.
+            real = input_ids.ne(cfg.pad_token_id).long()
+            return torch.cumsum(real, dim=1) * real + cfg.pad_token_id
+        first = cfg.pad_token_id + 1 if cfg.position_style == "padded" else cfg.position_offset
+        return (torch.arange(s, device=device) + first).expand(b, s)
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        x = self.word(input_ids) if inputs_embeds is None else inputs_embeds  # (b, s, d)
+        b, s = x.shape[:2]
+        if self.cfg.rescale_embeddings:
+            x = x * self.cfg.hidden_size**0.5
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, b, s, x.device)
+        x = x + self.position(position_ids)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(b, s, dtype=torch.long, device=x.device)
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class SelfAttention(nn.Module):
+    """q/k/v projections -> the configured pattern (registry lookup) -> output projection."""
+
+    def __init__(self, cfg: EncoderConfig, layer_index: int):
+        super().__init__()
+        self.config = cfg
+        self.layer_index = layer_index
+        self.backend = "auto"
+        d, h = cfg.hidden_size, cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.qg = self.kg = self.vg = None
+        if cfg.attention == "longformer" and cfg.global_projections:
+            self.qg, self.kg, self.vg = (nn.Linear(d, d) for _ in range(3))
+        self.conv = None
+        if cfg.attention == "nystrom" and cfg.conv_kernel_size:
+            ks = cfg.conv_kernel_size
+            self.conv = nn.Conv2d(h, h, (ks, 1), padding=(ks // 2, 0), bias=False, groups=h)
+        self.window = cfg.layer_window(layer_index)
+        self.rand_attn: torch.Tensor | None = None  # bigbird: fixed random blocks (heads, nb-2, r), optional
+        self.attend = get_attention(cfg)
+        self.dropout = nn.Dropout(cfg.attention_dropout)
+
+    def forward(self, x, key_padding_mask=None, global_mask=None):
+        b, s, d = x.shape
+        h = self.config.num_heads
+        q, k, v = (p(x).view(b, s, h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (b, h, s, hd)
+        y = self.attend(self, x, q, k, v, key_padding_mask, global_mask)  # (b, h, s, hd)
+        y = y.transpose(1, 2).reshape(b, s, d)
+        return self.o(self.dropout(y))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: EncoderConfig, layer_index: int):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn = SelfAttention(cfg, layer_index)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = activation(cfg.hidden_act)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def ffn(self, x):
+        return self.dropout(self.ffn_out(self.act(self.ffn_in(x))))
+
+    def forward(self, x, key_padding_mask=None, global_mask=None):  # (b, s, d) -> (b, s, d)
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, global_mask))
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self.dropout(self.attn(x, key_padding_mask, global_mask)))
+        return self.norm2(x + self.ffn(x))
+
+
+class Encoder(nn.Module):
+    """Embeddings + layers (+ final norm when pre-norm, + pooler when configured)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.add_pooler else None
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def forward(
+        self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
+        position_ids=None, inputs_embeds=None, output_hidden_states=False,
+    ) -> EncoderOutput:  # fmt: skip
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: give exactly one of them")
+        kpm = None if attention_mask is None else attention_mask.bool()  # (b, s), True = real token
+        gmask = None if global_attention_mask is None else global_attention_mask.bool()
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (b, s, d)
+        states = [x]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, kpm, gmask, use_reentrant=False)
+            else:
+                x = layer(x, kpm, gmask)
+            states.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        return EncoderOutput(x, pooled=pooled, hidden_states=tuple(states) if output_hidden_states else None)
+
+
+class EncoderModel(nn.Module):
+    """The encoder plus the configured task head (`config.head`, None = bare encoder).
+
+    forward(input_ids, attention_mask, token_type_ids, global_attention_mask, ...) -> EncoderOutput with
+    `logits` from the head: MLM (b, s, vocab), sequence classification (b, num_labels), token
+    classification (b, s, num_labels), QA (b, s, 2).
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        from .heads import build_head
+
+        self.config = config
+        self.encoder = Encoder(config)
+        self.head = build_head(config, self.encoder)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
+                position_ids=None, inputs_embeds=None, output_hidden_states=False) -> EncoderOutput:  # fmt: skip
+        out = self.encoder(input_ids, attention_mask, token_type_ids, global_attention_mask, position_ids,
+                           inputs_embeds, output_hidden_states)  # fmt: skip
+        if self.head is not None:
+            out.logits = self.head(out)
+        return out
+
+    # Run-time switches (no weights touched).
+    def set_attention_backend(self, backend: str) -> EncoderModel:
+        """Use kernel backend `backend` ("auto", "reference", "cpu", "triton", "cuda") in every layer."""
+        from etkd_kernels.dispatch import _check_name
+
+        _check_name(backend)
+        for layer in self.encoder.layers:
+            layer.attn.backend = backend
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> EncoderModel:
+        self.encoder.gradient_checkpointing = enabled
+        self.config.gradient_checkpointing = enabled
+        return self
+
+    # Our own format: config.json + model.safetensors.
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from safetensors.torch import save_model
+
+        self.config.save(directory)
+        save_model(self, os.path.join(directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs) -> EncoderModel:
+        """Load our format, or (when `directory` is an HF checkpoint dir or hub name) HF weights."""
+        from .config import is_etkd_checkpoint
+
+        if os.path.isdir(directory) and is_etkd_checkpoint(directory):
+            from safetensors.torch import load_model
+
+            path = os.path.join(directory, WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
+            model = cls(EncoderConfig.load(directory))
+            load_model(model, path)
+            return model.eval()
+        from .hf import from_hf
+
+        return from_hf(directory, **hf_kwargs)

@@ -1,0 +1,259 @@
+"""HuggingFace interop: `from_hf` maps a transformers checkpoint onto an `EncoderModel`, `to_hf` maps back.
+
+Supported: BERT, RoBERTa, Longformer, BigBird (block_sparse and original_full), Nystromformer, each bare
+(`*Model`) or with `*ForMaskedLM`, `*ForSequenceClassification`, `*ForTokenClassification`,
+`*ForQuestionAnswering` (not BigBird's QA head, which has its own MLP). Names are mapped one parameter at a
+time by `hf_name`, so the same table serves both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from .config import EncoderConfig
+from .encoder import EncoderModel
+
+# model_type -> (class-name stem, prefix of the base model inside head classes)
+FAMILIES = {
+    "bert": ("Bert", "bert"),
+    "roberta": ("Roberta", "roberta"),
+    "longformer": ("Longformer", "longformer"),
+    "big_bird": ("BigBird", "bert"),
+    "nystromformer": ("Nystromformer", "nystromformer"),
+}
+HEAD_SUFFIX = {
+    None: "Model",
+    "mlm": "ForMaskedLM",
+    "sequence_classification": "ForSequenceClassification",
+    "token_classification": "ForTokenClassification",
+    "question_answering": "ForQuestionAnswering",
+}
+LAYER = {
+    "attn.q": "attention.self.query",
+    "attn.k": "attention.self.key",
+    "attn.v": "attention.self.value",
+    "attn.qg": "attention.self.query_global",
+    "attn.kg": "attention.self.key_global",
+    "attn.vg": "attention.self.value_global",
+    "attn.conv": "attention.self.conv",
+    "attn.o": "attention.output.dense",
+    "norm1": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "norm2": "output.LayerNorm",
+}
+EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings",
+              "token_type": "token_type_embeddings", "norm": "LayerNorm"}  # fmt: skip
+# HF state-dict entries that are buffers or tied copies, never weights of their own.
+IGNORED = re.compile(r"(position_ids|\.token_type_ids|decoder\.bias)$")
+
+
+def head_from_class_name(name: str) -> str | None:
+    for head, suffix in HEAD_SUFFIX.items():
+        if head is not None and name.endswith(suffix):
+            return head
+    if name.endswith("Model"):
+        return None
+    raise ValueError(f"model: unsupported HF class {name}; expected *Model or one of {list(HEAD_SUFFIX.values())[1:]}")
+
+
+def hf_name(key: str, family: str, head: str | None) -> str:
+    """Our parameter name -> the HF parameter name in `family`'s class for `head`."""
+    base = "" if head is None else FAMILIES[family][1] + "."
+    mlm = "lm_head" if family in ("roberta", "longformer") else "cls.predictions"
+    if m := re.fullmatch(r"encoder\.embeddings\.(\w+)\.(weight|bias)", key):
+        return f"{base}embeddings.{EMBEDDINGS[m[1]]}.{m[2]}"
+    if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
+        return f"{base}encoder.layer.{m[1]}.{LAYER[m[2]]}.{m[3]}"
+    if m := re.fullmatch(r"encoder\.pooler\.(weight|bias)", key):
+        return f"{base}pooler.{m[1]}" if family == "big_bird" else f"{base}pooler.dense.{m[1]}"
+    if head == "mlm":
+        transform = "" if mlm == "lm_head" else ".transform"
+        norm = "layer_norm" if mlm == "lm_head" else "LayerNorm"
+        table = {"head.dense": f"{mlm}{transform}.dense", "head.norm": f"{mlm}{transform}.{norm}",
+                 "head.decoder": f"{mlm}.decoder"}  # fmt: skip
+        if key == "head.bias":
+            return f"{mlm}.bias"
+    elif head == "sequence_classification":
+        table = {"head.dense": "classifier.dense", "head.out": "classifier.out_proj"}
+        if family in ("bert",):
+            table = {"head.out": "classifier"}
+    elif head == "token_classification":
+        table = {"head.out": "classifier"}
+    elif head == "question_answering":
+        table = {"head.out": "qa_outputs"}
+    else:
+        table = {}
+    module, _, leaf = key.rpartition(".")
+    if module in table:
+        return f"{table[module]}.{leaf}"
+    raise KeyError(f"no HF name for parameter {key!r} ({family}, head {head})")
+
+
+def config_from_hf(hf_config, head: str | None, has_pooler: bool) -> EncoderConfig:
+    c = hf_config
+    family = c.model_type
+    if family not in FAMILIES:
+        raise ValueError(f"model: unsupported HF model_type {family!r}; expected one of {sorted(FAMILIES)}")
+    if getattr(c, "position_embedding_type", None) not in (None, "absolute"):
+        raise ValueError(f"position_embedding_type: only absolute positions are supported, got {c.position_embedding_type}")
+    pad = c.pad_token_id if c.pad_token_id is not None else 0
+    kw = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
+        max_positions=c.max_position_embeddings, type_vocab_size=c.type_vocab_size, pad_token_id=pad,
+        layer_norm_eps=c.layer_norm_eps, hidden_dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob, add_pooler=has_pooler, head=head,
+        num_labels=c.num_labels, tie_word_embeddings=getattr(c, "tie_word_embeddings", True), source=family,
+        mlm_act=c.hidden_act, head_style="roberta", classifier_act=c.hidden_act,
+    )  # fmt: skip
+    if family == "bert":
+        kw.update(head_style="bert")
+    elif family in ("roberta", "longformer"):
+        kw.update(position_style="padded", mlm_act="gelu", classifier_act="tanh")
+        if family == "longformer":
+            w = c.attention_window
+            kw.update(attention="longformer", window=list(w) if isinstance(w, (list, tuple)) else w,
+                      global_projections=True)  # fmt: skip
+    elif family == "big_bird":
+        kw.update(rescale_embeddings=c.rescale_embeddings, block_size=c.block_size,
+                  num_random_blocks=c.num_random_blocks,
+                  attention="bigbird" if c.attention_type == "block_sparse" else "full")  # fmt: skip
+    elif family == "nystromformer":
+        kw.update(position_offset=2, max_positions=c.max_position_embeddings + 2, attention="nystrom",
+                  num_landmarks=c.num_landmarks, conv_kernel_size=c.conv_kernel_size,
+                  pinv_init="per_head" if c.inv_coeff_init_option else "hf_global",
+                  extra={"segment_means_seq_len": c.segment_means_seq_len})  # fmt: skip
+    return EncoderConfig(**kw)
+
+
+def _load_hf(path: str, **kwargs):
+    import transformers
+
+    config_path = os.path.join(path, "config.json")
+    if os.path.isdir(path) and not os.path.isfile(config_path):
+        raise FileNotFoundError(f"model: {path} has no config.json (neither an HF nor an etkd checkpoint)")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            archs = json.load(f).get("architectures") or []
+    else:  # a hub name: let transformers resolve it
+        archs = transformers.AutoConfig.from_pretrained(path, **kwargs).architectures or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel
+    return cls.from_pretrained(path, **kwargs)
+
+
+def from_hf(model_or_path, **kwargs) -> EncoderModel:
+    """An `EncoderModel` with the weights (and head) of an HF model instance, local dir or hub name.
+
+    The result is in eval mode; kwargs go to transformers' `from_pretrained` when a path is given.
+    """
+    hf = _load_hf(str(model_or_path), **kwargs) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    name = type(hf).__name__
+    if name == "BigBirdForQuestionAnswering":
+        raise NotImplementedError("BigBirdForQuestionAnswering has its own MLP head; load BigBirdModel instead")
+    head = head_from_class_name(name)
+    sd = hf.state_dict()
+    has_pooler = any(re.fullmatch(r"(\w+\.)?pooler\.(dense\.)?weight", k) for k in sd)
+    cfg = config_from_hf(hf.config, head, has_pooler)
+    model = EncoderModel(cfg)
+    ours = {}
+    used = set()
+    for key in model.state_dict():
+        src = hf_name(key, cfg.source, head)
+        if src not in sd:
+            raise KeyError(f"from_hf: {name} has no weight {src!r} (needed for {key!r})")
+        ours[key] = sd[src]
+        used.add(src)
+    unused = [k for k in sd if k not in used and not IGNORED.search(k)]
+    if unused:
+        raise ValueError(f"from_hf: {name} weights with no place in the etkd model: {unused[:8]}")
+    model.load_state_dict(ours)
+    return model.eval()
+
+
+def hf_family(cfg: EncoderConfig) -> str:
+    """The HF model_type an etkd config exports to."""
+    if cfg.attention == "longformer":
+        family = "longformer"
+    elif cfg.attention == "bigbird":
+        family = "big_bird"
+    elif cfg.attention == "nystrom":
+        family = "nystromformer"
+    elif cfg.attention == "lsg":
+        raise ValueError("to_hf: transformers has no LSG model class; save with save_pretrained instead")
+    elif cfg.source in ("bert", "roberta", "big_bird"):
+        family = cfg.source
+    else:
+        family = "roberta" if cfg.position_style == "padded" else "bert"
+    padded = family in ("roberta", "longformer")
+    offset = 2 if family == "nystromformer" else 0
+    if (cfg.position_style == "padded") != padded or (not padded and cfg.position_offset != offset):
+        raise ValueError(
+            f"to_hf: HF {family} computes positions {'fairseq-style' if padded else f'from {offset}'}, but this "
+            f"model uses position_style={cfg.position_style!r}, offset {cfg.position_offset}"
+        )
+    if cfg.pre_norm:
+        raise ValueError(f"to_hf: HF {family} is post-norm; this model is pre-norm")
+    return family
+
+
+def hf_config(cfg: EncoderConfig):
+    import transformers
+
+    family = hf_family(cfg)
+    kw = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab_size,
+        pad_token_id=cfg.pad_token_id, layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout, num_labels=cfg.num_labels,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )  # fmt: skip
+    if family == "longformer":
+        kw.update(attention_window=cfg.window)
+    elif family == "big_bird":
+        kw.update(attention_type="block_sparse" if cfg.attention == "bigbird" else "original_full",
+                  block_size=cfg.block_size, num_random_blocks=cfg.num_random_blocks,
+                  rescale_embeddings=cfg.rescale_embeddings)  # fmt: skip
+    elif family == "nystromformer":
+        kw.update(max_position_embeddings=cfg.max_positions - 2, num_landmarks=cfg.num_landmarks,
+                  conv_kernel_size=cfg.conv_kernel_size, inv_coeff_init_option=cfg.pinv_init != "hf_global",
+                  segment_means_seq_len=cfg.extra.get("segment_means_seq_len", cfg.max_tokens))  # fmt: skip
+    return getattr(transformers, FAMILIES[family][0] + "Config")(**kw)
+
+
+def to_hf(model: EncoderModel):
+    """The matching transformers model (class chosen by attention pattern and head), weights copied, eval."""
+    import transformers
+
+    cfg = model.config
+    family = hf_family(cfg)
+    cls = getattr(transformers, FAMILIES[family][0] + HEAD_SUFFIX[cfg.head])
+    if cfg.head is None and family not in ("nystromformer",):
+        hf = cls(hf_config(cfg), add_pooling_layer=cfg.add_pooler)
+    else:
+        hf = cls(hf_config(cfg))
+    sd = {hf_name(k, family, cfg.head): v for k, v in model.state_dict().items()}
+    if family == "longformer" and not cfg.global_projections:
+        # HF Longformer always has global projections: start them from the local ones (Longformer's recipe).
+        for key in list(sd):
+            for local, glob in (("query", "query_global"), ("key", "key_global"), ("value", "value_global")):
+                if f".attention.self.{local}." in key:
+                    sd[key.replace(f".self.{local}.", f".self.{glob}.")] = sd[key]
+    if cfg.head == "mlm":
+        sd[hf_name("head.decoder.weight", family, "mlm").replace("weight", "bias")] = model.head.bias
+    expected = hf.state_dict()
+    missing = [k for k in expected if k not in sd and not IGNORED.search(k)]
+    extra = [k for k in sd if k not in expected]
+    if missing or extra:
+        raise ValueError(f"to_hf: {cls.__name__} weights missing {missing[:8]}, unexpected {extra[:8]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            expected[k].copy_(v)
+    return hf.eval()

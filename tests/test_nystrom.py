@@ -1,0 +1,406 @@
+"""nystrom_attention (reference backend) against HF `NystromformerSelfAttention` and brute-force definitions.
+
+HF is fed the same projections: we build `NystromformerSelfAttention` from a small config with random
+weights and take q, k, v from its own query/key/value layers. HF's "core" is its context before the
+optional depthwise conv term `conv(v)`; transformers 5.x's strict config rejects `conv_kernel_size=None`,
+so the core is obtained by switching the module's own `conv_kernel_size` attribute to None (the branch HF's
+forward checks). Measured (fp32, seq 64-256, 8-64 landmarks): |ours - HF| <= 2.1e-7, and each is within
+2.5e-7 of a float64 run of the same weights, where ours and HF agree to 4e-16 -- so 1e-5 holds with a wide
+margin and neither implementation is systematically closer to exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import NystromformerConfig
+from transformers.models.nystromformer.modeling_nystromformer import NystromformerSelfAttention
+
+from etkd_kernels import full_attention, nystrom_attention
+
+ATOL32 = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(
+        0
+    )  # margins below were checked over 50 seeds; the seed only makes failures reproducible
+
+
+def _hf_attention(seq, landmarks, heads=2, head_dim=16, conv=None, seed=0, dtype=torch.float32):
+    cfg = NystromformerConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_landmarks=landmarks,
+        segment_means_seq_len=seq,
+        conv_kernel_size=conv or 3,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    attn = NystromformerSelfAttention(cfg).eval().to(dtype)
+    if conv is None:
+        attn.conv_kernel_size = None  # HF's own switch: context = core only
+    return attn
+
+
+def _split(attn, x, layer):
+    b, s, _ = x.shape
+    return layer(x).view(b, s, attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
+
+
+def _qkv(attn, x):
+    return _split(attn, x, attn.query), _split(attn, x, attn.key), _split(attn, x, attn.value)
+
+
+def _hf_context(attn, x, key_padding_mask=None):
+    """HF's context as (batch, heads, seq, head_dim).
+
+    The additive mask is the classic (batch, 1, 1, seq) extended mask, passed to the self-attention
+    directly: transformers 5.x's NystromformerModel builds a (batch, 1, seq, seq) mask that cannot
+    broadcast against HF's own (landmarks, seq) K3 scores, so the full model cannot run padded batches.
+    """
+    b, s, _ = x.shape
+    mask = None
+    if key_padding_mask is not None:
+        mask = torch.zeros(b, s, dtype=x.dtype).masked_fill(~key_padding_mask, torch.finfo(x.dtype).min)
+        mask = mask[:, None, None, :]
+    ctx = attn(x, mask)[0]
+    return ctx.view(b, s, attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
+
+
+def _nystrom(q, k, v, landmarks, **kw):
+    kw.setdefault("backend", "reference")
+    return nystrom_attention(q, k, v, landmarks, **kw)
+
+
+def _padding(batch, seq):
+    """Row 0 all real; row 1 with its last third padded (crossing landmark segments)."""
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, seq - seq // 3 :] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- HF parity
+
+
+@pytest.mark.parametrize(
+    "seq, landmarks",
+    [
+        (64, 8),  # 8 tokens per segment
+        (128, 16),
+        (64, 32),  # 2 tokens per segment
+        (48, 48),  # landmarks == seq: HF's exact-softmax branch
+    ],
+)
+def test_matches_hf_core(seq, landmarks):
+    attn = _hf_attention(seq, landmarks)
+    x = torch.randn(2, seq, 32)
+    with torch.no_grad():
+        expected = _hf_context(attn, x)
+        out = _nystrom(*_qkv(attn, x), landmarks, pinv_init="hf_global")
+    torch.testing.assert_close(out, expected, atol=ATOL32, rtol=0)
+
+
+def test_hf_fp32_error_is_rounding_level():
+    """Both fp32 implementations sit at the same distance from a float64 run; in float64 they coincide."""
+    seq, landmarks = 64, 8
+    x = torch.randn(2, seq, 32)
+    res = {}
+    for dt in (torch.float32, torch.float64):
+        attn = _hf_attention(seq, landmarks, dtype=dt)
+        xd = x.to(dt)
+        with torch.no_grad():
+            res[dt] = (_hf_context(attn, xd), _nystrom(*_qkv(attn, xd), landmarks, pinv_init="hf_global"))
+    (hf32, ours32), (hf64, ours64) = res[torch.float32], res[torch.float64]
+    torch.testing.assert_close(ours64, hf64, atol=1e-13, rtol=0)
+    err_hf = (hf32.double() - hf64).abs().max().item()
+    err_ours = (ours32.double() - ours64).abs().max().item()
+    assert err_hf < 2e-6 and err_ours < 2e-6, (err_hf, err_ours)
+
+
+def test_hf_with_conv_is_core_plus_conv():
+    """With HF's depthwise conv on, HF's context = our core + HF's conv(v): the op is exactly the core."""
+    seq, landmarks = 64, 8
+    attn = _hf_attention(seq, landmarks, conv=5)
+    x = torch.randn(2, seq, 32)
+    with torch.no_grad():
+        expected = _hf_context(attn, x)
+        q, k, v = _qkv(attn, x)
+        core = _nystrom(q, k, v, landmarks, pinv_init="hf_global")
+        torch.testing.assert_close(core + attn.conv(v), expected, atol=ATOL32, rtol=0)
+        assert (core - expected).abs().max() > 1e-2  # the conv term is really there
+
+
+@pytest.mark.parametrize("seq, landmarks", [(64, 8), (48, 48)])  # Nystrom branch; HF's exact branch
+def test_matches_hf_with_padding(seq, landmarks):
+    attn = _hf_attention(seq, landmarks)
+    x = torch.randn(2, seq, 32)
+    mask = _padding(2, seq)
+    with torch.no_grad():
+        expected = _hf_context(attn, x, mask)
+        out = _nystrom(*_qkv(attn, x), landmarks, pinv_init="hf_global", key_padding_mask=mask)
+    real = mask[:, None, :, None]
+    torch.testing.assert_close(out * real, expected * real, atol=ATOL32, rtol=0)
+    assert torch.equal(out * ~real, torch.zeros_like(out))
+
+
+def test_hf_padding_semantics_landmarks_include_padded_positions():
+    """Changing q/k at padded positions changes real rows (HF's landmark means include them); v does not."""
+    seq, landmarks = 32, 4
+    q, k, v = torch.randn(3, 2, 1, seq, 8).unbind(0)
+    mask = _padding(2, seq)
+    base = _nystrom(q, k, v, landmarks, key_padding_mask=mask)
+    pad = ~mask[:, None, :, None]
+    moved_k = _nystrom(q, k + 3.0 * pad, v, landmarks, key_padding_mask=mask)
+    moved_v = _nystrom(q, k, v + 3.0 * pad, landmarks, key_padding_mask=mask)
+    real = mask[:, None, :, None]
+    assert ((moved_k - base) * real)[1].abs().max() > 1e-3
+    torch.testing.assert_close(moved_v, base, atol=1e-6, rtol=0)
+
+
+def test_input_gradients_match_hf_autograd():
+    """Gradients reach x and the projection weights through our op's backward as through HF's autograd.
+
+    Measured: |d x| error 5e-7 (values ~0.2); weight gradients, which sum over batch*seq tokens, 5.7e-6 on
+    values ~1.4, i.e. ~4e-6 relative: fp32 accumulation-order noise, hence rtol 1e-5 on top of atol 1e-5.
+    """
+    seq, landmarks = 64, 8
+    attn = _hf_attention(seq, landmarks)
+    x = torch.randn(2, seq, 32)
+    mask = _padding(2, seq)
+    g = torch.randn(2, 2, seq, 16) * mask[:, None, :, None]  # padded query rows have no HF meaning
+
+    def grads(fn):
+        attn.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        (fn(xi) * g).sum().backward()
+        return [xi.grad] + [p.grad.clone() for p in (attn.query.weight, attn.key.weight, attn.value.weight)]
+
+    hf = grads(lambda xi: _hf_context(attn, xi, mask))
+    ours = grads(
+        lambda xi: _nystrom(*_qkv(attn, xi), landmarks, pinv_init="hf_global", key_padding_mask=mask)
+    )
+    for name, a, b in zip(("x", "Wq", "Wk", "Wv"), ours, hf):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+# --------------------------------------------------------------------------------- exact special case
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_landmarks_equal_seq_is_exact_softmax(padded):
+    b, h, s, d = 2, 2, 24, 8
+    q, k, v = torch.randn(3, b, h, s, d).unbind(0)
+    mask = _padding(b, s) if padded else None
+    out = _nystrom(q, k, v, s, key_padding_mask=mask)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    exact = torch.softmax(scores, -1) @ v
+    if mask is not None:
+        exact = exact * mask[:, None, :, None]
+    torch.testing.assert_close(out, exact, atol=1e-5, rtol=0)
+    dense = full_attention(q, k, v, key_padding_mask=mask, backend="reference")
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- pinv init
+
+
+def _batch_of_different_scales(seq=32, heads=2, d=8):
+    q, k, v = torch.randn(3, 3, heads, seq, d).unbind(0)
+    # Sharper scores in row 1 give K2 larger column sums than rows 0 and 2 -> the global max is row 1's.
+    amp = torch.tensor([1.0, 4.0, 0.5])[:, None, None, None]
+    return q * amp, k * amp, v
+
+
+def test_per_head_makes_batch_rows_independent():
+    q, k, v = _batch_of_different_scales()
+    landmarks = 4
+    out = _nystrom(q, k, v, landmarks, pinv_init="per_head")
+    for i in range(q.shape[0]):
+        alone = _nystrom(q[i : i + 1], k[i : i + 1], v[i : i + 1], landmarks, pinv_init="per_head")
+        torch.testing.assert_close(out[i : i + 1], alone, atol=1e-6, rtol=0)
+
+
+def test_hf_global_couples_batch_rows_and_differs_from_per_head():
+    q, k, v = _batch_of_different_scales()
+    landmarks = 4
+    glob = _nystrom(q, k, v, landmarks, pinv_init="hf_global")
+    per_head = _nystrom(q, k, v, landmarks, pinv_init="per_head")
+    alone0 = _nystrom(q[:1], k[:1], v[:1], landmarks, pinv_init="hf_global")
+    assert (glob[:1] - alone0).abs().max() > 1e-3  # row 0's output depends on row 1
+    assert (glob - per_head).abs().max() > 1e-3
+    # With one (batch, head) matrix the two inits are the same thing.
+    torch.testing.assert_close(
+        _nystrom(q[:1, :1], k[:1, :1], v[:1, :1], landmarks, pinv_init="hf_global"),
+        _nystrom(q[:1, :1], k[:1, :1], v[:1, :1], landmarks, pinv_init="per_head"),
+        atol=0,
+        rtol=0,
+    )
+
+
+# ---------------------------------------------------------------------- seq not a multiple of landmarks
+
+
+def _brute_force(q, k, v, landmarks, iterations, scale, mask=None):
+    """Loop-per-(batch, head) construction of the documented definition, for any seq and landmarks."""
+    b, h, s, d = q.shape
+    c = -(-s // landmarks)
+    segments = [(start, min(start + c, s)) for start in range(0, s, c)]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            qq, kk, vv = q[bi, hi], k[bi, hi], v[bi, hi]
+            ql = torch.stack([qq[a:e].sum(0) / (e - a) for a, e in segments])
+            kl = torch.stack([kk[a:e].sum(0) / (e - a) for a, e in segments])
+            k1 = torch.softmax(qq @ kl.T * scale, -1)
+            k2 = torch.softmax(ql @ kl.T * scale, -1)
+            s3 = ql @ kk.T * scale
+            if mask is not None:
+                s3 = s3.masked_fill(~mask[bi], float("-inf"))
+            k3 = torch.softmax(s3, -1)
+            eye = torch.eye(len(segments), dtype=q.dtype)
+            z = k2.T / k2.sum(0).max()
+            for _ in range(iterations):
+                kz = k2 @ z
+                z = 0.25 * z @ (13 * eye - kz @ (15 * eye - kz @ (7 * eye - kz)))
+            out[bi, hi] = k1 @ z @ k3 @ vv
+            if mask is not None:
+                out[bi, hi] *= mask[bi][:, None]
+    return out
+
+
+@pytest.mark.parametrize(
+    "seq, landmarks",
+    [
+        (10, 4),  # segments of 3, last holds 1 token
+        (13, 5),  # segments of 3, last holds 1
+        (10, 6),  # segments of 2: only 5 non-empty, the empty 6th is dropped
+        (12, 4),  # divides: HF's reshape-mean path
+    ],
+)
+def test_non_multiple_seq_matches_brute_force(seq, landmarks):
+    q, k, v = torch.randn(3, 2, 2, seq, 4, dtype=torch.float64).unbind(0)
+    mask = _padding(2, seq)
+    for kpm in (None, mask):
+        out = _nystrom(q, k, v, landmarks, key_padding_mask=kpm, pinv_iterations=6)
+        ref = _brute_force(q, k, v, landmarks, 6, 4**-0.5, kpm)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert torch.isfinite(_nystrom(q.float(), k.float(), v.float(), landmarks)).all()
+
+
+def test_pinv_converges_to_inverse():
+    """With many iterations and a well-conditioned K2, out -> K1 @ inv(K2) @ K3 @ v (pinv really is one)."""
+    s, landmarks, d = 16, 4, 8
+    q, k, v = torch.randn(3, 1, 1, s, d, dtype=torch.float64).unbind(0)
+    q, k = q * 3, k * 3  # sharp K2, far from singular
+    out = _nystrom(q, k, v, landmarks, pinv_iterations=40)
+    ql, kl = (t.reshape(1, 1, landmarks, s // landmarks, d).mean(-2) for t in (q, k))
+    sc = d**-0.5
+    k1 = torch.softmax(q @ kl.mT * sc, -1)
+    k2 = torch.softmax(ql @ kl.mT * sc, -1)
+    k3 = torch.softmax(ql @ k.mT * sc, -1)
+    assert torch.linalg.cond(k2).max() < 1e3
+    torch.testing.assert_close(out, k1 @ torch.linalg.inv(k2) @ k3 @ v, atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- numerics, dtypes
+
+
+def test_scale_on_products_equals_hf_prescaling_to_rounding():
+    """HF scales q and k by d^-1/4 each; we scale the products by d^-1/2: equal up to fp32 rounding."""
+    b, h, s, d = 2, 2, 64, 16
+    q, k, v = torch.randn(3, b, h, s, d).unbind(0)
+    r = d**-0.25
+    ours = _nystrom(q, k, v, 8)
+    hf_style = _nystrom(q * r, k * r, v, 8, scale=1.0)
+    exact = _nystrom(q.double(), k.double(), v.double(), 8)
+    assert (ours - hf_style).abs().max() < 1e-6
+    assert (ours.double() - exact).abs().max() < 1e-6
+    assert (hf_style.double() - exact).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_computes_in_fp32(dtype):
+    q, k, v = torch.randn(3, 1, 2, 32, 8).to(dtype).unbind(0)
+    out = _nystrom(q, k, v, 4)
+    assert out.dtype == dtype
+    expected = _nystrom(q.float(), k.float(), v.float(), 4).to(dtype)
+    assert torch.equal(out, expected)
+
+
+def test_fully_padded_row_gives_zeros_not_nan():
+    q, k, v = torch.randn(3, 2, 2, 16, 4).unbind(0)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1] = False
+    for landmarks in (4, 16):
+        out = _nystrom(q, k, v, landmarks, key_padding_mask=mask)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+# ------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize(
+    "seq, landmarks, pinv_init, padded",
+    [
+        (6, 2, "per_head", False),  # divisible segments
+        (7, 3, "hf_global", True),  # ragged last segment + key padding
+        (5, 5, "per_head", True),  # exact softmax branch
+    ],
+)
+def test_gradcheck_float64(seq, landmarks, pinv_init, padded):
+    q, k, v = (t.requires_grad_(True) for t in torch.randn(3, 2, 2, seq, 3, dtype=torch.float64).unbind(0))
+    mask = _padding(2, seq) if padded else None
+
+    def fn(q, k, v):
+        return _nystrom(q, k, v, landmarks, pinv_iterations=3, pinv_init=pinv_init, key_padding_mask=mask)
+
+    # fast_mode (random projections of the Jacobian) keeps this well under a second per case.
+    assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_float64_full_jacobian():
+    """One tiny case with the full Jacobian: ragged segments, per_head init."""
+    q, k, v = (t.requires_grad_(True) for t in torch.randn(3, 1, 1, 5, 2, dtype=torch.float64).unbind(0))
+    assert torch.autograd.gradcheck(lambda q, k, v: _nystrom(q, k, v, 2, pinv_iterations=3), (q, k, v))
+
+
+def test_opcheck():
+    q, k, v = torch.randn(3, 1, 2, 12, 4).unbind(0)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, 9:] = False
+    args = (
+        q.requires_grad_(True),
+        k.requires_grad_(True),
+        v.requires_grad_(True),
+        3,
+        2,
+        mask,
+        0.5,
+        "per_head",
+    )
+    torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, (*args, "reference"))
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "landmarks, kw, argname",
+    [
+        (17, {}, "num_landmarks"),  # more landmarks than tokens
+        (0, {}, "num_landmarks"),
+        (4, {"pinv_init": "global"}, "pinv_init"),
+        (4, {"pinv_iterations": -1}, "pinv_iterations"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(landmarks, kw, argname):
+    q, k, v = torch.randn(3, 1, 1, 16, 4).unbind(0)
+    with pytest.raises(ValueError, match=argname):
+        _nystrom(q, k, v, landmarks, **kw)

@@ -1,0 +1,198 @@
+"""Triton kernels under TRITON_INTERPRET=1 on the CPU: forward and gradients equal the `reference` backend.
+
+The interpreter runs every program in numpy, so shapes stay tiny; tiles are 16 x 16 there (see
+`etkd_kernels/triton/_common.py`), and each case comment says which branch of the kernels it covers.
+bf16 products are widened to fp32 under the interpreter (its bf16 arithmetic is wrong), so the bf16 cases
+check loads, stores and accumulation, not bf16 tensor-core products; those are checked on a GPU only.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: @triton.jit reads it at decoration
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+from etkd_kernels import (  # noqa: E402
+    BlockLayout,
+    bigbird_layout,
+    block_sparse_attention,
+    longformer_layout,
+    sliding_window_attention,
+)
+
+pytestmark = pytest.mark.triton_interpret
+
+# (atol, rtol) per dtype, forward and gradients; both backends round their fp32 result to the input dtype,
+# so low-precision differences are about one ulp (fp16's kernel also rounds P to fp16 before P @ V).
+TOL = {
+    torch.float32: ((1e-4, 0.0), (1e-4, 0.0)),
+    torch.float16: ((2e-3, 5e-3), (4e-3, 1e-2)),
+    torch.bfloat16: ((1.6e-2, 2e-2), (3e-2, 4e-2)),
+}
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _parity(call, tensors, dtype, name):
+    """Run `call(*tensors, backend=...)` on both backends; compare outputs and every input's gradient."""
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = call(*leaves, backend=backend)
+        torch.manual_seed(1)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        results[backend] = (out, [t.grad for t in leaves])
+    (fwd_tol, bwd_tol) = TOL[dtype]
+    out_r, grads_r = results["reference"]
+    out_t, grads_t = results["triton"]
+    errs = [assert_close(out_t, out_r, *fwd_tol, name=f"{name} out")]
+    for i, (gt, gr) in enumerate(zip(grads_t, grads_r)):
+        errs.append(assert_close(gt, gr, *bwd_tol, name=f"{name} grad[{i}]"))
+    return max(errs)
+
+
+def _sw_inputs(b, h, s, d, globals_at, padded_tail, separate, dtype):
+    q, k, v = (_randn(b, h, s, d, dtype=dtype) for _ in range(3))
+    gm = None
+    if globals_at is not None:
+        gm = torch.zeros(b, s, dtype=torch.bool)
+        for row, cols in enumerate(globals_at):
+            gm[row, cols] = True
+    kpm = None
+    if padded_tail:
+        kpm = torch.ones(b, s, dtype=torch.bool)
+        kpm[-1, s - padded_tail :] = False
+    extra = [_randn(b, h, s, d, dtype=dtype) for _ in range(3)] if separate else []
+    return [q, k, v, *extra], gm, kpm
+
+
+SW_CASES = [
+    # (b, h, s, d, window, globals per batch row, padded tail, separate global projections, dtype)
+    pytest.param(1, 2, 32, 16, 8, None, 0, False, torch.float32, id="band-only-tile-multiple"),
+    pytest.param(2, 1, 37, 16, 6, None, 9, False, torch.float32, id="band-padding-ragged-tail"),
+    # row 0: globals in the first and a middle tile; row 1: a global inside the padding (counts as padding)
+    # and one at the last real token; exercises the global-key list loop and gathered global rows.
+    pytest.param(2, 1, 37, 24, 8, [[0, 20], [3, 27, 35]], 7, False, torch.float32, id="globals-shared-qkv-d24"),
+    pytest.param(2, 1, 37, 16, 8, [[0, 20], [5]], 7, True, torch.float32, id="globals-separate-qkv"),
+    pytest.param(1, 1, 21, 16, 40, [[2]], 0, False, torch.float32, id="window-wider-than-seq"),
+    pytest.param(2, 1, 37, 16, 8, [[0, 20], [5]], 7, True, torch.float16, id="fp16-globals-separate"),
+    pytest.param(2, 1, 37, 16, 8, [[0, 20], [5]], 7, True, torch.bfloat16, id="bf16-globals-separate"),
+]
+
+
+@pytest.mark.parametrize("b,h,s,d,window,globals_at,padded_tail,separate,dtype", SW_CASES)
+def test_sliding_window_matches_reference(b, h, s, d, window, globals_at, padded_tail, separate, dtype):
+    tensors, gm, kpm = _sw_inputs(b, h, s, d, globals_at, padded_tail, separate, dtype)
+
+    def call(q, k, v, *qkv_g, backend):
+        return sliding_window_attention(
+            q, k, v, window, global_mask=gm, global_qkv=tuple(qkv_g) or None, key_padding_mask=kpm, backend=backend
+        )
+
+    _parity(call, tensors, dtype, "sliding_window")
+
+
+def test_sliding_window_lse_matches_reference():
+    """The saved log-sum-exp (what the backward recomputes from) equals the reference's, +inf on padding."""
+    from etkd_kernels.reference import sliding_window as ref
+    from etkd_kernels.triton import sliding_window as tri
+
+    (q, k, v), gm, kpm = _sw_inputs(2, 1, 37, 16, [[0, 20], [5]], 7, False, torch.float32)
+    args = (8, gm, None, None, None, kpm, 0.25)
+    _, lse_t = tri.forward(q, k, v, *args)
+    _, lse_r = ref.forward(q, k, v, *args)
+    assert torch.equal(torch.isinf(lse_t), torch.isinf(lse_r)) and torch.isinf(lse_t[1, :, -7:]).all()
+    assert_close(torch.nan_to_num(lse_t, posinf=0), torch.nan_to_num(lse_r, posinf=0), 1e-5, name="lse")
+
+
+def _random_layout(heads, nb, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(heads, nb, nb, generator=g) < density
+    mask[0, 1] = False  # a query block that sees nothing: out 0, lse +inf
+    return mask
+
+
+BS_CASES = [
+    # (b, h, s, layout builder, padded tail, dtype)
+    # seq 50 with block 16: the op pads to 64; per-head BigBird layout with globals and random blocks.
+    pytest.param(2, 2, 50, lambda: bigbird_layout(64, 16, num_random_blocks=1, num_heads=2), 5, torch.float32,
+                 id="bigbird-per-head-ragged-seq"),  # fmt: skip
+    # block 20 is cut into a 16-row tile and a 4-row masked tile; one layout for all heads; an empty row.
+    pytest.param(1, 2, 60, lambda: BlockLayout(_random_layout(1, 3, 0.6, 0), 20), 0, torch.float32,
+                 id="random-block20-empty-row"),  # fmt: skip
+    pytest.param(2, 1, 64, lambda: longformer_layout(64, 16), 9, torch.float16, id="longformer-fp16"),
+    pytest.param(2, 1, 64, lambda: longformer_layout(64, 16), 9, torch.bfloat16, id="longformer-bf16"),
+]
+
+
+@pytest.mark.parametrize("b,h,s,make_layout,padded_tail,dtype", BS_CASES)
+def test_block_sparse_matches_reference(b, h, s, make_layout, padded_tail, dtype):
+    layout = make_layout()
+    q, k, v = (_randn(b, h, s, 16, dtype=dtype) for _ in range(3))
+    kpm = None
+    if padded_tail:
+        kpm = torch.ones(b, s, dtype=torch.bool)
+        kpm[-1, s - padded_tail :] = False
+
+    def call(q, k, v, backend):
+        return block_sparse_attention(q, k, v, layout, key_padding_mask=kpm, backend=backend)
+
+    _parity(call, [q, k, v], dtype, "block_sparse")
+
+
+def test_block_sparse_matches_dense_masked_softmax():
+    """Independent of the reference backend: the plain-PyTorch meaning from the op's docstring."""
+    layout = BlockLayout(_random_layout(1, 3, 0.5, 3), 16)
+    q, k, v = (_randn(1, 2, 48, 16) for _ in range(3))
+    out = block_sparse_attention(q, k, v, layout, backend="triton")
+    scores = (q @ k.transpose(-1, -2)) * 16**-0.5
+    scores = scores.masked_fill(~layout.to_dense()[None], float("-inf"))
+    expected = torch.nan_to_num(scores.softmax(-1)) @ v
+    assert_close(out, expected, 1e-5, name="block_sparse vs dense")
+
+
+def test_head_dim_too_large_is_rejected():
+    from etkd_kernels.triton import sliding_window as tri
+
+    q = torch.randn(1, 1, 16, 160)
+    with pytest.raises(ValueError, match="head_dim"):
+        tri.forward(q, q, q, 4, None, None, None, None, None, 0.1)
+
+
+def test_torch_compile_fullgraph_traces_the_triton_op():
+    """The custom op is opaque to dynamo: a small model calling it compiles without graph breaks."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 48)
+
+        def forward(self, x, gm):
+            b, s, _ = x.shape
+            q, k, v = self.proj(x).view(b, s, 3, 1, 16).permute(2, 0, 3, 1, 4)
+            return sliding_window_attention(q, k, v, 4, global_mask=gm, backend="triton").sum()
+
+    model = Block()
+    x = torch.randn(1, 20, 16)
+    gm = torch.zeros(1, 20, dtype=torch.bool)
+    gm[0, 0] = True
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, gm)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x, gm)
+    eager.backward()
+    assert_close(loss, eager, 1e-5, name="compiled loss")
+    for g, p in zip(grads, model.parameters()):
+        assert_close(g, p.grad, 1e-5, name="compiled grad")
