@@ -27,7 +27,7 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="no host C++ compiler (g++)")
 
 
 def _compile_all_cu(tmp_path: Path, extra: list[str]) -> dict[str, tuple[int, str]]:
-    """nvcc -c every .cu for sm_80 + sm_90 in one call per file, the files in parallel; {name: (rc, stderr)}."""
+    """nvcc -c each .cu for sm_80 + sm_90 (one call per file, files in parallel) -> {name: (rc, log)}."""
     procs = {}
     for cu in CU_FILES:
         cmd = [NVCC, "-c", "-std=c++17", f"-I{CSRC}", *GENCODE, "-Werror", "all-warnings", *extra]
@@ -145,6 +145,7 @@ def _parse_pairs(text: str, key_len: int, shape: tuple[int, ...]) -> tuple[torch
         (130, 32, 64, 32, 0.2, 0.05),  # padding + a few global tokens (forward tiles for head_dim 128)
         (70, 8, 32, 32, 0.1, 0.3),  # many globals, some inside the band: each key must count once
         (45, 200, 64, 64, 0.3, 0.1),  # window wider than the sequence
+        (50, 6, 16, 16, 0.1, 0.2),  # the fp32 head_dim-128 backward tiles
     ],
 )
 def test_sliding_window_pairs_match_torch(tile_bin, seq, window, bm, bn, pad, glob):

@@ -155,8 +155,8 @@ def test_nan_loss_is_a_clear_error(tmp_path):
         loss, logs = mlm_loss(model, batch)
         return loss * float("nan"), logs
 
-    with pytest.raises(FloatingPointError, match="loss is nan at step 2"):
-        train(tiny_mlm(), make_data(), bad_loss, cfg_for(tmp_path), collate_fn=collate)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train(tiny_mlm(), make_data(), bad_loss, cfg_for(tmp_path, log_every=1), collate_fn=collate)
 
 
 TWO_PROC_SCRIPT = textwrap.dedent(

@@ -24,6 +24,7 @@ from etkd_kernels import (  # noqa: E402
     bigbird_layout,
     block_sparse_attention,
     longformer_layout,
+    nystrom_attention,
     sliding_window_attention,
 )
 
@@ -82,7 +83,9 @@ SW_CASES = [
     pytest.param(2, 1, 37, 16, 6, None, 9, False, torch.float32, id="band-padding-ragged-tail"),
     # row 0: globals in the first and a middle tile; row 1: a global inside the padding (counts as padding)
     # and one at the last real token; exercises the global-key list loop and gathered global rows.
-    pytest.param(2, 1, 37, 24, 8, [[0, 20], [3, 27, 35]], 7, False, torch.float32, id="globals-shared-qkv-d24"),
+    pytest.param(
+        2, 1, 37, 24, 8, [[0, 20], [3, 27, 35]], 7, False, torch.float32, id="globals-shared-qkv-d24"
+    ),
     pytest.param(2, 1, 37, 16, 8, [[0, 20], [5]], 7, True, torch.float32, id="globals-separate-qkv"),
     pytest.param(1, 1, 21, 16, 40, [[2]], 0, False, torch.float32, id="window-wider-than-seq"),
     pytest.param(2, 1, 37, 16, 8, [[0, 20], [5]], 7, True, torch.float16, id="fp16-globals-separate"),
@@ -96,7 +99,14 @@ def test_sliding_window_matches_reference(b, h, s, d, window, globals_at, padded
 
     def call(q, k, v, *qkv_g, backend):
         return sliding_window_attention(
-            q, k, v, window, global_mask=gm, global_qkv=tuple(qkv_g) or None, key_padding_mask=kpm, backend=backend
+            q,
+            k,
+            v,
+            window,
+            global_mask=gm,
+            global_qkv=tuple(qkv_g) or None,
+            key_padding_mask=kpm,
+            backend=backend,
         )
 
     _parity(call, tensors, dtype, "sliding_window")
@@ -125,11 +135,25 @@ def _random_layout(heads, nb, density, seed):
 BS_CASES = [
     # (b, h, s, layout builder, padded tail, dtype)
     # seq 50 with block 16: the op pads to 64; per-head BigBird layout with globals and random blocks.
-    pytest.param(2, 2, 50, lambda: bigbird_layout(64, 16, num_random_blocks=1, num_heads=2), 5, torch.float32,
-                 id="bigbird-per-head-ragged-seq"),  # fmt: skip
+    pytest.param(
+        2,
+        2,
+        50,
+        lambda: bigbird_layout(64, 16, num_random_blocks=1, num_heads=2),
+        5,
+        torch.float32,
+        id="bigbird-per-head-ragged-seq",
+    ),  # fmt: skip
     # block 20 is cut into a 16-row tile and a 4-row masked tile; one layout for all heads; an empty row.
-    pytest.param(1, 2, 60, lambda: BlockLayout(_random_layout(1, 3, 0.6, 0), 20), 0, torch.float32,
-                 id="random-block20-empty-row"),  # fmt: skip
+    pytest.param(
+        1,
+        2,
+        60,
+        lambda: BlockLayout(_random_layout(1, 3, 0.6, 0), 20),
+        0,
+        torch.float32,
+        id="random-block20-empty-row",
+    ),  # fmt: skip
     pytest.param(2, 1, 64, lambda: longformer_layout(64, 16), 9, torch.float16, id="longformer-fp16"),
     pytest.param(2, 1, 64, lambda: longformer_layout(64, 16), 9, torch.bfloat16, id="longformer-bf16"),
 ]
@@ -159,6 +183,32 @@ def test_block_sparse_matches_dense_masked_softmax():
     scores = scores.masked_fill(~layout.to_dense()[None], float("-inf"))
     expected = torch.nan_to_num(scores.softmax(-1)) @ v
     assert_close(out, expected, 1e-5, name="block_sparse vs dense")
+
+
+NY_CASES = [
+    # (b, s, landmarks, pinv_init, padded tail, dtype)
+    pytest.param(1, 32, 8, "per_head", 0, torch.float32, id="landmarks-divide-seq"),
+    # 30 tokens, 7 landmarks: ragged last segment; K3's key padding; HF's batch-global pinv init.
+    pytest.param(2, 30, 7, "hf_global", 5, torch.float32, id="ragged-segments-padding-hf-global"),
+    pytest.param(2, 20, 20, "per_head", 5, torch.float32, id="exact-softmax-landmarks-eq-seq"),
+    pytest.param(2, 30, 6, "per_head", 5, torch.float16, id="fp16"),
+]
+
+
+@pytest.mark.parametrize("b,s,landmarks,pinv_init,padded_tail,dtype", NY_CASES)
+def test_nystrom_matches_reference(b, s, landmarks, pinv_init, padded_tail, dtype):
+    q, k, v = (_randn(b, 1, s, 16, dtype=dtype) for _ in range(3))
+    kpm = None
+    if padded_tail:
+        kpm = torch.ones(b, s, dtype=torch.bool)
+        kpm[-1, s - padded_tail :] = False
+
+    def call(q, k, v, backend):
+        return nystrom_attention(
+            q, k, v, landmarks, pinv_init=pinv_init, key_padding_mask=kpm, backend=backend
+        )
+
+    _parity(call, [q, k, v], dtype, "nystrom")
 
 
 def test_head_dim_too_large_is_rejected():

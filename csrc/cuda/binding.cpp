@@ -169,6 +169,7 @@ std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, 
       sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, op);
   Tensor out = at::empty_like(in.q);  // every row is written by exactly one CTA
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
   etkd::cuda::SlidingWindowFwdParams p{};
   p.args = in.args;
   p.out = out.data_ptr();
@@ -197,6 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
     dvg = workspace(q);
   }
   etkd::cuda::SlidingWindowBwdParams p{};
+  const bool empty = q.numel() == 0;
   p.args = in.args;
   p.grad_out = dout.data_ptr();
   p.out = o.data_ptr();
@@ -209,7 +211,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
   p.dqg = in.separate_global ? dqg.data_ptr<float>() : p.dq;
   p.dkg = in.separate_global ? dkg.data_ptr<float>() : p.dk;
   p.dvg = in.separate_global ? dvg.data_ptr<float>() : p.dv;
-  check_launch(etkd::cuda::sliding_window_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  if (!empty) check_launch(etkd::cuda::sliding_window_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   // Schemas cannot return None in a tuple of Tensors: absent global grads are empty tensors, which the
   // Python module turns back into None.
   const Tensor none = at::empty({0}, q.options());
@@ -234,7 +236,7 @@ BlockSparseInputs block_sparse_inputs(const Tensor& q_, const Tensor& k_, const 
                                       double scale, const char* op) {
   BlockSparseInputs in;
   in.args.shape = shape_of(q_, scale, op);
-  TORCH_CHECK(block_size > 0 && q_.size(2) % block_size == 0, op, ": seq (", q_.size(2),
+  TORCH_CHECK(block_size > 0 && q_.size(2) > 0 && q_.size(2) % block_size == 0, op, ": seq (", q_.size(2),
               ") must be a positive multiple of block_size (", block_size, ")");
   const int64_t nqb = q_.size(2) / block_size;
   TORCH_CHECK(lut.is_cuda() && lut.scalar_type() == at::kInt && lut.dim() == 3, op,
@@ -272,6 +274,7 @@ std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, co
   BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale, op);
   Tensor out = at::empty_like(in.q);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
   etkd::cuda::BlockSparseFwdParams p{};
   p.args = in.args;
   p.out = out.data_ptr();
@@ -300,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor> block_sparse_bwd(const Tensor& grad_out, cons
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  check_launch(etkd::cuda::block_sparse_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  if (q.numel() != 0) check_launch(etkd::cuda::block_sparse_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {as_input_dtype(dq, q), as_input_dtype(dk, q), as_input_dtype(dv, q)};
 }
 

@@ -156,18 +156,23 @@ struct Num<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
 };
 
-// Tile sizes. Backward keeps more tiles resident (Q, dO, K, V, S, dP, P, dS, dQ, a dK/dV partial), so its
-// tiles are smaller; fp32 tiles are twice the bytes, so they shrink first. All fit the sm_80 opt-in limit.
+// Tile sizes (BM query rows x BN keys). Backward keeps more tiles resident (Q, dO, K, V, S, dP, P, dS, dQ,
+// a dK/dV partial), so its tiles are smaller; fp32 tiles are twice the bytes, so they shrink first. Every
+// configuration fits 99 KiB of shared memory, the opt-in limit of sm_86/sm_89 (sm_80: 163 KiB, sm_90:
+// 227 KiB), so the sm_80 binary also runs on consumer Ampere/Ada cards.
 template <typename T, int D>
 struct FwdTiles {
-  static constexpr int BM = 64;
-  static constexpr int BN = D == 128 ? 32 : 64;
+  static constexpr bool kWide = sizeof(T) == 4;
+  static constexpr int BM = (kWide && D == 128) ? 32 : 64;
+  static constexpr int BN = (D == 128 || (kWide && D >= 64)) ? 32 : 64;
 };
 template <typename T, int D>
 struct BwdTiles {
-  static constexpr int BM = (sizeof(T) == 2 && D <= 64) ? 64 : 32;
-  static constexpr int BN = BM;
+  static constexpr bool kWide = sizeof(T) == 4;
+  static constexpr int BM = kWide ? (D == 128 ? 16 : 32) : (D == 128 ? 32 : 64);
+  static constexpr int BN = kWide ? (D == 128 ? 16 : 32) : 32;
 };
+constexpr int kMaxSmemBytes = 99 * 1024;
 
 constexpr int align128(int x) { return (x + 127) / 128 * 128; }
 
@@ -196,7 +201,7 @@ struct FwdLayout {
   static constexpr int kLive = kRows + BM * 4;
   static constexpr int kCols = kLive + BM * 4;
   static constexpr int kBytes = align128(kCols + BN * 4);
-  static_assert(kBytes <= 160 * 1024, "forward tile does not fit the sm_80 shared-memory opt-in limit");
+  static_assert(kBytes <= kMaxSmemBytes, "forward tile does not fit 99 KiB of shared memory");
 };
 
 template <typename T, int D, int BM, int BN>
@@ -221,7 +226,7 @@ struct BwdLayout {
   static constexpr int kLive = kRows + BM * 4;
   static constexpr int kCols = kLive + BM * 4;
   static constexpr int kBytes = align128(kCols + BN * 4);
-  static_assert(kBytes <= 160 * 1024, "backward tile does not fit the sm_80 shared-memory opt-in limit");
+  static_assert(kBytes <= kMaxSmemBytes, "backward tile does not fit 99 KiB of shared memory");
 };
 
 __device__ __forceinline__ float warp_max(float x) {

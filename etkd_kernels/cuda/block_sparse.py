@@ -32,6 +32,8 @@ def _cached_lut(layout: torch.Tensor, device: torch.device) -> tuple[torch.Tenso
 
 def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
     b, h, s, _ = q.shape
+    if block_size <= 0:
+        raise ValueError(f"block_size: expected a positive int, got {block_size}")
     if layout.dim() != 3 or layout.shape[0] not in (1, h) or s % block_size:
         raise ValueError(
             f"layout: expected (1 or {h}, {s // block_size}, {s // block_size}) for seq {s} and block_size "

@@ -60,7 +60,8 @@ def nystrom_attention(
     """Nystromformer attention with `num_landmarks` segment-mean landmarks and an iterative pseudo-inverse.
 
     q, k, v: (batch, heads, seq, head_dim). The sequence is cut into `num_landmarks` contiguous segments
-    (padded inside when seq is not a multiple); landmarks are segment means. With
+    of ceil(seq / num_landmarks) tokens (the last one shorter; when that leaves segments empty, e.g. seq 10
+    with 6 landmarks, the empty ones are dropped); landmarks are segment means. With
     K1 = softmax(s q k~^T), K2 = softmax(s q~ k~^T), K3 = softmax(s q~ k^T) (keys masked by padding):
     out = K1 @ pinv(K2) @ (K3 @ v), pinv by `pinv_iterations` Newton-Schulz steps. pinv_init:
     "per_head" scales the initial inverse per (batch, head); "hf_global" uses one max over the whole batch

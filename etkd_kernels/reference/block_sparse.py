@@ -4,9 +4,11 @@ Meaning: softmax(scale * q @ k.T) @ v where query i may see key j only if `layou
 and `key_padding_mask[b, j]`. Each allowed (query block, key block) pair is counted once: a bool layout
 cannot say "this block twice" (for HF BigBird's duplicated random blocks see `etkd_kernels.layouts`).
 
-How: per query block, the allowed key blocks come from `layout_lut` (ascending, padded to the longest row
-with a validity mask); their keys and values are gathered into (batch, heads, q_blocks, max_nnz * block,
-head_dim) and scored against the query block only, so nothing seq x seq is ever built.
+How: per (head, query block), the allowed key blocks come from `layout_lut` (ascending, padded with a
+validity mask); their keys and values are gathered and scored against that query block only. Rows are
+bucketed by their block count rounded up to a power of two and each bucket is padded to its own width, so
+a few dense rows (global blocks) do not pad every row to the whole sequence: memory <= 2 * nnz * block^2,
+nothing seq x seq is ever built.
 
 Conventions (shared by every backend): a query row that sees no real key (a padded query, or a row whose
 allowed blocks hold only padding) gives out 0 and lse +inf; padded query rows (key_padding_mask False) are
@@ -46,37 +48,35 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
     out_dtype = q.dtype
     ct = compute_dtype(q.dtype)
     q, k, v = (t.to(ct) for t in (q, k, v))
-    layout = layout.to(q.device)
-    hl = layout.shape[0]
-
-    lut, counts = layout_lut(layout)  # (hl, nb, W), (hl, nb)
+    dev = q.device
+    lut, counts = layout_lut(layout.to(dev).expand(h, nb, nb))  # (h, nb, W), (h, nb)
     lut = lut.long()
-    w = lut.shape[-1]
-    slot_ok = torch.arange(w, device=q.device)[None, None, :] < counts[..., None]  # (hl, nb, W)
+    qb, kb, vb = (t.view(b, h, nb, bs, d) for t in (q, k, v))
+    real = key_padding_mask.view(b, nb, bs) if key_padding_mask is not None else None
+    out = q.new_zeros(b, h, nb, bs, d)
+    lse = torch.full((b, h, nb, bs), float("inf"), dtype=ct, device=dev)
 
-    # Gather the allowed key blocks of each query block: (b, h, nb, W, bs, d).
-    kb = k.view(b, h, nb, bs, d)
-    vb = v.view(b, h, nb, bs, d)
-    if hl == 1:
-        kg, vg = kb[:, :, lut[0]], vb[:, :, lut[0]]
-    else:
-        hidx = torch.arange(h, device=q.device)[:, None, None]
-        kg, vg = kb[:, hidx, lut], vb[:, hidx, lut]
-    kg = kg.reshape(b, h, nb, w * bs, d)
-    vg = vg.reshape(b, h, nb, w * bs, d)
+    # Bucket the (head, query block) rows by their count rounded up to a power of two, so a few dense rows
+    # (BigBird's or Longformer's global blocks) do not pad every row to seq: memory <= 2 * nnz * block^2.
+    width = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), 0)
+    width = width.clamp(max=lut.shape[-1])
+    for w in width.unique().tolist():
+        if w == 0:
+            continue  # rows that see no block keep out 0, lse +inf
+        hs, ns = (width == w).nonzero(as_tuple=True)
+        idx = lut[hs, ns, :w]  # (R, w) key blocks of each row
+        key_ok = (torch.arange(w, device=dev)[None, :] < counts[hs, ns][:, None])[None, :, :, None]
+        if real is not None:
+            key_ok = key_ok & real[:, idx]  # (b, R, w, bs)
+        key_ok = key_ok.expand(-1, -1, -1, bs).reshape(key_ok.shape[0], len(hs), 1, w * bs)
+        kr = kb[:, hs[:, None], idx].reshape(b, len(hs), w * bs, d)
+        vr = vb[:, hs[:, None], idx].reshape(b, len(hs), w * bs, d)
+        scores = torch.einsum("brqd,brkd->brqk", qb[:, hs, ns], kr) * scale
+        probs, row_lse = masked_softmax(scores, key_ok)
+        out[:, hs, ns] = torch.einsum("brqk,brkd->brqd", probs, vr)
+        lse[:, hs, ns] = row_lse
 
-    # Key usable: its block slot is a real entry of the row, and the key itself is real.
-    key_ok = slot_ok[None, :, :, :, None].expand(1, hl, nb, w, bs)
-    if key_padding_mask is not None:
-        key_ok = key_ok & key_padding_mask.view(b, nb, bs)[:, lut]  # (b, hl, nb, W, bs)
-    key_ok = key_ok.reshape(key_ok.shape[0], hl, nb, 1, w * bs)
-
-    qb = q.view(b, h, nb, bs, d)
-    scores = torch.einsum("bhnqd,bhnkd->bhnqk", qb, kg) * scale
-    probs, lse = masked_softmax(scores, key_ok)
-    out = torch.einsum("bhnqk,bhnkd->bhnqd", probs, vg).reshape(b, h, s, d)
-    lse = lse.reshape(b, h, s)
-
+    out, lse = out.reshape(b, h, s, d), lse.reshape(b, h, s)
     if key_padding_mask is not None:
         qreal = key_padding_mask[:, None, :, None]
         out = torch.where(qreal, out, torch.zeros_like(out))
@@ -89,4 +89,6 @@ def forward(q, k, v, layout, block_size, key_padding_mask, scale):
 
 
 def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
+    if not bool(layout.any()):  # nothing attended: the output does not depend on q, k, v at all
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return recompute_backward(attend, grad_out, (q, k, v), layout, block_size, key_padding_mask, scale)

@@ -10,7 +10,11 @@ import torch
 
 NAME = "triton"
 DESCRIPTION = "fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"
-OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse"}
+OPS: dict[str, str] = {
+    "sliding_window": "sliding_window",
+    "block_sparse": "block_sparse",
+    "nystrom": "nystrom",
+}
 AUTO_DEVICES = ("cuda",)  # the interpreter is a correctness tool, never picked by `auto`
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -34,7 +34,11 @@ def upcast(dtype: torch.dtype) -> bool:
 
 def compute_type(dtype: torch.dtype) -> tl.constexpr:
     """Element type the kernels feed to tl.dot: the input's, or fp32 when `upcast` says so."""
-    return tl.float32 if upcast(dtype) else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+    return (
+        tl.float32
+        if upcast(dtype)
+        else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(dtype, tl.float32)
+    )
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -52,5 +56,19 @@ def configs(primary: str, other: str, gpu: list[tuple[int, int, int, int]]) -> l
 
 # (BLOCK over the program's own rows, BLOCK over the loop's rows, num_warps, num_stages): A100/H100 sizes
 # as in FlashAttention-2's Triton tutorial; configs that exceed shared memory are skipped by the autotuner.
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 32, 4, 4)]
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 128, 8, 2)]
+FWD_CONFIGS = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 128, 4, 2),
+    (64, 32, 4, 4),
+]
+BWD_CONFIGS = [
+    (64, 64, 4, 2),
+    (64, 64, 8, 3),
+    (128, 64, 8, 2),
+    (64, 32, 4, 3),
+    (32, 64, 4, 2),
+    (128, 128, 8, 2),
+]

@@ -27,7 +27,7 @@ _KEY = ["S", "BS", "BLOCK_D"]
 @triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, O, LSE, REAL, LUT, CNT, scale2, S, D, H, BS, NB, WIDTH, LUT_HS,
+    Q, K, V, OUT, LSE, REAL, LUT, CNT, scale2, S, D, H, BS, NB, WIDTH, LUT_HS,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -44,9 +44,11 @@ def _fwd(
     n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + qb), 0)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0).to(CT)
+    q = tl.load(
+        Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+    ).to(CT)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_P], tl.float32)
+    row_sum = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for it in range(0, n_blocks * n_sub_o):
         kb = tl.load(lut + it // n_sub_o)
@@ -62,13 +64,17 @@ def _fwd(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
         m = m_new
-    seen = l > 0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) / 1.4426950408889634, float("inf"))
-    tl.store(O + base + pos[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(
+        OUT + base + pos[:, None] * D + dd[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=valid[:, None] & dmask[None, :],
+    )
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
 
 
@@ -164,14 +170,22 @@ def _bwd_dkv(
 # Host side
 
 
-def _prepare(q: torch.Tensor, layout: torch.Tensor, block_size: int, key_padding_mask, transpose: bool = False):
+def _prepare(
+    q: torch.Tensor, layout: torch.Tensor, block_size: int, key_padding_mask, transpose: bool = False
+):
     b, h, s, d = q.shape
     nb = layout.shape[1]
     if nb * block_size != s or layout.shape[2] != nb:
-        raise ValueError(f"layout: expected ({nb}, {nb}) blocks of {block_size} for seq {s}, got {tuple(layout.shape)}")
+        raise ValueError(
+            f"layout: expected ({nb}, {nb}) blocks of {block_size} for seq {s}, got {tuple(layout.shape)}"
+        )
     mask = layout.transpose(-1, -2) if transpose else layout
     lut, cnt = layout_lut(mask.to(q.device))
-    real = key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    real = (
+        key_padding_mask
+        if key_padding_mask is not None
+        else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    )
     return dict(
         REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=None, S=s, D=d, H=h, BS=block_size, NB=nb,
         WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),

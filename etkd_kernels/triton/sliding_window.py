@@ -70,7 +70,7 @@ def _loop(pid, b, S, W, CNT, n_own, RANGE: tl.constexpr, BAND: tl.constexpr, LIS
 @triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, O, LSE, KIND, IDX, CNT, scale2, S, D, H, G, W,
+    Q, K, V, OUT, LSE, KIND, IDX, CNT, scale2, S, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -83,11 +83,15 @@ def _fwd(
     own = valid & ((kind & OWN) != 0)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0).to(CT)
+    q = tl.load(
+        Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+    ).to(CT)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_P], tl.float32)
+    row_sum = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    lo, n_range, cnt, n_iter = _loop(
+        pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
+    )
     for it in range(0, n_iter):
         if it < n_range:
             j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -108,15 +112,15 @@ def _fwd(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
         alpha = tl.exp2(m - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
         m = m_new
-    seen = l > 0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) / 1.4426950408889634, float("inf"))
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
     store = valid & ((kind & STORE) != 0)
     omask = store[:, None] & dmask[None, :]
-    tl.store(O + base + pos[:, None] * D + dd[None, :], out.to(O.dtype.element_ty), mask=omask)
+    tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=omask)
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=store)
 
 
@@ -142,7 +146,9 @@ def _bwd_dq(
     lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    lo, n_range, cnt, n_iter = _loop(
+        pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
+    )
     for it in range(0, n_iter):
         if it < n_range:
             j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -189,7 +195,9 @@ def _bwd_dkv(
     v = tl.load(V + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    lo, n_range, cnt, n_iter = _loop(
+        pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
+    )
     for it in range(0, n_iter):
         if it < n_range:
             i = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -226,7 +234,11 @@ def _kinds(q: torch.Tensor, global_mask, key_padding_mask):
     """Token kinds as bits (B, S) int8 (1 padding, 2 local, 4 global) and the compact global list:
     idx (B, G) int32 ascending, cnt (B,) int32, G."""
     b, _, s, _ = q.shape
-    real = key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    real = (
+        key_padding_mask
+        if key_padding_mask is not None
+        else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    )
     glob = None if global_mask is None else global_mask & real
     kind = real.to(torch.int8)
     if glob is not None:
@@ -268,12 +280,20 @@ def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     # Local and padded query rows: the band of local keys plus the compact list of global keys.
     _fwd[_grid(s, b * h)](
-        q, k, v, out, lse, **meta, **_flags(False, True, True, g > 0, LOCAL, LOCAL, ALL - GLOBAL if g else ALL)
+        q,
+        k,
+        v,
+        out,
+        lse,
+        **meta,
+        **_flags(False, True, True, g > 0, LOCAL, LOCAL, ALL - GLOBAL if g else ALL),
     )
     if g:
         # Global query rows: every real key, with the global projections when given.
         qq, kk, vv = (q, k, v) if qg is None else (qg.contiguous(), kg.contiguous(), vg.contiguous())
-        _fwd[_grid(g, b * h)](qq, kk, vv, out, lse, **meta, **_flags(True, True, False, False, GLOBAL, REAL, ALL))
+        _fwd[_grid(g, b * h)](
+            qq, kk, vv, out, lse, **meta, **_flags(True, True, False, False, GLOBAL, REAL, ALL)
+        )
     return out, lse
 
 
@@ -296,7 +316,12 @@ def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_p
     _bwd_dkv[grid_s](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta,
                      **_flags(False, True, True, g > 0 and same, LOCAL, LOCAL, ALL - GLOBAL if g else ALL))  # fmt: skip
     if not g:
-        return dq, dk, dv, *((None,) * 3 if same else (torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)))
+        return (
+            dq,
+            dk,
+            dv,
+            *((None,) * 3 if same else (torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg))),
+        )
     # dk, dv of global keys: every local query (and every global one when projections are shared).
     _bwd_dkv[grid_g](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta,
                      **_flags(True, True, False, False, GLOBAL, REAL if same else LOCAL, ALL))  # fmt: skip

@@ -252,6 +252,7 @@ int self_test() {
           check_sw<64, 64>(S, h, pad, glob, seed++);
           check_sw<64, 32>(S, h, pad, glob, seed++);
           check_sw<32, 32>(S, h, pad, glob, seed++);
+          check_sw<16, 16>(S, h, pad, glob, seed++);
         }
   // Block sparse: block sizes below, equal to, above and not a multiple of the tile sizes.
   for (int bs : {8, 16, 24, 32, 64, 100})
@@ -262,6 +263,7 @@ int self_test() {
           check_bs<64, 32>(nb, bs, 3, Hl, 40, pad, seed++);
           check_bs<32, 32>(nb, bs, 3, Hl, 100, pad, seed++);
           check_bs<32, 32>(nb, bs, 3, Hl, 0, pad, seed++);  // empty rows: see no key
+          check_bs<16, 16>(nb, bs, 3, Hl, 40, pad, seed++);
         }
   if (g_failures) {
     std::fprintf(stderr, "%d of %lld checks failed\n", g_failures, g_checks);
@@ -329,7 +331,8 @@ int with_tiles(int BM, int BN) {
   if (BM == 64 && BN == 64) return F<64, 64>::run();
   if (BM == 64 && BN == 32) return F<64, 32>::run();
   if (BM == 32 && BN == 32) return F<32, 32>::run();
-  std::fprintf(stderr, "tile shape %dx%d is not one the kernels use (64x64, 64x32, 32x32)\n", BM, BN);
+  if (BM == 16 && BN == 16) return F<16, 16>::run();
+  std::fprintf(stderr, "tile shape %dx%d is not one the kernels use (64x64, 64x32, 32x32, 16x16)\n", BM, BN);
   return 2;
 }
 template <int BM, int BN>

@@ -1,0 +1,56 @@
+"""`etkd convert`: a pretrained full-attention checkpoint -> an efficient long-sequence one (paper §3.1).
+
+    etkd convert --from roberta-dir --to longformer --max-positions 4096 --window 512 --out long-dir
+
+--from takes an etkd checkpoint dir, an HF checkpoint dir or an HF hub name. The result is written in the
+etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a full-attention encoder to an efficient-attention one")
+    p.add_argument("--from", dest="source", required=True, help="etkd dir, HF checkpoint dir or HF hub name")
+    p.add_argument("--to", required=True, choices=("longformer", "bigbird", "lsg", "nystrom", "full"))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max-positions", type=int, default=4096, help="longest input after conversion (tokens)")
+    p.add_argument("--window", type=int, default=512, help="longformer: attention_window (even)")
+    p.add_argument("--block-size", type=int, default=64, help="bigbird / lsg block size")
+    p.add_argument("--num-random-blocks", type=int, default=3, help="bigbird random blocks per row")
+    p.add_argument("--num-landmarks", type=int, default=64, help="nystrom landmarks")
+    p.add_argument("--sparse-block-size", type=int, default=None, help="lsg (default: --block-size)")
+    p.add_argument("--sparsity-factor", type=int, default=2, help="lsg")
+    p.add_argument("--sparsity-type", default="pooling", choices=("none", "pooling", "stride", "block_stride"))
+    p.add_argument("--num-global-tokens", type=int, default=1, help="lsg")
+    p.add_argument("--format", default="etkd", choices=("etkd", "hf"), help="output format")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from etkd.models import EncoderModel, convert, to_hf
+
+    try:
+        model = EncoderModel.from_pretrained(args.source)
+    except (OSError, ValueError) as exc:
+        print(f"etkd convert: cannot load --from {args.source!r}: {exc}", file=sys.stderr)
+        return 2
+    new = convert(
+        model, args.to, args.max_positions, window=args.window, block_size=args.block_size,
+        num_random_blocks=args.num_random_blocks, num_landmarks=args.num_landmarks,
+        sparse_block_size=args.sparse_block_size, sparsity_factor=args.sparsity_factor,
+        sparsity_type=args.sparsity_type, num_global_tokens=args.num_global_tokens,
+    )  # fmt: skip
+    if args.format == "hf":
+        to_hf(new).save_pretrained(args.out)
+    else:
+        new.save_pretrained(args.out)
+    cfg = new.config
+    print(
+        f"converted {args.source} -> {args.out}: attention={cfg.attention}, {cfg.num_layers} layers, "
+        f"up to {cfg.max_tokens} tokens ({args.format} format)"
+    )
+    return 0

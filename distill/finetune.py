@@ -1,0 +1,495 @@
+"""`etkd finetune` and `etkd evaluate`: GLUE, extractive QA (SQuAD / HotpotQA / TriviaQA) and NER (CoNLL-2003,
+GONERD) on our encoders (or any HF checkpoint, loaded through `etkd.models.from_hf`).
+
+finetune = load model + tokenizer -> task head of the right size -> `training.train` (accelerate, progress,
+checkpoints, `--resume`) -> save `<output_dir>/model` (our format + tokenizer) -> evaluate every eval set ->
+`<output_dir>/eval_results.json`. evaluate = the last step alone. Results JSONs feed `etkd report`; every
+metric in them is a percentage.
+
+Options come from the CLI, or from `--config FILE` (YAML/JSON, keys = option names with underscores);
+the CLI wins. Data: `--train-file` / `--eval-file [NAME=]PATH` (local files never touch the network), else
+`--dataset NAME [--dataset-config C]` or the task's default HF dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import GLUE_TASKS, NER_TASKS, QA_TASKS, task_family
+
+# HF datasets used when no local file and no --dataset is given: (name, config, train split, eval splits).
+HF_DEFAULTS = {
+    **{t: ("nyu-mll/glue", t, "train", None) for t in GLUE_TASKS},
+    "squad": ("rajpurkar/squad", None, "train", ["validation"]),
+    "hotpotqa": ("hotpotqa/hotpot_qa", "distractor", "train", ["validation"]),
+    "triviaqa": ("mandarjoshi/trivia_qa", "rc", "train", ["validation"]),
+    "conll2003": ("eriktks/conll2003", None, "train", ["validation"]),
+}
+HEADS = {"glue": "sequence_classification", "qa": "question_answering", "ner": "token_classification"}
+DEFAULTS: dict[str, Any] = {
+    "tokenizer": None,
+    "train_file": None,
+    "eval_file": None,
+    "dataset": None,
+    "dataset_config": None,
+    "train_split": None,
+    "eval_split": None,
+    "evidence_dir": None,
+    "max_length": None,  # default: what the model's position table covers
+    "doc_stride": 128,
+    "max_query_length": 64,
+    "n_best": 20,
+    "max_answer_length": 30,
+    "ner_unit": None,  # sentence (conll2003) / document (gonerd)
+    "ner_stride": 128,
+    "output_dir": "runs/finetune",
+    "max_steps": 1000,
+    "batch_size": 16,
+    "eval_batch_size": 32,
+    "learning_rate": 3e-5,
+    "weight_decay": 0.01,
+    "warmup_ratio": 0.06,
+    "grad_accum_steps": 1,
+    "mixed_precision": "no",
+    "seed": 42,
+    "save_every": 500,
+    "log_every": 10,
+    "max_grad_norm": 1.0,
+    "resume": False,
+    "backend": None,
+    "name": None,
+    "teacher": None,
+    "output": None,
+    "limit": None,
+    "progress": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and tokenizer.
+
+
+def load_tokenizer(path: str, family: str):
+    """A fast tokenizer (offsets and word ids are needed); NER on byte-level BPE needs add_prefix_space."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer: {path} gives a slow tokenizer; offsets need a fast (tokenizers) one")
+    if family == "ner" and getattr(tok, "add_prefix_space", None) is False:
+        tok = AutoTokenizer.from_pretrained(path, add_prefix_space=True)
+    return tok
+
+
+def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | None = None):
+    """Our checkpoint or an HF one, with a `head` of `num_labels` outputs (a new, random head when the
+    checkpoint has another head or size; the encoder weights are kept)."""
+    from etkd.models import EncoderModel
+
+    if not os.path.exists(path) and os.sep in path:
+        raise FileNotFoundError(f"model: {path} does not exist")
+    model = EncoderModel.from_pretrained(path)
+    cfg = model.config
+    want = num_labels if head != "question_answering" else cfg.num_labels
+    if cfg.head != head or cfg.num_labels != want:
+        new_cfg = cfg.replace(head=head, num_labels=want, extra={**cfg.extra, **(extra or {})})
+        if head == "sequence_classification" and new_cfg.head_style == "bert" and not new_cfg.add_pooler:
+            new_cfg = new_cfg.replace(add_pooler=True)
+        new = EncoderModel(new_cfg)
+        missing, unexpected = new.encoder.load_state_dict(model.encoder.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("pooler.") for k in missing):
+            raise ValueError(f"model: encoder weights do not fit (missing {missing}, unexpected {unexpected})")
+        model = new
+    elif extra:
+        model.config.extra.update(extra)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def _named(values: list[str] | None) -> list[tuple[str, str]]:
+    """`[NAME=]VALUE` items -> (name, value); unnamed ones are named after their position ("" for one)."""
+    out = []
+    for i, v in enumerate(values or []):
+        name, sep, val = v.partition("=")
+        if sep and name and os.sep not in name:
+            out.append((name, val))
+        else:
+            out.append(("" if len(values) == 1 else str(i), v))
+    return out
+
+
+def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> list[dict[str, Any]]:
+    """Examples of one local file (hf=False) or one split of an HF dataset (hf=True, source = split)."""
+    from .tasks import glue, ner, qa
+
+    family = task_family(task)
+    name, config = (o["dataset"], o["dataset_config"]) if o["dataset"] else HF_DEFAULTS.get(task, (None,) * 2)[:2]
+    if hf and name is None:
+        raise ValueError(f"task {task}: no public dataset; give --train-file / --eval-file")
+    unit = o["ner_unit"] or ("document" if task == "gonerd" else "sentence")
+    if family == "glue":
+        ex = glue.load_glue_hf(task, source, name) if hf else glue.read_glue_file(source, task)
+    elif family == "qa":
+        ex = qa.load_qa_hf(task, name, source, config) if hf else qa.read_qa_file(source, task, o["evidence_dir"])
+    else:
+        ex = ner.load_ner_hf(name, source, config) if hf else ner.read_conll(source, unit)
+    if o["limit"]:
+        ex = ex[: int(o["limit"])]
+    if not ex:
+        raise ValueError(f"{source}: no examples")
+    return ex
+
+
+def eval_sources(task: str, o: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(metric suffix, file or split, is_hf) for every evaluation set."""
+    if o["eval_file"]:
+        named = _named(o["eval_file"])
+        if task == "mnli" and len(named) == 2 and all(n in ("0", "1") for n, _ in named):
+            named = [("m", named[0][1]), ("mm", named[1][1])]
+        return [(n, p, False) for n, p in named]
+    if o["eval_split"]:
+        return [(n, s, True) for n, s in _named(o["eval_split"])]
+    if o["train_file"]:
+        return []  # local training data and no local eval file: never reach for the network
+    if task in GLUE_TASKS:
+        from .tasks.glue import get_task
+
+        return [(suffix, split, True) for split, suffix in get_task(task).eval_splits]
+    return [("", s, True) for s in HF_DEFAULTS.get(task, (None, None, None, ["validation"]))[3]]
+
+
+def labels_for(task: str, model_path: str | None, examples: list[list[dict[str, Any]]]) -> list[str]:
+    """Label names: GLUE's fixed ones; NER: a checkpoint's own list if it has one, else from the data."""
+    family = task_family(task)
+    if family == "glue":
+        from .tasks.glue import get_task
+
+        t = get_task(task)
+        return list(t.label_names) or ["score"]
+    if family == "qa":
+        return []
+    if model_path and os.path.isfile(os.path.join(model_path, "config.json")):
+        with open(os.path.join(model_path, "config.json")) as f:
+            saved = json.load(f).get("extra", {}).get("labels")
+        if saved:
+            return list(saved)
+    from .tasks.ner import label_list
+
+    return label_list(*examples)
+
+
+def encode(task: str, examples, tokenizer, labels: list[str], o: dict[str, Any], train: bool) -> list[dict]:
+    from .tasks import glue, ner, qa
+
+    family = task_family(task)
+    if family == "glue":
+        return glue.encode(examples, tokenizer, o["max_length"])
+    if family == "qa":
+        return qa.encode(examples, tokenizer, o["max_length"], o["doc_stride"], o["max_query_length"], train)
+    return ner.encode(examples, tokenizer, {t: i for i, t in enumerate(labels)}, o["max_length"], o["ner_stride"])
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "global_attention_mask")
+TARGET_KEYS = ("labels", "start_positions", "end_positions")
+
+
+def make_collate(pad_id: int, cls_global: bool) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """Pads to the longest feature; drops bookkeeping keys. `cls_global` gives token 0 global attention
+    (Longformer-style models) where the features carry no global mask of their own."""
+
+    def collate(feats: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(f["input_ids"]) for f in feats)
+        batch: dict[str, torch.Tensor] = {}
+        pads = {"input_ids": pad_id, "labels": -100}
+        for k in MODEL_KEYS + TARGET_KEYS:
+            if k not in feats[0]:
+                continue
+            v0 = feats[0][k]
+            if isinstance(v0, list):
+                pad = pads.get(k, 0)
+                batch[k] = torch.tensor([f[k] + [pad] * (n - len(f[k])) for f in feats])
+            else:
+                batch[k] = torch.tensor([f[k] for f in feats])
+        if cls_global and "global_attention_mask" not in batch:
+            g = torch.zeros_like(batch["input_ids"])
+            g[:, 0] = 1
+            batch["global_attention_mask"] = g
+        if not cls_global:
+            batch.pop("global_attention_mask", None)
+        return batch
+
+    return collate
+
+
+def uses_global_tokens(model) -> bool:
+    return model.config.attention == "longformer"
+
+
+def forward(model, batch: dict[str, torch.Tensor]):
+    return model(**{k: v for k, v in batch.items() if k in MODEL_KEYS}).logits
+
+
+def make_loss(family: str, regression: bool):
+    def loss_fn(model, batch):
+        logits = forward(model, batch)
+        if family == "glue":
+            if regression:
+                loss = F.mse_loss(logits.squeeze(-1).float(), batch["labels"].float())
+            else:
+                loss = F.cross_entropy(logits.float(), batch["labels"])
+        elif family == "ner":
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        else:
+            s = logits.shape[1]
+            loss = 0.5 * (
+                F.cross_entropy(logits[..., 0].float(), batch["start_positions"].clamp(0, s - 1))
+                + F.cross_entropy(logits[..., 1].float(), batch["end_positions"].clamp(0, s - 1))
+            )
+        return loss, {}
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+@torch.no_grad()
+def predict(model, features: list[dict], collate, batch_size: int) -> list[torch.Tensor]:
+    """Logits per feature (unpadded length for token-level heads), batching features of similar length."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    out: list[torch.Tensor | None] = [None] * len(features)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
+        logits = forward(model, batch).float().cpu()
+        for row, i in enumerate(idx):
+            n = len(features[i]["input_ids"])
+            out[i] = logits[row, :n] if logits.dim() == 3 else logits[row]
+    return out  # type: ignore[return-value]
+
+
+def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict[str, float], Any]:
+    """(metrics, predictions) of one evaluation set."""
+    from .tasks import glue, ner, qa
+
+    family = task_family(task)
+    feats = encode(task, examples, tokenizer, labels, o, train=False)
+    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
+    logits = predict(model, feats, collate, o["eval_batch_size"])
+    if family == "glue":
+        if not labels or labels == ["score"]:
+            preds = [float(x[0]) for x in logits]
+        else:
+            preds = [int(x.argmax()) for x in logits]
+        return glue.compute_metrics(task, preds, [e["label"] for e in examples]), preds
+    if family == "qa":
+        answers = qa.postprocess(examples, feats, [x[:, 0].tolist() for x in logits],
+                                 [x[:, 1].tolist() for x in logits], o["n_best"], o["max_answer_length"])  # fmt: skip
+        return qa.compute_metrics(examples, answers), answers
+    tags = ner.merge_predictions(feats, [x.argmax(-1).tolist() for x in logits], examples, labels)
+    return ner.compute_metrics(examples, tags), tags
+
+
+def evaluate_all(task, model, tokenizer, labels, o, sources) -> tuple[dict[str, float], dict[str, Any]]:
+    metrics: dict[str, float] = {}
+    info: dict[str, Any] = {}
+    for suffix, src, hf in sources:
+        examples = read_examples(task, src, hf=hf, o=o)
+        m, preds = evaluate_set(task, model, tokenizer, examples, labels, o)
+        for k, v in m.items():
+            metrics[f"{k}_{suffix}" if suffix else k] = v
+        info[suffix or "eval"] = {"source": src, "num_examples": len(examples), "predictions": preds}
+    return metrics, info
+
+
+def write_results(path: str, task: str, name: str, model_path: str, metrics, info, o) -> dict[str, Any]:
+    result = {
+        "task": task,
+        "model": name,
+        "model_path": model_path,
+        "teacher": o["teacher"],
+        "metrics": metrics,
+        "eval_sets": {k: {"source": v["source"], "num_examples": v["num_examples"]} for k, v in info.items()},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    pred_path = os.path.splitext(path)[0] + "_predictions.json"
+    with open(pred_path, "w") as f:
+        json.dump({k: v["predictions"] for k, v in info.items()}, f)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands.
+
+
+def merge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """DEFAULTS < config file < options given on the CLI."""
+    o = dict(DEFAULTS)
+    if getattr(args, "config", None):
+        with open(args.config) as f:
+            text = f.read()
+        if args.config.endswith(".json"):
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        unknown = set(loaded) - set(DEFAULTS) - {"task", "model"}
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown keys {sorted(unknown)}")
+        o.update(loaded)
+    for k, v in vars(args).items():
+        if v is not None and k not in ("func", "config", "command"):
+            o[k] = v
+    for k in ("task", "model"):
+        if not o.get(k):
+            raise ValueError(f"--{k} is required (on the command line or in --config)")
+    if o["eval_file"] is not None and isinstance(o["eval_file"], str):
+        o["eval_file"] = [o["eval_file"]]
+    return o
+
+
+def _set_backend(model, o) -> None:
+    if o["backend"]:
+        model.set_attention_backend(o["backend"])
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    o = merge_options(args)
+    task = o["task"]
+    family = task_family(task)
+    tokenizer = load_tokenizer(o["tokenizer"] or o["model"], family)
+    if o["train_file"]:
+        train_ex = read_examples(task, o["train_file"], hf=False, o=o)
+    else:
+        train_ex = read_examples(task, o["train_split"] or HF_DEFAULTS.get(task, (0, 0, "train"))[2], hf=True, o=o)
+    sources = eval_sources(task, o)
+    labels = labels_for(task, o["model"], [train_ex])
+    regression = labels == ["score"]
+    model = load_model(o["model"], HEADS[family], max(len(labels), 1), {"task": task, "labels": labels})
+    _set_backend(model, o)
+    if o["max_length"] is None:
+        o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
+    feats = encode(task, train_ex, tokenizer, labels, o, train=True)
+    cfg = TrainConfig(
+        output_dir=o["output_dir"],
+        max_steps=int(o["max_steps"]),
+        per_device_batch_size=int(o["batch_size"]),
+        learning_rate=float(o["learning_rate"]),
+        weight_decay=float(o["weight_decay"]),
+        warmup_ratio=float(o["warmup_ratio"]),
+        grad_accum_steps=int(o["grad_accum_steps"]),
+        mixed_precision=o["mixed_precision"],
+        seed=int(o["seed"]),
+        save_every=int(o["save_every"]),
+        log_every=int(o["log_every"]),
+        max_grad_norm=o["max_grad_norm"],
+        resume=bool(o["resume"]),
+        progress=bool(o["progress"]),
+    )
+    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
+    result = train(model, feats, make_loss(family, regression), cfg, collate_fn=collate)
+    if not result["is_main_process"]:
+        return 0
+    model = result["model"]
+    model_dir = os.path.join(o["output_dir"], "model")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    print(f"[etkd finetune] {task}: {result['step']} steps, loss {result['loss']:.4f}; model in {model_dir}")
+    if sources:
+        metrics, info = evaluate_all(task, model, tokenizer, labels, o, sources)
+        name = o["name"] or os.path.basename(os.path.normpath(o["output_dir"]))
+        out = o["output"] or os.path.join(o["output_dir"], "eval_results.json")
+        write_results(out, task, name, model_dir, metrics, info, o)
+        print(json.dumps({"task": task, "model": name, "metrics": metrics}, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    o = merge_options(args)
+    task = o["task"]
+    family = task_family(task)
+    tokenizer = load_tokenizer(o["tokenizer"] or o["model"], family)
+    sources = eval_sources(task, o)
+    if not sources:
+        raise ValueError("evaluate: give --eval-file or --eval-split")
+    labels = labels_for(task, o["model"], [read_examples(task, s, hf=h, o=o) for _, s, h in sources])
+    model = load_model(o["model"], HEADS[family], max(len(labels), 1))
+    _set_backend(model, o)
+    if o["max_length"] is None:
+        o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
+    metrics, info = evaluate_all(task, model, tokenizer, labels, o, sources)
+    name = o["name"] or os.path.basename(os.path.normpath(o["model"]))
+    if o["output"]:
+        write_results(o["output"], task, name, o["model"], metrics, info, o)
+    print(json.dumps({"task": task, "model": name, "metrics": metrics}, indent=2))
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    tasks = GLUE_TASKS + QA_TASKS + NER_TASKS
+    p.add_argument("--config", help="YAML/JSON file of options (keys as below, with underscores)")
+    p.add_argument("--task", choices=tasks)
+    p.add_argument("--model", help="our checkpoint dir, or an HF checkpoint dir / hub name")
+    p.add_argument("--tokenizer", help="tokenizer dir or name (default: --model)")
+    p.add_argument("--eval-file", action="append", help="[NAME=]PATH, repeatable (MNLI: m=... mm=...)")
+    p.add_argument("--dataset", help="HF dataset name (default: the task's public dataset)")
+    p.add_argument("--dataset-config")
+    p.add_argument("--eval-split", action="append", help="[NAME=]SPLIT of the HF dataset, repeatable")
+    p.add_argument("--evidence-dir", help="TriviaQA: evidence root of original-format files")
+    p.add_argument("--max-length", type=int, help="tokens per window (default: the model's positions)")
+    p.add_argument("--doc-stride", type=int, help="QA: overlap of context windows, tokens")
+    p.add_argument("--max-query-length", type=int)
+    p.add_argument("--n-best", type=int)
+    p.add_argument("--max-answer-length", type=int)
+    p.add_argument("--ner-unit", choices=("sentence", "document"))
+    p.add_argument("--ner-stride", type=int, help="NER: overlap of windows over long documents, tokens")
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--backend", help="attention kernel backend (auto, reference, cpu, triton, cuda)")
+    p.add_argument("--name", help="model name in the results (and in `etkd report`)")
+    p.add_argument("--teacher", help="name of this model's teacher (for retention in `etkd report`)")
+    p.add_argument("--output", help="results JSON path")
+    p.add_argument("--limit", type=int, help="use only the first N examples of every set")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="fine-tune on GLUE / QA / NER, then evaluate")
+    _add_common(p)
+    p.add_argument("--train-file", help="local training file (GLUE TSV/CSV/JSONL, SQuAD JSON, CoNLL)")
+    p.add_argument("--train-split")
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-ratio", type=float)
+    p.add_argument("--grad-accum-steps", type=int)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=run_finetune)
+
+    p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")
+    _add_common(p)
+    p.set_defaults(func=run_evaluate)

@@ -1,0 +1,229 @@
+"""Triton Nystromformer attention: the landmark softmax x matmul products fused, the pseudo-inverse in torch.
+
+Semantics are `etkd_kernels/reference/nystrom.py`'s. The two (seq x landmarks) products are attention with
+unequal query/key lengths, so one fused dense kernel (online softmax, saved lse, FA2 backward) serves both:
+
+    K3 @ v       = attn(q~, k, v, key padding)      (L queries over seq keys)
+    K1 @ X       = attn(q, k~, X)                    (seq queries over L landmark keys), X = pinv(K2) @ (K3 @ v)
+
+K2 = softmax(s q~ k~^T) (L x L), the Newton-Schulz pseudo-inverse and the segment means are small and go
+through torch GEMMs (the reference's own functions, so rounding matches). The backward recomputes the
+forward under autograd, with the fused kernels' own backward for the two large products: no (seq x L)
+matrix is ever stored. Low-precision inputs: landmarks and X are cast to the input dtype before the kernels
+(the reference keeps them fp32), so fp16/bf16 results differ from it by a few ulps more than the others.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference._softmax import compute_dtype
+from ..reference.nystrom import iterative_pinv, segment_means
+from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
+
+_KEY = ["SQ", "SK", "BLOCK_D"]
+
+
+@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.jit
+def _fwd(
+    Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, D,
+    HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pos < SQ
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    qbase = bh.to(tl.int64) * SQ * D
+    kbase = bh.to(tl.int64) * SK * D
+    q = tl.load(
+        Q + qbase + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+    ).to(CT)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for start in range(0, SK, BLOCK_O):
+        j = start + tl.arange(0, BLOCK_O)
+        jin = j < SK
+        if HAS_MASK:
+            jin_ok = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
+        else:
+            jin_ok = jin
+        kvmask = jin[:, None] & dmask[None, :]
+        k = tl.load(K + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(V + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+        s = tl.where(valid[:, None] & jin_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
+        m = m_new
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(
+        OUT + qbase + pos[:, None] * D + dd[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=valid[:, None] & dmask[None, :],
+    )
+    tl.store(LSE + bh.to(tl.int64) * SQ + pos, lse, mask=valid)
+
+
+@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, D,
+    HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pos < SQ
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    qbase = bh.to(tl.int64) * SQ * D
+    kbase = bh.to(tl.int64) * SK * D
+    rmask = valid[:, None] & dmask[None, :]
+    q = tl.load(Q + qbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    do = tl.load(DO + qbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + pos, mask=valid, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * SQ + pos, mask=valid, other=0.0)
+    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for start in range(0, SK, BLOCK_O):
+        j = start + tl.arange(0, BLOCK_O)
+        jin = j < SK
+        if HAS_MASK:
+            jin_ok = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
+        else:
+            jin_ok = jin
+        kvmask = jin[:, None] & dmask[None, :]
+        k = tl.load(K + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(V + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+        p = tl.where(valid[:, None] & jin_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
+    tl.store(DQ + qbase + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
+
+
+@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.jit
+def _bwd_dkv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, D,
+    HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = pos < SK
+    own = valid
+    if HAS_MASK:
+        own = valid & (tl.load(REAL + b * SK + pos, mask=valid, other=0) != 0)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    qbase = bh.to(tl.int64) * SQ * D
+    kbase = bh.to(tl.int64) * SK * D
+    rmask = valid[:, None] & dmask[None, :]
+    k = tl.load(K + kbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    v = tl.load(V + kbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for start in range(0, SQ, BLOCK_O):
+        i = start + tl.arange(0, BLOCK_O)
+        iok = i < SQ
+        qmask = iok[:, None] & dmask[None, :]
+        q = tl.load(Q + qbase + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        do = tl.load(DO + qbase + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + i, mask=iok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + bh.to(tl.int64) * SQ + i, mask=iok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2
+        pt = tl.where(own[:, None] & iok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(CT), do, input_precision=PREC)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+        dk += tl.dot(dst.to(CT), q, input_precision=PREC)
+    offs = kbase + pos[:, None] * D + dd[None, :]
+    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=rmask)
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=rmask)
+
+
+def _meta(q, k, kpm, scale):
+    b, h, sq, d = q.shape
+    real = (
+        kpm.to(torch.int8).contiguous()
+        if kpm is not None
+        else torch.zeros(1, dtype=torch.int8, device=q.device)
+    )
+    return dict(
+        REAL=real, scale2=scale * LOG2E, SQ=sq, SK=k.shape[2], D=d, HAS_MASK=kpm is not None,
+        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d), H=h,
+    )  # fmt: skip
+
+
+def _grid(rows, bh):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]), bh)
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(scale * q k^T, keys masked by kpm) v for q (B, H, SQ, D), k/v (B, H, SK, D); fused both ways."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kpm, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, h, sq, _ = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+        _fwd[_grid(sq, b * h)](q, k, v, out, lse, **_meta(q, k, kpm, scale))
+        ctx.save_for_backward(q, k, v, out, lse, kpm)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, kpm = ctx.saved_tensors
+        b, h, sq, _ = q.shape
+        do = grad_out.contiguous()
+        delta = (do.float() * out.float()).sum(-1).contiguous()
+        meta = _meta(q, k, kpm, ctx.scale)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _bwd_dq[_grid(sq, b * h)](q, k, v, do, lse, delta, dq, scale=ctx.scale, **meta)
+        _bwd_dkv[_grid(k.shape[2], b * h)](q, k, v, do, lse, delta, dk, dv, scale=ctx.scale, **meta)
+        return dq, dk, dv, None, None
+
+
+def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    head_block(q.shape[-1])  # rejects unsupported head_dim with a clear message
+    s = q.shape[2]
+    if num_landmarks == s:
+        out = _Attention.apply(q, k, v, key_padding_mask, scale)
+    else:
+        ct = compute_dtype(q.dtype)
+        ql, kl = segment_means(q.to(ct), num_landmarks), segment_means(k.to(ct), num_landmarks)
+        k2 = torch.softmax((ql @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, L, L): small, torch
+        k3v = _Attention.apply(ql.to(q.dtype), k, v, key_padding_mask, scale)  # K3 @ v, fused
+        x = iterative_pinv(k2, pinv_iterations, pinv_init) @ k3v.to(ct)
+        out = _Attention.apply(q, kl.to(q.dtype), x.to(q.dtype), None, scale)  # K1 @ X, fused
+    if key_padding_mask is not None:
+        out = torch.where(key_padding_mask[:, None, :, None], out, torch.zeros_like(out))
+    return out
+
+
+def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    with torch.no_grad():
+        return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+
+
+def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = attend(*leaves, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+        return torch.autograd.grad(out, leaves, grad_out)

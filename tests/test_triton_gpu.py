@@ -1,0 +1,199 @@
+"""Triton kernels on a real GPU: parity with `reference` at realistic sizes, and timings printed (never asserted)
+against FlexAttention and flash-attn's `window_size`. Skipped without CUDA.
+
+Run it in its own process (`pytest tests/test_triton_gpu.py -s`): tests/test_triton_kernels.py sets
+TRITON_INTERPRET=1 for the whole session, and kernels jitted under it would run in the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import assert_close
+
+from etkd_kernels import BlockLayout, bigbird_layout, block_sparse_attention, sliding_window_attention
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") == "1",
+        reason="TRITON_INTERPRET=1 is set in this session; run tests/test_triton_gpu.py in its own pytest process",
+    ),
+]
+
+# (atol, rtol): forward, gradients. Realistic sizes sum over thousands of keys, so allow more than the tiny
+# interpreter cases; fp32 uses true fp32 products (input_precision="ieee").
+TOL = {
+    torch.float32: ((2e-4, 1e-4), (5e-4, 1e-3)),
+    torch.float16: ((4e-3, 1e-2), (1e-2, 2e-2)),
+    torch.bfloat16: ((3e-2, 3e-2), (6e-2, 6e-2)),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _parity(call, tensors, dtype, name):
+    res = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = call(*leaves, backend=backend)
+        torch.manual_seed(1)
+        out.backward(torch.randn_like(out))
+        res[backend] = (out, [t.grad for t in leaves])
+    fwd_tol, bwd_tol = TOL[dtype]
+    assert_close(res["triton"][0], res["reference"][0], *fwd_tol, name=f"{name} out")
+    for i, (a, e) in enumerate(zip(res["triton"][1], res["reference"][1])):
+        assert_close(a, e, *bwd_tol, name=f"{name} grad[{i}]")
+
+
+def _masks(b, s, device, n_global=4, pad=100):
+    gm = torch.zeros(b, s, dtype=torch.bool, device=device)
+    gm[:, torch.randperm(s, device=device)[:n_global]] = True
+    kpm = torch.ones(b, s, dtype=torch.bool, device=device)
+    kpm[-1, s - pad :] = False
+    return gm, kpm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("separate", [False, True])
+def test_sliding_window_parity_gpu(dtype, separate):
+    b, h, s, d, window = 2, 4, 1000, 64, 256  # 1000: not a multiple of any tile
+    dev = torch.device("cuda")
+    tensors = [torch.randn(b, h, s, d, device=dev, dtype=dtype) for _ in range(6 if separate else 3)]
+    gm, kpm = _masks(b, s, dev)
+
+    def call(q, k, v, *g, backend):
+        return sliding_window_attention(
+            q,
+            k,
+            v,
+            window,
+            global_mask=gm,
+            global_qkv=tuple(g) or None,
+            key_padding_mask=kpm,
+            backend=backend,
+        )
+
+    _parity(call, tensors, dtype, "sliding_window")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [64, 96])
+def test_block_sparse_parity_gpu(dtype, block):
+    b, h, d = 2, 4, 64
+    s = 16 * block - 37  # padded inside the op
+    dev = torch.device("cuda")
+    layout = bigbird_layout(16 * block, block, num_random_blocks=2, num_heads=h).to(dev)
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype) for _ in range(3))
+    _, kpm = _masks(b, s, dev)
+
+    def call(q, k, v, backend):
+        return block_sparse_attention(q, k, v, layout, key_padding_mask=kpm, backend=backend)
+
+    _parity(call, [q, k, v], dtype, "block_sparse")
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50)
+
+
+@pytest.mark.parametrize("s", [4096, 16384])
+def test_sliding_window_timing_gpu(s):
+    """Forward + backward time of ours vs FlexAttention (same mask) and flash-attn window_size (no globals)."""
+    b, h, d, window, dtype = 1, 12, 64, 512, torch.float16
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    w = window // 2
+    gm = torch.zeros(b, s, dtype=torch.bool, device=dev)
+    gm[:, :4] = True
+
+    def ours(global_mask):
+        out = sliding_window_attention(q, k, v, window, global_mask=global_mask, backend="triton")
+        out.backward(torch.ones_like(out))
+
+    rows = {
+        "etkd triton (band)": _bench(lambda: ours(None)),
+        "etkd triton (band+4 global)": _bench(lambda: ours(gm)),
+    }
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def band(b_, h_, i, j):
+            return (i - j).abs() <= w
+
+        def band_global(b_, h_, i, j):
+            return ((i - j).abs() <= w) | gm[b_, j] | gm[b_, i]
+
+        flex = torch.compile(flex_attention)
+        for label, mod in (("flex (band)", band), ("flex (band+4 global)", band_global)):
+            bm = create_block_mask(mod, b, None, s, s, device="cuda")
+
+            def run(bm=bm):
+                out = flex(q, k, v, block_mask=bm)
+                out.backward(torch.ones_like(out))
+
+            rows[label] = _bench(run)
+    except Exception as e:  # timing comparison only: report, never fail
+        rows["flex"] = f"unavailable ({type(e).__name__}: {e})"
+    try:
+        from flash_attn import flash_attn_func
+
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+
+        def fa():
+            out = flash_attn_func(qt, kt, vt, window_size=(w, w))
+            out.backward(torch.ones_like(out))
+
+        rows["flash-attn window_size (band)"] = _bench(fa)
+    except ImportError:
+        rows["flash-attn"] = "not installed"
+    print(f"\nsliding window fwd+bwd, b={b} h={h} s={s} d={d} window={window} fp16 (ms):")
+    for k_, v_ in rows.items():
+        print(f"  {k_:32s} {v_ if isinstance(v_, str) else f'{v_:.3f}'}")
+
+
+def test_block_sparse_timing_gpu():
+    b, h, s, d, block, dtype = 1, 12, 8192, 64, 64, torch.float16
+    dev = torch.device("cuda")
+    layout = bigbird_layout(s, block, num_random_blocks=3).to(dev)
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def ours():
+        out = block_sparse_attention(q, k, v, layout, backend="triton")
+        out.backward(torch.ones_like(out))
+
+    rows = {"etkd triton": _bench(ours)}
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        lm = layout.mask[0]
+
+        def mod(b_, h_, i, j):
+            return lm[i // block, j // block]
+
+        bm = create_block_mask(mod, None, None, s, s, device="cuda", BLOCK_SIZE=block)
+        flex = torch.compile(flex_attention)
+
+        def run():
+            out = flex(q, k, v, block_mask=bm)
+            out.backward(torch.ones_like(out))
+
+        rows["flex (same layout)"] = _bench(run)
+    except Exception as e:
+        rows["flex"] = f"unavailable ({type(e).__name__}: {e})"
+    print(f"\nblock sparse (BigBird) fwd+bwd, b={b} h={h} s={s} d={d} block={block} fp16 (ms):")
+    for k_, v_ in rows.items():
+        print(f"  {k_:32s} {v_ if isinstance(v_, str) else f'{v_:.3f}'}")
+
+
+def test_layout_object_roundtrip_gpu():
+    """A plain bool tensor layout and a BlockLayout give the same result on the GPU."""
+    dev = torch.device("cuda")
+    mask = torch.rand(1, 8, 8, device=dev) < 0.4
+    q, k, v = (torch.randn(1, 2, 512, 64, device=dev) for _ in range(3))
+    a = block_sparse_attention(q, k, v, mask, backend="triton")
+    b = block_sparse_attention(q, k, v, BlockLayout(mask, 64), backend="triton")
+    assert torch.equal(a, b)
