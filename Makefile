@@ -25,15 +25,23 @@ lint: $(STAMP)
 	$(BIN)/ruff check etkd_kernels models distill benchmarks tests
 	$(BIN)/ruff format --check etkd_kernels models distill benchmarks tests
 
+# The Triton interpreter is switched on per process (TRITON_INTERPRET is read when kernels are defined), so
+# its tests run in a pytest process of their own and every other test sees the normal CPU dispatch.
 test: $(STAMP)
 	$(MAKE) lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/test_triton_kernels.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py
 
 demo: $(STAMP)
 	$(BIN)/etkd demo
 
+# make bench                         quick size (seq 1024), saves JSON under .benchmarks/, prints the table
+# make bench BENCH_ARGS="--paper-sizes --memory"          the paper's sizes, with peak memory per row
+# make bench BENCH_ARGS="--benchmark-compare=0001 --benchmark-compare-fail=median:25%"   flag regressions
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only
+	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-autosave \
+		--benchmark-columns=median,iqr,rounds --benchmark-sort=name $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info etkd_kernels/*.so

@@ -86,7 +86,12 @@ def _short(v: float) -> str:
 
 def markdown(stats: list[dict[str, Any]], names: list[str]) -> str:
     keys = ["mean", "std", "min", "25%", "50%", "75%", "max", ">512", ">4096"]
-    lines = ["### Sequence length", "", "| Length | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [
+        "### Sequence length",
+        "",
+        "| Length | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for k in keys:
         label = {"std": "std. dev.", ">512": "> 512", ">4096": "> 4096"}.get(k, k)
         vals = [
@@ -160,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out_dir, "data_stats.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "data_stats.json"), "w") as f:
-        json.dump({n: {k: v for k, v in s.items() if k != "lengths"} for n, s in zip(names, stats)}, f, indent=2)
+        json.dump(
+            {n: {k: v for k, v in s.items() if k != "lengths"} for n, s in zip(names, stats)}, f, indent=2
+        )
     with open(os.path.join(args.out_dir, "lengths.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["stat"] + names)
@@ -172,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("data-stats", help="length summary + tag distribution of CoNLL files (Tables 1, 9)")
+    p = subparsers.add_parser(
+        "data-stats", help="length summary + tag distribution of CoNLL files (Tables 1, 9)"
+    )
     p.add_argument("files", nargs="+", help="CoNLL-format files")
     p.add_argument("--names", help="comma-separated display names (default: file names)")
     p.add_argument("--unit", choices=("sentence", "document"), default="sentence")

@@ -105,7 +105,9 @@ def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | No
         new = EncoderModel(new_cfg)
         missing, unexpected = new.encoder.load_state_dict(model.encoder.state_dict(), strict=False)
         if unexpected or any(not k.startswith("pooler.") for k in missing):
-            raise ValueError(f"model: encoder weights do not fit (missing {missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"model: encoder weights do not fit (missing {missing}, unexpected {unexpected})"
+            )
         model = new
     elif extra:
         model.config.extra.update(extra)
@@ -133,14 +135,20 @@ def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> lis
     from .tasks import glue, ner, qa
 
     family = task_family(task)
-    name, config = (o["dataset"], o["dataset_config"]) if o["dataset"] else HF_DEFAULTS.get(task, (None,) * 2)[:2]
+    name, config = (
+        (o["dataset"], o["dataset_config"]) if o["dataset"] else HF_DEFAULTS.get(task, (None,) * 2)[:2]
+    )
     if hf and name is None:
         raise ValueError(f"task {task}: no public dataset; give --train-file / --eval-file")
     unit = o["ner_unit"] or ("document" if task == "gonerd" else "sentence")
     if family == "glue":
         ex = glue.load_glue_hf(task, source, name) if hf else glue.read_glue_file(source, task)
     elif family == "qa":
-        ex = qa.load_qa_hf(task, name, source, config) if hf else qa.read_qa_file(source, task, o["evidence_dir"])
+        ex = (
+            qa.load_qa_hf(task, name, source, config)
+            if hf
+            else qa.read_qa_file(source, task, o["evidence_dir"])
+        )
     else:
         ex = ner.load_ner_hf(name, source, config) if hf else ner.read_conll(source, unit)
     if o["limit"]:
@@ -196,7 +204,9 @@ def encode(task: str, examples, tokenizer, labels: list[str], o: dict[str, Any],
         return glue.encode(examples, tokenizer, o["max_length"])
     if family == "qa":
         return qa.encode(examples, tokenizer, o["max_length"], o["doc_stride"], o["max_query_length"], train)
-    return ner.encode(examples, tokenizer, {t: i for i, t in enumerate(labels)}, o["max_length"], o["ner_stride"])
+    return ner.encode(
+        examples, tokenizer, {t: i for i, t in enumerate(labels)}, o["max_length"], o["ner_stride"]
+    )
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "global_attention_mask")
@@ -379,7 +389,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     if o["train_file"]:
         train_ex = read_examples(task, o["train_file"], hf=False, o=o)
     else:
-        train_ex = read_examples(task, o["train_split"] or HF_DEFAULTS.get(task, (0, 0, "train"))[2], hf=True, o=o)
+        train_ex = read_examples(
+            task, o["train_split"] or HF_DEFAULTS.get(task, (0, 0, "train"))[2], hf=True, o=o
+        )
     sources = eval_sources(task, o)
     labels = labels_for(task, o["model"], [train_ex])
     regression = labels == ["score"]

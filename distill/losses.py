@@ -23,6 +23,11 @@ TASK_LOSSES = ("taylor", "taylor-mse", "kd", "ce")
 IGNORE_INDEX = -100
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are reduced in fp32 (softmax over a vocab loses too much in bf16)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def platt_scale(t: torch.Tensor, center: float = 2.5) -> torch.Tensor:
     """STS-B-style real targets -> probabilities, p = 1 / (1 + exp(-(t - center))) (paper 2, Section 4)."""
     return torch.sigmoid(t - center)
@@ -36,25 +41,27 @@ def inverse_platt(p: torch.Tensor, center: float = 2.5) -> torch.Tensor:
 def soft_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(b,) class ids -> (b, c) one-hot; (b,) floats in [0, 1] -> (b, 2) [1 - p, p]; (b, c) -> itself."""
     if labels.dim() == 2:
-        return labels.float()
+        return labels if labels.is_floating_point() else labels.float()
     if labels.dtype.is_floating_point:
         if num_classes != 2:
             raise ValueError(f"labels: probability targets need num_classes == 2, got {num_classes}")
-        p = labels.float()
+        p = labels
         return torch.stack([1 - p, p], dim=-1)
     return F.one_hot(labels.long(), num_classes).float()
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -<y, log softmax(logits)>; logits (b, c), target (b, c) probabilities."""
-    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return -(target * F.log_softmax(_upcast(logits), dim=-1)).sum(-1).mean()
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kd_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over classes, mean over rows. (n, c) inputs."""
     t = temperature
-    log_f = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_f = F.log_softmax(_upcast(student_logits) / t, dim=-1)
+    log_p = F.log_softmax(_upcast(teacher_logits) / t, dim=-1)
     return (log_p.exp() * (log_p - log_f)).sum(-1).mean() * t * t
 
 
@@ -66,8 +73,8 @@ def taylor_kd(
     Equals CE(y, f) - H(p_hat) exactly, so its gradient w.r.t. the student is that of CE(y, f).
     """
     t = temperature
-    log_f = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    log_f = F.log_softmax(_upcast(student_logits) / t, dim=-1)
+    log_p = F.log_softmax(_upcast(teacher_logits) / t, dim=-1)
     p = log_p.exp()
     kl = (p * (log_p - log_f)).sum(-1)
     taylor = ((target - p) * -log_f).sum(-1)
@@ -81,7 +88,7 @@ def taylor_mse(
 
     p_hat = softmax(z_t) is clamped at `eps` so y / p_hat stays finite for a confident, wrong teacher.
     """
-    zs, zt = student_logits.float(), teacher_logits.float()
+    zs, zt = _upcast(student_logits), _upcast(teacher_logits)
     p = F.softmax(zt, dim=-1).clamp_min(eps)
     return (p * (zs - zt - (target / p - 1)) ** 2).mean()
 
@@ -126,7 +133,7 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross entropy over positions whose label is not -100. logits (b, s, v), labels (b, s)."""
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0  # keeps the graph (and DDP) happy on a batch with nothing masked
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(_upcast(logits.flatten(0, -2)), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def distillation_loss(
@@ -176,7 +183,7 @@ def distillation_loss(
         loss = loss + beta * kd
         logs["kd"] = kd.detach()
     if gamma:
-        hs, ht = student_hidden[real].float(), teacher_hidden.detach()[real].float()
+        hs, ht = _upcast(student_hidden[real]), _upcast(teacher_hidden.detach()[real])
         cos = (1 - F.cosine_similarity(hs, ht, dim=-1)).mean() if hs.numel() else student_hidden.sum() * 0.0
         loss = loss + gamma * cos
         logs["cos"] = cos.detach()

@@ -18,7 +18,9 @@ from collections.abc import Iterable, Sequence
 
 def _check_lengths(preds: Sequence, labels: Sequence) -> None:
     if len(preds) != len(labels):
-        raise ValueError(f"predictions and labels: expected equal lengths, got {len(preds)} and {len(labels)}")
+        raise ValueError(
+            f"predictions and labels: expected equal lengths, got {len(preds)} and {len(labels)}"
+        )
     if not len(labels):
         raise ValueError("labels: expected at least one example, got none")
 

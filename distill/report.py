@@ -17,7 +17,6 @@ import csv
 import glob
 import json
 import os
-from typing import Any
 
 from .tasks import GLUE_TASKS, NER_TASKS, QA_TASKS
 
@@ -189,7 +188,9 @@ def retention_table(results, pairs: list[tuple[str, str]]) -> Table | None:
                 raise ValueError(f"report: no results for model {m!r} (known: {sorted(results)})")
     glue_present = [t for t in GLUE_ORDER if any(t in results[m] for p in pairs for m in p)]
     other = [c for c in _score_columns(results, [m for p in pairs for m in p]) if c[1] != "glue"]
-    cols = [(GLUE_TITLES[t], t) for t in glue_present] + ([("GLUE avg", "glue")] if glue_present else []) + other
+    cols = (
+        [(GLUE_TITLES[t], t) for t in glue_present] + ([("GLUE avg", "glue")] if glue_present else []) + other
+    )
     rows = []
     for s, t in pairs:
         row = [f"{s} / {t}"]

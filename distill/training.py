@@ -282,8 +282,15 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
 
-    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, kwargs_handlers=kwargs)
+    kwargs = (
+        [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.find_unused_parameters else []
+    )
+    # accelerate only takes the multi-process CPU path (gloo) when told `cpu`; a torchrun / `accelerate
+    # launch --multi_gpu` job on a machine without a GPU means exactly that.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or multi_cpu, kwargs_handlers=kwargs
+    )
     set_seed(cfg.seed)
     device = accelerator.device
     for m in extra_modules:
@@ -405,7 +412,12 @@ def _save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches: ShardedB
     accelerator.save_state(path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "data": batches.state_dict(), "tokens": tokens, "config": dataclasses.asdict(cfg)}
+        state = {
+            "step": step,
+            "data": batches.state_dict(),
+            "tokens": tokens,
+            "config": dataclasses.asdict(cfg),
+        }
         tmp = os.path.join(path, STATE_NAME + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f, indent=2)

@@ -30,12 +30,16 @@ def longformer_layout(
     nb = _num_blocks(seq_len, block_size)
     check_positive_int(num_window_blocks, "num_window_blocks")
     if num_window_blocks % 2 == 0:
-        raise ValueError(f"num_window_blocks: expected an odd int (the band is symmetric), got {num_window_blocks}")
+        raise ValueError(
+            f"num_window_blocks: expected an odd int (the band is symmetric), got {num_window_blocks}"
+        )
     idx = torch.arange(nb)
     mask = (idx[:, None] - idx[None, :]).abs() <= num_window_blocks // 2
     for g in global_block_indices:
         if not -nb <= g < nb:
-            raise ValueError(f"global_block_indices: block {g} is outside the {nb} blocks of seq_len {seq_len}")
+            raise ValueError(
+                f"global_block_indices: block {g} is outside the {nb} blocks of seq_len {seq_len}"
+            )
         mask[g, :] = True
         mask[:, g] = True
     return BlockLayout(mask[None], block_size, "longformer")
@@ -117,7 +121,9 @@ def _generate_rand(nb, r, heads, wl, wr, gt, gb, seed) -> list[list[list[int]]]:
                 if counts[q] > 0:
                     fill(range(plan[p - 1], plan[p]), plan[q - 1] if q > 0 else 0, plan[q], counts[q])
         if counts[p] > 0:
-            fill(range(plan[p - 1] if p > 0 else gt, plan[p]), plan[p - 1] if p > 0 else 0, plan[p], counts[p])
+            fill(
+                range(plan[p - 1] if p > 0 else gt, plan[p]), plan[p - 1] if p > 0 else 0, plan[p], counts[p]
+            )
     return [rows[gt : nb - gb] for rows in rand]
 
 
@@ -135,7 +141,9 @@ def _as_rand_attn(rand_attn, nb: int, rows: int) -> torch.Tensor:
         )
     t = t.long().cpu()
     if t.numel() and (t.min() < 0 or t.max() >= nb):
-        raise ValueError(f"rand_attn: block indices must lie in [0, {nb}), got [{int(t.min())}, {int(t.max())}]")
+        raise ValueError(
+            f"rand_attn: block indices must lie in [0, {nb}), got [{int(t.min())}, {int(t.max())}]"
+        )
     return t
 
 
@@ -150,7 +158,9 @@ def _check_bigbird_args(seq_len, block_size, num_window_blocks, num_global_block
     nb = _num_blocks(seq_len, block_size)
     check_positive_int(num_window_blocks, "num_window_blocks")
     if num_window_blocks % 2 == 0:
-        raise ValueError(f"num_window_blocks: expected an odd int (the band is symmetric), got {num_window_blocks}")
+        raise ValueError(
+            f"num_window_blocks: expected an odd int (the band is symmetric), got {num_window_blocks}"
+        )
     check_positive_int(num_global_blocks, "num_global_blocks", minimum=0)
     check_positive_int(num_random_blocks, "num_random_blocks", minimum=0)
     return nb
@@ -237,7 +247,9 @@ def bigbird_layout(
         return BlockLayout(mask, block_size, "bigbird")
 
     if nb - gt - gb < 1:
-        raise ValueError(f"seq_len: {seq_len} gives {nb} blocks, too few for {num_global_blocks} global blocks")
+        raise ValueError(
+            f"seq_len: {seq_len} gives {nb} blocks, too few for {num_global_blocks} global blocks"
+        )
     counts = bigbird_block_counts(seq_len, block_size, rand_attn, num_window_blocks, num_global_blocks)
     if not allow_duplicates and bool((counts > 1).any()):
         h, i, j = (int(x) for x in (counts > 1).nonzero()[0])
@@ -311,7 +323,9 @@ def lsg_layout(seq_len: int, block_size: int = 128, num_global_blocks: int = 1) 
     nb = _num_blocks(seq_len, block_size)
     check_positive_int(num_global_blocks, "num_global_blocks", minimum=0)
     if num_global_blocks > nb:
-        raise ValueError(f"num_global_blocks: expected at most {nb} (blocks of seq_len {seq_len}), got {num_global_blocks}")
+        raise ValueError(
+            f"num_global_blocks: expected at most {nb} (blocks of seq_len {seq_len}), got {num_global_blocks}"
+        )
     idx = torch.arange(nb)
     mask = (idx[:, None] - idx[None, :]).abs() <= 1
     glob = idx < num_global_blocks

@@ -59,6 +59,7 @@ def bigbird_block_mask(num_blocks: int, rand_attn: torch.Tensor) -> torch.Tensor
     return mask
 
 
+@torch.compiler.disable  # built once per length and cached; a compiled model breaks the graph only then
 def bigbird_random_blocks(num_blocks: int, num_heads: int, r: int, seed: int) -> torch.Tensor:
     """(heads, nb-2, r) random key blocks for middle rows, chosen outside each row's window/global blocks."""
     g = torch.Generator().manual_seed(seed)
@@ -81,9 +82,15 @@ def bigbird(attn, x, q, k, v, key_padding_mask, global_mask):
         return full(attn, x, q, k, v, key_padding_mask, global_mask)
     nb = -(-s // bs)
     rand = attn.rand_attn
-    if rand is None or rand.shape[1] != nb - 2:
-        rand = bigbird_random_blocks(nb, cfg.num_heads, r, cfg.random_seed + attn.layer_index)
-    mask = bigbird_block_mask(nb, rand.to(q.device))
+    if rand is not None and rand.shape[1] == nb - 2:
+        mask = bigbird_block_mask(nb, rand.to(q.device))
+    else:
+        # Seeded per layer and cached per length, so a model gives the same output every call.
+        key = ("bigbird", nb, str(q.device))
+        if key not in attn.cache:
+            rand = bigbird_random_blocks(nb, cfg.num_heads, r, cfg.random_seed + attn.layer_index)
+            attn.cache[key] = bigbird_block_mask(nb, rand.to(q.device))
+        mask = attn.cache[key]
     layout = ek.BlockLayout(mask, bs, "bigbird")
     return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=attn.backend)
 

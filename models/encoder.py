@@ -103,6 +103,7 @@ class SelfAttention(nn.Module):
             self.conv = nn.Conv2d(h, h, (ks, 1), padding=(ks // 2, 0), bias=False, groups=h)
         self.window = cfg.layer_window(layer_index)
         self.rand_attn: torch.Tensor | None = None  # bigbird: fixed random blocks (heads, nb-2, r), optional
+        self.cache: dict = {}  # per-length structures an adapter builds once (bigbird block masks)
         self.attend = get_attention(cfg)
         self.dropout = nn.Dropout(cfg.attention_dropout)
 

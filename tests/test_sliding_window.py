@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from etkd.benchmarks import hf_reference as hr
 from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LongformerConfig
-from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
 from etkd_kernels import sliding_window_attention
 
@@ -36,59 +34,19 @@ def dense_sliding_window(q, k, v, window, global_mask=None, global_qkv=None, key
     return out * real[:, None, :, None]
 
 
-def _hf_module(hidden: int, heads: int, window: int) -> LongformerSelfAttention:
-    cfg = LongformerConfig(
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        attention_window=[window],
-        attention_probs_dropout_prob=0.0,
-    )
-    return LongformerSelfAttention(cfg, layer_id=0).eval()
-
-
-def _run_hf(module, x, real, glob):
-    """HF needs seq to be a multiple of the window: pad with masked tokens, as LongformerModel does."""
-    b, s, _ = x.shape
-    w = module.one_sided_attn_window_size * 2
-    extra = (-s) % w
-    xp = F.pad(x, (0, 0, 0, extra))
-    realp = F.pad(real, (0, extra), value=False)
-    globp = F.pad(glob, (0, extra), value=False)
-    is_masked = ~realp
-    ext = torch.zeros(b, s + extra)
-    ext[is_masked] = -10000.0
-    ext[globp] = 10000.0
-    out = module(
-        xp,
-        attention_mask=ext,
-        is_index_masked=is_masked,
-        is_index_global_attn=globp,
-        is_global_attn=bool(globp.any()),
-    )[0]
-    return out[:, :s]
-
-
-def _run_ours(module, x, real, glob, use_global_qkv=True, backend="reference"):
-    b, s, hidden = x.shape
-    h = module.num_heads
-    d = hidden // h
-
-    def proj(lin):
-        return lin(x).view(b, s, h, d).transpose(1, 2)
-
-    q, k, v = proj(module.query), proj(module.key), proj(module.value)
-    gqkv = (proj(module.query_global), proj(module.key_global), proj(module.value_global))
+def _run_ours(module, x, real, glob, backend="reference"):
+    q, k, v, gqkv = hr.longformer_qkv(module, x)
     out = sliding_window_attention(
         q,
         k,
         v,
         module.one_sided_attn_window_size * 2,
         global_mask=glob if glob.any() else None,
-        global_qkv=gqkv if (use_global_qkv and glob.any()) else None,
+        global_qkv=gqkv if glob.any() else None,
         key_padding_mask=real,
         backend=backend,
     )
-    return out.transpose(1, 2).reshape(b, s, hidden)
+    return hr.merge_heads(out)
 
 
 CASES = [
@@ -106,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_matches_hf_longformer_forward_and_grad(case):
     b, s, h, d, window, pad, n_global = case
-    module = _hf_module(h * d, h, window)
+    module = hr.longformer_module(h * d, h, window)
     x = torch.randn(b, s, h * d)
     real = torch.ones(b, s, dtype=torch.bool)
     if pad:
@@ -120,7 +78,7 @@ def test_matches_hf_longformer_forward_and_grad(case):
 
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ref = _run_hf(module, x1, real, glob)
+    ref = hr.run_longformer(module, x1, real, glob)
     ours = _run_ours(module, x2, real, glob)
     m = real[..., None]
     assert_close(ours * m, ref * m, atol=1e-5, name="forward")

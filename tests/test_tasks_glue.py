@@ -3,9 +3,7 @@
 import json
 
 import pytest
-
-from etkd.distill.tasks import DataError
-from etkd.distill.tasks import glue
+from etkd.distill.tasks import DataError, glue
 
 
 def _write(path, text):
@@ -22,7 +20,10 @@ def test_jsonl_and_tsv_in_hf_and_original_forms(tmp_path):
     assert ex == [{"text_a": "a cat", "text_b": "an animal", "label": 0},
                   {"text_a": "a cat", "text_b": "a dog", "label": 2}]  # fmt: skip
     # MRPC as released: Quality, two ids, two strings; a bare quote must not swallow the next line.
-    f = _write(tmp_path / "mrpc.tsv", 'Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said "hi\tHi\n0\t3\t4\tx\ty\n')
+    f = _write(
+        tmp_path / "mrpc.tsv",
+        'Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said "hi\tHi\n0\t3\t4\tx\ty\n',
+    )
     ex = glue.read_glue_file(f, "mrpc")
     assert [e["label"] for e in ex] == [1, 0] and ex[0]["text_a"] == 'He said "hi'
     f = _write(tmp_path / "cola.tsv", "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n")  # header-less

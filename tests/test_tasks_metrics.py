@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from etkd.distill import metrics as M
 
 
@@ -43,7 +42,9 @@ def test_correlations_by_hand():
 
 
 def test_glue_metrics_are_percentages_per_task():
-    assert M.glue_metrics("mrpc", [1, 1, 0, 0, 1], [1, 0, 0, 0, 1]) == pytest.approx({"accuracy": 80.0, "f1": 80.0})
+    assert M.glue_metrics("mrpc", [1, 1, 0, 0, 1], [1, 0, 0, 0, 1]) == pytest.approx(
+        {"accuracy": 80.0, "f1": 80.0}
+    )
     assert set(M.glue_metrics("stsb", [1.0, 2.0, 3.0], [1.0, 2.5, 2.9])) == {"pearson", "spearman"}
     assert M.glue_metrics("cola", [1, 1, 0, 0, 1], [1, 0, 0, 0, 1])["mcc"] == pytest.approx(100 * 4 / 6)
     with pytest.raises(ValueError, match="task"):

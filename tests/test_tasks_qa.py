@@ -3,18 +3,34 @@
 import json
 
 import pytest
+from etkd.distill.tasks import DataError, qa
 
-from etkd.distill.tasks import DataError
-from etkd.distill.tasks import qa
-
-CONTEXT = "the cat sat on the mat . " * 6 + "the dog ran to the red house . " + "the cat sat on the mat . " * 6
+CONTEXT = (
+    "the cat sat on the mat . " * 6 + "the dog ran to the red house . " + "the cat sat on the mat . " * 6
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import BertTokenizer
 
-    words = ["the", "cat", "sat", "on", "mat", ".", "dog", "ran", "to", "red", "house", "where", "did", "?", "who"]
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "mat",
+        ".",
+        "dog",
+        "ran",
+        "to",
+        "red",
+        "house",
+        "where",
+        "did",
+        "?",
+        "who",
+    ]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
     return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
 
@@ -41,14 +57,20 @@ def test_read_squad_and_round_trip(tmp_path):
 
 
 def test_malformed_squad_names_file_and_place(tmp_path):
-    with pytest.raises(DataError, match=r"dev\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\].*not at answer_start"):
+    with pytest.raises(
+        DataError, match=r"dev\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\].*not at answer_start"
+    ):
         qa.read_qa_file(_squad(tmp_path, answer_start=3))
     f = tmp_path / "broken.json"
     f.write_text('{"data": [\n{"title": }\n]}')
     with pytest.raises(DataError, match=r"broken\.json:2: invalid JSON"):
         qa.read_qa_file(f)
     f = tmp_path / "broken.jsonl"
-    f.write_text(json.dumps({"id": 1, "question": "q", "context": "abc", "answers": {"text": ["b"], "answer_start": [0]}}))
+    f.write_text(
+        json.dumps(
+            {"id": 1, "question": "q", "context": "abc", "answers": {"text": ["b"], "answer_start": [0]}}
+        )
+    )
     with pytest.raises(DataError, match=r"broken\.jsonl:1: question '1'"):
         qa.read_qa_file(f)
 

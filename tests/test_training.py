@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-
 from etkd.distill.training import ShardedBatches, TrainConfig, latest_checkpoint, linear_schedule, train
 from etkd.models.config import EncoderConfig
 from etkd.models.encoder import EncoderModel
@@ -103,7 +102,9 @@ def test_resume_when_finished_is_a_no_op(tmp_path):
 
 def test_checkpoints_pruned_and_incomplete_ignored(tmp_path):
     model = tiny_mlm()
-    train(model, make_data(), mlm_loss, cfg_for(tmp_path, max_steps=9, keep_checkpoints=2), collate_fn=collate)
+    train(
+        model, make_data(), mlm_loss, cfg_for(tmp_path, max_steps=9, keep_checkpoints=2), collate_fn=collate
+    )
     names = sorted(os.listdir(tmp_path / "checkpoints"))
     assert names == ["step_00000006", "step_00000009"]
     os.remove(tmp_path / "checkpoints" / "step_00000009" / "trainer_state.json")  # as if killed mid-save

@@ -13,7 +13,13 @@ import pytest
 import torch
 from helpers import assert_close
 
-from etkd_kernels import BlockLayout, bigbird_layout, block_sparse_attention, sliding_window_attention
+from etkd_kernels import (
+    BlockLayout,
+    bigbird_layout,
+    block_sparse_attention,
+    nystrom_attention,
+    sliding_window_attention,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -92,6 +98,19 @@ def test_block_sparse_parity_gpu(dtype, block):
         return block_sparse_attention(q, k, v, layout, key_padding_mask=kpm, backend=backend)
 
     _parity(call, [q, k, v], dtype, "block_sparse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nystrom_parity_gpu(dtype):
+    b, h, s, d, landmarks = 2, 4, 1000, 64, 64  # 1000 / 64: ragged last segment
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype) for _ in range(3))
+    _, kpm = _masks(b, s, dev)
+
+    def call(q, k, v, backend):
+        return nystrom_attention(q, k, v, landmarks, key_padding_mask=kpm, backend=backend)
+
+    _parity(call, [q, k, v], dtype, "nystrom")
 
 
 def _bench(fn) -> float:

@@ -18,7 +18,7 @@ NER_TASKS = ("conll2003", "gonerd", "ner")
 
 
 def task_family(task: str) -> str:
-    """"glue", "qa" or "ner" for a task name."""
+    """ "glue", "qa" or "ner" for a task name."""
     if task in GLUE_TASKS:
         return "glue"
     if task in QA_TASKS:

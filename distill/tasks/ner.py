@@ -50,7 +50,9 @@ def read_conll(path: str | os.PathLike, unit: str = "sentence") -> list[dict[str
                     doc += 1
                 continue
             if len(fields) < 2:
-                raise DataError(path, lineno, f"expected a token and a tag separated by white space, got {raw!r}")
+                raise DataError(
+                    path, lineno, f"expected a token and a tag separated by white space, got {raw!r}"
+                )
             _check_tag(fields[-1], path, lineno)
             if cur is None:
                 cur = {"tokens": [], "tags": [], "line": lineno, "doc": doc}
@@ -66,7 +68,9 @@ def read_conll(path: str | os.PathLike, unit: str = "sentence") -> list[dict[str
             docs[-1]["tokens"] += s["tokens"]
             docs[-1]["tags"] += s["tags"]
         else:
-            docs.append({"tokens": list(s["tokens"]), "tags": list(s["tags"]), "line": s["line"], "doc": s["doc"]})
+            docs.append(
+                {"tokens": list(s["tokens"]), "tags": list(s["tags"]), "line": s["line"], "doc": s["doc"]}
+            )
     return [{k: d[k] for k in ("tokens", "tags", "line")} for d in docs]
 
 
@@ -118,7 +122,9 @@ def encode(
     feats = []
     for i, e in enumerate(examples):
         ids, word_ids = enc["input_ids"][i], enc.word_ids(i)
-        first = [w if w is not None and (j == 0 or word_ids[j - 1] != w) else -1 for j, w in enumerate(word_ids)]
+        first = [
+            w if w is not None and (j == 0 or word_ids[j - 1] != w) else -1 for j, w in enumerate(word_ids)
+        ]
         for tag in e["tags"]:
             if tag not in label2id:
                 raise ValueError(f"tag {tag!r} (sequence at line {e.get('line')}) is not in the label list")
@@ -140,7 +146,10 @@ def encode(
 
 
 def merge_predictions(
-    features: list[dict[str, Any]], predictions: list[list[int]], examples: list[dict[str, Any]], id2label: list[str]
+    features: list[dict[str, Any]],
+    predictions: list[list[int]],
+    examples: list[dict[str, Any]],
+    id2label: list[str],
 ) -> list[list[str]]:
     """Per-word tags of every example from per-position label ids of its windows.
 

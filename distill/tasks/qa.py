@@ -22,11 +22,15 @@ def _check_answers(ex: dict[str, Any], where: str, line: int | None) -> None:
     ctx = ex["context"]
     texts, starts = ex["answers"]["text"], ex["answers"]["answer_start"]
     if len(texts) != len(starts):
-        raise DataError(where, line, f"question {ex['id']!r}: {len(texts)} answer texts but {len(starts)} starts")
+        raise DataError(
+            where, line, f"question {ex['id']!r}: {len(texts)} answer texts but {len(starts)} starts"
+        )
     for t, s in zip(texts, starts):
         if not isinstance(s, int) or not isinstance(t, str) or ctx[s : s + len(t)] != t:
             raise DataError(
-                where, line, f"question {ex['id']!r}: answer {t!r} is not at answer_start {s!r} of the context"
+                where,
+                line,
+                f"question {ex['id']!r}: answer {t!r} is not at answer_start {s!r} of the context",
             )
 
 
@@ -63,14 +67,18 @@ def squad_examples(data: dict[str, Any], path: str) -> list[dict[str, Any]]:
                 if "id" not in qa or "question" not in qa:
                     raise DataError(where, None, "missing 'id' or 'question'")
                 answers = qa.get("answers", [])
-                if any(not isinstance(a, dict) or "text" not in a or "answer_start" not in a for a in answers):
+                if any(
+                    not isinstance(a, dict) or "text" not in a or "answer_start" not in a for a in answers
+                ):
                     raise DataError(where, None, "answers: expected objects with 'text' and 'answer_start'")
                 obj = {
                     "id": qa["id"],
                     "question": qa["question"],
                     "context": para["context"],
-                    "answers": {"text": [a["text"] for a in answers],
-                                "answer_start": [a["answer_start"] for a in answers]},  # fmt: skip
+                    "answers": {
+                        "text": [a["text"] for a in answers],
+                        "answer_start": [a["answer_start"] for a in answers],
+                    },  # fmt: skip
                 }
                 if qa.get("aliases"):
                     obj["aliases"] = qa["aliases"]
@@ -85,8 +93,10 @@ def to_squad(examples: list[dict[str, Any]], title: str = "") -> dict[str, Any]:
         qa = {
             "id": ex["id"],
             "question": ex["question"],
-            "answers": [{"text": t, "answer_start": s}
-                        for t, s in zip(ex["answers"]["text"], ex["answers"]["answer_start"])],  # fmt: skip
+            "answers": [
+                {"text": t, "answer_start": s}
+                for t, s in zip(ex["answers"]["text"], ex["answers"]["answer_start"])
+            ],  # fmt: skip
         }
         if ex.get("aliases"):
             qa["aliases"] = ex["aliases"]
@@ -193,13 +203,17 @@ def read_qa_file(
             return squad_examples(data, path)
         raw = data["Data"] if isinstance(data, dict) and "Data" in data else data
         if not isinstance(raw, list):
-            raise DataError(path, None, "expected SQuAD JSON ('data'), TriviaQA JSON ('Data') or a list of records")
+            raise DataError(
+                path, None, "expected SQuAD JSON ('data'), TriviaQA JSON ('Data') or a list of records"
+            )
     if task == "hotpotqa":
         examples, _ = convert_hotpotqa(raw)
     elif task == "triviaqa":
         examples, _ = convert_triviaqa(raw, evidence_dir)
     else:
-        raise DataError(path, None, f"task {task!r}: expected SQuAD v1.1 JSON or flat JSONL with context/answers")
+        raise DataError(
+            path, None, f"task {task!r}: expected SQuAD v1.1 JSON or flat JSONL with context/answers"
+        )
     return examples
 
 

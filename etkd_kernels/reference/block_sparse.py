@@ -28,8 +28,10 @@ from ._softmax import compute_dtype, masked_softmax
 def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
     b, h, s, _ = q.shape
     if layout.dtype != torch.bool or layout.dim() != 3:
-        raise TypeError(f"layout: expected a bool tensor (heads or 1, q_blocks, k_blocks), got {layout.dtype} "
-                        f"{tuple(layout.shape)}")
+        raise TypeError(
+            f"layout: expected a bool tensor (heads or 1, q_blocks, k_blocks), got {layout.dtype} "
+            f"{tuple(layout.shape)}"
+        )
     hl, nqb, nkb = layout.shape
     if nqb * block_size != s or nkb * block_size != s:
         raise ValueError(

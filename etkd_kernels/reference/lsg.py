@@ -62,8 +62,18 @@ def _compress(k, v, usable, block_size, f, sparsity_type):
     return k.gather(2, idx), v.gather(2, idx), usable[:, tok]
 
 
-def attend(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
-           key_padding_mask, scale):
+def attend(
+    q,
+    k,
+    v,
+    block_size,
+    sparse_block_size,
+    sparsity_factor,
+    sparsity_type,
+    num_global_tokens,
+    key_padding_mask,
+    scale,
+):
     b, h, s, d = q.shape
     bs, sbs, f, g = block_size, sparse_block_size, sparsity_factor, num_global_tokens
     if s % bs:
@@ -76,7 +86,9 @@ def attend(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_typ
     ct = compute_dtype(q.dtype)
     q, k, v = (t.to(ct) for t in (q, k, v))
     dev = q.device
-    real = key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=dev)
+    real = (
+        key_padding_mask if key_padding_mask is not None else torch.ones(b, s, dtype=torch.bool, device=dev)
+    )
     usable = real & (torch.arange(s, device=dev) >= g)[None]
 
     # Each key group: keys (b, h, nb, K, d), values, mask (b, h or 1, nb, K).
@@ -121,15 +133,56 @@ def attend(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_typ
     return out.to(out_dtype), lse.float()
 
 
-def forward(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
-            key_padding_mask, scale):
-    return attend(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
-                  key_padding_mask, scale)
+def forward(
+    q,
+    k,
+    v,
+    block_size,
+    sparse_block_size,
+    sparsity_factor,
+    sparsity_type,
+    num_global_tokens,
+    key_padding_mask,
+    scale,
+):
+    return attend(
+        q,
+        k,
+        v,
+        block_size,
+        sparse_block_size,
+        sparsity_factor,
+        sparsity_type,
+        num_global_tokens,
+        key_padding_mask,
+        scale,
+    )
 
 
-def backward(grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type,
-             num_global_tokens, key_padding_mask, scale):
+def backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    block_size,
+    sparse_block_size,
+    sparsity_factor,
+    sparsity_type,
+    num_global_tokens,
+    key_padding_mask,
+    scale,
+):
     return recompute_backward(
-        attend, grad_out, (q, k, v), block_size, sparse_block_size, sparsity_factor, sparsity_type,
-        num_global_tokens, key_padding_mask, scale,
+        attend,
+        grad_out,
+        (q, k, v),
+        block_size,
+        sparse_block_size,
+        sparsity_factor,
+        sparsity_type,
+        num_global_tokens,
+        key_padding_mask,
+        scale,
     )

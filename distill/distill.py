@@ -1,0 +1,187 @@
+"""`etkd distill`: task-agnostic DistilBERT-style KD (paper 1, Appendix B).
+
+The teacher is frozen (eval, no grad); the student is `make_student(teacher)` (every other layer) or a
+given checkpoint, optionally converted to another attention pattern / length. Loss:
+alpha * MLM + beta * T^2 * KL(soft targets) + gamma * cosine(last hidden states), defaults 2, 5, 1, T = 2.
+
+    etkd distill --teacher roberta-long/ --data oscar/ bookcorpus/ --long-fraction 0.3 \
+        --output-dir runs/kd --max-steps 100000 --batch-size 8 --grad-accum 4 --mixed-precision bf16
+    etkd distill --teacher bert/ --student-attention longformer --student-max-positions 4096 ...
+
+A teacher with fewer positions than the student sees long blocks in consecutive chunks of its own length.
+The student is saved to OUTPUT_DIR/student (our format) and OUTPUT_DIR/student-hf where HF has a class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from .config import add_config_arg, dump, resolve
+from .losses import distillation_loss
+from .pretrain import (
+    DATA_DEFAULTS,
+    MODEL_DEFAULTS,
+    TRAIN_DEFAULTS,
+    add_data_args,
+    add_model_args,
+    add_train_args,
+    check_vocab,
+    load_model,
+    mlm_data,
+    prepare_model,
+    save_model,
+    tokenizer_for,
+    train_config,
+    write_json,
+)
+from .training import train
+
+STUDENT_DEFAULTS = {
+    "teacher": None,
+    "student": None,
+    "student_layers": "every_other",
+    "student_attention": None,
+    "student_max_positions": None,
+    "student_window": 512,
+    "student_block_size": 64,
+    "student_num_landmarks": 64,
+}
+DEFAULTS = {
+    **TRAIN_DEFAULTS,
+    **DATA_DEFAULTS,
+    **MODEL_DEFAULTS,
+    **STUDENT_DEFAULTS,
+    "alpha": 2.0,
+    "beta": 5.0,
+    "gamma": 1.0,
+    "temperature": 2.0,
+    "kd_masked_only": False,
+}
+DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05)
+
+
+def add_student_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("teacher and student")
+    g.add_argument("--teacher", default=None, help="teacher checkpoint dir (ours or HF)")
+    g.add_argument("--student", default=None, help="student checkpoint dir (default: make_student(teacher))")
+    g.add_argument("--student-layers", dest="student_layers", default=None,
+                   help="'every_other' or comma-separated teacher layer indices, e.g. 0,2,4")  # fmt: skip
+    g.add_argument("--student-attention", dest="student_attention", default=None,
+                   choices=("full", "longformer", "bigbird", "lsg", "nystrom"),
+                   help="convert the student to this attention pattern")  # fmt: skip
+    g.add_argument("--student-max-positions", dest="student_max_positions", type=int, default=None)
+    g.add_argument("--student-window", dest="student_window", type=int, default=None)
+    g.add_argument("--student-block-size", dest="student_block_size", type=int, default=None)
+    g.add_argument("--student-num-landmarks", dest="student_num_landmarks", type=int, default=None)
+
+
+def parse_layers(value) -> str | list[int]:
+    if isinstance(value, list):
+        return [int(i) for i in value]
+    if value == "every_other":
+        return value
+    try:
+        return [int(i) for i in str(value).split(",") if i.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--student-layers: expected 'every_other' or indices like 0,2,4, got {value!r}"
+        ) from None
+
+
+def build_student(teacher, ns: argparse.Namespace):
+    """--student, else make_student(teacher, layers); then convert if an attention/length is asked for."""
+    from etkd.models import convert, make_student
+
+    student = load_model(ns.student) if ns.student else make_student(teacher, parse_layers(ns.student_layers))
+    if ns.student_attention or ns.student_max_positions:
+        student = convert(
+            student,
+            to=ns.student_attention or student.config.attention,
+            max_positions=ns.student_max_positions or student.config.max_tokens,
+            window=ns.student_window,
+            block_size=ns.student_block_size,
+            num_landmarks=ns.student_num_landmarks,
+        )
+    return student
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("distill", help="task-agnostic DistilBERT-style KD into a half-depth student",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_config_arg(p)
+    add_student_args(p)
+    g = p.add_argument_group("loss")
+    g.add_argument("--alpha", type=float, default=None, help="MLM weight (2.0)")
+    g.add_argument("--beta", type=float, default=None, help="soft-target KL weight (5.0)")
+    g.add_argument("--gamma", type=float, default=None, help="hidden-state cosine weight (1.0)")
+    g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
+    g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
+                   help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
+    add_model_args(p)
+    add_data_args(p)
+    add_train_args(p)
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def teacher_forward(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Teacher logits and last hidden states (b, s, .); sequences longer than the teacher's position table
+    are run in consecutive chunks of its length (each chunk sees only itself)."""
+    limit = teacher.config.max_tokens
+    if input_ids.shape[1] <= limit:
+        out = teacher(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits, out.last_hidden_state
+    logits, hidden = [], []
+    for start in range(0, input_ids.shape[1], limit):
+        sl = slice(start, start + limit)
+        out = teacher(input_ids=input_ids[:, sl], attention_mask=attention_mask[:, sl])
+        logits.append(out.logits)
+        hidden.append(out.last_hidden_state)
+    return torch.cat(logits, 1), torch.cat(hidden, 1)
+
+
+def make_loss(teacher, ns: argparse.Namespace):
+    weights = dict(alpha=ns.alpha, beta=ns.beta, gamma=ns.gamma, temperature=ns.temperature)
+
+    def step(student, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = student(input_ids=ids, attention_mask=mask)
+        t_logits, t_hidden = teacher_forward(teacher, ids, mask)
+        return distillation_loss(out.logits, t_logits, out.last_hidden_state, t_hidden, batch["labels"], mask,
+                                 masked_only=ns.kd_masked_only, **weights)  # fmt: skip
+
+    return step
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = resolve(args, DEFAULTS)
+    if not ns.teacher:
+        raise ValueError("distill: --teacher is required")
+    teacher = load_model(ns.teacher)
+    if teacher.config.head != "mlm":
+        raise ValueError(f"--teacher: needs an MLM head, this checkpoint has head={teacher.config.head!r}")
+    torch.manual_seed(ns.seed)
+    student = prepare_model(build_student(teacher, ns), ns)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(
+            f"student vocab_size {student.config.vocab_size} != teacher vocab_size {teacher.config.vocab_size}"
+        )
+    if ns.attention_backend:
+        teacher.set_attention_backend(ns.attention_backend)
+    tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
+    check_vocab(tokenizer, student, "student")
+    data, collate = mlm_data(ns, tokenizer, student.config.max_tokens)
+    cfg = train_config(ns)
+    if int(os.environ.get("RANK", "0")) == 0:
+        dump(ns, os.path.join(cfg.output_dir, "settings.json"))
+    result = train(student, data, make_loss(teacher, ns), cfg, collate_fn=collate, extra_modules=(teacher,))
+    if result["is_main_process"] and result["step"] >= cfg.max_steps:
+        written = save_model(result["model"], os.path.join(cfg.output_dir, "student"), tokenizer)
+        write_json(os.path.join(cfg.output_dir, "result.json"),
+                   {"step": result["step"], "loss": result["loss"], "history": result["history"],
+                    "saved": written})  # fmt: skip
+        print(f"[etkd distill] step {result['step']} loss {result['loss']:.4f}; saved {written}")
+    return 0

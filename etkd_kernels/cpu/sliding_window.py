@@ -1,0 +1,18 @@
+"""Sliding-window attention on the `cpu` backend: thin calls into csrc/cpu/sliding_window.cpp."""
+
+from __future__ import annotations
+
+import torch
+
+from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+
+
+def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+    return torch.ops.etkd_cpu.sliding_window_fwd(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale)
+
+
+def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+    grads = torch.ops.etkd_cpu.sliding_window_bwd(
+        grad_out.contiguous(), q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale
+    )
+    return tuple(grads) + (None,) * (6 - len(grads))

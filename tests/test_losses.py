@@ -1,0 +1,152 @@
+"""Each distillation loss against hand-computed values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from etkd.distill.losses import (
+    distillation_loss,
+    inverse_platt,
+    kd_kl,
+    mlm_loss,
+    platt_scale,
+    soft_targets,
+    task_kd_loss,
+    taylor_kd,
+    taylor_mse,
+)
+
+
+def test_kd_kl_by_hand():
+    zs, zt = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    # T = 2: p = softmax([0, .5]), f = softmax([.5, 0]); KL(p||f) = sum p (log p - log f), times T^2 = 4.
+    p1 = 1 / (1 + math.exp(-0.5))  # teacher prob of class 1
+    f1 = 1 / (1 + math.exp(0.5))
+    kl = p1 * math.log(p1 / f1) + (1 - p1) * math.log((1 - p1) / (1 - f1))
+    assert kd_kl(zs, zt, 2.0).item() == pytest.approx(4 * kl, rel=1e-6)
+    assert kd_kl(zt, zt, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_taylor_equals_ce_minus_teacher_entropy_and_teacher_drops_out_of_gradient():
+    torch.manual_seed(0)
+    zs = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = F.one_hot(torch.tensor([0, 1, 2, 3, 1, 0]), 4).double()
+    grads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        zt = torch.randn(6, 4, dtype=torch.float64)
+        p = zt.softmax(-1)
+        loss = taylor_kd(zs, zt, y)
+        ce = -(y * zs.log_softmax(-1)).sum(-1).mean()
+        entropy = -(p * p.log()).sum(-1).mean()
+        torch.testing.assert_close(loss, ce - entropy, rtol=1e-12, atol=1e-12)
+        (g,) = torch.autograd.grad(loss, zs)
+        grads.append(g)
+    # Two different teachers, identical gradient: d/dz_s = (softmax(z_s) - y) / b, CE's gradient.
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-14)
+    torch.testing.assert_close(grads[0], (zs.detach().softmax(-1) - y) / 6, rtol=1e-12, atol=1e-12)
+
+
+def test_taylor_mse_by_hand_and_gradient():
+    zs = torch.tensor([[0.5, -0.5, 1.0]], dtype=torch.float64, requires_grad=True)
+    zt = torch.tensor([[0.0, 1.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    p = [math.exp(v) for v in (0.0, 1.0, -1.0)]
+    p = [v / sum(p) for v in p]
+    terms = [p[c] * (zs[0, c].item() - zt[0, c].item() - (y[0, c].item() / p[c] - 1)) ** 2 for c in range(3)]
+    loss = taylor_mse(zs, zt, y)
+    assert loss.item() == pytest.approx(sum(terms) / 3, rel=1e-12)
+    (g,) = torch.autograd.grad(loss, zs)
+    expect = [2 * p[c] * (zs[0, c].item() - zt[0, c].item() - (y[0, c].item() / p[c] - 1)) / 3 for c in range(3)]
+    torch.testing.assert_close(g[0], torch.tensor(expect, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # It carries the teacher: another teacher, another gradient. Its minimum: z_s = z_t + y/p - 1.
+    (g2,) = torch.autograd.grad(taylor_mse(zs, zt + torch.tensor([[1.0, 0, 0]]), y), zs)
+    assert not torch.allclose(g, g2)
+    best = (zt + y / zt.softmax(-1) - 1).requires_grad_()
+    assert taylor_mse(best, zt, y).item() == pytest.approx(0.0, abs=1e-20)
+
+
+def test_task_kd_loss_mixes_with_lambda():
+    torch.manual_seed(0)
+    zs, zt = torch.randn(5, 3), torch.randn(5, 3)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    y = F.one_hot(labels, 3).float()
+    ce = F.cross_entropy(zs, labels)
+    for name, kd in (("taylor", taylor_kd(zs, zt, y)), ("taylor-mse", taylor_mse(zs, zt, y)),
+                     ("kd", kd_kl(zs, zt, 2.0))):  # fmt: skip
+        t = 2.0 if name == "kd" else 1.0
+        loss, logs = task_kd_loss(name, zs, zt, labels, lam=0.3, temperature=t)
+        torch.testing.assert_close(loss, 0.3 * ce + 0.7 * kd, rtol=1e-6, atol=1e-6)
+        assert set(logs) == {"ce", "kd"}
+    loss, _ = task_kd_loss("ce", zs, None, labels, lam=0.3)
+    torch.testing.assert_close(loss, ce)
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        task_kd_loss("mse", zs, zt, labels)
+    with pytest.raises(ValueError, match="lambda"):
+        task_kd_loss("kd", zs, zt, labels, lam=1.5)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        task_kd_loss("kd", zs, zt[:, :2], labels)
+
+
+def test_platt_scaling():
+    t = torch.tensor([0.0, 2.5, 5.0])
+    p = platt_scale(t)
+    torch.testing.assert_close(p, torch.tensor([1 / (1 + math.exp(2.5)), 0.5, 1 / (1 + math.exp(-2.5))]))
+    torch.testing.assert_close(inverse_platt(p), t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(soft_targets(p, 2), torch.stack([1 - p, p], -1))
+    loss, _ = task_kd_loss("taylor-mse", torch.zeros(3, 2), torch.zeros(3, 2), p, lam=0.5)
+    assert torch.isfinite(loss)
+
+
+def test_distillation_loss_by_hand():
+    torch.manual_seed(0)
+    b, s, v, d = 2, 5, 7, 4
+    zs = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(b, s, v, dtype=torch.float64)
+    hs = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(b, s, d, dtype=torch.float64)
+    labels = torch.full((b, s), -100)
+    labels[0, 1], labels[1, 3] = 3, 6
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, 4] = False  # a padding token: in no term
+    loss, logs = distillation_loss(zs, zt, hs, ht, labels, mask)
+
+    mlm, kd, cos, n = 0.0, 0.0, 0.0, 0
+    for i in range(b):
+        for j in range(s):
+            if labels[i, j] != -100:
+                mlm += -zs[i, j].log_softmax(-1)[labels[i, j]].item() / 2
+            if mask[i, j]:
+                p, lf = (zt[i, j] / 2).softmax(-1), (zs[i, j] / 2).log_softmax(-1)
+                kd += (p * (p.log() - lf)).sum().item() * 4
+                cos += 1 - (hs[i, j] @ ht[i, j] / (hs[i, j].norm() * ht[i, j].norm())).item()
+                n += 1
+    assert logs["mlm"].item() == pytest.approx(mlm, rel=1e-9)
+    assert logs["kd"].item() == pytest.approx(kd / n, rel=1e-6)
+    assert logs["cos"].item() == pytest.approx(cos / n, rel=1e-6)
+    assert loss.item() == pytest.approx(2 * mlm + 5 * kd / n + cos / n, rel=1e-6)
+    # Padding gets no gradient; the teacher none at all.
+    gz, gh = torch.autograd.grad(loss, (zs, hs))
+    assert gz[1, 4].abs().max() == 0 and gh[1, 4].abs().max() == 0 and gz[0, 0].abs().max() > 0
+
+    # masked_only: KD over the two masked tokens only.
+    _, logs_m = distillation_loss(zs, zt, hs, ht, labels, mask, masked_only=True)
+    sel = labels != -100
+    assert logs_m["kd"].item() == pytest.approx(kd_kl(zs[sel], zt[sel], 2.0).item(), rel=1e-9)
+
+
+def test_distillation_loss_errors_and_edge_cases():
+    z = torch.randn(1, 3, 5)
+    h = torch.randn(1, 3, 4)
+    labels = torch.full((1, 3), -100)
+    loss, logs = distillation_loss(z, z, h, h, labels)  # nothing masked: MLM term is 0, not NaN
+    assert torch.isfinite(loss) and logs["mlm"].item() == 0.0
+    assert mlm_loss(z.requires_grad_(), labels).item() == 0.0
+    with pytest.raises(ValueError, match="teacher_logits"):
+        distillation_loss(z, torch.randn(1, 3, 6), h, h, labels)
+    with pytest.raises(ValueError, match="teacher_hidden: the cosine loss needs equal hidden sizes"):
+        distillation_loss(z, z, h, torch.randn(1, 3, 8), labels)

@@ -1,0 +1,185 @@
+"""lsg_attention (reference backend) against brute-force constructions of LSG's key sets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from etkd_kernels import BlockLayout, block_sparse_attention, lsg_attention, lsg_layout
+
+
+def brute_lsg(q, k, v, block, sparse_block, factor, sparsity_type, n_global, real=None):
+    """Row by row: list each query's keys explicitly (definition in etkd_kernels/reference/lsg.py)."""
+    b, h, s, d = q.shape
+    scale = d**-0.5
+    sp = -(-s // block) * block  # the op pads to a block multiple; padded tokens are not real
+    real = torch.ones(b, s, dtype=torch.bool) if real is None else real
+    real = torch.cat([real, torch.zeros(b, sp - s, dtype=torch.bool)], dim=1)
+    pad = torch.zeros(b, h, sp - s, d, dtype=q.dtype)
+    k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+    step = block // factor
+    rows = []
+    for bi in range(b):
+        usable = [bool(real[bi, j]) and j >= n_global for j in range(sp)]
+        for hi in range(h):
+            for i in range(s):
+                if not real[bi, i]:
+                    rows.append(torch.zeros(d, dtype=q.dtype))
+                    continue
+                if i < n_global:
+                    idx = [j for j in range(sp) if real[bi, j]]
+                    keys, vals = k[bi, hi, idx], v[bi, hi, idx]
+                else:
+                    n = i // block
+                    idx = [j for j in range(n_global) if real[bi, j]]
+                    idx += [j for j in range((n - 1) * block, (n + 2) * block) if 0 <= j < sp and usable[j]]
+                    keys, vals = [k[bi, hi, idx]], [v[bi, hi, idx]]
+                    if sparsity_type != "none" and sparse_block > 0:
+                        left = range((n - 1) * step - sparse_block, (n - 1) * step)
+                        right = range((n + 2) * step, (n + 2) * step + sparse_block)
+                        for p in [*left, *right]:
+                            if not 0 <= p < sp // factor:
+                                continue
+                            if sparsity_type == "pooling":
+                                group = [j for j in range(p * factor, (p + 1) * factor) if usable[j]]
+                                if group:
+                                    keys.append(k[bi, hi, group].mean(0, keepdim=True))
+                                    vals.append(v[bi, hi, group].mean(0, keepdim=True))
+                                continue
+                            if sparsity_type == "stride":
+                                j = p * factor + hi % factor
+                            else:  # block_stride: a contiguous run of block/factor tokens per block
+                                j = (p // step) * block + (hi * step + p % step) % block
+                            if usable[j]:
+                                keys.append(k[bi, hi, [j]])
+                                vals.append(v[bi, hi, [j]])
+                    keys, vals = torch.cat(keys), torch.cat(vals)
+                if keys.shape[0] == 0:
+                    rows.append(torch.zeros(d, dtype=q.dtype))
+                    continue
+                p_ = ((keys @ q[bi, hi, i]) * scale).softmax(-1)
+                rows.append(p_ @ vals)
+    return torch.stack(rows).view(b, h, s, d)
+
+
+def _inputs(b, h, s, d, pad, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=gen, dtype=dtype).requires_grad_(True) for _ in range(3))
+    real = torch.ones(b, s, dtype=torch.bool)
+    if pad:
+        real[-1, s - pad :] = False
+    return q, k, v, real
+
+
+CASES = [
+    # (batch, heads, seq, block, sparse_block, factor, n_global, pad)
+    (2, 3, 48, 8, 2, 2, 2, 5),  # several blocks, globals, padding
+    (1, 2, 45, 8, 3, 4, 1, 0),  # seq not a multiple of the block (op pads)
+    (2, 2, 40, 4, 4, 2, 0, 9),  # no globals, padding spanning a block, sparse windows past the ends
+    (1, 4, 36, 6, 2, 3, 3, 2),  # block / factor = 2, 4 heads: stride/block-stride offsets differ by head
+    (1, 2, 24, 4, 1, 4, 1, 0),  # block == factor (one compressed token per block)
+]
+
+
+@pytest.mark.parametrize("sparsity_type", ["stride", "block_stride", "pooling"])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_matches_brute_force(case, sparsity_type):
+    b, h, s, block, sblock, factor, n_global, pad = case
+    q, k, v, real = _inputs(b, h, s, 4, pad)
+    kw = dict(block_size=block, sparse_block_size=sblock, sparsity_factor=factor, num_global_tokens=n_global)
+    out = lsg_attention(q, k, v, sparsity_type=sparsity_type, key_padding_mask=real, **kw)
+    exp = brute_lsg(q, k, v, block, sblock, factor, sparsity_type, n_global, real)
+    assert torch.isfinite(out).all()
+    assert_close(out, exp, atol=1e-10, name="forward")
+    g = torch.randn_like(out)
+    for got, want, name in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(exp, (q, k, v), g), ("dq", "dk", "dv")
+    ):
+        assert_close(got, want, atol=1e-10, name=name)
+
+
+@pytest.mark.parametrize("s, pad", [(32, 0), (29, 4)])
+def test_local_only_equals_tridiagonal_block_sparse(s, pad):
+    q, k, v, real = _inputs(2, 2, s, 8, pad, dtype=torch.float32)
+    out = lsg_attention(
+        q, k, v, block_size=8, sparsity_type="none", num_global_tokens=0, key_padding_mask=real
+    )
+    nb = -(-s // 8)
+    i = torch.arange(nb)
+    layout = BlockLayout(((i[:, None] - i[None, :]).abs() <= 1)[None], 8)
+    exp = block_sparse_attention(q, k, v, layout, key_padding_mask=real)
+    assert_close(out, exp, atol=1e-6)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(exp, (q, k, v), g)):
+        assert_close(got, want, atol=1e-5)
+
+
+def test_whole_global_block_equals_lsg_layout():
+    """With the whole first block global and no sparse keys, LSG is exactly the block layout lsg_layout gives."""
+    q, k, v, real = _inputs(1, 2, 40, 8, 3, dtype=torch.float32)
+    out = lsg_attention(
+        q, k, v, block_size=8, sparsity_type="none", num_global_tokens=8, key_padding_mask=real
+    )
+    exp = block_sparse_attention(q, k, v, lsg_layout(40, 8, num_global_blocks=1), key_padding_mask=real)
+    assert_close(out, exp, atol=1e-6)
+
+
+def test_sparse_block_size_zero_is_local_plus_global():
+    q, k, v, real = _inputs(1, 2, 40, 4, 0)
+    kw = dict(block_size=8, sparsity_factor=2, num_global_tokens=2, key_padding_mask=real)
+    a = lsg_attention(q, k, v, sparse_block_size=0, sparsity_type="pooling", **kw)
+    bb = lsg_attention(q, k, v, sparse_block_size=4, sparsity_type="none", **kw)
+    assert_close(a, bb, atol=1e-12)
+
+
+def test_fully_padded_rows_are_zero_not_nan():
+    q, k, v, real = _inputs(2, 2, 32, 4, 0)
+    real[1] = False
+    real[0, 20:] = False
+    out = lsg_attention(
+        q,
+        k,
+        v,
+        block_size=8,
+        sparse_block_size=2,
+        sparsity_factor=2,
+        num_global_tokens=1,
+        key_padding_mask=real,
+    )
+    assert torch.isfinite(out).all()
+    assert out[1].abs().max() == 0 and out[0, :, 20:].abs().max() == 0
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_block_not_multiple_of_factor_raises():
+    q, k, v, _ = _inputs(1, 1, 16, 4, 0)
+    with pytest.raises(ValueError, match="sparsity_factor"):
+        lsg_attention(q, k, v, block_size=6, sparse_block_size=2, sparsity_factor=4, sparsity_type="stride")
+
+
+@pytest.mark.parametrize("sparsity_type", ["none", "pooling", "stride", "block_stride"])
+def test_gradcheck_float64(sparsity_type):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(1, 2, 7, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    real = torch.ones(1, 7, dtype=torch.bool)
+    real[0, 6] = False
+
+    def fn(q, k, v):
+        return lsg_attention(
+            q,
+            k,
+            v,
+            block_size=2,
+            sparse_block_size=1,
+            sparsity_factor=2,
+            sparsity_type=sparsity_type,
+            num_global_tokens=1,
+            key_padding_mask=real,
+            backend="reference",
+        )
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
