@@ -24,7 +24,9 @@ def register(sub) -> None:
     p.add_argument("--num-landmarks", type=int, default=64, help="nystrom landmarks")
     p.add_argument("--sparse-block-size", type=int, default=None, help="lsg (default: --block-size)")
     p.add_argument("--sparsity-factor", type=int, default=2, help="lsg")
-    p.add_argument("--sparsity-type", default="pooling", choices=("none", "pooling", "stride", "block_stride"))
+    p.add_argument(
+        "--sparsity-type", default="pooling", choices=("none", "pooling", "stride", "block_stride")
+    )
     p.add_argument("--num-global-tokens", type=int, default=1, help="lsg")
     p.add_argument("--format", default="etkd", choices=("etkd", "hf"), help="output format")
     p.set_defaults(func=run)

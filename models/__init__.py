@@ -1,9 +1,9 @@
 """etkd.models: one small encoder with swappable attention, HF weight interop, convert and student init.
 
-    from etkd.models import from_hf, convert, make_student
-    model = from_hf("path/to/roberta")                  # any BERT/RoBERTa/Longformer/BigBird/Nystromformer
-    long = convert(model, to="longformer", max_positions=4096, window=512)
-    long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
+from etkd.models import from_hf, convert, make_student
+model = from_hf("path/to/roberta")                  # any BERT/RoBERTa/Longformer/BigBird/Nystromformer
+long = convert(model, to="longformer", max_positions=4096, window=512)
+long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
 """
 
 from .attention import ATTENTION, get_attention

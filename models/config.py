@@ -78,13 +78,17 @@ class EncoderConfig:
         if self.head not in HEAD_TYPES:
             raise ValueError(f"head: expected one of {HEAD_TYPES}, got {self.head!r}")
         if self.position_style not in POSITION_STYLES:
-            raise ValueError(f"position_style: expected one of {POSITION_STYLES}, got {self.position_style!r}")
+            raise ValueError(
+                f"position_style: expected one of {POSITION_STYLES}, got {self.position_style!r}"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size: expected a multiple of num_heads ({self.num_heads}), got {self.hidden_size}"
             )
         if isinstance(self.window, list) and len(self.window) != self.num_layers:
-            raise ValueError(f"window: expected one value per layer ({self.num_layers}), got {len(self.window)}")
+            raise ValueError(
+                f"window: expected one value per layer ({self.num_layers}), got {len(self.window)}"
+            )
         for w in self.window if isinstance(self.window, list) else [self.window]:
             if w < 2 or w % 2:
                 raise ValueError(f"window: expected even ints >= 2 (HF attention_window), got {self.window}")

@@ -60,7 +60,9 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def position_ids(self, input_ids: torch.Tensor | None, b: int, s: int, device: torch.device) -> torch.Tensor:
+    def position_ids(
+        self, input_ids: torch.Tensor | None, b: int, s: int, device: torch.device
+    ) -> torch.Tensor:
         cfg = self.cfg
         if cfg.position_style == "padded" and input_ids is not None:
             # fairseq/RoBERTa: real tokens count from pad+1, pad tokens sit on row pad.

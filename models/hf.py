@@ -58,7 +58,9 @@ def head_from_class_name(name: str) -> str | None:
             return head
     if name.endswith("Model"):
         return None
-    raise ValueError(f"model: unsupported HF class {name}; expected *Model or one of {list(HEAD_SUFFIX.values())[1:]}")
+    raise ValueError(
+        f"model: unsupported HF class {name}; expected *Model or one of {list(HEAD_SUFFIX.values())[1:]}"
+    )
 
 
 def hf_name(key: str, family: str, head: str | None) -> str:
@@ -100,7 +102,9 @@ def config_from_hf(hf_config, head: str | None, has_pooler: bool) -> EncoderConf
     if family not in FAMILIES:
         raise ValueError(f"model: unsupported HF model_type {family!r}; expected one of {sorted(FAMILIES)}")
     if getattr(c, "position_embedding_type", None) not in (None, "absolute"):
-        raise ValueError(f"position_embedding_type: only absolute positions are supported, got {c.position_embedding_type}")
+        raise ValueError(
+            f"position_embedding_type: only absolute positions are supported, got {c.position_embedding_type}"
+        )
     pad = c.pad_token_id if c.pad_token_id is not None else 0
     kw = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
@@ -153,10 +157,16 @@ def from_hf(model_or_path, **kwargs) -> EncoderModel:
 
     The result is in eval mode; kwargs go to transformers' `from_pretrained` when a path is given.
     """
-    hf = _load_hf(str(model_or_path), **kwargs) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    hf = (
+        _load_hf(str(model_or_path), **kwargs)
+        if isinstance(model_or_path, (str, os.PathLike))
+        else model_or_path
+    )
     name = type(hf).__name__
     if name == "BigBirdForQuestionAnswering":
-        raise NotImplementedError("BigBirdForQuestionAnswering has its own MLP head; load BigBirdModel instead")
+        raise NotImplementedError(
+            "BigBirdForQuestionAnswering has its own MLP head; load BigBirdModel instead"
+        )
     head = head_from_class_name(name)
     sd = hf.state_dict()
     has_pooler = any(re.fullmatch(r"(\w+\.)?pooler\.(dense\.)?weight", k) for k in sd)

@@ -7,11 +7,9 @@ import warnings
 
 import pytest
 import torch
-
 from etkd.distill.cli import main
 from etkd.models import EncoderConfig, EncoderModel, convert, from_hf, make_student
 from etkd.models.convert import tile_positions
-
 from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -95,7 +93,9 @@ def test_global_projections_start_as_local_copies_and_other_weights_copied():
     for a, b in zip(teacher.encoder.layers, long.encoder.layers):
         for local, glob in ((b.attn.q, b.attn.qg), (b.attn.k, b.attn.kg), (b.attn.v, b.attn.vg)):
             assert torch.equal(local.weight, glob.weight) and torch.equal(local.bias, glob.bias)
-        assert torch.equal(a.attn.q.weight, b.attn.q.weight) and torch.equal(a.ffn_out.weight, b.ffn_out.weight)
+        assert torch.equal(a.attn.q.weight, b.attn.q.weight) and torch.equal(
+            a.ffn_out.weight, b.ffn_out.weight
+        )
     assert torch.equal(teacher.head.dense.weight, long.head.dense.weight)
     assert long.head.decoder.weight is long.encoder.embeddings.word.weight
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from etkd.models import ATTENTION, EncoderConfig, EncoderModel
-
 from helpers import assert_close
 
 PATTERNS = sorted(ATTENTION)
@@ -29,22 +27,23 @@ def batch(seq: int = 40):
     return ids, mask
 
 
-@pytest.mark.parametrize("attention", PATTERNS)
-def test_forward_backward_with_heads(attention):
-    heads = ("mlm", "sequence_classification", "token_classification", "question_answering")
+HEAD_SHAPES = {"mlm": (2, 40, 50), "sequence_classification": (2, 3), "token_classification": (2, 40, 3),
+               "question_answering": (2, 40, 2)}  # fmt: skip
+CASES = [("full", head) for head in HEAD_SHAPES] + [(p, "mlm") for p in PATTERNS if p != "full"]
+
+
+@pytest.mark.parametrize("attention,head", CASES)
+def test_forward_backward(attention, head):
     ids, mask = batch()
-    for head in heads:
-        model = tiny(attention, head=head, num_labels=3, hidden_dropout=0.1, attention_dropout=0.1,
-                     global_projections=True, head_style="roberta").train()  # fmt: skip
-        gmask = torch.zeros_like(mask)
-        gmask[:, 0] = 1
-        out = model(ids, attention_mask=mask, global_attention_mask=gmask)
-        expected = {"mlm": (2, 40, 50), "sequence_classification": (2, 3), "token_classification": (2, 40, 3),
-                    "question_answering": (2, 40, 2)}[head]  # fmt: skip
-        assert out.logits.shape == expected
-        out.logits.float().pow(2).mean().backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert all(g is not None and torch.isfinite(g).all() for g in grads), attention
+    model = tiny(attention, head=head, num_labels=3, hidden_dropout=0.1, attention_dropout=0.1,
+                 global_projections=True, head_style="roberta").train()  # fmt: skip
+    gmask = torch.zeros_like(mask)
+    gmask[:, 0] = 1
+    out = model(ids, attention_mask=mask, global_attention_mask=gmask)
+    assert out.logits.shape == HEAD_SHAPES[head]
+    out.logits.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), attention
 
 
 @pytest.mark.parametrize("attention", [p for p in PATTERNS if p != "nystrom"])

@@ -10,12 +10,11 @@ import warnings
 
 import pytest
 import torch
-
-import etkd_kernels as ek
 from etkd.models import EncoderModel, from_hf, to_hf
 from etkd.models.attention import bigbird_block_mask
-
 from helpers import assert_close
+
+import etkd_kernels as ek
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*block_sparse.*")
@@ -27,7 +26,13 @@ SMALL = dict(
 )  # fmt: skip
 OP_OF = {"Bert": "full", "Roberta": "full", "Longformer": "sliding_window", "BigBird": "full",
          "Nystromformer": "nystrom"}  # fmt: skip
-SUFFIXES = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+SUFFIXES = (
+    "Model",
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+)
 
 
 def hf_config(family: str):
@@ -37,7 +42,9 @@ def hf_config(family: str):
     if family == "Roberta":
         return t.RobertaConfig(max_position_embeddings=66, pad_token_id=1, **SMALL)
     if family == "Longformer":
-        return t.LongformerConfig(max_position_embeddings=66, pad_token_id=1, attention_window=[4, 8], **SMALL)
+        return t.LongformerConfig(
+            max_position_embeddings=66, pad_token_id=1, attention_window=[4, 8], **SMALL
+        )
     if family == "BigBird":
         return t.BigBirdConfig(max_position_embeddings=64, attention_type="original_full", **SMALL)
     # seq must equal segment_means_seq_len for HF's landmark path; conv term on.
@@ -59,7 +66,11 @@ def inputs(family: str, seq: int = 16):
     if family != "Nystromformer":  # HF Nystromformer (transformers 5.x) fails on any attention_mask
         mask[1, seq - 5 :] = 0
         ids[1, seq - 5 :] = pad
-    kw = dict(input_ids=ids, attention_mask=mask, token_type_ids=(torch.arange(seq) >= seq // 2).long().expand(2, -1))
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        token_type_ids=(torch.arange(seq) >= seq // 2).long().expand(2, -1),
+    )
     if family in ("Roberta", "Longformer"):
         kw.pop("token_type_ids")  # type_vocab_size 1
     if family == "Longformer":

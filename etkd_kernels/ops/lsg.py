@@ -74,6 +74,10 @@ def lsg_attention(
     check_positive_int(num_global_tokens, "num_global_tokens", minimum=0)
     if sparsity_type not in SPARSITY_TYPES:
         raise ValueError(f"sparsity_type: expected one of {SPARSITY_TYPES}, got {sparsity_type!r}")
+    if sparsity_type != "none" and sparse_block_size > 0 and block_size % sparsity_factor:
+        raise ValueError(
+            f"sparsity_factor: expected a divisor of block_size ({block_size}) for sparse keys, got {sparsity_factor}"
+        )
     if num_global_tokens > q.shape[2]:
         raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)

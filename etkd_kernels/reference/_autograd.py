@@ -20,7 +20,10 @@ def recompute_backward(
         if isinstance(out, tuple):
             out = out[0]
         wrt = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+        else:  # the output does not depend on the inputs (e.g. a layout with no allowed block)
+            grads = [None] * len(wrt)
     it = iter(grads)
     res = []
     for t in leaves:
