@@ -1,7 +1,7 @@
 """Peak extra memory of one call, measured honestly in a fresh subprocess.
 
 `python -m etkd.benchmarks.memory CASE PROVIDER SEQ MODE` builds the case, records the process's resident
-set, runs the call once, and prints the growth of the kernel-reported high-water mark (ru_maxrss) in MiB:
+set, runs the call once, and prints its peak resident memory above that level in MiB (`PeakRSS`):
 everything the call allocated at its peak, whatever allocator it used. The inputs and HF's module are
 allocated before the baseline, so only the call's own working memory is counted.
 """
@@ -14,27 +14,62 @@ import subprocess
 import sys
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+class PeakRSS:
+    """Peak resident memory of a stretch of code, in MiB above the resident memory at its start.
+
+    Linux: writing 5 to /proc/self/clear_refs resets the high-water mark (VmHWM) to the current RSS, so the
+    peak of the measured code alone is VmHWM - VmRSS(start). Elsewhere: ru_maxrss growth (a lower bound
+    when an earlier peak was higher).
+    """
+
+    def __enter__(self) -> PeakRSS:
+        import gc
+
+        gc.collect()
+        try:  # hand freed heap pages back to the OS, so the start level holds only live memory
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self.exact = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = _status_mib("VmHWM") is not None
+        except OSError:
+            pass
+        self.start = (
+            _status_mib("VmRSS") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = (
+            _status_mib("VmHWM") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+        self.peak_mib = max(0.0, end - self.start)
 
 
 def measure_here(case_name: str, provider: str, seq: int, backward: bool, **case_kw) -> float:
-    import gc
-
     from .cases import CASES
 
     case = CASES[case_name](seq, **case_kw)
     fn = case.run(provider, backward)
-    gc.collect()
-    base = max(_rss_mib(), _maxrss_mib())
-    fn()
-    return max(0.0, _maxrss_mib() - base)
+    with PeakRSS() as peak:
+        fn()
+    return peak.peak_mib
 
 
 def measure(case_name: str, provider: str, seq: int, backward: bool, **case_kw) -> float | None:

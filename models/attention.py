@@ -41,57 +41,28 @@ def longformer(attn, x, q, k, v, key_padding_mask, global_mask):
     )  # fmt: skip
 
 
-def bigbird_block_mask(num_blocks: int, rand_attn: torch.Tensor) -> torch.Tensor:
-    """BigBird's (ITC) pattern as a (heads, nb, nb) bool block mask.
-
-    Blocks 0 and nb-1 are global (attend to and are attended by everything), every block sees its
-    neighbours, and middle rows 1..nb-2 also see the blocks listed in rand_attn (heads, nb-2, r), which is
-    HF's `rand_attn` layout (so HF's random indices can be passed in to reproduce it exactly).
-    """
-    idx = torch.arange(num_blocks, device=rand_attn.device)
-    base = (idx[:, None] - idx[None, :]).abs() <= 1
-    base[0] = base[-1] = True
-    base[:, 0] = base[:, -1] = True
-    mask = base.expand(rand_attn.shape[0], -1, -1).clone()
-    rows = idx[1:-1].view(1, -1, 1).expand_as(rand_attn)
-    heads = torch.arange(rand_attn.shape[0], device=rand_attn.device).view(-1, 1, 1).expand_as(rand_attn)
-    mask[heads, rows, rand_attn.long()] = True
-    return mask
-
-
 @torch.compiler.disable  # built once per length and cached; a compiled model breaks the graph only then
-def bigbird_random_blocks(num_blocks: int, num_heads: int, r: int, seed: int) -> torch.Tensor:
-    """(heads, nb-2, r) random key blocks for middle rows, chosen outside each row's window/global blocks."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.zeros(num_heads, max(num_blocks - 2, 0), r, dtype=torch.long)
-    for h in range(num_heads):
-        for i in range(1, num_blocks - 1):
-            banned = {0, num_blocks - 1, i - 1, i, i + 1}
-            cand = torch.tensor([j for j in range(num_blocks) if j not in banned], dtype=torch.long)
-            pick = cand[torch.randperm(len(cand), generator=g)[:r]]
-            out[h, i - 1, : len(pick)] = pick
-            out[h, i - 1, len(pick) :] = i  # fewer candidates than r: repeat an allowed block (no-op)
-    return out
+def _bigbird_layout(cfg: EncoderConfig, seq: int, seed: int) -> ek.BlockLayout:
+    return ek.bigbird_layout(
+        seq, cfg.block_size, num_random_blocks=cfg.num_random_blocks, seed=seed, num_heads=cfg.num_heads
+    )
 
 
 def bigbird(attn, x, q, k, v, key_padding_mask, global_mask):
     cfg = attn.config
     bs, r, s = cfg.block_size, cfg.num_random_blocks, q.shape[2]
     if s <= (5 + 2 * r) * bs:
-        # Too short for the block pattern; HF switches to full attention here too.
+        # Too short for the block pattern; HF's BigBirdModel switches to full attention here too.
         return full(attn, x, q, k, v, key_padding_mask, global_mask)
-    nb = -(-s // bs)
-    rand = attn.rand_attn
-    if rand is not None and rand.shape[1] == nb - 2:
-        mask = bigbird_block_mask(nb, rand.to(q.device))
+    if attn.rand_attn is not None:
+        # Fixed random blocks (heads, nb - 2, r), e.g. HF's own indices for exact parity.
+        layout = ek.bigbird_layout(s, bs, num_random_blocks=r, rand_attn=attn.rand_attn)
     else:
-        # Seeded per layer and cached per length, so a model gives the same output every call.
-        key = ("bigbird", nb, str(q.device))
+        # Seeded per layer and cached per length, so a model gives the same output on every call.
+        key = ("bigbird", s, str(q.device))
         if key not in attn.cache:
-            rand = bigbird_random_blocks(nb, cfg.num_heads, r, cfg.random_seed + attn.layer_index)
-            attn.cache[key] = bigbird_block_mask(nb, rand.to(q.device))
-        mask = attn.cache[key]
-    layout = ek.BlockLayout(mask, bs, "bigbird")
+            attn.cache[key] = _bigbird_layout(cfg, s, cfg.random_seed + attn.layer_index).to(q.device)
+        layout = attn.cache[key]
     return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=attn.backend)
 
 

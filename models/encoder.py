@@ -9,29 +9,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
+from etkd_kernels.dispatch import BACKENDS
+
 from .attention import get_attention
-from .config import EncoderConfig
+from .config import EncoderConfig, is_etkd_checkpoint
+from .heads import activation, build_head
 
 WEIGHTS_NAME = "model.safetensors"
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "silu": F.silu,
-    "swish": F.silu,
-}
-
-
-def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"hidden_act: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]
 
 
 @dataclass
@@ -170,7 +157,7 @@ class Encoder(nn.Module):
                 x = layer(x, kpm, gmask)
             states.append(x)
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = states[-1] = self.final_norm(x)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(x, pooled=pooled, hidden_states=tuple(states) if output_hidden_states else None)
 
@@ -185,14 +172,22 @@ class EncoderModel(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        from .heads import build_head
-
         self.config = config
         self.encoder = Encoder(config)
         self.head = build_head(config, self.encoder)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
                 position_ids=None, inputs_embeds=None, output_hidden_states=False) -> EncoderOutput:  # fmt: skip
+        cfg = self.config
+        if (
+            global_attention_mask is None
+            and cfg.attention == "longformer"
+            and cfg.head == "sequence_classification"
+        ):
+            # As HF LongformerForSequenceClassification: the first token is global unless told otherwise.
+            ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            global_attention_mask = torch.zeros(ref.shape[:2], dtype=torch.bool, device=ref.device)
+            global_attention_mask[:, 0] = True
         out = self.encoder(input_ids, attention_mask, token_type_ids, global_attention_mask, position_ids,
                            inputs_embeds, output_hidden_states)  # fmt: skip
         if self.head is not None:
@@ -202,9 +197,8 @@ class EncoderModel(nn.Module):
     # Run-time switches (no weights touched).
     def set_attention_backend(self, backend: str) -> EncoderModel:
         """Use kernel backend `backend` ("auto", "reference", "cpu", "triton", "cuda") in every layer."""
-        from etkd_kernels.dispatch import _check_name
-
-        _check_name(backend)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
         for layer in self.encoder.layers:
             layer.attn.backend = backend
         return self
@@ -216,25 +210,19 @@ class EncoderModel(nn.Module):
 
     # Our own format: config.json + model.safetensors.
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from safetensors.torch import save_model
-
         self.config.save(directory)
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs) -> EncoderModel:
         """Load our format, or (when `directory` is an HF checkpoint dir or hub name) HF weights."""
-        from .config import is_etkd_checkpoint
-
         if os.path.isdir(directory) and is_etkd_checkpoint(directory):
-            from safetensors.torch import load_model
-
             path = os.path.join(directory, WEIGHTS_NAME)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
             model = cls(EncoderConfig.load(directory))
             load_model(model, path)
             return model.eval()
-        from .hf import from_hf
+        from .hf import from_hf  # hf imports this module
 
         return from_hf(directory, **hf_kwargs)

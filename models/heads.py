@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import EncoderConfig
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
 
 
 class MaskedLMHead(nn.Module):
@@ -13,8 +30,6 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, cfg: EncoderConfig, word_embeddings: nn.Embedding):
         super().__init__()
-        from .encoder import activation
-
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.act = activation(cfg.mlm_act)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -36,8 +51,6 @@ class SequenceClassificationHead(nn.Module):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        from .encoder import activation
-
         self.style = cfg.head_style
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size) if self.style == "roberta" else None

@@ -210,6 +210,18 @@ def hf_family(cfg: EncoderConfig) -> str:
         )
     if cfg.pre_norm:
         raise ValueError(f"to_hf: HF {family} is post-norm; this model is pre-norm")
+    # Head details HF fixes per family; a mismatch would export a model that computes something else.
+    fairseq = family in ("roberta", "longformer")
+    wanted = {
+        "head_style": ("bert" if family == "bert" else "roberta", cfg.head == "sequence_classification"),
+        "classifier_act": ("tanh" if fairseq else cfg.hidden_act, cfg.head == "sequence_classification"),
+        "mlm_act": ("gelu" if fairseq else cfg.hidden_act, cfg.head == "mlm"),
+    }
+    for name, (value, used) in wanted.items():
+        if used and getattr(cfg, name) != value:
+            raise ValueError(
+                f"to_hf: HF {family} uses {name}={value!r}, this model has {getattr(cfg, name)!r}"
+            )
     return family
 
 

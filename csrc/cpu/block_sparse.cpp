@@ -42,7 +42,7 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale);
   p.bq = block_size <= 128 ? block_size : (block_size % 64 == 0 ? 64 : block_size);
   p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
-  p.kbias = s.bias.data_ptr<float>(), p.qskip = s.skip.data_ptr<uint8_t>();
+  if (!real.all().item<bool>()) p.kbias = s.bias.data_ptr<float>(), p.qskip = s.skip.data_ptr<uint8_t>();
   const int* lp = s.lut.data_ptr<int>();
   const int* cp = s.counts.data_ptr<int>();
   const int64_t hl = s.lut.size(0), width = s.lut.size(2);

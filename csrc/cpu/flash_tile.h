@@ -25,7 +25,7 @@ struct Seg {
 };
 
 // Longest segment the tile loops take at once; callers split longer runs with `append_run`.
-constexpr int64_t kMaxSeg = 320;
+constexpr int64_t kMaxSeg = 640;
 
 // Append keys [k0, k1) of `src` to `segs`, split into near-equal pieces of at most kMaxSeg keys.
 void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src);

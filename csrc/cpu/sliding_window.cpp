@@ -82,7 +82,10 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
   Problem& p = ps.band;
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale), p.bq = 64;
   p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
-  p.kbias = ps.band_bias.data_ptr<float>(), p.qskip = ps.skip.data_ptr<uint8_t>(), p.w = w;
+  p.w = w;
+  if (!usable.all().item<bool>()) {  // no padding and no globals: the tile loops skip the bias and skip reads
+    p.kbias = ps.band_bias.data_ptr<float>(), p.qskip = ps.skip.data_ptr<uint8_t>();
+  }
   if (G > 0) {
     ps.kx = gather_rows(k, g.idx), ps.vx = gather_rows(v, g.idx);
     auto slot = at::arange(G, at::kLong).view({1, G});

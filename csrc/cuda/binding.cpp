@@ -142,7 +142,7 @@ SlidingWindowInputs sliding_window_inputs(const Tensor& q_, const Tensor& k_, co
   a.key_padding_mask = in.kpm ? in.kpm->data_ptr<bool>() : nullptr;
   a.global_mask = nullptr;
   a.max_global = 0;
-  if (in.gm) {
+  if (in.gm && in.gm->numel() > 0) {
     // Compact list of global positions per batch row: stable sort puts the globals first, in order.
     in.gcount = in.gm->sum(1, /*keepdim=*/false, at::kInt).contiguous();
     const int max_g = in.gcount.max().item<int>();

@@ -8,7 +8,9 @@ from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
 
 
 def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
-    return torch.ops.etkd_cpu.sliding_window_fwd(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale)
+    return torch.ops.etkd_cpu.sliding_window_fwd(
+        q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale
+    )
 
 
 def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):

@@ -8,9 +8,10 @@ import torch
 
 NAME = "cuda"
 DESCRIPTION = "fused CUDA kernels (csrc/cuda), fp16/bf16/fp32"
-OPS: dict[str, str] = {}
+OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse"}
 AUTO_DEVICES = ("cuda",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (32, 64, 128)  # template instantiations in csrc/cuda (the binding rejects others by name)
 
 
 @functools.cache

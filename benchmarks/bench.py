@@ -1,0 +1,348 @@
+"""`etkd bench`: paper Tables 2 and 4 — inference time and peak memory per model and sequence length.
+
+For each model family (full-attention baselines at 512 and extended to 4096; Longformer, BigBird, LSG,
+Nystromformer teachers) and its half-depth student (`make_student`, every other layer), each
+implementation — HF's own model class (`to_hf` of the same weights) and our encoder on each available
+backend — runs in a fresh subprocess: warm-up, then `repeats` timed forward passes (median and 20/80%
+quantiles), with peak memory measured as the growth of the process high-water mark (CPU) or
+`torch.cuda.max_memory_allocated` (GPU). Output: the table (on the CPU it leads with ours-vs-HF ratios),
+JSON and a PNG plot of time and memory against sequence length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .memory import PeakRSS
+
+SIZES = {
+    # name: (hidden, layers, heads, intermediate, vocab)
+    "base": (768, 12, 12, 3072, 30522),  # BERT-base shapes, as the paper
+    "small": (256, 4, 4, 1024, 8000),
+    "tiny": (64, 2, 2, 256, 1000),
+}
+# family -> (attention, settings); "full" is BERT at 512 positions, "full-4096" the same extended (Table 4).
+FAMILIES = {
+    "full": ("full", {}),
+    "full-4096": ("full", {}),
+    "longformer": ("longformer", {"window": 512}),
+    "bigbird": ("bigbird", {"block_size": 64, "num_random_blocks": 3}),
+    "lsg": ("lsg", {"block_size": 128, "sparse_block_size": 128, "sparsity_factor": 2}),
+    "nystrom": ("nystrom", {"num_landmarks": 64}),
+}
+
+
+@dataclass
+class Row:
+    family: str
+    student: bool
+    impl: str  # "hf" or "etkd-<backend>"
+    seq: int
+    batch: int
+    params_m: float = 0.0
+    time_s: float | None = None
+    time_p20: float | None = None
+    time_p80: float | None = None
+    peak_mib: float | None = None
+    status: str = "ok"
+
+
+def build_model(family: str, size: str, seq: int, student: bool, window: int | None = None):
+    from etkd.models import EncoderConfig, EncoderModel, make_student
+
+    hidden, layers, heads, inter, vocab = SIZES[size]
+    attention, settings = FAMILIES[family]
+    settings = dict(settings)
+    if window is not None and attention == "longformer":
+        settings["window"] = window
+    max_tokens = 512 if family == "full" else max(4096, seq)
+    # Position tables as the HF classes the families export to: RoBERTa-style for Longformer (two reserved
+    # rows), offset 2 for Nystromformer, plain BERT otherwise.
+    padded = attention == "longformer"
+    extra_rows = 2 if attention in ("longformer", "nystrom") else 0
+    cfg = EncoderConfig(
+        vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
+        max_positions=max_tokens + extra_rows, position_style="padded" if padded else "absolute",
+        pad_token_id=1 if padded else 0, position_offset=2 if attention == "nystrom" else 0,
+        attention=attention, global_projections=attention == "longformer", hidden_dropout=0.0,
+        attention_dropout=0.0, **settings,
+    )  # fmt: skip
+    if attention == "nystrom":
+        cfg.extra["segment_means_seq_len"] = seq
+        cfg.pinv_init = "hf_global"
+        cfg.conv_kernel_size = 65  # HF Nystromformer's default depthwise conv on values
+    torch.manual_seed(0)
+    model = EncoderModel(cfg).eval()
+    if student:
+        model = make_student(model).eval()
+    return model
+
+
+def _worker(spec: dict) -> dict:
+    """Runs in its own process: build, warm up, time, measure peak memory. Returns a Row as a dict."""
+    row = Row(**spec["row"])
+    torch.set_num_threads(spec["threads"]) if spec.get("threads") else None
+    device = torch.device(spec["device"])
+    model = build_model(row.family, spec["size"], row.seq, row.student, spec.get("window"))
+    row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    if row.impl == "hf":
+        from etkd.models import to_hf
+
+        model = to_hf(model).eval()
+    else:
+        model.set_attention_backend(row.impl.removeprefix("etkd-"))
+    model.to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, SIZES[spec["size"]][4], (row.batch, row.seq), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+
+    def call():
+        with torch.no_grad():
+            model(**kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with PeakRSS() as peak:  # the first call: what serving one batch needs on top of weights and inputs
+        call()
+    for _ in range(spec["warmup"] - 1):
+        call()
+    times = []
+    for _ in range(spec["repeats"]):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            call()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        row.peak_mib = peak.peak_mib
+    times.sort()
+    row.time_s = statistics.median(times)
+    row.time_p20 = times[int(0.2 * (len(times) - 1))]
+    row.time_p80 = times[int(round(0.8 * (len(times) - 1)))]
+    return asdict(row)
+
+
+def _run_row(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "etkd.benchmarks.bench", "--worker", json.dumps(spec)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec["row"], "status": f"timeout after {timeout:.0f}s"}
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["failed"])[-1]
+        return {**spec["row"], "status": f"error: {last[:120]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def implementations(family: str, device: torch.device, backends: list[str] | None) -> list[str]:
+    from etkd_kernels.dispatch import BACKENDS, reasons
+
+    op = {"full": "full", "longformer": "sliding_window", "bigbird": "block_sparse", "lsg": "lsg",
+          "nystrom": "nystrom"}[FAMILIES[family][0]]  # fmt: skip
+    impls = [] if family == "lsg" else ["hf"]  # transformers has no LSG class
+    for b in backends or BACKENDS:
+        if not reasons(b, op, device, torch.float32):
+            impls.append(f"etkd-{b}")
+    return impls
+
+
+def run_bench(
+    families: list[str],
+    seq_lens: list[int],
+    batch: int,
+    size: str,
+    device: str = "cpu",
+    backends: list[str] | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    students: bool = True,
+    timeout: float = 1800.0,
+    window: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    from tqdm import tqdm
+
+    dev = torch.device(device)
+    jobs = []
+    for fam in families:
+        for student in (False, True) if students else (False,):
+            for impl in implementations(fam, dev, backends):
+                for seq in seq_lens:
+                    if fam == "full" and seq > 512:
+                        continue  # BERT's own 512 positions; "full-4096" is the Table 4 extension
+                    row = Row(fam, student, impl, seq, batch)
+                    jobs.append({"row": asdict(row), "size": size, "device": device, "repeats": repeats,
+                                 "warmup": warmup, "window": window})  # fmt: skip
+    rows = []
+    for spec in tqdm(jobs, desc="etkd bench", disable=not progress):
+        rows.append(_run_row(spec, timeout))
+    return rows
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_tables(rows: list[dict], seq_lens: list[int], device: str) -> str:
+    """Paper Table 2 layout (time and memory per seq len); on the CPU, HF/etkd ratios first."""
+    lines = []
+    keyed = {(r["family"], r["student"], r["impl"], r["seq"]): r for r in rows}
+    groups = sorted(
+        {(r["family"], r["student"]) for r in rows}, key=lambda g: (list(FAMILIES).index(g[0]), g[1])
+    )
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i != "hf", i))
+    if device == "cpu":
+        lines.append(
+            "Ratios HF / etkd from one run (> 1: etkd faster or smaller). Absolute CPU times mean little."
+        )
+        head = f"{'model':22s} {'etkd impl':16s}" + "".join(f" {'time ' + str(s):>10s}" for s in seq_lens)
+        head += "".join(f" {'mem ' + str(s):>10s}" for s in seq_lens)
+        lines += [head, "-" * len(head)]
+        for fam, st in groups:
+            for impl in impls:
+                if impl == "hf":
+                    continue
+                cells_t, cells_m, any_ = [], [], False
+                for s in seq_lens:
+                    hf, us = keyed.get((fam, st, "hf", s)), keyed.get((fam, st, impl, s))
+                    ok = hf and us and hf["status"] == "ok" and us["status"] == "ok"
+                    any_ |= bool(us)
+                    cells_t.append(f"{hf['time_s'] / us['time_s']:10.2f}" if ok else f"{'-':>10s}")
+                    okm = ok and us["peak_mib"] and hf["peak_mib"] is not None
+                    cells_m.append(f"{hf['peak_mib'] / us['peak_mib']:10.2f}" if okm else f"{'-':>10s}")
+                if any_:
+                    name = ("  ↳ student " if st else "") + fam
+                    lines.append(f"{name:22s} {impl:16s} " + " ".join(cells_t) + " " + " ".join(cells_m))
+        lines.append("")
+    head = f"{'model':22s} {'params M':>8s} {'impl':16s}" + "".join(
+        f" {'time s ' + str(s):>11s}" for s in seq_lens
+    )
+    head += "".join(f" {'MiB ' + str(s):>9s}" for s in seq_lens)
+    lines += [head, "-" * len(head)]
+    for fam, st in groups:
+        for impl in impls:
+            rs = [keyed.get((fam, st, impl, s)) for s in seq_lens]
+            if not any(rs):
+                continue
+            params = next((r["params_m"] for r in rs if r and r.get("params_m")), None)
+            name = ("  ↳ student " if st else "") + fam
+            t = "".join(
+                f" {_fmt(r and r['time_s'], '11.3f') if r and r['status'] == 'ok' else '-':>11s}" for r in rs
+            )
+            m = "".join(
+                f" {_fmt(r and r['peak_mib'], '9.0f') if r and r['status'] == 'ok' else '-':>9s}" for r in rs
+            )
+            lines.append(f"{name:22s} {_fmt(params, '8.1f')} {impl:16s}{t}{m}")
+            for r in rs:
+                if r and r["status"] != "ok":
+                    lines.append(f"{'':22s} {'':8s} {'':16s} seq {r['seq']}: {r['status']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for r in rows:
+        if r["status"] == "ok":
+            key = f"{r['family']}{' student' if r['student'] else ''} [{r['impl']}]"
+            series.setdefault(key, []).append((r["seq"], r["time_s"], r["peak_mib"]))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        xs = [p[0] for p in pts]
+        axes[0].plot(xs, [p[1] for p in pts], marker="o", label=key)
+        axes[1].plot(xs, [p[2] for p in pts], marker="o", label=key)
+    for ax, what in zip(axes, ("inference time (s)", "peak extra memory (MiB)")):
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(what)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment() -> dict:
+    import platform
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="paper Tables 2/4: inference time and peak memory, ours vs HF")
+    p.add_argument("--models", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", choices=list(SIZES), default="base", help="model shapes (base = BERT-base)")
+    p.add_argument("--backends", default=None, help="comma list of etkd backends (default: every available)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--window", type=int, default=None, help="Longformer attention window (default 512)")
+    p.add_argument("--no-students", action="store_true", help="teachers only")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measured row")
+    p.add_argument("--out", default="bench_out")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    families = [f.strip() for f in args.models.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; expected some of {list(FAMILIES)}")
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    env = environment()
+    print(f"etkd bench: size={args.size} batch={args.batch} seq={args.seq_lens} device={args.device} "
+          f"({env['cpu']}, {env['threads']} threads, torch {env['torch']})")  # fmt: skip
+    rows = run_bench(families, args.seq_lens, args.batch, args.size, args.device, backends, args.repeats,
+                     args.warmup, not args.no_students, args.timeout, args.window)  # fmt: skip
+    table = format_tables(rows, args.seq_lens, torch.device(args.device).type)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"environment": env, "args": vars(args) | {"func": None}, "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write("```\n" + table + "\n```\n")
+    plot(rows, os.path.join(args.out, "bench.png"))
+    print(f"\nwrote {args.out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker(json.loads(sys.argv[2]))))
+    else:
+        raise SystemExit("usage: etkd bench ... (this module's --worker mode is internal)")

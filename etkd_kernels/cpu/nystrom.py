@@ -1,0 +1,65 @@
+"""Nystrom attention on the `cpu` backend.
+
+The two products over the sequence, K1 @ X (seq x landmarks) and K3 @ v (landmarks x seq), are the fused
+`softmax(scale * a @ b^T, masked) @ c` kernel of csrc/cpu/nystrom.cpp (never materialising K1 or K3); the
+landmark means and the (landmarks x landmarks) pseudo-inverse are small ATen ops shared with `reference`.
+The backward differentiates that composition, the fused product bringing its own recompute-from-lse
+backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels.reference._autograd import recompute_backward
+from etkd_kernels.reference.nystrom import iterative_pinv, segment_means
+
+
+class _SoftmaxMatmul(torch.autograd.Function):
+    """softmax(scale * a @ b^T, keys masked by key_mask) @ c; a (B, H, M, D), b and c (B, H, N, D)."""
+
+    @staticmethod
+    def forward(ctx, a, b, c, key_mask, scale):
+        a, b, c = a.contiguous(), b.contiguous(), c.contiguous()
+        out, lse = torch.ops.etkd_cpu.softmax_matmul_fwd(a, b, c, key_mask, scale)
+        ctx.save_for_backward(a, b, c, out, lse)
+        ctx.key_mask, ctx.scale = key_mask, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b, c, out, lse = ctx.saved_tensors
+        da, db, dc = torch.ops.etkd_cpu.softmax_matmul_bwd(
+            grad_out.contiguous(), a, b, c, out, lse, ctx.key_mask, ctx.scale
+        )
+        return da, db, dc, None, None
+
+
+def softmax_matmul(a, b, c, key_mask, scale):
+    return _SoftmaxMatmul.apply(a, b, c, key_mask, scale)
+
+
+def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    s = q.shape[2]
+    if num_landmarks == s:
+        out = softmax_matmul(q, k, v, key_padding_mask, scale)  # exact softmax attention
+    else:
+        ql, kl = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
+        k2 = torch.softmax((ql @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, L, L)
+        x = iterative_pinv(k2, pinv_iterations, pinv_init) @ softmax_matmul(ql, k, v, key_padding_mask, scale)
+        out = softmax_matmul(q, kl, x, None, scale)
+    if key_padding_mask is not None:
+        out = torch.where(key_padding_mask[:, None, :, None], out, torch.zeros_like(out))
+    return out
+
+
+def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    with torch.no_grad():
+        return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+
+
+def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+    return recompute_backward(
+        attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
+    )

@@ -1,0 +1,184 @@
+"""The `cpu` backend (csrc/cpu fused kernels) against `reference`, through the public ops.
+
+fp32 tolerances: forward atol 1e-5, gradients atol 1e-4. Every case runs with 1 and 2 OpenMP threads (2
+threads also exercises the backward's split of query tiles into private dK/dV accumulators when there are
+few (batch, head) pairs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+import etkd_kernels
+from etkd_kernels import (
+    BlockLayout,
+    bigbird_layout,
+    block_sparse_attention,
+    fixed_layout,
+    longformer_layout,
+    nystrom_attention,
+    sliding_window_attention,
+)
+
+pytestmark = pytest.mark.skipif(
+    not etkd_kernels.available_backends()["cpu"].available,
+    reason=f"cpu backend unavailable: {etkd_kernels.available_backends()['cpu'].reason}",
+)
+
+FWD_ATOL, GRAD_ATOL = 1e-5, 1e-4
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def _inputs(b, h, s, d, n=3):
+    return [torch.randn(b, h, s, d, requires_grad=True) for _ in range(n)]
+
+
+def _padding(b, s, pad):
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    if pad:
+        kpm[-1, s - pad :] = False
+    return kpm if pad else None
+
+
+def _compare(run, leaves, name):
+    """run(backend) -> output; compare output and gradients of cpu against reference."""
+    got, want = {}, {}
+    for backend, res in (("cpu", got), ("reference", want)):
+        out = run(backend)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        res["out"] = out
+        res["grads"] = torch.autograd.grad(out, leaves, grad)
+    assert_close(got["out"], want["out"], FWD_ATOL, name=f"{name} out")
+    for i, (g, w) in enumerate(zip(got["grads"], want["grads"])):
+        assert_close(g, w, GRAD_ATOL, name=f"{name} grad[{i}]")
+
+
+SW_CASES = [
+    # (batch, heads, seq, head_dim, window, globals, global_qkv, pad)
+    (1, 1, 37, 16, 8, 0, False, 0),  # seq not a multiple of the 64-row query tile, no globals
+    (2, 3, 130, 32, 16, 3, True, 5),  # several query tiles, separate global projections, padding
+    (2, 2, 200, 64, 32, 2, False, 7),  # globals reusing q/k/v
+    (1, 2, 67, 16, 128, 1, True, 0),  # window wider than the sequence
+    (1, 1, 700, 32, 512, 0, False, 30),  # band split into several key segments, padded tail
+]
+
+
+@pytest.mark.parametrize("case", SW_CASES, ids=[str(c) for c in SW_CASES])
+def test_sliding_window_matches_reference(case, threads):
+    b, h, s, d, window, n_glob, use_gqkv, pad = case
+    q, k, v = _inputs(b, h, s, d)
+    gqkv = tuple(_inputs(b, h, s, d)) if use_gqkv else None
+    gm = None
+    if n_glob:
+        gm = torch.zeros(b, s, dtype=torch.bool)
+        gm[:, torch.randperm(s)[:n_glob]] = True
+        gm[-1, s - 1] = True  # a global token that is also padding (when pad) counts as padding
+    kpm = _padding(b, s, pad)
+    leaves = [q, k, v] + (list(gqkv) if gqkv else [])
+
+    def run(backend):
+        return sliding_window_attention(
+            q, k, v, window, global_mask=gm, global_qkv=gqkv, key_padding_mask=kpm, backend=backend
+        )
+
+    _compare(run, leaves, f"sliding_window{case}")
+
+
+def _random_layout(h, nb, density=0.3):
+    mask = torch.rand(h, nb, nb) < density
+    mask[:, 1] = False  # a query block that sees nothing: out 0
+    return mask
+
+
+BS_CASES = [
+    # (name, batch, heads, seq, head_dim, layout builder, pad)
+    ("random-per-head", 2, 3, 96, 16, lambda s, h: BlockLayout(_random_layout(h, s // 16), 16), 5),
+    (
+        "random-shared",
+        1,
+        2,
+        100,
+        32,
+        lambda s, h: BlockLayout(_random_layout(1, 4), 32),
+        0,
+    ),  # seq padded to 128
+    ("longformer", 1, 2, 256, 64, lambda s, h: longformer_layout(s, 32, 3, (0,)), 9),
+    ("fixed", 2, 1, 192, 32, lambda s, h: fixed_layout(s, 32, 2, 1), 0),
+    ("bigbird", 1, 2, 512, 16, lambda s, h: bigbird_layout(s, 32, 3, 2, 2, seed=3, num_heads=h), 0),
+    (
+        "big-block",
+        1,
+        1,
+        384,
+        16,
+        lambda s, h: longformer_layout(s, 192, 1, (0,)),
+        0,
+    ),  # 192-row blocks, 3 tiles each
+]
+
+
+@pytest.mark.parametrize("case", BS_CASES, ids=[c[0] for c in BS_CASES])
+def test_block_sparse_matches_reference(case, threads):
+    name, b, h, s, d, make, pad = case
+    q, k, v = _inputs(b, h, s, d)
+    layout = make(s, h)
+    kpm = _padding(b, s, pad)
+
+    def run(backend):
+        return block_sparse_attention(q, k, v, layout, key_padding_mask=kpm, backend=backend)
+
+    _compare(run, [q, k, v], f"block_sparse[{name}]")
+
+
+NY_CASES = [
+    # (batch, heads, seq, head_dim, landmarks, pad, pinv_init)
+    (1, 2, 64, 16, 8, 0, "per_head"),
+    (2, 3, 100, 32, 7, 9, "hf_global"),  # landmarks not dividing seq, padding
+    (1, 1, 40, 64, 40, 5, "per_head"),  # landmarks == seq: exact softmax attention
+]
+
+
+@pytest.mark.parametrize("case", NY_CASES, ids=[str(c) for c in NY_CASES])
+def test_nystrom_matches_reference(case, threads):
+    b, h, s, d, nl, pad, init = case
+    q, k, v = _inputs(b, h, s, d)
+    kpm = _padding(b, s, pad)
+
+    def run(backend):
+        return nystrom_attention(q, k, v, nl, key_padding_mask=kpm, pinv_init=init, backend=backend)
+
+    _compare(run, [q, k, v], f"nystrom{case}")
+
+
+def test_padded_rows_are_zero_not_nan():
+    q, k, v = _inputs(1, 1, 20, 16)
+    kpm = torch.zeros(1, 20, dtype=torch.bool)  # nothing real at all
+    out = sliding_window_attention(q, k, v, 4, key_padding_mask=kpm, backend="cpu")
+    assert torch.equal(out, torch.zeros_like(out))
+    out = block_sparse_attention(
+        q, k, v, BlockLayout(torch.ones(1, 2, 2, dtype=torch.bool), 10), key_padding_mask=kpm, backend="cpu"
+    )
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_rejects_non_float32():
+    q, k, v = (torch.randn(1, 1, 8, 16, dtype=torch.float64) for _ in range(3))
+    with pytest.raises(RuntimeError, match="cpu"):
+        sliding_window_attention(q, k, v, 4, backend="cpu")
+
+
+def test_opcheck_sliding_window_fwd():
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    gm = torch.zeros(1, 9, dtype=torch.bool)
+    gm[0, 2] = True
+    args = (q, k, v, 4, gm, None, None, None, None, 0.25, "cpu")
+    torch.library.opcheck(torch.ops.etkd.sliding_window_fwd.default, args)

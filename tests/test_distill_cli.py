@@ -1,0 +1,182 @@
+"""The drivers end to end on tiny models (hidden 32, <= 4 layers, seq <= 64) and generated text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from test_data import WORDS, generated_text, make_tokenizer_dir
+
+from etkd.distill import distill as distill_cmd
+from etkd.distill import kd_task, pretrain
+from etkd.models import EncoderConfig, EncoderModel
+
+VOCAB = 5 + len(WORDS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: one intra-op thread avoids oversubscription (10x faster steps here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="etkd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (pretrain, distill_cmd, kd_task):
+        module.register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def tiny_config(layers: int = 4, **kw) -> EncoderConfig:
+    return EncoderConfig(vocab_size=VOCAB, hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=64,
+                         max_positions=64, **{"head": "mlm", **kw})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    EncoderModel(tiny_config()).save_pretrained(str(d))
+    make_tokenizer_dir(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    f = tmp_path_factory.mktemp("corpus") / "text.txt"
+    f.write_text("\n".join(generated_text(400)) + "\n")
+    return str(f)
+
+
+def common(out, steps: int) -> list[str]:
+    return ["--output-dir", str(out), "--max-steps", str(steps), "--no-progress", "--seed", "3"]
+
+
+def test_student_init_copies_every_other_layer(teacher_dir):
+    teacher = pretrain.load_model(teacher_dir)
+    ns = argparse.Namespace(student=None, student_layers="every_other", student_attention=None,
+                            student_max_positions=None)  # fmt: skip
+    student = distill_cmd.build_student(teacher, ns)
+    assert student.config.num_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    for key, value in s.items():
+        if key.startswith("encoder.layers."):
+            i, rest = key.split(".", 3)[2:]
+            src = f"encoder.layers.{[0, 2][int(i)]}.{rest}"
+        else:
+            src = key
+        assert torch.equal(value, t[src]), key
+    ns.student_layers = "1,3"
+    student = distill_cmd.build_student(teacher, ns)
+    assert torch.equal(student.encoder.layers[1].ffn_in.weight, teacher.encoder.layers[3].ffn_in.weight)
+    with pytest.raises(ValueError, match="student-layers"):
+        distill_cmd.parse_layers("odd")
+
+
+def test_distill_loss_falls_and_saves_both_formats(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "kd"
+    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--long-length", "32",
+            "--long-fraction", "0.3", "--batch-size", "8", "--lr", "3e-3", "--log-every", "6", "--save-every", "0",
+            "--max-blocks", "200", *common(out, 36)]  # fmt: skip
+    assert cli(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    losses = [r["loss"] for r in result["history"]]
+    assert result["step"] == 36 and len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert {"mlm", "kd", "cos"} <= set(result["history"][0])
+    student = EncoderModel.from_pretrained(str(out / "student"))
+    assert student.config.num_layers == 2
+    assert os.path.isfile(out / "student-hf" / "config.json") and os.path.isfile(out / "student" / "tokenizer.json")
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["alpha"] == 2.0 and settings["beta"] == 5.0 and settings["temperature"] == 2.0
+
+
+def test_distill_into_longer_longformer_student(teacher_dir, corpus, tmp_path):
+    # Teacher: full attention, 64 positions. Student: Longformer, 128 positions; 96-token blocks make the
+    # teacher run in chunks.
+    out = tmp_path / "long"
+    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--student-attention", "longformer",
+            "--student-max-positions", "128", "--student-window", "16", "--short-length", "32",
+            "--long-length", "96", "--long-fraction", "0.5", "--batch-size", "2", "--max-blocks", "40",
+            "--kd-masked-only", *common(out, 3)]  # fmt: skip
+    assert cli(argv) == 0
+    student = EncoderModel.from_pretrained(str(out / "student"))
+    assert student.config.attention == "longformer" and student.config.max_tokens >= 96
+
+
+def test_pretrain_config_file_and_cli_resume(corpus, tmp_path):
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    model_cfg = tmp_path / "model.json"
+    model_cfg.write_text(json.dumps(tiny_config(layers=2, head=None).to_dict()))
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text("learning_rate: 0.002\nshort_length: 16\nper_device_batch_size: 4\nsave_every: 2\n"
+                       "max_blocks: 64\nlog_every: 1\n")  # fmt: skip
+    base = ["pretrain", "--config", str(run_cfg), "--model-config", str(model_cfg), "--data", corpus,
+            "--tokenizer", tok]  # fmt: skip
+
+    assert cli([*base, *common(tmp_path / "ref", 6)]) == 0
+    assert cli([*base, *common(tmp_path / "run", 6), "--stop-at-step", "3"]) == 0  # "killed" after step 3
+    assert not (tmp_path / "run" / "final").exists()
+    assert cli([*base, *common(tmp_path / "run", 6), "--resume"]) == 0
+    ref = EncoderModel.from_pretrained(str(tmp_path / "ref" / "final"))
+    res = EncoderModel.from_pretrained(str(tmp_path / "run" / "final"))
+    for (k, a), b in zip(ref.state_dict().items(), res.state_dict().values()):
+        assert torch.equal(a, b), k
+    settings = json.loads((tmp_path / "ref" / "settings.json").read_text())
+    assert settings["learning_rate"] == 0.002 and settings["max_steps"] == 6  # file, then CLI
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_kd_task_lambda_sweep_classification(teacher_dir, tmp_path):
+    texts = generated_text(48, seed=5)
+    rows = [{"text": t, "label": "animal" if ("cat" in t or "dog" in t) else "other"} for t in texts]
+    train_f = write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    eval_f = write_jsonl(tmp_path / "dev.jsonl", rows[32:])
+    out = tmp_path / "task"
+    argv = ["kd-task", "--teacher", teacher_dir, "--train", train_f, "--eval", eval_f, "--loss", "taylor-mse",
+            "--lambda-sweep", "0.2,0.8", "--batch-size", "8", "--max-length", "24", "--lr", "1e-3",
+            *common(out, 4)]  # fmt: skip
+    assert cli(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["lambda"] for r in res["runs"]] == [0.2, 0.8] and res["metric"] == "accuracy"
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["runs"]) and res["label_names"] == ["animal", "other"]
+    student = EncoderModel.from_pretrained(str(out / "lambda_0.2" / "student"))
+    assert student.config.head == "sequence_classification" and student.config.num_labels == 2
+
+
+def test_kd_task_platt_regression_taylor(teacher_dir, tmp_path):
+    rows = [{"a": t, "b": u, "score": float(i % 6)} for i, (t, u) in
+            enumerate(zip(generated_text(16, 1), generated_text(16, 2)))]  # fmt: skip
+    f = write_jsonl(tmp_path / "sts.jsonl", rows)
+    out = tmp_path / "sts"
+    argv = ["kd-task", "--teacher", teacher_dir, "--train", f, "--eval", f, "--text-field", "a",
+            "--text-pair-field", "b", "--label-field", "score", "--loss", "taylor", "--lambda", "0.5",
+            "--batch-size", "8", "--max-length", "32", *common(out, 2)]  # fmt: skip
+    assert cli(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["regression"] and res["metric"] == "pearson" and len(res["runs"]) == 1
+    assert -1.0 <= res["runs"][0]["pearson"] <= 1.0
+
+
+def test_bad_inputs_are_clear_errors(teacher_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the cat", "label": 1}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        cli(["kd-task", "--teacher", teacher_dir, "--train", str(bad), *common(tmp_path / "x", 1)])
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        cli(["distill", "--teacher", str(tmp_path / "missing"), "--data", str(bad), *common(tmp_path / "y", 1)])
+    with pytest.raises(ValueError, match="lambda-sweep"):
+        cli(["kd-task", "--teacher", teacher_dir, "--train", str(bad), "--lambda-sweep", "0.5,2",
+             "--skip-bad-records", *common(tmp_path / "z", 1)])  # fmt: skip
