@@ -9,13 +9,17 @@ import torch
 NAME = "cpu"
 DESCRIPTION = "fused C++ kernels (csrc/cpu), OpenMP + SIMD, fp32"
 # op -> module in this package; a pattern appears here once its kernel exists.
-OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse", "nystrom": "nystrom"}
+OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse", "nystrom": "nystrom", "full": "full"}
 AUTO_DEVICES = ("cpu",)
 DTYPES = (torch.float32,)
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        return "this x86 CPU has no AVX2, which the fused C++ kernels are compiled for"
     try:
         from etkd_kernels import _C  # noqa: F401
     except ImportError as exc:

@@ -1,0 +1,146 @@
+"""The built-in default data of `make demo`: a small synthetic language with a tokenizer, an MLM corpus
+(short and long documents), a CoNLL NER set (PER/ORG/LOC/MISC) and a two-class classification set.
+
+Everything is generated from a seed, so the demo needs no network. The tasks are learnable on purpose:
+entity words come from closed lists, and the class of a review is decided by which of two word lists its
+opinion words come from, so a fine-tuned model beats chance clearly and a retention table means something.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+FIRST = [
+    "anna",
+    "boris",
+    "clara",
+    "david",
+    "elena",
+    "felix",
+    "greta",
+    "hugo",
+    "irene",
+    "jonas",
+    "karin",
+    "lukas",
+]
+LAST = ["berg", "costa", "dahl", "eriksen", "fischer", "garcia", "hansen", "ivanov", "jensen", "klein"]
+ORG = ["acme", "globex", "initech", "umbrella", "hooli", "vandelay", "stark", "wayne", "tyrell", "cyberdyne"]
+ORG_SUFFIX = ["corp", "labs", "group", "bank"]
+LOC = ["paris", "oslo", "lima", "cairo", "tokyo", "berlin", "madrid", "quito", "dublin", "kyoto", "sydney"]
+MISC = ["olympics", "eurovision", "oscars", "worldcup", "nobel", "grammys"]
+VERBS = ["met", "visited", "joined", "left", "praised", "criticised", "called", "thanked", "hired", "advised"]
+FILLER = ["the", "a", "today", "yesterday", "in", "at", "with", "after", "before", "during", "and", "then", "of",
+          "report", "meeting", "city", "company", "team", "event", "news", "people", "week", "year", "about"]  # fmt: skip
+GOOD = ["excellent", "wonderful", "great", "superb", "lovely", "brilliant", "delightful", "fantastic"]
+BAD = ["terrible", "awful", "dreadful", "poor", "horrible", "boring", "disappointing", "bad"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def vocabulary() -> list[str]:
+    words = (
+        FIRST
+        + LAST
+        + ORG
+        + ORG_SUFFIX
+        + LOC
+        + MISC
+        + VERBS
+        + FILLER
+        + GOOD
+        + BAD
+        + ["movie", "film", "was", "it", "."]
+    )
+    seen, out = set(), []
+    for w in SPECIAL + words:
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def tokenizer(directory: str | None = None):
+    """A word-level BERT tokenizer over the synthetic vocabulary (saved to `directory` when given)."""
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary())}, do_lower_case=True)
+    if directory:
+        tok.save_pretrained(directory)
+    return tok
+
+
+def _entity(rng: random.Random) -> list[tuple[str, str]]:
+    kind = rng.choice(["PER", "PER", "ORG", "LOC", "MISC"])
+    if kind == "PER":
+        words = [rng.choice(FIRST)] + ([rng.choice(LAST)] if rng.random() < 0.6 else [])
+    elif kind == "ORG":
+        words = [rng.choice(ORG)] + ([rng.choice(ORG_SUFFIX)] if rng.random() < 0.5 else [])
+    elif kind == "LOC":
+        words = [rng.choice(LOC)]
+    else:
+        words = [rng.choice(MISC)]
+    return [(w, ("B-" if i == 0 else "I-") + kind) for i, w in enumerate(words)]
+
+
+def sentence(rng: random.Random) -> list[tuple[str, str]]:
+    """One tagged sentence: filler words around two entities and a verb."""
+    out = [(w, "O") for w in rng.sample(FILLER, rng.randint(1, 3))]
+    out += _entity(rng) + [(rng.choice(VERBS), "O")] + _entity(rng)
+    out += [(w, "O") for w in rng.sample(FILLER, rng.randint(0, 3))] + [(".", "O")]
+    return out
+
+
+def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float = 0.25) -> str:
+    """jsonl {"text": ...}: mostly short documents, a `long_share` of long ones (hundreds of words)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            n = rng.randint(40, 120) if rng.random() < long_share else rng.randint(2, 8)
+            words = [w for _ in range(n) for w, _ in sentence(rng)]
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path
+
+
+def write_conll(path: str, n_docs: int = 60, seed: int = 1) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write("-DOCSTART- -X- -X- O\n\n")
+            for _ in range(rng.randint(3, 10)):
+                for w, tag in sentence(rng):
+                    f.write(f"{w} NN O {tag}\n")
+                f.write("\n")
+    return path
+
+
+def write_classification(path: str, n: int = 400, seed: int = 2) -> str:
+    """jsonl {"sentence", "label"} in SST-2's columns: label 1 when the opinion words are from GOOD."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            pool = GOOD if label else BAD
+            words = [w for w, _ in sentence(rng)][:-1]
+            for _ in range(rng.randint(1, 2)):
+                words.insert(rng.randint(0, len(words)), rng.choice(pool))
+            f.write(
+                json.dumps({"sentence": " ".join(["the", "movie", "was"] + words), "label": label}) + "\n"
+            )
+    return path
+
+
+def write_all(directory: str, seed: int = 0) -> dict[str, str]:
+    """Every built-in file under `directory`; returns their paths by name."""
+    os.makedirs(directory, exist_ok=True)
+    paths = {
+        "tokenizer": os.path.join(directory, "tokenizer"),
+        "corpus": write_corpus(os.path.join(directory, "corpus.jsonl"), seed=seed),
+        "ner_train": write_conll(os.path.join(directory, "ner_train.conll"), seed=seed + 1),
+        "ner_dev": write_conll(os.path.join(directory, "ner_dev.conll"), n_docs=15, seed=seed + 101),
+        "cls_train": write_classification(os.path.join(directory, "cls_train.jsonl"), seed=seed + 2),
+        "cls_dev": write_classification(os.path.join(directory, "cls_dev.jsonl"), n=120, seed=seed + 102),
+    }
+    tokenizer(paths["tokenizer"])
+    return paths
