@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+
 from etkd.benchmarks.cases import CASES, matmul_gflops
 from etkd.benchmarks.memory import measure
 

@@ -1,8 +1,18 @@
-"""`etkd demo`: the main job on a built-in default.
+"""`etkd demo`: the paper's pipeline end to end on a built-in default, sized for ~10 minutes on 2 CPU cores.
 
-For now: a kernel comparison table. For each attention pattern and each backend that can run it here,
-the forward time, the forward+backward time, and the max deviation from the `reference` backend, all
-measured side by side in one run (ratios are what mean something on a shared CPU).
+  0. built-in data: a synthetic language with its tokenizer, an MLM corpus of short and long documents,
+     a CoNLL NER set and a two-class classification set (`demo_data`)
+  1. a small full-attention teacher (RoBERTa-style), MLM-pretrained briefly on the corpus
+  2. convert it to Longformer (positions copied out to --max-positions, global projections from local)
+  3. short MLM pretraining of the converted model on long inputs
+  4. distil it to half depth (DistilBERT-style: 2·MLM + 5·KL at T=2 + 1·cosine)
+  5. fine-tune the full teacher, the Longformer teacher and the student on NER and classification
+  6. `etkd report`: scores and student/teacher retention
+  7. `etkd bench`: inference time and peak memory, ours vs HF, at two lengths
+  8. the kernel comparison table: every pattern x every backend that runs here, time and max deviation
+     from `reference`, measured side by side in one run
+Every step is the same `etkd` subcommand a user runs; the paper-scale run is the same commands with
+real checkpoints, datasets and sizes (see README). Files go to one folder (--out).
 """
 
 from __future__ import annotations
@@ -104,25 +114,117 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _etkd(*argv: str) -> None:
+    from .cli import main
+
+    print(f"\n$ etkd {' '.join(argv)}", flush=True)
+    code = main(list(argv))
+    if code:
+        raise SystemExit(f"etkd demo: step `etkd {argv[0]}` failed with exit code {code}")
+
+
+def pipeline(args) -> None:
+    from etkd.models import EncoderConfig, EncoderModel
+
+    from . import demo_data
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    print(f"[0] built-in data -> {out}/data")
+    data = demo_data.write_all(os.path.join(out, "data"), seed=args.seed)
+    tok = data["tokenizer"]
+    n_vocab = len(demo_data.vocabulary())
+    quiet = ["--no-progress"] if args.no_progress else []
+    steps = args.steps
+
+    print("[1] a small full-attention teacher (RoBERTa-style, 128 tokens), MLM-pretrained on the corpus")
+    cfg = EncoderConfig(
+        vocab_size=n_vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+        intermediate_size=4 * args.hidden, max_positions=128 + 2, position_style="padded", pad_token_id=0,
+        layer_norm_eps=1e-5, attention="full", head="mlm", hidden_dropout=0.1, attention_dropout=0.1,
+    )  # fmt: skip
+    torch.manual_seed(args.seed)
+    EncoderModel(cfg).save_pretrained(os.path.join(out, "teacher_init"))
+    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), *quiet]
+    _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
+          "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
+          "--long-length", "128", "--save-every", str(steps), *common)  # fmt: skip
+    teacher = os.path.join(out, "teacher", "final")
+
+    print(f"[2] convert to Longformer: {args.max_positions} positions, window {args.window}")
+    _etkd("convert", "--from", teacher, "--to", "longformer", "--max-positions", str(args.max_positions),
+          "--window", str(args.window), "--out", os.path.join(out, "longformer"))  # fmt: skip
+
+    print("[3] short MLM pretraining of the converted model on long inputs")
+    _etkd("pretrain", "--model", os.path.join(out, "longformer"), "--output-dir", os.path.join(out, "longformer_pt"),
+          "--max-steps", str(steps // 2), "--batch-size", "4", "--lr", "5e-4", "--short-length", "128",
+          "--long-length", str(args.max_positions), "--long-fraction", "0.5", "--save-every", str(steps), *common)  # fmt: skip
+    long_teacher = os.path.join(out, "longformer_pt", "final")
+
+    print("[4] distil to half depth (every other layer)")
+    _etkd("distill", "--teacher", long_teacher, "--output-dir", os.path.join(out, "student"),
+          "--max-steps", str(steps), "--batch-size", "8", "--lr", "5e-4", "--short-length", "128",
+          "--long-length", str(args.max_positions), "--long-fraction", "0.25", "--save-every", str(steps), *common)  # fmt: skip
+    student = os.path.join(out, "student", "student")
+
+    print("[5] fine-tune teachers and student on NER and classification")
+    models = [("roberta-full", teacher, None), ("longformer", long_teacher, None),
+              ("longformer-student", student, "longformer")]  # fmt: skip
+    results = os.path.join(out, "results")
+    for task, train, dev in (
+        ("conll2003", data["ner_train"], data["ner_dev"]),
+        ("sst2", data["cls_train"], data["cls_dev"]),
+    ):
+        for name, path, teacher_name in models:
+            extra = ["--teacher", teacher_name] if teacher_name else []
+            _etkd("finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
+                  "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}"),
+                  "--max-steps", str(steps), "--batch-size", "16", "--learning-rate", "2e-3",
+                  "--seed", str(args.seed), "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
+                  *extra, *quiet)  # fmt: skip
+
+    print("[6] retention report")
+    _etkd(
+        "report", results, "--pair", "longformer-student=longformer", "--out-dir", os.path.join(out, "report")
+    )
+
+    if not args.skip_bench:
+        print("[7] etkd bench: ours vs HF, inference time and peak memory")
+        _etkd("bench", "--size", "small", "--batch", "2", "--seq-lens", "512", "2048", "--models",
+              "full-4096,longformer,bigbird,nystrom", "--repeats", "3", "--out", os.path.join(out, "bench"))  # fmt: skip
+
+
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the main job on a built-in default (kernel comparison table)")
-    p.add_argument("--seq", type=int, default=1024)
+    p = sub.add_parser("demo", help="the pipeline end to end on built-in data (~10 min on 2 CPU cores)")
+    p.add_argument("--out", default="demo_out", help="folder for every file the demo writes")
+    p.add_argument("--steps", type=int, default=120, help="training steps per stage (scales the run time)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="demo_out", help="folder for the JSON results")
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq", type=int, default=1024, help="kernel table: sequence length")
+    p.add_argument("--repeats", type=int, default=3, help="kernel table: timed repeats")
+    p.add_argument("--kernels-only", action="store_true", help="only the kernel comparison table")
+    p.add_argument("--skip-bench", action="store_true", help="leave out the `etkd bench` step")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    print(
-        f"etkd demo: attention kernels, batch 1, {args.heads} heads x 64, seq {args.seq}, fp32, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
-    rows = kernel_table(seq=args.seq, heads=args.heads, repeats=args.repeats)
+    t0 = time.perf_counter()
+    if not args.kernels_only:
+        pipeline(args)
+    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}")  # fmt: skip
+    rows = kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
-    print(f"\nwrote {path}")
+    print(
+        f"\nwrote {path}; everything else under {os.path.abspath(args.out)} ({time.perf_counter() - t0:.0f} s)"
+    )
     return 0

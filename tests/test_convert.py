@@ -7,10 +7,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_close
+
 from etkd.distill.cli import main
 from etkd.models import EncoderConfig, EncoderModel, convert, from_hf, make_student
 from etkd.models.convert import tile_positions
-from helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*block_sparse.*")

@@ -21,7 +21,23 @@ from etkd.distill.data import (
     pack_sequences,
 )
 
-WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "ran", "to", "big", "red", "house", "and", "saw", "bird"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "a",
+    "ran",
+    "to",
+    "big",
+    "red",
+    "house",
+    "and",
+    "saw",
+    "bird",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -35,7 +51,9 @@ def make_tokenizer_dir(path) -> str:
     core.normalizer = normalizers.BertNormalizer(lowercase=True)
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     core.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     core.decoder = decoders.WordPiece()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
@@ -102,7 +120,9 @@ def test_hub_names_go_to_load_dataset(monkeypatch):
         return [{"text": "hub doc"}, {"content": "no text"}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    src = TextSource("wikimedia/wikipedia", config="20231101.en", split="train", streaming=True, on_error="skip")
+    src = TextSource(
+        "wikimedia/wikipedia", config="20231101.en", split="train", streaming=True, on_error="skip"
+    )
     assert list(src) == ["hub doc"] and src.skipped == 1
     assert calls == [("wikimedia/wikipedia", "20231101.en", "train", True)]
 
@@ -118,14 +138,19 @@ def test_packing_mix_of_short_and_long(tok):
     assert all(b[0] == tok.cls_token_id and b[-1] == tok.sep_token_id for b in blocks)
     # Every document token survives in order (the final partial block aside).
     body = [t for b in blocks for t in b[1:-1]]
-    stream = [t for txt in texts for t in tok(txt, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]]
+    stream = [
+        t for txt in texts for t in tok(txt, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+    ]
     assert body == stream[: len(body)]
-    assert blocks == list(pack_sequences(texts, tok, short_length=16, long_length=48, long_fraction=0.3, seed=1))
+    assert blocks == list(
+        pack_sequences(texts, tok, short_length=16, long_length=48, long_fraction=0.3, seed=1)
+    )
     stream_ds = PackedStream(texts, tok, seed=1, short_length=16, long_length=48, long_fraction=0.3)
     assert list(stream_ds) == blocks
-    assert build_mlm_dataset(texts, tok, seed=1, max_blocks=5, short_length=16) == list(
-        pack_sequences(texts, tok, seed=1, short_length=16)
-    )[:5]
+    assert (
+        build_mlm_dataset(texts, tok, seed=1, max_blocks=5, short_length=16)
+        == list(pack_sequences(texts, tok, seed=1, short_length=16))[:5]
+    )
 
 
 def test_mlm_masking_rates(tok):
@@ -174,7 +199,9 @@ def test_classification_records_and_collate(tmp_path, tok):
     batch = ClassificationCollator(tok, max_length=8)(records)
     assert batch["input_ids"].shape[0] == 2 and batch["labels"].dtype == torch.long
     g = tmp_path / "sts.jsonl"
-    g.write_text('{"s1": "the cat", "s2": "a cat", "score": 4.2}\n{"s1": "the dog", "s2": "red house", "score": 0.5}\n')
+    g.write_text(
+        '{"s1": "the cat", "s2": "a cat", "score": 4.2}\n{"s1": "the dog", "s2": "red house", "score": 0.5}\n'
+    )
     records, info = load_classification(str(g), text_field="s1", text_pair_field="s2", label_field="score")
     assert info["regression"] and records[0]["text_pair"] == "a cat"
     batch = ClassificationCollator(tok)(records)

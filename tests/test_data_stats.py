@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+
 from etkd.distill import data_stats
 from etkd.distill.cli import main
 

@@ -94,7 +94,9 @@ def test_distill_loss_falls_and_saves_both_formats(teacher_dir, corpus, tmp_path
     assert {"mlm", "kd", "cos"} <= set(result["history"][0])
     student = EncoderModel.from_pretrained(str(out / "student"))
     assert student.config.num_layers == 2
-    assert os.path.isfile(out / "student-hf" / "config.json") and os.path.isfile(out / "student" / "tokenizer.json")
+    assert os.path.isfile(out / "student-hf" / "config.json") and os.path.isfile(
+        out / "student" / "tokenizer.json"
+    )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["alpha"] == 2.0 and settings["beta"] == 5.0 and settings["temperature"] == 2.0
 
@@ -176,7 +178,16 @@ def test_bad_inputs_are_clear_errors(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
         cli(["kd-task", "--teacher", teacher_dir, "--train", str(bad), *common(tmp_path / "x", 1)])
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        cli(["distill", "--teacher", str(tmp_path / "missing"), "--data", str(bad), *common(tmp_path / "y", 1)])
+        cli(
+            [
+                "distill",
+                "--teacher",
+                str(tmp_path / "missing"),
+                "--data",
+                str(bad),
+                *common(tmp_path / "y", 1),
+            ]
+        )
     with pytest.raises(ValueError, match="lambda-sweep"):
         cli(["kd-task", "--teacher", teacher_dir, "--train", str(bad), "--lambda-sweep", "0.5,2",
              "--skip-bad-records", *common(tmp_path / "z", 1)])  # fmt: skip

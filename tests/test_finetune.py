@@ -16,8 +16,9 @@ WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "good", "bad", "bi
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     import torch
-    from etkd.models import EncoderConfig, EncoderModel
     from transformers import BertTokenizer
+
+    from etkd.models import EncoderConfig, EncoderModel
 
     torch.manual_seed(0)  # module-scoped: do not depend on which tests ran before
     d = tmp_path_factory.mktemp("tiny")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from etkd.distill.losses import (
     distillation_loss,
     inverse_platt,
@@ -60,7 +61,9 @@ def test_taylor_mse_by_hand_and_gradient():
     loss = taylor_mse(zs, zt, y)
     assert loss.item() == pytest.approx(sum(terms) / 3, rel=1e-12)
     (g,) = torch.autograd.grad(loss, zs)
-    expect = [2 * p[c] * (zs[0, c].item() - zt[0, c].item() - (y[0, c].item() / p[c] - 1)) / 3 for c in range(3)]
+    expect = [
+        2 * p[c] * (zs[0, c].item() - zt[0, c].item() - (y[0, c].item() / p[c] - 1)) / 3 for c in range(3)
+    ]
     torch.testing.assert_close(g[0], torch.tensor(expect, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     # It carries the teacher: another teacher, another gradient. Its minimum: z_s = z_t + y/p - 1.
     (g2,) = torch.autograd.grad(taylor_mse(zs, zt + torch.tensor([[1.0, 0, 0]]), y), zs)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from etkd.models import ATTENTION, EncoderConfig, EncoderModel
 from helpers import assert_close
+
+from etkd.models import ATTENTION, EncoderConfig, EncoderModel
 
 PATTERNS = sorted(ATTENTION)
 # Settings small enough for a 40-token input to exercise each pattern's sparse path (bigbird: 10 blocks).

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 import torch
-from etkd.models import EncoderModel, convert, from_hf, to_hf
 from helpers import assert_close
 
 import etkd_kernels as ek
+from etkd.models import EncoderModel, convert, from_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*block_sparse.*")

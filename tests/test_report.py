@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from etkd.distill import report
 from etkd.distill.cli import main
 

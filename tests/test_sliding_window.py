@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from etkd.benchmarks import hf_reference as hr
 from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from etkd.benchmarks import hf_reference as hr
 from etkd_kernels import sliding_window_attention
 
 

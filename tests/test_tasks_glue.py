@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from etkd.distill.tasks import DataError, glue
 
 

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from etkd.distill import metrics as M
 
 

@@ -1,6 +1,7 @@
 """CoNLL reading, sub-word label alignment (round trip), windows over long documents merged back."""
 
 import pytest
+
 from etkd.distill.tasks import DataError, ner
 
 CONLL = """-DOCSTART- -X- -X- O

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+
 from etkd.distill.training import ShardedBatches, TrainConfig, latest_checkpoint, linear_schedule, train
 from etkd.models.config import EncoderConfig
 from etkd.models.encoder import EncoderModel

@@ -9,7 +9,12 @@ import torch
 NAME = "cpu"
 DESCRIPTION = "fused C++ kernels (csrc/cpu), OpenMP + SIMD, fp32"
 # op -> module in this package; a pattern appears here once its kernel exists.
-OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse", "nystrom": "nystrom", "full": "full"}
+OPS: dict[str, str] = {
+    "sliding_window": "sliding_window",
+    "block_sparse": "block_sparse",
+    "nystrom": "nystrom",
+    "full": "full",
+}
 AUTO_DEVICES = ("cpu",)
 DTYPES = (torch.float32,)
 

@@ -34,5 +34,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, scale):
         real = key_padding_mask[:, None, :]
         grad_out = grad_out * real[..., None]
         lse = torch.where(real, lse, torch.zeros_like(lse))  # finite: those rows carry no gradient
-    dq, dk, dv = _bwd(grad_out, q, k, v, out, lse, 0.0, False, attn_mask=_mask(key_padding_mask, q.dtype), scale=scale)
+    dq, dk, dv = _bwd(
+        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=_mask(key_padding_mask, q.dtype), scale=scale
+    )
     return dq, dk, dv
