@@ -197,7 +197,7 @@ def pipeline(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the pipeline end to end on built-in data (~10 min on 2 CPU cores)")
     p.add_argument("--out", default="demo_out", help="folder for every file the demo writes")
-    p.add_argument("--steps", type=int, default=120, help="training steps per stage (scales the run time)")
+    p.add_argument("--steps", type=int, default=150, help="training steps per stage (scales the run time)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)

@@ -51,7 +51,7 @@ def vocabulary() -> list[str]:
         + FILLER
         + GOOD
         + BAD
-        + ["movie", "film", "was", "it", "."]
+        + ["movie", "film", "was", "it", "not", "."]
     )
     seen, out = set(), []
     for w in SPECIAL + words:
@@ -115,16 +115,20 @@ def write_conll(path: str, n_docs: int = 60, seed: int = 1) -> str:
     return path
 
 
-def write_classification(path: str, n: int = 400, seed: int = 2) -> str:
-    """jsonl {"sentence", "label"} in SST-2's columns: label 1 when the opinion words are from GOOD."""
+def write_classification(path: str, n: int = 400, seed: int = 2, negation: float = 0.2) -> str:
+    """jsonl {"sentence", "label"} in SST-2's columns: label 1 when the opinion is positive. An opinion word
+    from GOOD or BAD, preceded by "not" with probability `negation` (which flips it), makes the task need
+    word order, not just a bag of words."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             label = rng.randint(0, 1)
-            pool = GOOD if label else BAD
+            negate = rng.random() < negation
+            pool = GOOD if label != negate else BAD
             words = [w for w, _ in sentence(rng)][:-1]
-            for _ in range(rng.randint(1, 2)):
-                words.insert(rng.randint(0, len(words)), rng.choice(pool))
+            phrase = (["not"] if negate else []) + [rng.choice(pool)]
+            at = rng.randint(0, len(words))
+            words[at:at] = phrase
             f.write(
                 json.dumps({"sentence": " ".join(["the", "movie", "was"] + words), "label": label}) + "\n"
             )

@@ -37,6 +37,7 @@ class EncoderConfig:
     position_style: str = "absolute"
     position_offset: int = 0
     layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02  # std of the normal init of fresh weights (BERT's)
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1  # applied to the attention output (the ops have no dropout on probs)
     pre_norm: bool = False  # BERT/RoBERTa checkpoints are post-norm

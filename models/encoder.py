@@ -175,6 +175,24 @@ class EncoderModel(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.head = build_head(config, self.encoder)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's init for fresh models (loaded checkpoints overwrite it): N(0, initializer_range) weights,
+        zero biases, unit LayerNorms. PyTorch's defaults (N(0, 1) embeddings, tied to the MLM decoder)
+        start an MLM at a loss of ~19 nats and stall training behind gradient clipping."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
                 position_ids=None, inputs_embeds=None, output_hidden_states=False) -> EncoderOutput:  # fmt: skip

@@ -143,6 +143,9 @@ NY_CASES = [
     # (batch, heads, seq, head_dim, landmarks, pad, pinv_init)
     (1, 2, 64, 16, 8, 0, "per_head"),
     (2, 3, 100, 32, 7, 9, "hf_global"),  # landmarks not dividing seq, padding
+    (2, 3, 100, 32, 7, 9, "per_head"),
+    (2, 2, 96, 16, 8, 4, "hf_global"),  # landmarks dividing seq, padding
+    (1, 1, 10, 16, 6, 0, "per_head"),  # 2-token segments: only 5 landmarks
     (1, 1, 40, 64, 40, 5, "per_head"),  # landmarks == seq: exact softmax attention
 ]
 
@@ -157,6 +160,45 @@ def test_nystrom_matches_reference(case, threads):
         return nystrom_attention(q, k, v, nl, key_padding_mask=kpm, pinv_init=init, backend=backend)
 
     _compare(run, [q, k, v], f"nystrom{case}")
+
+
+NY_FWD_CASES = [
+    # (batch, heads, seq, head_dim, landmarks, pad, pinv_init, pinv_iterations): the fused forward alone
+    (1, 4, 600, 64, 64, 0, "per_head", 6),  # several 256-row query tiles, a short last segment
+    (3, 2, 300, 64, 32, 40, "hf_global", 6),  # one init over heads and batch rows of different scales
+    (2, 2, 77, 32, 5, 77, "per_head", 6),  # a batch row that is all padding: zeros
+    (1, 2, 50, 16, 9, 3, "hf_global", 0),  # no Newton-Schulz step: the initial inverse
+    (2, 1, 33, 8, 1, 2, "per_head", 3),  # one landmark
+]
+
+
+@pytest.mark.parametrize("case", NY_FWD_CASES, ids=[str(c) for c in NY_FWD_CASES])
+def test_nystrom_fused_forward_matches_reference(case, threads):
+    b, h, s, d, nl, pad, init, iters = case
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    q[-1] *= 3  # hf_global: the batch rows' K2 column sums differ
+    kpm = None
+    if pad:
+        kpm = torch.ones(b, s, dtype=torch.bool)
+        kpm[-1, s - pad :] = False
+    with torch.no_grad():
+        got, want = (
+            nystrom_attention(
+                q, k, v, nl, pinv_iterations=iters, key_padding_mask=kpm, pinv_init=init, backend=backend
+            )
+            for backend in ("cpu", "reference")
+        )
+    assert_close(got, want, FWD_ATOL, name=f"nystrom fused{case}")
+    if pad == s:
+        assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+
+
+def test_nystrom_fused_forward_non_contiguous():
+    q, k, v = (torch.randn(1, 40, 2, 16).transpose(1, 2) for _ in range(3))
+    with torch.no_grad():
+        got = nystrom_attention(q, k, v, 8, backend="cpu")
+        want = nystrom_attention(q, k, v, 8, backend="reference")
+    assert_close(got, want, FWD_ATOL, name="nystrom fused non-contiguous")
 
 
 def test_padded_rows_are_zero_not_nan():

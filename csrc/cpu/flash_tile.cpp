@@ -292,6 +292,23 @@ void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src) {
   for (int64_t a = k0; a < k1; a += len) segs.push_back(Seg{a, std::min(len, k1 - a), src});
 }
 
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    const float mx = add_bias_max(row, bias, 0, n);
+    if (mx == kNegInf) {
+      std::fill(row, row + n, 0.f);
+      continue;
+    }
+    scale_row(row, n, 1.f / exp_sum(row, 0, n, mx));
+  }
+}
+
 void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int64_t d) {
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) delta[r] = dot(a + r * d, b + r * d, d);

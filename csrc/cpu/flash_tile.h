@@ -58,6 +58,14 @@ void run_forward(const Problem& p, float* out, float* lse);
 void run_backward(const Problem& p, const float* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx);
 
+// Row-major C (m x n) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C through BLAS sgemm.
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// In-place softmax of `rows` rows of `n` floats (row stride ld), keys biased by bias[0:n] (null = none):
+// rows seeing no key (all -inf) become zeros. SIMD (at::vec).
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias);
+
 // delta[r] = sum_c a[r, c] * b[r, c] over `rows` rows of `d` floats.
 void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int64_t d);
 

@@ -33,4 +33,8 @@ std::tuple<Tensor, Tensor> softmax_matmul_fwd(const Tensor& a, const Tensor& b, 
 std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, const Tensor& b, const Tensor& c,
                                        const Tensor& out, const Tensor& lse, const OptTensor& key_mask, double scale);
 
+// The whole Nystrom forward (landmarks, pseudo-inverse, both products) fused per (batch, head).
+Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks, int64_t iterations,
+                   const OptTensor& key_padding_mask, double scale, bool hf_global);
+
 }  // namespace etkd::cpu

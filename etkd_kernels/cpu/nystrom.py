@@ -1,10 +1,11 @@
 """Nystrom attention on the `cpu` backend.
 
-The two products over the sequence, K1 @ X (seq x landmarks) and K3 @ v (landmarks x seq), are the fused
-`softmax(scale * a @ b^T, masked) @ c` kernel of csrc/cpu/nystrom.cpp (never materialising K1 or K3); the
-landmark means and the (landmarks x landmarks) pseudo-inverse are small ATen ops shared with `reference`.
-The backward differentiates that composition, the fused product bringing its own recompute-from-lse
-backward.
+Forward: `nystrom_fwd` of csrc/cpu/nystrom.cpp does the whole computation (landmark means, K2 softmax,
+Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in one parallel loop over (batch, head), with no per-op
+dispatch. Backward: autograd over a composition whose two products over the sequence, K1 @ X
+(seq x landmarks) and K3 @ v (landmarks x seq), are the fused `softmax(scale * a @ b^T, masked) @ c` kernel
+(recompute-from-lse backward, never materialising K1 or K3); the landmark means and the
+(landmarks x landmarks) pseudo-inverse are small ATen ops shared with `reference`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,18 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
 
 def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
     with torch.no_grad():
-        return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+        if num_landmarks == q.shape[2]:
+            return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+        return torch.ops.etkd_cpu.nystrom_fwd(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            num_landmarks,
+            pinv_iterations,
+            key_padding_mask,
+            scale,
+            pinv_init == "hf_global",
+        )
 
 
 def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
