@@ -224,3 +224,12 @@ def test_opcheck_sliding_window_fwd():
     gm[0, 2] = True
     args = (q, k, v, 4, gm, None, None, None, None, 0.25, "cpu")
     torch.library.opcheck(torch.ops.etkd.sliding_window_fwd.default, args)
+
+
+def test_opcheck_nystrom_fwd():
+    q, k, v = (torch.randn(2, 2, 24, 16, requires_grad=True) for _ in range(3))
+    kpm = torch.ones(2, 24, dtype=torch.bool)
+    kpm[1, 20:] = False
+    for init in ("per_head", "hf_global"):
+        args = (q, k, v, 5, 6, kpm, 0.25, init, "cpu")
+        torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, args)

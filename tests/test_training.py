@@ -72,15 +72,16 @@ def flat_params(model) -> torch.Tensor:
 
 def test_loss_falls_and_log_written(tmp_path):
     model = tiny_mlm()
-    out = train(model, make_data(), mlm_loss, cfg_for(tmp_path, max_steps=30, log_every=5, save_every=0),
+    # BERT's 0.02 init starts at ln(64) nats; the neighbour-copy task needs a few hundred tiny steps (~4 s).
+    out = train(model, make_data(), mlm_loss, cfg_for(tmp_path, max_steps=300, log_every=50, save_every=0),
                 collate_fn=collate)  # fmt: skip
     losses = [r["loss"] for r in out["history"]]
-    assert out["step"] == 30 and len(losses) == 6
+    assert out["step"] == 300 and len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
     assert all("tokens_per_s" in r and "mlm" in r for r in out["history"])
     with open(tmp_path / "log.jsonl") as f:
         assert len(f.readlines()) == 6
-    assert latest_checkpoint(str(tmp_path)).endswith("step_00000030")
+    assert latest_checkpoint(str(tmp_path)).endswith("step_00000300")
 
 
 @pytest.mark.parametrize("accum", [1, 2])
