@@ -1,15 +1,19 @@
 """Attention-core comparison, side by side in one run: `python -m etkd.benchmarks.core --seq 4096`.
 
-HF's attention modules compute their own q/k/v projections, so "HF core" is the HF module's time minus
-the time of exactly those projections, measured in the same run; etkd, FlexAttention and SDPA are timed on
-the same precomputed q/k/v. Prints medians, ratios, useful GFLOP/s and the fp32 matmul rate of the run.
+HF's attention modules compute their own q/k/v projections, so "HF core" is the HF module run with each
+projection layer replaced by its precomputed output (`cached_projections`): everything HF does after the
+projections, forward and backward, and nothing else. etkd, FlexAttention and SDPA are timed on the same
+precomputed q/k/v. Prints medians, ratios, useful GFLOP/s and the fp32 matmul rate of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -18,6 +22,35 @@ import etkd_kernels as ek
 
 from . import hf_reference as hr
 from .cases import _flex, matmul_gflops
+from .memory import PeakRSS
+
+
+class _Cached(torch.nn.Module):
+    """A projection layer that computes its output once and then returns a copy of it (HF modifies some in
+    place; the copy of a 4096 x 768 tensor costs ~1 ms), taking gradients when the input does, so the module
+    around it times only its attention core."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer, self.out = layer, None
+
+    def forward(self, x):
+        if self.out is None or self.out.requires_grad != x.requires_grad:
+            with torch.no_grad():
+                self.out = self.layer(x).requires_grad_(x.requires_grad)
+        self.out.grad = None
+        return self.out.clone()
+
+
+def cached_projections(module: torch.nn.Module, names) -> torch.nn.Module:
+    """A shallow copy of an HF attention module whose projection layers return precomputed outputs."""
+    import copy
+
+    core = copy.copy(module)
+    core._modules = dict(module._modules)
+    for n in names:
+        core._modules[n] = _Cached(module._modules[n])
+    return core
 
 
 def _median(fn, repeats: int) -> float:
@@ -43,9 +76,18 @@ def _timer(f, args: tuple, backward: bool):
     return lambda: f(*leaves).sum().backward()
 
 
-def measure(
-    pattern: str, seq: int, heads: int, head_dim: int, backends: list[str], modes: list[str], repeats: int
-):
+@dataclasses.dataclass
+class Setup:
+    """One pattern's callables on shared inputs: provider name -> (function, its arguments)."""
+
+    pattern: str
+    seq: int
+    providers: dict
+    flops: float  # forward attention FLOPs (QK^T and PV) on the pattern's nonzeros
+    forward_only: tuple = ("flex",)  # FlexAttention has no CPU backward
+
+
+def build(pattern: str, seq: int, heads: int, head_dim: int, backends: list[str]) -> Setup:
     from torch.nn.attention.flex_attention import create_block_mask
 
     torch.manual_seed(0)
@@ -54,22 +96,19 @@ def measure(
     real = torch.ones(1, seq, dtype=torch.bool)
     glob = torch.zeros(1, seq, dtype=torch.bool)
     glob[:, 0] = True
-    rows = []
+    bm = None
     if pattern == "longformer":
         window = 512
         mod = hr.longformer_module(hidden, heads, window)
         hf = lambda x: hr.run_longformer(mod, x, real, glob)
-
-        def proj(x):
-            q, k, v, g = hr.longformer_qkv(mod, x)
-            return sum(t.sum() for t in (q, k, v, *g))
-
-        q, k, v, g = (t.detach().contiguous() for t in hr.longformer_qkv(mod, x)[:3]), None, None, None
-        q, k, v = list(q)
-        g = [t.detach().contiguous() for t in hr.longformer_qkv(mod, x)[3]]
-        ops = {b: (lambda q, k, v, *g, b=b: ek.sliding_window_attention(
-            q, k, v, window, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b)) for b in backends}  # fmt: skip
-        args = (q, k, v, *g)
+        core = cached_projections(
+            mod, ("query", "key", "value", "query_global", "key_global", "value_global")
+        )
+        hf_core = lambda x: hr.run_longformer(core, x, real, glob)
+        q, k, v, g = hr.longformer_qkv(mod, x)
+        args = tuple(t.detach().contiguous() for t in (q, k, v, *g))
+        op = lambda b: (lambda q, k, v, *g: ek.sliding_window_attention(
+            q, k, v, window, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b))  # fmt: skip
         w = window // 2
         pairs = sum(min(seq, i + w + 1) - max(0, i - w) for i in range(seq))
         gl = glob[0]
@@ -80,48 +119,83 @@ def measure(
         block, r = 64, 3
         mod = hr.bigbird_module(hidden, heads, block, r).eval()
         hf = lambda x: hr.run_bigbird(mod, x, real)
-        proj = lambda x: sum(t.sum() for t in hr.projections(mod, x, heads))
-        q, k, v = (t.detach().contiguous() for t in hr.projections(mod, x, heads))
+        core = cached_projections(mod, ("query", "key", "value"))
+        hf_core = lambda x: hr.run_bigbird(core, x, real)
+        args = tuple(t.detach().contiguous() for t in hr.projections(mod, x, heads))
         layout = ek.bigbird_layout(seq, block_size=block, num_random_blocks=r, seed=0)
-        ops = {b: (lambda q, k, v, b=b: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b)) for b in backends}  # fmt: skip
-        args = (q, k, v)
+        op = lambda b: (lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b))  # fmt: skip
         pairs = int(layout.mask.sum()) * block * block
         dense = layout.mask[0]
         bm = create_block_mask(
             lambda b, h, qi, ki: dense[qi // block, ki // block], None, None, seq, seq, device="cpu"
         )
-    else:
+    elif pattern == "nystrom":
         landmarks = 64
         mod = hr.nystrom_module(hidden, heads, seq, landmarks)
         hf = lambda x: hr.run_nystrom(mod, x, real)
-        proj = lambda x: sum(t.sum() for t in hr.projections(mod, x, heads))
-        q, k, v = (t.detach().contiguous() for t in hr.projections(mod, x, heads))
-        ops = {b: (lambda q, k, v, b=b: ek.nystrom_attention(q, k, v, landmarks, key_padding_mask=real, pinv_init="hf_global", backend=b)) for b in backends}  # fmt: skip
-        args = (q, k, v)
+        core = cached_projections(mod, ("query", "key", "value"))
+        hf_core = lambda x: hr.run_nystrom(core, x, real)
+        args = tuple(t.detach().contiguous() for t in hr.projections(mod, x, heads))
+        op = lambda b: (lambda q, k, v: ek.nystrom_attention(q, k, v, landmarks, key_padding_mask=real, pinv_init="hf_global", backend=b))  # fmt: skip
         pairs = 4 * seq * landmarks + landmarks * landmarks  # the K1, K3 products and the landmark block
-        bm = None
-    flops = 4.0 * heads * head_dim * pairs
+    else:
+        raise ValueError(f"pattern: expected longformer, bigbird or nystrom, got {pattern!r}")
+    providers = {"hf_module": (hf, (x,)), "hf_core": (hf_core, (x,))}
+    for b in backends:
+        providers[f"etkd_{b}"] = (op(b), args)
+    if bm is not None:
+        providers["flex"] = (lambda q, k, v, *_: _flex(q, k, v, bm, head_dim**-0.5), args)
+    providers["sdpa_dense"] = (
+        lambda q, k, v, *_: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        args,
+    )
+    return Setup(pattern, seq, providers, 4.0 * heads * head_dim * pairs)
+
+
+def measure(setup: Setup, modes: list[str], repeats: int, memory: bool = False, argv_base=()) -> list[dict]:
+    """Median times (and, with memory=True, peak extra MiB of one call in a fresh process) per mode."""
+    rows = []
     for mode in modes:
         bwd = mode == "fwd_bwd"
-        t_mod = _median(_timer(hf, (x,), bwd), repeats)
-        t_proj = _median(_timer(proj, (x,), bwd), repeats)
-        row = {"pattern": pattern, "seq": seq, "mode": mode, "hf_module_ms": 1e3 * t_mod, "hf_projections_ms": 1e3 * t_proj,
-               "hf_core_ms": 1e3 * (t_mod - t_proj)}  # fmt: skip
-        for b, f in ops.items():
-            t = _median(_timer(f, args, bwd), repeats)
-            row[f"etkd_{b}_ms"] = 1e3 * t
-            row[f"etkd_{b}_useful_gflops"] = flops * (3.5 if bwd else 1.0) / t / 1e9
-            row[f"hf_core_over_etkd_{b}"] = (t_mod - t_proj) / t
-        if bm is not None and not bwd:  # FlexAttention has no CPU backward
-            t = _median(_timer(lambda q, k, v: _flex(q, k, v, bm, head_dim**-0.5), (q, k, v), False), repeats)
-            row["flex_ms"] = 1e3 * t
-        t = _median(
-            _timer(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), (q, k, v), bwd),
-            repeats,
-        )
-        row["sdpa_dense_ms"] = 1e3 * t
+        row = {"pattern": setup.pattern, "seq": setup.seq, "mode": mode}
+        for name, (f, args) in setup.providers.items():
+            if bwd and name in setup.forward_only:
+                continue
+            row[f"{name}_ms"] = 1e3 * _median(_timer(f, args, bwd), repeats)
+            if memory:
+                row[f"{name}_peak_mib"] = _memory_in_child([*argv_base, "--child", f"{name}:{mode}"])
+        for name in setup.providers:
+            if name.startswith("etkd_") and f"{name}_ms" in row:
+                t = row[f"{name}_ms"] / 1e3
+                row[f"{name}_useful_gflops"] = setup.flops * (3.5 if bwd else 1.0) / t / 1e9
+                for base in ("hf_core", "flex", "sdpa_dense"):
+                    if f"{base}_ms" in row:
+                        row[f"{base}_over_{name}"] = row[f"{base}_ms"] / row[f"{name}_ms"]
+                if memory and row.get("hf_core_peak_mib") and row.get(f"{name}_peak_mib") is not None:
+                    row[f"{name}_peak_over_hf_core"] = row[f"{name}_peak_mib"] / row["hf_core_peak_mib"]
         rows.append(row)
     return rows
+
+
+def _memory_in_child(argv: list[str]) -> float | None:
+    res = subprocess.run(
+        [sys.executable, "-m", "etkd.benchmarks.core", *argv], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        print(res.stderr[-2000:], file=sys.stderr)
+        return None
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _child(setup: Setup, spec: str) -> float:
+    """Peak extra MiB of the second call of one provider (the first warms caches, pools and compiles)."""
+    name, mode = spec.split(":")
+    f, args = setup.providers[name]
+    run = _timer(f, args, mode == "fwd_bwd")
+    run()
+    with PeakRSS() as peak:
+        run()
+    return peak.peak_mib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,16 +207,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="cpu,reference")
     p.add_argument("--modes", default="fwd,fwd_bwd")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--memory", action="store_true", help="also peak extra memory per call, each in a fresh process"
+    )
     p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.child:
+        setup = build(a.patterns, a.seq, a.heads, a.head_dim, a.backends.split(","))
+        print(f"{_child(setup, a.child):.1f}")
+        return 0
     print(
         f"fp32 matmul {matmul_gflops():.1f} GFLOP/s, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     rows = []
     for pattern in a.patterns.split(","):
-        for row in measure(
-            pattern, a.seq, a.heads, a.head_dim, a.backends.split(","), a.modes.split(","), a.repeats
-        ):
+        setup = build(pattern, a.seq, a.heads, a.head_dim, a.backends.split(","))
+        base = ["--patterns", pattern, "--seq", str(a.seq), "--heads", str(a.heads), "--head-dim", str(a.head_dim),
+                "--backends", a.backends]  # fmt: skip
+        for row in measure(setup, a.modes.split(","), a.repeats, a.memory, base):
             rows.append(row)
             print(
                 json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}),
