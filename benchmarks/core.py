@@ -137,7 +137,7 @@ def build(pattern: str, seq: int, heads: int, head_dim: int, backends: list[str]
         hf_core = lambda x: hr.run_nystrom(core, x, real)
         args = tuple(t.detach().contiguous() for t in hr.projections(mod, x, heads))
         op = lambda b: (lambda q, k, v: ek.nystrom_attention(q, k, v, landmarks, key_padding_mask=real, pinv_init="hf_global", backend=b))  # fmt: skip
-        pairs = 4 * seq * landmarks + landmarks * landmarks  # the K1, K3 products and the landmark block
+        pairs = 2 * seq * landmarks + landmarks * landmarks  # K1 (seq x L), K3 (L x seq), the landmark block
     else:
         raise ValueError(f"pattern: expected longformer, bigbird or nystrom, got {pattern!r}")
     providers = {"hf_module": (hf, (x,)), "hf_core": (hf_core, (x,))}
