@@ -13,17 +13,16 @@ from etkd.distill.cli import main as cli
 
 def test_bench_tiny_writes_table_json_plot(tmp_path):
     out = tmp_path / "bench"
-    argv = ["bench", "--models", "longformer,nystrom", "--seq-lens", "64", "128", "--batch", "1", "--size", "tiny",
+    # One fresh subprocess per row (honest peak memory): 6 rows here, ~8 s each on 2 cores.
+    argv = ["bench", "--models", "longformer", "--seq-lens", "64", "--batch", "1", "--size", "tiny",
             "--repeats", "1", "--window", "16", "--backends", "reference,cpu", "--out", str(out)]  # fmt: skip
     assert cli(argv) == 0
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     impls = {(r["family"], r["student"], r["impl"], r["seq"]) for r in rows}
-    for fam in ("longformer", "nystrom"):
-        for student in (False, True):
-            for impl in ("hf", "etkd-reference", "etkd-cpu"):
-                for seq in (64, 128):
-                    assert (fam, student, impl, seq) in impls
+    assert impls == {
+        ("longformer", st, impl, 64) for st in (False, True) for impl in ("hf", "etkd-reference", "etkd-cpu")
+    }
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == len(rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["time_s"] > 0 and r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in ok)
@@ -31,7 +30,7 @@ def test_bench_tiny_writes_table_json_plot(tmp_path):
     params = {(r["family"], r["student"]): r["params_m"] for r in ok}
     assert params[("longformer", True)] < params[("longformer", False)]
     table = (out / "bench.md").read_text()
-    assert "longformer" in table and "nystrom" in table
+    assert "longformer" in table
     assert (out / "bench.png").stat().st_size > 1000
 
 
@@ -42,16 +41,18 @@ def test_bench_rejects_unknown_model(tmp_path):
 
 def test_core_comparison_rows_and_memory():
     setup = core.build("nystrom", 256, 2, 16, ["reference", "cpu"])
-    rows = core.measure(setup, ["fwd", "fwd_bwd"], repeats=1, memory=True,
-                        argv_base=["--patterns", "nystrom", "--seq", "256", "--heads", "2", "--head-dim", "16",
-                                   "--backends", "reference,cpu"])  # fmt: skip
+    rows = core.measure(setup, ["fwd", "fwd_bwd"], repeats=1)
     assert [r["mode"] for r in rows] == ["fwd", "fwd_bwd"]
     for r in rows:
         for name in ("hf_module", "hf_core", "etkd_reference", "etkd_cpu", "sdpa_dense"):
             assert r[f"{name}_ms"] > 0
-            assert r[f"{name}_peak_mib"] is not None and r[f"{name}_peak_mib"] >= 0
         assert r["hf_core_over_etkd_cpu"] == pytest.approx(r["hf_core_ms"] / r["etkd_cpu_ms"])
         assert r["etkd_cpu_useful_gflops"] > 0
+    # Peak memory of one call, in a fresh process: (2 heads x 256 x 16) fp32 tensors are 32 KiB each, so
+    # a forward+backward through HF's module stays far below 64 MiB of growth.
+    argv = ["--patterns", "nystrom", "--seq", "256", "--heads", "2", "--head-dim", "16", "--backends", "cpu"]
+    mib = core._memory_in_child([*argv, "--child", "etkd_cpu:fwd_bwd"])
+    assert mib is not None and 0 <= mib < 64
 
 
 def test_core_rejects_unknown_pattern():
@@ -72,5 +73,6 @@ def test_demo_tiny_end_to_end(tmp_path):
     for d in ("teacher/final", "longformer", "longformer_pt/final", "student/student"):
         assert (out / d / "config.json").exists(), d
     results = sorted(p.name for p in (out / "results").iterdir())
-    assert len(results) == 6, results  # 3 models x 2 tasks
+    scores = [p for p in results if not p.endswith("_predictions.json")]
+    assert len(scores) == 6, results  # 3 models x 2 tasks
     assert any((out / "report").iterdir())
