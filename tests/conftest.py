@@ -11,6 +11,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--max-errors", action="store_true", help="print the worst assert_close error per test file"
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not config.getoption("--max-errors"):
+        return
+    from helpers import RECORDED
+
+    worst: dict[str, tuple[float, str, float, int]] = {}
+    for test, name, err, atol in RECORDED:
+        module = test.split("::")[0]
+        n = worst.get(module, (0.0, "", 0.0, 0))[3] + 1
+        if module not in worst or err > worst[module][0]:
+            worst[module] = (err, f"{test.split('::', 1)[-1]} [{name}]", atol, n)
+        else:
+            worst[module] = (*worst[module][:3], n)
+    terminalreporter.section("max abs error per file (assert_close)")
+    for module, (err, where, atol, n) in sorted(worst.items()):
+        terminalreporter.write_line(f"{module}: {n} comparisons, worst {err:.2e} (atol {atol:g}) at {where}")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
