@@ -169,6 +169,9 @@ NY_FWD_CASES = [
     (2, 2, 77, 32, 5, 77, "per_head", 6),  # a batch row that is all padding: zeros
     (1, 2, 50, 16, 9, 3, "hf_global", 0),  # no Newton-Schulz step: the initial inverse
     (2, 1, 33, 8, 1, 2, "per_head", 3),  # one landmark
+    # head_dim not a multiple of 8 (padded v tiles and output rows); a 128-key K3 tile all padding (skipped)
+    (2, 2, 400, 12, 9, 150, "hf_global", 6),
+    (1, 3, 130, 20, 13, 0, "per_head", 6),  # seq a multiple of neither the 48-row K1 nor the 128-key K3 tile
 ]
 
 

@@ -275,6 +275,55 @@ void backward_tile(const Problem& p, const SrcView* src, const GradView* grad, c
   }
 }
 
+// C rows [0, MR) x columns [0, NV * kV) of gemm_small: MR x NV accumulators (6 x 2 = 12 of the 16 ymm
+// registers, plus NV loads of B and one broadcast of A per k step).
+template <int MR, int NV, bool ACC>
+void micro_kernel(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                  float* c, int64_t ldc) {
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* bk = b + kk * ldb;
+    const float* ak = a + kk * a_ks;
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bk + v * kV);
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar(ak[r * a_rs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+  const Vec va(alpha);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + v * kV;
+      Vec x = acc[r][v] * va;
+      if (ACC) x = x + Vec::loadu(cp);
+      x.store(cp);
+    }
+}
+
+constexpr int kMR = 6;                                 // micro-kernel rows
+constexpr int kNG = static_cast<int>(kSmallPad / kV);  // vectors per kSmallPad columns
+static_assert(kSmallPad % kV == 0, "gemm_small: kSmallPad must be a whole number of vectors");
+
+template <int NV, bool ACC>
+void micro_rows(int64_t mr, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+                int64_t ldb, float* c, int64_t ldc) {
+  switch (mr) {
+    case 6: return micro_kernel<6, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 5: return micro_kernel<5, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 4: return micro_kernel<4, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 3: return micro_kernel<3, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 2: return micro_kernel<2, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    default: return micro_kernel<1, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+}
+
+// Key rows per tile of landmark_attend: the (tile x np) scores and the v tile stay in L1/L2, and the online
+// rescale of t (n x d per tile) stays small next to the tile's 2 * tile * n * d FMAs.
+constexpr int64_t kLmTile = 128;
+
 void check_cpu() {
 #if defined(ETKD_AVX2)
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -313,6 +362,108 @@ void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) delta[r] = dot(a + r * d, b + r * d, d);
   });
+}
+
+void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  check_cpu();
+  assert(n % kSmallPad == 0);
+  // Column panels of 16 (B's panel, k x 16, stays in L1 while the row blocks stream past), a last one of 8.
+  for (int64_t j = 0; j < n; j += 2 * kSmallPad) {
+    const bool wide = n - j >= 2 * kSmallPad;
+    for (int64_t i = 0; i < m; i += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, m - i);
+      const float* ai = a + i * a_rs;
+      float* ci = c + i * ldc + j;
+      if (wide) {
+        if (accumulate)
+          micro_rows<2 * kNG, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+        else
+          micro_rows<2 * kNG, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+      } else {
+        if (accumulate)
+          micro_rows<kNG, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+        else
+          micro_rows<kNG, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+      }
+    }
+  }
+}
+
+int64_t landmark_attend_work(int64_t np, int64_t d) { return kLmTile * np + kLmTile * pad_small(d) + 3 * np; }
+
+void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
+                     int64_t S, int64_t d, float scale, float* t, float* work) {
+  check_cpu();
+  const int64_t dp = pad_small(d);
+  float* s = work;                   // (kLmTile x np) scores, then probabilities
+  float* vt = s + kLmTile * np;      // (kLmTile x dp) v tile padded to whole vectors (when d % kSmallPad != 0)
+  float* m = vt + kLmTile * dp;      // running max per landmark
+  float* l = m + np;                 // running sum
+  float* alpha = l + np;             // rescale of this tile
+  std::fill(m, m + np, kNegInf);
+  std::fill(l, l + np, 0.f);
+  std::fill(t, t + n * dp, 0.f);
+  const Vec vninf(kNegInf), vzero(0.f);
+  for (int64_t j0 = 0; j0 < S; j0 += kLmTile) {
+    const int64_t tk = std::min(kLmTile, S - j0);
+    const float* bj = bias ? bias + j0 : nullptr;
+    if (bj && std::all_of(bj, bj + tk, [](float x) { return x == kNegInf; })) continue;  // all keys padded
+    gemm_small(tk, np, d, scale, k + j0 * d, d, 1, qlT, np, s, np, false);
+    // Column (landmark) max over the tile's keys, masked keys -inf; new running max; rescale factor.
+    for (int64_t c = 0; c < np; c += kV) {
+      Vec mx = vninf;
+      for (int64_t r = 0; r < tk; ++r) {
+        float* sr = s + r * np + c;
+        if (bj && bj[r] != 0.f) {
+          vninf.store(sr);
+          continue;
+        }
+        mx = at::vec::maximum(mx, Vec::loadu(sr));
+      }
+      const Vec mold = Vec::loadu(m + c), mnew = at::vec::maximum(mold, mx);
+      // A landmark with no usable key yet keeps max -inf: subtract 0 instead (exp(-inf) = 0, no NaN).
+      const Vec msafe = Vec::blendv(mnew, vzero, mnew == vninf);
+      const Vec al = (mold - msafe).exp_u20();
+      mnew.store(m + c);
+      msafe.store(alpha + c);  // stash msafe here until the exp pass below
+      (Vec::loadu(l + c) * al).store(l + c);
+      // Rescale rows c.. of t by al (only rows < n exist; rows whose max did not change have al = 1).
+      float alb[kV];
+      al.store(alb);
+      for (int64_t i = 0; i < kV && c + i < n; ++i)
+        if (alb[i] != 1.f) scale_row(t + (c + i) * dp, dp, alb[i]);
+    }
+    // p = exp(s - msafe), column sums into l.
+    for (int64_t c = 0; c < np; c += kV) {
+      const Vec ms = Vec::loadu(alpha + c);
+      Vec sum(0.f);
+      for (int64_t r = 0; r < tk; ++r) {
+        float* sr = s + r * np + c;
+        const Vec e = (Vec::loadu(sr) - ms).exp_u20();
+        e.store(sr);
+        sum = sum + e;
+      }
+      (Vec::loadu(l + c) + sum).store(l + c);
+    }
+    const float* vb = v + j0 * d;
+    if (d != dp) {
+      for (int64_t r = 0; r < tk; ++r) {
+        std::copy(vb + r * d, vb + (r + 1) * d, vt + r * dp);
+        std::fill(vt + r * dp + d, vt + (r + 1) * dp, 0.f);
+      }
+      vb = vt;
+    }
+    // t (n x dp) += p^T (n x tk) @ v_tile (tk x dp): p read transposed (landmark l, key r at s[r * np + l]).
+    gemm_small(n, dp, tk, 1.f, s, 1, np, vb, dp, t, dp, true);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float* ti = t + i * dp;
+    if (l[i] > 0.f)
+      scale_row(ti, dp, 1.f / l[i]);
+    else
+      std::fill(ti, ti + dp, 0.f);
+  }
 }
 
 void run_forward(const Problem& p, float* out, float* lse) {

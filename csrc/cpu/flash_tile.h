@@ -62,6 +62,28 @@ void run_backward(const Problem& p, const float* dout, const float* lse, const f
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// Register-blocked GEMM for the thin products of Nystrom attention (K = head_dim or landmarks, a few dozen) on
+// L1/L2-resident tiles: a 6 x 16 AVX2 micro-kernel, no packing and no per-call BLAS dispatch, so the products
+// can be fused per tile with their softmax (about 90% of the FMA peak on a Zen 1 core, like MKL on whole
+// (seq x landmarks) matrices; the gain is the fusion, not the kernel).
+// C (m x n) = alpha * A @ B, or C += alpha * A @ B when `accumulate`. n must be a multiple of kSmallPad: B
+// (k x n, row stride ldb) and C are read and written in whole 8-float vectors, so callers pad B's columns
+// (zeros). A element (r, kk) is a[r * a_rs + kk * a_ks]: row-major (a_ks = 1) or transposed (a_rs = 1).
+constexpr int64_t kSmallPad = 8;
+inline int64_t pad_small(int64_t n) { return (n + kSmallPad - 1) / kSmallPad * kSmallPad; }
+void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// Nystrom's K3 @ v for one (batch, head): t (n x dp, row stride dp) = softmax_j(scale * ql k^T + bias) @ v for
+// n landmark queries against S keys, without the (n x S) probability matrix. Key tiles are scored transposed,
+// s (tile x np) = k_tile @ qlT with qlT (d x np) the landmark queries packed column-wise (padding zero), so the
+// per-landmark softmax runs down the columns, vectorised over landmarks, as an online softmax over the tiles.
+// k, v (S x d) row-major; bias (S) of 0 / -inf or null; landmarks seeing no key get t = 0. dp = pad_small(d).
+// work: landmark_attend_work(np, d) floats.
+int64_t landmark_attend_work(int64_t np, int64_t d);
+void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
+                     int64_t S, int64_t d, float scale, float* t, float* work);
+
 // In-place softmax of `rows` rows of `n` floats (row stride ld), keys biased by bias[0:n] (null = none):
 // rows seeing no key (all -inf) become zeros. SIMD (at::vec).
 void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias);

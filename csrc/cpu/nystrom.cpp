@@ -1,9 +1,11 @@
 // Nystrom attention on the CPU.
 //
 // nystrom_fwd: the whole forward (landmark means, K2 softmax, Newton-Schulz pseudo-inverse, K3 @ v and
-// K1 @ X) as one parallel loop over (batch, head) with BLAS sgemm on the small matrices, instead of ~40
-// small ATen ops. Semantics are etkd_kernels/reference/nystrom.py's; "hf_global" needs the max column sum
-// of K2 over every (batch, head) before any pseudo-inverse starts, so the loop runs in two phases.
+// K1 @ X) in three parallel loops instead of ~40 small ATen ops. Semantics are etkd_kernels/reference/
+// nystrom.py's; "hf_global" needs the max column sum of K2 over every (batch, head) before any pseudo-inverse
+// starts, so the loop over (batch, head) runs in two phases, then the K1 @ X loop over query tiles. The thin
+// products (K = head_dim or landmarks) go through gemm_small's register-blocked kernel, fused per tile with
+// their softmax (flash_tile.h), not through BLAS sgemm on (seq x landmarks) matrices.
 //
 // softmax_matmul: out = softmax(scale * a @ b^T, keys masked) @ c, the fused product the composite backward
 // (etkd_kernels/cpu/nystrom.py) differentiates: K1 @ X (a = q, b = landmark keys) and K3 @ v (a = landmark
@@ -11,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu/common.h"
@@ -61,6 +64,20 @@ void segment_means(const float* x, int64_t S, int64_t D, int64_t n, int64_t c, f
   }
 }
 
+// Run body(scratch, i) for i in [0, n) on the OpenMP threads, tasks handed out one at a time from a shared
+// counter rather than in at::parallel_for's fixed equal chunks: on a shared machine a thread that loses its core
+// for a while would otherwise hold up the whole phase. make_scratch() builds one thread's buffers.
+template <class MakeScratch, class Body>
+void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    auto scratch = make_scratch();
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(scratch, i);
+  });
+}
+
 }  // namespace
 
 Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks, int64_t iterations,
@@ -85,65 +102,83 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
   auto out = at::empty_like(q);
   float* op = out.data_ptr<float>();
   const int64_t BH = B * H;
-  // Phase 1 per (b, h): landmarks ql, kl (n, D), K2 (n, n), K2's max column sum.
-  std::vector<float> ql(BH * n * D), kl(BH * n * D), k2(BH * n * n), colmax(BH);
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> cs(n);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      float *qlh = ql.data() + bh * n * D, *klh = kl.data() + bh * n * D, *m = k2.data() + bh * n * n;
-      segment_means(qp + bh * S * D, S, D, n, c, qlh);
-      segment_means(kp + bh * S * D, S, D, n, c, klh);
-      gemm_rm(false, true, n, n, D, sc, qlh, D, klh, D, 0.f, m, n);
-      softmax_rows(m, n, n, n, nullptr);
-      std::fill(cs.begin(), cs.end(), 0.f);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < n; ++j) cs[j] += m[i * n + j];
-      colmax[bh] = *std::max_element(cs.begin(), cs.end());
-    }
-  });
+  // Landmark counts padded to whole SIMD vectors for gemm_small's B operands (padding columns are zero).
+  const int64_t np = pad_small(n), dp = pad_small(D);
+  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); K2 (n, n) and
+  // its max column sum; T = K3 @ v (n, dp), which needs no pseudo-inverse, so it runs before the global max.
+  std::vector<float> ql(BH * n * D), kl(BH * n * D), qlT(BH * D * np, 0.f), klT(BH * D * np, 0.f), k2(BH * n * n),
+      colmax(BH), tt(BH * n * dp), xx(BH * n * dp);
+  struct Scratch1 {
+    std::vector<float> cs, work;
+  };
+  parallel_tasks(
+      BH, [&] { return Scratch1{std::vector<float>(n), std::vector<float>(landmark_attend_work(np, D))}; },
+      [&](Scratch1& w, int64_t bh) {
+        std::vector<float>& cs = w.cs;
+        const int64_t b = bh / H;
+        float *qlh = ql.data() + bh * n * D, *klh = kl.data() + bh * n * D, *m = k2.data() + bh * n * n;
+        float *qlt = qlT.data() + bh * D * np, *klt = klT.data() + bh * D * np;
+        segment_means(qp + bh * S * D, S, D, n, c, qlh);
+        segment_means(kp + bh * S * D, S, D, n, c, klh);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < D; ++j) qlt[j * np + i] = qlh[i * D + j], klt[j * np + i] = klh[i * D + j];
+        gemm_rm(false, true, n, n, D, sc, qlh, D, klh, D, 0.f, m, n);
+        softmax_rows(m, n, n, n, nullptr);
+        std::fill(cs.begin(), cs.end(), 0.f);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * n + j];
+        colmax[bh] = *std::max_element(cs.begin(), cs.end());
+        landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
+                        tt.data() + bh * n * dp, w.work.data());
+      });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
-  // Phase 2 per (b, h): Z = pinv(K2), T = K3 @ v, X = Z @ T, out = K1 @ X (query tiles of bq rows).
-  constexpr int64_t bq = 256;
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(n * n), zn(n * n), mz(n * n), t1(n * n), t2(n * n), s3(n * S), t(n * D), x(n * D),
-        s1(bq * n);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H;
-      const float *qlh = ql.data() + bh * n * D, *klh = kl.data() + bh * n * D, *m = k2.data() + bh * n * n;
-      const float coeff = 1.f / (hf_global ? gmax : colmax[bh]);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < n; ++j) z[i * n + j] = coeff * m[j * n + i];
-      for (int64_t it = 0; it < iterations; ++it) {
-        // z <- (0.25 z) @ (13 I - mz @ (15 I - mz @ (7 I - mz))), mz = m @ z (HF's association).
-        gemm_rm(false, false, n, n, n, 1.f, m, n, z.data(), n, 0.f, mz.data(), n);
-        for (int64_t i = 0; i < n * n; ++i) t1[i] = -mz[i];
-        for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 7.f;
-        gemm_rm(false, false, n, n, n, -1.f, mz.data(), n, t1.data(), n, 0.f, t2.data(), n);
-        for (int64_t i = 0; i < n; ++i) t2[i * n + i] += 15.f;
-        gemm_rm(false, false, n, n, n, -1.f, mz.data(), n, t2.data(), n, 0.f, t1.data(), n);
-        for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 13.f;
-        for (int64_t i = 0; i < n * n; ++i) z[i] *= 0.25f;
-        gemm_rm(false, false, n, n, n, 1.f, z.data(), n, t1.data(), n, 0.f, zn.data(), n);
-        std::swap(z, zn);
-      }
-      const float *kh = kp + bh * S * D, *vh = vp + bh * S * D, *qh = qp + bh * S * D;
-      gemm_rm(false, true, n, S, D, sc, qlh, D, kh, D, 0.f, s3.data(), S);
-      softmax_rows(s3.data(), n, S, S, bp ? bp + b * S : nullptr);
-      gemm_rm(false, false, n, D, S, 1.f, s3.data(), S, vh, D, 0.f, t.data(), D);
-      gemm_rm(false, false, n, D, n, 1.f, z.data(), n, t.data(), D, 0.f, x.data(), D);
-      for (int64_t i0 = 0; i0 < S; i0 += bq) {
-        const int64_t rows = std::min(bq, S - i0);
-        gemm_rm(false, true, rows, n, D, sc, qh + i0 * D, D, klh, D, 0.f, s1.data(), n);
-        softmax_rows(s1.data(), rows, n, n, nullptr);
+  // Phase 2 per (b, h): Z = pinv(K2), X = Z @ T (n, dp).
+  parallel_tasks(
+      BH, [&] { return std::vector<float>(5 * n * n); },
+      [&](std::vector<float>& w, int64_t bh) {
+        float *z = w.data(), *zn = z + n * n, *mz = zn + n * n, *t1 = mz + n * n, *t2 = t1 + n * n;
+        const float* m = k2.data() + bh * n * n;
+        const float coeff = 1.f / (hf_global ? gmax : colmax[bh]);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) z[i * n + j] = coeff * m[j * n + i];
+        for (int64_t it = 0; it < iterations; ++it) {
+          // z <- (0.25 z) @ (13 I - mz @ (15 I - mz @ (7 I - mz))), mz = m @ z (HF's association).
+          gemm_rm(false, false, n, n, n, 1.f, m, n, z, n, 0.f, mz, n);
+          for (int64_t i = 0; i < n * n; ++i) t1[i] = -mz[i];
+          for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 7.f;
+          gemm_rm(false, false, n, n, n, -1.f, mz, n, t1, n, 0.f, t2, n);
+          for (int64_t i = 0; i < n; ++i) t2[i * n + i] += 15.f;
+          gemm_rm(false, false, n, n, n, -1.f, mz, n, t2, n, 0.f, t1, n);
+          for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 13.f;
+          for (int64_t i = 0; i < n * n; ++i) z[i] *= 0.25f;
+          gemm_rm(false, false, n, n, n, 1.f, z, n, t1, n, 0.f, zn, n);
+          std::swap(z, zn);  // pointers into w
+        }
+        gemm_small(n, dp, n, 1.f, z, n, 1, tt.data() + bh * n * dp, dp, xx.data() + bh * n * dp, dp, false);
+      });
+  // Phase 3 per (b, h, query tile of bq rows): out = K1 @ X, the tile's (bq, n) scores and probabilities, klT
+  // and X all in L1/L2. Tiles rather than heads as tasks: K1 is most of the work and balances over threads.
+  constexpr int64_t bq = 48;
+  const int64_t tiles = (S + bq - 1) / bq;
+  parallel_tasks(
+      BH * tiles, [&] { return std::vector<float>(bq * np + (D == dp ? 0 : bq * dp)); },
+      [&](std::vector<float>& w, int64_t task) {
+        float *s1 = w.data(), *ot = s1 + bq * np;
+        const int64_t bh = task / tiles, b = bh / H, i0 = task % tiles * bq, rows = std::min(bq, S - i0);
+        gemm_small(rows, np, D, sc, qp + (bh * S + i0) * D, D, 1, klT.data() + bh * D * np, np, s1, np, false);
+        softmax_rows(s1, rows, n, np, nullptr);
         float* o = op + (bh * S + i0) * D;
-        gemm_rm(false, false, rows, D, n, 1.f, s1.data(), n, x.data(), D, 0.f, o, D);
+        if (D == dp) {
+          gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, o, D, false);
+        } else {
+          gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, ot, dp, false);
+          for (int64_t r = 0; r < rows; ++r) std::copy(ot + r * dp, ot + r * dp + D, o + r * D);
+        }
         if (rp) {
           for (int64_t r = 0; r < rows; ++r)
             if (!rp[b * S + i0 + r]) std::fill(o + r * D, o + (r + 1) * D, 0.f);
         }
-      }
-    }
-  });
+      });
   return out;
 }
 
