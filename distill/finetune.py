@@ -63,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "max_grad_norm": 1.0,
     "resume": False,
+    "stop_at_step": None,
+    "new_hparams_on_resume": False,
     "backend": None,
     "name": None,
     "teacher": None,
@@ -415,6 +417,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         max_grad_norm=o["max_grad_norm"],
         resume=bool(o["resume"]),
         progress=bool(o["progress"]),
+        stop_at_step=None if o["stop_at_step"] is None else int(o["stop_at_step"]),
+        new_hparams_on_resume=bool(o["new_hparams_on_resume"]),
     )
     collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
     result = train(model, feats, make_loss(family, regression), cfg, collate_fn=collate)
@@ -499,6 +503,11 @@ def register(subparsers) -> None:
     p.add_argument("--log-every", type=int)
     p.add_argument("--max-grad-norm", type=float)
     p.add_argument("--resume", action="store_true", default=None)
+    p.add_argument(
+        "--stop-at-step", type=int, help="stop (checkpoint, save, evaluate) at this step of --max-steps"
+    )
+    p.add_argument("--new-hparams-on-resume", action="store_true", default=None,
+                   help="on --resume, use the given learning rate / weight decay / warm-up (used by `etkd tune`)")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=run_finetune)
 

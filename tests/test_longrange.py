@@ -47,13 +47,14 @@ def test_ner_documents(files):
         assert 2000 <= len(words) <= 2600 + 40
         code, kind = words[0], words[3]
         assert code in longrange.CODENAMES and words[1:3] == ["is", "a"]
+        assert words[:40] == words[:5] * 8  # the opening paragraph: the declaration, 8 times
         tag = "B-" + longrange.KINDS[kind]
         kinds.add(kind)
-        mentions = [i for i, w in enumerate(words) if w in longrange.CODENAMES]
-        assert mentions[0] == 0 and len(mentions) > 5
+        mentions = [i for i, w in enumerate(words) if w in longrange.CODENAMES and i >= 40]
+        assert len(mentions) > 5
         assert all(words[i] == code and tags[i] == tag for i in mentions)  # one codename, one type
-        assert all(i >= 640 for i in mentions[1:])  # every later mention is far from the declaration
-        assert "is" not in words[5:]  # the declaration is said once
+        assert all(i >= 640 for i in mentions)  # every later mention is far from the declaration
+        assert "is" not in words[40:] and not set(longrange.KINDS) & set(words[40:])  # said only there
     assert len(kinds) > 1  # the type changes between documents
 
 
@@ -86,14 +87,12 @@ def test_classification_documents(files):
         assert {e["label"] for e in examples} == {0, 1}
         for e in examples:
             words = e["text_a"].split()
-            at = words.index("film")
-            opinion = words[at + 2]
-            assert words.count("film") == 1
-            assert (opinion in demo_data.GOOD) == (e["label"] == 1) and (
-                opinion in demo_data.GOOD + demo_data.BAD
-            )
-            assert sum(w in demo_data.GOOD + demo_data.BAD for w in words) == 1
-            assert (at > 640) if far else (at < 300)
+            at = [i for i, w in enumerate(words) if w == "film"]
+            opinions = {words[i + 2] for i in at}
+            assert len(at) == 12 and all(words[i + 3] == "." for i in at)
+            assert opinions <= set(demo_data.GOOD if e["label"] == 1 else demo_data.BAD)
+            assert sum(w in demo_data.GOOD + demo_data.BAD for w in words) == 12
+            assert all(i > 640 for i in at) if far else all(i < 300 for i in at)
         film = tok.convert_tokens_to_ids("film")
         cut = glue.encode(examples, tok, 512)
         # Truncation to 512 tokens drops the only evidence of the far variant and keeps the near one's.
@@ -120,7 +119,7 @@ def test_breakdown_separates_codename_and_ordinary(files):
     ) in docs:  # every later codename mention gets another type: what a model without the declaration does
         tags = list(d["tags"])
         for i, w in enumerate(d["tokens"]):
-            if i and w in longrange.CODENAMES:
+            if i >= 40 and w in longrange.CODENAMES:
                 tags[i] = rng.choice([t for t in ("B-PER", "B-ORG", "B-LOC", "B-MISC") if t != tags[i]])
         wrong.append(tags)
     b = longrange.breakdown(docs, wrong)

@@ -5,20 +5,21 @@ of `demo_data` (every word is one token of its tokenizer), so a tiny model learn
 CPU steps: the long distance is made of cheap filler words.
 
 longrange-ner   CoNLL NER, one document per `-DOCSTART-`. The document opens with a declaration
-                "<codename> is a <kind> ." (kind: person / firm / place / event). More than `min_gap`
+                "<codename> is a <kind> ." (kind: person / firm / town / match), said 8 times in the
+                opening paragraph and never again. More than `min_gap`
                 tokens later, the codename is mentioned again and again: every mention is tagged with the
                 declared type (B-PER, B-ORG, B-LOC, B-MISC), and nothing near a mention tells the type.
                 The codenames come from one shared pool, so a codename's type changes from document to
                 document. Ordinary entities (closed word lists, as in `demo_data`) are mixed in; they are
                 learnable from local context and show that a short-context model does learn NER here.
 longrange-cls   Two-class classification in SST-2's columns ("sentence", "label"): a long neutral
-                document with one opinion sentence ("the film was <opinion> .") placed more than
-                `min_gap` tokens from the start; label 1 when the opinion is positive. Truncating to 512
-                tokens cuts the evidence off.
+                document with 12 opinion sentences of one polarity ("the film was <opinion> .") all
+                placed more than `min_gap` tokens from the start; label 1 when the opinion is positive.
+                Truncating to 512 tokens cuts all the evidence off.
 
 `near=True` generates the control variant of either task: the same documents with the evidence within
-reach of a 512-token window (the declaration restated every `near_every` tokens; the opinion in the first
-`near_every` tokens). A 512-token model that does well on the near variant and badly on the far one is
+reach of a 512-token window (the opening paragraph restated every `near_every` tokens; the opinions in the
+first `near_every` tokens). A 512-token model that does well on the near variant and badly on the far one is
 limited by its context, not by anything else.
 """
 
@@ -30,7 +31,7 @@ import random
 from typing import Any
 
 CODENAMES = ["zib", "kor", "mav", "tal", "pem", "rux", "vok", "nep", "dax", "lum", "fep", "gor"]
-KINDS = {"person": "PER", "firm": "ORG", "place": "LOC", "event": "MISC"}
+KINDS = {"person": "PER", "firm": "ORG", "town": "LOC", "match": "MISC"}
 # Filler: short words carrying no evidence; most of every document is made of them.
 FILLER = ["la", "na", "ta", "ka", "ma", "pa", "ra", "sa", "da", "ga", "ba", "fa"]
 MENTION_VERBS = ["met", "visited", "joined", "left", "praised", "called", "thanked", "hired"]
@@ -63,16 +64,18 @@ def ner_document(
     min_gap: int = 640,
     near: bool = False,
     near_every: int = 300,
+    repeat: int = 8,
 ) -> list[list[tuple[str, str]]]:
-    """Sentences of (word, tag) of one document of about `length` words (see the module docstring)."""
+    """Sentences of (word, tag) of one document of about `length` words (see the module docstring). The
+    opening paragraph states the declaration `repeat` times (a strong signal to find among 2k tokens)."""
     from ..demo_data import sentence
 
     n = rng.randint(*length)
     code = rng.choice(CODENAMES)
     kind = rng.choice(list(KINDS))
     tag = KINDS[kind]
-    declaration = [(code, "B-" + tag), ("is", "O"), ("a", "O"), (kind, "O"), (".", "O")]
-    doc: list[tuple[str, str]] = list(declaration)
+    opening = [(code, "B-" + tag), ("is", "O"), ("a", "O"), (kind, "O"), (".", "O")] * repeat
+    doc: list[tuple[str, str]] = list(opening)
     doc += [(w, "O") for w in _filler(rng, (near_every if near else min_gap) - len(doc))]
     next_restate = len(doc)
     while len(doc) < n:
@@ -86,7 +89,7 @@ def ner_document(
         else:
             doc += [(w, "O") for w in _filler(rng, rng.randint(20, 60))]
         if near and len(doc) >= next_restate:
-            doc += declaration
+            doc += opening
             next_restate = len(doc) + near_every
     return _split_sentences(doc)
 
@@ -97,25 +100,26 @@ def cls_document(
     min_gap: int = 640,
     near: bool = False,
     near_every: int = 300,
+    opinions: int = 12,
 ) -> tuple[str, int]:
-    """(text, label) of one document (see the module docstring)."""
+    """(text, label) of one document (see the module docstring): `opinions` opinion sentences of one
+    polarity, all further than `min_gap` tokens from the start (near: all within the first `near_every`)."""
     from ..demo_data import BAD, GOOD, sentence
 
     n = rng.randint(*length)
     label = rng.randint(0, 1)
-    opinion = ["the", "film", "was", rng.choice(GOOD if label else BAD), "."]
-    at = rng.randint(1, near_every - len(opinion)) if near else rng.randint(min_gap, n - len(opinion))
     words: list[str] = []
-    while len(words) < n - len(opinion):
+    while len(words) < n - 5 * opinions:
         if rng.random() < 0.15:
             words += [w for w, _ in sentence(rng)]
         else:
             words += _filler(rng, rng.randint(20, 60))
-    words = words[: n - len(opinion)]
-    # Insert at a sentence boundary at or after `at`, so the opinion sentence stays whole.
-    while at < len(words) and words[at - 1] != ".":
-        at += 1
-    words[at:at] = opinion
+    words = words[: n - 5 * opinions]
+    lo, hi = (1, near_every - 5 * opinions) if near else (min_gap, len(words))
+    # Sentence boundaries in [lo, hi): each opinion sentence goes in whole after one of them.
+    slots = sorted(rng.sample([i for i in range(lo, hi) if words[i - 1] == "."], opinions), reverse=True)
+    for at in slots:  # back to front, so earlier slots keep their positions
+        words[at:at] = ["the", "film", "was", rng.choice(GOOD if label else BAD), "."]
     return " ".join(words), label
 
 
@@ -162,7 +166,8 @@ def breakdown(examples: list[dict[str, Any]], predicted: list[list[str]]) -> dic
     from ..metrics import ner_metrics
 
     def only(tags: list[str], words: list[str], codename: bool) -> list[str]:
-        keep = [i > 0 and (w in CODENAMES) == codename for i, w in enumerate(words)]
+        declared = [i + 1 < len(words) and words[i + 1] == "is" for i in range(len(words))]
+        keep = [not d and (w in CODENAMES) == codename for w, d in zip(words, declared)]
         # An entity is kept whole: its I- tags follow their B- tag's decision.
         out, last = [], False
         for t, k in zip(tags, keep):
