@@ -160,8 +160,11 @@ def run(args: argparse.Namespace) -> int:
     if len(names) != len(args.files):
         raise ValueError(f"--names: expected {len(args.files)} names, got {len(names)}")
     stats = [file_stats(f, args.unit, tokenizer) for f in args.files]
-    os.makedirs(args.out_dir, exist_ok=True)
     md = markdown(stats, names)
+    print(md)
+    if args.out_dir is None:
+        return 0
+    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "data_stats.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "data_stats.json"), "w") as f:
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         for k in stats[0]["length"]:
             w.writerow([k] + [s["length"][k] for s in stats])
     plot(stats, names, os.path.join(args.out_dir, "lengths.png"))
-    print(md)
+    print(f"wrote data_stats.md, data_stats.json, lengths.csv, lengths.png to {os.path.abspath(args.out_dir)}")
     return 0
 
 
@@ -186,5 +189,9 @@ def register(subparsers) -> None:
     p.add_argument("--names", help="comma-separated display names (default: file names)")
     p.add_argument("--unit", choices=("sentence", "document"), default="sentence")
     p.add_argument("--tokenizer", help="count sub-word tokens of this tokenizer instead of words")
-    p.add_argument("--out-dir", default="data_stats", help="where data_stats.md/.json, lengths.csv/.png go")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="also write data_stats.md/.json, lengths.csv/.png into this folder (default: print the table only)",
+    )
     p.set_defaults(func=run)

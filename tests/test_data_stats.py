@@ -54,3 +54,13 @@ def test_cli_writes_tables_and_png(tmp_path):
     bad.write_text("x O\ny\n")
     with pytest.raises(ValueError, match=r"bad\.txt:2"):
         main(["data-stats", str(bad), "--out-dir", str(out)])
+
+
+def test_cli_without_out_dir_writes_nothing(tmp_path, monkeypatch, capsys):
+    a = _conll(tmp_path / "a.txt", [1, 2, 3])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["data-stats", str(a)]) == 0
+    assert list(work.iterdir()) == []  # a user who did not ask for files gets none in the current folder
+    assert "| mean | 2.0 |" in capsys.readouterr().out
