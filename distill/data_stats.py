@@ -177,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
         for k in stats[0]["length"]:
             w.writerow([k] + [s["length"][k] for s in stats])
     plot(stats, names, os.path.join(args.out_dir, "lengths.png"))
-    print(f"wrote data_stats.md, data_stats.json, lengths.csv, lengths.png to {os.path.abspath(args.out_dir)}")
+    print(
+        f"wrote data_stats.md, data_stats.json, lengths.csv, lengths.png to {os.path.abspath(args.out_dir)}"
+    )
     return 0
 
 
