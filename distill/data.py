@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A bad record; the message names the file and line (or row)."""
 
 
@@ -232,7 +234,7 @@ def pack_sequences(
 
     def flush(docs: list[str]) -> Iterator[list[int]]:
         nonlocal buf, want
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
             if not ids:
                 continue
             buf.extend(ids)

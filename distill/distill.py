@@ -20,18 +20,21 @@ import os
 import torch
 
 from .config import add_config_arg, dump, resolve
+from .core import log
 from .losses import distillation_loss
 from .pretrain import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
     TRAIN_DEFAULTS,
     add_data_args,
+    add_mlm_head_arg,
     add_model_args,
     add_train_args,
     check_vocab,
     load_model,
     mlm_data,
     prepare_model,
+    require_mlm_head,
     save_model,
     tokenizer_for,
     train_config,
@@ -59,6 +62,7 @@ DEFAULTS = {
     "gamma": 1.0,
     "temperature": 2.0,
     "kd_masked_only": False,
+    "add_mlm_head": False,
 }
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05)
 
@@ -120,6 +124,7 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
+    add_mlm_head_arg(p, "--teacher")
     add_model_args(p)
     add_data_args(p)
     add_train_args(p)
@@ -161,8 +166,10 @@ def run(args: argparse.Namespace) -> int:
     if not ns.teacher:
         raise ValueError("distill: --teacher is required")
     teacher = load_model(ns.teacher)
-    if teacher.config.head != "mlm":
-        raise ValueError(f"--teacher: needs an MLM head, this checkpoint has head={teacher.config.head!r}")
+    if teacher.config.head != "mlm" and ns.add_mlm_head:
+        log.warning("--teacher: its new MLM head is untrained, so the soft-target term (--beta) distils "
+                    "noise; MLM-train the teacher first (`etkd pretrain --add-mlm-head`) or set --beta 0")  # fmt: skip
+    teacher = require_mlm_head(teacher, ns, "--teacher")
     torch.manual_seed(ns.seed)
     student = prepare_model(build_student(teacher, ns), ns)
     if student.config.vocab_size != teacher.config.vocab_size:

@@ -47,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "max_query_length": 64,
     "n_best": 20,
     "max_answer_length": 30,
-    "ner_unit": None,  # sentence (conll2003) / document (gonerd)
+    "ner_unit": None,  # sentence (conll2003) / document (gonerd; or any task with --ner-group-sentences)
+    "ner_group_sentences": None,
     "ner_stride": 128,
     "output_dir": "runs/finetune",
     "max_steps": 1000,
@@ -88,30 +89,18 @@ def load_tokenizer(path: str, family: str):
     return tok
 
 
-def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | None = None):
-    """Our checkpoint or an HF one, with a `head` of `num_labels` outputs (a new, random head when the
-    checkpoint has another head or size; the encoder weights are kept)."""
+def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | None = None, *, seed: int = 0):
+    """Our checkpoint or an HF one, with a `head` of `num_labels` outputs (a new head drawn from `seed` when
+    the checkpoint has another head or size; the encoder weights are kept)."""
     from etkd.models import EncoderModel
+
+    from .core import with_head
 
     if not os.path.exists(path) and os.sep in path:
         raise FileNotFoundError(f"model: {path} does not exist")
     model = EncoderModel.from_pretrained(path)
-    cfg = model.config
-    want = num_labels if head != "question_answering" else cfg.num_labels
-    if cfg.head != head or cfg.num_labels != want:
-        new_cfg = cfg.replace(head=head, num_labels=want, extra={**cfg.extra, **(extra or {})})
-        if head == "sequence_classification" and new_cfg.head_style == "bert" and not new_cfg.add_pooler:
-            new_cfg = new_cfg.replace(add_pooler=True)
-        new = EncoderModel(new_cfg)
-        missing, unexpected = new.encoder.load_state_dict(model.encoder.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("pooler.") for k in missing):
-            raise ValueError(
-                f"model: encoder weights do not fit (missing {missing}, unexpected {unexpected})"
-            )
-        model = new
-    elif extra:
-        model.config.extra.update(extra)
-    return model
+    want = num_labels if head != "question_answering" else model.config.num_labels
+    return with_head(model, head, want, seed=seed, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,7 +129,7 @@ def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> lis
     )
     if hf and name is None:
         raise ValueError(f"task {task}: no public dataset; give --train-file / --eval-file")
-    unit = o["ner_unit"] or ("document" if task == "gonerd" else "sentence")
+    unit = o["ner_unit"] or ("document" if task == "gonerd" or o["ner_group_sentences"] else "sentence")
     if family == "glue":
         ex = glue.load_glue_hf(task, source, name) if hf else glue.read_glue_file(source, task)
     elif family == "qa":
@@ -150,7 +139,11 @@ def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> lis
             else qa.read_qa_file(source, task, o["evidence_dir"])
         )
     else:
-        ex = ner.load_ner_hf(name, source, config) if hf else ner.read_conll(source, unit)
+        ex = (
+            ner.load_ner_hf(name, source, config)
+            if hf
+            else ner.read_conll(source, unit, o["ner_group_sentences"])
+        )
     if o["limit"]:
         ex = ex[: int(o["limit"])]
     if not ex:
@@ -314,6 +307,8 @@ def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict
 
 
 def evaluate_all(task, model, tokenizer, labels, o, sources) -> tuple[dict[str, float], dict[str, Any]]:
+    """(flat metrics, per-set info). Flat keys carry the set's name as a suffix (`f1_test`); info[name]
+    holds the unsuffixed `metrics` too (name "eval" for one unnamed set)."""
     metrics: dict[str, float] = {}
     info: dict[str, Any] = {}
     for suffix, src, hf in sources:
@@ -321,7 +316,12 @@ def evaluate_all(task, model, tokenizer, labels, o, sources) -> tuple[dict[str, 
         m, preds = evaluate_set(task, model, tokenizer, examples, labels, o)
         for k, v in m.items():
             metrics[f"{k}_{suffix}" if suffix else k] = v
-        info[suffix or "eval"] = {"source": src, "num_examples": len(examples), "predictions": preds}
+        info[suffix or "eval"] = {
+            "source": src,
+            "num_examples": len(examples),
+            "metrics": m,
+            "predictions": preds,
+        }
     return metrics, info
 
 
@@ -332,6 +332,7 @@ def write_results(path: str, task: str, name: str, model_path: str, metrics, inf
         "model_path": model_path,
         "teacher": o["teacher"],
         "metrics": metrics,
+        "splits": {k: v["metrics"] for k, v in info.items()},  # the same numbers, by evaluation set
         "eval_sets": {k: {"source": v["source"], "num_examples": v["num_examples"]} for k, v in info.items()},
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -395,7 +396,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     sources = eval_sources(task, o)
     labels = labels_for(task, o["model"], [train_ex])
     regression = labels == ["score"]
-    model = load_model(o["model"], HEADS[family], max(len(labels), 1), {"task": task, "labels": labels})
+    model = load_model(o["model"], HEADS[family], max(len(labels), 1), {"task": task, "labels": labels},
+                       seed=int(o["seed"]))  # fmt: skip
     _set_backend(model, o)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
@@ -443,7 +445,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not sources:
         raise ValueError("evaluate: give --eval-file or --eval-split")
     labels = labels_for(task, o["model"], [read_examples(task, s, hf=h, o=o) for _, s, h in sources])
-    model = load_model(o["model"], HEADS[family], max(len(labels), 1))
+    model = load_model(o["model"], HEADS[family], max(len(labels), 1), seed=int(o["seed"]))
     _set_backend(model, o)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
@@ -471,7 +473,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-query-length", type=int)
     p.add_argument("--n-best", type=int)
     p.add_argument("--max-answer-length", type=int)
-    p.add_argument("--ner-unit", choices=("sentence", "document"))
+    p.add_argument("--ner-unit", choices=("sentence", "document"),
+                   help="NER sequence: a sentence, or a document (between -DOCSTART- lines)")  # fmt: skip
+    p.add_argument("--ner-group-sentences", type=int, metavar="N",
+                   help="NER: a document is N consecutive sentences (for files without -DOCSTART-)")  # fmt: skip
     p.add_argument("--ner-stride", type=int, help="NER: overlap of windows over long documents, tokens")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--backend", help="attention kernel backend (auto, reference, cpu, triton, cuda)")

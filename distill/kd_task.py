@@ -21,6 +21,7 @@ import os
 import torch
 
 from .config import add_config_arg, dump, resolve
+from .core import with_head
 from .data import ClassificationCollator, load_classification
 from .distill import STUDENT_DEFAULTS, add_student_args, build_student
 from .losses import TASK_LOSSES, inverse_platt, platt_scale, task_kd_loss
@@ -93,19 +94,7 @@ def register(subparsers) -> None:
 def with_classification_head(model, num_labels: int, seed: int):
     """`model` itself if it already has a `num_labels` classification head, else a copy of its encoder with
     a fresh (seeded) one, as paper 2 uses a teacher that was never fine-tuned on the task."""
-    from etkd.models import EncoderModel
-
-    cfg = model.config
-    if cfg.head == "sequence_classification" and cfg.num_labels == num_labels:
-        return model
-    torch.manual_seed(seed)
-    new = EncoderModel(cfg.replace(head="sequence_classification", num_labels=num_labels,
-                                   add_pooler=cfg.add_pooler or cfg.head_style == "bert"))  # fmt: skip
-    own = new.state_dict()
-    keep = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.") and k in own
-            and own[k].shape == v.shape}  # fmt: skip
-    new.load_state_dict(keep, strict=False)
-    return new.train(model.training)
+    return with_head(model, "sequence_classification", num_labels, seed=seed)
 
 
 def targets(labels: torch.Tensor, regression: bool, center: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from .config import add_config_arg, dump, resolve
 from .data import MLMCollator, TextSource, build_mlm_dataset, load_tokenizer
+from .errors import UserError
 from .losses import mlm_loss
 from .training import TrainConfig, train
 
@@ -209,7 +210,8 @@ def write_json(path: str, value: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The pretrain command.
 
-DEFAULTS = {**TRAIN_DEFAULTS, **DATA_DEFAULTS, **MODEL_DEFAULTS, "model": None, "model_config": None}
+DEFAULTS = {**TRAIN_DEFAULTS, **DATA_DEFAULTS, **MODEL_DEFAULTS, "model": None, "model_config": None,
+            "add_mlm_head": False}  # fmt: skip
 DEFAULTS.update(output_dir="runs/pretrain", learning_rate=1e-4, warmup_ratio=0.05)
 
 
@@ -221,10 +223,29 @@ def register(subparsers) -> None:
     src.add_argument("--model", default=None, help="checkpoint dir (ours or HF) with an MLM head")
     src.add_argument("--model-config", dest="model_config", default=None,
                      help="JSON EncoderConfig for a fresh, randomly initialised model")  # fmt: skip
+    add_mlm_head_arg(p, "--model")
     add_model_args(p)
     add_data_args(p)
     add_train_args(p)
     p.set_defaults(func=run)
+
+
+def add_mlm_head_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--add-mlm-head", dest="add_mlm_head", action="store_true", default=None,
+                   help=f"give {what} a fresh MLM head (tied to the word embeddings) when it has none, e.g. "
+                   "a bare or sentence-embedding encoder")  # fmt: skip
+
+
+def require_mlm_head(model, ns: argparse.Namespace, what: str):
+    """`model` if it has an MLM head; with --add-mlm-head a copy with a fresh one; else a user error."""
+    from .core import add_mlm_head
+
+    if model.config.head == "mlm":
+        return model
+    if not ns.add_mlm_head:
+        raise UserError(f"{what}: needs an MLM head, this checkpoint has head={model.config.head!r}; "
+                        "--add-mlm-head adds a fresh one (tied to the word embeddings)")  # fmt: skip
+    return add_mlm_head(model, seed=ns.seed, what=what)
 
 
 def mlm_step(model, batch):
@@ -244,12 +265,8 @@ def build_pretrain_model(ns: argparse.Namespace):
         torch.manual_seed(ns.seed)
         model = EncoderModel(cfg.replace(head="mlm"))
     else:
-        raise ValueError("pretrain: give --model DIR or --model-config JSON")
-    if model.config.head != "mlm":
-        raise ValueError(
-            f"--model: pretraining needs an MLM head, this checkpoint has head={model.config.head!r}"
-        )
-    return prepare_model(model, ns)
+        raise UserError("pretrain: give --model DIR or --model-config JSON")
+    return prepare_model(require_mlm_head(model, ns, "--model"), ns)
 
 
 def run(args: argparse.Namespace) -> int:

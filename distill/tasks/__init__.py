@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import UserError
+
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 QA_TASKS = ("squad", "hotpotqa", "triviaqa")
 NER_TASKS = ("conll2003", "gonerd", "ner")
@@ -28,7 +30,7 @@ def task_family(task: str) -> str:
     raise ValueError(f"task: expected one of {GLUE_TASKS + QA_TASKS + NER_TASKS}, got {task!r}")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data file: the message starts with `path:line:` (or `path:` when there is no line)."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, message: str):
