@@ -2,7 +2,7 @@
 
 Each driver module exposes `register(subparsers)`, which adds its subcommand and sets `func` (called with
 the parsed args, returning an exit code). Modules are imported only when the CLI starts. Every subcommand
-also takes `--debug` (tracebacks for user errors too). A `UserError` (bad flag, config value, data file,
+also takes `--debug` (tracebacks for user errors too) and `--log-level` (the stdlib `etkd` logger). A `UserError` (bad flag, config value, data file,
 path) prints one line and exits 2; any other exception is a bug and shows its traceback.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .errors import UserError
@@ -34,6 +35,8 @@ def common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("general")
     g.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="level of the `etkd` log on stderr (default: info)")  # fmt: skip
     return p
 
 
@@ -62,8 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_logging(level: str) -> None:
+    """The `etkd` logger (stdlib logging) on stderr at `level`; its records also reach the root logger."""
+    log = logging.getLogger("etkd")
+    log.setLevel(level.upper())
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("[etkd] %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is at the time (redirections after start-up included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -12,3 +12,19 @@ class UserError(ValueError):
     (A ValueError, so library callers that catch bad values keep working.)"""
 
     exit_code = 2
+
+
+class DataError(UserError):
+    """A malformed data file: the message starts with `path:line:` (or `path:` when there is no line).
+
+    `DataError(path, line, message)`; `DataError(message)` takes a message that already names its place.
+    """
+
+    def __init__(self, path: object, line: int | None = None, message: str | None = None):
+        if message is None:
+            self.path, self.line = None, None
+            super().__init__(str(path))
+            return
+        self.path, self.line = str(path), line
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {message}")

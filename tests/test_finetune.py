@@ -108,8 +108,8 @@ def test_config_file_and_bad_data(model_dir, tmp_path, capsys):
     assert main(args) == 2
     assert "bad.tsv:3" in capsys.readouterr().err
     cfg.write_text("task: sst2\nmax_stepz: 2\n")
-    with pytest.raises(ValueError, match="unknown keys"):
-        main(["finetune", "--config", str(cfg)])
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    assert "unknown settings ['max_stepz']" in capsys.readouterr().err
 
 
 def _ner_lines(rng, n, docstart_every=0):

@@ -17,8 +17,9 @@ from typing import Any
 
 from ..errors import UserError
 from ..metrics import ner_metrics
-from . import DataError, check_file, load_hf_split
+from . import DataError, check_file, iter_lines, load_hf_split
 
+ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")  # CoNLL-2003's
 CONLL_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")  # HF order
 _PREFIXES = ("B-", "I-", "E-", "S-")
 
@@ -44,26 +45,23 @@ def read_conll(path: str | os.PathLike, unit: str = "sentence", group_sentences:
     path = check_file(path)
     sentences: list[dict[str, Any]] = []  # each with "doc": the document counter
     doc, cur, saw_docstart = 0, None, False
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            fields = raw.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if cur is not None:
-                    sentences.append(cur)
-                    cur = None
-                if fields:
-                    saw_docstart = True
-                    doc += 1
-                continue
-            if len(fields) < 2:
-                raise DataError(
-                    path, lineno, f"expected a token and a tag separated by white space, got {raw!r}"
-                )
-            _check_tag(fields[-1], path, lineno)
-            if cur is None:
-                cur = {"tokens": [], "tags": [], "line": lineno, "doc": doc}
-            cur["tokens"].append(fields[0])
-            cur["tags"].append(fields[-1])
+    for lineno, raw in iter_lines(path):
+        fields = raw.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if cur is not None:
+                sentences.append(cur)
+                cur = None
+            if fields:
+                saw_docstart = True
+                doc += 1
+            continue
+        if len(fields) < 2:
+            raise DataError(path, lineno, f"expected a token and a tag separated by white space, got {raw!r}")
+        _check_tag(fields[-1], path, lineno)
+        if cur is None:
+            cur = {"tokens": [], "tags": [], "line": lineno, "doc": doc}
+        cur["tokens"].append(fields[0])
+        cur["tags"].append(fields[-1])
     if cur is not None:
         sentences.append(cur)
     if unit == "sentence":
@@ -94,6 +92,17 @@ def load_ner_hf(name: str, split: str, config: str | None = None) -> list[dict[s
     names = ds.features["ner_tags"].feature.names
     return [{"tokens": list(r["tokens"]), "tags": [names[t] for t in r["ner_tags"]], "line": i}
             for i, r in enumerate(ds)]  # fmt: skip
+
+
+def check_types(examples: list[dict[str, Any]], allowed: set[str] | None, source: str) -> None:
+    """Every tag's entity type must be in `allowed` (None: any), else a DataError naming the line."""
+    if allowed is None:
+        return
+    for e in examples:
+        for tag in e["tags"]:
+            if tag != "O" and tag[2:] not in allowed:
+                raise DataError(source, e.get("line"), f"entity type {tag[2:]!r} (tag {tag!r}) is not one of "
+                                f"{sorted(allowed)}; add it with --labels {tag[2:]} if it is meant")  # fmt: skip
 
 
 def label_list(*example_sets: list[dict[str, Any]]) -> list[str]:
