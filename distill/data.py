@@ -169,17 +169,6 @@ class TextSource:
 # Tokenisation and packing.
 
 
-def load_tokenizer(path: str):
-    """A tokenizer from a local directory (or a hub name when online), via `AutoTokenizer`."""
-    from transformers import AutoTokenizer
-
-    local = os.path.isdir(path)
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=local)
-    except Exception as exc:
-        raise ValueError(f"--tokenizer {path!r}: cannot load a tokenizer ({exc})") from exc
-
-
 def _special(tokenizer, *names: str) -> int:
     for name in names:
         value = getattr(tokenizer, name, None)

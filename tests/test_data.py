@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from etkd.distill.config import load_config_file, resolve
+from etkd.distill.core import load_tokenizer
 from etkd.distill.data import (
     ClassificationCollator,
     DataError,
@@ -17,7 +18,6 @@ from etkd.distill.data import (
     TextSource,
     build_mlm_dataset,
     load_classification,
-    load_tokenizer,
     pack_sequences,
 )
 
