@@ -1,7 +1,8 @@
-"""pytest-benchmark suite: each pattern x provider x seq len x (forward, forward+backward).
+"""`make bench`: every pattern x provider x seq len x (forward, forward+backward) through pytest-benchmark.
 
-Quick size by default (seq 1024); `--paper-sizes` runs 512..8192; `--memory` adds the peak extra memory
-of each row, measured in a subprocess. Run through `make bench`. Timings are never asserted.
+The setups and providers are `etkd.benchmarks.providers` (the same as `python -m etkd.benchmarks.core`);
+each row's extra_info carries the achieved GFLOP/s, the machine's matmul rate and the environment, and with
+`--memory` the peak extra memory of one call measured in a fresh process. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -9,46 +10,48 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
-from etkd.benchmarks.cases import CASES, matmul_gflops
-from etkd.benchmarks.memory import measure
+from etkd.benchmarks import providers as P
+from etkd.benchmarks.core import matmul_gflops
+from etkd.benchmarks.harness import Timing, environment, run_fresh
 
-PROVIDERS = ["hf", "etkd-reference", "etkd-cpu", "etkd-triton", "etkd-cuda", "sdpa", "flex"]
-
-
-@functools.cache
-def _case(name: str, seq: int):
-    return CASES[name](seq)
+PROVIDERS = ["hf", "hf-core", *(f"etkd-{b}" for b in P.BACKENDS), "sdpa", "flex", "flash-attn"]
 
 
 @functools.cache
-def _roofline() -> float:
-    return matmul_gflops()
+def _setup(pattern: str, seq: int, dtype: str) -> P.Setup:
+    return P.build(pattern, seq, dtype=dtype)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@functools.cache
+def _roofline(dtype: str) -> float:
+    return matmul_gflops(dtype=P.DTYPES[dtype])
+
+
+@pytest.mark.parametrize("mode", P.MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case_name", list(CASES))
-def test_attention(benchmark, request, case_name, provider, mode, seq):
-    case = _case(case_name, seq)
-    if provider not in case.providers:
-        pytest.skip(case.skipped.get(provider, f"{provider} does not implement {case_name}"))
-    if provider == "flex" and mode == "fwd_bwd" and case.x.device.type == "cpu":
-        pytest.skip("FlexAttention has no backward on the CPU")
-    backward = mode == "fwd_bwd"
-    fn = case.run(provider, backward)
-    benchmark.group = f"{case_name} seq={seq} {mode}"
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
-    median = benchmark.stats.stats.median
-    flops = case.useful_flops * (3.5 if backward else 1.0)  # bwd ~ 2.5x the forward's GEMM work
+@pytest.mark.parametrize("pattern", P.PATTERNS)
+def test_attention(benchmark, request, pattern, provider, mode, seq):
+    dtype = request.config.getoption("--dtype")
+    setup = _setup(pattern, seq, dtype)
+    if provider not in setup.providers:
+        pytest.skip(setup.skipped.get(provider, f"{provider} does not implement {pattern}"))
+    if mode == "fwd_bwd" and provider in setup.forward_only:
+        pytest.skip(setup.forward_only[provider])
+    benchmark.group = f"{pattern} seq={seq} {dtype} {mode}"
+    benchmark.pedantic(setup.call(provider, mode), rounds=3, warmup_rounds=1, iterations=1)
+    t = Timing.of(list(benchmark.stats.stats.data))
     benchmark.extra_info.update(
         {
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "useful_gflops_per_s": flops / median / 1e9,
-            "matmul_gflops_per_s": _roofline(),
+            "p20_s": t.p20,
+            "p80_s": t.p80,
+            "useful_gflops_per_s": setup.flops_of(mode) / t.median / 1e9,
+            "matmul_gflops_per_s": _roofline(dtype),
+            "environment": environment(setup.device).as_dict(),
         }
     )
     if request.config.getoption("--memory"):
-        benchmark.extra_info["peak_extra_mib"] = measure(case_name, provider, seq, backward)
+        spec = {**setup.build_args, "provider": provider, "mode": mode}
+        benchmark.extra_info["peak_extra_mib"] = run_fresh("etkd.benchmarks.providers:peak_memory", spec).get(
+            "peak_mib"
+        )
