@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "resume": False,
     "backend": None,
+    "dtype": "fp32",
     "name": None,
     "teacher": None,
     "output": None,
@@ -443,6 +444,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     o = merge_options(args)
     task = o["task"]
@@ -461,7 +465,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _set_backend(model, o)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
-    metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
+    device_type = next(model.parameters()).device.type
+    # --dtype bf16/fp16: weights stay fp32, matmuls and the attention kernels run in 16 bits (autocast).
+    with torch.autocast(device_type, dtype=EVAL_DTYPES[o["dtype"]], enabled=o["dtype"] != "fp32"):
+        metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
     name = o["name"] or os.path.basename(os.path.normpath(o["model"]))
     if o["output"]:
         write_results(o["output"], task, name, o["model"], metrics, info, o)
@@ -536,4 +543,5 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")
     _add_common(p)
+    p.add_argument("--dtype", choices=tuple(EVAL_DTYPES), help="compute dtype (bf16/fp16: autocast)")
     finish(p, DEFAULTS, func=run_evaluate)
