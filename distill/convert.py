@@ -3,7 +3,8 @@
     etkd convert --from roberta-dir --to longformer --max-positions 4096 --window 512 --out long-dir
 
 --from takes an etkd checkpoint dir, an HF checkpoint dir or an HF hub name. The result is written in the
-etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class.
+etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class, or with
+--format hf-attention as the BERT/RoBERTa class whose config selects an `etkd_*` attn_implementation.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ def register(sub) -> None:
         "--sparsity-type", default="pooling", choices=("none", "pooling", "stride", "block_stride")
     )
     p.add_argument("--num-global-tokens", type=int, default=1, help="lsg")
-    p.add_argument("--format", default="etkd", choices=("etkd", "hf"), help="output format")
+    p.add_argument(
+        "--format",
+        default="etkd",
+        choices=("etkd", "hf", "hf-attention"),
+        help="output format: etkd, hf (the matching transformers class), hf-attention (the BERT/RoBERTa class with "
+        "attn_implementation='etkd_...' in its config; load after `import etkd.hf`)",
+    )
     p.set_defaults(func=run)
 
 
@@ -48,6 +55,15 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.format == "hf":
         to_hf(new).save_pretrained(args.out)
+    elif args.format == "hf-attention":
+        from etkd.hf import to_hf_attention
+
+        try:
+            hf_model = to_hf_attention(new)
+        except ValueError as exc:
+            print(f"etkd convert: --format hf-attention: {exc}", file=sys.stderr)
+            return 2
+        hf_model.save_pretrained(args.out)
     else:
         new.save_pretrained(args.out)
     cfg = new.config
