@@ -56,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "hf":
         to_hf(new).save_pretrained(args.out)
     elif args.format == "hf-attention":
-        from etkd.hf import to_hf_attention
+        from etkd.hf import save_hf_attention, to_hf_attention
 
         try:
             hf_model = to_hf_attention(new)
         except ValueError as exc:
             print(f"etkd convert: --format hf-attention: {exc}", file=sys.stderr)
             return 2
-        hf_model.save_pretrained(args.out)
+        save_hf_attention(hf_model, args.out)
     else:
         new.save_pretrained(args.out)
     cfg = new.config

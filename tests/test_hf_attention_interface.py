@@ -234,24 +234,15 @@ def test_etkd_convert_format_hf_attention(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.RobertaConfig(max_position_embeddings=34, pad_token_id=1, **SMALL)
     transformers.RobertaForMaskedLM(cfg).save_pretrained(tmp_path / "src")
-    common = [
-        "convert",
-        "--from",
-        str(tmp_path / "src"),
-        "--to",
-        "longformer",
-        "--max-positions",
-        "64",
-        "--window",
-        "8",
-    ]
+    common = ["convert", "--from", str(tmp_path / "src"), "--to", "longformer", "--max-positions", "64"]
+    common += ["--window", "8"]
     assert main([*common, "--format", "hf-attention", "--out", str(tmp_path / "attn")]) == 0
     assert main([*common, "--format", "hf", "--out", str(tmp_path / "lf")]) == 0
     saved = json.loads((tmp_path / "attn" / "config.json").read_text())
-    assert saved["model_type"] == "roberta" and saved["etkd_attention"] == {"window": 8}
-    model = transformers.AutoModelForMaskedLM.from_pretrained(
-        tmp_path / "attn", attn_implementation="etkd_sliding_window"
-    )
+    assert saved["model_type"] == "roberta" and saved["attn_implementation"] == "etkd_sliding_window"
+    assert saved["etkd_attention"] == {"attn_implementation": "etkd_sliding_window", "window": 8}
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "attn")  # name from config.json
+    assert model.config._attn_implementation == "etkd_sliding_window"
     longformer = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "lf")
     ids, mask = batch(50, pad_id=1)
     glob = torch.zeros_like(mask)

@@ -125,6 +125,9 @@ def test_minilm_weights_as_patched_bigbird(minilm, encoded):
 
     long = convert(from_hf(minilm), "bigbird", max_positions=512, block_size=8, num_random_blocks=2)
     hf_model = to_hf(long)
+    hf_model.encoder.layer = hf_model.encoder.layer[
+        :2
+    ]  # MiniLM's first two layers: real weights, a third of the time
     ours = etkd.hf.patch(copy.deepcopy(hf_model))
     assert isinstance(hf_model, transformers.BigBirdModel)
     enc = dict(encoded)

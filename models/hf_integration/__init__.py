@@ -21,7 +21,7 @@ import torch
 from . import big_bird, longformer, nystromformer
 from ._common import Options, UnsupportedConfigError
 from .attention_interface import IMPLEMENTATIONS, register_attention_implementations
-from .export import to_hf_attention
+from .export import save_hf_attention, to_hf_attention
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -32,6 +32,7 @@ __all__ = [
     "patch_longformer",
     "patch_nystromformer",
     "register_attention_implementations",
+    "save_hf_attention",
     "to_hf_attention",
     "unpatch",
     "unpatch_big_bird",

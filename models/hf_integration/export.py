@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from etkd.models import EncoderModel, to_hf
@@ -66,7 +69,19 @@ def to_hf_attention(model: EncoderModel):
     plain = EncoderModel(cfg.replace(attention="full", global_projections=False))
     plain.load_state_dict(sd)
     hf = to_hf(plain)
-    setattr(hf.config, CONFIG_KEY, settings)
-    hf.config._attn_implementation = name
-    hf.set_attn_implementation(name) if hasattr(hf, "set_attn_implementation") else None
+    setattr(hf.config, CONFIG_KEY, {"attn_implementation": name, **settings})
+    hf.set_attn_implementation(name)
     return hf
+
+
+def save_hf_attention(hf_model, path: str | os.PathLike) -> None:
+    """`save_pretrained`, plus `attn_implementation` in config.json, so `from_pretrained(path)` (after
+    `import etkd.hf`) selects the etkd pattern without being told. transformers itself never writes that key:
+    a checkpoint re-saved by HF (e.g. by Trainer) needs `attn_implementation=` passed when loading."""
+    hf_model.save_pretrained(path)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        saved = json.load(f)
+    saved["attn_implementation"] = hf_model.config._attn_implementation
+    with open(config_path, "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)

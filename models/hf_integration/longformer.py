@@ -65,9 +65,14 @@ class LongformerSelfAttention(HF_CLASS):
         global_mask = global_qkv = None
         if is_global_attn:
             global_mask = is_index_global_attn
-            global_qkv = tuple(
-                heads(proj(hidden_states), h)
-                for proj in (self.query_global, self.key_global, self.value_global)
+            # Only global rows read the global queries: project those rows alone (as HF does) and leave zeros
+            # elsewhere, which saves a seq x hidden x hidden matmul per layer.
+            qg = hidden_states.new_zeros(hidden_states.shape[:-1] + (self.embed_dim,))
+            qg = qg.index_put((global_mask,), self.query_global(hidden_states[global_mask]))
+            global_qkv = (
+                heads(qg, h),
+                heads(self.key_global(hidden_states), h),
+                heads(self.value_global(hidden_states), h),
             )
         out = ek.sliding_window_attention(
             q,
