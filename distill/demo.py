@@ -20,24 +20,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 
 import torch
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> list[dict]:
     import etkd_kernels as ek
+    from etkd.benchmarks.harness import time_call
     from etkd_kernels.dispatch import reasons
 
     torch.manual_seed(0)
@@ -80,9 +69,9 @@ def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: i
                 continue
             out = fn(backend, q, k, v)
             err = (out - ref).abs().max().item()
-            t_fwd = _time(lambda: fn(backend, q, k, v), repeats)
+            t_fwd = time_call(lambda: fn(backend, q, k, v), repeats).median
             qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-            t_fb = _time(lambda: fn(backend, qq, kk, vv).sum().backward(), repeats)
+            t_fb = time_call(lambda: fn(backend, qq, kk, vv).sum().backward(), repeats).median
             ref_time = ref_time or (t_fwd, t_fb)
             rows.append(
                 {
@@ -125,10 +114,10 @@ def _etkd(*argv: str) -> None:
 
 def _finetune_timed(argv: list[str]) -> dict[str, float]:
     """`etkd finetune ...` with its wall time and peak resident memory above the start level."""
-    from etkd.benchmarks.memory import PeakRSS
+    from etkd.benchmarks.harness import PeakMemory
 
     t0 = time.perf_counter()
-    with PeakRSS() as peak:
+    with PeakMemory() as peak:
         _etkd(*argv)
     return {"seconds": time.perf_counter() - t0, "peak_mib": peak.peak_mib}
 
@@ -179,7 +168,8 @@ def pipeline(args) -> None:
     )  # fmt: skip
     torch.manual_seed(args.seed)
     EncoderModel(cfg).save_pretrained(os.path.join(out, "teacher_init"))
-    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), *quiet]
+    # --overwrite: a rerun of the demo replaces its earlier runs (output folders refuse them otherwise)
+    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), "--overwrite", *quiet]
     _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
           "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
           "--long-length", "512", "--long-fraction", "0.1", "--save-every", str(2 * steps), *common)  # fmt: skip
@@ -210,7 +200,7 @@ def pipeline(args) -> None:
             ["finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
              "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}-{tag}"),
              "--max-steps", str(steps), "--batch-size", str(batch), "--learning-rate", "2e-3",
-             "--seed", str(args.seed), "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
+             "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
              *(["--teacher", teacher_name] if teacher_name else []), *extra, *quiet]
         )  # fmt: skip
 
@@ -292,9 +282,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if not args.kernels_only:
         pipeline(args)
-    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}")  # fmt: skip
-    rows = kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
+    from etkd.benchmarks.harness import environment
+
+    env = environment()
+    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32; {env.line()}")
+    rows = [
+        {**r, "environment": env.as_dict()} for r in kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
+    ]
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")

@@ -32,6 +32,7 @@ from typing import Any
 
 HPARAMS = ("learning_rate", "warmup_ratio", "weight_decay", "batch_size")
 STATE = "tune_state.json"
+SETTINGS = "settings.json"  # the run folder's settings (distill/rundir.py), carried with the checkpoint
 
 
 def _file_digest(directory: str) -> str:
@@ -39,7 +40,7 @@ def _file_digest(directory: str) -> str:
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(directory)):
         for name in sorted(files):
-            if name == STATE:
+            if name in (STATE, SETTINGS):
                 continue
             path = os.path.join(root, name)
             h.update(os.path.relpath(path, directory).encode())
@@ -99,6 +100,7 @@ def trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
             target = os.path.join(run_dir, "checkpoints", os.path.basename(state["checkpoint"]))
             shutil.copytree(os.path.join(d, "checkpoint"), target)
+            shutil.copy(os.path.join(d, SETTINGS), os.path.join(run_dir, SETTINGS))  # the run it continues
         log({"event": "restore", "step": step, "from_trial": state["trial"], "own": state["trial"] == trial_id,
              "digest": _file_digest(target), "source_digest": state["digest"], "config": config})  # fmt: skip
 
@@ -126,6 +128,7 @@ def trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
         log({"event": "segment", "step": stop, "score": metrics[key], "config": config, "digest": digest})
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(ckpt, os.path.join(tmp, "checkpoint"))
+            shutil.copy(os.path.join(run_dir, SETTINGS), os.path.join(tmp, SETTINGS))
             with open(os.path.join(tmp, STATE), "w") as f:
                 json.dump({"step": stop, "trial": trial_id, "checkpoint": ckpt, "digest": digest}, f)
             report = {
