@@ -331,7 +331,7 @@ def train(
         resumed_loss = float(state.get("loss", float("nan")))  # a run resumed at its end reports this loss
         batches.load_state_dict(state["data"])
         if cfg.new_hparams_on_resume:
-            _apply_hparams(optimizer, scheduler, cfg, step)
+            _apply_hparams(optimizer, scheduler, cfg)
         accelerator.print(f"[etkd train] resumed from {last_ckpt} at step {step}")
     elif cfg.resume:
         accelerator.print(f"[etkd train] resume: no checkpoint in {cfg.output_dir}, starting fresh")
@@ -415,14 +415,13 @@ def train(
     }
 
 
-def _apply_hparams(optimizer, scheduler, cfg: TrainConfig, step: int) -> None:
-    """Replace a restored optimizer's and schedule's peak learning rate, weight decay and warm-up by cfg's."""
-    # The schedule's lambdas already come from cfg (a LambdaLR checkpoint holds no function lambdas).
-    factor = linear_schedule(cfg.max_steps, int(round(cfg.warmup_ratio * cfg.max_steps)))
+def _apply_hparams(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """Replace a restored optimizer's and schedule's peak learning rate and weight decay by cfg's; warm-up
+    follows cfg already (the schedule's lambdas are built from cfg, a checkpoint does not hold them)."""
     scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
     for i, group in enumerate(optimizer.param_groups):
         group["initial_lr"] = cfg.learning_rate
-        group["lr"] = cfg.learning_rate * factor(step)
+        group["lr"] = cfg.learning_rate * scheduler.lr_lambdas[i](scheduler.last_epoch)
         if i == 0:  # parameter_groups: [decayed, not decayed (biases, norms)]
             group["weight_decay"] = cfg.weight_decay
 

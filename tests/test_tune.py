@@ -13,13 +13,34 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("ray.tune")
+from etkd.distill import demo_data
+from etkd.distill.cli import main
+from etkd.distill.report import load_results
+from etkd.distill.training import TrainConfig, train
+from etkd.distill.tune import HPARAMS
+from etkd.models import EncoderConfig, EncoderModel
 
-from etkd.distill import demo_data  # noqa: E402
-from etkd.distill.cli import main  # noqa: E402
-from etkd.distill.report import load_results  # noqa: E402
-from etkd.distill.tune import HPARAMS  # noqa: E402
-from etkd.models import EncoderConfig, EncoderModel  # noqa: E402
+
+@pytest.mark.parametrize("new_hparams", [True, False])
+def test_resume_with_new_hparams(tmp_path, new_hparams):
+    """What PBT's explore relies on: a resumed run takes the new learning rate and weight decay (and only
+    when asked; a plain --resume keeps the checkpoint's)."""
+    data = [torch.randn(4) for _ in range(8)]
+
+    def loss_fn(model, batch):
+        return model(batch).pow(2).mean(), {}
+
+    def run(lr, wd, **kw):
+        torch.manual_seed(0)
+        cfg = TrainConfig(output_dir=str(tmp_path), max_steps=4, per_device_batch_size=2, learning_rate=lr,
+                          weight_decay=wd, save_every=2, log_every=1, progress=False, **kw)  # fmt: skip
+        return train(torch.nn.Linear(4, 1), data, loss_fn, cfg)
+
+    run(1e-3, 0.0, stop_at_step=2)
+    out = run(1e-2, 0.05, resume=True, new_hparams_on_resume=new_hparams)
+    lrs = {r["step"]: r["lr"] for r in out["history"]}
+    # linear decay to 0 at step 4, no warm-up: lr after step 3 = peak * (4 - 3) / 4
+    assert lrs[3] == pytest.approx((1e-2 if new_hparams else 1e-3) * 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +48,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("tune")
     tok = str(d / "tok")
     demo_data.tokenizer(tok)
-    train = demo_data.write_classification(str(d / "train.jsonl"), n=32, seed=1)
+    train_file = demo_data.write_classification(str(d / "train.jsonl"), n=32, seed=1)
     dev = demo_data.write_classification(str(d / "dev.jsonl"), n=16, seed=2)
     cfg = EncoderConfig(vocab_size=len(demo_data.vocabulary()), hidden_size=16, num_layers=1, num_heads=2,
                         intermediate_size=32, max_positions=66, position_style="padded", pad_token_id=0,
@@ -35,16 +56,17 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = str(d / "model")
     EncoderModel(cfg).save_pretrained(model)
-    return d, tok, model, train, dev
+    return d, tok, model, train_file, dev
 
 
 def test_pbt_exploits_and_explores(setup):
-    d, tok, model, train, dev = setup
+    pytest.importorskip("ray.tune")
+    d, tok, model, train_file, dev = setup
     out = str(d / "out")
     argv = ["tune", "--out", out, "--population", "2", "--max-steps", "4", "--perturbation-interval", "2",
             "--synch", "--quantile-fraction", "0.5", "--resample-probability", "0", "--num-cpus", "2",
             "--learning-rate", "1e-4", "1e-2", "--batch-size", "4", "8",
-            "--", "--task", "sst2", "--model", model, "--tokenizer", tok, "--train-file", train,
+            "--", "--task", "sst2", "--model", model, "--tokenizer", tok, "--train-file", train_file,
             "--eval-file", dev, "--seed", "0", "--log-every", "1"]  # fmt: skip
     assert main(argv) == 0
     with open(os.path.join(out, "tune_results.json")) as f:
@@ -83,7 +105,7 @@ def test_pbt_exploits_and_explores(setup):
 
 
 def test_bad_arguments(setup):
-    d, tok, model, train, dev = setup
+    d, tok, model, _, _ = setup
     with pytest.raises(ValueError, match="--learning-rate"):
         main(
             [
