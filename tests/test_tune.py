@@ -101,7 +101,9 @@ def test_pbt_exploits_and_explores(setup):
         assert set(json.load(f)) == set(HPARAMS)
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     results = load_results([os.path.join(out, "best")])
-    assert "accuracy" in results["pbt-best"]["sst2"]
+    assert [(r.model, r.task) for r in results] == [("pbt-best", "sst2")]
+    assert any("accuracy" in m for m in results[0].splits.values())
+    assert main(["report", os.path.join(out, "best"), "--out-dir", str(d / "report")]) == 0
 
 
 def test_bad_arguments(setup):
