@@ -66,9 +66,9 @@ MODEL_FILES = ("config.json",)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
-def offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+def offline(kind: str = "model") -> bool:
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE" if kind == "dataset" else "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in names)
 
 
 def looks_like_path(value: str) -> bool:
@@ -95,16 +95,28 @@ def resolve_pretrained(value: str, flag: str, files: tuple[str, ...] = MODEL_FIL
 
     if isinstance(huggingface_hub.try_to_load_from_cache(value, files[0]), str):  # a cached file path
         return value
-    if offline():
-        raise UserError(f"{flag} {value}: not a local folder, not in the cache, and offline mode is on")
-    try:
-        exists = huggingface_hub.repo_exists(value)
-    except Exception as exc:  # no network, proxy, ...: one probe, no retries
-        raise UserError(f"{flag} {value}: not a local folder, and the hub could not be reached "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None  # fmt: skip
-    if not exists:
-        raise UserError(f"{flag} {value}: no such local folder or hub model")
+    check_hub_name(value, flag, "model")
     return value
+
+
+def check_hub_name(value: str, flag: str, kind: str) -> None:
+    """`value` (not a local path) names an existing hub `kind` ("model" or "dataset"): one probe, no retries;
+    offline mode is an error at once for models (whose cache was looked at before); for datasets, offline
+    mode leaves the name to `datasets`' own cache."""
+    if offline(kind):
+        if kind == "dataset":
+            return
+        raise UserError(f"{flag} {value}: not a local path, not in the cache, and offline mode is on")
+    import huggingface_hub
+
+    try:
+        exists = huggingface_hub.repo_exists(value, repo_type=kind)
+    except Exception as exc:  # no network, proxy, ...
+        raise UserError(f"{flag} {value}: not a local path, and the hub could not be reached "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}; HF_HUB_OFFLINE=1 uses the "
+                        "local cache)") from None  # fmt: skip
+    if not exists:
+        raise UserError(f"{flag} {value}: no such local path or hub {kind}")
 
 
 def load_tokenizer(

@@ -43,6 +43,7 @@ DATA_DEFAULTS: dict[str, Any] = {
 }
 MODEL_DEFAULTS: dict[str, Any] = {"backend": None, "gradient_checkpointing": False}
 HIDDEN = argparse.SUPPRESS  # old spellings stay accepted, out of --help
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,9 +104,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", dest="backend", default=None,
-                   help="attention kernel backend: auto, reference, cpu, triton, cuda (default: auto)")  # fmt: skip
-    p.add_argument("--attention-backend", dest="backend", default=None, help=HIDDEN)
+    p.add_argument("--backend", dest="backend", default=None, choices=BACKENDS,
+                   help="attention kernel backend (default: auto)")  # fmt: skip
+    p.add_argument("--attention-backend", dest="backend", default=None, choices=BACKENDS, help=HIDDEN)
     p.add_argument(
         "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None
     )
