@@ -43,13 +43,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/etkd demo
 
-# make bench                         quick size (seq 1024), saves JSON under .benchmarks/, prints the table
+# make bench                         quick size (seq 1024): every pattern x provider, fwd and fwd+bwd; saves
+#                                    JSON under .benchmarks/ and prints README's benchmark table from it
 # make bench BENCH_ARGS="--paper-sizes --memory"          the paper's sizes, with peak memory per row
+# make bench BENCH_ARGS="--dtype bf16"                    bf16 inputs
 # make bench BENCH_ARGS="--benchmark-compare=0001 --benchmark-compare-fail=median:25%"   flag regressions
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-autosave \
-		--benchmark-columns=median,iqr,rounds --benchmark-sort=name $(BENCH_ARGS)
+	mkdir -p .benchmarks
+	$(BIN)/python -m pytest benchmarks/suite -p no:cacheprovider --benchmark-only --benchmark-autosave \
+		--benchmark-json=.benchmarks/latest.json --benchmark-columns=median,iqr,rounds \
+		--benchmark-sort=name $(BENCH_ARGS)
+	$(BIN)/python -m etkd.benchmarks.core --from-pytest-benchmark .benchmarks/latest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info etkd_kernels/*.so

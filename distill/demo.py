@@ -20,24 +20,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 
 import torch
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> list[dict]:
     import etkd_kernels as ek
+    from etkd.benchmarks.harness import time_call
     from etkd_kernels.dispatch import reasons
 
     torch.manual_seed(0)
@@ -80,9 +69,9 @@ def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: i
                 continue
             out = fn(backend, q, k, v)
             err = (out - ref).abs().max().item()
-            t_fwd = _time(lambda: fn(backend, q, k, v), repeats)
+            t_fwd = time_call(lambda: fn(backend, q, k, v), repeats).median
             qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-            t_fb = _time(lambda: fn(backend, qq, kk, vv).sum().backward(), repeats)
+            t_fb = time_call(lambda: fn(backend, qq, kk, vv).sum().backward(), repeats).median
             ref_time = ref_time or (t_fwd, t_fb)
             rows.append(
                 {
@@ -219,9 +208,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if not args.kernels_only:
         pipeline(args)
-    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}")  # fmt: skip
-    rows = kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
+    from etkd.benchmarks.harness import environment
+
+    env = environment()
+    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32; {env.line()}")
+    rows = [
+        {**r, "environment": env.as_dict()} for r in kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
+    ]
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")

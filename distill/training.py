@@ -222,15 +222,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_schedule(max_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """lr multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `max_steps`."""
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warm-up to the peak lr, then linear decay to 0 at `max_steps`, counted from update 1:
+    update n (1-based) runs at n / (warmup + 1) of the peak during warm-up, so the first update is not the
+    no-op that transformers' lr 0 at update 1 would be."""
+    from transformers import get_linear_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-    return factor
+    for group in optimizer.param_groups:  # what LambdaLR sets itself when it starts at last_epoch -1
+        group.setdefault("initial_lr", group["lr"])
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps + 1, max_steps + 1, last_epoch=0)
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -305,7 +307,7 @@ def train(
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
     # Not prepared: accelerate would step a prepared scheduler once per process per step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.max_steps, warmup))
+    scheduler = linear_schedule(optimizer, cfg.max_steps, warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     batches = ShardedBatches(
