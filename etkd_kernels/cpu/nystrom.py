@@ -5,7 +5,7 @@ Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in one parallel loop over (batch, 
 dispatch. Backward: autograd over a composition whose two products over the sequence, K1 @ X
 (seq x landmarks) and K3 @ v (landmarks x seq), are the fused `softmax(scale * a @ b^T, masked) @ c` kernel
 (recompute-from-lse backward, never materialising K1 or K3); the landmark means and the
-(landmarks x landmarks) pseudo-inverse are small ATen ops shared with `reference`.
+(landmarks x landmarks) pseudo-inverse are small ATen ops shared with `reference` (etkd_kernels/_shared.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels.reference._autograd import recompute_backward
-from etkd_kernels.reference.nystrom import iterative_pinv, segment_means
+from etkd_kernels._shared import iterative_pinv, recompute_backward, segment_means
 
 
 class _SoftmaxMatmul(torch.autograd.Function):
