@@ -20,9 +20,11 @@ then `auto`, which walks `PRIORITY` for the tensors' device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,6 +38,8 @@ PRIORITY = ("cuda", "triton", "cpu", "reference")
 OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
 
 _local = threading.local()
+_warned: set[tuple[str, str, torch.dtype]] = set()
+_OTHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,11 @@ def capabilities(name: str, op: str) -> Capabilities | None:
     return mod.capabilities(op) if op in mod.OPS else None
 
 
-def reasons(name: str, op: str, problem: Problem) -> list[str]:
-    """Why backend `name` cannot run `op` for `problem` (empty when it can)."""
+def reasons(
+    name: str, op: str, problem: Problem | torch.device, dtype: torch.dtype | None = None
+) -> list[str]:
+    """Why backend `name` cannot run `op` for `problem` (or for `device`, `dtype`): empty when it can."""
+    problem = _problem(problem, dtype)
     mod = _module(name)
     caps = capabilities(name, op)
     if caps is None:
@@ -198,9 +205,42 @@ def resolve(
             continue
         why = reasons(cand, op, p)
         if not why:
+            if cand == "reference":
+                _warn_slow_fallback(op, p)
             return importlib.import_module(f"etkd_kernels.{cand}.{_module(cand).OPS[op]}")
         rejected.append(f"{cand}: {'; '.join(why)}")
     raise RuntimeError(f"no backend can run {op} on {where}:\n  " + "\n  ".join(rejected))
+
+
+def _warn_slow_fallback(op: str, p: Problem) -> None:
+    """`auto` fell back to `reference`: warn once per (op, device, dtype) if a fused backend would have taken
+    the same call in another dtype (the silent 7-10x slowdown of issue 14)."""
+    device, dtype = p.device, p.dtype
+    key = (op, device.type, dtype)
+    if key in _warned:
+        return
+    takers = {
+        cand: [
+            str(other)
+            for other in _OTHER_DTYPES
+            if other != dtype and not reasons(cand, op, dataclasses.replace(p, dtype=other))
+        ]
+        for cand in PRIORITY
+        if cand != "reference"
+        and (_module(cand).AUTO_DEVICES is None or device.type in _module(cand).AUTO_DEVICES)
+    }
+    takers = {cand: dts for cand, dts in takers.items() if dts}
+    if not takers:
+        return
+    _warned.add(key)
+    why = "; ".join(f"{cand}: {'; '.join(reasons(cand, op, p))}" for cand in takers)
+    would = "; ".join(f"{cand} takes {', '.join(dts)}" for cand, dts in takers.items())
+    warnings.warn(
+        f"etkd: {op} on {device.type}/{dtype} runs on the slow `reference` backend ({why}); {would}: cast the "
+        "inputs (e.g. .float()), or pass backend='reference' to choose this path explicitly",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def selected_backend_name(

@@ -1,5 +1,6 @@
-"""Triton kernels on a real GPU: parity with `reference` at realistic sizes. Skipped without CUDA. Timings
-against SDPA, FlexAttention and flash-attn are the GPU acceptance run's (`python -m etkd_kernels.gpu_check`).
+"""Triton kernels on a real GPU: parity with `reference` at realistic sizes. Skipped without CUDA. GPU timings
+against SDPA, FlexAttention and flash-attn: `python -m etkd_kernels.gpu_check` (the acceptance run) and the
+harness, `python -m etkd.benchmarks.core --device cuda --dtype fp16 --backends triton,cuda`.
 
 Run it in its own process (`pytest tests/test_triton_gpu.py -s`): tests/test_triton_kernels.py sets
 TRITON_INTERPRET=1 for the whole session, and kernels jitted under it would run in the interpreter.

@@ -14,6 +14,7 @@ import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
 from etkd_kernels._shared import iterative_pinv, recompute_backward, segment_means
+from etkd_kernels.cpu._dtype import in_float32
 
 
 class _SoftmaxMatmul(torch.autograd.Function):
@@ -54,6 +55,7 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
     return out
 
 
+@in_float32
 def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
     with torch.no_grad():
         if num_landmarks == q.shape[2]:
@@ -70,6 +72,7 @@ def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pi
         )
 
 
+@in_float32
 def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
     return recompute_backward(
         attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
