@@ -37,4 +37,14 @@ std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, 
 Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks, int64_t iterations,
                    const OptTensor& key_padding_mask, double scale, bool hf_global);
 
+// LSG: local blocks of the main source plus [global keys, compressed keys] of `kx` (built in Python).
+std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx,
+                                   const Tensor& vx, const Tensor& kx_ok, const Tensor& starts,
+                                   const OptTensor& key_padding_mask, int64_t block_size, int64_t sparse_block_size,
+                                   int64_t num_global_tokens, double scale);
+std::vector<Tensor> lsg_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                            const Tensor& out, const Tensor& lse, const Tensor& kx, const Tensor& vx,
+                            const Tensor& kx_ok, const Tensor& starts, const OptTensor& key_padding_mask,
+                            int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale);
+
 }  // namespace etkd::cpu

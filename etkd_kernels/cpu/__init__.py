@@ -12,6 +12,7 @@ DESCRIPTION = "fused C++ kernels (csrc/cpu), OpenMP + SIMD, fp32"
 OPS: dict[str, str] = {
     "sliding_window": "sliding_window",
     "block_sparse": "block_sparse",
+    "lsg": "lsg",
     "nystrom": "nystrom",
     "full": "full",
 }
