@@ -10,6 +10,8 @@
 // (the driver's key biases are per batch row). The window positions come from the Python side too
 // (`starts`, (nb, 2): first compressed position of each block's left and right window), so the pattern is
 // defined in one place.
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 
 #include "cpu/common.h"
@@ -17,6 +19,9 @@
 
 namespace etkd::cpu {
 namespace {
+
+// Sparsity types compressed here (the others are built by the Python side): ids shared with etkd_kernels/cpu/lsg.py.
+constexpr int64_t kPooling = 1, kStride = 2, kBlockStride = 3;
 
 struct Passes {
   Problem block, glob;
@@ -89,7 +94,116 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx
   return ps;
 }
 
+// Token of compressed position p of head h for the strided types (etkd_kernels.reference.lsg.sparse_keys).
+inline int64_t strided_token(int64_t type, int64_t p, int64_t h, int64_t block, int64_t f) {
+  const int64_t step = block / f;
+  return type == kStride ? p * f + h % f : (p / step) * block + (h * step + p % step) % block;
+}
+
+void check_compress(const Tensor& k, int64_t G, int64_t block, int64_t f, int64_t type) {
+  check_float(k, "k");
+  TORCH_CHECK(k.dim() == 4, "k: expected (batch, heads, seq, head_dim), got ", k.sizes());
+  TORCH_CHECK(type == kPooling || type == kStride || type == kBlockStride, "sparsity type: expected 1..3, got ", type);
+  TORCH_CHECK(f >= 2 && block % f == 0 && k.size(2) % block == 0 && G >= 0 && G <= k.size(2),
+              "lsg_sparse_keys: expected factor >= 2 dividing block ", block, " dividing seq ", k.size(2), ", got factor ",
+              f, ", ", G, " globals");
+}
+
 }  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> lsg_sparse_keys(const Tensor& k, const Tensor& v, const OptTensor& kpm,
+                                                   int64_t num_global_tokens, int64_t block_size,
+                                                   int64_t sparsity_factor, int64_t type) {
+  const int64_t G = num_global_tokens, f = sparsity_factor;
+  check_compress(k, G, block_size, f, type);
+  check_like(v, k, "v");
+  const int64_t B = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3), T = S / f, Sx = G + T;
+  auto real = real_mask(kpm, B, S);
+  auto kx = at::empty({B, H, Sx, D}, k.options()), vx = at::empty({B, H, Sx, D}, k.options());
+  auto ok = at::empty({B, H, Sx}, at::kBool);
+  const uint8_t* rp = real.data_ptr<uint8_t>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *kxp = kx.data_ptr<float>(), *vxp = vx.data_ptr<float>();
+  bool* okp = ok.data_ptr<bool>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(f);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const uint8_t* r = rp + b * S;
+      const float *kh = kp + bh * S * D, *vh = vp + bh * S * D;
+      float *kxh = kxp + bh * Sx * D, *vxh = vxp + bh * Sx * D;
+      bool* o = okp + bh * Sx;
+      std::copy(kh, kh + G * D, kxh);
+      std::copy(vh, vh + G * D, vxh);
+      for (int64_t j = 0; j < G; ++j) o[j] = r[j] != 0;
+      for (int64_t p = 0; p < T; ++p) {
+        float *kc = kxh + (G + p) * D, *vc = vxh + (G + p) * D;
+        if (type == kPooling) {  // sum of the usable tokens / (count + 1e-6); attended even when empty (LSG)
+          int64_t cnt = 0;
+          for (int64_t i = 0; i < f; ++i) cnt += r[p * f + i] && p * f + i >= G;
+          const float inv = 1.f / (static_cast<float>(cnt) + 1e-6f);
+          std::fill(kc, kc + D, 0.f);
+          std::fill(vc, vc + D, 0.f);
+          for (int64_t i = 0; i < f; ++i) {
+            const int64_t j = p * f + i;
+            if (!r[j] || j < G) continue;
+            for (int64_t c = 0; c < D; ++c) kc[c] += kh[j * D + c], vc[c] += vh[j * D + c];
+          }
+          for (int64_t c = 0; c < D; ++c) kc[c] *= inv, vc[c] *= inv;
+          o[G + p] = true;
+        } else {
+          const int64_t j = strided_token(type, p, h, block_size, f);
+          std::copy(kh + j * D, kh + (j + 1) * D, kc);
+          std::copy(vh + j * D, vh + (j + 1) * D, vc);
+          o[G + p] = r[j] && j >= G;
+        }
+      }
+    }
+  });
+  return {kx, vx, ok};
+}
+
+void lsg_sparse_keys_bwd(const Tensor& dkx, const Tensor& dvx, const Tensor& dk, const Tensor& dv,
+                         const OptTensor& kpm, int64_t num_global_tokens, int64_t block_size, int64_t sparsity_factor,
+                         int64_t type) {
+  const int64_t G = num_global_tokens, f = sparsity_factor;
+  check_compress(dk, G, block_size, f, type);
+  check_like(dv, dk, "dv");
+  const int64_t B = dk.size(0), H = dk.size(1), S = dk.size(2), D = dk.size(3), T = S / f, Sx = G + T;
+  check_float(dkx, "dkx");
+  TORCH_CHECK(dkx.dim() == 4 && dkx.size(0) == B && dkx.size(1) == H && dkx.size(2) == Sx && dkx.size(3) == D,
+              "dkx: expected (", B, ", ", H, ", ", Sx, ", ", D, "), got ", dkx.sizes());
+  check_like(dvx, dkx, "dvx");
+  auto real = real_mask(kpm, B, S);
+  const uint8_t* rp = real.data_ptr<uint8_t>();
+  const float *gkx = dkx.data_ptr<float>(), *gvx = dvx.data_ptr<float>();
+  float *gk = dk.data_ptr<float>(), *gv = dv.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const uint8_t* r = rp + b * S;
+      float *kh = gk + bh * S * D, *vh = gv + bh * S * D;
+      const float *kxh = gkx + bh * Sx * D, *vxh = gvx + bh * Sx * D;
+      for (int64_t i = 0; i < G * D; ++i) kh[i] += kxh[i], vh[i] += vxh[i];
+      for (int64_t p = 0; p < T; ++p) {
+        const float *kc = kxh + (G + p) * D, *vc = vxh + (G + p) * D;
+        if (type == kPooling) {
+          int64_t cnt = 0;
+          for (int64_t i = 0; i < f; ++i) cnt += r[p * f + i] && p * f + i >= G;
+          const float inv = 1.f / (static_cast<float>(cnt) + 1e-6f);
+          for (int64_t i = 0; i < f; ++i) {
+            const int64_t j = p * f + i;
+            if (!r[j] || j < G) continue;
+            for (int64_t c = 0; c < D; ++c) kh[j * D + c] += inv * kc[c], vh[j * D + c] += inv * vc[c];
+          }
+        } else {  // distinct p of a head select distinct tokens: no two writers
+          const int64_t j = strided_token(type, p, h, block_size, f);
+          for (int64_t c = 0; c < D; ++c) kh[j * D + c] += kc[c], vh[j * D + c] += vc[c];
+        }
+      }
+    }
+  });
+}
 
 std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx,
                                    const Tensor& vx, const Tensor& kx_ok, const Tensor& starts,
