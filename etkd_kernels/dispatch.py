@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -32,6 +33,8 @@ PRIORITY = ("cuda", "triton", "cpu", "reference")
 OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
 
 _local = threading.local()
+_warned: set[tuple[str, str, torch.dtype]] = set()
+_OTHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,39 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str = "a
             continue
         why = reasons(cand, op, device, dtype)
         if not why:
+            if cand == "reference":
+                _warn_slow_fallback(op, device, dtype)
             return importlib.import_module(f"etkd_kernels.{cand}.{_module(cand).OPS[op]}")
         rejected.append(f"{cand}: {'; '.join(why)}")
     raise RuntimeError(f"no backend can run {op} on {device}/{dtype}:\n  " + "\n  ".join(rejected))
+
+
+def _warn_slow_fallback(op: str, device: torch.device, dtype: torch.dtype) -> None:
+    """`auto` fell back to `reference`: warn once per (op, device, dtype) if a fused backend would have taken
+    the same call in another dtype (the silent 7-10x slowdown of issue 14)."""
+    key = (op, device.type, dtype)
+    if key in _warned:
+        return
+    takers = {
+        cand: [
+            str(other) for other in _OTHER_DTYPES if other != dtype and not reasons(cand, op, device, other)
+        ]
+        for cand in PRIORITY
+        if cand != "reference"
+        and (_module(cand).AUTO_DEVICES is None or device.type in _module(cand).AUTO_DEVICES)
+    }
+    takers = {cand: dts for cand, dts in takers.items() if dts}
+    if not takers:
+        return
+    _warned.add(key)
+    why = "; ".join(f"{cand}: {'; '.join(reasons(cand, op, device, dtype))}" for cand in takers)
+    would = "; ".join(f"{cand} takes {', '.join(dts)}" for cand, dts in takers.items())
+    warnings.warn(
+        f"etkd: {op} on {device.type}/{dtype} runs on the slow `reference` backend ({why}); {would}: cast the "
+        "inputs (e.g. .float()), or pass backend='reference' to choose this path explicitly",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def selected_backend_name(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:

@@ -4,6 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(etkd_cpu, m) {
@@ -60,8 +65,48 @@ TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
   m.impl("softmax_matmul_bwd", &etkd::cpu::softmax_matmul_bwd);
 }
 
+namespace {
+
+PyObject* str_list(const std::vector<std::string>& v) {
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) PyList_SET_ITEM(out, i, PyUnicode_FromString(v[i].c_str()));
+  return out;
+}
+
+// _C.isa() -> str: the target the kernels run (chosen on first use; ETKD_CPU_ISA forces one).
+PyObject* py_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(etkd::cpu::kernels().name);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// _C.native_bf16() -> bool: whether bf16 tiles are multiplied as bf16 (else converted to float32 on load).
+PyObject* py_native_bf16(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(etkd::cpu::kernels().native_bf16);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_built_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::built_isas()); }
+PyObject* py_supported_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::supported_isas()); }
+
+PyMethodDef methods[] = {
+    {"isa", py_isa, METH_NOARGS, "ISA target the kernels run (ETKD_CPU_ISA forces one)"},
+    {"native_bf16", py_native_bf16, METH_NOARGS, "whether bf16 tiles are computed natively"},
+    {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
+    {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // A plain module: importing it runs the registrations above (no pybind11 needed).
 static PyModuleDef etkd_cpu_module = {PyModuleDef_HEAD_INIT, "_C", "etkd CPU kernels (ops in torch.ops.etkd_cpu)",
-                                      -1, nullptr};
+                                      -1, methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&etkd_cpu_module); }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels.cpu._dtype import in_float32
 from etkd_kernels.reference._autograd import recompute_backward
 from etkd_kernels.reference.nystrom import iterative_pinv, segment_means
 
@@ -56,6 +57,7 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
     return out
 
 
+@in_float32
 def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
     with torch.no_grad():
         if num_landmarks == q.shape[2]:
@@ -72,6 +74,7 @@ def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pi
         )
 
 
+@in_float32
 def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
     if num_landmarks == q.shape[2]:
         return recompute_backward(
