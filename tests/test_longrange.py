@@ -131,3 +131,17 @@ def test_cli_writes_files_and_tokenizer(tmp_path):
     assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()
     with open(tmp_path / "long_cls_dev.jsonl") as f:
         assert len([json.loads(x) for x in f]) == 1
+
+
+def test_context_ceiling_512_vs_4096(files):
+    """The best 512-token model cannot resolve the later codename mentions (a quarter right by guessing);
+    a 4096-token one can resolve all. The gap is in the data, before any training."""
+    paths, near, _ = files
+    docs = ner.read_conll(paths["long_ner_train"], "document")  # 12 documents (40 dev ones: 65.0 vs 100)
+    short, full = longrange.context_ceiling(docs, 512), longrange.context_ceiling(docs, 4096)
+    assert full["f1"] == 100.0 and short["f1_ordinary"] == 100.0
+    # PER documents keep their codename F1 by the guess, the others lose it
+    per = sum(d["tags"][0] == "B-PER" for d in docs) / len(docs)
+    assert abs(short["f1_codename"] - 100 * per) < 10 and full["f1"] - short["f1"] > 10
+    # the control variant: the evidence is within reach of every 512-token window
+    assert longrange.context_ceiling(ner.read_conll(near["long_ner_dev"], "document"), 512)["f1"] > 99

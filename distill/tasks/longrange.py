@@ -183,6 +183,31 @@ def breakdown(examples: list[dict[str, Any]], predicted: list[list[str]]) -> dic
     return out
 
 
+def context_ceiling(examples: list[dict[str, Any]], context: int, stride: int = 128) -> dict[str, float]:
+    """Entity F1 (percent) of the best model that sees `context` tokens at a time, read in windows with
+    overlap `stride` (as `finetune --ner-unit document` does): it tags every ordinary entity right, and a
+    codename mention right when a window holds both the mention and the opening paragraph; otherwise the
+    type is unknowable and it guesses the most frequent one (PER). A property of the data, no model: what
+    separates a 512-token model from a 4096-token one at best. Words are tokens here (one token a word).
+    """
+    from ..metrics import ner_metrics
+    from .ner import windows
+
+    size = context - 2  # [CLS] and [SEP]
+    pred = []
+    for e in examples:
+        words, tags = e["tokens"], list(e["tags"])
+        said = [i for i in range(len(words) - 1) if words[i] in CODENAMES and words[i + 1] == "is"]
+        spans = windows(len(words), size, min(stride, max(size - 1, 0)))
+        for i, w in enumerate(words):
+            seen = any(a <= i < b and any(a <= d < b for d in said) for a, b in spans)
+            if w in CODENAMES and not seen:
+                tags[i] = "B-PER"
+        pred.append(tags)
+    out = ner_metrics([e["tags"] for e in examples], pred)
+    return {"f1": out["f1"], **breakdown(examples, pred)}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
