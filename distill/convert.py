@@ -5,12 +5,17 @@
 --from takes an etkd checkpoint dir, an HF checkpoint dir or an HF hub name. The result is written in the
 etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class, or with
 --format hf-attention as the BERT/RoBERTa class whose config selects an `etkd_*` attn_implementation.
+The source's tokenizer is saved next to it (its model_max_length raised to the new length), so the next
+command (`pretrain`, `distill`, `finetune`) finds it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+
+from .core import TOKENIZER_FILES, load_tokenizer, log, resolve_pretrained
+from .errors import UserError
 
 
 def register(sub) -> None:
@@ -36,17 +41,22 @@ def register(sub) -> None:
         help="output format: etkd, hf (the matching transformers class), hf-attention (the BERT/RoBERTa class with "
         "attn_implementation='etkd_...' in its config; load after `import etkd.hf`)",
     )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer to save with the result (default: the source's)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from etkd.models import EncoderModel, convert, to_hf
 
-    try:
-        model = EncoderModel.from_pretrained(args.source)
-    except (OSError, ValueError) as exc:
-        print(f"etkd convert: cannot load --from {args.source!r}: {exc}", file=sys.stderr)
-        return 2
+    source = resolve_pretrained(args.source, "--from")
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif not os.path.isdir(source) or any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(source, "--from")
+    model = EncoderModel.from_pretrained(source)
     new = convert(
         model, args.to, args.max_positions, window=args.window, block_size=args.block_size,
         num_random_blocks=args.num_random_blocks, num_landmarks=args.num_landmarks,
@@ -61,12 +71,18 @@ def run(args: argparse.Namespace) -> int:
         try:
             hf_model = to_hf_attention(new)
         except ValueError as exc:
-            print(f"etkd convert: --format hf-attention: {exc}", file=sys.stderr)
-            return 2
+            raise UserError(f"--format hf-attention: {exc}") from None
         save_hf_attention(hf_model, args.out)
     else:
         new.save_pretrained(args.out)
     cfg = new.config
+    if tokenizer is not None:
+        tokenizer.model_max_length = cfg.max_tokens
+        tokenizer.save_pretrained(args.out)
+    else:
+        log.warning(
+            "--from %s has no tokenizer: give --tokenizer to the commands that use %s", source, args.out
+        )
     print(
         f"converted {args.source} -> {args.out}: attention={cfg.attention}, {cfg.num_layers} layers, "
         f"up to {cfg.max_tokens} tokens ({args.format} format)"

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -60,6 +61,9 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when a GPU is present
     progress: bool = True  # tqdm bar on the main process
     stop_at_step: int | None = None  # return right after this step, as if killed there (tests, time boxes)
+    # Population-based training: on resume, this config's learning rate, weight decay and warm-up replace
+    # the checkpoint's (weights, optimizer moments, data position and RNG still come from the checkpoint).
+    new_hparams_on_resume: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -219,15 +223,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_schedule(max_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """lr multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `max_steps`."""
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warm-up to the peak lr, then linear decay to 0 at `max_steps`, counted from update 1:
+    update n (1-based) runs at n / (warmup + 1) of the peak during warm-up, so the first update is not the
+    no-op that transformers' lr 0 at update 1 would be."""
+    from transformers import get_linear_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-    return factor
+    for group in optimizer.param_groups:  # what LambdaLR sets itself when it starts at last_epoch -1
+        group.setdefault("initial_lr", group["lr"])
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps + 1, max_steps + 1, last_epoch=0)
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -302,7 +308,7 @@ def train(
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
     # Not prepared: accelerate would step a prepared scheduler once per process per step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.max_steps, warmup))
+    scheduler = linear_schedule(optimizer, cfg.max_steps, warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     batches = ShardedBatches(
@@ -315,14 +321,17 @@ def train(
         collate_fn=collate_fn,
     )
 
-    step, total_tokens, history = 0, 0, []
+    step, total_tokens, history, resumed_loss = 0, 0, [], float("nan")
     last_ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if last_ckpt is not None:
         accelerator.load_state(last_ckpt)
         with open(os.path.join(last_ckpt, STATE_NAME)) as f:
             state = json.load(f)
         step, total_tokens = state["step"], state.get("tokens", 0)
+        resumed_loss = float(state.get("loss", float("nan")))  # a run resumed at its end reports this loss
         batches.load_state_dict(state["data"])
+        if cfg.new_hparams_on_resume:
+            _apply_hparams(optimizer, scheduler, cfg, step)
         accelerator.print(f"[etkd train] resumed from {last_ckpt} at step {step}")
     elif cfg.resume:
         accelerator.print(f"[etkd train] resume: no checkpoint in {cfg.output_dir}, starting fresh")
@@ -341,7 +350,7 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_logs: dict[str, torch.Tensor] = {}
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    last_loss, start = float("nan"), time.perf_counter()
+    last_loss, start = resumed_loss, time.perf_counter()
     model.train()
 
     while step < cfg.max_steps:
@@ -388,7 +397,7 @@ def train(
             window_logs, window_steps, window_tokens = {}, 0, 0
             window_start = time.perf_counter()
         if at_save:
-            last_ckpt = _save_checkpoint(accelerator, cfg, step, batches, total_tokens)
+            last_ckpt = _save_checkpoint(accelerator, cfg, step, batches, total_tokens, last_loss)
         if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
             break
     bar.close()
@@ -406,16 +415,44 @@ def train(
     }
 
 
-def _save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int) -> str:
+def _apply_hparams(optimizer, scheduler, cfg: TrainConfig, step: int) -> None:
+    """Replace a restored optimizer's and schedule's peak learning rate, weight decay and warm-up by cfg's."""
+    # The schedule's lambdas already come from cfg (a LambdaLR checkpoint holds no function lambdas).
+    factor = linear_schedule(cfg.max_steps, int(round(cfg.warmup_ratio * cfg.max_steps)))
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = cfg.learning_rate
+        group["lr"] = cfg.learning_rate * factor(step)
+        if i == 0:  # parameter_groups: [decayed, not decayed (biases, norms)]
+            group["weight_decay"] = cfg.weight_decay
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ..." note: our MLM decoder is tied to the word embeddings on
+    purpose, and `load_state` ties it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def _save_checkpoint(
+    accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int, loss: float
+) -> str:
     path = os.path.join(cfg.output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(path)
+    note, quiet = logging.getLogger("accelerate.utils.other"), _TiedWeightsNote()
+    note.addFilter(quiet)
+    try:
+        accelerator.save_state(path)
+    finally:
+        note.removeFilter(quiet)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
             "step": step,
             "data": batches.state_dict(),
             "tokens": tokens,
+            "loss": loss,
             "config": dataclasses.asdict(cfg),
         }
         tmp = os.path.join(path, STATE_NAME + ".tmp")
