@@ -14,9 +14,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp)
-	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy ninja setuptools wheel
-	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation -e ".[test]"
+# Third-party packages install the normal way, with build isolation: some ship only an sdist (seqeval) whose
+# metadata comes out wrong when built against the venv's setuptools, and pip then silently picks an old release.
+# Only etkd itself is built without isolation (it compiles against the venv's torch) and without deps (they are
+# in place by then). The dependency list is read from pyproject.toml, the one place it is written.
+# `pip check` fails the step if what got installed does not fit together.
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h)
+	$(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > $(VENV)/requirements.txt
+	$(BIN)/pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja -r $(VENV)/requirements.txt
+	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -35,13 +43,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/etkd demo
 
-# make bench                         quick size (seq 1024), saves JSON under .benchmarks/, prints the table
+# make bench                         quick size (seq 1024): every pattern x provider, fwd and fwd+bwd; saves
+#                                    JSON under .benchmarks/ and prints README's benchmark table from it
 # make bench BENCH_ARGS="--paper-sizes --memory"          the paper's sizes, with peak memory per row
+# make bench BENCH_ARGS="--dtype bf16"                    bf16 inputs
 # make bench BENCH_ARGS="--benchmark-compare=0001 --benchmark-compare-fail=median:25%"   flag regressions
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-autosave \
-		--benchmark-columns=median,iqr,rounds --benchmark-sort=name $(BENCH_ARGS)
+	mkdir -p .benchmarks
+	$(BIN)/python -m pytest benchmarks/suite -p no:cacheprovider --benchmark-only --benchmark-autosave \
+		--benchmark-json=.benchmarks/latest.json --benchmark-columns=median,iqr,rounds \
+		--benchmark-sort=name $(BENCH_ARGS)
+	$(BIN)/python -m etkd.benchmarks.core --from-pytest-benchmark .benchmarks/latest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info etkd_kernels/*.so

@@ -26,8 +26,14 @@ PACKAGES = [
     "etkd.models",
     "etkd.distill",
     "etkd.benchmarks",
+    "etkd.hf",
 ]
-PACKAGE_DIR = {"etkd.models": "models", "etkd.distill": "distill", "etkd.benchmarks": "benchmarks"}
+PACKAGE_DIR = {
+    "etkd.models": "models",
+    "etkd.distill": "distill",
+    "etkd.benchmarks": "benchmarks",
+    "etkd.hf": "models/hf_integration",  # HF integration: layered with models (imports etkd_kernels only)
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

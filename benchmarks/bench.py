@@ -1,27 +1,25 @@
-"""`etkd bench`: paper Tables 2 and 4 — inference time and peak memory per model and sequence length.
+"""`etkd bench`: paper Tables 2 and 4 — inference time and peak memory per model and sequence length — and,
+with `--mode train`, the time and peak memory of one training step (forward + backward + AdamW step).
 
 For each model family (full-attention baselines at 512 and extended to 4096; Longformer, BigBird, LSG,
 Nystromformer teachers) and its half-depth student (`make_student`, every other layer), each
 implementation — HF's own model class (`to_hf` of the same weights) and our encoder on each available
-backend — runs in a fresh subprocess: warm-up, then `repeats` timed forward passes (median and 20/80%
-quantiles), with peak memory measured as the growth of the process high-water mark (CPU) or
-`torch.cuda.max_memory_allocated` (GPU). Output: the table (on the CPU it leads with ours-vs-HF ratios),
-JSON and a PNG plot of time and memory against sequence length.
+backend — runs in a fresh process (`harness.run_fresh`): warm-up, the peak memory of one call
+(`PeakMemory`: process high-water mark on a CPU, `max_memory_allocated` on a GPU), then `repeats` timed
+calls (median and 20/80% quantiles). `--dtype bf16|fp16` casts the weights of both sides. Output: the table
+(on the CPU it leads with ours-vs-HF ratios), JSON with the environment, and a PNG plot.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .memory import PeakRSS
+from .harness import PeakMemory, environment, run_fresh, time_call
+from .providers import DTYPES
 
 SIZES = {
     # name: (hidden, layers, heads, intermediate, vocab)
@@ -47,6 +45,8 @@ class Row:
     impl: str  # "hf" or "etkd-<backend>"
     seq: int
     batch: int
+    mode: str = "infer"  # or "train": forward + backward + AdamW step
+    dtype: str = "fp32"
     params_m: float = 0.0
     time_s: float | None = None
     time_p20: float | None = None
@@ -86,82 +86,61 @@ def build_model(family: str, size: str, seq: int, student: bool, window: int | N
     return model
 
 
-def _worker(spec: dict) -> dict:
-    """Runs in its own process: build, warm up, time, measure peak memory. Returns a Row as a dict."""
+def worker(spec: dict) -> dict:
+    """One row, in its own process (`run_fresh("etkd.benchmarks.bench:worker", spec)`): build, warm up,
+    peak memory of one call, then the timed calls. Returns the Row as a dict."""
     row = Row(**spec["row"])
-    torch.set_num_threads(spec["threads"]) if spec.get("threads") else None
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     model = build_model(row.family, spec["size"], row.seq, row.student, spec.get("window"))
     row.params_m = sum(p.numel() for p in model.parameters()) / 1e6
     if row.impl == "hf":
         from etkd.models import to_hf
 
-        model = to_hf(model).eval()
+        model = to_hf(model)
     else:
         model.set_attention_backend(row.impl.removeprefix("etkd-"))
-    model.to(device)
+    model.to(device, DTYPES[row.dtype])
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, SIZES[spec["size"]][4], (row.batch, row.seq), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    kwargs = {"input_ids": ids, "attention_mask": mask}
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def call():
-        with torch.no_grad():
-            model(**kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    if row.mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with PeakRSS() as peak:  # the first call: what serving one batch needs on top of weights and inputs
-        call()
-    for _ in range(spec["warmup"] - 1):
-        call()
-    times = []
-    for _ in range(spec["repeats"]):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        def call():
+            out = model(**kwargs).last_hidden_state
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
     else:
-        row.peak_mib = peak.peak_mib
-    times.sort()
-    row.time_s = statistics.median(times)
-    row.time_p20 = times[int(0.2 * (len(times) - 1))]
-    row.time_p80 = times[int(round(0.8 * (len(times) - 1)))]
+        model.eval()
+
+        def call():
+            with torch.no_grad():
+                model(**kwargs)
+
+    call()  # warm-up: lazy initialisation, allocator pools; in train mode AdamW's state
+    with PeakMemory(device) as peak:
+        call()
+    t = time_call(call, spec["repeats"], warmup=spec["warmup"] - 1, device=device)
+    row.peak_mib, row.time_s, row.time_p20, row.time_p80 = peak.peak_mib, t.median, t.p20, t.p80
     return asdict(row)
 
 
-def _run_row(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "etkd.benchmarks.bench", "--worker", json.dumps(spec)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**spec["row"], "status": f"timeout after {timeout:.0f}s"}
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["failed"])[-1]
-        return {**spec["row"], "status": f"error: {last[:120]}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def implementations(family: str, device: torch.device, backends: list[str] | None) -> list[str]:
+def implementations(
+    family: str, device: torch.device, backends: list[str] | None, dtype: torch.dtype = torch.float32
+) -> list[str]:
     from etkd_kernels.dispatch import BACKENDS, reasons
 
     op = {"full": "full", "longformer": "sliding_window", "bigbird": "block_sparse", "lsg": "lsg",
           "nystrom": "nystrom"}[FAMILIES[family][0]]  # fmt: skip
     impls = [] if family == "lsg" else ["hf"]  # transformers has no LSG class
     for b in backends or BACKENDS:
-        if not reasons(b, op, device, torch.float32):
+        if not reasons(b, op, device, dtype):
             impls.append(f"etkd-{b}")
     return impls
 
@@ -179,6 +158,8 @@ def run_bench(
     timeout: float = 1800.0,
     window: int | None = None,
     progress: bool = True,
+    mode: str = "infer",
+    dtype: str = "fp32",
 ) -> list[dict]:
     from tqdm import tqdm
 
@@ -186,16 +167,17 @@ def run_bench(
     jobs = []
     for fam in families:
         for student in (False, True) if students else (False,):
-            for impl in implementations(fam, dev, backends):
+            for impl in implementations(fam, dev, backends, DTYPES[dtype]):
                 for seq in seq_lens:
                     if fam == "full" and seq > 512:
                         continue  # BERT's own 512 positions; "full-4096" is the Table 4 extension
-                    row = Row(fam, student, impl, seq, batch)
+                    row = Row(fam, student, impl, seq, batch, mode, dtype)
                     jobs.append({"row": asdict(row), "size": size, "device": device, "repeats": repeats,
                                  "warmup": warmup, "window": window})  # fmt: skip
     rows = []
     for spec in tqdm(jobs, desc="etkd bench", disable=not progress):
-        rows.append(_run_row(spec, timeout))
+        res = run_fresh("etkd.benchmarks.bench:worker", spec, timeout)
+        rows.append(res if "time_s" in res else {**spec["row"], **res})
     return rows
 
 
@@ -276,7 +258,8 @@ def plot(rows: list[dict], path: str) -> None:
         xs = [p[0] for p in pts]
         axes[0].plot(xs, [p[1] for p in pts], marker="o", label=key)
         axes[1].plot(xs, [p[2] for p in pts], marker="o", label=key)
-    for ax, what in zip(axes, ("inference time (s)", "peak extra memory (MiB)")):
+    mode = "training step" if rows and rows[0].get("mode") == "train" else "inference"
+    for ax, what in zip(axes, (f"{mode} time (s)", "peak extra memory (MiB)")):
         ax.set_xlabel("sequence length")
         ax.set_ylabel(what)
         ax.set_xscale("log", base=2)
@@ -285,20 +268,6 @@ def plot(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def environment() -> dict:
-    import platform
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
 
 
 def register(sub) -> None:
@@ -313,6 +282,9 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--window", type=int, default=None, help="Longformer attention window (default 512)")
     p.add_argument("--no-students", action="store_true", help="teachers only")
+    p.add_argument("--mode", choices=("infer", "train"), default="infer",
+                   help="infer: a forward pass under no_grad; train: forward + backward + AdamW step")  # fmt: skip
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights of both sides cast to it")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measured row")
     p.add_argument("--out", default="bench_out")
     p.set_defaults(func=run)
@@ -324,25 +296,23 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; expected some of {list(FAMILIES)}")
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
-    env = environment()
-    print(f"etkd bench: size={args.size} batch={args.batch} seq={args.seq_lens} device={args.device} "
-          f"({env['cpu']}, {env['threads']} threads, torch {env['torch']})")  # fmt: skip
+    env = environment(args.device)
+    print(f"etkd bench: mode={args.mode} dtype={args.dtype} size={args.size} batch={args.batch} "
+          f"seq={args.seq_lens} device={args.device} ({env.line()})")  # fmt: skip
     rows = run_bench(families, args.seq_lens, args.batch, args.size, args.device, backends, args.repeats,
-                     args.warmup, not args.no_students, args.timeout, args.window)  # fmt: skip
+                     args.warmup, not args.no_students, args.timeout, args.window, mode=args.mode,
+                     dtype=args.dtype)  # fmt: skip
+    for r in rows:
+        r["environment"] = env.as_dict()
     table = format_tables(rows, args.seq_lens, torch.device(args.device).type)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"environment": env, "args": vars(args) | {"func": None}, "rows": rows}, f, indent=2)
+        json.dump(
+            {"environment": env.as_dict(), "args": vars(args) | {"func": None}, "rows": rows}, f, indent=2
+        )
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write("```\n" + table + "\n```\n")
     plot(rows, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {args.out}/bench.json, bench.md, bench.png")
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(_worker(json.loads(sys.argv[2]))))
-    else:
-        raise SystemExit("usage: etkd bench ... (this module's --worker mode is internal)")

@@ -53,7 +53,7 @@ def run_longformer(
     xp = F.pad(x, (0, 0, 0, extra))
     realp = F.pad(real, (0, extra), value=False)
     globp = F.pad(glob, (0, extra), value=False)
-    ext = torch.zeros(b, s + extra, dtype=x.dtype)
+    ext = torch.zeros(b, s + extra, dtype=x.dtype, device=x.device)
     ext[~realp] = -10000.0
     ext[globp] = 10000.0
     out = module(
@@ -77,8 +77,10 @@ def longformer_qkv(module: nn.Module, x: torch.Tensor):
 
 
 def bigbird_module(
-    hidden: int, heads: int, block_size: int, num_random_blocks: int, seed: int = 0
+    hidden: int, heads: int, block_size: int, num_random_blocks: int, seed: int = 0, max_positions: int = 4096
 ) -> nn.Module:
+    """HF BigBirdBlockSparseAttention. `seed` seeds its random-block generator; `max_positions` matters at
+    seq 1024/3072/4096, where HF switches to the paper's legacy plan sized by it."""
     from transformers import BigBirdConfig
     from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention
 
@@ -88,9 +90,36 @@ def bigbird_module(
         attention_type="block_sparse",
         block_size=block_size,
         num_random_blocks=num_random_blocks,
+        max_position_embeddings=max_positions,
         attention_probs_dropout_prob=0.0,
     )
     return BigBirdBlockSparseAttention(cfg, seed=seed)
+
+
+def record_random_blocks(module: nn.Module) -> nn.Module:
+    """Make the module keep the random block indices it draws (whichever of HF's two generators its plan
+    uses), for `recorded_random_blocks`."""
+    module.recorded = {}
+    for name in ("_bigbird_block_rand_mask_with_head", "_bigbird_block_rand_mask"):
+        orig = getattr(module, name)
+
+        def wrap(*args, _orig=orig, _name=name, **kwargs):
+            res = _orig(*args, **kwargs)
+            module.recorded.setdefault(_name, []).append(res)
+            return res
+
+        setattr(module, name, wrap)
+    return module
+
+
+def recorded_random_blocks(module: nn.Module, num_blocks: int):
+    """The (heads, num_blocks - 2, r) random block indices of the module's last-recorded forward."""
+    import numpy as np
+
+    rec = module.recorded
+    if "_bigbird_block_rand_mask_with_head" in rec:
+        return np.stack(rec["_bigbird_block_rand_mask_with_head"][0])
+    return np.stack([a[: num_blocks - 2] for a in rec["_bigbird_block_rand_mask"]])  # legacy: one per head
 
 
 def run_bigbird(module: nn.Module, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -138,6 +167,9 @@ def nystrom_module(
 
 
 def run_nystrom(module: nn.Module, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    ext = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype)
+    """HF NystromformerSelfAttention on x (batch, seq, hidden), with the classic (batch, 1, 1, seq) additive
+    mask: transformers 5.x's NystromformerModel builds a (batch, 1, seq, seq) mask that cannot broadcast
+    against HF's own (landmarks, seq) K3 scores, so the full model cannot run padded batches."""
+    ext = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype, device=x.device)
     ext[~real[:, None, None, :]] = torch.finfo(x.dtype).min
     return module(x, attention_mask=ext)[0]

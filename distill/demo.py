@@ -20,24 +20,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 
 import torch
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> list[dict]:
     import etkd_kernels as ek
+    from etkd.benchmarks.harness import time_call
     from etkd_kernels.dispatch import reasons
 
     torch.manual_seed(0)
@@ -80,9 +69,9 @@ def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: i
                 continue
             out = fn(backend, q, k, v)
             err = (out - ref).abs().max().item()
-            t_fwd = _time(lambda: fn(backend, q, k, v), repeats)
+            t_fwd = time_call(lambda: fn(backend, q, k, v), repeats).median
             qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-            t_fb = _time(lambda: fn(backend, qq, kk, vv).sum().backward(), repeats)
+            t_fb = time_call(lambda: fn(backend, qq, kk, vv).sum().backward(), repeats).median
             ref_time = ref_time or (t_fwd, t_fb)
             rows.append(
                 {
@@ -145,7 +134,8 @@ def pipeline(args) -> None:
     )  # fmt: skip
     torch.manual_seed(args.seed)
     EncoderModel(cfg).save_pretrained(os.path.join(out, "teacher_init"))
-    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), *quiet]
+    # --overwrite: a rerun of the demo replaces its earlier runs (output folders refuse them otherwise)
+    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), "--overwrite", *quiet]
     _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
           "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
           "--long-length", "128", "--save-every", str(steps), *common)  # fmt: skip
@@ -180,7 +170,7 @@ def pipeline(args) -> None:
             _etkd("finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
                   "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}"),
                   "--max-steps", str(steps), "--batch-size", "16", "--learning-rate", "2e-3",
-                  "--seed", str(args.seed), "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
+                  "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
                   *extra, *quiet)  # fmt: skip
 
     print("[6] retention report")
@@ -218,9 +208,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     if not args.kernels_only:
         pipeline(args)
-    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}")  # fmt: skip
-    rows = kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
+    from etkd.benchmarks.harness import environment
+
+    env = environment()
+    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32; {env.line()}")
+    rows = [
+        {**r, "environment": env.as_dict()} for r in kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
+    ]
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "kernels.json")

@@ -1,4 +1,5 @@
-"""Evaluation metrics of the fine-tuning tasks, written out so each formula can be checked by hand.
+"""Evaluation metrics of the fine-tuning tasks: scipy.stats, sklearn.metrics and seqeval where they have
+the formula, the official SQuAD v1.1 rules written out.
 
 Every metric returned to a driver is a percentage (0-100), the scale of the paper's tables (MCC too:
 0.636 -> 63.6). GLUE: accuracy, binary F1, Matthews correlation, Pearson and Spearman correlation.
@@ -10,7 +11,6 @@ type starts a new entity).
 from __future__ import annotations
 
 import collections
-import math
 import re
 import string
 from collections.abc import Iterable, Sequence
@@ -32,63 +32,38 @@ def accuracy(preds: Sequence, labels: Sequence) -> float:
 
 def f1_binary(preds: Sequence[int], labels: Sequence[int], positive: int = 1) -> float:
     """F1 of the positive class: 2·tp / (2·tp + fp + fn); 0 when there is no positive at all."""
+    from sklearn.metrics import f1_score
+
     _check_lengths(preds, labels)
-    tp = sum(1 for p, y in zip(preds, labels) if p == positive and y == positive)
-    fp = sum(1 for p, y in zip(preds, labels) if p == positive and y != positive)
-    fn = sum(1 for p, y in zip(preds, labels) if p != positive and y == positive)
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return float(f1_score(labels, preds, pos_label=positive, average="binary", zero_division=0))
 
 
 def matthews_corrcoef(preds: Sequence[int], labels: Sequence[int]) -> float:
-    """Multiclass MCC (Gorodkin's R_K, sklearn's formula); 0 when either side predicts a single class.
+    """Multiclass MCC (Gorodkin's R_K, sklearn's); 0 when either side predicts a single class."""
+    from sklearn.metrics import matthews_corrcoef as mcc
 
-    With c correct, s examples, p_k / t_k predicted / true counts of class k:
-    (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²)). Binary case: (tp·tn − fp·fn) / sqrt(...).
-    """
     _check_lengths(preds, labels)
-    s = len(labels)
-    c = sum(int(p == y) for p, y in zip(preds, labels))
-    pc, tc = collections.Counter(preds), collections.Counter(labels)
-    classes = set(pc) | set(tc)
-    cov_pt = c * s - sum(pc[k] * tc[k] for k in classes)
-    cov_pp = s * s - sum(v * v for v in pc.values())
-    cov_tt = s * s - sum(v * v for v in tc.values())
-    if cov_pp == 0 or cov_tt == 0:
-        return 0.0
-    return cov_pt / math.sqrt(cov_pp * cov_tt)
+    return float(mcc(labels, preds))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation; 0 for a constant input (scipy gives NaN there, a table wants a number)."""
+    from scipy.stats import pearsonr
+
     _check_lengths(x, y)
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return 0.0  # undefined for a constant input; scipy gives NaN, a table wants a number
-    return sxy / math.sqrt(sxx * syy)
-
-
-def rankdata(x: Sequence[float]) -> list[float]:
-    """1-based ranks, ties get the mean of the ranks they span (scipy's 'average')."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    ranks = [0.0] * len(x)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return 0.0
+    return float(pearsonr(x, y)[0])
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation of the tie-averaged ranks."""
+    """Pearson correlation of the tie-averaged ranks; 0 for a constant input."""
+    from scipy.stats import spearmanr
+
     _check_lengths(x, y)
-    return pearson(rankdata(x), rankdata(y))
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return 0.0
+    return float(spearmanr(x, y)[0])
 
 
 # GLUE: which metrics each task reports (paper Table 3), in table order.

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -219,15 +220,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_schedule(max_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """lr multiplier: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `max_steps`."""
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warm-up to the peak lr, then linear decay to 0 at `max_steps`, counted from update 1:
+    update n (1-based) runs at n / (warmup + 1) of the peak during warm-up, so the first update is not the
+    no-op that transformers' lr 0 at update 1 would be."""
+    from transformers import get_linear_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-
-    return factor
+    for group in optimizer.param_groups:  # what LambdaLR sets itself when it starts at last_epoch -1
+        group.setdefault("initial_lr", group["lr"])
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps + 1, max_steps + 1, last_epoch=0)
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -302,7 +305,7 @@ def train(
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
     # Not prepared: accelerate would step a prepared scheduler once per process per step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(cfg.max_steps, warmup))
+    scheduler = linear_schedule(optimizer, cfg.max_steps, warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     batches = ShardedBatches(
@@ -315,13 +318,14 @@ def train(
         collate_fn=collate_fn,
     )
 
-    step, total_tokens, history = 0, 0, []
+    step, total_tokens, history, resumed_loss = 0, 0, [], float("nan")
     last_ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if last_ckpt is not None:
         accelerator.load_state(last_ckpt)
         with open(os.path.join(last_ckpt, STATE_NAME)) as f:
             state = json.load(f)
         step, total_tokens = state["step"], state.get("tokens", 0)
+        resumed_loss = float(state.get("loss", float("nan")))  # a run resumed at its end reports this loss
         batches.load_state_dict(state["data"])
         accelerator.print(f"[etkd train] resumed from {last_ckpt} at step {step}")
     elif cfg.resume:
@@ -341,7 +345,7 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_logs: dict[str, torch.Tensor] = {}
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    last_loss, start = float("nan"), time.perf_counter()
+    last_loss, start = resumed_loss, time.perf_counter()
     model.train()
 
     while step < cfg.max_steps:
@@ -388,7 +392,7 @@ def train(
             window_logs, window_steps, window_tokens = {}, 0, 0
             window_start = time.perf_counter()
         if at_save:
-            last_ckpt = _save_checkpoint(accelerator, cfg, step, batches, total_tokens)
+            last_ckpt = _save_checkpoint(accelerator, cfg, step, batches, total_tokens, last_loss)
         if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
             break
     bar.close()
@@ -406,16 +410,32 @@ def train(
     }
 
 
-def _save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int) -> str:
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ..." note: our MLM decoder is tied to the word embeddings on
+    purpose, and `load_state` ties it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def _save_checkpoint(
+    accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int, loss: float
+) -> str:
     path = os.path.join(cfg.output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(path)
+    note, quiet = logging.getLogger("accelerate.utils.other"), _TiedWeightsNote()
+    note.addFilter(quiet)
+    try:
+        accelerator.save_state(path)
+    finally:
+        note.removeFilter(quiet)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
             "step": step,
             "data": batches.state_dict(),
             "tokens": tokens,
+            "loss": loss,
             "config": dataclasses.asdict(cfg),
         }
         tmp = os.path.join(path, STATE_NAME + ".tmp")

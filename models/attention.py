@@ -6,7 +6,7 @@ Every adapter has the signature
 
 attn: the `SelfAttention` module (its config, backend and any extra projections); x: (batch, seq, hidden)
 hidden states; q, k, v: (batch, heads, seq, head_dim); key_padding_mask / global_mask: (batch, seq) bool or
-None. A new pattern is one function plus one `ATTENTION[...] = fn` line.
+None. Adding a pattern: ARCHITECTURE.md.
 """
 
 from __future__ import annotations

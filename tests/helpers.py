@@ -37,3 +37,17 @@ def assert_close(
             f"non-finite in actual: {int((~torch.isfinite(a)).sum())}"
         )
     return max_err
+
+
+def assert_parity_on_real_rows(
+    ours: torch.Tensor, ref: torch.Tensor, x_ours: torch.Tensor, x_ref: torch.Tensor, real: torch.Tensor
+) -> tuple[float, float]:
+    """Forward and d(hidden) of two modules run on copies x_ours / x_ref of the same (batch, seq, hidden)
+    leaf, compared on real query rows only (HF's -10000 padding penalty differs on all-padding rows), fp32
+    tolerance. Returns (forward error, gradient error)."""
+    m = real[..., None]
+    err = assert_close(ours * m, ref * m, atol=1e-5, name="forward")
+    grad = torch.randn_like(ref) * m
+    (ref * grad).sum().backward()
+    (ours * grad).sum().backward()
+    return err, assert_close(x_ours.grad, x_ref.grad, atol=1e-5, name="d hidden")

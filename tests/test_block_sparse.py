@@ -13,15 +13,13 @@ HF numerics handled here, each on purpose:
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_parity_on_real_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import BigBirdConfig
-from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAttention, BigBirdModel
 
+from etkd.benchmarks import hf_reference as hr
 from etkd_kernels import BlockLayout, bigbird_layout, block_sparse_attention
 from etkd_kernels.layouts import bigbird_block_counts, fold_block_counts
 
@@ -45,57 +43,12 @@ def dense_block_sparse(q, k, v, layout: BlockLayout, key_padding_mask=None, scal
 
 
 def _hf_module(heads, head_dim, block, r, train, max_pos=512):
-    cfg = BigBirdConfig(
-        hidden_size=heads * head_dim,
-        num_attention_heads=heads,
-        block_size=block,
-        num_random_blocks=r,
-        attention_type="block_sparse",
-        max_position_embeddings=max_pos,
-        attention_probs_dropout_prob=0.0,
-        hidden_dropout_prob=0.0,
-    )
-    module = BigBirdBlockSparseAttention(cfg, seed=3).train(train)
-    # Record the random block indices HF generates (either generator, whichever its plan uses).
-    module.recorded = {}
-    for name in ("_bigbird_block_rand_mask_with_head", "_bigbird_block_rand_mask"):
-        orig = getattr(module, name)
-
-        def wrap(*args, _orig=orig, _name=name, **kwargs):
-            res = _orig(*args, **kwargs)
-            module.recorded.setdefault(_name, []).append(res)
-            return res
-
-        setattr(module, name, wrap)
-    return module
-
-
-def _hf_rand_attn(module, nb):
-    rec = module.recorded
-    if "_bigbird_block_rand_mask_with_head" in rec:
-        return np.stack(rec["_bigbird_block_rand_mask_with_head"][0])
-    return np.stack([a[: nb - 2] for a in rec["_bigbird_block_rand_mask"]])  # legacy plan, one call per head
-
-
-def _run_hf(module, x, real):
-    masks = BigBirdModel.create_masks_for_block_sparse_attn(real.float(), module.block_size)
-    blocked, band, from_mask, to_mask = masks
-    return module(x, band, from_mask, to_mask, blocked, blocked)[0]
+    module = hr.bigbird_module(heads * head_dim, heads, block, r, seed=3, max_positions=max_pos).train(train)
+    return hr.record_random_blocks(module)
 
 
 def _project(module, x):
-    b, s, _ = x.shape
-    h, d = module.num_attention_heads, module.attention_head_size
-
-    def proj(lin):
-        return lin(x).view(b, s, h, d).transpose(1, 2)
-
-    return proj(module.query), proj(module.key), proj(module.value)
-
-
-def _merge(out):
-    b, h, s, d = out.shape
-    return out.transpose(1, 2).reshape(b, s, h * d)
+    return hr.projections(module, x, module.num_attention_heads)
 
 
 HF_CASES = [
@@ -118,19 +71,13 @@ def test_matches_hf_bigbird_forward_and_grad(case):
         real[-1, s - pad :] = False
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ref = _run_hf(module, x1, real)
-    rand_attn = _hf_rand_attn(module, nb)
+    ref = hr.run_bigbird(module, x1, real)
+    rand_attn = hr.recorded_random_blocks(module, nb)
     assert rand_attn.shape == (h, nb - 2, r)
     layout = bigbird_layout(s, block, num_random_blocks=r, rand_attn=rand_attn)
     assert layout.num_heads == h
-    ours = _merge(block_sparse_attention(*_project(module, x2), layout, key_padding_mask=real))
-    m = real[..., None]  # real query rows only (HF's -10000 penalty differs only on all-padding rows)
-    err = assert_close(ours * m, ref * m, atol=1e-5, name="forward")
-    grad = torch.randn_like(ref) * m
-    (ref * grad).sum().backward()
-    (ours * grad).sum().backward()
-    gerr = assert_close(x2.grad, x1.grad, atol=1e-5, name="d hidden")
-    assert err < 1e-5 and gerr < 1e-5
+    ours = hr.merge_heads(block_sparse_attention(*_project(module, x2), layout, key_padding_mask=real))
+    assert_parity_on_real_rows(ours, ref, x2, x1, real)
 
 
 @pytest.mark.parametrize(
@@ -149,20 +96,17 @@ def test_hf_duplicated_blocks_reproduced_by_counts(train, max_pos, nb, block, r)
     real[0, s - 7 :] = False
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ref = _run_hf(module, x1, real)
-    rand_attn = _hf_rand_attn(module, nb)
+    ref = hr.run_bigbird(module, x1, real)
+    rand_attn = hr.recorded_random_blocks(module, nb)
     if not train:
         assert (rand_attn == 0).all()
     counts = bigbird_block_counts(s, block, rand_attn)
     q, k, v = _project(module, x2)
     q2, k2, v2, scale = fold_block_counts(q, k, v, counts, block)
-    ours = _merge(block_sparse_attention(q2, k2, v2, counts > 0, key_padding_mask=real, scale=scale)[..., :d])
-    m = real[..., None]
-    assert_close(ours * m, ref * m, atol=1e-5, name="forward")
-    grad = torch.randn_like(ref) * m
-    (ref * grad).sum().backward()
-    (ours * grad).sum().backward()
-    assert_close(x2.grad, x1.grad, atol=1e-5, name="d hidden")
+    ours = hr.merge_heads(
+        block_sparse_attention(q2, k2, v2, counts > 0, key_padding_mask=real, scale=scale)[..., :d]
+    )
+    assert_parity_on_real_rows(ours, ref, x2, x1, real)
     if (counts > 1).any():
         with pytest.raises(ValueError, match="rand_attn"):
             bigbird_layout(s, block, num_random_blocks=r, rand_attn=rand_attn)
@@ -178,11 +122,15 @@ def test_hf_eval_mode_without_counts_differs():
     x = torch.randn(1, s, h * d)
     real = torch.ones(1, s, dtype=torch.bool)
     with torch.no_grad():
-        ref = _run_hf(module, x, real)
+        ref = hr.run_bigbird(module, x, real)
         layout = bigbird_layout(
-            s, block, num_random_blocks=r, rand_attn=_hf_rand_attn(module, nb), allow_duplicates=True
+            s,
+            block,
+            num_random_blocks=r,
+            rand_attn=hr.recorded_random_blocks(module, nb),
+            allow_duplicates=True,
         )
-        ours = _merge(block_sparse_attention(*_project(module, x), layout))
+        ours = hr.merge_heads(block_sparse_attention(*_project(module, x), layout))
     assert (ours - ref).abs().max() > 1e-3
 
 

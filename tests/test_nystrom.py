@@ -15,9 +15,8 @@ import math
 
 import pytest
 import torch
-from transformers import NystromformerConfig
-from transformers.models.nystromformer.modeling_nystromformer import NystromformerSelfAttention
 
+from etkd.benchmarks import hf_reference as hr
 from etkd_kernels import full_attention, nystrom_attention
 
 ATOL32 = 1e-5
@@ -31,44 +30,19 @@ def _seed():
 
 
 def _hf_attention(seq, landmarks, heads=2, head_dim=16, conv=None, seed=0, dtype=torch.float32):
-    cfg = NystromformerConfig(
-        hidden_size=heads * head_dim,
-        num_attention_heads=heads,
-        num_landmarks=landmarks,
-        segment_means_seq_len=seq,
-        conv_kernel_size=conv or 3,
-        attention_probs_dropout_prob=0.0,
-    )
     torch.manual_seed(seed)
-    attn = NystromformerSelfAttention(cfg).eval().to(dtype)
-    if conv is None:
-        attn.conv_kernel_size = None  # HF's own switch: context = core only
-    return attn
-
-
-def _split(attn, x, layer):
-    b, s, _ = x.shape
-    return layer(x).view(b, s, attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
+    return hr.nystrom_module(heads * head_dim, heads, seq, landmarks, conv_kernel_size=conv).to(dtype)
 
 
 def _qkv(attn, x):
-    return _split(attn, x, attn.query), _split(attn, x, attn.key), _split(attn, x, attn.value)
+    return hr.projections(attn, x, attn.num_attention_heads)
 
 
 def _hf_context(attn, x, key_padding_mask=None):
-    """HF's context as (batch, heads, seq, head_dim).
-
-    The additive mask is the classic (batch, 1, 1, seq) extended mask, passed to the self-attention
-    directly: transformers 5.x's NystromformerModel builds a (batch, 1, seq, seq) mask that cannot
-    broadcast against HF's own (landmarks, seq) K3 scores, so the full model cannot run padded batches.
-    """
-    b, s, _ = x.shape
-    mask = None
-    if key_padding_mask is not None:
-        mask = torch.zeros(b, s, dtype=x.dtype).masked_fill(~key_padding_mask, torch.finfo(x.dtype).min)
-        mask = mask[:, None, None, :]
-    ctx = attn(x, mask)[0]
-    return ctx.view(b, s, attn.num_attention_heads, attn.attention_head_size).transpose(1, 2)
+    """HF's context as (batch, heads, seq, head_dim), through the self-attention module (see
+    `hf_reference.run_nystrom` for why not the full model)."""
+    real = torch.ones(x.shape[:2], dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    return hr.split_heads(hr.run_nystrom(attn, x, real), attn.num_attention_heads)
 
 
 def _nystrom(q, k, v, landmarks, **kw):

@@ -153,8 +153,15 @@ class iter_dataset(torch.utils.data.IterableDataset):
 
 
 def test_linear_schedule_and_bad_config():
-    f = linear_schedule(10, 4)
-    assert f(0) == pytest.approx(0.2) and f(4) == 1.0 and f(7) == pytest.approx(0.5) and f(10) == 0.0
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    sched, lrs = linear_schedule(opt, 10, 4), []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # lr multiplier per update: n / 5 over 4 warm-up updates, then (10 - step) / 6 down to 0 after update 10
+    assert lrs == pytest.approx([2.0 * f for f in (0.2, 0.4, 0.6, 0.8, 1.0, 5 / 6, 4 / 6, 0.5, 2 / 6, 1 / 6)])
+    assert opt.param_groups[0]["lr"] == 0.0
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(mixed_precision="fp8")
     with pytest.raises(ValueError, match="max_steps"):

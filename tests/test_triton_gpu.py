@@ -1,5 +1,6 @@
-"""Triton kernels on a real GPU: parity with `reference` at realistic sizes, and timings printed (never asserted)
-against FlexAttention and flash-attn's `window_size`. Skipped without CUDA.
+"""Triton kernels on a real GPU: parity with `reference` at realistic sizes. Skipped without CUDA. GPU timings
+against FlexAttention and flash-attn are the harness's: `python -m etkd.benchmarks.core --device cuda
+--dtype fp16 --backends triton,cuda`.
 
 Run it in its own process (`pytest tests/test_triton_gpu.py -s`): tests/test_triton_kernels.py sets
 TRITON_INTERPRET=1 for the whole session, and kernels jitted under it would run in the interpreter.
@@ -111,101 +112,6 @@ def test_nystrom_parity_gpu(dtype):
         return nystrom_attention(q, k, v, landmarks, key_padding_mask=kpm, backend=backend)
 
     _parity(call, [q, k, v], dtype, "nystrom")
-
-
-def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=10, rep=50)
-
-
-@pytest.mark.parametrize("s", [4096, 16384])
-def test_sliding_window_timing_gpu(s):
-    """Forward + backward time of ours vs FlexAttention (same mask) and flash-attn window_size (no globals)."""
-    b, h, d, window, dtype = 1, 12, 64, 512, torch.float16
-    dev = torch.device("cuda")
-    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-    w = window // 2
-    gm = torch.zeros(b, s, dtype=torch.bool, device=dev)
-    gm[:, :4] = True
-
-    def ours(global_mask):
-        out = sliding_window_attention(q, k, v, window, global_mask=global_mask, backend="triton")
-        out.backward(torch.ones_like(out))
-
-    rows = {
-        "etkd triton (band)": _bench(lambda: ours(None)),
-        "etkd triton (band+4 global)": _bench(lambda: ours(gm)),
-    }
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        def band(b_, h_, i, j):
-            return (i - j).abs() <= w
-
-        def band_global(b_, h_, i, j):
-            return ((i - j).abs() <= w) | gm[b_, j] | gm[b_, i]
-
-        flex = torch.compile(flex_attention)
-        for label, mod in (("flex (band)", band), ("flex (band+4 global)", band_global)):
-            bm = create_block_mask(mod, b, None, s, s, device="cuda")
-
-            def run(bm=bm):
-                out = flex(q, k, v, block_mask=bm)
-                out.backward(torch.ones_like(out))
-
-            rows[label] = _bench(run)
-    except Exception as e:  # timing comparison only: report, never fail
-        rows["flex"] = f"unavailable ({type(e).__name__}: {e})"
-    try:
-        from flash_attn import flash_attn_func
-
-        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
-
-        def fa():
-            out = flash_attn_func(qt, kt, vt, window_size=(w, w))
-            out.backward(torch.ones_like(out))
-
-        rows["flash-attn window_size (band)"] = _bench(fa)
-    except ImportError:
-        rows["flash-attn"] = "not installed"
-    print(f"\nsliding window fwd+bwd, b={b} h={h} s={s} d={d} window={window} fp16 (ms):")
-    for k_, v_ in rows.items():
-        print(f"  {k_:32s} {v_ if isinstance(v_, str) else f'{v_:.3f}'}")
-
-
-def test_block_sparse_timing_gpu():
-    b, h, s, d, block, dtype = 1, 12, 8192, 64, 64, torch.float16
-    dev = torch.device("cuda")
-    layout = bigbird_layout(s, block, num_random_blocks=3).to(dev)
-    q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
-
-    def ours():
-        out = block_sparse_attention(q, k, v, layout, backend="triton")
-        out.backward(torch.ones_like(out))
-
-    rows = {"etkd triton": _bench(ours)}
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        lm = layout.mask[0]
-
-        def mod(b_, h_, i, j):
-            return lm[i // block, j // block]
-
-        bm = create_block_mask(mod, None, None, s, s, device="cuda", BLOCK_SIZE=block)
-        flex = torch.compile(flex_attention)
-
-        def run():
-            out = flex(q, k, v, block_mask=bm)
-            out.backward(torch.ones_like(out))
-
-        rows["flex (same layout)"] = _bench(run)
-    except Exception as e:
-        rows["flex"] = f"unavailable ({type(e).__name__}: {e})"
-    print(f"\nblock sparse (BigBird) fwd+bwd, b={b} h={h} s={s} d={d} block={block} fp16 (ms):")
-    for k_, v_ in rows.items():
-        print(f"  {k_:32s} {v_ if isinstance(v_, str) else f'{v_:.3f}'}")
 
 
 def test_layout_object_roundtrip_gpu():

@@ -1,0 +1,50 @@
+"""The benchmark harness: one timer, one peak-memory meter, one fresh-process runner, one environment record.
+
+Everything that measures (`etkd bench`, `python -m etkd.benchmarks.core`, `make bench`, the demo's kernel
+table) goes through these; the timer, meter and environment are `etkd_kernels.timing` (re-exported here),
+so the GPU acceptance run in the kernel package uses the same ones.
+
+`run_fresh("package.module:function", spec)` calls `function(spec)` in a new interpreter and returns its
+dict: peak memory is only honest in a process that has run nothing else (allocator pools, compiled graphs
+and freed-but-kept heap of earlier rows would hide or inflate it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+from etkd_kernels.timing import Environment, PeakMemory, Timing, environment, time_call
+
+__all__ = ["Environment", "PeakMemory", "Timing", "environment", "run_fresh", "time_call"]
+
+
+def run_fresh(target: str, spec: dict, timeout: float | None = None) -> dict:
+    """`target(spec)` ("package.module:function", returning a JSON-able dict) in a fresh interpreter.
+
+    A failure comes back as {"status": "error: <last line of stderr>"} or {"status": "timeout after Ns"}, so a
+    table can show the row as failed and go on."""
+    cmd = [sys.executable, "-m", "etkd.benchmarks.harness", target, json.dumps(spec)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f}s"}
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        return {"status": f"error: {last[:160]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or ":" not in argv[0]:
+        raise SystemExit("usage: python -m etkd.benchmarks.harness package.module:function '<json spec>'")
+    module, func = argv[0].split(":")
+    result = getattr(importlib.import_module(module), func)(json.loads(argv[1]))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,168 @@
+"""The one timer and the one peak-memory meter of the project, and the environment every figure carries.
+
+`etkd.benchmarks` (the harness behind `etkd bench`, the core comparison and `make bench`) and the GPU
+acceptance run (`etkd_kernels.gpu_check`) both measure with these. They live in the kernel package rather
+than in `etkd.benchmarks` because the layers only import downwards: the kernel package cannot import the
+benchmarks, while everything above can import this.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median and the 20% / 80% quantiles of the timed repeats."""
+
+    median: float
+    p20: float
+    p80: float
+    repeats: int
+
+    @classmethod
+    def of(cls, times: list[float]) -> Timing:
+        if not times:
+            raise ValueError("times: expected at least one measurement, got none")
+        if len(times) == 1:
+            return cls(times[0], times[0], times[0], 1)
+        q = statistics.quantiles(times, n=5, method="inclusive")  # the 20/40/60/80% cut points
+        return cls(statistics.median(times), q[0], q[3], len(times))
+
+
+def time_call(
+    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: torch.device | str | None = None
+) -> Timing:
+    """Time `fn()` after `warmup` untimed calls. On a CUDA device each call is bracketed by CUDA events
+    (kernels run asynchronously, so a host clock would time the launch); elsewhere by `perf_counter`."""
+    if repeats < 1:
+        raise ValueError(f"repeats: expected at least 1, got {repeats}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return Timing.of(times)
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a stretch of code in MiB above the level at its start: `with PeakMemory(dev) as m: ...`,
+    then `m.peak_mib`. Meaningful in a process of its own (see `etkd.benchmarks.harness.run_fresh`).
+
+    CUDA: `torch.cuda.max_memory_allocated` growth. CPU on Linux: writing 5 to /proc/self/clear_refs resets
+    the high-water mark (VmHWM) to the current RSS, so the peak is VmHWM - VmRSS(start), whatever allocator
+    the code used; freed heap pages are handed back to the OS first so the start level holds only live
+    memory. Elsewhere: ru_maxrss growth (a lower bound when an earlier peak was higher; `exact` is False).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.exact = True
+        self.peak_mib = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated() / 2**20
+            return self
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = _status_mib("VmHWM") is not None
+        except OSError:
+            self.exact = False
+        self.start = (
+            _status_mib("VmRSS") if self.exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            end = torch.cuda.max_memory_allocated() / 2**20
+        elif self.exact:
+            end = _status_mib("VmHWM")
+        else:
+            end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.peak_mib = max(0.0, end - self.start)
+
+
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What a figure was measured on; recorded with every benchmark row."""
+
+    cpu: str
+    isa: str  # the relevant CPU flags, and torch's own vector ISA in brackets
+    threads: int
+    torch: str
+    device: str  # "cpu" or the GPU's name
+    date: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def line(self) -> str:
+        return f"{self.cpu} [{self.isa}], {self.threads} threads, torch {self.torch}, {self.device}"
+
+
+def environment(device: torch.device | str = "cpu") -> Environment:
+    cpu, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:  # the first processor's entry: model name, then flags
+            for line in f:
+                if line.startswith("model name") and cpu is None:
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
+    isa += f" (torch {torch.backends.cpu.get_cpu_capability()})"
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return Environment(
+        cpu, isa, torch.get_num_threads(), torch.__version__, name, time.strftime("%Y-%m-%d %H:%M")
+    )
