@@ -17,8 +17,8 @@ import time
 import torch
 
 
-def _median(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()
+def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]:
+    out = fn() if warmup else None
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-warmup", action="store_true", help="time the first call too (long runs)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from transformers import LongformerConfig, LongformerModel
@@ -53,15 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     glob[:, 0] = 1
     with torch.no_grad():
         t_hf, y_hf = _median(
-            lambda: hf(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state, a.repeats
+            lambda: hf(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state,
+            a.repeats,
+            not a.no_warmup,
         )
         t32, y32 = _median(
-            lambda: ours(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state, a.repeats
+            lambda: ours(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state,
+            a.repeats,
+            not a.no_warmup,
         )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             t16, y16 = _median(
                 lambda: ours(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state,
                 a.repeats,
+                not a.no_warmup,
             )
     model = "unknown CPU"
     with open("/proc/cpuinfo") as f:
