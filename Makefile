@@ -19,7 +19,7 @@ $(BIN)/python:
 # Only etkd itself is built without isolation (it compiles against the venv's torch) and without deps (they are
 # in place by then). The dependency list is read from pyproject.toml, the one place it is written.
 # `pip check` fails the step if what got installed does not fit together.
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h)
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.cpp csrc/*/*/*.h)
 	$(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 		print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > $(VENV)/requirements.txt
 	$(BIN)/pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja -r $(VENV)/requirements.txt

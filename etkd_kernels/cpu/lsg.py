@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels.cpu._dtype import in_float32
 from etkd_kernels.reference.lsg import extra_keys, sparse_windows, uses_sparse
 
 _NATIVE = {"pooling": 1, "stride": 2, "block_stride": 3}  # type ids of csrc/cpu/lsg.cpp
@@ -40,6 +41,7 @@ def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
     return extra_keys(q, k, v, bs, sbs, f, stype, g, _real(q, kpm), scale)
 
 
+@in_float32(keep=(1,))  # lse stays float32
 def forward(
     q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
 ):
@@ -63,6 +65,7 @@ def forward(
         )  # fmt: skip
 
 
+@in_float32
 def backward(
     grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
     kpm, scale,
