@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels.cpu._dtype import in_float32
 from etkd_kernels.reference.lsg import extra_keys, sparse_windows, uses_sparse
 
 _NATIVE = {"pooling": 1, "stride": 2, "block_stride": 3}  # type ids of csrc/cpu/lsg.cpp
@@ -43,6 +44,12 @@ def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
 def forward(
     q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
 ):
+    if q.dtype != torch.float32:  # 16-bit inputs: fp32 compute, the output back in the input dtype, lse fp32
+        out, lse = forward(
+            q.float(), k.float(), v.float(), block_size, sparse_block_size, sparsity_factor, sparsity_type,
+            num_global_tokens, kpm, scale,
+        )  # fmt: skip
+        return out.to(q.dtype), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     with torch.no_grad():
         kx, vx, ok, starts = _extra(
@@ -63,6 +70,7 @@ def forward(
         )  # fmt: skip
 
 
+@in_float32
 def backward(
     grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
     kpm, scale,

@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels._shared import iterative_pinv, recompute_backward, segment_means
 from etkd_kernels.cpu._dtype import in_float32
-from etkd_kernels.reference._autograd import recompute_backward
-from etkd_kernels.reference.nystrom import iterative_pinv, segment_means
 
 
 class _SoftmaxMatmul(torch.autograd.Function):

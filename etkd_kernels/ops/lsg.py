@@ -83,7 +83,7 @@ def lsg_attention(
         raise ValueError(
             "num_global_tokens: bos_pooling pools with the first (global) query's scores, needs >= 1"
         )
-    if num_global_tokens > q.shape[2]:
+    if q.shape[2] and num_global_tokens > q.shape[2]:  # seq 0 gives an empty result
         raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
