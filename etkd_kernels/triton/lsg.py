@@ -19,17 +19,17 @@ import triton
 import triton.language as tl
 
 from ..reference.lsg import extra_keys
-from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
+from ._common import LOG2E, compute_type, configs, delta, head_block, launch, precision, seq_bucket
 
-_KEY = ["S", "BS", "NX", "BLOCK_D", "GLOBAL"]
+_KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL"]  # SB: seq bucket
 
 # Loop bodies are inlined (no @triton.jit helpers inside loops): see sliding_window.py for why.
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, D, H, BS, NB, SX, G, T, SBS, NX,
+    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
@@ -103,13 +103,11 @@ def _fwd(
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
 
 
-@triton.autotune(
-    configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"]
-)
+@triton.autotune(configs=configs("bwd"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
 @triton.jit
 def _bwd(
     Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
-    S, D, H, BS, NB, SX, G, T, SBS, NX,
+    S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
@@ -193,17 +191,18 @@ def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_t
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        scale2=scale * LOG2E, S=s, D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
+        STARTS=starts.to(q.device).contiguous(), scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
+        BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
     masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
-    return kx, vx, ok.to(torch.int8).contiguous(), starts.to(q.device).contiguous(), masks, meta
+    return kx, vx, ok.to(torch.int8).contiguous(), masks, meta
 
 
-def _grids(meta, bh):
-    block = lambda m: (meta["NB"] * triton.cdiv(meta["BS"], m["BLOCK_P"]), bh)  # noqa: E731
-    glob = lambda m: (triton.cdiv(meta["G"], m["BLOCK_P"]), bh)  # noqa: E731
-    return block, glob
+def _tiles(meta, pass_global):
+    if pass_global:
+        return lambda m: triton.cdiv(meta["G"], m["BLOCK_P"])
+    return lambda m: meta["NB"] * triton.cdiv(meta["BS"], m["BLOCK_P"])
 
 
 def forward(
@@ -213,16 +212,28 @@ def forward(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = num_global_tokens
     with torch.no_grad():
-        kx, vx, okx, starts, (usable, real), meta = _prepare(
+        kx, vx, okx, (usable, real), meta = _prepare(
             q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
         )
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    block, glob = _grids(meta, b * h)
-    _fwd[block](q, k, v, kx, vx, out, lse, usable, okx, starts, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    nx = g + 2 * meta["SBS"]
+    launch(
+        _fwd,
+        _tiles(meta, False),
+        q,
+        (q, k, v, kx, vx, out, lse, usable, okx),
+        {**meta, "NX": nx, "GLOBAL": False},
+    )
     if g > 0:
-        _fwd[glob](q, k, v, kx, vx, out, lse, real, okx, starts, NX=0, GLOBAL=True, **meta)
+        launch(
+            _fwd,
+            _tiles(meta, True),
+            q,
+            (q, k, v, kx, vx, out, lse, real, okx),
+            {**meta, "NX": 0, "GLOBAL": True},
+        )
     return out, lse
 
 
@@ -230,32 +241,44 @@ def backward(
     grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
     kpm, scale,
 ):  # fmt: skip
-    b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     g = num_global_tokens
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (B, H, S)
+    dlt = delta(do, out.contiguous())
     lse = lse.contiguous()
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        kx, vx, okx, starts, (usable, real), meta = _prepare(
+        kx, vx, okx, (usable, real), meta = _prepare(
             *leaves, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
         )
     kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
     dq = torch.zeros_like(q)
     dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-    block, glob = _grids(meta, b * h)
-    args = (q, k, v, kxc, vxc, do, lse, delta, dq, dk, dv, dkx, dvx)
-    _bwd[block](*args, usable, okx, starts, scale=scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    meta = {**meta, "scale": scale}
+    args = (q, k, v, kxc, vxc, do, lse, dlt)
+    nx = g + 2 * meta["SBS"]
+    launch(
+        _bwd,
+        _tiles(meta, False),
+        q,
+        (*args, dq, dk, dv, dkx, dvx, usable, okx),
+        {**meta, "NX": nx, "GLOBAL": False},
+    )
     if g > 0:
         dqg = torch.zeros_like(q)
-        _bwd[glob](*args[:8], dqg, *args[9:], real, okx, starts, scale=scale, NX=0, GLOBAL=True, **meta)
+        launch(
+            _bwd,
+            _tiles(meta, True),
+            q,
+            (*args, dqg, dk, dv, dkx, dvx, real, okx),
+            {**meta, "NX": 0, "GLOBAL": True},
+        )
         dq = dq + dqg
-    dq, dk, dv = dq.float(), dk, dv
+    dq = dq.float()
     dk[:, :, :g] += dkx[:, :, :g]
     dv[:, :, :g] += dvx[:, :, :g]
     if kx.shape[2] > g:  # the compressed keys' gradients flow back through their construction
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             grads = torch.autograd.grad(
                 (kx[:, :, g:], vx[:, :, g:]), leaves, (dkx[:, :, g:], dvx[:, :, g:]), allow_unused=True
             )
