@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "max_grad_norm": 1.0,
     "resume": False,
+    "stop_at_step": None,
+    "new_hparams_on_resume": False,
     "backend": None,
     "dtype": "fp32",
     "name": None,
@@ -424,6 +426,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         max_grad_norm=o["max_grad_norm"],
         resume=bool(o["resume"]),
         progress=bool(o["progress"]),
+        stop_at_step=None if o["stop_at_step"] is None else int(o["stop_at_step"]),
+        new_hparams_on_resume=bool(o["new_hparams_on_resume"]),
     )
     start_run(argparse.Namespace(**o))
     collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
@@ -539,6 +543,11 @@ def register(subparsers) -> None:
                    help="continue the run in --output-dir from its last checkpoint (same settings)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the earlier run in --output-dir (its files are deleted)")  # fmt: skip
+    p.add_argument(
+        "--stop-at-step", type=int, help="stop (checkpoint, save, evaluate) at this step of --max-steps"
+    )
+    p.add_argument("--new-hparams-on-resume", action="store_true", default=None,
+                   help="on --resume, take this learning rate / weight decay / warm-up (used by `etkd tune`)")  # fmt: skip
     finish(p, DEFAULTS, func=run_finetune)
 
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")

@@ -20,6 +20,7 @@ NAME = "cpu"
 OPS: dict[str, str] = {
     "sliding_window": "sliding_window",
     "block_sparse": "block_sparse",
+    "lsg": "lsg",
     "nystrom": "nystrom",
     "full": "full",
 }

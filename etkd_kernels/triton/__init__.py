@@ -15,6 +15,7 @@ DESCRIPTION = "fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_I
 OPS: dict[str, str] = {
     "sliding_window": "sliding_window",
     "block_sparse": "block_sparse",
+    "lsg": "lsg",
     "nystrom": "nystrom",
 }
 AUTO_DEVICES = ("cuda",)  # the interpreter is a correctness tool, never picked by `auto`
