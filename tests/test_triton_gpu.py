@@ -8,8 +8,6 @@ TRITON_INTERPRET=1 for the whole session, and kernels jitted under it would run 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from helpers import assert_close
@@ -22,19 +20,9 @@ from etkd_kernels import (
     sliding_window_attention,
 )
 
+# Skipped per test at run time without a GPU or under TRITON_INTERPRET=1 (tests/conftest.py), so these tests
+# can only pass on a GPU with compiled kernels.
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(autouse=True)
-def _real_gpu():
-    """Decided when each test runs (never at import): a CUDA GPU, and compiled (not interpreted) kernels, so
-    these tests can only pass on a GPU."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        pytest.skip(
-            "TRITON_INTERPRET=1 in this process: run tests/test_triton_gpu.py in a pytest process of its own"
-        )
 
 
 # (atol, rtol): forward, gradients. Realistic sizes sum over thousands of keys, so allow more than the tiny

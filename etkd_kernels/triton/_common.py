@@ -133,6 +133,8 @@ def _select_configs(kernel, kwargs: dict) -> None:
     """Point an autotuned kernel at the configs this launch may use (see `configs`)."""
     if not hasattr(kernel, "configs"):
         return  # a plain @triton.jit kernel
+    if not hasattr(kernel, "etkd_every"):
+        kernel.etkd_every = list(kernel.configs)  # what ships, kept before the list is narrowed
     if interpreting():
         kernel.configs = [INTERPRETER_CONFIG]
         return
