@@ -14,11 +14,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp)
-	# seqeval ships only an sdist, which builds with version 0.0.0 without build isolation (setuptools 84):
-	# install it isolated first, so the editable install below finds it.
-	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy ninja setuptools wheel "seqeval>=1.2"
-	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation -e ".[test]"
+# Third-party packages install the normal way, with build isolation: some ship only an sdist (seqeval) whose
+# metadata comes out wrong when built against the venv's setuptools, and pip then silently picks an old release.
+# Only etkd itself is built without isolation (it compiles against the venv's torch) and without deps (they are
+# in place by then). The dependency list is read from pyproject.toml, the one place it is written.
+# `pip check` fails the step if what got installed does not fit together.
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h)
+	$(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > $(VENV)/requirements.txt
+	$(BIN)/pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja -r $(VENV)/requirements.txt
+	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 env: $(STAMP)

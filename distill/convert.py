@@ -4,12 +4,16 @@
 
 --from takes an etkd checkpoint dir, an HF checkpoint dir or an HF hub name. The result is written in the
 etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class.
+The source's tokenizer is saved next to it (its model_max_length raised to the new length), so the next
+command (`pretrain`, `distill`, `finetune`) finds it.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+
+from .core import TOKENIZER_FILES, load_tokenizer, log, resolve_pretrained
 
 
 def register(sub) -> None:
@@ -29,17 +33,22 @@ def register(sub) -> None:
     )
     p.add_argument("--num-global-tokens", type=int, default=1, help="lsg")
     p.add_argument("--format", default="etkd", choices=("etkd", "hf"), help="output format")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer to save with the result (default: the source's)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from etkd.models import EncoderModel, convert, to_hf
 
-    try:
-        model = EncoderModel.from_pretrained(args.source)
-    except (OSError, ValueError) as exc:
-        print(f"etkd convert: cannot load --from {args.source!r}: {exc}", file=sys.stderr)
-        return 2
+    source = resolve_pretrained(args.source, "--from")
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif not os.path.isdir(source) or any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(source, "--from")
+    model = EncoderModel.from_pretrained(source)
     new = convert(
         model, args.to, args.max_positions, window=args.window, block_size=args.block_size,
         num_random_blocks=args.num_random_blocks, num_landmarks=args.num_landmarks,
@@ -51,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         new.save_pretrained(args.out)
     cfg = new.config
+    if tokenizer is not None:
+        tokenizer.model_max_length = cfg.max_tokens
+        tokenizer.save_pretrained(args.out)
+    else:
+        log.warning(
+            "--from %s has no tokenizer: give --tokenizer to the commands that use %s", source, args.out
+        )
     print(
         f"converted {args.source} -> {args.out}: attention={cfg.attention}, {cfg.num_layers} layers, "
         f"up to {cfg.max_tokens} tokens ({args.format} format)"

@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
+from .errors import DataError
+from .tasks import iter_lines
+
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """A bad record; the message names the file and line (or row)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -49,7 +48,7 @@ def list_files(path: str | os.PathLike) -> list[str]:
         if not found:
             raise DataError(f"{path}: no {'/'.join(TEXT_EXTENSIONS)} files in this directory")
         return found
-    raise FileNotFoundError(f"data: no such file or directory {path!r}")
+    raise DataError(f"--data {path}: no such file or directory")
 
 
 def looks_local(source: str) -> bool:
@@ -71,19 +70,9 @@ class _Skips:
 def iter_records(path: str, skips: _Skips, fields: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     """Rows of one local file as dicts holding `fields` (for .txt: {"text": line}), bad rows -> `skips`."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8", errors="strict") as f:
-            lineno = 0
-            while True:
-                lineno += 1
-                try:
-                    line = f.readline()
-                except UnicodeDecodeError as exc:
-                    skips(f"{path}:{lineno}: not valid UTF-8 ({exc.reason})")
-                    return  # the decoder cannot resynchronise reliably
-                if not line:
-                    return
-                if line.strip():
-                    yield {"text": line.rstrip("\n")}
+        for _, line in iter_lines(path, lambda lineno, message: skips(f"{path}:{lineno}: {message}")):
+            if line.strip():
+                yield {"text": line.rstrip("\r\n")}
     elif path.endswith((".jsonl", ".json")):
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -180,17 +169,6 @@ class TextSource:
 # Tokenisation and packing.
 
 
-def load_tokenizer(path: str):
-    """A tokenizer from a local directory (or a hub name when online), via `AutoTokenizer`."""
-    from transformers import AutoTokenizer
-
-    local = os.path.isdir(path)
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=local)
-    except Exception as exc:
-        raise ValueError(f"--tokenizer {path!r}: cannot load a tokenizer ({exc})") from exc
-
-
 def _special(tokenizer, *names: str) -> int:
     for name in names:
         value = getattr(tokenizer, name, None)
@@ -232,7 +210,7 @@ def pack_sequences(
 
     def flush(docs: list[str]) -> Iterator[list[int]]:
         nonlocal buf, want
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
             if not ids:
                 continue
             buf.extend(ids)
@@ -267,16 +245,22 @@ class PackedStream(torch.utils.data.IterableDataset):
 
 def build_mlm_dataset(
     texts: Iterable[str], tokenizer, *, streaming: bool = False, seed: int = 0, max_blocks: int | None = None,
-    **pack_kwargs: Any,
+    progress: bool = False, **pack_kwargs: Any,
 ) -> Any:  # fmt: skip
-    """A list of packed blocks (map-style, shuffled per epoch by `train`) or a `PackedStream`."""
+    """A list of packed blocks (map-style, shuffled per epoch by `train`) or a `PackedStream`. `progress`: a
+    bar counting packed blocks (packing a large corpus takes a while before the first step)."""
+    from tqdm.auto import tqdm
+
     if streaming:
         return PackedStream(texts, tokenizer, seed=seed, **pack_kwargs)
     blocks = []
+    bar = tqdm(desc="pack", unit="block", total=max_blocks, disable=not progress, dynamic_ncols=True)
     for block in pack_sequences(texts, tokenizer, seed=seed, **pack_kwargs):
         blocks.append(block)
+        bar.update(1)
         if max_blocks is not None and len(blocks) >= max_blocks:
             break
+    bar.close()
     if not blocks:
         raise DataError("data: no complete block could be packed; give more text or a smaller short_length")
     return blocks

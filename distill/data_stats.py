@@ -64,12 +64,15 @@ def tag_distribution(tags: list[str]) -> dict[str, dict[str, float]]:
 def sequence_lengths(sequences: list[dict[str, Any]], tokenizer=None) -> list[int]:
     if tokenizer is None:
         return [len(s["tokens"]) for s in sequences]
-    enc = tokenizer([s["tokens"] for s in sequences], is_split_into_words=True, add_special_tokens=False)
+    # verbose=False: no "sequence length is longer than the maximum" warning; lengths are what we measure.
+    enc = tokenizer([s["tokens"] for s in sequences], is_split_into_words=True, add_special_tokens=False,
+                    verbose=False)  # fmt: skip
     return [len(ids) for ids in enc["input_ids"]]
 
 
-def file_stats(path: str, unit: str = "sentence", tokenizer=None) -> dict[str, Any]:
-    seqs = read_conll(path, unit)
+def file_stats(path: str, unit: str = "sentence", tokenizer=None, group_sentences: int | None = None
+               ) -> dict[str, Any]:  # fmt: skip
+    seqs = read_conll(path, unit, group_sentences)
     lengths = sequence_lengths(seqs, tokenizer)
     return {
         "file": path,
@@ -159,9 +162,13 @@ def run(args: argparse.Namespace) -> int:
     names = args.names.split(",") if args.names else [os.path.basename(f) for f in args.files]
     if len(names) != len(args.files):
         raise ValueError(f"--names: expected {len(args.files)} names, got {len(names)}")
-    stats = [file_stats(f, args.unit, tokenizer) for f in args.files]
-    os.makedirs(args.out_dir, exist_ok=True)
+    unit = args.unit or ("document" if args.group_sentences else "sentence")
+    stats = [file_stats(f, unit, tokenizer, args.group_sentences) for f in args.files]
     md = markdown(stats, names)
+    print(md)
+    if args.out_dir is None:
+        return 0
+    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "data_stats.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "data_stats.json"), "w") as f:
@@ -174,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         for k in stats[0]["length"]:
             w.writerow([k] + [s["length"][k] for s in stats])
     plot(stats, names, os.path.join(args.out_dir, "lengths.png"))
-    print(md)
+    print(
+        f"wrote data_stats.md, data_stats.json, lengths.csv, lengths.png to {os.path.abspath(args.out_dir)}"
+    )
     return 0
 
 
@@ -184,7 +193,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("files", nargs="+", help="CoNLL-format files")
     p.add_argument("--names", help="comma-separated display names (default: file names)")
-    p.add_argument("--unit", choices=("sentence", "document"), default="sentence")
+    p.add_argument("--ner-unit", "--unit", dest="unit", choices=("sentence", "document"), default=None,
+                   help="a sequence is a sentence (default) or a document (between -DOCSTART- lines)")  # fmt: skip
+    p.add_argument("--ner-group-sentences", dest="group_sentences", type=int, metavar="N", default=None,
+                   help="a document is N consecutive sentences (for files without -DOCSTART-)")  # fmt: skip
     p.add_argument("--tokenizer", help="count sub-word tokens of this tokenizer instead of words")
-    p.add_argument("--out-dir", default="data_stats", help="where data_stats.md/.json, lengths.csv/.png go")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="also write data_stats.md/.json, lengths.csv/.png into this folder (default: print the table only)",
+    )
     p.set_defaults(func=run)

@@ -134,7 +134,8 @@ def pipeline(args) -> None:
     )  # fmt: skip
     torch.manual_seed(args.seed)
     EncoderModel(cfg).save_pretrained(os.path.join(out, "teacher_init"))
-    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), *quiet]
+    # --overwrite: a rerun of the demo replaces its earlier runs (output folders refuse them otherwise)
+    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), "--overwrite", *quiet]
     _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
           "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
           "--long-length", "128", "--save-every", str(steps), *common)  # fmt: skip
@@ -169,7 +170,7 @@ def pipeline(args) -> None:
             _etkd("finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
                   "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}"),
                   "--max-steps", str(steps), "--batch-size", "16", "--learning-rate", "2e-3",
-                  "--seed", str(args.seed), "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
+                  "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
                   *extra, *quiet)  # fmt: skip
 
     print("[6] retention report")

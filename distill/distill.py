@@ -5,7 +5,7 @@ given checkpoint, optionally converted to another attention pattern / length. Lo
 alpha * MLM + beta * T^2 * KL(soft targets) + gamma * cosine(last hidden states), defaults 2, 5, 1, T = 2.
 
     etkd distill --teacher roberta-long/ --data oscar/ bookcorpus/ --long-fraction 0.3 \
-        --output-dir runs/kd --max-steps 100000 --batch-size 8 --grad-accum 4 --mixed-precision bf16
+        --output-dir runs/kd --max-steps 100000 --batch-size 8 --grad-accum-steps 4 --mixed-precision bf16
     etkd distill --teacher bert/ --student-attention longformer --student-max-positions 4096 ...
 
 A teacher with fewer positions than the student sees long blocks in consecutive chunks of its own length.
@@ -19,19 +19,23 @@ import os
 
 import torch
 
-from .config import add_config_arg, dump, resolve
+from .config import add_config_arg, finish, resolve
+from .core import log, start_run
+from .errors import UserError
 from .losses import distillation_loss
 from .pretrain import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
     TRAIN_DEFAULTS,
     add_data_args,
+    add_mlm_head_arg,
     add_model_args,
     add_train_args,
     check_vocab,
     load_model,
     mlm_data,
     prepare_model,
+    require_mlm_head,
     save_model,
     tokenizer_for,
     train_config,
@@ -59,6 +63,8 @@ DEFAULTS = {
     "gamma": 1.0,
     "temperature": 2.0,
     "kd_masked_only": False,
+    "add_mlm_head": False,
+    "overwrite": False,
 }
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05)
 
@@ -86,7 +92,7 @@ def parse_layers(value) -> str | list[int]:
     try:
         return [int(i) for i in str(value).split(",") if i.strip()]
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"--student-layers: expected 'every_other' or indices like 0,2,4, got {value!r}"
         ) from None
 
@@ -95,7 +101,11 @@ def build_student(teacher, ns: argparse.Namespace):
     """--student, else make_student(teacher, layers); then convert if an attention/length is asked for."""
     from etkd.models import convert, make_student
 
-    student = load_model(ns.student) if ns.student else make_student(teacher, parse_layers(ns.student_layers))
+    student = (
+        load_model(ns.student, "--student")
+        if ns.student
+        else make_student(teacher, parse_layers(ns.student_layers))
+    )
     if ns.student_attention or ns.student_max_positions:
         student = convert(
             student,
@@ -120,10 +130,11 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
+    add_mlm_head_arg(p, "--teacher")
     add_model_args(p)
     add_data_args(p)
     add_train_args(p)
-    p.set_defaults(func=run)
+    finish(p, DEFAULTS, func=run)
 
 
 @torch.no_grad()
@@ -159,24 +170,25 @@ def make_loss(teacher, ns: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     ns = resolve(args, DEFAULTS)
     if not ns.teacher:
-        raise ValueError("distill: --teacher is required")
-    teacher = load_model(ns.teacher)
-    if teacher.config.head != "mlm":
-        raise ValueError(f"--teacher: needs an MLM head, this checkpoint has head={teacher.config.head!r}")
+        raise UserError("--teacher: required")
+    teacher = load_model(ns.teacher, "--teacher")
+    if teacher.config.head != "mlm" and ns.add_mlm_head:
+        log.warning("--teacher: its new MLM head is untrained, so the soft-target term (--beta) distils "
+                    "noise; MLM-train the teacher first (`etkd pretrain --add-mlm-head`) or set --beta 0")  # fmt: skip
+    teacher = require_mlm_head(teacher, ns, "--teacher")
     torch.manual_seed(ns.seed)
     student = prepare_model(build_student(teacher, ns), ns)
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size {teacher.config.vocab_size}"
         )
-    if ns.attention_backend:
-        teacher.set_attention_backend(ns.attention_backend)
+    if ns.backend:
+        teacher.set_attention_backend(ns.backend)
     tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
     check_vocab(tokenizer, student, "student")
     data, collate = mlm_data(ns, tokenizer, student.config.max_tokens)
     cfg = train_config(ns)
-    if int(os.environ.get("RANK", "0")) == 0:
-        dump(ns, os.path.join(cfg.output_dir, "settings.json"))
+    start_run(ns)
     result = train(student, data, make_loss(teacher, ns), cfg, collate_fn=collate, extra_modules=(teacher,))
     if result["is_main_process"] and result["step"] >= cfg.max_steps:
         written = save_model(result["model"], os.path.join(cfg.output_dir, "student"), tokenizer)

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import finish, resolve
+from .core import check_output_file, check_vocab, start_run
+from .errors import UserError
 from .tasks import GLUE_TASKS, NER_TASKS, QA_TASKS, task_family
 
 # HF datasets used when no local file and no --dataset is given: (name, config, train split, eval splits).
@@ -47,7 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "max_query_length": 64,
     "n_best": 20,
     "max_answer_length": 30,
-    "ner_unit": None,  # sentence (conll2003) / document (gonerd)
+    "ner_unit": None,  # sentence (conll2003) / document (gonerd; or any task with --ner-group-sentences)
+    "ner_group_sentences": None,
     "ner_stride": 128,
     "output_dir": "runs/finetune",
     "max_steps": 1000,
@@ -69,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "output": None,
     "limit": None,
     "progress": True,
+    "overwrite": False,
+    "labels": None,
 }
 
 
@@ -76,42 +82,22 @@ DEFAULTS: dict[str, Any] = {
 # Model and tokenizer.
 
 
-def load_tokenizer(path: str, family: str):
+def load_tokenizer(path: str, family: str, flag: str = "--tokenizer"):
     """A fast tokenizer (offsets and word ids are needed); NER on byte-level BPE needs add_prefix_space."""
-    from transformers import AutoTokenizer
+    from .core import load_tokenizer as load
 
-    tok = AutoTokenizer.from_pretrained(path)
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"tokenizer: {path} gives a slow tokenizer; offsets need a fast (tokenizers) one")
-    if family == "ner" and getattr(tok, "add_prefix_space", None) is False:
-        tok = AutoTokenizer.from_pretrained(path, add_prefix_space=True)
-    return tok
+    return load(path, flag, fast=True, add_prefix_space=family == "ner")
 
 
-def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | None = None):
-    """Our checkpoint or an HF one, with a `head` of `num_labels` outputs (a new, random head when the
-    checkpoint has another head or size; the encoder weights are kept)."""
-    from etkd.models import EncoderModel
+def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | None = None, *, seed: int = 0):
+    """Our checkpoint or an HF one, with a `head` of `num_labels` outputs (a new head drawn from `seed` when
+    the checkpoint has another head or size; the encoder weights are kept)."""
+    from .core import load_model as load
+    from .core import with_head
 
-    if not os.path.exists(path) and os.sep in path:
-        raise FileNotFoundError(f"model: {path} does not exist")
-    model = EncoderModel.from_pretrained(path)
-    cfg = model.config
-    want = num_labels if head != "question_answering" else cfg.num_labels
-    if cfg.head != head or cfg.num_labels != want:
-        new_cfg = cfg.replace(head=head, num_labels=want, extra={**cfg.extra, **(extra or {})})
-        if head == "sequence_classification" and new_cfg.head_style == "bert" and not new_cfg.add_pooler:
-            new_cfg = new_cfg.replace(add_pooler=True)
-        new = EncoderModel(new_cfg)
-        missing, unexpected = new.encoder.load_state_dict(model.encoder.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("pooler.") for k in missing):
-            raise ValueError(
-                f"model: encoder weights do not fit (missing {missing}, unexpected {unexpected})"
-            )
-        model = new
-    elif extra:
-        model.config.extra.update(extra)
-    return model
+    model = load(path, "--model")
+    want = num_labels if head != "question_answering" else model.config.num_labels
+    return with_head(model, head, want, seed=seed, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,8 +125,8 @@ def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> lis
         (o["dataset"], o["dataset_config"]) if o["dataset"] else HF_DEFAULTS.get(task, (None,) * 2)[:2]
     )
     if hf and name is None:
-        raise ValueError(f"task {task}: no public dataset; give --train-file / --eval-file")
-    unit = o["ner_unit"] or ("document" if task == "gonerd" else "sentence")
+        raise UserError(f"--task {task}: no public dataset; give --train-file / --eval-file")
+    unit = o["ner_unit"] or ("document" if task == "gonerd" or o["ner_group_sentences"] else "sentence")
     if family == "glue":
         ex = glue.load_glue_hf(task, source, name) if hf else glue.read_glue_file(source, task)
     elif family == "qa":
@@ -150,12 +136,28 @@ def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> lis
             else qa.read_qa_file(source, task, o["evidence_dir"])
         )
     else:
-        ex = ner.load_ner_hf(name, source, config) if hf else ner.read_conll(source, unit)
+        ex = (
+            ner.load_ner_hf(name, source, config)
+            if hf
+            else ner.read_conll(source, unit, o["ner_group_sentences"])
+        )
+        ner.check_types(ex, entity_types(task, o), source)
     if o["limit"]:
         ex = ex[: int(o["limit"])]
     if not ex:
-        raise ValueError(f"{source}: no examples")
+        raise UserError(f"{source}: no examples")
     return ex
+
+
+def entity_types(task: str, o: dict[str, Any]) -> set[str] | None:
+    """Entity types NER data may use: CoNLL-2003's four (conll2003, gonerd) plus `--labels`; None = any."""
+    from .tasks.ner import ENTITY_TYPES
+
+    extra = o["labels"] or []
+    extra = extra.split(",") if isinstance(extra, str) else list(extra)
+    if task == "ner" and not extra:
+        return None
+    return set(ENTITY_TYPES) | {t.strip() for t in extra if t.strip()}
 
 
 def eval_sources(task: str, o: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -275,13 +277,18 @@ def make_loss(family: str, regression: bool):
 
 
 @torch.no_grad()
-def predict(model, features: list[dict], collate, batch_size: int) -> list[torch.Tensor]:
+def predict(
+    model, features: list[dict], collate, batch_size: int, progress: bool = False
+) -> list[torch.Tensor]:
     """Logits per feature (unpadded length for token-level heads), batching features of similar length."""
+    from tqdm.auto import tqdm
+
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     out: list[torch.Tensor | None] = [None] * len(features)
-    for b in range(0, len(order), batch_size):
+    for b in tqdm(range(0, len(order), batch_size), desc="evaluate", unit="batch", disable=not progress,
+                  dynamic_ncols=True):  # fmt: skip
         idx = order[b : b + batch_size]
         batch = {k: v.to(device) for k, v in collate([features[i] for i in idx]).items()}
         logits = forward(model, batch).float().cpu()
@@ -298,7 +305,7 @@ def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict
     family = task_family(task)
     feats = encode(task, examples, tokenizer, labels, o, train=False)
     collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
-    logits = predict(model, feats, collate, o["eval_batch_size"])
+    logits = predict(model, feats, collate, o["eval_batch_size"], bool(o["progress"]))
     if family == "glue":
         if not labels or labels == ["score"]:
             preds = [float(x[0]) for x in logits]
@@ -313,15 +320,26 @@ def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict
     return ner.compute_metrics(examples, tags), tags
 
 
-def evaluate_all(task, model, tokenizer, labels, o, sources) -> tuple[dict[str, float], dict[str, Any]]:
+def read_eval_sets(task: str, o: dict[str, Any], sources) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(name, source, examples) of every evaluation set, read before training so a bad one fails early."""
+    return [(suffix, src, read_examples(task, src, hf=hf, o=o)) for suffix, src, hf in sources]
+
+
+def evaluate_all(task, model, tokenizer, labels, o, sets) -> tuple[dict[str, float], dict[str, Any]]:
+    """(flat metrics, per-set info). Flat keys carry the set's name as a suffix (`f1_test`); info[name]
+    holds the unsuffixed `metrics` too (name "eval" for one unnamed set)."""
     metrics: dict[str, float] = {}
     info: dict[str, Any] = {}
-    for suffix, src, hf in sources:
-        examples = read_examples(task, src, hf=hf, o=o)
+    for suffix, src, examples in sets:
         m, preds = evaluate_set(task, model, tokenizer, examples, labels, o)
         for k, v in m.items():
             metrics[f"{k}_{suffix}" if suffix else k] = v
-        info[suffix or "eval"] = {"source": src, "num_examples": len(examples), "predictions": preds}
+        info[suffix or "eval"] = {
+            "source": src,
+            "num_examples": len(examples),
+            "metrics": m,
+            "predictions": preds,
+        }
     return metrics, info
 
 
@@ -332,6 +350,7 @@ def write_results(path: str, task: str, name: str, model_path: str, metrics, inf
         "model_path": model_path,
         "teacher": o["teacher"],
         "metrics": metrics,
+        "splits": {k: v["metrics"] for k, v in info.items()},  # the same numbers, by evaluation set
         "eval_sets": {k: {"source": v["source"], "num_examples": v["num_examples"]} for k, v in info.items()},
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -348,29 +367,13 @@ def write_results(path: str, task: str, name: str, model_path: str, metrics, inf
 
 
 def merge_options(args: argparse.Namespace) -> dict[str, Any]:
-    """DEFAULTS < config file < options given on the CLI."""
-    o = dict(DEFAULTS)
-    if getattr(args, "config", None):
-        with open(args.config) as f:
-            text = f.read()
-        if args.config.endswith(".json"):
-            loaded = json.loads(text)
-        else:
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        unknown = set(loaded) - set(DEFAULTS) - {"task", "model"}
-        if unknown:
-            raise ValueError(f"--config {args.config}: unknown keys {sorted(unknown)}")
-        o.update(loaded)
-    for k, v in vars(args).items():
-        if v is not None and k not in ("func", "config", "command"):
-            o[k] = v
+    """DEFAULTS < config file < options given on the CLI, every value checked (`config.resolve`)."""
+    o = vars(resolve(args, {**DEFAULTS, "task": None, "model": None}))
     for k in ("task", "model"):
         if not o.get(k):
-            raise ValueError(f"--{k} is required (on the command line or in --config)")
-    if o["eval_file"] is not None and isinstance(o["eval_file"], str):
-        o["eval_file"] = [o["eval_file"]]
+            raise UserError(f"--{k}: required (on the command line or in --config)")
+    if o["task"] not in GLUE_TASKS + QA_TASKS + NER_TASKS:
+        raise UserError(f"task: expected one of {GLUE_TASKS + QA_TASKS + NER_TASKS}, got {o['task']!r}")
     return o
 
 
@@ -385,17 +388,22 @@ def run_finetune(args: argparse.Namespace) -> int:
     o = merge_options(args)
     task = o["task"]
     family = task_family(task)
-    tokenizer = load_tokenizer(o["tokenizer"] or o["model"], family)
+    tokenizer = load_tokenizer(
+        o["tokenizer"] or o["model"], family, "--tokenizer" if o["tokenizer"] else "--model"
+    )
     if o["train_file"]:
         train_ex = read_examples(task, o["train_file"], hf=False, o=o)
     else:
         train_ex = read_examples(
             task, o["train_split"] or HF_DEFAULTS.get(task, (0, 0, "train"))[2], hf=True, o=o
         )
-    sources = eval_sources(task, o)
+    eval_sets = read_eval_sets(task, o, eval_sources(task, o))  # every input is checked before training
+    check_output_file(o["output"], "--output")
     labels = labels_for(task, o["model"], [train_ex])
     regression = labels == ["score"]
-    model = load_model(o["model"], HEADS[family], max(len(labels), 1), {"task": task, "labels": labels})
+    model = load_model(o["model"], HEADS[family], max(len(labels), 1), {"task": task, "labels": labels},
+                       seed=int(o["seed"]))  # fmt: skip
+    check_vocab(tokenizer, model)
     _set_backend(model, o)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
@@ -416,6 +424,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         resume=bool(o["resume"]),
         progress=bool(o["progress"]),
     )
+    start_run(argparse.Namespace(**o))
     collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
     result = train(model, feats, make_loss(family, regression), cfg, collate_fn=collate)
     if not result["is_main_process"]:
@@ -425,8 +434,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     print(f"[etkd finetune] {task}: {result['step']} steps, loss {result['loss']:.4f}; model in {model_dir}")
-    if sources:
-        metrics, info = evaluate_all(task, model, tokenizer, labels, o, sources)
+    if eval_sets:
+        metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
         name = o["name"] or os.path.basename(os.path.normpath(o["output_dir"]))
         out = o["output"] or os.path.join(o["output_dir"], "eval_results.json")
         write_results(out, task, name, model_dir, metrics, info, o)
@@ -438,16 +447,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     o = merge_options(args)
     task = o["task"]
     family = task_family(task)
-    tokenizer = load_tokenizer(o["tokenizer"] or o["model"], family)
+    tokenizer = load_tokenizer(
+        o["tokenizer"] or o["model"], family, "--tokenizer" if o["tokenizer"] else "--model"
+    )
     sources = eval_sources(task, o)
     if not sources:
-        raise ValueError("evaluate: give --eval-file or --eval-split")
-    labels = labels_for(task, o["model"], [read_examples(task, s, hf=h, o=o) for _, s, h in sources])
-    model = load_model(o["model"], HEADS[family], max(len(labels), 1))
+        raise UserError("evaluate: give --eval-file or --eval-split")
+    eval_sets = read_eval_sets(task, o, sources)
+    check_output_file(o["output"], "--output")
+    labels = labels_for(task, o["model"], [ex for _, _, ex in eval_sets])
+    model = load_model(o["model"], HEADS[family], max(len(labels), 1), seed=int(o["seed"]))
+    check_vocab(tokenizer, model)
     _set_backend(model, o)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
-    metrics, info = evaluate_all(task, model, tokenizer, labels, o, sources)
+    metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
     name = o["name"] or os.path.basename(os.path.normpath(o["model"]))
     if o["output"]:
         write_results(o["output"], task, name, o["model"], metrics, info, o)
@@ -455,53 +469,71 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+HIDDEN = argparse.SUPPRESS  # old spellings stay accepted, out of --help
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     tasks = GLUE_TASKS + QA_TASKS + NER_TASKS
     p.add_argument("--config", help="YAML/JSON file of options (keys as below, with underscores)")
-    p.add_argument("--task", choices=tasks)
-    p.add_argument("--model", help="our checkpoint dir, or an HF checkpoint dir / hub name")
-    p.add_argument("--tokenizer", help="tokenizer dir or name (default: --model)")
+    p.add_argument("--task", choices=tasks, help="the task (required)")
+    p.add_argument("--model", help="our checkpoint folder, or an HF checkpoint folder / hub name (required)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub name (default: --model)")
     p.add_argument("--eval-file", action="append", help="[NAME=]PATH, repeatable (MNLI: m=... mm=...)")
     p.add_argument("--dataset", help="HF dataset name (default: the task's public dataset)")
-    p.add_argument("--dataset-config")
+    p.add_argument("--dataset-config", help="HF dataset config name")
     p.add_argument("--eval-split", action="append", help="[NAME=]SPLIT of the HF dataset, repeatable")
     p.add_argument("--evidence-dir", help="TriviaQA: evidence root of original-format files")
     p.add_argument("--max-length", type=int, help="tokens per window (default: the model's positions)")
     p.add_argument("--doc-stride", type=int, help="QA: overlap of context windows, tokens")
-    p.add_argument("--max-query-length", type=int)
-    p.add_argument("--n-best", type=int)
-    p.add_argument("--max-answer-length", type=int)
-    p.add_argument("--ner-unit", choices=("sentence", "document"))
+    p.add_argument("--max-query-length", type=int, help="QA: question tokens kept")
+    p.add_argument("--n-best", type=int, help="QA: start/end candidates per window")
+    p.add_argument("--max-answer-length", type=int, help="QA: answer tokens at most")
+    p.add_argument("--ner-unit", choices=("sentence", "document"),
+                   help="NER sequence: a sentence, or a document (between -DOCSTART- lines)")  # fmt: skip
+    p.add_argument("--ner-group-sentences", type=int, metavar="N",
+                   help="NER: a document is N consecutive sentences (for files without -DOCSTART-)")  # fmt: skip
     p.add_argument("--ner-stride", type=int, help="NER: overlap of windows over long documents, tokens")
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--backend", help="attention kernel backend (auto, reference, cpu, triton, cuda)")
+    p.add_argument("--labels", help="NER: extra entity types the data may use, comma-separated (conll2003 / gonerd "
+                   "accept PER, ORG, LOC, MISC; another type is an error naming its line)")  # fmt: skip
+    p.add_argument("--eval-batch-size", type=int, help="sequences per evaluation batch")
+    p.add_argument(
+        "--backend", help="attention kernel backend: auto, reference, cpu, triton, cuda (default: auto)"
+    )
+    p.add_argument("--attention-backend", dest="backend", help=HIDDEN)
     p.add_argument("--name", help="model name in the results (and in `etkd report`)")
     p.add_argument("--teacher", help="name of this model's teacher (for retention in `etkd report`)")
     p.add_argument("--output", help="results JSON path")
     p.add_argument("--limit", type=int, help="use only the first N examples of every set")
+    p.add_argument("--seed", type=int, help="seed of every fresh head, the data order and dropout")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"
+    )
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="fine-tune on GLUE / QA / NER, then evaluate")
     _add_common(p)
     p.add_argument("--train-file", help="local training file (GLUE TSV/CSV/JSONL, SQuAD JSON, CoNLL)")
-    p.add_argument("--train-split")
-    p.add_argument("--output-dir")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-ratio", type=float)
-    p.add_argument("--grad-accum-steps", type=int)
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--max-grad-norm", type=float)
-    p.add_argument("--resume", action="store_true", default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.set_defaults(func=run_finetune)
+    p.add_argument("--train-split", help="HF dataset split to train on (default: train)")
+    p.add_argument("--output-dir", help="checkpoints, logs, the model and eval_results.json")
+    p.add_argument("--max-steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate")
+    p.add_argument("--lr", dest="learning_rate", type=float, help=HIDDEN)
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, help="share of steps with a rising learning rate")
+    p.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", dest="grad_accum_steps", type=int, help=HIDDEN)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="autocast dtype")
+    p.add_argument("--save-every", type=int, help="checkpoint interval, steps")
+    p.add_argument("--log-every", type=int, help="log interval, steps")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: none)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --output-dir from its last checkpoint (same settings)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the earlier run in --output-dir (its files are deleted)")  # fmt: skip
+    finish(p, DEFAULTS, func=run_finetune)
 
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")
     _add_common(p)
-    p.set_defaults(func=run_evaluate)
+    finish(p, DEFAULTS, func=run_evaluate)

@@ -1,8 +1,8 @@
 """`etkd kd-task`: task-specific KD with the Taylor-series loss (paper 2, eq. 8-9); the teacher is not
 fine-tuned on the task.
 
-    etkd kd-task --teacher bert/ --student-layers every_other --train sst2/train.jsonl --eval sst2/dev.jsonl \
-        --loss taylor-mse --lambda-sweep 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --output-dir runs/sst2
+    etkd kd-task --teacher bert/ --student-layers every_other --train-file sst2/train.jsonl \
+        --eval-file sst2/dev.jsonl --loss taylor-mse --lambda-sweep 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --output-dir runs/sst2
 
 Data: local .jsonl/.parquet with `--text-field` (and `--text-pair-field`) and `--label-field`; integer or
 string labels are classes, float labels (STS-B) are Platt-scaled, p = 1/(1+exp(-(t - 2.5))), into two-class
@@ -20,15 +20,18 @@ import os
 
 import torch
 
-from .config import add_config_arg, dump, resolve
+from .config import add_config_arg, finish, resolve
+from .core import is_main_process, log, start_run, with_head
 from .data import ClassificationCollator, load_classification
 from .distill import STUDENT_DEFAULTS, add_student_args, build_student
+from .errors import UserError
 from .losses import TASK_LOSSES, inverse_platt, platt_scale, task_kd_loss
 from .pretrain import (
     MODEL_DEFAULTS,
     TRAIN_DEFAULTS,
     add_model_args,
     add_train_args,
+    check_vocab,
     load_model,
     prepare_model,
     save_model,
@@ -45,7 +48,7 @@ DEFAULTS = {
     "tokenizer": None,
     "train_file": None,
     "eval_file": None,
-    "text_field": "text",
+    "text_field": None,  # auto: the first of TEXT_FIELDS in the data
     "text_pair_field": None,
     "label_field": "label",
     "label_names": None,
@@ -58,7 +61,9 @@ DEFAULTS = {
     "temperature": 1.0,
     "platt_center": 2.5,
     "eval_batch_size": 32,
+    "overwrite": False,
 }
+TEXT_FIELDS = ("text", "sentence", "sentence1", "question1", "premise", "question")  # as `finetune` GLUE
 DEFAULTS.update(output_dir="runs/kd-task", learning_rate=5e-5, max_steps=1000)
 
 
@@ -69,9 +74,12 @@ def register(subparsers) -> None:
     add_student_args(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the teacher dir)")
     g = p.add_argument_group("task data")
-    g.add_argument("--train", dest="train_file", default=None, help=".jsonl/.parquet file or dir")
-    g.add_argument("--eval", dest="eval_file", default=None, help=".jsonl/.parquet file or dir")
-    g.add_argument("--text-field", dest="text_field", default=None)
+    g.add_argument("--train-file", dest="train_file", default=None, help=".jsonl/.parquet file or dir")
+    g.add_argument("--train", dest="train_file", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--eval-file", dest="eval_file", default=None, help=".jsonl/.parquet file or dir")
+    g.add_argument("--eval", dest="eval_file", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--text-field", dest="text_field", default=None,
+                   help=f"text column (default: the first of {', '.join(TEXT_FIELDS)} present)")  # fmt: skip
     g.add_argument("--text-pair-field", dest="text_pair_field", default=None)
     g.add_argument("--label-field", dest="label_field", default=None)
     g.add_argument("--label-names", dest="label_names", default=None, help="comma-separated, fixes the order")
@@ -87,25 +95,13 @@ def register(subparsers) -> None:
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=None)
     add_model_args(p)
     add_train_args(p)
-    p.set_defaults(func=run)
+    finish(p, DEFAULTS, func=run)
 
 
 def with_classification_head(model, num_labels: int, seed: int):
     """`model` itself if it already has a `num_labels` classification head, else a copy of its encoder with
     a fresh (seeded) one, as paper 2 uses a teacher that was never fine-tuned on the task."""
-    from etkd.models import EncoderModel
-
-    cfg = model.config
-    if cfg.head == "sequence_classification" and cfg.num_labels == num_labels:
-        return model
-    torch.manual_seed(seed)
-    new = EncoderModel(cfg.replace(head="sequence_classification", num_labels=num_labels,
-                                   add_pooler=cfg.add_pooler or cfg.head_style == "bert"))  # fmt: skip
-    own = new.state_dict()
-    keep = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.") and k in own
-            and own[k].shape == v.shape}  # fmt: skip
-    new.load_state_dict(keep, strict=False)
-    return new.train(model.training)
+    return with_head(model, "sequence_classification", num_labels, seed=seed)
 
 
 def targets(labels: torch.Tensor, regression: bool, center: float) -> torch.Tensor:
@@ -144,11 +140,32 @@ def evaluate(model, records, collate, batch_size: int, regression: bool, center:
         gold.append(batch["labels"])
     p, g = torch.cat(preds), torch.cat(gold)
     model.train()
-    if regression:
+    if regression:  # percentages, as every etkd metric
         pc, gc = p - p.mean(), g - g.mean()
         r = float((pc * gc).sum() / ((pc.norm() * gc.norm()) + 1e-12))
-        return {"pearson": r}
-    return {"accuracy": float((p == g).float().mean())}
+        return {"pearson": 100.0 * r}
+    return {"accuracy": 100.0 * float((p == g).float().mean())}
+
+
+def detect_text_field(path: str) -> str:
+    """The first of TEXT_FIELDS that the first record of `path` has."""
+    from .data import _Skips, iter_records, list_files
+
+    for file in list_files(path):
+        if file.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            rows = [dict.fromkeys(pq.ParquetFile(file).schema_arrow.names, "")]
+        else:
+            rows = iter_records(file, _Skips("skip"), ())
+        for row in rows:
+            found = next((f for f in TEXT_FIELDS if isinstance(row.get(f), str)), None)
+            if found is None:
+                raise UserError(f"{file}: no text field among {list(TEXT_FIELDS)} (fields: {sorted(row)}); "
+                                "give --text-field")  # fmt: skip
+            log.info("--text-field: using %r", found)
+            return found
+    raise UserError(f"--train-file {path}: no records")
 
 
 def lambdas(ns: argparse.Namespace) -> list[float]:
@@ -158,19 +175,21 @@ def lambdas(ns: argparse.Namespace) -> list[float]:
     try:
         out = [float(v) for v in values if str(v).strip()]
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"--lambda-sweep: expected comma-separated numbers, got {ns.lambda_sweep!r}"
         ) from None
     bad = [v for v in out if not 0.0 <= v <= 1.0]
     if not out or bad:
-        raise ValueError(f"--lambda-sweep: expected values in [0, 1], got {ns.lambda_sweep!r}")
+        raise UserError(f"--lambda-sweep: expected values in [0, 1], got {ns.lambda_sweep!r}")
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve(args, DEFAULTS)
     if not ns.teacher or not ns.train_file:
-        raise ValueError("kd-task: --teacher and --train are required")
+        raise UserError("--teacher and --train-file: both required")
+    if ns.text_field is None:
+        ns.text_field = detect_text_field(ns.train_file)
     on_error = "skip" if ns.skip_bad_records else "raise"
     label_names = ns.label_names.split(",") if isinstance(ns.label_names, str) else ns.label_names
     fields = dict(text_field=ns.text_field, text_pair_field=ns.text_pair_field, label_field=ns.label_field,
@@ -181,16 +200,16 @@ def run(args: argparse.Namespace) -> int:
         eval_records, _ = load_classification(ns.eval_file, **{**fields, "label_names": info["label_names"]})
     num_labels = ns.num_labels or info["num_labels"]
     if info["regression"] and num_labels != 2:
-        raise ValueError(f"--num-labels: Platt-scaled regression targets need 2 classes, got {num_labels}")
+        raise UserError(f"--num-labels: Platt-scaled regression targets need 2 classes, got {num_labels}")
     regression = info["regression"]
 
-    base_teacher = load_model(ns.teacher)
+    base_teacher = load_model(ns.teacher, "--teacher")
     teacher = prepare_model(with_classification_head(base_teacher, num_labels, ns.seed), ns)
     tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
     collate = ClassificationCollator(tokenizer, max_length=ns.max_length)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        dump(ns, os.path.join(ns.output_dir, "settings.json"))
+    check_vocab(tokenizer, base_teacher, "teacher")
+    is_main = is_main_process()
+    start_run(ns)
 
     results = []
     sweep = lambdas(ns)

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from .config import add_config_arg, dump, resolve
-from .data import MLMCollator, TextSource, build_mlm_dataset, load_tokenizer
+from . import core
+from .config import add_config_arg, finish, resolve
+from .data import MLMCollator, TextSource, build_mlm_dataset
+from .errors import UserError
 from .losses import mlm_loss
 from .training import TrainConfig, train
 
@@ -39,7 +41,8 @@ DATA_DEFAULTS: dict[str, Any] = {
     "mlm_probability": 0.15,
     "max_blocks": None,
 }
-MODEL_DEFAULTS: dict[str, Any] = {"attention_backend": None, "gradient_checkpointing": False}
+MODEL_DEFAULTS: dict[str, Any] = {"backend": None, "gradient_checkpointing": False}
+HIDDEN = argparse.SUPPRESS  # old spellings stay accepted, out of --help
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,19 +54,29 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", dest="output_dir", default=None, help="checkpoints, logs and the result")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps")
     g.add_argument("--batch-size", dest="per_device_batch_size", type=int, default=None, help="per process")
-    g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=None)
+    g.add_argument(
+        "--learning-rate", dest="learning_rate", type=float, default=None, help="peak learning rate"
+    )
+    g.add_argument("--lr", dest="learning_rate", type=float, default=None, help=HIDDEN)
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
     g.add_argument("--warmup-ratio", dest="warmup_ratio", type=float, default=None)
-    g.add_argument("--grad-accum", dest="grad_accum_steps", type=int, default=None)
+    g.add_argument("--grad-accum-steps", dest="grad_accum_steps", type=int, default=None,
+                   help="micro-batches per optimizer step")  # fmt: skip
+    g.add_argument("--grad-accum", dest="grad_accum_steps", type=int, default=None, help=HIDDEN)
     g.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "bf16", "fp16"), default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--save-every", dest="save_every", type=int, default=None, help="checkpoint interval")
     g.add_argument("--log-every", dest="log_every", type=int, default=None)
     g.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None)
     g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, default=None)
-    g.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --output-dir from its last checkpoint (same settings)")  # fmt: skip
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the earlier run in --output-dir (its files are deleted)")  # fmt: skip
     g.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even with a GPU")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"
+    )
     g.add_argument(
         "--find-unused-parameters", dest="find_unused_parameters", action="store_true", default=None
     )
@@ -90,7 +103,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention-backend", dest="attention_backend", default=None, help="kernel backend")
+    p.add_argument("--backend", dest="backend", default=None,
+                   help="attention kernel backend: auto, reference, cpu, triton, cuda (default: auto)")  # fmt: skip
+    p.add_argument("--attention-backend", dest="backend", default=None, help=HIDDEN)
     p.add_argument(
         "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None
     )
@@ -108,44 +123,30 @@ def train_config(ns: argparse.Namespace, output_dir: str | None = None) -> Train
 # Models and tokenizers.
 
 
-def load_model(path: str):
-    from etkd.models import EncoderModel
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model: no such checkpoint directory {path!r}")
-    return EncoderModel.from_pretrained(path)
+def load_model(path: str, flag: str = "--model"):
+    return core.load_model(path, flag)
 
 
 def prepare_model(model, ns: argparse.Namespace):
-    if getattr(ns, "attention_backend", None):
-        model.set_attention_backend(ns.attention_backend)
+    if getattr(ns, "backend", None):
+        model.set_attention_backend(ns.backend)
     if getattr(ns, "gradient_checkpointing", False):
         model.set_gradient_checkpointing(True)
     return model
 
 
 def tokenizer_for(ns: argparse.Namespace, *model_dirs: str | None):
-    """--tokenizer, else the first model directory that holds a tokenizer."""
+    """--tokenizer, else the first model folder that holds a tokenizer."""
     if ns.tokenizer:
-        return load_tokenizer(ns.tokenizer)
+        return core.load_tokenizer(ns.tokenizer)
     for d in model_dirs:
-        if (
-            d
-            and os.path.isdir(d)
-            and any(
-                os.path.isfile(os.path.join(d, f))
-                for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-            )
-        ):
-            return load_tokenizer(d)
-    raise ValueError("--tokenizer: required (no tokenizer files next to the model)")
+        if d and os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f)) for f in core.TOKENIZER_FILES):
+            return core.load_tokenizer(d, "--tokenizer (from the model folder)")
+    raise UserError("--tokenizer: required (no tokenizer files next to the model)")
 
 
 def check_vocab(tokenizer, model, name: str) -> None:
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"--tokenizer: {len(tokenizer)} tokens but the {name} has vocab_size {model.config.vocab_size}"
-        )
+    core.check_vocab(tokenizer, model, f"--tokenizer (vs the {name})")
 
 
 def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[str, str]:
@@ -174,7 +175,7 @@ def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[s
 def mlm_data(ns: argparse.Namespace, tokenizer, max_tokens: int):
     """Packed MLM blocks (list, or a stream with --streaming) and the masking collator."""
     if not ns.data:
-        raise ValueError("--data: required (files, directories or dataset names)")
+        raise UserError("--data: required (files, directories or dataset names)")
     texts = TextSource(
         ns.data,
         text_field=ns.text_field,
@@ -194,9 +195,10 @@ def mlm_data(ns: argparse.Namespace, tokenizer, max_tokens: int):
         short_length=short_length,
         long_length=long_length,
         long_fraction=ns.long_fraction,
+        progress=bool(ns.progress) and core.is_main_process(),
     )
     if texts.skipped:
-        print(f"[etkd] skipped {texts.skipped} bad records")
+        core.log.warning("--data: skipped %d bad records (--skip-bad-records)", texts.skipped)
     return data, MLMCollator.from_tokenizer(tokenizer, mlm_probability=ns.mlm_probability)
 
 
@@ -209,7 +211,8 @@ def write_json(path: str, value: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The pretrain command.
 
-DEFAULTS = {**TRAIN_DEFAULTS, **DATA_DEFAULTS, **MODEL_DEFAULTS, "model": None, "model_config": None}
+DEFAULTS = {**TRAIN_DEFAULTS, **DATA_DEFAULTS, **MODEL_DEFAULTS, "model": None, "model_config": None,
+            "add_mlm_head": False, "overwrite": False}  # fmt: skip
 DEFAULTS.update(output_dir="runs/pretrain", learning_rate=1e-4, warmup_ratio=0.05)
 
 
@@ -221,10 +224,29 @@ def register(subparsers) -> None:
     src.add_argument("--model", default=None, help="checkpoint dir (ours or HF) with an MLM head")
     src.add_argument("--model-config", dest="model_config", default=None,
                      help="JSON EncoderConfig for a fresh, randomly initialised model")  # fmt: skip
+    add_mlm_head_arg(p, "--model")
     add_model_args(p)
     add_data_args(p)
     add_train_args(p)
-    p.set_defaults(func=run)
+    finish(p, DEFAULTS, func=run)
+
+
+def add_mlm_head_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--add-mlm-head", dest="add_mlm_head", action="store_true", default=None,
+                   help=f"give {what} a fresh MLM head (tied to the word embeddings) when it has none, e.g. "
+                   "a bare or sentence-embedding encoder")  # fmt: skip
+
+
+def require_mlm_head(model, ns: argparse.Namespace, what: str):
+    """`model` if it has an MLM head; with --add-mlm-head a copy with a fresh one; else a user error."""
+    from .core import add_mlm_head
+
+    if model.config.head == "mlm":
+        return model
+    if not ns.add_mlm_head:
+        raise UserError(f"{what}: needs an MLM head, this checkpoint has head={model.config.head!r}; "
+                        "--add-mlm-head adds a fresh one (tied to the word embeddings)")  # fmt: skip
+    return add_mlm_head(model, seed=ns.seed, what=what)
 
 
 def mlm_step(model, batch):
@@ -239,17 +261,18 @@ def build_pretrain_model(ns: argparse.Namespace):
     if ns.model:
         model = load_model(ns.model)
     elif ns.model_config:
+        if not os.path.isfile(ns.model_config):
+            raise UserError(f"--model-config {ns.model_config}: no such file")
         with open(ns.model_config) as f:
-            cfg = EncoderConfig.from_dict(json.load(f))
+            try:
+                cfg = EncoderConfig.from_dict(json.load(f))
+            except (json.JSONDecodeError, TypeError, ValueError) as exc:
+                raise UserError(f"--model-config {ns.model_config}: {exc}") from None
         torch.manual_seed(ns.seed)
         model = EncoderModel(cfg.replace(head="mlm"))
     else:
-        raise ValueError("pretrain: give --model DIR or --model-config JSON")
-    if model.config.head != "mlm":
-        raise ValueError(
-            f"--model: pretraining needs an MLM head, this checkpoint has head={model.config.head!r}"
-        )
-    return prepare_model(model, ns)
+        raise UserError("pretrain: give --model DIR or --model-config JSON")
+    return prepare_model(require_mlm_head(model, ns, "--model"), ns)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -259,8 +282,7 @@ def run(args: argparse.Namespace) -> int:
     check_vocab(tokenizer, model, "model")
     data, collate = mlm_data(ns, tokenizer, model.config.max_tokens)
     cfg = train_config(ns)
-    if int(os.environ.get("RANK", "0")) == 0:
-        dump(ns, os.path.join(cfg.output_dir, "settings.json"))
+    core.start_run(ns)
     result = train(model, data, mlm_step, cfg, collate_fn=collate)
     if result["is_main_process"] and result["step"] >= cfg.max_steps:
         written = save_model(result["model"], os.path.join(cfg.output_dir, "final"), tokenizer)

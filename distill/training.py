@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -317,13 +318,14 @@ def train(
         collate_fn=collate_fn,
     )
 
-    step, total_tokens, history = 0, 0, []
+    step, total_tokens, history, resumed_loss = 0, 0, [], float("nan")
     last_ckpt = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if last_ckpt is not None:
         accelerator.load_state(last_ckpt)
         with open(os.path.join(last_ckpt, STATE_NAME)) as f:
             state = json.load(f)
         step, total_tokens = state["step"], state.get("tokens", 0)
+        resumed_loss = float(state.get("loss", float("nan")))  # a run resumed at its end reports this loss
         batches.load_state_dict(state["data"])
         accelerator.print(f"[etkd train] resumed from {last_ckpt} at step {step}")
     elif cfg.resume:
@@ -343,7 +345,7 @@ def train(
     window_loss = torch.zeros((), device=device)
     window_logs: dict[str, torch.Tensor] = {}
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
-    last_loss, start = float("nan"), time.perf_counter()
+    last_loss, start = resumed_loss, time.perf_counter()
     model.train()
 
     while step < cfg.max_steps:
@@ -390,7 +392,7 @@ def train(
             window_logs, window_steps, window_tokens = {}, 0, 0
             window_start = time.perf_counter()
         if at_save:
-            last_ckpt = _save_checkpoint(accelerator, cfg, step, batches, total_tokens)
+            last_ckpt = _save_checkpoint(accelerator, cfg, step, batches, total_tokens, last_loss)
         if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
             break
     bar.close()
@@ -408,16 +410,32 @@ def train(
     }
 
 
-def _save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int) -> str:
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ..." note: our MLM decoder is tied to the word embeddings on
+    purpose, and `load_state` ties it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+def _save_checkpoint(
+    accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int, loss: float
+) -> str:
     path = os.path.join(cfg.output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(path)
+    note, quiet = logging.getLogger("accelerate.utils.other"), _TiedWeightsNote()
+    note.addFilter(quiet)
+    try:
+        accelerator.save_state(path)
+    finally:
+        note.removeFilter(quiet)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
             "step": step,
             "data": batches.state_dict(),
             "tokens": tokens,
+            "loss": loss,
             "config": dataclasses.asdict(cfg),
         }
         tmp = os.path.join(path, STATE_NAME + ".tmp")

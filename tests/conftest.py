@@ -1,14 +1,20 @@
 """Markers are defined once here (and in pyproject.toml); every module collects on a CPU-only machine."""
 
+import os
+
 import pytest
 import torch
 
 
-def pytest_collection_modifyitems(config, items):
-    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
-    for item in items:
-        if "cuda" in item.keywords and not torch.cuda.is_available():
-            item.add_marker(skip_cuda)
+def pytest_runtest_setup(item):
+    # Decided when each test runs, not at collection or import: a `cuda` test can only pass on a real GPU,
+    # and never in a process where the Triton interpreter was switched on (its kernels would run on numpy).
+    if item.get_closest_marker("cuda") is None:
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none on this machine)")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: GPU tests run without it, in a process of their own")
 
 
 def pytest_addoption(parser):

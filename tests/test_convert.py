@@ -140,7 +140,7 @@ def test_cli_convert_our_dir_to_hf_longformer(tmp_path):
 
 def test_cli_convert_missing_source_fails_clearly(tmp_path, capsys):
     code = main(["convert", "--from", str(tmp_path), "--to", "longformer", "--out", str(tmp_path / "x")])
-    assert code == 2 and "cannot load" in capsys.readouterr().err
+    assert code == 2 and "no config.json in this folder" in capsys.readouterr().err
 
 
 def test_make_student_every_other_and_list():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from etkd.distill.config import load_config_file, resolve
+from etkd.distill.core import load_tokenizer
 from etkd.distill.data import (
     ClassificationCollator,
     DataError,
@@ -17,7 +18,6 @@ from etkd.distill.data import (
     TextSource,
     build_mlm_dataset,
     load_classification,
-    load_tokenizer,
     pack_sequences,
 )
 
@@ -106,7 +106,7 @@ def test_corrupt_line_and_missing_field_name_file_and_line(tmp_path):
         list(TextSource(str(g)))
     src = TextSource(str(f), on_error="skip")
     assert list(src) == ["ok", "fine"] and src.skipped == 2
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="nope.txt: no such file"):
         TextSource(str(tmp_path / "nope.txt"))
 
 
@@ -217,7 +217,10 @@ def test_config_file_then_cli_overrides(tmp_path):
 
     yml = tmp_path / "c.yaml"
     yml.write_text("learning_rate: 0.001\nmax-steps: 7\n")
-    assert load_config_file(yml) == {"learning_rate": 0.001, "max_steps": 7}
+    assert load_config_file(yml) == (
+        {"learning_rate": 0.001, "max-steps": 7},
+        {"learning_rate": 1, "max-steps": 2},
+    )
     args = argparse.Namespace(config=str(yml), learning_rate=None, max_steps=9, seed=None)
     ns = resolve(args, {"learning_rate": 1.0, "max_steps": 1, "seed": 3})
     assert (ns.learning_rate, ns.max_steps, ns.seed) == (0.001, 9, 3)

@@ -35,7 +35,7 @@ def test_tag_distribution_by_hand():
     assert d["Total"]["count"] == 6
 
 
-def test_cli_writes_tables_and_png(tmp_path):
+def test_cli_writes_tables_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     a = _conll(tmp_path / "a.txt", [1, 2, 3, 4, 600])
     b = _conll(tmp_path / "b.txt", [5, 5, 7])
@@ -52,5 +52,15 @@ def test_cli_writes_tables_and_png(tmp_path):
     assert (out / "lengths.png").read_bytes()[:4] == b"\x89PNG"
     bad = tmp_path / "bad.txt"
     bad.write_text("x O\ny\n")
-    with pytest.raises(ValueError, match=r"bad\.txt:2"):
-        main(["data-stats", str(bad), "--out-dir", str(out)])
+    assert main(["data-stats", str(bad), "--out-dir", str(out)]) == 2  # a user error: one line, exit 2
+    assert "bad.txt:2: expected a token and a tag" in capsys.readouterr().err
+
+
+def test_cli_without_out_dir_writes_nothing(tmp_path, monkeypatch, capsys):
+    a = _conll(tmp_path / "a.txt", [1, 2, 3])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["data-stats", str(a)]) == 0
+    assert list(work.iterdir()) == []  # a user who did not ask for files gets none in the current folder
+    assert "| mean | 2.0 |" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import pytest
 
 from etkd.distill import report
 from etkd.distill.cli import main
+from etkd.distill.errors import UserError
 
 # Paper Table 3 rows (single numbers used for both of a task's metrics) and Tables 5/6.
 ROBERTA = [63.6, 87.6, 90.2, 92.8, 91.9, 78.7, 94.8, 91.2]  # avg 86.35 (Table 7)
@@ -86,13 +87,81 @@ def test_tables_markdown_and_csv(tmp_path):
     assert (out / "glue.csv").is_file() and (out / "qa.csv").is_file() and (out / "ner.csv").is_file()
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"task": \n')
-    with pytest.raises(ValueError, match=r"bad\.json:2"):
+    with pytest.raises(UserError, match=r"bad\.json:2"):
         report.load_results([str(bad)])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="missing does not exist"):
         report.load_results([str(tmp_path / "missing")])
     _write(tmp_path, "A", "rte", {"accuracy": 70.0})
-    with pytest.raises(ValueError, match="no results for model 'B'"):
-        main(["report", str(tmp_path / "A_rte.json"), "--pair", "A=B", "--out-dir", str(tmp_path / "o")])
+    assert (
+        main(["report", str(tmp_path / "A_rte.json"), "--pair", "A=B", "--out-dir", str(tmp_path / "o")]) == 2
+    )
+    assert "no results for model 'B'" in capsys.readouterr().err
+
+
+def _finetune_result(d, model, task, splits, teacher=None):
+    """A result JSON as `etkd finetune` wrote it before it added `splits`: suffixed flat metrics."""
+    metrics = {f"{k}_{s}": v for s, m in splits.items() for k, v in m.items()}
+    p = d / f"{model}.json"
+    p.write_text(json.dumps({"task": task, "model": model, "teacher": teacher, "metrics": metrics,
+                             "eval_sets": {s: {"source": f"{s}.txt", "num_examples": 3} for s in splits}}))  # fmt: skip
+    return p
+
+
+NER_DEV = {"f1": 81.45, "f1_PER": 90.0, "f1_ORG": 70.0, "f1_LOC": 85.0, "f1_MISC": 60.0}
+NER_TEST = {"f1": 77.34, "f1_PER": 88.0, "f1_ORG": 66.0, "f1_LOC": 80.0, "f1_MISC": 55.0}
+
+
+def test_split_suffixed_metrics_give_per_split_tables(tmp_path, capsys):
+    d = tmp_path / "res"
+    d.mkdir()
+    _finetune_result(d, "teacher", "conll2003", {"dev": NER_DEV, "test": NER_TEST})
+    _finetune_result(d, "student", "conll2003", {"dev": {**NER_DEV, "f1": 72.0}, "test": {**NER_TEST, "f1": 70.0}},
+                     teacher="teacher")  # fmt: skip
+    out = tmp_path / "rep"
+    assert main(["report", str(d), "--out-dir", str(out)]) == 0  # auto: test is preferred
+    md = (out / "report.md").read_text()
+    assert "(test split)" in md and "(dev split)" not in md
+    assert "| teacher | 88.0 | 66.0 | 80.0 | 55.0 | 77.3 |" in md
+    assert "| student / teacher | 90.5% |" in md  # 70.0 / 77.34, retention per split
+    assert main(["report", str(d), "--split", "dev", "--out-dir", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| teacher | 90.0 | 70.0 | 85.0 | 60.0 | 81.5 |" in md and "88.4%" in md  # 72.0 / 81.45
+    assert main(["report", str(d), "--split", "all", "--out-dir", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "(dev split)" in md and "(test split)" in md
+    assert (out / "ner_dev.csv").is_file() and (out / "retention_test.csv").is_file()
+    capsys.readouterr()
+    assert main(["report", str(d), "--split", "train", "--out-dir", str(out)]) == 2
+    assert "--split train: no result has this split (splits seen: dev, test)" in capsys.readouterr().err
+
+
+def test_missing_split_or_metrics_name_the_file(tmp_path, capsys):
+    d = tmp_path / "res"
+    d.mkdir()
+    _finetune_result(d, "teacher", "conll2003", {"dev": NER_DEV, "test": NER_TEST})
+    late = _finetune_result(d, "student", "conll2003", {"dev": NER_DEV}, teacher="teacher")
+    assert main(["report", str(d), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{late}: student / conll2003 has no split 'test' (splits: dev)" in err
+    assert main(["report", str(d), "--allow-missing", "--out-dir", str(tmp_path / "o")]) == 0
+    assert "| student | - | - | - | - | - |" in (tmp_path / "o" / "report.md").read_text()
+    odd = d / "odd.json"
+    odd.write_text(json.dumps({"task": "sst2", "model": "odd", "metrics": {"acc": 90.0}}))
+    assert main(["report", str(odd), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "odd.json: odd / sst2 split 'eval' has none of the keys ['accuracy'] (keys: ['acc'])" in (
+        capsys.readouterr().err
+    )
+
+
+def test_mnli_matched_and_mismatched_are_one_split():
+    r = {"task": "mnli", "metrics": {"accuracy_m": 80.0, "accuracy_mm": 81.0},
+         "eval_sets": {"m": {}, "mm": {}}}  # fmt: skip
+    assert report.split_metrics(r) == {"eval": {"accuracy_m": 80.0, "accuracy_mm": 81.0}}
+    r = {"task": "mnli", "metrics": {"accuracy_dev_m": 80.0, "accuracy_dev_mm": 81.0},
+         "eval_sets": {"dev_m": {}, "dev_mm": {}}}  # fmt: skip
+    assert report.split_metrics(r) == {"dev": {"accuracy_m": 80.0, "accuracy_mm": 81.0}}
+    r = {"task": "mnli", "metrics": {}, "splits": {"m": {"accuracy": 80.0}, "mm": {"accuracy": 81.0}}}
+    assert report.split_metrics(r) == {"eval": {"accuracy_m": 80.0, "accuracy_mm": 81.0}}

@@ -48,5 +48,5 @@ def test_malformed_files_name_file_and_line(tmp_path):
     f = _write(tmp_path / "col.jsonl", '{"text": "x", "label": 1}\n')
     with pytest.raises(DataError, match=r"col\.jsonl:1: missing text column"):
         glue.read_glue_file(f, "sst2")
-    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+    with pytest.raises(DataError, match="nope.tsv: no such file"):
         glue.read_glue_file(tmp_path / "nope.tsv", "sst2")

@@ -82,3 +82,20 @@ def test_long_document_split_and_merged_back(tokenizer):
     # The overlap is real: a word in two windows takes the more central window's prediction.
     seen = [w for f in feats if f["example_index"] == 0 for w in f["word_index"] if w >= 0]
     assert len(seen) > len(words)
+
+
+def test_document_unit_needs_docstart_or_a_group_size(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a O\nb B-PER\n\nc O\n\nd O\n\ne B-LOC\n\nf O\n")  # 5 sentences, no -DOCSTART-
+    with pytest.raises(DataError, match=r"plain\.txt: --ner-unit document: the file has no -DOCSTART- line"):
+        ner.read_conll(plain, "document")
+    docs = ner.read_conll(plain, "document", group_sentences=2)
+    assert [d["tokens"] for d in docs] == [["a", "b", "c"], ["d", "e"], ["f"]]
+    assert [d["line"] for d in docs] == [1, 6, 10]
+    f = tmp_path / "docs.txt"
+    f.write_text(CONLL)
+    docs = ner.read_conll(f, "document", group_sentences=1)  # groups never cross -DOCSTART-
+    assert [d["tokens"] for d in docs] == [["EU", "rejects", "German"], ["Peter", "Blackburn"], ["BRUSSELS"]]
+    assert len(ner.read_conll(f, "document")) == 2
+    with pytest.raises(ValueError, match="--ner-group-sentences"):
+        ner.read_conll(f, "sentence", group_sentences=2)

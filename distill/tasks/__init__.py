@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from ..errors import DataError
+
+__all__ = ["DataError", "check_file", "iter_lines", "read_json", "read_jsonl", "task_family"]
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 QA_TASKS = ("squad", "hotpotqa", "triviaqa")
@@ -28,45 +32,60 @@ def task_family(task: str) -> str:
     raise ValueError(f"task: expected one of {GLUE_TASKS + QA_TASKS + NER_TASKS}, got {task!r}")
 
 
-class DataError(ValueError):
-    """A malformed data file: the message starts with `path:line:` (or `path:` when there is no line)."""
-
-    def __init__(self, path: str | os.PathLike, line: int | None, message: str):
-        self.path, self.line = str(path), line
-        where = f"{path}:{line}" if line is not None else f"{path}"
-        super().__init__(f"{where}: {message}")
-
-
 def check_file(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file: {path} does not exist or is not a file")
+        raise DataError(f"{path}: no such file")
     return path
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+
+
+def iter_lines(path: str, on_bad: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 file, decoded line by line, so a bad byte is reported
+    at its own line: a `DataError`, or `on_bad(line, message)` (which may skip the line) when given."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if on_bad is None:
+                    raise DataError(path, lineno, _not_utf8(raw, exc)) from None
+                on_bad(lineno, _not_utf8(raw, exc))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSON-lines file."""
     path = check_file(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def read_json(path: str | os.PathLike) -> Any:
     path = check_file(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, exc.lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        line = raw[line_start : raw.find(b"\n", exc.start) if b"\n" in raw[exc.start :] else len(raw)]
+        exc.start -= line_start
+        raise DataError(path, raw.count(b"\n", 0, exc.start + line_start) + 1, _not_utf8(line, exc)) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def load_hf_split(name: str, config: str | None, split: str, **kwargs: Any):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics import glue_metrics
-from . import DataError, check_file, load_hf_split, read_jsonl
+from . import DataError, check_file, iter_lines, load_hf_split, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,9 @@ def read_glue_file(path: str | os.PathLike, task: str | GlueTask) -> list[dict[s
     if path.endswith((".jsonl", ".json")):
         return [_example(task, obj, path, line) for line, obj in read_jsonl(path)]
     delimiter = "," if path.endswith(".csv") else "\t"
-    with open(path, encoding="utf-8", newline="") as f:
-        # GLUE's TSVs contain bare quote characters inside sentences: no quoting for TSV.
-        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-        rows = list(csv.reader(f, delimiter=delimiter, quoting=quoting))
+    # GLUE's TSVs contain bare quote characters inside sentences: no quoting for TSV.
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    rows = list(csv.reader((line for _, line in iter_lines(path)), delimiter=delimiter, quoting=quoting))
     if not rows:
         raise DataError(path, None, "empty file")
     header = [h.strip().lower() for h in rows[0]]

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..errors import UserError
 from ..metrics import ner_metrics
-from . import DataError, check_file, load_hf_split
+from . import DataError, check_file, iter_lines, load_hf_split
 
+ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")  # CoNLL-2003's
 CONLL_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")  # HF order
 _PREFIXES = ("B-", "I-", "E-", "S-")
 
@@ -27,50 +29,60 @@ def _check_tag(tag: str, path: str, line: int) -> None:
         raise DataError(path, line, f"tag: expected O or B-/I-/E-/S-<TYPE>, got {tag!r}")
 
 
-def read_conll(path: str | os.PathLike, unit: str = "sentence") -> list[dict[str, Any]]:
+def read_conll(path: str | os.PathLike, unit: str = "sentence", group_sentences: int | None = None
+               ) -> list[dict[str, Any]]:  # fmt: skip
     """Sequences `{"tokens", "tags", "line"}` of a CoNLL file (`line`: where the sequence starts).
 
-    unit="document" joins the sentences between `-DOCSTART-` lines (files without any `-DOCSTART-` have
-    one document per blank-line separated block).
+    unit="document" joins the sentences between `-DOCSTART-` lines. A file without any `-DOCSTART-` has no
+    documents: that is an error unless `group_sentences=N` makes a document of every N consecutive
+    sentences (within each `-DOCSTART-` document when there are some; the last group may be shorter).
     """
     if unit not in ("sentence", "document"):
         raise ValueError(f"unit: expected 'sentence' or 'document', got {unit!r}")
+    if group_sentences is not None and (unit != "document" or group_sentences < 1):
+        raise UserError(f"--ner-group-sentences: expected N >= 1 with --ner-unit document, got {group_sentences} "
+                        f"with --ner-unit {unit}")  # fmt: skip
     path = check_file(path)
     sentences: list[dict[str, Any]] = []  # each with "doc": the document counter
     doc, cur, saw_docstart = 0, None, False
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            fields = raw.split()
-            if not fields or fields[0] == "-DOCSTART-":
-                if cur is not None:
-                    sentences.append(cur)
-                    cur = None
-                if fields:
-                    saw_docstart = True
-                    doc += 1
-                continue
-            if len(fields) < 2:
-                raise DataError(
-                    path, lineno, f"expected a token and a tag separated by white space, got {raw!r}"
-                )
-            _check_tag(fields[-1], path, lineno)
-            if cur is None:
-                cur = {"tokens": [], "tags": [], "line": lineno, "doc": doc}
-            cur["tokens"].append(fields[0])
-            cur["tags"].append(fields[-1])
+    for lineno, raw in iter_lines(path):
+        fields = raw.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if cur is not None:
+                sentences.append(cur)
+                cur = None
+            if fields:
+                saw_docstart = True
+                doc += 1
+            continue
+        if len(fields) < 2:
+            raise DataError(path, lineno, f"expected a token and a tag separated by white space, got {raw!r}")
+        _check_tag(fields[-1], path, lineno)
+        if cur is None:
+            cur = {"tokens": [], "tags": [], "line": lineno, "doc": doc}
+        cur["tokens"].append(fields[0])
+        cur["tags"].append(fields[-1])
     if cur is not None:
         sentences.append(cur)
-    if unit == "sentence" or not saw_docstart:
+    if unit == "sentence":
         return [{k: s[k] for k in ("tokens", "tags", "line")} for s in sentences]
+    if not saw_docstart and group_sentences is None:
+        raise DataError(path, None, "--ner-unit document: the file has no -DOCSTART- line, so no documents; "
+                        "give --ner-group-sentences N (N consecutive sentences make a document) or --ner-unit "
+                        "sentence")  # fmt: skip
     docs: list[dict[str, Any]] = []
+    count = 0  # sentences in the current document
     for s in sentences:
-        if docs and docs[-1]["doc"] == s["doc"]:
+        same_doc = docs and docs[-1]["doc"] == s["doc"]
+        if same_doc and (group_sentences is None or count < group_sentences):
             docs[-1]["tokens"] += s["tokens"]
             docs[-1]["tags"] += s["tags"]
+            count += 1
         else:
             docs.append(
                 {"tokens": list(s["tokens"]), "tags": list(s["tags"]), "line": s["line"], "doc": s["doc"]}
             )
+            count = 1
     return [{k: d[k] for k in ("tokens", "tags", "line")} for d in docs]
 
 
@@ -80,6 +92,17 @@ def load_ner_hf(name: str, split: str, config: str | None = None) -> list[dict[s
     names = ds.features["ner_tags"].feature.names
     return [{"tokens": list(r["tokens"]), "tags": [names[t] for t in r["ner_tags"]], "line": i}
             for i, r in enumerate(ds)]  # fmt: skip
+
+
+def check_types(examples: list[dict[str, Any]], allowed: set[str] | None, source: str) -> None:
+    """Every tag's entity type must be in `allowed` (None: any), else a DataError naming the line."""
+    if allowed is None:
+        return
+    for e in examples:
+        for tag in e["tags"]:
+            if tag != "O" and tag[2:] not in allowed:
+                raise DataError(source, e.get("line"), f"entity type {tag[2:]!r} (tag {tag!r}) is not one of "
+                                f"{sorted(allowed)}; add it with --labels {tag[2:]} if it is meant")  # fmt: skip
 
 
 def label_list(*example_sets: list[dict[str, Any]]) -> list[str]:
@@ -114,7 +137,10 @@ def encode(
     """
     if not examples:
         return []
-    enc = tokenizer([e["tokens"] for e in examples], is_split_into_words=True, add_special_tokens=False)
+    # verbose=False: sequences longer than the model are cut into windows below, on purpose, so transformers'
+    # "Token indices sequence length is longer than the specified maximum" warning would mislead.
+    enc = tokenizer([e["tokens"] for e in examples], is_split_into_words=True, add_special_tokens=False,
+                    verbose=False)  # fmt: skip
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     if cls is None or sep is None:
         raise ValueError("tokenizer: NER windows need cls_token_id and sep_token_id")

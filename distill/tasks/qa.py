@@ -233,7 +233,7 @@ def load_qa_hf(task: str, name: str, split: str, config: str | None = None) -> l
 def _questions(examples, tokenizer, max_query_length: int) -> list[str]:
     """Questions stripped of leading space and cut to `max_query_length` tokens."""
     qs = [e["question"].lstrip() for e in examples]
-    enc = tokenizer(qs, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(qs, add_special_tokens=False, return_offsets_mapping=True, verbose=False)  # cut below
     out = []
     for q, offs in zip(qs, enc["offset_mapping"]):
         out.append(q[: offs[max_query_length - 1][1]] if len(offs) > max_query_length else q)
