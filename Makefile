@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: all env test test-fast lint demo bench clean
+.PHONY: all env test test-fast lint demo bench gpu-check clean
 
 all: test
 
@@ -37,8 +37,13 @@ lint: $(STAMP)
 # its tests run in a pytest process of their own and every other test sees the normal CPU dispatch.
 test: $(STAMP)
 	$(MAKE) lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/test_triton_kernels.py
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py
+	$(BIN)/python -m pytest -q tests --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_lsg.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_lsg.py
+
+# The one-shot acceptance run for a machine with a GPU (parity of everything vs the fp32 reference, large
+# shapes, timings): writes gpu_check.json and exits non-zero on any parity failure.
+gpu-check: $(STAMP)
+	$(BIN)/python -m etkd_kernels.gpu_check --out gpu_check.json
 
 demo: $(STAMP)
 	$(BIN)/etkd demo

@@ -1,13 +1,18 @@
 """Build script: the CPU extension always (unless ETKD_NO_EXT=1), the CUDA one only where it can be built.
 
-The CPU extension `etkd_kernels._C` is compiled from csrc/cpu with OpenMP. The CUDA extension
+The CPU extension `etkd_kernels._C` is compiled from csrc/cpu with OpenMP; on x86-64 its SIMD kernels are compiled
+once per ISA target (csrc/cpu/isa/: AVX2 baseline, AVX-512, AVX-512 + BF16) that the compiler accepts, and the
+extension picks one at run time (csrc/cpu/isa.h). The CUDA extension
 `etkd_kernels._C_cuda` is compiled from csrc/cuda only when torch is a CUDA build and a CUDA toolkit is found,
 or when FORCE_CUDA=1. The path taken is printed so a user can see it in the pip log.
 """
 
 import glob
 import os
+import platform
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -21,13 +26,76 @@ PACKAGES = [
     "etkd.models",
     "etkd.distill",
     "etkd.benchmarks",
+    "etkd.hf",
 ]
-PACKAGE_DIR = {"etkd.models": "models", "etkd.distill": "distill", "etkd.benchmarks": "benchmarks"}
+PACKAGE_DIR = {
+    "etkd.models": "models",
+    "etkd.distill": "distill",
+    "etkd.benchmarks": "benchmarks",
+    "etkd.hf": "models/hf_integration",  # HF integration: layered with models (imports etkd_kernels only)
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _say(msg: str) -> None:
     print(f"[etkd setup] {msg}", file=sys.stderr)
+
+
+# x86-64 kernel targets (csrc/cpu/isa/<name>.cpp): GCC target string and an intrinsic the target must compile.
+_ISA_PROBES = {
+    "avx2": (
+        "avx2,fma,f16c",
+        "__m256 x = _mm256_fmadd_ps(_mm256_set1_ps(1.f), _mm256_set1_ps(2.f), _mm256_setzero_ps());",
+    ),
+    "avx512": (
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq",
+        "__m512 x = _mm512_fmadd_ps(_mm512_set1_ps(1.f), _mm512_set1_ps(2.f), _mm512_setzero_ps());",
+    ),
+    "avx512_bf16": (
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16",
+        "__m256bh x = _mm512_cvtneps_pbh(_mm512_set1_ps(1.f));",
+    ),
+}
+
+
+def _compiler_accepts(target: str, body: str) -> bool:
+    """Compile probe: does the C++ compiler build `body` under `#pragma GCC target(target)`?"""
+    cxx = os.environ.get("CXX", "c++")
+    src = f'#include <immintrin.h>\n#pragma GCC target("{target}")\nvoid probe() {{ {body} (void)x; }}\n'
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.cpp")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            res = subprocess.run(
+                [cxx, "-std=c++17", "-c", path, "-o", os.path.join(tmp, "probe.o")],
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return res.returncode == 0
+
+
+def _isa_macros() -> list[tuple[str, str]]:
+    """ETKD_HAVE_<ISA>=1 for every x86-64 kernel target the compiler accepts (none elsewhere: generic target)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _say("not x86-64: kernels compiled for the generic target only")
+        return []
+    macros, built, skipped = [], [], []
+    for name, (target, body) in _ISA_PROBES.items():
+        if _compiler_accepts(target, body):
+            macros.append((f"ETKD_HAVE_{name.upper()}", "1"))
+            built.append(name)
+        else:
+            skipped.append(name)
+    if "avx2" not in built:
+        raise RuntimeError("the C++ compiler rejects the AVX2 + FMA target the cpu kernels need (set CXX?)")
+    _say(
+        f"CPU kernel targets: {', '.join(built)}"
+        + (f" (compiler rejects: {', '.join(skipped)})" if skipped else "")
+    )
+    return macros
 
 
 def _extensions():
@@ -42,7 +110,10 @@ def _extensions():
         return [], {}
 
     exts = []
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cpu_sources = sorted(
+        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "cpu", "isa", "*.cpp"))
+    )
     if cpu_sources:
         if sys.platform == "darwin":
             omp_c, omp_l = ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
@@ -53,6 +124,7 @@ def _extensions():
                 "etkd_kernels._C",
                 cpu_sources,
                 include_dirs=[os.path.join(HERE, "csrc")],
+                define_macros=_isa_macros(),
                 extra_compile_args={"cxx": ["-O3", "-std=c++17", *omp_c]},
                 extra_link_args=omp_l,
             )

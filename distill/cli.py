@@ -25,6 +25,7 @@ COMMANDS = (
     "etkd.distill.finetune",
     "etkd.distill.report",
     "etkd.distill.data_stats",
+    "etkd.distill.tune",
     "etkd.benchmarks.bench",
     "etkd.distill.demo",
 )

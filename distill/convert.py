@@ -3,7 +3,8 @@
     etkd convert --from roberta-dir --to longformer --max-positions 4096 --window 512 --out long-dir
 
 --from takes an etkd checkpoint dir, an HF checkpoint dir or an HF hub name. The result is written in the
-etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class.
+etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class, or with
+--format hf-attention as the BERT/RoBERTa class whose config selects an `etkd_*` attn_implementation.
 The source's tokenizer is saved next to it (its model_max_length raised to the new length), so the next
 command (`pretrain`, `distill`, `finetune`) finds it.
 """
@@ -14,6 +15,7 @@ import argparse
 import os
 
 from .core import TOKENIZER_FILES, load_tokenizer, log, resolve_pretrained
+from .errors import UserError
 
 
 def register(sub) -> None:
@@ -32,7 +34,13 @@ def register(sub) -> None:
         "--sparsity-type", default="pooling", choices=("none", "pooling", "stride", "block_stride")
     )
     p.add_argument("--num-global-tokens", type=int, default=1, help="lsg")
-    p.add_argument("--format", default="etkd", choices=("etkd", "hf"), help="output format")
+    p.add_argument(
+        "--format",
+        default="etkd",
+        choices=("etkd", "hf", "hf-attention"),
+        help="output format: etkd, hf (the matching transformers class), hf-attention (the BERT/RoBERTa class with "
+        "attn_implementation='etkd_...' in its config; load after `import etkd.hf`)",
+    )
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer to save with the result (default: the source's)"
     )
@@ -57,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.format == "hf":
         to_hf(new).save_pretrained(args.out)
+    elif args.format == "hf-attention":
+        from etkd.hf import save_hf_attention, to_hf_attention
+
+        try:
+            hf_model = to_hf_attention(new)
+        except ValueError as exc:
+            raise UserError(f"--format hf-attention: {exc}") from None
+        save_hf_attention(hf_model, args.out)
     else:
         new.save_pretrained(args.out)
     cfg = new.config

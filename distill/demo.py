@@ -112,24 +112,58 @@ def _etkd(*argv: str) -> None:
         raise SystemExit(f"etkd demo: step `etkd {argv[0]}` failed with exit code {code}")
 
 
+def _finetune_timed(argv: list[str]) -> dict[str, float]:
+    """`etkd finetune ...` with its wall time and peak resident memory above the start level."""
+    from etkd.benchmarks.harness import PeakMemory
+
+    t0 = time.perf_counter()
+    with PeakMemory() as peak:
+        _etkd(*argv)
+    return {"seconds": time.perf_counter() - t0, "peak_mib": peak.peak_mib}
+
+
+def long_table(rows: list[dict]) -> str:
+    """The long-range table: one row per model, scores, retention vs the Longformer teacher, cost."""
+    head = (f"{'model':20s} {'context':>7s} {'NER F1':>7s} {'codename':>8s} {'ordinary':>8s} {'cls acc':>7s} "
+            f"{'ret NER':>7s} {'ret cls':>7s} {'ft s NER':>8s} {'ft s cls':>8s} {'MiB NER':>8s} {'MiB cls':>8s}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    teacher = next((r for r in rows if r["name"] == "longformer"), None)
+
+    def ret(r: dict, key: str) -> str:
+        if r["name"] != "longformer-student" or not teacher or not teacher[key]:
+            return "-"
+        return f"{100 * r[key] / teacher[key]:.1f}%"
+
+    for r in rows:
+        lines.append(
+            f"{r['name']:20s} {r['context']:7d} {r['f1']:7.1f} {r['f1_codename']:8.1f} {r['f1_ordinary']:8.1f} "
+            f"{r['accuracy']:7.1f} {ret(r, 'f1'):>7s} {ret(r, 'accuracy'):>7s} {r['seconds_ner']:8.0f} "
+            f"{r['seconds_cls']:8.0f} {r['peak_mib_ner']:8.0f} {r['peak_mib_cls']:8.0f}"
+        )
+    return "\n".join(lines)
+
+
 def pipeline(args) -> None:
     from etkd.models import EncoderConfig, EncoderModel
 
     from . import demo_data
+    from .tasks import longrange, ner
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     print(f"[0] built-in data -> {out}/data")
-    data = demo_data.write_all(os.path.join(out, "data"), seed=args.seed)
+    data = demo_data.write_all(
+        os.path.join(out, "data"), seed=args.seed, n_long_train=args.long_train, n_long_dev=args.long_dev
+    )
     tok = data["tokenizer"]
     n_vocab = len(demo_data.vocabulary())
     quiet = ["--no-progress"] if args.no_progress else []
     steps = args.steps
 
-    print("[1] a small full-attention teacher (RoBERTa-style, 128 tokens), MLM-pretrained on the corpus")
+    print("[1] a small full-attention teacher (RoBERTa-style, 512 tokens), MLM-pretrained on the corpus")
     cfg = EncoderConfig(
         vocab_size=n_vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        intermediate_size=4 * args.hidden, max_positions=128 + 2, position_style="padded", pad_token_id=0,
+        intermediate_size=4 * args.hidden, max_positions=512 + 2, position_style="padded", pad_token_id=0,
         layer_norm_eps=1e-5, attention="full", head="mlm", hidden_dropout=0.1, attention_dropout=0.1,
     )  # fmt: skip
     torch.manual_seed(args.seed)
@@ -138,7 +172,7 @@ def pipeline(args) -> None:
     common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), "--overwrite", *quiet]
     _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
           "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
-          "--long-length", "128", "--save-every", str(steps), *common)  # fmt: skip
+          "--long-length", "512", "--long-fraction", "0.1", "--save-every", str(2 * steps), *common)  # fmt: skip
     teacher = os.path.join(out, "teacher", "final")
 
     print(f"[2] convert to Longformer: {args.max_positions} positions, window {args.window}")
@@ -148,38 +182,75 @@ def pipeline(args) -> None:
     print("[3] short MLM pretraining of the converted model on long inputs")
     _etkd("pretrain", "--model", os.path.join(out, "longformer"), "--output-dir", os.path.join(out, "longformer_pt"),
           "--max-steps", str(steps // 2), "--batch-size", "4", "--lr", "5e-4", "--short-length", "128",
-          "--long-length", str(args.max_positions), "--long-fraction", "0.5", "--save-every", str(steps), *common)  # fmt: skip
+          "--long-length", str(min(1024, args.max_positions)), "--long-fraction", "0.5", "--save-every", str(steps), *common)  # fmt: skip
     long_teacher = os.path.join(out, "longformer_pt", "final")
 
     print("[4] distil to half depth (every other layer)")
     _etkd("distill", "--teacher", long_teacher, "--output-dir", os.path.join(out, "student"),
           "--max-steps", str(steps), "--batch-size", "8", "--lr", "5e-4", "--short-length", "128",
-          "--long-length", str(args.max_positions), "--long-fraction", "0.25", "--save-every", str(steps), *common)  # fmt: skip
+          "--long-length", str(min(1024, args.max_positions)), "--long-fraction", "0.25", "--save-every", str(steps), *common)  # fmt: skip
     student = os.path.join(out, "student", "student")
 
-    print("[5] fine-tune teachers and student on NER and classification")
     models = [("roberta-full", teacher, None), ("longformer", long_teacher, None),
               ("longformer-student", student, "longformer")]  # fmt: skip
+
+    def finetune(name, path, teacher_name, task, train, dev, results, steps, batch, *extra):
+        tag = os.path.basename(results)
+        return _finetune_timed(
+            ["finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
+             "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}-{tag}"),
+             "--max-steps", str(steps), "--batch-size", str(batch), "--learning-rate", "2e-3",
+             "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
+             *(["--teacher", teacher_name] if teacher_name else []), *extra, *quiet]
+        )  # fmt: skip
+
+    print("[5] fine-tune teachers and student on the short NER and classification sets")
     results = os.path.join(out, "results")
     for task, train, dev in (
         ("conll2003", data["ner_train"], data["ner_dev"]),
         ("sst2", data["cls_train"], data["cls_dev"]),
     ):
         for name, path, teacher_name in models:
-            extra = ["--teacher", teacher_name] if teacher_name else []
-            _etkd("finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
-                  "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}"),
-                  "--max-steps", str(steps), "--batch-size", "16", "--learning-rate", "2e-3",
-                  "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
-                  *extra, *quiet)  # fmt: skip
+            finetune(name, path, teacher_name, task, train, dev, results, steps, 16)
 
-    print("[6] retention report")
+    print(f"[6] fine-tune on the long-range sets ({data['long_ner_train']}, ...): 2-3.5k-token documents whose "
+          "evidence lies > 640 tokens away; the 512-token model reads NER in windows (stride 128) and "
+          "classification truncated to its first 512 tokens")  # fmt: skip
+    long_results = os.path.join(out, "results_long")
+    dev_docs = ner.read_conll(data["long_ner_dev"], "document")
+    rows = []
+    for name, path, teacher_name in models:
+        row = {"name": name, "context": 512 if path == teacher else args.max_positions}
+        cost = finetune(name, path, teacher_name, "ner", data["long_ner_train"], data["long_ner_dev"],
+                        long_results, args.long_steps, 4, "--ner-unit", "document", "--eval-batch-size", "8")  # fmt: skip
+        row.update(seconds_ner=cost["seconds"], peak_mib_ner=cost["peak_mib"])
+        with open(os.path.join(long_results, f"{name}-ner.json")) as f:
+            row["f1"] = json.load(f)["metrics"]["f1"]
+        with open(os.path.join(long_results, f"{name}-ner_predictions.json")) as f:
+            row.update(longrange.breakdown(dev_docs, json.load(f)["eval"]))
+        cost = finetune(name, path, teacher_name, "sst2", data["long_cls_train"], data["long_cls_dev"],
+                        long_results, args.long_steps, 4, "--eval-batch-size", "8")  # fmt: skip
+        row.update(seconds_cls=cost["seconds"], peak_mib_cls=cost["peak_mib"])
+        with open(os.path.join(long_results, f"{name}-sst2.json")) as f:
+            row["accuracy"] = json.load(f)["metrics"]["accuracy"]
+        rows.append(row)
+
+    print("[7] retention report: short sets, then the long-range table")
     _etkd(
         "report", results, "--pair", "longformer-student=longformer", "--out-dir", os.path.join(out, "report")
     )
+    print(
+        f"\nLong-range sets (dev: {args.long_dev} documents each). NER F1 = all entities; codename = the mentions whose type "
+        "was declared > 640 tokens earlier; ordinary = entities known from their own words; cls acc = accuracy "
+        "with the one opinion sentence > 640 tokens from the start; ret = student / Longformer teacher; "
+        "ft s / MiB = fine-tune wall time and peak memory (training + evaluation)\n"
+    )
+    print(long_table(rows))
+    with open(os.path.join(out, "long_range.json"), "w") as f:
+        json.dump(rows, f, indent=2)
 
     if not args.skip_bench:
-        print("[7] etkd bench: ours vs HF, inference time and peak memory")
+        print("[8] etkd bench: ours vs HF, inference time and peak memory")
         # Two families x (teacher, student) x (HF, etkd cpu) x 2 lengths = 16 fresh-process rows (~4 min);
         # `etkd bench` with its defaults covers every family and backend.
         _etkd("bench", "--size", "small", "--batch", "2", "--seq-lens", "512", "2048", "--models",
@@ -193,7 +264,10 @@ def register(sub) -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--max-positions", type=int, default=4096)
+    p.add_argument("--long-steps", type=int, default=150, help="fine-tuning steps on each long-range set")
+    p.add_argument("--long-train", type=int, default=160, help="training documents of each long-range set")
+    p.add_argument("--long-dev", type=int, default=40, help="dev documents of each long-range set")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq", type=int, default=1024, help="kernel table: sequence length")

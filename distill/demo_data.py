@@ -1,5 +1,6 @@
 """The built-in default data of `make demo`: a small synthetic language with a tokenizer, an MLM corpus
-(short and long documents), a CoNLL NER set (PER/ORG/LOC/MISC) and a two-class classification set.
+(short and long documents), a CoNLL NER set (PER/ORG/LOC/MISC), a two-class classification set, and the
+long-range NER and classification sets of `tasks.longrange` (2-4k-token documents).
 
 Everything is generated from a seed, so the demo needs no network. The tasks are learnable on purpose:
 entity words come from closed lists, and the class of a review is decided by which of two word lists its
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
+
+from .tasks import longrange
 
 FIRST = [
     "anna",
@@ -52,6 +55,7 @@ def vocabulary() -> list[str]:
         + GOOD
         + BAD
         + ["movie", "film", "was", "it", "not", "."]
+        + longrange.WORDS
     )
     seen, out = set(), []
     for w in SPECIAL + words:
@@ -135,8 +139,9 @@ def write_classification(path: str, n: int = 400, seed: int = 2, negation: float
     return path
 
 
-def write_all(directory: str, seed: int = 0) -> dict[str, str]:
-    """Every built-in file under `directory`; returns their paths by name."""
+def write_all(directory: str, seed: int = 0, n_long_train: int = 160, n_long_dev: int = 40) -> dict[str, str]:
+    """Every built-in file under `directory` (the short sets, and the long-range sets of `tasks.longrange`);
+    returns their paths by name."""
     os.makedirs(directory, exist_ok=True)
     paths = {
         "tokenizer": os.path.join(directory, "tokenizer"),
@@ -145,6 +150,7 @@ def write_all(directory: str, seed: int = 0) -> dict[str, str]:
         "ner_dev": write_conll(os.path.join(directory, "ner_dev.conll"), n_docs=15, seed=seed + 101),
         "cls_train": write_classification(os.path.join(directory, "cls_train.jsonl"), seed=seed + 2),
         "cls_dev": write_classification(os.path.join(directory, "cls_dev.jsonl"), n=120, seed=seed + 102),
+        **longrange.write_all(directory, seed=seed, n_train=n_long_train, n_dev=n_long_dev),
     }
     tokenizer(paths["tokenizer"])
     return paths

@@ -67,7 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "max_grad_norm": 1.0,
     "resume": False,
+    "stop_at_step": None,
+    "new_hparams_on_resume": False,
     "backend": None,
+    "dtype": "fp32",
     "name": None,
     "teacher": None,
     "output": None,
@@ -423,6 +426,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         max_grad_norm=o["max_grad_norm"],
         resume=bool(o["resume"]),
         progress=bool(o["progress"]),
+        stop_at_step=None if o["stop_at_step"] is None else int(o["stop_at_step"]),
+        new_hparams_on_resume=bool(o["new_hparams_on_resume"]),
     )
     start_run(argparse.Namespace(**o))
     collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
@@ -443,6 +448,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     o = merge_options(args)
     task = o["task"]
@@ -461,7 +469,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _set_backend(model, o)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
-    metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
+    device_type = next(model.parameters()).device.type
+    # --dtype bf16/fp16: weights stay fp32, matmuls and the attention kernels run in 16 bits (autocast).
+    with torch.autocast(device_type, dtype=EVAL_DTYPES[o["dtype"]], enabled=o["dtype"] != "fp32"):
+        metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
     name = o["name"] or os.path.basename(os.path.normpath(o["model"]))
     if o["output"]:
         write_results(o["output"], task, name, o["model"], metrics, info, o)
@@ -532,8 +543,14 @@ def register(subparsers) -> None:
                    help="continue the run in --output-dir from its last checkpoint (same settings)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the earlier run in --output-dir (its files are deleted)")  # fmt: skip
+    p.add_argument(
+        "--stop-at-step", type=int, help="stop (checkpoint, save, evaluate) at this step of --max-steps"
+    )
+    p.add_argument("--new-hparams-on-resume", action="store_true", default=None,
+                   help="on --resume, take this learning rate / weight decay / warm-up (used by `etkd tune`)")  # fmt: skip
     finish(p, DEFAULTS, func=run_finetune)
 
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")
     _add_common(p)
+    p.add_argument("--dtype", choices=tuple(EVAL_DTYPES), help="compute dtype (bf16/fp16: autocast)")
     finish(p, DEFAULTS, func=run_evaluate)

@@ -28,6 +28,9 @@ SETTINGS_NAME = "settings.json"
 # Settings that may differ when a run is resumed: they change what is shown or where it goes, never a result.
 RESUME_FREE = frozenset({"resume", "overwrite", "progress", "debug", "log_level", "stop_at_step", "config",
                          "command", "func"})  # fmt: skip
+# `etkd tune` (population-based training) resumes a run with new hyper-parameters on purpose
+# (`finetune --new-hparams-on-resume`), and each of its segments writes its results to another file.
+PBT_FREE = frozenset({"learning_rate", "weight_decay", "warmup_ratio", "batch_size", "output"})
 
 _held: dict[str, Any] = {}  # realpath -> open lock file, kept open for the life of the process
 
@@ -61,9 +64,9 @@ def release(directory: str) -> None:
         f.close()
 
 
-def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every setting that differs (run-neutral keys left out)."""
-    keys = sorted((set(old) | set(new)) - RESUME_FREE)
+def diff(old: dict[str, Any], new: dict[str, Any], free: frozenset[str] = frozenset()) -> list[str]:
+    """`key: old -> new` for every setting that differs (run-neutral keys and `free` left out)."""
+    keys = sorted((set(old) | set(new)) - RESUME_FREE - free)
     missing = object()
     out = []
     for k in keys:
@@ -98,7 +101,8 @@ def claim(
         elif resume:
             with open(settings_path) as f:
                 old = json.load(f)
-            changes = diff(old, _jsonable(settings))
+            free = PBT_FREE if settings.get("new_hparams_on_resume") else frozenset()
+            changes = diff(old, _jsonable(settings), free)
             if changes:
                 raise UserError(
                     f"--resume: {output_dir} holds a run with other settings ("

@@ -61,6 +61,9 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when a GPU is present
     progress: bool = True  # tqdm bar on the main process
     stop_at_step: int | None = None  # return right after this step, as if killed there (tests, time boxes)
+    # Population-based training: on resume, this config's learning rate, weight decay and warm-up replace
+    # the checkpoint's (weights, optimizer moments, data position and RNG still come from the checkpoint).
+    new_hparams_on_resume: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -327,6 +330,8 @@ def train(
         step, total_tokens = state["step"], state.get("tokens", 0)
         resumed_loss = float(state.get("loss", float("nan")))  # a run resumed at its end reports this loss
         batches.load_state_dict(state["data"])
+        if cfg.new_hparams_on_resume:
+            _apply_hparams(optimizer, scheduler, cfg, step)
         accelerator.print(f"[etkd train] resumed from {last_ckpt} at step {step}")
     elif cfg.resume:
         accelerator.print(f"[etkd train] resume: no checkpoint in {cfg.output_dir}, starting fresh")
@@ -408,6 +413,18 @@ def train(
         "is_main_process": accelerator.is_main_process,
         "num_processes": accelerator.num_processes,
     }
+
+
+def _apply_hparams(optimizer, scheduler, cfg: TrainConfig, step: int) -> None:
+    """Replace a restored optimizer's and schedule's peak learning rate, weight decay and warm-up by cfg's."""
+    # The schedule's lambdas already come from cfg (a LambdaLR checkpoint holds no function lambdas).
+    factor = linear_schedule(cfg.max_steps, int(round(cfg.warmup_ratio * cfg.max_steps)))
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = cfg.learning_rate
+        group["lr"] = cfg.learning_rate * factor(step)
+        if i == 0:  # parameter_groups: [decayed, not decayed (biases, norms)]
+            group["weight_decay"] = cfg.weight_decay
 
 
 class _TiedWeightsNote(logging.Filter):

@@ -13,10 +13,10 @@ def report() -> str:
         lines.append(f"  {info}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        lines += ["", f"op x backend on {device} float32 ('ok' or why not):"]
-        matrix = support_matrix(device, torch.float32)
-        for op, row in matrix.items():
-            lines.append(f"  {op:15s}" + "  ".join(f"{b}={row[b]}" for b in BACKENDS))
+        for dtype in (torch.float32, torch.bfloat16):
+            lines += ["", f"op x backend on {device} {str(dtype).removeprefix('torch.')} ('ok' or why not):"]
+            for op, row in support_matrix(device, dtype).items():
+                lines.append(f"  {op:15s}" + "  ".join(f"{b}={row[b]}" for b in BACKENDS))
     return "\n".join(lines)
 
 

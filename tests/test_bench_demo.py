@@ -150,8 +150,8 @@ def test_core_rejects_unknown_pattern():
 def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--steps", "4", "--hidden", "32", "--layers", "2", "--heads", "2",
-            "--max-positions", "256", "--window", "32", "--seq", "128", "--repeats", "1", "--skip-bench",
-            "--no-progress"]  # fmt: skip
+            "--max-positions", "1024", "--window", "32", "--seq", "128", "--repeats", "1", "--skip-bench",
+            "--long-steps", "2", "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
     assert cli(argv) == 0
     kernels = json.loads((out / "kernels.json").read_text())
     ok = [r for r in kernels if r["status"] == "ok"]
@@ -167,4 +167,9 @@ def test_demo_tiny_end_to_end(tmp_path):
     results = sorted(p.name for p in (out / "results").iterdir())
     scores = [p for p in results if not p.endswith("_predictions.json")]
     assert len(scores) == 6, results  # 3 models x 2 tasks
+    rows = json.loads((out / "long_range.json").read_text())  # 3 models x the 2 long-range tasks
+    assert [r["name"] for r in rows] == ["roberta-full", "longformer", "longformer-student"]
+    assert [r["context"] for r in rows] == [512, 1024, 1024]
+    assert all(0 <= r[k] <= 100 for r in rows for k in ("f1", "f1_codename", "f1_ordinary", "accuracy"))
+    assert all(r["seconds_ner"] > 0 and r["peak_mib_cls"] >= 0 for r in rows)
     assert any((out / "report").iterdir())

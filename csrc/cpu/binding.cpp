@@ -4,6 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(etkd_cpu, m) {
@@ -22,6 +27,23 @@ TORCH_LIBRARY(etkd_cpu, m) {
   m.def(
       "nystrom_fwd(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
       "float scale, bool hf_global) -> Tensor");
+  m.def(
+      "lsg_fwd(Tensor q, Tensor k, Tensor v, Tensor kx, Tensor vx, Tensor kx_ok, Tensor starts, "
+      "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "lsg_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kx, Tensor vx, "
+      "Tensor kx_ok, Tensor starts, Tensor? key_padding_mask, int block_size, int sparse_block_size, "
+      "int num_global_tokens, float scale) -> Tensor[]");
+  m.def(
+      "lsg_sparse_keys(Tensor k, Tensor v, Tensor? key_padding_mask, int num_global_tokens, int block_size, "
+      "int sparsity_factor, int type) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lsg_sparse_keys_bwd(Tensor dkx, Tensor dvx, Tensor(a!) dk, Tensor(b!) dv, Tensor? key_padding_mask, "
+      "int num_global_tokens, int block_size, int sparsity_factor, int type) -> ()");
+  m.def(
+      "nystrom_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, "
+      "Tensor? key_padding_mask, float scale, bool hf_global) -> Tensor[]");
   m.def("softmax_matmul_fwd(Tensor a, Tensor b, Tensor c, Tensor? key_mask, float scale) -> (Tensor, Tensor)");
   m.def(
       "softmax_matmul_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor c, Tensor out, Tensor lse, Tensor? key_mask, "
@@ -33,13 +55,58 @@ TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
   m.impl("sliding_window_bwd", &etkd::cpu::sliding_window_bwd);
   m.impl("block_sparse_fwd", &etkd::cpu::block_sparse_fwd);
   m.impl("block_sparse_bwd", &etkd::cpu::block_sparse_bwd);
+  m.impl("lsg_fwd", &etkd::cpu::lsg_fwd);
+  m.impl("lsg_bwd", &etkd::cpu::lsg_bwd);
+  m.impl("lsg_sparse_keys", &etkd::cpu::lsg_sparse_keys);
+  m.impl("lsg_sparse_keys_bwd", &etkd::cpu::lsg_sparse_keys_bwd);
   m.impl("nystrom_fwd", &etkd::cpu::nystrom_fwd);
+  m.impl("nystrom_bwd", &etkd::cpu::nystrom_bwd);
   m.impl("softmax_matmul_fwd", &etkd::cpu::softmax_matmul_fwd);
   m.impl("softmax_matmul_bwd", &etkd::cpu::softmax_matmul_bwd);
 }
 
+namespace {
+
+PyObject* str_list(const std::vector<std::string>& v) {
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) PyList_SET_ITEM(out, i, PyUnicode_FromString(v[i].c_str()));
+  return out;
+}
+
+// _C.isa() -> str: the target the kernels run (chosen on first use; ETKD_CPU_ISA forces one).
+PyObject* py_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(etkd::cpu::kernels().name);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// _C.native_bf16() -> bool: whether bf16 tiles are multiplied as bf16 (else converted to float32 on load).
+PyObject* py_native_bf16(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(etkd::cpu::kernels().native_bf16);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_built_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::built_isas()); }
+PyObject* py_supported_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::supported_isas()); }
+
+PyMethodDef methods[] = {
+    {"isa", py_isa, METH_NOARGS, "ISA target the kernels run (ETKD_CPU_ISA forces one)"},
+    {"native_bf16", py_native_bf16, METH_NOARGS, "whether bf16 tiles are computed natively"},
+    {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
+    {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // A plain module: importing it runs the registrations above (no pybind11 needed).
 static PyModuleDef etkd_cpu_module = {PyModuleDef_HEAD_INIT, "_C", "etkd CPU kernels (ops in torch.ops.etkd_cpu)",
-                                      -1, nullptr};
+                                      -1, methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&etkd_cpu_module); }

@@ -41,7 +41,8 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
   Problem& p = s.p;
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale);
   p.bq = block_size <= 128 ? block_size : (block_size % 64 == 0 ? 64 : block_size);
-  p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
+  p.bf16 = q.scalar_type() == at::kBFloat16;
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   if (!real.all().item<bool>()) p.kbias = s.bias.data_ptr<float>(), p.qskip = s.skip.data_ptr<uint8_t>();
   const int* lp = s.lut.data_ptr<int>();
   const int* cp = s.counts.data_ptr<int>();
@@ -62,29 +63,38 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut,
+std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& lut,
                                             const Tensor& counts, int64_t block_size,
                                             const OptTensor& key_padding_mask, double scale) {
+  check_float(q_, "q");
+  const auto dt = q_.scalar_type();
+  const bool native = native_tiles(dt);
+  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
   auto out = at::empty_like(q);
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  run_forward(s.p, out.data_ptr<float>(), lse.data_ptr<float>());
-  return {out, lse};
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  run_forward(s.p, out.data_ptr(), lse.data_ptr<float>());
+  return {as_dtype(out, dt), lse};
 }
 
-std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                     const Tensor& out, const Tensor& lse, const Tensor& lut, const Tensor& counts,
+std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                     const Tensor& out_, const Tensor& lse, const Tensor& lut, const Tensor& counts,
                                      int64_t block_size, const OptTensor& key_padding_mask, double scale) {
+  check_float(q_, "q");
+  check_like(grad_out_, q_, "grad_out");
+  check_like(out_, q_, "out");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
+  const auto dt = q_.scalar_type();
+  const bool native = native_tiles(dt);
+  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
+  const Tensor grad_out = kernel_input(grad_out_, native), out = kernel_input(out_, native);
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
-  check_like(grad_out, q, "grad_out");
-  check_like(out, q, "out");
-  check_float(lse, "lse");
-  auto delta = at::empty_like(lse);
-  rowwise_dot(grad_out.data_ptr<float>(), out.data_ptr<float>(), delta.data_ptr<float>(), lse.numel(), q.size(3));
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  run_backward(s.p, grad_out.data_ptr<float>(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+  auto delta = row_delta(grad_out, out).contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::zeros(q.sizes(), f32), dk = at::zeros(q.sizes(), f32), dv = at::zeros(q.sizes(), f32);
+  run_backward(s.p, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);
-  return {dq, dk, dv};
+  return {as_dtype(dq, dt), as_dtype(dk, dt), as_dtype(dv, dt)};
 }
 
 }  // namespace etkd::cpu

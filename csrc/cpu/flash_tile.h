@@ -6,9 +6,10 @@
 // additive biases (0 = usable, -inf = masked: padding, keys counted elsewhere), and per-query skip flags
 // (rows whose output is produced elsewhere or is zero). The driver runs FlashAttention-2 style loops:
 // forward = online softmax over the segments (scores live only in a bq x seg tile), backward = recompute
-// P from the saved lse. Tile products are BLAS sgemm calls; the element-wise softmax work is at::vec.
+// P from the saved lse. Tile products are BLAS sgemm calls (MKL's bf16 GEMM for native bf16 tiles); the
+// element-wise softmax work is at::vec. The SIMD code is compiled per ISA and chosen at run time: isa.h.
 //
-// No torch headers here: plain pointers, so the kernel translation unit stays cheap to compile.
+// No torch headers here: plain pointers, so the kernel translation units stay cheap to compile.
 #pragma once
 
 #include <cstdint>
@@ -34,28 +35,31 @@ struct Problem {
   int64_t B = 0, H = 0, Sq = 0, Sk = 0, D = 0;
   float scale = 1.f;
   int64_t bq = 64;  // query rows per tile
+  // Element type of q, k, v, kx, vx, out and dout: float32, or bfloat16 (raw uint16) when the chosen ISA
+  // computes bf16 tiles natively (kernels().native_bf16). Softmax statistics and gradients are float32.
+  bool bf16 = false;
   // Main source, all contiguous: q (B, H, Sq, D); k, v (B, H, Sk, D).
-  const float* q = nullptr;
-  const float* k = nullptr;
-  const float* v = nullptr;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
   const float* kbias = nullptr;   // (B, Sk) or null
   const uint8_t* qskip = nullptr;  // (B, Sq) or null: 1 = row sees nothing (out 0, lse +inf)
   int64_t w = -1;                  // band half width on the main source (query i, key j: |i - j| <= w); -1 = none
   // Extra source (optional): kx, vx (B, H, Sx, D), bias (B, Sx).
-  const float* kx = nullptr;
-  const float* vx = nullptr;
+  const void* kx = nullptr;
+  const void* vx = nullptr;
   const float* kxbias = nullptr;
   int64_t Sx = 0;
   // Segments of query tile [i0, i0 + rows) of (b, h).
   std::function<void(int64_t b, int64_t h, int64_t i0, int64_t rows, std::vector<Seg>& segs)> segments;
 };
 
-// out (B, H, Sq, D), lse (B, H, Sq).
-void run_forward(const Problem& p, float* out, float* lse);
+// out (B, H, Sq, D) in the element type, lse (B, H, Sq) float32.
+void run_forward(const Problem& p, void* out, float* lse);
 
-// Gradients; dq, dk, dv (and dkx, dvx when p.kx) must be zero-filled, shaped like q, k, v (kx, vx).
-// delta (B, H, Sq) = rowsum(dout * out).
-void run_backward(const Problem& p, const float* dout, const float* lse, const float* delta, float* dq, float* dk,
+// Gradients (float32); dq, dk, dv (and dkx, dvx when p.kx) must be zero-filled, shaped like q, k, v (kx, vx).
+// dout in the element type; delta (B, H, Sq) = rowsum(dout * out).
+void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx);
 
 // Row-major C (m x n) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C through BLAS sgemm.
@@ -63,13 +67,14 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, con
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
 // Register-blocked GEMM for the thin products of Nystrom attention (K = head_dim or landmarks, a few dozen) on
-// L1/L2-resident tiles: a 6 x 16 AVX2 micro-kernel, no packing and no per-call BLAS dispatch, so the products
+// L1/L2-resident tiles: a 6 x (2 vectors) micro-kernel (6 x 16 on AVX2, 6 x 32 on AVX-512), no packing and no per-call BLAS dispatch, so the products
 // can be fused per tile with their softmax (about 90% of the FMA peak on a Zen 1 core, like MKL on whole
 // (seq x landmarks) matrices; the gain is the fusion, not the kernel).
 // C (m x n) = alpha * A @ B, or C += alpha * A @ B when `accumulate`. n must be a multiple of kSmallPad: B
 // (k x n, row stride ldb) and C are read and written in whole 8-float vectors, so callers pad B's columns
 // (zeros). A element (r, kk) is a[r * a_rs + kk * a_ks]: row-major (a_ks = 1) or transposed (a_rs = 1).
-constexpr int64_t kSmallPad = 8;
+// kSmallPad is a whole number of vectors on every target (8 floats on AVX2, 16 on AVX-512).
+constexpr int64_t kSmallPad = 16;
 inline int64_t pad_small(int64_t n) { return (n + kSmallPad - 1) / kSmallPad * kSmallPad; }
 void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
@@ -80,6 +85,9 @@ void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 // per-landmark softmax runs down the columns, vectorised over landmarks, as an online softmax over the tiles.
 // k, v (S x d) row-major; bias (S) of 0 / -inf or null; landmarks seeing no key get t = 0. dp = pad_small(d).
 // work: landmark_attend_work(np, d) floats.
+// Key rows per tile of landmark_attend: the (tile x np) scores and the v tile stay in L1/L2, and the online
+// rescale of t (n x d per tile) stays small next to the tile's 2 * tile * n * d FMAs.
+constexpr int64_t kLmTile = 128;
 int64_t landmark_attend_work(int64_t np, int64_t d);
 void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
                      int64_t S, int64_t d, float scale, float* t, float* work);

@@ -49,19 +49,28 @@ Tensor gather_rows(const Tensor& x, const Tensor& idx) {
   return x.gather(2, idx.view({B, 1, G, 1}).expand({B, H, G, D})).contiguous();
 }
 
-// dst[b, h, idx[b, s]] (+)= src[b, h, s] for the valid slots s < count[b]; rows of `row` floats.
-void scatter_rows(float* dst, const float* src, const Globals& g, int64_t H, int64_t S, int64_t row, bool add) {
+// dst[b, h, idx[b, s]] (+)= src[b, h, s] for the valid slots s < count[b]; rows of `row` elements of `dst`'s
+// dtype (adding: float32 only).
+void scatter_rows(const Tensor& dst, const Tensor& src, const Globals& g, int64_t H, int64_t S, int64_t row,
+                  bool add) {
   const int64_t B = static_cast<int64_t>(g.count.size());
   const int64_t* ip = g.idx.data_ptr<int64_t>();
+  const int64_t es = dst.element_size();
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type() && (!add || dst.scalar_type() == at::kFloat),
+              "scatter_rows: dtype mismatch");
+  char* dp = static_cast<char*>(dst.data_ptr());
+  const char* sp = static_cast<const char*>(src.data_ptr());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t s = 0; s < g.count[b]; ++s) {
-        float* d = dst + ((b * H + h) * S + ip[b * g.G + s]) * row;
-        const float* x = src + ((b * H + h) * g.G + s) * row;
+        char* d = dp + ((b * H + h) * S + ip[b * g.G + s]) * row * es;
+        const char* x = sp + ((b * H + h) * g.G + s) * row * es;
         if (add) {
-          for (int64_t j = 0; j < row; ++j) d[j] += x[j];
+          float* df = reinterpret_cast<float*>(d);
+          const float* xf = reinterpret_cast<const float*>(x);
+          for (int64_t j = 0; j < row; ++j) df[j] += xf[j];
         } else {
-          std::memcpy(d, x, row * sizeof(float));
+          std::memcpy(d, x, row * es);
         }
       }
 }
@@ -81,7 +90,8 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
   ps.skip = (1 - usable).contiguous();
   Problem& p = ps.band;
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale), p.bq = 64;
-  p.q = q.data_ptr<float>(), p.k = k.data_ptr<float>(), p.v = v.data_ptr<float>();
+  p.bf16 = q.scalar_type() == at::kBFloat16;
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.w = w;
   if (!usable.all().item<bool>()) {  // no padding and no globals: the tile loops skip the bias and skip reads
     p.kbias = ps.band_bias.data_ptr<float>(), p.qskip = ps.skip.data_ptr<uint8_t>();
@@ -92,7 +102,7 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
     auto cnt = at::tensor(g.count, at::kLong).view({B, 1});
     ps.gbias = bias_from(slot < cnt);
     ps.gskip = (slot >= cnt).to(at::kByte).contiguous();
-    p.kx = ps.kx.data_ptr<float>(), p.vx = ps.vx.data_ptr<float>(), p.kxbias = ps.gbias.data_ptr<float>(), p.Sx = G;
+    p.kx = ps.kx.data_ptr(), p.vx = ps.vx.data_ptr(), p.kxbias = ps.gbias.data_ptr<float>(), p.Sx = G;
   }
   p.segments = [S, w, G](int64_t, int64_t, int64_t i0, int64_t rows, std::vector<Seg>& segs) {
     append_run(segs, std::max<int64_t>(0, i0 - w), std::min<int64_t>(S, i0 + rows + w), 0);
@@ -102,8 +112,8 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
     ps.real_bias = bias_from(g.real);
     ps.qrows = gather_rows(qg_, g.idx);
     Problem& r = ps.glob;
-    r.B = B, r.H = H, r.Sq = G, r.Sk = S, r.D = D, r.scale = p.scale, r.bq = 64;
-    r.q = ps.qrows.data_ptr<float>(), r.k = kg_.data_ptr<float>(), r.v = vg_.data_ptr<float>();
+    r.B = B, r.H = H, r.Sq = G, r.Sk = S, r.D = D, r.scale = p.scale, r.bq = 64, r.bf16 = p.bf16;
+    r.q = ps.qrows.data_ptr(), r.k = kg_.data_ptr(), r.v = vg_.data_ptr();
     r.kbias = ps.real_bias.data_ptr<float>(), r.qskip = ps.gskip.data_ptr<uint8_t>();
     r.segments = [S](int64_t, int64_t, int64_t, int64_t, std::vector<Seg>& segs) { append_run(segs, 0, S, 0); };
   }
@@ -128,64 +138,78 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t win
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
-                                              const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
-                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale) {
-  check_inputs(q, k, v, window, qg, kg, vg);
+std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, int64_t window,
+                                              const OptTensor& global_mask, const OptTensor& qg_, const OptTensor& kg_,
+                                              const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
+  check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
+  const auto dt = q_.scalar_type();
+  const bool native = native_tiles(dt);
+  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
+  const OptTensor qg = kernel_input(qg_, native), kg = kernel_input(kg_, native), vg = kernel_input(vg_, native);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = find_globals(global_mask, key_padding_mask, B, S);
   const bool sep = qg.has_value();
   Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
   auto out = at::empty_like(q);
-  auto lse = at::empty({B, H, S}, q.options());
-  run_forward(ps.band, out.data_ptr<float>(), lse.data_ptr<float>());
+  auto lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
+  run_forward(ps.band, out.data_ptr(), lse.data_ptr<float>());
   if (g.G > 0) {
     auto og = at::empty({B, H, g.G, D}, q.options());
-    auto lg = at::empty({B, H, g.G}, q.options());
-    run_forward(ps.glob, og.data_ptr<float>(), lg.data_ptr<float>());
-    scatter_rows(out.data_ptr<float>(), og.data_ptr<float>(), g, H, S, D, false);
-    scatter_rows(lse.data_ptr<float>(), lg.data_ptr<float>(), g, H, S, 1, false);
+    auto lg = at::empty({B, H, g.G}, lse.options());
+    run_forward(ps.glob, og.data_ptr(), lg.data_ptr<float>());
+    scatter_rows(out, og, g, H, S, D, false);
+    scatter_rows(lse, lg, g, H, S, 1, false);
   }
-  return {out, lse};
+  return {as_dtype(out, dt), lse};
 }
 
-std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& out, const Tensor& lse, int64_t window,
-                                       const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
-                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale) {
-  check_inputs(q, k, v, window, qg, kg, vg);
-  check_like(grad_out, q, "grad_out");
-  check_like(out, q, "out");
-  check_float(lse, "lse");
+std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                       const Tensor& out_, const Tensor& lse, int64_t window,
+                                       const OptTensor& global_mask, const OptTensor& qg_, const OptTensor& kg_,
+                                       const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
+  check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
+  check_like(grad_out_, q_, "grad_out");
+  check_like(out_, q_, "out");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
+  const auto dt = q_.scalar_type();
+  const bool native = native_tiles(dt);
+  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
+  const Tensor grad_out = kernel_input(grad_out_, native), out = kernel_input(out_, native);
+  const OptTensor qg = kernel_input(qg_, native), kg = kernel_input(kg_, native), vg = kernel_input(vg_, native);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = find_globals(global_mask, key_padding_mask, B, S);
   const bool sep = qg.has_value();
   Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
-  auto delta = at::empty({B, H, S}, q.options());
-  rowwise_dot(grad_out.data_ptr<float>(), out.data_ptr<float>(), delta.data_ptr<float>(), B * H * S, D);
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto delta = row_delta(grad_out, out).contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::zeros(q.sizes(), f32), dk = at::zeros(q.sizes(), f32), dv = at::zeros(q.sizes(), f32);
+  auto cast = [dt](std::vector<Tensor> gs) {
+    for (auto& t : gs) t = as_dtype(t, dt);
+    return gs;
+  };
   Tensor dkx, dvx;
-  if (g.G > 0) dkx = at::zeros({B, H, g.G, D}, q.options()), dvx = at::zeros({B, H, g.G, D}, q.options());
-  run_backward(ps.band, grad_out.data_ptr<float>(), lse.data_ptr<float>(), delta.data_ptr<float>(),
-               dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
-               g.G ? dkx.data_ptr<float>() : nullptr, g.G ? dvx.data_ptr<float>() : nullptr);
+  if (g.G > 0) dkx = at::zeros({B, H, g.G, D}, f32), dvx = at::zeros({B, H, g.G, D}, f32);
+  run_backward(ps.band, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+               dk.data_ptr<float>(), dv.data_ptr<float>(), g.G ? dkx.data_ptr<float>() : nullptr,
+               g.G ? dvx.data_ptr<float>() : nullptr);
   if (g.G == 0) {
-    if (sep) return {dq, dk, dv, at::zeros_like(q), at::zeros_like(q), at::zeros_like(q)};
-    return {dq, dk, dv};
+    if (sep) return cast({dq, dk, dv, at::zeros(q.sizes(), f32), at::zeros(q.sizes(), f32), at::zeros(q.sizes(), f32)});
+    return cast({dq, dk, dv});
   }
-  scatter_rows(dk.data_ptr<float>(), dkx.data_ptr<float>(), g, H, S, D, true);
-  scatter_rows(dv.data_ptr<float>(), dvx.data_ptr<float>(), g, H, S, D, true);
+  scatter_rows(dk, dkx, g, H, S, D, true);
+  scatter_rows(dv, dvx, g, H, S, D, true);
   // Global rows: gathered dout / lse / delta, gradients into (dqg, dkg, dvg) or back into (dq, dk, dv).
   auto gdo = gather_rows(grad_out, g.idx);
   auto glse = gather_rows(lse.unsqueeze(-1), g.idx);
   auto gdelta = gather_rows(delta.unsqueeze(-1), g.idx);
-  auto dqx = at::zeros({B, H, g.G, D}, q.options());
-  Tensor dqg = sep ? at::zeros_like(q) : dq, dkg = sep ? at::zeros_like(q) : dk, dvg = sep ? at::zeros_like(q) : dv;
-  run_backward(ps.glob, gdo.data_ptr<float>(), glse.data_ptr<float>(), gdelta.data_ptr<float>(),
-               dqx.data_ptr<float>(), dkg.data_ptr<float>(), dvg.data_ptr<float>(), nullptr, nullptr);
-  scatter_rows(dqg.data_ptr<float>(), dqx.data_ptr<float>(), g, H, S, D, true);
-  if (sep) return {dq, dk, dv, dqg, dkg, dvg};
-  return {dq, dk, dv};
+  auto dqx = at::zeros({B, H, g.G, D}, f32);
+  Tensor dqg = sep ? at::zeros(q.sizes(), f32) : dq, dkg = sep ? at::zeros(q.sizes(), f32) : dk,
+         dvg = sep ? at::zeros(q.sizes(), f32) : dv;
+  run_backward(ps.glob, gdo.data_ptr(), glse.data_ptr<float>(), gdelta.data_ptr<float>(), dqx.data_ptr<float>(),
+               dkg.data_ptr<float>(), dvg.data_ptr<float>(), nullptr, nullptr);
+  scatter_rows(dqg, dqx, g, H, S, D, true);
+  if (sep) return cast({dq, dk, dv, dqg, dkg, dvg});
+  return cast({dq, dk, dv});
 }
 
 }  // namespace etkd::cpu

@@ -1,4 +1,11 @@
-"""`cpu`: fused C++ kernels from csrc/cpu (OpenMP + ATen vectorization), loaded lazily."""
+"""`cpu`: fused C++ kernels from csrc/cpu (OpenMP + ATen vectorization), loaded lazily.
+
+The SIMD kernels are compiled for several x86-64 targets (AVX2 baseline, AVX-512, AVX-512 + BF16) and one is
+chosen when the extension is first used: the widest this CPU reports, or the one ETKD_CPU_ISA names
+(`avx2`, `avx512`, `avx512_bf16`; an unusable value is an error). `isa()` says which one runs.
+float32, bfloat16 and float16 inputs: fp32 softmax statistics and accumulation, outputs in the input dtype;
+bf16 tiles are multiplied natively on the `avx512_bf16` target, other 16-bit cases convert on load.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,48 @@ import functools
 
 import torch
 
+from ..dispatch import Capabilities
+
 NAME = "cpu"
-DESCRIPTION = "fused C++ kernels (csrc/cpu), OpenMP + SIMD, fp32"
 # op -> module in this package; a pattern appears here once its kernel exists.
 OPS: dict[str, str] = {
     "sliding_window": "sliding_window",
     "block_sparse": "block_sparse",
+    "lsg": "lsg",
     "nystrom": "nystrom",
     "full": "full",
 }
 AUTO_DEVICES = ("cpu",)
-DTYPES = (torch.float32,)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def isa() -> str:
+    """The kernel target this process runs ('avx2', 'avx512', 'avx512_bf16', or 'generic' off x86-64).
+
+    Raises RuntimeError when ETKD_CPU_ISA names a target that is not built or that this CPU lacks.
+    """
+    from etkd_kernels import _C
+
+    return _C.isa()
+
+
+def isa_summary() -> str:
+    """One line: the chosen target, how bf16 is computed, and what else is built / supported here."""
+    from etkd_kernels import _C
+
+    bf16 = "bf16 native" if _C.native_bf16() else "bf16/fp16 converted to fp32 on load"
+    return (
+        f"ISA {_C.isa()} ({bf16}; built: {', '.join(_C.built_isas())}; "
+        f"this CPU: {', '.join(_C.supported_isas()) or 'none'}; ETKD_CPU_ISA forces one)"
+    )
+
+
+def __getattr__(name: str) -> str:
+    # DESCRIPTION names the chosen ISA, which needs the extension: computed on first access, not at import.
+    if name == "DESCRIPTION":
+        base = "fused C++ kernels (csrc/cpu), OpenMP + SIMD, fp32/bf16/fp16"
+        return base if unavailable_reason() else f"{base}, {isa_summary()}"
+    raise AttributeError(name)
 
 
 @functools.cache
@@ -24,18 +62,14 @@ def unavailable_reason() -> str | None:
     import platform
 
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
-        return "this x86 CPU has no AVX2, which the fused C++ kernels are compiled for"
+        return "this x86 CPU has no AVX2, which the fused C++ kernels need at least"
     try:
-        from etkd_kernels import _C  # noqa: F401
+        from etkd_kernels import _C
     except ImportError as exc:
         return f"compiled extension etkd_kernels._C is not built ({exc}); reinstall without ETKD_NO_EXT=1"
+    _C.isa()  # a bad ETKD_CPU_ISA raises here, naming the targets that would work: a user error, not a fallback
     return None
 
 
-def not_supported_reasons(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    why = []
-    if device.type != "cpu":
-        why.append(f"needs CPU tensors, got {device.type}")
-    if dtype not in DTYPES:
-        why.append(f"supports {', '.join(map(str, DTYPES))}, got {dtype}")
-    return why
+def capabilities(op: str) -> Capabilities:
+    return Capabilities(devices=("cpu",), dtypes=DTYPES)

@@ -1,69 +1,11 @@
-// FlashAttention-style CPU tiles and their (batch, head, query tile) driver. See flash_tile.h.
-//
-// SIMD: the element-wise softmax loops use at::vec::Vectorized<float>. ATen picks its vector width per
-// translation unit from CPU_CAPABILITY_* macros; an extension gets none by default (scalar fallback), so on
-// x86-64 this file alone is compiled for AVX2+FMA (the baseline of every x86 CPU torch's own AVX2 kernels
-// target) and `check_cpu()` refuses to run it on a CPU without those features. Everything this file
-// includes besides the vec headers is included before the target pragma, so no shared inline function is
-// emitted with AVX2 code.
-#include "cpu/flash_tile.h"
+// FlashAttention-style CPU tiles and their (batch, head, query tile) driver, compiled once per ISA target by
+// csrc/cpu/isa/*.cpp (see isa.h). The including file has already set the target pragma, CPU_CAPABILITY (so
+// at::vec::Vectorized is that target's width) and ETKD_ISA / ETKD_ISA_NAME; ETKD_NATIVE_BF16 = 1 adds the bf16
+// tile path (MKL's bf16 x bf16 -> fp32 GEMM, AVX512-BF16 conversions). Everything here lives in
+// etkd::cpu::ETKD_ISA, so the targets never share a symbol.
+#pragma once
 
-#include <algorithm>
-#include <array>
-#include <cassert>
-#include <climits>
-#include <cmath>
-#include <cstring>
-#include <functional>
-#include <limits>
-#include <ostream>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-
-#include <ATen/NumericUtils.h>
-#include <ATen/Parallel.h>
-#include <ATen/native/Math.h>
-#include <ATen/native/cpu/zmath.h>
-#include <c10/macros/Macros.h>
-#include <c10/util/BFloat16-math.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <c10/util/Load.h>
-#include <c10/util/TypeCast.h>
-#include <c10/util/copysign.h>
-#include <c10/util/irange.h>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CPU_CAPABILITY)
-#define ETKD_AVX2 1
-#define CPU_CAPABILITY etkd_avx2
-#define CPU_CAPABILITY_AVX2
-#pragma GCC push_options
-#pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// g++ lexes the whole file before it sees the pragma, so the feature macros the vec and sleef headers test
-// are not set by it: set them for the rest of this file.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
-#endif
-#include <ATen/cpu/vec/vec.h>
-
-// BLAS (MKL or OpenBLAS inside libtorch_cpu), column-major Fortran interface.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
-
-namespace etkd::cpu {
+namespace etkd::cpu::ETKD_ISA {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -71,21 +13,66 @@ constexpr int64_t kV = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Row-major C (m x n) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+// Tile products in float32: BLAS sgemm (isa.cpp's gemm_rm).
+inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_rm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// A tile operand computed in float32 (probabilities, dS) as the element type T: itself for float.
+inline const float* as_elem(const float* x, int64_t, float*) { return x; }
+
+#if ETKD_NATIVE_BF16
+// bf16 tiles (raw uint16) multiplied by MKL's bf16 x bf16 -> fp32 GEMM (AVX512-BF16 or AMX-BF16 inside MKL).
+using bf16 = uint16_t;
+
+inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16* a, int64_t lda,
+               const bf16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  // A row-major matrix is its column-major transpose: C^T = op(B)^T op(A)^T.
-  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
-  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda), ildc = static_cast<int>(ldc);
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
     return;
   }
-  sgemm_(&tra, &trb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+  cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
+                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+                         static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
+
+// y[0:n] = bf16(x[0:n]), round to nearest even (vcvtneps2bf16).
+inline void to_bf16(const float* x, bf16* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+  if (j < n) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (n - j)) - 1);
+    _mm256_mask_storeu_epi16(y + j, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + j)));
+  }
+}
+
+inline const bf16* as_elem(const float* x, int64_t n, bf16* buf) {
+  to_bf16(x, buf, n);
+  return buf;
+}
+#endif
+
+// out[0:n] = a * x[0:n] in the element type.
+inline void store_scaled(const float* x, float a, float* out, int64_t n) {
+  int64_t j = 0;
+  const Vec va(a);
+  for (; j + kV <= n; j += kV) (Vec::loadu(x + j) * va).store(out + j);
+  for (; j < n; ++j) out[j] = x[j] * a;
+}
+#if ETKD_NATIVE_BF16
+inline void store_scaled(const float* x, float a, bf16* out, int64_t n) {
+  float tmp[1024];
+  for (int64_t j0 = 0; j0 < n; j0 += 1024) {
+    const int64_t m = std::min<int64_t>(1024, n - j0);
+    store_scaled(x + j0, a, tmp, m);
+    to_bf16(tmp, out + j0, m);
+  }
+}
+#endif
 
 // s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi].
 float add_bias_max(float* s, const float* bias, int64_t lo, int64_t hi) {
@@ -150,9 +137,10 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+template <class T>
 struct SrcView {
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   const float* bias;
   bool band;
 };
@@ -167,25 +155,30 @@ inline void row_range(const Problem& p, const Seg& sg, bool band, int64_t i, int
   }
 }
 
+template <class T>
 struct Work {
   std::vector<float> s, dp, acc, m, l;
+  std::vector<T> s16, dp16;  // s and dp as T for the tile products (unused for float)
   std::vector<Seg> segs;
-  explicit Work(int64_t bq, int64_t d) : s(bq * kMaxSeg), dp(bq * kMaxSeg), acc(bq * d), m(bq), l(bq) {}
+  explicit Work(int64_t bq, int64_t d)
+      : s(bq * kMaxSeg), dp(bq * kMaxSeg), acc(bq * d), m(bq), l(bq),
+        s16(std::is_same_v<T, float> ? 0 : bq * kMaxSeg), dp16(std::is_same_v<T, float> ? 0 : bq * kMaxSeg) {}
 };
 
 // One query tile: rows q[0:rows] (absolute index i0 + r), forward.
-void forward_tile(const Problem& p, const SrcView* src, const float* q, const uint8_t* skip, int64_t i0,
-                  int64_t rows, Work& w, float* out, float* lse) {
+template <class T>
+void forward_tile(const Problem& p, const SrcView<T>* src, const T* q, const uint8_t* skip, int64_t i0, int64_t rows,
+                  Work<T>& w, T* out, float* lse) {
   const int64_t d = p.D;
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.f);
   std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
   for (const Seg& sg : w.segs) {
-    const SrcView& sv = src[sg.src];
+    const SrcView<T>& sv = src[sg.src];
     const int64_t n = sg.n;
-    const float* kp = sv.k + sg.k0 * d;
+    const T* kp = sv.k + sg.k0 * d;
     float* s = w.s.data();
-    gemm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
@@ -211,20 +204,15 @@ void forward_tile(const Problem& p, const SrcView* src, const float* q, const ui
       w.m[r] = mnew;
       any = true;
     }
-    if (any) gemm(false, false, rows, d, n, 1.f, s, n, sv.v + sg.k0 * d, d, 1.f, w.acc.data(), d);
+    if (any) mm(false, false, rows, d, n, 1.f, as_elem(s, rows * n, w.s16.data()), n, sv.v + sg.k0 * d, d, 1.f, w.acc.data(), d);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float* o = out + r * d;
+    T* o = out + r * d;
     if (w.l[r] > 0.f) {
-      const float inv = 1.f / w.l[r];
-      const float* a = w.acc.data() + r * d;
-      int64_t j = 0;
-      const Vec vi(inv);
-      for (; j + kV <= d; j += kV) (Vec::loadu(a + j) * vi).store(o + j);
-      for (; j < d; ++j) o[j] = a[j] * inv;
+      store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
       lse[r] = w.m[r] + std::log(w.l[r]);
     } else {
-      std::fill(o, o + d, 0.f);
+      std::fill(o, o + d, T(0));
       lse[r] = kInf;
     }
   }
@@ -236,18 +224,19 @@ struct GradView {
 };
 
 // One query tile, backward: accumulates into dq (rows x d) and the sources' dk/dv.
-void backward_tile(const Problem& p, const SrcView* src, const GradView* grad, const float* q, const float* dout,
-                   const float* lse, const float* delta, const uint8_t* skip, int64_t i0, int64_t rows, Work& w,
+template <class T>
+void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad, const T* q, const T* dout,
+                   const float* lse, const float* delta, const uint8_t* skip, int64_t i0, int64_t rows, Work<T>& w,
                    float* dq) {
   const int64_t d = p.D;
   for (const Seg& sg : w.segs) {
-    const SrcView& sv = src[sg.src];
+    const SrcView<T>& sv = src[sg.src];
     const int64_t n = sg.n;
-    const float* kp = sv.k + sg.k0 * d;
-    const float* vp = sv.v + sg.k0 * d;
+    const T* kp = sv.k + sg.k0 * d;
+    const T* vp = sv.v + sg.k0 * d;
     float* s = w.s.data();
     float* dp = w.dp.data();
-    gemm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
@@ -267,15 +256,16 @@ void backward_tile(const Problem& p, const SrcView* src, const GradView* grad, c
     if (!any) continue;
     GradView g = grad[sg.src];
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
-    gemm(true, false, n, d, rows, 1.f, s, n, dout, d, 1.f, g.dv + sg.k0 * d, d);
-    gemm(false, true, rows, n, d, 1.f, dout, d, vp, d, 0.f, dp, n);
+    mm(true, false, n, d, rows, 1.f, as_elem(s, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
+    mm(false, true, rows, n, d, 1.f, dout, d, vp, d, 0.f, dp, n);
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * n, dp + r * n, n, delta[r]);
-    gemm(false, false, rows, d, n, p.scale, dp, n, kp, d, 1.f, dq, d);
-    gemm(true, false, n, d, rows, p.scale, dp, n, q, d, 1.f, g.dk + sg.k0 * d, d);
+    const T* ds = as_elem(dp, rows * n, w.dp16.data());
+    mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
+    mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk + sg.k0 * d, d);
   }
 }
 
-// C rows [0, MR) x columns [0, NV * kV) of gemm_small: MR x NV accumulators (6 x 2 = 12 of the 16 ymm
+// C rows [0, MR) x columns [0, NV * kV) of gemm_small: MR x NV accumulators (6 x 2 = 12 of the 16 ymm or 32 zmm
 // registers, plus NV loads of B and one broadcast of A per k step).
 template <int MR, int NV, bool ACC>
 void micro_kernel(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
@@ -303,8 +293,7 @@ void micro_kernel(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t 
     }
 }
 
-constexpr int kMR = 6;                                 // micro-kernel rows
-constexpr int kNG = static_cast<int>(kSmallPad / kV);  // vectors per kSmallPad columns
+constexpr int kMR = 6;  // micro-kernel rows
 static_assert(kSmallPad % kV == 0, "gemm_small: kSmallPad must be a whole number of vectors");
 
 template <int NV, bool ACC>
@@ -320,30 +309,31 @@ void micro_rows(int64_t mr, int64_t k, float alpha, const float* a, int64_t a_rs
   }
 }
 
-// Key rows per tile of landmark_attend: the (tile x np) scores and the v tile stay in L1/L2, and the online
-// rescale of t (n x d per tile) stays small next to the tile's 2 * tile * n * d FMAs.
-constexpr int64_t kLmTile = 128;
 
-void check_cpu() {
-#if defined(ETKD_AVX2)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!ok) throw std::runtime_error("etkd cpu backend: the kernels need a CPU with AVX2 and FMA");
-#endif
-}
-
-}  // namespace
-
-void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src) {
-  const int64_t n = k1 - k0;
-  if (n <= 0) return;
-  const int64_t pieces = (n + kMaxSeg - 1) / kMaxSeg;
-  const int64_t len = (n + pieces - 1) / pieces;
-  for (int64_t a = k0; a < k1; a += len) segs.push_back(Seg{a, std::min(len, k1 - a), src});
-}
-
-void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  assert(n % kSmallPad == 0);
+  // Column panels of two vectors (B's panel, k x 2 kV, stays in L1 while the row blocks stream past), a last
+  // one of one vector when n is an odd number of vectors.
+  for (int64_t j = 0; j < n; j += 2 * kV) {
+    const bool wide = n - j >= 2 * kV;
+    for (int64_t i = 0; i < m; i += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, m - i);
+      const float* ai = a + i * a_rs;
+      float* ci = c + i * ldc + j;
+      if (wide) {
+        if (accumulate)
+          micro_rows<2, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+        else
+          micro_rows<2, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+      } else {
+        if (accumulate)
+          micro_rows<1, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+        else
+          micro_rows<1, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
+      }
+    }
+  }
 }
 
 void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) {
@@ -364,37 +354,8 @@ void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int
   });
 }
 
-void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
-                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  check_cpu();
-  assert(n % kSmallPad == 0);
-  // Column panels of 16 (B's panel, k x 16, stays in L1 while the row blocks stream past), a last one of 8.
-  for (int64_t j = 0; j < n; j += 2 * kSmallPad) {
-    const bool wide = n - j >= 2 * kSmallPad;
-    for (int64_t i = 0; i < m; i += kMR) {
-      const int64_t mr = std::min<int64_t>(kMR, m - i);
-      const float* ai = a + i * a_rs;
-      float* ci = c + i * ldc + j;
-      if (wide) {
-        if (accumulate)
-          micro_rows<2 * kNG, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-        else
-          micro_rows<2 * kNG, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-      } else {
-        if (accumulate)
-          micro_rows<kNG, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-        else
-          micro_rows<kNG, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-      }
-    }
-  }
-}
-
-int64_t landmark_attend_work(int64_t np, int64_t d) { return kLmTile * np + kLmTile * pad_small(d) + 3 * np; }
-
 void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
                      int64_t S, int64_t d, float scale, float* t, float* work) {
-  check_cpu();
   const int64_t dp = pad_small(d);
   float* s = work;                   // (kLmTile x np) scores, then probabilities
   float* vt = s + kLmTile * np;      // (kLmTile x dp) v tile padded to whole vectors (when d % kSmallPad != 0)
@@ -465,32 +426,41 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       std::fill(ti, ti + dp, 0.f);
   }
 }
-
-void run_forward(const Problem& p, float* out, float* lse) {
-  check_cpu();
+template <class T>
+void forward_as(const Problem& p, T* out, float* lse) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* kx = static_cast<const T*>(p.kx);
+  const T* vx = static_cast<const T*>(p.vx);
   const int64_t tiles = (p.Sq + p.bq - 1) / p.bq;
   const int64_t total = p.B * p.H * tiles;
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    Work w(p.bq, p.D);
+    Work<T> w(p.bq, p.D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / tiles, tile = t % tiles, b = bh / p.H, h = bh % p.H;
       const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-      SrcView src[2] = {
-          {p.k + bh * p.Sk * p.D, p.v + bh * p.Sk * p.D, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
-          {p.kx ? p.kx + bh * p.Sx * p.D : nullptr, p.vx ? p.vx + bh * p.Sx * p.D : nullptr,
+      SrcView<T> src[2] = {
+          {k + bh * p.Sk * p.D, v + bh * p.Sk * p.D, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
+          {kx ? kx + bh * p.Sx * p.D : nullptr, vx ? vx + bh * p.Sx * p.D : nullptr,
            p.kxbias ? p.kxbias + b * p.Sx : nullptr, false}};
       w.segs.clear();
       p.segments(b, h, i0, rows, w.segs);
       const int64_t row0 = bh * p.Sq + i0;
-      forward_tile(p, src, p.q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
+      forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
                    out + row0 * p.D, lse + row0);
     }
   });
 }
 
-void run_backward(const Problem& p, const float* dout, const float* lse, const float* delta, float* dq, float* dk,
-                  float* dv, float* dkx, float* dvx) {
-  check_cpu();
+template <class T>
+void backward_as(const Problem& p, const T* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,
+                 float* dkx, float* dvx) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* kx = static_cast<const T*>(p.kx);
+  const T* vx = static_cast<const T*>(p.vx);
   const int64_t tiles = (p.Sq + p.bq - 1) / p.bq;
   const int64_t bhs = p.B * p.H;
   // dK/dV of different query tiles overlap: a task owns all tiles of a (b, h) chunk. With few (b, h) pairs
@@ -502,13 +472,13 @@ void run_backward(const Problem& p, const float* dout, const float* lse, const f
   std::vector<float> part;  // (chunks - 1, B*H, 2 * (nk + nx)) private accumulators of chunks 1..
   if (chunks > 1) part.assign((chunks - 1) * bhs * 2 * (nk + nx), 0.f);
   at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
-    Work w(p.bq, p.D);
+    Work<T> w(p.bq, p.D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
-      SrcView src[2] = {
-          {p.k + bh * nk, p.v + bh * nk, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
-          {p.kx ? p.kx + bh * nx : nullptr, p.vx ? p.vx + bh * nx : nullptr,
-           p.kxbias ? p.kxbias + b * p.Sx : nullptr, false}};
+      SrcView<T> src[2] = {
+          {k + bh * nk, v + bh * nk, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
+          {kx ? kx + bh * nx : nullptr, vx ? vx + bh * nx : nullptr, p.kxbias ? p.kxbias + b * p.Sx : nullptr,
+           false}};
       GradView grad[2];
       if (c == 0) {
         grad[0] = {dk + bh * nk, dv + bh * nk};
@@ -523,7 +493,7 @@ void run_backward(const Problem& p, const float* dout, const float* lse, const f
         w.segs.clear();
         p.segments(b, h, i0, rows, w.segs);
         const int64_t row0 = bh * p.Sq + i0;
-        backward_tile(p, src, grad, p.q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0,
+        backward_tile(p, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0,
                       p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w, dq + row0 * p.D);
       }
     }
@@ -546,8 +516,40 @@ void run_backward(const Problem& p, const float* dout, const float* lse, const f
   }
 }
 
-}  // namespace etkd::cpu
-
-#if defined(ETKD_AVX2)
-#pragma GCC pop_options
+void run_forward(const Problem& p, void* out, float* lse) {
+#if ETKD_NATIVE_BF16
+  if (p.bf16) return forward_as(p, static_cast<bf16*>(out), lse);
 #endif
+  forward_as(p, static_cast<float*>(out), lse);
+}
+
+void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
+                  float* dv, float* dkx, float* dvx) {
+#if ETKD_NATIVE_BF16
+  if (p.bf16) return backward_as(p, static_cast<const bf16*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+#endif
+  backward_as(p, static_cast<const float*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+}
+
+}  // namespace
+
+// This target's table (isa.cpp). native_bf16 needs MKL's bf16 GEMM in the torch build (a weak symbol).
+const Kernels& table() {
+  static const Kernels t = [] {
+    Kernels k;
+    k.name = ETKD_ISA_NAME;
+#if ETKD_NATIVE_BF16
+    k.native_bf16 = cblas_gemm_bf16bf16f32 != nullptr;
+#endif
+    k.run_forward = run_forward;
+    k.run_backward = run_backward;
+    k.gemm_small = gemm_small;
+    k.landmark_attend = landmark_attend;
+    k.softmax_rows = softmax_rows;
+    k.rowwise_dot = rowwise_dot;
+    return k;
+  }();
+  return t;
+}
+
+}  // namespace etkd::cpu::ETKD_ISA

@@ -1,0 +1,181 @@
+// Choosing the ISA target once per process, and the entry points of flash_tile.h that forward to it (isa.h).
+#include "cpu/isa.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// BLAS (MKL or OpenBLAS inside libtorch_cpu), column-major Fortran interface.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace etkd::cpu {
+
+#if defined(__x86_64__)
+#if ETKD_HAVE_AVX2
+namespace avx2 {
+const Kernels& table();
+}
+#endif
+#if ETKD_HAVE_AVX512
+namespace avx512 {
+const Kernels& table();
+}
+#endif
+#if ETKD_HAVE_AVX512_BF16
+namespace avx512_bf16 {
+const Kernels& table();
+}
+#endif
+#else
+namespace generic {
+const Kernels& table();
+}
+#endif
+
+namespace {
+
+struct Target {
+  const char* name;
+  const Kernels& (*table)();
+  bool (*cpu_has)();
+};
+
+// Built targets, narrowest first. cpu_has asks the CPU (cpuid through __builtin_cpu_supports).
+const std::vector<Target>& targets() {
+  static const std::vector<Target> t = {
+#if defined(__x86_64__)
+#if ETKD_HAVE_AVX2
+      {"avx2", avx2::table,
+       [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
+#endif
+#if ETKD_HAVE_AVX512
+      {"avx512", avx512::table,
+       [] {
+         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+       }},
+#endif
+#if ETKD_HAVE_AVX512_BF16
+      {"avx512_bf16", avx512_bf16::table,
+       [] {
+         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                __builtin_cpu_supports("avx512bf16");
+       }},
+#endif
+#else
+      {"generic", generic::table, [] { return true; }},
+#endif
+  };
+  return t;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s.empty() ? "none" : s;
+}
+
+const Kernels& choose() {
+  const char* env = std::getenv("ETKD_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (!want.empty() && want != "auto") {
+    for (const Target& t : targets()) {
+      if (want != t.name) continue;
+      if (!t.cpu_has())
+        throw std::runtime_error("ETKD_CPU_ISA=" + want + ": this CPU lacks " + want +
+                                 " (it supports: " + join(supported_isas()) + "); unset ETKD_CPU_ISA or pick one of those");
+      return t.table();
+    }
+    throw std::runtime_error("ETKD_CPU_ISA=" + want + ": not a target of this build (built: " + join(built_isas()) +
+                             "; 'auto' picks the widest the CPU supports)");
+  }
+  for (auto it = targets().rbegin(); it != targets().rend(); ++it)
+    if (it->cpu_has()) return it->table();
+  throw std::runtime_error("etkd cpu backend: this CPU supports none of the built kernel targets (" +
+                           join(built_isas()) + "); the x86-64 kernels need at least AVX2 + FMA + F16C");
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels& k = choose();
+  return k;
+}
+
+std::vector<std::string> built_isas() {
+  std::vector<std::string> v;
+  for (const Target& t : targets()) v.push_back(t.name);
+  return v;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> v;
+  for (const Target& t : targets())
+    if (t.cpu_has()) v.push_back(t.name);
+  return v;
+}
+
+void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src) {
+  const int64_t n = k1 - k0;
+  if (n <= 0) return;
+  const int64_t pieces = (n + kMaxSeg - 1) / kMaxSeg;
+  const int64_t len = (n + pieces - 1) / pieces;
+  for (int64_t a = k0; a < k1; a += len) segs.push_back(Seg{a, std::min(len, k1 - a), src});
+}
+
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+             const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+    return;
+  }
+  // A row-major matrix is its column-major transpose: C^T = op(B)^T op(A)^T.
+  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(ldb), ildb = static_cast<int>(lda), ildc = static_cast<int>(ldc);
+  sgemm_(&tra, &trb, &im, &in, &ik, &alpha, b, &ilda, a, &ildb, &beta, c, &ildc);
+}
+
+int64_t landmark_attend_work(int64_t np, int64_t d) { return kLmTile * np + kLmTile * pad_small(d) + 3 * np; }
+
+void run_forward(const Problem& p, void* out, float* lse) {
+  if (p.bf16 && !kernels().native_bf16)
+    throw std::logic_error("run_forward: bf16 tiles on a target without native bf16 (convert on load first)");
+  kernels().run_forward(p, out, lse);
+}
+
+void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
+                  float* dv, float* dkx, float* dvx) {
+  if (p.bf16 && !kernels().native_bf16)
+    throw std::logic_error("run_backward: bf16 tiles on a target without native bf16 (convert on load first)");
+  kernels().run_backward(p, dout, lse, delta, dq, dk, dv, dkx, dvx);
+}
+
+void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  kernels().gemm_small(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+}
+
+void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
+                     int64_t S, int64_t d, float scale, float* t, float* work) {
+  kernels().landmark_attend(qlT, n, np, k, v, bias, S, d, scale, t, work);
+}
+
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) {
+  kernels().softmax_rows(s, rows, n, ld, bias);
+}
+
+void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int64_t d) {
+  kernels().rowwise_dot(a, b, delta, rows, d);
+}
+
+}  // namespace etkd::cpu

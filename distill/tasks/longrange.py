@@ -1,0 +1,207 @@
+"""Built-in long-range tasks: generated documents of 2-4k tokens whose labels depend on evidence that lies
+further away than 512 tokens, so a model that sees 512 tokens at a time must guess where one that sees the
+whole document can know. Everything is generated from a seed (no download) in the small word-level language
+of `demo_data` (every word is one token of its tokenizer), so a tiny model learns the tasks in a few hundred
+CPU steps: the long distance is made of cheap filler words.
+
+longrange-ner   CoNLL NER, one document per `-DOCSTART-`. The document opens with a declaration
+                "<codename> is a <kind> ." (kind: person / firm / town / match), said 8 times in the
+                opening paragraph and never again. More than `min_gap`
+                tokens later, the codename is mentioned again and again: every mention is tagged with the
+                declared type (B-PER, B-ORG, B-LOC, B-MISC), and nothing near a mention tells the type.
+                The codenames come from one shared pool, so a codename's type changes from document to
+                document. Ordinary entities (closed word lists, as in `demo_data`) are mixed in; they are
+                learnable from local context and show that a short-context model does learn NER here.
+longrange-cls   Two-class classification in SST-2's columns ("sentence", "label"): a long neutral
+                document with 12 opinion sentences of one polarity ("the film was <opinion> .") all
+                placed more than `min_gap` tokens from the start; label 1 when the opinion is positive.
+                Truncating to 512 tokens cuts all the evidence off.
+
+`near=True` generates the control variant of either task: the same documents with the evidence within
+reach of a 512-token window (the opening paragraph restated every `near_every` tokens; the opinions in the
+first `near_every` tokens). A 512-token model that does well on the near variant and badly on the far one is
+limited by its context, not by anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any
+
+CODENAMES = ["zib", "kor", "mav", "tal", "pem", "rux", "vok", "nep", "dax", "lum", "fep", "gor"]
+KINDS = {"person": "PER", "firm": "ORG", "town": "LOC", "match": "MISC"}
+# Filler: short words carrying no evidence; most of every document is made of them.
+FILLER = ["la", "na", "ta", "ka", "ma", "pa", "ra", "sa", "da", "ga", "ba", "fa"]
+MENTION_VERBS = ["met", "visited", "joined", "left", "praised", "called", "thanked", "hired"]
+WORDS = CODENAMES + list(KINDS) + FILLER + ["is", "a", "."]
+TASKS = ("longrange-ner", "longrange-cls")
+
+
+def _filler(rng: random.Random, n: int) -> list[str]:
+    """`n` filler words cut into sentences of 8-24 words ending in "."."""
+    out: list[str] = []
+    while len(out) < n:
+        k = min(rng.randint(8, 24), n - len(out))
+        out += [rng.choice(FILLER) for _ in range(max(k - 1, 0))] + ["."]
+    return out[:n]
+
+
+def _split_sentences(tagged: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    out, cur = [], []
+    for w, t in tagged:
+        cur.append((w, t))
+        if w == ".":
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def ner_document(
+    rng: random.Random,
+    length: tuple[int, int] = (2000, 2600),
+    min_gap: int = 640,
+    near: bool = False,
+    near_every: int = 300,
+    repeat: int = 8,
+) -> list[list[tuple[str, str]]]:
+    """Sentences of (word, tag) of one document of about `length` words (see the module docstring). The
+    opening paragraph states the declaration `repeat` times (a strong signal to find among 2k tokens)."""
+    from ..demo_data import sentence
+
+    n = rng.randint(*length)
+    code = rng.choice(CODENAMES)
+    kind = rng.choice(list(KINDS))
+    tag = KINDS[kind]
+    opening = [(code, "B-" + tag), ("is", "O"), ("a", "O"), (kind, "O"), (".", "O")] * repeat
+    doc: list[tuple[str, str]] = list(opening)
+    doc += [(w, "O") for w in _filler(rng, (near_every if near else min_gap) - len(doc))]
+    next_restate = len(doc)
+    while len(doc) < n:
+        r = rng.random()
+        if r < 0.25:  # a codename mention: ambiguous without the declaration
+            left = [rng.choice(FILLER) for _ in range(rng.randint(1, 3))]
+            doc += [(w, "O") for w in left] + [(rng.choice(MENTION_VERBS), "O"), (code, "B-" + tag)]
+            doc += [(rng.choice(FILLER), "O") for _ in range(rng.randint(1, 3))] + [(".", "O")]
+        elif r < 0.33:  # an ordinary sentence with two entities known from their words
+            doc += sentence(rng)
+        else:
+            doc += [(w, "O") for w in _filler(rng, rng.randint(20, 60))]
+        if near and len(doc) >= next_restate:
+            doc += opening
+            next_restate = len(doc) + near_every
+    return _split_sentences(doc)
+
+
+def cls_document(
+    rng: random.Random,
+    length: tuple[int, int] = (2000, 2600),
+    min_gap: int = 640,
+    near: bool = False,
+    near_every: int = 300,
+    opinions: int = 12,
+) -> tuple[str, int]:
+    """(text, label) of one document (see the module docstring): `opinions` opinion sentences of one
+    polarity, all further than `min_gap` tokens from the start (near: all within the first `near_every`)."""
+    from ..demo_data import BAD, GOOD, sentence
+
+    n = rng.randint(*length)
+    label = rng.randint(0, 1)
+    words: list[str] = []
+    while len(words) < n - 5 * opinions:
+        if rng.random() < 0.15:
+            words += [w for w, _ in sentence(rng)]
+        else:
+            words += _filler(rng, rng.randint(20, 60))
+    words = words[: n - 5 * opinions]
+    lo, hi = (1, near_every - 5 * opinions) if near else (min_gap, len(words))
+    # Sentence boundaries in [lo, hi): each opinion sentence goes in whole after one of them.
+    slots = sorted(rng.sample([i for i in range(lo, hi) if words[i - 1] == "."], opinions), reverse=True)
+    for at in slots:  # back to front, so earlier slots keep their positions
+        words[at:at] = ["the", "film", "was", rng.choice(GOOD if label else BAD), "."]
+    return " ".join(words), label
+
+
+def write_ner(path: str, n_docs: int, seed: int, **kwargs: Any) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write("-DOCSTART- -X- -X- O\n\n")
+            for sent in ner_document(rng, **kwargs):
+                f.write("".join(f"{w} NN O {t}\n" for w, t in sent) + "\n")
+    return path
+
+
+def write_cls(path: str, n: int, seed: int, **kwargs: Any) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            text, label = cls_document(rng, **kwargs)
+            f.write(json.dumps({"sentence": text, "label": label}) + "\n")
+    return path
+
+
+def write_all(
+    directory: str, seed: int = 0, n_train: int = 160, n_dev: int = 40, near: bool = False, **kwargs: Any
+) -> dict[str, str]:
+    """Train and dev files of both tasks under `directory`; returns their paths by name."""
+    os.makedirs(directory, exist_ok=True)
+    tag = "near_" if near else ""
+    j = os.path.join
+    return {
+        "long_ner_train": write_ner(j(directory, f"long_{tag}ner_train.conll"), n_train, seed + 11, near=near, **kwargs),
+        "long_ner_dev": write_ner(j(directory, f"long_{tag}ner_dev.conll"), n_dev, seed + 111, near=near, **kwargs),
+        "long_cls_train": write_cls(j(directory, f"long_{tag}cls_train.jsonl"), n_train, seed + 12, near=near, **kwargs),
+        "long_cls_dev": write_cls(j(directory, f"long_{tag}cls_dev.jsonl"), n_dev, seed + 112, near=near, **kwargs),
+    }  # fmt: skip
+
+
+def breakdown(examples: list[dict[str, Any]], predicted: list[list[str]]) -> dict[str, float]:
+    """Where a model's NER score comes from: entity F1 over the codename mentions after the declaration
+    (the long-range part) and over the ordinary entities (learnable from local context), in percent.
+
+    examples: `ner.read_conll(path, "document")` of a longrange-ner file; predicted: per-word tags.
+    """
+    from ..metrics import ner_metrics
+
+    def only(tags: list[str], words: list[str], codename: bool) -> list[str]:
+        declared = [i + 1 < len(words) and words[i + 1] == "is" for i in range(len(words))]
+        keep = [not d and (w in CODENAMES) == codename for w, d in zip(words, declared)]
+        # An entity is kept whole: its I- tags follow their B- tag's decision.
+        out, last = [], False
+        for t, k in zip(tags, keep):
+            last = k if t.startswith("B-") or t == "O" else last
+            out.append(t if last else "O")
+        return out
+
+    out = {}
+    for name, codename in (("codename", True), ("ordinary", False)):
+        gold = [only(e["tags"], e["tokens"], codename) for e in examples]
+        pred = [only(p, e["tokens"], codename) for p, e in zip(predicted, examples)]
+        out[f"f1_{name}"] = ner_metrics(gold, pred)["f1"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m etkd.distill.tasks.longrange", description="write the long-range task files"
+    )
+    p.add_argument("--out", required=True, help="folder for the files (and the tokenizer, under tokenizer/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=160, help="training documents per task")
+    p.add_argument("--dev", type=int, default=40, help="dev documents per task")
+    p.add_argument("--near", action="store_true", help="the control variant: evidence within 300 tokens")
+    args = p.parse_args(argv)
+    from ..demo_data import tokenizer
+
+    paths = write_all(args.out, seed=args.seed, n_train=args.train, n_dev=args.dev, near=args.near)
+    tokenizer(os.path.join(args.out, "tokenizer"))
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

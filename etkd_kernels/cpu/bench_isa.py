@@ -1,0 +1,136 @@
+"""ISA x dtype timing of the cpu kernels, side by side in one run: `python -m etkd_kernels.cpu.bench_isa`.
+
+Every (ISA target, emulation) runs in a subprocess of its own (the target is chosen once per process via
+ETKD_CPU_ISA); the rounds alternate between the subprocesses so that load on a shared machine hits every
+configuration alike, and the median over rounds is reported. `--mkl-avx2` adds an "AVX2 CPU" configuration:
+ETKD_CPU_ISA=avx2 plus MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2, so the BLAS that the tile
+products call is also limited to AVX2, as on an AVX2-only CPU. Shapes: batch 1, 12 heads x 64, seq 4096;
+sliding window 512 (no globals); BigBird block-sparse 64 (3 window + 2 global + 3 random blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, repeats: int) -> dict:
+    import etkd_kernels as ek
+    from etkd_kernels import _C
+
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, 12, seq, 64, generator=g) for _ in range(3)]
+    layout = ek.bigbird_layout(seq, block_size=64, num_random_blocks=3, seed=0)
+    ops = {
+        "sliding_window": lambda q, k, v: ek.sliding_window_attention(q, k, v, 512, backend="cpu"),
+        "block_sparse": lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, backend="cpu"),
+    }
+    res = {"isa": _C.isa()}
+    for pattern in patterns:
+        for dn in dtypes:
+            for mode in modes:
+                ts = [t.to(_DTYPES[dn]).requires_grad_(mode == "fwd+bwd") for t in base]
+                grad = torch.randn(ts[0].shape, generator=g).to(_DTYPES[dn])
+
+                def run(op=ops[pattern], ts=ts, mode=mode, grad=grad):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            op(*ts)
+                    else:
+                        torch.autograd.grad(op(*ts), ts, grad)
+
+                run()
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t0)
+                res[f"{pattern}/{dn}/{mode}"] = statistics.median(times)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--isas", nargs="+", default=["avx2", "avx512", "avx512_bf16"])
+    ap.add_argument("--mkl-avx2", action="store_true", help="add the AVX2-CPU emulation (BLAS limited too)")
+    ap.add_argument("--patterns", nargs="+", default=["sliding_window", "block_sparse"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=tuple(_DTYPES))
+    ap.add_argument("--modes", nargs="+", default=["fwd"], choices=("fwd", "fwd+bwd"))
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per round (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over configurations (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.child:
+        print(json.dumps(_child(a.patterns, a.dtypes, a.modes, a.seq, a.repeats)))
+        return 0
+    configs = {isa: {"ETKD_CPU_ISA": isa} for isa in a.isas}
+    if a.mkl_avx2:
+        configs["avx2+mkl_avx2"] = {
+            "ETKD_CPU_ISA": "avx2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2",
+        }
+    rows: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
+    argv_child = [sys.executable, "-m", "etkd_kernels.cpu.bench_isa", "--child", "1", "--seq", str(a.seq)]
+    argv_child += ["--repeats", str(a.repeats), "--threads", str(a.threads), "--patterns", *a.patterns]
+    argv_child += ["--dtypes", *a.dtypes, "--modes", *a.modes]
+    for _ in range(a.rounds):
+        for name, env in configs.items():
+            out = subprocess.run(argv_child, env=dict(os.environ, **env), capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{name}: {out.stderr[-2000:]}")
+            for key, val in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                if key != "isa":
+                    rows[name].setdefault(key, []).append(val)
+    cpu = _cpu_model()
+    print(f"# {cpu}; torch {torch.__version__}; {a.threads} threads; load {os.getloadavg()}")
+    print(f"# seconds, median of {a.rounds} rounds x median of {a.repeats} calls")
+    keys = list(next(iter(rows.values())))
+    med = {c: {k: statistics.median(v) for k, v in r.items()} for c, r in rows.items()}
+    print("| case | " + " | ".join(configs) + " |")
+    print("|---|" + "---|" * len(configs))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{med[c][k]:.4f}" for c in configs) + " |")
+    print()
+    for c in configs:
+        for p in a.patterns:
+            for mode in a.modes:
+                f32 = med[c].get(f"{p}/fp32/{mode}")
+                for dn in a.dtypes:
+                    if dn != "fp32" and f32:
+                        print(
+                            f"{c}: {p} {mode} {dn} speed-up over fp32: {f32 / med[c][f'{p}/{dn}/{mode}']:.2f}x"
+                        )
+    if "avx2" in med:
+        for c in configs:
+            if c != "avx2":
+                for k in keys:
+                    print(f"{c} vs avx2: {k}: {med['avx2'][k] / med[c][k]:.2f}x")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""An etkd `EncoderModel` as the plain HF class of its family (BERT / RoBERTa) that runs our pattern through
+`attn_implementation` (what `etkd convert --format hf-attention` writes)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from etkd.models import EncoderModel, to_hf
+
+from ._common import UnsupportedConfigError
+from .attention_interface import CONFIG_KEY
+
+NAME = {
+    "full": "etkd_full",
+    "longformer": "etkd_sliding_window",
+    "bigbird": "etkd_block_sparse",
+    "nystrom": "etkd_nystrom",
+    "lsg": "etkd_lsg",
+}
+
+
+def attention_settings(cfg) -> tuple[str, dict]:
+    """(attn_implementation name, config.etkd_attention) equivalent to an etkd EncoderConfig's attention."""
+    a = cfg.attention
+    if a == "longformer":
+        return NAME[a], {"window": cfg.window}
+    if a == "bigbird":
+        return NAME[a], {"block_size": cfg.block_size, "num_random_blocks": cfg.num_random_blocks,
+                         "seed": cfg.random_seed}  # fmt: skip
+    if a == "nystrom":
+        if cfg.conv_kernel_size is not None:
+            raise UnsupportedConfigError(
+                "to_hf_attention: a Nystrom conv term has no place in a BERT/RoBERTa class"
+            )
+        return NAME[a], {"num_landmarks": cfg.num_landmarks, "pinv_iterations": cfg.pinv_iterations,
+                         "pinv_init": cfg.pinv_init}  # fmt: skip
+    if a == "lsg":
+        return NAME[a], {"block_size": cfg.block_size, "sparse_block_size": cfg.sparse_block_size,
+                         "sparsity_factor": cfg.sparsity_factor, "sparsity_type": cfg.sparsity_type,
+                         "num_global_tokens": cfg.num_global_tokens}  # fmt: skip
+    return NAME["full"], {}
+
+
+def to_hf_attention(model: EncoderModel):
+    """The BERT/RoBERTa transformers model of `model`'s family and head, weights copied, whose config selects
+    the etkd `attn_implementation` (saved in config.json with the pattern's settings under `etkd_attention`).
+
+    Longformer global projections cannot be carried (BERT/RoBERTa have none): they must equal the local ones
+    (as `convert` initialises them), else this raises."""
+    cfg = model.config
+    name, settings = attention_settings(cfg)
+    sd = model.state_dict()
+    if cfg.global_projections:
+        for key in [k for k in sd if ".attn.qg." in k or ".attn.kg." in k or ".attn.vg." in k]:
+            local = (
+                key.replace(".attn.qg.", ".attn.q.")
+                .replace(".attn.kg.", ".attn.k.")
+                .replace(".attn.vg.", ".attn.v.")
+            )
+            if not torch.equal(sd[key], sd[local]):
+                raise UnsupportedConfigError(
+                    f"to_hf_attention: {key} differs from {local}; BERT/RoBERTa classes have no separate global "
+                    f"projections, so this trained Longformer cannot be written with --format hf-attention"
+                )
+            del sd[key]
+    plain = EncoderModel(cfg.replace(attention="full", global_projections=False))
+    plain.load_state_dict(sd)
+    hf = to_hf(plain)
+    setattr(hf.config, CONFIG_KEY, {"attn_implementation": name, **settings})
+    hf.set_attn_implementation(name)
+    return hf
+
+
+def save_hf_attention(hf_model, path: str | os.PathLike) -> None:
+    """`save_pretrained`, plus `attn_implementation` in config.json, so `from_pretrained(path)` (after
+    `import etkd.hf`) selects the etkd pattern without being told. transformers itself never writes that key:
+    a checkpoint re-saved by HF (e.g. by Trainer) needs `attn_implementation=` passed when loading."""
+    hf_model.save_pretrained(path)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        saved = json.load(f)
+    saved["attn_implementation"] = hf_model.config._attn_implementation
+    with open(config_path, "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)

@@ -1,0 +1,91 @@
+"""HF `LongformerSelfAttention` on `etkd_kernels.sliding_window_attention`.
+
+Same inputs and outputs as HF's module (LongformerModel pads to a multiple of the window and builds the
+masks; this forward only replaces the attention core): local band of `attention_window[layer]` keys,
+global rows from the separate `*_global` projections, padded query rows zero, exactly as HF.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.longformer import modeling_longformer as hf
+
+import etkd_kernels as ek
+
+from ._common import (
+    Options,
+    UnsupportedConfigError,
+    merge_heads,
+    options_of,
+    refuse_attention_weights,
+    refuse_dropout,
+)
+from ._common import split_heads as heads
+
+HF_CLASS = hf.LongformerSelfAttention
+
+
+def check(module: torch.nn.Module) -> None:
+    window = 2 * module.one_sided_attn_window_size
+    if window < 2:
+        raise UnsupportedConfigError(
+            f"Longformer layer {module.layer_id}: attention_window {window}; the sliding-window op needs >= 2"
+        )
+
+
+class LongformerSelfAttention(HF_CLASS):
+    """HF's module with its forward on `sliding_window_attention`; parameters and names unchanged."""
+
+    class_options = Options()
+
+    def __init__(self, config, layer_id):
+        super().__init__(config, layer_id)
+        check(self)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        is_index_masked=None,
+        is_index_global_attn=None,
+        is_global_attn=None,
+        output_attentions=False,
+    ):
+        opts = options_of(self)
+        refuse_attention_weights(output_attentions, "LongformerSelfAttention")
+        refuse_dropout(self, self.dropout, opts, "LongformerSelfAttention")
+        if is_index_masked is None and attention_mask is not None:
+            is_index_masked = attention_mask < 0
+        if is_index_global_attn is None and attention_mask is not None:
+            is_index_global_attn = attention_mask > 0
+        if is_global_attn is None:
+            is_global_attn = is_index_global_attn is not None and bool(is_index_global_attn.any())
+        h = self.num_heads
+        q, k, v = (heads(proj(hidden_states), h) for proj in (self.query, self.key, self.value))
+        global_mask = global_qkv = None
+        if is_global_attn:
+            global_mask = is_index_global_attn
+            # Only global rows read the global queries: project those rows alone (as HF does) and leave zeros
+            # elsewhere, which saves a seq x hidden x hidden matmul per layer.
+            qg = hidden_states.new_zeros(hidden_states.shape[:-1] + (self.embed_dim,))
+            qg = qg.index_put((global_mask,), self.query_global(hidden_states[global_mask]))
+            global_qkv = (
+                heads(qg, h),
+                heads(self.key_global(hidden_states), h),
+                heads(self.value_global(hidden_states), h),
+            )
+        out = ek.sliding_window_attention(
+            q,
+            k,
+            v,
+            2 * self.one_sided_attn_window_size,
+            global_mask=global_mask,
+            global_qkv=global_qkv,
+            key_padding_mask=None if is_index_masked is None else ~is_index_masked,
+            backend=opts.backend,
+        )
+        return (merge_heads(out),)
+
+
+PATCHES = {HF_CLASS: LongformerSelfAttention}
+MODULE_NAMES = {hf: {"LongformerSelfAttention": LongformerSelfAttention}}

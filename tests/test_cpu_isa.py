@@ -1,0 +1,247 @@
+"""ISA variants and 16-bit dtypes of the `cpu` backend, against `reference` and against each other.
+
+Every kernel target built into the extension and supported by this CPU runs in its own subprocess
+(ETKD_CPU_ISA=<target>, the choice is made once per process) on the same inputs; targets this CPU lacks are
+skipped with the reason. Tolerances per dtype (outputs, gradients; inputs ~N(0, 1), head_dim <= 64):
+float32 1e-5 / 1e-4 like tests/test_cpu_kernels.py; float16 (fp32 compute, output rounding only) 4e-3 /
+2e-2; bfloat16 (outputs rounded to 8 bits of mantissa; native targets also round P and dS to bf16 for the
+tile products, as flash attention does) 3e-2 / 1.5e-1. The reference runs in float64 on the same 16-bit
+inputs, so the tolerance covers only the kernel's own rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from helpers import assert_close
+
+import etkd_kernels
+from etkd_kernels import block_sparse_attention, nystrom_attention, sliding_window_attention
+from etkd_kernels import dispatch as dispatch_mod
+
+CPU = etkd_kernels.available_backends()["cpu"]
+pytestmark = pytest.mark.skipif(not CPU.available, reason=f"cpu backend unavailable: {CPU.reason}")
+
+ISAS = ("avx2", "avx512", "avx512_bf16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 2e-2), torch.bfloat16: (3e-2, 1.5e-1)}
+
+
+def _isa_lists() -> tuple[list[str], list[str]]:
+    from etkd_kernels import _C
+
+    return _C.built_isas(), _C.supported_isas()
+
+
+def _isa_param(name: str):
+    if not CPU.available:
+        return pytest.param(name, marks=pytest.mark.skip(reason="cpu backend unavailable"))
+    built, supported = _isa_lists()
+    if name not in built:
+        why = f"{name} is not built into this extension (built: {', '.join(built)}; compiler or non-x86 host)"
+        return pytest.param(name, marks=pytest.mark.skip(reason=why))
+    if name not in supported:
+        why = f"this CPU lacks {name} (supports: {', '.join(supported)})"
+        return pytest.param(name, marks=pytest.mark.skip(reason=why))
+    return pytest.param(name)
+
+
+def _cases(dtype: torch.dtype) -> list[tuple[str, list[torch.Tensor], dict]]:
+    """(name, [q, k, v, (qg, kg, vg)], kwargs) covering padding, globals, tails, several segments."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    b, h = 2, 2
+    cases = []
+    s, d = 150, 40  # query tiles 64 + 64 + 22; head_dim not a multiple of 16 (vector tails)
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[1, s - 9 :] = False
+    gm = torch.zeros(b, s, dtype=torch.bool)
+    gm[:, [0, 77]] = True
+    cases.append(
+        (
+            "sw_globals_pad",
+            [rnd(b, h, s, d) for _ in range(3)],
+            dict(window=32, global_mask=gm, key_padding_mask=kpm),
+        )
+    )
+    cases.append(
+        (
+            "sw_global_qkv",
+            [rnd(b, h, s, d) for _ in range(6)],
+            dict(window=16, global_mask=gm, key_padding_mask=None),
+        )
+    )
+    # band of 64 + 1024 keys per query tile: split into two key segments (kMaxSeg 640)
+    cases.append(("sw_long", [rnd(1, 1, 800, 32) for _ in range(3)], dict(window=1024)))
+    layout = torch.rand(h, 4, 4, generator=g) < 0.5
+    layout[:, torch.arange(4), torch.arange(4)] = True
+    layout[1, 2] = False  # a query block seeing nothing
+    cases.append(
+        ("bs", [rnd(b, h, 128, 32) for _ in range(3)], dict(layout=layout, key_padding_mask=kpm[:, :128]))
+    )
+    cases.append(
+        (
+            "nystrom",
+            [rnd(b, h, 96, 32) for _ in range(3)],
+            dict(num_landmarks=8, key_padding_mask=kpm[:, :96]),
+        )
+    )
+    return cases
+
+
+def _run(name: str, ts: list[torch.Tensor], kw: dict, backend: str) -> torch.Tensor:
+    if name.startswith("sw"):
+        kw = dict(kw)
+        gqkv = tuple(ts[3:6]) if len(ts) == 6 else None
+        return sliding_window_attention(*ts[:3], kw.pop("window"), global_qkv=gqkv, backend=backend, **kw)
+    if name == "bs":
+        return block_sparse_attention(
+            *ts[:3], kw["layout"], key_padding_mask=kw["key_padding_mask"], backend=backend
+        )
+    return nystrom_attention(
+        *ts[:3], kw["num_landmarks"], key_padding_mask=kw["key_padding_mask"], backend=backend
+    )
+
+
+def _forward_backward(name, ts, kw, backend, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in ts]
+    out = _run(name, leaves, kw, backend)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, leaves, grad)
+    return out.detach(), [g.detach() for g in grads]
+
+
+def _results(dtype: torch.dtype, backend: str, compute_dtype: torch.dtype | None = None) -> dict:
+    return {
+        name: _forward_backward(name, ts, kw, backend, compute_dtype or dtype)
+        for name, ts, kw in _cases(dtype)
+    }
+
+
+@functools.cache
+def _reference(dtype: torch.dtype) -> dict:
+    """float64 reference on the inputs rounded to `dtype`."""
+    return _results(dtype, "reference", compute_dtype=torch.float64)
+
+
+_CHILD_RESULTS: dict[str, dict] = {}
+
+
+def _child_results(isa: str, tmp_dir: str) -> dict:
+    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa (run once per session)."""
+    if isa not in _CHILD_RESULTS:
+        path = os.path.join(tmp_dir, f"{isa}.pt")
+        code = _CHILD.format(tests=os.path.dirname(__file__), isa=isa, path=path)
+        env = dict(os.environ, ETKD_CPU_ISA=isa)
+        res = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        _CHILD_RESULTS[isa] = torch.load(path)
+    return _CHILD_RESULTS[isa]
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_cpu_isa as t
+    import etkd_kernels
+    from etkd_kernels import _C
+    assert _C.isa() == {isa!r}, _C.isa()
+    reason = etkd_kernels.available_backends()["cpu"].reason
+    assert "ISA {isa} " in reason, reason  # available_backends() / `etkd info` name the forced target
+    torch.set_num_threads(2)
+    torch.save({{name: t._results(t.DTYPES[name], "cpu") for name in t.DTYPES}}, {path!r})
+    """
+)
+
+
+@pytest.mark.parametrize("isa", [_isa_param(i) for i in ISAS])
+def test_isa_variant_matches_reference(isa, tmp_path_factory):
+    """One subprocess per target: fp32, bf16 and fp16, forward and gradients, against float64 reference."""
+    got = _child_results(isa, str(tmp_path_factory.getbasetemp()))
+    for dname, dtype in DTYPES.items():
+        want = _reference(dtype)
+        fwd_tol, grad_tol = TOL[dtype]
+        for case, (out, grads) in got[dname].items():
+            w_out, w_grads = want[case]
+            assert out.dtype == dtype, f"{isa} {case} {dname}: output dtype {out.dtype}"
+            assert_close(out, w_out, fwd_tol, name=f"{isa} {case} {dname} out")
+            for i, (g, w) in enumerate(zip(grads, w_grads)):
+                assert g.dtype == dtype, f"{isa} {case} {dname}: grad dtype {g.dtype}"
+                assert_close(g, w, grad_tol, name=f"{isa} {case} {dname} grad[{i}]")
+
+
+def test_isa_variants_agree(tmp_path_factory):
+    """Every supported target gives the same fp32 results up to summation order (1e-5)."""
+    built, supported = _isa_lists()
+    runnable = [i for i in ISAS if i in built and i in supported]
+    if len(runnable) < 2:
+        pytest.skip(f"needs two runnable targets, this CPU/build has {runnable}")
+    outs = {isa: _child_results(isa, str(tmp_path_factory.getbasetemp()))["float32"] for isa in runnable}
+    base = runnable[0]
+    for isa in runnable[1:]:
+        for case, (out, grads) in outs[isa].items():
+            assert_close(out, outs[base][case][0], 1e-5, name=f"{isa} vs {base} {case} out")
+            for i, (g, w) in enumerate(zip(grads, outs[base][case][1])):
+                assert_close(g, w, 1e-4, name=f"{isa} vs {base} {case} grad[{i}]")
+
+
+@pytest.mark.parametrize("value", ["sse2"])
+def test_bad_forced_isa_is_an_error(value):
+    code = "import torch, etkd_kernels as e; e.sliding_window_attention(*torch.randn(3, 1, 1, 8, 8), 2)"
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, ETKD_CPU_ISA=value), capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    assert f"ETKD_CPU_ISA={value}" in res.stderr and "avx2" in res.stderr, res.stderr[-2000:]
+
+
+def test_16bit_runs_on_cpu_under_auto():
+    """bf16 and fp16 CPU tensors resolve to the fused cpu backend, not to reference."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for op in ("sliding_window", "block_sparse", "nystrom", "full"):
+            assert dispatch_mod.selected_backend_name(op, torch.device("cpu"), dtype) == "cpu"
+
+
+def test_full_attention_16bit_matches_reference():
+    from etkd_kernels import full_attention
+
+    g = torch.Generator().manual_seed(0)
+    kpm = torch.ones(2, 70, dtype=torch.bool)
+    kpm[1, 60:] = False
+    for dtype in (torch.bfloat16, torch.float16):
+        ts = [torch.randn(2, 2, 70, 32, generator=g).to(dtype) for _ in range(3)]
+        got = full_attention(*ts, key_padding_mask=kpm, backend="cpu")
+        want = full_attention(*(t.double() for t in ts), key_padding_mask=kpm, backend="reference")
+        assert got.dtype == dtype
+        assert_close(got, want, TOL[dtype][0], name=f"full {dtype}")
+
+
+def test_fallback_to_reference_warns_once(monkeypatch):
+    """float64 on the CPU: `auto` takes reference and says once why and that cpu takes float32."""
+    monkeypatch.setattr(dispatch_mod, "_warned", set())
+    q = torch.randn(1, 1, 16, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sliding_window_attention(q, q, q, 4)
+        sliding_window_attention(q, q, q, 4)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "reference" in msgs[0] and "cpu takes torch.float32" in msgs[0] and "torch.float64" in msgs[0]
+    with warnings.catch_warnings(record=True) as caught:  # an explicit choice is not a silent fallback
+        warnings.simplefilter("always")
+        monkeypatch.setattr(dispatch_mod, "_warned", set())
+        sliding_window_attention(q, q, q, 4, backend="reference")
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]

@@ -1,0 +1,253 @@
+"""etkd's patterns as transformers `attn_implementation` names (BERT / RoBERTa via AttentionInterface).
+
+Oracles: HF's own eager attention (etkd_full everywhere; sliding window with a window covering the whole
+sequence, and Nystrom with landmarks == seq, on real tokens), HF's LongformerModel on the same RoBERTa weights
+(etkd_sliding_window with global tokens and padding), and eager attention under the layout's dense mask
+(etkd_block_sparse). fp32, 1e-5 relative to HF's scale, outputs and parameter gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import assert_close
+
+import etkd.hf
+from etkd.models import convert, from_hf, to_hf
+
+transformers = pytest.importorskip("transformers")
+
+RTOL = 1e-5
+SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+)  # fmt: skip
+
+
+def close(got, ref, name):
+    scale = max(1.0, float(ref.detach().abs().max()))
+    return assert_close(got, ref, atol=RTOL * scale, name=name)
+
+
+def with_impl(model, name: str, **settings):
+    """A deep copy of `model` running attn_implementation `name` with config.etkd_attention = settings."""
+    twin = copy.deepcopy(model)
+    twin.config.etkd_attention = settings
+    twin.set_attn_implementation(name)
+    return twin
+
+
+def eager(model):
+    model.set_attn_implementation("eager")
+    return model
+
+
+def batch(seq: int, pad_id: int = 0, padding: bool = True):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 99, (2, seq), generator=g)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    if padding:
+        mask[1, seq - 6 :] = 0
+        ids[1, seq - 6 :] = pad_id
+    return ids, mask
+
+
+def reference_grads(ref_model, model) -> dict[str, torch.Tensor | None]:
+    """The reference gradient of each of `model`'s parameters. Against HF Longformer (whose `longformer.*`
+    global projections are copies of the local ones) a local q/k/v weight's gradient is the sum of both."""
+    ref = {k: p.grad for k, p in ref_model.named_parameters()}
+    if not isinstance(ref_model, transformers.LongformerPreTrainedModel):
+        return ref
+    out = {}
+    for key, _ in model.named_parameters():
+        lf = key.replace("roberta.", "longformer.", 1)
+        g = ref[lf]
+        for local in ("query", "key", "value"):
+            if f".self.{local}." in lf:
+                g = g + ref[lf.replace(f".self.{local}.", f".self.{local}_global.")]
+        out[key] = g
+    return out
+
+
+def grads_close(ref_model, model, name):
+    ref = reference_grads(ref_model, model)
+    for key, q in model.named_parameters():
+        if ref[key] is None:
+            assert q.grad is None, key
+            continue
+        close(q.grad, ref[key], f"{name} grad {key}")
+
+
+def run_pair(ref_model, model, ids, mask, compare_padded: bool, name: str, **kw):
+    """Token-classification loss on real tokens; logits compared (padded rows too when compare_padded)."""
+    labels = torch.where(mask.bool(), ids % 3, -100)
+    outs = []
+    for m in (ref_model, model):
+        m.train()
+        m.zero_grad()
+        out = m(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+        out.loss.backward()
+        outs.append(out)
+    ref, got = outs
+    rows = slice(None) if compare_padded else mask.bool()
+    close(got.logits[rows], ref.logits[rows], f"{name} logits")
+    close(got.loss, ref.loss, f"{name} loss")
+    grads_close(ref_model, model, name)
+
+
+def test_names_are_registered():
+    from transformers import AttentionInterface
+
+    for name in ("etkd_sliding_window", "etkd_block_sparse", "etkd_nystrom", "etkd_lsg", "etkd_full"):
+        assert name in AttentionInterface().valid_keys()
+
+
+@pytest.mark.parametrize("family", ["Bert", "Roberta"])
+def test_etkd_full_equals_eager_everywhere(family):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, family + "Config")(max_position_embeddings=64, **SMALL)
+    ref = eager(getattr(transformers, family + "ForTokenClassification")(cfg))
+    ids, mask = batch(20, pad_id=cfg.pad_token_id)
+    run_pair(ref, with_impl(ref, "etkd_full"), ids, mask, compare_padded=True, name=f"{family} full")
+
+
+def test_sliding_window_covering_the_sequence_equals_eager_on_real_tokens():
+    torch.manual_seed(0)
+    ref = eager(
+        transformers.BertForTokenClassification(transformers.BertConfig(max_position_embeddings=64, **SMALL))
+    )
+    ids, mask = batch(20)
+    # padded query rows: zeros in etkd's sparse patterns (as HF Longformer), so compare real rows
+    run_pair(ref, with_impl(ref, "etkd_sliding_window", window=40), ids, mask, False, "window>=seq")
+
+
+def test_nystrom_with_landmarks_equal_to_seq_equals_eager_on_real_tokens():
+    torch.manual_seed(0)
+    ref = eager(
+        transformers.BertForTokenClassification(transformers.BertConfig(max_position_embeddings=64, **SMALL))
+    )
+    ids, mask = batch(20)
+    run_pair(ref, with_impl(ref, "etkd_nystrom", num_landmarks=20), ids, mask, False, "nystrom l=seq")
+
+
+def roberta_and_longformer(window: int):
+    """A RoBERTa token classifier on etkd_sliding_window and HF's LongformerForTokenClassification with the
+    same weights (global projections = the local ones, as `convert` makes them)."""
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(max_position_embeddings=66, pad_token_id=1, **SMALL)
+    roberta = transformers.RobertaForTokenClassification(cfg)
+    ours = convert(from_hf(roberta), "longformer", max_positions=64, window=window)
+    longformer = to_hf(ours)
+    return with_impl(roberta, "etkd_sliding_window", window=window), longformer
+
+
+def test_sliding_window_equals_hf_longformer_with_globals_and_padding():
+    model, longformer = roberta_and_longformer(window=6)
+    ids, mask = batch(23, pad_id=1)
+    glob = torch.zeros_like(mask)
+    glob[:, 0] = 1
+    glob[0, 11] = 1
+    run_pair(longformer, model, ids, mask, True, "vs longformer", global_attention_mask=glob)
+
+
+def test_block_sparse_equals_eager_under_the_dense_layout_mask():
+    import etkd_kernels as ek
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(max_position_embeddings=128, **{**SMALL, "num_hidden_layers": 1})
+    ref = eager(transformers.BertForTokenClassification(cfg))
+    settings = dict(block_size=8, num_random_blocks=1, seed=3)
+    model = with_impl(ref, "etkd_block_sparse", **settings)
+    seq = 96  # > (3 + 2 + 2r) * block_size: a real sparse layout
+    layout = ek.bigbird_layout(seq, 8, num_random_blocks=1, seed=3, num_heads=4)
+    allowed = layout.to_dense()[:, :seq, :seq]  # (heads, seq, seq)
+    assert not bool(allowed.all())
+    ids, mask = batch(seq)
+    real = mask.bool()
+    # the same pattern for eager: a 4D additive mask (batch, heads, seq, seq), padded keys removed
+    keep = allowed[None] & real[:, None, None, :]
+    bias = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    labels = torch.where(real, ids % 3, -100)
+    ref.zero_grad()
+    ref_out = ref(input_ids=ids, attention_mask=bias, labels=labels)
+    ref_out.loss.backward()
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    close(out.logits[real], ref_out.logits[real], "block_sparse logits")
+    grads_close(ref, model, "block_sparse")
+
+
+def test_lsg_runs_and_differs_from_full():
+    torch.manual_seed(0)
+    ref = transformers.BertModel(transformers.BertConfig(max_position_embeddings=128, **SMALL))
+    model = with_impl(ref, "etkd_lsg", block_size=8, sparsity_factor=2)
+    ids, mask = batch(96)
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref(input_ids=ids, attention_mask=mask)[0])
+
+
+def test_errors_are_clear():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        max_position_embeddings=64, **{**SMALL, "attention_probs_dropout_prob": 0.1}
+    )
+    base = transformers.BertModel(cfg)
+    ids, mask = batch(20)
+    missing = with_impl(base, "etkd_sliding_window")
+    with pytest.raises(etkd.hf.UnsupportedConfigError, match=r"etkd_attention\['window'\]"):
+        missing(input_ids=ids, attention_mask=mask)
+    model = with_impl(base, "etkd_sliding_window", window=8)
+    model.eval()
+    with pytest.raises(etkd.hf.UnsupportedConfigError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    model.train()
+    with pytest.raises(etkd.hf.UnsupportedConfigError, match="attention dropout p=0.1"):
+        model(input_ids=ids, attention_mask=mask)
+    model.config.etkd_attention["ignore_attention_dropout"] = True
+    model(input_ids=ids, attention_mask=mask)
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path):
+    model, longformer = roberta_and_longformer(window=6)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForTokenClassification.from_pretrained(
+        tmp_path, attn_implementation="etkd_sliding_window"
+    )
+    assert loaded.config._attn_implementation == "etkd_sliding_window"
+    assert loaded.config.etkd_attention == {"window": 6}
+    ids, mask = batch(23, pad_id=1)
+    loaded.eval(), longformer.eval()
+    close(
+        loaded(input_ids=ids, attention_mask=mask).logits,
+        longformer(input_ids=ids, attention_mask=mask).logits,
+        "loaded",
+    )
+
+
+def test_etkd_convert_format_hf_attention(tmp_path):
+    from etkd.distill.cli import main
+
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(max_position_embeddings=34, pad_token_id=1, **SMALL)
+    transformers.RobertaForMaskedLM(cfg).save_pretrained(tmp_path / "src")
+    common = ["convert", "--from", str(tmp_path / "src"), "--to", "longformer", "--max-positions", "64"]
+    common += ["--window", "8"]
+    assert main([*common, "--format", "hf-attention", "--out", str(tmp_path / "attn")]) == 0
+    assert main([*common, "--format", "hf", "--out", str(tmp_path / "lf")]) == 0
+    saved = json.loads((tmp_path / "attn" / "config.json").read_text())
+    assert saved["model_type"] == "roberta" and saved["attn_implementation"] == "etkd_sliding_window"
+    assert saved["etkd_attention"] == {"attn_implementation": "etkd_sliding_window", "window": 8}
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "attn")  # name from config.json
+    assert model.config._attn_implementation == "etkd_sliding_window"
+    longformer = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "lf")
+    ids, mask = batch(50, pad_id=1)
+    glob = torch.zeros_like(mask)
+    glob[:, 0] = 1
+    model.eval(), longformer.eval()
+    got = model(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
+    ref = longformer(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
+    close(got, ref, "converted")

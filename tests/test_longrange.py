@@ -1,0 +1,133 @@
+"""The built-in long-range tasks: deterministic by seed, evidence out of a 512-token window's reach (and in
+reach of a 4096-token one), labels consistent with the evidence, the control variant in reach."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from etkd.distill import demo_data
+from etkd.distill.tasks import glue, longrange, ner
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    paths = longrange.write_all(str(d / "far"), seed=3, n_train=12, n_dev=4)
+    near = longrange.write_all(str(d / "near"), seed=3, n_train=12, n_dev=4, near=True)
+    return paths, near, demo_data.tokenizer()
+
+
+def _fast(tok):
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(demo_data.vocabulary())}, do_lower_case=True)
+
+
+def test_deterministic_by_seed(tmp_path):
+    a = longrange.write_ner(str(tmp_path / "a"), 3, seed=5)
+    b = longrange.write_ner(str(tmp_path / "b"), 3, seed=5)
+    c = longrange.write_ner(str(tmp_path / "c"), 3, seed=6)
+    text = [open(p).read() for p in (a, b, c)]
+    assert text[0] == text[1] and text[0] != text[2]
+    a = longrange.write_cls(str(tmp_path / "a.jsonl"), 3, seed=5)
+    b = longrange.write_cls(str(tmp_path / "b.jsonl"), 3, seed=5)
+    assert open(a).read() == open(b).read()
+
+
+def test_ner_documents(files):
+    paths, _, _ = files
+    docs = ner.read_conll(paths["long_ner_train"], "document")
+    assert len(docs) == 12
+    kinds = set()
+    for d in docs:
+        words, tags = d["tokens"], d["tags"]
+        assert 2000 <= len(words) <= 2600 + 40
+        code, kind = words[0], words[3]
+        assert code in longrange.CODENAMES and words[1:3] == ["is", "a"]
+        assert words[:40] == words[:5] * 8  # the opening paragraph: the declaration, 8 times
+        tag = "B-" + longrange.KINDS[kind]
+        kinds.add(kind)
+        mentions = [i for i, w in enumerate(words) if w in longrange.CODENAMES and i >= 40]
+        assert len(mentions) > 5
+        assert all(words[i] == code and tags[i] == tag for i in mentions)  # one codename, one type
+        assert all(i >= 640 for i in mentions)  # every later mention is far from the declaration
+        assert "is" not in words[40:] and not set(longrange.KINDS) & set(words[40:])  # said only there
+    assert len(kinds) > 1  # the type changes between documents
+
+
+def test_evidence_out_of_reach_of_512_windows(files):
+    """With finetune's NER windows (512 tokens, stride 128) no window holds the declaration and a later
+    mention; a 4096-token window holds the whole document."""
+    paths, _, tok = files
+    tok = _fast(tok)
+    docs = ner.read_conll(paths["long_ner_dev"], "document")
+    labels = ner.label_list(docs)
+    feats = ner.encode(docs, tok, {t: i for i, t in enumerate(labels)}, 512, 128)
+    unk = tok.unk_token_id
+    assert all(unk not in f["input_ids"] for f in feats)  # every word is one known token
+    for f in feats:
+        words = [w for w in f["word_index"] if w >= 0]
+        has_decl = any(w < 40 for w in words)  # the opening paragraph
+        mentions = [
+            w for w in words if docs[f["example_index"]]["tokens"][w] in longrange.CODENAMES and w >= 40
+        ]
+        assert not (has_decl and mentions)
+    long_feats = ner.encode(docs, tok, {t: i for i, t in enumerate(labels)}, 4096, 128)
+    assert len(long_feats) == len(docs)
+
+
+def test_classification_documents(files):
+    paths, near, tok = files
+    tok = _fast(tok)
+    for path, far in ((paths["long_cls_train"], True), (near["long_cls_train"], False)):
+        examples = glue.read_glue_file(path, "sst2")
+        assert {e["label"] for e in examples} == {0, 1}
+        for e in examples:
+            words = e["text_a"].split()
+            at = [i for i, w in enumerate(words) if w == "film"]
+            opinions = {words[i + 2] for i in at}
+            assert len(at) == 12 and all(words[i + 3] == "." for i in at)
+            assert opinions <= set(demo_data.GOOD if e["label"] == 1 else demo_data.BAD)
+            assert sum(w in demo_data.GOOD + demo_data.BAD for w in words) == 12
+            assert all(i > 640 for i in at) if far else all(i < 300 for i in at)
+        film = tok.convert_tokens_to_ids("film")
+        cut = glue.encode(examples, tok, 512)
+        # Truncation to 512 tokens drops the only evidence of the far variant and keeps the near one's.
+        assert all((film in f["input_ids"]) != far for f in cut)
+
+
+def test_near_variant_restates_declaration(files):
+    _, near, _ = files
+    for d in ner.read_conll(near["long_ner_train"], "document"):
+        decl = [i for i, w in enumerate(d["tokens"]) if w == "is"]
+        gaps = [b - a for a, b in zip(decl, decl[1:])]
+        assert decl[0] == 1 and max(gaps) < 512 - 100
+
+
+def test_breakdown_separates_codename_and_ordinary(files):
+    paths, _, _ = files
+    docs = ner.read_conll(paths["long_ner_dev"], "document")
+    gold = [list(d["tags"]) for d in docs]
+    assert longrange.breakdown(docs, gold) == {"f1_codename": 100.0, "f1_ordinary": 100.0}
+    rng = random.Random(0)
+    wrong = []
+    for (
+        d
+    ) in docs:  # every later codename mention gets another type: what a model without the declaration does
+        tags = list(d["tags"])
+        for i, w in enumerate(d["tokens"]):
+            if i >= 40 and w in longrange.CODENAMES:
+                tags[i] = rng.choice([t for t in ("B-PER", "B-ORG", "B-LOC", "B-MISC") if t != tags[i]])
+        wrong.append(tags)
+    b = longrange.breakdown(docs, wrong)
+    assert b["f1_codename"] == 0.0 and b["f1_ordinary"] == 100.0
+
+
+def test_cli_writes_files_and_tokenizer(tmp_path):
+    assert longrange.main(["--out", str(tmp_path), "--train", "2", "--dev", "1"]) == 0
+    assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()
+    with open(tmp_path / "long_cls_dev.jsonl") as f:
+        assert len([json.loads(x) for x in f]) == 1
