@@ -51,6 +51,7 @@ demo: $(STAMP)
 # make bench                         quick size (seq 1024): every pattern x provider, fwd and fwd+bwd; saves
 #                                    JSON under .benchmarks/ and prints README's benchmark table from it
 # make bench BENCH_ARGS="--paper-sizes --memory"          the paper's sizes, with peak memory per row
+# make bench BENCH_ARGS="--seq-lens 4096 --memory"       README's table (seq 4096, peak memory)
 # make bench BENCH_ARGS="--dtype bf16"                    bf16 inputs
 # make bench BENCH_ARGS="--benchmark-compare=0001 --benchmark-compare-fail=median:25%"   flag regressions
 BENCH_ARGS ?=
