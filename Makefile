@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: all env test test-fast lint demo bench clean
+.PHONY: all env test test-fast lint demo bench gpu-check clean
 
 all: test
 
@@ -19,7 +19,7 @@ $(BIN)/python:
 # Only etkd itself is built without isolation (it compiles against the venv's torch) and without deps (they are
 # in place by then). The dependency list is read from pyproject.toml, the one place it is written.
 # `pip check` fails the step if what got installed does not fit together.
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h)
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*/*.cpp csrc/*/*/*.h)
 	$(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 		print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > $(VENV)/requirements.txt
 	$(BIN)/pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja -r $(VENV)/requirements.txt
@@ -37,8 +37,13 @@ lint: $(STAMP)
 # its tests run in a pytest process of their own and every other test sees the normal CPU dispatch.
 test: $(STAMP)
 	$(MAKE) lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/test_triton_kernels.py
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py
+	$(BIN)/python -m pytest -q tests --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_lsg.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_lsg.py
+
+# The one-shot acceptance run for a machine with a GPU (parity of everything vs the fp32 reference, large
+# shapes, timings): writes gpu_check.json and exits non-zero on any parity failure.
+gpu-check: $(STAMP)
+	$(BIN)/python -m etkd_kernels.gpu_check --out gpu_check.json
 
 demo: $(STAMP)
 	$(BIN)/etkd demo
@@ -46,6 +51,7 @@ demo: $(STAMP)
 # make bench                         quick size (seq 1024): every pattern x provider, fwd and fwd+bwd; saves
 #                                    JSON under .benchmarks/ and prints README's benchmark table from it
 # make bench BENCH_ARGS="--paper-sizes --memory"          the paper's sizes, with peak memory per row
+# make bench BENCH_ARGS="--seq-lens 4096 --memory"       README's table (seq 4096, peak memory)
 # make bench BENCH_ARGS="--dtype bf16"                    bf16 inputs
 # make bench BENCH_ARGS="--benchmark-compare=0001 --benchmark-compare-fail=median:25%"   flag regressions
 BENCH_ARGS ?=

@@ -4,9 +4,9 @@ with `--mode train`, the time and peak memory of one training step (forward + ba
 For each model family (full-attention baselines at 512 and extended to 4096; Longformer, BigBird, LSG,
 Nystromformer teachers) and its half-depth student (`make_student`, every other layer), each
 implementation — HF's own model class (`to_hf` of the same weights) and our encoder on each available
-backend — runs in a fresh process (`harness.run_fresh`): warm-up, the peak memory of one call
-(`PeakMemory`: process high-water mark on a CPU, `max_memory_allocated` on a GPU), then `repeats` timed
-calls (median and 20/80% quantiles). `--dtype bf16|fp16` casts the weights of both sides. Output: the table
+backend — runs in a fresh process (`harness.run_fresh`): a warm-up call, then `repeats` timed calls
+(median and 20/80% quantiles) and their peak memory above the level after warm-up (`PeakMemory`: process
+high-water mark on a CPU, `max_memory_allocated` on a GPU). `--dtype bf16|fp16` casts the weights of both sides. Output: the table
 (on the CPU it leads with ours-vs-HF ratios), JSON with the environment, and a PNG plot.
 """
 
@@ -124,9 +124,8 @@ def worker(spec: dict) -> dict:
                 model(**kwargs)
 
     call()  # warm-up: lazy initialisation, allocator pools; in train mode AdamW's state
-    with PeakMemory(device) as peak:
-        call()
-    t = time_call(call, spec["repeats"], warmup=spec["warmup"] - 1, device=device)
+    with PeakMemory(device) as peak:  # every timed call is the same work: the peak is that of one call
+        t = time_call(call, spec["repeats"], warmup=spec["warmup"] - 1, device=device)
     row.peak_mib, row.time_s, row.time_p20, row.time_p80 = peak.peak_mib, t.median, t.p20, t.p80
     return asdict(row)
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .bench import environment
+from .harness import environment
 
 
 def _build(layers: int, hidden: int, heads: int, window: int, seq: int):
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             model.zero_grad(set_to_none=True)
             model(**kw).last_hidden_state.square().mean().backward()
 
-    env = environment()
+    env = environment("cpu")
     print(
         f"LongformerModel {args.layers}x{args.hidden}, {args.heads} heads, window {args.window}, "
-        f"{args.batch}x{args.seq}, fp32, {env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
+        f"{args.batch}x{args.seq}, fp32, {env.cpu} ({env.isa}), {env.threads} threads, torch {env.torch}, "
         f"load {os.getloadavg()[0]:.1f}; max |patched - HF| / max |HF| = {err:.1e}"
     )
     rows = []
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "environment": env, "max_rel_err": err, "rows": rows}, f, indent=1)
+            json.dump(
+                {"args": vars(args), "environment": env.as_dict(), "max_rel_err": err, "rows": rows},
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -57,12 +57,15 @@ def run(args: argparse.Namespace) -> int:
     elif not os.path.isdir(source) or any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         tokenizer = load_tokenizer(source, "--from")
     model = EncoderModel.from_pretrained(source)
-    new = convert(
-        model, args.to, args.max_positions, window=args.window, block_size=args.block_size,
-        num_random_blocks=args.num_random_blocks, num_landmarks=args.num_landmarks,
-        sparse_block_size=args.sparse_block_size, sparsity_factor=args.sparsity_factor,
-        sparsity_type=args.sparsity_type, num_global_tokens=args.num_global_tokens,
-    )  # fmt: skip
+    try:
+        new = convert(
+            model, args.to, args.max_positions, window=args.window, block_size=args.block_size,
+            num_random_blocks=args.num_random_blocks, num_landmarks=args.num_landmarks,
+            sparse_block_size=args.sparse_block_size, sparsity_factor=args.sparsity_factor,
+            sparsity_type=args.sparsity_type, num_global_tokens=args.num_global_tokens,
+        )  # fmt: skip
+    except ValueError as exc:  # the model library names the argument (window, block size, ...)
+        raise UserError(f"convert: {exc}") from None
     if args.format == "hf":
         to_hf(new).save_pretrained(args.out)
     elif args.format == "hf-attention":

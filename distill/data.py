@@ -52,7 +52,11 @@ def list_files(path: str | os.PathLike) -> list[str]:
 
 
 def looks_local(source: str) -> bool:
-    return os.path.exists(source) or source.endswith(TEXT_EXTENSIONS) or source.startswith((".", "/", "~"))
+    """A path (that may be mistyped), not an HF dataset name: exists, has a data file extension, or can only
+    be a path (`./x`, `/x`, `a/b/c`, `dir/x` with an existing `dir`)."""
+    from .core import looks_like_path
+
+    return os.path.exists(source) or source.endswith(TEXT_EXTENSIONS) or looks_like_path(source)
 
 
 class _Skips:
@@ -135,9 +139,13 @@ class TextSource:
             raise ValueError("data: expected at least one file, directory or dataset name")
         self.text_field, self.config, self.split, self.streaming = text_field, config, split, streaming
         self._skips = _Skips(on_error)
-        for s in self.sources:  # fail fast on a missing local path
+        for s in self.sources:  # fail fast on a missing local path or an unknown / unreachable dataset
             if looks_local(s):
                 list_files(s)
+            else:
+                from .core import check_hub_name
+
+                check_hub_name(s, "--data", "dataset")
 
     @property
     def skipped(self) -> int:
@@ -156,7 +164,12 @@ class TextSource:
     def _iter_hub(self, name: str) -> Iterator[str]:
         import datasets
 
-        ds = datasets.load_dataset(name, self.config, split=self.split, streaming=self.streaming)
+        try:
+            ds = datasets.load_dataset(name, self.config, split=self.split, streaming=self.streaming)
+        except (OSError, ValueError) as exc:  # not cached offline, unknown config or split, ...
+            raise DataError(
+                f"--data {name}: cannot load this dataset ({' '.join(str(exc).split())[:200]})"
+            ) from None
         for i, row in enumerate(ds):
             text = row.get(self.text_field)
             if not isinstance(text, str):

@@ -20,10 +20,7 @@ import os
 import torch
 
 from .config import add_config_arg, finish, resolve
-from .core import log, start_run
-from .errors import UserError
-from .losses import distillation_loss
-from .pretrain import (
+from .core import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
     TRAIN_DEFAULTS,
@@ -33,14 +30,18 @@ from .pretrain import (
     add_train_args,
     check_vocab,
     load_model,
+    log,
     mlm_data,
     prepare_model,
     require_mlm_head,
     save_model,
+    start_run,
     tokenizer_for,
     train_config,
     write_json,
 )
+from .errors import UserError
+from .losses import distillation_loss
 from .training import train
 
 STUDENT_DEFAULTS = {
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if ns.backend:
         teacher.set_attention_backend(ns.backend)
     tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
-    check_vocab(tokenizer, student, "student")
+    check_vocab(tokenizer, student)
     data, collate = mlm_data(ns, tokenizer, student.config.max_tokens)
     cfg = train_config(ns)
     start_run(ns)

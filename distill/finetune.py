@@ -481,6 +481,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 HIDDEN = argparse.SUPPRESS  # old spellings stay accepted, out of --help
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -507,10 +508,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="NER: extra entity types the data may use, comma-separated (conll2003 / gonerd "
                    "accept PER, ORG, LOC, MISC; another type is an error naming its line)")  # fmt: skip
     p.add_argument("--eval-batch-size", type=int, help="sequences per evaluation batch")
-    p.add_argument(
-        "--backend", help="attention kernel backend: auto, reference, cpu, triton, cuda (default: auto)"
-    )
-    p.add_argument("--attention-backend", dest="backend", help=HIDDEN)
+    p.add_argument("--backend", choices=BACKENDS, help="attention kernel backend (default: auto)")
+    p.add_argument("--attention-backend", dest="backend", choices=BACKENDS, help=HIDDEN)
     p.add_argument("--name", help="model name in the results (and in `etkd report`)")
     p.add_argument("--teacher", help="name of this model's teacher (for retention in `etkd report`)")
     p.add_argument("--output", help="results JSON path")

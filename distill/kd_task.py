@@ -21,24 +21,27 @@ import os
 import torch
 
 from .config import add_config_arg, finish, resolve
-from .core import is_main_process, log, start_run, with_head
-from .data import ClassificationCollator, load_classification
-from .distill import STUDENT_DEFAULTS, add_student_args, build_student
-from .errors import UserError
-from .losses import TASK_LOSSES, inverse_platt, platt_scale, task_kd_loss
-from .pretrain import (
+from .core import (
     MODEL_DEFAULTS,
     TRAIN_DEFAULTS,
     add_model_args,
     add_train_args,
     check_vocab,
+    is_main_process,
     load_model,
+    log,
     prepare_model,
     save_model,
+    start_run,
     tokenizer_for,
     train_config,
+    with_head,
     write_json,
 )
+from .data import ClassificationCollator, load_classification
+from .distill import STUDENT_DEFAULTS, add_student_args, build_student
+from .errors import UserError
+from .losses import TASK_LOSSES, inverse_platt, platt_scale, task_kd_loss
 from .training import train
 
 DEFAULTS = {
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = prepare_model(with_classification_head(base_teacher, num_labels, ns.seed), ns)
     tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
     collate = ClassificationCollator(tokenizer, max_length=ns.max_length)
-    check_vocab(tokenizer, base_teacher, "teacher")
+    check_vocab(tokenizer, base_teacher)
     is_main = is_main_process()
     start_run(ns)
 

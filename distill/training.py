@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .errors import UserError
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -136,7 +138,7 @@ class ShardedBatches:
         if self.map_style:
             self.batches_per_epoch = len(data) // self.global_batch
             if self.batches_per_epoch == 0:
-                raise ValueError(
+                raise UserError(
                     f"train_data: {len(data)} examples is less than one global batch "
                     f"(per_device_batch_size {batch_size} x {world} processes)"
                 )

@@ -4,8 +4,12 @@ Every backend is a subpackage of `etkd_kernels` (`reference`, `cpu`, `triton`, `
 
     NAME: str
     OPS: dict[str, str]                        # op name -> module (relative) holding forward/backward
+    AUTO_DEVICES: tuple[str, ...] | None       # device types `auto` may pick it for (None: any)
     unavailable_reason() -> str | None         # None when built and importable
-    not_supported_reasons(op, device, dtype) -> list[str]
+    capabilities(op) -> Capabilities           # what its kernel for `op` takes, as data
+
+The capabilities are the only statement of what a backend can run: `auto`, `support_matrix`, the errors of
+an explicitly requested backend and the generated test matrix all read them, so no limit is written twice.
 
 `resolve()` turns a requested name ("auto" or a backend) into the backend module that will run, and
 raises with every backend's reason when nothing fits. Selection precedence: an explicit `backend=`
@@ -16,6 +20,7 @@ then `auto`, which walks `PRIORITY` for the tensors' device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
@@ -35,6 +40,63 @@ OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
 _local = threading.local()
 _warned: set[tuple[str, str, torch.dtype]] = set()
 _OTHER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a call asks of a kernel: the tensors' device and dtype and the shape limits kernels care about."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int | None = None
+    batch_heads: int | None = None
+    seq: int | None = None
+
+    @classmethod
+    def of(cls, q: torch.Tensor) -> Problem:
+        b, h, s, d = q.shape
+        return cls(q.device, q.dtype, d, b * h, s)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend's kernel for one op accepts. `None` means "no limit" for the optional fields.
+
+    head_dims: the exact head sizes compiled (e.g. template instances); max_head_dim: any size up to this.
+    max_batch_heads / max_seq: launch-grid and index-width limits of the kernel.
+    needs_build: False when the op runs on torch alone (the backend's compiled part is not needed).
+    """
+
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, ...] | None = None
+    max_head_dim: int | None = None
+    max_batch_heads: int | None = None
+    max_seq: int | None = None
+    needs_build: bool = True
+    device_note: str = ""
+
+    def reasons(self, p: Problem) -> list[str]:
+        why = []
+        if self.devices is not None and p.device.type not in self.devices:
+            note = f" ({self.device_note})" if self.device_note else ""
+            why.append(f"needs {'/'.join(self.devices)} tensors, got {p.device.type}{note}")
+        if p.dtype not in self.dtypes:
+            why.append(f"supports {', '.join(str(d).split('.')[-1] for d in self.dtypes)}, got {p.dtype}")
+        if p.head_dim is not None:
+            if self.head_dims is not None and p.head_dim not in self.head_dims:
+                why.append(f"head_dim must be one of {self.head_dims}, got {p.head_dim}")
+            if self.max_head_dim is not None and p.head_dim > self.max_head_dim:
+                why.append(f"head_dim must be <= {self.max_head_dim}, got {p.head_dim}")
+        if (
+            p.batch_heads is not None
+            and self.max_batch_heads is not None
+            and p.batch_heads > self.max_batch_heads
+        ):
+            why.append(f"batch * heads must be <= {self.max_batch_heads}, got {p.batch_heads}")
+        if p.seq is not None and self.max_seq is not None and p.seq > self.max_seq:
+            why.append(f"seq must be <= {self.max_seq}, got {p.seq}")
+        return why
 
 
 @dataclass(frozen=True)
@@ -94,48 +156,74 @@ def requested_backend(backend: str = "auto") -> str:
     return env
 
 
-def reasons(name: str, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+def capabilities(name: str, op: str) -> Capabilities | None:
+    """Backend `name`'s declared capabilities for `op` (None when it has no kernel for it)."""
     mod = _module(name)
-    why = mod.unavailable_reason()
-    if why is not None:
-        return [why]
-    if op not in mod.OPS:
+    return mod.capabilities(op) if op in mod.OPS else None
+
+
+def reasons(
+    name: str, op: str, problem: Problem | torch.device, dtype: torch.dtype | None = None
+) -> list[str]:
+    """Why backend `name` cannot run `op` for `problem` (or for `device`, `dtype`): empty when it can."""
+    problem = _problem(problem, dtype)
+    mod = _module(name)
+    caps = capabilities(name, op)
+    if caps is None:
         return [f"{name} has no {op} kernel"]
-    return list(mod.not_supported_reasons(op, device, dtype))
+    if caps.needs_build:
+        why = mod.unavailable_reason()
+        if why is not None:
+            return [why]
+    return caps.reasons(problem)
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> ModuleType:
-    """The implementation module (with `forward`/`backward`) of `op` for the requested backend."""
+def _problem(device: torch.device | Problem, dtype: torch.dtype | None) -> Problem:
+    return device if isinstance(device, Problem) else Problem(torch.device(device), dtype)
+
+
+def resolve(
+    op: str, device: torch.device | Problem, dtype: torch.dtype | None = None, backend: str = "auto"
+) -> ModuleType:
+    """The implementation module (with `forward`/`backward`) of `op` for the requested backend.
+
+    `device` is a device (with `dtype`) or a `Problem`, which also carries the shape limits kernels check.
+    """
+    p = _problem(device, dtype)
+    where = f"{p.device}/{p.dtype}" + ("" if p.head_dim is None else f"/head_dim {p.head_dim}")
     name = requested_backend(backend)
     if name != "auto":
-        why = reasons(name, op, device, dtype)
+        why = reasons(name, op, p)
         if why:
-            raise RuntimeError(f"backend {name!r} cannot run {op} on {device}/{dtype}: " + "; ".join(why))
+            raise RuntimeError(f"backend {name!r} cannot run {op} on {where}: " + "; ".join(why))
         return importlib.import_module(f"etkd_kernels.{name}.{_module(name).OPS[op]}")
     rejected = []
     for cand in PRIORITY:
         auto_devices = _module(cand).AUTO_DEVICES
-        if auto_devices is not None and device.type not in auto_devices:
-            rejected.append(f"{cand}: not chosen by auto for {device.type} tensors")
+        if auto_devices is not None and p.device.type not in auto_devices:
+            rejected.append(f"{cand}: not chosen by auto for {p.device.type} tensors")
             continue
-        why = reasons(cand, op, device, dtype)
+        why = reasons(cand, op, p)
         if not why:
             if cand == "reference":
-                _warn_slow_fallback(op, device, dtype)
+                _warn_slow_fallback(op, p)
             return importlib.import_module(f"etkd_kernels.{cand}.{_module(cand).OPS[op]}")
         rejected.append(f"{cand}: {'; '.join(why)}")
-    raise RuntimeError(f"no backend can run {op} on {device}/{dtype}:\n  " + "\n  ".join(rejected))
+    raise RuntimeError(f"no backend can run {op} on {where}:\n  " + "\n  ".join(rejected))
 
 
-def _warn_slow_fallback(op: str, device: torch.device, dtype: torch.dtype) -> None:
+def _warn_slow_fallback(op: str, p: Problem) -> None:
     """`auto` fell back to `reference`: warn once per (op, device, dtype) if a fused backend would have taken
     the same call in another dtype (the silent 7-10x slowdown of issue 14)."""
+    device, dtype = p.device, p.dtype
     key = (op, device.type, dtype)
     if key in _warned:
         return
     takers = {
         cand: [
-            str(other) for other in _OTHER_DTYPES if other != dtype and not reasons(cand, op, device, other)
+            str(other)
+            for other in _OTHER_DTYPES
+            if other != dtype and not reasons(cand, op, dataclasses.replace(p, dtype=other))
         ]
         for cand in PRIORITY
         if cand != "reference"
@@ -145,7 +233,7 @@ def _warn_slow_fallback(op: str, device: torch.device, dtype: torch.dtype) -> No
     if not takers:
         return
     _warned.add(key)
-    why = "; ".join(f"{cand}: {'; '.join(reasons(cand, op, device, dtype))}" for cand in takers)
+    why = "; ".join(f"{cand}: {'; '.join(reasons(cand, op, p))}" for cand in takers)
     would = "; ".join(f"{cand} takes {', '.join(dts)}" for cand, dts in takers.items())
     warnings.warn(
         f"etkd: {op} on {device.type}/{dtype} runs on the slow `reference` backend ({why}); {would}: cast the "
@@ -155,17 +243,19 @@ def _warn_slow_fallback(op: str, device: torch.device, dtype: torch.dtype) -> No
     )
 
 
-def selected_backend_name(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:
+def selected_backend_name(
+    op: str, device: torch.device | Problem, dtype: torch.dtype | None = None, backend: str = "auto"
+) -> str:
     """Name of the backend `resolve` would pick (for logs, benchmarks and `etkd_kernels.info`)."""
     return resolve(op, device, dtype, backend).__name__.split(".")[1]
 
 
-def support_matrix(device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, str]]:
-    """op -> backend -> "ok" or the reasons it cannot run, for the given device and dtype."""
+def support_matrix(
+    device: torch.device, dtype: torch.dtype, head_dim: int | None = None
+) -> dict[str, dict[str, str]]:
+    """op -> backend -> "ok" or the reasons it cannot run, for the given device, dtype (and head_dim)."""
+    p = Problem(torch.device(device), dtype, head_dim)
     return {
-        op: {
-            name: ("ok" if not (why := reasons(name, op, device, dtype)) else "; ".join(why))
-            for name in BACKENDS
-        }
+        op: {name: ("ok" if not (why := reasons(name, op, p)) else "; ".join(why)) for name in BACKENDS}
         for op in OPS
     }

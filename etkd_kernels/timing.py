@@ -147,18 +147,20 @@ class Environment:
 
 
 def environment(device: torch.device | str = "cpu") -> Environment:
-    cpu, flags = None, set()
+    cpu, fields = None, {}
     try:
-        with open("/proc/cpuinfo") as f:  # the first processor's entry: model name, then flags
+        with open("/proc/cpuinfo") as f:  # the first processor's entry, which ends with its flags
             for line in f:
-                if line.startswith("model name") and cpu is None:
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if key.strip() == "flags":
                     break
     except OSError:
         pass
-    cpu = cpu or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:  # generic model names ("Intel Xeon Processor") say little on cloud VMs
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
     isa += f" (torch {torch.backends.cpu.get_cpu_capability()})"
     dev = torch.device(device)

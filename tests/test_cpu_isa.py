@@ -211,7 +211,7 @@ def test_bad_forced_isa_is_an_error(value):
 def test_16bit_runs_on_cpu_under_auto():
     """bf16 and fp16 CPU tensors resolve to the fused cpu backend, not to reference."""
     for dtype in (torch.bfloat16, torch.float16):
-        for op in ("sliding_window", "block_sparse", "nystrom", "full"):
+        for op in ("sliding_window", "block_sparse", "nystrom", "full", "lsg"):
             assert dispatch_mod.selected_backend_name(op, torch.device("cpu"), dtype) == "cpu"
 
 
@@ -227,6 +227,30 @@ def test_full_attention_16bit_matches_reference():
         want = full_attention(*(t.double() for t in ts), key_padding_mask=kpm, backend="reference")
         assert got.dtype == dtype
         assert_close(got, want, TOL[dtype][0], name=f"full {dtype}")
+
+
+@pytest.mark.parametrize("sparsity_type", ["pooling", "norm"])  # native sparse keys / torch-built ones
+def test_lsg_16bit_matches_reference(sparsity_type):
+    """LSG computes in fp32 (convert on load): bf16/fp16 in, outputs and gradients in the input dtype."""
+    from etkd_kernels import lsg_attention
+
+    g = torch.Generator().manual_seed(0)
+    kpm = torch.ones(2, 64, dtype=torch.bool)
+    kpm[1, 55:] = False
+    kw = dict(block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type=sparsity_type)
+    kw.update(num_global_tokens=1, key_padding_mask=kpm)
+    for dtype in (torch.bfloat16, torch.float16):
+        ts = [torch.randn(2, 2, 64, 16, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
+        out = lsg_attention(*ts, backend="cpu", **kw)
+        grad = torch.randn(out.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad(out, ts, grad)
+        ref = [t.detach().double().requires_grad_(True) for t in ts]
+        want = lsg_attention(*ref, backend="reference", **kw)
+        want_grads = torch.autograd.grad(want, ref, grad.double())
+        assert out.dtype == dtype and all(x.dtype == dtype for x in grads)
+        assert_close(out, want, TOL[dtype][0], name=f"lsg {sparsity_type} {dtype} out")
+        for i, (x, w) in enumerate(zip(grads, want_grads)):
+            assert_close(x, w, TOL[dtype][1], name=f"lsg {sparsity_type} {dtype} grad[{i}]")
 
 
 def test_fallback_to_reference_warns_once(monkeypatch):

@@ -11,10 +11,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.cuda  # skipped per test, at run time, without a GPU (tests/conftest.py)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Absolute floors: (outputs, gradients). fp32 runs plain FMA in the kernels, so it is held tight.

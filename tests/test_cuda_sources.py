@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,20 +27,51 @@ needs_gxx = pytest.mark.skipif(GXX is None, reason="no host C++ compiler (g++)")
 
 
 def _compile_all_cu(tmp_path: Path, extra: list[str]) -> dict[str, tuple[int, str]]:
-    """nvcc -c each .cu for sm_80 + sm_90 (one call per file, files in parallel) -> {name: (rc, log)}."""
+    """nvcc -c each .cu for sm_80 + sm_90 with ptxas's resource report (one call per file, files in
+    parallel) -> {name: (rc, log)}."""
     procs = {}
     for cu in CU_FILES:
-        cmd = [NVCC, "-c", "-std=c++17", f"-I{CSRC}", *GENCODE, "-Werror", "all-warnings", *extra]
-        cmd += [str(cu), "-o", str(tmp_path / (cu.stem + ".o"))]
+        cmd = [NVCC, "-c", "-std=c++17", f"-I{CSRC}", *GENCODE, "-Werror", "all-warnings", "-Xptxas", "-v"]
+        cmd += [*extra, str(cu), "-o", str(tmp_path / (cu.stem + ".o"))]
         procs[cu.name] = subprocess.Popen(
             cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     return {name: (p.wait(timeout=900), p.stdout.read()) for name, p in procs.items()}
 
 
+# ptxas -v prints "ptxas info : ..." lines and, under "Function properties for <kernel>", an indented
+# "N bytes stack frame, N bytes spill stores, N bytes spill loads" line.
+_PTXAS_INFO = re.compile(r"^(ptxas info\s*:|\s+\d+ bytes stack frame)")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_SMEM = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+STATIC_SMEM_LIMIT = 48 * 1024  # static __shared__ per block, sm_80 and sm_90
+# Known, measured here with CUDA 13.0's ptxas and not fixed yet (issue 15 note): the bf16 backward kernels
+# spill 8-16 bytes per thread (ptxas settles on 96 registers for them while the fp16 twins take 166 with no
+# spill; neither -maxrregcount nor --allow-expensive-optimizations changes it). Any other spill, or more
+# bytes here, fails the test.
+KNOWN_SPILLS = {"bs_bwd_kernelI13__nv_bfloat16": 16, "sw_bwd_kernelI13__nv_bfloat16": 16}
+
+
 def _assert_clean(results: dict[str, tuple[int, str]]) -> None:
-    problems = [f"--- {n} (exit {rc}):\n{log}" for n, (rc, log) in results.items() if rc != 0 or log.strip()]
-    assert not problems, "nvcc errors or warnings:\n" + "\n".join(problems)
+    """No error, no warning (anything but ptxas's resource report), no register spill, static shared memory
+    within the per-block limit, in every kernel instance for both architectures."""
+    problems = []
+    for name, (rc, log) in results.items():
+        lines = log.splitlines()
+        other = [line for line in lines if line.strip() and not _PTXAS_INFO.match(line)]
+        if rc != 0 or other:
+            problems.append(f"--- {name} (exit {rc}):\n" + "\n".join(other))
+        reports = [line for line in lines if _PTXAS_INFO.match(line)]
+        assert rc != 0 or reports, f"{name}: no ptxas resource report in the nvcc output"
+        for i, line in enumerate(reports):
+            if (m := _SPILLS.search(line)) and (int(m[1]) or int(m[2])):
+                kernel = reports[max(i - 1, 0)].split("Function properties for ")[-1]
+                allowed = max((b for k, b in KNOWN_SPILLS.items() if k in kernel), default=0)
+                if max(int(m[1]), int(m[2])) > allowed:
+                    problems.append(f"--- {name}: register spill in {kernel}: {line.strip()}")
+            if (m := _SMEM.search(line)) and int(m[2]) > STATIC_SMEM_LIMIT:
+                problems.append(f"--- {name}: static shared memory over 48 KiB: {line}")
+    assert not problems, "nvcc errors, warnings, spills or shared memory:\n" + "\n".join(problems)
 
 
 def test_cu_sources_exist_and_include_no_torch():
@@ -51,8 +82,19 @@ def test_cu_sources_exist_and_include_no_torch():
             assert f"#include <{banned}" not in text, f"{path.name} includes a torch header ({banned})"
 
 
+def test_declared_head_dims_match_the_cuda_instances():
+    """The cuda backend's capabilities (Python) list exactly the head_dims kernels.h instantiates (C++)."""
+    from etkd_kernels.cuda import HEAD_DIMS
+
+    text = (CSRC / "cuda" / "kernels.h").read_text()
+    switch = text[text.index("dispatch_head_dim(int head_dim") :]
+    switch = switch[: switch.index("default:")]
+    compiled = {int(n) for n in re.findall(r"case (\d+):", switch)}
+    assert compiled == set(HEAD_DIMS)
+
+
 @needs_nvcc
-def test_nvcc_compiles_sm80_sm90_without_warnings(tmp_path):
+def test_nvcc_compiles_sm80_sm90_without_warnings_or_spills(tmp_path):
     # One head_dim (64) for all dtypes and both directions keeps this under a minute on 2 cores; the
     # `slow` test below compiles every instantiation.
     _assert_clean(_compile_all_cu(tmp_path, ["-DETKD_CUDA_MIN_INSTANCES"]))
@@ -193,7 +235,9 @@ def test_block_sparse_pairs_match_torch(tile_bin, block, nblocks, heads, layout_
 
 
 def test_nvcc_skip_is_explicit():
-    # Make the skip visible in CI logs rather than silently passing the compile check.
+    # Make the skip visible in CI logs rather than silently passing the compile check; where nvcc exists,
+    # it must run and say which CUDA release it is.
     if NVCC is None:
         pytest.skip("nvcc not on PATH: CUDA sources were not compile-checked")
-    assert os.access(NVCC, os.X_OK)
+    res = subprocess.run([NVCC, "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "release" in res.stdout, res.stdout + res.stderr

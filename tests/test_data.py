@@ -120,6 +120,7 @@ def test_hub_names_go_to_load_dataset(monkeypatch):
         return [{"text": "hub doc"}, {"content": "no text"}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr("huggingface_hub.repo_exists", lambda name, repo_type: repo_type == "dataset")
     src = TextSource(
         "wikimedia/wikipedia", config="20231101.en", split="train", streaming=True, on_error="skip"
     )

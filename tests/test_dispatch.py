@@ -85,3 +85,40 @@ def test_info_command_prints_the_matrix():
     from etkd.distill.cli import main
 
     assert main(["info"]) == 0
+
+
+def test_capabilities_are_the_one_statement_of_limits():
+    """Limits come from the declared capabilities: the cuda kernels' head_dim list and grid limit, triton's
+    largest head_dim; every reason names the limit."""
+    from etkd_kernels.dispatch import Problem, capabilities
+
+    cuda = torch.device("cuda")
+    why = capabilities("cuda", "sliding_window").reasons(Problem(cuda, torch.float16, 48, 70_000, 128))
+    assert any("head_dim must be one of (32, 64, 128)" in w for w in why)
+    assert any("batch * heads must be <= 65535" in w for w in why)
+    assert capabilities("cuda", "sliding_window").reasons(Problem(cuda, torch.float16, 64, 48, 128)) == []
+    why = capabilities("triton", "block_sparse").reasons(Problem(cuda, torch.float16, 256))
+    assert why == ["head_dim must be <= 128, got 256"]
+    assert capabilities("cuda", "lsg") is None
+
+
+def test_auto_on_cuda_tensors_never_takes_reference_for_full():
+    """`full` on CUDA tensors resolves to torch's SDPA (the cuda backend's full needs no compiled extension)."""
+    from etkd_kernels.dispatch import Problem, selected_backend_name
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert selected_backend_name("full", Problem(torch.device("cuda"), dtype, 64, 8, 512)) == "cuda"
+
+
+def test_auto_moves_past_a_kernel_limit(monkeypatch):
+    """With the cuda extension (pretended) built, `auto` takes it within its limits and triton (which splits
+    its launches over the batch) beyond its grid limit or head_dim list."""
+    pytest.importorskip("triton")
+    import etkd_kernels.cuda as cuda_backend
+    from etkd_kernels.dispatch import Problem, selected_backend_name
+
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
+    dev = torch.device("cuda")
+    assert selected_backend_name("sliding_window", Problem(dev, torch.float16, 64, 48, 256)) == "cuda"
+    assert selected_backend_name("sliding_window", Problem(dev, torch.float16, 64, 70_000, 256)) == "triton"
+    assert selected_backend_name("block_sparse", Problem(dev, torch.float16, 80, 48, 256)) == "triton"

@@ -147,8 +147,7 @@ def test_bad_inputs_fail_before_any_work(env, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err = run(["finetune", "--task", "sst2", "--model", "nope-org/m", "--train-file", ner], capsys)
     assert (
-        code == 2
-        and "--model nope-org/m: not a local folder, not in the cache, and offline mode is on" in err
+        code == 2 and "--model nope-org/m: not a local path, not in the cache, and offline mode is on" in err
     )
     code, err = run(["convert", "--from", tmp_path / "missing_dir", "--to", "longformer", "--out", tmp_path / "c"],
                     capsys)  # fmt: skip
@@ -312,10 +311,11 @@ def test_kd_task_reads_the_sentence_column_and_reports_percentages(env, tmp_path
     )  # a share of 16, in %
 
 
-def test_progress_on_packing_and_evaluation_and_no_shared_tensor_note(env, tmp_path, capfd):
-    assert main(pretrain_args(env, tmp_path / "pt", 2)[:-3] + ["--seed", "0"]) == 0  # progress on
+def test_progress_on_packing_and_evaluation_and_no_shared_tensor_note(env, tmp_path, capfd, caplog):
+    with caplog.at_level("INFO"):  # pytest's handler on the root logger would show accelerate's note
+        assert main(pretrain_args(env, tmp_path / "pt", 2)[:-3] + ["--seed", "0"]) == 0  # progress on
     err = capfd.readouterr().err
-    assert "pack:" in err and "Removed shared tensor" not in err
+    assert "pack:" in err and "Removed shared tensor" not in err + caplog.text
     ner = tmp_path / "ner.txt"
     ner.write_text("john B-PER\nsat O\n\nmary B-PER\n")
     assert (
@@ -335,3 +335,29 @@ def test_log_level_filters_the_etkd_log(env, tmp_path, capsys):
         "[etkd] INFO: --text-field: using 'sentence'\n",
     )
     assert run([*base, "--output-dir", tmp_path / "b", "--log-level", "warning"], capsys) == (0, "")
+
+
+def test_data_names_are_paths_or_reachable_datasets(env, tmp_path, capsys, monkeypatch):
+    """A mistyped local path never becomes a hub dataset name; a real name is probed once, clearly."""
+    from etkd.distill.data import TextSource
+
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--data corpus/wiki: no such file or directory"):
+        TextSource("corpus/wiki")  # `corpus` exists here: a path, not owner/name
+    monkeypatch.setattr(
+        "huggingface_hub.repo_exists", lambda *a, **k: (_ for _ in ()).throw(OSError("no route"))
+    )
+    with pytest.raises(
+        UserError, match="--data someone/corpus: not a local path, and the hub could not be reached"
+    ):
+        TextSource("someone/corpus")
+    monkeypatch.setattr("huggingface_hub.repo_exists", lambda *a, **k: False)
+    with pytest.raises(UserError, match="--data someone/corpus: no such local path or hub dataset"):
+        TextSource("someone/corpus")
+
+
+def test_convert_argument_errors_are_user_errors(env, tmp_path, capsys):
+    code, err = run(["convert", "--from", env / "model", "--to", "longformer", "--window", "7", "--out",
+                     tmp_path / "x"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("etkd convert: error: convert: ") and "window" in err

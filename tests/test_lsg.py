@@ -1,6 +1,10 @@
-"""lsg_attention (reference backend) against brute-force constructions of LSG's key sets."""
+"""lsg_attention (reference backend) against lsg-converter's LSGSelfAttention (the peer the checkpoints
+come from) and against brute-force constructions of LSG's key sets."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ def brute_lsg(q, k, v, block, sparse_block, factor, sparsity_type, n_global, rea
     pad = torch.zeros(b, h, sp - s, d, dtype=q.dtype)
     k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
     step = block // factor
+    o = step % 2  # LSG's odd-step window shift
+    nb = sp // block
     rows = []
     for bi in range(b):
         usable = [bool(real[bi, j]) and j >= n_global for j in range(sp)]
@@ -35,22 +41,39 @@ def brute_lsg(q, k, v, block, sparse_block, factor, sparsity_type, n_global, rea
                     idx = [j for j in range(n_global) if real[bi, j]]
                     idx += [j for j in range((n - 1) * block, (n + 2) * block) if 0 <= j < sp and usable[j]]
                     keys, vals = [k[bi, hi, idx]], [v[bi, hi, idx]]
-                    if sparsity_type != "none" and sparse_block > 0:
-                        left = range((n - 1) * step - sparse_block, (n - 1) * step)
-                        right = range((n + 2) * step, (n + 2) * step + sparse_block)
+                    if sparsity_type != "none" and sparse_block > 0 and nb > 2:
+                        left = range((n - 1) * step - sparse_block + o, (n - 1) * step + o)
+                        right = range((n + 2) * step - 2 * o, (n + 2) * step - 2 * o + sparse_block)
                         for p in [*left, *right]:
                             if not 0 <= p < sp // factor:
                                 continue
-                            if sparsity_type == "pooling":
-                                group = [j for j in range(p * factor, (p + 1) * factor) if usable[j]]
-                                if group:
-                                    keys.append(k[bi, hi, group].mean(0, keepdim=True))
-                                    vals.append(v[bi, hi, group].mean(0, keepdim=True))
+                            group = list(range(p * factor, (p + 1) * factor))
+                            if factor > 1 and sparsity_type == "pooling":  # attended even if empty (LSG)
+                                ok = [j for j in group if usable[j]]
+                                keys.append(k[bi, hi, ok].sum(0, keepdim=True) / (len(ok) + 1e-6))
+                                vals.append(v[bi, hi, ok].sum(0, keepdim=True) / (len(ok) + 1e-6))
                                 continue
-                            if sparsity_type == "stride":
+                            if factor > 1 and sparsity_type == "bos_pooling":
+                                ok = [j for j in group if real[bi, j]] or group  # none real: uniform
+                                w = torch.zeros(factor, dtype=q.dtype)
+                                w[[j - group[0] for j in ok]] = (
+                                    k[bi, hi, ok] @ q[bi, hi, 0] * scale
+                                ).softmax(0)
+                                keys.append((w[:, None] * k[bi, hi, group]).sum(0, keepdim=True))
+                                vals.append((w[:, None] * v[bi, hi, group]).sum(0, keepdim=True))
+                                continue
+                            if factor == 1:
+                                j = p
+                            elif sparsity_type == "stride":
                                 j = p * factor + hi % factor
-                            else:  # block_stride: a contiguous run of block/factor tokens per block
+                            elif sparsity_type == "block_stride":  # a contiguous run of step tokens per block
                                 j = (p // step) * block + (hi * step + p % step) % block
+                            else:  # norm: the block's step usable keys of largest norm, by rank
+                                blk = range((p // step) * block, (p // step + 1) * block)
+                                ranked = sorted(
+                                    blk, key=lambda j: -float(k[bi, hi, j].norm()) if usable[j] else 1
+                                )
+                                j = ranked[p % step]
                             if usable[j]:
                                 keys.append(k[bi, hi, [j]])
                                 vals.append(v[bi, hi, [j]])
@@ -78,14 +101,17 @@ CASES = [
     (1, 2, 45, 8, 3, 4, 1, 0),  # seq not a multiple of the block (op pads)
     (2, 2, 40, 4, 4, 2, 0, 9),  # no globals, padding spanning a block, sparse windows past the ends
     (1, 4, 36, 6, 2, 3, 3, 2),  # block / factor = 2, 4 heads: stride/block-stride offsets differ by head
-    (1, 2, 24, 4, 1, 4, 1, 0),  # block == factor (one compressed token per block)
+    (1, 2, 24, 4, 1, 4, 1, 0),  # block == factor (one compressed token per block), odd step: shifted windows
+    (1, 2, 30, 3, 2, 1, 1, 4),  # factor 1: sparse keys are plain tokens
 ]
 
 
-@pytest.mark.parametrize("sparsity_type", ["stride", "block_stride", "pooling"])
+@pytest.mark.parametrize("sparsity_type", ["norm", "stride", "block_stride", "pooling", "bos_pooling"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_matches_brute_force(case, sparsity_type):
     b, h, s, block, sblock, factor, n_global, pad = case
+    if sparsity_type == "bos_pooling" and n_global == 0:
+        pytest.skip("bos_pooling needs a global first token")
     q, k, v, real = _inputs(b, h, s, 4, pad)
     kw = dict(block_size=block, sparse_block_size=sblock, sparsity_factor=factor, num_global_tokens=n_global)
     out = lsg_attention(q, k, v, sparsity_type=sparsity_type, key_padding_mask=real, **kw)
@@ -159,7 +185,9 @@ def test_block_not_multiple_of_factor_raises():
         lsg_attention(q, k, v, block_size=6, sparse_block_size=2, sparsity_factor=4, sparsity_type="stride")
 
 
-@pytest.mark.parametrize("sparsity_type", ["none", "pooling", "stride", "block_stride"])
+@pytest.mark.parametrize(
+    "sparsity_type", ["none", "norm", "pooling", "stride", "block_stride", "bos_pooling"]
+)
 def test_gradcheck_float64(sparsity_type):
     gen = torch.Generator().manual_seed(1)
     q, k, v = (
@@ -183,3 +211,84 @@ def test_gradcheck_float64(sparsity_type):
         )
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+# ---- lsg-converter's LSGSelfAttention, the real peer -------------------------------------------------------
+
+
+def _load_lsg_converter():
+    """LSGSelfAttention loaded by file path: lsg_converter's package __init__ fails under transformers 5."""
+    spec = importlib.util.find_spec("lsg_converter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "attention_layers", "lsg_self_attention.py")
+    mod_spec = importlib.util.spec_from_file_location("_lsg_self_attention", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.LSGSelfAttention
+
+
+LSG_ORACLE = _load_lsg_converter()
+needs_converter = pytest.mark.skipif(
+    LSG_ORACLE is None, reason="lsg-converter is not installed (pip install --no-deps lsg-converter==0.1.9)"
+)
+
+CONVERTER_CASES = [
+    # (batch, heads, seq, block, factor, pad); LSGSelfAttention's windows are well formed for factor >= 4
+    # or an odd factor with an odd step (reference/lsg.py, difference (5)); lower factors: brute force above
+    (2, 4, 64, 8, 4, 11),  # 8 blocks, padding spanning whole pooled groups and a block
+    (1, 4, 45, 8, 4, 0),  # seq not a multiple of the block: both sides pad inside
+    (2, 2, 70, 8, 4, 5),  # not a multiple and padded; block_stride rotation over 2 heads
+    (2, 4, 100, 16, 8, 21),  # step 2, 4 heads of stride offsets, padding over two blocks
+    (1, 3, 63, 9, 3, 4),  # odd step (3): LSG's shifted sparse windows overlap the local ones
+    (2, 2, 75, 15, 5, 9),  # odd step (3), factor 5
+    (2, 2, 14, 8, 2, 3),  # seq <= 2 blocks: LSG runs full attention
+]
+ORACLE_TYPES = ["norm", "pooling", "stride", "block_stride", "bos_pooling"]
+
+
+@needs_converter
+@pytest.mark.parametrize("with_global", [True, False], ids=["global", "no-global"])
+@pytest.mark.parametrize("sparsity_type", ORACLE_TYPES)
+@pytest.mark.parametrize("case", CONVERTER_CASES, ids=[str(c) for c in CONVERTER_CASES])
+def test_equals_lsg_converter(case, sparsity_type, with_global):
+    b, h, s, block, factor, pad = case
+    if sparsity_type == "bos_pooling" and not with_global:
+        pytest.skip("bos_pooling pools with the global first query's scores (LSG computes it either way)")
+    if sparsity_type == "norm" and (block // factor) % 2:
+        pytest.skip("norm: LSG's shifted windows cut a block's top-k set, whose order LSG leaves unspecified")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, s, 8, generator=gen).requires_grad_(True) for _ in range(3))
+    real = torch.ones(b, s, dtype=torch.bool)
+    if pad:
+        real[-1, s - pad :] = False
+    oracle = LSG_ORACLE(
+        None,
+        block_size=block,
+        sparsity_factor=factor,
+        sparsity_type=sparsity_type,
+        compute_global_attention=with_global,
+        attention_dropout_prob=0.0,
+    ).eval()
+    # LSG's mask is additive (0 / finfo.min), (batch, 1, 1, seq); it writes into it, so a fresh one per call.
+    additive = torch.zeros(b, 1, 1, s).masked_fill(~real[:, None, None, :], torch.finfo(torch.float32).min)
+    exp = oracle(q, k, v, additive.clone())
+    out = lsg_attention(
+        q,
+        k,
+        v,
+        block_size=block,
+        sparse_block_size=block,
+        sparsity_factor=factor,
+        sparsity_type=sparsity_type,
+        num_global_tokens=int(with_global),
+        key_padding_mask=real,
+        backend="reference",
+    )
+    rows = real[:, None, :, None]  # LSG's padded query rows are an average, ours zero: compare real rows
+    assert_close(out * rows, exp * rows, atol=1e-5, name="forward")
+    g = torch.randn(out.shape, generator=gen) * rows
+    for got, want, name in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(exp, (q, k, v), g), ("dq", "dk", "dv")
+    ):
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name=name)

@@ -27,6 +27,23 @@ TORCH_LIBRARY(etkd_cpu, m) {
   m.def(
       "nystrom_fwd(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
       "float scale, bool hf_global) -> Tensor");
+  m.def(
+      "lsg_fwd(Tensor q, Tensor k, Tensor v, Tensor kx, Tensor vx, Tensor kx_ok, Tensor starts, "
+      "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "lsg_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kx, Tensor vx, "
+      "Tensor kx_ok, Tensor starts, Tensor? key_padding_mask, int block_size, int sparse_block_size, "
+      "int num_global_tokens, float scale) -> Tensor[]");
+  m.def(
+      "lsg_sparse_keys(Tensor k, Tensor v, Tensor? key_padding_mask, int num_global_tokens, int block_size, "
+      "int sparsity_factor, int type) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lsg_sparse_keys_bwd(Tensor dkx, Tensor dvx, Tensor(a!) dk, Tensor(b!) dv, Tensor? key_padding_mask, "
+      "int num_global_tokens, int block_size, int sparsity_factor, int type) -> ()");
+  m.def(
+      "nystrom_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, "
+      "Tensor? key_padding_mask, float scale, bool hf_global) -> Tensor[]");
   m.def("softmax_matmul_fwd(Tensor a, Tensor b, Tensor c, Tensor? key_mask, float scale) -> (Tensor, Tensor)");
   m.def(
       "softmax_matmul_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor c, Tensor out, Tensor lse, Tensor? key_mask, "
@@ -38,7 +55,12 @@ TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
   m.impl("sliding_window_bwd", &etkd::cpu::sliding_window_bwd);
   m.impl("block_sparse_fwd", &etkd::cpu::block_sparse_fwd);
   m.impl("block_sparse_bwd", &etkd::cpu::block_sparse_bwd);
+  m.impl("lsg_fwd", &etkd::cpu::lsg_fwd);
+  m.impl("lsg_bwd", &etkd::cpu::lsg_bwd);
+  m.impl("lsg_sparse_keys", &etkd::cpu::lsg_sparse_keys);
+  m.impl("lsg_sparse_keys_bwd", &etkd::cpu::lsg_sparse_keys_bwd);
   m.impl("nystrom_fwd", &etkd::cpu::nystrom_fwd);
+  m.impl("nystrom_bwd", &etkd::cpu::nystrom_bwd);
   m.impl("softmax_matmul_fwd", &etkd::cpu::softmax_matmul_fwd);
   m.impl("softmax_matmul_bwd", &etkd::cpu::softmax_matmul_bwd);
 }

@@ -41,7 +41,7 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
   Problem& p = s.p;
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale);
   p.bq = block_size <= 128 ? block_size : (block_size % 64 == 0 ? 64 : block_size);
-  p.bf16 = q.scalar_type() == at::kBFloat16;
+  p.elem = elem_of(q);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   if (!real.all().item<bool>()) p.kbias = s.bias.data_ptr<float>(), p.qskip = s.skip.data_ptr<uint8_t>();
   const int* lp = s.lut.data_ptr<int>();
@@ -68,8 +68,7 @@ std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q_, const Tensor& k_, 
                                             const OptTensor& key_padding_mask, double scale) {
   check_float(q_, "q");
   const auto dt = q_.scalar_type();
-  const bool native = native_tiles(dt);
-  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
+  const Tensor &q = q_, &k = k_, &v = v_;
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -85,9 +84,8 @@ std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out_, const Tensor& q_, 
   check_like(out_, q_, "out");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
   const auto dt = q_.scalar_type();
-  const bool native = native_tiles(dt);
-  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
-  const Tensor grad_out = kernel_input(grad_out_, native), out = kernel_input(out_, native);
+  const Tensor &q = q_, &k = k_, &v = v_;
+  const Tensor &grad_out = grad_out_, &out = out_;
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
   auto delta = row_delta(grad_out, out).contiguous();
   const auto f32 = q.options().dtype(at::kFloat);

@@ -1,9 +1,7 @@
 // Tensor glue shared by the CPU op files: argument checks, dtypes, mask -> bias/skip conversion.
 //
-// Dtypes: float32, bfloat16 and float16 inputs. A call computes in float32 with fp32 softmax statistics and
-// accumulation; 16-bit tiles are multiplied as bf16 only where the chosen ISA target does it natively
-// (kernels().native_bf16, bf16 inputs); otherwise 16-bit inputs are converted to float32 on load
-// (`kernel_input`) and outputs and gradients cast back to the input dtype (`as_dtype`).
+// Dtypes: float32, bfloat16 and float16 inputs, read and written in their own dtype (Problem::elem); fp32
+// softmax statistics and accumulation; gradients accumulated in float32 and cast back (`as_dtype`).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,17 +30,12 @@ inline void check_like(const Tensor& t, const Tensor& like, const char* name) {
               t.scalar_type());
 }
 
-// Whether a call with inputs of dtype `dt` runs bf16 tiles natively (else: float32 kernels).
-inline bool native_tiles(at::ScalarType dt) { return dt == at::kBFloat16 && kernels().native_bf16; }
-
-// `t` as the kernels read it: itself (float32, or bf16 on a native target), else converted to float32.
-inline Tensor kernel_input(const Tensor& t, bool native) {
-  if (native || t.scalar_type() == at::kFloat) return t.contiguous();
-  return t.to(at::kFloat).contiguous();
-}
-inline OptTensor kernel_input(const OptTensor& t, bool native) {
-  if (!t.has_value()) return t;
-  return kernel_input(*t, native);
+inline Elem elem_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return Elem::bf16;
+    case at::kHalf: return Elem::f16;
+    default: return Elem::f32;
+  }
 }
 
 // A result in the caller's dtype.

@@ -31,13 +31,16 @@ constexpr int64_t kMaxSeg = 640;
 // Append keys [k0, k1) of `src` to `segs`, split into near-equal pieces of at most kMaxSeg keys.
 void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src);
 
+// Element type of q, k, v, kx, vx, out and dout.
+enum class Elem : uint8_t { f32, bf16, f16 };
+
 struct Problem {
   int64_t B = 0, H = 0, Sq = 0, Sk = 0, D = 0;
   float scale = 1.f;
   int64_t bq = 64;  // query rows per tile
-  // Element type of q, k, v, kx, vx, out and dout: float32, or bfloat16 (raw uint16) when the chosen ISA
-  // computes bf16 tiles natively (kernels().native_bf16). Softmax statistics and gradients are float32.
-  bool bf16 = false;
+  // 16-bit tiles are converted to float32 on load into per-tile scratch, or multiplied as bf16 where the chosen
+  // ISA target does that natively (kernels().native_bf16). Softmax statistics and gradients are float32.
+  Elem elem = Elem::f32;
   // Main source, all contiguous: q (B, H, Sq, D); k, v (B, H, Sk, D).
   const void* q = nullptr;
   const void* k = nullptr;

@@ -5,6 +5,8 @@
 // etkd::cpu::ETKD_ISA, so the targets never share a symbol.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
+
 namespace etkd::cpu::ETKD_ISA {
 namespace {
 
@@ -13,21 +15,44 @@ constexpr int64_t kV = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Tile products in float32: BLAS sgemm (isa.cpp's gemm_rm).
+// Element types. T: how q, k, v, out and dout are stored (float, c10::BFloat16, c10::Half). C: what the tile
+// products take: float (sgemm; 16-bit tiles are converted on load into L1/L2-resident scratch), or
+// c10::BFloat16 on the native target (MKL's bf16 x bf16 -> fp32 GEMM, AVX512-BF16 or AMX-BF16 inside MKL).
+// Softmax statistics, the output accumulator and gradients are always float.
+using c10::BFloat16;
+using c10::Half;
+
 inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   gemm_rm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// A tile operand computed in float32 (probabilities, dS) as the element type T: itself for float.
-inline const float* as_elem(const float* x, int64_t, float*) { return x; }
+// y[0:n] = float(x[0:n]) for a 16-bit x.
+template <class T>
+void to_float(const T* x, float* y, int64_t n) {
+  using VT = at::vec::Vectorized<T>;
+  int64_t j = 0;
+  for (; j + VT::size() <= n; j += VT::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(x + j));
+    lo.store(y + j);
+    hi.store(y + j + kV);
+  }
+  for (; j < n; ++j) y[j] = static_cast<float>(x[j]);
+}
+
+// y[0:n] = T(x[0:n]), round to nearest even.
+template <class T>
+void from_float(const float* x, T* y, int64_t n) {
+  using VT = at::vec::Vectorized<T>;
+  int64_t j = 0;
+  for (; j + VT::size() <= n; j += VT::size())
+    at::vec::convert_from_float<T>(Vec::loadu(x + j), Vec::loadu(x + j + kV)).store(y + j);
+  for (; j < n; ++j) y[j] = static_cast<T>(x[j]);
+}
 
 #if ETKD_NATIVE_BF16
-// bf16 tiles (raw uint16) multiplied by MKL's bf16 x bf16 -> fp32 GEMM (AVX512-BF16 or AMX-BF16 inside MKL).
-using bf16 = uint16_t;
-
-inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16* a, int64_t lda,
-               const bf16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
+               const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
@@ -35,12 +60,13 @@ inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
     return;
   }
   cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
-                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
-                         static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+                         static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
+                         reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
+                         reinterpret_cast<const uint16_t*>(b), static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
 }
 
-// y[0:n] = bf16(x[0:n]), round to nearest even (vcvtneps2bf16).
-inline void to_bf16(const float* x, bf16* y, int64_t n) {
+// from_float for bf16 with the AVX512-BF16 instruction (vcvtneps2bf16, round to nearest even).
+inline void from_float(const float* x, BFloat16* y, int64_t n) {
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
@@ -49,30 +75,40 @@ inline void to_bf16(const float* x, bf16* y, int64_t n) {
     _mm256_mask_storeu_epi16(y + j, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + j)));
   }
 }
-
-inline const bf16* as_elem(const float* x, int64_t n, bf16* buf) {
-  to_bf16(x, buf, n);
-  return buf;
-}
 #endif
 
-// out[0:n] = a * x[0:n] in the element type.
-inline void store_scaled(const float* x, float a, float* out, int64_t n) {
-  int64_t j = 0;
-  const Vec va(a);
-  for (; j + kV <= n; j += kV) (Vec::loadu(x + j) * va).store(out + j);
-  for (; j < n; ++j) out[j] = x[j] * a;
-}
-#if ETKD_NATIVE_BF16
-inline void store_scaled(const float* x, float a, bf16* out, int64_t n) {
-  float tmp[1024];
-  for (int64_t j0 = 0; j0 < n; j0 += 1024) {
-    const int64_t m = std::min<int64_t>(1024, n - j0);
-    store_scaled(x + j0, a, tmp, m);
-    to_bf16(tmp, out + j0, m);
+// x[0:n] (stored as T) as the tile products take it (C): itself when T == C, else converted into buf.
+template <class C, class T>
+inline const C* operand(const T* x, int64_t n, C* buf) {
+  if constexpr (std::is_same_v<T, C>) {
+    return x;
+  } else if constexpr (std::is_same_v<C, float>) {
+    to_float(x, buf, n);
+    return buf;
+  } else {
+    static_assert(std::is_same_v<T, float>, "operand: 16-bit to 16-bit");
+    from_float(x, buf, n);
+    return buf;
   }
 }
-#endif
+
+// out[0:n] = a * x[0:n], stored as T.
+template <class T>
+void store_scaled(const float* x, float a, T* out, int64_t n) {
+  const Vec va(a);
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t j = 0;
+    for (; j + kV <= n; j += kV) (Vec::loadu(x + j) * va).store(out + j);
+    for (; j < n; ++j) out[j] = x[j] * a;
+  } else {
+    float tmp[256];
+    for (int64_t j0 = 0; j0 < n; j0 += 256) {
+      const int64_t m = std::min<int64_t>(256, n - j0);
+      store_scaled(x + j0, a, tmp, m);
+      from_float(tmp, out + j0, m);
+    }
+  }
+}
 
 // s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi].
 float add_bias_max(float* s, const float* bias, int64_t lo, int64_t hi) {
@@ -155,28 +191,32 @@ inline void row_range(const Problem& p, const Seg& sg, bool band, int64_t i, int
   }
 }
 
-template <class T>
+template <class T, class C>
 struct Work {
+  static constexpr bool kConvert = !std::is_same_v<T, C>;  // inputs converted per tile
+  static constexpr bool kNarrow = !std::is_same_v<C, float>;  // P and dS rounded to C for the products
   std::vector<float> s, dp, acc, m, l;
-  std::vector<T> s16, dp16;  // s and dp as T for the tile products (unused for float)
+  std::vector<C> s16, dp16, qb, kb, vb, db;
   std::vector<Seg> segs;
   explicit Work(int64_t bq, int64_t d)
       : s(bq * kMaxSeg), dp(bq * kMaxSeg), acc(bq * d), m(bq), l(bq),
-        s16(std::is_same_v<T, float> ? 0 : bq * kMaxSeg), dp16(std::is_same_v<T, float> ? 0 : bq * kMaxSeg) {}
+        s16(kNarrow ? bq * kMaxSeg : 0), dp16(kNarrow ? bq * kMaxSeg : 0), qb(kConvert ? bq * d : 0),
+        kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0) {}
 };
 
 // One query tile: rows q[0:rows] (absolute index i0 + r), forward.
-template <class T>
-void forward_tile(const Problem& p, const SrcView<T>* src, const T* q, const uint8_t* skip, int64_t i0, int64_t rows,
-                  Work<T>& w, T* out, float* lse) {
+template <class T, class C>
+void forward_tile(const Problem& p, const SrcView<T>* src, const T* q_, const uint8_t* skip, int64_t i0, int64_t rows,
+                  Work<T, C>& w, T* out, float* lse) {
   const int64_t d = p.D;
+  const C* q = operand<C>(q_, rows * d, w.qb.data());
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.f);
   std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
   for (const Seg& sg : w.segs) {
     const SrcView<T>& sv = src[sg.src];
     const int64_t n = sg.n;
-    const T* kp = sv.k + sg.k0 * d;
+    const C* kp = operand<C>(sv.k + sg.k0 * d, n * d, w.kb.data());
     float* s = w.s.data();
     mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
@@ -204,7 +244,10 @@ void forward_tile(const Problem& p, const SrcView<T>* src, const T* q, const uin
       w.m[r] = mnew;
       any = true;
     }
-    if (any) mm(false, false, rows, d, n, 1.f, as_elem(s, rows * n, w.s16.data()), n, sv.v + sg.k0 * d, d, 1.f, w.acc.data(), d);
+    if (any) {
+      const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
+      mm(false, false, rows, d, n, 1.f, operand<C>(s, rows * n, w.s16.data()), n, vp, d, 1.f, w.acc.data(), d);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     T* o = out + r * d;
@@ -212,7 +255,7 @@ void forward_tile(const Problem& p, const SrcView<T>* src, const T* q, const uin
       store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
       lse[r] = w.m[r] + std::log(w.l[r]);
     } else {
-      std::fill(o, o + d, T(0));
+      std::fill(o, o + d, T(0.f));
       lse[r] = kInf;
     }
   }
@@ -224,16 +267,17 @@ struct GradView {
 };
 
 // One query tile, backward: accumulates into dq (rows x d) and the sources' dk/dv.
-template <class T>
-void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad, const T* q, const T* dout,
-                   const float* lse, const float* delta, const uint8_t* skip, int64_t i0, int64_t rows, Work<T>& w,
-                   float* dq) {
+template <class T, class C>
+void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad, const T* q_, const T* dout_,
+                   const float* lse, const float* delta, const uint8_t* skip, int64_t i0, int64_t rows,
+                   Work<T, C>& w, float* dq) {
   const int64_t d = p.D;
+  const C* q = operand<C>(q_, rows * d, w.qb.data());
+  const C* dout = operand<C>(dout_, rows * d, w.db.data());
   for (const Seg& sg : w.segs) {
     const SrcView<T>& sv = src[sg.src];
     const int64_t n = sg.n;
-    const T* kp = sv.k + sg.k0 * d;
-    const T* vp = sv.v + sg.k0 * d;
+    const C* kp = operand<C>(sv.k + sg.k0 * d, n * d, w.kb.data());
     float* s = w.s.data();
     float* dp = w.dp.data();
     mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
@@ -256,10 +300,11 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     if (!any) continue;
     GradView g = grad[sg.src];
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
-    mm(true, false, n, d, rows, 1.f, as_elem(s, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
+    const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
+    mm(true, false, n, d, rows, 1.f, operand<C>(s, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
     mm(false, true, rows, n, d, 1.f, dout, d, vp, d, 0.f, dp, n);
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * n, dp + r * n, n, delta[r]);
-    const T* ds = as_elem(dp, rows * n, w.dp16.data());
+    const C* ds = operand<C>(dp, rows * n, w.dp16.data());
     mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
     mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk + sg.k0 * d, d);
   }
@@ -426,7 +471,7 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       std::fill(ti, ti + dp, 0.f);
   }
 }
-template <class T>
+template <class T, class C>
 void forward_as(const Problem& p, T* out, float* lse) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -436,7 +481,7 @@ void forward_as(const Problem& p, T* out, float* lse) {
   const int64_t tiles = (p.Sq + p.bq - 1) / p.bq;
   const int64_t total = p.B * p.H * tiles;
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    Work<T> w(p.bq, p.D);
+    Work<T, C> w(p.bq, p.D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / tiles, tile = t % tiles, b = bh / p.H, h = bh % p.H;
       const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
@@ -453,7 +498,7 @@ void forward_as(const Problem& p, T* out, float* lse) {
   });
 }
 
-template <class T>
+template <class T, class C>
 void backward_as(const Problem& p, const T* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,
                  float* dkx, float* dvx) {
   const T* q = static_cast<const T*>(p.q);
@@ -472,7 +517,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   std::vector<float> part;  // (chunks - 1, B*H, 2 * (nk + nx)) private accumulators of chunks 1..
   if (chunks > 1) part.assign((chunks - 1) * bhs * 2 * (nk + nx), 0.f);
   at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
-    Work<T> w(p.bq, p.D);
+    Work<T, C> w(p.bq, p.D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
       SrcView<T> src[2] = {
@@ -516,19 +561,42 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   }
 }
 
-void run_forward(const Problem& p, void* out, float* lse) {
+// bf16 tiles multiplied as bf16: the native target, when the torch build exports MKL's bf16 GEMM.
+bool native_bf16() {
 #if ETKD_NATIVE_BF16
-  if (p.bf16) return forward_as(p, static_cast<bf16*>(out), lse);
+  return cblas_gemm_bf16bf16f32 != nullptr;
+#else
+  return false;
 #endif
-  forward_as(p, static_cast<float*>(out), lse);
+}
+
+void run_forward(const Problem& p, void* out, float* lse) {
+  switch (p.elem) {
+    case Elem::f32: return forward_as<float, float>(p, static_cast<float*>(out), lse);
+    case Elem::f16: return forward_as<Half, float>(p, static_cast<Half*>(out), lse);
+    case Elem::bf16:
+#if ETKD_NATIVE_BF16
+      if (native_bf16()) return forward_as<BFloat16, BFloat16>(p, static_cast<BFloat16*>(out), lse);
+#endif
+      return forward_as<BFloat16, float>(p, static_cast<BFloat16*>(out), lse);
+  }
 }
 
 void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx) {
+  switch (p.elem) {
+    case Elem::f32:
+      return backward_as<float, float>(p, static_cast<const float*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+    case Elem::f16:
+      return backward_as<Half, float>(p, static_cast<const Half*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+    case Elem::bf16:
 #if ETKD_NATIVE_BF16
-  if (p.bf16) return backward_as(p, static_cast<const bf16*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+      if (native_bf16())
+        return backward_as<BFloat16, BFloat16>(p, static_cast<const BFloat16*>(dout), lse, delta, dq, dk, dv, dkx,
+                                               dvx);
 #endif
-  backward_as(p, static_cast<const float*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+      return backward_as<BFloat16, float>(p, static_cast<const BFloat16*>(dout), lse, delta, dq, dk, dv, dkx, dvx);
+  }
 }
 
 }  // namespace
@@ -538,9 +606,7 @@ const Kernels& table() {
   static const Kernels t = [] {
     Kernels k;
     k.name = ETKD_ISA_NAME;
-#if ETKD_NATIVE_BF16
-    k.native_bf16 = cblas_gemm_bf16bf16f32 != nullptr;
-#endif
+    k.native_bf16 = native_bf16();
     k.run_forward = run_forward;
     k.run_backward = run_backward;
     k.gemm_small = gemm_small;

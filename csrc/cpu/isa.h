@@ -17,8 +17,9 @@
 //     `Vec` (at::vec::Vectorized<float>) and the helpers there, inside namespace etkd::cpu::ETKD_ISA;
 //   - add a function pointer to `Kernels`, fill it in flash_tile_impl.h's `make_kernels()`, and call it as
 //     `kernels().my_fn(...)` (or through a plain wrapper like run_forward in isa.cpp);
-//   - 16-bit inputs: `kernels().native_bf16` says whether the chosen target computes bf16 tiles natively;
-//     otherwise convert on load (common.h's `kernel_input`): fp32 compute, outputs cast back.
+//   - 16-bit inputs: templated on the storage type T and the product type C like flash_tile_impl.h's driver
+//     (`operand<C>` converts a tile on load into scratch; `from_float` / `store_scaled` write T back);
+//     `kernels().native_bf16` says whether the chosen target multiplies bf16 tiles as bf16.
 #pragma once
 
 #include <cstdint>
@@ -31,7 +32,7 @@ namespace etkd::cpu {
 
 struct Kernels {
   const char* name = nullptr;  // "avx2", "avx512", "avx512_bf16"
-  bool native_bf16 = false;    // bf16 tiles multiplied as bf16 (fp32 accumulation) rather than converted first
+  bool native_bf16 = false;    // bf16 tiles multiplied as bf16 (fp32 accumulation) rather than converted on load
   void (*run_forward)(const Problem& p, void* out, float* lse) = nullptr;
   void (*run_backward)(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq,
                        float* dk, float* dv, float* dkx, float* dvx) = nullptr;

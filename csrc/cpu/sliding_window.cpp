@@ -90,7 +90,7 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
   ps.skip = (1 - usable).contiguous();
   Problem& p = ps.band;
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale), p.bq = 64;
-  p.bf16 = q.scalar_type() == at::kBFloat16;
+  p.elem = elem_of(q);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.w = w;
   if (!usable.all().item<bool>()) {  // no padding and no globals: the tile loops skip the bias and skip reads
@@ -112,7 +112,7 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
     ps.real_bias = bias_from(g.real);
     ps.qrows = gather_rows(qg_, g.idx);
     Problem& r = ps.glob;
-    r.B = B, r.H = H, r.Sq = G, r.Sk = S, r.D = D, r.scale = p.scale, r.bq = 64, r.bf16 = p.bf16;
+    r.B = B, r.H = H, r.Sq = G, r.Sk = S, r.D = D, r.scale = p.scale, r.bq = 64, r.elem = p.elem;
     r.q = ps.qrows.data_ptr(), r.k = kg_.data_ptr(), r.v = vg_.data_ptr();
     r.kbias = ps.real_bias.data_ptr<float>(), r.qskip = ps.gskip.data_ptr<uint8_t>();
     r.segments = [S](int64_t, int64_t, int64_t, int64_t, std::vector<Seg>& segs) { append_run(segs, 0, S, 0); };
@@ -143,9 +143,8 @@ std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_
                                               const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
   check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
   const auto dt = q_.scalar_type();
-  const bool native = native_tiles(dt);
-  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
-  const OptTensor qg = kernel_input(qg_, native), kg = kernel_input(kg_, native), vg = kernel_input(vg_, native);
+  const Tensor &q = q_, &k = k_, &v = v_;
+  const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = find_globals(global_mask, key_padding_mask, B, S);
   const bool sep = qg.has_value();
@@ -172,10 +171,9 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_
   check_like(out_, q_, "out");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
   const auto dt = q_.scalar_type();
-  const bool native = native_tiles(dt);
-  const Tensor q = kernel_input(q_, native), k = kernel_input(k_, native), v = kernel_input(v_, native);
-  const Tensor grad_out = kernel_input(grad_out_, native), out = kernel_input(out_, native);
-  const OptTensor qg = kernel_input(qg_, native), kg = kernel_input(kg_, native), vg = kernel_input(vg_, native);
+  const Tensor &q = q_, &k = k_, &v = v_;
+  const Tensor &grad_out = grad_out_, &out = out_;
+  const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = find_globals(global_mask, key_padding_mask, B, S);
   const bool sep = qg.has_value();

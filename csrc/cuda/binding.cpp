@@ -143,19 +143,18 @@ SlidingWindowInputs sliding_window_inputs(const Tensor& q_, const Tensor& k_, co
   a.global_mask = nullptr;
   a.max_global = 0;
   if (in.gm && in.gm->numel() > 0) {
-    // Compact list of global positions per batch row: stable sort puts the globals first, in order.
+    // Compact list of global positions per batch row: stable sort puts the globals first, in order. The
+    // list is as wide as the sequence: its true width (the largest count) would be a device-to-host read,
+    // a synchronisation per call. CTAs past a batch row's count find no live row and return at once.
+    // (Same construction as etkd_kernels.masks.GlobalTokens, which the triton backend uses.)
     in.gcount = in.gm->sum(1, /*keepdim=*/false, at::kInt).contiguous();
-    const int max_g = in.gcount.max().item<int>();
-    if (max_g > 0) {
-      in.gidx = at::argsort(in.gm->logical_not().to(at::kChar), /*stable=*/true, /*dim=*/1, /*descending=*/false)
-                    .slice(1, 0, max_g)
-                    .to(at::kInt)
-                    .contiguous();
-      a.global_mask = in.gm->data_ptr<bool>();
-      a.global_idx = in.gidx.data_ptr<int>();
-      a.global_count = in.gcount.data_ptr<int>();
-      a.max_global = max_g;
-    }
+    in.gidx = at::argsort(in.gm->logical_not().to(at::kChar), /*stable=*/true, /*dim=*/1, /*descending=*/false)
+                  .to(at::kInt)
+                  .contiguous();
+    a.global_mask = in.gm->data_ptr<bool>();
+    a.global_idx = in.gidx.data_ptr<int>();
+    a.global_count = in.gcount.data_ptr<int>();
+    a.max_global = static_cast<int>(q_.size(2));
   }
   return in;
 }

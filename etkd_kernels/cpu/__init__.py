@@ -13,11 +13,14 @@ import functools
 
 import torch
 
+from ..dispatch import Capabilities
+
 NAME = "cpu"
 # op -> module in this package; a pattern appears here once its kernel exists.
 OPS: dict[str, str] = {
     "sliding_window": "sliding_window",
     "block_sparse": "block_sparse",
+    "lsg": "lsg",
     "nystrom": "nystrom",
     "full": "full",
 }
@@ -68,10 +71,5 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def not_supported_reasons(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    why = []
-    if device.type != "cpu":
-        why.append(f"needs CPU tensors, got {device.type}")
-    if dtype not in DTYPES:
-        why.append(f"supports {', '.join(map(str, DTYPES))}, got {dtype}")
-    return why
+def capabilities(op: str) -> Capabilities:
+    return Capabilities(devices=("cpu",), dtypes=DTYPES)

@@ -1,5 +1,5 @@
-"""Convert on load for cpu kernels that compute in float32 only (today: Nystrom's, whose pseudo-inverse needs
-fp32): 16-bit tensor arguments go in as float32, tensor results come back in the input dtype."""
+"""Convert on load for cpu kernels that compute in float32 only (Nystrom, whose pseudo-inverse needs fp32, and
+LSG): 16-bit tensor arguments go in as float32, tensor results come back in the input dtype."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import torch
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def in_float32(fn: Callable) -> Callable:
-    """Wrap a backend `forward`/`backward`: 16-bit floating tensor args -> float32, results -> their dtype."""
+def in_float32(fn: Callable | None = None, *, keep: tuple[int, ...] = ()) -> Callable:
+    """Wrap a backend `forward`/`backward`: 16-bit floating tensor args -> float32, results -> the input dtype
+    (results at the indices in `keep`, e.g. a forward's float32 lse, stay float32)."""
+    if fn is None:
+        return functools.partial(in_float32, keep=keep)
 
     @functools.wraps(fn)
     def wrapper(*args):
@@ -24,7 +27,8 @@ def in_float32(fn: Callable) -> Callable:
         if isinstance(res, torch.Tensor):
             return res.to(dtype)
         return tuple(
-            r.to(dtype) if isinstance(r, torch.Tensor) and r.dtype == torch.float32 else r for r in res
+            r.to(dtype) if isinstance(r, torch.Tensor) and r.dtype == torch.float32 and i not in keep else r
+            for i, r in enumerate(res)
         )
 
     return wrapper

@@ -1,6 +1,6 @@
 """Block-sparse attention on the `cpu` backend: thin calls into csrc/cpu/block_sparse.cpp.
 
-The kernel walks each query block's list of allowed key blocks (`layout_lut`), so empty blocks cost nothing.
+The kernel walks each query block's list of allowed key blocks (`cached_lut`), so empty blocks cost nothing.
 """
 
 from __future__ import annotations
@@ -8,16 +8,16 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels.masks import layout_lut
+from etkd_kernels.masks import cached_lut
 
 
 def forward(q, k, v, layout, block_size, key_padding_mask, scale):
-    lut, counts = layout_lut(layout)
+    lut, counts = cached_lut(layout)
     return torch.ops.etkd_cpu.block_sparse_fwd(q, k, v, lut, counts, block_size, key_padding_mask, scale)
 
 
 def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
-    lut, counts = layout_lut(layout)
+    lut, counts = cached_lut(layout)
     dq, dk, dv = torch.ops.etkd_cpu.block_sparse_bwd(
         grad_out.contiguous(), q, k, v, out, lse, lut, counts, block_size, key_padding_mask, scale
     )

@@ -2,10 +2,11 @@
 
 Forward: `nystrom_fwd` of csrc/cpu/nystrom.cpp does the whole computation (landmark means, K2 softmax,
 Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in one parallel loop over (batch, head), with no per-op
-dispatch. Backward: autograd over a composition whose two products over the sequence, K1 @ X
-(seq x landmarks) and K3 @ v (landmarks x seq), are the fused `softmax(scale * a @ b^T, masked) @ c` kernel
-(recompute-from-lse backward, never materialising K1 or K3); the landmark means and the
-(landmarks x landmarks) pseudo-inverse are small ATen ops shared with `reference`.
+dispatch. Backward: `nystrom_bwd`, written out by hand (Newton-Schulz iterations included): per
+(batch, head) it recomputes the forward with whole-head BLAS products and runs the chain rule back; the
+(seq x landmarks) matrices exist only in one thread's scratch while its head is processed, nothing of that
+size is kept from the forward. landmarks == seq (exact softmax attention) differentiates the fused
+`softmax(scale * a @ b^T, masked) @ c` kernel instead.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels._shared import iterative_pinv, recompute_backward, segment_means
 from etkd_kernels.cpu._dtype import in_float32
-from etkd_kernels.reference._autograd import recompute_backward
-from etkd_kernels.reference.nystrom import iterative_pinv, segment_means
 
 
 class _SoftmaxMatmul(torch.autograd.Function):
@@ -75,6 +75,20 @@ def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pi
 
 @in_float32
 def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
-    return recompute_backward(
-        attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
+    if num_landmarks == q.shape[2]:
+        return recompute_backward(
+            attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
+        )
+    if key_padding_mask is not None:  # padded output rows are set to zero: no gradient flows from them
+        grad_out = grad_out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    return torch.ops.etkd_cpu.nystrom_bwd(
+        grad_out.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        num_landmarks,
+        pinv_iterations,
+        key_padding_mask,
+        scale,
+        pinv_init == "hf_global",
     )

@@ -6,12 +6,19 @@ import functools
 
 import torch
 
+from ..dispatch import Capabilities
+
 NAME = "cuda"
 DESCRIPTION = "fused CUDA kernels (csrc/cuda), fp16/bf16/fp32"
-OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse"}
+# `full` is torch's own SDPA (FlashAttention / memory-efficient kernels), so it needs no compiled extension.
+OPS: dict[str, str] = {"sliding_window": "sliding_window", "block_sparse": "block_sparse", "full": "full"}
 AUTO_DEVICES = ("cuda",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (32, 64, 128)  # template instantiations in csrc/cuda (the binding rejects others by name)
+# Template instantiations of `dispatch_head_dim` in csrc/cuda/kernels.h (tests/test_cuda_sources.py checks
+# that this list and the C++ switch agree), the grid.y limit of the launches, the binding's int32 seq bound.
+HEAD_DIMS = (32, 64, 128)
+MAX_BATCH_HEADS = 65535
+MAX_SEQ = (1 << 30) - 1
 
 
 @functools.cache
@@ -25,10 +32,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def not_supported_reasons(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    why = []
-    if device.type != "cuda":
-        why.append(f"needs CUDA tensors, got {device.type}")
-    if dtype not in DTYPES:
-        why.append(f"supports float16/bfloat16/float32, got {dtype}")
-    return why
+def capabilities(op: str) -> Capabilities:
+    if op == "full":
+        return Capabilities(devices=("cuda",), dtypes=DTYPES, needs_build=False)
+    return Capabilities(
+        devices=("cuda",),
+        dtypes=DTYPES,
+        head_dims=HEAD_DIMS,
+        max_batch_heads=MAX_BATCH_HEADS,
+        max_seq=MAX_SEQ,
+    )

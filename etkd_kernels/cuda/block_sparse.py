@@ -3,31 +3,16 @@
 Same contract as `etkd_kernels.reference.block_sparse`: q, k, v (batch, heads, seq, head_dim) with
 seq == n_blocks * block_size (the public op pads first); layout (heads or 1, q_blocks, k_blocks) bool.
 The kernels read a look-up table of allowed key blocks per query block instead of the dense layout:
-`etkd_kernels.masks.layout_lut` builds it (int32 (Hl, nqb, max_nnz), ascending, plus int32 counts; entries
-past the count are never read), once per layout object and version.
+`etkd_kernels.masks.cached_lut` builds it (int32 (Hl, nqb, max_nnz), ascending, plus int32 counts; entries
+past the count are never read), once per layout tensor and version, shared with every other backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..masks import layout_lut
+from ..masks import cached_lut
 from .sliding_window import _ops
-
-_LUT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-_LUT_CACHE_SIZE = 16
-
-
-def _cached_lut(layout: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Layouts are built once per model and reused every step. The entry holds the layout itself, so its
-    # id cannot be reused by another tensor while cached; the version counter catches in-place edits.
-    key = (id(layout), layout._version, device)
-    hit = _LUT_CACHE.get(key)
-    if hit is None or hit[0] is not layout:
-        if len(_LUT_CACHE) >= _LUT_CACHE_SIZE:
-            _LUT_CACHE.pop(next(iter(_LUT_CACHE)))
-        hit = _LUT_CACHE[key] = (layout, *layout_lut(layout.to(device=device, dtype=torch.bool)))
-    return hit[1], hit[2]
 
 
 def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
@@ -54,7 +39,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, S, D), lse (B, H, S) float32; rows that see no key: out 0, lse +inf)."""
     _check(q, layout, block_size)
-    lut, count = _cached_lut(layout, q.device)
+    lut, count = cached_lut(layout.to(device=q.device, dtype=torch.bool))
     return _ops().block_sparse_fwd(q, k, v, lut, count, int(block_size), key_padding_mask, float(scale))
 
 
@@ -72,7 +57,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv)."""
     _check(q, layout, block_size)
-    lut, count = _cached_lut(layout, q.device)
+    lut, count = cached_lut(layout.to(device=q.device, dtype=torch.bool))
     return tuple(
         _ops().block_sparse_bwd(
             grad_out, q, k, v, out, lse, lut, count, int(block_size), key_padding_mask, float(scale)

@@ -4,6 +4,10 @@ Each pattern is two custom ops, `etkd::<op>_fwd` and `etkd::<op>_bwd`, whose imp
 backend at run time (so `use_backend` swaps kernels even inside a compiled graph), plus fake kernels and
 `register_autograd` tying them together. Gradients of backends come back as a list with empty tensors
 standing for "no gradient" (custom ops cannot return None).
+
+A sequence of length 0 is answered here for every backend (after the backend is resolved, so an unusable
+explicit backend still raises): the outputs and gradients are the fake kernels' empty tensors, which hold
+no element. No kernel is launched with an empty grid.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..dispatch import resolve
+from ..dispatch import Problem, resolve
 
 LIB = "etkd"
 
@@ -22,7 +26,8 @@ def none_to_empty(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> l
 
 
 def empty_to_none(grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
-    return [None if g.numel() == 0 else g for g in grads]
+    # "No gradient" is a 1-d empty tensor; a real gradient is 4-d even when empty (seq 0).
+    return [None if g.dim() == 1 and g.numel() == 0 else g for g in grads]
 
 
 def define(
@@ -40,13 +45,20 @@ def define(
     torch.library.define(bwd_name, bwd_schema)
 
     def fwd_impl(q, *args):
-        backend = args[-1]
-        return resolve(op, q.device, q.dtype, backend).forward(q, *args[:-1])
+        impl = resolve(op, Problem.of(q), backend=args[-1])
+        if q.shape[2] == 0:
+            return fwd_fake(q, *args)
+        out = impl.forward(q, *args[:-1])
+        # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
+        # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
+        return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
 
     def bwd_impl(grad_out, q, *args):
-        backend = args[-1]
-        grads = resolve(op, q.device, q.dtype, backend).backward(grad_out, q, *args[:-1])
-        return none_to_empty(grads, q)
+        impl = resolve(op, Problem.of(q), backend=args[-1])
+        if q.shape[2] == 0:
+            return bwd_fake(grad_out, q, *args)
+        grads = impl.backward(grad_out, q, *args[:-1])
+        return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
 
     torch.library.impl(fwd_name, "default")(fwd_impl)
     torch.library.impl(bwd_name, "default")(bwd_impl)

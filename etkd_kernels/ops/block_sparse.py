@@ -54,6 +54,8 @@ def as_layout(
                 f"got {layout.dtype} tensor of shape {tuple(layout.shape)}"
             )
         nb = layout.shape[1]
+        if nb == 0 and seq_len == 0:
+            return BlockLayout(layout, 1).to(device)  # an empty sequence with an empty layout
         if nb == 0 or seq_len % nb:
             raise ValueError(
                 f"layout: a plain tensor's block size is seq_len / q_blocks, but seq_len {seq_len} is not a "

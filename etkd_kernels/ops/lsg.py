@@ -9,7 +9,7 @@ from ..dispatch import requested_backend
 from ._common import pad_to_multiple
 from ._define import define, empty_to_none, fake_out_lse
 
-SPARSITY_TYPES = ("none", "pooling", "stride", "block_stride")
+SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
 
 _FWD = (
     "(Tensor q, Tensor k, Tensor v, int block_size, int sparse_block_size, int sparsity_factor, "
@@ -59,9 +59,10 @@ def lsg_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """LSG attention: each query block sees its own and the neighbouring key blocks (local), a compressed
-    view of the keys around them (sparse: `sparsity_type` pooling / stride / block_stride by
-    `sparsity_factor`, `sparse_block_size` compressed tokens each side), and the first `num_global_tokens`
-    positions (global, which also attend to every key).
+    view of the keys around them (sparse: `sparsity_type` norm / pooling / stride / block_stride /
+    bos_pooling by `sparsity_factor`, `sparse_block_size` compressed tokens each side), and the first
+    `num_global_tokens` positions (global, which also attend to every key). Equals lsg-converter's
+    `LSGSelfAttention` (num_global_tokens=1, sparse_block_size=block_size) on the real query rows.
 
     q, k, v: (batch, heads, seq, head_dim); a seq that is not a multiple of block_size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim).
@@ -78,7 +79,11 @@ def lsg_attention(
         raise ValueError(
             f"sparsity_factor: expected a divisor of block_size ({block_size}) for sparse keys, got {sparsity_factor}"
         )
-    if num_global_tokens > q.shape[2]:
+    if sparsity_type == "bos_pooling" and num_global_tokens < 1:
+        raise ValueError(
+            "num_global_tokens: bos_pooling pools with the first (global) query's scores, needs >= 1"
+        )
+    if q.shape[2] and num_global_tokens > q.shape[2]:  # seq 0 gives an empty result
         raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])

@@ -73,7 +73,7 @@ def nystrom_attention(
     check_positive_int(pinv_iterations, "pinv_iterations", minimum=0)
     if pinv_init not in PINV_INITS:
         raise ValueError(f"pinv_init: expected one of {PINV_INITS}, got {pinv_init!r}")
-    if num_landmarks > q.shape[2]:
+    if q.shape[2] and num_landmarks > q.shape[2]:  # seq 0 gives an empty result whatever the count
         raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])

@@ -6,6 +6,8 @@ under autograd. Memory is O(seq * window) (or O(nnz blocks)) where the pattern a
 
 import torch
 
+from ..dispatch import Capabilities
+
 NAME = "reference"
 DESCRIPTION = "plain PyTorch, any device, the oracle"
 OPS = {
@@ -22,5 +24,5 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def not_supported_reasons(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    return []
+def capabilities(op: str) -> Capabilities:
+    return Capabilities(devices=None, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))

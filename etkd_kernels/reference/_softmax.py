@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .._shared import compute_dtype
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The oracle computes in fp32 (fp64 for fp64 inputs) whatever the input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["compute_dtype", "masked_softmax"]
 
 
 def masked_softmax(

@@ -4,7 +4,7 @@ Meaning: softmax(scale * q @ k.T) @ v where query i may see key j only if `layou
 and `key_padding_mask[b, j]`. Each allowed (query block, key block) pair is counted once: a bool layout
 cannot say "this block twice" (for HF BigBird's duplicated random blocks see `etkd_kernels.layouts`).
 
-How: per (head, query block), the allowed key blocks come from `layout_lut` (ascending, padded with a
+How: per (head, query block), the allowed key blocks come from `cached_lut` (ascending, padded with a
 validity mask); their keys and values are gathered and scored against that query block only. Rows are
 bucketed by their block count rounded up to a power of two and each bucket is padded to its own width, so
 a few dense rows (global blocks) do not pad every row to the whole sequence: memory <= 2 * nnz * block^2,
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import layout_lut
+from ..masks import cached_lut
 from ._autograd import recompute_backward
 from ._softmax import compute_dtype, masked_softmax
 
@@ -51,8 +51,8 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
     ct = compute_dtype(q.dtype)
     q, k, v = (t.to(ct) for t in (q, k, v))
     dev = q.device
-    lut, counts = layout_lut(layout.to(dev).expand(h, nb, nb))  # (h, nb, W), (h, nb)
-    lut = lut.long()
+    lut, counts = cached_lut(layout.to(dev))  # (1 or h, nb, W), (1 or h, nb)
+    lut, counts = lut.long().expand(h, -1, -1), counts.expand(h, -1)
     qb, kb, vb = (t.view(b, h, nb, bs, d) for t in (q, k, v))
     real = key_padding_mask.view(b, nb, bs) if key_padding_mask is not None else None
     out = q.new_zeros(b, h, nb, bs, d)

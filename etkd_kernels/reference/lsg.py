@@ -1,35 +1,49 @@
 """Reference LSG attention (Condevaux & Harispe, "LSG Attention", 2022): the definition of the pattern, in
-O(seq * (3 * block + 2 * sparse_block + globals)) memory.
+O(seq * (3 * block + 2 * sparse_block + globals)) memory. It equals lsg-converter's `LSGSelfAttention`
+(ccdv-ai/convert_checkpoint_to_lsg 0.1.9, `lsg_converter/attention_layers/lsg_self_attention.py`, the code
+behind the LSG checkpoints) for every sparsity type it has; tests/test_lsg_converter.py checks that.
 
 Notation: S = seq (a multiple of `block_size` = B; the op pads first, padded keys are not real), G =
-`num_global_tokens`, f = `sparsity_factor`, s = `sparse_block_size`, step = B // f, T = S // f. Blocks are
-counted over the whole sequence, global positions included. A key j is *usable* when it is real
-(key_padding_mask) and not global (j >= G); usable keys are the only ones local and sparse keys are made of,
-so every global key is counted exactly once (as its own column), as LSG's layer does by masking its global
-token out of the local/sparse keys.
+`num_global_tokens`, f = `sparsity_factor`, s = `sparse_block_size` (LSG: s = B), step = B // f, T = S // f,
+nb = S // B. Blocks are counted over the whole sequence, global positions included. A key j is *usable* when
+it is real (key_padding_mask) and not global (j >= G); local keys are made of usable keys only, so every
+global key is counted once (as its own column), as LSG masks its global first token out of the rest.
 
 * Global query rows (i < G) attend to every real key.
 * A non-global query row i in block n = i // B attends to
   - global keys: the real j < G;
   - local keys: the usable j in [(n - 1) B, (n + 2) B) (its own block and one on each side);
-  - sparse keys (unless sparsity_type == "none" or s == 0): the compressed positions
-    p in [(n - 1) step - s, (n - 1) step) and [(n + 2) step, (n + 2) step + s), 0 <= p < T, i.e. the s
-    compressed tokens just left and just right of the local window; compressed position p of head h is
-      "pooling":      the mean of k_j (and v_j) over the usable j in [p f, (p + 1) f); absent if none is;
-      "stride":       token j = p f + (h mod f), if usable (LSG offsets the stride by head);
-      "block_stride": token j = (p // step) B + ((h step + p mod step) mod B), if usable: each block
-                      contributes a contiguous run of B / f tokens, rotated by head as LSG does.
-    Sparse keys always lie outside the local window, so no key is counted twice.
+  - sparse keys (unless sparsity_type == "none", s == 0 or nb <= 2, where LSG runs full attention, which
+    local + global then already is): the compressed positions p in [(n - 1) step - s + o, (n - 1) step + o)
+    and [(n + 2) step - 2 o, (n + 2) step - 2 o + s), 0 <= p < T, with o = step mod 2 (LSG's unfold
+    slicing shifts both windows when step is odd, into the local window), i.e. the s compressed tokens
+    just left and right of the local window. With f == 1 compressed position p is token p (usable or not attended). Otherwise:
+      "pooling":      the sum of k_j (and v_j) over the usable j in [p f, (p + 1) f), divided by
+                      (their count + 1e-6), as LSG does;
+      "bos_pooling":  sum_j w_j k_j (and v_j) over j in [p f, (p + 1) f), w = softmax over the real j
+                      (global ones included) of scale * q_0 . k_j: pooled by the first query's scores;
+      "stride":       token j = p f + (h mod f) (LSG offsets the stride by head);
+      "block_stride": token j = (p // step) B + ((h step + p mod step) mod B): each block contributes a
+                      contiguous run of B / f tokens, rotated by head;
+      "norm":         the step usable tokens of largest |k_j| of block p // step (in descending order),
+                      padded with unusable ones (not attended) when the block has fewer.
+    A pooled token ("pooling", "bos_pooling") is attended even when no token of its group is usable: LSG
+    marks a compressed token masked only if the mean of its group's additive mask equals finfo.min, and
+    that mean overflows to -inf for f >= 2 masked tokens. Such a token is zero for "pooling" (0 / 1e-6)
+    and, for "bos_pooling", the plain mean of the group's keys when none is real (its softmax is uniform).
+    A strided or "norm" token is attended only if usable.
 Softmax over that key set with `scale`; rows that see no key, and padded query rows, give 0 (lse +inf).
 
-Relation to lsg-converter (ccdv-ai/convert_checkpoint_to_lsg, `LSGAttentionProduct.reshape_to_sparse_block`
-and `get_sparse_tokens_with_*`): the same windows and compression when B / f is even. Differences, on
-purpose: (1) LSG's models prepend learned global embeddings and block the rest of the sequence; here the
-globals are the first G positions of the sequence and blocks start at position 0 (so `lsg_layout` and the
-block-sparse kernels see the same blocks); (2) when B / f is odd LSG's slicing shifts the right sparse window
-two positions into the local window (and degenerates when its slice bound hits 0): we keep the symmetric
-definition above; (3) pooling ignores padded and global tokens exactly (LSG divides by count + 1e-6);
-(4) sequences of <= 2 blocks are not switched to full attention (the op's caller may do that).
+Where this differs from LSGSelfAttention: (1) LSG has one global token, the first; here the first G
+positions are global (G = 1 is LSG's convention, G = 0 its compute_global_attention=False); (2) LSG keeps
+its global key visible even when the first token is padding, here a padded global key is not attended;
+(3) padded query rows give 0 here (LSG returns an average); (4) LSG's sparse block size is always B, here
+`sparse_block_size`; (5) LSGSelfAttention's sparse windows are unfolds of width 3 B sliced at
+(3 B - 3 B / f) / 2, which is well formed only for f >= 4 (or odd f >= 3 with an odd step): for f = 2 both
+windows come out empty, for f = 3 with an even step the right one does, for f = 1 or an odd step with even
+f it raises. There we keep the windows above, which are the ones of the model files the LSG checkpoints
+run (`LSGAttentionProduct.reshape_to_sparse_block`, unfolds of width 6 s) for an even step, so the default
+f = 2 has sparse keys as the checkpoints do.
 `block_size` must be a multiple of `sparsity_factor` when sparse keys are used (LSG asserts the same).
 """
 
@@ -41,25 +55,72 @@ from ._autograd import recompute_backward
 from ._softmax import compute_dtype, masked_softmax
 
 
-def _compress(k, v, usable, block_size, f, sparsity_type):
-    """Compressed keys/values (b, h, T, d) and their validity (b, h or 1, T)."""
+def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
+    return sparsity_type != "none" and sparse_block_size > 0 and num_blocks > 2
+
+
+def sparse_windows(n, step: int, sparse_block_size: int):
+    """First compressed position of the left and right sparse windows of query block(s) n."""
+    o = step % 2
+    return (n - 1) * step - sparse_block_size + o, (n + 2) * step - 2 * o
+
+
+def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale):
+    """Compressed keys/values (b, h, T, d) and whether each is attended (b, h or 1, T)."""
     b, h, s, d = k.shape
+    f, g = sparsity_factor, num_global_tokens
     t = s // f
-    if sparsity_type == "pooling":
-        w = usable.view(b, 1, t, f, 1).to(k.dtype)
-        cnt = w.sum(-2)
-        kc = (k.view(b, h, t, f, d) * w).sum(-2) / cnt.clamp(min=1)
-        vc = (v.view(b, h, t, f, d) * w).sum(-2) / cnt.clamp(min=1)
-        return kc, vc, (cnt[..., 0] > 0)
+    usable = real & (torch.arange(s, device=k.device) >= g)[None]
+    if f == 1:
+        return k, v, usable[:, None]
+    if sparsity_type in ("pooling", "bos_pooling"):
+        kg, vg = k.view(b, h, t, f, d), v.view(b, h, t, f, d)
+        if sparsity_type == "pooling":
+            w = usable.view(b, 1, t, f, 1).to(k.dtype)
+            w = w / (w.sum(-2, keepdim=True) + 1e-6)
+        else:
+            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k).view(b, h, t, f) * scale
+            rg = real.view(b, 1, t, f)
+            # A group with no real token: LSG's scores there are all s + finfo.min, which rounds to finfo.min,
+            # so its weights are uniform, yet autograd still differentiates the softmax of s: s - s.detach().
+            s0 = torch.where(rg.any(-1, keepdim=True), s0.masked_fill(~rg, float("-inf")), s0 - s0.detach())
+            w = torch.softmax(s0, dim=-1)[..., None]
+        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
+        return (kg * w).sum(-2), (vg * w).sum(-2), ok
     p = torch.arange(t, device=k.device)
     hh = torch.arange(h, device=k.device)[:, None]
+    step = block_size // f
     if sparsity_type == "stride":
-        tok = p[None, :] * f + hh % f
-    else:  # block_stride
-        step = block_size // f
-        tok = (p[None, :] // step) * block_size + (hh * step + p[None, :] % step) % block_size
-    idx = tok[None, :, :, None].expand(b, h, t, d)
-    return k.gather(2, idx), v.gather(2, idx), usable[:, tok]
+        tok = (p[None, :] * f + hh % f)[None].expand(b, h, t)
+    elif sparsity_type == "block_stride":
+        tok = ((p[None, :] // step) * block_size + (hh * step + p[None, :] % step) % block_size)[None].expand(
+            b, h, t
+        )
+    else:  # norm
+        with torch.no_grad():
+            nrm = k.detach().norm(dim=-1).masked_fill(~usable[:, None], -1.0)
+            top = nrm.view(b, h, s // block_size, block_size).topk(step, dim=-1, sorted=True).indices
+            tok = (top + torch.arange(0, s, block_size, device=k.device)[:, None]).reshape(b, h, t)
+    idx = tok[..., None].expand(b, h, t, d)
+    return k.gather(2, idx), v.gather(2, idx), usable[:, None].expand(b, h, s).gather(2, tok)
+
+
+def extra_keys(
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale
+):
+    """[global keys, compressed keys] (b, h, G + T, d) for keys and values, which are attended (b, h, G + T),
+    and each query block's sparse window starts (nb, 2) (empty when no sparse keys)."""
+    b, h, s, d = k.shape
+    g, nb = num_global_tokens, s // block_size
+    if not uses_sparse(sparsity_type, sparse_block_size, nb):
+        ok = real[:, None, :g].expand(b, h, g)
+        return k[:, :, :g], v[:, :, :g], ok, torch.zeros(0, 2, dtype=torch.long, device=k.device)
+    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale)
+    n = torch.arange(nb, device=k.device)
+    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size), dim=1)
+    kx, vx = torch.cat([k[:, :, :g], kc], dim=2), torch.cat([v[:, :, :g], vc], dim=2)
+    ok = torch.cat([real[:, None, :g].expand(b, h, g), okc.expand(b, h, okc.shape[-1])], dim=2)
+    return kx, vx, ok, starts
 
 
 def attend(
@@ -78,10 +139,10 @@ def attend(
     bs, sbs, f, g = block_size, sparse_block_size, sparsity_factor, num_global_tokens
     if s % bs:
         raise ValueError(f"block_size: seq {s} must be a multiple of block_size {bs} (the op pads first)")
-    use_sparse = sparsity_type != "none" and sbs > 0
+    nb = s // bs
+    use_sparse = uses_sparse(sparsity_type, sbs, nb)
     if use_sparse and bs % f:
         raise ValueError(f"sparsity_factor: expected a divisor of block_size {bs}, got {f}")
-    nb = s // bs
     out_dtype = q.dtype
     ct = compute_dtype(q.dtype)
     q, k, v = (t.to(ct) for t in (q, k, v))
@@ -97,10 +158,11 @@ def attend(
     loc_c = loc.clamp(0, s - 1)
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
     if use_sparse:
-        kc, vc, okc = _compress(k, v, usable, bs, f, sparsity_type)
-        t, step = s // f, bs // f
+        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale)
+        t = s // f
+        left, right = sparse_windows(n, bs // f, sbs)
         j = torch.arange(sbs, device=dev)[None]
-        pos = torch.cat([(n - 1) * step - sbs + j, (n + 2) * step + j], dim=-1)
+        pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
         groups.append((kc[:, :, pos_c], vc[:, :, pos_c], ((pos >= 0) & (pos < t)) & okc[:, :, pos_c]))
     if g > 0:

@@ -34,44 +34,12 @@ in the exact num_landmarks == seq case.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .._shared import compute_dtype, iterative_pinv, recompute_backward, segment_means
 from . import full
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from ._softmax import masked_softmax
 
-
-def segment_means(x: torch.Tensor, num_landmarks: int) -> torch.Tensor:
-    """x (b, h, s, d) -> (b, h, L', d): means over contiguous segments of ceil(s / L) tokens.
-
-    L' = ceil(s / ceil(s / L)) (= L when L divides s); the last segment may be shorter.
-    """
-    b, h, s, d = x.shape
-    c = -(-s // num_landmarks)
-    n = -(-s // c)
-    if n * c == s:
-        # HF's exact expression (same rounding) when the segments tile the sequence.
-        return x.reshape(b, h, n, c, d).mean(dim=-2)
-    sums = F.pad(x, (0, 0, 0, n * c - s)).reshape(b, h, n, c, d).sum(dim=-2)
-    counts = torch.full((n, 1), float(c), dtype=x.dtype, device=x.device)
-    counts[-1] = s - (n - 1) * c
-    return sums / counts
-
-
-def iterative_pinv(m: torch.Tensor, iterations: int, pinv_init: str) -> torch.Tensor:
-    """HF's Newton-Schulz pseudo-inverse of the row-stochastic (b, h, L, L) matrices `m`."""
-    eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
-    col_sums = m.sum(dim=-2)  # (b, h, L); softmax rows make ||m||_inf = 1, so this is ||m||_1's column sums
-    if pinv_init == "hf_global":
-        coeff = 1 / col_sums.max()
-    else:
-        coeff = 1 / col_sums.amax(dim=-1)[..., None, None]
-    z = coeff * m.transpose(-1, -2)
-    for _ in range(iterations):
-        mz = m @ z
-        # Same association and constants as HF so fp32 rounding matches as closely as possible.
-        z = (0.25 * z) @ (13 * eye - mz @ (15 * eye - mz @ (7 * eye - mz)))
-    return z
+__all__ = ["attend", "backward", "forward", "iterative_pinv", "segment_means"]
 
 
 def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):

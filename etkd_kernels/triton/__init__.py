@@ -8,15 +8,19 @@ import os
 
 import torch
 
+from ..dispatch import Capabilities
+
 NAME = "triton"
 DESCRIPTION = "fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"
 OPS: dict[str, str] = {
     "sliding_window": "sliding_window",
     "block_sparse": "block_sparse",
+    "lsg": "lsg",
     "nystrom": "nystrom",
 }
 AUTO_DEVICES = ("cuda",)  # the interpreter is a correctness tool, never picked by `auto`
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128  # tiles over head_dim are the next power of two (masked); 256 would not fit shared memory
 
 
 @functools.cache
@@ -30,12 +34,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def not_supported_reasons(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    why = []
-    if device.type == "cpu" and not interpreting():
-        why.append("CPU tensors need TRITON_INTERPRET=1 (interpreter, slow)")
-    elif device.type not in ("cpu", "cuda"):
-        why.append(f"needs CUDA tensors, got {device.type}")
-    if dtype not in DTYPES:
-        why.append(f"supports float16/bfloat16/float32, got {dtype}")
-    return why
+def capabilities(op: str) -> Capabilities:
+    # Read at call time, never at import: the interpreter is a process-wide switch a test may set late.
+    interp = interpreting()
+    return Capabilities(
+        devices=("cuda", "cpu") if interp else ("cuda",),
+        dtypes=DTYPES,
+        max_head_dim=MAX_HEAD_DIM,
+        device_note="" if interp else "CPU tensors need TRITON_INTERPRET=1 (interpreter, slow)",
+    )

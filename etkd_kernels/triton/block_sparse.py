@@ -16,18 +16,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks import layout_lut
-from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
+from ..masks import cached_lut
+from ._common import (
+    LOG2E,
+    compute_type,
+    configs,
+    delta,
+    head_block,
+    launch,
+    precision,
+    seq_bucket,
+)
 
-_KEY = ["S", "BS", "BLOCK_D"]
+_KEY = ["SB", "BS", "BLOCK_D"]  # SB: seq bucket
 
 # Loop bodies are inlined (no @triton.jit helpers inside loops): see sliding_window.py for why.
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, OUT, LSE, REAL, LUT, CNT, scale2, S, D, H, BS, NB, WIDTH, LUT_HS,
+    Q, K, V, OUT, LSE, REAL, LUT, CNT, scale2, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -69,7 +78,7 @@ def _fwd(
         m = m_new
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
     tl.store(
         OUT + base + pos[:, None] * D + dd[None, :],
         out.to(OUT.dtype.element_ty),
@@ -78,10 +87,10 @@ def _fwd(
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, REAL, LUT, CNT, scale2, scale, S, D, H, BS, NB, WIDTH, LUT_HS,
+    Q, K, V, DO, LSE, DELTA, DQ, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -101,7 +110,7 @@ def _bwd_dq(
     rmask = valid[:, None] & dmask[None, :]
     q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for it in range(0, n_blocks * n_sub_o):
@@ -119,10 +128,10 @@ def _bwd_dq(
     tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dkv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, LUT, CNT, scale2, scale, S, D, H, BS, NB, WIDTH, LUT_HS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     # Own rows are keys of key block kb; LUT here is the transposed layout's (query blocks per key block).
@@ -155,7 +164,7 @@ def _bwd_dkv(
         qmask = iok[:, None] & dmask[None, :]
         q = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
         do = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
-        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
         pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(CT), do, input_precision=PREC)
@@ -171,7 +180,7 @@ def _bwd_dkv(
 
 
 def _prepare(
-    q: torch.Tensor, layout: torch.Tensor, block_size: int, key_padding_mask, transpose: bool = False
+    q: torch.Tensor, layout: torch.Tensor, block_size: int, key_padding_mask, scale: float, transpose=False
 ):
     b, h, s, d = q.shape
     nb = layout.shape[1]
@@ -179,46 +188,41 @@ def _prepare(
         raise ValueError(
             f"layout: expected ({nb}, {nb}) blocks of {block_size} for seq {s}, got {tuple(layout.shape)}"
         )
-    mask = layout.transpose(-1, -2) if transpose else layout
-    lut, cnt = layout_lut(mask.to(q.device))
+    lut, cnt = cached_lut(layout.to(q.device), transpose)  # built once per layout tensor, on q's device
     real = (
         key_padding_mask
         if key_padding_mask is not None
         else torch.ones(b, s, dtype=torch.bool, device=q.device)
     )
     return dict(
-        REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=None, S=s, D=d, H=h, BS=block_size, NB=nb,
-        WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
+        REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s),
+        D=d, H=h, BS=block_size, NB=nb, WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
 
 
-def _grid(nb: int, block_size: int, bh: int):
-    return lambda meta: (nb * triton.cdiv(block_size, meta["BLOCK_P"]), bh)
+def _tiles(nb: int, block_size: int):
+    return lambda meta: nb * triton.cdiv(block_size, meta["BLOCK_P"])
 
 
 def forward(q, k, v, layout, block_size, key_padding_mask, scale):
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    meta = _prepare(q, layout, block_size, key_padding_mask)
-    meta["scale2"] = scale * LOG2E
+    meta = _prepare(q, layout, block_size, key_padding_mask, scale)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    _fwd[_grid(meta["NB"], block_size, b * h)](q, k, v, out, lse, **meta)
+    launch(_fwd, _tiles(meta["NB"], block_size), q, (q, k, v, out, lse), meta, ("REAL",))
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
-    b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (B, H, S)
+    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = _prepare(q, layout, block_size, key_padding_mask)
-    meta["scale2"] = scale * LOG2E
-    grid = _grid(meta["NB"], block_size, b * h)
-    _bwd_dq[grid](q, k, v, do, lse, delta, dq, scale=scale, **meta)
-    meta_t = _prepare(q, layout, block_size, key_padding_mask, transpose=True)
-    meta_t["scale2"] = scale * LOG2E
-    _bwd_dkv[grid](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta_t)
+    meta = _prepare(q, layout, block_size, key_padding_mask, scale)
+    tiles = _tiles(meta["NB"], block_size)
+    launch(_bwd_dq, tiles, q, (q, k, v, do, lse, dlt, dq), {**meta, "scale": scale}, ("REAL",))
+    meta_t = _prepare(q, layout, block_size, key_padding_mask, scale, transpose=True)
+    launch(_bwd_dkv, tiles, q, (q, k, v, do, lse, dlt, dk, dv), {**meta_t, "scale": scale}, ("REAL",))
     return dq, dk, dv

@@ -7,9 +7,10 @@ unequal query/key lengths, so one fused dense kernel (online softmax, saved lse,
     K1 @ X       = attn(q, k~, X)                    (seq queries over L landmark keys), X = pinv(K2) @ (K3 @ v)
 
 K2 = softmax(s q~ k~^T) (L x L), the Newton-Schulz pseudo-inverse and the segment means are small and go
-through torch GEMMs (the reference's own functions, so rounding matches). The backward recomputes the
-forward under autograd, with the fused kernels' own backward for the two large products: no (seq x L)
-matrix is ever stored. Low-precision inputs: landmarks and X are cast to the input dtype before the kernels
+through torch GEMMs (the functions the reference uses, etkd_kernels/_shared.py, so rounding matches). The
+backward is written out (`backward`): the fused kernels' own backward for the two large products, autograd
+only over the small (L x L) part: no (seq x L) matrix is ever stored. Low-precision inputs: landmarks and X
+are cast to the input dtype before the kernels
 (the reference keeps them fp32), so fp16/bf16 results differ from it by a few ulps more than the others.
 """
 
@@ -19,17 +20,25 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference._softmax import compute_dtype
-from ..reference.nystrom import iterative_pinv, segment_means
-from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
+from .._shared import compute_dtype, iterative_pinv, segment_means
+from ._common import (
+    LOG2E,
+    compute_type,
+    configs,
+    delta,
+    head_block,
+    launch,
+    precision,
+    seq_bucket,
+)
 
-_KEY = ["SQ", "SK", "BLOCK_D"]
+_KEY = ["SQB", "SKB", "BLOCK_D"]  # sequence buckets
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, D,
+    Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, SQB, SKB, D,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
@@ -68,7 +77,7 @@ def _fwd(
         m = m_new
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
     tl.store(
         OUT + qbase + pos[:, None] * D + dd[None, :],
         out.to(OUT.dtype.element_ty),
@@ -77,10 +86,10 @@ def _fwd(
     tl.store(LSE + bh.to(tl.int64) * SQ + pos, lse, mask=valid)
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, D,
+    Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, SQB, SKB, D,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
@@ -95,7 +104,7 @@ def _bwd_dq(
     rmask = valid[:, None] & dmask[None, :]
     q = tl.load(Q + qbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     do = tl.load(DO + qbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + pos, mask=valid, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + pos, mask=valid, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * SQ + pos, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for start in range(0, SK, BLOCK_O):
@@ -115,10 +124,10 @@ def _bwd_dq(
     tl.store(DQ + qbase + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dkv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, D,
+    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, SQB, SKB, D,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
@@ -144,7 +153,7 @@ def _bwd_dkv(
         qmask = iok[:, None] & dmask[None, :]
         q = tl.load(Q + qbase + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
         do = tl.load(DO + qbase + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + i, mask=iok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + i, mask=iok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + bh.to(tl.int64) * SQ + i, mask=iok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2
         pt = tl.where(own[:, None] & iok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
@@ -164,13 +173,39 @@ def _meta(q, k, kpm, scale):
         else torch.zeros(1, dtype=torch.int8, device=q.device)
     )
     return dict(
-        REAL=real, scale2=scale * LOG2E, SQ=sq, SK=k.shape[2], D=d, HAS_MASK=kpm is not None,
+        REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
+        D=d, HAS_MASK=kpm is not None,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d), H=h,
     )  # fmt: skip
 
 
-def _grid(rows, bh):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]), bh)
+def _rows(n):
+    return lambda meta: triton.cdiv(n, meta["BLOCK_P"])
+
+
+def _per_batch(kpm):
+    return ("REAL",) if kpm is not None else ()
+
+
+def _attn_fwd(q, k, v, kpm, scale):
+    """(out, lse) of softmax(scale * q k^T, keys masked by kpm) v, fused."""
+    b, h, sq, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    launch(_fwd, _rows(sq), q, (q, k, v, out, lse), _meta(q, k, kpm, scale), _per_batch(kpm))
+    return out, lse
+
+
+def _attn_bwd(do, q, k, v, out, lse, kpm, scale):
+    """(dq, dk, dv) of `_attn_fwd`, recomputing P from lse."""
+    sq = q.shape[2]
+    do = do.contiguous()
+    dlt = delta(do, out)
+    meta = {**_meta(q, k, kpm, scale), "scale": scale}
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    launch(_bwd_dq, _rows(sq), q, (q, k, v, do, lse, dlt, dq), meta, _per_batch(kpm))
+    launch(_bwd_dkv, _rows(k.shape[2]), q, (q, k, v, do, lse, dlt, dk, dv), meta, _per_batch(kpm))
+    return dq, dk, dv
 
 
 class _Attention(torch.autograd.Function):
@@ -179,10 +214,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b, h, sq, _ = q.shape
-        out = torch.empty_like(q)
-        lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
-        _fwd[_grid(sq, b * h)](q, k, v, out, lse, **_meta(q, k, kpm, scale))
+        out, lse = _attn_fwd(q, k, v, kpm, scale)
         ctx.save_for_backward(q, k, v, out, lse, kpm)
         ctx.scale = scale
         return out
@@ -190,14 +222,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, kpm = ctx.saved_tensors
-        b, h, sq, _ = q.shape
-        do = grad_out.contiguous()
-        delta = (do.float() * out.float()).sum(-1).contiguous()
-        meta = _meta(q, k, kpm, ctx.scale)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _bwd_dq[_grid(sq, b * h)](q, k, v, do, lse, delta, dq, scale=ctx.scale, **meta)
-        _bwd_dkv[_grid(k.shape[2], b * h)](q, k, v, do, lse, delta, dk, dv, scale=ctx.scale, **meta)
-        return dq, dk, dv, None, None
+        return (*_attn_bwd(grad_out, q, k, v, out, lse, kpm, ctx.scale), None, None)
 
 
 def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
@@ -222,8 +247,46 @@ def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pi
         return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
 
 
+def _spread(dl, s, num_landmarks):
+    """Adjoint of segment_means: each of the s tokens gets its segment's gradient / the segment's size."""
+    c = -(-s // num_landmarks)
+    n = dl.shape[2]
+    counts = torch.full((n, 1), float(c), dtype=dl.dtype, device=dl.device)
+    counts[-1] = s - (n - 1) * c
+    return (dl / counts).repeat_interleave(c, dim=2)[:, :, :s]
+
+
 def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = attend(*leaves, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
-        return torch.autograd.grad(out, leaves, grad_out)
+    """Written out by hand: the two (seq x landmarks) products go through the fused kernels' backward (P
+    recomputed from lse, never stored); only the (landmarks x landmarks) K2 and pseudo-inverse are
+    differentiated by autograd, on small tensors."""
+    s = q.shape[2]
+    if num_landmarks == s:
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            out = attend(*leaves, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+            return torch.autograd.grad(out, leaves, grad_out)
+    dt_in = q.dtype
+    ct = compute_dtype(dt_in)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if key_padding_mask is not None:  # padded output rows are set to zero: no gradient flows from them
+        grad_out = grad_out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    ql, kl = segment_means(q.to(ct), num_landmarks), segment_means(k.to(ct), num_landmarks)
+    with torch.inference_mode(False), torch.enable_grad():
+        qll, kll = ql.detach().requires_grad_(True), kl.detach().requires_grad_(True)
+        z = iterative_pinv(
+            torch.softmax((qll @ kll.transpose(-1, -2)) * scale, dim=-1), pinv_iterations, pinv_init
+        )
+    zd = z.detach()
+    ql_in, kl_in = ql.to(dt_in).contiguous(), kl.to(dt_in).contiguous()
+    t, lse3 = _attn_fwd(ql_in, k, v, key_padding_mask, scale)  # T = K3 @ v
+    x = (zd @ t.to(ct)).to(dt_in).contiguous()  # X = Z T
+    o1, lse1 = _attn_fwd(q, kl_in, x, None, scale)  # K1 @ X again, for its lse
+    dq, dkl, dx = _attn_bwd(grad_out, q, kl_in, x, o1, lse1, None, scale)
+    dx = dx.to(ct)
+    dt = zd.transpose(-1, -2) @ dx  # X = Z T
+    dql2, dkl2 = torch.autograd.grad(z, (qll, kll), dx @ t.to(ct).transpose(-1, -2))
+    dql3, dk, dv = _attn_bwd(dt.to(dt_in), ql_in, k, v, t, lse3, key_padding_mask, scale)
+    dq = dq.to(ct) + _spread(dql2 + dql3.to(ct), s, num_landmarks)
+    dk = dk.to(ct) + _spread(dkl2 + dkl.to(ct), s, num_landmarks)
+    return dq.to(dt_in), dk.to(dt_in), dv

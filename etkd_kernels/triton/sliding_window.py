@@ -22,10 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
+from ..masks import GlobalTokens
+from ._common import (
+    LOG2E,
+    compute_type,
+    configs,
+    delta,
+    head_block,
+    launch,
+    precision,
+    seq_bucket,
+)
 
 LOCAL, GLOBAL, REAL, ALL = 2, 4, 6, 7  # bit sets over kinds (bit k = kind k allowed); kind 0 = padding
-_KEY = ["S", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST"]
+_KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST"]  # SB: seq bucket
 
 # The kernels inline their loop bodies on purpose: under TRITON_INTERPRET=1 every call of a @triton.jit
 # helper re-patches triton.language (~5 ms), which dominated the test time. Range tiles and global-list
@@ -67,10 +77,10 @@ def _loop(pid, b, S, W, CNT, n_own, RANGE: tl.constexpr, BAND: tl.constexpr, LIS
     return lo, n_range, cnt, n_range + tl.cdiv(cnt, BLOCK_O)
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, OUT, LSE, KIND, IDX, CNT, scale2, S, D, H, G, W,
+    Q, K, V, OUT, LSE, KIND, IDX, CNT, scale2, S, SB, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -117,17 +127,17 @@ def _fwd(
         m = m_new
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
     store = valid & ((kind & STORE) != 0)
     omask = store[:, None] & dmask[None, :]
     tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=omask)
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=store)
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KIND, IDX, CNT, scale2, scale, S, D, H, G, W,
+    Q, K, V, DO, LSE, DELTA, DQ, KIND, IDX, CNT, scale2, scale, S, SB, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -143,7 +153,7 @@ def _bwd_dq(
     rmask = valid[:, None] & dmask[None, :]
     q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     lo, n_range, cnt, n_iter = _loop(
@@ -172,10 +182,10 @@ def _bwd_dq(
              mask=store[:, None] & dmask[None, :])  # fmt: skip
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("bwd"), key=_KEY)
 @triton.jit
 def _bwd_dkv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, IDX, CNT, scale2, scale, S, D, H, G, W,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, IDX, CNT, scale2, scale, S, SB, D, H, G, W,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
@@ -213,7 +223,7 @@ def _bwd_dkv(
         qmask = iok[:, None] & dmask[None, :]
         q = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
         do = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
-        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
         pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(CT), do, input_precision=PREC)
@@ -231,39 +241,41 @@ def _bwd_dkv(
 
 
 def _kinds(q: torch.Tensor, global_mask, key_padding_mask):
-    """Token kinds as bits (B, S) int8 (1 padding, 2 local, 4 global) and the compact global list:
-    idx (B, G) int32 ascending, cnt (B,) int32, G."""
+    """Token kinds as bits (B, S) int8 (1 padding, 2 local, 4 global) and the global list (idx (B, S) int32,
+    global positions first; cnt (B,) int32) or None. Built on q's device with no host synchronisation: the
+    global-row launches cover the whole list width and programs past a batch row's count exit at once."""
     b, _, s, _ = q.shape
     real = (
         key_padding_mask
         if key_padding_mask is not None
         else torch.ones(b, s, dtype=torch.bool, device=q.device)
     )
-    glob = None if global_mask is None else global_mask & real
+    glob = None if global_mask is None else GlobalTokens.of(global_mask, key_padding_mask)
     kind = real.to(torch.int8)
     if glob is not None:
-        kind = kind + glob.to(torch.int8)
-    kind = torch.bitwise_left_shift(torch.ones_like(kind), kind)
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-    if glob is None or not bool(glob.any()):
-        return kind.contiguous(), dummy, dummy, 0
-    cnt = glob.sum(-1, dtype=torch.int32)
-    g = int(cnt.max().item())
-    idx = torch.argsort((~glob).to(torch.int8), dim=-1, stable=True)[:, :g].to(torch.int32)
-    return kind.contiguous(), idx.contiguous(), cnt.contiguous(), g
+        kind = kind + glob.mask.to(torch.int8)
+    kind = torch.bitwise_left_shift(torch.ones_like(kind), kind).contiguous()
+    if glob is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return kind, dummy, dummy, None
+    return kind, glob.index, glob.count, glob
 
 
 def _meta(q: torch.Tensor, window: int, scale: float, kinds) -> dict:
-    kind, idx, cnt, g = kinds
+    kind, idx, cnt, glob = kinds
     b, h, s, d = q.shape
     return dict(
-        KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E, S=s, D=d, H=h, G=max(g, 1), W=window // 2,
+        KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
+        G=s if glob is not None else 1, W=window // 2,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
 
 
-def _grid(rows: int, bh: int):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_P"]), bh)
+_PER_BATCH = ("KIND", "IDX", "CNT")
+
+
+def _rows(n: int):
+    return lambda meta: triton.cdiv(n, meta["BLOCK_P"])
 
 
 def _flags(gather, rng, band, lst, own, other, store):
@@ -274,26 +286,18 @@ def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kinds = _kinds(q, global_mask, key_padding_mask)
-    g = kinds[3]
+    g = kinds[3] is not None
     meta = _meta(q, window, scale, kinds)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     # Local and padded query rows: the band of local keys plus the compact list of global keys.
-    _fwd[_grid(s, b * h)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        **meta,
-        **_flags(False, True, True, g > 0, LOCAL, LOCAL, ALL - GLOBAL if g else ALL),
-    )
+    flags = _flags(False, True, True, g, LOCAL, LOCAL, ALL - GLOBAL if g else ALL)
+    launch(_fwd, _rows(s), q, (q, k, v, out, lse), {**meta, **flags}, _PER_BATCH)
     if g:
         # Global query rows: every real key, with the global projections when given.
         qq, kk, vv = (q, k, v) if qg is None else (qg.contiguous(), kg.contiguous(), vg.contiguous())
-        _fwd[_grid(g, b * h)](
-            qq, kk, vv, out, lse, **meta, **_flags(True, True, False, False, GLOBAL, REAL, ALL)
-        )
+        flags = _flags(True, True, False, False, GLOBAL, REAL, ALL)
+        launch(_fwd, _rows(s), q, (qq, kk, vv, out, lse), {**meta, **flags}, _PER_BATCH)
     return out, lse
 
 
@@ -301,20 +305,22 @@ def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_p
     b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     kinds = _kinds(q, global_mask, key_padding_mask)
-    g = kinds[3]
-    meta = _meta(q, window, scale, kinds)
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (B, H, S)
+    g = kinds[3] is not None
+    meta = {**_meta(q, window, scale, kinds), "scale": scale}
+    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     same = qg is None
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    grid_s, grid_g = _grid(s, b * h), _grid(g, b * h)
+
+    def run(kernel, tensors, *flag_args):
+        launch(kernel, _rows(s), q, tensors, {**meta, **_flags(*flag_args)}, _PER_BATCH)
+
     # dq of local rows (and of global rows' q, which is unused when separate projections exist: zeros).
     local_store = ALL - GLOBAL if (g and same) else ALL
-    _bwd_dq[grid_s](q, k, v, do, lse, delta, dq, scale=scale, **meta,
-                    **_flags(False, True, True, g > 0, LOCAL, LOCAL, local_store))  # fmt: skip
+    run(_bwd_dq, (q, k, v, do, lse, dlt, dq), False, True, True, g, LOCAL, LOCAL, local_store)
     # dk, dv of local keys: band of local queries, plus global queries when they share the projections.
-    _bwd_dkv[grid_s](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta,
-                     **_flags(False, True, True, g > 0 and same, LOCAL, LOCAL, ALL - GLOBAL if g else ALL))  # fmt: skip
+    run(_bwd_dkv, (q, k, v, do, lse, dlt, dk, dv), False, True, True, g and same, LOCAL, LOCAL,
+        ALL - GLOBAL if g else ALL)  # fmt: skip
     if not g:
         return (
             dq,
@@ -323,16 +329,22 @@ def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_p
             *((None,) * 3 if same else (torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg))),
         )
     # dk, dv of global keys: every local query (and every global one when projections are shared).
-    _bwd_dkv[grid_g](q, k, v, do, lse, delta, dk, dv, scale=scale, **meta,
-                     **_flags(True, True, False, False, GLOBAL, REAL if same else LOCAL, ALL))  # fmt: skip
+    run(
+        _bwd_dkv,
+        (q, k, v, do, lse, dlt, dk, dv),
+        True,
+        True,
+        False,
+        False,
+        GLOBAL,
+        REAL if same else LOCAL,
+        ALL,
+    )
     if same:
-        _bwd_dq[grid_g](q, k, v, do, lse, delta, dq, scale=scale, **meta,
-                        **_flags(True, True, False, False, GLOBAL, REAL, ALL))  # fmt: skip
+        run(_bwd_dq, (q, k, v, do, lse, dlt, dq), True, True, False, False, GLOBAL, REAL, ALL)
         return dq, dk, dv, None, None, None
     qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
     dqg, dkg, dvg = torch.zeros_like(qg), torch.empty_like(kg), torch.empty_like(vg)
-    _bwd_dq[grid_g](qg, kg, vg, do, lse, delta, dqg, scale=scale, **meta,
-                    **_flags(True, True, False, False, GLOBAL, REAL, ALL))  # fmt: skip
-    _bwd_dkv[grid_s](qg, kg, vg, do, lse, delta, dkg, dvg, scale=scale, **meta,
-                     **_flags(False, False, False, True, REAL, REAL, ALL))  # fmt: skip
+    run(_bwd_dq, (qg, kg, vg, do, lse, dlt, dqg), True, True, False, False, GLOBAL, REAL, ALL)
+    run(_bwd_dkv, (qg, kg, vg, do, lse, dlt, dkg, dvg), False, False, False, True, REAL, REAL, ALL)
     return dq, dk, dv, dqg, dkg, dvg

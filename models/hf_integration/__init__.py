@@ -48,8 +48,6 @@ ORIGINALS = {ours: hf_cls for hf_cls, ours in PATCHES.items()}
 def _check(module: torch.nn.Module) -> None:
     if isinstance(module, big_bird.HF_ATTENTION):
         big_bird.check(module)
-    elif isinstance(module, longformer.HF_CLASS):
-        longformer.check(module)
     elif isinstance(module, nystromformer.HF_CLASS):
         nystromformer.check(module)
 

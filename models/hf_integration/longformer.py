@@ -14,7 +14,6 @@ import etkd_kernels as ek
 
 from ._common import (
     Options,
-    UnsupportedConfigError,
     merge_heads,
     options_of,
     refuse_attention_weights,
@@ -25,22 +24,10 @@ from ._common import split_heads as heads
 HF_CLASS = hf.LongformerSelfAttention
 
 
-def check(module: torch.nn.Module) -> None:
-    window = 2 * module.one_sided_attn_window_size
-    if window < 2:
-        raise UnsupportedConfigError(
-            f"Longformer layer {module.layer_id}: attention_window {window}; the sliding-window op needs >= 2"
-        )
-
-
 class LongformerSelfAttention(HF_CLASS):
     """HF's module with its forward on `sliding_window_attention`; parameters and names unchanged."""
 
     class_options = Options()
-
-    def __init__(self, config, layer_id):
-        super().__init__(config, layer_id)
-        check(self)
 
     def forward(
         self,
@@ -65,10 +52,13 @@ class LongformerSelfAttention(HF_CLASS):
         global_mask = global_qkv = None
         if is_global_attn:
             global_mask = is_index_global_attn
-            # Only global rows read the global queries: project those rows alone (as HF does) and leave zeros
-            # elsewhere, which saves a seq x hidden x hidden matmul per layer.
-            qg = hidden_states.new_zeros(hidden_states.shape[:-1] + (self.embed_dim,))
-            qg = qg.index_put((global_mask,), self.query_global(hidden_states[global_mask]))
+            # Only global rows read the global queries: in eager mode project those rows alone (as HF does),
+            # saving a seq x hidden x hidden matmul per layer; a compiled graph keeps static shapes instead.
+            if torch.compiler.is_compiling():
+                qg = self.query_global(hidden_states)
+            else:
+                qg = hidden_states.new_zeros(hidden_states.shape[:-1] + (self.embed_dim,))
+                qg[global_mask] = self.query_global(hidden_states[global_mask])
             global_qkv = (
                 heads(qg, h),
                 heads(self.key_global(hidden_states), h),

@@ -1,0 +1,104 @@
+"""LSG attention on the `cpu` backend.
+
+The extra key source [global keys, compressed keys] is built by `lsg_sparse_keys` of csrc/cpu/lsg.cpp for
+pooling / stride / block_stride (one pass over k and v; its adjoint scatters the gradients back), and by the
+reference's torch code (`extra_keys`) for norm, bos_pooling and sparsity_factor 1. Then one fused flash-style
+pass per query block runs over [local keys, global keys, sparse keys] with an online softmax (no seq x keys
+score matrix); the backward recomputes P from the saved lse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels.cpu._dtype import in_float32
+from etkd_kernels.reference.lsg import extra_keys, sparse_windows, uses_sparse
+
+_NATIVE = {"pooling": 1, "stride": 2, "block_stride": 3}  # type ids of csrc/cpu/lsg.cpp
+
+
+def _native(sparsity_type, sparse_block_size, sparsity_factor, num_blocks):
+    return (
+        uses_sparse(sparsity_type, sparse_block_size, num_blocks)
+        and sparsity_type in _NATIVE
+        and sparsity_factor >= 2
+    )
+
+
+def _real(q, key_padding_mask):
+    if key_padding_mask is not None:
+        return key_padding_mask
+    return torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+
+
+def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
+    nb = q.shape[2] // bs
+    if _native(stype, sbs, f, nb):
+        kx, vx, ok = torch.ops.etkd_cpu.lsg_sparse_keys(k, v, kpm, g, bs, f, _NATIVE[stype])
+        starts = torch.stack(sparse_windows(torch.arange(nb), bs // f, sbs), dim=1)
+        return kx, vx, ok, starts
+    return extra_keys(q, k, v, bs, sbs, f, stype, g, _real(q, kpm), scale)
+
+
+@in_float32(keep=(1,))  # lse stays float32
+def forward(
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
+):
+    if q.dtype != torch.float32:  # 16-bit inputs: fp32 compute, the output back in the input dtype, lse fp32
+        out, lse = forward(
+            q.float(), k.float(), v.float(), block_size, sparse_block_size, sparsity_factor, sparsity_type,
+            num_global_tokens, kpm, scale,
+        )  # fmt: skip
+        return out.to(q.dtype), lse
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with torch.no_grad():
+        kx, vx, ok, starts = _extra(
+            q,
+            k,
+            v,
+            block_size,
+            sparse_block_size,
+            sparsity_factor,
+            sparsity_type,
+            num_global_tokens,
+            kpm,
+            scale,
+        )
+        return torch.ops.etkd_cpu.lsg_fwd(
+            q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm,
+            block_size, sparse_block_size, num_global_tokens, scale,
+        )  # fmt: skip
+
+
+@in_float32
+def backward(
+    grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
+    kpm, scale,
+):  # fmt: skip
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bs, sbs, f, stype, g = block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens
+    if _native(stype, sbs, f, q.shape[2] // bs):
+        kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale)
+        dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
+            grad_out.contiguous(), q, k, v, out, lse, kx, vx, ok, starts, kpm, bs, sbs, g, scale
+        )
+        torch.ops.etkd_cpu.lsg_sparse_keys_bwd(dkx, dvx, dk, dv, kpm, g, bs, f, _NATIVE[stype])
+        return dq, dk, dv
+    with torch.enable_grad():  # compressed keys built by torch ops: their gradients flow back with autograd
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        kx, vx, ok, starts = extra_keys(*leaves, bs, sbs, f, stype, g, _real(q, kpm), scale)
+        dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
+            grad_out.contiguous(), q, k, v, out, lse, kx.detach().contiguous(), vx.detach().contiguous(),
+            ok.contiguous(), starts, kpm, bs, sbs, g, scale,
+        )  # fmt: skip
+        if kx.shape[2] > g:
+            gq, gk, gv = torch.autograd.grad(
+                (kx[:, :, g:], vx[:, :, g:]), leaves, (dkx[:, :, g:], dvx[:, :, g:]), allow_unused=True
+            )
+            dq = dq if gq is None else dq + gq
+            dk = dk if gk is None else dk + gk
+            dv = dv if gv is None else dv + gv
+    dk[:, :, :g] += dkx[:, :, :g]
+    dv[:, :, :g] += dvx[:, :, :g]
+    return dq, dk, dv

@@ -1,0 +1,286 @@
+"""Triton LSG attention, FlashAttention-2 style, forward and backward.
+
+The compressed (sparse) keys are built with a few torch ops (`etkd_kernels.reference.lsg.extra_keys`, from the
+reference's definition) into an extra key source KX = [global keys, compressed keys] (B, H, G + T, D) with a
+per-head mask. Block pass: a program owns a tile of BLOCK_P rows inside one query block n and runs one online
+softmax over the local keys [(n - 1) B, (n + 2) B) of K (global and padded keys masked) and the
+G + 2 * sparse_block_size slots of KX its block sees (the globals, then the two sparse windows, read from
+STARTS). Global pass (GLOBAL=True): the global rows attend to every real key. The backward recomputes P from
+the saved lse, writes dQ per program and accumulates dK/dV (and dKX/dVX) with fp32 atomics: a key is seen
+by three query blocks and by the global rows, and a compressed key by up to 2 * sparse_block_size / step
+blocks, so there is no single owner without a transposed walk.
+Rows that see no key and padded rows give out 0, lse +inf (natural log, float32 (B, H, S)).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.lsg import extra_keys
+from ._common import LOG2E, compute_type, configs, delta, head_block, launch, precision, seq_bucket
+
+_KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL"]  # SB: seq bucket
+
+# Loop bodies are inlined (no @triton.jit helpers inside loops): see sliding_window.py for why.
+
+
+@triton.autotune(configs=configs("fwd"), key=_KEY)
+@triton.jit
+def _fwd(
+    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    if GLOBAL:  # rows [0, G), every real key
+        pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = pos < G
+        lo, hi = 0, S
+        qb = 0
+    else:
+        n_sub_p = tl.cdiv(BS, BLOCK_P)
+        qb = pid // n_sub_p
+        r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = r < BS
+        pos = qb * BS + r
+        lo, hi = tl.maximum(qb - 1, 0) * BS, tl.minimum(qb + 2, NB) * BS
+    own = valid & (tl.load(KMASK + b * S + pos, mask=valid, other=0) != 0)
+    base = bh.to(tl.int64) * S * D
+    xbase = bh.to(tl.int64) * SX * D
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    q = tl.load(
+        Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
+    ).to(CT)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for j0 in range(lo, hi, BLOCK_O):
+        j = j0 + tl.arange(0, BLOCK_O)
+        jin = j < hi
+        ok = own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
+        kvmask = jin[:, None] & dmask[None, :]
+        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
+        m = m_new
+    left = tl.load(STARTS + qb * 2)
+    right = tl.load(STARTS + qb * 2 + 1)
+    for c0 in range(0, NX, BLOCK_O):  # extra slots: G globals, then the left and right sparse windows
+        c = c0 + tl.arange(0, BLOCK_O)
+        sp = tl.where(c < G + SBS, left + (c - G), right + (c - G - SBS))
+        x = tl.where(c < G, c, G + sp)
+        xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
+        ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
+        kvmask = xin[:, None] & dmask[None, :]
+        k = tl.load(KX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(VX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
+        m = m_new
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(
+        OUT + base + pos[:, None] * D + dd[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=valid[:, None] & dmask[None, :],
+    )
+    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
+
+
+@triton.autotune(configs=configs("bwd"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
+@triton.jit
+def _bwd(
+    Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
+    S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    if GLOBAL:
+        pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = pos < G
+        lo, hi = 0, S
+        qb = 0
+    else:
+        n_sub_p = tl.cdiv(BS, BLOCK_P)
+        qb = pid // n_sub_p
+        r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = r < BS
+        pos = qb * BS + r
+        lo, hi = tl.maximum(qb - 1, 0) * BS, tl.minimum(qb + 2, NB) * BS
+    own = valid & (tl.load(KMASK + b * S + pos, mask=valid, other=0) != 0)
+    base = bh.to(tl.int64) * S * D
+    xbase = bh.to(tl.int64) * SX * D
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    rmask = valid[:, None] & dmask[None, :]
+    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
+    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for j0 in range(lo, hi, BLOCK_O):
+        j = j0 + tl.arange(0, BLOCK_O)
+        jin = j < hi
+        ok = own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
+        kvmask = jin[:, None] & dmask[None, :]
+        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds).to(CT), q, input_precision=PREC) * scale
+        dv = tl.dot(tl.trans(p).to(CT), do, input_precision=PREC)
+        offs = base + j[:, None] * D + dd[None, :]
+        tl.atomic_add(DK + offs, dk, mask=kvmask)
+        tl.atomic_add(DV + offs, dv, mask=kvmask)
+    left = tl.load(STARTS + qb * 2)
+    right = tl.load(STARTS + qb * 2 + 1)
+    for c0 in range(0, NX, BLOCK_O):
+        c = c0 + tl.arange(0, BLOCK_O)
+        sp = tl.where(c < G + SBS, left + (c - G), right + (c - G - SBS))
+        x = tl.where(c < G, c, G + sp)
+        xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
+        ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
+        kvmask = xin[:, None] & dmask[None, :]
+        k = tl.load(KX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        v = tl.load(VX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
+        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds).to(CT), q, input_precision=PREC) * scale
+        dv = tl.dot(tl.trans(p).to(CT), do, input_precision=PREC)
+        offs = xbase + x[:, None] * D + dd[None, :]
+        tl.atomic_add(DKX + offs, dk, mask=kvmask)
+        tl.atomic_add(DVX + offs, dv, mask=kvmask)
+    tl.store(DQ + base + pos[:, None] * D + dd[None, :], dq * scale, mask=rmask & own[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale):
+    b, h, s, d = q.shape
+    real = kpm if kpm is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
+    kx, vx, ok, starts = extra_keys(
+        q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, real, scale
+    )
+    sx = kx.shape[2]
+    sbs = sparse_block_size if sx > g else 0
+    usable = real.clone()
+    usable[:, :g] = False
+    nb = s // block_size
+    if starts.numel() == 0:
+        starts = torch.zeros(nb, 2, dtype=torch.long)
+    meta = dict(
+        STARTS=starts.to(q.device).contiguous(), scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
+        BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
+        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+    )  # fmt: skip
+    masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
+    return kx, vx, ok.to(torch.int8).contiguous(), masks, meta
+
+
+def _tiles(meta, pass_global):
+    if pass_global:
+        return lambda m: triton.cdiv(meta["G"], m["BLOCK_P"])
+    return lambda m: meta["NB"] * triton.cdiv(meta["BS"], m["BLOCK_P"])
+
+
+def forward(
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
+):
+    b, h, s, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = num_global_tokens
+    with torch.no_grad():
+        kx, vx, okx, (usable, real), meta = _prepare(
+            q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
+        )
+    kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    nx = g + 2 * meta["SBS"]
+    launch(
+        _fwd,
+        _tiles(meta, False),
+        q,
+        (q, k, v, kx, vx, out, lse, usable, okx),
+        {**meta, "NX": nx, "GLOBAL": False},
+    )
+    if g > 0:
+        launch(
+            _fwd,
+            _tiles(meta, True),
+            q,
+            (q, k, v, kx, vx, out, lse, real, okx),
+            {**meta, "NX": 0, "GLOBAL": True},
+        )
+    return out, lse
+
+
+def backward(
+    grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
+    kpm, scale,
+):  # fmt: skip
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    g = num_global_tokens
+    dlt = delta(do, out.contiguous())
+    lse = lse.contiguous()
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        kx, vx, okx, (usable, real), meta = _prepare(
+            *leaves, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
+        )
+    kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
+    dq = torch.zeros_like(q)
+    dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+    dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
+    meta = {**meta, "scale": scale}
+    args = (q, k, v, kxc, vxc, do, lse, dlt)
+    nx = g + 2 * meta["SBS"]
+    launch(
+        _bwd,
+        _tiles(meta, False),
+        q,
+        (*args, dq, dk, dv, dkx, dvx, usable, okx),
+        {**meta, "NX": nx, "GLOBAL": False},
+    )
+    if g > 0:
+        dqg = torch.zeros_like(q)
+        launch(
+            _bwd,
+            _tiles(meta, True),
+            q,
+            (*args, dqg, dk, dv, dkx, dvx, real, okx),
+            {**meta, "NX": 0, "GLOBAL": True},
+        )
+        dq = dq + dqg
+    dq = dq.float()
+    dk[:, :, :g] += dkx[:, :, :g]
+    dv[:, :, :g] += dvx[:, :, :g]
+    if kx.shape[2] > g:  # the compressed keys' gradients flow back through their construction
+        with torch.inference_mode(False), torch.enable_grad():
+            grads = torch.autograd.grad(
+                (kx[:, :, g:], vx[:, :, g:]), leaves, (dkx[:, :, g:], dvx[:, :, g:]), allow_unused=True
+            )
+        dq, dk, dv = (a if gr is None else a + gr.float() for a, gr in zip((dq, dk, dv), grads))
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
