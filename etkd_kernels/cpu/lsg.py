@@ -45,12 +45,6 @@ def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
 def forward(
     q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
 ):
-    if q.dtype != torch.float32:  # 16-bit inputs: fp32 compute, the output back in the input dtype, lse fp32
-        out, lse = forward(
-            q.float(), k.float(), v.float(), block_size, sparse_block_size, sparsity_factor, sparsity_type,
-            num_global_tokens, kpm, scale,
-        )  # fmt: skip
-        return out.to(q.dtype), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     with torch.no_grad():
         kx, vx, ok, starts = _extra(
