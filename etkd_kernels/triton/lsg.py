@@ -19,17 +19,17 @@ import triton
 import triton.language as tl
 
 from ..reference.lsg import extra_keys
-from ._common import BWD_CONFIGS, FWD_CONFIGS, LOG2E, compute_type, configs, head_block, precision
+from ._common import LOG2E, compute_type, configs, delta, head_block, launch, precision, seq_bucket
 
-_KEY = ["S", "BS", "NX", "BLOCK_D", "GLOBAL"]
+_KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL"]  # SB: seq bucket
 
 # Loop bodies are inlined (no @triton.jit helpers inside loops): see sliding_window.py for why.
 
 
-@triton.autotune(configs=configs("BLOCK_P", "BLOCK_O", FWD_CONFIGS), key=_KEY)
+@triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd(
-    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, D, H, BS, NB, SX, G, T, SBS, NX,
+    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
@@ -94,7 +94,7 @@ def _fwd(
         m = m_new
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
     tl.store(
         OUT + base + pos[:, None] * D + dd[None, :],
         out.to(OUT.dtype.element_ty),
@@ -103,13 +103,11 @@ def _fwd(
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
 
 
-@triton.autotune(
-    configs=configs("BLOCK_P", "BLOCK_O", BWD_CONFIGS), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"]
-)
+@triton.autotune(configs=configs("bwd"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
 @triton.jit
 def _bwd(
     Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
-    S, D, H, BS, NB, SX, G, T, SBS, NX,
+    S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
@@ -135,7 +133,7 @@ def _bwd(
     rmask = valid[:, None] & dmask[None, :]
     q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for j0 in range(lo, hi, BLOCK_O):
@@ -193,17 +191,19 @@ def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_t
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        scale2=scale * LOG2E, S=s, D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
+        scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
     masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
     return kx, vx, ok.to(torch.int8).contiguous(), starts.to(q.device).contiguous(), masks, meta
 
 
-def _grids(meta, bh):
-    block = lambda m: (meta["NB"] * triton.cdiv(meta["BS"], m["BLOCK_P"]), bh)  # noqa: E731
-    glob = lambda m: (triton.cdiv(meta["G"], m["BLOCK_P"]), bh)  # noqa: E731
-    return block, glob
+def _block_tiles(meta):
+    return lambda m: meta["NB"] * triton.cdiv(meta["BS"], m["BLOCK_P"])
+
+
+def _global_tiles(meta):
+    return lambda m: triton.cdiv(meta["G"], m["BLOCK_P"])
 
 
 def forward(
@@ -219,10 +219,13 @@ def forward(
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    block, glob = _grids(meta, b * h)
-    _fwd[block](q, k, v, kx, vx, out, lse, usable, okx, starts, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    # Launched through `launch` (device guard, batch split past 65,535 programs on grid axis y, configs
+    # chosen per launch); STARTS (per query block, not per batch) goes by keyword so it is never sliced.
+    kw = dict(STARTS=starts, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    launch(_fwd, _block_tiles(meta), q, (q, k, v, kx, vx, out, lse, usable, okx), kw)
     if g > 0:
-        _fwd[glob](q, k, v, kx, vx, out, lse, real, okx, starts, NX=0, GLOBAL=True, **meta)
+        kw.update(NX=0, GLOBAL=True)
+        launch(_fwd, _global_tiles(meta), q, (q, k, v, kx, vx, out, lse, real, okx), kw)
     return out, lse
 
 
@@ -233,9 +236,9 @@ def backward(
     b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     g = num_global_tokens
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # rowsum(dO * O), (B, H, S)
+    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         kx, vx, okx, starts, (usable, real), meta = _prepare(
             *leaves, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
@@ -244,18 +247,19 @@ def backward(
     dq = torch.zeros_like(q)
     dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-    block, glob = _grids(meta, b * h)
-    args = (q, k, v, kxc, vxc, do, lse, delta, dq, dk, dv, dkx, dvx)
-    _bwd[block](*args, usable, okx, starts, scale=scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    args = (q, k, v, kxc, vxc, do, lse, dlt, dq, dk, dv, dkx, dvx)
+    kw = dict(STARTS=starts, scale=scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    launch(_bwd, _block_tiles(meta), q, (*args, usable, okx), kw)
     if g > 0:
         dqg = torch.zeros_like(q)
-        _bwd[glob](*args[:8], dqg, *args[9:], real, okx, starts, scale=scale, NX=0, GLOBAL=True, **meta)
+        kw.update(NX=0, GLOBAL=True)
+        launch(_bwd, _global_tiles(meta), q, (*args[:8], dqg, *args[9:], real, okx), kw)
         dq = dq + dqg
     dq, dk, dv = dq.float(), dk, dv
     dk[:, :, :g] += dkx[:, :, :g]
     dv[:, :, :g] += dvx[:, :, :g]
     if kx.shape[2] > g:  # the compressed keys' gradients flow back through their construction
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             grads = torch.autograd.grad(
                 (kx[:, :, g:], vx[:, :, g:]), leaves, (dkx[:, :, g:], dvx[:, :, g:]), allow_unused=True
             )
