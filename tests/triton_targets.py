@@ -51,7 +51,14 @@ KERNELS: dict[str, tuple[str, str, dict]] = {
     "nystrom._fwd": ("nystrom", "_fwd", dict(HAS_MASK=True, H=12)),
     "nystrom._bwd_dq": ("nystrom", "_bwd_dq", dict(HAS_MASK=True, H=12)),
     "nystrom._bwd_dkv": ("nystrom", "_bwd_dkv", dict(HAS_MASK=True, H=12)),
+    "lsg._fwd": ("lsg", "_fwd", dict(GLOBAL=False)),
+    "lsg._bwd": ("lsg", "_bwd", dict(GLOBAL=False)),
 }
+# Pointer types that differ from the shared names' (LSG accumulates dK/dV in fp32; STARTS is int64).
+_PTR_OVERRIDES = {
+    "lsg": {"KX": None, "VX": None, "DK": "*fp32", "DV": "*fp32", "DKX": "*fp32", "DVX": "*fp32",
+            "KMASK": "*i8", "OKX": "*i8", "STARTS": "*i64"},
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def _key(case: Case) -> str:
     return h.hexdigest()[:32]
 
 
-def _signature(fn, case: Case, flags: dict):
+def _signature(fn, case: Case, flags: dict):  # noqa: C901
     import triton.language as tl
 
     from etkd_kernels.triton._common import compute_type, head_block, precision
@@ -140,7 +147,10 @@ def _signature(fn, case: Case, flags: dict):
             sig[name] = "constexpr"
             constexprs[name] = const[name]
             continue
-        if name in _DATA:
+        override = _PTR_OVERRIDES.get(case.kernel.split(".")[0], {})
+        if name in override:
+            sig[name] = override[name] or "*" + _TL_DTYPE[case.dtype]
+        elif name in _DATA:
             sig[name] = "*" + _TL_DTYPE[case.dtype]
         elif name in _F32_PTR:
             sig[name] = "*fp32"

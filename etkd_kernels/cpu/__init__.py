@@ -71,5 +71,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# The fused LSG kernel (csrc/cpu/lsg.cpp) takes float32 only (tests/test_support_matrix.py found the claim).
+OP_DTYPES = {"lsg": (torch.float32,)}
+
+
 def capabilities(op: str) -> Capabilities:
-    return Capabilities(devices=("cpu",), dtypes=DTYPES)
+    return Capabilities(devices=("cpu",), dtypes=OP_DTYPES.get(op, DTYPES))

@@ -94,7 +94,7 @@ def _fwd(
         m = m_new
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
     tl.store(
         OUT + base + pos[:, None] * D + dd[None, :],
         out.to(OUT.dtype.element_ty),
@@ -133,7 +133,7 @@ def _bwd(
     rmask = valid[:, None] & dmask[None, :]
     q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
     do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for j0 in range(lo, hi, BLOCK_O):
@@ -191,18 +191,19 @@ def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_t
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        STARTS=starts.to(q.device).contiguous(), scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
-        BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
+        scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
     masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
-    return kx, vx, ok.to(torch.int8).contiguous(), masks, meta
+    return kx, vx, ok.to(torch.int8).contiguous(), starts.to(q.device).contiguous(), masks, meta
 
 
-def _tiles(meta, pass_global):
-    if pass_global:
-        return lambda m: triton.cdiv(meta["G"], m["BLOCK_P"])
+def _block_tiles(meta):
     return lambda m: meta["NB"] * triton.cdiv(meta["BS"], m["BLOCK_P"])
+
+
+def _global_tiles(meta):
+    return lambda m: triton.cdiv(meta["G"], m["BLOCK_P"])
 
 
 def forward(
@@ -212,28 +213,19 @@ def forward(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = num_global_tokens
     with torch.no_grad():
-        kx, vx, okx, (usable, real), meta = _prepare(
+        kx, vx, okx, starts, (usable, real), meta = _prepare(
             q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
         )
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-    nx = g + 2 * meta["SBS"]
-    launch(
-        _fwd,
-        _tiles(meta, False),
-        q,
-        (q, k, v, kx, vx, out, lse, usable, okx),
-        {**meta, "NX": nx, "GLOBAL": False},
-    )
+    # Launched through `launch` (device guard, batch split past 65,535 programs on grid axis y, configs
+    # chosen per launch); STARTS (per query block, not per batch) goes by keyword so it is never sliced.
+    kw = dict(STARTS=starts, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    launch(_fwd, _block_tiles(meta), q, (q, k, v, kx, vx, out, lse, usable, okx), kw)
     if g > 0:
-        launch(
-            _fwd,
-            _tiles(meta, True),
-            q,
-            (q, k, v, kx, vx, out, lse, real, okx),
-            {**meta, "NX": 0, "GLOBAL": True},
-        )
+        kw.update(NX=0, GLOBAL=True)
+        launch(_fwd, _global_tiles(meta), q, (q, k, v, kx, vx, out, lse, real, okx), kw)
     return out, lse
 
 
@@ -241,40 +233,29 @@ def backward(
     grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
     kpm, scale,
 ):  # fmt: skip
+    b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     g = num_global_tokens
-    dlt = delta(do, out.contiguous())
+    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        kx, vx, okx, (usable, real), meta = _prepare(
+        kx, vx, okx, starts, (usable, real), meta = _prepare(
             *leaves, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale
         )
     kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
     dq = torch.zeros_like(q)
     dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
-    meta = {**meta, "scale": scale}
-    args = (q, k, v, kxc, vxc, do, lse, dlt)
-    nx = g + 2 * meta["SBS"]
-    launch(
-        _bwd,
-        _tiles(meta, False),
-        q,
-        (*args, dq, dk, dv, dkx, dvx, usable, okx),
-        {**meta, "NX": nx, "GLOBAL": False},
-    )
+    args = (q, k, v, kxc, vxc, do, lse, dlt, dq, dk, dv, dkx, dvx)
+    kw = dict(STARTS=starts, scale=scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    launch(_bwd, _block_tiles(meta), q, (*args, usable, okx), kw)
     if g > 0:
         dqg = torch.zeros_like(q)
-        launch(
-            _bwd,
-            _tiles(meta, True),
-            q,
-            (*args, dqg, dk, dv, dkx, dvx, real, okx),
-            {**meta, "NX": 0, "GLOBAL": True},
-        )
+        kw.update(NX=0, GLOBAL=True)
+        launch(_bwd, _global_tiles(meta), q, (*args[:8], dqg, *args[9:], real, okx), kw)
         dq = dq + dqg
-    dq = dq.float()
+    dq, dk, dv = dq.float(), dk, dv
     dk[:, :, :g] += dkx[:, :, :g]
     dv[:, :, :g] += dvx[:, :, :g]
     if kx.shape[2] > g:  # the compressed keys' gradients flow back through their construction
