@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import etkd_kernels as ek
-from etkd_kernels.dispatch import BACKENDS, reasons
+from etkd_kernels.dispatch import BACKENDS, Problem, reasons
 
 from . import hf_reference as hr
 from .harness import PeakMemory
@@ -197,10 +197,6 @@ def _inputs(batch, seq, hidden, device, dtype):
     return x, real, glob
 
 
-def _etkd_reasons(backend: str, op: str, q: torch.Tensor) -> list[str]:
-    return reasons(backend, op, q.device, q.dtype)
-
-
 def build(
     pattern: str,
     seq: int,
@@ -267,7 +263,7 @@ def build(
         setup.flops = 4.0 * batch * heads * head_dim * nystrom_pairs(seq, LANDMARKS)
 
     for b in backends or BACKENDS:
-        why = _etkd_reasons(b, op_name, args[0])
+        why = reasons(b, op_name, Problem.of(args[0]))  # device, dtype, head_dim, sizes
         if why:
             setup.skipped[f"etkd-{b}"] = "; ".join(why)
         else:

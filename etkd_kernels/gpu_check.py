@@ -296,21 +296,10 @@ def run_large(device) -> list[dict]:
 
 
 def _bench(fn, device, reps: int) -> float:
-    """Median milliseconds of fn()."""
-    torch = _torch()
-    if device.type == "cuda":
-        from triton.testing import do_bench
+    """Median milliseconds of fn(), by the project's one timer (CUDA events on a GPU)."""
+    from etkd_kernels.timing import time_call
 
-        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
-    times = []
-    if reps > 1:
-        fn()  # warm-up
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.tensor(0)  # keep the import used on CPU
-    return sorted(times)[len(times) // 2]
+    return 1e3 * time_call(fn, repeats=reps, warmup=1 if reps > 1 else 0, device=device).median
 
 
 def run_timings(device, smoke: bool) -> list[dict]:

@@ -162,7 +162,14 @@ def environment(device: torch.device | str = "cpu") -> Environment:
     if "cpu family" in fields:  # generic model names ("Intel Xeon Processor") say little on cloud VMs
         cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     isa = " ".join(f for f in _ISA_FLAGS if f in flags) or "unknown"
-    isa += f" (torch {torch.backends.cpu.get_cpu_capability()})"
+    isa += f" (torch {torch.backends.cpu.get_cpu_capability()}"
+    try:  # the target our cpu kernels run, when the extension is built
+        from etkd_kernels.cpu import isa as etkd_isa
+
+        isa += f", etkd cpu {etkd_isa()}"
+    except (ImportError, RuntimeError):
+        pass
+    isa += ")"
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     return Environment(
