@@ -71,8 +71,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-# The fused LSG kernel (csrc/cpu/lsg.cpp) takes float32 only (tests/test_support_matrix.py found the claim).
-OP_DTYPES = {"lsg": (torch.float32,)}
+# Per-op exceptions to DTYPES (none today: lsg.cpp and nystrom.cpp compute in float32 and their 16-bit inputs
+# are converted on load by `_dtype.in_float32`, forward and backward; tests/test_support_matrix.py checks it).
+OP_DTYPES: dict[str, tuple[torch.dtype, ...]] = {}
 
 
 def capabilities(op: str) -> Capabilities:
