@@ -419,12 +419,13 @@ def train(
 
 def _apply_hparams(optimizer, scheduler, cfg: TrainConfig, step: int) -> None:
     """Replace a restored optimizer's and schedule's peak learning rate, weight decay and warm-up by cfg's."""
-    # The schedule's lambdas already come from cfg (a LambdaLR checkpoint holds no function lambdas).
-    factor = linear_schedule(cfg.max_steps, int(round(cfg.warmup_ratio * cfg.max_steps)))
+    # The schedule's lambdas already come from cfg (a LambdaLR checkpoint holds no function lambdas); the
+    # restored scheduler's last_epoch is where it stands.
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
     for i, group in enumerate(optimizer.param_groups):
         group["initial_lr"] = cfg.learning_rate
-        group["lr"] = cfg.learning_rate * factor(step)
+        group["lr"] = cfg.learning_rate * factor
         if i == 0:  # parameter_groups: [decayed, not decayed (biases, norms)]
             group["weight_decay"] = cfg.weight_decay
 
