@@ -25,10 +25,11 @@ from .errors import UserError
 
 LOCK_NAME = ".etkd.lock"
 SETTINGS_NAME = "settings.json"
-# Settings that may differ when a run is resumed: they change what is shown or where it goes, never a result.
+# Settings that may differ when a run is resumed: they change what is shown or where it goes, never a result
+# (output_dir too: a run folder copied or moved, as PBT copies a better trial's folder, resumes where it is).
 RESUME_FREE = frozenset({"resume", "overwrite", "progress", "debug", "log_level", "stop_at_step", "config",
                          "command", "func", "save_every", "log_every", "keep_checkpoints", "eval_batch_size",
-                         "output", "name", "teacher"})  # fmt: skip
+                         "output", "name", "teacher", "output_dir"})  # fmt: skip
 # `etkd tune` (population-based training) resumes a run with new hyper-parameters on purpose
 # (`finetune --new-hparams-on-resume`), from a copy of another trial's run; segments write results to other files.
 PBT_FREE = frozenset({"learning_rate", "weight_decay", "warmup_ratio", "batch_size", "output", "output_dir"})
