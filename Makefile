@@ -37,7 +37,7 @@ lint: $(STAMP)
 # its tests run in a pytest process of their own and every other test sees the normal CPU dispatch.
 test: $(STAMP)
 	$(MAKE) lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_lsg.py
+	$(BIN)/python -m pytest -q --durations=15 tests --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_lsg.py
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_lsg.py
 
 # The one-shot acceptance run for a machine with a GPU (parity of everything vs the fp32 reference, large
