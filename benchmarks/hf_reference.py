@@ -6,6 +6,9 @@ functions, so a test and a benchmark can never disagree about what "HF" means.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -173,3 +176,16 @@ def run_nystrom(module: nn.Module, x: torch.Tensor, real: torch.Tensor) -> torch
     ext = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype, device=x.device)
     ext[~real[:, None, None, :]] = torch.finfo(x.dtype).min
     return module(x, attention_mask=ext)[0]
+
+
+def lsg_self_attention_class():
+    """lsg-converter's `LSGSelfAttention` (the attention behind the LSG checkpoints), loaded by file path: the
+    package's `__init__` fails to import under transformers 5. None when lsg-converter is not installed."""
+    spec = importlib.util.find_spec("lsg_converter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "attention_layers", "lsg_self_attention.py")
+    mod_spec = importlib.util.spec_from_file_location("_lsg_self_attention", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.LSGSelfAttention

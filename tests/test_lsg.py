@@ -3,13 +3,11 @@ come from) and against brute-force constructions of LSG's key sets."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 from helpers import assert_close
 
+from etkd.benchmarks.hf_reference import lsg_self_attention_class
 from etkd_kernels import BlockLayout, block_sparse_attention, lsg_attention, lsg_layout
 
 
@@ -216,19 +214,7 @@ def test_gradcheck_float64(sparsity_type):
 # ---- lsg-converter's LSGSelfAttention, the real peer -------------------------------------------------------
 
 
-def _load_lsg_converter():
-    """LSGSelfAttention loaded by file path: lsg_converter's package __init__ fails under transformers 5."""
-    spec = importlib.util.find_spec("lsg_converter")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "attention_layers", "lsg_self_attention.py")
-    mod_spec = importlib.util.spec_from_file_location("_lsg_self_attention", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.LSGSelfAttention
-
-
-LSG_ORACLE = _load_lsg_converter()
+LSG_ORACLE = lsg_self_attention_class()
 needs_converter = pytest.mark.skipif(
     LSG_ORACLE is None, reason="lsg-converter is not installed (pip install --no-deps lsg-converter==0.1.9)"
 )
@@ -292,3 +278,17 @@ def test_equals_lsg_converter(case, sparsity_type, with_global):
         torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(exp, (q, k, v), g), ("dq", "dk", "dv")
     ):
         assert_close(got, want, atol=1e-5, rtol=1e-5, name=name)
+
+
+@needs_converter
+def test_lsg_converter_benchmark_runs(capsys):
+    from etkd.benchmarks import lsg_oracle
+
+    assert (
+        lsg_oracle.main(
+            ["--seq", "256", "--heads", "1", "--block", "32", "--types", "pooling", "--repeats", "1"]
+        )
+        == 0
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pooling")]
+    assert [r.split()[1] for r in rows] == ["fwd", "fwd_bwd"] and all("lsg-converter/cpu" in r for r in rows)
