@@ -38,14 +38,17 @@ def test_parity_failure_exits_nonzero(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # main() sets it for itself; restored after the test
     real = cpu_full.forward
-    monkeypatch.setattr(cpu_full, "forward", lambda *a: tuple([real(*a)[0] * 1.01, real(*a)[1]]))
+    # 50% off: beyond the tolerance of every dtype the cpu backend claims (bf16's is near 2%).
+    monkeypatch.setattr(cpu_full, "forward", lambda *a: tuple([real(*a)[0] * 1.5, real(*a)[1]]))
     out = tmp_path / "report.json"
     code = gpu_check.main(
         ["--smoke", "--backends", "cpu", "--ops", "full", "--no-timings", "--out", str(out)]
     )
     assert code == 1
     report = json.loads(out.read_text())
-    assert [c["passed"] for c in report["parity"]] == [False]
+    cases = report["parity"]
+    assert cases and not any(c["passed"] for c in cases)
+    assert "float32" in {str(c.get("dtype", "")).replace("torch.", "") for c in cases}
 
 
 def test_without_a_gpu_the_full_run_refuses(capsys):
