@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
+from etkd_kernels.timing import time_call
+
 
 def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]:
-    out = fn() if warmup else None
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+    """Median seconds of `fn()` by the project's one timer, and the last call's output."""
+    last = {}
+    timing = time_call(lambda: last.update(out=fn()), repeats=repeats, warmup=int(warmup))
+    return timing.median, last["out"]
 
 
 def main(argv: list[str] | None = None) -> int:

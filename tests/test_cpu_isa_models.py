@@ -109,3 +109,14 @@ def test_encoder_autocast_backward(attention):
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
             scale = float(want[n].abs().max()) + 1e-6
             assert_close(p.grad / scale, want[n] / scale, 0.1, name=f"{attention} grad {n}")
+
+
+def test_bench_bf16_script_runs_and_reports_each_row(capsys):
+    from etkd.models import bench_bf16
+
+    assert bench_bf16.main(["--seq", "256", "--layers", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("HF LongformerModel fp32", "etkd fp32", "etkd bf16 autocast"):
+        assert row in out
+    fp32_diff = float(out.split("etkd fp32")[1].split("max|diff|")[1].split()[0])
+    assert fp32_diff < 1e-4  # same weights, same precision: only summation order differs
