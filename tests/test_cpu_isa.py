@@ -81,6 +81,15 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, list[torch.Tensor], dict]]:
             dict(window=16, global_mask=gm, key_padding_mask=None),
         )
     )
+    # head_dim 64 (the packed bf16 path on AMX CPUs): band edges and the global source off the 64-key blocks
+    # (window 30), globals, padding, a last partial query tile
+    cases.append(
+        (
+            "sw_d64",
+            [rnd(b, h, s, 64) for _ in range(3)],
+            dict(window=30, global_mask=gm, key_padding_mask=kpm),
+        )
+    )
     # band of 64 + 1024 keys per query tile: split into two key segments (kMaxSeg 640)
     cases.append(("sw_long", [rnd(1, 1, 800, 32) for _ in range(3)], dict(window=1024)))
     layout = torch.rand(h, 4, 4, generator=g) < 0.5
@@ -162,7 +171,9 @@ _CHILD = textwrap.dedent(
     reason = etkd_kernels.available_backends()["cpu"].reason
     assert "ISA {isa} " in reason, reason  # available_backends() / `etkd info` name the forced target
     torch.set_num_threads(2)
-    torch.save({{name: t._results(t.DTYPES[name], "cpu") for name in t.DTYPES}}, {path!r})
+    res = {{name: t._results(t.DTYPES[name], "cpu") for name in t.DTYPES}}
+    res["bf16_brgemm"] = _C.bf16_brgemm()
+    torch.save(res, {path!r})
     """
 )
 
@@ -171,6 +182,9 @@ _CHILD = textwrap.dedent(
 def test_isa_variant_matches_reference(isa, tmp_path_factory):
     """One subprocess per target: fp32, bf16 and fp16, forward and gradients, against float64 reference."""
     got = _child_results(isa, str(tmp_path_factory.getbasetemp()))
+    if isa == "avx512_bf16" and _cpu_flags() >= {"amx_bf16", "amx_tile"}:
+        # this CPU has AMX: the bf16 forward must take the packed brgemm path that the cases below check
+        assert got["bf16_brgemm"], "avx512_bf16 on an AMX CPU: bf16 forward did not use oneDNN brgemm"
     for dname, dtype in DTYPES.items():
         want = _reference(dtype)
         fwd_tol, grad_tol = TOL[dtype]
@@ -181,6 +195,17 @@ def test_isa_variant_matches_reference(isa, tmp_path_factory):
             for i, (g, w) in enumerate(zip(grads, w_grads)):
                 assert g.dtype == dtype, f"{isa} {case} {dname}: grad dtype {g.dtype}"
                 assert_close(g, w, grad_tol, name=f"{isa} {case} {dname} grad[{i}]")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def test_isa_variants_agree(tmp_path_factory):

@@ -13,11 +13,13 @@
 
 TORCH_LIBRARY(etkd_cpu, m) {
   m.def(
-      "sliding_window_fwd(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? qg, Tensor? kg, "
-      "Tensor? vg, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+      "sliding_window_fwd(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? global_index, "
+      "Tensor? global_count, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale) "
+      "-> (Tensor, Tensor)");
   m.def(
       "sliding_window_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, "
-      "Tensor? global_mask, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale) -> Tensor[]");
+      "Tensor? global_mask, Tensor? global_index, Tensor? global_count, Tensor? qg, Tensor? kg, Tensor? vg, "
+      "Tensor? key_padding_mask, float scale) -> Tensor[]");
   m.def(
       "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor lut, Tensor counts, int block_size, "
       "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
@@ -93,12 +95,41 @@ PyObject* py_native_bf16(PyObject*, PyObject*) {
   }
 }
 
+// _C.cpu_profile() -> dict phase -> seconds summed over threads since the last call (ETKD_CPU_PROFILE=1; else
+// all zero), see flash_tile.h.
+PyObject* py_cpu_profile(PyObject*, PyObject*) {
+  const auto t = etkd::cpu::profile_take();
+  PyObject* out = PyDict_New();
+  for (int i = 0; i < etkd::cpu::kPhases; ++i) {
+    PyObject* v = PyFloat_FromDouble(t[i]);
+    PyDict_SetItemString(out, etkd::cpu::kPhaseNames[i], v);
+    Py_DECREF(v);
+  }
+  PyObject* on = PyBool_FromLong(etkd::cpu::profiling());
+  PyDict_SetItemString(out, "enabled", on);
+  Py_DECREF(on);
+  return out;
+}
+
+// _C.bf16_brgemm() -> bool: whether bf16 forward tiles go through oneDNN's brgemm (AMX) with packed K/V (else
+// MKL's bf16 GEMM on the native target, or conversion to fp32).
+PyObject* py_bf16_brgemm(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(etkd::cpu::kernels().native_bf16 && etkd::cpu::brgemm_bf16_available());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyObject* py_built_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::built_isas()); }
 PyObject* py_supported_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::supported_isas()); }
 
 PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "ISA target the kernels run (ETKD_CPU_ISA forces one)"},
     {"native_bf16", py_native_bf16, METH_NOARGS, "whether bf16 tiles are computed natively"},
+    {"bf16_brgemm", py_bf16_brgemm, METH_NOARGS, "whether bf16 forward tiles use oneDNN brgemm (AMX)"},
+    {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase forward time (ETKD_CPU_PROFILE=1), then reset"},
     {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},
     {nullptr, nullptr, 0, nullptr}};

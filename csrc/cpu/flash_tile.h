@@ -102,4 +102,36 @@ void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bi
 // delta[r] = sum_c a[r, c] * b[r, c] over `rows` rows of `d` floats.
 void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int64_t d);
 
+// oneDNN's brgemm micro-kernel for bf16 x bf16 -> fp32 (at::native::cpublas::brgemm, the one ATen's CPU flash
+// attention uses; AMX-BF16 on CPUs that have it), wrapped here so the per-ISA files need not include oneDNN:
+// C (m x n, row stride ldc) = (add ? C : 0) + A (m x k bf16, row stride lda) @ B, with B packed VNNI
+// ([k/2][ldb][2], pairs of k rows interleaved; k even, n <= ldb <= 64). Available when oneDNN is enabled and
+// can pack bf16 (`cpublas::could_pack`: AMX); asked per call, as torch.backends.mkldnn can be switched off.
+bool brgemm_bf16_available();
+void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const void* a,
+                 const void* b, float* c);
+// Releases the thread's AMX tile configuration (after a task's last brgemm_bf16).
+void brgemm_done();
+
+// Per-phase time of run_forward, for profiling: with ETKD_CPU_PROFILE=1 in the environment (read once) every
+// forward tile adds its time per phase, summed over threads (so the phases add up to about threads x wall
+// time); `_C.cpu_profile()` returns and resets the totals. Off (the default) it costs one branch per phase.
+enum Phase : int {
+  kPhasePrep,     // K/V of a (batch, head) task converted / packed once (16-bit paths)
+  kPhaseQK,       // S = scale * Q K^T
+  kPhaseSoftmax,  // bias, row max, exp, row sums, rescale of the accumulator
+  kPhaseConvert,  // tile conversions: Q / K / V to the product type, P to bf16
+  kPhasePV,       // acc += P V
+  kPhaseOut,      // out = acc / l in the element type, lse
+  kPhases
+};
+extern const char* const kPhaseNames[kPhases];
+bool profiling();
+// ns[kPhases] added to the process totals (atomics).
+void profile_add(const int64_t* ns);
+// The totals in seconds, and reset to zero.
+std::vector<double> profile_take();
+// Monotonic clock in nanoseconds (clock_gettime: no inline std:: code in the per-ISA files).
+int64_t now_ns();
+
 }  // namespace etkd::cpu

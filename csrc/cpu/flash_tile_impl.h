@@ -149,6 +149,31 @@ float exp_sum(float* s, int64_t lo, int64_t hi, float m) {
   return sum;
 }
 
+#if ETKD_NATIVE_BF16
+// p[0:n] = bf16(exp(s[j] - m)) on [lo, hi), 0 elsewhere; returns the float32 sum of the exps (the softmax
+// statistics stay unrounded, as in flash attention). The rounding is fused into the exp pass: P is written once,
+// already in the product type. m is finite.
+float exp_sum_bf16(const float* s, BFloat16* p, int64_t n, int64_t lo, int64_t hi, float m) {
+  std::fill(p, p + lo, BFloat16(0.f));
+  std::fill(p + hi, p + n, BFloat16(0.f));
+  const __m512 vm = _mm512_set1_ps(m);
+  Vec acc(0.f);
+  int64_t j = lo;
+  for (; j + 16 <= hi; j += 16) {
+    const Vec e = Vec(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)).exp_u20();
+    acc = acc + e;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (j < hi) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
+    const Vec e = Vec(_mm512_maskz_sub_ps(mk, _mm512_maskz_loadu_ps(mk, s + j), vm)).exp_u20();
+    acc = acc + Vec(_mm512_maskz_mov_ps(mk, e));
+    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return acc.reduce_add();
+}
+#endif
+
 void scale_row(float* x, int64_t n, float a) {
   int64_t j = 0;
   const Vec va(a);
@@ -173,12 +198,14 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Keys of one source: key j is row (j - off) of k and v (off > 0 when only a converted range is held).
 template <class T>
 struct SrcView {
   const T* k;
   const T* v;
   const float* bias;
   bool band;
+  int64_t off = 0;
 };
 
 // Columns [lo, hi) of a segment that row `i` (absolute query index) may use.
@@ -191,62 +218,110 @@ inline void row_range(const Problem& p, const Seg& sg, bool band, int64_t i, int
   }
 }
 
+// Phase clock of one task (flash_tile.h: ETKD_CPU_PROFILE): lap(ph) charges the time since the last lap to ph.
+struct Clock {
+  bool on = profiling();
+  int64_t ns[kPhases] = {};
+  int64_t t = on ? now_ns() : 0;
+  void lap(Phase ph) {
+    if (!on) return;
+    const int64_t n = now_ns();
+    ns[ph] += n - t;
+    t = n;
+  }
+  ~Clock() {
+    if (on) profile_add(ns);
+  }
+};
+
+// Key block of the packed bf16 path (brgemm's column block; see forward_tile_packed), and a task's packed keys.
+constexpr int64_t kPackN = 64;
+struct Packed {
+  std::vector<uint16_t> k, v;  // K^T blocks, V blocks (bf16 bits)
+  int64_t base = 0;            // first key held (a multiple of kPackN)
+  int64_t keys = 0;            // keys held (a multiple of kPackN)
+};
+
 template <class T, class C>
 struct Work {
   static constexpr bool kConvert = !std::is_same_v<T, C>;  // inputs converted per tile
   static constexpr bool kNarrow = !std::is_same_v<C, float>;  // P and dS rounded to C for the products
   std::vector<float> s, dp, acc, m, l;
   std::vector<C> s16, dp16, qb, kb, vb, db;
+  std::vector<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
+  Packed packed[2];             // forward, packed bf16 path: K/V of a task's key range
   std::vector<Seg> segs;
+  Clock clock;
+  // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
-      : s(bq * kMaxSeg), dp(bq * kMaxSeg), acc(bq * d), m(bq), l(bq),
-        s16(kNarrow ? bq * kMaxSeg : 0), dp16(kNarrow ? bq * kMaxSeg : 0), qb(kConvert ? bq * d : 0),
+      : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * kMaxSeg), acc(bq * d), m(bq), l(bq),
+        s16(kNarrow ? bq * (kMaxSeg + 2 * kPackN) : 0), dp16(kNarrow ? bq * kMaxSeg : 0), qb(kConvert ? bq * d : 0),
         kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0) {}
 };
 
-// One query tile: rows q[0:rows] (absolute index i0 + r), forward.
+// One query tile: rows q[0:rows] (absolute index i0 + r), forward. The key sources are already in the product
+// type C (prepare_sources).
 template <class T, class C>
-void forward_tile(const Problem& p, const SrcView<T>* src, const T* q_, const uint8_t* skip, int64_t i0, int64_t rows,
+void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const uint8_t* skip, int64_t i0, int64_t rows,
                   Work<T, C>& w, T* out, float* lse) {
+  constexpr bool kNarrow = Work<T, C>::kNarrow;
   const int64_t d = p.D;
+  Clock& ck = w.clock;
   const C* q = operand<C>(q_, rows * d, w.qb.data());
   std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.f);
   std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
   std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
+  ck.lap(kPhaseConvert);
   for (const Seg& sg : w.segs) {
-    const SrcView<T>& sv = src[sg.src];
+    const SrcView<C>& sv = src[sg.src];
     const int64_t n = sg.n;
-    const C* kp = operand<C>(sv.k + sg.k0 * d, n * d, w.kb.data());
+    const C* kp = sv.k + (sg.k0 - sv.off) * d;
     float* s = w.s.data();
+    C* pn = w.s16.data();  // P in the product type (kNarrow)
     mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * n;
       int64_t lo, hi;
       row_range(p, sg, sv.band, i0 + r, &lo, &hi);
-      if ((skip && skip[r]) || lo >= hi) {
-        std::fill(row, row + n, 0.f);
-        continue;
-      }
-      const float mx = add_bias_max(row, bias, lo, hi);
+      float mx = kNegInf;
+      if (!(skip && skip[r]) && lo < hi) mx = add_bias_max(row, bias, lo, hi);
       const float mnew = std::max(w.m[r], mx);
-      if (mnew == kNegInf) {
-        std::fill(row, row + n, 0.f);
+      if (mx == kNegInf || mnew == kNegInf) {
+        if constexpr (kNarrow)
+          std::fill(pn + r * n, pn + (r + 1) * n, C(0.f));
+        else
+          std::fill(row, row + n, 0.f);
         continue;
       }
       const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - mnew);
-      std::fill(row, row + lo, 0.f);
-      std::fill(row + hi, row + n, 0.f);
-      const float sum = exp_sum(row, lo, hi, mnew);
+      float sum = 0.f;
+      if constexpr (kNarrow) {
+#if ETKD_NATIVE_BF16
+        sum = exp_sum_bf16(row, pn + r * n, n, lo, hi, mnew);
+#endif
+      } else {
+        std::fill(row, row + lo, 0.f);
+        std::fill(row + hi, row + n, 0.f);
+        sum = exp_sum(row, lo, hi, mnew);
+      }
       w.l[r] = w.l[r] * alpha + sum;
       if (alpha != 1.f) scale_row(w.acc.data() + r * d, d, alpha);
       w.m[r] = mnew;
       any = true;
     }
+    ck.lap(kPhaseSoftmax);
     if (any) {
-      const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
-      mm(false, false, rows, d, n, 1.f, operand<C>(s, rows * n, w.s16.data()), n, vp, d, 1.f, w.acc.data(), d);
+      const C* vp = sv.v + (sg.k0 - sv.off) * d;
+      const C* pp;
+      if constexpr (kNarrow)
+        pp = pn;
+      else
+        pp = s;
+      mm(false, false, rows, d, n, 1.f, pp, n, vp, d, 1.f, w.acc.data(), d);
+      ck.lap(kPhasePV);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -259,6 +334,210 @@ void forward_tile(const Problem& p, const SrcView<T>* src, const T* q_, const ui
       lse[r] = kInf;
     }
   }
+  ck.lap(kPhaseOut);
+}
+
+#if ETKD_NATIVE_BF16
+// ---- bf16 tiles through oneDNN's brgemm (AMX-BF16 here), with K and V packed once per task ----
+// brgemm takes B packed VNNI ([k/2][ldb][2]: pairs of k rows interleaved) in column blocks of at most kPackN, as
+// ATen's flash attention packs it. A task packs the keys it visits in whole blocks of kPackN keys (zero keys past
+// the end): K^T per key block as [D/2][kPackN][2], V per head-dim block of kPackN columns as [keys/2][bw][2]
+// over all the task's keys, so one brgemm covers a whole segment of PV. A segment that does not start or end on
+// a block edge is scored over its covering blocks; the extra columns get P = 0.
+
+// Can the packed path take this problem: oneDNN's bf16 brgemm available (AMX), a head dim of whole 16-column
+// groups (brgemm's N blocks and an even K), and 4-byte aligned key sources (pack_keys moves K rows as 32-bit
+// pairs; always so for tensors of their own, a view at an odd element offset takes the MKL path). Else the
+// bf16 tiles go through MKL's bf16 GEMM (forward_tile).
+inline bool packed_ok(const Problem& p) {
+  auto al4 = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 4 == 0; };
+  return p.D % 16 == 0 && p.D > 0 && al4(p.k) && al4(p.v) && al4(p.kx) && al4(p.vx) && brgemm_bf16_available();
+}
+
+
+// Pack keys [lo, hi) of k, v (rows of d bf16; keys past `limit` are zero) into pk. Both layouts move pairs of
+// bf16 as one 32-bit unit: K^T is a 32-bit transpose of each (kPackN keys x d/2 pairs) block, V interleaves
+// two key rows.
+inline void pack_keys(const BFloat16* k, const BFloat16* v, int64_t lo, int64_t hi, int64_t limit, int64_t d,
+                      Packed& pk) {
+  pk.base = lo / kPackN * kPackN;
+  pk.keys = (hi + kPackN - 1) / kPackN * kPackN - pk.base;
+  const size_t need = static_cast<size_t>(pk.keys * d);
+  if (pk.k.size() < need) pk.k.resize(need), pk.v.resize(need);
+  const int64_t real = std::max<int64_t>(0, std::min(limit, pk.base + pk.keys) - pk.base);  // keys with data
+  const int64_t hp = d / 2;
+  const uint32_t* ks = reinterpret_cast<const uint32_t*>(k + pk.base * d);
+  const uint16_t* vs = reinterpret_cast<const uint16_t*>(v + pk.base * d);
+  uint32_t* kt = reinterpret_cast<uint32_t*>(pk.k.data());
+  uint32_t* vt = reinterpret_cast<uint32_t*>(pk.v.data());
+  // K^T: block kb, (pair i, key j) at [i][j] of a (d/2 x kPackN) uint32 matrix.
+  for (int64_t kb = 0; kb < pk.keys; kb += kPackN) {
+    uint32_t* out = kt + kb * hp;
+    for (int64_t j = 0; j < kPackN; ++j) {
+      const int64_t key = kb + j;
+      if (key < real) {
+        const uint32_t* row = ks + key * hp;
+        for (int64_t i = 0; i < hp; ++i) out[i * kPackN + j] = row[i];
+      } else {
+        for (int64_t i = 0; i < hp; ++i) out[i * kPackN + j] = 0;
+      }
+    }
+  }
+  // V: head-dim block c0 (width bw), (key pair j / 2, dim c) at [j / 2][c] = v[j][c] | v[j + 1][c] << 16.
+  for (int64_t c0 = 0; c0 < d; c0 += kPackN) {
+    const int64_t bw = std::min(kPackN, d - c0);
+    uint32_t* out = vt + pk.keys * c0 / 2;
+    for (int64_t j = 0; j < pk.keys; j += 2) {
+      uint32_t* o = out + (j / 2) * bw;
+      const uint16_t* r0 = vs + j * d + c0;
+      const uint16_t* r1 = r0 + d;
+      if (j + 1 < real) {
+        for (int64_t c = 0; c < bw; ++c) o[c] = uint32_t(r0[c]) | (uint32_t(r1[c]) << 16);
+      } else if (j < real) {
+        for (int64_t c = 0; c < bw; ++c) o[c] = r0[c];
+      } else {
+        std::fill(o, o + bw, 0u);
+      }
+    }
+  }
+}
+
+// max over scale * s[lo:hi] + bias[lo:hi] (bias may be null); s is only read.
+float scaled_max(const float* s, const float* bias, int64_t lo, int64_t hi, float scale) {
+  int64_t j = lo;
+  const Vec vs(scale);
+  Vec vmax(kNegInf);
+  if (bias) {
+    for (; j + kV <= hi; j += kV)
+      vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(s + j), vs, Vec::loadu(bias + j)));
+  } else {
+    for (; j + kV <= hi; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(s + j) * vs);
+  }
+  float m = vmax.reduce_max();
+  for (; j < hi; ++j) m = std::max(m, s[j] * scale + (bias ? bias[j] : 0.f));
+  return m;
+}
+
+// p[lo:hi] = bf16(exp(scale * s + bias - m)) (bias may be null); returns the float32 sum of the exps. One pass:
+// the scaling, bias, exp and rounding to the product type are fused. m is finite.
+float scaled_exp_sum_bf16(const float* s, const float* bias, float scale, BFloat16* p, int64_t lo, int64_t hi,
+                          float m) {
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = lo;
+  for (; j < hi; j += 16) {
+    const __mmask16 mk = hi - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hi - j)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
+    const __m512 b = bias ? _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, bias + j), vm) : _mm512_sub_ps(_mm512_setzero_ps(), vm);
+    const __m512 e = _mm512_maskz_mov_ps(mk, Vec(_mm512_fmadd_ps(x, vs, b)).exp_u20());
+    acc = _mm512_add_ps(acc, e);
+    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One query tile of the packed path; w.s / w.s16 hold rows x (covering columns).
+void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloat16>* src, const BFloat16* q,
+                         const uint8_t* skip, int64_t i0, int64_t rows, Work<BFloat16, BFloat16>& w, BFloat16* out,
+                         float* lse) {
+  const int64_t d = p.D;
+  Clock& ck = w.clock;
+  std::fill(w.acc.begin(), w.acc.begin() + rows * d, 0.f);
+  std::fill(w.m.begin(), w.m.begin() + rows, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + rows, 0.f);
+  for (const Seg& sg : w.segs) {
+    const Packed& pks = pk[sg.src];
+    const SrcView<BFloat16>& sv = src[sg.src];
+    const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
+    const int64_t nc = a1 - a0, c0 = sg.k0 - a0;  // covering columns; the segment starts at column c0
+    float* s = w.s.data();
+    BFloat16* pn = w.s16.data();
+    for (int64_t b0 = a0; b0 < a1; b0 += kPackN)
+      brgemm_bf16(rows, kPackN, d, d, kPackN, nc, false, q, pks.k.data() + (b0 - pks.base) * d, s + (b0 - a0));
+    ck.lap(kPhaseQK);
+    const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * nc;
+      BFloat16* prow = pn + r * nc;
+      int64_t lo, hi;
+      row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+      float mx = kNegInf;
+      if (!(skip && skip[r]) && lo < hi) mx = scaled_max(row + c0, bias, lo, hi, p.scale);
+      const float mnew = std::max(w.m[r], mx);
+      if (mx == kNegInf || mnew == kNegInf) {
+        std::fill(prow, prow + nc, BFloat16(0.f));
+        continue;
+      }
+      const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - mnew);
+      std::fill(prow, prow + c0 + lo, BFloat16(0.f));
+      std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
+      const float sum = scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew);
+      w.l[r] = w.l[r] * alpha + sum;
+      if (alpha != 1.f) scale_row(w.acc.data() + r * d, d, alpha);
+      w.m[r] = mnew;
+      any = true;
+    }
+    ck.lap(kPhaseSoftmax);
+    if (any) {
+      for (int64_t cb = 0; cb < d; cb += kPackN) {
+        const int64_t bw = std::min(kPackN, d - cb);
+        brgemm_bf16(rows, bw, nc, nc, bw, d, true, pn, pks.v.data() + pks.keys * cb + (a0 - pks.base) * bw,
+                    w.acc.data() + cb);
+      }
+      ck.lap(kPhasePV);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    BFloat16* o = out + r * d;
+    if (w.l[r] > 0.f) {
+      store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
+      lse[r] = w.m[r] + std::log(w.l[r]);
+    } else {
+      std::fill(o, o + d, BFloat16(0.f));
+      lse[r] = kInf;
+    }
+  }
+  ck.lap(kPhaseOut);
+}
+#endif
+
+// The key sources of a forward task (query tiles [t0, t1) of one (batch, head)) in the product type C: the
+// inputs themselves when T == C, else the keys those tiles visit (the union of their segments), converted once
+// per task into w.kc / w.vc — not once per query tile, which converted every key about (bq + 2w) / bq times.
+template <class T, class C>
+void prepare_sources(const Problem& p, const SrcView<T>* raw, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                     Work<T, C>& w, SrcView<C>* src) {
+  for (int i = 0; i < 2; ++i) {
+    src[i].bias = raw[i].bias;
+    src[i].band = raw[i].band;
+  }
+  if constexpr (std::is_same_v<T, C>) {
+    for (int i = 0; i < 2; ++i) src[i].k = raw[i].k, src[i].v = raw[i].v, src[i].off = 0;
+  } else {
+    int64_t lo[2] = {INT64_MAX, INT64_MAX}, hi[2] = {0, 0};
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t i0 = tile * p.bq;
+      w.segs.clear();
+      p.segments(b, h, i0, std::min(p.bq, p.Sq - i0), w.segs);
+      for (const Seg& sg : w.segs) {
+        lo[sg.src] = std::min(lo[sg.src], sg.k0);
+        hi[sg.src] = std::max(hi[sg.src], sg.k0 + sg.n);
+      }
+    }
+    const int64_t d = p.D;
+    for (int i = 0; i < 2; ++i) {
+      src[i].k = src[i].v = nullptr;
+      src[i].off = 0;
+      if (hi[i] <= lo[i]) continue;
+      const int64_t n = (hi[i] - lo[i]) * d;
+      if (static_cast<int64_t>(w.kc[i].size()) < n) w.kc[i].resize(n), w.vc[i].resize(n);
+      src[i].k = operand<C>(raw[i].k + lo[i] * d, n, w.kc[i].data());
+      src[i].v = operand<C>(raw[i].v + lo[i] * d, n, w.vc[i].data());
+      src[i].off = lo[i];
+    }
+  }
+  w.clock.lap(kPhasePrep);
 }
 
 struct GradView {
@@ -471,6 +750,35 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       std::fill(ti, ti + dp, 0.f);
   }
 }
+#if ETKD_NATIVE_BF16
+// A forward task of the packed path: pack the keys the tiles [t0, t1) visit, then run the tiles.
+void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t b, int64_t h, int64_t bh, int64_t t0,
+                         int64_t t1, Work<BFloat16, BFloat16>& w, const BFloat16* q, BFloat16* out, float* lse) {
+  int64_t lo[2] = {INT64_MAX, INT64_MAX}, hi[2] = {0, 0};
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t i0 = tile * p.bq;
+    w.segs.clear();
+    p.segments(b, h, i0, std::min(p.bq, p.Sq - i0), w.segs);
+    for (const Seg& sg : w.segs) {
+      lo[sg.src] = std::min(lo[sg.src], sg.k0);
+      hi[sg.src] = std::max(hi[sg.src], sg.k0 + sg.n);
+    }
+  }
+  const int64_t limit[2] = {p.Sk, p.Sx};
+  for (int i = 0; i < 2; ++i)
+    if (hi[i] > lo[i]) pack_keys(raw[i].k, raw[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i]);
+  w.clock.lap(kPhasePrep);
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
+    w.segs.clear();
+    p.segments(b, h, i0, rows, w.segs);
+    const int64_t row0 = bh * p.Sq + i0;
+    forward_tile_packed(p, w.packed, raw, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
+                        out + row0 * p.D, lse + row0);
+  }
+}
+#endif
+
 template <class T, class C>
 void forward_as(const Problem& p, T* out, float* lse) {
   const T* q = static_cast<const T*>(p.q);
@@ -479,22 +787,48 @@ void forward_as(const Problem& p, T* out, float* lse) {
   const T* kx = static_cast<const T*>(p.kx);
   const T* vx = static_cast<const T*>(p.vx);
   const int64_t tiles = (p.Sq + p.bq - 1) / p.bq;
-  const int64_t total = p.B * p.H * tiles;
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+  const int64_t bhs = p.B * p.H;
+  // A task is a run of query tiles of one (batch, head), so that its keys are prepared once (prepare_sources);
+  // with few (batch, head) pairs the tiles are split into enough runs to feed every thread twice.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (2 * threads + bhs - 1) / bhs));
+  const int64_t per = (tiles + chunks - 1) / chunks;
+  bool packed = false;
+#if ETKD_NATIVE_BF16
+  if constexpr (std::is_same_v<C, BFloat16>) packed = packed_ok(p);
+#endif
+  at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
     Work<T, C> w(p.bq, p.D);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / tiles, tile = t % tiles, b = bh / p.H, h = bh % p.H;
-      const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-      SrcView<T> src[2] = {
+      const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
+      const int64_t t0 = c * per, t1 = std::min(tiles, t0 + per);
+      if (t0 >= t1) continue;
+      const SrcView<T> raw[2] = {
           {k + bh * p.Sk * p.D, v + bh * p.Sk * p.D, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
           {kx ? kx + bh * p.Sx * p.D : nullptr, vx ? vx + bh * p.Sx * p.D : nullptr,
            p.kxbias ? p.kxbias + b * p.Sx : nullptr, false}};
-      w.segs.clear();
-      p.segments(b, h, i0, rows, w.segs);
-      const int64_t row0 = bh * p.Sq + i0;
-      forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
-                   out + row0 * p.D, lse + row0);
+#if ETKD_NATIVE_BF16
+      if constexpr (std::is_same_v<C, BFloat16>) {
+        if (packed) {
+          forward_task_packed(p, raw, b, h, bh, t0, t1, w, q, out, lse);
+          continue;
+        }
+      }
+#endif
+      SrcView<C> src[2];
+      prepare_sources(p, raw, b, h, t0, t1, w, src);
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
+        w.segs.clear();
+        p.segments(b, h, i0, rows, w.segs);
+        const int64_t row0 = bh * p.Sq + i0;
+        forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
+                     out + row0 * p.D, lse + row0);
+      }
     }
+#if ETKD_NATIVE_BF16
+    if (packed) brgemm_done();
+#endif
   });
 }
 

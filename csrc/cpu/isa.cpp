@@ -1,7 +1,11 @@
 // Choosing the ISA target once per process, and the entry points of flash_tile.h that forward to it (isa.h).
 #include "cpu/isa.h"
 
+#include <ATen/native/CPUBlas.h>
+#include <time.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -35,6 +39,46 @@ namespace generic {
 const Kernels& table();
 }
 #endif
+
+const char* const kPhaseNames[kPhases] = {"prep", "qk", "softmax", "convert", "pv", "out"};
+
+namespace {
+std::atomic<int64_t> g_phase_ns[kPhases];
+}  // namespace
+
+bool profiling() {
+  static const bool on = [] {
+    const char* e = std::getenv("ETKD_CPU_PROFILE");
+    return e && *e && std::string(e) != "0";
+  }();
+  return on;
+}
+
+void profile_add(const int64_t* ns) {
+  for (int i = 0; i < kPhases; ++i) g_phase_ns[i].fetch_add(ns[i], std::memory_order_relaxed);
+}
+
+std::vector<double> profile_take() {
+  std::vector<double> out(kPhases);
+  for (int i = 0; i < kPhases; ++i) out[i] = g_phase_ns[i].exchange(0) * 1e-9;
+  return out;
+}
+
+bool brgemm_bf16_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const void* a,
+                 const void* b, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, static_cast<const at::BFloat16*>(a),
+                              static_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+}
+
+void brgemm_done() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+int64_t now_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 
 namespace {
 

@@ -12,12 +12,15 @@ namespace etkd::cpu {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// Global tokens as etkd_kernels.masks.GlobalTokens (mask, index, count), built once per call by the op layer.
 std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
-                                              const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
+                                              const OptTensor& global_mask, const OptTensor& global_index,
+                                              const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
                                               const OptTensor& vg, const OptTensor& key_padding_mask, double scale);
 std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& out, const Tensor& lse, int64_t window,
-                                       const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
+                                       const OptTensor& global_mask, const OptTensor& global_index,
+                                       const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
                                        const OptTensor& vg, const OptTensor& key_padding_mask, double scale);
 
 std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut,

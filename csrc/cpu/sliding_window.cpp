@@ -18,28 +18,42 @@ namespace {
 struct Globals {
   Tensor real;      // (B, S) uint8
   Tensor is_glob;   // (B, S) uint8: global & real
-  Tensor idx;       // (B, G) int64 positions of global tokens (slot >= count: 0)
+  Tensor idx;       // (B, G) int64 positions of global tokens (slot >= count: never read as a token)
   std::vector<int64_t> count;  // per batch
   int64_t G = 0;
 };
 
-Globals find_globals(const OptTensor& global_mask, const OptTensor& kpm, int64_t B, int64_t S) {
+// The global-token list comes from the op layer (etkd_kernels.masks.GlobalTokens: built once per call and shared
+// by the forward and its backward): mask (B, S) bool restricted to real tokens, index (B, S) int32 with each
+// row's global positions first, count (B,) int32. Absent: no global token.
+Globals globals_of(const OptTensor& mask, const OptTensor& index, const OptTensor& count, const OptTensor& kpm,
+                   int64_t B, int64_t S) {
+  TORCH_CHECK(mask.has_value() == index.has_value() && index.has_value() == count.has_value(),
+              "global tokens: give all of global_mask, global_index, global_count or none");
   Globals g;
   g.real = real_mask(kpm, B, S);
-  g.is_glob = global_mask.has_value() ? (global_mask->to(at::kByte) * g.real).contiguous() : at::zeros({B, S}, at::kByte);
-  const uint8_t* gm = g.is_glob.data_ptr<uint8_t>();
   g.count.assign(B, 0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < S; ++i) g.count[b] += gm[b * S + i] != 0;
-  g.G = B ? *std::max_element(g.count.begin(), g.count.end()) : 0;
-  g.idx = at::zeros({B, std::max<int64_t>(g.G, 1)}, at::kLong);
-  int64_t* ip = g.idx.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t n = 0;
-    for (int64_t i = 0; i < S; ++i)
-      if (gm[b * S + i]) ip[b * g.idx.size(1) + n++] = i;
+  if (!mask.has_value()) {
+    g.is_glob = at::zeros({B, S}, at::kByte);
+    g.idx = at::zeros({B, 0}, at::kLong);
+    return g;
   }
-  g.idx = g.idx.narrow(1, 0, g.G).contiguous();
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S, "global_mask: expected (", B, ", ", S,
+              "), got ", mask->sizes());
+  TORCH_CHECK(index->dim() == 2 && index->size(0) == B && index->size(1) == S, "global_index: expected (", B, ", ",
+              S, "), got ", index->sizes());
+  TORCH_CHECK(count->dim() == 1 && count->size(0) == B, "global_count: expected (", B, "), got ", count->sizes());
+  g.is_glob = (mask->to(at::kByte) * g.real).contiguous();
+  const Tensor cnt = count->to(at::kLong).contiguous();
+  const int64_t* cp = cnt.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cp[b] >= 0 && cp[b] <= S, "global_count: expected 0..", S, ", got ", cp[b]);
+    g.count[b] = cp[b];
+  }
+  g.G = B ? *std::max_element(g.count.begin(), g.count.end()) : 0;
+  g.idx = index->narrow(1, 0, g.G).to(at::kLong).contiguous();
+  TORCH_CHECK(g.idx.numel() == 0 || (g.idx.min().item<int64_t>() >= 0 && g.idx.max().item<int64_t>() < S),
+              "global_index: positions out of range [0, ", S, ")");
   return g;
 }
 
@@ -139,14 +153,15 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t win
 }  // namespace
 
 std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, int64_t window,
-                                              const OptTensor& global_mask, const OptTensor& qg_, const OptTensor& kg_,
+                                              const OptTensor& global_mask, const OptTensor& global_index,
+                                              const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
                                               const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
   check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
   const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  Globals g = find_globals(global_mask, key_padding_mask, B, S);
+  Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
   const bool sep = qg.has_value();
   Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
   auto out = at::empty_like(q);
@@ -164,7 +179,8 @@ std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_
 
 std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                        const Tensor& out_, const Tensor& lse, int64_t window,
-                                       const OptTensor& global_mask, const OptTensor& qg_, const OptTensor& kg_,
+                                       const OptTensor& global_mask, const OptTensor& global_index,
+                                       const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
                                        const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
   check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
   check_like(grad_out_, q_, "grad_out");
@@ -175,7 +191,7 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_
   const Tensor &grad_out = grad_out_, &out = out_;
   const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  Globals g = find_globals(global_mask, key_padding_mask, B, S);
+  Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
   const bool sep = qg.has_value();
   Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
   auto delta = row_delta(grad_out, out).contiguous();

@@ -4,7 +4,8 @@ The SIMD kernels are compiled for several x86-64 targets (AVX2 baseline, AVX-512
 chosen when the extension is first used: the widest this CPU reports, or the one ETKD_CPU_ISA names
 (`avx2`, `avx512`, `avx512_bf16`; an unusable value is an error). `isa()` says which one runs.
 float32, bfloat16 and float16 inputs: fp32 softmax statistics and accumulation, outputs in the input dtype;
-bf16 tiles are multiplied natively on the `avx512_bf16` target, other 16-bit cases convert on load.
+bf16 tiles are multiplied natively on the `avx512_bf16` target (forward: oneDNN brgemm on pre-packed K/V, AMX
+where the CPU has it; else MKL's bf16 GEMM), other 16-bit cases convert on load (K/V once per (batch, head) task).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def isa_summary() -> str:
     """One line: the chosen target, how bf16 is computed, and what else is built / supported here."""
     from etkd_kernels import _C
 
-    bf16 = "bf16 native" if _C.native_bf16() else "bf16/fp16 converted to fp32 on load"
+    if _C.bf16_brgemm():
+        bf16 = "bf16 native: forward tiles by oneDNN brgemm/AMX, backward by MKL bf16 GEMM"
+    elif _C.native_bf16():
+        bf16 = "bf16 native: MKL bf16 GEMM"
+    else:
+        bf16 = "bf16/fp16 converted to fp32 on load"
     return (
         f"ISA {_C.isa()} ({bf16}; built: {', '.join(_C.built_isas())}; "
         f"this CPU: {', '.join(_C.supported_isas()) or 'none'}; ETKD_CPU_ISA forces one)"

@@ -6,6 +6,11 @@ configuration alike, and the median over rounds is reported. `--mkl-avx2` adds a
 ETKD_CPU_ISA=avx2 plus MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2, so the BLAS that the tile
 products call is also limited to AVX2, as on an AVX2-only CPU. Shapes: batch 1, 12 heads x 64, seq 4096;
 sliding window 512 (no globals); BigBird block-sparse 64 (3 window + 2 global + 3 random blocks).
+
+Each round times every case with the project's one timer (`etkd_kernels.timing.time_call`, median of
+`--repeats` calls after one warm-up); the table gives `Timing.of` over the rounds' medians (median, p20-p80).
+`--profile` runs the children with ETKD_CPU_PROFILE=1 and adds, per forward case, the kernel's time per phase
+(QK^T GEMM, softmax, conversions, PV GEMM, ...; csrc/cpu/flash_tile.h) in ms per call summed over threads.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from etkd_kernels.timing import Timing, time_call
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +40,7 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
         "sliding_window": lambda q, k, v: ek.sliding_window_attention(q, k, v, 512, backend="cpu"),
         "block_sparse": lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, backend="cpu"),
     }
-    res = {"isa": _C.isa()}
+    res: dict = {"isa": _C.isa(), "times": {}, "phases": {}}
     for pattern in patterns:
         for dn in dtypes:
             for mode in modes:
@@ -48,13 +54,12 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
                     else:
                         torch.autograd.grad(op(*ts), ts, grad)
 
-                run()
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    run()
-                    times.append(time.perf_counter() - t0)
-                res[f"{pattern}/{dn}/{mode}"] = statistics.median(times)
+                key = f"{pattern}/{dn}/{mode}"
+                _C.cpu_profile()  # reset the phase totals
+                res["times"][key] = time_call(run, repeats=repeats, warmup=1).median
+                prof = _C.cpu_profile()
+                if prof.pop("enabled") and mode == "fwd":
+                    res["phases"][key] = {k: v / (repeats + 1) for k, v in prof.items()}
     return res
 
 
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per round (median)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over configurations (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="per-phase kernel time (ETKD_CPU_PROFILE=1)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -82,27 +88,38 @@ def main(argv: list[str] | None = None) -> int:
             "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "ONEDNN_MAX_CPU_ISA": "AVX2",
         }
+    if a.profile:
+        configs = {c: dict(env, ETKD_CPU_PROFILE="1") for c, env in configs.items()}
     rows: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
+    phases: dict[str, dict[str, dict[str, list[float]]]] = {c: {} for c in configs}
     argv_child = [sys.executable, "-m", "etkd_kernels.cpu.bench_isa", "--child", "1", "--seq", str(a.seq)]
     argv_child += ["--repeats", str(a.repeats), "--threads", str(a.threads), "--patterns", *a.patterns]
     argv_child += ["--dtypes", *a.dtypes, "--modes", *a.modes]
+    loads = []
     for _ in range(a.rounds):
         for name, env in configs.items():
+            loads.append(os.getloadavg()[0])
             out = subprocess.run(argv_child, env=dict(os.environ, **env), capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name}: {out.stderr[-2000:]}")
-            for key, val in json.loads(out.stdout.strip().splitlines()[-1]).items():
-                if key != "isa":
-                    rows[name].setdefault(key, []).append(val)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            for key, val in got["times"].items():
+                rows[name].setdefault(key, []).append(val)
+            for key, ph in got["phases"].items():
+                for k, v in ph.items():
+                    phases[name].setdefault(key, {}).setdefault(k, []).append(v)
     cpu = _cpu_model()
-    print(f"# {cpu}; torch {torch.__version__}; {a.threads} threads; load {os.getloadavg()}")
-    print(f"# seconds, median of {a.rounds} rounds x median of {a.repeats} calls")
+    print(f"# {cpu}; torch {torch.__version__}; {a.threads} threads")
+    print(f"# 1-min load during the run: min {min(loads):.2f}, max {max(loads):.2f}; now {os.getloadavg()}")
+    print(f"# seconds per call: median [p20-p80] over {a.rounds} rounds of time_call (median of {a.repeats})")
     keys = list(next(iter(rows.values())))
-    med = {c: {k: statistics.median(v) for k, v in r.items()} for c, r in rows.items()}
+    tm = {c: {k: Timing.of(v) for k, v in r.items()} for c, r in rows.items()}
+    med = {c: {k: t.median for k, t in r.items()} for c, r in tm.items()}
     print("| case | " + " | ".join(configs) + " |")
     print("|---|" + "---|" * len(configs))
     for k in keys:
-        print(f"| {k} | " + " | ".join(f"{med[c][k]:.4f}" for c in configs) + " |")
+        cells = (f"{tm[c][k].median:.4f} [{tm[c][k].p20:.3f}-{tm[c][k].p80:.3f}]" for c in configs)
+        print(f"| {k} | " + " | ".join(cells) + " |")
     print()
     for c in configs:
         for p in a.patterns:
@@ -118,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
             if c != "avx2":
                 for k in keys:
                     print(f"{c} vs avx2: {k}: {med['avx2'][k] / med[c][k]:.2f}x")
+    if any(phases.values()):
+        names = list(next(iter(next(p for p in phases.values() if p).values())))
+        print()
+        print("# forward phases, ms per call summed over threads (median over rounds); wall = ms per call")
+        print("| config | case | wall | " + " | ".join(names) + " |")
+        print("|---|---|---|" + "---|" * len(names))
+        for c, per in phases.items():
+            for key, ph in per.items():
+                cells = " | ".join(f"{1e3 * statistics.median(ph[n]):.0f}" for n in names)
+                print(f"| {c} | {key} | {1e3 * med[c][key]:.0f} | {cells} |")
     return 0
 
 
