@@ -11,6 +11,9 @@ import pytest
 import torch
 from helpers import assert_close
 
+from etkd_kernels.ops.block_sparse import BlockSparseParams
+from etkd_kernels.ops.sliding_window import SlidingWindowParams
+
 pytestmark = pytest.mark.cuda  # skipped per test, at run time, without a GPU (tests/conftest.py)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -110,11 +113,11 @@ def test_sliding_window_matches_reference(case, dtype):
 
     def fwd_args(x):
         q, k, v, qg, kg, vg = x
-        return (q, k, v, window, gm, qg, kg, vg, kpm, scale)
+        return (q, k, v, SlidingWindowParams(window, gm, qg, kg, vg, kpm, scale))
 
     def bwd_extra(x, out, lse):
         q, k, v, qg, kg, vg = x
-        return (q, k, v, out, lse, window, gm, qg, kg, vg, kpm, scale)
+        return (q, k, v, out, lse, SlidingWindowParams(window, gm, qg, kg, vg, kpm, scale))
 
     _check_pair(ref, cuda, dtype, fwd_args, bwd_extra, ("dq", "dk", "dv", "dqg", "dkg", "dvg"), make_inputs)
 
@@ -146,10 +149,10 @@ def test_block_sparse_matches_reference(case, dtype):
         return [torch.randn(b, h, s, d, device=dev) for _ in range(3)]
 
     def fwd_args(x):
-        return (*x, layout, bs, kpm, scale)
+        return (*x, BlockSparseParams(layout, bs, kpm, scale))
 
     def bwd_extra(x, out, lse):
-        return (*x, out, lse, layout, bs, kpm, scale)
+        return (*x, out, lse, BlockSparseParams(layout, bs, kpm, scale))
 
     _check_pair(ref, cuda, dtype, fwd_args, bwd_extra, ("dq", "dk", "dv"), make_inputs)
 

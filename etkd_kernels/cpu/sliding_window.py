@@ -19,26 +19,16 @@ def _globals(global_mask, key_padding_mask):
     return glob.mask, glob.index, glob.count
 
 
-def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def forward(q, k, v, p):
     return torch.ops.etkd_cpu.sliding_window_fwd(
-        q, k, v, window, *_globals(global_mask, key_padding_mask), qg, kg, vg, key_padding_mask, scale
-    )
+        q, k, v, p.window, *_globals(p.global_mask, p.key_padding_mask), p.qg, p.kg, p.vg, p.key_padding_mask,
+        p.scale,
+    )  # fmt: skip
 
 
-def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
     grads = torch.ops.etkd_cpu.sliding_window_bwd(
-        grad_out.contiguous(),
-        q,
-        k,
-        v,
-        out,
-        lse,
-        window,
-        *_globals(global_mask, key_padding_mask),
-        qg,
-        kg,
-        vg,
-        key_padding_mask,
-        scale,
-    )
+        grad_out.contiguous(), q, k, v, out, lse, p.window, *_globals(p.global_mask, p.key_padding_mask),
+        p.qg, p.kg, p.vg, p.key_padding_mask, p.scale,
+    )  # fmt: skip
     return tuple(grads) + (None,) * (6 - len(grads))

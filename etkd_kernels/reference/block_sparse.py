@@ -86,11 +86,13 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
     return out.to(out_dtype), lse.float()
 
 
-def forward(q, k, v, layout, block_size, key_padding_mask, scale):
-    return attend(q, k, v, layout, block_size, key_padding_mask, scale)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.layout, p.block_size, p.key_padding_mask, p.scale)
 
 
-def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
-    if not bool(layout.any()):  # nothing attended: the output does not depend on q, k, v at all
+def backward(grad_out, q, k, v, out, lse, p):
+    if not bool(p.layout.any()):  # nothing attended: the output does not depend on q, k, v at all
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return recompute_backward(attend, grad_out, (q, k, v), layout, block_size, key_padding_mask, scale)
+    return recompute_backward(
+        attend, grad_out, (q, k, v), p.layout, p.block_size, p.key_padding_mask, p.scale
+    )

@@ -21,9 +21,9 @@ def attend(q, k, v, key_padding_mask, scale):
     return out.to(q.dtype), lse.float()
 
 
-def forward(q, k, v, key_padding_mask, scale):
-    return attend(q, k, v, key_padding_mask, scale)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.key_padding_mask, p.scale)
 
 
-def backward(grad_out, q, k, v, out, lse, key_padding_mask, scale):
-    return recompute_backward(attend, grad_out, (q, k, v), key_padding_mask, scale)
+def backward(grad_out, q, k, v, out, lse, p):
+    return recompute_backward(attend, grad_out, (q, k, v), p.key_padding_mask, p.scale)

@@ -195,56 +195,17 @@ def attend(
     return out.to(out_dtype), lse.float()
 
 
-def forward(
-    q,
-    k,
-    v,
-    block_size,
-    sparse_block_size,
-    sparsity_factor,
-    sparsity_type,
-    num_global_tokens,
-    key_padding_mask,
-    scale,
-):
-    return attend(
-        q,
-        k,
-        v,
-        block_size,
-        sparse_block_size,
-        sparsity_factor,
-        sparsity_type,
-        num_global_tokens,
-        key_padding_mask,
-        scale,
-    )
+def forward(q, k, v, p):
+    return attend(q, k, v, *_settings(p))
 
 
-def backward(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    block_size,
-    sparse_block_size,
-    sparsity_factor,
-    sparsity_type,
-    num_global_tokens,
-    key_padding_mask,
-    scale,
-):
-    return recompute_backward(
-        attend,
-        grad_out,
-        (q, k, v),
-        block_size,
-        sparse_block_size,
-        sparsity_factor,
-        sparsity_type,
-        num_global_tokens,
-        key_padding_mask,
-        scale,
-    )
+def backward(grad_out, q, k, v, out, lse, p):
+    return recompute_backward(attend, grad_out, (q, k, v), *_settings(p))
+
+
+def _settings(p):
+    """The op's settings in `attend`'s order."""
+    return (
+        p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
+        p.key_padding_mask, p.scale,
+    )  # fmt: skip

@@ -96,11 +96,11 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
     return out.to(out_dtype), lse.float()
 
 
-def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
-    return attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.qg, p.kg, p.vg, p.window, p.global_mask, p.key_padding_mask, p.scale)
 
 
-def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
     return recompute_backward(
-        attend, grad_out, (q, k, v, qg, kg, vg), window, global_mask, key_padding_mask, scale
+        attend, grad_out, (q, k, v, p.qg, p.kg, p.vg), p.window, p.global_mask, p.key_padding_mask, p.scale
     )
