@@ -6,8 +6,9 @@
 // additive biases (0 = usable, -inf = masked: padding, keys counted elsewhere), and per-query skip flags
 // (rows whose output is produced elsewhere or is zero). The driver runs FlashAttention-2 style loops:
 // forward = online softmax over the segments (scores live only in a bq x seg tile), backward = recompute
-// P from the saved lse. Tile products are BLAS sgemm calls (MKL's bf16 GEMM for native bf16 tiles); the
-// element-wise softmax work is at::vec. The SIMD code is compiled per ISA and chosen at run time: isa.h.
+// P from the saved lse. Tile products are BLAS sgemm calls; native bf16 tiles go through oneDNN's brgemm on K/V
+// packed once per (batch, head) task in the forward (AMX), MKL's bf16 GEMM otherwise. The element-wise softmax
+// work is at::vec. The SIMD code is compiled per ISA and chosen at run time: isa.h.
 //
 // No torch headers here: plain pointers, so the kernel translation units stay cheap to compile.
 #pragma once

@@ -244,7 +244,8 @@ struct Packed {
 
 template <class T, class C>
 struct Work {
-  static constexpr bool kConvert = !std::is_same_v<T, C>;  // inputs converted per tile
+  // inputs converted to C: K/V once per forward task (prepare_sources), Q per tile; per tile in the backward
+  static constexpr bool kConvert = !std::is_same_v<T, C>;
   static constexpr bool kNarrow = !std::is_same_v<C, float>;  // P and dS rounded to C for the products
   std::vector<float> s, dp, acc, m, l;
   std::vector<C> s16, dp16, qb, kb, vb, db;
