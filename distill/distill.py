@@ -15,7 +15,6 @@ The student is saved to OUTPUT_DIR/student (our format) and OUTPUT_DIR/student-h
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
@@ -31,18 +30,13 @@ from .core import (
     check_vocab,
     load_model,
     log,
-    mlm_data,
     prepare_model,
     require_mlm_head,
-    save_model,
-    start_run,
     tokenizer_for,
-    train_config,
-    write_json,
+    train_mlm,
 )
 from .errors import UserError
 from .losses import distillation_loss
-from .training import train
 
 STUDENT_DEFAULTS = {
     "teacher": None,
@@ -187,14 +181,5 @@ def run(args: argparse.Namespace) -> int:
         teacher.set_attention_backend(ns.backend)
     tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
     check_vocab(tokenizer, student)
-    data, collate = mlm_data(ns, tokenizer, student.config.max_tokens)
-    cfg = train_config(ns)
-    start_run(ns)
-    result = train(student, data, make_loss(teacher, ns), cfg, collate_fn=collate, extra_modules=(teacher,))
-    if result["is_main_process"] and result["step"] >= cfg.max_steps:
-        written = save_model(result["model"], os.path.join(cfg.output_dir, "student"), tokenizer)
-        write_json(os.path.join(cfg.output_dir, "result.json"),
-                   {"step": result["step"], "loss": result["loss"], "history": result["history"],
-                    "saved": written})  # fmt: skip
-        print(f"[etkd distill] step {result['step']} loss {result['loss']:.4f}; saved {written}")
-    return 0
+    return train_mlm(ns, student, tokenizer, make_loss(teacher, ns), "distill", "student",
+                     ("step", "loss", "history"), extra_modules=(teacher,))  # fmt: skip

@@ -385,15 +385,20 @@ def _set_backend(model, o) -> None:
         model.set_attention_backend(o["backend"])
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
-
+def _start(args: argparse.Namespace):
+    """(options, task, task family, tokenizer): how `finetune` and `evaluate` both begin."""
     o = merge_options(args)
-    task = o["task"]
-    family = task_family(task)
+    family = task_family(o["task"])
     tokenizer = load_tokenizer(
         o["tokenizer"] or o["model"], family, "--tokenizer" if o["tokenizer"] else "--model"
     )
+    return o, o["task"], family, tokenizer
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    o, task, family, tokenizer = _start(args)
     if o["train_file"]:
         train_ex = read_examples(task, o["train_file"], hf=False, o=o)
     else:
@@ -452,12 +457,7 @@ EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    o = merge_options(args)
-    task = o["task"]
-    family = task_family(task)
-    tokenizer = load_tokenizer(
-        o["tokenizer"] or o["model"], family, "--tokenizer" if o["tokenizer"] else "--model"
-    )
+    o, task, family, tokenizer = _start(args)
     sources = eval_sources(task, o)
     if not sources:
         raise UserError("evaluate: give --eval-file or --eval-split")

@@ -26,18 +26,13 @@ from .core import (
     add_train_args,
     check_vocab,
     load_model,
-    mlm_data,
     prepare_model,
     require_mlm_head,
-    save_model,
-    start_run,
     tokenizer_for,
-    train_config,
-    write_json,
+    train_mlm,
 )
 from .errors import UserError
 from .losses import mlm_loss
-from .training import train
 
 # ----------------------------------------------------------------------------------------------------------
 # The pretrain command.
@@ -93,13 +88,4 @@ def run(args: argparse.Namespace) -> int:
     model = build_pretrain_model(ns)
     tokenizer = tokenizer_for(ns, ns.model)
     check_vocab(tokenizer, model)
-    data, collate = mlm_data(ns, tokenizer, model.config.max_tokens)
-    cfg = train_config(ns)
-    start_run(ns)
-    result = train(model, data, mlm_step, cfg, collate_fn=collate)
-    if result["is_main_process"] and result["step"] >= cfg.max_steps:
-        written = save_model(result["model"], os.path.join(cfg.output_dir, "final"), tokenizer)
-        write_json(os.path.join(cfg.output_dir, "result.json"),
-                   {"step": result["step"], "loss": result["loss"], "saved": written})  # fmt: skip
-        print(f"[etkd pretrain] step {result['step']} loss {result['loss']:.4f}; saved {written}")
-    return 0
+    return train_mlm(ns, model, tokenizer, mlm_step, "pretrain", "final")

@@ -338,3 +338,22 @@ def test_unknown_backend_is_refused_at_patch_time():
     _, ours = build("Longformer", "Model")
     with pytest.raises(ValueError, match="backend"):
         etkd.hf.patch(ours, backend="nope")
+
+
+def test_benchmark_script_runs_both_models_and_agrees(tmp_path):
+    """`python -m etkd.benchmarks.hf_patch` on a tiny model: a row per mode, the harness timer's medians,
+    patched and unpatched outputs equal."""
+    import json
+
+    from etkd.benchmarks import hf_patch
+
+    out = tmp_path / "rows.json"
+    args = "--layers 1 --hidden 32 --heads 2 --window 4 --seq 32 --repeats 2".split()
+    assert hf_patch.main([*args, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["max_rel_err"] < RTOL and [r["mode"] for r in res["rows"]] == ["fwd", "fwd+bwd"]
+    for row in res["rows"]:
+        assert len(row["times"]["hf"]) == len(row["times"]["etkd"]) == 2
+        for name in ("hf", "etkd"):
+            assert 0 < min(row["times"][name]) <= row[f"{name}_s"] <= max(row["times"][name])
+        assert row["ratio"] == row["hf_s"] / row["etkd_s"]
