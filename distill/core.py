@@ -373,6 +373,24 @@ def mlm_data(ns: argparse.Namespace, tokenizer, max_tokens: int):
     return data, MLMCollator.from_tokenizer(tokenizer, mlm_probability=ns.mlm_probability)
 
 
+# What `etkd pretrain` and `etkd distill` (the MLM-trained commands) both take.
+MLM_DEFAULTS = {
+    **TRAIN_DEFAULTS,
+    **DATA_DEFAULTS,
+    **MODEL_DEFAULTS,
+    "add_mlm_head": False,
+    "overwrite": False,
+}
+
+
+def add_mlm_run_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--add-mlm-head (for the model given by `what`), the model, data and training flags."""
+    add_mlm_head_arg(p, what)
+    add_model_args(p)
+    add_data_args(p)
+    add_train_args(p)
+
+
 def train_mlm(ns: argparse.Namespace, model, tokenizer, step, command: str, save_as: str, keys=("step", "loss"),
               **train_kw) -> int:  # fmt: skip
     """The end `etkd pretrain` and `etkd distill` share: MLM data, `train`, and on the main process after the

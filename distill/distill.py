@@ -20,13 +20,8 @@ import torch
 
 from .config import add_config_arg, finish, resolve
 from .core import (
-    DATA_DEFAULTS,
-    MODEL_DEFAULTS,
-    TRAIN_DEFAULTS,
-    add_data_args,
-    add_mlm_head_arg,
-    add_model_args,
-    add_train_args,
+    MLM_DEFAULTS,
+    add_mlm_run_args,
     check_vocab,
     load_model,
     log,
@@ -48,19 +43,8 @@ STUDENT_DEFAULTS = {
     "student_block_size": 64,
     "student_num_landmarks": 64,
 }
-DEFAULTS = {
-    **TRAIN_DEFAULTS,
-    **DATA_DEFAULTS,
-    **MODEL_DEFAULTS,
-    **STUDENT_DEFAULTS,
-    "alpha": 2.0,
-    "beta": 5.0,
-    "gamma": 1.0,
-    "temperature": 2.0,
-    "kd_masked_only": False,
-    "add_mlm_head": False,
-    "overwrite": False,
-}
+DEFAULTS = {**MLM_DEFAULTS, **STUDENT_DEFAULTS, "alpha": 2.0, "beta": 5.0, "gamma": 1.0, "temperature": 2.0,
+            "kd_masked_only": False}  # fmt: skip
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05)
 
 
@@ -125,10 +109,7 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
-    add_mlm_head_arg(p, "--teacher")
-    add_model_args(p)
-    add_data_args(p)
-    add_train_args(p)
+    add_mlm_run_args(p, "--teacher")
     finish(p, DEFAULTS, func=run)
 
 

@@ -17,13 +17,8 @@ import torch
 
 from .config import add_config_arg, finish, resolve
 from .core import (
-    DATA_DEFAULTS,
-    MODEL_DEFAULTS,
-    TRAIN_DEFAULTS,
-    add_data_args,
-    add_mlm_head_arg,
-    add_model_args,
-    add_train_args,
+    MLM_DEFAULTS,
+    add_mlm_run_args,
     check_vocab,
     load_model,
     prepare_model,
@@ -37,8 +32,7 @@ from .losses import mlm_loss
 # ----------------------------------------------------------------------------------------------------------
 # The pretrain command.
 
-DEFAULTS = {**TRAIN_DEFAULTS, **DATA_DEFAULTS, **MODEL_DEFAULTS, "model": None, "model_config": None,
-            "add_mlm_head": False, "overwrite": False}  # fmt: skip
+DEFAULTS = {**MLM_DEFAULTS, "model": None, "model_config": None}
 DEFAULTS.update(output_dir="runs/pretrain", learning_rate=1e-4, warmup_ratio=0.05)
 
 
@@ -50,10 +44,7 @@ def register(subparsers) -> None:
     src.add_argument("--model", default=None, help="checkpoint dir (ours or HF) with an MLM head")
     src.add_argument("--model-config", dest="model_config", default=None,
                      help="JSON EncoderConfig for a fresh, randomly initialised model")  # fmt: skip
-    add_mlm_head_arg(p, "--model")
-    add_model_args(p)
-    add_data_args(p)
-    add_train_args(p)
+    add_mlm_run_args(p, "--model")
     finish(p, DEFAULTS, func=run)
 
 

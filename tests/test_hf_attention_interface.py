@@ -13,23 +13,14 @@ import json
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import HF_SMALL
+from helpers import assert_close_to_scale as close
 
 import etkd.hf
 from etkd.models import convert, from_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
-
-RTOL = 1e-5
-SMALL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-)  # fmt: skip
-
-
-def close(got, ref, name):
-    scale = max(1.0, float(ref.detach().abs().max()))
-    return assert_close(got, ref, atol=RTOL * scale, name=name)
+SMALL = {**HF_SMALL, "num_labels": 3}  # the classification heads get 3 labels
 
 
 def with_impl(model, name: str, **settings):

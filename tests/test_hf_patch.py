@@ -13,20 +13,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import HF_RTOL as RTOL
+from helpers import HF_SMALL, assert_close_to_scale
 
 import etkd.hf
 import etkd_kernels as ek
 
 transformers = pytest.importorskip("transformers")
+SMALL = {**HF_SMALL, "num_labels": 3}  # the classification heads get 3 labels
 warnings.filterwarnings("ignore", message=".*block_sparse.*")
 warnings.filterwarnings("ignore", message=".*original_full.*")
 
-RTOL = 1e-5  # relative to HF's own scale
-SMALL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-)  # fmt: skip
 HEADS = (
     "Model",
     "ForMaskedLM",
@@ -111,10 +108,7 @@ def check_same(hf_model, ours, kw, name: str, train: bool = False) -> float:
     ref_t, got_t = tensors(ref), tensors(got)
     assert ref_t.keys() == got_t.keys()
     for key in ref_t:
-        scale = max(1.0, float(ref_t[key].detach().abs().max()))
-        worst = max(
-            worst, assert_close(got_t[key], ref_t[key], atol=RTOL * scale, name=f"{name} {key}") / scale
-        )
+        worst = max(worst, assert_close_to_scale(got_t[key], ref_t[key], f"{name} {key}"))
     grad_target(ref).backward()
     grad_target(got).backward()
     ref_p = dict(hf_model.named_parameters())
@@ -124,8 +118,7 @@ def check_same(hf_model, ours, kw, name: str, train: bool = False) -> float:
         if p.grad is None:
             assert got_p[key].grad is None, f"{name}: {key} has a gradient only when patched"
             continue
-        scale = max(1.0, float(p.grad.abs().max()))
-        assert_close(got_p[key].grad, p.grad, atol=RTOL * scale, name=f"{name} grad {key}")
+        assert_close_to_scale(got_p[key].grad, p.grad, f"{name} grad {key}")
     return worst
 
 
