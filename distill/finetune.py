@@ -182,7 +182,8 @@ def eval_sources(task: str, o: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def labels_for(task: str, model_path: str | None, examples: list[list[dict[str, Any]]]) -> list[str]:
-    """Label names: GLUE's fixed ones; NER: a checkpoint's own list if it has one, else from the data."""
+    """Label names: GLUE's fixed ones; NER: a token-classification checkpoint's own list if it has one
+    (another head's labels, e.g. a classifier's, say nothing about tags), else from the data."""
     family = task_family(task)
     if family == "glue":
         from .tasks.glue import get_task
@@ -193,9 +194,9 @@ def labels_for(task: str, model_path: str | None, examples: list[list[dict[str, 
         return []
     if model_path and os.path.isfile(os.path.join(model_path, "config.json")):
         with open(os.path.join(model_path, "config.json")) as f:
-            saved = json.load(f).get("extra", {}).get("labels")
-        if saved:
-            return list(saved)
+            saved = json.load(f)
+        if saved.get("head") == "token_classification" and saved.get("extra", {}).get("labels"):
+            return list(saved["extra"]["labels"])
     from .tasks.ner import label_list
 
     return label_list(*examples)
