@@ -28,7 +28,7 @@ def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"layout: {tuple(layout.shape)} blocks of {block_size} do not cover seq {s}")
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(q, k, v, p) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, S, D), lse (B, H, S) float32; rows that see no key: out 0, lse +inf);
     p: `ops.block_sparse.BlockSparseParams`."""
     _check(q, p.layout, p.block_size)
@@ -36,15 +36,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p) -> tuple[torch
     return _ops().block_sparse_fwd(q, k, v, lut, count, int(p.block_size), p.key_padding_mask, float(p.scale))
 
 
-def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    p,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(grad_out, q, k, v, out, lse, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv)."""
     _check(q, p.layout, p.block_size)
     lut, count = cached_lut(p.layout.to(device=q.device, dtype=torch.bool))

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from .._shared import compute_dtype, recompute_backward
 from ..masks import cached_lut
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from ._softmax import masked_softmax, padded_rows
 
 
 def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
@@ -79,11 +79,7 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
         lse[:, hs, ns] = row_lse
 
     out, lse = out.reshape(b, h, s, d), lse.reshape(b, h, s)
-    if key_padding_mask is not None:
-        qreal = key_padding_mask[:, None, :, None]
-        out = torch.where(qreal, out, torch.zeros_like(out))
-        lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
-    return out.to(out_dtype), lse.float()
+    return padded_rows(out, lse, key_padding_mask, out_dtype)
 
 
 def forward(q, k, v, p):

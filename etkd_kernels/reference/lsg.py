@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from .._shared import compute_dtype, recompute_backward
+from ._softmax import masked_softmax, padded_rows
 
 
 def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
@@ -189,10 +189,7 @@ def attend(
         out = torch.cat([gprobs @ v, out[:, :, g:]], dim=2)
         lse = torch.cat([glse, lse[:, :, g:]], dim=2)
 
-    qreal = real[:, None, :, None]
-    out = torch.where(qreal, out, torch.zeros_like(out))
-    lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
-    return out.to(out_dtype), lse.float()
+    return padded_rows(out, lse, real, out_dtype)
 
 
 def forward(q, k, v, p):

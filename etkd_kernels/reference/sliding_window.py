@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from .._shared import compute_dtype, recompute_backward
+from ._softmax import masked_softmax, padded_rows
 
 
 def _global_index(global_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +90,7 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
         out = out.scatter(2, rows[..., None].expand(-1, -1, -1, d), torch.where(keep[..., None], gout, cur))
         lse = lse.scatter(2, rows, torch.where(keep, glse, lse.gather(2, rows)))
 
-    qreal = real[:, None, :, None]
-    out = torch.where(qreal, out, torch.zeros_like(out))
-    lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
-    return out.to(out_dtype), lse.float()
+    return padded_rows(out, lse, real, out_dtype)
 
 
 def forward(q, k, v, p):
