@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) bs_fwd_kernel(const BlockSparseFwdPa
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bs_bwd_kernel(const BlockSparseBwdParams p) {
+__global__ void __launch_bounds__(kThreads, kBwdMinBlocks) bs_bwd_kernel(const BlockSparseBwdParams p) {
   constexpr int BM = BwdTiles<T, D>::BM, BN = BwdTiles<T, D>::BN;
   const BlockSparseArgs& a = p.args;
   const int64_t off = bh_offset(a.shape);
