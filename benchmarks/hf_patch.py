@@ -12,12 +12,10 @@ import argparse
 import copy
 import json
 import os
-import statistics
-import time
 
 import torch
 
-from .harness import environment
+from .harness import Timing, environment, time_call
 
 
 def _build(layers: int, hidden: int, heads: int, window: int, seq: int):
@@ -80,12 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         times = {"hf": [], "etkd": []}
         step(hf_model, mode), step(ours, mode)  # warm-up
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # alternating single calls of the one timer
             for name, model in (("hf", hf_model), ("etkd", ours)):
-                t0 = time.perf_counter()
-                step(model, mode)
-                times[name].append(time.perf_counter() - t0)
-        hf_s, ours_s = statistics.median(times["hf"]), statistics.median(times["etkd"])
+                times[name].append(time_call(lambda m=model: step(m, mode), repeats=1, warmup=0).median)
+        hf_s, ours_s = Timing.of(times["hf"]).median, Timing.of(times["etkd"]).median
         row = {"mode": mode, "hf_s": hf_s, "etkd_s": ours_s, "ratio": hf_s / ours_s, "times": times,
                "load": os.getloadavg()[0]}  # fmt: skip
         rows.append(row)

@@ -24,7 +24,7 @@ import torch
 
 from .data import MLMCollator, TextSource, build_mlm_dataset
 from .errors import UserError
-from .training import TrainConfig
+from .training import TrainConfig, train
 
 log = logging.getLogger("etkd")
 
@@ -371,6 +371,41 @@ def mlm_data(ns: argparse.Namespace, tokenizer, max_tokens: int):
     if texts.skipped:
         log.warning("--data: skipped %d bad records (--skip-bad-records)", texts.skipped)
     return data, MLMCollator.from_tokenizer(tokenizer, mlm_probability=ns.mlm_probability)
+
+
+# What `etkd pretrain` and `etkd distill` (the MLM-trained commands) both take.
+MLM_DEFAULTS = {
+    **TRAIN_DEFAULTS,
+    **DATA_DEFAULTS,
+    **MODEL_DEFAULTS,
+    "add_mlm_head": False,
+    "overwrite": False,
+}
+
+
+def add_mlm_run_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--add-mlm-head (for the model given by `what`), the model, data and training flags."""
+    add_mlm_head_arg(p, what)
+    add_model_args(p)
+    add_data_args(p)
+    add_train_args(p)
+
+
+def train_mlm(ns: argparse.Namespace, model, tokenizer, step, command: str, save_as: str, keys=("step", "loss"),
+              **train_kw) -> int:  # fmt: skip
+    """The end `etkd pretrain` and `etkd distill` share: MLM data, `train`, and on the main process after the
+    last step the model saved under output_dir/`save_as` and result.json (the result's `keys` + "saved")."""
+    data, collate = mlm_data(ns, tokenizer, model.config.max_tokens)
+    cfg = train_config(ns)
+    start_run(ns)
+    result = train(model, data, step, cfg, collate_fn=collate, **train_kw)
+    if result["is_main_process"] and result["step"] >= cfg.max_steps:
+        written = save_model(result["model"], os.path.join(cfg.output_dir, save_as), tokenizer)
+        write_json(
+            os.path.join(cfg.output_dir, "result.json"), {**{k: result[k] for k in keys}, "saved": written}
+        )
+        print(f"[etkd {command}] step {result['step']} loss {result['loss']:.4f}; saved {written}")
+    return 0
 
 
 def write_json(path: str, value: Any) -> None:

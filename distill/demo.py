@@ -7,9 +7,11 @@
   3. short MLM pretraining of the converted model on long inputs
   4. distil it to half depth (DistilBERT-style: 2·MLM + 5·KL at T=2 + 1·cosine)
   5. fine-tune the full teacher, the Longformer teacher and the student on NER and classification
-  6. `etkd report`: scores and student/teacher retention
-  7. `etkd bench`: inference time and peak memory, ours vs HF, at two lengths
-  8. the kernel comparison table: every pattern x every backend that runs here, time and max deviation
+  6. the long-range sets (`tasks.longrange`): each model's step-5 checkpoints fine-tuned further on long
+     documents whose evidence lies > 640 tokens away; the 512-token teacher against the 4096-token models
+  7. `etkd report`: scores and student/teacher retention, and the long-range table
+  8. `etkd bench`: inference time and peak memory, ours vs HF, at 2,048 tokens
+  9. the kernel comparison table: every pattern x every backend that runs here, time and max deviation
      from `reference`, measured side by side in one run
 Every step is the same `etkd` subcommand a user runs; the paper-scale run is the same commands with
 real checkpoints, datasets and sizes (see README). Files go to one folder (--out).
@@ -122,10 +124,21 @@ def _finetune_timed(argv: list[str]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - t0, "peak_mib": peak.peak_mib}
 
 
+def cls_f1(path: str, predicted: list[int]) -> float:
+    """F1 (percent) of the positive class of a jsonl classification set (`label` per line) given the
+    predicted labels in file order."""
+    from sklearn.metrics import f1_score
+
+    with open(path) as f:
+        gold = [json.loads(line)["label"] for line in f if line.strip()]
+    return 100.0 * f1_score(gold, predicted, zero_division=0)
+
+
 def long_table(rows: list[dict]) -> str:
     """The long-range table: one row per model, scores, retention vs the Longformer teacher, cost."""
-    head = (f"{'model':20s} {'context':>7s} {'NER F1':>7s} {'codename':>8s} {'ordinary':>8s} {'cls acc':>7s} "
-            f"{'ret NER':>7s} {'ret cls':>7s} {'ft s NER':>8s} {'ft s cls':>8s} {'MiB NER':>8s} {'MiB cls':>8s}")  # fmt: skip
+    head = (f"{'model':20s} {'context':>7s} {'NER F1':>7s} {'codename':>8s} {'ordinary':>8s} {'cls F1':>7s} "
+            f"{'cls acc':>7s} {'ret NER':>7s} {'ret cls':>7s} {'ft s NER':>8s} {'ft s cls':>8s} {'MiB NER':>8s} "
+            f"{'MiB cls':>8s}")  # fmt: skip
     lines = [head, "-" * len(head)]
     teacher = next((r for r in rows if r["name"] == "longformer"), None)
 
@@ -137,7 +150,7 @@ def long_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['name']:20s} {r['context']:7d} {r['f1']:7.1f} {r['f1_codename']:8.1f} {r['f1_ordinary']:8.1f} "
-            f"{r['accuracy']:7.1f} {ret(r, 'f1'):>7s} {ret(r, 'accuracy'):>7s} {r['seconds_ner']:8.0f} "
+            f"{r['cls_f1']:7.1f} {r['accuracy']:7.1f} {ret(r, 'f1'):>7s} {ret(r, 'cls_f1'):>7s} {r['seconds_ner']:8.0f} "
             f"{r['seconds_cls']:8.0f} {r['peak_mib_ner']:8.0f} {r['peak_mib_cls']:8.0f}"
         )
     return "\n".join(lines)
@@ -217,30 +230,40 @@ def pipeline(args) -> None:
     dev_docs = ner.read_conll(data["long_ner_dev"], "document")
     rows = []
     ceiling = {c: longrange.context_ceiling(dev_docs, c) for c in (512, args.max_positions)}
-    print(f"[6] long-range sets: 2,000-2,600-token documents, evidence > 640 tokens away "
+    lo, hi = longrange.LENGTH
+    print(f"[6] long-range sets: {lo:,}-{hi:,}-token documents, evidence > {longrange.MIN_GAP} tokens away "
           f"({os.path.dirname(data['long_ner_train'])}/long_*). The best F1 a model can reach on the NER dev set "
           f"when it sees 512 tokens at a time (windows, stride 128): {ceiling[512]['f1']:.1f} (codename mentions "
           f"{ceiling[512]['f1_codename']:.1f}); with {args.max_positions}: {ceiling[args.max_positions]['f1']:.1f}. "
           "Classification truncated to 512 tokens keeps no evidence (50% at best).")  # fmt: skip
     if args.long_steps:
-        print(f"    fine-tuning the three models on both sets, {args.long_steps} steps each")
+        print(f"    each model's step-5 checkpoint (NER / classification) fine-tuned further on the long set of "
+              f"the same task, {args.long_steps} steps of {args.long_batch} documents each")  # fmt: skip
     else:
-        print("    (fine-tuning on them is off by default: it does not fit the demo's 10 minutes on 2 cores; "
-              "`etkd demo --long-steps N` adds it)")  # fmt: skip
+        print("    (`--long-steps 0`: no fine-tuning on them)")
+
+    def tuned(name: str, task: str) -> str:  # the step-5 model of `name` on `task`
+        return os.path.join(out, "finetune", f"{name}-{task}-{os.path.basename(results)}", "model")
+
     for name, path, teacher_name in models if args.long_steps else []:
         row = {"name": name, "context": 512 if path == teacher else args.max_positions}
-        cost = finetune(name, path, teacher_name, "ner", data["long_ner_train"], data["long_ner_dev"],
-                        long_results, args.long_steps, args.long_batch, "--ner-unit", "document", "--eval-batch-size", "4")  # fmt: skip
+        lr = ["--learning-rate", str(args.long_lr)]
+        cost = finetune(name, tuned(name, "conll2003"), teacher_name, "conll2003", data["long_ner_train"],
+                        data["long_ner_dev"], long_results, args.long_steps, args.long_batch, "--ner-unit",
+                        "document", "--eval-batch-size", "4", *lr)  # fmt: skip
         row.update(seconds_ner=cost["seconds"], peak_mib_ner=cost["peak_mib"])
-        with open(os.path.join(long_results, f"{name}-ner.json")) as f:
+        with open(os.path.join(long_results, f"{name}-conll2003.json")) as f:
             row["f1"] = json.load(f)["metrics"]["f1"]
-        with open(os.path.join(long_results, f"{name}-ner_predictions.json")) as f:
+        with open(os.path.join(long_results, f"{name}-conll2003_predictions.json")) as f:
             row.update(longrange.breakdown(dev_docs, json.load(f)["eval"]))
-        cost = finetune(name, path, teacher_name, "sst2", data["long_cls_train"], data["long_cls_dev"],
-                        long_results, args.long_steps, args.long_batch, "--eval-batch-size", "4")  # fmt: skip
+        cost = finetune(name, tuned(name, "sst2"), teacher_name, "sst2", data["long_cls_train"],
+                        data["long_cls_dev"], long_results, args.long_steps, args.long_batch, "--eval-batch-size",
+                        "4", *lr)  # fmt: skip
         row.update(seconds_cls=cost["seconds"], peak_mib_cls=cost["peak_mib"])
         with open(os.path.join(long_results, f"{name}-sst2.json")) as f:
             row["accuracy"] = json.load(f)["metrics"]["accuracy"]
+        with open(os.path.join(long_results, f"{name}-sst2_predictions.json")) as f:
+            row["cls_f1"] = cls_f1(data["long_cls_dev"], json.load(f)["eval"])
         rows.append(row)
 
     print("[7] retention report" + (": short sets, then the long-range table" if rows else ""))
@@ -250,8 +273,9 @@ def pipeline(args) -> None:
     if rows:
         print(
             f"\nLong-range sets (dev: {args.long_dev} documents each). NER F1 = all entities; codename = the "
-            "mentions whose type was declared > 640 tokens earlier; ordinary = entities known from their own "
-            "words; cls acc = accuracy with all 12 opinion sentences > 640 tokens from the start; ret = student / "
+            f"mentions whose type was declared > {longrange.MIN_GAP} tokens earlier; ordinary = entities known from their own "
+            f"words; cls F1 / acc = F1 of the positive class and accuracy with all {longrange.OPINIONS} opinion sentences > "
+            f"{longrange.MIN_GAP} tokens from the start; ret = student / "
             "Longformer teacher; ft s / MiB = fine-tune wall time and peak memory (training + evaluation)\n"
         )
         print(long_table(rows))
@@ -260,10 +284,10 @@ def pipeline(args) -> None:
 
     if not args.skip_bench:
         print("[8] etkd bench: ours vs HF, inference time and peak memory")
-        # Two families x (teacher, student) x (HF, etkd cpu) x 2 lengths = 16 fresh-process rows (~4 min);
-        # `etkd bench` with its defaults covers every family and backend.
-        _etkd("bench", "--size", "small", "--batch", "2", "--seq-lens", "512", "2048", "--models",
-              "longformer,nystrom", "--backends", "cpu", "--repeats", "3", "--out", os.path.join(out, "bench"))  # fmt: skip
+        # Longformer x (teacher, student) x (HF, etkd cpu) at one length = 4 fresh-process rows (~1 min);
+        # `etkd bench` with its defaults covers every family, backend and length.
+        _etkd("bench", "--size", "small", "--batch", "2", "--seq-lens", "2048", "--models", "longformer",
+              "--backends", "cpu", "--repeats", "3", "--out", os.path.join(out, "bench"))  # fmt: skip
 
 
 def register(sub) -> None:
@@ -274,10 +298,11 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-positions", type=int, default=4096)
-    p.add_argument("--long-steps", type=int, default=0,
-                   help="fine-tuning steps on each long-range set (0: skip; adds 6 fine-tunes on 2k-token documents)")  # fmt: skip
-    p.add_argument("--long-batch", type=int, default=2, help="batch size on the long-range sets")
-    p.add_argument("--long-train", type=int, default=160, help="training documents of each long-range set")
+    p.add_argument("--long-steps", type=int, default=50,
+                   help="fine-tuning steps on each long-range set (0: skip the six long-document fine-tunes)")  # fmt: skip
+    p.add_argument("--long-batch", type=int, default=4, help="documents per step on the long-range sets")
+    p.add_argument("--long-lr", type=float, default=3e-3, help="learning rate on the long-range sets")
+    p.add_argument("--long-train", type=int, default=200, help="training documents of each long-range set")
     p.add_argument("--long-dev", type=int, default=40, help="dev documents of each long-range set")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -296,7 +321,7 @@ def run(args) -> int:
     from etkd.benchmarks.harness import environment
 
     env = environment()
-    print(f"\n[8] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32; {env.line()}")
+    print(f"\n[9] attention kernels, batch 1, 4 heads x 64, seq {args.seq}, fp32; {env.line()}")
     rows = [
         {**r, "environment": env.as_dict()} for r in kernel_table(seq=args.seq, heads=4, repeats=args.repeats)
     ]

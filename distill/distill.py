@@ -15,34 +15,23 @@ The student is saved to OUTPUT_DIR/student (our format) and OUTPUT_DIR/student-h
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from .config import add_config_arg, finish, resolve
 from .core import (
-    DATA_DEFAULTS,
-    MODEL_DEFAULTS,
-    TRAIN_DEFAULTS,
-    add_data_args,
-    add_mlm_head_arg,
-    add_model_args,
-    add_train_args,
+    MLM_DEFAULTS,
+    add_mlm_run_args,
     check_vocab,
     load_model,
     log,
-    mlm_data,
     prepare_model,
     require_mlm_head,
-    save_model,
-    start_run,
     tokenizer_for,
-    train_config,
-    write_json,
+    train_mlm,
 )
 from .errors import UserError
 from .losses import distillation_loss
-from .training import train
 
 STUDENT_DEFAULTS = {
     "teacher": None,
@@ -54,19 +43,8 @@ STUDENT_DEFAULTS = {
     "student_block_size": 64,
     "student_num_landmarks": 64,
 }
-DEFAULTS = {
-    **TRAIN_DEFAULTS,
-    **DATA_DEFAULTS,
-    **MODEL_DEFAULTS,
-    **STUDENT_DEFAULTS,
-    "alpha": 2.0,
-    "beta": 5.0,
-    "gamma": 1.0,
-    "temperature": 2.0,
-    "kd_masked_only": False,
-    "add_mlm_head": False,
-    "overwrite": False,
-}
+DEFAULTS = {**MLM_DEFAULTS, **STUDENT_DEFAULTS, "alpha": 2.0, "beta": 5.0, "gamma": 1.0, "temperature": 2.0,
+            "kd_masked_only": False}  # fmt: skip
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05)
 
 
@@ -131,10 +109,7 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
-    add_mlm_head_arg(p, "--teacher")
-    add_model_args(p)
-    add_data_args(p)
-    add_train_args(p)
+    add_mlm_run_args(p, "--teacher")
     finish(p, DEFAULTS, func=run)
 
 
@@ -187,14 +162,5 @@ def run(args: argparse.Namespace) -> int:
         teacher.set_attention_backend(ns.backend)
     tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
     check_vocab(tokenizer, student)
-    data, collate = mlm_data(ns, tokenizer, student.config.max_tokens)
-    cfg = train_config(ns)
-    start_run(ns)
-    result = train(student, data, make_loss(teacher, ns), cfg, collate_fn=collate, extra_modules=(teacher,))
-    if result["is_main_process"] and result["step"] >= cfg.max_steps:
-        written = save_model(result["model"], os.path.join(cfg.output_dir, "student"), tokenizer)
-        write_json(os.path.join(cfg.output_dir, "result.json"),
-                   {"step": result["step"], "loss": result["loss"], "history": result["history"],
-                    "saved": written})  # fmt: skip
-        print(f"[etkd distill] step {result['step']} loss {result['loss']:.4f}; saved {written}")
-    return 0
+    return train_mlm(ns, student, tokenizer, make_loss(teacher, ns), "distill", "student",
+                     ("step", "loss", "history"), extra_modules=(teacher,))  # fmt: skip

@@ -182,7 +182,8 @@ def eval_sources(task: str, o: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def labels_for(task: str, model_path: str | None, examples: list[list[dict[str, Any]]]) -> list[str]:
-    """Label names: GLUE's fixed ones; NER: a checkpoint's own list if it has one, else from the data."""
+    """Label names: GLUE's fixed ones; NER: a token-classification checkpoint's own list if it has one
+    (another head's labels, e.g. a classifier's, say nothing about tags), else from the data."""
     family = task_family(task)
     if family == "glue":
         from .tasks.glue import get_task
@@ -193,9 +194,9 @@ def labels_for(task: str, model_path: str | None, examples: list[list[dict[str, 
         return []
     if model_path and os.path.isfile(os.path.join(model_path, "config.json")):
         with open(os.path.join(model_path, "config.json")) as f:
-            saved = json.load(f).get("extra", {}).get("labels")
-        if saved:
-            return list(saved)
+            saved = json.load(f)
+        if saved.get("head") == "token_classification" and saved.get("extra", {}).get("labels"):
+            return list(saved["extra"]["labels"])
     from .tasks.ner import label_list
 
     return label_list(*examples)
@@ -385,15 +386,20 @@ def _set_backend(model, o) -> None:
         model.set_attention_backend(o["backend"])
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
-
+def _start(args: argparse.Namespace):
+    """(options, task, task family, tokenizer): how `finetune` and `evaluate` both begin."""
     o = merge_options(args)
-    task = o["task"]
-    family = task_family(task)
+    family = task_family(o["task"])
     tokenizer = load_tokenizer(
         o["tokenizer"] or o["model"], family, "--tokenizer" if o["tokenizer"] else "--model"
     )
+    return o, o["task"], family, tokenizer
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    o, task, family, tokenizer = _start(args)
     if o["train_file"]:
         train_ex = read_examples(task, o["train_file"], hf=False, o=o)
     else:
@@ -452,12 +458,7 @@ EVAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    o = merge_options(args)
-    task = o["task"]
-    family = task_family(task)
-    tokenizer = load_tokenizer(
-        o["tokenizer"] or o["model"], family, "--tokenizer" if o["tokenizer"] else "--model"
-    )
+    o, task, family, tokenizer = _start(args)
     sources = eval_sources(task, o)
     if not sources:
         raise UserError("evaluate: give --eval-file or --eval-split")

@@ -17,33 +17,22 @@ import torch
 
 from .config import add_config_arg, finish, resolve
 from .core import (
-    DATA_DEFAULTS,
-    MODEL_DEFAULTS,
-    TRAIN_DEFAULTS,
-    add_data_args,
-    add_mlm_head_arg,
-    add_model_args,
-    add_train_args,
+    MLM_DEFAULTS,
+    add_mlm_run_args,
     check_vocab,
     load_model,
-    mlm_data,
     prepare_model,
     require_mlm_head,
-    save_model,
-    start_run,
     tokenizer_for,
-    train_config,
-    write_json,
+    train_mlm,
 )
 from .errors import UserError
 from .losses import mlm_loss
-from .training import train
 
 # ----------------------------------------------------------------------------------------------------------
 # The pretrain command.
 
-DEFAULTS = {**TRAIN_DEFAULTS, **DATA_DEFAULTS, **MODEL_DEFAULTS, "model": None, "model_config": None,
-            "add_mlm_head": False, "overwrite": False}  # fmt: skip
+DEFAULTS = {**MLM_DEFAULTS, "model": None, "model_config": None}
 DEFAULTS.update(output_dir="runs/pretrain", learning_rate=1e-4, warmup_ratio=0.05)
 
 
@@ -55,10 +44,7 @@ def register(subparsers) -> None:
     src.add_argument("--model", default=None, help="checkpoint dir (ours or HF) with an MLM head")
     src.add_argument("--model-config", dest="model_config", default=None,
                      help="JSON EncoderConfig for a fresh, randomly initialised model")  # fmt: skip
-    add_mlm_head_arg(p, "--model")
-    add_model_args(p)
-    add_data_args(p)
-    add_train_args(p)
+    add_mlm_run_args(p, "--model")
     finish(p, DEFAULTS, func=run)
 
 
@@ -93,13 +79,4 @@ def run(args: argparse.Namespace) -> int:
     model = build_pretrain_model(ns)
     tokenizer = tokenizer_for(ns, ns.model)
     check_vocab(tokenizer, model)
-    data, collate = mlm_data(ns, tokenizer, model.config.max_tokens)
-    cfg = train_config(ns)
-    start_run(ns)
-    result = train(model, data, mlm_step, cfg, collate_fn=collate)
-    if result["is_main_process"] and result["step"] >= cfg.max_steps:
-        written = save_model(result["model"], os.path.join(cfg.output_dir, "final"), tokenizer)
-        write_json(os.path.join(cfg.output_dir, "result.json"),
-                   {"step": result["step"], "loss": result["loss"], "saved": written})  # fmt: skip
-        print(f"[etkd pretrain] step {result['step']} loss {result['loss']:.4f}; saved {written}")
-    return 0
+    return train_mlm(ns, model, tokenizer, mlm_step, "pretrain", "final")

@@ -217,36 +217,34 @@ def glue_table(results) -> Table | None:
     return "GLUE", ["Model"] + [GLUE_TITLES[t] for t in present] + ["Avg"], rows
 
 
-def qa_table(results) -> Table | None:
-    models = [m for m, t in results.items() if any(k in QA_TASKS for k in t)]
+def _family_table(results, tasks, title: str, header_of, cells_of) -> Table | None:
+    """A row per model with results in `tasks`: `header_of(task)` columns per task present, filled by
+    `cells_of(metrics)` (metrics {} where the model has none for that task)."""
+    models = [m for m, t in results.items() if any(k in tasks for k in t)]
     if not models:
         return None
-    present = [t for t in QA_TASKS if any(t in results[m] for m in models)]
-    header = ["Model"] + [f"{QA_TITLES[t]} {k}" for t in present for k in ("EM", "F1")]
-    rows = []
-    for m in models:
-        row = [m]
-        for t in present:
-            met = results[m].get(t, {})
-            row += [_fmt(met.get("exact_match"), 2), _fmt(met.get("f1"), 2)]
-        rows.append(row)
-    return "Question answering", header, rows
+    present = [t for t in tasks if any(t in results[m] for m in models)]
+    header = ["Model"] + [h for t in present for h in header_of(t)]
+    return (
+        title,
+        header,
+        [[m] + [c for t in present for c in cells_of(results[m].get(t, {}))] for m in models],
+    )
+
+
+def qa_table(results) -> Table | None:
+    return _family_table(
+        results, QA_TASKS, "Question answering", lambda t: [f"{QA_TITLES[t]} {k}" for k in ("EM", "F1")],
+        lambda met: [_fmt(met.get("exact_match"), 2), _fmt(met.get("f1"), 2)],
+    )  # fmt: skip
 
 
 def ner_table(results) -> Table | None:
-    models = [m for m, t in results.items() if any(k in NER_TASKS for k in t)]
-    if not models:
-        return None
-    present = [t for t in NER_TASKS if any(t in results[m] for m in models)]
-    header = ["Model"] + [f"{NER_TITLES[t]} {k}" for t in present for k in NER_TYPES + ("ALL",)]
-    rows = []
-    for m in models:
-        row = [m]
-        for t in present:
-            met = results[m].get(t, {})
-            row += [_fmt(met.get(f"f1_{k}")) for k in NER_TYPES] + [_fmt(met.get("f1"))]
-        rows.append(row)
-    return "Named entity recognition (F1)", header, rows
+    return _family_table(
+        results, NER_TASKS, "Named entity recognition (F1)",
+        lambda t: [f"{NER_TITLES[t]} {k}" for k in NER_TYPES + ("ALL",)],
+        lambda met: [_fmt(met.get(f"f1_{k}")) for k in NER_TYPES] + [_fmt(met.get("f1"))],
+    )  # fmt: skip
 
 
 def _score_columns(results, models: list[str]) -> list[tuple[str, str]]:

@@ -60,12 +60,6 @@ def _lock(directory: str) -> None:
     _held[key] = f
 
 
-def release(directory: str) -> None:
-    f = _held.pop(os.path.realpath(directory), None)
-    if f is not None:
-        f.close()
-
-
 def diff(old: dict[str, Any], new: dict[str, Any], free: frozenset[str] = frozenset()) -> list[str]:
     """`key: old -> new` for every setting that differs (run-neutral keys and `free` left out)."""
     keys = sorted((set(old) | set(new)) - RESUME_FREE - free)
@@ -83,7 +77,9 @@ def diff(old: dict[str, Any], new: dict[str, Any], free: frozenset[str] = frozen
 def claim(
     output_dir: str, settings: dict[str, Any], *, resume: bool = False, overwrite: bool = False
 ) -> None:
-    """Make `output_dir` this run's (see the module docstring); writes its settings.json."""
+    """Make `output_dir` this run's (see the module docstring); writes its settings.json. `settings`: JSON-able
+    values (`config.settings_of` gives them for a namespace)."""
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from the file
     if resume and overwrite:
         raise UserError("--resume and --overwrite: give one of them")
     try:
@@ -104,7 +100,7 @@ def claim(
             with open(settings_path) as f:
                 old = json.load(f)
             free = PBT_FREE if settings.get("new_hparams_on_resume") else frozenset()
-            changes = diff(old, _jsonable(settings), free)
+            changes = diff(old, settings, free)
             if changes:
                 raise UserError(
                     f"--resume: {output_dir} holds a run with other settings ("
@@ -121,18 +117,5 @@ def claim(
         )
     tmp = settings_path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(settings), f, indent=2, sort_keys=True)
+        json.dump(settings, f, indent=2, sort_keys=True)
     os.replace(tmp, settings_path)
-
-
-def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in settings.items():
-        if k in ("func",):
-            continue
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        out[k] = v
-    return json.loads(json.dumps(out))  # tuples -> lists, as they come back from the file

@@ -6,6 +6,14 @@ import os
 
 import torch
 
+# A tiny HF encoder config for parity tests against HF's modules (fp32, no dropout), and the tolerance
+# those tests hold, relative to HF's own scale.
+HF_SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)  # fmt: skip
+HF_RTOL = 1e-5
+
 # (test id, comparison name, max abs error, atol) of every assert_close in this session: `pytest
 # --max-errors` prints the worst error per test module (conftest.py), the figures quoted in our notes.
 RECORDED: list[tuple[str, str, float, float]] = []
@@ -37,6 +45,14 @@ def assert_close(
             f"non-finite in actual: {int((~torch.isfinite(a)).sum())}"
         )
     return max_err
+
+
+def assert_close_to_scale(
+    actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = HF_RTOL
+) -> float:
+    """assert_close with atol = rtol * max(1, max |expected|); returns the max abs error over that scale."""
+    scale = max(1.0, float(expected.detach().abs().max()))
+    return assert_close(actual, expected, atol=rtol * scale, name=name) / scale
 
 
 def assert_parity_on_real_rows(

@@ -172,6 +172,15 @@ def test_demo_tiny_end_to_end(tmp_path):
     rows = long["models"]  # 3 models x the 2 long-range tasks
     assert [r["name"] for r in rows] == ["roberta-full", "longformer", "longformer-student"]
     assert [r["context"] for r in rows] == [512, 1024, 1024]
-    assert all(0 <= r[k] <= 100 for r in rows for k in ("f1", "f1_codename", "f1_ordinary", "accuracy"))
+    assert all(
+        0 <= r[k] <= 100 for r in rows for k in ("f1", "f1_codename", "f1_ordinary", "accuracy", "cls_f1")
+    )
+    # Each long fine-tune continues from that model's step-5 checkpoint of the same task.
+    for name in ("roberta-full", "longformer", "longformer-student"):
+        for task in ("conll2003", "sst2"):
+            settings = json.loads(
+                (out / "finetune" / f"{name}-{task}-results_long" / "settings.json").read_text()
+            )
+            assert settings["model"] == str(out / "finetune" / f"{name}-{task}-results" / "model")
     assert all(r["seconds_ner"] > 0 and r["peak_mib_cls"] >= 0 for r in rows)
     assert any((out / "report").iterdir())

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import HF_SMALL as SMALL
 from helpers import assert_close
 
 from etkd.distill.cli import main
@@ -15,9 +16,6 @@ from etkd.models.convert import tile_positions
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*block_sparse.*")
-
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
-             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
 
 
 def roberta_mlm():

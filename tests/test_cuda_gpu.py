@@ -11,6 +11,9 @@ import pytest
 import torch
 from helpers import assert_close
 
+from etkd_kernels.ops.block_sparse import BlockSparseParams
+from etkd_kernels.ops.sliding_window import SlidingWindowParams
+
 pytestmark = pytest.mark.cuda  # skipped per test, at run time, without a GPU (tests/conftest.py)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -110,11 +113,11 @@ def test_sliding_window_matches_reference(case, dtype):
 
     def fwd_args(x):
         q, k, v, qg, kg, vg = x
-        return (q, k, v, window, gm, qg, kg, vg, kpm, scale)
+        return (q, k, v, SlidingWindowParams(window, gm, qg, kg, vg, kpm, scale))
 
     def bwd_extra(x, out, lse):
         q, k, v, qg, kg, vg = x
-        return (q, k, v, out, lse, window, gm, qg, kg, vg, kpm, scale)
+        return (q, k, v, out, lse, SlidingWindowParams(window, gm, qg, kg, vg, kpm, scale))
 
     _check_pair(ref, cuda, dtype, fwd_args, bwd_extra, ("dq", "dk", "dv", "dqg", "dkg", "dvg"), make_inputs)
 
@@ -146,18 +149,19 @@ def test_block_sparse_matches_reference(case, dtype):
         return [torch.randn(b, h, s, d, device=dev) for _ in range(3)]
 
     def fwd_args(x):
-        return (*x, layout, bs, kpm, scale)
+        return (*x, BlockSparseParams(layout, bs, kpm, scale))
 
     def bwd_extra(x, out, lse):
-        return (*x, out, lse, layout, bs, kpm, scale)
+        return (*x, out, lse, BlockSparseParams(layout, bs, kpm, scale))
 
     _check_pair(ref, cuda, dtype, fwd_args, bwd_extra, ("dq", "dk", "dv"), make_inputs)
 
 
 def test_block_sparse_lut_cache_sees_in_place_edits():
-    _, cuda = _modules("block_sparse")
+    from etkd_kernels.masks import cached_lut  # the one LUT cache every backend reads
+
     layout = torch.ones(1, 2, 2, dtype=torch.bool, device="cuda")
-    lut1, count1 = cuda._cached_lut(layout, layout.device)
+    lut1, count1 = cached_lut(layout)
     layout[0, 0, 1] = False
-    lut2, count2 = cuda._cached_lut(layout, layout.device)
+    lut2, count2 = cached_lut(layout)
     assert count1.tolist() == [[2, 2]] and count2.tolist() == [[1, 2]]

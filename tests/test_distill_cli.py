@@ -18,13 +18,7 @@ from etkd.models import EncoderConfig, EncoderModel
 VOCAB = 5 + len(WORDS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription (10x faster steps here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(argv: list[str]) -> int:

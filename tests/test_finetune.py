@@ -216,3 +216,22 @@ def test_windowed_documents_do_not_warn_about_length(model_dir, tmp_path, capfd)
                  "--out-dir", str(tmp_path / "stats")]) == 0  # fmt: skip
     captured = capfd.readouterr()
     assert "Token indices sequence length" not in captured.err + captured.out
+
+
+def test_ner_labels_come_from_a_token_classification_checkpoint_only(tmp_path):
+    """A classifier checkpoint's labels ("0", "1") are not tags: NER on top of it takes its tags from the data;
+    an NER checkpoint keeps its own tag list (and order) so its head is reused."""
+    from etkd.distill.finetune import labels_for
+
+    examples = [[{"tokens": ["a", "b"], "tags": ["B-PER", "O"]}]]
+    from_data = labels_for("conll2003", None, examples)
+    assert "B-PER" in from_data and "0" not in from_data
+    for head, saved, want in (
+        ("sequence_classification", ["0", "1"], from_data),
+        ("token_classification", ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"], None),
+    ):
+        folder = tmp_path / head
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"head": head, "extra": {"labels": saved}}))
+        got = labels_for("conll2003", str(folder), examples)
+        assert got == (want or saved), (head, got)

@@ -13,23 +13,14 @@ import json
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import HF_SMALL
+from helpers import assert_close_to_scale as close
 
 import etkd.hf
 from etkd.models import convert, from_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
-
-RTOL = 1e-5
-SMALL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-)  # fmt: skip
-
-
-def close(got, ref, name):
-    scale = max(1.0, float(ref.detach().abs().max()))
-    return assert_close(got, ref, atol=RTOL * scale, name=name)
+SMALL = {**HF_SMALL, "num_labels": 3}  # the classification heads get 3 labels
 
 
 def with_impl(model, name: str, **settings):
@@ -114,23 +105,20 @@ def test_etkd_full_equals_eager_everywhere(family):
     run_pair(ref, with_impl(ref, "etkd_full"), ids, mask, compare_padded=True, name=f"{family} full")
 
 
-def test_sliding_window_covering_the_sequence_equals_eager_on_real_tokens():
+@pytest.mark.parametrize(
+    "impl,settings",
+    [("etkd_sliding_window", {"window": 40}),  # a window covering the sequence
+     ("etkd_nystrom", {"num_landmarks": 20})],  # as many landmarks as tokens
+    ids=["window>=seq", "nystrom l=seq"],
+)  # fmt: skip
+def test_exact_settings_equal_eager_on_real_tokens(impl, settings):
     torch.manual_seed(0)
     ref = eager(
         transformers.BertForTokenClassification(transformers.BertConfig(max_position_embeddings=64, **SMALL))
     )
     ids, mask = batch(20)
     # padded query rows: zeros in etkd's sparse patterns (as HF Longformer), so compare real rows
-    run_pair(ref, with_impl(ref, "etkd_sliding_window", window=40), ids, mask, False, "window>=seq")
-
-
-def test_nystrom_with_landmarks_equal_to_seq_equals_eager_on_real_tokens():
-    torch.manual_seed(0)
-    ref = eager(
-        transformers.BertForTokenClassification(transformers.BertConfig(max_position_embeddings=64, **SMALL))
-    )
-    ids, mask = batch(20)
-    run_pair(ref, with_impl(ref, "etkd_nystrom", num_landmarks=20), ids, mask, False, "nystrom l=seq")
+    run_pair(ref, with_impl(ref, impl, **settings), ids, mask, False, impl)
 
 
 def roberta_and_longformer(window: int):

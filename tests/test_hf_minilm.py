@@ -82,10 +82,9 @@ def encoded(minilm):
 
 
 def close(got, ref, name):
-    from helpers import assert_close
+    from helpers import assert_close_to_scale
 
-    scale = max(1.0, float(ref.detach().abs().max()))
-    return assert_close(got, ref, atol=RTOL * scale, name=name)
+    return assert_close_to_scale(got, ref, name, RTOL)
 
 
 def loss_and_grads(model, enc):

@@ -13,20 +13,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import HF_RTOL as RTOL
+from helpers import HF_SMALL, assert_close_to_scale
 
 import etkd.hf
 import etkd_kernels as ek
 
 transformers = pytest.importorskip("transformers")
+SMALL = {**HF_SMALL, "num_labels": 3}  # the classification heads get 3 labels
 warnings.filterwarnings("ignore", message=".*block_sparse.*")
 warnings.filterwarnings("ignore", message=".*original_full.*")
 
-RTOL = 1e-5  # relative to HF's own scale
-SMALL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-)  # fmt: skip
 HEADS = (
     "Model",
     "ForMaskedLM",
@@ -111,10 +108,7 @@ def check_same(hf_model, ours, kw, name: str, train: bool = False) -> float:
     ref_t, got_t = tensors(ref), tensors(got)
     assert ref_t.keys() == got_t.keys()
     for key in ref_t:
-        scale = max(1.0, float(ref_t[key].detach().abs().max()))
-        worst = max(
-            worst, assert_close(got_t[key], ref_t[key], atol=RTOL * scale, name=f"{name} {key}") / scale
-        )
+        worst = max(worst, assert_close_to_scale(got_t[key], ref_t[key], f"{name} {key}"))
     grad_target(ref).backward()
     grad_target(got).backward()
     ref_p = dict(hf_model.named_parameters())
@@ -124,8 +118,7 @@ def check_same(hf_model, ours, kw, name: str, train: bool = False) -> float:
         if p.grad is None:
             assert got_p[key].grad is None, f"{name}: {key} has a gradient only when patched"
             continue
-        scale = max(1.0, float(p.grad.abs().max()))
-        assert_close(got_p[key].grad, p.grad, atol=RTOL * scale, name=f"{name} grad {key}")
+        assert_close_to_scale(got_p[key].grad, p.grad, f"{name} grad {key}")
     return worst
 
 
@@ -338,3 +331,22 @@ def test_unknown_backend_is_refused_at_patch_time():
     _, ours = build("Longformer", "Model")
     with pytest.raises(ValueError, match="backend"):
         etkd.hf.patch(ours, backend="nope")
+
+
+def test_benchmark_script_runs_both_models_and_agrees(tmp_path):
+    """`python -m etkd.benchmarks.hf_patch` on a tiny model: a row per mode, the harness timer's medians,
+    patched and unpatched outputs equal."""
+    import json
+
+    from etkd.benchmarks import hf_patch
+
+    out = tmp_path / "rows.json"
+    args = "--layers 1 --hidden 32 --heads 2 --window 4 --seq 32 --repeats 2".split()
+    assert hf_patch.main([*args, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["max_rel_err"] < RTOL and [r["mode"] for r in res["rows"]] == ["fwd", "fwd+bwd"]
+    for row in res["rows"]:
+        assert len(row["times"]["hf"]) == len(row["times"]["etkd"]) == 2
+        for name in ("hf", "etkd"):
+            assert 0 < min(row["times"][name]) <= row[f"{name}_s"] <= max(row["times"][name])
+        assert row["ratio"] == row["hf_s"] / row["etkd_s"]

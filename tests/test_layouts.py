@@ -99,3 +99,17 @@ def test_longformer_and_fixed_layouts():
     assert fx.mask[0, 1, 2] and not fx.mask[0, 1, 4] and fx.mask[0, 1, 7]  # block 7 summarises segment 2
     with pytest.raises(ValueError, match="num_window_blocks"):
         longformer_layout(64, 8, num_window_blocks=2)
+
+
+def test_lut_cache_is_per_tensor_and_version():
+    """`masks.cached_lut` builds a layout's LUT once, and again after an in-place edit of the layout."""
+    from etkd_kernels.masks import cached_lut
+
+    layout = torch.ones(1, 2, 2, dtype=torch.bool)
+    lut1, count1 = cached_lut(layout)
+    assert cached_lut(layout)[0] is lut1  # the same tensor: built once
+    layout[0, 0, 1] = False
+    lut2, count2 = cached_lut(layout)
+    assert count1.tolist() == [[2, 2]] and count2.tolist() == [[1, 2]]
+    assert lut2[0, 0, 0].item() == 0
+    assert cached_lut(layout.clone())[1].tolist() == [[1, 2]]  # another tensor, same contents

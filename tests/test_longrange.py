@@ -44,7 +44,8 @@ def test_ner_documents(files):
     kinds = set()
     for d in docs:
         words, tags = d["tokens"], d["tags"]
-        assert 2000 <= len(words) <= 2600 + 40
+        lo, hi = longrange.LENGTH
+        assert lo <= len(words) <= hi + 40
         code, kind = words[0], words[3]
         assert code in longrange.CODENAMES and words[1:3] == ["is", "a"]
         assert words[:40] == words[:5] * 8  # the opening paragraph: the declaration, 8 times
@@ -53,7 +54,9 @@ def test_ner_documents(files):
         mentions = [i for i, w in enumerate(words) if w in longrange.CODENAMES and i >= 40]
         assert len(mentions) > 5
         assert all(words[i] == code and tags[i] == tag for i in mentions)  # one codename, one type
-        assert all(i >= 640 for i in mentions)  # every later mention is far from the declaration
+        assert all(
+            i >= longrange.MIN_GAP for i in mentions
+        )  # every later mention is far from the declaration
         assert "is" not in words[40:] and not set(longrange.KINDS) & set(words[40:])  # said only there
     assert len(kinds) > 1  # the type changes between documents
 
@@ -89,10 +92,10 @@ def test_classification_documents(files):
             words = e["text_a"].split()
             at = [i for i, w in enumerate(words) if w == "film"]
             opinions = {words[i + 2] for i in at}
-            assert len(at) == 12 and all(words[i + 3] == "." for i in at)
+            assert len(at) == longrange.OPINIONS and all(words[i + 3] == "." for i in at)
             assert opinions <= set(demo_data.GOOD if e["label"] == 1 else demo_data.BAD)
-            assert sum(w in demo_data.GOOD + demo_data.BAD for w in words) == 12
-            assert all(i > 640 for i in at) if far else all(i < 300 for i in at)
+            assert sum(w in demo_data.GOOD + demo_data.BAD for w in words) == longrange.OPINIONS
+            assert all(i > longrange.MIN_GAP for i in at) if far else all(i < 300 for i in at)
         film = tok.convert_tokens_to_ids("film")
         cut = glue.encode(examples, tok, 512)
         # Truncation to 512 tokens drops the only evidence of the far variant and keeps the near one's.

@@ -19,17 +19,7 @@ TYPES = ["none", "norm", "pooling", "stride", "block_stride", "bos_pooling"]
 CASES = [
     # (batch, heads, seq, head_dim, block, sparse_block, factor, n_global, pad)
     (2, 3, 96, 16, 16, 16, 4, 1, 13),  # LSG's shape (sparse block = block), padding over a whole block
-    (
-        1,
-        2,
-        100,
-        8,
-        16,
-        8,
-        2,
-        2,
-        0,
-    ),  # seq not a multiple of the block, 2 globals, sparse windows past the ends
+    (1, 2, 100, 8, 16, 8, 2, 2, 0),  # seq not a multiple of the block, 2 globals, windows past the ends
     (2, 2, 72, 8, 8, 5, 4, 0, 9),  # no globals, sparse block not a multiple of the step
     (1, 2, 81, 8, 9, 9, 3, 1, 4),  # odd step: shifted windows overlapping the local keys
     (1, 2, 40, 4, 4, 4, 1, 1, 3),  # factor 1: plain tokens as sparse keys
@@ -41,16 +31,8 @@ CASES = [
 def _run(backend, q, k, v, real, case, sparsity_type, grad):
     b, h, s, d, block, sblock, factor, n_global, pad = case
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = lsg_attention(
-        *leaves,
-        block_size=block,
-        sparse_block_size=sblock,
-        sparsity_factor=factor,
-        sparsity_type=sparsity_type,
-        num_global_tokens=n_global,
-        key_padding_mask=real,
-        backend=backend,
-    )
+    kw = dict(block_size=block, sparse_block_size=sblock, sparsity_factor=factor, num_global_tokens=n_global)
+    out = lsg_attention(*leaves, sparsity_type=sparsity_type, key_padding_mask=real, backend=backend, **kw)
     out.backward(grad)
     return out, [t.grad for t in leaves]
 

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import HF_SMALL as SMALL
 from helpers import assert_close
 
 import etkd_kernels as ek
@@ -19,10 +20,6 @@ transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*block_sparse.*")
 
 ATOL = 1e-4
-SMALL = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=99,
-    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)  # fmt: skip
 OP_OF = {"Bert": "full", "Roberta": "full", "Longformer": "sliding_window", "BigBird": "full",
          "Nystromformer": "nystrom"}  # fmt: skip
 SUFFIXES = (

@@ -1,78 +1,42 @@
-"""Every op is a torch.library custom op: gradcheck in float64, torch.compile(fullgraph=True) with aot_eager, and
-one inductor compile of a small model. opcheck of every forward and backward op: tests/test_support_matrix.py."""
+"""Every op is a torch.library custom op: gradcheck in float64, torch.compile(fullgraph=True) with aot_eager (the
+op calls of tests/test_support_matrix.py, which also opchecks every forward and backward op), and one inductor
+compile of a small model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_support_matrix import CALLS, N_EXTRA
 
 import etkd_kernels as ek
 
 
-def _inputs(b=1, h=2, s=12, d=4, dtype=torch.float64):
+def _inputs(op: str, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(b, h, s, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(3)]
+    n = 3 + N_EXTRA.get(op, 0)
+    return [torch.randn(2, 2, 12, 4, generator=g, dtype=dtype, requires_grad=True) for _ in range(n)]
 
 
-def _real(b, s, pad=3):
-    real = torch.ones(b, s, dtype=torch.bool)
-    real[-1, s - pad :] = False
-    return real
+def _op(op: str):
+    """The public op on (q, k, v, *extra) with padding (and global tokens), as test_support_matrix calls it."""
+    return lambda q, k, v, *extra: CALLS[op](q, k, v, "auto", extra)
 
 
-# Each entry: a name and a function of (q, k, v) calling the public op on small shapes.
-OPS = {
-    "sliding_window": lambda q, k, v: ek.sliding_window_attention(
-        q, k, v, 4, key_padding_mask=_real(q.shape[0], q.shape[2])
-    ),
-    "sliding_window_global": lambda q, k, v: ek.sliding_window_attention(
-        q,
-        k,
-        v,
-        4,
-        global_mask=torch.arange(q.shape[2]).eq(1).expand(q.shape[0], -1).contiguous(),
-        global_qkv=(q * 0.5, k * 2.0, v + 1.0),
-    ),
-    "full": lambda q, k, v: ek.full_attention(q, k, v, key_padding_mask=_real(q.shape[0], q.shape[2])),
-    "block_sparse": lambda q, k, v: ek.block_sparse_attention(
-        q,
-        k,
-        v,
-        ek.longformer_layout(q.shape[2], block_size=4, num_window_blocks=1),
-        key_padding_mask=_real(q.shape[0], q.shape[2]),
-    ),
-    "lsg": lambda q, k, v: ek.lsg_attention(
-        q,
-        k,
-        v,
-        block_size=4,
-        sparse_block_size=2,
-        sparsity_factor=2,
-        num_global_tokens=1,
-        key_padding_mask=_real(q.shape[0], q.shape[2]),
-    ),
-    "nystrom": lambda q, k, v: ek.nystrom_attention(
-        q, k, v, 3, key_padding_mask=_real(q.shape[0], q.shape[2])
-    ),
-}
+@pytest.mark.parametrize("op", list(CALLS))
+def test_gradcheck_float64(op):
+    assert torch.autograd.gradcheck(_op(op), tuple(_inputs(op)), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(OPS))
-def test_gradcheck_float64(name):
-    q, k, v = _inputs(b=2)
-    assert torch.autograd.gradcheck(lambda a, b_, c: OPS[name](a, b_, c), (q, k, v), eps=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", list(OPS))
-def test_compile_fullgraph(name):
+@pytest.mark.parametrize("op", list(CALLS))
+def test_compile_fullgraph(op):
     torch._dynamo.reset()
-    q, k, v = (t.detach().float().requires_grad_(True) for t in _inputs())
-    fn = OPS[name]
-    compiled = torch.compile(lambda a, b_, c: fn(a, b_, c) * 2.0, fullgraph=True, backend="aot_eager")
-    out = compiled(q, k, v)
-    torch.testing.assert_close(out, fn(q, k, v) * 2.0, atol=1e-6, rtol=0)
+    leaves = [t.detach().float().requires_grad_(True) for t in _inputs(op)]
+    fn = _op(op)
+    compiled = torch.compile(lambda *t: fn(*t) * 2.0, fullgraph=True, backend="aot_eager")
+    out = compiled(*leaves)
+    torch.testing.assert_close(out, fn(*leaves) * 2.0, atol=1e-6, rtol=0)
     out.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
 class _TinyEncoderLayer(torch.nn.Module):
@@ -97,7 +61,8 @@ def test_inductor_compiles_a_small_model():
     torch._dynamo.reset()
     model = _TinyEncoderLayer()
     x = torch.randn(2, 12, 16, requires_grad=True)
-    real = _real(2, 12)
+    real = torch.ones(2, 12, dtype=torch.bool)
+    real[-1, -3:] = False
     eager = model(x, real)
     (gx_eager,) = torch.autograd.grad(eager.square().sum(), x)
     compiled = torch.compile(model, fullgraph=True)

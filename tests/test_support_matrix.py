@@ -19,25 +19,22 @@ CPU = torch.device("cpu")
 B, H, S, D = 2, 2, 24, 8
 
 
-def _kpm(s: int, device=CPU) -> torch.Tensor:
-    real = torch.ones(B, s, dtype=torch.bool, device=device)
-    real[-1, max(s - 5, 0) :] = False  # a padded tail in the second batch row
+def _kpm(q: torch.Tensor) -> torch.Tensor:
+    b, s = q.shape[0], q.shape[2]
+    real = torch.ones(b, s, dtype=torch.bool, device=q.device)
+    real[-1, max(s - 5, 0) :] = False  # a padded tail in the last batch row
     return real
 
 
-def _global(s: int, device=CPU) -> torch.Tensor:
-    return (torch.arange(s, device=device) == 1).expand(B, s).contiguous()
-
-
-# op -> function (q, k, v, backend, extra) calling the public op on small shapes; `extra` are further
-# tensors that get gradients (the separate global projections).
+# op -> function (q, k, v, backend, extra) calling the public op on small shapes (any batch and length);
+# `extra` are further tensors that get gradients (the separate global projections). Also used by
+# test_op_registration.py (gradcheck, torch.compile).
 def _sliding_window(q, k, v, backend, extra=()):
-    s = q.shape[2]
+    glob = (torch.arange(q.shape[2], device=q.device) == 1).expand(q.shape[0], -1).contiguous()
     gqkv = tuple(extra) if extra else None
     return ek.sliding_window_attention(
-        q, k, v, 4, global_mask=_global(s, q.device), global_qkv=gqkv, key_padding_mask=_kpm(s, q.device),
-        backend=backend,
-    )  # fmt: skip
+        q, k, v, 4, global_mask=glob, global_qkv=gqkv, key_padding_mask=_kpm(q), backend=backend
+    )
 
 
 def _block_sparse(q, k, v, backend, extra=()):
@@ -47,22 +44,22 @@ def _block_sparse(q, k, v, backend, extra=()):
         if s
         else ek.BlockLayout(torch.zeros(1, 0, 0, dtype=torch.bool), 8)
     )
-    return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=_kpm(s, q.device), backend=backend)
+    return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=_kpm(q), backend=backend)
 
 
 def _full(q, k, v, backend, extra=()):
-    return ek.full_attention(q, k, v, key_padding_mask=_kpm(q.shape[2], q.device), backend=backend)
+    return ek.full_attention(q, k, v, key_padding_mask=_kpm(q), backend=backend)
 
 
 def _lsg(q, k, v, backend, extra=()):
     return ek.lsg_attention(
         q, k, v, block_size=8, sparse_block_size=4, sparsity_factor=2, num_global_tokens=1,
-        key_padding_mask=_kpm(q.shape[2], q.device), backend=backend,
+        key_padding_mask=_kpm(q), backend=backend,
     )  # fmt: skip
 
 
 def _nystrom(q, k, v, backend, extra=()):
-    return ek.nystrom_attention(q, k, v, 4, key_padding_mask=_kpm(q.shape[2], q.device), backend=backend)
+    return ek.nystrom_attention(q, k, v, 4, key_padding_mask=_kpm(q), backend=backend)
 
 
 CALLS = {

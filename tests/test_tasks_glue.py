@@ -35,18 +35,23 @@ def test_jsonl_and_tsv_in_hf_and_original_forms(tmp_path):
     assert glue.get_task("stsb").is_regression and glue.get_task("mnli").num_labels == 3
 
 
-def test_malformed_files_name_file_and_line(tmp_path):
-    f = _write(tmp_path / "bad.jsonl", '{"sentence": "ok", "label": 1}\n{"sentence": "broken", \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
-        glue.read_glue_file(f, "sst2")
-    f = _write(tmp_path / "bad.tsv", "sentence\tlabel\ngood\t1\nno label here\n")
-    with pytest.raises(DataError, match=r"bad\.tsv:3: expected 2 fields"):
-        glue.read_glue_file(f, "sst2")
-    f = _write(tmp_path / "lab.tsv", "sentence1\tsentence2\tlabel\na\tb\tmaybe\n")
-    with pytest.raises(DataError, match=r"lab\.tsv:2: label"):
-        glue.read_glue_file(f, "rte")
-    f = _write(tmp_path / "col.jsonl", '{"text": "x", "label": 1}\n')
-    with pytest.raises(DataError, match=r"col\.jsonl:1: missing text column"):
-        glue.read_glue_file(f, "sst2")
-    with pytest.raises(DataError, match="nope.tsv: no such file"):
-        glue.read_glue_file(tmp_path / "nope.tsv", "sst2")
+MALFORMED = [
+    # (file, content or None for a missing file, task, the error it must name)
+    (
+        "bad.jsonl",
+        '{"sentence": "ok", "label": 1}\n{"sentence": "broken", \n',
+        "sst2",
+        r"bad\.jsonl:2: invalid JSON",
+    ),
+    ("bad.tsv", "sentence\tlabel\ngood\t1\nno label here\n", "sst2", r"bad\.tsv:3: expected 2 fields"),
+    ("lab.tsv", "sentence1\tsentence2\tlabel\na\tb\tmaybe\n", "rte", r"lab\.tsv:2: label"),
+    ("col.jsonl", '{"text": "x", "label": 1}\n', "sst2", r"col\.jsonl:1: missing text column"),
+    ("nope.tsv", None, "sst2", r"nope\.tsv: no such file"),
+]
+
+
+@pytest.mark.parametrize("name,content,task,error", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_files_name_file_and_line(tmp_path, name, content, task, error):
+    f = tmp_path / name if content is None else _write(tmp_path / name, content)
+    with pytest.raises(DataError, match=error):
+        glue.read_glue_file(f, task)

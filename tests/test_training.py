@@ -19,13 +19,7 @@ from etkd.models.encoder import EncoderModel
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription (10x faster steps here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlm(seed: int = 0, layers: int = 2) -> EncoderModel:

@@ -25,6 +25,7 @@ from etkd_kernels import (  # noqa: E402
     nystrom_attention,
     sliding_window_attention,
 )
+from etkd_kernels.ops.sliding_window import SlidingWindowParams  # noqa: E402
 
 # The interpreter switch is the caller's, set before the process starts (`make test` runs this file alone with
 # TRITON_INTERPRET=1): setting it here, at import, would also turn kernels of other test modules collected in
@@ -125,9 +126,9 @@ def test_sliding_window_lse_matches_reference():
     from etkd_kernels.triton import sliding_window as tri
 
     (q, k, v), gm, kpm = _sw_inputs(2, 1, 37, 16, [[0, 20], [5]], 7, False, torch.float32)
-    args = (8, gm, None, None, None, kpm, 0.25)
-    _, lse_t = tri.forward(q, k, v, *args)
-    _, lse_r = ref.forward(q, k, v, *args)
+    p = SlidingWindowParams(8, gm, None, None, None, kpm, 0.25)
+    _, lse_t = tri.forward(q, k, v, p)
+    _, lse_r = ref.forward(q, k, v, p)
     assert torch.equal(torch.isinf(lse_t), torch.isinf(lse_r)) and torch.isinf(lse_t[1, :, -7:]).all()
     assert_close(torch.nan_to_num(lse_t, posinf=0), torch.nan_to_num(lse_r, posinf=0), 1e-5, name="lse")
 
@@ -223,7 +224,7 @@ def test_head_dim_too_large_is_rejected():
 
     q = torch.randn(1, 1, 16, 160)
     with pytest.raises(ValueError, match="head_dim"):
-        tri.forward(q, q, q, 4, None, None, None, None, None, 0.1)
+        tri.forward(q, q, q, SlidingWindowParams(4, None, None, None, None, None, 0.1))
 
 
 def test_torch_compile_fullgraph_traces_the_triton_op():

@@ -1,6 +1,7 @@
-"""Built-in long-range tasks: generated documents of 2-4k tokens whose labels depend on evidence that lies
-further away than 512 tokens, so a model that sees 512 tokens at a time must guess where one that sees the
-whole document can know. Everything is generated from a seed (no download) in the small word-level language
+"""Built-in long-range tasks: generated documents of 1,200-1,600 tokens whose labels depend on evidence that
+lies further away than 512 tokens, so a model that sees 512 tokens at a time must guess where one that sees
+the whole document can know. (Longer documents make the same point and cost more: the demo fine-tunes six
+models on these sets within its 10 minutes on 2 cores; `length=` makes them as long as you like.) Everything is generated from a seed (no download) in the small word-level language
 of `demo_data` (every word is one token of its tokenizer), so a tiny model learns the tasks in a few hundred
 CPU steps: the long distance is made of cheap filler words.
 
@@ -9,11 +10,12 @@ longrange-ner   CoNLL NER, one document per `-DOCSTART-`. The document opens wit
                 opening paragraph and never again. More than `min_gap`
                 tokens later, the codename is mentioned again and again: every mention is tagged with the
                 declared type (B-PER, B-ORG, B-LOC, B-MISC), and nothing near a mention tells the type.
+                Mentions and ordinary entities are dense there (`mention_rate`, `sentence_rate`).
                 The codenames come from one shared pool, so a codename's type changes from document to
                 document. Ordinary entities (closed word lists, as in `demo_data`) are mixed in; they are
                 learnable from local context and show that a short-context model does learn NER here.
 longrange-cls   Two-class classification in SST-2's columns ("sentence", "label"): a long neutral
-                document with 12 opinion sentences of one polarity ("the film was <opinion> .") all
+                document with 24 opinion sentences of one polarity ("the film was <opinion> .") all
                 placed more than `min_gap` tokens from the start; label 1 when the opinion is positive.
                 Truncating to 512 tokens cuts all the evidence off.
 
@@ -37,6 +39,9 @@ FILLER = ["la", "na", "ta", "ka", "ma", "pa", "ra", "sa", "da", "ga", "ba", "fa"
 MENTION_VERBS = ["met", "visited", "joined", "left", "praised", "called", "thanked", "hired"]
 WORDS = CODENAMES + list(KINDS) + FILLER + ["is", "a", "."]
 TASKS = ("longrange-ner", "longrange-cls")
+LENGTH = (1200, 1600)  # words (= tokens) per document
+MIN_GAP = 640  # no evidence closer than this to where it is needed: beyond a 512-token window
+OPINIONS = 24
 
 
 def _filler(rng: random.Random, n: int) -> list[str]:
@@ -60,11 +65,13 @@ def _split_sentences(tagged: list[tuple[str, str]]) -> list[list[tuple[str, str]
 
 def ner_document(
     rng: random.Random,
-    length: tuple[int, int] = (2000, 2600),
-    min_gap: int = 640,
+    length: tuple[int, int] = LENGTH,
+    min_gap: int = MIN_GAP,
     near: bool = False,
     near_every: int = 300,
     repeat: int = 8,
+    mention_rate: float = 0.4,
+    sentence_rate: float = 0.2,
 ) -> list[list[tuple[str, str]]]:
     """Sentences of (word, tag) of one document of about `length` words (see the module docstring). The
     opening paragraph states the declaration `repeat` times (a strong signal to find among 2k tokens)."""
@@ -80,14 +87,16 @@ def ner_document(
     next_restate = len(doc)
     while len(doc) < n:
         r = rng.random()
-        if r < 0.25:  # a codename mention: ambiguous without the declaration
+        if r < mention_rate:  # a codename mention: ambiguous without the declaration
             left = [rng.choice(FILLER) for _ in range(rng.randint(1, 3))]
             doc += [(w, "O") for w in left] + [(rng.choice(MENTION_VERBS), "O"), (code, "B-" + tag)]
             doc += [(rng.choice(FILLER), "O") for _ in range(rng.randint(1, 3))] + [(".", "O")]
-        elif r < 0.33:  # an ordinary sentence with two entities known from their words
+        elif (
+            r < mention_rate + sentence_rate
+        ):  # an ordinary sentence with two entities known from their words
             doc += sentence(rng)
         else:
-            doc += [(w, "O") for w in _filler(rng, rng.randint(20, 60))]
+            doc += [(w, "O") for w in _filler(rng, rng.randint(8, 24))]
         if near and len(doc) >= next_restate:
             doc += opening
             next_restate = len(doc) + near_every
@@ -96,11 +105,11 @@ def ner_document(
 
 def cls_document(
     rng: random.Random,
-    length: tuple[int, int] = (2000, 2600),
-    min_gap: int = 640,
+    length: tuple[int, int] = LENGTH,
+    min_gap: int = MIN_GAP,
     near: bool = False,
     near_every: int = 300,
-    opinions: int = 12,
+    opinions: int = OPINIONS,
 ) -> tuple[str, int]:
     """(text, label) of one document (see the module docstring): `opinions` opinion sentences of one
     polarity, all further than `min_gap` tokens from the start (near: all within the first `near_every`)."""
@@ -116,8 +125,10 @@ def cls_document(
             words += _filler(rng, rng.randint(20, 60))
     words = words[: n - 5 * opinions]
     lo, hi = (1, near_every - 5 * opinions) if near else (min_gap, len(words))
-    # Sentence boundaries in [lo, hi): each opinion sentence goes in whole after one of them.
-    slots = sorted(rng.sample([i for i in range(lo, hi) if words[i - 1] == "."], opinions), reverse=True)
+    # Sentence boundaries in [lo, hi): each opinion sentence goes in whole after one of them (several may
+    # follow one boundary, back to back, so any number of opinions fits).
+    bounds = [i for i in range(max(lo, 1), hi) if words[i - 1] == "."]
+    slots = sorted(rng.choices(bounds, k=opinions), reverse=True)
     for at in slots:  # back to front, so earlier slots keep their positions
         words[at:at] = ["the", "film", "was", rng.choice(GOOD if label else BAD), "."]
     return " ".join(words), label

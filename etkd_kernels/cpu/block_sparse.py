@@ -11,14 +11,16 @@ from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
 from etkd_kernels.masks import cached_lut
 
 
-def forward(q, k, v, layout, block_size, key_padding_mask, scale):
-    lut, counts = cached_lut(layout)
-    return torch.ops.etkd_cpu.block_sparse_fwd(q, k, v, lut, counts, block_size, key_padding_mask, scale)
+def forward(q, k, v, p):
+    lut, counts = cached_lut(p.layout)
+    return torch.ops.etkd_cpu.block_sparse_fwd(
+        q, k, v, lut, counts, p.block_size, p.key_padding_mask, p.scale
+    )
 
 
-def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
-    lut, counts = cached_lut(layout)
+def backward(grad_out, q, k, v, out, lse, p):
+    lut, counts = cached_lut(p.layout)
     dq, dk, dv = torch.ops.etkd_cpu.block_sparse_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, lut, counts, block_size, key_padding_mask, scale
+        grad_out.contiguous(), q, k, v, out, lse, lut, counts, p.block_size, p.key_padding_mask, p.scale
     )
     return dq, dk, dv

@@ -20,7 +20,8 @@ def _mask(key_padding_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Te
     return torch.where(keys, zero, float("-inf"))[:, None, None, :]
 
 
-def forward(q, k, v, key_padding_mask, scale):
+def forward(q, k, v, p):
+    key_padding_mask, scale = p.key_padding_mask, p.scale
     out, lse = _fwd(q, k, v, 0.0, False, attn_mask=_mask(key_padding_mask, q.dtype), scale=scale)
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, :]
@@ -29,7 +30,8 @@ def forward(q, k, v, key_padding_mask, scale):
     return out, lse.float()
 
 
-def backward(grad_out, q, k, v, out, lse, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
+    key_padding_mask, scale = p.key_padding_mask, p.scale
     if key_padding_mask is not None:
         real = key_padding_mask[:, None, :]
         grad_out = grad_out * real[..., None]

@@ -42,36 +42,22 @@ def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
 
 
 @in_float32(keep=(1,))  # lse stays float32
-def forward(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
-):
+def forward(q, k, v, p):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bs, sbs, f, stype = p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type
+    g, kpm, scale = p.num_global_tokens, p.key_padding_mask, p.scale
     with torch.no_grad():
-        kx, vx, ok, starts = _extra(
-            q,
-            k,
-            v,
-            block_size,
-            sparse_block_size,
-            sparsity_factor,
-            sparsity_type,
-            num_global_tokens,
-            kpm,
-            scale,
-        )
+        kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale)
         return torch.ops.etkd_cpu.lsg_fwd(
-            q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm,
-            block_size, sparse_block_size, num_global_tokens, scale,
-        )  # fmt: skip
+            q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm, bs, sbs, g, scale
+        )
 
 
 @in_float32
-def backward(
-    grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
-    kpm, scale,
-):  # fmt: skip
+def backward(grad_out, q, k, v, out, lse, p):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    bs, sbs, f, stype, g = block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens
+    bs, sbs, f, stype = p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type
+    g, kpm, scale = p.num_global_tokens, p.key_padding_mask, p.scale
     if _native(stype, sbs, f, q.shape[2] // bs):
         kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale)
         dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(

@@ -57,24 +57,28 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
 
 
 @in_float32
-def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def forward(q, k, v, p):
     with torch.no_grad():
-        if num_landmarks == q.shape[2]:
-            return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+        if p.num_landmarks == q.shape[2]:
+            return attend(
+                q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init
+            )
         return torch.ops.etkd_cpu.nystrom_fwd(
             q.contiguous(),
             k.contiguous(),
             v.contiguous(),
-            num_landmarks,
-            pinv_iterations,
-            key_padding_mask,
-            scale,
-            pinv_init == "hf_global",
+            p.num_landmarks,
+            p.pinv_iterations,
+            p.key_padding_mask,
+            p.scale,
+            p.pinv_init == "hf_global",
         )
 
 
 @in_float32
-def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def backward(grad_out, q, k, v, out, p):
+    num_landmarks, pinv_iterations, key_padding_mask = p.num_landmarks, p.pinv_iterations, p.key_padding_mask
+    scale, pinv_init = p.scale, p.pinv_init
     if num_landmarks == q.shape[2]:
         return recompute_backward(
             attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init

@@ -7,14 +7,15 @@ import torch
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
 
 
-def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def forward(q, k, v, p):
     return torch.ops.etkd_cpu.sliding_window_fwd(
-        q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale
+        q, k, v, p.window, p.global_mask, p.qg, p.kg, p.vg, p.key_padding_mask, p.scale
     )
 
 
-def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
     grads = torch.ops.etkd_cpu.sliding_window_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale
-    )
+        grad_out.contiguous(), q, k, v, out, lse, p.window, p.global_mask, p.qg, p.kg, p.vg, p.key_padding_mask,
+        p.scale,
+    )  # fmt: skip
     return tuple(grads) + (None,) * (6 - len(grads))

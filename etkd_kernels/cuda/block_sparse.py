@@ -28,38 +28,20 @@ def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"layout: {tuple(layout.shape)} blocks of {block_size} do not cover seq {s}")
 
 
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: torch.Tensor,
-    block_size: int,
-    key_padding_mask: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, S, D), lse (B, H, S) float32; rows that see no key: out 0, lse +inf)."""
-    _check(q, layout, block_size)
-    lut, count = cached_lut(layout.to(device=q.device, dtype=torch.bool))
-    return _ops().block_sparse_fwd(q, k, v, lut, count, int(block_size), key_padding_mask, float(scale))
+def forward(q, k, v, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, S, D), lse (B, H, S) float32; rows that see no key: out 0, lse +inf);
+    p: `ops.block_sparse.BlockSparseParams`."""
+    _check(q, p.layout, p.block_size)
+    lut, count = cached_lut(p.layout.to(device=q.device, dtype=torch.bool))
+    return _ops().block_sparse_fwd(q, k, v, lut, count, int(p.block_size), p.key_padding_mask, float(p.scale))
 
 
-def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    layout: torch.Tensor,
-    block_size: int,
-    key_padding_mask: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(grad_out, q, k, v, out, lse, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv)."""
-    _check(q, layout, block_size)
-    lut, count = cached_lut(layout.to(device=q.device, dtype=torch.bool))
+    _check(q, p.layout, p.block_size)
+    lut, count = cached_lut(p.layout.to(device=q.device, dtype=torch.bool))
     return tuple(
         _ops().block_sparse_bwd(
-            grad_out, q, k, v, out, lse, lut, count, int(block_size), key_padding_mask, float(scale)
+            grad_out, q, k, v, out, lse, lut, count, int(p.block_size), p.key_padding_mask, float(p.scale)
         )
     )

@@ -42,7 +42,8 @@ def _sdpa(q, k, v, key_padding_mask, scale):
     return out
 
 
-def forward(q, k, v, key_padding_mask, scale):
+def forward(q, k, v, p):
+    key_padding_mask, scale = p.key_padding_mask, p.scale
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, _bias(key_padding_mask, q), True, 0.0, False, scale=scale
     )
@@ -54,5 +55,5 @@ def forward(q, k, v, key_padding_mask, scale):
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, key_padding_mask, scale):
-    return recompute_backward(_sdpa, grad_out, (q, k, v), key_padding_mask, scale)
+def backward(grad_out, q, k, v, out, lse, p):
+    return recompute_backward(_sdpa, grad_out, (q, k, v), p.key_padding_mask, p.scale)

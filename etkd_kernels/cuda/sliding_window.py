@@ -26,43 +26,19 @@ def _ops():
     return torch.ops.etkd_cuda
 
 
-def forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    global_mask: torch.Tensor | None,
-    qg: torch.Tensor | None,
-    kg: torch.Tensor | None,
-    vg: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, H, S, D), lse (B, H, S) float32)."""
+def forward(q, k, v, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, S, D), lse (B, H, S) float32); p: `ops.sliding_window.SlidingWindowParams`."""
     return _ops().sliding_window_fwd(
-        q, k, v, int(window), global_mask, qg, kg, vg, key_padding_mask, float(scale)
+        q, k, v, int(p.window), p.global_mask, p.qg, p.kg, p.vg, p.key_padding_mask, float(p.scale)
     )
 
 
-def backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    window: int,
-    global_mask: torch.Tensor | None,
-    qg: torch.Tensor | None,
-    kg: torch.Tensor | None,
-    vg: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    scale: float,
-) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv, dqg, dkg, dvg); the last three are None when qg is None."""
+def backward(grad_out, q, k, v, out, lse, p) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dqg, dkg, dvg); the last three are None when p.qg is None."""
     dq, dk, dv, dqg, dkg, dvg = _ops().sliding_window_bwd(
-        grad_out, q, k, v, out, lse, int(window), global_mask, qg, kg, vg, key_padding_mask, float(scale)
-    )
-    if qg is None:  # the schema returns empty tensors for absent global gradients
+        grad_out, q, k, v, out, lse, int(p.window), p.global_mask, p.qg, p.kg, p.vg, p.key_padding_mask,
+        float(p.scale),
+    )  # fmt: skip
+    if p.qg is None:  # the schema returns empty tensors for absent global gradients
         return dq, dk, dv, None, None, None
     return dq, dk, dv, dqg, dkg, dvg

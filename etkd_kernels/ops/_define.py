@@ -1,9 +1,14 @@
-"""One way to define every etkd op with torch.library.
+"""One way to define every etkd op with torch.library, from the pattern's params dataclass.
 
-Each pattern is two custom ops, `etkd::<op>_fwd` and `etkd::<op>_bwd`, whose implementations look up the
-backend at run time (so `use_backend` swaps kernels even inside a compiled graph), plus fake kernels and
-`register_autograd` tying them together. Gradients of backends come back as a list with empty tensors
-standing for "no gradient" (custom ops cannot return None).
+Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse)` and
+`etkd::<op>_bwd(grad_out, q, k, v, out, lse, <settings>, backend) -> Tensor[]`, whose implementations look up
+the backend at run time (so `use_backend` swaps kernels even inside a compiled graph), plus fake kernels and
+`register_autograd` tying them together. <settings> are the fields of the pattern's frozen dataclass, in
+order: the schema is flat (torch.library needs it), and the implementation packs the settings back into
+the dataclass, so every backend has `forward(q, k, v, params)` and `backward(grad_out, q, k, v, out, lse,
+params)` and reads them by name. A field with `metadata={"grad": True}` (a tensor input beside q, k, v, like
+Longformer's global projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
+come back as a list with empty tensors standing for "no gradient" (custom ops cannot return None).
 
 A sequence of length 0 is answered here for every backend (after the backend is resolved, so an unusable
 explicit backend still raises): the outputs and gradients are the fake kernels' empty tensors, which hold
@@ -12,6 +17,7 @@ no element. No kernel is launched with an empty grid.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +25,14 @@ import torch
 from ..dispatch import Problem, resolve
 
 LIB = "etkd"
+# Field annotations (strings: the op modules use `from __future__ import annotations`) -> schema types.
+_SCHEMA_TYPES = {
+    "int": "int",
+    "float": "float",
+    "str": "str",
+    "torch.Tensor": "Tensor",
+    "torch.Tensor | None": "Tensor?",
+}
 
 
 def none_to_empty(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> list[torch.Tensor]:
@@ -30,25 +44,43 @@ def empty_to_none(grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     return [None if g.dim() == 1 and g.numel() == 0 else g for g in grads]
 
 
-def define(
-    op: str,
-    fwd_schema: str,
-    bwd_schema: str,
-    fwd_fake: Callable,
-    bwd_fake: Callable,
-    setup_context: Callable,
-    backward: Callable,
-) -> tuple[Callable, Callable]:
-    """Define `etkd::{op}_fwd`/`_bwd`; their last argument is the requested backend name."""
+def define(op: str, params: type, lse: bool = True) -> Callable:
+    """Define `etkd::{op}_fwd`/`_bwd` with the fields of the dataclass `params` as settings; return the
+    forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`."""
+    fields = dataclasses.fields(params)
+    for f in fields:
+        if f.type not in _SCHEMA_TYPES:
+            raise TypeError(
+                f"{params.__name__}.{f.name}: annotation {f.type!r} is not one of {list(_SCHEMA_TYPES)}"
+            )
+    n = len(fields)
+    tensor_fields = [i for i, f in enumerate(fields) if _SCHEMA_TYPES[f.type].startswith("Tensor")]
+    grad_fields = [i for i, f in enumerate(fields) if f.metadata.get("grad")]
+    settings = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in fields)
+    saved = "Tensor out, Tensor lse" if lse else "Tensor out"
     fwd_name, bwd_name = f"{LIB}::{op}_fwd", f"{LIB}::{op}_bwd"
-    torch.library.define(fwd_name, fwd_schema)
-    torch.library.define(bwd_name, bwd_schema)
+    torch.library.define(
+        fwd_name,
+        f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> {'(Tensor, Tensor)' if lse else 'Tensor'}",
+    )
+    torch.library.define(
+        bwd_name,
+        f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, {saved}, {settings}, str backend) -> Tensor[]",
+    )
 
-    def fwd_impl(q, *args):
+    def fwd_fake(q, *args):
+        out = torch.empty_like(q)
+        return (out, q.new_empty(q.shape[:3], dtype=torch.float32)) if lse else out
+
+    def bwd_fake(grad_out, q, k, v, *args):
+        given = args[-1 - n : -1]
+        return [torch.empty_like(t) for t in (q, k, v, *(given[i] for i in grad_fields)) if t is not None]
+
+    def fwd_impl(q, k, v, *args):
         impl = resolve(op, Problem.of(q), backend=args[-1])
         if q.shape[2] == 0:
-            return fwd_fake(q, *args)
-        out = impl.forward(q, *args[:-1])
+            return fwd_fake(q, k, v, *args)
+        out = impl.forward(q, k, v, params(*args[:-1]))
         # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
         # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
         return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
@@ -57,18 +89,33 @@ def define(
         impl = resolve(op, Problem.of(q), backend=args[-1])
         if q.shape[2] == 0:
             return bwd_fake(grad_out, q, *args)
-        grads = impl.backward(grad_out, q, *args[:-1])
+        grads = impl.backward(grad_out, q, *args[: -1 - n], params(*args[-1 - n : -1]))
         return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *given, backend = inputs
+        outs = output if lse else (output,)
+        ctx.save_for_backward(q, k, v, *outs, *(given[i] for i in tensor_fields))
+        # Tensors go through save_for_backward (version checks, no reference cycles); the rest is kept as is.
+        ctx.given = [None if i in tensor_fields else s for i, s in enumerate(given)]
+        ctx.backend = backend
+
+    def backward(ctx, grad_out, *_):
+        q, k, v, *rest = ctx.saved_tensors
+        outs, tensors = rest[: len(rest) - len(tensor_fields)], rest[len(rest) - len(tensor_fields) :]
+        given = list(ctx.given)
+        for i, t in zip(tensor_fields, tensors):
+            given[i] = t
+        dq, dk, dv, *extra = empty_to_none(bwd_op(grad_out.contiguous(), q, k, v, *outs, *given, ctx.backend))
+        grads = [None] * n
+        for i, g in zip(grad_fields, extra):
+            grads[i] = g
+        return dq, dk, dv, *grads, None
 
     torch.library.impl(fwd_name, "default")(fwd_impl)
     torch.library.impl(bwd_name, "default")(bwd_impl)
     torch.library.register_fake(fwd_name)(fwd_fake)
     torch.library.register_fake(bwd_name)(bwd_fake)
-    fwd_op = getattr(torch.ops.etkd, f"{op}_fwd").default
     bwd_op = getattr(torch.ops.etkd, f"{op}_bwd").default
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-    return fwd_op, bwd_op
-
-
-def fake_out_lse(q: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return getattr(torch.ops.etkd, f"{op}_fwd").default

@@ -2,45 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._checks import check_finite, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
 from ..masks import BlockLayout
 from ._common import pad_to_multiple
-from ._define import define, empty_to_none, fake_out_lse
-
-_FWD = (
-    "(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, Tensor? key_padding_mask, float scale, "
-    "str backend) -> (Tensor, Tensor)"
-)
-_BWD = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor layout, int block_size, "
-    "Tensor? key_padding_mask, float scale, str backend) -> Tensor[]"
-)
+from ._define import define
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, layout, block_size, kpm, scale, backend):
-    return [torch.empty_like(q) for _ in range(3)]
+@dataclass(frozen=True)
+class BlockSparseParams:
+    """What every backend's forward/backward gets besides the tensors (see `block_sparse_attention`).
+    layout: the (heads or 1, q_blocks, k_blocks) bool mask of a `BlockLayout` whose block size is block_size."""
+
+    layout: torch.Tensor
+    block_size: int
+    key_padding_mask: torch.Tensor | None
+    scale: float
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, layout, block_size, kpm, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, layout, kpm)
-    ctx.args = (block_size, scale, backend)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, layout, kpm = ctx.saved_tensors
-    block_size, scale, backend = ctx.args
-    dq, dk, dv = empty_to_none(
-        _bwd_op(grad_out.contiguous(), q, k, v, out, lse, layout, block_size, kpm, scale, backend)
-    )
-    return dq, dk, dv, None, None, None, None, None
-
-
-_fwd_op, _bwd_op = define("block_sparse", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+_fwd_op = define("block_sparse", BlockSparseParams)
 
 
 def as_layout(

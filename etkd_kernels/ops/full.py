@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._checks import check_finite, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
-from ._define import define, empty_to_none, fake_out_lse
-
-_FWD = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, str backend) -> (Tensor, Tensor)"
-)
-_BWD = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
-    "float scale, str backend) -> Tensor[]"
-)
+from ._define import define
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, kpm, scale, backend):
-    return [torch.empty_like(q) for _ in range(3)]
+@dataclass(frozen=True)
+class FullParams:
+    """What every backend's forward/backward gets besides the tensors (see `full_attention`)."""
+
+    key_padding_mask: torch.Tensor | None
+    scale: float
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, kpm, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, *output, kpm)
-    ctx.args = (scale, backend)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kpm = ctx.saved_tensors
-    scale, backend = ctx.args
-    dq, dk, dv = empty_to_none(_bwd_op(grad_out.contiguous(), q, k, v, out, lse, kpm, scale, backend))
-    return dq, dk, dv, None, None, None
-
-
-_fwd_op, _bwd_op = define("full", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+_fwd_op = define("full", FullParams)
 
 
 def full_attention(

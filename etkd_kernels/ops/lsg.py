@@ -2,46 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
 from ._common import pad_to_multiple
-from ._define import define, empty_to_none, fake_out_lse
+from ._define import define
 
 SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
 
-_FWD = (
-    "(Tensor q, Tensor k, Tensor v, int block_size, int sparse_block_size, int sparsity_factor, "
-    "str sparsity_type, int num_global_tokens, Tensor? key_padding_mask, float scale, str backend) "
-    "-> (Tensor, Tensor)"
-)
-_BWD = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int block_size, "
-    "int sparse_block_size, int sparsity_factor, str sparsity_type, int num_global_tokens, "
-    "Tensor? key_padding_mask, float scale, str backend) -> Tensor[]"
-)
+
+@dataclass(frozen=True)
+class LSGParams:
+    """What every backend's forward/backward gets besides the tensors (see `lsg_attention`)."""
+
+    block_size: int
+    sparse_block_size: int
+    sparsity_factor: int
+    sparsity_type: str
+    num_global_tokens: int
+    key_padding_mask: torch.Tensor | None
+    scale: float
 
 
-def _bwd_fake(grad_out, q, *args):
-    return [torch.empty_like(q) for _ in range(3)]
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, bs, sbs, factor, stype, ng, kpm, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, *output, kpm)
-    ctx.args = (bs, sbs, factor, stype, ng, scale, backend)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kpm = ctx.saved_tensors
-    bs, sbs, factor, stype, ng, scale, backend = ctx.args
-    grads = _bwd_op(grad_out.contiguous(), q, k, v, out, lse, bs, sbs, factor, stype, ng, kpm, scale, backend)
-    dq, dk, dv = empty_to_none(grads)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-_fwd_op, _bwd_op = define("lsg", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+_fwd_op = define("lsg", LSGParams)
 
 
 def lsg_attention(
@@ -90,17 +76,5 @@ def lsg_attention(
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
-    out, _ = _fwd_op(
-        q,
-        k,
-        v,
-        block_size,
-        sparse_block_size,
-        sparsity_factor,
-        sparsity_type,
-        num_global_tokens,
-        kpm,
-        scale,
-        backend,
-    )
-    return out[:, :, :s]
+    settings = (block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale)
+    return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]

@@ -2,47 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
-from ._define import define, empty_to_none
+from ._define import define
 
 PINV_INITS = ("per_head", "hf_global")
 
-_FWD = (
-    "(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
-    "float scale, str pinv_init, str backend) -> Tensor"
-)
-_BWD = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, int num_landmarks, int pinv_iterations, "
-    "Tensor? key_padding_mask, float scale, str pinv_init, str backend) -> Tensor[]"
-)
+
+@dataclass(frozen=True)
+class NystromParams:
+    """What every backend's forward/backward gets besides the tensors (see `nystrom_attention`)."""
+
+    num_landmarks: int
+    pinv_iterations: int
+    key_padding_mask: torch.Tensor | None
+    scale: float
+    pinv_init: str
 
 
-def _fwd_fake(q, *args):
-    return torch.empty_like(q)
-
-
-def _bwd_fake(grad_out, q, *args):
-    return [torch.empty_like(q) for _ in range(3)]
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, num_landmarks, iters, kpm, scale, pinv_init, backend = inputs
-    ctx.save_for_backward(q, k, v, output, kpm)
-    ctx.args = (num_landmarks, iters, scale, pinv_init, backend)
-
-
-def _backward(ctx, grad_out):
-    q, k, v, out, kpm = ctx.saved_tensors
-    nl, iters, scale, pinv_init, backend = ctx.args
-    grads = _bwd_op(grad_out.contiguous(), q, k, v, out, nl, iters, kpm, scale, pinv_init, backend)
-    dq, dk, dv = empty_to_none(grads)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_fwd_op, _bwd_op = define("nystrom", _FWD, _BWD, _fwd_fake, _bwd_fake, _setup_context, _backward)
+_fwd_op = define("nystrom", NystromParams, lse=False)
 
 
 def nystrom_attention(
@@ -79,14 +61,5 @@ def nystrom_attention(
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
-    return _fwd_op(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        num_landmarks,
-        pinv_iterations,
-        key_padding_mask,
-        scale,
-        pinv_init,
-        backend,
-    )
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _fwd_op(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, backend)

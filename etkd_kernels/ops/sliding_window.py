@@ -2,46 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
-from ._define import define, empty_to_none, fake_out_lse
-
-_FWD = (
-    "(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? qg, Tensor? kg, Tensor? vg, "
-    "Tensor? key_padding_mask, float scale, str backend) -> (Tensor, Tensor)"
-)
-_BWD = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, Tensor? global_mask, "
-    "Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale, str backend) -> Tensor[]"
-)
+from ._define import define
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, kpm, scale, backend):
-    n = 6 if qg is not None else 3
-    return [torch.empty_like(q) for _ in range(n)]
+@dataclass(frozen=True)
+class SlidingWindowParams:
+    """What every backend's forward/backward gets besides the tensors (see `sliding_window_attention`)."""
+
+    window: int
+    global_mask: torch.Tensor | None
+    qg: torch.Tensor | None = field(metadata={"grad": True})
+    kg: torch.Tensor | None = field(metadata={"grad": True})
+    vg: torch.Tensor | None = field(metadata={"grad": True})
+    key_padding_mask: torch.Tensor | None
+    scale: float
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, window, global_mask, qg, kg, vg, kpm, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, global_mask, qg, kg, vg, kpm)
-    ctx.args = (window, scale, backend)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, global_mask, qg, kg, vg, kpm = ctx.saved_tensors
-    window, scale, backend = ctx.args
-    grads = _bwd_op(
-        grad_out.contiguous(), q, k, v, out, lse, window, global_mask, qg, kg, vg, kpm, scale, backend
-    )
-    grads = empty_to_none(grads) + [None] * (6 - len(grads))
-    dq, dk, dv, dqg, dkg, dvg = grads
-    return dq, dk, dv, None, None, dqg, dkg, dvg, None, None, None
-
-
-_fwd_op, _bwd_op = define("sliding_window", _FWD, _BWD, fake_out_lse, _bwd_fake, _setup_context, _backward)
+_fwd_op = define("sliding_window", SlidingWindowParams)
 
 
 def sliding_window_attention(
@@ -96,17 +79,5 @@ def sliding_window_attention(
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg})
     requested_backend(backend)  # validates the name now; the op resolves it when it runs
-    out, _ = _fwd_op(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        window,
-        global_mask,
-        qg,
-        kg,
-        vg,
-        key_padding_mask,
-        scale,
-        backend,
-    )
-    return out
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, backend)[0]

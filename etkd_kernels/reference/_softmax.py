@@ -1,12 +1,11 @@
-"""Masked softmax shared by the reference patterns: exact, NaN-free on rows that see no key."""
+"""Masked softmax shared by the reference patterns (exact, NaN-free on rows that see no key), and their
+padded-query-row convention."""
 
 from __future__ import annotations
 
 import torch
 
-from .._shared import compute_dtype
-
-__all__ = ["compute_dtype", "masked_softmax"]
+__all__ = ["masked_softmax", "padded_rows"]
 
 
 def masked_softmax(
@@ -27,3 +26,14 @@ def masked_softmax(
     lse = (torch.log(total) + m).squeeze(dim)
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     return probs, lse
+
+
+def padded_rows(
+    out: torch.Tensor, lse: torch.Tensor, real: torch.Tensor | None, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded query rows (`real` (batch, seq) False) get out 0 and lse +inf; out in `out_dtype`, lse fp32."""
+    if real is not None:
+        qreal = real[:, None, :, None]
+        out = torch.where(qreal, out, torch.zeros_like(out))
+        lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
+    return out.to(out_dtype), lse.float()

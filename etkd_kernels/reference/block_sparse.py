@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from .._shared import compute_dtype, recompute_backward
 from ..masks import cached_lut
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from ._softmax import masked_softmax, padded_rows
 
 
 def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
@@ -79,18 +79,16 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
         lse[:, hs, ns] = row_lse
 
     out, lse = out.reshape(b, h, s, d), lse.reshape(b, h, s)
-    if key_padding_mask is not None:
-        qreal = key_padding_mask[:, None, :, None]
-        out = torch.where(qreal, out, torch.zeros_like(out))
-        lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
-    return out.to(out_dtype), lse.float()
+    return padded_rows(out, lse, key_padding_mask, out_dtype)
 
 
-def forward(q, k, v, layout, block_size, key_padding_mask, scale):
-    return attend(q, k, v, layout, block_size, key_padding_mask, scale)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.layout, p.block_size, p.key_padding_mask, p.scale)
 
 
-def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
-    if not bool(layout.any()):  # nothing attended: the output does not depend on q, k, v at all
+def backward(grad_out, q, k, v, out, lse, p):
+    if not bool(p.layout.any()):  # nothing attended: the output does not depend on q, k, v at all
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    return recompute_backward(attend, grad_out, (q, k, v), layout, block_size, key_padding_mask, scale)
+    return recompute_backward(
+        attend, grad_out, (q, k, v), p.layout, p.block_size, p.key_padding_mask, p.scale
+    )

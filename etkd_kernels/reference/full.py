@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from .._shared import compute_dtype, recompute_backward
+from ._softmax import masked_softmax, padded_rows
 
 
 def attend(q, k, v, key_padding_mask, scale):
@@ -13,17 +13,12 @@ def attend(q, k, v, key_padding_mask, scale):
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(ct), k.to(ct)) * scale
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     probs, lse = masked_softmax(scores, mask)
-    out = probs @ v.to(ct)
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, None, :]
-        out = out * real[..., None]
-        lse = torch.where(real, lse, torch.full_like(lse, float("inf")))
-    return out.to(q.dtype), lse.float()
+    return padded_rows(probs @ v.to(ct), lse, key_padding_mask, q.dtype)
 
 
-def forward(q, k, v, key_padding_mask, scale):
-    return attend(q, k, v, key_padding_mask, scale)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.key_padding_mask, p.scale)
 
 
-def backward(grad_out, q, k, v, out, lse, key_padding_mask, scale):
-    return recompute_backward(attend, grad_out, (q, k, v), key_padding_mask, scale)
+def backward(grad_out, q, k, v, out, lse, p):
+    return recompute_backward(attend, grad_out, (q, k, v), p.key_padding_mask, p.scale)

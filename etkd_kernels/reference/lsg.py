@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from .._shared import compute_dtype, recompute_backward
+from ._softmax import masked_softmax, padded_rows
 
 
 def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
@@ -189,62 +189,20 @@ def attend(
         out = torch.cat([gprobs @ v, out[:, :, g:]], dim=2)
         lse = torch.cat([glse, lse[:, :, g:]], dim=2)
 
-    qreal = real[:, None, :, None]
-    out = torch.where(qreal, out, torch.zeros_like(out))
-    lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
-    return out.to(out_dtype), lse.float()
+    return padded_rows(out, lse, real, out_dtype)
 
 
-def forward(
-    q,
-    k,
-    v,
-    block_size,
-    sparse_block_size,
-    sparsity_factor,
-    sparsity_type,
-    num_global_tokens,
-    key_padding_mask,
-    scale,
-):
-    return attend(
-        q,
-        k,
-        v,
-        block_size,
-        sparse_block_size,
-        sparsity_factor,
-        sparsity_type,
-        num_global_tokens,
-        key_padding_mask,
-        scale,
-    )
+def forward(q, k, v, p):
+    return attend(q, k, v, *_settings(p))
 
 
-def backward(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    block_size,
-    sparse_block_size,
-    sparsity_factor,
-    sparsity_type,
-    num_global_tokens,
-    key_padding_mask,
-    scale,
-):
-    return recompute_backward(
-        attend,
-        grad_out,
-        (q, k, v),
-        block_size,
-        sparse_block_size,
-        sparsity_factor,
-        sparsity_type,
-        num_global_tokens,
-        key_padding_mask,
-        scale,
-    )
+def backward(grad_out, q, k, v, out, lse, p):
+    return recompute_backward(attend, grad_out, (q, k, v), *_settings(p))
+
+
+def _settings(p):
+    """The op's settings in `attend`'s order."""
+    return (
+        p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
+        p.key_padding_mask, p.scale,
+    )  # fmt: skip

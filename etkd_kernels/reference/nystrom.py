@@ -61,11 +61,18 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
     return out.to(out_dtype)
 
 
-def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
-    return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init)
 
 
-def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def backward(grad_out, q, k, v, out, p):
     return recompute_backward(
-        attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
+        attend,
+        grad_out,
+        (q, k, v),
+        p.num_landmarks,
+        p.pinv_iterations,
+        p.key_padding_mask,
+        p.scale,
+        p.pinv_init,
     )

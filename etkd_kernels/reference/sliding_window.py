@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._autograd import recompute_backward
-from ._softmax import compute_dtype, masked_softmax
+from .._shared import compute_dtype, recompute_backward
+from ._softmax import masked_softmax, padded_rows
 
 
 def _global_index(global_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,17 +90,14 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
         out = out.scatter(2, rows[..., None].expand(-1, -1, -1, d), torch.where(keep[..., None], gout, cur))
         lse = lse.scatter(2, rows, torch.where(keep, glse, lse.gather(2, rows)))
 
-    qreal = real[:, None, :, None]
-    out = torch.where(qreal, out, torch.zeros_like(out))
-    lse = torch.where(qreal[..., 0], lse, torch.full_like(lse, float("inf")))
-    return out.to(out_dtype), lse.float()
+    return padded_rows(out, lse, real, out_dtype)
 
 
-def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
-    return attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale)
+def forward(q, k, v, p):
+    return attend(q, k, v, p.qg, p.kg, p.vg, p.window, p.global_mask, p.key_padding_mask, p.scale)
 
 
-def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
     return recompute_backward(
-        attend, grad_out, (q, k, v, qg, kg, vg), window, global_mask, key_padding_mask, scale
+        attend, grad_out, (q, k, v, p.qg, p.kg, p.vg), p.window, p.global_mask, p.key_padding_mask, p.scale
     )

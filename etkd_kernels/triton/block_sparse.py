@@ -190,7 +190,8 @@ def _tiles(nb: int, block_size: int):
     return lambda meta: nb * triton.cdiv(block_size, meta["BLOCK_P"])
 
 
-def forward(q, k, v, layout, block_size, key_padding_mask, scale):
+def forward(q, k, v, p):
+    layout, block_size, key_padding_mask, scale = p.layout, p.block_size, p.key_padding_mask, p.scale
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     meta = _prepare(q, layout, block_size, key_padding_mask, scale)
@@ -201,7 +202,8 @@ def forward(q, k, v, layout, block_size, key_padding_mask, scale):
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, layout, block_size, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
+    layout, block_size, key_padding_mask, scale = p.layout, p.block_size, p.key_padding_mask, p.scale
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()

@@ -194,9 +194,10 @@ def _global_tiles(meta):
     return lambda m: triton.cdiv(meta["G"], m["BLOCK_P"])
 
 
-def forward(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale
-):
+def forward(q, k, v, p):
+    block_size, sparse_block_size, sparsity_factor = p.block_size, p.sparse_block_size, p.sparsity_factor
+    sparsity_type, num_global_tokens = p.sparsity_type, p.num_global_tokens
+    kpm, scale = p.key_padding_mask, p.scale
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = num_global_tokens
@@ -217,10 +218,10 @@ def forward(
     return out, lse
 
 
-def backward(
-    grad_out, q, k, v, out, lse, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens,
-    kpm, scale,
-):  # fmt: skip
+def backward(grad_out, q, k, v, out, lse, p):
+    block_size, sparse_block_size, sparsity_factor = p.block_size, p.sparse_block_size, p.sparsity_factor
+    sparsity_type, num_global_tokens = p.sparsity_type, p.num_global_tokens
+    kpm, scale = p.key_padding_mask, p.scale
     b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     g = num_global_tokens

@@ -226,9 +226,9 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
     return out
 
 
-def forward(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def forward(q, k, v, p):
     with torch.no_grad():
-        return attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+        return attend(q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init)
 
 
 def _spread(dl, s, num_landmarks):
@@ -240,10 +240,12 @@ def _spread(dl, s, num_landmarks):
     return (dl / counts).repeat_interleave(c, dim=2)[:, :, :s]
 
 
-def backward(grad_out, q, k, v, out, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def backward(grad_out, q, k, v, out, p):
     """Written out by hand: the two (seq x landmarks) products go through the fused kernels' backward (P
     recomputed from lse, never stored); only the (landmarks x landmarks) K2 and pseudo-inverse are
     differentiated by autograd, on small tensors."""
+    num_landmarks, pinv_iterations, key_padding_mask = p.num_landmarks, p.pinv_iterations, p.key_padding_mask
+    scale, pinv_init = p.scale, p.pinv_init
     s = q.shape[2]
     if num_landmarks == s:
         with torch.inference_mode(False), torch.enable_grad():

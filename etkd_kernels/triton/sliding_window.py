@@ -249,7 +249,9 @@ def _flags(gather, rng, band, lst, own, other, store):
     return dict(GATHER=gather, RANGE=rng, BAND=band, LIST=lst, OWN=own, OTHER=other, STORE=store)
 
 
-def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def forward(q, k, v, p):
+    window, global_mask, key_padding_mask, scale = p.window, p.global_mask, p.key_padding_mask, p.scale
+    qg, kg, vg = p.qg, p.kg, p.vg
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kinds = _kinds(q, global_mask, key_padding_mask)
@@ -268,7 +270,9 @@ def forward(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale):
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, window, global_mask, qg, kg, vg, key_padding_mask, scale):
+def backward(grad_out, q, k, v, out, lse, p):
+    window, global_mask, key_padding_mask, scale = p.window, p.global_mask, p.key_padding_mask, p.scale
+    qg, kg, vg = p.qg, p.kg, p.vg
     b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     kinds = _kinds(q, global_mask, key_padding_mask)

@@ -86,26 +86,36 @@ def _heads_out(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).contiguous()
 
 
-def sliding_window(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    name = "etkd_sliding_window"
-    cfg = _settings(module, name, ("window",))
-    _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
+IMPLEMENTATIONS: dict[str, Callable] = {}
+
+
+def _implementation(name: str, required: tuple[str, ...] = ()):
+    """Register `op(module, query, key, value, cfg, kwargs, common)` as the attention function `name`: the
+    settings and checks every name shares run first; `common` holds the padding mask, scale and backend
+    keywords of the etkd op; the (batch, heads, seq, head_dim) result goes back in HF's layout."""
+
+    def register(op: Callable) -> Callable:
+        def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+            cfg = _settings(module, name, required)
+            _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
+            common = dict(key_padding_mask=attention_mask, scale=scaling, backend=cfg.get("backend", "auto"))
+            return _heads_out(op(module, query, key, value, cfg, kwargs, common)), None
+
+        IMPLEMENTATIONS[name] = attention
+        return attention
+
+    return register
+
+
+@_implementation("etkd_sliding_window", ("window",))
+def sliding_window(module, query, key, value, cfg, kwargs, common):
     glob = kwargs.get("global_attention_mask")
     if glob is not None:
         glob = glob.to(query.device) > 0
-        if attention_mask is not None:
-            glob = glob & attention_mask
-    out = ek.sliding_window_attention(
-        query,
-        key,
-        value,
-        int(_layer_value(cfg["window"], module, "window")),
-        global_mask=glob,
-        key_padding_mask=attention_mask,
-        scale=scaling,
-        backend=cfg.get("backend", "auto"),
-    )
-    return _heads_out(out), None
+        if common["key_padding_mask"] is not None:
+            glob = glob & common["key_padding_mask"]
+    window = int(_layer_value(cfg["window"], module, "window"))
+    return ek.sliding_window_attention(query, key, value, window, global_mask=glob, **common)
 
 
 @torch.compiler.disable  # drawn once per (length, device) and cached on the module
@@ -126,77 +136,34 @@ def _block_layout(module, cfg: dict, seq: int, heads: int, device) -> ek.BlockLa
     return cache[key]
 
 
-def block_sparse(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    name = "etkd_block_sparse"
-    cfg = _settings(module, name, ("block_size",))
-    _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
+@_implementation("etkd_block_sparse", ("block_size",))
+def block_sparse(module, query, key, value, cfg, kwargs, common):
     layout = _block_layout(module, cfg, query.shape[2], query.shape[1], query.device)
-    out = ek.block_sparse_attention(
-        query,
-        key,
-        value,
-        layout,
-        key_padding_mask=attention_mask,
-        scale=scaling,
-        backend=cfg.get("backend", "auto"),
-    )
-    return _heads_out(out), None
+    return ek.block_sparse_attention(query, key, value, layout, **common)
 
 
-def nystrom(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    name = "etkd_nystrom"
-    cfg = _settings(module, name, ("num_landmarks",))
-    _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
-    out = ek.nystrom_attention(
-        query,
-        key,
-        value,
-        min(int(cfg["num_landmarks"]), query.shape[2]),
-        pinv_iterations=int(cfg.get("pinv_iterations", 6)),
-        pinv_init=cfg.get("pinv_init", "per_head"),
-        key_padding_mask=attention_mask,
-        scale=scaling,
-        backend=cfg.get("backend", "auto"),
-    )
-    return _heads_out(out), None
+@_implementation("etkd_nystrom", ("num_landmarks",))
+def nystrom(module, query, key, value, cfg, kwargs, common):
+    return ek.nystrom_attention(
+        query, key, value, min(int(cfg["num_landmarks"]), query.shape[2]),
+        pinv_iterations=int(cfg.get("pinv_iterations", 6)), pinv_init=cfg.get("pinv_init", "per_head"), **common,
+    )  # fmt: skip
 
 
-def lsg(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    name = "etkd_lsg"
-    cfg = _settings(module, name, ("block_size",))
-    _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
-    out = ek.lsg_attention(
-        query,
-        key,
-        value,
-        block_size=int(cfg["block_size"]),
+@_implementation("etkd_lsg", ("block_size",))
+def lsg(module, query, key, value, cfg, kwargs, common):
+    return ek.lsg_attention(
+        query, key, value, block_size=int(cfg["block_size"]),
         sparse_block_size=int(cfg.get("sparse_block_size", cfg["block_size"])),
-        sparsity_factor=int(cfg.get("sparsity_factor", 2)),
-        sparsity_type=cfg.get("sparsity_type", "pooling"),
-        num_global_tokens=min(int(cfg.get("num_global_tokens", 1)), query.shape[2]),
-        key_padding_mask=attention_mask,
-        scale=scaling,
-        backend=cfg.get("backend", "auto"),
-    )
-    return _heads_out(out), None
+        sparsity_factor=int(cfg.get("sparsity_factor", 2)), sparsity_type=cfg.get("sparsity_type", "pooling"),
+        num_global_tokens=min(int(cfg.get("num_global_tokens", 1)), query.shape[2]), **common,
+    )  # fmt: skip
 
 
-def full(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    name = "etkd_full"
-    cfg = getattr(module.config, CONFIG_KEY, None) or {}
-    _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = full_attention_hf_rows(query, key, value, attention_mask, scale, cfg.get("backend", "auto"))
-    return _heads_out(out), None
-
-
-IMPLEMENTATIONS: dict[str, Callable] = {
-    "etkd_sliding_window": sliding_window,
-    "etkd_block_sparse": block_sparse,
-    "etkd_nystrom": nystrom,
-    "etkd_lsg": lsg,
-    "etkd_full": full,
-}
+@_implementation("etkd_full")
+def full(module, query, key, value, cfg, kwargs, common):
+    scale = query.shape[-1] ** -0.5 if common["scale"] is None else common["scale"]
+    return full_attention_hf_rows(query, key, value, common["key_padding_mask"], scale, common["backend"])
 
 
 def padding_mask(
