@@ -38,7 +38,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(MAKE) lint
 	$(BIN)/python -m pytest -q --durations=15 tests --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_lsg.py
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_lsg.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_triton_kernels.py tests/test_triton_lsg.py tests/test_support_matrix.py -k triton
 
 # The one-shot acceptance run for a machine with a GPU (parity of everything vs the fp32 reference, large
 # shapes, timings): writes gpu_check.json and exits non-zero on any parity failure.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -45,7 +46,7 @@ KERNELS: dict[str, tuple[str, str, dict]] = {
     "sliding_window._fwd[global rows]": ("sliding_window", "_fwd", _SW_GLOBAL),
     "sliding_window._bwd_dq": ("sliding_window", "_bwd_dq", _SW_LOCAL),
     "sliding_window._bwd_dkv": ("sliding_window", "_bwd_dkv", _SW_LOCAL),
-    "block_sparse._fwd": ("block_sparse", "_fwd", {}),
+    "block_sparse._fwd": ("block_sparse", "_fwd", dict(LUT_BLOCK=64)),  # e.g. 64 key blocks (4096 / 64)
     "block_sparse._bwd_dq": ("block_sparse", "_bwd_dq", {}),
     "block_sparse._bwd_dkv": ("block_sparse", "_bwd_dkv", {}),
     "nystrom._fwd": ("nystrom", "_fwd", dict(HAS_MASK=True, H=12)),
@@ -71,9 +72,11 @@ class Case:
     block_o: int = 0
     num_warps: int = 4
     num_stages: int = 1
+    maxnreg: int = 0  # 0: no .maxnreg (ptxas picks)
 
     def __str__(self) -> str:
         cfg = f"{self.block_p}x{self.block_o} w{self.num_warps} s{self.num_stages}"
+        cfg += f" r{self.maxnreg}" if self.maxnreg else ""
         return f"{self.kernel} {self.dtype} d{self.head_dim} sm_{self.arch} [{cfg}]"
 
 
@@ -85,6 +88,9 @@ class Result:
     local: int
     mma: int
     wgmma: int
+    # Software pipelining: the most copy groups left in flight by a `ttg.async_wait` in the TTGIR (the loop's
+    # prefetch distance; 0 when every wait drains all copies, -1 for results cached before this field).
+    prefetch: int = -1
 
     @property
     def spills(self) -> bool:
@@ -98,8 +104,8 @@ def _module(name: str):
     return importlib.import_module(f"etkd_kernels.triton.{name}")
 
 
-def shipped_configs(kernel: str, head_dim: int, dtype: str) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_P, BLOCK_O, num_warps, num_stages) of every config a launch with this head_dim and dtype may
+def shipped_configs(kernel: str, head_dim: int, dtype: str) -> list[tuple[int, ...]]:
+    """(BLOCK_P, BLOCK_O, num_warps, num_stages[, maxnreg]) of every config a launch with this head_dim and dtype may
     autotune over."""
     from etkd_kernels.triton._common import _entry, head_block, shipped
 
@@ -127,7 +133,8 @@ def _key(case: Case) -> str:
     h = hashlib.sha256()
     h.update(fn.cache_key.encode())
     h.update(triton.__version__.encode())
-    h.update(json.dumps(asdict(case), sort_keys=True).encode())
+    fields = {k: v for k, v in asdict(case).items() if k != "maxnreg" or v}  # keys of older cases unchanged
+    h.update(json.dumps(fields, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -170,8 +177,6 @@ def _signature(fn, case: Case, flags: dict):  # noqa: C901
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
-    import re
-
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -197,13 +202,16 @@ def compile_case(case: Case) -> Result:
 
     fn, flags = _kernel_fn(case)
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    if case.maxnreg:
+        options["maxnreg"] = case.maxnreg
     sig, constexprs, attrs = _signature(fn, case, flags)
     target = GPUTarget("cuda", case.arch, 32)
     compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=options)
     ptx = compiled.asm["ptx"]
+    waits = re.findall(r"ttg\.async_wait .*\{num = (\d+)", compiled.asm["ttgir"])
     res = Result(
         shared=int(compiled.metadata.shared), mma=ptx.count("mma.sync"), wgmma=ptx.count("wgmma.mma_async"),
-        **_resources(compiled.asm["cubin"]),
+        prefetch=max(map(int, waits), default=0), **_resources(compiled.asm["cubin"]),
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -256,7 +264,7 @@ if __name__ == "__main__":  # survey: python tests/triton_targets.py default | [
     for c in todo:
         try:
             r = compile_case(c)
-            print(f"{c}: shared {r.shared} regs {r.regs} stack {r.stack} mma {r.mma} wgmma {r.wgmma}"
+            print(f"{c}: shared {r.shared} regs {r.regs} stack {r.stack} mma {r.mma} wgmma {r.wgmma} prefetch {r.prefetch}"
                   f"{'  SPILL' if r.spills else ''}{'  SMEM' if r.shared > SMEM_LIMIT[c.arch] else ''}", flush=True)  # fmt: skip
         except Exception as exc:
             print(f"{c}: ERROR {type(exc).__name__}: {str(exc)[:200]}", flush=True)

@@ -26,7 +26,7 @@ __device__ __forceinline__ int64_t bh_offset(const AttnShape& s) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bs_fwd_kernel(const BlockSparseFwdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) bs_fwd_kernel(const BlockSparseFwdParams p) {
   constexpr int BM = FwdTiles<T, D>::BM, BN = FwdTiles<T, D>::BN;
   const BlockSparseArgs& a = p.args;
   const int64_t off = bh_offset(a.shape);
@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) bs_fwd_kernel(const BlockSparseFwdPa
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) bs_bwd_kernel(const BlockSparseBwdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) bs_bwd_kernel(const BlockSparseBwdParams p) {
   constexpr int BM = BwdTiles<T, D>::BM, BN = BwdTiles<T, D>::BN;
   const BlockSparseArgs& a = p.args;
   const int64_t off = bh_offset(a.shape);

@@ -36,7 +36,7 @@ __device__ __forceinline__ Offsets offsets(const AttnShape& s) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sw_fwd_kernel(const SlidingWindowFwdParams p, int n_band_tiles) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) sw_fwd_kernel(const SlidingWindowFwdParams p, int n_band_tiles) {
   constexpr int BM = FwdTiles<T, D>::BM, BN = FwdTiles<T, D>::BN;
   const SlidingWindowArgs& a = p.args;
   const Offsets o = offsets(a.shape);
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) sw_fwd_kernel(const SlidingWindowFwd
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) sw_bwd_kernel(const SlidingWindowBwdParams p, int n_band_tiles) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) sw_bwd_kernel(const SlidingWindowBwdParams p, int n_band_tiles) {
   constexpr int BM = BwdTiles<T, D>::BM, BN = BwdTiles<T, D>::BN;
   const SlidingWindowArgs& a = p.args;
   const Offsets o = offsets(a.shape);

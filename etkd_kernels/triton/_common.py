@@ -59,47 +59,60 @@ def precision(dtype: torch.dtype) -> str:
 
 INTERPRETER_CONFIG = triton.Config({"BLOCK_P": 16, "BLOCK_O": 16}, num_warps=1, num_stages=1)
 
-# Shipped autotune configs: (BLOCK over the program's own rows, BLOCK over the loop's rows, num_warps,
-# num_stages), per pass and per class of tile: 16-bit inputs with a head tile up to 64 or of 128, and fp32
-# (exact FMA, no tensor cores, so every value of a tile lives in registers). Chosen so that no config
-# spills registers or exceeds shared memory when compiled for sm_80 and sm_90 (tests/test_triton_compile.py).
-# Dropped because they spilled when compiled here (stack bytes per thread, bf16 d64 sm_80 unless noted):
-# fwd (128, 64, 4, 3) 32-40 B; fwd (64, 64, 4, 3) at fp16 d128 sm_80 8-16 B (no spill on sm_90); bwd dK/dV (64, 64, 4, 2) 16-512 B, (64, 64, 8, 2) 8-496 B, (64, 32, 4, 2)
-# 16 B (block-sparse), (32, 64, 4, 2) 8 B at fp16 d128 sm_90, fp32 (32, 32, 4, 1) 16 B; and, from the
-# review of issue 15, every 128-row or 128-key tile at head_dim 128 (56-944 B) and bwd (128, 128, 8, 2).
+# Shipped autotune configs: (BLOCK over own rows, BLOCK over the loop's rows, num_warps, num_stages[, maxnreg])
+# per pass and class of tile (16-bit with a head tile <= 64 or of 128; fp32: exact FMA, every value in registers),
+# chosen so that none spills or exceeds shared memory for sm_80/sm_90 (tests/test_triton_compile.py, `-m slow`).
+# maxnreg (PTX .maxnreg) where it was measured to help: without it ptxas spilled 8-24 B at 72-168 registers.
+# Dropped (stack bytes per thread, bf16 d64 sm_80 unless noted): fwd (128, 64, 4, 3) 32-40 B; (64, 64, 4, 3) at
+# fp16 d128 sm_80 8-16 B; fp32 (32, 32, 4|8, 2), (16, 16, 4, 2) at d128 8-96 B; bwd (64, 64, 4, 2) 16-512 B, (64, 64, 8, 2) 8-496 B,
+# (64, 32, 4, 2) 16 B, (32, 64, 4, 2) 8 B at fp16 d128 sm_90; fp32 (32, 32, 8, 1), (16, 32, 4, 1) 8-320 B at d128;
+# from the review of issue 15, every 128-row or 128-key tile at d128 (56-944 B).
 SHIPPED = {
     "fwd": {
         "d64": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
         "d128": [(64, 64, 8, 3), (64, 32, 4, 3)],
-        "fp32": [(32, 32, 4, 2)],
+        "fp32": [(16, 32, 8, 2, 255)],
     },
     "bwd": {
         "d64": [(32, 64, 4, 2), (32, 32, 4, 2)],
         "d128": [(32, 64, 8, 2), (32, 32, 4, 2)],
-        "fp32": [(32, 32, 8, 1), (16, 32, 4, 1)],
+        "fp32": [(16, 32, 8, 1, 255), (16, 16, 4, 1, 255)],
+    },
+    # LSG's backward is one kernel holding dQ and a dK/dV partial per key tile (fp32 atomics) at once, so it
+    # gets its own tiles. At "bwd"'s it spilled bf16 d64 sm_80 (32, 64, 4, 2) 264 B, fp32 (32, 32, 8, 1) 24 B;
+    # its 16-bit d32 tiles spilled 8-16 B at 128-168 registers without maxnreg (187-198 with it, no spill);
+    # at d128 sm_80, (32, 32, 4, 2) spilled 152 B and (16, 32, 4, 2) 48 B at 255 registers: 8 warps there
+    # ((32, 32, 8, 2) 243 registers; (16, 32, 8, 2) 16 B at 128 on sm_90, r255: 150). fp32: "bwd"'s tiles fit
+    # too (the older (16, 16, 4, 1) spilled 8 B at 128 registers without maxnreg: 143 with it).
+    "bwd_lsg": {
+        "d64": [(32, 32, 4, 2, 255), (16, 32, 4, 2, 255)],
+        "d128": [(32, 32, 8, 2), (16, 32, 8, 2, 255)],
+        "fp32": [(16, 32, 8, 1, 255), (16, 16, 4, 1, 255)],
     },
 }
-FWD_CONFIGS = sorted({c for table in SHIPPED["fwd"].values() for c in table})
-BWD_CONFIGS = sorted({c for table in SHIPPED["bwd"].values() for c in table})
 
 
 def configs(pass_: str) -> list[triton.Config]:
-    """Every config `pass_` ("fwd" or "bwd") ships, for `triton.autotune`.
+    """Every config `pass_` (a key of SHIPPED) ships, for `triton.autotune`.
 
     Which of them a launch may use is decided per launch (`launch`, `shipped`): the class of its tile on a
     GPU, one forced config in the acceptance run (`forced_config`), and a single 16x16 tile under the
     interpreter (autotuning there only multiplies the run time) — never at import time.
     """
     out = []
-    for p, o, w, s in FWD_CONFIGS if pass_ == "fwd" else BWD_CONFIGS:
-        cfg = triton.Config({"BLOCK_P": p, "BLOCK_O": o}, num_warps=w, num_stages=s)
+    for p, o, w, s, *reg in sorted({c for table in SHIPPED[pass_].values() for c in table}):
+        cfg = triton.Config(
+            {"BLOCK_P": p, "BLOCK_O": o}, num_warps=w, num_stages=s, maxnreg=reg[0] if reg else None
+        )
         cfg.etkd_pass = pass_
         out.append(cfg)
     return out
 
 
-def _entry(c: triton.Config) -> tuple[int, int, int, int]:
-    return c.kwargs["BLOCK_P"], c.kwargs["BLOCK_O"], c.num_warps, c.num_stages
+def _entry(c: triton.Config) -> tuple[int, ...]:
+    """The SHIPPED tuple of a config: (BLOCK_P, BLOCK_O, num_warps, num_stages[, maxnreg])."""
+    reg = (c.maxnreg,) if c.maxnreg else ()
+    return c.kwargs["BLOCK_P"], c.kwargs["BLOCK_O"], c.num_warps, c.num_stages, *reg
 
 
 def tile_class(block_d: int, dtype_is_fp32: bool) -> str:
@@ -176,6 +189,61 @@ def launch(
                 *[part(t) for t in args],
                 **{k: part(v) if k in per_batch else v for k, v in kwargs.items()},
             )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of the attention kernels (inlined by the compiler; the same IR as writing them out)
+
+
+@triton.jit
+def load_rows(ptr, rows, ok, dd, dmask, D, CT: tl.constexpr):
+    """The (rows, BLOCK_D) tile ptr[rows, :D] in CT, zeros where `ok` (per row) or `dmask` (per column) is
+    false. `ptr` already points at the (batch, head) slice."""
+    return tl.load(ptr + rows[:, None] * D + dd[None, :], mask=ok[:, None] & dmask[None, :], other=0.0).to(CT)
+
+
+@triton.jit
+def softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT: tl.constexpr, PREC: tl.constexpr):
+    """One FlashAttention-2 forward step over a key tile, in the log2 domain (scale2 = scale * log2 e):
+    scores q k^T where `ok`, the running row max `m`, row sums and the unnormalised output `acc` updated."""
+    s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    row_sum = row_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
+    return m_new, row_sum, acc
+
+
+@triton.jit
+def softmax_finish(m, row_sum, acc):
+    """(out, lse) of the online softmax: out = acc / row sum, lse in natural log; rows that saw no key give
+    out 0 and lse +inf."""
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
+    return out, lse
+
+
+@triton.jit
+def dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT: tl.constexpr, PREC: tl.constexpr):
+    """Backward over a key tile for the program's query rows: P recomputed from lse2 (log2 domain), dS, and
+    dq += dS k (unscaled). Returns (dq, P, dS) (LSG's fused backward also forms dK/dV from P and dS)."""
+    p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+    return dq + tl.dot(ds.to(CT), k, input_precision=PREC), p, ds
+
+
+@triton.jit
+def dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT: tl.constexpr, PREC: tl.constexpr):
+    """Backward over a query tile for the program's key rows (transposed P): dv += P^T dO, dk += dS^T q
+    (unscaled)."""
+    pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :]), 0.0)
+    dv += tl.dot(pt.to(CT), do, input_precision=PREC)
+    dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+    dk += tl.dot(dst.to(CT), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit

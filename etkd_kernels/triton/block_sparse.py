@@ -22,15 +22,40 @@ from ._common import (
     compute_type,
     configs,
     delta,
+    dkv_step,
+    dq_step,
     head_block,
     launch,
+    load_rows,
     precision,
     seq_bucket,
+    softmax_finish,
+    softmax_step,
 )
 
 _KEY = ["SB", "BS", "BLOCK_D"]  # SB: seq bucket
 
-# Loop bodies are inlined (no @triton.jit helpers inside loops): see sliding_window.py for why.
+
+@triton.jit
+def _own_block_rows(pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P: tl.constexpr):
+    """The program's rows (a BLOCK_P tile of layout block `blk`), which of them are real, its LUT row (a
+    pointer) and how many blocks the row lists (0 when none of the program's rows is real)."""
+    b = bh // H
+    n_sub_p = tl.cdiv(BS, BLOCK_P)
+    blk = pid // n_sub_p
+    r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = r < BS
+    pos = blk * BS + r
+    own = valid & (tl.load(REAL + b * S + pos, mask=valid, other=0) != 0)
+    n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + blk), 0)
+    return b, pos, valid, own, LUT + (bh % H) * LUT_HS * NB * WIDTH + blk * WIDTH, n_blocks
+
+
+@triton.jit
+def _sub_tile(blk, it, n_sub_o, BS, BLOCK_O: tl.constexpr):
+    """Rows of loop step `it` inside layout block `blk` (sub-tile it % n_sub_o), and which exist."""
+    c = (it % n_sub_o) * BLOCK_O + tl.arange(0, BLOCK_O)
+    return blk * BS + c, c < BS
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
@@ -38,52 +63,37 @@ _KEY = ["SB", "BS", "BLOCK_D"]  # SB: seq bucket
 def _fwd(
     Q, K, V, OUT, LSE, REAL, LUT, CNT, scale2, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+    LUT_BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    n_sub_p = tl.cdiv(BS, BLOCK_P)
+    b, pos, valid, own, lut, n_blocks = _own_block_rows(
+        pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    )
     n_sub_o = tl.cdiv(BS, BLOCK_O)
-    qb = pid // n_sub_p
-    r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = r < BS
-    pos = qb * BS + r
-    own = valid & (tl.load(REAL + b * S + pos, mask=valid, other=0) != 0)
     base = bh.to(tl.int64) * S * D
-    lut = LUT + (bh % H) * LUT_HS * NB * WIDTH + qb * WIDTH
-    n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + qb), 0)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    q = tl.load(
-        Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
-    ).to(CT)
+    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    # The LUT row is loaded once, as a vector, and each key block picked out of it in registers: the K/V
+    # addresses then depend on no load inside the loop, so Triton's pipeliner prefetches K/V num_stages - 1
+    # iterations ahead. A scalar LUT load in the loop made the K/V loads indirect, which halves that distance
+    # ((num_stages - 1) // 2: one iteration at 3 stages, and a wait for every copy at the top of each
+    # iteration, in the sm_90 TTGIR). The backward kernels keep the scalar load: there the vector cost
+    # registers (spills at 16-bit d32/d64 sm_80, fp32 d128) and at 2 stages the prefetch distance is 1 either way.
+    slot = tl.arange(0, LUT_BLOCK)
+    row = tl.load(lut + slot, mask=slot < n_blocks, other=0)
     for it in range(0, n_blocks * n_sub_o):
-        kb = tl.load(lut + it // n_sub_o)
-        c = (it % n_sub_o) * BLOCK_O + tl.arange(0, BLOCK_O)
-        j = kb * BS + c
-        jin = c < BS
+        j, jin = _sub_tile(tl.sum(tl.where(slot == it // n_sub_o, row, 0), 0), it, n_sub_o, BS, BLOCK_O)
         ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
-        m = m_new
-    seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
-    tl.store(
-        OUT + base + pos[:, None] * D + dd[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=valid[:, None] & dmask[None, :],
-    )
+        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+    out, lse = softmax_finish(m, row_sum, acc)
+    tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty),
+             mask=valid[:, None] & dmask[None, :])  # fmt: skip
     tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
 
 
@@ -94,38 +104,26 @@ def _bwd_dq(
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    n_sub_p = tl.cdiv(BS, BLOCK_P)
+    b, pos, valid, own, lut, n_blocks = _own_block_rows(
+        pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    )
     n_sub_o = tl.cdiv(BS, BLOCK_O)
-    qb = pid // n_sub_p
-    r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = r < BS
-    pos = qb * BS + r
-    own = valid & (tl.load(REAL + b * S + pos, mask=valid, other=0) != 0)
     base = bh.to(tl.int64) * S * D
-    lut = LUT + (bh % H) * LUT_HS * NB * WIDTH + qb * WIDTH
-    n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + qb), 0)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    rmask = valid[:, None] & dmask[None, :]
-    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
+    do = load_rows(DO + base, pos, valid, dd, dmask, D, CT)
     lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for it in range(0, n_blocks * n_sub_o):
-        kb = tl.load(lut + it // n_sub_o)
-        c = (it % n_sub_o) * BLOCK_O + tl.arange(0, BLOCK_O)
-        j = kb * BS + c
-        jin = c < BS
+        j, jin = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)
         ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
-    tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
+        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
+    tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=valid[:, None] & dmask[None, :])  # fmt: skip
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
@@ -134,43 +132,30 @@ def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    # Own rows are keys of key block kb; LUT here is the transposed layout's (query blocks per key block).
+    # Own rows are keys of a key block; LUT here is the transposed layout's (query blocks per key block).
     pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    n_sub_p = tl.cdiv(BS, BLOCK_P)
+    b, pos, valid, own, lut, n_blocks = _own_block_rows(
+        pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    )
     n_sub_o = tl.cdiv(BS, BLOCK_O)
-    kb = pid // n_sub_p
-    r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = r < BS
-    pos = kb * BS + r
-    own = valid & (tl.load(REAL + b * S + pos, mask=valid, other=0) != 0)
     base = bh.to(tl.int64) * S * D
     lbase = bh.to(tl.int64) * S
-    lut = LUT + (bh % H) * LUT_HS * NB * WIDTH + kb * WIDTH
-    n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + kb), 0)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    rmask = valid[:, None] & dmask[None, :]
-    k = tl.load(K + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    v = tl.load(V + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    k = load_rows(K + base, pos, valid, dd, dmask, D, CT)
+    v = load_rows(V + base, pos, valid, dd, dmask, D, CT)
     dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for it in range(0, n_blocks * n_sub_o):
-        qb = tl.load(lut + it // n_sub_o)
-        c = (it % n_sub_o) * BLOCK_O + tl.arange(0, BLOCK_O)
-        i = qb * BS + c
-        iok = c < BS
+        i, iok = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)
         ok = own[:, None] & iok[None, :]  # padded query rows have lse = +inf, so p = 0 there
-        qmask = iok[:, None] & dmask[None, :]
-        q = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
-        do = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        q = load_rows(Q + base, i, iok, dd, dmask, D, CT)
+        do = load_rows(DO + base, i, iok, dd, dmask, D, CT)
         lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
-        pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(CT), do, input_precision=PREC)
-        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
-        dk += tl.dot(dst.to(CT), q, input_precision=PREC)
+        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC)
     offs = base + pos[:, None] * D + dd[None, :]
+    rmask = valid[:, None] & dmask[None, :]
     tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=rmask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=rmask)
 
@@ -212,6 +197,7 @@ def forward(q, k, v, p):
     meta = _prepare(q, layout, block_size, key_padding_mask, scale)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    meta["LUT_BLOCK"] = triton.next_power_of_2(max(meta["WIDTH"], 1))  # the forward holds its LUT row
     launch(_fwd, _tiles(meta["NB"], block_size), q, (q, k, v, out, lse), meta, ("REAL",))
     return out, lse
 

@@ -19,100 +19,29 @@ import triton
 import triton.language as tl
 
 from ..reference.lsg import extra_keys
-from ._common import LOG2E, compute_type, configs, delta, head_block, launch, precision, seq_bucket
+from ._common import (
+    LOG2E,
+    compute_type,
+    configs,
+    delta,
+    dq_step,
+    head_block,
+    launch,
+    load_rows,
+    precision,
+    seq_bucket,
+    softmax_finish,
+    softmax_step,
+)
 
 _KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL"]  # SB: seq bucket
 
-# Loop bodies are inlined (no @triton.jit helpers inside loops): see sliding_window.py for why.
 
-
-@triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
-def _fwd(
-    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
-    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
-):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    if GLOBAL:  # rows [0, G), every real key
-        pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-        valid = pos < G
-        lo, hi = 0, S
-        qb = 0
-    else:
-        n_sub_p = tl.cdiv(BS, BLOCK_P)
-        qb = pid // n_sub_p
-        r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-        valid = r < BS
-        pos = qb * BS + r
-        lo, hi = tl.maximum(qb - 1, 0) * BS, tl.minimum(qb + 2, NB) * BS
-    own = valid & (tl.load(KMASK + b * S + pos, mask=valid, other=0) != 0)
-    base = bh.to(tl.int64) * S * D
-    xbase = bh.to(tl.int64) * SX * D
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = tl.load(
-        Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
-    ).to(CT)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    for j0 in range(lo, hi, BLOCK_O):
-        j = j0 + tl.arange(0, BLOCK_O)
-        jin = j < hi
-        ok = own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
-        m = m_new
-    left = tl.load(STARTS + qb * 2)
-    right = tl.load(STARTS + qb * 2 + 1)
-    for c0 in range(0, NX, BLOCK_O):  # extra slots: G globals, then the left and right sparse windows
-        c = c0 + tl.arange(0, BLOCK_O)
-        sp = tl.where(c < G + SBS, left + (c - G), right + (c - G - SBS))
-        x = tl.where(c < G, c, G + sp)
-        xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
-        ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
-        kvmask = xin[:, None] & dmask[None, :]
-        k = tl.load(KX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(VX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
-        m = m_new
-    seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
-    tl.store(
-        OUT + base + pos[:, None] * D + dd[None, :],
-        out.to(OUT.dtype.element_ty),
-        mask=valid[:, None] & dmask[None, :],
-    )
-    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
-
-
-@triton.autotune(configs=configs("bwd"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
-@triton.jit
-def _bwd(
-    Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
-    S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
-    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
-):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+def _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The program's rows, which exist and which are usable (KMASK), the local key range [lo, hi) and the
+    query block (for STARTS). Global pass: rows [0, G) and every key; block pass: a BLOCK_P tile of query
+    block qb and the keys of blocks qb - 1 .. qb + 1."""
     if GLOBAL:
         pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
         valid = pos < G
@@ -126,51 +55,110 @@ def _bwd(
         pos = qb * BS + r
         lo, hi = tl.maximum(qb - 1, 0) * BS, tl.minimum(qb + 2, NB) * BS
     own = valid & (tl.load(KMASK + b * S + pos, mask=valid, other=0) != 0)
+    return pos, valid, own, lo, hi, qb
+
+
+@triton.jit
+def _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O: tl.constexpr):
+    """Local key tile at j0: rows, which exist (the loads' mask), visible (query, key) pairs."""
+    j = j0 + tl.arange(0, BLOCK_O)
+    jin = j < hi
+    return j, jin, own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
+
+
+@triton.jit
+def _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O: tl.constexpr):
+    """Extra-key tile at slot c0 (G globals, then the left and right sparse windows): KX rows, which exist,
+    visible (query, key) pairs."""
+    c = c0 + tl.arange(0, BLOCK_O)
+    sp = tl.where(c < G + SBS, left + (c - G), right + (c - G - SBS))
+    x = tl.where(c < G, c, G + sp)
+    xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
+    ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
+    return x, xin, ok
+
+
+@triton.jit
+def _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT: tl.constexpr, PREC: tl.constexpr):
+    """This program's dK/dV contribution to key rows j (fp32 atomics: a key has no single owner)."""
+    offs = base + j[:, None] * D + dd[None, :]
+    kvmask = jin[:, None] & dmask[None, :]
+    tl.atomic_add(DK + offs, tl.dot(tl.trans(ds).to(CT), q, input_precision=PREC) * scale, mask=kvmask)
+    tl.atomic_add(DV + offs, tl.dot(tl.trans(p).to(CT), do, input_precision=PREC), mask=kvmask)
+
+
+@triton.autotune(configs=configs("fwd"), key=_KEY)
+@triton.jit
+def _fwd(
+    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
     base = bh.to(tl.int64) * S * D
     xbase = bh.to(tl.int64) * SX * D
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    rmask = valid[:, None] & dmask[None, :]
-    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
+    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for j0 in range(lo, hi, BLOCK_O):
+        j, jin, ok = _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O)
+        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+    left = tl.load(STARTS + qb * 2)
+    right = tl.load(STARTS + qb * 2 + 1)
+    for c0 in range(0, NX, BLOCK_O):
+        x, xin, ok = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O)
+        k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
+        v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+    out, lse = softmax_finish(m, row_sum, acc)
+    tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty),
+             mask=valid[:, None] & dmask[None, :])  # fmt: skip
+    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
+
+
+@triton.autotune(configs=configs("bwd_lsg"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
+@triton.jit
+def _bwd(
+    Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
+    S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
+    CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b = bh // H
+    pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
+    base = bh.to(tl.int64) * S * D
+    xbase = bh.to(tl.int64) * SX * D
+    dd = tl.arange(0, BLOCK_D)
+    dmask = dd < D
+    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
+    do = load_rows(DO + base, pos, valid, dd, dmask, D, CT)
     lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for j0 in range(lo, hi, BLOCK_O):
-        j = j0 + tl.arange(0, BLOCK_O)
-        jin = j < hi
-        ok = own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
-        dk = tl.dot(tl.trans(ds).to(CT), q, input_precision=PREC) * scale
-        dv = tl.dot(tl.trans(p).to(CT), do, input_precision=PREC)
-        offs = base + j[:, None] * D + dd[None, :]
-        tl.atomic_add(DK + offs, dk, mask=kvmask)
-        tl.atomic_add(DV + offs, dv, mask=kvmask)
+        j, jin, ok = _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O)
+        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
+        _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
     left = tl.load(STARTS + qb * 2)
     right = tl.load(STARTS + qb * 2 + 1)
     for c0 in range(0, NX, BLOCK_O):
-        c = c0 + tl.arange(0, BLOCK_O)
-        sp = tl.where(c < G + SBS, left + (c - G), right + (c - G - SBS))
-        x = tl.where(c < G, c, G + sp)
-        xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
-        ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
-        kvmask = xin[:, None] & dmask[None, :]
-        k = tl.load(KX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(VX + xbase + x[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
-        dk = tl.dot(tl.trans(ds).to(CT), q, input_precision=PREC) * scale
-        dv = tl.dot(tl.trans(p).to(CT), do, input_precision=PREC)
-        offs = xbase + x[:, None] * D + dd[None, :]
-        tl.atomic_add(DKX + offs, dk, mask=kvmask)
-        tl.atomic_add(DVX + offs, dv, mask=kvmask)
-    tl.store(DQ + base + pos[:, None] * D + dd[None, :], dq * scale, mask=rmask & own[:, None])
+        x, xin, ok = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O)
+        k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
+        v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
+        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
+        _add_dkv(DKX, DVX, xbase, x, xin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
+    tl.store(DQ + base + pos[:, None] * D + dd[None, :], dq * scale,
+             mask=valid[:, None] & dmask[None, :] & own[:, None])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,13 +26,29 @@ from ._common import (
     compute_type,
     configs,
     delta,
+    dkv_step,
+    dq_step,
     head_block,
     launch,
+    load_rows,
     precision,
     seq_bucket,
+    softmax_finish,
+    softmax_step,
 )
 
 _KEY = ["SQB", "SKB", "BLOCK_D"]  # sequence buckets
+
+
+@triton.jit
+def _keys(start, b, SK, valid, REAL, HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Key tile at `start`: its rows, which exist (the loads' mask), and the visible (query, key) pairs."""
+    j = start + tl.arange(0, BLOCK_O)
+    jin = j < SK
+    seen = jin
+    if HAS_MASK:
+        seen = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
+    return j, jin, valid[:, None] & seen[None, :]
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
@@ -50,34 +66,16 @@ def _fwd(
     dmask = dd < D
     qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    q = tl.load(
-        Q + qbase + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
-    ).to(CT)
+    q = load_rows(Q + qbase, pos, valid, dd, dmask, D, CT)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for start in range(0, SK, BLOCK_O):
-        j = start + tl.arange(0, BLOCK_O)
-        jin = j < SK
-        if HAS_MASK:
-            jin_ok = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
-        else:
-            jin_ok = jin
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
-        s = tl.where(valid[:, None] & jin_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
-        m = m_new
-    seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
+        j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
+        k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+    out, lse = softmax_finish(m, row_sum, acc)
     tl.store(
         OUT + qbase + pos[:, None] * D + dd[None, :],
         out.to(OUT.dtype.element_ty),
@@ -101,27 +99,18 @@ def _bwd_dq(
     dmask = dd < D
     qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    rmask = valid[:, None] & dmask[None, :]
-    q = tl.load(Q + qbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    do = tl.load(DO + qbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    q = load_rows(Q + qbase, pos, valid, dd, dmask, D, CT)
+    do = load_rows(DO + qbase, pos, valid, dd, dmask, D, CT)
     lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + pos, mask=valid, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * SQ + pos, mask=valid, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for start in range(0, SK, BLOCK_O):
-        j = start + tl.arange(0, BLOCK_O)
-        jin = j < SK
-        if HAS_MASK:
-            jin_ok = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
-        else:
-            jin_ok = jin
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + kbase + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
-        p = tl.where(valid[:, None] & jin_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
-    tl.store(DQ + qbase + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
+        j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
+        k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
+    tl.store(DQ + qbase + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=valid[:, None] & dmask[None, :])  # fmt: skip
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
@@ -142,25 +131,20 @@ def _bwd_dkv(
     dmask = dd < D
     qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    rmask = valid[:, None] & dmask[None, :]
-    k = tl.load(K + kbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    v = tl.load(V + kbase + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    k = load_rows(K + kbase, pos, valid, dd, dmask, D, CT)
+    v = load_rows(V + kbase, pos, valid, dd, dmask, D, CT)
     dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for start in range(0, SQ, BLOCK_O):
         i = start + tl.arange(0, BLOCK_O)
         iok = i < SQ
-        qmask = iok[:, None] & dmask[None, :]
-        q = tl.load(Q + qbase + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
-        do = tl.load(DO + qbase + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        q = load_rows(Q + qbase, i, iok, dd, dmask, D, CT)
+        do = load_rows(DO + qbase, i, iok, dd, dmask, D, CT)
         lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + i, mask=iok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + bh.to(tl.int64) * SQ + i, mask=iok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2
-        pt = tl.where(own[:, None] & iok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(CT), do, input_precision=PREC)
-        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
-        dk += tl.dot(dst.to(CT), q, input_precision=PREC)
+        dk, dv = dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC)
     offs = kbase + pos[:, None] * D + dd[None, :]
+    rmask = valid[:, None] & dmask[None, :]
     tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=rmask)
     tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=rmask)
 

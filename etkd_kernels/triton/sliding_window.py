@@ -28,23 +28,27 @@ from ._common import (
     compute_type,
     configs,
     delta,
+    dkv_step,
+    dq_step,
     head_block,
     launch,
+    load_rows,
     precision,
     seq_bucket,
+    softmax_finish,
+    softmax_step,
 )
 
 LOCAL, GLOBAL, REAL, ALL = 2, 4, 6, 7  # bit sets over kinds (bit k = kind k allowed); kind 0 = padding
 _KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST"]  # SB: seq bucket
 
-# The kernels inline their loop bodies on purpose: under TRITON_INTERPRET=1 every call of a @triton.jit
-# helper re-patches triton.language (~5 ms), which dominated the test time. Range tiles and global-list
-# tiles share one loop (a scalar branch picks the indices), so the body is written once per kernel.
+# Range tiles and global-list tiles share one loop (a scalar branch, `_other_rows`, picks the indices), so
+# the body is written once per kernel.
 
 
 @triton.jit
-def _own_rows(pid, b, S, IDX, CNT, G, GATHER: tl.constexpr, BLOCK: tl.constexpr):
-    """Positions of the program's own rows and which of them exist."""
+def _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions of the program's own rows, which of them exist, their kinds, and which are of kind OWN."""
     r = pid * BLOCK + tl.arange(0, BLOCK)
     if GATHER:
         valid = r < tl.load(CNT + b)
@@ -52,7 +56,8 @@ def _own_rows(pid, b, S, IDX, CNT, G, GATHER: tl.constexpr, BLOCK: tl.constexpr)
     else:
         valid = r < S
         pos = r
-    return pos, valid
+    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
+    return pos, valid, kind, valid & ((kind & OWN) != 0)
 
 
 @triton.jit
@@ -77,6 +82,25 @@ def _loop(pid, b, S, W, CNT, n_own, RANGE: tl.constexpr, BAND: tl.constexpr, LIS
     return lo, n_range, cnt, n_range + tl.cdiv(cnt, BLOCK_O)
 
 
+@triton.jit
+def _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G,
+                OTHER: tl.constexpr, BAND: tl.constexpr, BLOCK_O: tl.constexpr):  # fmt: skip
+    """Loop step `it`: the other side's rows (a range tile, or a tile of the compact global list), which of
+    them exist (the loads' mask), and the (own row, other row) pairs inside the pattern."""
+    if it < n_range:
+        j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
+        jin = j < S
+        ok = own[:, None] & (jin & ((tl.load(KIND + b * S + j, mask=jin, other=0) & OTHER) != 0))[None, :]
+        if BAND:
+            ok = ok & (tl.abs(pos[:, None] - j[None, :]) <= W)
+    else:
+        t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
+        jin = t < cnt
+        j = tl.load(IDX + b * G + t, mask=jin, other=0)
+        ok = own[:, None] & jin[None, :]
+    return j, jin, ok
+
+
 @triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit
 def _fwd(
@@ -88,14 +112,10 @@ def _fwd(
     pid, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * S * D
-    pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
-    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
-    own = valid & ((kind & OWN) != 0)
+    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    q = tl.load(
-        Q + base + pos[:, None] * D + dd[None, :], mask=valid[:, None] & dmask[None, :], other=0.0
-    ).to(CT)
+    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
@@ -103,31 +123,11 @@ def _fwd(
         pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
     for it in range(0, n_iter):
-        if it < n_range:
-            j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
-            jin = j < S
-            ok = own[:, None] & (jin & ((tl.load(KIND + b * S + j, mask=jin, other=0) & OTHER) != 0))[None, :]
-            if BAND:
-                ok = ok & (tl.abs(pos[:, None] - j[None, :]) <= W)
-        else:
-            t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
-            jin = t < cnt
-            j = tl.load(IDX + b * G + t, mask=jin, other=0)
-            ok = own[:, None] & jin[None, :]
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        s = tl.where(ok, tl.dot(q, tl.trans(k), input_precision=PREC) * scale2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet stay NaN-free
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(CT), v, input_precision=PREC)
-        m = m_new
-    seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, row_sum, 1.0))) / LOG2E, float("inf"))
+        j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
+        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+    out, lse = softmax_finish(m, row_sum, acc)
     store = valid & ((kind & STORE) != 0)
     omask = store[:, None] & dmask[None, :]
     tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=omask)
@@ -145,14 +145,11 @@ def _bwd_dq(
     pid, bh = tl.program_id(0), tl.program_id(1)
     b = bh // H
     base = bh.to(tl.int64) * S * D
-    pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
-    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
-    own = valid & ((kind & OWN) != 0)
+    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    rmask = valid[:, None] & dmask[None, :]
-    q = tl.load(Q + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    do = tl.load(DO + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
+    do = load_rows(DO + base, pos, valid, dd, dmask, D, CT)
     lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
@@ -160,23 +157,10 @@ def _bwd_dq(
         pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
     for it in range(0, n_iter):
-        if it < n_range:
-            j = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
-            jin = j < S
-            ok = own[:, None] & (jin & ((tl.load(KIND + b * S + j, mask=jin, other=0) & OTHER) != 0))[None, :]
-            if BAND:
-                ok = ok & (tl.abs(pos[:, None] - j[None, :]) <= W)
-        else:
-            t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
-            jin = t < cnt
-            j = tl.load(IDX + b * G + t, mask=jin, other=0)
-            ok = own[:, None] & jin[None, :]
-        kvmask = jin[:, None] & dmask[None, :]
-        k = tl.load(K + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        v = tl.load(V + base + j[:, None] * D + dd[None, :], mask=kvmask, other=0.0).to(CT)
-        p = tl.where(ok, tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(CT), k, input_precision=PREC)
+        j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
+        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
     store = valid & ((kind & STORE) != 0)
     tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=store[:, None] & dmask[None, :])  # fmt: skip
@@ -195,40 +179,23 @@ def _bwd_dkv(
     b = bh // H
     base = bh.to(tl.int64) * S * D
     lbase = bh.to(tl.int64) * S
-    pos, valid = _own_rows(pid, b, S, IDX, CNT, G, GATHER, BLOCK_P)
-    kind = tl.load(KIND + b * S + pos, mask=valid, other=0)
-    own = valid & ((kind & OWN) != 0)
+    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
     dd = tl.arange(0, BLOCK_D)
     dmask = dd < D
-    rmask = valid[:, None] & dmask[None, :]
-    k = tl.load(K + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
-    v = tl.load(V + base + pos[:, None] * D + dd[None, :], mask=rmask, other=0.0).to(CT)
+    k = load_rows(K + base, pos, valid, dd, dmask, D, CT)
+    v = load_rows(V + base, pos, valid, dd, dmask, D, CT)
     dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     lo, n_range, cnt, n_iter = _loop(
         pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
     for it in range(0, n_iter):
-        if it < n_range:
-            i = lo + it * BLOCK_O + tl.arange(0, BLOCK_O)
-            iok = (i < S) & ((tl.load(KIND + b * S + i, mask=i < S, other=0) & OTHER) != 0)
-            ok = own[:, None] & iok[None, :]
-            if BAND:
-                ok = ok & (tl.abs(i[None, :] - pos[:, None]) <= W)
-        else:
-            t = (it - n_range) * BLOCK_O + tl.arange(0, BLOCK_O)
-            iok = t < cnt
-            i = tl.load(IDX + b * G + t, mask=iok, other=0)
-            ok = own[:, None] & iok[None, :]
-        qmask = iok[:, None] & dmask[None, :]
-        q = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
-        do = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=qmask, other=0.0).to(CT)
+        i, iok, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
+        q = load_rows(Q + base, i, iok, dd, dmask, D, CT)
+        do = load_rows(DO + base, i, iok, dd, dmask, D, CT)
         lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
-        pt = tl.where(ok, tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(CT), do, input_precision=PREC)
-        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
-        dk += tl.dot(dst.to(CT), q, input_precision=PREC)
+        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC)
     store = valid & ((kind & STORE) != 0)
     smask = store[:, None] & dmask[None, :]
     offs = base + pos[:, None] * D + dd[None, :]
