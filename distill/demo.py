@@ -207,12 +207,12 @@ def pipeline(args) -> None:
     models = [("roberta-full", teacher, None), ("longformer", long_teacher, None),
               ("longformer-student", student, "longformer")]  # fmt: skip
 
-    def finetune(name, path, teacher_name, task, train, dev, results, steps, batch, *extra):
+    def finetune(name, path, teacher_name, task, train, dev, results, steps, batch, *extra, lr=2e-3):
         tag = os.path.basename(results)
         return _finetune_timed(
             ["finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
              "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}-{tag}"),
-             "--max-steps", str(steps), "--batch-size", str(batch), "--learning-rate", "2e-3",
+             "--max-steps", str(steps), "--batch-size", str(batch), "--learning-rate", str(lr),
              "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
              *(["--teacher", teacher_name] if teacher_name else []), *extra, *quiet]
         )  # fmt: skip
@@ -247,10 +247,9 @@ def pipeline(args) -> None:
 
     for name, path, teacher_name in models if args.long_steps else []:
         row = {"name": name, "context": 512 if path == teacher else args.max_positions}
-        lr = ["--learning-rate", str(args.long_lr)]
         cost = finetune(name, tuned(name, "conll2003"), teacher_name, "conll2003", data["long_ner_train"],
                         data["long_ner_dev"], long_results, args.long_steps, args.long_batch, "--ner-unit",
-                        "document", "--eval-batch-size", "4", *lr)  # fmt: skip
+                        "document", "--eval-batch-size", "4", lr=args.long_lr)  # fmt: skip
         row.update(seconds_ner=cost["seconds"], peak_mib_ner=cost["peak_mib"])
         with open(os.path.join(long_results, f"{name}-conll2003.json")) as f:
             row["f1"] = json.load(f)["metrics"]["f1"]
@@ -258,7 +257,7 @@ def pipeline(args) -> None:
             row.update(longrange.breakdown(dev_docs, json.load(f)["eval"]))
         cost = finetune(name, tuned(name, "sst2"), teacher_name, "sst2", data["long_cls_train"],
                         data["long_cls_dev"], long_results, args.long_steps, args.long_batch, "--eval-batch-size",
-                        "4", *lr)  # fmt: skip
+                        "4", lr=args.long_lr)  # fmt: skip
         row.update(seconds_cls=cost["seconds"], peak_mib_cls=cost["peak_mib"])
         with open(os.path.join(long_results, f"{name}-sst2.json")) as f:
             row["accuracy"] = json.load(f)["metrics"]["accuracy"]
