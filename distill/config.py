@@ -45,6 +45,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "lam": (0, 1, True),
     "ner_group_sentences": (1, None, True),
     "ner_stride": (0, None, True),
+    "global_prefix": (0, None, True),
     "doc_stride": (0, None, True),
 }
 KINDS = ("int", "float", "str", "bool", "list")

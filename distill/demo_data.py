@@ -107,13 +107,16 @@ def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float 
     return path
 
 
-def write_conll(path: str, n_docs: int = 60, seed: int = 1) -> str:
+def write_conll(path: str, n_docs: int = 60, seed: int = 1, declared_share: float = 0.5) -> str:
+    """CoNLL documents of `sentence`s and, with probability `declared_share` each, sentences that declare a
+    codename's type and mention it (`longrange.declared_sentence`): those need context, not just the word."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n_docs):
             f.write("-DOCSTART- -X- -X- O\n\n")
             for _ in range(rng.randint(3, 10)):
-                for w, tag in sentence(rng):
+                make = longrange.declared_sentence if rng.random() < declared_share else sentence
+                for w, tag in make(rng):
                     f.write(f"{w} NN O {tag}\n")
                 f.write("\n")
     return path

@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "max_steps": 1000,
     "batch_size": 16,
     "eval_batch_size": 32,
+    "global_prefix": 0,
     "learning_rate": 3e-5,
     "weight_decay": 0.01,
     "warmup_ratio": 0.06,
@@ -219,9 +220,12 @@ MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "global_attention
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
 
 
-def make_collate(pad_id: int, cls_global: bool) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+def make_collate(
+    pad_id: int, cls_global: bool, global_prefix: int = 0
+) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Pads to the longest feature; drops bookkeeping keys. `cls_global` gives token 0 global attention
-    (Longformer-style models) where the features carry no global mask of their own."""
+    (Longformer-style models) where the features carry no global mask of their own, and also the
+    `global_prefix` tokens after it (a title, header or question at the start of every sequence)."""
 
     def collate(feats: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(f["input_ids"]) for f in feats)
@@ -238,7 +242,9 @@ def make_collate(pad_id: int, cls_global: bool) -> Callable[[list[dict]], dict[s
                 batch[k] = torch.tensor([f[k] for f in feats])
         if cls_global and "global_attention_mask" not in batch:
             g = torch.zeros_like(batch["input_ids"])
-            g[:, 0] = 1
+            g[:, : 1 + global_prefix] = 1
+            if "attention_mask" in batch:
+                g = g * batch["attention_mask"]  # padding is never global
             batch["global_attention_mask"] = g
         if not cls_global:
             batch.pop("global_attention_mask", None)
@@ -308,7 +314,7 @@ def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict
 
     family = task_family(task)
     feats = encode(task, examples, tokenizer, labels, o, train=False)
-    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
+    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model), int(o["global_prefix"]))
     logits = predict(model, feats, collate, o["eval_batch_size"], bool(o["progress"]))
     if family == "glue":
         if not labels or labels == ["score"]:
@@ -436,7 +442,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         new_hparams_on_resume=bool(o["new_hparams_on_resume"]),
     )
     start_run(argparse.Namespace(**o))
-    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model))
+    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model), int(o["global_prefix"]))
     result = train(model, feats, make_loss(family, regression), cfg, collate_fn=collate)
     if not result["is_main_process"]:
         return 0
@@ -509,6 +515,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="NER: extra entity types the data may use, comma-separated (conll2003 / gonerd "
                    "accept PER, ORG, LOC, MISC; another type is an error naming its line)")  # fmt: skip
     p.add_argument("--eval-batch-size", type=int, help="sequences per evaluation batch")
+    p.add_argument("--global-prefix", type=int, metavar="N",
+                   help="Longformer-style models: the first N tokens after [CLS] of every sequence get global "
+                   "attention too, like a question in QA (default: 0, [CLS] only); ignored by other models")  # fmt: skip
     p.add_argument("--backend", choices=BACKENDS, help="attention kernel backend (default: auto)")
     p.add_argument("--attention-backend", dest="backend", choices=BACKENDS, help=HIDDEN)
     p.add_argument("--name", help="model name in the results (and in `etkd report`)")

@@ -16,6 +16,7 @@ from etkd.benchmarks import core
 from etkd.benchmarks import providers as P
 from etkd.benchmarks.harness import Timing, run_fresh, time_call
 from etkd.distill.cli import main as cli
+from etkd.distill.tasks import longrange
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--steps", "4", "--hidden", "32", "--layers", "2", "--heads", "2",
             "--max-positions", "1024", "--window", "32", "--seq", "128", "--repeats", "1", "--skip-bench",
-            "--long-steps", "2", "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
+            "--ner-steps", "4", "--long-steps", "2", "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
     assert cli(argv) == 0
     kernels = json.loads((out / "kernels.json").read_text())
     ok = [r for r in kernels if r["status"] == "ok"]
@@ -182,5 +183,7 @@ def test_demo_tiny_end_to_end(tmp_path):
                 (out / "finetune" / f"{name}-{task}-results_long" / "settings.json").read_text()
             )
             assert settings["model"] == str(out / "finetune" / f"{name}-{task}-results" / "model")
+            # the NER documents' opening paragraph is global for the Longformers (the 512-token model ignores it)
+            assert settings["global_prefix"] == (longrange.OPENING if task == "conll2003" else 0)
     assert all(r["seconds_ner"] > 0 and r["peak_mib_cls"] >= 0 for r in rows)
     assert any((out / "report").iterdir())

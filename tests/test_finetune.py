@@ -235,3 +235,21 @@ def test_ner_labels_come_from_a_token_classification_checkpoint_only(tmp_path):
         (folder / "config.json").write_text(json.dumps({"head": head, "extra": {"labels": saved}}))
         got = labels_for("conll2003", str(folder), examples)
         assert got == (want or saved), (head, got)
+
+
+def test_global_prefix_marks_cls_and_the_first_tokens_but_never_padding():
+    import torch
+
+    from etkd.distill.finetune import make_collate
+
+    feats = [
+        {"input_ids": [2, 7, 8, 9, 3], "attention_mask": [1] * 5},
+        {"input_ids": [2, 7, 3], "attention_mask": [1] * 3},
+    ]
+    g = make_collate(0, True, global_prefix=3)(feats)["global_attention_mask"]
+    assert g.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert make_collate(0, True)(feats)["global_attention_mask"][:, 1:].sum() == 0  # [CLS] only by default
+    assert "global_attention_mask" not in make_collate(0, False, global_prefix=3)(
+        feats
+    )  # no global attention
+    assert torch.equal(make_collate(0, True, 0)(feats)["input_ids"][1], torch.tensor([2, 7, 3, 0, 0]))

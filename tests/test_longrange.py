@@ -148,3 +148,20 @@ def test_context_ceiling_512_vs_4096(files):
     assert abs(short["f1_codename"] - 100 * per) < 10 and full["f1"] - short["f1"] > 10
     # the control variant: the evidence is within reach of every 512-token window
     assert longrange.context_ceiling(ner.read_conll(near["long_ner_dev"], "document"), 512)["f1"] > 99
+
+
+def test_short_ner_set_needs_context_for_codenames(tmp_path):
+    """The demo's short NER set mixes in sentences that type a codename by its declaration: the same codename
+    carries different types across sentences, always the declared one."""
+    path = demo_data.write_conll(str(tmp_path / "ner.conll"), n_docs=30, seed=3)
+    sents = ner.read_conll(path, "sentence")
+    types = {}
+    for s in sents:
+        w, t = s["tokens"], s["tags"]
+        if w[0] in longrange.CODENAMES:
+            assert w[1:3] == ["is", "a"]
+            tag = "B-" + longrange.KINDS[w[3]]
+            assert all(t[i] == tag for i, x in enumerate(w) if x == w[0])  # every mention: the declared type
+            types.setdefault(w[0], set()).add(tag)
+    assert len(types) > 3 and any(len(v) > 1 for v in types.values())  # a codename's type varies
+    assert 0.3 < sum(s["tokens"][0] in longrange.CODENAMES for s in sents) / len(sents) < 0.7

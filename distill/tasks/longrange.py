@@ -42,6 +42,8 @@ TASKS = ("longrange-ner", "longrange-cls")
 LENGTH = (1200, 1600)  # words (= tokens) per document
 MIN_GAP = 640  # no evidence closer than this to where it is needed: beyond a 512-token window
 OPINIONS = 24
+REPEAT = 8  # the declaration "<codename> is a <kind> ." opens an NER document this many times
+OPENING = 5 * REPEAT  # its tokens: a Longformer gives them global attention (`finetune --global-prefix`)
 
 
 def _filler(rng: random.Random, n: int) -> list[str]:
@@ -51,6 +53,19 @@ def _filler(rng: random.Random, n: int) -> list[str]:
         k = min(rng.randint(8, 24), n - len(out))
         out += [rng.choice(FILLER) for _ in range(max(k - 1, 0))] + ["."]
     return out[:n]
+
+
+def declared_sentence(rng: random.Random) -> list[tuple[str, str]]:
+    """One sentence that declares a codename's type and mentions it again, e.g. "kor is a firm la met kor ."
+    (both `kor` tagged B-ORG): the short NER set mixes these in so that a model learns, within a sentence, that
+    a codename takes its type from its declaration — what the long-range set then asks across > 640 tokens."""
+    code, kind = rng.choice(CODENAMES), rng.choice(list(KINDS))
+    tag = "B-" + KINDS[kind]
+    out = [(code, tag), ("is", "O"), ("a", "O"), (kind, "O")]
+    for _ in range(rng.randint(1, 2)):
+        out += [(rng.choice(FILLER), "O") for _ in range(rng.randint(0, 3))]
+        out += [(rng.choice(MENTION_VERBS), "O"), (code, tag)]
+    return out + [(".", "O")]
 
 
 def _split_sentences(tagged: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
@@ -69,7 +84,7 @@ def ner_document(
     min_gap: int = MIN_GAP,
     near: bool = False,
     near_every: int = 300,
-    repeat: int = 8,
+    repeat: int = REPEAT,
     mention_rate: float = 0.4,
     sentence_rate: float = 0.2,
 ) -> list[list[tuple[str, str]]]:
