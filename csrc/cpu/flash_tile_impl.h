@@ -260,6 +260,22 @@ struct Work {
         kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0) {}
 };
 
+// The end of a forward tile: out = acc / l and lse = m + log l per row; a row that saw no key gets out 0 and
+// lse +inf (its backward then skips it).
+template <class T, class C>
+void finish_rows(const Work<T, C>& w, int64_t rows, int64_t d, T* out, float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * d;
+    if (w.l[r] > 0.f) {
+      store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
+      lse[r] = w.m[r] + std::log(w.l[r]);
+    } else {
+      std::fill(o, o + d, T(0.f));
+      lse[r] = kInf;
+    }
+  }
+}
+
 // One query tile: rows q[0:rows] (absolute index i0 + r), forward. The key sources are already in the product
 // type C (prepare_sources).
 template <class T, class C>
@@ -325,16 +341,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
       ck.lap(kPhasePV);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    T* o = out + r * d;
-    if (w.l[r] > 0.f) {
-      store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
-      lse[r] = w.m[r] + std::log(w.l[r]);
-    } else {
-      std::fill(o, o + d, T(0.f));
-      lse[r] = kInf;
-    }
-  }
+  finish_rows(w, rows, d, out, lse);
   ck.lap(kPhaseOut);
 }
 
@@ -489,16 +496,7 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
       ck.lap(kPhasePV);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    BFloat16* o = out + r * d;
-    if (w.l[r] > 0.f) {
-      store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
-      lse[r] = w.m[r] + std::log(w.l[r]);
-    } else {
-      std::fill(o, o + d, BFloat16(0.f));
-      lse[r] = kInf;
-    }
-  }
+  finish_rows(w, rows, d, out, lse);
   ck.lap(kPhaseOut);
 }
 #endif
