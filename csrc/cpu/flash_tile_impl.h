@@ -504,6 +504,23 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
 // The key sources of a forward task (query tiles [t0, t1) of one (batch, head)) in the product type C: the
 // inputs themselves when T == C, else the keys those tiles visit (the union of their segments), converted once
 // per task into w.kc / w.vc — not once per query tile, which converted every key about (bq + 2w) / bq times.
+// The keys of each source (0: keys, 1: separate global keys) that query tiles [t0, t1) of (b, h) visit:
+// [lo[i], hi[i]), empty when hi[i] <= lo[i]. `segs` is scratch.
+inline void key_range(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, std::vector<Seg>& segs,
+                      int64_t* lo, int64_t* hi) {
+  lo[0] = lo[1] = INT64_MAX;
+  hi[0] = hi[1] = 0;
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t i0 = tile * p.bq;
+    segs.clear();
+    p.segments(b, h, i0, std::min(p.bq, p.Sq - i0), segs);
+    for (const Seg& sg : segs) {
+      lo[sg.src] = std::min(lo[sg.src], sg.k0);
+      hi[sg.src] = std::max(hi[sg.src], sg.k0 + sg.n);
+    }
+  }
+}
+
 template <class T, class C>
 void prepare_sources(const Problem& p, const SrcView<T>* raw, int64_t b, int64_t h, int64_t t0, int64_t t1,
                      Work<T, C>& w, SrcView<C>* src) {
@@ -514,16 +531,8 @@ void prepare_sources(const Problem& p, const SrcView<T>* raw, int64_t b, int64_t
   if constexpr (std::is_same_v<T, C>) {
     for (int i = 0; i < 2; ++i) src[i].k = raw[i].k, src[i].v = raw[i].v, src[i].off = 0;
   } else {
-    int64_t lo[2] = {INT64_MAX, INT64_MAX}, hi[2] = {0, 0};
-    for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t i0 = tile * p.bq;
-      w.segs.clear();
-      p.segments(b, h, i0, std::min(p.bq, p.Sq - i0), w.segs);
-      for (const Seg& sg : w.segs) {
-        lo[sg.src] = std::min(lo[sg.src], sg.k0);
-        hi[sg.src] = std::max(hi[sg.src], sg.k0 + sg.n);
-      }
-    }
+    int64_t lo[2], hi[2];
+    key_range(p, b, h, t0, t1, w.segs, lo, hi);
     const int64_t d = p.D;
     for (int i = 0; i < 2; ++i) {
       src[i].k = src[i].v = nullptr;
@@ -753,16 +762,8 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
 // A forward task of the packed path: pack the keys the tiles [t0, t1) visit, then run the tiles.
 void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t b, int64_t h, int64_t bh, int64_t t0,
                          int64_t t1, Work<BFloat16, BFloat16>& w, const BFloat16* q, BFloat16* out, float* lse) {
-  int64_t lo[2] = {INT64_MAX, INT64_MAX}, hi[2] = {0, 0};
-  for (int64_t tile = t0; tile < t1; ++tile) {
-    const int64_t i0 = tile * p.bq;
-    w.segs.clear();
-    p.segments(b, h, i0, std::min(p.bq, p.Sq - i0), w.segs);
-    for (const Seg& sg : w.segs) {
-      lo[sg.src] = std::min(lo[sg.src], sg.k0);
-      hi[sg.src] = std::max(hi[sg.src], sg.k0 + sg.n);
-    }
-  }
+  int64_t lo[2], hi[2];
+  key_range(p, b, h, t0, t1, w.segs, lo, hi);
   const int64_t limit[2] = {p.Sk, p.Sx};
   for (int i = 0; i < 2; ++i)
     if (hi[i] > lo[i]) pack_keys(raw[i].k, raw[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i]);
