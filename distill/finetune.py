@@ -253,6 +253,21 @@ def make_collate(
     return collate
 
 
+def collate_for(model, tokenizer, o: dict[str, Any]) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """`make_collate` for this model and the options; says so when `--global-prefix` cannot take effect."""
+    glob = uses_global_tokens(model)
+    if o["global_prefix"] and not glob:
+        from .core import log
+
+        log.warning(
+            "--global-prefix %d: ignored, model attention %r has no global tokens (only Longformer-style "
+            "models take it)",
+            o["global_prefix"],
+            model.config.attention,
+        )
+    return make_collate(tokenizer.pad_token_id, glob, int(o["global_prefix"]))
+
+
 def uses_global_tokens(model) -> bool:
     return model.config.attention == "longformer"
 
@@ -314,7 +329,7 @@ def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict
 
     family = task_family(task)
     feats = encode(task, examples, tokenizer, labels, o, train=False)
-    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model), int(o["global_prefix"]))
+    collate = collate_for(model, tokenizer, o)
     logits = predict(model, feats, collate, o["eval_batch_size"], bool(o["progress"]))
     if family == "glue":
         if not labels or labels == ["score"]:
@@ -442,7 +457,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         new_hparams_on_resume=bool(o["new_hparams_on_resume"]),
     )
     start_run(argparse.Namespace(**o))
-    collate = make_collate(tokenizer.pad_token_id, uses_global_tokens(model), int(o["global_prefix"]))
+    collate = collate_for(model, tokenizer, o)
     result = train(model, feats, make_loss(family, regression), cfg, collate_fn=collate)
     if not result["is_main_process"]:
         return 0

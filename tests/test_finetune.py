@@ -253,3 +253,22 @@ def test_global_prefix_marks_cls_and_the_first_tokens_but_never_padding():
         feats
     )  # no global attention
     assert torch.equal(make_collate(0, True, 0)(feats)["input_ids"][1], torch.tensor([2, 7, 3, 0, 0]))
+
+
+def test_global_prefix_on_a_model_without_global_tokens_is_reported(model_dir, caplog):
+    """No silent no-op: a full-attention model cannot take --global-prefix, and the run says so."""
+    import logging
+
+    from etkd.distill.finetune import collate_for
+    from etkd.models import EncoderModel
+
+    model = EncoderModel.from_pretrained(model_dir)
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    with caplog.at_level(logging.WARNING, logger="etkd"):
+        collate = collate_for(model, tok, {"global_prefix": 4})
+    assert "--global-prefix 4: ignored" in caplog.text
+    assert "global_attention_mask" not in collate([{"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1]}])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="etkd"):
+        collate_for(model, tok, {"global_prefix": 0})
+    assert "global-prefix" not in caplog.text
