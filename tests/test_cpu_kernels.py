@@ -236,3 +236,29 @@ def test_opcheck_nystrom_fwd():
     for init in ("per_head", "hf_global"):
         args = (q, k, v, 5, 6, kpm, 0.25, init, "cpu")
         torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, args)
+
+
+def test_bf16_off_the_amx_tiles_is_said_once():
+    """bf16 with a head_dim the AMX brgemm tiles cannot take (not a multiple of 16) is told once per op and head_dim;
+    a head_dim they take is not."""
+    import warnings
+
+    import etkd_kernels as ek
+    from etkd_kernels import _C, cpu
+
+    if not _C.bf16_brgemm():
+        pytest.skip(f"no AMX brgemm bf16 tiles on this CPU / target ({cpu.isa_summary()})")
+    cpu._told.clear()
+    q40, q64 = (torch.randn(1, 2, 64, d).bfloat16() for d in (40, 64))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for q in (q40, q40, q64):
+            ek.sliding_window_attention(q, q, q, 8, backend="cpu")
+        ek.block_sparse_attention(q40, q40, q40, ek.longformer_layout(64, 16), backend="cpu")
+    said = [str(w.message) for w in seen if "AMX brgemm" in str(w.message)]
+    assert (
+        len(said) == 2
+        and "sliding_window" in said[0]
+        and "head_dim 40" in said[0]
+        and "block_sparse" in said[1]
+    )

@@ -55,6 +55,28 @@ def isa_summary() -> str:
     )
 
 
+_told: set[tuple[str, int]] = set()
+
+
+def note_bf16_tile_path(op: str, q: torch.Tensor) -> None:
+    """Warn once per (op, head_dim) when a bf16 forward cannot take the AMX brgemm tiles this CPU has (they
+    need head_dim a multiple of 16) and runs on MKL's bf16 GEMM instead: slower, and otherwise unsaid."""
+    if q.dtype != torch.bfloat16 or q.shape[-1] % 16 == 0 or (op, q.shape[-1]) in _told:
+        return
+    from etkd_kernels import _C
+
+    if _C.bf16_brgemm():
+        import warnings
+
+        _told.add((op, q.shape[-1]))
+        warnings.warn(
+            f"etkd {op}: bf16 with head_dim {q.shape[-1]} runs on MKL's bf16 GEMM, not the faster AMX brgemm "
+            "tiles of this CPU (they need head_dim a multiple of 16)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def __getattr__(name: str) -> str:
     # DESCRIPTION names the chosen ISA, which needs the extension: computed on first access, not at import.
     if name == "DESCRIPTION":
