@@ -6,9 +6,12 @@
 // additive biases (0 = usable, -inf = masked: padding, keys counted elsewhere), and per-query skip flags
 // (rows whose output is produced elsewhere or is zero). The driver runs FlashAttention-2 style loops:
 // forward = online softmax over the segments (scores live only in a bq x seg tile), backward = recompute
-// P from the saved lse. Tile products are BLAS sgemm calls; native bf16 tiles go through oneDNN's brgemm on K/V
-// packed once per (batch, head) task in the forward (AMX), MKL's bf16 GEMM otherwise. The element-wise softmax
-// work is at::vec. The SIMD code is compiled per ISA and chosen at run time: isa.h.
+// P from the saved lse. Forward tile products in fp32 (fp32 inputs, and fp16/bf16 converted on load) are the
+// target's own register-blocked micro-kernels on K^T packed once per (batch, head) task, so each ISA target runs
+// its own vector width end to end (own_tile_gemm; BLAS sgemm with ETKD_CPU_GEMM=blas, and in the backward);
+// native bf16 tiles go through oneDNN's brgemm on K/V packed once per task in the forward (AMX), MKL's bf16 GEMM
+// otherwise. The element-wise softmax work is at::vec. The SIMD code is compiled per ISA and chosen at run
+// time: isa.h.
 //
 // No torch headers here: plain pointers, so the kernel translation units stay cheap to compile.
 #pragma once
@@ -65,6 +68,12 @@ void run_forward(const Problem& p, void* out, float* lse);
 // dout in the element type; delta (B, H, Sq) = rowsum(dout * out).
 void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx);
+
+// Forward fp32 tile products by the target's own micro-kernels (true, the default) or by BLAS sgemm (false:
+// ETKD_CPU_GEMM=blas in the environment, read once). BLAS picks its own ISA whatever target runs ours, so with
+// it an `avx2` target still multiplies with AVX-512 on an AVX-512 CPU; the own kernels keep each target to its
+// width (and are faster on these L1/L2-resident tiles: README, CPU ISA targets).
+bool own_tile_gemm();
 
 // Row-major C (m x n) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C through BLAS sgemm.
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

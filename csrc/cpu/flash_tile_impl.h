@@ -7,6 +7,10 @@
 
 #include <ATen/cpu/vec/functional.h>
 
+#ifndef ETKD_OWN_PRODUCTS
+#define ETKD_OWN_PRODUCTS 1  // the portable target (generic.cpp) leaves its tile products to BLAS
+#endif
+
 namespace etkd::cpu::ETKD_ISA {
 namespace {
 
@@ -150,6 +154,11 @@ float exp_sum(float* s, int64_t lo, int64_t hi, float m) {
 }
 
 #if ETKD_NATIVE_BF16
+// The exps of the bf16 tiles are at::vec's fexp_u20 (degree-3 polynomial, relative error <= 1.2e-4 on the range
+// softmax uses, measured against float64 exp over [-87, 0]) rather than exp_u20 (fp32 accuracy): P is rounded to
+// bf16 right after (relative error up to 2^-9 = 2.0e-3), so the cheaper exp is 17x below what the rounding adds,
+// and the row sums use the same values as P, so each row stays normalised.
+
 // p[0:n] = bf16(exp(s[j] - m)) on [lo, hi), 0 elsewhere; returns the float32 sum of the exps (the softmax
 // statistics stay unrounded, as in flash attention). The rounding is fused into the exp pass: P is written once,
 // already in the product type. m is finite.
@@ -160,13 +169,13 @@ float exp_sum_bf16(const float* s, BFloat16* p, int64_t n, int64_t lo, int64_t h
   Vec acc(0.f);
   int64_t j = lo;
   for (; j + 16 <= hi; j += 16) {
-    const Vec e = Vec(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)).exp_u20();
+    const Vec e = Vec(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)).fexp_u20();
     acc = acc + e;
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
   }
   if (j < hi) {
     const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
-    const Vec e = Vec(_mm512_maskz_sub_ps(mk, _mm512_maskz_loadu_ps(mk, s + j), vm)).exp_u20();
+    const Vec e = Vec(_mm512_maskz_sub_ps(mk, _mm512_maskz_loadu_ps(mk, s + j), vm)).fexp_u20();
     acc = acc + Vec(_mm512_maskz_mov_ps(mk, e));
     _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
   }
@@ -196,6 +205,94 @@ float dot(const float* a, const float* b, int64_t n) {
   float s = acc.reduce_add();
   for (; j < n; ++j) s += a[j] * b[j];
   return s;
+}
+
+// C rows [0, MR) x columns [0, NV * kV) of gemm_panels: MR x NV accumulators (6 x 4 = 24 of the 32 zmm
+// registers on AVX-512, 6 x 2 = 12 of the 16 ymm on AVX2, plus NV loads of B and one broadcast of A per k step).
+template <int MR, int NV, bool ACC>
+void micro_kernel(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                  float* c, int64_t ldc) {
+  Vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* bk = b + kk * ldb;
+    const float* ak = a + kk * a_ks;
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bk + v * kV);
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar(ak[r * a_rs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+  const Vec va(alpha);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + v * kV;
+      Vec x = acc[r][v] * va;
+      if (ACC) x = x + Vec::loadu(cp);
+      x.store(cp);
+    }
+}
+
+constexpr int kMR = 6;  // micro-kernel rows
+// Widest panel (vectors of B's columns) of the tile products: as many accumulators as the register file holds.
+constexpr int kPanel = kV >= 16 ? 4 : 2;
+// Depth of one pass over B (k rows): a PV product's V rows (kDepth x a panel) stay in L1 while the row blocks of
+// P go past, instead of streaming the whole segment's V from L2 once per row block.
+constexpr int64_t kDepth = 128;
+static_assert(kSmallPad % kV == 0, "gemm_small: kSmallPad must be a whole number of vectors");
+
+template <int NV, bool ACC>
+void micro_rows(int64_t mr, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+                int64_t ldb, float* c, int64_t ldc) {
+  switch (mr) {
+    case 6: return micro_kernel<6, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 5: return micro_kernel<5, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 4: return micro_kernel<4, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 3: return micro_kernel<3, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 2: return micro_kernel<2, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    default: return micro_kernel<1, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+}
+
+// One panel of nv <= NV vectors over all rows (the NV of the template down to the nv at run time).
+template <int NV>
+void panel_rows(int64_t nv, bool accumulate, int64_t m, int64_t k, float alpha, const float* a, int64_t a_rs,
+                int64_t a_ks, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return panel_rows<NV - 1>(nv, accumulate, m, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+  for (int64_t i = 0; i < m; i += kMR) {
+    const int64_t mr = std::min<int64_t>(kMR, m - i);
+    if (accumulate)
+      micro_rows<NV, true>(mr, k, alpha, a + i * a_rs, a_rs, a_ks, b, ldb, c + i * ldc, ldc);
+    else
+      micro_rows<NV, false>(mr, k, alpha, a + i * a_rs, a_rs, a_ks, b, ldb, c + i * ldc, ldc);
+  }
+}
+
+// C (m x n) = alpha * A @ B, or C += alpha * A @ B when `accumulate`; n a whole number of vectors (kV), A element
+// (r, kk) at a[r * a_rs + kk * a_ks], B (k x n) and C row-major. Column panels of up to NV vectors (B's panel
+// stays in L1 while the row blocks stream past), in passes of kDepth rows of B.
+template <int NV>
+void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  assert(n % kV == 0);
+  for (int64_t j = 0; j < n; j += NV * kV) {
+    const int64_t nv = std::min<int64_t>(NV, (n - j) / kV);
+    for (int64_t k0 = 0; k0 < k; k0 += kDepth)
+      panel_rows<NV>(nv, accumulate || k0 > 0, m, std::min(kDepth, k - k0), alpha, a + k0 * a_ks, a_rs, a_ks,
+                     b + k0 * ldb + j, ldb, c + j, ldc);
+    if (k == 0 && !accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc + j, c + i * ldc + j + nv * kV, 0.f);
+  }
+}
+
+void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  assert(n % kSmallPad == 0);
+  gemm_panels<2>(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
 }
 
 // Keys of one source: key j is row (j - off) of k and v (off > 0 when only a converted range is held).
@@ -242,6 +339,45 @@ struct Packed {
   int64_t keys = 0;            // keys held (a multiple of kPackN)
 };
 
+// K^T of the keys a forward task visits, for the own fp32 tile products, in blocks of kPackN keys (as the bf16
+// path): block j0 / kPackN holds keys j0 .. j0 + kPackN - 1 as a (d x kPackN) matrix, so a product's B panel is
+// one contiguous 16 KiB run (d = 64) rather than d rows a page apart (a TLB miss per k step). Zeros past hi.
+struct KeysT {
+  std::vector<float> kt;
+  int64_t base = 0;  // first key held (a multiple of kPackN)
+};
+
+// Pack keys [lo, hi) of k (rows of d, stored as T; d a whole number of vectors) into kt as float, by kV x kV
+// register transposes (at::vec::transpose_mxn); 16-bit keys, and key groups cut by lo or hi, go through tmp.
+template <class T>
+void pack_keys_t(const T* k, int64_t lo, int64_t hi, int64_t d, KeysT& kt, std::vector<float>& tmp) {
+  kt.base = lo / kPackN * kPackN;
+  const int64_t keys = (hi + kPackN - 1) / kPackN * kPackN - kt.base;
+  const size_t need = static_cast<size_t>(keys * d);
+  if (kt.kt.size() < need) kt.kt.resize(need);
+  if (tmp.size() < static_cast<size_t>(kV * d)) tmp.resize(kV * d);
+  for (int64_t j0 = 0; j0 < keys; j0 += kV) {
+    const int64_t key0 = kt.base + j0;
+    const float* src;
+    if (std::is_same_v<T, float> && key0 >= lo && key0 + kV <= hi) {
+      src = reinterpret_cast<const float*>(k + key0 * d);
+    } else {
+      for (int64_t j = 0; j < kV; ++j) {
+        float* r = tmp.data() + j * d;
+        if (key0 + j < lo || key0 + j >= hi)
+          std::fill(r, r + d, 0.f);  // outside the range: never read as a score, kept finite
+        else if constexpr (std::is_same_v<T, float>)
+          std::copy(k + (key0 + j) * d, k + (key0 + j + 1) * d, r);
+        else
+          to_float(k + (key0 + j) * d, r, d);
+      }
+      src = tmp.data();
+    }
+    float* blk = kt.kt.data() + (j0 / kPackN) * kPackN * d + j0 % kPackN;
+    for (int64_t c = 0; c < d; c += kV) at::vec::transpose_mxn<float, kV, kV>(src + c, d, blk + c * kPackN, kPackN);
+  }
+}
+
 template <class T, class C>
 struct Work {
   // inputs converted to C: K/V once per forward task (prepare_sources), Q per tile; per tile in the backward
@@ -251,6 +387,9 @@ struct Work {
   std::vector<C> s16, dp16, qb, kb, vb, db;
   std::vector<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
   Packed packed[2];             // forward, packed bf16 path: K/V of a task's key range
+  KeysT kt[2];                  // forward, own fp32 products (own): K^T of a task's key range
+  std::vector<float> tmp;       // pack_keys_t's scratch
+  bool own = false;             // forward fp32 tile products by gemm_panels (own_ok), else BLAS
   std::vector<Seg> segs;
   Clock clock;
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
@@ -292,15 +431,32 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
   for (const Seg& sg : w.segs) {
     const SrcView<C>& sv = src[sg.src];
     const int64_t n = sg.n;
-    const C* kp = sv.k + (sg.k0 - sv.off) * d;
+    // Scores of the segment at columns [c0, c0 + n) of s, row stride ls. The own products score the keys' K^T
+    // blocks from the block edge a0 below k0, in whole vectors (columns outside [c0, c0 + n) are never read).
+    int64_t ls = n, c0 = 0;
     float* s = w.s.data();
     C* pn = w.s16.data();  // P in the product type (kNarrow)
-    mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    if constexpr (std::is_same_v<C, float>) {
+      if (w.own) {
+        const KeysT& kt = w.kt[sg.src];
+        const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
+        const int64_t v0 = (sg.k0 - a0) / kV * kV, v1 = (sg.k0 + sg.n - a0 + kV - 1) / kV * kV;  // whole vectors
+        ls = a1 - a0;
+        c0 = sg.k0 - a0;
+        for (int64_t b0 = 0; b0 < ls; b0 += kPackN) {
+          const int64_t j0 = std::max(b0, v0), j1 = std::min(b0 + kPackN, v1);
+          if (j0 < j1)
+            gemm_panels<kPanel>(rows, j1 - j0, d, p.scale, q, d, 1, kt.kt.data() + (a0 + b0 - kt.base) * d + (j0 - b0),
+                                kPackN, s + j0, ls, false);
+        }
+      }
+    }
+    if (!w.own) mm(false, true, rows, n, d, p.scale, q, d, sv.k + (sg.k0 - sv.off) * d, d, 0.f, s, n);
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = s + r * n;
+      float* row = s + r * ls + c0;
       int64_t lo, hi;
       row_range(p, sg, sv.band, i0 + r, &lo, &hi);
       float mx = kNegInf;
@@ -337,7 +493,10 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
         pp = pn;
       else
         pp = s;
-      mm(false, false, rows, d, n, 1.f, pp, n, vp, d, 1.f, w.acc.data(), d);
+      if constexpr (std::is_same_v<C, float>) {
+        if (w.own) gemm_panels<kPanel>(rows, d, n, 1.f, pp + c0, ls, 1, vp, d, w.acc.data(), d, true);
+      }
+      if (!w.own) mm(false, false, rows, d, n, 1.f, pp, n, vp, d, 1.f, w.acc.data(), d);
       ck.lap(kPhasePV);
     }
   }
@@ -437,7 +596,7 @@ float scaled_exp_sum_bf16(const float* s, const float* bias, float scale, BFloat
     const __mmask16 mk = hi - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hi - j)) - 1);
     const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
     const __m512 b = bias ? _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, bias + j), vm) : _mm512_sub_ps(_mm512_setzero_ps(), vm);
-    const __m512 e = _mm512_maskz_mov_ps(mk, Vec(_mm512_fmadd_ps(x, vs, b)).exp_u20());
+    const __m512 e = _mm512_maskz_mov_ps(mk, Vec(_mm512_fmadd_ps(x, vs, b)).fexp_u20());
     acc = _mm512_add_ps(acc, e);
     _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
   }
@@ -521,28 +680,39 @@ inline void key_range(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_
   }
 }
 
+// Can the own fp32 tile products take this problem: a SIMD target (not the portable one), not switched off
+// (ETKD_CPU_GEMM=blas), and a head dim of whole vectors (PV's columns). Else the products are BLAS sgemm.
+inline bool own_ok(const Problem& p) { return ETKD_OWN_PRODUCTS && own_tile_gemm() && p.D % kV == 0 && p.D > 0; }
+
 template <class T, class C>
 void prepare_sources(const Problem& p, const SrcView<T>* raw, int64_t b, int64_t h, int64_t t0, int64_t t1,
                      Work<T, C>& w, SrcView<C>* src) {
   for (int i = 0; i < 2; ++i) {
-    src[i].bias = raw[i].bias;
-    src[i].band = raw[i].band;
+    src[i] = {nullptr, nullptr, raw[i].bias, raw[i].band, 0};
   }
   if constexpr (std::is_same_v<T, C>) {
     for (int i = 0; i < 2; ++i) src[i].k = raw[i].k, src[i].v = raw[i].v, src[i].off = 0;
-  } else {
+  }
+  if (!std::is_same_v<T, C> || w.own) {
     int64_t lo[2], hi[2];
     key_range(p, b, h, t0, t1, w.segs, lo, hi);
     const int64_t d = p.D;
     for (int i = 0; i < 2; ++i) {
-      src[i].k = src[i].v = nullptr;
-      src[i].off = 0;
       if (hi[i] <= lo[i]) continue;
-      const int64_t n = (hi[i] - lo[i]) * d;
-      if (static_cast<int64_t>(w.kc[i].size()) < n) w.kc[i].resize(n), w.vc[i].resize(n);
-      src[i].k = operand<C>(raw[i].k + lo[i] * d, n, w.kc[i].data());
-      src[i].v = operand<C>(raw[i].v + lo[i] * d, n, w.vc[i].data());
-      src[i].off = lo[i];
+      if constexpr (std::is_same_v<C, float>) {
+        if (w.own) pack_keys_t(raw[i].k, lo[i], hi[i], d, w.kt[i], w.tmp);
+      }
+      if constexpr (!std::is_same_v<T, C>) {
+        const int64_t n = (hi[i] - lo[i]) * d;
+        if (static_cast<int64_t>(w.vc[i].size()) < n) w.vc[i].resize(n);
+        // K in the product type only where the products read it from the source (not the own products' K^T).
+        if (!w.own) {
+          if (static_cast<int64_t>(w.kc[i].size()) < n) w.kc[i].resize(n);
+          src[i].k = operand<C>(raw[i].k + lo[i] * d, n, w.kc[i].data());
+        }
+        src[i].v = operand<C>(raw[i].v + lo[i] * d, n, w.vc[i].data());
+        src[i].off = lo[i];
+      }
     }
   }
   w.clock.lap(kPhasePrep);
@@ -594,77 +764,6 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     const C* ds = operand<C>(dp, rows * n, w.dp16.data());
     mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
     mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk + sg.k0 * d, d);
-  }
-}
-
-// C rows [0, MR) x columns [0, NV * kV) of gemm_small: MR x NV accumulators (6 x 2 = 12 of the 16 ymm or 32 zmm
-// registers, plus NV loads of B and one broadcast of A per k step).
-template <int MR, int NV, bool ACC>
-void micro_kernel(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
-                  float* c, int64_t ldc) {
-  Vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.f);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const float* bk = b + kk * ldb;
-    const float* ak = a + kk * a_ks;
-    Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bk + v * kV);
-    for (int r = 0; r < MR; ++r) {
-      const Vec ar(ak[r * a_rs]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
-    }
-  }
-  const Vec va(alpha);
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) {
-      float* cp = c + r * ldc + v * kV;
-      Vec x = acc[r][v] * va;
-      if (ACC) x = x + Vec::loadu(cp);
-      x.store(cp);
-    }
-}
-
-constexpr int kMR = 6;  // micro-kernel rows
-static_assert(kSmallPad % kV == 0, "gemm_small: kSmallPad must be a whole number of vectors");
-
-template <int NV, bool ACC>
-void micro_rows(int64_t mr, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
-                int64_t ldb, float* c, int64_t ldc) {
-  switch (mr) {
-    case 6: return micro_kernel<6, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 5: return micro_kernel<5, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 4: return micro_kernel<4, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 3: return micro_kernel<3, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 2: return micro_kernel<2, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    default: return micro_kernel<1, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-  }
-}
-
-
-void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
-                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  assert(n % kSmallPad == 0);
-  // Column panels of two vectors (B's panel, k x 2 kV, stays in L1 while the row blocks stream past), a last
-  // one of one vector when n is an odd number of vectors.
-  for (int64_t j = 0; j < n; j += 2 * kV) {
-    const bool wide = n - j >= 2 * kV;
-    for (int64_t i = 0; i < m; i += kMR) {
-      const int64_t mr = std::min<int64_t>(kMR, m - i);
-      const float* ai = a + i * a_rs;
-      float* ci = c + i * ldc + j;
-      if (wide) {
-        if (accumulate)
-          micro_rows<2, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-        else
-          micro_rows<2, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-      } else {
-        if (accumulate)
-          micro_rows<1, true>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-        else
-          micro_rows<1, false>(mr, k, alpha, ai, a_rs, a_ks, b + j, ldb, ci, ldc);
-      }
-    }
   }
 }
 
@@ -797,8 +896,10 @@ void forward_as(const Problem& p, T* out, float* lse) {
 #if ETKD_NATIVE_BF16
   if constexpr (std::is_same_v<C, BFloat16>) packed = packed_ok(p);
 #endif
+  const bool own = std::is_same_v<C, float> && own_ok(p);
   at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
     Work<T, C> w(p.bq, p.D);
+    w.own = own;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
       const int64_t t0 = c * per, t1 = std::min(tiles, t0 + per);

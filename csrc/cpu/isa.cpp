@@ -54,6 +54,17 @@ bool profiling() {
   return on;
 }
 
+bool own_tile_gemm() {
+  static const bool own = [] {
+    const char* e = std::getenv("ETKD_CPU_GEMM");
+    const std::string v = e ? e : "";
+    if (v.empty() || v == "own") return true;
+    if (v == "blas") return false;
+    throw std::runtime_error("ETKD_CPU_GEMM=" + v + ": expected `own` (the default) or `blas`");
+  }();
+  return own;
+}
+
 void profile_add(const int64_t* ns) {
   for (int i = 0; i < kPhases; ++i) g_phase_ns[i].fetch_add(ns[i], std::memory_order_relaxed);
 }

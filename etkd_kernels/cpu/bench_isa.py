@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--isas", nargs="+", default=["avx2", "avx512", "avx512_bf16"])
     ap.add_argument("--mkl-avx2", action="store_true", help="add the AVX2-CPU emulation (BLAS limited too)")
+    ap.add_argument("--blas", action="store_true", help="add each ISA with BLAS tile products (ETKD_CPU_GEMM=blas)")
     ap.add_argument("--patterns", nargs="+", default=["sliding_window", "block_sparse"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=tuple(_DTYPES))
     ap.add_argument("--modes", nargs="+", default=["fwd"], choices=("fwd", "fwd+bwd"))
@@ -82,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(a.patterns, a.dtypes, a.modes, a.seq, a.repeats)))
         return 0
     configs = {isa: {"ETKD_CPU_ISA": isa} for isa in a.isas}
+    if a.blas:
+        configs.update({f"{isa}+blas": {"ETKD_CPU_ISA": isa, "ETKD_CPU_GEMM": "blas"} for isa in a.isas})
     if a.mkl_avx2:
         configs["avx2+mkl_avx2"] = {
             "ETKD_CPU_ISA": "avx2",
             "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "ONEDNN_MAX_CPU_ISA": "AVX2",
         }
+        if a.blas:
+            configs["avx2+blas+mkl_avx2"] = dict(configs["avx2+mkl_avx2"], ETKD_CPU_GEMM="blas")
     if a.profile:
         configs = {c: dict(env, ETKD_CPU_PROFILE="1") for c, env in configs.items()}
     rows: dict[str, dict[str, list[float]]] = {c: {} for c in configs}

@@ -6,6 +6,7 @@
 #define ETKD_ISA generic
 #define ETKD_ISA_NAME "generic"
 #define ETKD_NATIVE_BF16 0
+#define ETKD_OWN_PRODUCTS 0
 #include <ATen/cpu/vec/vec.h>
 
 #include "cpu/flash_tile_impl.h"
