@@ -146,18 +146,20 @@ def _reference(dtype: torch.dtype) -> dict:
 _CHILD_RESULTS: dict[str, dict] = {}
 
 
-def _child_results(isa: str, tmp_dir: str) -> dict:
-    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa (run once per session)."""
-    if isa not in _CHILD_RESULTS:
-        path = os.path.join(tmp_dir, f"{isa}.pt")
-        code = _CHILD.format(tests=os.path.dirname(__file__), isa=isa, path=path)
-        env = dict(os.environ, ETKD_CPU_ISA=isa)
+def _child_results(isa: str, tmp_dir: str, gemm: str = "own") -> dict:
+    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa and ETKD_CPU_GEMM=gemm (run once per
+    session)."""
+    key = f"{isa}-{gemm}"
+    if key not in _CHILD_RESULTS:
+        path = os.path.join(tmp_dir, f"{key}.pt")
+        code = _CHILD.format(tests=os.path.dirname(__file__), isa=isa, gemm=gemm, path=path)
+        env = dict(os.environ, ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm)
         res = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
         )
         assert res.returncode == 0, res.stderr[-3000:]
-        _CHILD_RESULTS[isa] = torch.load(path)
-    return _CHILD_RESULTS[isa]
+        _CHILD_RESULTS[key] = torch.load(path)
+    return _CHILD_RESULTS[key]
 
 
 _CHILD = textwrap.dedent(
@@ -170,6 +172,9 @@ _CHILD = textwrap.dedent(
     assert _C.isa() == {isa!r}, _C.isa()
     reason = etkd_kernels.available_backends()["cpu"].reason
     assert "ISA {isa} " in reason, reason  # available_backends() / `etkd info` name the forced target
+    # the fp32 tile products asked for are the ones that run (every x86 target has its own micro-kernels)
+    assert _C.tile_gemm() == {gemm!r}, _C.tile_gemm()
+    assert ("own {isa} micro-kernels" in reason) == ({gemm!r} == "own"), reason
     torch.set_num_threads(2)
     res = {{name: t._results(t.DTYPES[name], "cpu") for name in t.DTYPES}}
     res["bf16_brgemm"] = _C.bf16_brgemm()
@@ -221,6 +226,30 @@ def test_isa_variants_agree(tmp_path_factory):
             assert_close(out, outs[base][case][0], 1e-5, name=f"{isa} vs {base} {case} out")
             for i, (g, w) in enumerate(zip(grads, outs[base][case][1])):
                 assert_close(g, w, 1e-4, name=f"{isa} vs {base} {case} grad[{i}]")
+
+
+def test_blas_tile_products_agree(tmp_path_factory):
+    """ETKD_CPU_GEMM=blas (BLAS sgemm for the fp32 forward tiles) matches the own micro-kernels of the same target
+    (fp32 1e-5: summation order only) and the reference in every dtype."""
+    built, supported = _isa_lists()
+    isa = next((i for i in reversed(ISAS) if i in built and i in supported), None)
+    if isa is None:
+        pytest.skip(f"no x86 target runs here (built {built}, supported {supported})")
+    tmp = str(tmp_path_factory.getbasetemp())
+    blas, own = _child_results(isa, tmp, "blas"), _child_results(isa, tmp)
+    for case, (out, grads) in blas["float32"].items():
+        assert_close(out, own["float32"][case][0], 1e-5, name=f"{isa} blas vs own {case} out")
+    for dname, dtype in DTYPES.items():
+        for case, (out, _) in blas[dname].items():
+            assert_close(out, _reference(dtype)[case][0], TOL[dtype][0], name=f"{isa} blas {case} {dname} out")
+
+
+def test_bad_tile_gemm_is_an_error():
+    code = "import torch, etkd_kernels as e; e.sliding_window_attention(*torch.randn(3, 1, 1, 8, 8), 2)"
+    env = dict(os.environ, ETKD_CPU_GEMM="mkl")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "ETKD_CPU_GEMM=mkl" in res.stderr and "`own`" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("value", ["sse2"])

@@ -1042,6 +1042,7 @@ const Kernels& table() {
     Kernels k;
     k.name = ETKD_ISA_NAME;
     k.native_bf16 = native_bf16();
+    k.own_products = ETKD_OWN_PRODUCTS;
     k.run_forward = run_forward;
     k.run_backward = run_backward;
     k.gemm_small = gemm_small;

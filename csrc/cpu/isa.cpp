@@ -138,6 +138,7 @@ std::string join(const std::vector<std::string>& v) {
 }
 
 const Kernels& choose() {
+  own_tile_gemm();  // a bad ETKD_CPU_GEMM is an error at the first kernel use, like a bad ETKD_CPU_ISA
   const char* env = std::getenv("ETKD_CPU_ISA");
   const std::string want = env ? env : "";
   if (!want.empty() && want != "auto") {

@@ -49,8 +49,12 @@ def isa_summary() -> str:
         bf16 = "bf16 native: MKL bf16 GEMM"
     else:
         bf16 = "bf16/fp16 converted to fp32 on load"
+    if _C.tile_gemm() == "own":
+        fp32 = f"fp32 forward tiles by own {_C.isa()} micro-kernels"
+    else:
+        fp32 = "fp32 tiles by BLAS sgemm" + (" (ETKD_CPU_GEMM=blas)" if _C.isa() != "generic" else "")
     return (
-        f"ISA {_C.isa()} ({bf16}; built: {', '.join(_C.built_isas())}; "
+        f"ISA {_C.isa()} ({fp32}; {bf16}; built: {', '.join(_C.built_isas())}; "
         f"this CPU: {', '.join(_C.supported_isas()) or 'none'}; ETKD_CPU_ISA forces one)"
     )
 
