@@ -387,14 +387,14 @@ struct Work {
   std::vector<C> s16, dp16, qb, kb, vb, db;
   std::vector<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
   Packed packed[2];             // forward, packed bf16 path: K/V of a task's key range
-  KeysT kt[2];                  // forward, own fp32 products (own): K^T of a task's key range
+  KeysT kt[2], vt[2];           // own fp32 products: K^T (and V^T in the backward) of a task's key range
   std::vector<float> tmp;       // pack_keys_t's scratch
-  bool own = false;             // forward fp32 tile products by gemm_panels (own_ok), else BLAS
+  bool own = false;             // fp32 tile products by gemm_panels (own_ok), else BLAS
   std::vector<Seg> segs;
   Clock clock;
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
-      : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * kMaxSeg), acc(bq * d), m(bq), l(bq),
+      : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * (kMaxSeg + 2 * kPackN)), acc(bq * d), m(bq), l(bq),
         s16(kNarrow ? bq * (kMaxSeg + 2 * kPackN) : 0), dp16(kNarrow ? bq * kMaxSeg : 0), qb(kConvert ? bq * d : 0),
         kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0) {}
 };
@@ -415,6 +415,23 @@ void finish_rows(const Work<T, C>& w, int64_t rows, int64_t d, T* out, float* ls
   }
 }
 
+// The own products' scores of segment sg: s (rows x *ls) = alpha * a (rows x d, row-major) @ K^T over the key
+// blocks covering the segment, from the block edge a0 below sg.k0, in whole vectors; the segment's keys are
+// columns [*c0, *c0 + sg.n) (the others are never read). kt: K^T (or V^T) of the task's keys (pack_keys_t).
+inline void scores_own(const KeysT& kt, const Seg& sg, int64_t rows, int64_t d, float alpha, const float* a, float* s,
+                       int64_t* ls, int64_t* c0) {
+  const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
+  const int64_t v0 = (sg.k0 - a0) / kV * kV, v1 = (sg.k0 + sg.n - a0 + kV - 1) / kV * kV;  // whole vectors
+  *ls = a1 - a0;
+  *c0 = sg.k0 - a0;
+  for (int64_t b0 = 0; b0 < *ls; b0 += kPackN) {
+    const int64_t j0 = std::max(b0, v0), j1 = std::min(b0 + kPackN, v1);
+    if (j0 < j1)
+      gemm_panels<kPanel>(rows, j1 - j0, d, alpha, a, d, 1, kt.kt.data() + (a0 + b0 - kt.base) * d + (j0 - b0),
+                          kPackN, s + j0, *ls, false);
+  }
+}
+
 // One query tile: rows q[0:rows] (absolute index i0 + r), forward. The key sources are already in the product
 // type C (prepare_sources).
 template <class T, class C>
@@ -431,25 +448,11 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
   for (const Seg& sg : w.segs) {
     const SrcView<C>& sv = src[sg.src];
     const int64_t n = sg.n;
-    // Scores of the segment at columns [c0, c0 + n) of s, row stride ls. The own products score the keys' K^T
-    // blocks from the block edge a0 below k0, in whole vectors (columns outside [c0, c0 + n) are never read).
-    int64_t ls = n, c0 = 0;
+    int64_t ls = n, c0 = 0;  // the segment's scores: columns [c0, c0 + n) of s, row stride ls
     float* s = w.s.data();
     C* pn = w.s16.data();  // P in the product type (kNarrow)
     if constexpr (std::is_same_v<C, float>) {
-      if (w.own) {
-        const KeysT& kt = w.kt[sg.src];
-        const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
-        const int64_t v0 = (sg.k0 - a0) / kV * kV, v1 = (sg.k0 + sg.n - a0 + kV - 1) / kV * kV;  // whole vectors
-        ls = a1 - a0;
-        c0 = sg.k0 - a0;
-        for (int64_t b0 = 0; b0 < ls; b0 += kPackN) {
-          const int64_t j0 = std::max(b0, v0), j1 = std::min(b0 + kPackN, v1);
-          if (j0 < j1)
-            gemm_panels<kPanel>(rows, j1 - j0, d, p.scale, q, d, 1, kt.kt.data() + (a0 + b0 - kt.base) * d + (j0 - b0),
-                                kPackN, s + j0, ls, false);
-        }
-      }
+      if (w.own) scores_own(w.kt[sg.src], sg, rows, d, p.scale, q, s, &ls, &c0);
     }
     if (!w.own) mm(false, true, rows, n, d, p.scale, q, d, sv.k + (sg.k0 - sv.off) * d, d, 0.f, s, n);
     ck.lap(kPhaseQK);
@@ -737,11 +740,18 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     const C* kp = operand<C>(sv.k + sg.k0 * d, n * d, w.kb.data());
     float* s = w.s.data();
     float* dp = w.dp.data();
-    mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    // S (and dP) of the segment: columns [c0, c0 + n), row stride ls (scores_own); BLAS: c0 = 0, ls = n.
+    int64_t ls = n, c0 = 0;
+    if constexpr (std::is_same_v<C, float>) {
+      if (w.own) scores_own(w.kt[sg.src], sg, rows, d, p.scale, q, s, &ls, &c0);
+    }
+    if (!w.own) mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    s += c0;
+    dp += c0;
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = s + r * n;
+      float* row = s + r * ls;
       int64_t lo, hi;
       row_range(p, sg, sv.band, i0 + r, &lo, &hi);
       if ((skip && skip[r]) || lo >= hi || !(lse[r] < kInf)) {
@@ -757,6 +767,17 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     if (!any) continue;
     GradView g = grad[sg.src];
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
+    if constexpr (std::is_same_v<C, float>) {
+      if (w.own) {
+        int64_t ls2, c02;  // dP's columns line up with S's (same segment, same blocks)
+        gemm_panels<kPanel>(n, d, rows, 1.f, s, 1, ls, dout, d, g.dv + sg.k0 * d, d, true);
+        scores_own(w.vt[sg.src], sg, rows, d, 1.f, dout, dp - c0, &ls2, &c02);
+        for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * ls, dp + r * ls, n, delta[r]);
+        gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
+        gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk + sg.k0 * d, d, true);
+        continue;
+      }
+    }
     const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
     mm(true, false, n, d, rows, 1.f, operand<C>(s, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
     mm(false, true, rows, n, d, 1.f, dout, d, vp, d, 0.f, dp, n);
@@ -951,10 +972,14 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   const int64_t nk = p.Sk * p.D, nx = p.Sx * p.D;
   std::vector<float> part;  // (chunks - 1, B*H, 2 * (nk + nx)) private accumulators of chunks 1..
   if (chunks > 1) part.assign((chunks - 1) * bhs * 2 * (nk + nx), 0.f);
+  const bool own = std::is_same_v<C, float> && own_ok(p);
   at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
     Work<T, C> w(p.bq, p.D);
+    w.own = own;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
+      const int64_t t0 = c * tiles_per, t1 = std::min(tiles, t0 + tiles_per);
+      if (t0 >= t1) continue;
       SrcView<T> src[2] = {
           {k + bh * nk, v + bh * nk, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
           {kx ? kx + bh * nx : nullptr, vx ? vx + bh * nx : nullptr, p.kxbias ? p.kxbias + b * p.Sx : nullptr,
@@ -968,7 +993,16 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
         grad[0] = {base, base + nk};
         grad[1] = {base + 2 * nk, base + 2 * nk + nx};
       }
-      for (int64_t tile = c * tiles_per; tile < std::min(tiles, (c + 1) * tiles_per); ++tile) {
+      if (own) {  // K^T and V^T of the keys the chunk's tiles visit
+        int64_t lo[2], hi[2];
+        key_range(p, b, h, t0, t1, w.segs, lo, hi);
+        for (int i = 0; i < 2; ++i) {
+          if (hi[i] <= lo[i]) continue;
+          pack_keys_t(src[i].k, lo[i], hi[i], p.D, w.kt[i], w.tmp);
+          pack_keys_t(src[i].v, lo[i], hi[i], p.D, w.vt[i], w.tmp);
+        }
+      }
+      for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
         w.segs.clear();
         p.segments(b, h, i0, rows, w.segs);
