@@ -572,38 +572,69 @@ inline void pack_keys(const BFloat16* k, const BFloat16* v, int64_t lo, int64_t 
   }
 }
 
+// The two softmax passes of the packed path in AVX-512 intrinsics: plain max (inputs are finite, checked at the
+// op's door, so at::vec::maximum's NaN propagation is not needed), two accumulators for the max chain, unmasked
+// main loops and one masked tail.
+
 // max over scale * s[lo:hi] + bias[lo:hi] (bias may be null); s is only read.
-float scaled_max(const float* s, const float* bias, int64_t lo, int64_t hi, float scale) {
+template <bool kBias>
+float scaled_max_as(const float* s, const float* bias, int64_t lo, int64_t hi, float scale) {
+  const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(kNegInf);
+  auto val = [&](int64_t j, __mmask16 mk) {
+    const __m512 x = _mm512_mask_loadu_ps(ninf, mk, s + j);
+    if constexpr (kBias)
+      return _mm512_mask_fmadd_ps(x, mk, vs, _mm512_maskz_loadu_ps(mk, bias + j));  // masked lanes stay -inf
+    else
+      return _mm512_mask_mul_ps(ninf, mk, x, vs);
+  };
+  __m512 m0 = ninf, m1 = ninf;
   int64_t j = lo;
-  const Vec vs(scale);
-  Vec vmax(kNegInf);
-  if (bias) {
-    for (; j + kV <= hi; j += kV)
-      vmax = at::vec::maximum(vmax, at::vec::fmadd(Vec::loadu(s + j), vs, Vec::loadu(bias + j)));
-  } else {
-    for (; j + kV <= hi; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(s + j) * vs);
+  for (; j + 32 <= hi; j += 32) {
+    m0 = _mm512_max_ps(m0, val(j, 0xffff));
+    m1 = _mm512_max_ps(m1, val(j + 16, 0xffff));
   }
-  float m = vmax.reduce_max();
-  for (; j < hi; ++j) m = std::max(m, s[j] * scale + (bias ? bias[j] : 0.f));
-  return m;
+  for (; j < hi; j += 16) {
+    const __mmask16 mk = hi - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hi - j)) - 1);
+    m0 = _mm512_max_ps(m0, val(j, mk));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+float scaled_max(const float* s, const float* bias, int64_t lo, int64_t hi, float scale) {
+  return bias ? scaled_max_as<true>(s, bias, lo, hi, scale) : scaled_max_as<false>(s, bias, lo, hi, scale);
 }
 
 // p[lo:hi] = bf16(exp(scale * s + bias - m)) (bias may be null); returns the float32 sum of the exps. One pass:
 // the scaling, bias, exp and rounding to the product type are fused. m is finite.
-float scaled_exp_sum_bf16(const float* s, const float* bias, float scale, BFloat16* p, int64_t lo, int64_t hi,
-                          float m) {
-  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+template <bool kBias>
+float scaled_exp_sum_bf16_as(const float* s, const float* bias, float scale, BFloat16* p, int64_t lo, int64_t hi,
+                             float m) {
+  const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m), nm = _mm512_set1_ps(-m);
+  auto ex = [&](int64_t j, __mmask16 mk) {
+    const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
+    const __m512 b = kBias ? _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, bias + j), vm) : nm;
+    return Vec(_mm512_fmadd_ps(x, vs, b)).fexp_u20();
+  };
   __m512 acc = _mm512_setzero_ps();
   int64_t j = lo;
-  for (; j < hi; j += 16) {
-    const __mmask16 mk = hi - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (hi - j)) - 1);
-    const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
-    const __m512 b = bias ? _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, bias + j), vm) : _mm512_sub_ps(_mm512_setzero_ps(), vm);
-    const __m512 e = _mm512_maskz_mov_ps(mk, Vec(_mm512_fmadd_ps(x, vs, b)).fexp_u20());
+  for (; j + 16 <= hi; j += 16) {
+    const __m512 e = ex(j, 0xffff);
+    acc = _mm512_add_ps(acc, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (j < hi) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(mk, ex(j, mk));
     acc = _mm512_add_ps(acc, e);
     _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
   }
   return _mm512_reduce_add_ps(acc);
+}
+
+float scaled_exp_sum_bf16(const float* s, const float* bias, float scale, BFloat16* p, int64_t lo, int64_t hi,
+                          float m) {
+  return bias ? scaled_exp_sum_bf16_as<true>(s, bias, scale, p, lo, hi, m)
+              : scaled_exp_sum_bf16_as<false>(s, bias, scale, p, lo, hi, m);
 }
 
 // One query tile of the packed path; w.s / w.s16 hold rows x (covering columns).
