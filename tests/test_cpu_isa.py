@@ -229,7 +229,7 @@ def test_isa_variants_agree(tmp_path_factory):
 
 
 def test_blas_tile_products_agree(tmp_path_factory):
-    """ETKD_CPU_GEMM=blas (BLAS sgemm for the fp32 forward tiles) matches the own micro-kernels of the same target
+    """ETKD_CPU_GEMM=blas (BLAS sgemm for the fp32 tiles) matches the own micro-kernels of the same target
     (fp32 1e-5: summation order only) and the reference in every dtype."""
     built, supported = _isa_lists()
     isa = next((i for i in reversed(ISAS) if i in built and i in supported), None)

@@ -122,7 +122,7 @@ PyObject* py_bf16_brgemm(PyObject*, PyObject*) {
   }
 }
 
-// _C.tile_gemm() -> "own" | "blas": what multiplies the fp32 forward tiles (flash_tile.h: own_tile_gemm).
+// _C.tile_gemm() -> "own" | "blas": what multiplies the fp32 tiles (forward and backward) (flash_tile.h: own_tile_gemm).
 PyObject* py_tile_gemm(PyObject*, PyObject*) {
   try {
     const bool own = etkd::cpu::kernels().own_products && etkd::cpu::own_tile_gemm();
@@ -140,7 +140,7 @@ PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "ISA target the kernels run (ETKD_CPU_ISA forces one)"},
     {"native_bf16", py_native_bf16, METH_NOARGS, "whether bf16 tiles are computed natively"},
     {"bf16_brgemm", py_bf16_brgemm, METH_NOARGS, "whether bf16 forward tiles use oneDNN brgemm (AMX)"},
-    {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 forward tiles: own micro-kernels or blas"},
+    {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 tiles: own micro-kernels or blas"},
     {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase forward time (ETKD_CPU_PROFILE=1), then reset"},
     {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},

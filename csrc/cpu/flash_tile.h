@@ -6,9 +6,10 @@
 // additive biases (0 = usable, -inf = masked: padding, keys counted elsewhere), and per-query skip flags
 // (rows whose output is produced elsewhere or is zero). The driver runs FlashAttention-2 style loops:
 // forward = online softmax over the segments (scores live only in a bq x seg tile), backward = recompute
-// P from the saved lse. Forward tile products in fp32 (fp32 inputs, and fp16/bf16 converted on load) are the
-// target's own register-blocked micro-kernels on K^T packed once per (batch, head) task, so each ISA target runs
-// its own vector width end to end (own_tile_gemm; BLAS sgemm with ETKD_CPU_GEMM=blas, and in the backward);
+// P from the saved lse. Tile products in fp32 (fp32 inputs, and fp16/bf16 converted on load), forward and
+// backward, are the target's own register-blocked micro-kernels on K^T (and V^T) packed once per (batch, head)
+// task, so each ISA target runs its own vector width end to end (own_tile_gemm; BLAS sgemm with
+// ETKD_CPU_GEMM=blas, for head dims that are not whole vectors, and on the portable target);
 // native bf16 tiles go through oneDNN's brgemm on K/V packed once per task in the forward (AMX), MKL's bf16 GEMM
 // otherwise. The element-wise softmax work is at::vec. The SIMD code is compiled per ISA and chosen at run
 // time: isa.h.
@@ -69,7 +70,7 @@ void run_forward(const Problem& p, void* out, float* lse);
 void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx);
 
-// Forward fp32 tile products by the target's own micro-kernels (true, the default) or by BLAS sgemm (false:
+// fp32 tile products by the target's own micro-kernels (true, the default) or by BLAS sgemm (false:
 // ETKD_CPU_GEMM=blas in the environment, read once). BLAS picks its own ISA whatever target runs ours, so with
 // it an `avx2` target still multiplies with AVX-512 on an AVX-512 CPU; the own kernels keep each target to its
 // width (and are faster on these L1/L2-resident tiles: README, CPU ISA targets).

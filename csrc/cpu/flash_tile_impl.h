@@ -114,20 +114,25 @@ void store_scaled(const float* x, float a, T* out, int64_t n) {
   }
 }
 
-// s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi].
+// s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi]. Plain vector max (clamp_min: the
+// inputs are finite, checked at the op's door, so maximum's NaN propagation is not needed), two accumulators.
 float add_bias_max(float* s, const float* bias, int64_t lo, int64_t hi) {
   int64_t j = lo;
-  Vec vmax(kNegInf);
+  Vec m0(kNegInf), m1(kNegInf);
   if (bias) {
     for (; j + kV <= hi; j += kV) {
       Vec x = Vec::loadu(s + j) + Vec::loadu(bias + j);
       x.store(s + j);
-      vmax = at::vec::maximum(vmax, x);
+      m0 = at::vec::clamp_min(x, m0);
     }
   } else {
-    for (; j + kV <= hi; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    for (; j + 2 * kV <= hi; j += 2 * kV) {
+      m0 = at::vec::clamp_min(Vec::loadu(s + j), m0);
+      m1 = at::vec::clamp_min(Vec::loadu(s + j + kV), m1);
+    }
+    for (; j + kV <= hi; j += kV) m0 = at::vec::clamp_min(Vec::loadu(s + j), m0);
   }
-  float m = vmax.reduce_max();
+  float m = at::vec::clamp_min(m0, m1).reduce_max();
   for (; j < hi; ++j) {
     if (bias) s[j] += bias[j];
     m = std::max(m, s[j]);

@@ -33,7 +33,7 @@ namespace etkd::cpu {
 struct Kernels {
   const char* name = nullptr;  // "avx2", "avx512", "avx512_bf16"
   bool native_bf16 = false;    // bf16 tiles multiplied as bf16 (fp32 accumulation) rather than converted on load
-  bool own_products = false;   // fp32 forward tile products by this target's micro-kernels (unless ETKD_CPU_GEMM=blas)
+  bool own_products = false;   // fp32 tile products (fwd + bwd) by this target's micro-kernels (unless ETKD_CPU_GEMM=blas)
   void (*run_forward)(const Problem& p, void* out, float* lse) = nullptr;
   void (*run_backward)(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq,
                        float* dk, float* dv, float* dkx, float* dvx) = nullptr;

@@ -50,7 +50,7 @@ def isa_summary() -> str:
     else:
         bf16 = "bf16/fp16 converted to fp32 on load"
     if _C.tile_gemm() == "own":
-        fp32 = f"fp32 forward tiles by own {_C.isa()} micro-kernels"
+        fp32 = f"fp32 tiles by own {_C.isa()} micro-kernels"
     else:
         fp32 = "fp32 tiles by BLAS sgemm" + (" (ETKD_CPU_GEMM=blas)" if _C.isa() != "generic" else "")
     return (
