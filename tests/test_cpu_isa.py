@@ -239,9 +239,13 @@ def test_blas_tile_products_agree(tmp_path_factory):
     blas, own = _child_results(isa, tmp, "blas"), _child_results(isa, tmp)
     for case, (out, grads) in blas["float32"].items():
         assert_close(out, own["float32"][case][0], 1e-5, name=f"{isa} blas vs own {case} out")
+        for i, (g, w) in enumerate(zip(grads, own["float32"][case][1])):
+            assert_close(g, w, 1e-4, name=f"{isa} blas vs own {case} grad[{i}]")
     for dname, dtype in DTYPES.items():
         for case, (out, _) in blas[dname].items():
-            assert_close(out, _reference(dtype)[case][0], TOL[dtype][0], name=f"{isa} blas {case} {dname} out")
+            assert_close(
+                out, _reference(dtype)[case][0], TOL[dtype][0], name=f"{isa} blas {case} {dname} out"
+            )
 
 
 def test_bad_tile_gemm_is_an_error():

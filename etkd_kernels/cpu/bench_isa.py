@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--isas", nargs="+", default=["avx2", "avx512", "avx512_bf16"])
     ap.add_argument("--mkl-avx2", action="store_true", help="add the AVX2-CPU emulation (BLAS limited too)")
-    ap.add_argument("--blas", action="store_true", help="add each ISA with BLAS tile products (ETKD_CPU_GEMM=blas)")
+    ap.add_argument(
+        "--blas", action="store_true", help="add each ISA with BLAS tile products (ETKD_CPU_GEMM=blas)"
+    )
     ap.add_argument("--patterns", nargs="+", default=["sliding_window", "block_sparse"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=tuple(_DTYPES))
     ap.add_argument("--modes", nargs="+", default=["fwd"], choices=("fwd", "fwd+bwd"))
