@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -327,3 +328,36 @@ def test_fallback_to_reference_warns_once(monkeypatch):
         monkeypatch.setattr(dispatch_mod, "_warned", set())
         sliding_window_attention(q, q, q, 4, backend="reference")
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# Instructions a baseline x86-64 CPU may lack: VEX/EVEX-encoded SIMD (every AVX mnemonic starts with "v") and BMI.
+_WIDE = re.compile(r"\t(v[a-z0-9]+|shlx|shrx|sarx|rorx|bzhi|pdep|pext|andn|tzcnt|lzcnt)\s")
+_TARGET_CODE = re.compile(r"etkd::cpu::(avx2|avx512|avx512_bf16)::|at::vec::etkd_(avx2|avx512|avx512_bf16)::")
+
+
+def test_simd_code_stays_in_its_target():
+    """Every function of the extension that uses AVX/BMI instructions lives in a per-target namespace (ours or
+    at::vec's per-target one), so only the chosen target's table ever reaches it: no inline std::/c10:: helper
+    was emitted with a wider target's instructions where baseline code could link to it (isa/prelude.h)."""
+    import shutil
+
+    from etkd_kernels import _C
+
+    if shutil.which("objdump") is None or "avx2" not in _C.built_isas():
+        pytest.skip(f"needs objdump and an x86-64 build (built: {_C.built_isas()})")
+    dump = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True
+    )
+    assert dump.returncode == 0, dump.stderr[-2000:]
+    inside, outside, fn = set(), set(), None
+    for line in dump.stdout.splitlines():
+        if line.endswith(">:") and " <" in line:
+            fn = line.split(" <", 1)[1][:-2]
+        elif fn and _WIDE.search(line):
+            (inside if _TARGET_CODE.search(fn) else outside).add(fn)
+    assert len(inside) > 20, (
+        f"the scan found only {len(inside)} target functions using AVX: is it reading the kernels?"
+    )
+    assert not outside, (
+        f"{len(outside)} functions outside the per-target namespaces use AVX/BMI: {sorted(outside)[:5]}"
+    )
