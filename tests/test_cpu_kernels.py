@@ -262,3 +262,28 @@ def test_bf16_off_the_amx_tiles_is_said_once():
         and "head_dim 40" in said[0]
         and "block_sparse" in said[1]
     )
+
+
+def test_off_the_own_tile_products_is_said_once():
+    """fp32 (and fp16) with a head_dim the target's own micro-kernels cannot take (not a whole number of vectors)
+    runs on BLAS sgemm and says so once per (op, dtype, head_dim); a head_dim they take says nothing."""
+    import warnings
+
+    import etkd_kernels as ek
+    from etkd_kernels import _C, cpu
+
+    width = _C.own_tile_width()
+    if width == 0:
+        pytest.skip(f"the own tile products do not run here ({cpu.isa_summary()})")
+    cpu._told.clear()
+    odd, whole = (torch.randn(1, 2, 64, d) for d in (width + width // 2, 2 * width))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for q in (odd, odd, whole, odd.half()):
+            ek.sliding_window_attention(q, q, q, 8, backend="cpu")
+        ek.block_sparse_attention(odd, odd, odd, ek.longformer_layout(64, 16), backend="cpu")
+    said = [str(w.message) for w in seen if "own micro-kernels" in str(w.message)]
+    d = width + width // 2
+    assert len(said) == 3, said  # sliding_window fp32, sliding_window fp16, block_sparse fp32
+    assert all(f"head_dim {d}" in m and f"multiple of {width}" in m for m in said), said
+    assert "sliding_window" in said[0] and "sliding_window" in said[1] and "block_sparse" in said[2], said

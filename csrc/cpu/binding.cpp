@@ -133,6 +133,18 @@ PyObject* py_tile_gemm(PyObject*, PyObject*) {
   }
 }
 
+// _C.own_tile_width() -> int: the head_dim multiple the own tile products need (floats per vector of the chosen
+// target), 0 when they do not run (portable target, ETKD_CPU_GEMM=blas).
+PyObject* py_own_tile_width(PyObject*, PyObject*) {
+  try {
+    const auto& k = etkd::cpu::kernels();
+    return PyLong_FromLong(k.own_products && etkd::cpu::own_tile_gemm() ? k.vec_floats : 0);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyObject* py_built_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::built_isas()); }
 PyObject* py_supported_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::supported_isas()); }
 
@@ -141,6 +153,7 @@ PyMethodDef methods[] = {
     {"native_bf16", py_native_bf16, METH_NOARGS, "whether bf16 tiles are computed natively"},
     {"bf16_brgemm", py_bf16_brgemm, METH_NOARGS, "whether bf16 forward tiles use oneDNN brgemm (AMX)"},
     {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 tiles: own micro-kernels or blas"},
+    {"own_tile_width", py_own_tile_width, METH_NOARGS, "head_dim multiple the own tile products need (0: off)"},
     {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase forward time (ETKD_CPU_PROFILE=1), then reset"},
     {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},

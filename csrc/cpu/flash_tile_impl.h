@@ -404,6 +404,26 @@ struct Work {
         kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0) {}
 };
 
+// The key blocks (of kPackN) covering a segment, as the packed paths score it: from the block edge a0 below
+// sg.k0, ls columns (whole blocks); the segment's keys are columns [c0, c0 + sg.n).
+struct Cover {
+  int64_t a0, ls, c0;
+};
+inline Cover cover(const Seg& sg) {
+  const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
+  return {a0, a1 - a0, sg.k0 - a0};
+}
+
+// Row r's online-softmax step after a segment: the running sum l and the accumulator move from the old max to
+// mnew (the segment's exps, summing to `sum`, are already relative to mnew), and mnew becomes the max.
+template <class T, class C>
+void online_step(Work<T, C>& w, int64_t r, int64_t d, float mnew, float sum) {
+  const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - mnew);
+  w.l[r] = w.l[r] * alpha + sum;
+  if (alpha != 1.f) scale_row(w.acc.data() + r * d, d, alpha);
+  w.m[r] = mnew;
+}
+
 // The end of a forward tile: out = acc / l and lse = m + log l per row; a row that saw no key gets out 0 and
 // lse +inf (its backward then skips it).
 template <class T, class C>
@@ -420,21 +440,20 @@ void finish_rows(const Work<T, C>& w, int64_t rows, int64_t d, T* out, float* ls
   }
 }
 
-// The own products' scores of segment sg: s (rows x *ls) = alpha * a (rows x d, row-major) @ K^T over the key
-// blocks covering the segment, from the block edge a0 below sg.k0, in whole vectors; the segment's keys are
-// columns [*c0, *c0 + sg.n) (the others are never read). kt: K^T (or V^T) of the task's keys (pack_keys_t).
-inline void scores_own(const KeysT& kt, const Seg& sg, int64_t rows, int64_t d, float alpha, const float* a, float* s,
-                       int64_t* ls, int64_t* c0) {
-  const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
-  const int64_t v0 = (sg.k0 - a0) / kV * kV, v1 = (sg.k0 + sg.n - a0 + kV - 1) / kV * kV;  // whole vectors
-  *ls = a1 - a0;
-  *c0 = sg.k0 - a0;
-  for (int64_t b0 = 0; b0 < *ls; b0 += kPackN) {
+// The own products' scores of segment sg: s (rows x cv.ls) = alpha * a (rows x d, row-major) @ K^T over the key
+// blocks covering the segment (cover), in whole vectors; only the segment's columns [cv.c0, cv.c0 + sg.n) are
+// read afterwards. kt: K^T (or V^T) of the task's keys (pack_keys_t).
+inline Cover scores_own(const KeysT& kt, const Seg& sg, int64_t rows, int64_t d, float alpha, const float* a,
+                        float* s) {
+  const Cover cv = cover(sg);
+  const int64_t v0 = cv.c0 / kV * kV, v1 = (cv.c0 + sg.n + kV - 1) / kV * kV;  // whole vectors
+  for (int64_t b0 = 0; b0 < cv.ls; b0 += kPackN) {
     const int64_t j0 = std::max(b0, v0), j1 = std::min(b0 + kPackN, v1);
     if (j0 < j1)
-      gemm_panels<kPanel>(rows, j1 - j0, d, alpha, a, d, 1, kt.kt.data() + (a0 + b0 - kt.base) * d + (j0 - b0),
-                          kPackN, s + j0, *ls, false);
+      gemm_panels<kPanel>(rows, j1 - j0, d, alpha, a, d, 1, kt.kt.data() + (cv.a0 + b0 - kt.base) * d + (j0 - b0),
+                          kPackN, s + j0, cv.ls, false);
   }
+  return cv;
 }
 
 // One query tile: rows q[0:rows] (absolute index i0 + r), forward. The key sources are already in the product
@@ -457,7 +476,10 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
     float* s = w.s.data();
     C* pn = w.s16.data();  // P in the product type (kNarrow)
     if constexpr (std::is_same_v<C, float>) {
-      if (w.own) scores_own(w.kt[sg.src], sg, rows, d, p.scale, q, s, &ls, &c0);
+      if (w.own) {
+        const Cover cv = scores_own(w.kt[sg.src], sg, rows, d, p.scale, q, s);
+        ls = cv.ls, c0 = cv.c0;
+      }
     }
     if (!w.own) mm(false, true, rows, n, d, p.scale, q, d, sv.k + (sg.k0 - sv.off) * d, d, 0.f, s, n);
     ck.lap(kPhaseQK);
@@ -477,7 +499,6 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
           std::fill(row, row + n, 0.f);
         continue;
       }
-      const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - mnew);
       float sum = 0.f;
       if constexpr (kNarrow) {
 #if ETKD_NATIVE_BF16
@@ -488,9 +509,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
         std::fill(row + hi, row + n, 0.f);
         sum = exp_sum(row, lo, hi, mnew);
       }
-      w.l[r] = w.l[r] * alpha + sum;
-      if (alpha != 1.f) scale_row(w.acc.data() + r * d, d, alpha);
-      w.m[r] = mnew;
+      online_step(w, r, d, mnew, sum);
       any = true;
     }
     ck.lap(kPhaseSoftmax);
@@ -654,11 +673,11 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
   for (const Seg& sg : w.segs) {
     const Packed& pks = pk[sg.src];
     const SrcView<BFloat16>& sv = src[sg.src];
-    const int64_t a0 = sg.k0 / kPackN * kPackN, a1 = (sg.k0 + sg.n + kPackN - 1) / kPackN * kPackN;
-    const int64_t nc = a1 - a0, c0 = sg.k0 - a0;  // covering columns; the segment starts at column c0
+    const Cover cv = cover(sg);
+    const int64_t a0 = cv.a0, nc = cv.ls, c0 = cv.c0;  // covering columns; the segment starts at column c0
     float* s = w.s.data();
     BFloat16* pn = w.s16.data();
-    for (int64_t b0 = a0; b0 < a1; b0 += kPackN)
+    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
       brgemm_bf16(rows, kPackN, d, d, kPackN, nc, false, q, pks.k.data() + (b0 - pks.base) * d, s + (b0 - a0));
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
@@ -675,13 +694,9 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
         std::fill(prow, prow + nc, BFloat16(0.f));
         continue;
       }
-      const float alpha = w.m[r] == kNegInf ? 0.f : std::exp(w.m[r] - mnew);
       std::fill(prow, prow + c0 + lo, BFloat16(0.f));
       std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
-      const float sum = scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew);
-      w.l[r] = w.l[r] * alpha + sum;
-      if (alpha != 1.f) scale_row(w.acc.data() + r * d, d, alpha);
-      w.m[r] = mnew;
+      online_step(w, r, d, mnew, scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew));
       any = true;
     }
     ck.lap(kPhaseSoftmax);
@@ -779,7 +794,10 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     // S (and dP) of the segment: columns [c0, c0 + n), row stride ls (scores_own); BLAS: c0 = 0, ls = n.
     int64_t ls = n, c0 = 0;
     if constexpr (std::is_same_v<C, float>) {
-      if (w.own) scores_own(w.kt[sg.src], sg, rows, d, p.scale, q, s, &ls, &c0);
+      if (w.own) {
+        const Cover cv = scores_own(w.kt[sg.src], sg, rows, d, p.scale, q, s);
+        ls = cv.ls, c0 = cv.c0;
+      }
     }
     if (!w.own) mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
     s += c0;
@@ -805,9 +823,8 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
     if constexpr (std::is_same_v<C, float>) {
       if (w.own) {
-        int64_t ls2, c02;  // dP's columns line up with S's (same segment, same blocks)
         gemm_panels<kPanel>(n, d, rows, 1.f, s, 1, ls, dout, d, g.dv + sg.k0 * d, d, true);
-        scores_own(w.vt[sg.src], sg, rows, d, 1.f, dout, dp - c0, &ls2, &c02);
+        scores_own(w.vt[sg.src], sg, rows, d, 1.f, dout, dp - c0);  // dP: same segment, same columns as S
         for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * ls, dp + r * ls, n, delta[r]);
         gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
         gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk + sg.k0 * d, d, true);
@@ -1113,6 +1130,7 @@ const Kernels& table() {
     k.name = ETKD_ISA_NAME;
     k.native_bf16 = native_bf16();
     k.own_products = ETKD_OWN_PRODUCTS;
+    k.vec_floats = static_cast<int>(kV);
     k.run_forward = run_forward;
     k.run_backward = run_backward;
     k.gemm_small = gemm_small;

@@ -34,6 +34,7 @@ struct Kernels {
   const char* name = nullptr;  // "avx2", "avx512", "avx512_bf16"
   bool native_bf16 = false;    // bf16 tiles multiplied as bf16 (fp32 accumulation) rather than converted on load
   bool own_products = false;   // fp32 tile products (fwd + bwd) by this target's micro-kernels (unless ETKD_CPU_GEMM=blas)
+  int vec_floats = 0;          // floats per vector: the own products need head_dim a multiple of it
   void (*run_forward)(const Problem& p, void* out, float* lse) = nullptr;
   void (*run_backward)(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq,
                        float* dk, float* dv, float* dkx, float* dvx) = nullptr;

@@ -59,26 +59,38 @@ def isa_summary() -> str:
     )
 
 
-_told: set[tuple[str, int]] = set()
+_told: set[tuple[str, torch.dtype, int]] = set()
 
 
-def note_bf16_tile_path(op: str, q: torch.Tensor) -> None:
-    """Warn once per (op, head_dim) when a bf16 forward cannot take the AMX brgemm tiles this CPU has (they
-    need head_dim a multiple of 16) and runs on MKL's bf16 GEMM instead: slower, and otherwise unsaid."""
-    if q.dtype != torch.bfloat16 or q.shape[-1] % 16 == 0 or (op, q.shape[-1]) in _told:
+def note_tile_path(op: str, q: torch.Tensor) -> None:
+    """Warn once per (op, dtype, head_dim) when a call's head_dim keeps it off this CPU's fastest tile products,
+    which would otherwise happen unsaid: bf16 on the AMX brgemm tiles (head_dim a multiple of 16) falls back to
+    MKL's bf16 GEMM; fp32 tiles (fp32, fp16, and bf16 converted on load) on the target's own micro-kernels
+    (head_dim a multiple of the vector width) fall back to BLAS sgemm."""
+    d = q.shape[-1]
+    if (op, q.dtype, d) in _told:
         return
     from etkd_kernels import _C
 
-    if _C.bf16_brgemm():
-        import warnings
-
-        _told.add((op, q.shape[-1]))
-        warnings.warn(
-            f"etkd {op}: bf16 with head_dim {q.shape[-1]} runs on MKL's bf16 GEMM, not the faster AMX brgemm "
-            "tiles of this CPU (they need head_dim a multiple of 16)",
-            RuntimeWarning,
-            stacklevel=3,
+    if q.dtype == torch.bfloat16 and _C.native_bf16():
+        if not _C.bf16_brgemm() or d % 16 == 0:
+            return
+        msg = (
+            f"etkd {op}: bf16 with head_dim {d} runs on MKL's bf16 GEMM, not the faster AMX brgemm "
+            "tiles of this CPU (they need head_dim a multiple of 16)"
         )
+    else:
+        width = _C.own_tile_width()
+        if width == 0 or d % width == 0:
+            return
+        msg = (
+            f"etkd {op}: head_dim {d} runs its fp32 tile products on BLAS sgemm, not the {_C.isa()} target's own "
+            f"micro-kernels (they need head_dim a multiple of {width})"
+        )
+    import warnings
+
+    _told.add((op, q.dtype, d))
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def __getattr__(name: str) -> str:

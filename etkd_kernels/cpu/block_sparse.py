@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels.cpu import note_bf16_tile_path
+from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.masks import cached_lut
 
 
 def forward(q, k, v, p):
-    note_bf16_tile_path("block_sparse", q)
+    note_tile_path("block_sparse", q)
     lut, counts = cached_lut(p.layout)
     return torch.ops.etkd_cpu.block_sparse_fwd(
         q, k, v, lut, counts, p.block_size, p.key_padding_mask, p.scale

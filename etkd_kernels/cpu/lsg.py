@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.cpu._dtype import in_float32
 from etkd_kernels.reference.lsg import extra_keys, sparse_windows, uses_sparse
 
@@ -43,6 +44,7 @@ def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
 
 @in_float32(keep=(1,))  # lse stays float32
 def forward(q, k, v, p):
+    note_tile_path("lsg", q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bs, sbs, f, stype = p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type
     g, kpm, scale = p.num_global_tokens, p.key_padding_mask, p.scale

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels.cpu import note_bf16_tile_path
+from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.masks import GlobalTokens
 
 
@@ -21,7 +21,7 @@ def _globals(global_mask, key_padding_mask):
 
 
 def forward(q, k, v, p):
-    note_bf16_tile_path("sliding_window", q)
+    note_tile_path("sliding_window", q)
     return torch.ops.etkd_cpu.sliding_window_fwd(
         q, k, v, p.window, *_globals(p.global_mask, p.key_padding_mask), p.qg, p.kg, p.vg, p.key_padding_mask,
         p.scale,
