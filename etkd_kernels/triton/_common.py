@@ -227,6 +227,16 @@ def softmax_finish(m, row_sum, acc):
 
 
 @triton.jit
+def finish_store(m, row_sum, acc, OUT, LSE, obase, lbase, pos, rows, dd, dmask, D):
+    """The end of every forward program: softmax_finish, then out (row pos at OUT + obase + pos * D, in OUT's
+    dtype) and lse (at LSE + lbase + pos) stored where `rows` holds."""
+    out, lse = softmax_finish(m, row_sum, acc)
+    tl.store(OUT + obase + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty),
+             mask=rows[:, None] & dmask[None, :])  # fmt: skip
+    tl.store(LSE + lbase + pos, lse, mask=rows)
+
+
+@triton.jit
 def dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT: tl.constexpr, PREC: tl.constexpr):
     """Backward over a key tile for the program's query rows: P recomputed from lse2 (log2 domain), dS, and
     dq += dS k (unscaled). Returns (dq, P, dS) (LSG's fused backward also forms dK/dV from P and dS)."""

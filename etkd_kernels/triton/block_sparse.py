@@ -24,12 +24,12 @@ from ._common import (
     delta,
     dkv_step,
     dq_step,
+    finish_store,
     head_block,
     launch,
     load_rows,
     precision,
     seq_bucket,
-    softmax_finish,
     softmax_step,
 )
 
@@ -91,10 +91,7 @@ def _fwd(
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    out, lse = softmax_finish(m, row_sum, acc)
-    tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty),
-             mask=valid[:, None] & dmask[None, :])  # fmt: skip
-    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
+    finish_store(m, row_sum, acc, OUT, LSE, base, bh.to(tl.int64) * S, pos, valid, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)

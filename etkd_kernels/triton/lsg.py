@@ -25,12 +25,12 @@ from ._common import (
     configs,
     delta,
     dq_step,
+    finish_store,
     head_block,
     launch,
     load_rows,
     precision,
     seq_bucket,
-    softmax_finish,
     softmax_step,
 )
 
@@ -117,10 +117,7 @@ def _fwd(
         k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
         v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    out, lse = softmax_finish(m, row_sum, acc)
-    tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty),
-             mask=valid[:, None] & dmask[None, :])  # fmt: skip
-    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=valid)
+    finish_store(m, row_sum, acc, OUT, LSE, base, bh.to(tl.int64) * S, pos, valid, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd_lsg"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])

@@ -30,12 +30,12 @@ from ._common import (
     delta,
     dkv_step,
     dq_step,
+    finish_store,
     head_block,
     launch,
     load_rows,
     precision,
     seq_bucket,
-    softmax_finish,
     softmax_step,
 )
 
@@ -127,11 +127,8 @@ def _fwd(
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    out, lse = softmax_finish(m, row_sum, acc)
     store = valid & ((kind & STORE) != 0)
-    omask = store[:, None] & dmask[None, :]
-    tl.store(OUT + base + pos[:, None] * D + dd[None, :], out.to(OUT.dtype.element_ty), mask=omask)
-    tl.store(LSE + bh.to(tl.int64) * S + pos, lse, mask=store)
+    finish_store(m, row_sum, acc, OUT, LSE, base, bh.to(tl.int64) * S, pos, store, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
