@@ -16,7 +16,7 @@ from etkd.benchmarks import core
 from etkd.benchmarks import providers as P
 from etkd.benchmarks.harness import Timing, run_fresh, time_call
 from etkd.distill.cli import main as cli
-from etkd.distill.tasks import longrange
+from etkd.distill.demo import longrange
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
