@@ -25,12 +25,12 @@ import time
 
 import torch
 
-from . import data, longrange
-
 
 def write_all(directory: str, seed: int = 0, n_long_train: int = 160, n_long_dev: int = 40) -> dict[str, str]:
     """Every built-in file under `directory` (the short sets of `demo.data`, and the long-range sets of
     `demo.longrange`); returns their paths by name."""
+    from . import data, longrange  # here, so `python -m etkd.distill.demo.longrange` runs a fresh module
+
     os.makedirs(directory, exist_ok=True)
     paths = {
         "tokenizer": os.path.join(directory, "tokenizer"),
@@ -181,6 +181,7 @@ def pipeline(args) -> None:
     from etkd.models import EncoderConfig, EncoderModel
 
     from ..tasks import ner
+    from . import data, longrange
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
