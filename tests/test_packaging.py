@@ -48,6 +48,8 @@ def _expected(tree: Path) -> set[str]:
             rel = path.relative_to(tree).as_posix()
             if "__pycache__" in rel or any(rel.startswith(s + "/") for s in (*c["NOT_INSTALLED"], *nested)):
                 continue
+            if rel.startswith(BUILT):  # written by a build into the tree (editable install)
+                continue
             expected.add(name.replace(".", "/") + "/" + path.relative_to(tree / folder).as_posix())
     prefix = c["CSRC_PACKAGE"].replace(".", "/")
     for pattern in c["CSRC_FILES"]:
@@ -58,12 +60,19 @@ def _expected(tree: Path) -> set[str]:
 
 
 def _installed() -> tuple[importlib.metadata.Distribution, set[str]]:
+    """The installed distribution and its files (RECORD) outside .dist-info, byte code and grafted libraries.
+
+    Skips when the package under test is the source tree itself (an editable install, or the tree on sys.path),
+    which has no installed file list; under `make test` (ETKD_TEST_INSTALLED=1) that is a failure instead."""
+    tree = Path(__file__).resolve().parents[1]
     dist = importlib.metadata.distribution("etkd")
-    direct = dist.read_text("direct_url.json")
-    if direct and json.loads(direct).get("dir_info", {}).get("editable"):
-        pytest.skip(
-            "etkd is an editable install (no installed file list); `make test` checks the built wheel"
-        )
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if Path(etkd_kernels.__file__).resolve().is_relative_to(tree) or direct.get("dir_info", {}).get(
+        "editable"
+    ):
+        assert os.environ.get("ETKD_TEST_INSTALLED") != "1", f"etkd_kernels from {etkd_kernels.__file__}"
+        pytest.skip("etkd is the source tree here (editable); `make test` checks the installed wheel")
+    assert dist.read_text("RECORD"), f"{dist}: no RECORD (not installed from a wheel)"
     files = set()
     for f in dist.files or ():
         p = PurePosixPath(f)
