@@ -14,7 +14,7 @@ from etkd.benchmarks import core
 from etkd.benchmarks import providers as P
 from etkd.benchmarks.harness import Timing, run_fresh, time_call
 from etkd.distill.cli import main as cli
-from etkd.distill.tasks import longrange
+from etkd.distill.demo import longrange
 
 
 def test_bench_tiny_writes_table_json_plot(tmp_path):
