@@ -252,15 +252,21 @@ class EncoderModel(nn.Module):
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs) -> EncoderModel:
-        """Load our format, or (when `directory` is an HF checkpoint dir or hub name) HF weights."""
-        if os.path.isdir(directory) and is_etkd_checkpoint(directory):
-            path = os.path.join(directory, WEIGHTS_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
-            model = cls(EncoderConfig.load(directory))
-            load_model(model, path)
-            return model.eval()
-        from .hf import from_hf  # hf imports this module
-
-        return from_hf(directory, **hf_kwargs)
+    def from_pretrained(cls, directory: str | os.PathLike) -> EncoderModel:
+        """Load our own format (config.json with the etkd marker + model.safetensors). HF checkpoints load
+        through `etkd.models.load` (either format) or `etkd.models.from_hf`."""
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(
+                f"from_pretrained: {directory} has no config.json (not an etkd checkpoint)"
+            )
+        if not is_etkd_checkpoint(directory):
+            raise ValueError(
+                f"from_pretrained: {directory} is not an etkd checkpoint (an HF one?); "
+                "etkd.models.load(path) loads either format"
+            )
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
+        model = cls(EncoderConfig.load(directory))
+        load_model(model, path)
+        return model.eval()
