@@ -247,11 +247,16 @@ def _warn_slow_fallback(op: str, p: Problem) -> None:
     )
 
 
+def name_of(impl: ModuleType) -> str:
+    """The backend name of an implementation module `resolve` returned (etkd_kernels.<backend>.<op>)."""
+    return impl.__name__.split(".")[1]
+
+
 def selected_backend_name(
     op: str, device: torch.device | Problem, dtype: torch.dtype | None = None, backend: str = "auto"
 ) -> str:
     """Name of the backend `resolve` would pick (for logs, benchmarks and `etkd_kernels.info`)."""
-    return resolve(op, device, dtype, backend).__name__.split(".")[1]
+    return name_of(resolve(op, device, dtype, backend))
 
 
 def support_matrix(

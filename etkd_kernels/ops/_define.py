@@ -4,11 +4,12 @@ Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) ->
 `etkd::<op>_bwd(grad_out, q, k, v, out, lse, <settings>, backend) -> Tensor[]`, plus fake kernels and
 `register_autograd` tying them together. `backend` is the name the caller asked for (the public op applies
 `use_backend` and ETKD_BACKEND when it is called: `dispatch.requested_backend`); the forward resolves it to a
-backend once, and its backward runs that same backend object (`ctx.impl`, xformers' `ctx.op_bw`), whatever
-context or thread autograd runs the backward in. In a compiled graph the forward runs as a graph node whose
-choice the autograd context cannot see; there the backward op resolves the same requested name for the same
-tensors (`auto` depends on device, dtype and shape only, so it picks the same backend). <settings> are the fields of the pattern's frozen dataclass, in
-order: the schema is flat (torch.library needs it), and the implementation packs the settings back into
+backend once and saves that backend (`ctx.impl`, as xformers' `ctx.op_bw`); the backward op is called with
+its explicit name, so it runs on that backend whatever context or thread autograd runs the backward in. In a
+compiled graph the forward runs as a graph node whose choice the autograd context cannot see; there the
+backward op resolves the same requested name for the same tensors (`auto` depends on device, dtype and shape
+only, so it picks the same backend). <settings> are the fields of the pattern's frozen dataclass, in order:
+the schema is flat (torch.library needs it), and the implementation packs the settings back into
 the dataclass, so every backend has `forward(q, k, v, params)` and `backward(grad_out, q, k, v, out, lse,
 params)` and reads them by name. A field with `metadata={"grad": True}` (a tensor input beside q, k, v, like
 Longformer's global projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..dispatch import Problem, resolve
+from ..dispatch import Problem, name_of, resolve
 
 LIB = "etkd"
 # Field annotations (strings: the op modules use `from __future__ import annotations`) -> schema types.
@@ -110,15 +111,12 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         _remember(out[0] if lse else out, impl)
         return out
 
-    def run_backward(impl, grad_out, q, *args):
-        """`impl`'s backward on the flat arguments of the backward op (without its backend name)."""
-        if q.shape[2] == 0:
-            return bwd_fake(grad_out, q, *args, None)
-        grads = impl.backward(grad_out, q, *args[:-n], params(*args[-n:]))
-        return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
-
     def bwd_impl(grad_out, q, *args):
-        return run_backward(resolve(op, Problem.of(q), backend=args[-1]), grad_out, q, *args[:-1])
+        impl = resolve(op, Problem.of(q), backend=args[-1])
+        if q.shape[2] == 0:
+            return bwd_fake(grad_out, q, *args)
+        grads = impl.backward(grad_out, q, *args[: -1 - n], params(*args[-1 - n : -1]))
+        return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
 
     def setup_context(ctx, inputs, output):
         q, k, v, *given, backend = inputs
@@ -135,12 +133,10 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         given = list(ctx.given)
         for i, t in zip(tensor_fields, tensors):
             given[i] = t
-        args = (grad_out.contiguous(), q, k, v, *outs, *given)
-        if ctx.impl is not None:  # eager: the forward's own backend, no second choice
-            grads = run_backward(ctx.impl, *args)
-        else:  # a compiled graph: the backward op, resolving the forward's requested name
-            grads = bwd_op(*args, ctx.backend)
-        dq, dk, dv, *extra = empty_to_none(grads)
+        # Eager: the backend the forward ran, named explicitly (an explicit name is that backend, whatever
+        # context is live); a compiled graph: the forward's requested name, resolved for the same tensors.
+        backend = ctx.backend if ctx.impl is None else name_of(ctx.impl)
+        dq, dk, dv, *extra = empty_to_none(bwd_op(grad_out.contiguous(), q, k, v, *outs, *given, backend))
         grads = [None] * n
         for i, g in zip(grad_fields, extra):
             grads[i] = g
