@@ -57,7 +57,7 @@ def isa_summary() -> str:
 
 
 _BF16_PRODUCTS = {
-    "amx": "oneDNN brgemm on AMX tiles",
+    "amx": "oneDNN AMX brgemm tiles",
     "vdpbf16ps": "own vdpbf16ps micro-kernels",
     "mkl": "MKL bf16 GEMM",
 }
