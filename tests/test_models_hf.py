@@ -121,7 +121,7 @@ def test_backend_swap_keeps_weights_and_context_manager_applies():
     model = from_hf(hf)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.set_attention_backend("reference")
-    assert all(layer.attn.backend == "reference" for layer in model.encoder.layers)
+    assert model.attention_backend == model.encoder.backend == "reference"  # one attribute for every layer
     model.set_attention_backend("auto")
     with ek.use_backend("reference"), torch.no_grad():
         out = model(**inputs("Bert")).last_hidden_state
