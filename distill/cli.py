@@ -117,11 +117,14 @@ def check_environment() -> None:
     cpu kernels are loaded only when a variable of theirs is set (they check ETKD_CPU_ISA and ETKD_CPU_GEMM)."""
     import os
 
-    from etkd_kernels.dispatch import BACKENDS
+    from etkd_kernels.dispatch import check_name
 
     backend = os.environ.get("ETKD_BACKEND", "").strip()
-    if backend not in ("", "auto", *BACKENDS):
-        raise EnvironmentValueError(f"ETKD_BACKEND={backend}: expected auto or one of {', '.join(BACKENDS)}")
+    if backend:
+        try:
+            check_name(backend, f"ETKD_BACKEND={backend}")
+        except ValueError as exc:
+            raise EnvironmentValueError(str(exc)) from None
     for name in FLAGS:
         flag(name)
     if os.environ.get("ETKD_CPU_ISA") or os.environ.get("ETKD_CPU_GEMM"):
