@@ -64,7 +64,7 @@ wheel: $(WVENV)/.tools
 	MAX_JOBS=2 $(WBIN)/pip wheel -q --no-build-isolation --no-deps -w build/wheel .
 	LD_LIBRARY_PATH=$$($(WBIN)/python -c 'import os, torch; print(os.path.dirname(torch.__file__) + "/lib")' 2>/dev/null) \
 		PATH=$(CURDIR)/$(WBIN):$$PATH auditwheel repair $(AUDITWHEEL_EXCLUDE) -w dist build/wheel/etkd-*.whl
-	$(WBIN)/python -m build --sdist --no-isolation --outdir dist . > /dev/null
+	ETKD_NO_EXT=1 $(WBIN)/python -m build --sdist --no-isolation --outdir dist . > /dev/null  # metadata: torch>=2.5
 	$(WBIN)/pip wheel -q --no-deps -w build/sdist-wheel dist/etkd-*.tar.gz
 	ls -l dist build/sdist-wheel
 
