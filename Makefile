@@ -84,7 +84,7 @@ test: wheel-env
 	$(WBIN)/ruff check etkd_kernels models distill benchmarks tests setup.py
 	$(WBIN)/ruff format --check etkd_kernels models distill benchmarks tests setup.py
 	$(WBIN)/etkd --help > /dev/null
-	$(WBIN)/etkd info | head -4
+	$(WBIN)/etkd info | grep -E "^torch|^  cpu:"  # the installed wheel: cpu available, its ISA named
 	set -e; t=$$(mktemp -d); trap 'rm -rf $$t' EXIT; cp -r tests pyproject.toml $$t/; cd $$t; \
 	export ETKD_TEST_INSTALLED=1 ETKD_SOURCE_TREE=$(CURDIR); \
 	$(CURDIR)/$(WBIN)/python -m pytest -q --durations=15 tests $(addprefix --ignore=,$(TESTS_TRITON)); \
