@@ -156,14 +156,19 @@ def _load_extension() -> str | None:
             return None
         except ImportError as exc:
             problem = f"etkd_kernels._C (compiled against torch {built_for}) failed to load on torch {running}: {exc}"
-    if build.load_cached() is not None:
-        return None
+    try:
+        if build.load_cached() is not None:
+            return None
+    except (ImportError, OSError) as exc:  # a cached build that does not load: build it again (ETKD_JIT=1)
+        problem += f"; the cached JIT build does not load ({exc})"
     if flag("ETKD_JIT"):
         try:
-            build.jit_build()
+            build.jit_build(force="cached JIT build" in problem)
             return None
-        except Exception as exc:  # the compiler's own words are the reason
-            return f"{problem}; ETKD_JIT=1 could not build the kernels for torch {running}: {exc}"
+        except Exception as exc:  # the compiler's own words (their end) are the reason
+            return (
+                f"{problem}; ETKD_JIT=1 could not build the kernels for torch {running}: {str(exc)[-2000:]}"
+            )
     want = f"pip install 'torch=={build.torch_minor(built_for)}.*'; or " if built_for else ""
     return (
         f"{problem}. Fix: {want}ETKD_JIT=1 (or `python -m etkd_kernels.build`) compiles the kernels for torch "
