@@ -33,6 +33,9 @@ global key is counted once (as its own column), as LSG masks its global first to
     and, for "bos_pooling", the plain mean of the group's keys when none is real (its softmax is uniform).
     A strided or "norm" token is attended only if usable.
 Softmax over that key set with `scale`; rows that see no key, and padded query rows, give 0 (lse +inf).
+Attention dropout (`etkd_kernels._shared.dropout_keep`) uses the key's position as its column for global and
+local keys, and column S + p for compressed position p (S = the padded seq the op hands over), so compressed
+keys draw bits of their own.
 
 Where this differs from LSGSelfAttention: (1) LSG has one global token, the first; here the first G
 positions are global (G = 1 is LSG's convention, G = 0 its compute_global_attention=False); (2) LSG keeps
@@ -51,76 +54,16 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import compute_dtype, recompute_backward
+from .._shared import (
+    apply_dropout,
+    batch_heads,
+    compute_dtype,
+    recompute_backward,
+    sparse_keys,
+    sparse_windows,
+    uses_sparse,
+)
 from ._softmax import masked_softmax, padded_rows
-
-
-def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
-    return sparsity_type != "none" and sparse_block_size > 0 and num_blocks > 2
-
-
-def sparse_windows(n, step: int, sparse_block_size: int):
-    """First compressed position of the left and right sparse windows of query block(s) n."""
-    o = step % 2
-    return (n - 1) * step - sparse_block_size + o, (n + 2) * step - 2 * o
-
-
-def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale):
-    """Compressed keys/values (b, h, T, d) and whether each is attended (b, h or 1, T)."""
-    b, h, s, d = k.shape
-    f, g = sparsity_factor, num_global_tokens
-    t = s // f
-    usable = real & (torch.arange(s, device=k.device) >= g)[None]
-    if f == 1:
-        return k, v, usable[:, None]
-    if sparsity_type in ("pooling", "bos_pooling"):
-        kg, vg = k.view(b, h, t, f, d), v.view(b, h, t, f, d)
-        if sparsity_type == "pooling":
-            w = usable.view(b, 1, t, f, 1).to(k.dtype)
-            w = w / (w.sum(-2, keepdim=True) + 1e-6)
-        else:
-            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k).view(b, h, t, f) * scale
-            rg = real.view(b, 1, t, f)
-            # A group with no real token: LSG's scores there are all s + finfo.min, which rounds to finfo.min,
-            # so its weights are uniform, yet autograd still differentiates the softmax of s: s - s.detach().
-            s0 = torch.where(rg.any(-1, keepdim=True), s0.masked_fill(~rg, float("-inf")), s0 - s0.detach())
-            w = torch.softmax(s0, dim=-1)[..., None]
-        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
-        return (kg * w).sum(-2), (vg * w).sum(-2), ok
-    p = torch.arange(t, device=k.device)
-    hh = torch.arange(h, device=k.device)[:, None]
-    step = block_size // f
-    if sparsity_type == "stride":
-        tok = (p[None, :] * f + hh % f)[None].expand(b, h, t)
-    elif sparsity_type == "block_stride":
-        tok = ((p[None, :] // step) * block_size + (hh * step + p[None, :] % step) % block_size)[None].expand(
-            b, h, t
-        )
-    else:  # norm
-        with torch.no_grad():
-            nrm = k.detach().norm(dim=-1).masked_fill(~usable[:, None], -1.0)
-            top = nrm.view(b, h, s // block_size, block_size).topk(step, dim=-1, sorted=True).indices
-            tok = (top + torch.arange(0, s, block_size, device=k.device)[:, None]).reshape(b, h, t)
-    idx = tok[..., None].expand(b, h, t, d)
-    return k.gather(2, idx), v.gather(2, idx), usable[:, None].expand(b, h, s).gather(2, tok)
-
-
-def extra_keys(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale
-):
-    """[global keys, compressed keys] (b, h, G + T, d) for keys and values, which are attended (b, h, G + T),
-    and each query block's sparse window starts (nb, 2) (empty when no sparse keys)."""
-    b, h, s, d = k.shape
-    g, nb = num_global_tokens, s // block_size
-    if not uses_sparse(sparsity_type, sparse_block_size, nb):
-        ok = real[:, None, :g].expand(b, h, g)
-        return k[:, :, :g], v[:, :, :g], ok, torch.zeros(0, 2, dtype=torch.long, device=k.device)
-    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale)
-    n = torch.arange(nb, device=k.device)
-    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size), dim=1)
-    kx, vx = torch.cat([k[:, :, :g], kc], dim=2), torch.cat([v[:, :, :g], vc], dim=2)
-    ok = torch.cat([real[:, None, :g].expand(b, h, g), okc.expand(b, h, okc.shape[-1])], dim=2)
-    return kx, vx, ok, starts
 
 
 def attend(
@@ -134,6 +77,9 @@ def attend(
     num_global_tokens,
     key_padding_mask,
     scale,
+    dropout_p=0.0,
+    seed=0,
+    offset=0,
 ):
     b, h, s, d = q.shape
     bs, sbs, f, g = block_size, sparse_block_size, sparsity_factor, num_global_tokens
@@ -157,6 +103,7 @@ def attend(
     loc = n * bs - bs + torch.arange(3 * bs, device=dev)[None]
     loc_c = loc.clamp(0, s - 1)
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
+    cols = [loc]  # dropout columns of each group's keys, (nb, K)
     if use_sparse:
         kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale)
         t = s // f
@@ -165,15 +112,21 @@ def attend(
         pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
         groups.append((kc[:, :, pos_c], vc[:, :, pos_c], ((pos >= 0) & (pos < t)) & okc[:, :, pos_c]))
+        cols.append(s + pos)
     if g > 0:
         kg, vg = k[:, :, None, :g].expand(b, h, nb, g, d), v[:, :, None, :g].expand(b, h, nb, g, d)
         groups.append((kg, vg, real[:, None, :g].expand(b, nb, g)))
+        cols.append(torch.arange(g, device=dev).expand(nb, g))
 
     hm = max(m.shape[1] if m.dim() == 4 else 1 for _, _, m in groups)
     masks = [(m if m.dim() == 4 else m[:, None]).expand(b, hm, nb, m.shape[-1]) for _, _, m in groups]
     qb = q.view(b, h, nb, bs, d)
     scores = torch.cat([torch.einsum("bhnqd,bhnkd->bhnqk", qb, kk) for kk, _, _ in groups], dim=-1) * scale
     probs, lse = masked_softmax(scores, torch.cat(masks, dim=-1)[:, :, :, None, :])
+    if dropout_p:
+        bh = batch_heads(b, h, dev)[..., None]
+        i = (n * bs + torch.arange(bs, device=dev))[..., None]  # (nb, bs, 1)
+        probs = apply_dropout(probs, dropout_p, seed, offset, bh, i, torch.cat(cols, dim=-1)[:, None, :])
     out = 0
     start = 0
     for _, vv, m in groups:
@@ -186,6 +139,11 @@ def attend(
     if g > 0:
         gs = torch.einsum("bhgd,bhsd->bhgs", q[:, :, :g], k) * scale
         gprobs, glse = masked_softmax(gs, real[:, None, None, :])
+        if dropout_p:
+            pos = torch.arange(s, device=dev)
+            gprobs = apply_dropout(
+                gprobs, dropout_p, seed, offset, batch_heads(b, h, dev), pos[:g, None], pos
+            )
         out = torch.cat([gprobs @ v, out[:, :, g:]], dim=2)
         lse = torch.cat([glse, lse[:, :, g:]], dim=2)
 
@@ -204,5 +162,5 @@ def _settings(p):
     """The op's settings in `attend`'s order."""
     return (
         p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
-        p.key_padding_mask, p.scale,
+        p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset,
     )  # fmt: skip
