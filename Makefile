@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: all env test test-fast lint demo bench gpu-check clean
+.PHONY: all env lsg-env test test-fast lint demo bench gpu-check clean
 
 all: test
 
@@ -28,6 +28,21 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*/*.cpp csrc/*/*
 	touch $(STAMP)
 
 env: $(STAMP)
+
+# The LSG oracle's side environment: lsg-converter 0.1.9's model code imports only under transformers 4.40
+# (it star-imports names later releases stopped exporting), so it runs in a venv of its own, with the same
+# pinned torch. Used by the `slow` parity test of tests/test_lsg_model.py, by `etkd bench`'s lsg-converter rows
+# and by benchmarks/lsg_peer.py (which recorded tests/data/lsg_golden/ once).
+LSG_VENV := .venv-lsg
+LSG_SPEC := transformers==4.40.2 tokenizers==0.19.1 lsg-converter==0.1.9
+$(LSG_VENV)/.installed:
+	$(PY) -m venv $(LSG_VENV)
+	$(LSG_VENV)/bin/pip install -q --upgrade pip
+	$(LSG_VENV)/bin/pip install -q "$(TORCH_SPEC)" $(LSG_SPEC) safetensors
+	$(LSG_VENV)/bin/pip check
+	touch $@
+
+lsg-env: $(LSG_VENV)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check etkd_kernels models distill benchmarks tests
@@ -63,4 +78,4 @@ bench: $(STAMP)
 	$(BIN)/python -m etkd.benchmarks.core --from-pytest-benchmark .benchmarks/latest.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info etkd_kernels/*.so
+	rm -rf $(VENV) $(LSG_VENV) build *.egg-info etkd_kernels/*.so

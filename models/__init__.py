@@ -4,6 +4,8 @@ from etkd.models import from_hf, convert, make_student
 model = from_hf("path/to/roberta")                  # any BERT/RoBERTa/Longformer/BigBird/Nystromformer
 long = convert(model, to="longformer", max_positions=4096, window=512)
 long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
+lsg = EncoderModel.from_pretrained("lsg-dir")       # lsg-converter's LSGRoberta*/LSGBert* checkpoints (models/lsg.py)
+lsg.save_pretrained("out", format="lsg")            # ... and back
 """
 
 from .attention import ATTENTION, get_attention

@@ -8,6 +8,7 @@ import torch
 
 from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
+from ..reference.lsg import VARIANTS, lead_tokens
 from ._common import pad_to_multiple
 from ._define import define
 
@@ -25,6 +26,7 @@ class LSGParams:
     num_global_tokens: int
     key_padding_mask: torch.Tensor | None
     scale: float
+    variant: str = "layer"
 
 
 _fwd_op = define("lsg", LSGParams)
@@ -42,6 +44,7 @@ def lsg_attention(
     num_global_tokens: int = 1,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    variant: str = "layer",
     backend: str = "auto",
 ) -> torch.Tensor:
     """LSG attention: each query block sees its own and the neighbouring key blocks (local), a compressed
@@ -53,6 +56,12 @@ def lsg_attention(
     q, k, v: (batch, heads, seq, head_dim); a seq that is not a multiple of block_size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim).
     The exact key set of each query is defined by `etkd_kernels.reference.lsg`.
+
+    variant: "layer" (above: lsg-converter's `attention_layers` LSGSelfAttention, blocks counted from token 0)
+    or "model" (the attention inside lsg-converter's model files, `LSGRobertaModel` & co.: the first
+    `num_global_tokens` positions are prepended global tokens, blocks, sparse keys and LSG's switch to full
+    attention up to two blocks count the tokens after them, an empty pooled group is not attended, and
+    bos_pooling pools by the first non-global query).
     """
     check_qkv(q, k, v)
     check_positive_int(block_size, "block_size")
@@ -61,6 +70,14 @@ def lsg_attention(
     check_positive_int(num_global_tokens, "num_global_tokens", minimum=0)
     if sparsity_type not in SPARSITY_TYPES:
         raise ValueError(f"sparsity_type: expected one of {SPARSITY_TYPES}, got {sparsity_type!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant == "model" and sparsity_type == "norm" and 0 < sparse_block_size < block_size:
+        raise ValueError(
+            f"sparse_block_size: lsg-converter's model ranks key norms in chunks of min(block_size, "
+            f"sparse_block_size); the op ranks whole blocks, so expected >= block_size ({block_size}) for "
+            f"norm, got {sparse_block_size}"
+        )
     if sparsity_type != "none" and sparse_block_size > 0 and block_size % sparsity_factor:
         raise ValueError(
             f"sparsity_factor: expected a divisor of block_size ({block_size}) for sparse keys, got {sparsity_factor}"
@@ -75,6 +92,30 @@ def lsg_attention(
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
-    q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
-    settings = (block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale)
+    g = num_global_tokens
+    if variant == "model" and q.shape[2]:
+        # Globals in leading blocks of their own (non-real filler), blocks counted after them; LSG's model
+        # runs full attention, which local + global then is, up to two blocks of non-global tokens.
+        lead = lead_tokens(g, block_size, variant)
+        if -(-(q.shape[2] - g) // block_size) <= 2:
+            sparsity_type = "none"
+        if lead > g:
+            b, h, s0, d = q.shape
+            fill = q.new_zeros(b, h, lead - g, d)
+            q, k, v = (torch.cat([t[:, :, :g], fill, t[:, :, g:]], dim=2) for t in (q, k, v))
+            real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, s0, dtype=torch.bool)
+            no = real.new_zeros(b, lead - g)
+            key_padding_mask = torch.cat([real[:, :g], no, real[:, g:]], dim=1)
+            out = _run(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g,
+                       key_padding_mask, scale, variant, backend)  # fmt: skip
+            return torch.cat([out[:, :, :g], out[:, :, lead:]], dim=2)
+    return _run(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, key_padding_mask,
+                scale, variant, backend)  # fmt: skip
+
+
+def _run(
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, variant, backend
+):
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, kpm, block_size)
+    settings = (block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, variant)
     return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]

@@ -45,6 +45,17 @@ f it raises. There we keep the windows above, which are the ones of the model fi
 run (`LSGAttentionProduct.reshape_to_sparse_block`, unfolds of width 6 s) for an even step, so the default
 f = 2 has sparse keys as the checkpoints do.
 `block_size` must be a multiple of `sparsity_factor` when sparse keys are used (LSG asserts the same).
+
+`variant="model"` is the attention of lsg-converter's model files (`LSGRobertaModel` & co.,
+`modeling_lsg_*.py`), which prepend G global embeddings and count blocks after them. The public op
+(`etkd_kernels.ops.lsg`) puts the G globals in leading blocks of their own, padded with non-real tokens, so
+here the first non-global token starts block `lead // B` with lead = ceil(G / B) B, and the rules above
+change in two places only: a pooled token ("pooling") is attended only when its group has a usable token
+(the model files mask an empty group), and "bos_pooling" pools by the scores of query `lead` (the first
+non-global token; the model files' `queries[..., :1, :]` after splitting the globals off) and never attends
+a compressed token of the leading global blocks (there the model files' unfold has only padding); and for an
+odd step only the right sparse window shifts (`sparse_windows`; the model files run an odd step only when
+block_size == sparsity_factor).
 """
 
 from __future__ import annotations
@@ -54,18 +65,30 @@ import torch
 from .._shared import compute_dtype, recompute_backward
 from ._softmax import masked_softmax, padded_rows
 
+VARIANTS = ("layer", "model")
+
+
+def lead_tokens(num_global_tokens: int, block_size: int, variant: str) -> int:
+    """Where the first non-global token sits: 0 for "layer" (the globals are ordinary tokens of block 0), the
+    globals rounded up to whole blocks for "model" (the op pads them so)."""
+    return -(-num_global_tokens // block_size) * block_size if variant == "model" else 0
+
 
 def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
     return sparsity_type != "none" and sparse_block_size > 0 and num_blocks > 2
 
 
-def sparse_windows(n, step: int, sparse_block_size: int):
-    """First compressed position of the left and right sparse windows of query block(s) n."""
+def sparse_windows(n, step: int, sparse_block_size: int, variant: str = "layer"):
+    """First compressed position of the left and right sparse windows of query block(s) n. For an odd step
+    both windows shift in the "layer" variant; in the model files' unfold only the right one does."""
     o = step % 2
-    return (n - 1) * step - sparse_block_size + o, (n + 2) * step - 2 * o
+    left = o if variant == "layer" else 0
+    return (n - 1) * step - sparse_block_size + left, (n + 2) * step - 2 * o
 
 
-def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale):
+def sparse_keys(
+    q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale, variant="layer"
+):
     """Compressed keys/values (b, h, T, d) and whether each is attended (b, h or 1, T)."""
     b, h, s, d = k.shape
     f, g = sparsity_factor, num_global_tokens
@@ -75,17 +98,22 @@ def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, s
         return k, v, usable[:, None]
     if sparsity_type in ("pooling", "bos_pooling"):
         kg, vg = k.view(b, h, t, f, d), v.view(b, h, t, f, d)
+        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
+        lead = lead_tokens(g, block_size, variant)
         if sparsity_type == "pooling":
             w = usable.view(b, 1, t, f, 1).to(k.dtype)
+            if variant == "model":
+                ok = w.view(b, 1, t, f).any(-1)
             w = w / (w.sum(-2, keepdim=True) + 1e-6)
         else:
-            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k).view(b, h, t, f) * scale
+            if variant == "model":
+                ok = ok & (torch.arange(t, device=k.device) >= lead // f)
+            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, lead], k).view(b, h, t, f) * scale
             rg = real.view(b, 1, t, f)
             # A group with no real token: LSG's scores there are all s + finfo.min, which rounds to finfo.min,
             # so its weights are uniform, yet autograd still differentiates the softmax of s: s - s.detach().
             s0 = torch.where(rg.any(-1, keepdim=True), s0.masked_fill(~rg, float("-inf")), s0 - s0.detach())
             w = torch.softmax(s0, dim=-1)[..., None]
-        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
         return (kg * w).sum(-2), (vg * w).sum(-2), ok
     p = torch.arange(t, device=k.device)
     hh = torch.arange(h, device=k.device)[:, None]
@@ -106,8 +134,9 @@ def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, s
 
 
 def extra_keys(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale
-):
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale,
+    variant="layer",
+):  # fmt: skip
     """[global keys, compressed keys] (b, h, G + T, d) for keys and values, which are attended (b, h, G + T),
     and each query block's sparse window starts (nb, 2) (empty when no sparse keys)."""
     b, h, s, d = k.shape
@@ -115,9 +144,9 @@ def extra_keys(
     if not uses_sparse(sparsity_type, sparse_block_size, nb):
         ok = real[:, None, :g].expand(b, h, g)
         return k[:, :, :g], v[:, :, :g], ok, torch.zeros(0, 2, dtype=torch.long, device=k.device)
-    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale)
+    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale, variant)
     n = torch.arange(nb, device=k.device)
-    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size), dim=1)
+    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size, variant), dim=1)
     kx, vx = torch.cat([k[:, :, :g], kc], dim=2), torch.cat([v[:, :, :g], vc], dim=2)
     ok = torch.cat([real[:, None, :g].expand(b, h, g), okc.expand(b, h, okc.shape[-1])], dim=2)
     return kx, vx, ok, starts
@@ -134,6 +163,7 @@ def attend(
     num_global_tokens,
     key_padding_mask,
     scale,
+    variant="layer",
 ):
     b, h, s, d = q.shape
     bs, sbs, f, g = block_size, sparse_block_size, sparsity_factor, num_global_tokens
@@ -158,9 +188,9 @@ def attend(
     loc_c = loc.clamp(0, s - 1)
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
     if use_sparse:
-        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale)
+        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale, variant)
         t = s // f
-        left, right = sparse_windows(n, bs // f, sbs)
+        left, right = sparse_windows(n, bs // f, sbs, variant)
         j = torch.arange(sbs, device=dev)[None]
         pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
@@ -204,5 +234,5 @@ def _settings(p):
     """The op's settings in `attend`'s order."""
     return (
         p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
-        p.key_padding_mask, p.scale,
+        p.key_padding_mask, p.scale, p.variant,
     )  # fmt: skip

@@ -38,9 +38,10 @@ def attention_settings(cfg) -> tuple[str, dict]:
         return NAME[a], {"num_landmarks": cfg.num_landmarks, "pinv_iterations": cfg.pinv_iterations,
                          "pinv_init": cfg.pinv_init}  # fmt: skip
     if a == "lsg":
-        return NAME[a], {"block_size": cfg.block_size, "sparse_block_size": cfg.sparse_block_size,
-                         "sparsity_factor": cfg.sparsity_factor, "sparsity_type": cfg.sparsity_type,
-                         "num_global_tokens": cfg.num_global_tokens}  # fmt: skip
+        raise UnsupportedConfigError(
+            "to_hf_attention: LSG RoBERTa's global embeddings (prepended tokens) have no place in a BERT/RoBERTa "
+            "class; write it as lsg-converter's checkpoint (save_pretrained(dir, format='lsg'), --format lsg)"
+        )
     return NAME["full"], {}
 
 
