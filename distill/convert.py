@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .core import TOKENIZER_FILES, load_tokenizer, log, lsg_token_ids, resolve_pretrained
+from .core import load_tokenizer, log, lsg_token_ids
 from .errors import UserError
+from .hub import TOKENIZER_FILES, resolve_pretrained
 
 
 def register(sub) -> None:
@@ -64,7 +65,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from etkd.models import EncoderModel, convert, to_hf
+    from etkd.models import convert, load, to_hf
 
     source = resolve_pretrained(args.source, "--from")
     tokenizer = None
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "lsg" and args.to != "lsg":
         raise UserError(f"--format lsg: writes LSG models; --to is {args.to!r}")
     try:
-        model = EncoderModel.from_pretrained(source)
+        model = load(source)
     except ValueError as exc:  # a checkpoint of a model etkd does not reproduce
         raise UserError(f"--from: {exc}") from None
     lsg = {}

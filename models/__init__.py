@@ -1,10 +1,10 @@
 """etkd.models: one small encoder with swappable attention, HF weight interop, convert and student init.
 
-from etkd.models import from_hf, convert, make_student
-model = from_hf("path/to/roberta")                  # any BERT/RoBERTa/Longformer/BigBird/Nystromformer
+from etkd.models import load, convert, make_student
+model = load("path/to/roberta")                     # ours, or any BERT/RoBERTa/Longformer/BigBird/Nystromformer
 long = convert(model, to="longformer", max_positions=4096, window=512)
 long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
-lsg = EncoderModel.from_pretrained("lsg-dir")       # lsg-converter's LSGRoberta*/LSGBert* checkpoints (models/lsg.py)
+lsg = load("lsg-dir")                               # lsg-converter's LSGRoberta*/LSGBert* checkpoints (models/lsg.py)
 lsg.save_pretrained("out", format="lsg")            # ... and back
 """
 
@@ -13,6 +13,8 @@ from .config import EncoderConfig
 from .convert import convert, make_student
 from .encoder import Encoder, EncoderModel, EncoderOutput
 from .hf import from_hf, to_hf
+from .loader import load
+from .lsg import load_lsg, save_lsg
 
 __all__ = [
     "ATTENTION",
@@ -23,6 +25,9 @@ __all__ = [
     "convert",
     "from_hf",
     "get_attention",
+    "load",
+    "load_lsg",
     "make_student",
+    "save_lsg",
     "to_hf",
 ]

@@ -5,6 +5,7 @@ at run time. Shapes: b = batch, s = seq, d = hidden, h = heads, hd = head_dim.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ from .config import LSG_MAX_GLOBAL_TOKENS, EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
 
 WEIGHTS_NAME = "model.safetensors"
+# Other checkpoint formats `save_pretrained(format=...)` writes: name -> fn(model, directory), registered by
+# the module that implements it (it imports this one, so this one cannot import it).
+SAVE_FORMATS: dict[str, Callable[[EncoderModel, str | os.PathLike], None]] = {}
 
 
 @dataclass
@@ -265,28 +269,32 @@ class EncoderModel(nn.Module):
 
     # Our own format: config.json + model.safetensors.
     def save_pretrained(self, directory: str | os.PathLike, format: str = "etkd") -> None:
-        """format "etkd" (our config.json + model.safetensors) or "lsg" (an LSG model as lsg-converter's
-        checkpoint folder, loadable with transformers' `trust_remote_code=True`; see models/lsg.py)."""
-        if format == "lsg":
-            from .lsg import save_lsg  # lsg imports this module
-
-            return save_lsg(self, directory)
+        """format "etkd" (our config.json + model.safetensors) or another format a module above registered
+        in `SAVE_FORMATS` ("lsg": an LSG model as lsg-converter's checkpoint folder, loadable with
+        transformers' `trust_remote_code=True`; models/lsg.py)."""
         if format != "etkd":
-            raise ValueError(f"format: expected 'etkd' or 'lsg', got {format!r}")
+            if format not in SAVE_FORMATS:
+                raise ValueError(f"format: expected one of {['etkd', *SAVE_FORMATS]}, got {format!r}")
+            return SAVE_FORMATS[format](self, directory)
         self.config.save(directory)
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs) -> EncoderModel:
-        """Load our format, or (when `directory` is an HF checkpoint dir or hub name) HF weights, or an
-        lsg-converter LSG checkpoint; a checkpoint of a model etkd does not reproduce is refused."""
-        if os.path.isdir(directory) and is_etkd_checkpoint(directory):
-            path = os.path.join(directory, WEIGHTS_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
-            model = cls(EncoderConfig.load(directory))
-            load_model(model, path)
-            return model.eval()
-        from .hf import from_hf  # hf imports this module
-
-        return from_hf(directory, **hf_kwargs)
+    def from_pretrained(cls, directory: str | os.PathLike) -> EncoderModel:
+        """Load our own format (config.json with the etkd marker + model.safetensors). HF checkpoints load
+        through `etkd.models.load` (either format) or `etkd.models.from_hf`."""
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(
+                f"from_pretrained: {directory} has no config.json (not an etkd checkpoint)"
+            )
+        if not is_etkd_checkpoint(directory):
+            raise ValueError(
+                f"from_pretrained: {directory} is not an etkd checkpoint (an HF one?); "
+                "etkd.models.load(path) loads either format"
+            )
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
+        model = cls(EncoderConfig.load(directory))
+        load_model(model, path)
+        return model.eval()

@@ -148,6 +148,8 @@ def supported_class(name: str) -> bool:
 def _check_architecture(d: dict, where: str) -> None:
     """Refuse a checkpoint that names a model etkd does not reproduce, rather than load it as another one."""
     archs = d.get("architectures") or []
+    if any(str(a).startswith("LSG") for a in archs):
+        raise ValueError(f"{where}: an lsg-converter checkpoint ({archs[0]}); etkd.models.load reads it")
     if archs and not supported_class(archs[0]):
         raise ValueError(
             f"{where}: architectures names {archs[0]}, a model etkd does not reproduce; loading its weights into "
@@ -217,15 +219,7 @@ def from_hf(model_or_path, **kwargs) -> EncoderModel:
     The result is in eval mode; kwargs go to transformers' `from_pretrained` when a path is given.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
-        path = str(model_or_path)
-        config_path = os.path.join(path, "config.json")
-        if os.path.isfile(config_path):
-            from .lsg import is_lsg_config, load_lsg  # lsg imports this module
-
-            with open(config_path) as f:
-                if is_lsg_config(json.load(f)):
-                    return load_lsg(path)
-        hf = _load_hf(path, **kwargs)
+        hf = _load_hf(str(model_or_path), **kwargs)
     else:
         hf = model_or_path
     name = type(hf).__name__

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, EncoderConfig
-from .encoder import EncoderModel
+from .encoder import SAVE_FORMATS, EncoderModel
 from .hf import FAMILIES, IGNORED, config_from_hf, hf_config, hf_name
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
@@ -196,3 +196,6 @@ def save_lsg(model: EncoderModel, directory: str | os.PathLike) -> None:
             f"and save again, or copy the file in)",
             stacklevel=2,
         )
+
+
+SAVE_FORMATS["lsg"] = save_lsg

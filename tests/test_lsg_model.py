@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from etkd.models import EncoderConfig, EncoderModel, convert, from_hf
+from etkd.models import EncoderConfig, EncoderModel, convert, from_hf, load
 from etkd.models.hf import hf_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def golden_checkpoint(case: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", sorted(MANIFEST["cases"]))
 def test_golden_outputs_and_gradients(case, backend, tmp_path):
     info = MANIFEST["cases"][case]
-    model = EncoderModel.from_pretrained(golden_checkpoint(case, tmp_path)).set_attention_backend(backend)
+    model = load(golden_checkpoint(case, tmp_path)).set_attention_backend(backend)
     cfg = model.config
     assert cfg.attention == "lsg" and cfg.head == head_of(info["class"])
     for key, value in info["lsg"].items():
@@ -156,7 +156,7 @@ def test_minilm_converted_by_both_tools(minilm, backend, tmp_path):
     assert main(argv) == 0
     d = json.loads((tmp_path / "lsg" / "config.json").read_text())
     assert d["architectures"] == [rec["architecture"]] and "AutoModel" in d["auto_map"]
-    model = EncoderModel.from_pretrained(tmp_path / "lsg").set_attention_backend(backend)
+    model = load(tmp_path / "lsg").set_attention_backend(backend)
     rtol = MINILM_RTOL[backend]
     emb = model.encoder.embeddings
     for ours, theirs in ((emb.global_tokens.weight, "embeddings.global_embeddings.weight"),
@@ -234,7 +234,7 @@ def test_save_lsg_round_trip(head, tmp_path):
     assert d["auto_map"]["AutoModel"] == "modeling_lsg_roberta.LSGRobertaModel"
     assert (d["num_global_tokens"], d["sparsity_type"], d["mask_first_token"]) == (2, "norm", True)
     assert (tmp_path / "modeling_lsg_roberta.py").is_file()  # lsg-converter is a test dependency
-    back = EncoderModel.from_pretrained(tmp_path)
+    back = load(tmp_path)
     assert back.config.head == head and back.config.attention == "lsg"
     ids, mask = batch()
     with torch.no_grad():
@@ -249,8 +249,8 @@ def test_pytorch_model_bin_loads_too(tmp_path):
     shutil.copy(GOLDEN / "pooling" / "config.json", tmp_path / "config.json")
     sd = load_file(GOLDEN / MANIFEST["cases"]["pooling"]["weights"])
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    model = EncoderModel.from_pretrained(tmp_path)
-    ref = EncoderModel.from_pretrained(golden_checkpoint("pooling", tmp_path))
+    model = load(tmp_path)
+    ref = load(golden_checkpoint("pooling", tmp_path))
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q), n
 
@@ -303,7 +303,7 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
 def test_lsg_settings_etkd_does_not_reproduce_are_refused(changes, match, tmp_path):
     src = golden_checkpoint("pooling", tmp_path)
     with pytest.raises(ValueError, match=match):
-        EncoderModel.from_pretrained(_edit_config(src, tmp_path / "edited", **changes))
+        load(_edit_config(src, tmp_path / "edited", **changes))
 
 
 def test_unknown_architecture_and_unexpected_weights_are_refused(tmp_path):
@@ -316,10 +316,10 @@ def test_unknown_architecture_and_unexpected_weights_are_refused(tmp_path):
     assert from_hf(plain).config.attention == "full"  # the plain checkpoint loads
     unknown = _edit_config(plain, tmp_path / "unknown", architectures=["FancyRobertaModel"])
     with pytest.raises(ValueError, match="FancyRobertaModel"):
-        EncoderModel.from_pretrained(unknown)
+        load(unknown)
     custom = _edit_config(plain, tmp_path / "custom", auto_map={"AutoModel": "modeling_x.XModel"})
     with pytest.raises(ValueError, match="auto_map"):
-        EncoderModel.from_pretrained(custom)
+        load(custom)
     # An LSG checkpoint whose config lost its LSG marks: the extra global embeddings still give it away.
     extra = tmp_path / "extra"
     shutil.copytree(plain, extra)
@@ -327,7 +327,7 @@ def test_unknown_architecture_and_unexpected_weights_are_refused(tmp_path):
     sd["embeddings.global_embeddings.weight"] = torch.zeros(512, 16)
     save_file(sd, extra / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="global_embeddings"):
-        EncoderModel.from_pretrained(extra)
+        load(extra)
 
 
 def test_hf_attention_export_refuses_lsg():
