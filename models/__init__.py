@@ -8,20 +8,21 @@ lsg = load("lsg-dir")                               # lsg-converter's LSGRoberta
 lsg.save_pretrained("out", format="lsg")            # ... and back
 """
 
-from .attention import ATTENTION, get_attention
 from .config import EncoderConfig
 from .convert import convert, make_student
 from .encoder import Encoder, EncoderModel, EncoderOutput
 from .hf import from_hf, to_hf
 from .loader import load
 from .lsg import load_lsg, save_lsg
+from .patterns import PATTERNS, Pattern, get_attention
 
 __all__ = [
-    "ATTENTION",
     "Encoder",
     "EncoderConfig",
     "EncoderModel",
     "EncoderOutput",
+    "PATTERNS",
+    "Pattern",
     "convert",
     "from_hf",
     "get_attention",

@@ -91,7 +91,7 @@ def lsg_attention(
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     g = num_global_tokens
     if variant == "model" and q.shape[2]:
         # Globals in leading blocks of their own (non-real filler), blocks counted after them; LSG's model
