@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from .._shared import VARIANTS, lead_tokens
 from ..dispatch import requested_backend
-from ..reference.lsg import VARIANTS, lead_tokens
 from ._common import pad_to_multiple
 from ._define import define
 
