@@ -33,10 +33,10 @@ class LSGParams:
     num_global_tokens: int
     key_padding_mask: torch.Tensor | None
     scale: float
+    variant: str = "layer"
     dropout_p: float = 0.0
     seed: int = 0
     offset: int = 0
-    variant: str = "layer"
 
 
 _fwd_op = define("lsg", LSGParams)
@@ -158,7 +158,7 @@ def _run(
         g,
         kpm,
         scale,
-        *dropout,
         variant,
+        *dropout,
     )
     return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]

@@ -88,10 +88,10 @@ def attend(
     num_global_tokens,
     key_padding_mask,
     scale,
+    variant="layer",
     dropout_p=0.0,
     seed=0,
     offset=0,
-    variant="layer",
 ):
     b, h, s, d = q.shape
     bs, sbs, f, g = block_size, sparse_block_size, sparsity_factor, num_global_tokens
@@ -174,5 +174,5 @@ def _settings(p):
     """The op's settings in `attend`'s order."""
     return (
         p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
-        p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset, p.variant,
+        p.key_padding_mask, p.scale, p.variant, p.dropout_p, p.seed, p.offset,
     )  # fmt: skip
