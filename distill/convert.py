@@ -104,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "lsg":
         new.save_pretrained(args.out, format="lsg")
     elif args.format == "hf":
+        from etkd.models.encoder import apply_umask
+
         to_hf(new).save_pretrained(args.out)
+        apply_umask(args.out)
     elif args.format == "hf-attention":
         from etkd.hf import save_hf_attention, to_hf_attention
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, EncoderConfig
-from .encoder import SAVE_FORMATS, EncoderModel
+from .encoder import SAVE_FORMATS, EncoderModel, apply_umask
 from .hf import FAMILIES, IGNORED, config_from_hf, hf_config, hf_name
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
@@ -196,6 +196,7 @@ def save_lsg(model: EncoderModel, directory: str | os.PathLike) -> None:
             f"and save again, or copy the file in)",
             stacklevel=2,
         )
+    apply_umask(directory)  # safetensors writes 0600 whatever the umask
 
 
 SAVE_FORMATS["lsg"] = save_lsg

@@ -23,14 +23,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from etkd.benchmarks.bench import LSG_PEER, lsg_python
 from etkd.models import EncoderConfig, EncoderModel, convert, from_hf, load
 from etkd.models.hf import hf_name
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "data" / "lsg_golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
-SIDE_PYTHON = ROOT / ".venv-lsg" / "bin" / "python"
-PEER = ROOT / "benchmarks" / "lsg_peer.py"
+SIDE_PYTHON = lsg_python()  # the side environment (make lsg-env, or $ETKD_LSG_PYTHON); None without one
+PEER = LSG_PEER
 RTOL = 1e-5
 HEADS = {"Model": None, "ForMaskedLM": "mlm", "ForSequenceClassification": "sequence_classification",
          "ForTokenClassification": "token_classification", "ForQuestionAnswering": "question_answering"}  # fmt: skip
@@ -365,8 +365,8 @@ LIVE = [
 def test_side_env_loads_etkd_checkpoints_and_agrees(name, settings, head, lengths, tmp_path):
     """etkd writes the checkpoint (format "lsg"), lsg-converter's code loads it with trust_remote_code in the
     side environment and computes outputs and gradients; they equal etkd's."""
-    if not SIDE_PYTHON.is_file():
-        pytest.skip(f"no side environment at {SIDE_PYTHON}: run `make lsg-env`")
+    if SIDE_PYTHON is None:
+        pytest.skip("no side environment for lsg-converter: run `make lsg-env` (or set ETKD_LSG_PYTHON)")
     model = tiny_lsg(head=head, num_labels=2 if head == "question_answering" else 3, **settings)
     model.save_pretrained(tmp_path, format="lsg")
     ids, mask = batch(lengths)
@@ -381,7 +381,7 @@ def test_side_env_loads_etkd_checkpoints_and_agrees(name, settings, head, length
     save_file(inputs, tmp_path / "inputs.safetensors")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "ETKD"))}
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    done = subprocess.run([str(SIDE_PYTHON), str(PEER), "run", str(tmp_path)],
+    done = subprocess.run([SIDE_PYTHON, PEER, "run", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     peer = load_file(tmp_path / "peer.safetensors")
