@@ -79,8 +79,7 @@ def convert(
                 t.copy_(old_sd[f"{m[1]}{m[2]}.{m[3]}"])  # global projections from the local ones
             else:
                 raise KeyError(f"convert: no source for {key!r}")
-    for a, b in zip(model.encoder.layers, new.encoder.layers):
-        b.attn.backend = a.attn.backend
+    new.encoder.backend = model.encoder.backend
     return new.train(model.training)
 
 
@@ -108,6 +107,5 @@ def make_student(teacher: EncoderModel, layers: str | Sequence[int] = "every_oth
             m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
             src = f"encoder.layers.{chosen[int(m[1])]}.{m[2]}" if m else key
             t.copy_(old[src])
-    for i, layer in zip(chosen, student.encoder.layers):
-        layer.attn.backend = teacher.encoder.layers[i].attn.backend
+    student.encoder.backend = teacher.encoder.backend
     return student.train(teacher.training)

@@ -12,13 +12,14 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
-from etkd_kernels.dispatch import BACKENDS
+from etkd_kernels.dispatch import check_name
 
 from .attention import get_attention
 from .config import EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
 
 WEIGHTS_NAME = "model.safetensors"
+TOKEN_HEADS = ("mlm", "token_classification", "question_answering")  # heads with one output per token
 
 
 @dataclass
@@ -80,7 +81,6 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = cfg
         self.layer_index = layer_index
-        self.backend = "auto"
         d, h = cfg.hidden_size, cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.qg = self.kg = self.vg = None
@@ -102,11 +102,11 @@ class SelfAttention(nn.Module):
         HF applies it (see models/attention.py); the op draws its seed from torch's generator."""
         return self.config.attention_dropout if self.training else 0.0
 
-    def forward(self, x, key_padding_mask=None, global_mask=None):
+    def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):
         b, s, d = x.shape
         h = self.config.num_heads
         q, k, v = (p(x).view(b, s, h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (b, h, s, hd)
-        y = self.attend(self, x, q, k, v, key_padding_mask, global_mask)  # (b, h, s, hd)
+        y = self.attend(self, x, q, k, v, key_padding_mask, global_mask, backend)  # (b, h, s, hd)
         y = y.transpose(1, 2).reshape(b, s, d)
         return self.o(y)
 
@@ -126,11 +126,11 @@ class Layer(nn.Module):
     def ffn(self, x):
         return self.dropout(self.ffn_out(self.act(self.ffn_in(x))))
 
-    def forward(self, x, key_padding_mask=None, global_mask=None):  # (b, s, d) -> (b, s, d)
+    def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):  # (b, s, d) -> (b, s, d)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, global_mask))
+            x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, global_mask, backend))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.dropout(self.attn(x, key_padding_mask, global_mask)))
+        x = self.norm1(x + self.dropout(self.attn(x, key_padding_mask, global_mask, backend)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -145,6 +145,7 @@ class Encoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.add_pooler else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.backend = "auto"  # the kernel backend of every layer (`EncoderModel.set_attention_backend`)
 
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
@@ -158,9 +159,9 @@ class Encoder(nn.Module):
         states = [x]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, kpm, gmask, use_reentrant=False)
+                x = checkpoint(layer, x, kpm, gmask, self.backend, use_reentrant=False)
             else:
-                x = layer(x, kpm, gmask)
+                x = layer(x, kpm, gmask, self.backend)
             states.append(x)
         if self.final_norm is not None:
             x = states[-1] = self.final_norm(x)
@@ -201,7 +202,11 @@ class EncoderModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
-                position_ids=None, inputs_embeds=None, output_hidden_states=False) -> EncoderOutput:  # fmt: skip
+                position_ids=None, inputs_embeds=None, output_hidden_states=False,
+                head_positions=None) -> EncoderOutput:  # fmt: skip
+        """head_positions: (b, s) bool; a token-level head (MLM, token classification, QA) then runs only at
+        these positions and `logits` is (n, out) for their n True entries in row-major order (as
+        `full_logits[head_positions]`). An MLM loss that reads 15% of the tokens need not pay for the rest."""
         cfg = self.config
         if (
             global_attention_mask is None
@@ -215,17 +220,34 @@ class EncoderModel(nn.Module):
         out = self.encoder(input_ids, attention_mask, token_type_ids, global_attention_mask, position_ids,
                            inputs_embeds, output_hidden_states)  # fmt: skip
         if self.head is not None:
-            out.logits = self.head(out)
+            out.logits = (
+                self.head(out)
+                if head_positions is None
+                else self.logits_at(out.last_hidden_state, head_positions)
+            )
         return out
+
+    def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The token-level head on the encoder's last hidden states (b, s, d) at `positions` (b, s) bool only:
+        (n, out) rows in row-major order, equal to the full head's logits `[positions]`."""
+        if self.config.head not in TOKEN_HEADS:
+            raise ValueError(f"head_positions: only a token-level head ({', '.join(TOKEN_HEADS)}) runs per "
+                             f"position; this model's head is {self.config.head!r}")  # fmt: skip
+        if positions.shape != hidden.shape[:2] or positions.dtype != torch.bool:
+            raise ValueError(f"head_positions: expected a bool tensor of shape {tuple(hidden.shape[:2])}, got "
+                             f"{positions.dtype} {tuple(positions.shape)}")  # fmt: skip
+        return self.head(EncoderOutput(hidden[positions]))
 
     # Run-time switches (no weights touched).
     def set_attention_backend(self, backend: str) -> EncoderModel:
-        """Use kernel backend `backend` ("auto", "reference", "cpu", "triton", "cuda") in every layer."""
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-        for layer in self.encoder.layers:
-            layer.attn.backend = backend
+        """Use kernel backend `backend` ("auto", "reference", "cpu", "triton", "cuda") in every layer (one
+        attribute, `encoder.backend`, passed to each layer's attention call)."""
+        self.encoder.backend = check_name(backend)
         return self
+
+    @property
+    def attention_backend(self) -> str:
+        return self.encoder.backend
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> EncoderModel:
         self.encoder.gradient_checkpointing = enabled
@@ -238,15 +260,21 @@ class EncoderModel(nn.Module):
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs) -> EncoderModel:
-        """Load our format, or (when `directory` is an HF checkpoint dir or hub name) HF weights."""
-        if os.path.isdir(directory) and is_etkd_checkpoint(directory):
-            path = os.path.join(directory, WEIGHTS_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
-            model = cls(EncoderConfig.load(directory))
-            load_model(model, path)
-            return model.eval()
-        from .hf import from_hf  # hf imports this module
-
-        return from_hf(directory, **hf_kwargs)
+    def from_pretrained(cls, directory: str | os.PathLike) -> EncoderModel:
+        """Load our own format (config.json with the etkd marker + model.safetensors). HF checkpoints load
+        through `etkd.models.load` (either format) or `etkd.models.from_hf`."""
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(
+                f"from_pretrained: {directory} has no config.json (not an etkd checkpoint)"
+            )
+        if not is_etkd_checkpoint(directory):
+            raise ValueError(
+                f"from_pretrained: {directory} is not an etkd checkpoint (an HF one?); "
+                "etkd.models.load(path) loads either format"
+            )
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
+        model = cls(EncoderConfig.load(directory))
+        load_model(model, path)
+        return model.eval()

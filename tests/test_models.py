@@ -117,7 +117,7 @@ def test_attention_dropout_drops_probabilities_not_the_output():
     x = torch.randn(2, 40, 32)
     q, k = (p(x).view(2, 40, 2, 16).transpose(1, 2) for p in (attn.q, attn.k))
     v = torch.full_like(q, 0.25)
-    y = attn.attend(attn, x, q, k, v, None, None)  # (b, h, s, hd)
+    y = attn.attend(attn, x, q, k, v, None, None, "reference")  # (b, h, s, hd)
     factor = y / 0.25
     assert_close(factor, factor[..., :1].expand_as(factor), atol=1e-6, name="one factor per row")
     assert (

@@ -84,7 +84,7 @@ def block_sparse_attention(
     layout = as_layout(layout, q.shape[2], q.shape[1], q.device)
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, layout.block_size)
     out, _ = _fwd_op(q, k, v, layout.mask.contiguous(), layout.block_size, kpm, scale, backend)
     return out[:, :, :s]

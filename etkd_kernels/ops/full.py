@@ -41,6 +41,6 @@ def full_attention(
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     out, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, scale, backend)
     return out

@@ -74,7 +74,7 @@ def lsg_attention(
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
     settings = (block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale)
     return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]

@@ -60,6 +60,6 @@ def nystrom_attention(
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _fwd_op(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, backend)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from etkd_kernels.dispatch import requested_backend
+from etkd_kernels.dispatch import check_name
 
 
 class UnsupportedConfigError(ValueError):
@@ -22,7 +22,7 @@ class Options:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        requested_backend(self.backend)  # an unknown name fails here, at patch time
+        check_name(self.backend)  # an unknown name fails here, at patch time
 
 
 def warn_ignore_attention_dropout(value: object, where: str, stacklevel: int = 3) -> None:
