@@ -1,7 +1,7 @@
 """Attention dropout on the probabilities (etkd since issue 27, where HF applies it) against dropout on the
 attention output (etkd before issue 27), fine-tuned side by side, three seeds each, on
 
-  longrange  the built-in long-range NER set (`distill/tasks/longrange.py`): a small Longformer built the way
+  longrange  the built-in long-range NER set (`distill/demo/longrange.py`): a small Longformer built the way
              `etkd demo` builds it (steps 0-3: MLM teacher, convert, long MLM) and fine-tuned once on the short
              NER set (`--short-steps`; attention dropout 0 until here, so the shared start favours neither
              placement), then per seed and placement fine-tuned on the long-range NER set (`--long-steps`)
@@ -80,10 +80,11 @@ def metrics_of(path: str) -> dict:
 
 def longrange_base(out: str, args) -> tuple[dict, str]:
     """The demo's data and its Longformer after steps 0-3 (seed 0), built once under `out`."""
-    from etkd.distill import demo_data
+    from etkd.distill import demo
+    from etkd.distill.demo import data as demo_data
     from etkd.models import EncoderConfig, EncoderModel
 
-    data = demo_data.write_all(os.path.join(out, "data"), seed=0, n_long_train=200, n_long_dev=40)
+    data = demo.write_all(os.path.join(out, "data"), seed=0, n_long_train=200, n_long_dev=40)
     base = os.path.join(out, "longformer_pt", "final")
     if os.path.isdir(base):
         return data, base
@@ -118,7 +119,8 @@ def with_attention_dropout(src: str, dst: str, p: float) -> str:
 
 
 def run_longrange(out: str, seeds: list[int], args) -> list[dict]:
-    from etkd.distill.tasks import longrange, ner
+    from etkd.distill.demo import longrange
+    from etkd.distill.tasks import ner
 
     data, base = longrange_base(os.path.join(out, "longrange"), args)
     tok = data["tokenizer"]
