@@ -1,4 +1,4 @@
-"""The attention registry: one adapter per pattern, from projected heads to an `etkd_kernels` op.
+"""The model adapters: one per pattern (registered in `patterns.py`), from projected heads to an `etkd_kernels` op.
 
 Every adapter has the signature
 
@@ -16,13 +16,9 @@ bigbird's block-sparse path and not nystrom, whose HF modules never apply it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 import etkd_kernels as ek
-
-from .config import EncoderConfig
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -49,7 +45,7 @@ def longformer(attn, x, q, k, v, key_padding_mask, global_mask, backend):
 
 
 @torch.compiler.disable  # built once per length and cached; a compiled model breaks the graph only then
-def _bigbird_layout(cfg: EncoderConfig, seq: int, seed: int) -> ek.BlockLayout:
+def _bigbird_layout(cfg, seq: int, seed: int) -> ek.BlockLayout:
     return ek.bigbird_layout(
         seq, cfg.block_size, num_random_blocks=cfg.num_random_blocks, seed=seed, num_heads=cfg.num_heads
     )
@@ -74,6 +70,22 @@ def bigbird(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=backend)
 
 
+@torch.compiler.disable  # built once per length and cached, as the bigbird layout
+def _fixed_layout(cfg, seq: int) -> ek.BlockLayout:
+    return ek.fixed_layout(seq, cfg.block_size, cfg.num_local_blocks, cfg.num_global_blocks)
+
+
+def fixed(attn, x, q, k, v, key_padding_mask, global_mask, backend):
+    """Sparse Transformer's "fixed" pattern as a block layout: blocks attend within their segment of
+    `num_local_blocks` blocks and to the last `num_global_blocks` (summary) blocks of every segment."""
+    key = ("fixed", q.shape[2], str(q.device))
+    if key not in attn.cache:
+        attn.cache[key] = _fixed_layout(attn.config, q.shape[2]).to(q.device)
+    return ek.block_sparse_attention(
+        q, k, v, attn.cache[key], key_padding_mask=key_padding_mask, backend=backend
+    )
+
+
 def lsg(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     cfg = attn.config
     return ek.lsg_attention(
@@ -95,19 +107,3 @@ def nystrom(attn, x, q, k, v, key_padding_mask, global_mask, backend):
         # HF's depthwise conv over the sequence of each head's values: (b, h, s, d) -> (b, h, s, d).
         out = out + attn.conv(v)
     return out
-
-
-AttentionFn = Callable[..., torch.Tensor]
-ATTENTION: dict[str, AttentionFn] = {
-    "full": full,
-    "longformer": longformer,
-    "bigbird": bigbird,
-    "lsg": lsg,
-    "nystrom": nystrom,
-}
-
-
-def get_attention(config: EncoderConfig) -> AttentionFn:
-    if config.attention not in ATTENTION:
-        raise ValueError(f"attention: expected one of {sorted(ATTENTION)}, got {config.attention!r}")
-    return ATTENTION[config.attention]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ATTENTION_TYPES
+from . import patterns
 from .encoder import EncoderModel
 
 
@@ -52,8 +52,8 @@ def convert(
     `num_random_blocks` (bigbird, lsg), `num_landmarks` (nystrom), `sparse_block_size` (default
     block_size), `sparsity_factor`, `sparsity_type`, `num_global_tokens` (lsg).
     """
-    if to not in ATTENTION_TYPES:
-        raise ValueError(f"to: expected one of {ATTENTION_TYPES}, got {to!r}")
+    if to not in patterns.PATTERNS:
+        raise ValueError(f"to: expected one of {patterns.names()}, got {to!r}")
     if not isinstance(max_positions, int) or max_positions < 1:
         raise ValueError(f"max_positions: expected a positive int, got {max_positions!r}")
     cfg = model.config

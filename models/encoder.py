@@ -14,9 +14,9 @@ from torch.utils.checkpoint import checkpoint
 
 from etkd_kernels.dispatch import check_name
 
-from .attention import get_attention
 from .config import EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
+from .patterns import get_attention
 
 WEIGHTS_NAME = "model.safetensors"
 TOKEN_HEADS = ("mlm", "token_classification", "question_answering")  # heads with one output per token
