@@ -11,7 +11,8 @@ None; backend: the model's kernel backend name. Adding a pattern: ARCHITECTURE.m
 Attention dropout (`attn.dropout_p`: the config's attention_dropout in training mode, else 0) is passed to
 the op exactly where the HF model of the pattern applies it, on the probabilities: full (BERT/RoBERTa),
 longformer (local and global rows), lsg (lsg-converter) and bigbird's short-input full fallback; not
-bigbird's block-sparse path and not nystrom, whose HF modules never apply it.
+bigbird's block-sparse path and not nystrom, whose HF modules never apply it. fixed (no HF model) drops
+probabilities like BERT.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def fixed(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     key = ("fixed", q.shape[2], str(q.device))
     if key not in attn.cache:
         attn.cache[key] = _fixed_layout(attn.config, q.shape[2]).to(q.device)
+    # No HF model has this pattern: attention dropout on the probabilities, as in BERT and the Sparse Transformer.
     return ek.block_sparse_attention(
-        q, k, v, attn.cache[key], key_padding_mask=key_padding_mask, backend=backend
+        q, k, v, attn.cache[key], key_padding_mask=key_padding_mask, dropout_p=attn.dropout_p, backend=backend
     )
 
 

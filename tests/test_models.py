@@ -76,9 +76,10 @@ def test_gradient_checkpointing_gives_same_gradients(attention, attention_dropou
 
 
 # The op each pattern hands attention dropout to, where its HF model applies it (models/attention.py): bigbird's
-# block-sparse path and nystrom apply none, as in HF; bigbird's full fallback (<= 28 tokens here) does.
+# block-sparse path and nystrom apply none, as in HF; bigbird's full fallback (<= 28 tokens here) does; fixed
+# (no HF model) drops probabilities like BERT.
 DROPOUT_OP = {"full": "full_attention", "longformer": "sliding_window_attention", "lsg": "lsg_attention",
-              "bigbird": None, "nystrom": None}  # fmt: skip
+              "bigbird": None, "nystrom": None, "fixed": "block_sparse_attention"}  # fmt: skip
 DROPOUT_CASES = [(p, 40, DROPOUT_OP[p]) for p in PATTERNS] + [("bigbird", 24, "full_attention")]
 
 
