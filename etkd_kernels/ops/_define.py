@@ -1,7 +1,7 @@
 """One way to define every etkd op with torch.library, from the pattern's params dataclass.
 
-Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse)` and
-`etkd::<op>_bwd(grad_out, q, k, v, out, lse, <settings>, backend) -> Tensor[]`, plus fake kernels and
+Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse, rng)` and
+`etkd::<op>_bwd(grad_out, q, k, v, out, lse, rng, <settings>, backend) -> Tensor[]`, plus fake kernels and
 `register_autograd` tying them together. `backend` is the name the caller asked for (the public op applies
 `use_backend` and ETKD_BACKEND when it is called: `dispatch.requested_backend`); the forward resolves it to a
 backend once, and its backward runs that same backend object (`ctx.impl`, xformers' `ctx.op_bw`), whatever
@@ -13,6 +13,12 @@ the dataclass, so every backend has `forward(q, k, v, params)` and `backward(gra
 params)` and reads them by name. A field with `metadata={"grad": True}` (a tensor input beside q, k, v, like
 Longformer's global projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
 come back as a list with empty tensors standing for "no gradient" (custom ops cannot return None).
+
+Attention dropout: every params dataclass ends in `dropout_p`, `seed`, `offset`. A seed (or offset) of -1 means
+"not given": the forward implementation draws it from torch's default CPU generator when it runs (only when
+dropout_p > 0), so compiled graphs draw anew on every call instead of baking a seed in, and torch.manual_seed
+reproduces a run. The forward returns the (seed, offset) it used as `rng`, an int64 CPU tensor of 2 elements
+(reading it costs no device synchronisation), which the backward gets, so it regenerates the same keep-mask.
 
 A sequence of length 0 is answered here for every backend (after the backend is resolved, so an unusable
 explicit backend still raises): the outputs and gradients are the fake kernels' empty tensors, which hold
@@ -76,14 +82,18 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
                 f"{params.__name__}.{f.name}: annotation {f.type!r} is not one of {list(_SCHEMA_TYPES)}"
             )
     n = len(fields)
+    if [f.name for f in fields[-3:]] != ["dropout_p", "seed", "offset"]:
+        raise TypeError(
+            f"{params.__name__}: the last fields must be dropout_p, seed, offset (the dropout contract)"
+        )
     tensor_fields = [i for i, f in enumerate(fields) if _SCHEMA_TYPES[f.type].startswith("Tensor")]
     grad_fields = [i for i, f in enumerate(fields) if f.metadata.get("grad")]
     settings = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in fields)
-    saved = "Tensor out, Tensor lse" if lse else "Tensor out"
+    saved = "Tensor out, Tensor lse, Tensor rng" if lse else "Tensor out, Tensor rng"
     fwd_name, bwd_name = f"{LIB}::{op}_fwd", f"{LIB}::{op}_bwd"
     torch.library.define(
         fwd_name,
-        f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> {'(Tensor, Tensor)' if lse else 'Tensor'}",
+        f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> {'(Tensor, Tensor, Tensor)' if lse else '(Tensor, Tensor)'}",
     )
     torch.library.define(
         bwd_name,
@@ -92,37 +102,58 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
 
     def fwd_fake(q, *args):
         out = torch.empty_like(q)
-        return (out, q.new_empty(q.shape[:3], dtype=torch.float32)) if lse else out
+        rng = torch.empty(2, dtype=torch.int64, device="cpu")
+        return (out, q.new_empty(q.shape[:3], dtype=torch.float32), rng) if lse else (out, rng)
 
     def bwd_fake(grad_out, q, k, v, *args):
         given = args[-1 - n : -1]
         return [torch.empty_like(t) for t in (q, k, v, *(given[i] for i in grad_fields)) if t is not None]
 
     def fwd_impl(q, k, v, *args):
-        impl = resolve(op, Problem.of(q), backend=args[-1])  # the one choice of a backend for this call
+        p = params(*args[:-1])
+        if p.dropout_p > 0 and (p.seed < 0 or p.offset < 0):
+            seed, offset = torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64).tolist()
+            p = dataclasses.replace(
+                p,
+                seed=seed if p.seed < 0 else p.seed,
+                offset=offset & 0xFFFFFFFF if p.offset < 0 else p.offset,
+            )
+        rng = torch.tensor([p.seed, p.offset], dtype=torch.int64)
+        # the one choice of a backend for this call
+        impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
         if q.shape[2] == 0:
-            out = fwd_fake(q, k, v, *args)
+            out = fwd_fake(q, k, v, *args)[:-1]
         else:
-            out = impl.forward(q, k, v, params(*args[:-1]))
+            out = impl.forward(q, k, v, p)
             # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
             # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
-            out = tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
-        _remember(out[0] if lse else out, impl)
-        return out
+            out = tuple(t.contiguous() for t in out) if isinstance(out, tuple) else (out.contiguous(),)
+        _remember(out[0], impl)
+        return (*out, rng)
+
+    def backward_params(args):
+        """The params of the backward op's flat arguments (without its backend name), with the (seed, offset)
+        its forward used (the `rng` just before the settings)."""
+        p = params(*args[-n:])
+        if p.dropout_p > 0:
+            seed, offset = args[-n - 1].tolist()
+            p = dataclasses.replace(p, seed=seed, offset=offset)
+        return p
 
     def run_backward(impl, grad_out, q, *args):
         """`impl`'s backward on the flat arguments of the backward op (without its backend name)."""
         if q.shape[2] == 0:
             return bwd_fake(grad_out, q, *args, None)
-        grads = impl.backward(grad_out, q, *args[:-n], params(*args[-n:]))
+        grads = impl.backward(grad_out, q, *args[: -n - 1], backward_params(args))
         return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
 
     def bwd_impl(grad_out, q, *args):
-        return run_backward(resolve(op, Problem.of(q), backend=args[-1]), grad_out, q, *args[:-1])
+        problem = Problem.of(q, dropout=params(*args[-1 - n : -1]).dropout_p > 0)
+        return run_backward(resolve(op, problem, backend=args[-1]), grad_out, q, *args[:-1])
 
     def setup_context(ctx, inputs, output):
         q, k, v, *given, backend = inputs
-        outs = output if lse else (output,)
+        outs = output  # (out, lse, rng) or (out, rng)
         ctx.save_for_backward(q, k, v, *outs, *(given[i] for i in tensor_fields))
         # Tensors go through save_for_backward (version checks, no reference cycles); the rest is kept as is.
         ctx.given = [None if i in tensor_fields else s for i, s in enumerate(given)]
