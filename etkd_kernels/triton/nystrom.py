@@ -23,21 +23,29 @@ import triton.language as tl
 from .._shared import compute_dtype, iterative_pinv, segment_means
 from ._common import (
     LOG2E,
+    RNG_ARGS,
     compute_type,
     configs,
     delta,
+    dkv_prologue,
     dkv_step,
+    dq_prologue,
     dq_step,
     finish_store,
+    fwd_prologue,
     head_block,
     launch,
     load_rows,
     precision,
+    program_ids,
+    query_tile,
+    rng_args,
     seq_bucket,
     softmax_step,
+    store_rows,
 )
 
-_KEY = ["SQB", "SKB", "BLOCK_D"]  # sequence buckets
+_KEY = ["SQB", "SKB", "BLOCK_D", "DROPOUT"]  # sequence buckets
 
 
 @triton.jit
@@ -52,95 +60,76 @@ def _keys(start, b, SK, valid, REAL, HAS_MASK: tl.constexpr, BLOCK_O: tl.constex
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
     Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, SQB, SKB, D,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pos < SQ
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    q = load_rows(Q + qbase, pos, valid, dd, dmask, D, CT)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, qbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SK, BLOCK_O):
         j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
         k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
         v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    finish_store(m, row_sum, acc, OUT, LSE, qbase, bh.to(tl.int64) * SQ, pos, valid, dd, dmask, D)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    finish_store(m, row_sum, acc, OUT, LSE, qbase, lbase, pos, valid, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, SQB, SKB, D,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pos < SQ
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    q = load_rows(Q + qbase, pos, valid, dd, dmask, D, CT)
-    do = load_rows(DO + qbase, pos, valid, dd, dmask, D, CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + pos, mask=valid, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * SQ + pos, mask=valid, other=0.0)
-    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+        Q, DO, LSE, DELTA, qbase, lbase, pos, valid, valid, D, CT, BLOCK_P, BLOCK_D
+    )
     for start in range(0, SK, BLOCK_O):
         j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
         k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
         v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
-    tl.store(DQ + qbase + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=valid[:, None] & dmask[None, :])  # fmt: skip
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    store_rows(DQ, qbase, pos, valid, dd, dmask, D, dq * scale)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, SQB, SKB, D,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pos < SK
     own = valid
     if HAS_MASK:
         own = valid & (tl.load(REAL + b * SK + pos, mask=valid, other=0) != 0)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    k = load_rows(K + kbase, pos, valid, dd, dmask, D, CT)
-    v = load_rows(V + kbase, pos, valid, dd, dmask, D, CT)
-    dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, kbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SQ, BLOCK_O):
         i = start + tl.arange(0, BLOCK_O)
         iok = i < SQ
-        q = load_rows(Q + qbase, i, iok, dd, dmask, D, CT)
-        do = load_rows(DO + qbase, i, iok, dd, dmask, D, CT)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + i, mask=iok, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + bh.to(tl.int64) * SQ + i, mask=iok, other=0.0)
-        dk, dv = dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC)
-    offs = kbase + pos[:, None] * D + dd[None, :]
-    rmask = valid[:, None] & dmask[None, :]
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=rmask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=rmask)
+        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, qbase, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC,
+                          i[None, :], pos[:, None], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale,
+                          DROPOUT)  # fmt: skip
+    store_rows(DK, kbase, pos, valid, dd, dmask, D, dk * scale)
+    store_rows(DV, kbase, pos, valid, dd, dmask, D, dv)
 
 
 def _meta(q, k, kpm, scale):
@@ -151,7 +140,7 @@ def _meta(q, k, kpm, scale):
         else torch.zeros(1, dtype=torch.int8, device=q.device)
     )
     return dict(
-        REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
+        **rng_args(None), REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
         D=d, HAS_MASK=kpm is not None,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d), H=h,
     )  # fmt: skip
