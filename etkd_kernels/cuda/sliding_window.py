@@ -29,7 +29,7 @@ def _ops():
 def dropout(p) -> tuple[float, int, int]:
     """(dropout_p, seed, offset) of params `p` for the kernels (csrc/common/philox.h: the RNG contract of
     etkd_kernels/_shared.py); p == 0 runs the dropout-free kernels."""
-    return float(getattr(p, "dropout_p", 0.0)), int(getattr(p, "seed", 0)), int(getattr(p, "offset", 0))
+    return float(p.dropout_p), int(p.seed), int(p.offset)
 
 
 def forward(q, k, v, p) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._shared import dropout_scale, dropout_threshold
 from . import MAX_HEAD_DIM, interpreting
 
 # log2(e): scores live in the log2 domain (exp2 is the fast instruction); kernels read it as a constexpr,
@@ -259,26 +260,21 @@ def _i32(x: int) -> int:
 
 
 def rng_args(p) -> dict:
-    """Keyword arguments of the dropout contract for a kernel launch from params `p` (dropout_p, seed,
-    offset): DROPOUT (constexpr; False = the kernels without dropout, bit for bit), the key and offset words,
-    the 16-bit threshold and the 1/(1-p) scale (computed in double, applied in fp32). rng_bh0 (the first
-    batch * heads row of a launch) is set per launch by `launch`."""
-    p_drop = float(getattr(p, "dropout_p", 0.0) or 0.0)
-    seed, offset = int(getattr(p, "seed", 0) or 0), int(getattr(p, "offset", 0) or 0)
+    """Keyword arguments of the dropout contract for a kernel launch from the op's params `p` (dropout_p, seed,
+    offset; None = no dropout): DROPOUT (constexpr; False = the kernels without dropout, bit for bit), the key
+    and offset words, the 16-bit threshold and the 1/(1-p) scale (computed in double, applied in fp32).
+    rng_bh0 (the first batch * heads row of a launch) is set per launch by `launch`."""
+    p_drop = 0.0 if p is None else float(p.dropout_p)
+    seed, offset = (0, 0) if p_drop == 0.0 else (int(p.seed), int(p.offset))
     return dict(
         DROPOUT=p_drop > 0.0,
         rng_k0=_i32(seed & 0xFFFFFFFF),
         rng_k1=_i32((seed >> 32) & 0xFFFFFFFF),
         rng_off=_i32(offset & 0xFFFFFFFF),
         rng_thr=dropout_threshold(p_drop),
-        rng_scale=1.0 / (1.0 - p_drop),
+        rng_scale=dropout_scale(p_drop),
         rng_bh0=0,
     )
-
-
-def dropout_threshold(p: float) -> int:
-    """keep iff the 16 random bits >= this: min(65535, floor(p * 65536)) (p resolved to 1/65536)."""
-    return min(65535, int(p * 65536))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,10 +43,6 @@ from ._common import (
 _KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL", "DROPOUT"]  # SB: seq bucket
 
 
-def extra_key_column(s):  # placeholder until the reference defines it
-    return s
-
-
 @triton.jit
 def _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
     """The program's rows, which exist and which are usable (KMASK), the local key range [lo, hi) and the
@@ -187,7 +183,7 @@ def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_t
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        **rng_args(p), XCOL=extra_key_column(s), scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
+        **rng_args(p), XCOL=s, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
     masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
