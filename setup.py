@@ -14,27 +14,52 @@ import subprocess
 import sys
 import tempfile
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
-PACKAGES = [
-    "etkd_kernels",
-    "etkd_kernels.ops",
-    "etkd_kernels.reference",
-    "etkd_kernels.cpu",
-    "etkd_kernels.triton",
-    "etkd_kernels.cuda",
-    "etkd.models",
-    "etkd.distill",
-    "etkd.benchmarks",
-    "etkd.hf",
-]
-PACKAGE_DIR = {
-    "etkd.models": "models",
-    "etkd.distill": "distill",
-    "etkd.benchmarks": "benchmarks",
-    "etkd.hf": "models/hf_integration",  # HF integration: layered with models (imports etkd_kernels only)
-}
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Each top-level folder is installed under its import name; its subpackages are FOUND (namespace discovery,
+# so a folder without __init__.py counts too), never listed, so a new subpackage cannot be left out of the wheel.
+# A folder that is a root of its own (models/hf_integration is `etkd.hf`) is not also installed under its
+# parent's name. tests/ and benchmarks/suite/ (`make bench`) are not installed.
+ROOTS = {
+    "etkd_kernels": "etkd_kernels",
+    "models": "etkd.models",
+    "models/hf_integration": "etkd.hf",  # HF integration: layered with models (imports etkd_kernels only)
+    "distill": "etkd.distill",
+    "benchmarks": "etkd.benchmarks",
+}
+NOT_INSTALLED = ("benchmarks/suite",)
+# csrc/ ships inside the wheel as etkd_kernels/csrc (data, not a package): `python -m etkd_kernels.build` (JIT)
+# compiles the CPU kernels from it for a torch the wheel was not built for.
+CSRC_PACKAGE = "etkd_kernels.csrc"
+CSRC_FILES = [
+    "common/*.h",
+    "cpu/*.h",
+    "cpu/*.cpp",
+    "cpu/isa/*.h",
+    "cpu/isa/*.cpp",
+    "cuda/*.h",
+    "cuda/*.cu",
+    "cuda/*.cpp",
+]
+
+
+def discover_packages() -> tuple[list[str], dict[str, str]]:
+    """(packages, package_dir) for every package under ROOTS, found by setuptools' namespace discovery."""
+    packages, package_dir = [], {}
+    for folder, name in ROOTS.items():
+        skip = [*NOT_INSTALLED, *(other for other in ROOTS if other.startswith(folder + "/"))]
+        packages.append(name)
+        package_dir[name] = folder
+        for sub in find_namespace_packages(where=os.path.join(HERE, folder), exclude=["*__pycache__*"]):
+            path = f"{folder}/{sub.replace('.', '/')}"
+            if any(path == s or path.startswith(s + "/") for s in skip):
+                continue
+            packages.append(f"{name}.{sub}")
+    packages.append(CSRC_PACKAGE)
+    package_dir[CSRC_PACKAGE] = "csrc"
+    return packages, package_dir
 
 
 def _say(msg: str) -> None:
@@ -164,9 +189,11 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+packages, package_dir = discover_packages()
 setup(
-    packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
+    packages=packages,
+    package_dir=package_dir,
+    package_data={CSRC_PACKAGE: CSRC_FILES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .core import TOKENIZER_FILES, load_tokenizer, log, resolve_pretrained
+from .core import load_tokenizer, log
 from .errors import UserError
+from .hub import TOKENIZER_FILES, resolve_pretrained
 
 
 def register(sub) -> None:
@@ -48,7 +49,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from etkd.models import EncoderModel, convert, to_hf
+    from etkd.models import convert, load, to_hf
 
     source = resolve_pretrained(args.source, "--from")
     tokenizer = None
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     elif not os.path.isdir(source) or any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         tokenizer = load_tokenizer(source, "--from")
-    model = EncoderModel.from_pretrained(source)
+    model = load(source)
     try:
         new = convert(
             model, args.to, args.max_positions, window=args.window, block_size=args.block_size,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
+from .hub import check_hub_name, looks_like_path
 from .tasks import iter_lines
 
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
@@ -54,8 +55,6 @@ def list_files(path: str | os.PathLike) -> list[str]:
 def looks_local(source: str) -> bool:
     """A path (that may be mistyped), not an HF dataset name: exists, has a data file extension, or can only
     be a path (`./x`, `/x`, `a/b/c`, `dir/x` with an existing `dir`)."""
-    from .core import looks_like_path
-
     return os.path.exists(source) or source.endswith(TEXT_EXTENSIONS) or looks_like_path(source)
 
 
@@ -143,8 +142,6 @@ class TextSource:
             if looks_local(s):
                 list_files(s)
             else:
-                from .core import check_hub_name
-
                 check_hub_name(s, "--data", "dataset")
 
     @property

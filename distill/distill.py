@@ -15,6 +15,7 @@ The student is saved to OUTPUT_DIR/student (our format) and OUTPUT_DIR/student-h
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -31,7 +32,7 @@ from .core import (
     train_mlm,
 )
 from .errors import UserError
-from .losses import distillation_loss
+from .losses import distillation_loss, logit_positions
 
 STUDENT_DEFAULTS = {
     "teacher": None,
@@ -44,7 +45,7 @@ STUDENT_DEFAULTS = {
     "student_num_landmarks": 64,
 }
 DEFAULTS = {**MLM_DEFAULTS, **STUDENT_DEFAULTS, "alpha": 2.0, "beta": 5.0, "gamma": 1.0, "temperature": 2.0,
-            "kd_masked_only": False}  # fmt: skip
+            "kd_masked_only": False, "teacher_precision": None}  # fmt: skip
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05)
 
 
@@ -109,36 +110,48 @@ def register(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
+    g.add_argument("--teacher-precision", dest="teacher_precision", choices=("fp32", "bf16"), default=None,
+                   help="the frozen teacher's precision: bf16 autocast, or fp32 (default: the run's, "
+                   "--mixed-precision)")  # fmt: skip
     add_mlm_run_args(p, "--teacher")
     finish(p, DEFAULTS, func=run)
 
 
-@torch.no_grad()
-def teacher_forward(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Teacher logits and last hidden states (b, s, .); sequences longer than the teacher's position table
+def teacher_forward(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    positions: torch.Tensor | None = None, precision: str | None = None):  # fmt: skip
+    """The frozen teacher: (vocabulary logits at `positions` (b, s) bool as (n, v) rows, or None when
+    `positions` is None; last hidden states (b, s, d)). Runs under `torch.inference_mode` (no autograd
+    bookkeeping); `precision` "bf16" runs it in bf16 autocast, "fp32" without autocast, None as the surrounding
+    code runs (the training's --mixed-precision). Sequences longer than the teacher's position table
     are run in consecutive chunks of its length (each chunk sees only itself)."""
     limit = teacher.config.max_tokens
-    if input_ids.shape[1] <= limit:
-        out = teacher(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits, out.last_hidden_state
-    logits, hidden = [], []
-    for start in range(0, input_ids.shape[1], limit):
-        sl = slice(start, start + limit)
-        out = teacher(input_ids=input_ids[:, sl], attention_mask=attention_mask[:, sl])
-        logits.append(out.logits)
-        hidden.append(out.last_hidden_state)
-    return torch.cat(logits, 1), torch.cat(hidden, 1)
+    autocast = (
+        contextlib.nullcontext()  # the run's own precision (--mixed-precision's autocast, if any)
+        if precision is None
+        else torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    )
+    with torch.inference_mode(), autocast:
+        hidden = torch.cat([teacher.encoder(input_ids=input_ids[:, start : start + limit],
+                                            attention_mask=attention_mask[:, start : start + limit]).last_hidden_state
+                            for start in range(0, input_ids.shape[1], limit)], 1)  # fmt: skip
+        logits = None if positions is None else teacher.logits_at(hidden, positions)
+    # Outside inference mode the loss may save what it computes from these for its backward: plain tensors.
+    return (None if logits is None else logits.clone()), hidden.clone()
 
 
 def make_loss(teacher, ns: argparse.Namespace):
+    """The step `train` calls: vocabulary logits only where a loss term reads them (`logit_positions`): the
+    student's at the masked tokens (and where the KL reads them), the teacher's only when beta > 0."""
     weights = dict(alpha=ns.alpha, beta=ns.beta, gamma=ns.gamma, temperature=ns.temperature)
+    precision = getattr(ns, "teacher_precision", None)
 
     def step(student, batch):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        out = student(input_ids=ids, attention_mask=mask)
-        t_logits, t_hidden = teacher_forward(teacher, ids, mask)
-        return distillation_loss(out.logits, t_logits, out.last_hidden_state, t_hidden, batch["labels"], mask,
-                                 masked_only=ns.kd_masked_only, **weights)  # fmt: skip
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        at = logit_positions(labels, mask, alpha=ns.alpha, beta=ns.beta, masked_only=ns.kd_masked_only)
+        out = student(input_ids=ids, attention_mask=mask, head_positions=at[0])
+        t_logits, t_hidden = teacher_forward(teacher, ids, mask, at[1] if ns.beta else None, precision)
+        return distillation_loss(out.logits, t_logits, out.last_hidden_state, t_hidden, labels, mask,
+                                 masked_only=ns.kd_masked_only, positions=at, **weights)  # fmt: skip
 
     return step
 
@@ -148,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if not ns.teacher:
         raise UserError("--teacher: required")
     teacher = load_model(ns.teacher, "--teacher")
-    if teacher.config.head != "mlm" and ns.add_mlm_head:
+    if teacher.config.head != "mlm" and ns.add_mlm_head and ns.beta > 0:
         log.warning("--teacher: its new MLM head is untrained, so the soft-target term (--beta) distils "
                     "noise; MLM-train the teacher first (`etkd pretrain --add-mlm-head`) or set --beta 0")  # fmt: skip
     teacher = require_mlm_head(teacher, ns, "--teacher")

@@ -130,15 +130,38 @@ def task_kd_loss(
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross entropy over positions whose label is not -100. logits (b, s, v), labels (b, s)."""
+    """Cross entropy over positions whose label is not -100. logits (b, s, v) and labels (b, s), or rows:
+    logits (n, v) and labels (n,)."""
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0  # keeps the graph (and DDP) happy on a batch with nothing masked
     return F.cross_entropy(_upcast(logits.flatten(0, -2)), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def logit_positions(
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    alpha: float = 2.0,
+    beta: float = 5.0,
+    masked_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where `distillation_loss` reads vocabulary logits: (student, teacher), each (b, s) bool.
+
+    The MLM term reads the student at the masked tokens; the KL term reads student and teacher at every real
+    token (the masked ones only with `masked_only`). A term whose weight is 0 reads nothing, so with
+    alpha = beta = 0 neither model needs its vocabulary head at all.
+    """
+    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    masked = (labels != IGNORE_INDEX) & real
+    kd = masked if masked_only else real
+    none = torch.zeros_like(real)
+    teacher = kd if beta else none
+    return (masked if alpha else none) | teacher, teacher
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -149,6 +172,7 @@ def distillation_loss(
     gamma: float = 1.0,
     temperature: float = 2.0,
     masked_only: bool = False,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT objective (paper 1, Appendix B): alpha * MLM + beta * KD + gamma * cosine.
 
@@ -156,12 +180,12 @@ def distillation_loss(
     (True/1 = real token). KD is T^2 * KL(softmax(t/T) || softmax(s/T)) summed over the vocab and averaged
     over real tokens (masked ones only with `masked_only`); cosine is mean(1 - cos(h_s, h_t)) over real
     tokens. Returns (loss, logs with each term).
+
+    positions: `logit_positions(...)`'s (student, teacher) masks when the logits were computed only there:
+    student_logits is then (n, v) = full_student_logits[student], teacher_logits (m, v) =
+    full_teacher_logits[teacher] (None when beta = 0). The loss is the same as from the full logits, up to
+    float summation order.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"teacher_logits: expected the student's shape {tuple(student_logits.shape)} (same vocab and "
-            f"sequence), got {tuple(teacher_logits.shape)}"
-        )
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
             f"teacher_hidden: the cosine loss needs equal hidden sizes, student {tuple(student_hidden.shape)} "
@@ -169,17 +193,39 @@ def distillation_loss(
         )
     real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     kd_sel = (labels != IGNORE_INDEX) & real if masked_only else real
+    if positions is None:
+        if beta and (teacher_logits is None or student_logits.shape != teacher_logits.shape):
+            raise ValueError(
+                f"teacher_logits: expected the student's shape {tuple(student_logits.shape)} (same vocab and "
+                f"sequence), got {None if teacher_logits is None else tuple(teacher_logits.shape)}"
+            )
+        row_labels, s_kd = labels, student_logits[kd_sel]
+        t_kd = teacher_logits[kd_sel] if beta else None
+    else:
+        s_pos, t_pos = positions
+        want_s, want_t = logit_positions(labels, real, alpha=alpha, beta=beta, masked_only=masked_only)
+        if (want_s & ~s_pos).any() or (want_t & ~t_pos).any():
+            raise ValueError(
+                "positions: must cover logit_positions(labels, attention_mask, ...) of these weights"
+            )
+        if student_logits.shape[0] != int(s_pos.sum()):
+            raise ValueError(f"student_logits: expected {int(s_pos.sum())} rows (one per True in positions[0]), "
+                             f"got {tuple(student_logits.shape)}")  # fmt: skip
+        if beta and (
+            teacher_logits is None or teacher_logits.shape != (int(t_pos.sum()), student_logits.shape[-1])
+        ):
+            raise ValueError(f"teacher_logits: expected ({int(t_pos.sum())}, {student_logits.shape[-1]}) rows at "
+                             f"positions[1], got {None if teacher_logits is None else tuple(teacher_logits.shape)}")  # fmt: skip
+        row_labels, s_kd = labels[s_pos], student_logits[kd_sel[s_pos]]
+        t_kd = teacher_logits[kd_sel[t_pos]] if beta else None
     logs: dict[str, torch.Tensor] = {}
-    loss = student_logits.new_zeros((), dtype=torch.float32)
+    loss = student_hidden.new_zeros((), dtype=torch.float32)
     if alpha:
-        mlm = mlm_loss(student_logits, labels)
+        mlm = mlm_loss(student_logits, row_labels)
         loss = loss + alpha * mlm
         logs["mlm"] = mlm.detach()
     if beta:
-        if kd_sel.any():
-            kd = kd_kl(student_logits[kd_sel], teacher_logits.detach()[kd_sel], temperature)
-        else:
-            kd = student_logits.sum() * 0.0
+        kd = kd_kl(s_kd, t_kd.detach(), temperature) if s_kd.shape[0] else student_logits.sum() * 0.0
         loss = loss + beta * kd
         logs["kd"] = kd.detach()
     if gamma:

@@ -118,3 +118,25 @@ def on_host(device: torch.device) -> bool:
     The one place the op path decides it (tests/test_host_sync.py patches it to pretend to be on a GPU).
     """
     return device.type == "cpu"
+
+
+def check_dropout(dropout_p: float, seed: int | None, offset: int | None) -> tuple[float, int, int]:
+    """The dropout keywords of every op -> (p, seed, offset) for the params. 0 <= p < 1; seed in [0, 2^63) and
+    offset in [0, 2^63) (the counter uses offset mod 2^32). A missing seed (or offset) is -1: the op draws it from
+    torch's default generator when it runs (`ops/_define.py`), so torch.manual_seed reproduces a run and successive
+    calls differ; a given seed without an offset means offset 0."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    for name, value in (("dropout_seed", seed), ("dropout_offset", offset)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int in [0, 2**63) or None, got {type(value).__name__}")
+        if not 0 <= value < 2**63:
+            raise ValueError(f"{name}: expected an int in [0, 2**63) or None, got {value}")
+    if offset is None:
+        offset = -1 if seed is None else 0
+    return dropout_p, -1 if seed is None else seed, offset

@@ -51,11 +51,12 @@ class Problem:
     head_dim: int | None = None
     batch_heads: int | None = None
     seq: int | None = None
+    dropout: bool = False  # dropout_p > 0
 
     @classmethod
-    def of(cls, q: torch.Tensor) -> Problem:
+    def of(cls, q: torch.Tensor, dropout: bool = False) -> Problem:
         b, h, s, d = q.shape
-        return cls(q.device, q.dtype, d, b * h, s)
+        return cls(q.device, q.dtype, d, b * h, s, dropout)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Capabilities:
     head_dims: the exact head sizes compiled (e.g. template instances); max_head_dim: any size up to this.
     max_batch_heads / max_seq: launch-grid and index-width limits of the kernel.
     needs_build: False when the op runs on torch alone (the backend's compiled part is not needed).
+    dropout: the kernel applies attention dropout (dropout_p > 0, the RNG contract of `etkd_kernels._shared`).
     """
 
     devices: tuple[str, ...] | None
@@ -75,6 +77,7 @@ class Capabilities:
     max_seq: int | None = None
     needs_build: bool = True
     device_note: str = ""
+    dropout: bool = False
 
     def reasons(self, p: Problem) -> list[str]:
         why = []
@@ -96,6 +99,8 @@ class Capabilities:
             why.append(f"batch * heads must be <= {self.max_batch_heads}, got {p.batch_heads}")
         if p.seq is not None and self.max_seq is not None and p.seq > self.max_seq:
             why.append(f"seq must be <= {self.max_seq}, got {p.seq}")
+        if p.dropout and not self.dropout:
+            why.append("has no dropout kernel (dropout_p > 0) for this op yet")
         return why
 
 
@@ -213,18 +218,19 @@ def resolve(
 
 
 def _warn_slow_fallback(op: str, p: Problem) -> None:
-    """`auto` fell back to `reference`: warn once per (op, device, dtype) if a fused backend would have taken
-    the same call in another dtype (the silent 7-10x slowdown of issue 14)."""
+    """`auto` fell back to `reference`: warn once per (op, device, dtype, dropout) if a fused backend would have
+    taken the same call in another dtype (the silent 7-10x slowdown of issue 14) or without dropout."""
     device, dtype = p.device, p.dtype
-    key = (op, device.type, dtype)
+    key = (op, device.type, dtype, p.dropout)
     if key in _warned:
         return
+    alternatives = [
+        (str(other), dataclasses.replace(p, dtype=other)) for other in _OTHER_DTYPES if other != dtype
+    ]
+    if p.dropout:
+        alternatives.append(("dropout_p = 0", dataclasses.replace(p, dropout=False)))
     takers = {
-        cand: [
-            str(other)
-            for other in _OTHER_DTYPES
-            if other != dtype and not reasons(cand, op, dataclasses.replace(p, dtype=other))
-        ]
+        cand: [what for what, alt in alternatives if not reasons(cand, op, alt)]
         for cand in PRIORITY
         if cand != "reference"
         and (_module(cand).AUTO_DEVICES is None or device.type in _module(cand).AUTO_DEVICES)
@@ -236,8 +242,14 @@ def _warn_slow_fallback(op: str, p: Problem) -> None:
     why = "; ".join(f"{cand}: {'; '.join(reasons(cand, op, p))}" for cand in takers)
     would = "; ".join(f"{cand} takes {', '.join(dts)}" for cand, dts in takers.items())
     warnings.warn(
-        f"etkd: {op} on {device.type}/{dtype} runs on the slow `reference` backend ({why}); {would}: cast the "
-        "inputs (e.g. .float()), or pass backend='reference' to choose this path explicitly",
+        f"etkd: {op} on {device.type}/{dtype}{' with dropout_p > 0' if p.dropout else ''} runs on the slow "
+        f"`reference` backend ({why}); {would}"
+        + (
+            ": cast the inputs (e.g. .float()),"
+            if any(w != "dropout_p = 0" for ws in takers.values() for w in ws)
+            else ";"
+        )
+        + " or pass backend='reference' to choose this path explicitly",
         RuntimeWarning,
         stacklevel=2,
     )

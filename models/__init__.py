@@ -1,7 +1,7 @@
 """etkd.models: one small encoder with swappable attention, HF weight interop, convert and student init.
 
-from etkd.models import from_hf, convert, make_student
-model = from_hf("path/to/roberta")                  # any BERT/RoBERTa/Longformer/BigBird/Nystromformer
+from etkd.models import load, convert, make_student
+model = load("path/to/roberta")                     # ours, or any BERT/RoBERTa/Longformer/BigBird/Nystromformer
 long = convert(model, to="longformer", max_positions=4096, window=512)
 long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
 """
@@ -11,6 +11,7 @@ from .config import EncoderConfig
 from .convert import convert, make_student
 from .encoder import Encoder, EncoderModel, EncoderOutput
 from .hf import from_hf, to_hf
+from .loader import load
 
 __all__ = [
     "ATTENTION",
@@ -21,6 +22,7 @@ __all__ = [
     "convert",
     "from_hf",
     "get_attention",
+    "load",
     "make_student",
     "to_hf",
 ]

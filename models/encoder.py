@@ -19,6 +19,7 @@ from .config import EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
 
 WEIGHTS_NAME = "model.safetensors"
+TOKEN_HEADS = ("mlm", "token_classification", "question_answering")  # heads with one output per token
 
 
 @dataclass
@@ -195,7 +196,11 @@ class EncoderModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
-                position_ids=None, inputs_embeds=None, output_hidden_states=False) -> EncoderOutput:  # fmt: skip
+                position_ids=None, inputs_embeds=None, output_hidden_states=False,
+                head_positions=None) -> EncoderOutput:  # fmt: skip
+        """head_positions: (b, s) bool; a token-level head (MLM, token classification, QA) then runs only at
+        these positions and `logits` is (n, out) for their n True entries in row-major order (as
+        `full_logits[head_positions]`). An MLM loss that reads 15% of the tokens need not pay for the rest."""
         cfg = self.config
         if (
             global_attention_mask is None
@@ -209,8 +214,23 @@ class EncoderModel(nn.Module):
         out = self.encoder(input_ids, attention_mask, token_type_ids, global_attention_mask, position_ids,
                            inputs_embeds, output_hidden_states)  # fmt: skip
         if self.head is not None:
-            out.logits = self.head(out)
+            out.logits = (
+                self.head(out)
+                if head_positions is None
+                else self.logits_at(out.last_hidden_state, head_positions)
+            )
         return out
+
+    def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The token-level head on the encoder's last hidden states (b, s, d) at `positions` (b, s) bool only:
+        (n, out) rows in row-major order, equal to the full head's logits `[positions]`."""
+        if self.config.head not in TOKEN_HEADS:
+            raise ValueError(f"head_positions: only a token-level head ({', '.join(TOKEN_HEADS)}) runs per "
+                             f"position; this model's head is {self.config.head!r}")  # fmt: skip
+        if positions.shape != hidden.shape[:2] or positions.dtype != torch.bool:
+            raise ValueError(f"head_positions: expected a bool tensor of shape {tuple(hidden.shape[:2])}, got "
+                             f"{positions.dtype} {tuple(positions.shape)}")  # fmt: skip
+        return self.head(EncoderOutput(hidden[positions]))
 
     # Run-time switches (no weights touched).
     def set_attention_backend(self, backend: str) -> EncoderModel:
@@ -232,15 +252,21 @@ class EncoderModel(nn.Module):
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **hf_kwargs) -> EncoderModel:
-        """Load our format, or (when `directory` is an HF checkpoint dir or hub name) HF weights."""
-        if os.path.isdir(directory) and is_etkd_checkpoint(directory):
-            path = os.path.join(directory, WEIGHTS_NAME)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
-            model = cls(EncoderConfig.load(directory))
-            load_model(model, path)
-            return model.eval()
-        from .hf import from_hf  # hf imports this module
-
-        return from_hf(directory, **hf_kwargs)
+    def from_pretrained(cls, directory: str | os.PathLike) -> EncoderModel:
+        """Load our own format (config.json with the etkd marker + model.safetensors). HF checkpoints load
+        through `etkd.models.load` (either format) or `etkd.models.from_hf`."""
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(
+                f"from_pretrained: {directory} has no config.json (not an etkd checkpoint)"
+            )
+        if not is_etkd_checkpoint(directory):
+            raise ValueError(
+                f"from_pretrained: {directory} is not an etkd checkpoint (an HF one?); "
+                "etkd.models.load(path) loads either format"
+            )
+        path = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"from_pretrained: no {WEIGHTS_NAME} in {directory}")
+        model = cls(EncoderConfig.load(directory))
+        load_model(model, path)
+        return model.eval()

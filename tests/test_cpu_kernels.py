@@ -225,7 +225,7 @@ def test_opcheck_sliding_window_fwd():
     q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
     gm = torch.zeros(1, 9, dtype=torch.bool)
     gm[0, 2] = True
-    args = (q, k, v, 4, gm, None, None, None, None, 0.25, "cpu")
+    args = (q, k, v, 4, gm, None, None, None, None, 0.25, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
     torch.library.opcheck(torch.ops.etkd.sliding_window_fwd.default, args)
 
 
@@ -234,7 +234,7 @@ def test_opcheck_nystrom_fwd():
     kpm = torch.ones(2, 24, dtype=torch.bool)
     kpm[1, 20:] = False
     for init in ("per_head", "hf_global"):
-        args = (q, k, v, 5, 6, kpm, 0.25, init, "cpu")
+        args = (q, k, v, 5, 6, kpm, 0.25, init, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
         torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, args)
 
 

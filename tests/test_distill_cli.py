@@ -13,7 +13,8 @@ from test_data import WORDS, generated_text, make_tokenizer_dir
 from etkd.distill import distill as distill_cmd
 from etkd.distill import kd_task, pretrain
 from etkd.distill.errors import UserError
-from etkd.models import EncoderConfig, EncoderModel
+from etkd.distill.losses import distillation_loss
+from etkd.models import EncoderConfig, EncoderModel, make_student
 
 VOCAB = 5 + len(WORDS)
 
@@ -96,6 +97,88 @@ def test_distill_loss_falls_and_saves_both_formats(teacher_dir, corpus, tmp_path
     )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["alpha"] == 2.0 and settings["beta"] == 5.0 and settings["temperature"] == 2.0
+
+
+def full_loss(student, teacher, batch, ns):
+    """The objective from every position's vocabulary logits (what `etkd distill` computed before issue 29)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = student(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask)
+    return distillation_loss(out.logits, t.logits, out.last_hidden_state, t.last_hidden_state, batch["labels"],
+                             mask, alpha=ns.alpha, beta=ns.beta, gamma=ns.gamma, temperature=ns.temperature,
+                             masked_only=ns.kd_masked_only)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "alpha, beta, masked_only",
+    [(2.0, 5.0, False),  # KL over every real token: the student's logits everywhere, the teacher's too
+     (2.0, 5.0, True),  # KL over the masked tokens: both models' logits there only
+     (2.0, 0.0, False),  # no KL: the student's logits at the masked tokens, no teacher head
+     (0.0, 0.0, False)],  # cosine only: no vocabulary logits at all
+)  # fmt: skip
+def test_distill_step_reads_logits_only_where_the_loss_does(teacher_dir, alpha, beta, masked_only):
+    """Issue 29: the driver's step computes vocabulary logits only where a term reads them; its loss, each
+    term and the student's gradients equal those of the objective on full logits for the same batch."""
+    teacher = pretrain.load_model(teacher_dir).eval()
+    torch.manual_seed(1)
+    student = make_student(teacher).eval()  # eval: no dropout, so both computations see the same network
+    ids = torch.randint(5, VOCAB, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, 14:] = False  # padding: in no term
+    labels = torch.where((torch.rand(3, 20) < 0.3) & mask, ids, torch.full_like(ids, -100))
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ns = argparse.Namespace(alpha=alpha, beta=beta, gamma=1.0, temperature=2.0, kd_masked_only=masked_only)
+
+    calls = []
+    hook = student.head.decoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    loss, logs = distill_cmd.make_loss(teacher, ns)(student, batch)
+    hook.remove()
+    grads = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    ref, ref_logs = full_loss(student, teacher, batch, ns)
+    ref_grads = torch.autograd.grad(ref, list(student.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert logs.keys() == ref_logs.keys()
+    for k in logs:
+        torch.testing.assert_close(logs[k], ref_logs[k], rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        if r is not None and g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        else:  # a head the loss does not read gets no gradient either way (or a zero one from the 0-row path)
+            assert (g is None or not g.abs().any()) and (r is None or not r.abs().any())
+    # How many rows the student's vocabulary decoder saw.
+    expected = int(mask.sum()) if beta and not masked_only else int((labels != -100).sum()) if alpha else 0
+    assert calls == [expected]
+
+
+def test_teacher_forward_bf16_and_chunks(teacher_dir):
+    """--teacher-precision bf16 runs the teacher in bf16 autocast (close to fp32, not equal); a sequence
+    longer than the teacher's positions runs in chunks, its logits rows still in row-major order."""
+    teacher = pretrain.load_model(teacher_dir).eval()
+    ids = torch.randint(5, VOCAB, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    pos = torch.rand(2, 40) < 0.5
+    logits, hidden = distill_cmd.teacher_forward(teacher, ids, mask, pos)
+    with torch.no_grad():
+        full = teacher(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(logits, full.logits[pos])
+    torch.testing.assert_close(hidden, full.last_hidden_state)
+    assert not logits.is_inference() and not hidden.is_inference()
+    lb, hb = distill_cmd.teacher_forward(teacher, ids, mask, pos, precision="bf16")
+    # The linear layers ran in bf16 (rounded results); LayerNorm and the head's bias add keep fp32.
+    assert not torch.equal(hb.float(), hidden) and not torch.equal(lb.float(), logits)
+    for low, ref in ((hb, hidden), (lb, logits)):  # bf16 rounding through 4 wide-init layers: ~4% in norm
+        assert ((low.float() - ref).norm() / ref.norm()).item() < 0.1
+    # 100 tokens > the teacher's 64 positions: two chunks, each seeing only itself.
+    ids = torch.randint(5, VOCAB, (2, 100))
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    pos = torch.rand(2, 100) < 0.5
+    logits, hidden = distill_cmd.teacher_forward(teacher, ids, mask, pos)
+    with torch.no_grad():
+        parts = [teacher(input_ids=ids[:, a:b], attention_mask=mask[:, a:b]) for a, b in ((0, 64), (64, 100))]
+    full = torch.cat([p.logits for p in parts], 1)
+    torch.testing.assert_close(logits, full[pos])
+    torch.testing.assert_close(hidden, torch.cat([p.last_hidden_state for p in parts], 1))
 
 
 def test_distill_into_longer_longformer_student(teacher_dir, corpus, tmp_path):
@@ -214,6 +297,9 @@ def test_mlm_head_is_added_only_on_request(corpus, tmp_path, caplog):
     argv = ["distill", "--teacher", str(bare), *data, *common(tmp_path / "kd", 2)]
     with pytest.raises(UserError, match="--teacher: needs an MLM head"):
         cli(argv)
-    assert cli([*argv, "--add-mlm-head"]) == 0
+    caplog.clear()
+    assert cli([*argv, "--add-mlm-head", "--beta", "0", "--overwrite"]) == 0  # nothing reads its logits
+    assert "soft-target term (--beta) distils noise" not in caplog.text
+    assert cli([*argv, "--add-mlm-head", "--overwrite"]) == 0
     assert "soft-target term (--beta) distils noise" in caplog.text
     assert EncoderModel.from_pretrained(str(tmp_path / "kd" / "student")).config.head == "mlm"

@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from etkd.distill import demo_data
-from etkd.distill.tasks import glue, longrange, ner
+from etkd.distill.demo import data as demo_data
+from etkd.distill.demo import longrange
+from etkd.distill.tasks import glue, ner
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from etkd.distill.losses import (
     distillation_loss,
     inverse_platt,
     kd_kl,
+    logit_positions,
     mlm_loss,
     platt_scale,
     soft_targets,
@@ -152,3 +153,46 @@ def test_distillation_loss_errors_and_edge_cases():
         distillation_loss(z, torch.randn(1, 3, 6), h, h, labels)
     with pytest.raises(ValueError, match="teacher_hidden: the cosine loss needs equal hidden sizes"):
         distillation_loss(z, z, h, torch.randn(1, 3, 8), labels)
+
+
+@pytest.mark.parametrize("alpha, beta, masked_only", [(2.0, 5.0, False), (2.0, 5.0, True), (2.0, 0.0, False),
+                                                      (0.0, 5.0, True), (0.0, 0.0, False)])  # fmt: skip
+def test_distillation_loss_on_logit_rows_equals_full_logits(alpha, beta, masked_only):
+    """Issue 29: logits computed only at `logit_positions` give the loss and gradients of the full logits."""
+    torch.manual_seed(0)
+    b, s, v, d = 3, 6, 11, 4
+    zs = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(b, s, v, dtype=torch.float64)
+    hs = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(b, s, d, dtype=torch.float64)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[2, 3:] = False
+    labels = torch.where(
+        (torch.rand(b, s) < 0.4) & mask, torch.randint(0, v, (b, s)), torch.full((b, s), -100)
+    )
+    kw = dict(alpha=alpha, beta=beta, masked_only=masked_only)
+    ref, ref_logs = distillation_loss(zs, zt, hs, ht, labels, mask, **kw)
+    at = logit_positions(labels, mask, **kw)
+    real, masked = mask, labels != -100
+    kd = masked if masked_only else real
+    assert torch.equal(at[1], kd if beta else torch.zeros_like(mask))
+    assert torch.equal(at[0], (masked if alpha else torch.zeros_like(mask)) | at[1])
+    loss, logs = distillation_loss(
+        zs[at[0]], zt[at[1]] if beta else None, hs, ht, labels, mask, positions=at, **kw
+    )
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert logs.keys() == ref_logs.keys() and all(
+        logs[k].item() == pytest.approx(ref_logs[k].item()) for k in logs
+    )
+    g = torch.autograd.grad(loss, (zs, hs), allow_unused=True, materialize_grads=True)
+    r = torch.autograd.grad(ref, (zs, hs), allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-15)
+    # Rows that do not cover what the weights read are refused, naming the argument.
+    if alpha or beta:
+        with pytest.raises(ValueError, match="student_logits: expected"):
+            distillation_loss(
+                zs[at[0]][1:], zt[at[1]] if beta else None, hs, ht, labels, mask, positions=at, **kw
+            )
+        with pytest.raises(ValueError, match="positions: must cover"):
+            none = torch.zeros_like(mask)
+            distillation_loss(zs[none], None, hs, ht, labels, mask, positions=(none, none), **kw)

@@ -14,7 +14,7 @@ from helpers import HF_SMALL as SMALL
 from helpers import assert_close
 
 import etkd_kernels as ek
-from etkd.models import EncoderModel, convert, from_hf, to_hf
+from etkd.models import EncoderModel, convert, from_hf, load, to_hf
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", message=".*block_sparse.*")
@@ -137,11 +137,11 @@ def test_save_load_round_trip_ours_and_hf_dirs(tmp_path):
     kw = inputs("Roberta")
     with torch.no_grad():
         ref = hf(**kw).logits
-        loaded = EncoderModel.from_pretrained(tmp_path / "hf")  # real transformers from_pretrained, local dir
+        loaded = load(tmp_path / "hf")  # real transformers from_pretrained, local dir
         assert_close(loaded(**kw).logits, ref, atol=ATOL, name="from HF dir")
         loaded.save_pretrained(tmp_path / "ours")
         again = EncoderModel.from_pretrained(tmp_path / "ours")
-        assert again.config == loaded.config
+        assert again.config == loaded.config == load(tmp_path / "ours").config
         assert_close(again(**kw).logits, loaded(**kw).logits, atol=0.0, name="our format")
     assert (tmp_path / "ours" / "model.safetensors").is_file()
 
@@ -157,6 +157,11 @@ def test_mlm_tied_weights_survive_save_load(tmp_path):
 def test_from_pretrained_missing_dir_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         EncoderModel.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load(tmp_path)
+    transformers.BertModel(hf_config("Bert")).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"not an etkd checkpoint.*etkd\.models\.load"):
+        EncoderModel.from_pretrained(tmp_path / "hf")  # our format only: HF dirs go through load
 
 
 def _record_hf_rand_attn(hf_model):

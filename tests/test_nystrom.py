@@ -352,6 +352,9 @@ def test_opcheck():
         mask,
         0.5,
         "per_head",
+        0.0,  # dropout_p, seed, offset
+        0,
+        0,
     )
     torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, (*args, "reference"))
 

@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from etkd.distill import demo_data
 from etkd.distill.cli import main
+from etkd.distill.demo import data as demo_data
 from etkd.distill.report import load_results
 from etkd.distill.training import TrainConfig, train
 from etkd.distill.tune import HPARAMS

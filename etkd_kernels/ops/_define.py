@@ -1,7 +1,7 @@
 """One way to define every etkd op with torch.library, from the pattern's params dataclass.
 
-Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse)` and
-`etkd::<op>_bwd(grad_out, q, k, v, out, lse, <settings>, backend) -> Tensor[]`, whose implementations look up
+Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse, rng)` and
+`etkd::<op>_bwd(grad_out, q, k, v, out, lse, rng, <settings>, backend) -> Tensor[]`, whose implementations look up
 the backend at run time (so `use_backend` swaps kernels even inside a compiled graph), plus fake kernels and
 `register_autograd` tying them together. <settings> are the fields of the pattern's frozen dataclass, in
 order: the schema is flat (torch.library needs it), and the implementation packs the settings back into
@@ -9,6 +9,12 @@ the dataclass, so every backend has `forward(q, k, v, params)` and `backward(gra
 params)` and reads them by name. A field with `metadata={"grad": True}` (a tensor input beside q, k, v, like
 Longformer's global projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
 come back as a list with empty tensors standing for "no gradient" (custom ops cannot return None).
+
+Attention dropout: every params dataclass ends in `dropout_p`, `seed`, `offset`. A seed (or offset) of -1 means
+"not given": the forward implementation draws it from torch's default CPU generator when it runs (only when
+dropout_p > 0), so compiled graphs draw anew on every call instead of baking a seed in, and torch.manual_seed
+reproduces a run. The forward returns the (seed, offset) it used as `rng`, an int64 CPU tensor of 2 elements
+(reading it costs no device synchronisation), which the backward gets, so it regenerates the same keep-mask.
 
 A sequence of length 0 is answered here for every backend (after the backend is resolved, so an unusable
 explicit backend still raises): the outputs and gradients are the fake kernels' empty tensors, which hold
@@ -54,14 +60,18 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
                 f"{params.__name__}.{f.name}: annotation {f.type!r} is not one of {list(_SCHEMA_TYPES)}"
             )
     n = len(fields)
+    if [f.name for f in fields[-3:]] != ["dropout_p", "seed", "offset"]:
+        raise TypeError(
+            f"{params.__name__}: the last fields must be dropout_p, seed, offset (the dropout contract)"
+        )
     tensor_fields = [i for i, f in enumerate(fields) if _SCHEMA_TYPES[f.type].startswith("Tensor")]
     grad_fields = [i for i, f in enumerate(fields) if f.metadata.get("grad")]
     settings = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in fields)
-    saved = "Tensor out, Tensor lse" if lse else "Tensor out"
+    saved = "Tensor out, Tensor lse, Tensor rng" if lse else "Tensor out, Tensor rng"
     fwd_name, bwd_name = f"{LIB}::{op}_fwd", f"{LIB}::{op}_bwd"
     torch.library.define(
         fwd_name,
-        f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> {'(Tensor, Tensor)' if lse else 'Tensor'}",
+        f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> {'(Tensor, Tensor, Tensor)' if lse else '(Tensor, Tensor)'}",
     )
     torch.library.define(
         bwd_name,
@@ -70,32 +80,47 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
 
     def fwd_fake(q, *args):
         out = torch.empty_like(q)
-        return (out, q.new_empty(q.shape[:3], dtype=torch.float32)) if lse else out
+        rng = torch.empty(2, dtype=torch.int64, device="cpu")
+        return (out, q.new_empty(q.shape[:3], dtype=torch.float32), rng) if lse else (out, rng)
 
     def bwd_fake(grad_out, q, k, v, *args):
         given = args[-1 - n : -1]
         return [torch.empty_like(t) for t in (q, k, v, *(given[i] for i in grad_fields)) if t is not None]
 
     def fwd_impl(q, k, v, *args):
-        impl = resolve(op, Problem.of(q), backend=args[-1])
+        p = params(*args[:-1])
+        if p.dropout_p > 0 and (p.seed < 0 or p.offset < 0):
+            seed, offset = torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64).tolist()
+            p = dataclasses.replace(
+                p,
+                seed=seed if p.seed < 0 else p.seed,
+                offset=offset & 0xFFFFFFFF if p.offset < 0 else p.offset,
+            )
+        rng = torch.tensor([p.seed, p.offset], dtype=torch.int64)
+        impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
         if q.shape[2] == 0:
-            return fwd_fake(q, k, v, *args)
-        out = impl.forward(q, k, v, params(*args[:-1]))
+            return (*fwd_fake(q, k, v, *args)[:-1], rng)
+        out = impl.forward(q, k, v, p)
         # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
         # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
-        return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+        out = tuple(t.contiguous() for t in out) if isinstance(out, tuple) else (out.contiguous(),)
+        return (*out, rng)
 
     def bwd_impl(grad_out, q, *args):
-        impl = resolve(op, Problem.of(q), backend=args[-1])
+        *saved, rng = args[: -1 - n]
+        p = params(*args[-1 - n : -1])
+        if p.dropout_p > 0:
+            seed, offset = rng.tolist()
+            p = dataclasses.replace(p, seed=seed, offset=offset)
+        impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
         if q.shape[2] == 0:
             return bwd_fake(grad_out, q, *args)
-        grads = impl.backward(grad_out, q, *args[: -1 - n], params(*args[-1 - n : -1]))
+        grads = impl.backward(grad_out, q, *saved, p)
         return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
 
     def setup_context(ctx, inputs, output):
         q, k, v, *given, backend = inputs
-        outs = output if lse else (output,)
-        ctx.save_for_backward(q, k, v, *outs, *(given[i] for i in tensor_fields))
+        ctx.save_for_backward(q, k, v, *output, *(given[i] for i in tensor_fields))  # output ends in rng
         # Tensors go through save_for_backward (version checks, no reference cycles); the rest is kept as is.
         ctx.given = [None if i in tensor_fields else s for i, s in enumerate(given)]
         ctx.backend = backend

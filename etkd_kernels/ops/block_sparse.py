@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_finite, check_qkv, check_scale, check_token_mask
+from .._checks import check_dropout, check_finite, check_qkv, check_scale, check_token_mask
 from ..dispatch import requested_backend
 from ..masks import BlockLayout
 from ._common import pad_to_multiple
@@ -22,6 +22,9 @@ class BlockSparseParams:
     block_size: int
     key_padding_mask: torch.Tensor | None
     scale: float
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
 
 
 _fwd_op = define("block_sparse", BlockSparseParams)
@@ -67,6 +70,9 @@ def block_sparse_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_offset: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Exact softmax attention restricted to the allowed (query block, key block) pairs of `layout`.
@@ -76,6 +82,12 @@ def block_sparse_attention(
     whose block size is seq / q_blocks. A seq that is not a multiple of the block size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); rows that
     see no real key (padded queries among them) are zeros.
+    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
+    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
+    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key position j, query position i, batch * heads +
+    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
+    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
+    generator when the op runs (torch.manual_seed reproduces; successive calls differ).
 
     Plain-PyTorch meaning: softmax(scale * q @ k.T masked by layout.to_dense() & key_padding_mask) @ v.
     """
@@ -83,8 +95,9 @@ def block_sparse_attention(
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     layout = as_layout(layout, q.shape[2], q.shape[1], q.device)
     scale = check_scale(scale, q.shape[-1])
+    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, layout.block_size)
-    out, _ = _fwd_op(q, k, v, layout.mask.contiguous(), layout.block_size, kpm, scale, backend)
+    out = _fwd_op(q, k, v, layout.mask.contiguous(), layout.block_size, kpm, scale, *dropout, backend)[0]
     return out[:, :, :s]

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from .._checks import (
+    check_dropout,
+    check_finite,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+    check_token_mask,
+)
 from ..dispatch import requested_backend
 from ._common import pad_to_multiple
 from ._define import define
@@ -25,6 +32,9 @@ class LSGParams:
     num_global_tokens: int
     key_padding_mask: torch.Tensor | None
     scale: float
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
 
 
 _fwd_op = define("lsg", LSGParams)
@@ -42,6 +52,9 @@ def lsg_attention(
     num_global_tokens: int = 1,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_offset: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """LSG attention: each query block sees its own and the neighbouring key blocks (local), a compressed
@@ -53,6 +66,13 @@ def lsg_attention(
     q, k, v: (batch, heads, seq, head_dim); a seq that is not a multiple of block_size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim).
     The exact key set of each query is defined by `etkd_kernels.reference.lsg`.
+    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
+    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
+    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key column j, query position i, batch * heads +
+    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
+    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
+    generator when the op runs (torch.manual_seed reproduces; successive calls differ). Compressed (sparse) keys have
+    columns >= seq (`etkd_kernels.reference.lsg`), so they draw their own bits.
     """
     check_qkv(q, k, v)
     check_positive_int(block_size, "block_size")
@@ -73,8 +93,18 @@ def lsg_attention(
         raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
+    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
-    settings = (block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, kpm, scale)
+    settings = (
+        block_size,
+        sparse_block_size,
+        sparsity_factor,
+        sparsity_type,
+        num_global_tokens,
+        kpm,
+        scale,
+        *dropout,
+    )
     return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]

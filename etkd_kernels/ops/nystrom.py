@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from .._checks import (
+    check_dropout,
+    check_finite,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+    check_token_mask,
+)
 from ..dispatch import requested_backend
 from ._define import define
 
@@ -22,6 +29,9 @@ class NystromParams:
     key_padding_mask: torch.Tensor | None
     scale: float
     pinv_init: str
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
 
 
 _fwd_op = define("nystrom", NystromParams, lse=False)
@@ -37,6 +47,9 @@ def nystrom_attention(
     pinv_init: str = "per_head",
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_offset: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Nystromformer attention with `num_landmarks` segment-mean landmarks and an iterative pseudo-inverse.
@@ -49,6 +62,17 @@ def nystrom_attention(
     "per_head" scales the initial inverse per (batch, head); "hf_global" uses one max over the whole batch
     and all heads, as HF `NystromformerSelfAttention` does (its outputs then depend on the other batch rows).
     When num_landmarks == seq the op is exact softmax attention. Padded query rows are zeros.
+    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
+    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
+    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key column j, query position i, batch * heads +
+    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
+    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
+    generator when the op runs (torch.manual_seed reproduces; successive calls differ).
+    Where: HF's NystromformerSelfAttention builds `self.dropout` from attention_probs_dropout_prob but never
+    applies it (transformers 5.25, modeling_nystromformer.py), so HF Nystromformer trains without attention
+    dropout; pass dropout_p=0 to match it. Here dropout_p drops entries of K1 (each query's probabilities over
+    the landmarks, columns seq + landmark), and of the probabilities when num_landmarks == seq; K2 and K3 (the
+    landmark rows) are never dropped.
     """
     check_qkv(q, k, v)
     check_positive_int(num_landmarks, "num_landmarks")
@@ -59,7 +83,9 @@ def nystrom_attention(
         raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
     key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     scale = check_scale(scale, q.shape[-1])
+    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
     requested_backend(backend)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _fwd_op(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, backend)
+    settings = (num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, *dropout)
+    return _fwd_op(q, k, v, *settings, backend)[0]

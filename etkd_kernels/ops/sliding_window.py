@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import check_finite, check_positive_int, check_qkv, check_scale, check_token_mask
+from .._checks import (
+    check_dropout,
+    check_finite,
+    check_positive_int,
+    check_qkv,
+    check_scale,
+    check_token_mask,
+)
 from ..dispatch import requested_backend
 from ._define import define
 
@@ -22,6 +29,9 @@ class SlidingWindowParams:
     vg: torch.Tensor | None = field(metadata={"grad": True})
     key_padding_mask: torch.Tensor | None
     scale: float
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
 
 
 _fwd_op = define("sliding_window", SlidingWindowParams)
@@ -37,6 +47,9 @@ def sliding_window_attention(
     global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_offset: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Longformer attention: a local band of `window + 1` keys per query, plus global tokens.
@@ -47,6 +60,13 @@ def sliding_window_attention(
     uses for global query rows (scores qg_i . kg_j, values vg); without it global rows use q, k, v.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); padded
     query rows are zeros.
+    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
+    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
+    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key position j, query position i, batch * heads +
+    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
+    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
+    generator when the op runs (torch.manual_seed reproduces; successive calls differ). Global rows'
+    probabilities (with or without global_qkv) are dropped like the band's, as HF Longformer does.
 
     Plain-PyTorch meaning (O(seq^2) memory; the backends never build this):
         allowed = (i - j).abs() <= window // 2 | global_mask[:, None, None, :]        # (b, 1, s, s)
@@ -77,7 +97,8 @@ def sliding_window_attention(
                 )
         qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
     scale = check_scale(scale, q.shape[-1])
+    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg})
     requested_backend(backend)  # validates the name now; the op resolves it when it runs
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, backend)[0]
+    return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, *dropout, backend)[0]

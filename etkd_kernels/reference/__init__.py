@@ -25,4 +25,6 @@ def unavailable_reason() -> str | None:
 
 
 def capabilities(op: str) -> Capabilities:
-    return Capabilities(devices=None, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    return Capabilities(
+        devices=None, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64), dropout=True
+    )

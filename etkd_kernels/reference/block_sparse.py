@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import compute_dtype, recompute_backward
+from .._shared import apply_dropout, compute_dtype, recompute_backward
 from ..masks import cached_lut
 from ._softmax import masked_softmax, padded_rows
 
@@ -42,7 +42,7 @@ def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"layout: expected 1 or {h} heads, got {hl}")
 
 
-def attend(q, k, v, layout, block_size, key_padding_mask, scale):
+def attend(q, k, v, layout, block_size, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0):
     _check(q, layout, block_size)
     b, h, s, d = q.shape
     bs = block_size
@@ -75,6 +75,11 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
         vr = vb[:, hs[:, None], idx].reshape(b, len(hs), w * bs, d)
         scores = torch.einsum("brqd,brkd->brqk", qb[:, hs, ns], kr) * scale
         probs, row_lse = masked_softmax(scores, key_ok)
+        if dropout_p:
+            bh = (torch.arange(b, device=dev)[:, None] * h + hs)[:, :, None, None]
+            i = (ns[:, None] * bs + torch.arange(bs, device=dev))[None, :, :, None]
+            j = (idx[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(1, len(hs), 1, w * bs)
+            probs = apply_dropout(probs, dropout_p, seed, offset, bh, i, j)
         out[:, hs, ns] = torch.einsum("brqk,brkd->brqd", probs, vr)
         lse[:, hs, ns] = row_lse
 
@@ -83,12 +88,21 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale):
 
 
 def forward(q, k, v, p):
-    return attend(q, k, v, p.layout, p.block_size, p.key_padding_mask, p.scale)
+    return attend(q, k, v, p.layout, p.block_size, p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset)
 
 
 def backward(grad_out, q, k, v, out, lse, p):
     if not bool(p.layout.any()):  # nothing attended: the output does not depend on q, k, v at all
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return recompute_backward(
-        attend, grad_out, (q, k, v), p.layout, p.block_size, p.key_padding_mask, p.scale
+        attend,
+        grad_out,
+        (q, k, v),
+        p.layout,
+        p.block_size,
+        p.key_padding_mask,
+        p.scale,
+        p.dropout_p,
+        p.seed,
+        p.offset,
     )

@@ -33,6 +33,9 @@ global key is counted once (as its own column), as LSG masks its global first to
     and, for "bos_pooling", the plain mean of the group's keys when none is real (its softmax is uniform).
     A strided or "norm" token is attended only if usable.
 Softmax over that key set with `scale`; rows that see no key, and padded query rows, give 0 (lse +inf).
+Attention dropout (`etkd_kernels._shared.dropout_keep`) uses the key's position as its column for global and
+local keys, and column S + p for compressed position p (S = the padded seq the op hands over), so compressed
+keys draw bits of their own.
 
 Where this differs from LSGSelfAttention: (1) LSG has one global token, the first; here the first G
 positions are global (G = 1 is LSG's convention, G = 0 its compute_global_attention=False); (2) LSG keeps
@@ -51,7 +54,7 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import compute_dtype, recompute_backward
+from .._shared import apply_dropout, batch_heads, compute_dtype, recompute_backward
 from ._softmax import masked_softmax, padded_rows
 
 
@@ -134,6 +137,9 @@ def attend(
     num_global_tokens,
     key_padding_mask,
     scale,
+    dropout_p=0.0,
+    seed=0,
+    offset=0,
 ):
     b, h, s, d = q.shape
     bs, sbs, f, g = block_size, sparse_block_size, sparsity_factor, num_global_tokens
@@ -157,6 +163,7 @@ def attend(
     loc = n * bs - bs + torch.arange(3 * bs, device=dev)[None]
     loc_c = loc.clamp(0, s - 1)
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
+    cols = [loc]  # dropout columns of each group's keys, (nb, K)
     if use_sparse:
         kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale)
         t = s // f
@@ -165,15 +172,21 @@ def attend(
         pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
         groups.append((kc[:, :, pos_c], vc[:, :, pos_c], ((pos >= 0) & (pos < t)) & okc[:, :, pos_c]))
+        cols.append(s + pos)
     if g > 0:
         kg, vg = k[:, :, None, :g].expand(b, h, nb, g, d), v[:, :, None, :g].expand(b, h, nb, g, d)
         groups.append((kg, vg, real[:, None, :g].expand(b, nb, g)))
+        cols.append(torch.arange(g, device=dev).expand(nb, g))
 
     hm = max(m.shape[1] if m.dim() == 4 else 1 for _, _, m in groups)
     masks = [(m if m.dim() == 4 else m[:, None]).expand(b, hm, nb, m.shape[-1]) for _, _, m in groups]
     qb = q.view(b, h, nb, bs, d)
     scores = torch.cat([torch.einsum("bhnqd,bhnkd->bhnqk", qb, kk) for kk, _, _ in groups], dim=-1) * scale
     probs, lse = masked_softmax(scores, torch.cat(masks, dim=-1)[:, :, :, None, :])
+    if dropout_p:
+        bh = batch_heads(b, h, dev)[..., None]
+        i = (n * bs + torch.arange(bs, device=dev))[..., None]  # (nb, bs, 1)
+        probs = apply_dropout(probs, dropout_p, seed, offset, bh, i, torch.cat(cols, dim=-1)[:, None, :])
     out = 0
     start = 0
     for _, vv, m in groups:
@@ -186,6 +199,11 @@ def attend(
     if g > 0:
         gs = torch.einsum("bhgd,bhsd->bhgs", q[:, :, :g], k) * scale
         gprobs, glse = masked_softmax(gs, real[:, None, None, :])
+        if dropout_p:
+            pos = torch.arange(s, device=dev)
+            gprobs = apply_dropout(
+                gprobs, dropout_p, seed, offset, batch_heads(b, h, dev), pos[:g, None], pos
+            )
         out = torch.cat([gprobs @ v, out[:, :, g:]], dim=2)
         lse = torch.cat([glse, lse[:, :, g:]], dim=2)
 
@@ -204,5 +222,5 @@ def _settings(p):
     """The op's settings in `attend`'s order."""
     return (
         p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
-        p.key_padding_mask, p.scale,
+        p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset,
     )  # fmt: skip

@@ -26,6 +26,10 @@ Choices, and where they differ from HF:
   (batch, heads, L, L) tensor, as HF does (so a batch row's output depends on the other rows);
   `"per_head"` takes it per (batch, head) matrix, so every batch row is independent of the others.
 - num_landmarks == seq is exact softmax attention (HF special-cases it too), keys masked by padding.
+- Dropout. HF's NystromformerSelfAttention never applies its `self.dropout` (attention_probs_dropout_prob),
+  so HF trains Nystromformer without attention dropout. Here dropout_p > 0 drops entries of K1 (query row i,
+  landmark l: column seq + l of `etkd_kernels._shared.dropout_keep`), each query's probabilities over the
+  landmarks, the analogue of attention probabilities; in the exact case, the probabilities (key columns).
 
 Everything is computed in fp32 (fp64 for fp64 inputs) and cast back; no seq x seq tensor is formed except
 in the exact num_landmarks == seq case.
@@ -35,22 +39,45 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import compute_dtype, iterative_pinv, recompute_backward, segment_means
+from .._shared import (
+    apply_dropout,
+    batch_heads,
+    compute_dtype,
+    iterative_pinv,
+    recompute_backward,
+    segment_means,
+)
 from . import full
 from ._softmax import masked_softmax
 
 __all__ = ["attend", "backward", "forward", "iterative_pinv", "segment_means"]
 
 
-def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def attend(
+    q,
+    k,
+    v,
+    num_landmarks,
+    pinv_iterations,
+    key_padding_mask,
+    scale,
+    pinv_init,
+    dropout_p=0.0,
+    seed=0,
+    offset=0,
+):
     b, h, s, d = q.shape
     if num_landmarks == s:
-        return full.attend(q, k, v, key_padding_mask, scale)[0]
+        return full.attend(q, k, v, key_padding_mask, scale, dropout_p, seed, offset)[0]
     out_dtype = q.dtype
     ct = compute_dtype(q.dtype)
     q, k, v = (t.to(ct) for t in (q, k, v))
     ql, kl = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
     k1 = torch.softmax((q @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, s, L)
+    if dropout_p:
+        pos = torch.arange(s, device=q.device)
+        lm = s + torch.arange(k1.shape[-1], device=q.device)
+        k1 = apply_dropout(k1, dropout_p, seed, offset, batch_heads(b, h, q.device), pos[:, None], lm)
     k2 = torch.softmax((ql @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, L, L)
     kmask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     k3, _ = masked_softmax((ql @ k.transpose(-1, -2)) * scale, kmask)  # (b, h, L, s)
@@ -62,17 +89,16 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
 
 
 def forward(q, k, v, p):
-    return attend(q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init)
+    return attend(q, k, v, *_settings(p))
 
 
 def backward(grad_out, q, k, v, out, p):
-    return recompute_backward(
-        attend,
-        grad_out,
-        (q, k, v),
-        p.num_landmarks,
-        p.pinv_iterations,
-        p.key_padding_mask,
-        p.scale,
-        p.pinv_init,
-    )
+    return recompute_backward(attend, grad_out, (q, k, v), *_settings(p))
+
+
+def _settings(p):
+    """The op's settings in `attend`'s order."""
+    return (
+        p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init, p.dropout_p, p.seed,
+        p.offset,
+    )  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._shared import compute_dtype, recompute_backward
+from .._shared import apply_dropout, batch_heads, compute_dtype, recompute_backward
 from ._softmax import masked_softmax, padded_rows
 
 
@@ -29,7 +29,9 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
 
 
-def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
+def attend(
+    q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale, dropout_p=0.0, seed=0, offset=0
+):
     b, h, s, d = q.shape
     out_dtype = q.dtype
     ct = compute_dtype(q.dtype)
@@ -70,6 +72,14 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
     else:
         scores, mask = band_scores, band_mask
     probs, lse = masked_softmax(scores, mask)
+    if dropout_p:
+        # Dropout counters: row i, band column t is key i - i % c + t - w; global columns are their positions.
+        bh = batch_heads(b, h, q.device)
+        i = torch.arange(sp, device=q.device)[:, None]
+        j = (i - i % c + torch.arange(3 * c, device=q.device) - w).expand(b, 1, sp, 3 * c)
+        if has_global:
+            j = torch.cat([j, gidx[:, None, None, :].expand(b, 1, sp, -1)], dim=-1)
+        probs = apply_dropout(probs, dropout_p, seed, offset, bh, i, j)
     pb = probs[..., : 3 * c].reshape(b, h, nc, c, 3 * c)
     out = torch.einsum("bhnct,bhndt->bhncd", pb, vp).reshape(b, h, sp, d)
     if has_global:
@@ -82,6 +92,9 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
         qrows = _gather_rows(qg_, gidx)
         gs = torch.einsum("bhgd,bhsd->bhgs", qrows, kg_) * scale
         gprobs, glse = masked_softmax(gs, real[:, None, None, :].expand(b, 1, gidx.shape[1], s))
+        if dropout_p:
+            pos = torch.arange(s, device=q.device)
+            gprobs = apply_dropout(gprobs, dropout_p, seed, offset, bh, gidx[:, None, :, None], pos)
         gout = torch.einsum("bhgs,bhsd->bhgd", gprobs, vg_)
         rows = gidx[:, None, :].expand(b, h, -1)
         keep = gvalid[:, None, :].expand(b, h, -1)
@@ -94,10 +107,14 @@ def attend(q, k, v, qg, kg, vg, window, global_mask, key_padding_mask, scale):
 
 
 def forward(q, k, v, p):
-    return attend(q, k, v, p.qg, p.kg, p.vg, p.window, p.global_mask, p.key_padding_mask, p.scale)
+    return attend(
+        q, k, v, p.qg, p.kg, p.vg, p.window, p.global_mask, p.key_padding_mask, p.scale, p.dropout_p, p.seed,
+        p.offset,
+    )  # fmt: skip
 
 
 def backward(grad_out, q, k, v, out, lse, p):
     return recompute_backward(
-        attend, grad_out, (q, k, v, p.qg, p.kg, p.vg), p.window, p.global_mask, p.key_padding_mask, p.scale
-    )
+        attend, grad_out, (q, k, v, p.qg, p.kg, p.vg), p.window, p.global_mask, p.key_padding_mask, p.scale,
+        p.dropout_p, p.seed, p.offset,
+    )  # fmt: skip

@@ -1,6 +1,6 @@
 """The built-in default data of `make demo`: a small synthetic language with a tokenizer, an MLM corpus
 (short and long documents), a CoNLL NER set (PER/ORG/LOC/MISC), a two-class classification set, and the
-long-range NER and classification sets of `tasks.longrange` (2-4k-token documents).
+long-range NER and classification sets of `demo.longrange` (2-4k-token documents).
 
 Everything is generated from a seed, so the demo needs no network. The tasks are learnable on purpose:
 entity words come from closed lists, and the class of a review is decided by which of two word lists its
@@ -10,10 +10,7 @@ opinion words come from, so a fine-tuned model beats chance clearly and a retent
 from __future__ import annotations
 
 import json
-import os
 import random
-
-from .tasks import longrange
 
 FIRST = [
     "anna",
@@ -39,6 +36,13 @@ FILLER = ["the", "a", "today", "yesterday", "in", "at", "with", "after", "before
           "report", "meeting", "city", "company", "team", "event", "news", "people", "week", "year", "about"]  # fmt: skip
 GOOD = ["excellent", "wonderful", "great", "superb", "lovely", "brilliant", "delightful", "fantastic"]
 BAD = ["terrible", "awful", "dreadful", "poor", "horrible", "boring", "disappointing", "bad"]
+CODENAMES = ["zib", "kor", "mav", "tal", "pem", "rux", "vok", "nep", "dax", "lum", "fep", "gor"]
+KINDS = {"person": "PER", "firm": "ORG", "town": "LOC", "match": "MISC"}
+# The long-range sets (`longrange`): codenames whose type a declaration gives; filler: short words carrying no
+# evidence, most of every long document is made of them.
+FILLER_CODE = ["la", "na", "ta", "ka", "ma", "pa", "ra", "sa", "da", "ga", "ba", "fa"]
+MENTION_VERBS = ["met", "visited", "joined", "left", "praised", "called", "thanked", "hired"]
+CODE_WORDS = CODENAMES + list(KINDS) + FILLER_CODE + ["is", "a", "."]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -55,7 +59,7 @@ def vocabulary() -> list[str]:
         + GOOD
         + BAD
         + ["movie", "film", "was", "it", "not", "."]
-        + longrange.WORDS
+        + CODE_WORDS
     )
     seen, out = set(), []
     for w in SPECIAL + words:
@@ -96,6 +100,19 @@ def sentence(rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+def declared_sentence(rng: random.Random) -> list[tuple[str, str]]:
+    """One sentence that declares a codename's type and mentions it again, e.g. "kor is a firm la met kor ."
+    (both `kor` tagged B-ORG): the short NER set mixes these in so that a model learns, within a sentence, that
+    a codename takes its type from its declaration — what the long-range set then asks across > 640 tokens."""
+    code, kind = rng.choice(CODENAMES), rng.choice(list(KINDS))
+    tag = "B-" + KINDS[kind]
+    out = [(code, tag), ("is", "O"), ("a", "O"), (kind, "O")]
+    for _ in range(rng.randint(1, 2)):
+        out += [(rng.choice(FILLER_CODE), "O") for _ in range(rng.randint(0, 3))]
+        out += [(rng.choice(MENTION_VERBS), "O"), (code, tag)]
+    return out + [(".", "O")]
+
+
 def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float = 0.25) -> str:
     """jsonl {"text": ...}: mostly short documents, a `long_share` of long ones (hundreds of words)."""
     rng = random.Random(seed)
@@ -109,13 +126,13 @@ def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float 
 
 def write_conll(path: str, n_docs: int = 60, seed: int = 1, declared_share: float = 0.5) -> str:
     """CoNLL documents of `sentence`s and, with probability `declared_share` each, sentences that declare a
-    codename's type and mention it (`longrange.declared_sentence`): those need context, not just the word."""
+    codename's type and mention it (`declared_sentence`): those need context, not just the word."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n_docs):
             f.write("-DOCSTART- -X- -X- O\n\n")
             for _ in range(rng.randint(3, 10)):
-                make = longrange.declared_sentence if rng.random() < declared_share else sentence
+                make = declared_sentence if rng.random() < declared_share else sentence
                 for w, tag in make(rng):
                     f.write(f"{w} NN O {tag}\n")
                 f.write("\n")
@@ -140,20 +157,3 @@ def write_classification(path: str, n: int = 400, seed: int = 2, negation: float
                 json.dumps({"sentence": " ".join(["the", "movie", "was"] + words), "label": label}) + "\n"
             )
     return path
-
-
-def write_all(directory: str, seed: int = 0, n_long_train: int = 160, n_long_dev: int = 40) -> dict[str, str]:
-    """Every built-in file under `directory` (the short sets, and the long-range sets of `tasks.longrange`);
-    returns their paths by name."""
-    os.makedirs(directory, exist_ok=True)
-    paths = {
-        "tokenizer": os.path.join(directory, "tokenizer"),
-        "corpus": write_corpus(os.path.join(directory, "corpus.jsonl"), seed=seed),
-        "ner_train": write_conll(os.path.join(directory, "ner_train.conll"), seed=seed + 1),
-        "ner_dev": write_conll(os.path.join(directory, "ner_dev.conll"), n_docs=15, seed=seed + 101),
-        "cls_train": write_classification(os.path.join(directory, "cls_train.jsonl"), seed=seed + 2),
-        "cls_dev": write_classification(os.path.join(directory, "cls_dev.jsonl"), n=120, seed=seed + 102),
-        **longrange.write_all(directory, seed=seed, n_train=n_long_train, n_dev=n_long_dev),
-    }
-    tokenizer(paths["tokenizer"])
-    return paths

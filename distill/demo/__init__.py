@@ -1,13 +1,13 @@
 """`etkd demo`: the paper's pipeline end to end on a built-in default, sized for ~10 minutes on 2 CPU cores.
 
   0. built-in data: a synthetic language with its tokenizer, an MLM corpus of short and long documents,
-     a CoNLL NER set and a two-class classification set (`demo_data`)
+     a CoNLL NER set and a two-class classification set (`demo.data`)
   1. a small full-attention teacher (RoBERTa-style), MLM-pretrained briefly on the corpus
   2. convert it to Longformer (positions copied out to --max-positions, global projections from local)
   3. short MLM pretraining of the converted model on long inputs
   4. distil it to half depth (DistilBERT-style: 2·MLM + 5·KL at T=2 + 1·cosine)
   5. fine-tune the full teacher, the Longformer teacher and the student on NER and classification
-  6. the long-range sets (`tasks.longrange`): each model's step-5 checkpoints fine-tuned further on long
+  6. the long-range sets (`demo.longrange`): each model's step-5 checkpoints fine-tuned further on long
      documents whose evidence lies > 640 tokens away; the 512-token teacher against the 4096-token models
   7. `etkd report`: scores and student/teacher retention, and the long-range table
   8. `etkd bench`: inference time and peak memory, ours vs HF, at 2,048 tokens
@@ -24,6 +24,27 @@ import os
 import time
 
 import torch
+
+
+def write_all(directory: str, seed: int = 0, n_long_train: int = 160, n_long_dev: int = 40) -> dict[str, str]:
+    """Every built-in file under `directory` (the short sets of `demo.data`, and the long-range sets of
+    `demo.longrange`); returns their paths by name."""
+    from . import data, longrange  # here, so `python -m etkd.distill.demo.longrange` runs a fresh module
+
+    os.makedirs(directory, exist_ok=True)
+    paths = {
+        "tokenizer": os.path.join(directory, "tokenizer"),
+        "corpus": data.write_corpus(os.path.join(directory, "corpus.jsonl"), seed=seed),
+        "ner_train": data.write_conll(os.path.join(directory, "ner_train.conll"), seed=seed + 1),
+        "ner_dev": data.write_conll(os.path.join(directory, "ner_dev.conll"), n_docs=15, seed=seed + 101),
+        "cls_train": data.write_classification(os.path.join(directory, "cls_train.jsonl"), seed=seed + 2),
+        "cls_dev": data.write_classification(
+            os.path.join(directory, "cls_dev.jsonl"), n=120, seed=seed + 102
+        ),
+        **longrange.write_all(directory, seed=seed, n_train=n_long_train, n_dev=n_long_dev),
+    }
+    data.tokenizer(paths["tokenizer"])
+    return paths
 
 
 def kernel_table(seq: int = 1024, heads: int = 4, head_dim: int = 64, repeats: int = 3) -> list[dict]:
@@ -106,7 +127,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _etkd(*argv: str) -> None:
-    from .cli import main
+    from ..cli import main
 
     print(f"\n$ etkd {' '.join(argv)}", flush=True)
     code = main(list(argv))
@@ -159,17 +180,17 @@ def long_table(rows: list[dict]) -> str:
 def pipeline(args) -> None:
     from etkd.models import EncoderConfig, EncoderModel
 
-    from . import demo_data
-    from .tasks import longrange, ner
+    from ..tasks import ner
+    from . import data, longrange
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     print(f"[0] built-in data -> {out}/data")
-    data = demo_data.write_all(
+    files = write_all(
         os.path.join(out, "data"), seed=args.seed, n_long_train=args.long_train, n_long_dev=args.long_dev
     )
-    tok = data["tokenizer"]
-    n_vocab = len(demo_data.vocabulary())
+    tok = files["tokenizer"]
+    n_vocab = len(data.vocabulary())
     quiet = ["--no-progress"] if args.no_progress else []
     steps = args.steps
 
@@ -182,7 +203,7 @@ def pipeline(args) -> None:
     torch.manual_seed(args.seed)
     EncoderModel(cfg).save_pretrained(os.path.join(out, "teacher_init"))
     # --overwrite: a rerun of the demo replaces its earlier runs (output folders refuse them otherwise)
-    common = ["--data", data["corpus"], "--tokenizer", tok, "--seed", str(args.seed), "--overwrite", *quiet]
+    common = ["--data", files["corpus"], "--tokenizer", tok, "--seed", str(args.seed), "--overwrite", *quiet]
     _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
           "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
           "--long-length", "512", "--long-fraction", "0.1", "--save-every", str(2 * steps), *common)  # fmt: skip
@@ -220,8 +241,8 @@ def pipeline(args) -> None:
     print("[5] fine-tune teachers and student on the short NER and classification sets")
     results = os.path.join(out, "results")
     for task, train, dev in (
-        ("conll2003", data["ner_train"], data["ner_dev"]),
-        ("sst2", data["cls_train"], data["cls_dev"]),
+        ("conll2003", files["ner_train"], files["ner_dev"]),
+        ("sst2", files["cls_train"], files["cls_dev"]),
     ):
         for name, path, teacher_name in models:
             # NER gets more steps: half its sentences type a codename by its declaration, which takes longer
@@ -229,12 +250,12 @@ def pipeline(args) -> None:
             finetune(name, path, teacher_name, task, train, dev, results, args.ner_steps if task == "conll2003" else steps, 16)  # fmt: skip
 
     long_results = os.path.join(out, "results_long")
-    dev_docs = ner.read_conll(data["long_ner_dev"], "document")
+    dev_docs = ner.read_conll(files["long_ner_dev"], "document")
     rows = []
     ceiling = {c: longrange.context_ceiling(dev_docs, c) for c in (512, args.max_positions)}
     lo, hi = longrange.LENGTH
     print(f"[6] long-range sets: {lo:,}-{hi:,}-token documents, evidence > {longrange.MIN_GAP} tokens away "
-          f"({os.path.dirname(data['long_ner_train'])}/long_*). The best F1 a model can reach on the NER dev set "
+          f"({os.path.dirname(files['long_ner_train'])}/long_*). The best F1 a model can reach on the NER dev set "
           f"when it sees 512 tokens at a time (windows, stride 128): {ceiling[512]['f1']:.1f} (codename mentions "
           f"{ceiling[512]['f1_codename']:.1f}); with {args.max_positions}: {ceiling[args.max_positions]['f1']:.1f}. "
           "Classification truncated to 512 tokens keeps no evidence (50% at best).")  # fmt: skip
@@ -250,8 +271,8 @@ def pipeline(args) -> None:
 
     for name, path, teacher_name in models if args.long_steps else []:
         row = {"name": name, "context": 512 if path == teacher else args.max_positions}
-        cost = finetune(name, tuned(name, "conll2003"), teacher_name, "conll2003", data["long_ner_train"],
-                        data["long_ner_dev"], long_results, args.long_steps, args.long_batch, "--ner-unit",
+        cost = finetune(name, tuned(name, "conll2003"), teacher_name, "conll2003", files["long_ner_train"],
+                        files["long_ner_dev"], long_results, args.long_steps, args.long_batch, "--ner-unit",
                         "document", "--eval-batch-size", "4", "--global-prefix", str(longrange.OPENING),
                         lr=args.long_lr)  # fmt: skip
         row.update(seconds_ner=cost["seconds"], peak_mib_ner=cost["peak_mib"])
@@ -259,14 +280,14 @@ def pipeline(args) -> None:
             row["f1"] = json.load(f)["metrics"]["f1"]
         with open(os.path.join(long_results, f"{name}-conll2003_predictions.json")) as f:
             row.update(longrange.breakdown(dev_docs, json.load(f)["eval"]))
-        cost = finetune(name, tuned(name, "sst2"), teacher_name, "sst2", data["long_cls_train"],
-                        data["long_cls_dev"], long_results, args.long_steps, args.long_batch, "--eval-batch-size",
+        cost = finetune(name, tuned(name, "sst2"), teacher_name, "sst2", files["long_cls_train"],
+                        files["long_cls_dev"], long_results, args.long_steps, args.long_batch, "--eval-batch-size",
                         "4", lr=args.long_lr)  # fmt: skip
         row.update(seconds_cls=cost["seconds"], peak_mib_cls=cost["peak_mib"])
         with open(os.path.join(long_results, f"{name}-sst2.json")) as f:
             row["accuracy"] = json.load(f)["metrics"]["accuracy"]
         with open(os.path.join(long_results, f"{name}-sst2_predictions.json")) as f:
-            row["cls_f1"] = cls_f1(data["long_cls_dev"], json.load(f)["eval"])
+            row["cls_f1"] = cls_f1(files["long_cls_dev"], json.load(f)["eval"])
         rows.append(row)
 
     print("[7] retention report" + (": short sets, then the long-range table" if rows else ""))

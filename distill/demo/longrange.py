@@ -2,7 +2,7 @@
 lies further away than 512 tokens, so a model that sees 512 tokens at a time must guess where one that sees
 the whole document can know. (Longer documents make the same point and cost more: the demo fine-tunes six
 models on these sets within its 10 minutes on 2 cores; `length=` makes them as long as you like.) Everything is generated from a seed (no download) in the small word-level language
-of `demo_data` (every word is one token of its tokenizer), so a tiny model learns the tasks in a few hundred
+of `demo.data` (every word is one token of its tokenizer), so a tiny model learns the tasks in a few hundred
 CPU steps: the long distance is made of cheap filler words.
 
 longrange-ner   CoNLL NER, one document per `-DOCSTART-`. The document opens with a declaration
@@ -12,7 +12,7 @@ longrange-ner   CoNLL NER, one document per `-DOCSTART-`. The document opens wit
                 declared type (B-PER, B-ORG, B-LOC, B-MISC), and nothing near a mention tells the type.
                 Mentions and ordinary entities are dense there (`mention_rate`, `sentence_rate`).
                 The codenames come from one shared pool, so a codename's type changes from document to
-                document. Ordinary entities (closed word lists, as in `demo_data`) are mixed in; they are
+                document. Ordinary entities (closed word lists, as in `demo.data`) are mixed in; they are
                 learnable from local context and show that a short-context model does learn NER here.
 longrange-cls   Two-class classification in SST-2's columns ("sentence", "label"): a long neutral
                 document with 24 opinion sentences of one polarity ("the film was <opinion> .") all
@@ -32,12 +32,10 @@ import os
 import random
 from typing import Any
 
-CODENAMES = ["zib", "kor", "mav", "tal", "pem", "rux", "vok", "nep", "dax", "lum", "fep", "gor"]
-KINDS = {"person": "PER", "firm": "ORG", "town": "LOC", "match": "MISC"}
-# Filler: short words carrying no evidence; most of every document is made of them.
-FILLER = ["la", "na", "ta", "ka", "ma", "pa", "ra", "sa", "da", "ga", "ba", "fa"]
-MENTION_VERBS = ["met", "visited", "joined", "left", "praised", "called", "thanked", "hired"]
-WORDS = CODENAMES + list(KINDS) + FILLER + ["is", "a", "."]
+from ..metrics import ner_metrics
+from ..tasks.ner import windows
+from .data import BAD, CODENAMES, FILLER_CODE, GOOD, KINDS, MENTION_VERBS, sentence, tokenizer
+
 TASKS = ("longrange-ner", "longrange-cls")
 LENGTH = (1200, 1600)  # words (= tokens) per document
 MIN_GAP = 640  # no evidence closer than this to where it is needed: beyond a 512-token window
@@ -51,21 +49,8 @@ def _filler(rng: random.Random, n: int) -> list[str]:
     out: list[str] = []
     while len(out) < n:
         k = min(rng.randint(8, 24), n - len(out))
-        out += [rng.choice(FILLER) for _ in range(max(k - 1, 0))] + ["."]
+        out += [rng.choice(FILLER_CODE) for _ in range(max(k - 1, 0))] + ["."]
     return out[:n]
-
-
-def declared_sentence(rng: random.Random) -> list[tuple[str, str]]:
-    """One sentence that declares a codename's type and mentions it again, e.g. "kor is a firm la met kor ."
-    (both `kor` tagged B-ORG): the short NER set mixes these in so that a model learns, within a sentence, that
-    a codename takes its type from its declaration — what the long-range set then asks across > 640 tokens."""
-    code, kind = rng.choice(CODENAMES), rng.choice(list(KINDS))
-    tag = "B-" + KINDS[kind]
-    out = [(code, tag), ("is", "O"), ("a", "O"), (kind, "O")]
-    for _ in range(rng.randint(1, 2)):
-        out += [(rng.choice(FILLER), "O") for _ in range(rng.randint(0, 3))]
-        out += [(rng.choice(MENTION_VERBS), "O"), (code, tag)]
-    return out + [(".", "O")]
 
 
 def _split_sentences(tagged: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
@@ -90,8 +75,6 @@ def ner_document(
 ) -> list[list[tuple[str, str]]]:
     """Sentences of (word, tag) of one document of about `length` words (see the module docstring). The
     opening paragraph states the declaration `repeat` times (a strong signal to find among 2k tokens)."""
-    from ..demo_data import sentence
-
     n = rng.randint(*length)
     code = rng.choice(CODENAMES)
     kind = rng.choice(list(KINDS))
@@ -103,9 +86,9 @@ def ner_document(
     while len(doc) < n:
         r = rng.random()
         if r < mention_rate:  # a codename mention: ambiguous without the declaration
-            left = [rng.choice(FILLER) for _ in range(rng.randint(1, 3))]
+            left = [rng.choice(FILLER_CODE) for _ in range(rng.randint(1, 3))]
             doc += [(w, "O") for w in left] + [(rng.choice(MENTION_VERBS), "O"), (code, "B-" + tag)]
-            doc += [(rng.choice(FILLER), "O") for _ in range(rng.randint(1, 3))] + [(".", "O")]
+            doc += [(rng.choice(FILLER_CODE), "O") for _ in range(rng.randint(1, 3))] + [(".", "O")]
         elif (
             r < mention_rate + sentence_rate
         ):  # an ordinary sentence with two entities known from their words
@@ -128,8 +111,6 @@ def cls_document(
 ) -> tuple[str, int]:
     """(text, label) of one document (see the module docstring): `opinions` opinion sentences of one
     polarity, all further than `min_gap` tokens from the start (near: all within the first `near_every`)."""
-    from ..demo_data import BAD, GOOD, sentence
-
     n = rng.randint(*length)
     label = rng.randint(0, 1)
     words: list[str] = []
@@ -189,7 +170,6 @@ def breakdown(examples: list[dict[str, Any]], predicted: list[list[str]]) -> dic
 
     examples: `ner.read_conll(path, "document")` of a longrange-ner file; predicted: per-word tags.
     """
-    from ..metrics import ner_metrics
 
     def only(tags: list[str], words: list[str], codename: bool) -> list[str]:
         declared = [i + 1 < len(words) and words[i + 1] == "is" for i in range(len(words))]
@@ -216,9 +196,6 @@ def context_ceiling(examples: list[dict[str, Any]], context: int, stride: int = 
     type is unknowable and it guesses the most frequent one (PER). A property of the data, no model: what
     separates a 512-token model from a 4096-token one at best. Words are tokens here (one token a word).
     """
-    from ..metrics import ner_metrics
-    from .ner import windows
-
     size = context - 2  # [CLS] and [SEP]
     pred = []
     for e in examples:
@@ -238,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m etkd.distill.tasks.longrange", description="write the long-range task files"
+        prog="python -m etkd.distill.demo.longrange", description="write the long-range task files"
     )
     p.add_argument("--out", required=True, help="folder for the files (and the tokenizer, under tokenizer/)")
     p.add_argument("--seed", type=int, default=0)
@@ -246,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev", type=int, default=40, help="dev documents per task")
     p.add_argument("--near", action="store_true", help="the control variant: evidence within 300 tokens")
     args = p.parse_args(argv)
-    from ..demo_data import tokenizer
-
     paths = write_all(args.out, seed=args.seed, n_train=args.train, n_dev=args.dev, near=args.near)
     tokenizer(os.path.join(args.out, "tokenizer"))
     print(json.dumps(paths, indent=2))
