@@ -106,16 +106,21 @@ def test_nvcc_compiles_every_instantiation(tmp_path):
 # ---- host index tests -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tile_bin(tmp_path_factory) -> Path:
+def _host_test(tmp_path_factory, name: str) -> Path:
+    """tests/cpp/<name>.cpp built with g++ -Icsrc, warnings as errors."""
     if GXX is None:
         pytest.skip("no host C++ compiler (g++)")
-    out = tmp_path_factory.mktemp("tile_index") / "test_tile_index"
+    out = tmp_path_factory.mktemp(name) / name
     cmd = [GXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}"]
-    cmd += [str(ROOT / "tests" / "cpp" / "test_tile_index.cpp"), "-o", str(out)]
+    cmd += [str(ROOT / "tests" / "cpp" / f"{name}.cpp"), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and not res.stderr.strip(), f"g++ failed or warned:\n{res.stderr}"
     return out
+
+
+@pytest.fixture(scope="module")
+def tile_bin(tmp_path_factory) -> Path:
+    return _host_test(tmp_path_factory, "test_tile_index")
 
 
 def _run(binary: Path, *args: object, stdin: str = "") -> str:
@@ -233,14 +238,7 @@ def test_block_sparse_pairs_match_torch(tile_bin, block, nblocks, heads, layout_
 
 @pytest.fixture(scope="module")
 def philox_bin(tmp_path_factory) -> Path:
-    if GXX is None:
-        pytest.skip("no host C++ compiler (g++)")
-    out = tmp_path_factory.mktemp("philox") / "test_philox"
-    cmd = [GXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}"]
-    cmd += [str(ROOT / "tests" / "cpp" / "test_philox.cpp"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and not res.stderr.strip(), f"g++ failed or warned:\n{res.stderr}"
-    return out
+    return _host_test(tmp_path_factory, "test_philox")
 
 
 @needs_gxx
@@ -248,6 +246,23 @@ def test_philox_known_answers(philox_bin):
     # Random123's three philox4x32-10 known answers, the 16-bit threshold, the column -> (word, half) layout.
     out = _run(philox_bin).strip()
     assert out.startswith("OK "), out
+
+
+@needs_gxx
+@pytest.mark.parametrize(
+    "p, seed, offset, bh",
+    [(0.1, 0, 0, 0), (0.37, 2**40 + 12345, 2**32 + 9, 7), (0.9, 2**63 - 1, 123456789, 65534)],
+)
+def test_philox_mask_is_the_shared_contract(philox_bin, p, seed, offset, bh):
+    """The CUDA kernels' keep-mask (csrc/common/philox.h) is etkd_kernels/_shared.py's bit for bit: 13 rows x 70
+    columns of one (batch, head) row, for several seeds, offsets (high bits dropped) and thresholds."""
+    from etkd_kernels._shared import dropout_keep
+
+    rows, cols = 13, 70
+    text = _run(philox_bin, "mask", p, seed, offset, bh, rows, cols)
+    got = torch.tensor([[c == "1" for c in line] for line in text.split()])
+    want = dropout_keep(seed, offset, p, torch.tensor(bh), torch.arange(rows)[:, None], torch.arange(cols))
+    assert got.shape == want.shape and torch.equal(got, want), f"{int((got != want).sum())} bits differ"
 
 
 def test_nvcc_skip_is_explicit():

@@ -109,6 +109,22 @@ Tensor workspace(const Tensor& q) { return at::zeros(q.sizes(), q.options().dtyp
 
 Tensor as_input_dtype(const Tensor& w, const Tensor& q) { return w.scalar_type() == q.scalar_type() ? w : w.to(q.scalar_type()); }
 
+// (out, lse) of a forward: out like the prepared q (every row is written by exactly one CTA), lse float32
+// (B, H, S); `launch` (sliding_window_fwd, block_sparse_fwd) runs on the current stream unless q is empty.
+template <class Params, class Args, class Launch>
+std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& q_prepared, const Args& args, Launch launch,
+                                       const char* op) {
+  Tensor out = at::empty_like(q_prepared);
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  Params p{};
+  p.args = args;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_launch(launch(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out, lse};
+}
+
 // ---- sliding window -------------------------------------------------------------------------------------
 
 struct SlidingWindowInputs {
@@ -175,15 +191,7 @@ std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, 
   const c10::cuda::CUDAGuard guard(q.device());
   SlidingWindowInputs in = sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale,
                                                  dropout_of(dropout_p, seed, offset, op), op);
-  Tensor out = at::empty_like(in.q);  // every row is written by exactly one CTA
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-  etkd::cuda::SlidingWindowFwdParams p{};
-  p.args = in.args;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  check_launch(etkd::cuda::sliding_window_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {out, lse};
+  return run_forward<etkd::cuda::SlidingWindowFwdParams>(q, in.q, in.args, etkd::cuda::sliding_window_fwd, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
@@ -282,15 +290,7 @@ std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, co
   const c10::cuda::CUDAGuard guard(q.device());
   BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale,
                                              dropout_of(dropout_p, seed, offset, op), op);
-  Tensor out = at::empty_like(in.q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-  etkd::cuda::BlockSparseFwdParams p{};
-  p.args = in.args;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  check_launch(etkd::cuda::block_sparse_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {out, lse};
+  return run_forward<etkd::cuda::BlockSparseFwdParams>(q, in.q, in.args, etkd::cuda::block_sparse_fwd, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor> block_sparse_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,

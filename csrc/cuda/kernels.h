@@ -205,13 +205,21 @@ struct Carve {
 
 // Both layouts start with the same three regions (the tile prologue below reads them): the CTA's rows
 // (absolute positions, -1 = none), which of them are live, and the current key tile's columns (-1 = none).
-template <typename T, int D, int BM, int BN>
-struct FwdLayout {
+// Leading dimensions of both layouts' tiles: T rows of head_dim (Q, K, V, dO), fp32 score rows (S, dP), T score
+// rows (P, dS), fp32 rows of head_dim (O, dQ, dK/dV partials); kT: bytes of a T.
+template <typename T, int D, int BN>
+struct TileLds {
   static constexpr int ldT = ld_of<T, D>();
   static constexpr int ldS = ld_of<float, BN>();
   static constexpr int ldP = ld_of<T, BN>();
   static constexpr int ldO = ld_of<float, D>();
   static constexpr int kT = sizeof(T);
+};
+
+template <typename T, int D, int BM, int BN>
+struct FwdLayout : TileLds<T, D, BN> {
+  using B = TileLds<T, D, BN>;
+  static constexpr int ldT = B::ldT, ldS = B::ldS, ldP = B::ldP, ldO = B::ldO, kT = B::kT;
   enum : int { kRows, kLive, kCols, kQ, kK, kV, kS, kP, kO, kM, kL, kCount };
   static constexpr Carve<kCount> carve{{BM * 4, BM * 4, BN * 4, BM * ldT * kT, BN * ldT * kT, BN * ldT * kT,
                                         BM * ldS * 4, BM * ldP * kT, BM * ldO * 4, BM * 4, BM * 4}};
@@ -220,12 +228,9 @@ struct FwdLayout {
 };
 
 template <typename T, int D, int BM, int BN>
-struct BwdLayout {
-  static constexpr int ldT = ld_of<T, D>();
-  static constexpr int ldS = ld_of<float, BN>();
-  static constexpr int ldP = ld_of<T, BN>();
-  static constexpr int ldO = ld_of<float, D>();
-  static constexpr int kT = sizeof(T);
+struct BwdLayout : TileLds<T, D, BN> {
+  using B = TileLds<T, D, BN>;
+  static constexpr int ldT = B::ldT, ldS = B::ldS, ldP = B::ldP, ldO = B::ldO, kT = B::kT;
   enum : int { kRows, kLive, kCols, kQ, kDO, kK, kV, kS, kDP, kP, kDS, kDQ, kPart, kLse, kDelta, kCount };
   static constexpr Carve<kCount> carve{{BM * 4, BM * 4, BN * 4, BM * ldT * kT, BM * ldT * kT, BN * ldT * kT,
                                         BN * ldT * kT, BM * ldS * 4, BM * ldS * 4, BM * ldP * kT, BM * ldP * kT,
