@@ -133,11 +133,11 @@ def worker(spec: dict) -> dict:
 def implementations(
     family: str, device: torch.device, backends: list[str] | None, dtype: torch.dtype = torch.float32
 ) -> list[str]:
+    from etkd.models import PATTERNS
     from etkd_kernels.dispatch import BACKENDS, reasons
 
-    op = {"full": "full", "longformer": "sliding_window", "bigbird": "block_sparse", "lsg": "lsg",
-          "nystrom": "nystrom"}[FAMILIES[family][0]]  # fmt: skip
-    impls = [] if family == "lsg" else ["hf"]  # transformers has no LSG class
+    op = PATTERNS[FAMILIES[family][0]].op
+    impls = [] if PATTERNS[FAMILIES[family][0]].hf_model_type is None else ["hf"]  # no transformers class
     for b in backends or BACKENDS:
         if not reasons(b, op, device, dtype):
             impls.append(f"etkd-{b}")

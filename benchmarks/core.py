@@ -14,6 +14,8 @@ import json
 
 import torch
 
+from etkd.models.patterns import PATTERNS
+
 from . import providers as P
 from .harness import environment, run_fresh, time_call
 
@@ -58,12 +60,9 @@ def measure(
     return rows
 
 
-PATTERN_LABELS = {
-    "longformer": f"sliding window {P.WINDOW} + 1 global",
-    "bigbird": f"BigBird {P.BLOCK}, 3+2+{P.RANDOM_BLOCKS} blocks",
-    "lsg": f"LSG {P.LSG_BLOCK} (+{P.LSG_BLOCK} pooled each side)",
-    "nystrom": f"Nyström {P.LANDMARKS} landmarks",
-}
+def pattern_label(pattern: str) -> str:
+    """The registry's benchmark label of `pattern`, with the sizes `providers` runs it at."""
+    return PATTERNS[pattern].label.format(**{k: v for k, v in vars(P).items() if k.isupper()})
 
 
 def from_pytest_benchmark(path: str) -> list[dict]:
@@ -107,7 +106,7 @@ def markdown(rows: list[dict], ours: str = "etkd-cpu") -> str:
         if r.get(f"{ours}_peak_mib") is not None and r.get("hf-core_peak_mib"):
             mem = f"{r[f'{ours}_peak_mib']:.0f} / {r['hf-core_peak_mib']:.0f}"
         mode = "fwd+bwd" if r["mode"] == "fwd_bwd" else "fwd"
-        lines.append(f"| {PATTERN_LABELS[r['pattern']]} | {r['seq']} | {mode} | {ms(r, 'hf-core')} | {ms(r, ours)} | "
+        lines.append(f"| {pattern_label(r['pattern'])} | {r['seq']} | {mode} | {ms(r, 'hf-core')} | {ms(r, ours)} | "
                      f"{ratio} | {gflops} | {ms(r, 'flex')} | {ms(r, 'sdpa')} | {ms(r, 'etkd-reference')} | {mem} |")  # fmt: skip
     return "\n".join(lines)
 

@@ -33,18 +33,14 @@ import torch
 import torch.nn.functional as F
 
 import etkd_kernels as ek
+from etkd.models.patterns import PATTERNS as REGISTRY
 from etkd_kernels.dispatch import BACKENDS, Problem, reasons
 
 from . import hf_reference as hr
 from .harness import PeakMemory
 
+# The patterns `build` sets up (its branches below); their ops and labels come from the pattern registry.
 PATTERNS = ("longformer", "bigbird", "lsg", "nystrom")
-OP_OF_PATTERN = {
-    "longformer": "sliding_window",
-    "bigbird": "block_sparse",
-    "lsg": "lsg",
-    "nystrom": "nystrom",
-}
 MODES = ("fwd", "fwd_bwd")
 BACKWARD_FLOP_FACTOR = 3.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -218,7 +214,7 @@ def build(
     setup = Setup(pattern, seq, heads, head_dim, batch, device, dtype)
     setup.build_args = {"pattern": pattern, "seq": seq, "heads": heads, "head_dim": head_dim, "batch": batch,
                         "backends": backends, "device": str(device), "dtype": DTYPE_NAMES[dtype]}  # fmt: skip
-    op_name = OP_OF_PATTERN[pattern]
+    op_name = REGISTRY[pattern].op
     mask_mod = None  # FlexAttention's mask for the pattern, where it has one
     window = None  # flash-attn's (left, right) band, where the pattern is one
 

@@ -24,7 +24,6 @@ from .errors import UserError
 RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "max_steps": (1, None, True),
     "per_device_batch_size": (1, None, True),
-    "batch_size": (1, None, True),
     "eval_batch_size": (1, None, True),
     "grad_accum_steps": (1, None, True),
     "learning_rate": (0, None, False),

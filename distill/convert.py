@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from etkd.models import patterns
+
 from .core import load_tokenizer, log
 from .errors import UserError
 from .hub import TOKENIZER_FILES, resolve_pretrained
@@ -22,7 +24,7 @@ from .hub import TOKENIZER_FILES, resolve_pretrained
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a full-attention encoder to an efficient-attention one")
     p.add_argument("--from", dest="source", required=True, help="etkd dir, HF checkpoint dir or HF hub name")
-    p.add_argument("--to", required=True, choices=("longformer", "bigbird", "lsg", "nystrom", "full"))
+    p.add_argument("--to", required=True, choices=patterns.names())
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-positions", type=int, default=4096, help="longest input after conversion (tokens)")
     p.add_argument("--window", type=int, default=512, help="longformer: attention_window (even)")

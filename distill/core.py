@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from etkd_kernels.dispatch import NAMES
+
 from .data import MLMCollator, TextSource, build_mlm_dataset
 from .errors import UserError
 from .hub import TOKENIZER_FILES, offline, resolve_pretrained
@@ -165,14 +167,15 @@ DATA_DEFAULTS: dict[str, Any] = {
 }
 MODEL_DEFAULTS: dict[str, Any] = {"backend": None, "gradient_checkpointing": False}
 HIDDEN = argparse.SUPPRESS  # old spellings stay accepted, out of --help
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared flags.
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_train_args(p: argparse.ArgumentParser, stop_at_step_help: str = HIDDEN) -> None:
+    """The training flags, one spelling each (`--batch-size` sets per_device_batch_size); `--stop-at-step`
+    is hidden unless the command documents it (`stop_at_step_help`)."""
     g = p.add_argument_group("training")
     g.add_argument("--output-dir", dest="output_dir", default=None, help="checkpoints, logs and the result")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps")
@@ -203,7 +206,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--find-unused-parameters", dest="find_unused_parameters", action="store_true", default=None
     )
-    g.add_argument("--stop-at-step", dest="stop_at_step", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--stop-at-step", dest="stop_at_step", type=int, default=None, help=stop_at_step_help)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -226,9 +229,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", dest="backend", default=None, choices=BACKENDS,
+    p.add_argument("--backend", dest="backend", default=None, choices=NAMES,
                    help="attention kernel backend (default: auto)")  # fmt: skip
-    p.add_argument("--attention-backend", dest="backend", default=None, choices=BACKENDS, help=HIDDEN)
+    p.add_argument("--attention-backend", dest="backend", default=None, choices=NAMES, help=HIDDEN)
     p.add_argument(
         "--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None
     )

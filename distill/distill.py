@@ -19,6 +19,8 @@ import contextlib
 
 import torch
 
+from etkd.models import patterns
+
 from .config import add_config_arg, finish, resolve
 from .core import (
     MLM_DEFAULTS,
@@ -56,7 +58,7 @@ def add_student_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-layers", dest="student_layers", default=None,
                    help="'every_other' or comma-separated teacher layer indices, e.g. 0,2,4")  # fmt: skip
     g.add_argument("--student-attention", dest="student_attention", default=None,
-                   choices=("full", "longformer", "bigbird", "lsg", "nystrom"),
+                   choices=patterns.names(),
                    help="convert the student to this attention pattern")  # fmt: skip
     g.add_argument("--student-max-positions", dest="student_max_positions", type=int, default=None)
     g.add_argument("--student-window", dest="student_window", type=int, default=None)

@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from .config import finish, resolve
-from .core import check_output_file, check_vocab, start_run
+from .core import (
+    TRAIN_DEFAULTS,
+    add_model_args,
+    add_train_args,
+    check_output_file,
+    check_vocab,
+    prepare_model,
+    start_run,
+    train_config,
+)
 from .errors import UserError
 from .tasks import GLUE_TASKS, NER_TASKS, QA_TASKS, task_family
 
@@ -36,7 +45,10 @@ HF_DEFAULTS = {
     "conll2003": ("eriktks/conll2003", None, "train", ["validation"]),
 }
 HEADS = {"glue": "sequence_classification", "qa": "question_answering", "ner": "token_classification"}
+# The driver core's training settings (`core.TRAIN_DEFAULTS`, one spelling each) with fine-tuning's own
+# defaults, and the task settings.
 DEFAULTS: dict[str, Any] = {
+    **TRAIN_DEFAULTS,
     "tokenizer": None,
     "train_file": None,
     "eval_file": None,
@@ -54,23 +66,14 @@ DEFAULTS: dict[str, Any] = {
     "ner_group_sentences": None,
     "ner_stride": 128,
     "output_dir": "runs/finetune",
-    "max_steps": 1000,
-    "batch_size": 16,
+    "per_device_batch_size": 16,
+    "learning_rate": 3e-5,
+    "warmup_ratio": 0.06,
+    "stop_at_step": None,
     "eval_batch_size": 32,
     "global_prefix": 0,
-    "learning_rate": 3e-5,
-    "weight_decay": 0.01,
-    "warmup_ratio": 0.06,
-    "grad_accum_steps": 1,
-    "mixed_precision": "no",
-    "seed": 42,
-    "save_every": 500,
-    "log_every": 10,
-    "max_grad_norm": 1.0,
-    "resume": False,
-    "stop_at_step": None,
-    "new_hparams_on_resume": False,
     "backend": None,
+    "gradient_checkpointing": False,
     "dtype": "fp32",
     "name": None,
     "teacher": None,
@@ -402,11 +405,6 @@ def merge_options(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
-def _set_backend(model, o) -> None:
-    if o["backend"]:
-        model.set_attention_backend(o["backend"])
-
-
 def _start(args: argparse.Namespace):
     """(options, task, task family, tokenizer): how `finetune` and `evaluate` both begin."""
     o = merge_options(args)
@@ -418,7 +416,7 @@ def _start(args: argparse.Namespace):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
+    from .training import train
 
     o, task, family, tokenizer = _start(args)
     if o["train_file"]:
@@ -434,29 +432,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     model = load_model(o["model"], HEADS[family], max(len(labels), 1), {"task": task, "labels": labels},
                        seed=int(o["seed"]))  # fmt: skip
     check_vocab(tokenizer, model)
-    _set_backend(model, o)
+    ns = argparse.Namespace(**o)
+    prepare_model(model, ns)
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
     feats = encode(task, train_ex, tokenizer, labels, o, train=True)
-    cfg = TrainConfig(
-        output_dir=o["output_dir"],
-        max_steps=int(o["max_steps"]),
-        per_device_batch_size=int(o["batch_size"]),
-        learning_rate=float(o["learning_rate"]),
-        weight_decay=float(o["weight_decay"]),
-        warmup_ratio=float(o["warmup_ratio"]),
-        grad_accum_steps=int(o["grad_accum_steps"]),
-        mixed_precision=o["mixed_precision"],
-        seed=int(o["seed"]),
-        save_every=int(o["save_every"]),
-        log_every=int(o["log_every"]),
-        max_grad_norm=o["max_grad_norm"],
-        resume=bool(o["resume"]),
-        progress=bool(o["progress"]),
-        stop_at_step=None if o["stop_at_step"] is None else int(o["stop_at_step"]),
-        new_hparams_on_resume=bool(o["new_hparams_on_resume"]),
-    )
-    start_run(argparse.Namespace(**o))
+    cfg = train_config(ns)
+    start_run(ns)
     collate = collate_for(model, tokenizer, o)
     result = train(model, feats, make_loss(family, regression), cfg, collate_fn=collate)
     if not result["is_main_process"]:
@@ -488,7 +470,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     labels = labels_for(task, o["model"], [ex for _, _, ex in eval_sets])
     model = load_model(o["model"], HEADS[family], max(len(labels), 1), seed=int(o["seed"]))
     check_vocab(tokenizer, model)
-    _set_backend(model, o)
+    prepare_model(model, argparse.Namespace(**o))
     if o["max_length"] is None:
         o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
     device_type = next(model.parameters()).device.type
@@ -502,11 +484,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-HIDDEN = argparse.SUPPRESS  # old spellings stay accepted, out of --help
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
+    """The flags `finetune` and `evaluate` share (the model flags, --backend included, from the core)."""
     tasks = GLUE_TASKS + QA_TASKS + NER_TASKS
     p.add_argument("--config", help="YAML/JSON file of options (keys as below, with underscores)")
     p.add_argument("--task", choices=tasks, help="the task (required)")
@@ -533,16 +512,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-prefix", type=int, metavar="N",
                    help="Longformer-style models: the first N tokens after [CLS] of every sequence get global "
                    "attention too, like a question in QA (default: 0, [CLS] only); ignored by other models")  # fmt: skip
-    p.add_argument("--backend", choices=BACKENDS, help="attention kernel backend (default: auto)")
-    p.add_argument("--attention-backend", dest="backend", choices=BACKENDS, help=HIDDEN)
+    add_model_args(p)
     p.add_argument("--name", help="model name in the results (and in `etkd report`)")
     p.add_argument("--teacher", help="name of this model's teacher (for retention in `etkd report`)")
     p.add_argument("--output", help="results JSON path")
     p.add_argument("--limit", type=int, help="use only the first N examples of every set")
-    p.add_argument("--seed", type=int, help="seed of every fresh head, the data order and dropout")
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"
-    )
 
 
 def register(subparsers) -> None:
@@ -550,26 +524,7 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--train-file", help="local training file (GLUE TSV/CSV/JSONL, SQuAD JSON, CoNLL)")
     p.add_argument("--train-split", help="HF dataset split to train on (default: train)")
-    p.add_argument("--output-dir", help="checkpoints, logs, the model and eval_results.json")
-    p.add_argument("--max-steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--learning-rate", type=float, help="peak learning rate")
-    p.add_argument("--lr", dest="learning_rate", type=float, help=HIDDEN)
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    p.add_argument("--warmup-ratio", type=float, help="share of steps with a rising learning rate")
-    p.add_argument("--grad-accum-steps", type=int, help="micro-batches per optimizer step")
-    p.add_argument("--grad-accum", dest="grad_accum_steps", type=int, help=HIDDEN)
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="autocast dtype")
-    p.add_argument("--save-every", type=int, help="checkpoint interval, steps")
-    p.add_argument("--log-every", type=int, help="log interval, steps")
-    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (0: none)")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the run in --output-dir from its last checkpoint (same settings)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace the earlier run in --output-dir (its files are deleted)")  # fmt: skip
-    p.add_argument(
-        "--stop-at-step", type=int, help="stop (checkpoint, save, evaluate) at this step of --max-steps"
-    )
+    add_train_args(p, stop_at_step_help="stop (checkpoint, save, evaluate) at this step of --max-steps")
     p.add_argument("--new-hparams-on-resume", action="store_true", default=None,
                    help="on --resume, take this learning rate / weight decay / warm-up (used by `etkd tune`)")  # fmt: skip
     finish(p, DEFAULTS, func=run_finetune)
@@ -577,4 +532,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")
     _add_common(p)
     p.add_argument("--dtype", choices=tuple(EVAL_DTYPES), help="compute dtype (bf16/fp16: autocast)")
+    p.add_argument("--seed", type=int, default=None, help="seed of a fresh head")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"
+    )
     finish(p, DEFAULTS, func=run_evaluate)

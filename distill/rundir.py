@@ -32,7 +32,9 @@ RESUME_FREE = frozenset({"resume", "overwrite", "progress", "debug", "log_level"
                          "output", "name", "teacher", "output_dir"})  # fmt: skip
 # `etkd tune` (population-based training) resumes a run with new hyper-parameters on purpose
 # (`finetune --new-hparams-on-resume`), from a copy of another trial's run; segments write results to other files.
-PBT_FREE = frozenset({"learning_rate", "weight_decay", "warmup_ratio", "batch_size", "output", "output_dir"})
+PBT_FREE = frozenset(
+    {"learning_rate", "weight_decay", "warmup_ratio", "per_device_batch_size", "output", "output_dir"}
+)
 
 _held: dict[str, Any] = {}  # realpath -> open lock file, kept open for the life of the process
 

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from typing import Any
 
-HPARAMS = ("learning_rate", "warmup_ratio", "weight_decay", "batch_size")
+HPARAMS = ("learning_rate", "warmup_ratio", "weight_decay", "per_device_batch_size")
 STATE = "tune_state.json"
 SETTINGS = "settings.json"  # the run folder's settings (distill/rundir.py), carried with the checkpoint
 
@@ -114,7 +114,7 @@ def trial(config: dict[str, Any], *, spec: dict[str, Any]) -> None:
                 "--learning-rate", repr(float(config["learning_rate"])),
                 "--warmup-ratio", repr(float(config["warmup_ratio"])),
                 "--weight-decay", repr(float(config["weight_decay"])),
-                "--batch-size", str(int(config["batch_size"]))]  # fmt: skip
+                "--batch-size", str(int(config["per_device_batch_size"]))]  # fmt: skip
         code = main(argv)
         if code:
             raise RuntimeError(f"etkd tune: trial {trial_id}: `etkd {' '.join(argv)}` exited with {code}")
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         "learning_rate": _range(args.learning_rate, "learning-rate", log=True),
         "warmup_ratio": _range(args.warmup_ratio, "warmup-ratio"),
         "weight_decay": _range(args.weight_decay, "weight-decay"),
-        "batch_size": list(args.batch_size),
+        "per_device_batch_size": list(args.per_device_batch_size),
     }
     mutations = {k: v for k, v in spaces.items() if not isinstance(v, list) or len(v) > 1}
     if not mutations:
@@ -337,7 +337,9 @@ def register(sub) -> None:
                    help="LOW HIGH (log-uniform), or one fixed value")  # fmt: skip
     p.add_argument("--warmup-ratio", type=float, nargs="+", default=[0.0, 0.1], help="LOW HIGH, or one value")
     p.add_argument("--weight-decay", type=float, nargs="+", default=[0.0, 0.1], help="LOW HIGH, or one value")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[16, 32], help="choices")
+    p.add_argument(
+        "--batch-size", dest="per_device_batch_size", type=int, nargs="+", default=[16, 32], help="choices"
+    )
     p.add_argument("--quantile-fraction", type=float, default=0.25, help="PBT: share of trials that exploit")
     p.add_argument(
         "--resample-probability", type=float, default=0.25, help="PBT: resample instead of x0.8/1.2"

@@ -32,6 +32,7 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+NAMES = ("auto", *BACKENDS)  # what a user may ask for (`backend=`, `use_backend`, ETKD_BACKEND, --backend)
 # `auto` walks this list and takes the first backend that can run. Triton on a CPU only runs under the
 # interpreter, which is a correctness tool, so it never wins `auto` there (its own reasons say so).
 PRIORITY = ("cuda", "triton", "cpu", "reference")
@@ -118,11 +119,14 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(f"etkd_kernels.{name}")
 
 
-def _check_name(name: str, argname: str = "backend") -> None:
-    if name != "auto" and name not in BACKENDS:
+def check_name(name: str, argname: str = "backend") -> str:
+    """`name` if it is "auto" or a backend; else a ValueError naming `argname`. The one check of a backend
+    name: the ops, `use_backend`, ETKD_BACKEND, `set_attention_backend` and the CLI flags all call it."""
+    if name not in NAMES:
         raise ValueError(
             f"{argname}: unknown backend {name!r}; expected 'auto' or one of {', '.join(BACKENDS)}"
         )
+    return name
 
 
 def available_backends() -> dict[str, BackendInfo]:
@@ -137,7 +141,7 @@ def available_backends() -> dict[str, BackendInfo]:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the etkd ops inside the block with backend `name` (unless a call passes `backend=` itself)."""
-    _check_name(name)
+    check_name(name)
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -150,14 +154,14 @@ def use_backend(name: str) -> Iterator[None]:
 
 def requested_backend(backend: str = "auto") -> str:
     """The name the caller asked for, after the context manager and ETKD_BACKEND are taken into account."""
-    _check_name(backend)
+    check_name(backend)
     if backend != "auto":
         return backend
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
     env = os.environ.get("ETKD_BACKEND", "auto").strip() or "auto"
-    _check_name(env, "ETKD_BACKEND")
+    check_name(env, "ETKD_BACKEND")
     return env
 
 

@@ -6,19 +6,20 @@ long = convert(model, to="longformer", max_positions=4096, window=512)
 long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
 """
 
-from .attention import ATTENTION, get_attention
 from .config import EncoderConfig
 from .convert import convert, make_student
 from .encoder import Encoder, EncoderModel, EncoderOutput
 from .hf import from_hf, to_hf
 from .loader import load
+from .patterns import PATTERNS, Pattern, get_attention
 
 __all__ = [
-    "ATTENTION",
     "Encoder",
     "EncoderConfig",
     "EncoderModel",
     "EncoderOutput",
+    "PATTERNS",
+    "Pattern",
     "convert",
     "from_hf",
     "get_attention",

@@ -1,23 +1,19 @@
-"""The attention registry: one adapter per pattern, from projected heads to an `etkd_kernels` op.
+"""The model adapters: one per pattern (registered in `patterns.py`), from projected heads to an `etkd_kernels` op.
 
 Every adapter has the signature
 
-    fn(attn, x, q, k, v, key_padding_mask, global_mask) -> (batch, heads, seq, head_dim)
+    fn(attn, x, q, k, v, key_padding_mask, global_mask, backend) -> (batch, heads, seq, head_dim)
 
-attn: the `SelfAttention` module (its config, backend and any extra projections); x: (batch, seq, hidden)
+attn: the `SelfAttention` module (its config and any extra projections); x: (batch, seq, hidden)
 hidden states; q, k, v: (batch, heads, seq, head_dim); key_padding_mask / global_mask: (batch, seq) bool or
-None. Adding a pattern: ARCHITECTURE.md.
+None; backend: the model's kernel backend name. Adding a pattern: ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 import etkd_kernels as ek
-
-from .config import EncoderConfig
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -26,34 +22,34 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(b, s, num_heads, -1).transpose(1, 2)
 
 
-def full(attn, x, q, k, v, key_padding_mask, global_mask):
-    return ek.full_attention(q, k, v, key_padding_mask=key_padding_mask, backend=attn.backend)
+def full(attn, x, q, k, v, key_padding_mask, global_mask, backend):
+    return ek.full_attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
 
 
-def longformer(attn, x, q, k, v, key_padding_mask, global_mask):
+def longformer(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     global_qkv = None
     if global_mask is not None and attn.qg is not None:
         h = attn.config.num_heads
         global_qkv = (_heads(attn.qg(x), h), _heads(attn.kg(x), h), _heads(attn.vg(x), h))
     return ek.sliding_window_attention(
         q, k, v, attn.window, global_mask=global_mask, global_qkv=global_qkv,
-        key_padding_mask=key_padding_mask, backend=attn.backend,
+        key_padding_mask=key_padding_mask, backend=backend,
     )  # fmt: skip
 
 
 @torch.compiler.disable  # built once per length and cached; a compiled model breaks the graph only then
-def _bigbird_layout(cfg: EncoderConfig, seq: int, seed: int) -> ek.BlockLayout:
+def _bigbird_layout(cfg, seq: int, seed: int) -> ek.BlockLayout:
     return ek.bigbird_layout(
         seq, cfg.block_size, num_random_blocks=cfg.num_random_blocks, seed=seed, num_heads=cfg.num_heads
     )
 
 
-def bigbird(attn, x, q, k, v, key_padding_mask, global_mask):
+def bigbird(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     cfg = attn.config
     bs, r, s = cfg.block_size, cfg.num_random_blocks, q.shape[2]
     if s <= (5 + 2 * r) * bs:
         # Too short for the block pattern; HF's BigBirdModel switches to full attention here too.
-        return full(attn, x, q, k, v, key_padding_mask, global_mask)
+        return full(attn, x, q, k, v, key_padding_mask, global_mask, backend)
     if attn.rand_attn is not None:
         # Fixed random blocks (heads, nb - 2, r), e.g. HF's own indices for exact parity.
         layout = ek.bigbird_layout(s, bs, num_random_blocks=r, rand_attn=attn.rand_attn)
@@ -63,42 +59,42 @@ def bigbird(attn, x, q, k, v, key_padding_mask, global_mask):
         if key not in attn.cache:
             attn.cache[key] = _bigbird_layout(cfg, s, cfg.random_seed + attn.layer_index).to(q.device)
         layout = attn.cache[key]
-    return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=attn.backend)
+    return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=backend)
 
 
-def lsg(attn, x, q, k, v, key_padding_mask, global_mask):
+@torch.compiler.disable  # built once per length and cached, as the bigbird layout
+def _fixed_layout(cfg, seq: int) -> ek.BlockLayout:
+    return ek.fixed_layout(seq, cfg.block_size, cfg.num_local_blocks, cfg.num_global_blocks)
+
+
+def fixed(attn, x, q, k, v, key_padding_mask, global_mask, backend):
+    """Sparse Transformer's "fixed" pattern as a block layout: blocks attend within their segment of
+    `num_local_blocks` blocks and to the last `num_global_blocks` (summary) blocks of every segment."""
+    key = ("fixed", q.shape[2], str(q.device))
+    if key not in attn.cache:
+        attn.cache[key] = _fixed_layout(attn.config, q.shape[2]).to(q.device)
+    return ek.block_sparse_attention(
+        q, k, v, attn.cache[key], key_padding_mask=key_padding_mask, backend=backend
+    )
+
+
+def lsg(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     cfg = attn.config
     return ek.lsg_attention(
         q, k, v, block_size=cfg.block_size, sparse_block_size=cfg.sparse_block_size,
         sparsity_factor=cfg.sparsity_factor, sparsity_type=cfg.sparsity_type,
         num_global_tokens=min(cfg.num_global_tokens, q.shape[2]), key_padding_mask=key_padding_mask,
-        backend=attn.backend,
+        backend=backend,
     )  # fmt: skip
 
 
-def nystrom(attn, x, q, k, v, key_padding_mask, global_mask):
+def nystrom(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     cfg = attn.config
     out = ek.nystrom_attention(
         q, k, v, min(cfg.num_landmarks, q.shape[2]), pinv_iterations=cfg.pinv_iterations,
-        pinv_init=cfg.pinv_init, key_padding_mask=key_padding_mask, backend=attn.backend,
+        pinv_init=cfg.pinv_init, key_padding_mask=key_padding_mask, backend=backend,
     )  # fmt: skip
     if attn.conv is not None:
         # HF's depthwise conv over the sequence of each head's values: (b, h, s, d) -> (b, h, s, d).
         out = out + attn.conv(v)
     return out
-
-
-AttentionFn = Callable[..., torch.Tensor]
-ATTENTION: dict[str, AttentionFn] = {
-    "full": full,
-    "longformer": longformer,
-    "bigbird": bigbird,
-    "lsg": lsg,
-    "nystrom": nystrom,
-}
-
-
-def get_attention(config: EncoderConfig) -> AttentionFn:
-    if config.attention not in ATTENTION:
-        raise ValueError(f"attention: expected one of {sorted(ATTENTION)}, got {config.attention!r}")
-    return ATTENTION[config.attention]

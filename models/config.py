@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-ATTENTION_TYPES = ("full", "longformer", "bigbird", "lsg", "nystrom")
+from . import patterns
+
 HEAD_TYPES = (None, "mlm", "sequence_classification", "token_classification", "question_answering")
 POSITION_STYLES = ("absolute", "padded")
 CONFIG_NAME = "config.json"
@@ -60,6 +61,8 @@ class EncoderConfig:
     pinv_iterations: int = 6  # nystrom
     pinv_init: str = "per_head"  # nystrom; "hf_global" reproduces HF exactly (batch rows then interact)
     conv_kernel_size: int | None = None  # nystrom: depthwise conv on values (HF option)
+    num_local_blocks: int = 4  # fixed: blocks per segment (block_size tokens each)
+    num_global_blocks: int = 1  # fixed: summary blocks at the end of every segment, seen by every query
 
     # Task head.
     head: str | None = None
@@ -74,8 +77,7 @@ class EncoderConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. HF config fields kept)
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention: expected one of {ATTENTION_TYPES}, got {self.attention!r}")
+        patterns.get(self.attention)  # a registered pattern, else a ValueError naming them
         if self.head not in HEAD_TYPES:
             raise ValueError(f"head: expected one of {HEAD_TYPES}, got {self.head!r}")
         if self.position_style not in POSITION_STYLES:

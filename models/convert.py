@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import ATTENTION_TYPES
+from . import patterns
 from .encoder import EncoderModel
 
 
@@ -52,8 +52,8 @@ def convert(
     `num_random_blocks` (bigbird, lsg), `num_landmarks` (nystrom), `sparse_block_size` (default
     block_size), `sparsity_factor`, `sparsity_type`, `num_global_tokens` (lsg).
     """
-    if to not in ATTENTION_TYPES:
-        raise ValueError(f"to: expected one of {ATTENTION_TYPES}, got {to!r}")
+    if to not in patterns.PATTERNS:
+        raise ValueError(f"to: expected one of {patterns.names()}, got {to!r}")
     if not isinstance(max_positions, int) or max_positions < 1:
         raise ValueError(f"max_positions: expected a positive int, got {max_positions!r}")
     cfg = model.config
@@ -79,8 +79,7 @@ def convert(
                 t.copy_(old_sd[f"{m[1]}{m[2]}.{m[3]}"])  # global projections from the local ones
             else:
                 raise KeyError(f"convert: no source for {key!r}")
-    for a, b in zip(model.encoder.layers, new.encoder.layers):
-        b.attn.backend = a.attn.backend
+    new.encoder.backend = model.encoder.backend
     return new.train(model.training)
 
 
@@ -108,6 +107,5 @@ def make_student(teacher: EncoderModel, layers: str | Sequence[int] = "every_oth
             m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
             src = f"encoder.layers.{chosen[int(m[1])]}.{m[2]}" if m else key
             t.copy_(old[src])
-    for i, layer in zip(chosen, student.encoder.layers):
-        layer.attn.backend = teacher.encoder.layers[i].attn.backend
+    student.encoder.backend = teacher.encoder.backend
     return student.train(teacher.training)

@@ -12,11 +12,11 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
-from etkd_kernels.dispatch import BACKENDS
+from etkd_kernels.dispatch import check_name
 
-from .attention import get_attention
 from .config import EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
+from .patterns import get_attention
 
 WEIGHTS_NAME = "model.safetensors"
 TOKEN_HEADS = ("mlm", "token_classification", "question_answering")  # heads with one output per token
@@ -81,7 +81,6 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.config = cfg
         self.layer_index = layer_index
-        self.backend = "auto"
         d, h = cfg.hidden_size, cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.qg = self.kg = self.vg = None
@@ -97,11 +96,11 @@ class SelfAttention(nn.Module):
         self.attend = get_attention(cfg)
         self.dropout = nn.Dropout(cfg.attention_dropout)
 
-    def forward(self, x, key_padding_mask=None, global_mask=None):
+    def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):
         b, s, d = x.shape
         h = self.config.num_heads
         q, k, v = (p(x).view(b, s, h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (b, h, s, hd)
-        y = self.attend(self, x, q, k, v, key_padding_mask, global_mask)  # (b, h, s, hd)
+        y = self.attend(self, x, q, k, v, key_padding_mask, global_mask, backend)  # (b, h, s, hd)
         y = y.transpose(1, 2).reshape(b, s, d)
         return self.o(self.dropout(y))
 
@@ -121,11 +120,11 @@ class Layer(nn.Module):
     def ffn(self, x):
         return self.dropout(self.ffn_out(self.act(self.ffn_in(x))))
 
-    def forward(self, x, key_padding_mask=None, global_mask=None):  # (b, s, d) -> (b, s, d)
+    def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):  # (b, s, d) -> (b, s, d)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, global_mask))
+            x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, global_mask, backend))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.dropout(self.attn(x, key_padding_mask, global_mask)))
+        x = self.norm1(x + self.dropout(self.attn(x, key_padding_mask, global_mask, backend)))
         return self.norm2(x + self.ffn(x))
 
 
@@ -140,6 +139,7 @@ class Encoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size) if cfg.add_pooler else None
         self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.backend = "auto"  # the kernel backend of every layer (`EncoderModel.set_attention_backend`)
 
     def forward(
         self, input_ids=None, attention_mask=None, token_type_ids=None, global_attention_mask=None,
@@ -153,9 +153,9 @@ class Encoder(nn.Module):
         states = [x]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, kpm, gmask, use_reentrant=False)
+                x = checkpoint(layer, x, kpm, gmask, self.backend, use_reentrant=False)
             else:
-                x = layer(x, kpm, gmask)
+                x = layer(x, kpm, gmask, self.backend)
             states.append(x)
         if self.final_norm is not None:
             x = states[-1] = self.final_norm(x)
@@ -234,12 +234,14 @@ class EncoderModel(nn.Module):
 
     # Run-time switches (no weights touched).
     def set_attention_backend(self, backend: str) -> EncoderModel:
-        """Use kernel backend `backend` ("auto", "reference", "cpu", "triton", "cuda") in every layer."""
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-        for layer in self.encoder.layers:
-            layer.attn.backend = backend
+        """Use kernel backend `backend` ("auto", "reference", "cpu", "triton", "cuda") in every layer (one
+        attribute, `encoder.backend`, passed to each layer's attention call)."""
+        self.encoder.backend = check_name(backend)
         return self
+
+    @property
+    def attention_backend(self) -> str:
+        return self.encoder.backend
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> EncoderModel:
         self.encoder.gradient_checkpointing = enabled

@@ -16,6 +16,7 @@ import torch
 
 from .config import EncoderConfig
 from .encoder import EncoderModel
+from .patterns import PATTERNS
 
 # model_type -> (class-name stem, prefix of the base model inside head classes)
 FAMILIES = {
@@ -189,14 +190,14 @@ def from_hf(model_or_path, **kwargs) -> EncoderModel:
 
 def hf_family(cfg: EncoderConfig) -> str:
     """The HF model_type an etkd config exports to."""
-    if cfg.attention == "longformer":
-        family = "longformer"
-    elif cfg.attention == "bigbird":
-        family = "big_bird"
-    elif cfg.attention == "nystrom":
-        family = "nystromformer"
-    elif cfg.attention == "lsg":
-        raise ValueError("to_hf: transformers has no LSG model class; save with save_pretrained instead")
+    pattern = PATTERNS[cfg.attention]
+    if pattern.hf_model_type is None:
+        raise ValueError(
+            f"to_hf: transformers has no model class for {cfg.attention!r} attention; save with save_pretrained "
+            "instead"
+        )
+    if pattern.hf_model_type:
+        family = pattern.hf_model_type
     elif cfg.source in ("bert", "roberta", "big_bird"):
         family = cfg.source
     else:

@@ -112,7 +112,7 @@ def test_encoder_autocast_backward(attention):
 
 
 def test_bench_bf16_script_runs_and_reports_each_row(capsys):
-    from etkd.models import bench_bf16
+    from etkd.benchmarks import bench_bf16
 
     assert bench_bf16.main(["--seq", "256", "--layers", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

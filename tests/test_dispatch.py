@@ -10,7 +10,7 @@ import torch
 
 import etkd_kernels
 from etkd_kernels import available_backends, sliding_window_attention, use_backend
-from etkd_kernels.dispatch import BACKENDS, requested_backend, resolve
+from etkd_kernels.dispatch import BACKENDS, NAMES, check_name, requested_backend, resolve
 
 
 def test_import_does_not_touch_gpu_or_triton():
@@ -122,3 +122,55 @@ def test_auto_moves_past_a_kernel_limit(monkeypatch):
     assert selected_backend_name("sliding_window", Problem(dev, torch.float16, 64, 48, 256)) == "cuda"
     assert selected_backend_name("sliding_window", Problem(dev, torch.float16, 64, 70_000, 256)) == "triton"
     assert selected_backend_name("block_sparse", Problem(dev, torch.float16, 80, 48, 256)) == "triton"
+
+
+def test_backward_runs_the_backend_the_forward_chose(monkeypatch):
+    """The forward resolves the backend once and its backward runs that backend: forward inside
+    use_backend("reference"), backward outside any context (with ETKD_BACKEND naming another backend) and on
+    another thread (where the forward's thread-local context does not exist, as on a GPU's autograd thread)."""
+    import threading
+
+    import etkd_kernels.reference.sliding_window as ref_sw
+
+    ran = []
+    fwd, bwd = ref_sw.forward, ref_sw.backward
+    monkeypatch.setattr(ref_sw, "forward", lambda *a: ran.append("fwd") or fwd(*a))
+    monkeypatch.setattr(ref_sw, "backward", lambda *a: ran.append("bwd") or bwd(*a))
+    monkeypatch.setenv("ETKD_BACKEND", "cpu" if "cpu" in _usable_backends() else "reference")
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    for where in ("same thread", "other thread"):
+        ran.clear()
+        with use_backend("reference"):
+            out = sliding_window_attention(q, k, v, 4)
+        assert ran == ["fwd"]
+        if where == "same thread":
+            out.sum().backward()
+        else:
+            errors = []
+            t = threading.Thread(target=lambda: _backward_or_record(out, errors))
+            t.start()
+            t.join()
+            assert not errors, errors
+        assert ran == ["fwd", "bwd"], where
+    # the same call outside the context takes ETKD_BACKEND for both directions
+    ran.clear()
+    sliding_window_attention(q, k, v, 4).sum().backward()
+    assert ran == ([] if "cpu" in _usable_backends() else ["fwd", "bwd"])
+
+
+def _usable_backends() -> list[str]:
+    return [n for n, info in available_backends().items() if info.available]
+
+
+def _backward_or_record(out, errors):
+    try:
+        out.sum().backward()
+    except Exception as exc:  # surfaced by the main thread's assert
+        errors.append(repr(exc))
+
+
+def test_backend_names_are_checked_in_one_place():
+    assert NAMES == ("auto", *BACKENDS)
+    assert check_name("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"--backend: unknown backend 'fast'; expected 'auto' or one of"):
+        check_name("fast", "--backend")

@@ -267,6 +267,28 @@ def test_one_flag_per_concept_hidden_aliases_and_defaults_in_help(capsys):
     assert (a.train_file, a.eval_file) == ("t.jsonl", "e.jsonl")
 
 
+def test_finetune_is_on_the_driver_core(tmp_path):
+    """finetune takes the core's training and model flags (one dest each: per_device_batch_size), its
+    TrainConfig comes from core.train_config with finetune's own defaults, and an old config-file key
+    (batch_size) is a hidden alias of the one spelling."""
+    import argparse
+
+    from etkd.distill import core, finetune
+    from etkd.distill.config import resolve
+
+    parser = build_parser()
+    ns = parser.parse_args(["finetune", "--batch-size", "4", "--lr", "1e-3"])
+    assert ns.per_device_batch_size == 4 and "batch_size" not in vars(ns)
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("batch_size: 6\ngrad_accum: 2\n")
+    merged = resolve(parser.parse_args(["finetune", "--config", str(cfg)]), finetune.DEFAULTS)
+    assert (merged.per_device_batch_size, merged.grad_accum_steps) == (6, 2)
+    train_cfg = core.train_config(argparse.Namespace(**{**finetune.DEFAULTS, "stop_at_step": 5}))
+    assert (train_cfg.per_device_batch_size, train_cfg.learning_rate, train_cfg.stop_at_step) == (16, 3e-5, 5)
+    assert set(core.TRAIN_DEFAULTS) <= set(finetune.DEFAULTS)
+    assert not hasattr(finetune, "BACKENDS") and not hasattr(core, "BACKENDS")
+
+
 def test_tokenizer_that_does_not_fit_the_model_is_refused(env, tmp_path, capsys):
     from transformers import BertTokenizer
 

@@ -152,3 +152,21 @@ def test_layers_import_one_way(layer):
         if any(t == f or t.startswith(f + ".") for f in FORBIDDEN[layer])
     ]
     assert not bad, bad
+
+
+BACKEND_PACKAGES = ("etkd_kernels.reference", "etkd_kernels.cpu", "etkd_kernels.triton", "etkd_kernels.cuda")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PACKAGES[1:])
+def test_fused_backends_share_math_through_shared_only(backend):
+    """A fused backend never imports the oracle or another backend (ARCHITECTURE.md): shared math is in
+    `etkd_kernels/_shared.py`."""
+    graph = import_graph()
+    bad = [
+        f"{m} imports {t}"
+        for m, targets in sorted(graph.items())
+        if m == backend or m.startswith(backend + ".")
+        for t in sorted(targets)
+        if any(t == o or t.startswith(o + ".") for o in BACKEND_PACKAGES if o != backend)
+    ]
+    assert not bad, bad

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import assert_close
 
-from etkd.models import ATTENTION, EncoderConfig, EncoderModel
+from etkd.models import PATTERNS, EncoderConfig, EncoderModel
 
-PATTERNS = sorted(ATTENTION)
+PATTERNS = sorted(PATTERNS)
 # Settings small enough for a 40-token input to exercise each pattern's sparse path (bigbird: 10 blocks).
 SETTINGS = dict(window=8, block_size=4, num_random_blocks=1, sparse_block_size=2, num_landmarks=8)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+from etkd_kernels._shared import extra_keys, sparse_windows, uses_sparse
 from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.cpu._dtype import in_float32
-from etkd_kernels.reference.lsg import extra_keys, sparse_windows, uses_sparse
 
 _NATIVE = {"pooling": 1, "stride": 2, "block_stride": 3}  # type ids of csrc/cpu/lsg.cpp
 

@@ -1,9 +1,13 @@
 """One way to define every etkd op with torch.library, from the pattern's params dataclass.
 
 Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse, rng)` and
-`etkd::<op>_bwd(grad_out, q, k, v, out, lse, rng, <settings>, backend) -> Tensor[]`, whose implementations look up
-the backend at run time (so `use_backend` swaps kernels even inside a compiled graph), plus fake kernels and
-`register_autograd` tying them together. <settings> are the fields of the pattern's frozen dataclass, in
+`etkd::<op>_bwd(grad_out, q, k, v, out, lse, rng, <settings>, backend) -> Tensor[]`, plus fake kernels and
+`register_autograd` tying them together. `backend` is the name the caller asked for (the public op applies
+`use_backend` and ETKD_BACKEND when it is called: `dispatch.requested_backend`); the forward resolves it to a
+backend once, and its backward runs that same backend object (`ctx.impl`, xformers' `ctx.op_bw`), whatever
+context or thread autograd runs the backward in. In a compiled graph the forward runs as a graph node whose
+choice the autograd context cannot see; there the backward op resolves the same requested name for the same
+tensors (`auto` depends on device, dtype and shape only, so it picks the same backend). <settings> are the fields of the pattern's frozen dataclass, in
 order: the schema is flat (torch.library needs it), and the implementation packs the settings back into
 the dataclass, so every backend has `forward(q, k, v, params)` and `backward(grad_out, q, k, v, out, lse,
 params)` and reads them by name. A field with `metadata={"grad": True}` (a tensor input beside q, k, v, like
@@ -24,6 +28,8 @@ no element. No kernel is launched with an empty grid.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,6 +54,22 @@ def none_to_empty(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> l
 def empty_to_none(grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     # "No gradient" is a 1-d empty tensor; a real gradient is 4-d even when empty (seq 0).
     return [None if g.dim() == 1 and g.numel() == 0 else g for g in grads]
+
+
+# The backend the last forward on this thread resolved, keyed by its output, for the autograd context set up
+# right after it on the same thread (torch runs setup_context straight after the forward implementation).
+_chosen = threading.local()
+
+
+def _remember(out: torch.Tensor, impl) -> None:
+    _chosen.last = (weakref.ref(out), impl)
+
+
+def _chosen_for(out: torch.Tensor):
+    """The backend module that computed `out`, or None (a forward traced with fake tensors, not run)."""
+    ref, impl = getattr(_chosen, "last", (None, None))
+    _chosen.last = (None, None)
+    return impl if ref is not None and ref() is out else None
 
 
 def define(op: str, params: type, lse: bool = True) -> Callable:
@@ -97,33 +119,46 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
                 offset=offset & 0xFFFFFFFF if p.offset < 0 else p.offset,
             )
         rng = torch.tensor([p.seed, p.offset], dtype=torch.int64)
+        # the one choice of a backend for this call
         impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
         if q.shape[2] == 0:
-            return (*fwd_fake(q, k, v, *args)[:-1], rng)
-        out = impl.forward(q, k, v, p)
-        # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
-        # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
-        out = tuple(t.contiguous() for t in out) if isinstance(out, tuple) else (out.contiguous(),)
+            out = fwd_fake(q, k, v, *args)[:-1]
+        else:
+            out = impl.forward(q, k, v, p)
+            # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
+            # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
+            out = tuple(t.contiguous() for t in out) if isinstance(out, tuple) else (out.contiguous(),)
+        _remember(out[0], impl)
         return (*out, rng)
 
-    def bwd_impl(grad_out, q, *args):
-        *saved, rng = args[: -1 - n]
-        p = params(*args[-1 - n : -1])
+    def backward_params(args):
+        """The params of the backward op's flat arguments (without its backend name), with the (seed, offset)
+        its forward used (the `rng` just before the settings)."""
+        p = params(*args[-n:])
         if p.dropout_p > 0:
-            seed, offset = rng.tolist()
+            seed, offset = args[-n - 1].tolist()
             p = dataclasses.replace(p, seed=seed, offset=offset)
-        impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
+        return p
+
+    def run_backward(impl, grad_out, q, *args):
+        """`impl`'s backward on the flat arguments of the backward op (without its backend name)."""
         if q.shape[2] == 0:
-            return bwd_fake(grad_out, q, *args)
-        grads = impl.backward(grad_out, q, *saved, p)
+            return bwd_fake(grad_out, q, *args, None)
+        grads = impl.backward(grad_out, q, *args[: -n - 1], backward_params(args))
         return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
+
+    def bwd_impl(grad_out, q, *args):
+        problem = Problem.of(q, dropout=params(*args[-1 - n : -1]).dropout_p > 0)
+        return run_backward(resolve(op, problem, backend=args[-1]), grad_out, q, *args[:-1])
 
     def setup_context(ctx, inputs, output):
         q, k, v, *given, backend = inputs
-        ctx.save_for_backward(q, k, v, *output, *(given[i] for i in tensor_fields))  # output ends in rng
+        outs = output  # (out, lse, rng) or (out, rng)
+        ctx.save_for_backward(q, k, v, *outs, *(given[i] for i in tensor_fields))
         # Tensors go through save_for_backward (version checks, no reference cycles); the rest is kept as is.
         ctx.given = [None if i in tensor_fields else s for i, s in enumerate(given)]
         ctx.backend = backend
+        ctx.impl = _chosen_for(outs[0])  # the backend the forward ran; None when it was only traced
 
     def backward(ctx, grad_out, *_):
         q, k, v, *rest = ctx.saved_tensors
@@ -131,7 +166,12 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         given = list(ctx.given)
         for i, t in zip(tensor_fields, tensors):
             given[i] = t
-        dq, dk, dv, *extra = empty_to_none(bwd_op(grad_out.contiguous(), q, k, v, *outs, *given, ctx.backend))
+        args = (grad_out.contiguous(), q, k, v, *outs, *given)
+        if ctx.impl is not None:  # eager: the forward's own backend, no second choice
+            grads = run_backward(ctx.impl, *args)
+        else:  # a compiled graph: the backward op, resolving the forward's requested name
+            grads = bwd_op(*args, ctx.backend)
+        dq, dk, dv, *extra = empty_to_none(grads)
         grads = [None] * n
         for i, g in zip(grad_fields, extra):
             grads[i] = g

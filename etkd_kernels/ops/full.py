@@ -54,6 +54,6 @@ def full_attention(
     scale = check_scale(scale, q.shape[-1])
     dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _fwd_op(q, k, v, key_padding_mask, scale, *dropout, backend)[0]

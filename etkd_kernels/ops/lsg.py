@@ -95,7 +95,7 @@ def lsg_attention(
     scale = check_scale(scale, q.shape[-1])
     dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
     settings = (
         block_size,

@@ -85,7 +85,7 @@ def nystrom_attention(
     scale = check_scale(scale, q.shape[-1])
     dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
-    requested_backend(backend)
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     settings = (num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, *dropout)
     return _fwd_op(q, k, v, *settings, backend)[0]

@@ -99,6 +99,6 @@ def sliding_window_attention(
     scale = check_scale(scale, q.shape[-1])
     dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg})
-    requested_backend(backend)  # validates the name now; the op resolves it when it runs
+    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, *dropout, backend)[0]

@@ -54,76 +54,16 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import apply_dropout, batch_heads, compute_dtype, recompute_backward
+from .._shared import (
+    apply_dropout,
+    batch_heads,
+    compute_dtype,
+    recompute_backward,
+    sparse_keys,
+    sparse_windows,
+    uses_sparse,
+)
 from ._softmax import masked_softmax, padded_rows
-
-
-def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
-    return sparsity_type != "none" and sparse_block_size > 0 and num_blocks > 2
-
-
-def sparse_windows(n, step: int, sparse_block_size: int):
-    """First compressed position of the left and right sparse windows of query block(s) n."""
-    o = step % 2
-    return (n - 1) * step - sparse_block_size + o, (n + 2) * step - 2 * o
-
-
-def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale):
-    """Compressed keys/values (b, h, T, d) and whether each is attended (b, h or 1, T)."""
-    b, h, s, d = k.shape
-    f, g = sparsity_factor, num_global_tokens
-    t = s // f
-    usable = real & (torch.arange(s, device=k.device) >= g)[None]
-    if f == 1:
-        return k, v, usable[:, None]
-    if sparsity_type in ("pooling", "bos_pooling"):
-        kg, vg = k.view(b, h, t, f, d), v.view(b, h, t, f, d)
-        if sparsity_type == "pooling":
-            w = usable.view(b, 1, t, f, 1).to(k.dtype)
-            w = w / (w.sum(-2, keepdim=True) + 1e-6)
-        else:
-            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k).view(b, h, t, f) * scale
-            rg = real.view(b, 1, t, f)
-            # A group with no real token: LSG's scores there are all s + finfo.min, which rounds to finfo.min,
-            # so its weights are uniform, yet autograd still differentiates the softmax of s: s - s.detach().
-            s0 = torch.where(rg.any(-1, keepdim=True), s0.masked_fill(~rg, float("-inf")), s0 - s0.detach())
-            w = torch.softmax(s0, dim=-1)[..., None]
-        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
-        return (kg * w).sum(-2), (vg * w).sum(-2), ok
-    p = torch.arange(t, device=k.device)
-    hh = torch.arange(h, device=k.device)[:, None]
-    step = block_size // f
-    if sparsity_type == "stride":
-        tok = (p[None, :] * f + hh % f)[None].expand(b, h, t)
-    elif sparsity_type == "block_stride":
-        tok = ((p[None, :] // step) * block_size + (hh * step + p[None, :] % step) % block_size)[None].expand(
-            b, h, t
-        )
-    else:  # norm
-        with torch.no_grad():
-            nrm = k.detach().norm(dim=-1).masked_fill(~usable[:, None], -1.0)
-            top = nrm.view(b, h, s // block_size, block_size).topk(step, dim=-1, sorted=True).indices
-            tok = (top + torch.arange(0, s, block_size, device=k.device)[:, None]).reshape(b, h, t)
-    idx = tok[..., None].expand(b, h, t, d)
-    return k.gather(2, idx), v.gather(2, idx), usable[:, None].expand(b, h, s).gather(2, tok)
-
-
-def extra_keys(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale
-):
-    """[global keys, compressed keys] (b, h, G + T, d) for keys and values, which are attended (b, h, G + T),
-    and each query block's sparse window starts (nb, 2) (empty when no sparse keys)."""
-    b, h, s, d = k.shape
-    g, nb = num_global_tokens, s // block_size
-    if not uses_sparse(sparsity_type, sparse_block_size, nb):
-        ok = real[:, None, :g].expand(b, h, g)
-        return k[:, :, :g], v[:, :, :g], ok, torch.zeros(0, 2, dtype=torch.long, device=k.device)
-    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale)
-    n = torch.arange(nb, device=k.device)
-    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size), dim=1)
-    kx, vx = torch.cat([k[:, :, :g], kc], dim=2), torch.cat([v[:, :, :g], vc], dim=2)
-    ok = torch.cat([real[:, None, :g].expand(b, h, g), okc.expand(b, h, okc.shape[-1])], dim=2)
-    return kx, vx, ok, starts
 
 
 def attend(

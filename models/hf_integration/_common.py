@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from etkd_kernels.dispatch import requested_backend
+from etkd_kernels.dispatch import check_name
 
 
 class UnsupportedConfigError(ValueError):
@@ -23,7 +23,7 @@ class Options:
     ignore_attention_dropout: bool = False
 
     def __post_init__(self) -> None:
-        requested_backend(self.backend)  # an unknown name fails here, at patch time
+        check_name(self.backend)  # an unknown name fails here, at patch time
         if not isinstance(self.ignore_attention_dropout, bool):
             raise TypeError(
                 f"ignore_attention_dropout: expected a bool, got {type(self.ignore_attention_dropout).__name__}"

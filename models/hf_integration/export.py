@@ -8,40 +8,25 @@ import os
 
 import torch
 
-from etkd.models import EncoderModel, to_hf
+from etkd.models import PATTERNS, EncoderModel, to_hf
 
 from ._common import UnsupportedConfigError
 from .attention_interface import CONFIG_KEY
 
-NAME = {
-    "full": "etkd_full",
-    "longformer": "etkd_sliding_window",
-    "bigbird": "etkd_block_sparse",
-    "nystrom": "etkd_nystrom",
-    "lsg": "etkd_lsg",
-}
-
 
 def attention_settings(cfg) -> tuple[str, dict]:
-    """(attn_implementation name, config.etkd_attention) equivalent to an etkd EncoderConfig's attention."""
-    a = cfg.attention
-    if a == "longformer":
-        return NAME[a], {"window": cfg.window}
-    if a == "bigbird":
-        return NAME[a], {"block_size": cfg.block_size, "num_random_blocks": cfg.num_random_blocks,
-                         "seed": cfg.random_seed}  # fmt: skip
-    if a == "nystrom":
-        if cfg.conv_kernel_size is not None:
-            raise UnsupportedConfigError(
-                "to_hf_attention: a Nystrom conv term has no place in a BERT/RoBERTa class"
-            )
-        return NAME[a], {"num_landmarks": cfg.num_landmarks, "pinv_iterations": cfg.pinv_iterations,
-                         "pinv_init": cfg.pinv_init}  # fmt: skip
-    if a == "lsg":
-        return NAME[a], {"block_size": cfg.block_size, "sparse_block_size": cfg.sparse_block_size,
-                         "sparsity_factor": cfg.sparsity_factor, "sparsity_type": cfg.sparsity_type,
-                         "num_global_tokens": cfg.num_global_tokens}  # fmt: skip
-    return NAME["full"], {}
+    """(attn_implementation name, config.etkd_attention) equivalent to an etkd EncoderConfig's attention, from
+    the pattern registry (`etkd.models.patterns`)."""
+    pattern = PATTERNS[cfg.attention]
+    if pattern.hf_name is None:
+        raise UnsupportedConfigError(
+            f"to_hf_attention: attention {cfg.attention!r} has no attn_implementation name in etkd.hf"
+        )
+    if cfg.attention == "nystrom" and cfg.conv_kernel_size is not None:
+        raise UnsupportedConfigError(
+            "to_hf_attention: a Nystrom conv term has no place in a BERT/RoBERTa class"
+        )
+    return pattern.hf_name, {key: getattr(cfg, f) for key, f in pattern.hf_settings.items()}
 
 
 def to_hf_attention(model: EncoderModel):

@@ -1,4 +1,4 @@
-"""Whole-model bf16 inference against HF fp32, side by side in one run: `python -m etkd.models.bench_bf16`.
+"""Whole-model bf16 inference against HF fp32, side by side in one run: `python -m etkd.benchmarks.bench_bf16`.
 
 Longformer-base shape (12 layers, 768 hidden, 12 heads, window 512, random weights, one global token), batch 1:
 HF `LongformerModel` in fp32, our `EncoderModel` converted from it in fp32, and ours under
