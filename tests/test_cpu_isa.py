@@ -91,6 +91,8 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, list[torch.Tensor], dict]]:
             dict(window=30, global_mask=gm, key_padding_mask=kpm),
         )
     )
+    # an odd number of query rows in the last tile (77 = 64 + 13): the own bf16 backward pairs query rows
+    cases.append(("sw_odd_rows", [rnd(1, 2, 77, 32) for _ in range(3)], dict(window=20)))
     # band of 64 + 1024 keys per query tile: split into two key segments (kMaxSeg 640)
     cases.append(("sw_long", [rnd(1, 1, 800, 32) for _ in range(3)], dict(window=1024)))
     layout = torch.rand(h, 4, 4, generator=g) < 0.5
@@ -147,14 +149,14 @@ def _reference(dtype: torch.dtype) -> dict:
 _CHILD_RESULTS: dict[str, dict] = {}
 
 
-def _child_results(isa: str, tmp_dir: str, gemm: str = "own") -> dict:
-    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa and ETKD_CPU_GEMM=gemm (run once per
-    session)."""
-    key = f"{isa}-{gemm}"
+def _child_results(isa: str, tmp_dir: str, gemm: str = "own", amx: str = "1") -> dict:
+    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm and ETKD_CPU_AMX=amx
+    (run once per session)."""
+    key = f"{isa}-{gemm}-amx{amx}"
     if key not in _CHILD_RESULTS:
         path = os.path.join(tmp_dir, f"{key}.pt")
         code = _CHILD.format(tests=os.path.dirname(__file__), isa=isa, gemm=gemm, path=path)
-        env = dict(os.environ, ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm)
+        env = dict(os.environ, ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm, ETKD_CPU_AMX=amx)
         res = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
         )
@@ -177,8 +179,12 @@ _CHILD = textwrap.dedent(
     assert _C.tile_gemm() == {gemm!r}, _C.tile_gemm()
     assert ("own {isa} micro-kernels" in reason) == ({gemm!r} == "own"), reason
     torch.set_num_threads(2)
+    _C.bf16_calls()  # reset
     res = {{name: t._results(t.DTYPES[name], "cpu") for name in t.DTYPES}}
     res["bf16_brgemm"] = _C.bf16_brgemm()
+    res["bf16_products"] = _C.bf16_products()
+    res["bf16_calls"] = _C.bf16_calls()  # what really multiplied the bf16 tiles of the cases above
+    res["reason"] = reason
     torch.save(res, {path!r})
     """
 )
@@ -188,19 +194,63 @@ _CHILD = textwrap.dedent(
 def test_isa_variant_matches_reference(isa, tmp_path_factory):
     """One subprocess per target: fp32, bf16 and fp16, forward and gradients, against float64 reference."""
     got = _child_results(isa, str(tmp_path_factory.getbasetemp()))
-    if isa == "avx512_bf16" and _cpu_flags() >= {"amx_bf16", "amx_tile"}:
-        # this CPU has AMX: the bf16 forward must take the packed brgemm path that the cases below check
-        assert got["bf16_brgemm"], "avx512_bf16 on an AMX CPU: bf16 forward did not use oneDNN brgemm"
+    calls = got["bf16_calls"]
+    if isa == "avx512_bf16":
+        # the bf16 cases of head_dim 64 and 32 take the packed tiles: on an AMX CPU AMX brgemm forward and MKL's
+        # bf16 GEMM backward (faster there), elsewhere the own vdpbf16ps kernels both ways (head_dim 40 goes to
+        # MKL, said once)
+        amx = _cpu_flags() >= {"amx_bf16", "amx_tile"}
+        want = (
+            {"forward": "amx", "backward": "mkl"}
+            if amx
+            else {"forward": "vdpbf16ps", "backward": "vdpbf16ps"}
+        )
+        assert got["bf16_brgemm"] == amx, got["bf16_brgemm"]
+        assert got["bf16_products"] == want, got["bf16_products"]
+        assert calls["forward"][want["forward"]] > 0 and calls["backward"][want["backward"]] > 0, calls
+        assert calls["forward"]["vdpbf16ps" if amx else "amx"] == 0, calls
+    else:
+        assert got["bf16_products"] == {"forward": "fp32", "backward": "fp32"}, got["bf16_products"]
+        assert calls["forward"]["fp32"] > 0 and calls["backward"]["fp32"] > 0, calls
+    _check_against_reference(isa, got)
+
+
+def _check_against_reference(label: str, got: dict) -> None:
     for dname, dtype in DTYPES.items():
         want = _reference(dtype)
         fwd_tol, grad_tol = TOL[dtype]
         for case, (out, grads) in got[dname].items():
             w_out, w_grads = want[case]
-            assert out.dtype == dtype, f"{isa} {case} {dname}: output dtype {out.dtype}"
-            assert_close(out, w_out, fwd_tol, name=f"{isa} {case} {dname} out")
+            assert out.dtype == dtype, f"{label} {case} {dname}: output dtype {out.dtype}"
+            assert_close(out, w_out, fwd_tol, name=f"{label} {case} {dname} out")
             for i, (g, w) in enumerate(zip(grads, w_grads)):
-                assert g.dtype == dtype, f"{isa} {case} {dname}: grad dtype {g.dtype}"
-                assert_close(g, w, grad_tol, name=f"{isa} {case} {dname} grad[{i}]")
+                assert g.dtype == dtype, f"{label} {case} {dname}: grad dtype {g.dtype}"
+                assert_close(g, w, grad_tol, name=f"{label} {case} {dname} grad[{i}]")
+
+
+def test_amx_switched_off_runs_vdpbf16ps(tmp_path_factory):
+    """ETKD_CPU_AMX=0 makes an AMX CPU multiply bf16 tiles as an AVX512-BF16 CPU without AMX (AMD Zen 4/5) does:
+    the own vdpbf16ps kernels, forward and backward. The child counts which products really ran (not only what
+    it reports), and the results match the float64 reference in every dtype."""
+    built, supported = _isa_lists()
+    if "avx512_bf16" not in built or "avx512_bf16" not in supported:
+        pytest.skip(f"needs the avx512_bf16 target (built {built}, supported {supported})")
+    got = _child_results("avx512_bf16", str(tmp_path_factory.getbasetemp()), amx="0")
+    calls = got["bf16_calls"]
+    assert not got["bf16_brgemm"]
+    assert got["bf16_products"] == {"forward": "vdpbf16ps", "backward": "vdpbf16ps"}, got["bf16_products"]
+    assert calls["forward"]["amx"] == 0 and calls["forward"]["vdpbf16ps"] > 0, calls
+    assert calls["backward"]["vdpbf16ps"] > 0, calls
+    assert "own vdpbf16ps micro-kernels" in got["reason"], got["reason"]  # etkd info says what runs
+    _check_against_reference("avx512_bf16 amx=0", got)
+
+
+def test_bad_amx_switch_is_an_error():
+    code = "import torch, etkd_kernels as e; e.sliding_window_attention(*torch.randn(3, 1, 1, 8, 8), 2)"
+    env = dict(os.environ, ETKD_CPU_AMX="off")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "ETKD_CPU_AMX=off" in res.stderr and "expected 1" in res.stderr, res.stderr[-2000:]
 
 
 def _cpu_flags() -> set[str]:
@@ -242,11 +292,10 @@ def test_blas_tile_products_agree(tmp_path_factory):
         assert_close(out, own["float32"][case][0], 1e-5, name=f"{isa} blas vs own {case} out")
         for i, (g, w) in enumerate(zip(grads, own["float32"][case][1])):
             assert_close(g, w, 1e-4, name=f"{isa} blas vs own {case} grad[{i}]")
-    for dname, dtype in DTYPES.items():
-        for case, (out, _) in blas[dname].items():
-            assert_close(
-                out, _reference(dtype)[case][0], TOL[dtype][0], name=f"{isa} blas {case} {dname} out"
-            )
+    _check_against_reference(f"{isa} blas", blas)
+    if isa == "avx512_bf16":  # ETKD_CPU_GEMM=blas takes MKL's bf16 GEMM for the bf16 tiles too
+        assert blas["bf16_products"] == {"forward": "mkl", "backward": "mkl"}, blas["bf16_products"]
+        assert blas["bf16_calls"]["forward"]["mkl"] > 0 and blas["bf16_calls"]["backward"]["mkl"] > 0
 
 
 def test_bad_tile_gemm_is_an_error():
@@ -349,15 +398,22 @@ def test_simd_code_stays_in_its_target():
         ["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True
     )
     assert dump.returncode == 0, dump.stderr[-2000:]
-    inside, outside, fn = set(), set(), None
+    inside, outside, dp_fns, fn = set(), set(), set(), None
     for line in dump.stdout.splitlines():
         if line.endswith(">:") and " <" in line:
             fn = line.split(" <", 1)[1][:-2]
         elif fn and _WIDE.search(line):
             (inside if _TARGET_CODE.search(fn) else outside).add(fn)
+            if "\tvdpbf16ps" in line:
+                dp_fns.add(fn)
     assert len(inside) > 20, (
         f"the scan found only {len(inside)} target functions using AVX: is it reading the kernels?"
     )
     assert not outside, (
         f"{len(outside)} functions outside the per-target namespaces use AVX/BMI: {sorted(outside)[:5]}"
     )
+    if "avx512_bf16" in _C.built_isas():
+        # the own bf16 products (vdpbf16ps) exist, and only in the avx512_bf16 target
+        assert dp_fns, "no function of the extension uses vdpbf16ps: the own bf16 tile products are not built"
+        wrong = [f for f in dp_fns if "etkd::cpu::avx512_bf16::" not in f]
+        assert not wrong, f"vdpbf16ps outside the avx512_bf16 target: {wrong[:5]}"

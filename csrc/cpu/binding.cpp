@@ -6,6 +6,7 @@
 
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/isa.h"
@@ -111,15 +112,64 @@ PyObject* py_cpu_profile(PyObject*, PyObject*) {
   return out;
 }
 
-// _C.bf16_brgemm() -> bool: whether bf16 forward tiles go through oneDNN's brgemm (AMX) with packed K/V (else
-// MKL's bf16 GEMM on the native target, or conversion to fp32).
+// _C.bf16_brgemm() -> bool: whether bf16 forward tiles go through oneDNN's brgemm (AMX) with packed K/V (else the
+// own vdpbf16ps kernels or MKL's bf16 GEMM on the native target, or conversion to fp32; see bf16_products).
 PyObject* py_bf16_brgemm(PyObject*, PyObject*) {
   try {
-    return PyBool_FromLong(etkd::cpu::kernels().native_bf16 && etkd::cpu::brgemm_bf16_available());
+    return PyBool_FromLong(etkd::cpu::kernels().native_bf16 && etkd::cpu::own_tile_gemm() &&
+                           etkd::cpu::brgemm_bf16_available());
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
+}
+
+// _C.bf16_products() -> {"forward": str, "backward": str}: what multiplies the bf16 tiles of a head_dim that is a
+// multiple of 16 (flash_tile_impl.h: bf16_path): "amx" (oneDNN brgemm on AMX tiles, K/V packed per task; the
+// backward then takes "mkl", faster there), "vdpbf16ps" (the own AVX512-BF16 micro-kernels, K/V packed per task:
+// no AMX, or ETKD_CPU_AMX=0), "mkl" (MKL's bf16 GEMM per tile: ETKD_CPU_GEMM=blas), or "fp32" (converted on load:
+// the target has no native bf16).
+PyObject* py_bf16_products(PyObject*, PyObject*) {
+  try {
+    const auto& k = etkd::cpu::kernels();
+    const char* fwd = "fp32";
+    const char* bwd = "fp32";
+    if (k.native_bf16 && !etkd::cpu::own_tile_gemm()) {
+      fwd = bwd = "mkl";
+    } else if (k.native_bf16) {
+      const bool amx = etkd::cpu::brgemm_bf16_available();
+      fwd = amx ? "amx" : "vdpbf16ps";
+      bwd = amx ? "mkl" : "vdpbf16ps";
+    }
+    PyObject* out = PyDict_New();
+    for (auto [key, val] : {std::pair<const char*, const char*>{"forward", fwd}, {"backward", bwd}}) {
+      PyObject* v = PyUnicode_FromString(val);
+      PyDict_SetItemString(out, key, v);
+      Py_DECREF(v);
+    }
+    return out;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// _C.bf16_calls() -> {"forward": {kind: calls}, "backward": {...}}: how the bf16 tile driver calls since the last
+// call multiplied their tiles ("amx", "vdpbf16ps", "mkl", "fp32"), then reset (flash_tile.h: count_bf16_call).
+PyObject* py_bf16_calls(PyObject*, PyObject*) {
+  const auto c = etkd::cpu::bf16_calls_take();
+  PyObject* out = PyDict_New();
+  for (int dir = 0; dir < 2; ++dir) {
+    PyObject* d = PyDict_New();
+    for (int i = 0; i < etkd::cpu::kProdKinds; ++i) {
+      PyObject* v = PyLong_FromLongLong(c[dir * etkd::cpu::kProdKinds + i]);
+      PyDict_SetItemString(d, etkd::cpu::kProdNames[i], v);
+      Py_DECREF(v);
+    }
+    PyDict_SetItemString(out, dir ? "backward" : "forward", d);
+    Py_DECREF(d);
+  }
+  return out;
 }
 
 // _C.tile_gemm() -> "own" | "blas": what multiplies the fp32 tiles (forward and backward) (flash_tile.h: own_tile_gemm).
@@ -152,6 +202,8 @@ PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "ISA target the kernels run (ETKD_CPU_ISA forces one)"},
     {"native_bf16", py_native_bf16, METH_NOARGS, "whether bf16 tiles are computed natively"},
     {"bf16_brgemm", py_bf16_brgemm, METH_NOARGS, "whether bf16 forward tiles use oneDNN brgemm (AMX)"},
+    {"bf16_products", py_bf16_products, METH_NOARGS, "what multiplies bf16 tiles, forward and backward"},
+    {"bf16_calls", py_bf16_calls, METH_NOARGS, "bf16 tile-driver calls per product kind since the last call"},
     {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 tiles: own micro-kernels or blas"},
     {"own_tile_width", py_own_tile_width, METH_NOARGS, "head_dim multiple the own tile products need (0: off)"},
     {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase forward time (ETKD_CPU_PROFILE=1), then reset"},

@@ -80,17 +80,11 @@ std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out_, const Tensor& q_, 
                                      const Tensor& out_, const Tensor& lse, const Tensor& lut, const Tensor& counts,
                                      int64_t block_size, const OptTensor& key_padding_mask, double scale) {
   check_float(q_, "q");
-  check_like(grad_out_, q_, "grad_out");
-  check_like(out_, q_, "out");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
-  const Tensor &grad_out = grad_out_, &out = out_;
+  const auto [delta, dq, dk, dv] = backward_start(grad_out_, out_, q, lse);
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
-  auto delta = row_delta(grad_out, out).contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
-  auto dq = at::zeros(q.sizes(), f32), dk = at::zeros(q.sizes(), f32), dv = at::zeros(q.sizes(), f32);
-  run_backward(s.p, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+  run_backward(s.p, grad_out_.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);
   return {as_dtype(dq, dt), as_dtype(dk, dt), as_dtype(dv, dt)};
 }

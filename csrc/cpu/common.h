@@ -50,6 +50,20 @@ inline Tensor row_delta(const Tensor& dout, const Tensor& out) {
   return delta;
 }
 
+// The opening of a tile backward (sliding window, block sparse): grad_out and out checked against q, lse float32;
+// delta = rowsum(grad_out * out) and the float32 gradients dq, dk, dv (zeros shaped like q) to accumulate into.
+struct BackwardStart {
+  Tensor delta, dq, dk, dv;
+};
+inline BackwardStart backward_start(const Tensor& grad_out, const Tensor& out, const Tensor& q, const Tensor& lse) {
+  check_like(grad_out, q, "grad_out");
+  check_like(out, q, "out");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
+  const auto f32 = q.options().dtype(at::kFloat);
+  return {row_delta(grad_out, out).contiguous(), at::zeros(q.sizes(), f32), at::zeros(q.sizes(), f32),
+          at::zeros(q.sizes(), f32)};
+}
+
 // (B, S) bool "real token" mask as uint8 (all ones when absent).
 inline Tensor real_mask(const OptTensor& kpm, int64_t B, int64_t S) {
   if (!kpm.has_value()) return at::ones({B, S}, at::kByte);

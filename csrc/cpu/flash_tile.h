@@ -70,10 +70,11 @@ void run_forward(const Problem& p, void* out, float* lse);
 void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx);
 
-// fp32 tile products by the target's own micro-kernels (true, the default) or by BLAS sgemm (false:
-// ETKD_CPU_GEMM=blas in the environment, read once). BLAS picks its own ISA whatever target runs ours, so with
-// it an `avx2` target still multiplies with AVX-512 on an AVX-512 CPU; the own kernels keep each target to its
-// width (and are faster on these L1/L2-resident tiles: README, CPU ISA targets).
+// Tile products by the target's own micro-kernels (true, the default: fp32 FMA kernels, and vdpbf16ps kernels for
+// bf16 on the avx512_bf16 target when AMX is absent or off) or by BLAS (false: ETKD_CPU_GEMM=blas in the
+// environment, read once: sgemm for fp32, MKL's bf16 GEMM for native bf16). BLAS picks its own ISA whatever
+// target runs ours, so with it an `avx2` target still multiplies with AVX-512 on an AVX-512 CPU; the own kernels
+// keep each target to its width (and are faster on these L1/L2-resident tiles: README, CPU ISA targets).
 bool own_tile_gemm();
 
 // Row-major C (m x n) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C through BLAS sgemm.
@@ -123,6 +124,19 @@ void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int6
                  const void* b, float* c);
 // Releases the thread's AMX tile configuration (after a task's last brgemm_bf16).
 void brgemm_done();
+// ETKD_CPU_AMX=0 in the environment (read once; 1, the default, or unset: use AMX where the CPU has it) keeps the
+// bf16 tiles off AMX, so an AMX CPU runs them as a CPU with AVX512-BF16 and no AMX (AMD Zen 4/5) does: the own
+// vdpbf16ps products. Any other value is an error at the first kernel use.
+bool amx_allowed();
+
+// Which products multiplied the tiles of each bf16 run_forward / run_backward call, counted per call (always on:
+// one atomic add per call) so a test can tell that the path asked for really ran; `_C.bf16_calls()` returns and
+// resets the counts.
+enum Bf16Products : int { kProdAmx, kProdDp, kProdMkl, kProdFp32, kProdKinds };
+extern const char* const kProdNames[kProdKinds];
+void count_bf16_call(bool backward, Bf16Products how);
+// counts[2 * kProdKinds]: forward kinds, then backward kinds; reset to zero.
+std::vector<int64_t> bf16_calls_take();
 
 // Per-phase time of run_forward, for profiling: with ETKD_CPU_PROFILE=1 in the environment (read once) every
 // forward tile adds its time per phase, summed over threads (so the phases add up to about threads x wall

@@ -240,6 +240,62 @@ void micro_kernel(int64_t k, float alpha, const float* a, int64_t a_rs, int64_t 
     }
 }
 
+// The fp32 micro-kernel as gemm_panels takes it: A and B elements are floats, a vector holds kV columns.
+struct FmaKernel {
+  using Elt = float;
+  static constexpr int64_t kCols = kV;
+  template <int MR, int NV, bool ACC>
+  static void run(int64_t k, float alpha, const Elt* a, int64_t a_rs, int64_t a_ks, const Elt* b, int64_t ldb,
+                  float* c, int64_t ldc) {
+    micro_kernel<MR, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+};
+
+#if ETKD_NATIVE_BF16
+// ---- own bf16 tile products on vdpbf16ps (_mm512_dpbf16_ps), for AVX512-BF16 CPUs without AMX (Zen 4/5) ----
+// One vdpbf16ps multiplies 16 pairs of bf16 by 16 pairs and adds both products of each pair into an fp32 lane:
+// twice the multiply-adds of an fp32 FMA per instruction. So the reduction index runs in pairs: A element (r, p)
+// is the 32-bit pair of bf16 at a[r * a_rs + p * a_ks] (reduction indices 2p, 2p + 1, broadcast to every lane),
+// and B's pair row p (b + p * ldb, 32-bit units) holds, per column, the pair of reduction indices 2p, 2p + 1
+// interleaved ([k/2][ldb][2]: the VNNI layout brgemm takes, so K and V are packed once per task for both).
+// MR x NV accumulators as the fp32 kernel (6 x 4 of the 32 zmm), k counted in pairs.
+template <int MR, int NV, bool ACC>
+void dp_kernel(int64_t k2, float alpha, const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* b,
+               int64_t ldb, float* c, int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k2; ++kk) {
+    const uint32_t* bk = b + kk * ldb;
+    const uint32_t* ak = a + kk * a_ks;
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bk + v * 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(ak[r * a_rs]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + v * 16;
+      __m512 x = _mm512_mul_ps(acc[r][v], va);
+      if (ACC) x = _mm512_add_ps(x, _mm512_loadu_ps(cp));
+      _mm512_storeu_ps(cp, x);
+    }
+}
+
+struct DpKernel {
+  using Elt = uint32_t;  // a pair of bf16
+  static constexpr int64_t kCols = 16;
+  template <int MR, int NV, bool ACC>
+  static void run(int64_t k2, float alpha, const Elt* a, int64_t a_rs, int64_t a_ks, const Elt* b, int64_t ldb,
+                  float* c, int64_t ldc) {
+    dp_kernel<MR, NV, ACC>(k2, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+  }
+};
+#endif
+
 constexpr int kMR = 6;  // micro-kernel rows
 // Widest panel (vectors of B's columns) of the tile products: as many accumulators as the register file holds.
 constexpr int kPanel = kV >= 16 ? 4 : 2;
@@ -248,51 +304,67 @@ constexpr int kPanel = kV >= 16 ? 4 : 2;
 constexpr int64_t kDepth = 128;
 static_assert(kSmallPad % kV == 0, "gemm_small: kSmallPad must be a whole number of vectors");
 
-template <int NV, bool ACC>
-void micro_rows(int64_t mr, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
-                int64_t ldb, float* c, int64_t ldc) {
+template <class K, int NV, bool ACC>
+void micro_rows(int64_t mr, int64_t k, float alpha, const typename K::Elt* a, int64_t a_rs, int64_t a_ks,
+                const typename K::Elt* b, int64_t ldb, float* c, int64_t ldc) {
   switch (mr) {
-    case 6: return micro_kernel<6, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 5: return micro_kernel<5, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 4: return micro_kernel<4, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 3: return micro_kernel<3, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    case 2: return micro_kernel<2, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
-    default: return micro_kernel<1, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 6: return K::template run<6, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 5: return K::template run<5, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 4: return K::template run<4, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 3: return K::template run<3, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    case 2: return K::template run<2, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    default: return K::template run<1, NV, ACC>(k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
   }
 }
 
 // One panel of nv <= NV vectors over all rows (the NV of the template down to the nv at run time).
-template <int NV>
-void panel_rows(int64_t nv, bool accumulate, int64_t m, int64_t k, float alpha, const float* a, int64_t a_rs,
-                int64_t a_ks, const float* b, int64_t ldb, float* c, int64_t ldc) {
+template <class K, int NV>
+void panel_rows(int64_t nv, bool accumulate, int64_t m, int64_t k, float alpha, const typename K::Elt* a,
+                int64_t a_rs, int64_t a_ks, const typename K::Elt* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (NV > 1) {
-    if (nv < NV) return panel_rows<NV - 1>(nv, accumulate, m, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
+    if (nv < NV) return panel_rows<K, NV - 1>(nv, accumulate, m, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc);
   }
   for (int64_t i = 0; i < m; i += kMR) {
     const int64_t mr = std::min<int64_t>(kMR, m - i);
     if (accumulate)
-      micro_rows<NV, true>(mr, k, alpha, a + i * a_rs, a_rs, a_ks, b, ldb, c + i * ldc, ldc);
+      micro_rows<K, NV, true>(mr, k, alpha, a + i * a_rs, a_rs, a_ks, b, ldb, c + i * ldc, ldc);
     else
-      micro_rows<NV, false>(mr, k, alpha, a + i * a_rs, a_rs, a_ks, b, ldb, c + i * ldc, ldc);
+      micro_rows<K, NV, false>(mr, k, alpha, a + i * a_rs, a_rs, a_ks, b, ldb, c + i * ldc, ldc);
   }
 }
 
-// C (m x n) = alpha * A @ B, or C += alpha * A @ B when `accumulate`; n a whole number of vectors (kV), A element
-// (r, kk) at a[r * a_rs + kk * a_ks], B (k x n) and C row-major. Column panels of up to NV vectors (B's panel
-// stays in L1 while the row blocks stream past), in passes of kDepth rows of B.
+// C (m x n) = alpha * A @ B, or C += alpha * A @ B when `accumulate`; n a whole number of vectors (K::kCols), A
+// element (r, kk) at a[r * a_rs + kk * a_ks], B (k x n) and C row-major (K: the micro-kernel and its element,
+// FmaKernel or DpKernel, whose k counts pairs). Column panels of up to NV vectors (B's panel stays in L1 while the
+// row blocks stream past), in passes of kDepth rows of B.
+template <class K, int NV>
+void panels(int64_t m, int64_t n, int64_t k, float alpha, const typename K::Elt* a, int64_t a_rs, int64_t a_ks,
+            const typename K::Elt* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  assert(n % K::kCols == 0);
+  for (int64_t j = 0; j < n; j += NV * K::kCols) {
+    const int64_t nv = std::min<int64_t>(NV, (n - j) / K::kCols);
+    for (int64_t k0 = 0; k0 < k; k0 += kDepth)
+      panel_rows<K, NV>(nv, accumulate || k0 > 0, m, std::min(kDepth, k - k0), alpha, a + k0 * a_ks, a_rs, a_ks,
+                        b + k0 * ldb + j, ldb, c + j, ldc);
+    if (k == 0 && !accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc + j, c + i * ldc + j + nv * K::kCols, 0.f);
+  }
+}
+
 template <int NV>
 void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
                  const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  assert(n % kV == 0);
-  for (int64_t j = 0; j < n; j += NV * kV) {
-    const int64_t nv = std::min<int64_t>(NV, (n - j) / kV);
-    for (int64_t k0 = 0; k0 < k; k0 += kDepth)
-      panel_rows<NV>(nv, accumulate || k0 > 0, m, std::min(kDepth, k - k0), alpha, a + k0 * a_ks, a_rs, a_ks,
-                     b + k0 * ldb + j, ldb, c + j, ldc);
-    if (k == 0 && !accumulate)
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc + j, c + i * ldc + j + nv * kV, 0.f);
-  }
+  panels<FmaKernel, NV>(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
 }
+
+#if ETKD_NATIVE_BF16
+// The vdpbf16ps products: k2 pairs of the reduction index, pointers to pairs of bf16 (see dp_kernel).
+inline void dp_gemm(int64_t m, int64_t n, int64_t k2, float alpha, const void* a, int64_t a_rs, int64_t a_ks,
+                    const void* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  panels<DpKernel, 4>(m, n, k2, alpha, static_cast<const uint32_t*>(a), a_rs, a_ks, static_cast<const uint32_t*>(b),
+                      ldb, c, ldc, accumulate);
+}
+#endif
 
 void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
@@ -339,9 +411,11 @@ struct Clock {
 // Key block of the packed bf16 path (brgemm's column block; see forward_tile_packed), and a task's packed keys.
 constexpr int64_t kPackN = 64;
 struct Packed {
-  std::vector<uint16_t> k, v;  // K^T blocks, V blocks (bf16 bits)
-  int64_t base = 0;            // first key held (a multiple of kPackN)
-  int64_t keys = 0;            // keys held (a multiple of kPackN)
+  // bf16 bits. Forward: K^T blocks (S = Q K^T), V key pairs (acc += P V). Backward: K^T blocks, V^T blocks
+  // (dP = dO V^T) and K key pairs (dQ += dS K).
+  std::vector<uint16_t> k, v, vt, kr;
+  int64_t base = 0;  // first key held (a multiple of kPackN)
+  int64_t keys = 0;  // keys held (a multiple of kPackN)
 };
 
 // K^T of the keys a forward task visits, for the own fp32 tile products, in blocks of kPackN keys (as the bf16
@@ -394,7 +468,9 @@ struct Work {
   Packed packed[2];             // forward, packed bf16 path: K/V of a task's key range
   KeysT kt[2], vt[2];           // own fp32 products: K^T (and V^T in the backward) of a task's key range
   std::vector<float> tmp;       // pack_keys_t's scratch
+  std::vector<uint32_t> pr, qr, dor;  // backward, own bf16 products: P / dS, Q, dO in pairs of query rows
   bool own = false;             // fp32 tile products by gemm_panels (own_ok), else BLAS
+  bool amx = false;             // packed bf16 products by brgemm (AMX), else by dp_gemm (bf16_path)
   std::vector<Seg> segs;
   Clock clock;
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
@@ -539,51 +615,55 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
 // over all the task's keys, so one brgemm covers a whole segment of PV. A segment that does not start or end on
 // a block edge is scored over its covering blocks; the extra columns get P = 0.
 
-// Can the packed path take this problem: oneDNN's bf16 brgemm available (AMX), a head dim of whole 16-column
-// groups (brgemm's N blocks and an even K), and 4-byte aligned key sources (pack_keys moves K rows as 32-bit
-// pairs; always so for tensors of their own, a view at an odd element offset takes the MKL path). Else the
-// bf16 tiles go through MKL's bf16 GEMM (forward_tile).
-inline bool packed_ok(const Problem& p) {
+// How the bf16 tiles of a problem are multiplied on this target: on K and V packed once per task (pack_keys) by
+// oneDNN's brgemm on AMX tiles (amx: the CPU has AMX and ETKD_CPU_AMX is not 0) or by the own vdpbf16ps
+// kernels (own: AVX512-BF16 without AMX, e.g. AMD Zen 4/5, or ETKD_CPU_AMX=0), or per tile by MKL's bf16 GEMM
+// (blas: ETKD_CPU_GEMM=blas, a head dim not of whole 16-column groups — brgemm's N blocks, the own kernels'
+// vectors, an even K —, or inputs not 4-byte aligned: the packing and the own kernels move bf16 pairs as 32-bit
+// units; always aligned for tensors of their own, a view at an odd element offset is not).
+enum class Bf16Path { amx, own, blas };
+inline Bf16Path bf16_path(const Problem& p) {
   auto al4 = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 4 == 0; };
-  return p.D % 16 == 0 && p.D > 0 && al4(p.k) && al4(p.v) && al4(p.kx) && al4(p.vx) && brgemm_bf16_available();
+  if (!own_tile_gemm() || p.D % 16 != 0 || p.D <= 0 || !al4(p.q) || !al4(p.k) || !al4(p.v) || !al4(p.kx) ||
+      !al4(p.vx))
+    return Bf16Path::blas;
+  return brgemm_bf16_available() ? Bf16Path::amx : Bf16Path::own;
 }
 
-
-// Pack keys [lo, hi) of k, v (rows of d bf16; keys past `limit` are zero) into pk. Both layouts move pairs of
-// bf16 as one 32-bit unit: K^T is a 32-bit transpose of each (kPackN keys x d/2 pairs) block, V interleaves
-// two key rows.
-inline void pack_keys(const BFloat16* k, const BFloat16* v, int64_t lo, int64_t hi, int64_t limit, int64_t d,
-                      Packed& pk) {
-  pk.base = lo / kPackN * kPackN;
-  pk.keys = (hi + kPackN - 1) / kPackN * kPackN - pk.base;
-  const size_t need = static_cast<size_t>(pk.keys * d);
-  if (pk.k.size() < need) pk.k.resize(need), pk.v.resize(need);
-  const int64_t real = std::max<int64_t>(0, std::min(limit, pk.base + pk.keys) - pk.base);  // keys with data
+// x^T of `keys` key rows of d bf16 (x at the first key; rows from `real` on are zero), in blocks of kPackN keys:
+// block kb holds (pair i, key j) at [i][j] of a (d/2 x kPackN) matrix of 32-bit pairs, so a block is the B
+// operand of S = Q K^T (brgemm or dp_gemm). A 32-bit transpose: pairs of bf16 move as one unit.
+inline void pack_blocks_t(const BFloat16* x, int64_t keys, int64_t real, int64_t d, std::vector<uint16_t>& buf) {
+  if (buf.size() < static_cast<size_t>(keys * d)) buf.resize(keys * d);
   const int64_t hp = d / 2;
-  const uint32_t* ks = reinterpret_cast<const uint32_t*>(k + pk.base * d);
-  const uint16_t* vs = reinterpret_cast<const uint16_t*>(v + pk.base * d);
-  uint32_t* kt = reinterpret_cast<uint32_t*>(pk.k.data());
-  uint32_t* vt = reinterpret_cast<uint32_t*>(pk.v.data());
-  // K^T: block kb, (pair i, key j) at [i][j] of a (d/2 x kPackN) uint32 matrix.
-  for (int64_t kb = 0; kb < pk.keys; kb += kPackN) {
+  const uint32_t* xs = reinterpret_cast<const uint32_t*>(x);
+  uint32_t* kt = reinterpret_cast<uint32_t*>(buf.data());
+  for (int64_t kb = 0; kb < keys; kb += kPackN) {
     uint32_t* out = kt + kb * hp;
     for (int64_t j = 0; j < kPackN; ++j) {
       const int64_t key = kb + j;
       if (key < real) {
-        const uint32_t* row = ks + key * hp;
+        const uint32_t* row = xs + key * hp;
         for (int64_t i = 0; i < hp; ++i) out[i * kPackN + j] = row[i];
       } else {
         for (int64_t i = 0; i < hp; ++i) out[i * kPackN + j] = 0;
       }
     }
   }
-  // V: head-dim block c0 (width bw), (key pair j / 2, dim c) at [j / 2][c] = v[j][c] | v[j + 1][c] << 16.
+}
+
+// x in pairs of keys, per head-dim block c0 of kPackN columns (width bw): (key pair j / 2, dim c) at [j / 2][c] =
+// x[j][c] | x[j + 1][c] << 16, blocks one after the other ([keys/2][bw][2] each): the B operand of P V.
+inline void pack_pairs(const BFloat16* x, int64_t keys, int64_t real, int64_t d, std::vector<uint16_t>& buf) {
+  if (buf.size() < static_cast<size_t>(keys * d)) buf.resize(keys * d);
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x);
+  uint32_t* vt = reinterpret_cast<uint32_t*>(buf.data());
   for (int64_t c0 = 0; c0 < d; c0 += kPackN) {
     const int64_t bw = std::min(kPackN, d - c0);
-    uint32_t* out = vt + pk.keys * c0 / 2;
-    for (int64_t j = 0; j < pk.keys; j += 2) {
+    uint32_t* out = vt + keys * c0 / 2;
+    for (int64_t j = 0; j < keys; j += 2) {
       uint32_t* o = out + (j / 2) * bw;
-      const uint16_t* r0 = vs + j * d + c0;
+      const uint16_t* r0 = xs + j * d + c0;
       const uint16_t* r1 = r0 + d;
       if (j + 1 < real) {
         for (int64_t c = 0; c < bw; ++c) o[c] = uint32_t(r0[c]) | (uint32_t(r1[c]) << 16);
@@ -593,6 +673,24 @@ inline void pack_keys(const BFloat16* k, const BFloat16* v, int64_t lo, int64_t 
         std::fill(o, o + bw, 0u);
       }
     }
+  }
+}
+
+// Pack keys [lo, hi) of k, v (rows of d bf16; keys past `limit` are zero) into pk, in whole blocks of kPackN keys:
+// the forward's layouts (K^T blocks, V pairs), or the backward's (K^T and V^T blocks, K pairs).
+inline void pack_keys(const BFloat16* k, const BFloat16* v, int64_t lo, int64_t hi, int64_t limit, int64_t d,
+                      Packed& pk, bool backward = false) {
+  pk.base = lo / kPackN * kPackN;
+  pk.keys = (hi + kPackN - 1) / kPackN * kPackN - pk.base;
+  const int64_t real = std::max<int64_t>(0, std::min(limit, pk.base + pk.keys) - pk.base);  // keys with data
+  const BFloat16* kb = k + pk.base * d;
+  const BFloat16* vb = v + pk.base * d;
+  pack_blocks_t(kb, pk.keys, real, d, pk.k);
+  if (backward) {
+    pack_blocks_t(vb, pk.keys, real, d, pk.vt);
+    pack_pairs(kb, pk.keys, real, d, pk.kr);
+  } else {
+    pack_pairs(vb, pk.keys, real, d, pk.v);
   }
 }
 
@@ -677,8 +775,13 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
     const int64_t a0 = cv.a0, nc = cv.ls, c0 = cv.c0;  // covering columns; the segment starts at column c0
     float* s = w.s.data();
     BFloat16* pn = w.s16.data();
-    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
-      brgemm_bf16(rows, kPackN, d, d, kPackN, nc, false, q, pks.k.data() + (b0 - pks.base) * d, s + (b0 - a0));
+    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN) {
+      const uint16_t* kb = pks.k.data() + (b0 - pks.base) * d;
+      if (w.amx)
+        brgemm_bf16(rows, kPackN, d, d, kPackN, nc, false, q, kb, s + (b0 - a0));
+      else
+        dp_gemm(rows, kPackN, d / 2, 1.f, q, d / 2, 1, kb, kPackN, s + (b0 - a0), nc, false);
+    }
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
@@ -703,8 +806,11 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
     if (any) {
       for (int64_t cb = 0; cb < d; cb += kPackN) {
         const int64_t bw = std::min(kPackN, d - cb);
-        brgemm_bf16(rows, bw, nc, nc, bw, d, true, pn, pks.v.data() + pks.keys * cb + (a0 - pks.base) * bw,
-                    w.acc.data() + cb);
+        const uint16_t* vb = pks.v.data() + pks.keys * cb + (a0 - pks.base) * bw;
+        if (w.amx)
+          brgemm_bf16(rows, bw, nc, nc, bw, d, true, pn, vb, w.acc.data() + cb);
+        else
+          dp_gemm(rows, bw, nc / 2, 1.f, pn, nc / 2, 1, vb, bw, w.acc.data() + cb, d, true);
       }
       ck.lap(kPhasePV);
     }
@@ -777,6 +883,105 @@ struct GradView {
   float* dv;
 };
 
+// A backward row's probabilities from the saved lse: row[0:sg.n] holds the segment's scaled scores of query i and
+// becomes P = exp(s + bias - lse) on the keys the row sees, 0 on the rest of the ls columns [-c0, ls - c0) the
+// products read around the segment (its covering key blocks; c0 = 0, ls = sg.n for BLAS). false: the row sees
+// none of the segment's keys (skipped, out of band, or no key at all: lse +inf).
+inline bool recompute_p(const Problem& p, const Seg& sg, bool band, const float* bias, int64_t i, bool skip, float lse,
+                        float* row, int64_t c0, int64_t ls) {
+  float* full = row - c0;
+  int64_t lo, hi;
+  row_range(p, sg, band, i, &lo, &hi);
+  if (skip || lo >= hi || !(lse < kInf)) {
+    std::fill(full, full + ls, 0.f);
+    return false;
+  }
+  add_bias_max(row, bias, lo, hi);
+  std::fill(full, row + lo, 0.f);
+  std::fill(row + hi, full + ls, 0.f);
+  exp_sum(row, lo, hi, lse);
+  return true;
+}
+
+#if ETKD_NATIVE_BF16
+// out[p][j] = (bf16(x[2p][j]), bf16(x[2p + 1][j])) as one 32-bit pair, for p < (rows + 1) / 2 and j < n (a
+// multiple of 16; row stride ldx; a missing last row is zero): rows of x in pairs, the A operand of a product
+// that reduces over query rows (dV += P^T dO, dK += dS^T Q) read transposed, or its B operand (Q, dO).
+template <class T>
+void pair_rows(const T* x, int64_t ldx, int64_t rows, int64_t n, uint32_t* out) {
+  alignas(64) static constexpr int16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const T* a = x + 2 * p * ldx;
+    const T* b = 2 * p + 1 < rows ? a + ldx : nullptr;
+    uint32_t* o = out + p * n;
+    for (int64_t j = 0; j < n; j += 16) {
+      __m512i both;  // bf16 of row a in the low 16 lanes, of row b in the high 16
+      if constexpr (std::is_same_v<T, float>) {
+        const __m512 va = _mm512_loadu_ps(a + j), vb = b ? _mm512_loadu_ps(b + j) : _mm512_setzero_ps();
+        both = (__m512i)_mm512_cvtne2ps_pbh(vb, va);
+      } else {
+        const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j));
+        const __m256i vb = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j)) : _mm256_setzero_si256();
+        both = _mm512_inserti64x4(_mm512_castsi256_si512(va), vb, 1);
+      }
+      _mm512_storeu_si512(o + j, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+// One query tile, backward, with the own vdpbf16ps products on keys packed once per task (pack_keys, backward
+// layouts): S and dP over a segment's covering key blocks (as the forward), P and dS rounded to bf16 for the
+// products, dV and dK over the segment's own keys (P, dS in pairs of query rows, read transposed).
+void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16>* src, const GradView* grad,
+                      const BFloat16* q, const BFloat16* dout, const float* lse, const float* delta,
+                      const uint8_t* skip, int64_t i0, int64_t rows, Work<BFloat16, BFloat16>& w, float* dq) {
+  const int64_t d = p.D, rows2 = (rows + 1) / 2;
+  const size_t wide = static_cast<size_t>(rows2 * (kMaxSeg + 2 * kPackN));
+  if (w.pr.size() < wide) w.pr.resize(wide);
+  if (w.qr.size() < static_cast<size_t>(rows2 * d)) w.qr.resize(rows2 * d), w.dor.resize(rows2 * d);
+  pair_rows(q, d, rows, d, w.qr.data());
+  pair_rows(dout, d, rows, d, w.dor.data());
+  for (const Seg& sg : w.segs) {
+    const Packed& pks = pk[sg.src];
+    const SrcView<BFloat16>& sv = src[sg.src];
+    const Cover cv = cover(sg);
+    const int64_t a0 = cv.a0, nc = cv.ls, c0 = cv.c0, n = sg.n;
+    float* s = w.s.data();
+    float* dp = w.dp.data();
+    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
+      dp_gemm(rows, kPackN, d / 2, p.scale, q, d / 2, 1, pks.k.data() + (b0 - pks.base) * d, kPackN, s + (b0 - a0),
+              nc, false);
+    const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r)
+      any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * nc + c0, c0, nc);
+    if (!any) continue;
+    GradView g = grad[sg.src];
+    uint32_t* pr = w.pr.data();
+    // dV += P^T dO over the segment's keys: A (key j, query pair) = P pairs at pr[pair * nc + c0 + j].
+    pair_rows(s, nc, rows, nc, pr);
+    dp_gemm(n, d, rows2, 1.f, pr + c0, 1, nc, w.dor.data(), d, g.dv + sg.k0 * d, d, true);
+    // dP = dO V^T over the covering blocks; dS = P (dP - delta) (zero wherever P is).
+    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
+      dp_gemm(rows, kPackN, d / 2, 1.f, dout, d / 2, 1, pks.vt.data() + (b0 - pks.base) * d, kPackN, dp + (b0 - a0),
+              nc, false);
+    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * nc, dp + r * nc, nc, delta[r]);
+    // dK += s dS^T Q over the segment's keys; dQ += s dS K over the covering keys (dS rows in bf16).
+    pair_rows(dp, nc, rows, nc, pr);
+    dp_gemm(n, d, rows2, p.scale, pr + c0, 1, nc, w.qr.data(), d, g.dk + sg.k0 * d, d, true);
+    BFloat16* ds = w.s16.data();
+    for (int64_t r = 0; r < rows; ++r) from_float(dp + r * nc, ds + r * nc, nc);
+    for (int64_t cb = 0; cb < d; cb += kPackN) {
+      const int64_t bw = std::min(kPackN, d - cb);
+      dp_gemm(rows, bw, nc / 2, p.scale, ds, nc / 2, 1, pks.kr.data() + pks.keys * cb + (a0 - pks.base) * bw, bw,
+              dq + cb, d, true);
+    }
+  }
+}
+#endif
+
 // One query tile, backward: accumulates into dq (rows x d) and the sources' dk/dv.
 template <class T, class C>
 void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad, const T* q_, const T* dout_,
@@ -804,20 +1009,8 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     dp += c0;
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = s + r * ls;
-      int64_t lo, hi;
-      row_range(p, sg, sv.band, i0 + r, &lo, &hi);
-      if ((skip && skip[r]) || lo >= hi || !(lse[r] < kInf)) {
-        std::fill(row, row + n, 0.f);
-        continue;
-      }
-      add_bias_max(row, bias, lo, hi);
-      std::fill(row, row + lo, 0.f);
-      std::fill(row + hi, row + n, 0.f);
-      exp_sum(row, lo, hi, lse[r]);
-      any = true;
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls);
     if (!any) continue;
     GradView g = grad[sg.src];
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
@@ -952,36 +1145,62 @@ void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t
 }
 #endif
 
-template <class T, class C>
-void forward_as(const Problem& p, T* out, float* lse) {
-  const T* q = static_cast<const T*>(p.q);
+// The tasks of a forward or backward pass: runs of query tiles of one (batch, head), so that a task's keys are
+// prepared (converted, packed) once; with few (batch, head) pairs the tiles are split into `chunks` runs, enough
+// to feed every thread `per_thread` times. Task t covers tiles [t0, t1) of pair bh = (b, h), run c.
+struct Tasks {
+  int64_t tiles, bhs, chunks, per;
+  Tasks(const Problem& p, int64_t per_thread) {
+    tiles = (p.Sq + p.bq - 1) / p.bq;
+    bhs = p.B * p.H;
+    const int64_t threads = at::get_num_threads();
+    chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (per_thread * threads + bhs - 1) / bhs));
+    per = (tiles + chunks - 1) / chunks;
+  }
+  int64_t count() const { return bhs * chunks; }
+  struct Task {
+    int64_t bh, c, b, h, t0, t1;
+  };
+  Task at(const Problem& p, int64_t t) const {
+    const int64_t bh = t / chunks, c = t % chunks;
+    return {bh, c, bh / p.H, bh % p.H, c * per, std::min(tiles, c * per + per)};
+  }
+};
+
+// The key sources of (b, h) = pair bh: main keys (band when p.w >= 0) and the extra source.
+template <class T>
+void task_sources(const Problem& p, int64_t bh, int64_t b, SrcView<T>* src) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* kx = static_cast<const T*>(p.kx);
   const T* vx = static_cast<const T*>(p.vx);
-  const int64_t tiles = (p.Sq + p.bq - 1) / p.bq;
-  const int64_t bhs = p.B * p.H;
-  // A task is a run of query tiles of one (batch, head), so that its keys are prepared once (prepare_sources);
-  // with few (batch, head) pairs the tiles are split into enough runs to feed every thread twice.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (2 * threads + bhs - 1) / bhs));
-  const int64_t per = (tiles + chunks - 1) / chunks;
-  bool packed = false;
+  const int64_t nk = p.Sk * p.D, nx = p.Sx * p.D;
+  src[0] = {k + bh * nk, v + bh * nk, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0};
+  src[1] = {kx ? kx + bh * nx : nullptr, vx ? vx + bh * nx : nullptr, p.kxbias ? p.kxbias + b * p.Sx : nullptr, false};
+}
+
+template <class T, class C>
+void forward_as(const Problem& p, T* out, float* lse) {
+  const T* q = static_cast<const T*>(p.q);
+  const Tasks tasks(p, 2);
+  bool packed = false, amx = false;
 #if ETKD_NATIVE_BF16
-  if constexpr (std::is_same_v<C, BFloat16>) packed = packed_ok(p);
+  if constexpr (std::is_same_v<C, BFloat16>) {
+    const Bf16Path path = bf16_path(p);
+    packed = path != Bf16Path::blas;
+    amx = path == Bf16Path::amx;
+  }
 #endif
   const bool own = std::is_same_v<C, float> && own_ok(p);
-  at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
     Work<T, C> w(p.bq, p.D);
     w.own = own;
+    w.amx = amx;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
-      const int64_t t0 = c * per, t1 = std::min(tiles, t0 + per);
+      const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
       if (t0 >= t1) continue;
-      const SrcView<T> raw[2] = {
-          {k + bh * p.Sk * p.D, v + bh * p.Sk * p.D, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
-          {kx ? kx + bh * p.Sx * p.D : nullptr, vx ? vx + bh * p.Sx * p.D : nullptr,
-           p.kxbias ? p.kxbias + b * p.Sx : nullptr, false}};
+      SrcView<T> raw[2];
+      task_sources(p, bh, b, raw);
 #if ETKD_NATIVE_BF16
       if constexpr (std::is_same_v<C, BFloat16>) {
         if (packed) {
@@ -1002,41 +1221,41 @@ void forward_as(const Problem& p, T* out, float* lse) {
       }
     }
 #if ETKD_NATIVE_BF16
-    if (packed) brgemm_done();
+    if (amx) brgemm_done();
 #endif
   });
+  if constexpr (std::is_same_v<T, BFloat16>)
+    count_bf16_call(false, !std::is_same_v<C, BFloat16> ? kProdFp32 : !packed ? kProdMkl : amx ? kProdAmx : kProdDp);
 }
 
 template <class T, class C>
 void backward_as(const Problem& p, const T* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,
                  float* dkx, float* dvx) {
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const T* kx = static_cast<const T*>(p.kx);
-  const T* vx = static_cast<const T*>(p.vx);
-  const int64_t tiles = (p.Sq + p.bq - 1) / p.bq;
-  const int64_t bhs = p.B * p.H;
   // dK/dV of different query tiles overlap: a task owns all tiles of a (b, h) chunk. With few (b, h) pairs
   // the query tiles are split into chunks that accumulate into private buffers, summed afterwards.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (4 * threads + bhs - 1) / bhs));
-  const int64_t tiles_per = (tiles + chunks - 1) / chunks;
+  const Tasks tasks(p, 4);
+  const int64_t bhs = tasks.bhs, chunks = tasks.chunks;
   const int64_t nk = p.Sk * p.D, nx = p.Sx * p.D;
   std::vector<float> part;  // (chunks - 1, B*H, 2 * (nk + nx)) private accumulators of chunks 1..
   if (chunks > 1) part.assign((chunks - 1) * bhs * 2 * (nk + nx), 0.f);
   const bool own = std::is_same_v<C, float> && own_ok(p);
-  at::parallel_for(0, bhs * chunks, 1, [&](int64_t begin, int64_t end) {
+  // bf16 products by the own vdpbf16ps kernels (backward_tile_dp) on a CPU without AMX (or ETKD_CPU_AMX=0), else
+  // MKL's bf16 GEMM per tile: with AMX, MKL's GEMM (AMX inside) is faster than vdpbf16ps, which runs at a quarter
+  // of the FMA instruction rate on Sapphire/Emerald Rapids (README, CPU ISA targets).
+  bool dpb = false;
+#if ETKD_NATIVE_BF16
+  if constexpr (std::is_same_v<C, BFloat16>)
+    dpb = bf16_path(p) == Bf16Path::own && reinterpret_cast<uintptr_t>(dout) % 4 == 0;
+#endif
+  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
     Work<T, C> w(p.bq, p.D);
     w.own = own;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / chunks, c = t % chunks, b = bh / p.H, h = bh % p.H;
-      const int64_t t0 = c * tiles_per, t1 = std::min(tiles, t0 + tiles_per);
+      const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
       if (t0 >= t1) continue;
-      SrcView<T> src[2] = {
-          {k + bh * nk, v + bh * nk, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0},
-          {kx ? kx + bh * nx : nullptr, vx ? vx + bh * nx : nullptr, p.kxbias ? p.kxbias + b * p.Sx : nullptr,
-           false}};
+      SrcView<T> src[2];
+      task_sources(p, bh, b, src);
       GradView grad[2];
       if (c == 0) {
         grad[0] = {dk + bh * nk, dv + bh * nk};
@@ -1046,13 +1265,21 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
         grad[0] = {base, base + nk};
         grad[1] = {base + 2 * nk, base + 2 * nk + nx};
       }
-      if (own) {  // K^T and V^T of the keys the chunk's tiles visit
+      if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
         int64_t lo[2], hi[2];
         key_range(p, b, h, t0, t1, w.segs, lo, hi);
+        const int64_t limit[2] = {p.Sk, p.Sx};
         for (int i = 0; i < 2; ++i) {
           if (hi[i] <= lo[i]) continue;
-          pack_keys_t(src[i].k, lo[i], hi[i], p.D, w.kt[i], w.tmp);
-          pack_keys_t(src[i].v, lo[i], hi[i], p.D, w.vt[i], w.tmp);
+          if constexpr (std::is_same_v<C, float>) {
+            pack_keys_t(src[i].k, lo[i], hi[i], p.D, w.kt[i], w.tmp);
+            pack_keys_t(src[i].v, lo[i], hi[i], p.D, w.vt[i], w.tmp);
+          }
+#if ETKD_NATIVE_BF16
+          else {
+            pack_keys(src[i].k, src[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i], true);
+          }
+#endif
         }
       }
       for (int64_t tile = t0; tile < t1; ++tile) {
@@ -1060,11 +1287,23 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
         w.segs.clear();
         p.segments(b, h, i0, rows, w.segs);
         const int64_t row0 = bh * p.Sq + i0;
-        backward_tile(p, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0,
-                      p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w, dq + row0 * p.D);
+        const uint8_t* skip = p.qskip ? p.qskip + b * p.Sq + i0 : nullptr;
+#if ETKD_NATIVE_BF16
+        if constexpr (std::is_same_v<C, BFloat16>) {
+          if (dpb) {
+            backward_tile_dp(p, w.packed, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0,
+                             skip, i0, rows, w, dq + row0 * p.D);
+            continue;
+          }
+        }
+#endif
+        backward_tile(p, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0, skip, i0, rows, w,
+                      dq + row0 * p.D);
       }
     }
   });
+  if constexpr (std::is_same_v<T, BFloat16>)
+    count_bf16_call(true, !std::is_same_v<C, BFloat16> ? kProdFp32 : dpb ? kProdDp : kProdMkl);
   if (chunks > 1) {
     at::parallel_for(0, bhs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {

@@ -42,9 +42,22 @@ const Kernels& table();
 
 const char* const kPhaseNames[kPhases] = {"prep", "qk", "softmax", "convert", "pv", "out"};
 
+const char* const kProdNames[kProdKinds] = {"amx", "vdpbf16ps", "mkl", "fp32"};
+
 namespace {
 std::atomic<int64_t> g_phase_ns[kPhases];
+std::atomic<int64_t> g_bf16_calls[2 * kProdKinds];
 }  // namespace
+
+void count_bf16_call(bool backward, Bf16Products how) {
+  g_bf16_calls[(backward ? kProdKinds : 0) + how].fetch_add(1, std::memory_order_relaxed);
+}
+
+std::vector<int64_t> bf16_calls_take() {
+  std::vector<int64_t> out(2 * kProdKinds);
+  for (int i = 0; i < 2 * kProdKinds; ++i) out[i] = g_bf16_calls[i].exchange(0);
+  return out;
+}
 
 bool profiling() {
   static const bool on = [] {
@@ -75,7 +88,18 @@ std::vector<double> profile_take() {
   return out;
 }
 
-bool brgemm_bf16_available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+bool amx_allowed() {
+  static const bool on = [] {
+    const char* e = std::getenv("ETKD_CPU_AMX");
+    const std::string v = e ? e : "";
+    if (v.empty() || v == "1") return true;
+    if (v == "0") return false;
+    throw std::runtime_error("ETKD_CPU_AMX=" + v + ": expected 1 (the default: AMX tiles where the CPU has them) or 0");
+  }();
+  return on;
+}
+
+bool brgemm_bf16_available() { return amx_allowed() && at::native::cpublas::could_pack(at::kBFloat16); }
 
 void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add, const void* a,
                  const void* b, float* c) {
@@ -138,7 +162,8 @@ std::string join(const std::vector<std::string>& v) {
 }
 
 const Kernels& choose() {
-  own_tile_gemm();  // a bad ETKD_CPU_GEMM is an error at the first kernel use, like a bad ETKD_CPU_ISA
+  own_tile_gemm();  // a bad ETKD_CPU_GEMM (or ETKD_CPU_AMX) is an error at the first kernel use, like a bad ETKD_CPU_ISA
+  amx_allowed();
   const char* env = std::getenv("ETKD_CPU_ISA");
   const std::string want = env ? env : "";
   if (!want.empty() && want != "auto") {

@@ -183,20 +183,16 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_
                                        const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
                                        const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
   check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
-  check_like(grad_out_, q_, "grad_out");
-  check_like(out_, q_, "out");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
-  const Tensor &grad_out = grad_out_, &out = out_;
+  const Tensor& grad_out = grad_out_;
+  const auto [delta, dq, dk, dv] = backward_start(grad_out, out_, q, lse);
   const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
   const bool sep = qg.has_value();
   Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
-  auto delta = row_delta(grad_out, out).contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
-  auto dq = at::zeros(q.sizes(), f32), dk = at::zeros(q.sizes(), f32), dv = at::zeros(q.sizes(), f32);
   auto cast = [dt](std::vector<Tensor> gs) {
     for (auto& t : gs) t = as_dtype(t, dt);
     return gs;

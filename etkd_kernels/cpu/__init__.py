@@ -4,8 +4,10 @@ The SIMD kernels are compiled for several x86-64 targets (AVX2 baseline, AVX-512
 chosen when the extension is first used: the widest this CPU reports, or the one ETKD_CPU_ISA names
 (`avx2`, `avx512`, `avx512_bf16`; an unusable value is an error). `isa()` says which one runs.
 float32, bfloat16 and float16 inputs: fp32 softmax statistics and accumulation, outputs in the input dtype;
-bf16 tiles are multiplied natively on the `avx512_bf16` target (forward: oneDNN brgemm on pre-packed K/V, AMX
-where the CPU has it; else MKL's bf16 GEMM), other 16-bit cases convert on load (K/V once per (batch, head) task).
+bf16 tiles are multiplied natively on the `avx512_bf16` target: on a CPU with AMX the forward by oneDNN brgemm on
+AMX tiles (K/V packed once per (batch, head) task) and the backward by MKL's bf16 GEMM; without AMX (AMD Zen 4/5,
+or ETKD_CPU_AMX=0) both by the own vdpbf16ps micro-kernels on K/V packed once per task (ETKD_CPU_GEMM=blas: MKL's
+bf16 GEMM for both); other 16-bit cases convert on load (K/V once per (batch, head) task).
 """
 
 from __future__ import annotations
@@ -43,12 +45,7 @@ def isa_summary() -> str:
     """One line: the chosen target, how bf16 is computed, and what else is built / supported here."""
     from etkd_kernels import _C
 
-    if _C.bf16_brgemm():
-        bf16 = "bf16 native: forward tiles by oneDNN brgemm/AMX, backward by MKL bf16 GEMM"
-    elif _C.native_bf16():
-        bf16 = "bf16 native: MKL bf16 GEMM"
-    else:
-        bf16 = "bf16/fp16 converted to fp32 on load"
+    bf16 = bf16_description()
     if _C.tile_gemm() == "own":
         fp32 = f"fp32 tiles by own {_C.isa()} micro-kernels"
     else:
@@ -57,6 +54,28 @@ def isa_summary() -> str:
         f"ISA {_C.isa()} ({fp32}; {bf16}; built: {', '.join(_C.built_isas())}; "
         f"this CPU: {', '.join(_C.supported_isas()) or 'none'}; ETKD_CPU_ISA forces one)"
     )
+
+
+_BF16_PRODUCTS = {
+    "amx": "oneDNN AMX brgemm tiles",
+    "vdpbf16ps": "own vdpbf16ps micro-kernels",
+    "mkl": "MKL bf16 GEMM",
+}
+
+
+def bf16_description() -> str:
+    """How bf16 tiles are multiplied here, forward and backward (`_C.bf16_products()`): AMX brgemm where the CPU has
+    AMX (ETKD_CPU_AMX=0 switches it off), the own AVX512-BF16 vdpbf16ps kernels, MKL's bf16 GEMM
+    (ETKD_CPU_GEMM=blas), or conversion to fp32 on a target without native bf16."""
+    from etkd_kernels import _C
+
+    got = _C.bf16_products()
+    if got["forward"] == "fp32":
+        return "bf16/fp16 converted to fp32 on load"
+    fwd, bwd = _BF16_PRODUCTS[got["forward"]], _BF16_PRODUCTS[got["backward"]]
+    if fwd == bwd:
+        return f"bf16 native: tiles by {fwd}"
+    return f"bf16 native: forward tiles by {fwd}, backward by {bwd}"
 
 
 _told: set[tuple[str, torch.dtype, int]] = set()
@@ -73,11 +92,12 @@ def note_tile_path(op: str, q: torch.Tensor) -> None:
     from etkd_kernels import _C
 
     if q.dtype == torch.bfloat16 and _C.native_bf16():
-        if not _C.bf16_brgemm() or d % 16 == 0:
+        fast = _C.bf16_products()["forward"]
+        if fast == "mkl" or d % 16 == 0:
             return
         msg = (
-            f"etkd {op}: bf16 with head_dim {d} runs on MKL's bf16 GEMM, not the faster AMX brgemm "
-            "tiles of this CPU (they need head_dim a multiple of 16)"
+            f"etkd {op}: bf16 with head_dim {d} runs on MKL's bf16 GEMM, not the faster "
+            f"{_BF16_PRODUCTS[fast]} of this CPU (they need head_dim a multiple of 16)"
         )
     else:
         width = _C.own_tile_width()

@@ -4,7 +4,11 @@ Every (ISA target, emulation) runs in a subprocess of its own (the target is cho
 ETKD_CPU_ISA); the rounds alternate between the subprocesses so that load on a shared machine hits every
 configuration alike, and the median over rounds is reported. `--mkl-avx2` adds an "AVX2 CPU" configuration:
 ETKD_CPU_ISA=avx2 plus MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2, so the BLAS that the tile
-products call is also limited to AVX2, as on an AVX2-only CPU. Shapes: batch 1, 12 heads x 64, seq 4096;
+products call is also limited to AVX2, as on an AVX2-only CPU. `--no-amx` adds an "AVX512-BF16 CPU without AMX"
+configuration (AMD Zen 4/5) on an AMX CPU: ETKD_CPU_ISA=avx512_bf16, ETKD_CPU_AMX=0 (bf16 tiles on the own
+vdpbf16ps kernels), MKL_ENABLE_INSTRUCTIONS=AVX512_E3 and ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (no AMX in MKL or
+oneDNN either). The CPU's model and its SIMD flags are printed first; every child says what multiplied its bf16
+tiles (`_C.bf16_products()`). Shapes: batch 1, 12 heads x 64, seq 4096;
 sliding window 512 (no globals); BigBird block-sparse 64 (3 window + 2 global + 3 random blocks).
 
 Each round times every case with the project's one timer (`etkd_kernels.timing.time_call`, median of
@@ -40,11 +44,11 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
         "sliding_window": lambda q, k, v: ek.sliding_window_attention(q, k, v, 512, backend="cpu"),
         "block_sparse": lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, backend="cpu"),
     }
-    res: dict = {"isa": _C.isa(), "times": {}, "phases": {}}
+    res: dict = {"isa": _C.isa(), "bf16": _C.bf16_products(), "times": {}, "phases": {}}
     for pattern in patterns:
         for dn in dtypes:
             for mode in modes:
-                ts = [t.to(_DTYPES[dn]).requires_grad_(mode == "fwd+bwd") for t in base]
+                ts = [t.detach().to(_DTYPES[dn]).requires_grad_(mode == "fwd+bwd") for t in base]
                 grad = torch.randn(ts[0].shape, generator=g).to(_DTYPES[dn])
 
                 def run(op=ops[pattern], ts=ts, mode=mode, grad=grad):
@@ -69,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mkl-avx2", action="store_true", help="add the AVX2-CPU emulation (BLAS limited too)")
     ap.add_argument(
         "--blas", action="store_true", help="add each ISA with BLAS tile products (ETKD_CPU_GEMM=blas)"
+    )
+    ap.add_argument(
+        "--no-amx",
+        action="store_true",
+        help="add avx512_bf16 without AMX (ours, MKL, oneDNN): a Zen 4 emulation",
     )
     ap.add_argument("--patterns", nargs="+", default=["sliding_window", "block_sparse"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=tuple(_DTYPES))
@@ -95,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         if a.blas:
             configs["avx2+blas+mkl_avx2"] = dict(configs["avx2+mkl_avx2"], ETKD_CPU_GEMM="blas")
+    if a.no_amx:
+        configs["avx512_bf16+noamx"] = dict(_NO_AMX, ETKD_CPU_ISA="avx512_bf16")
+        if a.blas:
+            configs["avx512_bf16+blas+noamx"] = dict(configs["avx512_bf16+noamx"], ETKD_CPU_GEMM="blas")
     if a.profile:
         configs = {c: dict(env, ETKD_CPU_PROFILE="1") for c, env in configs.items()}
     rows: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     argv_child = [sys.executable, "-m", "etkd_kernels.cpu.bench_isa", "--child", "1", "--seq", str(a.seq)]
     argv_child += ["--repeats", str(a.repeats), "--threads", str(a.threads), "--patterns", *a.patterns]
     argv_child += ["--dtypes", *a.dtypes, "--modes", *a.modes]
-    loads = []
+    print(f"# {_cpu_model()}; SIMD flags: {' '.join(_simd_flags()) or 'unknown'}")
+    loads, bf16 = [], {}
     for _ in range(a.rounds):
         for name, env in configs.items():
             loads.append(os.getloadavg()[0])
@@ -110,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             if out.returncode != 0:
                 raise SystemExit(f"{name}: {out.stderr[-2000:]}")
             got = json.loads(out.stdout.strip().splitlines()[-1])
+            bf16[name] = (
+                f"{got['isa']}, bf16 tiles fwd {got['bf16']['forward']} / bwd {got['bf16']['backward']}"
+            )
             for key, val in got["times"].items():
                 rows[name].setdefault(key, []).append(val)
             for key, ph in got["phases"].items():
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = _cpu_model()
     print(f"# {cpu}; torch {torch.__version__}; {a.threads} threads")
     print(f"# 1-min load during the run: min {min(loads):.2f}, max {max(loads):.2f}; now {os.getloadavg()}")
+    for name, what in bf16.items():
+        print(f"# {name}: {what}")
     print(f"# seconds per call: median [p20-p80] over {a.rounds} rounds of time_call (median of {a.repeats})")
     keys = list(next(iter(rows.values())))
     tm = {c: {k: Timing.of(v) for k, v in r.items()} for c, r in rows.items()}
@@ -153,6 +172,27 @@ def main(argv: list[str] | None = None) -> int:
                 cells = " | ".join(f"{1e3 * statistics.median(ph[n]):.0f}" for n in names)
                 print(f"| {c} | {key} | {1e3 * med[c][key]:.0f} | {cells} |")
     return 0
+
+
+# What an AVX512-BF16 CPU without AMX runs: our kernels off AMX, MKL and oneDNN (torch's own GEMMs) limited too.
+_NO_AMX = {
+    "ETKD_CPU_AMX": "0",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX512_E3",
+    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+}
+
+
+def _simd_flags() -> list[str]:
+    """The CPU's SIMD/matrix flags from /proc/cpuinfo (avx*, fma, f16c, amx*)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(x for x in flags if x.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model() -> str:
