@@ -1,18 +1,25 @@
-"""Build script: the CPU extension always (unless ETKD_NO_EXT=1), the CUDA one only where it can be built.
+"""Build script: pure Python plus the CPU extension when torch is importable here; the CUDA one only where it can be built.
 
 The CPU extension `etkd_kernels._C` is compiled from csrc/cpu with OpenMP; on x86-64 its SIMD kernels are compiled
 once per ISA target (csrc/cpu/isa/: AVX2 baseline, AVX-512, AVX-512 + BF16) that the compiler accepts, and the
-extension picks one at run time (csrc/cpu/isa.h). The CUDA extension
-`etkd_kernels._C_cuda` is compiled from csrc/cuda only when torch is a CUDA build and a CUDA toolkit is found,
-or when FORCE_CUDA=1. The path taken is printed so a user can see it in the pip log.
+extension picks one at run time (csrc/cpu/isa.h). How that build goes (sources, targets, flags) is written once, in
+etkd_kernels/build.py, which also compiles the same kernels just in time for another torch (ETKD_JIT=1).
+
+A compiled extension is tied to the torch it was built against: the build writes that version to
+etkd_kernels/_build_info.py, and the wheel requires the same torch minor (`torch==2.13.*` for a 2.13 build).
+torch is deliberately NOT a build requirement (pyproject.toml): in pip's isolated build it would pull the
+multi-GB CUDA torch onto a CPU machine. So an isolated build (`pip install .` from source) makes a pure-Python
+package whose `cpu` backend says how to get kernels (`ETKD_JIT=1`), and `pip install --no-build-isolation .`
+compiles against the torch the user has (CPU or CUDA). The CUDA extension `etkd_kernels._C_cuda` is compiled
+from csrc/cuda only when torch is a CUDA build and a CUDA toolkit is found, or when FORCE_CUDA=1. The path taken
+is printed so a user can see it in the pip log.
 """
 
 import glob
+import importlib.util
 import os
-import platform
-import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 from setuptools import find_namespace_packages, setup
 
@@ -62,99 +69,72 @@ def discover_packages() -> tuple[list[str], dict[str, str]]:
     return packages, package_dir
 
 
+# Runtime dependencies besides torch (whose requirement the build decides, below). Floors are the releases that
+# have every API we call (a resolver that lands below one fails at install, not in a test). The drivers'
+# dependencies are the `train` extra (pyproject.toml); a driver run without them says which extra to install.
+DEPENDENCIES = [
+    "numpy>=1.24",
+    "transformers>=4.48",  # the suite runs on transformers 5; 4.48 is the first with AttentionInterface
+    "safetensors>=0.4",
+    "tqdm>=4.66",
+    "pyyaml>=6.0",
+]
+TORCH_FLOOR = "torch>=2.5"  # a package with no compiled extension runs on any torch the code supports
+
+
 def _say(msg: str) -> None:
     print(f"[etkd setup] {msg}", file=sys.stderr)
 
 
-# x86-64 kernel targets (csrc/cpu/isa/<name>.cpp): GCC target string and an intrinsic the target must compile.
-_ISA_PROBES = {
-    "avx2": (
-        "avx2,fma,f16c",
-        "__m256 x = _mm256_fmadd_ps(_mm256_set1_ps(1.f), _mm256_set1_ps(2.f), _mm256_setzero_ps());",
-    ),
-    "avx512": (
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq",
-        "__m512 x = _mm512_fmadd_ps(_mm512_set1_ps(1.f), _mm512_set1_ps(2.f), _mm512_setzero_ps());",
-    ),
-    "avx512_bf16": (
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16",
-        "__m256bh x = _mm512_cvtneps_pbh(_mm512_set1_ps(1.f));",
-    ),
-}
-
-
-def _compiler_accepts(target: str, body: str) -> bool:
-    """Compile probe: does the C++ compiler build `body` under `#pragma GCC target(target)`?"""
-    cxx = os.environ.get("CXX", "c++")
-    src = f'#include <immintrin.h>\n#pragma GCC target("{target}")\nvoid probe() {{ {body} (void)x; }}\n'
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "probe.cpp")
-        with open(path, "w") as f:
-            f.write(src)
-        try:
-            res = subprocess.run(
-                [cxx, "-std=c++17", "-c", path, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-    return res.returncode == 0
-
-
-def _isa_macros() -> list[tuple[str, str]]:
-    """ETKD_HAVE_<ISA>=1 for every x86-64 kernel target the compiler accepts (none elsewhere: generic target)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _say("not x86-64: kernels compiled for the generic target only")
-        return []
-    macros, built, skipped = [], [], []
-    for name, (target, body) in _ISA_PROBES.items():
-        if _compiler_accepts(target, body):
-            macros.append((f"ETKD_HAVE_{name.upper()}", "1"))
-            built.append(name)
-        else:
-            skipped.append(name)
-    if "avx2" not in built:
-        raise RuntimeError("the C++ compiler rejects the AVX2 + FMA target the cpu kernels need (set CXX?)")
-    _say(
-        f"CPU kernel targets: {', '.join(built)}"
-        + (f" (compiler rejects: {', '.join(skipped)})" if skipped else "")
+def _kernel_build():
+    """etkd_kernels/build.py, loaded by path (the package itself cannot be imported before it is built)."""
+    spec = importlib.util.spec_from_file_location(
+        "_etkd_build", os.path.join(HERE, "etkd_kernels", "build.py")
     )
-    return macros
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
+    """(ext_modules, cmdclass, torch requirement)."""
     if os.environ.get("ETKD_NO_EXT") == "1":
-        _say("ETKD_NO_EXT=1: building no compiled extension (reference and triton backends only)")
-        return [], {}
+        _say(
+            "ETKD_NO_EXT=1: building no compiled extension (reference and triton backends; ETKD_JIT=1 for cpu)"
+        )
+        return [], {}, TORCH_FLOOR
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        _say("torch is not importable at build time: no compiled extension (use --no-build-isolation)")
-        return [], {}
+        _say(
+            "torch is not importable in this build environment (pip's build isolation keeps your torch out): "
+            "building the pure-Python package, whose cpu backend compiles its kernels on first use with ETKD_JIT=1. "
+            "To compile them now against your torch: pip install --no-build-isolation ."
+        )
+        return [], {}, TORCH_FLOOR
 
+    kb = _kernel_build()
     exts = []
-    cpu_sources = sorted(
-        glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
-        + glob.glob(os.path.join("csrc", "cpu", "isa", "*.cpp"))
-    )
+    csrc = os.path.join(HERE, "csrc")
+    cpu_sources = [os.path.relpath(p, HERE) for p in kb.cpu_sources(Path(csrc))]
+    isas = []
     if cpu_sources:
-        if sys.platform == "darwin":
-            omp_c, omp_l = ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
-        else:
-            omp_c, omp_l = ["-fopenmp"], ["-fopenmp"]
+        macros = kb.isa_macros(_say)
+        isas = [name.removeprefix("ETKD_HAVE_").lower() for name, _ in macros]
         exts.append(
             CppExtension(
                 "etkd_kernels._C",
                 cpu_sources,
-                include_dirs=[os.path.join(HERE, "csrc")],
-                define_macros=_isa_macros(),
-                extra_compile_args={"cxx": ["-O3", "-std=c++17", *omp_c]},
-                extra_link_args=omp_l,
+                include_dirs=[csrc],
+                define_macros=macros,
+                extra_compile_args={"cxx": kb.compile_flags()},
+                extra_link_args=kb.openmp_flags()[1],
             )
         )
-        _say(f"building CPU extension etkd_kernels._C from {len(cpu_sources)} sources (OpenMP on)")
+        _say(
+            f"building CPU extension etkd_kernels._C from {len(cpu_sources)} sources (OpenMP on) for torch {torch.__version__}"
+        )
 
     force = os.environ.get("FORCE_CUDA") == "1"
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -166,7 +146,7 @@ def _extensions():
             CUDAExtension(
                 "etkd_kernels._C_cuda",
                 binding + cuda_sources,
-                include_dirs=[os.path.join(HERE, "csrc")],
+                include_dirs=[csrc],
                 extra_compile_args={
                     "cxx": ["-O3", "-std=c++17"],
                     "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
@@ -181,19 +161,34 @@ def _extensions():
         _say(f"skipping CUDA extension: {why} (FORCE_CUDA=1 forces it)")
 
     if not exts:
-        return [], {}
+        return [], {}, TORCH_FLOOR
+    info = kb.build_info_source(torch.__version__, isas)
+
+    class BuildWithInfo(BuildExtension.with_options(use_ninja=True)):
+        """Writes etkd_kernels/_build_info.py (the torch compiled against) beside the extension it builds."""
+
+        def run(self):
+            super().run()
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath("etkd_kernels._C")), "_build_info.py")
+            with open(path, "w") as f:
+                f.write(info)
+
     # Cap parallel compile jobs: every torch-including translation unit needs ~1.5 GB of RAM.
     os.environ.setdefault("MAX_JOBS", str(max(1, min(os.cpu_count() or 1, 4))))
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    minor = kb.torch_minor(torch.__version__)
+    _say(
+        f"the wheel requires torch=={minor}.* (a compiled extension loads only on the torch minor it was built for)"
+    )
+    return exts, {"build_ext": BuildWithInfo}, f"torch=={minor}.*"
 
 
-ext_modules, cmdclass = _extensions()
-
+ext_modules, cmdclass, torch_requirement = _extensions()
 packages, package_dir = discover_packages()
 setup(
     packages=packages,
     package_dir=package_dir,
     package_data={CSRC_PACKAGE: CSRC_FILES},
+    install_requires=[torch_requirement, *DEPENDENCIES],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -6,14 +6,16 @@ MiniLM-L6 size: a 6-layer H384 BERT teacher (vocab 30,522) and its 3-layer every
 
 Random weights and token ids (the cost does not depend on them); 15% of the real tokens are masked as
 `etkd distill`'s collator does. The step is the driver's own loss (`distill.make_loss`), so the figure is what
-`etkd distill` spends per optimizer step, without data loading. Prints tokens/s (median of the timed steps)
-with the environment.
+`etkd distill` spends per optimizer step, without data loading. Prints tokens/s (median wall time of the timed
+steps) and tokens per CPU-second (process time over every step, all threads: on a machine shared with other
+work, the wall time measures the other work too, the CPU time much less so) with the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -60,14 +62,12 @@ def measure(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    cpu0 = time.process_time()
     t = time_call(step, repeats=spec["repeats"], warmup=2)
+    cpu = (time.process_time() - cpu0) / (spec["repeats"] + 2)  # CPU seconds per step, every thread
     tokens = spec["batch"] * spec["seq"]
-    return {
-        **spec,
-        "median_s": t.median,
-        "tokens_per_s": tokens / t.median,
-        "environment": environment().line(),
-    }
+    return {**spec, "median_s": t.median, "tokens_per_s": tokens / t.median, "cpu_s_per_step": cpu,
+            "tokens_per_cpu_s": tokens / cpu, "environment": environment().line()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

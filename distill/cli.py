@@ -3,15 +3,22 @@
 Each driver module exposes `register(subparsers)`, which adds its subcommand and sets `func` (called with
 the parsed args, returning an exit code). Modules are imported only when the CLI starts. Every subcommand
 also takes `--debug` (tracebacks for user errors too) and `--log-level` (the stdlib `etkd` logger). A `UserError` (bad flag, config value, data file,
-path) prints one line and exits 2; any other exception is a bug and shows its traceback.
+path), a bad value of an `ETKD_*` environment variable, and a command whose optional dependencies are not
+installed (it names the extra: `pip install 'etkd[train]'`) print one line and exit 2; Ctrl-C prints one line
+(naming `--resume` for a command that checkpoints) and exits 130; any other exception is a bug and shows its
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
+import re
 import sys
+
+from etkd_kernels._env import FLAGS, EnvironmentValueError, flag
 
 from .errors import UserError
 
@@ -88,16 +95,76 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+# Import names whose distribution is named otherwise (for the missing-extra message).
+DISTRIBUTION_OF = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
+
+
+def extra_for(module: str) -> str | None:
+    """The extra of etkd's metadata (pyproject.toml's optional-dependencies) that installs `module`, preferring
+    a user-facing one over `test`; None when no extra does."""
+    want = DISTRIBUTION_OF.get(module, module).lower().replace("_", "-")
+    extras = []
+    for req in importlib.metadata.requires("etkd") or ():
+        name = re.match(r"[A-Za-z0-9._-]+", req).group(0).lower().replace("_", "-")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+        if name == want and extra:
+            extras.append(extra.group(1))
+    return next((e for e in extras if e != "test"), extras[0] if extras else None)
+
+
+def check_environment() -> None:
+    """Every etkd variable that is set (etkd_kernels/_env.py lists them), checked before a command runs; the
+    cpu kernels are loaded only when a variable of theirs is set (they check ETKD_CPU_ISA and ETKD_CPU_GEMM)."""
+    import os
+
+    from etkd_kernels.dispatch import check_name
+
+    backend = os.environ.get("ETKD_BACKEND", "").strip()
+    if backend:
+        try:
+            check_name(backend, f"ETKD_BACKEND={backend}")
+        except ValueError as exc:
+            raise EnvironmentValueError(str(exc)) from None
+    for name in FLAGS:
+        flag(name)
+    if os.environ.get("ETKD_CPU_ISA") or os.environ.get("ETKD_CPU_GEMM"):
+        from etkd_kernels import cpu
+
+        cpu.unavailable_reason()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
+        check_environment()
         return int(args.func(args) or 0)
-    except UserError as exc:
+    except (UserError, EnvironmentValueError) as exc:
         if args.debug:
             raise
         print(f"etkd {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return getattr(exc, "exit_code", 2)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        extra = extra_for(missing) if missing else None
+        if extra is None or args.debug:
+            raise
+        print(
+            f"etkd {args.command}: error: this command needs the `{extra}` extra ({missing} is not installed): "
+            f"pip install 'etkd[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        again = (
+            " (checkpoints are kept: run the same command with --resume to continue)"
+            if hasattr(args, "resume")
+            else ""
+        )
+        print(f"\netkd {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

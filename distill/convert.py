@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the model library names the argument (window, block size, ...)
         raise UserError(f"convert: {exc}") from None
     if args.format == "hf":
+        from etkd.models.encoder import apply_umask
+
         to_hf(new).save_pretrained(args.out)
+        apply_umask(args.out)
     elif args.format == "hf-attention":
         from etkd.hf import save_hf_attention, to_hf_attention
 

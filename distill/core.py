@@ -270,6 +270,7 @@ def tokenizer_for(ns: argparse.Namespace, *model_dirs: str | None):
 def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[str, str]:
     """Our format in `directory`; HF format in `directory`-hf where a transformers class exists."""
     from etkd.models import to_hf
+    from etkd.models.encoder import apply_umask
 
     written = {}
     model.save_pretrained(directory)
@@ -284,6 +285,7 @@ def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[s
         else:
             hf_dir = directory.rstrip("/") + "-hf"
             hf_model.save_pretrained(hf_dir)
+            apply_umask(hf_dir)
             if tokenizer is not None:
                 tokenizer.save_pretrained(hf_dir)
             written["hf"] = hf_dir

@@ -341,6 +341,7 @@ def train(
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
     if accelerator.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        _drop_log_after(log_path, step)
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
@@ -417,6 +418,27 @@ def train(
     }
 
 
+def _drop_log_after(log_path: str, step: int) -> None:
+    """Keep only the log records up to `step`, the step this run starts from: the steps an interrupted run
+    logged after its last checkpoint are replayed now and logged again, so their old records go."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a record cut off by the kill
+    if keep != lines:
+        tmp = log_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, log_path)
+
+
 def _apply_hparams(optimizer, scheduler, cfg: TrainConfig) -> None:
     """Replace a restored optimizer's and schedule's peak learning rate and weight decay by cfg's; warm-up
     follows cfg already (the schedule's lambdas are built from cfg, a checkpoint does not hold them)."""
@@ -439,12 +461,16 @@ class _TiedWeightsNote(logging.Filter):
 def _save_checkpoint(
     accelerator, cfg: TrainConfig, step: int, batches: ShardedBatches, tokens: int, loss: float
 ) -> str:
+    from etkd.models.encoder import apply_umask
+
     path = os.path.join(cfg.output_dir, CHECKPOINT_DIR, f"step_{step:08d}")
     accelerator.wait_for_everyone()
     note, quiet = logging.getLogger("accelerate.utils.other"), _TiedWeightsNote()
     note.addFilter(quiet)
     try:
         accelerator.save_state(path)
+        if accelerator.is_main_process:
+            apply_umask(path)
     finally:
         note.removeFilter(quiet)
     accelerator.wait_for_everyone()

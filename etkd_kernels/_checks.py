@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ._env import flag
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,16 +91,26 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
 
     Deciding it needs the answer on the host. On the CPU that costs nothing extra; on a GPU it is a device
     synchronisation per call, which at small batch costs more than the kernel, so there the check runs only
-    when the environment sets `ETKD_CHECK_FINITE=1` (read per call). Meta tensors hold no values: skipped.
+    when the environment sets `ETKD_CHECK_FINITE=1` (read per call). Meta and fake tensors (FakeTensorMode,
+    torch.export, shape propagation) hold no values: skipped.
     """
     if _compiling():
         return
     for name, t in tensors.items():
         if t is None or not t.is_floating_point() or t.numel() == 0 or not finite_check_on(t.device):
             continue
+        if _is_fake(t):
+            continue
         lo, hi = torch.aminmax(t)
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise ValueError(f"{name}: contains NaN or Inf; etkd ops reject non-finite inputs")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A tensor without data: a FakeTensor, or any tensor while a FakeTensorMode is active."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or torch._guards.detect_fake_mode() is not None
 
 
 def finite_check_on(device: torch.device) -> bool:
@@ -109,7 +119,7 @@ def finite_check_on(device: torch.device) -> bool:
         return False
     if on_host(device):
         return True
-    return os.environ.get("ETKD_CHECK_FINITE", "0") == "1"
+    return flag("ETKD_CHECK_FINITE")
 
 
 def on_host(device: torch.device) -> bool:

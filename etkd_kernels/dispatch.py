@@ -228,6 +228,26 @@ def _warn_slow_fallback(op: str, p: Problem) -> None:
     key = (op, device.type, dtype, p.dropout)
     if key in _warned:
         return
+    # A fused backend `auto` would pick for this device is not usable at all (not compiled, compiled for
+    # another torch, failed to load): the fallback is never silent; its reason says how to get the kernels.
+    unbuilt = [
+        f"{cand}: {why}"
+        for cand in PRIORITY
+        if cand != "reference"
+        and (_module(cand).AUTO_DEVICES is None or device.type in _module(cand).AUTO_DEVICES)
+        and (caps := capabilities(cand, op)) is not None
+        and caps.needs_build
+        and (why := _module(cand).unavailable_reason()) is not None
+    ]
+    if unbuilt:
+        _warned.add(key)
+        warnings.warn(
+            f"etkd: {op} on {device.type}/{dtype} runs on the slow `reference` backend; "
+            + "; ".join(unbuilt),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
     alternatives = [
         (str(other), dataclasses.replace(p, dtype=other)) for other in _OTHER_DTYPES if other != dtype
     ]

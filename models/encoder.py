@@ -22,6 +22,20 @@ WEIGHTS_NAME = "model.safetensors"
 TOKEN_HEADS = ("mlm", "token_classification", "question_answering")  # heads with one output per token
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or every file under a folder) the mode new files get under the user's umask.
+
+    safetensors creates its files 0600 whatever the umask (ours, HF's save_pretrained, accelerate's
+    checkpoints), so a model written for a team to read would be readable by its writer alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        if not os.path.islink(p):
+            os.chmod(p, mode)
+
+
 @dataclass
 class EncoderOutput:
     last_hidden_state: torch.Tensor  # (b, s, d)
@@ -252,6 +266,7 @@ class EncoderModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.config.save(directory)
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
+        apply_umask(os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> EncoderModel:

@@ -17,6 +17,34 @@ def pytest_runtest_setup(item):
         pytest.skip("TRITON_INTERPRET=1 in this process: GPU tests run without it, in a process of their own")
 
 
+def pytest_sessionstart(session):
+    # `make test` and .ci/run test the installed wheel from outside the source tree and set ETKD_TEST_INSTALLED=1:
+    # then a module imported from anywhere but site-packages (the source tree on sys.path, an editable
+    # install) fails the run before any test, so a green suite always means the shipped package passed.
+    if os.environ.get("ETKD_TEST_INSTALLED") != "1":
+        return
+    import sysconfig
+    from pathlib import Path
+
+    import etkd
+    import etkd.distill
+    import etkd_kernels
+
+    site = [Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")]
+    paths = {
+        "etkd": list(etkd.__path__),
+        "etkd.distill": [etkd.distill.__file__],
+        "etkd_kernels": [etkd_kernels.__file__],
+    }
+    wrong = [f"{name} from {p}" for name, ps in paths.items() for p in ps
+             if not any(Path(p).resolve().is_relative_to(s) for s in site)]  # fmt: skip
+    if wrong:
+        raise pytest.UsageError(
+            f"ETKD_TEST_INSTALLED=1 but not testing the installed package: {'; '.join(wrong)} "
+            f"(site-packages: {', '.join(map(str, site))})"
+        )
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--max-errors", action="store_true", help="print the worst assert_close error per test file"

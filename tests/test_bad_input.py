@@ -92,3 +92,28 @@ def test_layout_builder_errors_name_the_argument():
         ek.fixed_layout(0)
     with pytest.raises(ValueError, match="global_block_indices"):
         ek.longformer_layout(64, block_size=8, global_block_indices=(9,))
+
+
+def test_finite_check_skips_tensors_without_data():
+    """meta tensors and FakeTensorMode (shape propagation, torch.export) hold no values: every op gives its
+    output shape instead of failing in the NaN/Inf check (it used to read a value: Tensor.item() on meta,
+    DataDependentOutputException under FakeTensorMode)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    layout = ek.bigbird_layout(32, block_size=16, num_random_blocks=0, seed=0)
+    calls = {
+        "sliding_window": lambda q: ek.sliding_window_attention(q, q, q, 8),
+        "block_sparse": lambda q: ek.block_sparse_attention(q, q, q, layout.to(q.device)),
+        "lsg": lambda q: ek.lsg_attention(q, q, q, block_size=16),
+        "nystrom": lambda q: ek.nystrom_attention(q, q, q, num_landmarks=4),
+        "full": lambda q: ek.full_attention(q, q, q),
+    }
+    meta = torch.empty(1, 2, 32, 16, device="meta")
+    for op, call in calls.items():
+        out = call(meta)
+        assert out.device.type == "meta" and out.shape == meta.shape, op
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the layout stays a real constant
+        fake = torch.randn(1, 2, 32, 16)
+        for op, call in calls.items():
+            out = call(fake)
+            assert isinstance(out, FakeTensor) and out.shape == fake.shape, op

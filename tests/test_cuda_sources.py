@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CSRC = ROOT / "csrc"
+from etkd_kernels.build import csrc_dir
+
+CSRC = csrc_dir()  # the sources the installed package ships (etkd_kernels/csrc), or the tree's csrc/
 CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++") or shutil.which("c++")
@@ -112,7 +113,7 @@ def _host_test(tmp_path_factory, name: str) -> Path:
         pytest.skip("no host C++ compiler (g++)")
     out = tmp_path_factory.mktemp(name) / name
     cmd = [GXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}"]
-    cmd += [str(ROOT / "tests" / "cpp" / f"{name}.cpp"), "-o", str(out)]
+    cmd += [str(Path(__file__).resolve().parent / "cpp" / f"{name}.cpp"), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and not res.stderr.strip(), f"g++ failed or warned:\n{res.stderr}"
     return out

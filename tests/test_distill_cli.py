@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,7 +193,7 @@ def test_distill_into_longer_longformer_student(teacher_dir, corpus, tmp_path):
     argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--student-attention", "longformer",
             "--student-max-positions", "128", "--student-window", "16", "--short-length", "32",
             "--long-length", "96", "--long-fraction", "0.5", "--batch-size", "2", "--max-blocks", "40",
-            "--kd-masked-only", *common(out, 3)]  # fmt: skip
+            "--kd-masked-only", "--teacher-precision", "bf16", *common(out, 3)]  # fmt: skip
     assert cli(argv) == 0
     student = EncoderModel.from_pretrained(str(out / "student"))
     assert student.config.attention == "longformer" and student.config.max_tokens >= 96
@@ -214,6 +219,9 @@ def test_pretrain_config_file_and_cli_resume(corpus, tmp_path):
         assert torch.equal(a, b), k
     settings = json.loads((tmp_path / "ref" / "settings.json").read_text())
     assert settings["learning_rate"] == 0.002 and settings["max_steps"] == 6  # file, then CLI
+    # The interrupted run logged step 3 after its last checkpoint (step 2); the resumed run replayed it.
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
 
 
 def write_jsonl(path, rows):
@@ -303,3 +311,111 @@ def test_mlm_head_is_added_only_on_request(corpus, tmp_path, caplog):
     assert cli([*argv, "--add-mlm-head", "--overwrite"]) == 0
     assert "soft-target term (--beta) distils noise" in caplog.text
     assert EncoderModel.from_pretrained(str(tmp_path / "kd" / "student")).config.head == "mlm"
+
+
+# ---- the `etkd` console script as users run it: one line and exit 2 for user errors, 130 for Ctrl-C ------------
+
+ETKD = str(Path(sys.executable).with_name("etkd"))
+
+
+def _etkd(*argv: str, **env: str) -> subprocess.Popen:
+    full = {**os.environ, **env}
+    return subprocess.Popen(
+        [ETKD, *argv], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("ETKD_BACKEND", "nonsense"),
+        ("ETKD_CPU_ISA", "avx9"),
+        ("ETKD_CPU_GEMM", "fast"),
+        ("ETKD_JIT", "yes"),
+        ("ETKD_CHECK_FINITE", "2"),
+        ("ETKD_CPU_PROFILE", "on"),
+    ],
+)
+def test_bad_environment_value_is_one_line_exit_2(name, value):
+    proc = _etkd("info", **{name: value})
+    out, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith(f"etkd info: error: {name}={value}: "), err
+
+
+def test_missing_extra_is_named_in_one_line_and_base_install_runs_info(tmp_path):
+    """Without the `train` extra (its modules made unimportable) `etkd --help` and `etkd info` work, and a
+    command that needs it says which extra to install."""
+    train = ("accelerate", "datasets", "seqeval", "scipy", "sklearn", "matplotlib")
+    code = (
+        f"import sys\nfor m in {train!r}: sys.modules[m] = None\n"
+        "from etkd.distill.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
+
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300
+        )
+
+    assert run("--help").returncode == 0
+    info = run("info")
+    assert info.returncode == 0 and "cpu: available" in info.stdout, info.stderr
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(generated_text(20)) + "\n")
+    model_cfg = tmp_path / "model.json"
+    model_cfg.write_text(json.dumps(tiny_config(layers=2, head=None).to_dict()))
+    res = run("pretrain", "--model-config", str(model_cfg), "--data", str(data),
+              "--tokenizer", make_tokenizer_dir(tmp_path / "tok"), *common(tmp_path / "out", 2))  # fmt: skip
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr
+    assert lines[-1].startswith("etkd pretrain: error: this command needs the `train` extra"), res.stderr
+    assert "pip install 'etkd[train]'" in lines[-1] and "Traceback" not in res.stderr
+
+
+def test_ctrl_c_is_one_line_naming_resume_and_the_resumed_log_has_each_step_once(tmp_path):
+    tok = make_tokenizer_dir(tmp_path / "tok")
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(generated_text(200)) + "\n")
+    model_cfg = tmp_path / "model.json"
+    model_cfg.write_text(json.dumps(tiny_config(layers=2, head=None).to_dict()))
+    out = tmp_path / "run"
+    argv = ["pretrain", "--model-config", str(model_cfg), "--data", str(data), "--tokenizer", tok,
+            "--short-length", "16", "--batch-size", "2", "--save-every", "3", "--log-every", "1", "--max-blocks", "64",
+            *common(out, 100000)]  # fmt: skip
+    proc = _etkd(*argv, OMP_NUM_THREADS="1")
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 5) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("etkd pretrain: interrupted") and "--resume" in last, err
+
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    resume_from = int(ckpts[-1].removeprefix("step_"))
+    stop = resume_from + 4
+    assert cli([*argv, "--resume", "--stop-at-step", str(stop)]) == 0
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert logged == list(range(1, stop + 1)), logged
+
+
+def test_written_model_files_follow_the_umask(tmp_path):
+    """safetensors creates its files 0600; what etkd writes gets the mode the user's umask gives."""
+    old = os.umask(0o027)
+    try:
+        model = EncoderModel(tiny_config(layers=2))
+        model.save_pretrained(str(tmp_path / "ours"))
+        from etkd.hf import save_hf_attention, to_hf_attention
+
+        save_hf_attention(to_hf_attention(model), str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and len(files) >= 4
+    for p in files:
+        assert oct(p.stat().st_mode & 0o777) == oct(0o640), p

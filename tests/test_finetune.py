@@ -272,3 +272,21 @@ def test_global_prefix_on_a_model_without_global_tokens_is_reported(model_dir, c
     with caplog.at_level(logging.WARNING, logger="etkd"):
         collate_for(model, tok, {"global_prefix": 0})
     assert "global-prefix" not in caplog.text
+
+
+def test_eval_file_names_must_differ_and_a_directory_is_not_a_file(model_dir, tmp_path, capsys):
+    rng = random.Random(0)
+    for name in ("train", "a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in _keyword_rows(8, rng)) + "\n"
+        )
+    base = ["finetune", "--task", "sst2", "--model", model_dir, "--train-file", str(tmp_path / "train.jsonl")]
+    common = _common(output_dir=tmp_path / "run", max_steps=1)
+    dup = ["--eval-file", f"dev={tmp_path / 'a.jsonl'}", "--eval-file", f"dev={tmp_path / 'b.jsonl'}"]
+    assert main(base + dup + common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval-file dev=" in err[0] and "'dev' is already given" in err[0], err
+    assert main(base + ["--eval-file", str(tmp_path)] + common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path}: is a directory; expected a data file" in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training

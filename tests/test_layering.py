@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The sources: this tree's, or (`make test` runs a copy of tests/ outside it) the tree ETKD_SOURCE_TREE names.
+ROOT = os.environ.get("ETKD_SOURCE_TREE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # source folder -> installed package name (setup.py's package_dir); the more specific folder first
 FOLDERS = {
     "models/hf_integration": "etkd.hf",

@@ -11,7 +11,9 @@ import ast
 import importlib.metadata
 import json
 import os
+import re
 import sysconfig
+import zipfile
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -109,3 +111,58 @@ def test_installed_package_is_the_one_imported():
     assert (
         Path(dist.locate_file("etkd_kernels/__init__.py")).resolve() == Path(etkd_kernels.__file__).resolve()
     )
+
+
+def _release_wheels(tree: Path) -> tuple[Path, Path]:
+    """`make wheel`'s repaired wheel in dist/ and the wheel pip built from its sdist in build/sdist-wheel/."""
+    wheels = sorted((tree / "dist").glob("etkd-*-manylinux*.whl"))
+    pure = sorted((tree / "build" / "sdist-wheel").glob("etkd-*-py3-none-any.whl"))
+    if len(wheels) != 1 or len(pure) != 1:
+        assert os.environ.get("ETKD_TEST_INSTALLED") != "1", f"make wheel left {wheels} and {pure}"
+        pytest.skip("no release wheels (make wheel) in this source tree")
+    return wheels[0], pure[0]
+
+
+def _metadata(wheel: Path) -> tuple[list[str], str]:
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    return names, meta
+
+
+def test_release_wheel_requires_its_torch_minor_and_holds_no_torch_library():
+    wheel, _ = _release_wheels(_source_tree())
+    names, meta = _metadata(wheel)
+    tag = re.search(r"-manylinux_2_(\d+)_x86_64\.whl$", wheel.name)  # auditwheel repair's platform tag
+    assert tag and int(tag.group(1)) <= 28, wheel.name  # what torch's own wheels need: glibc 2.28
+    info = next(n for n in names if n.endswith("etkd_kernels/_build_info.py"))
+    with zipfile.ZipFile(wheel) as z:
+        recorded = ast.literal_eval(re.search(r"TORCH_VERSION = (.+)", z.read(info).decode()).group(1))
+    minor = ".".join(recorded.split("+")[0].split(".")[:2])
+    torch_reqs = [line for line in meta.splitlines() if re.match(r"Requires-Dist: torch\b", line)]
+    assert torch_reqs == [f"Requires-Dist: torch=={minor}.*"], torch_reqs
+    from packaging.requirements import Requirement
+
+    spec = Requirement(torch_reqs[0].removeprefix("Requires-Dist: ")).specifier
+    major, mid = (int(x) for x in minor.split("."))
+    assert f"{minor}.0" in spec and f"{minor}.7" in spec  # any patch release of the build's minor ...
+    assert f"{major}.{mid - 1}.0" not in spec and f"{major}.{mid + 1}.0" not in spec  # ... and no other minor
+    assert any(re.search(r"etkd_kernels/_C\.cpython-.*\.so$", n) for n in names)
+    grafted = [n for n in names if ".libs/" in n]
+    assert not [n for n in grafted if re.search(r"/lib(torch|c10|gomp|shm)", n)], (
+        grafted
+    )  # torch's stay torch's
+
+
+def test_sdist_builds_the_pure_python_wheel_with_the_sources_for_jit():
+    """An isolated build (no torch in reach, as `pip install etkd-X.tar.gz` does it) gives a pure-Python wheel
+    that accepts any supported torch and ships csrc/ for ETKD_JIT=1."""
+    _, pure = _release_wheels(_source_tree())
+    names, meta = _metadata(pure)
+    assert "Requires-Dist: torch>=2.5" in meta.splitlines()
+    assert not [n for n in names if n.endswith(".so") or n.endswith("_build_info.py")]
+    assert {
+        "etkd_kernels/csrc/cpu/binding.cpp",
+        "etkd_kernels/csrc/cpu/isa/avx2.cpp",
+        "etkd_kernels/build.py",
+    } <= set(names)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TRITON_DIR = ROOT / "etkd_kernels" / "triton"
+import etkd_kernels
+
+TRITON_DIR = Path(etkd_kernels.__file__).resolve().parent / "triton"  # the kernels of the package under test
 ARCHS = {80: "sm_80", 90: "sm_90"}
 # Largest dynamic shared memory a block may opt into: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

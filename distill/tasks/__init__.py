@@ -34,6 +34,8 @@ def task_family(task: str) -> str:
 
 def check_file(path: str | os.PathLike) -> str:
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; expected a data file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     return path

@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+from .._env import EnvironmentValueError, flag
 from ..dispatch import Capabilities
 
 NAME = "cpu"
@@ -127,12 +128,73 @@ def unavailable_reason() -> str | None:
 
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return "this x86 CPU has no AVX2, which the fused C++ kernels need at least"
+    why = _load_extension()
+    if why is not None:
+        return why
+    from etkd_kernels import _C
+
     try:
-        from etkd_kernels import _C
-    except ImportError as exc:
-        return f"compiled extension etkd_kernels._C is not built ({exc}); reinstall without ETKD_NO_EXT=1"
-    _C.isa()  # a bad ETKD_CPU_ISA raises here, naming the targets that would work: a user error, not a fallback
+        _C.isa()
+    except RuntimeError as exc:
+        # a bad ETKD_CPU_ISA / ETKD_CPU_GEMM, the message naming what would work: a user error, not a fallback
+        if str(exc).startswith("ETKD_"):
+            raise EnvironmentValueError(str(exc)) from None
+        raise
     return None
+
+
+def _load_extension() -> str | None:
+    """Import `etkd_kernels._C`: the installed one when it was compiled against this torch's minor, else a JIT
+    build for this torch (the cache's, or compiled now with ETKD_JIT=1). None, or why there are no kernels and
+    how to get them. A mismatched extension is never imported: a torch extension built for another torch
+    fails on missing symbols at best."""
+    from etkd_kernels import build
+
+    running = torch.__version__
+    try:
+        from etkd_kernels._build_info import TORCH_VERSION as built_for
+    except ImportError:
+        built_for = None
+    if built_for is None:
+        try:  # a source tree built before the version was recorded
+            from etkd_kernels import _C  # noqa: F401
+
+            return None
+        except ImportError:
+            problem = (
+                "this etkd install has no compiled CPU kernels (built without torch, or with ETKD_NO_EXT=1)"
+            )
+    elif build.torch_minor(built_for) != build.torch_minor(running):
+        problem = (
+            f"etkd_kernels._C was compiled against torch {built_for} but this is torch {running} (a compiled "
+            "extension loads only on the torch minor it was built for)"
+        )
+    else:
+        try:
+            from etkd_kernels import _C  # noqa: F401
+
+            return None
+        except ImportError as exc:
+            problem = f"etkd_kernels._C (compiled against torch {built_for}) failed to load on torch {running}: {exc}"
+    try:
+        if build.load_cached() is not None:
+            return None
+    except (ImportError, OSError) as exc:  # a cached build that does not load: build it again (ETKD_JIT=1)
+        problem += f"; the cached JIT build does not load ({exc})"
+    if flag("ETKD_JIT"):
+        try:
+            build.jit_build(force="cached JIT build" in problem)
+            return None
+        except Exception as exc:  # the compiler's own words (their end) are the reason
+            return (
+                f"{problem}; ETKD_JIT=1 could not build the kernels for torch {running}: {str(exc)[-2000:]}"
+            )
+    want = f"pip install 'torch=={build.torch_minor(built_for)}.*'; or " if built_for else ""
+    return (
+        f"{problem}. Fix: {want}ETKD_JIT=1 (or `python -m etkd_kernels.build`) compiles the kernels for torch "
+        f"{running} once (needs a C++ compiler and ninja); or reinstall from source against this torch: "
+        "pip install --no-build-isolation --no-deps --force-reinstall etkd"
+    )
 
 
 # Per-op exceptions to DTYPES (none today: lsg.cpp and nystrom.cpp compute in float32 and their 16-bit inputs

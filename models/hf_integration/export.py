@@ -9,6 +9,7 @@ import os
 import torch
 
 from etkd.models import PATTERNS, EncoderModel, to_hf
+from etkd.models.encoder import apply_umask
 
 from ._common import UnsupportedConfigError
 from .attention_interface import CONFIG_KEY
@@ -64,6 +65,7 @@ def save_hf_attention(hf_model, path: str | os.PathLike) -> None:
     `import etkd.hf`) selects the etkd pattern without being told. transformers itself never writes that key:
     a checkpoint re-saved by HF (e.g. by Trainer) needs `attn_implementation=` passed when loading."""
     hf_model.save_pretrained(path)
+    apply_umask(path)
     config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
         saved = json.load(f)

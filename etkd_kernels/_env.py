@@ -1,0 +1,30 @@
+"""etkd's environment variables: their values checked in one place.
+
+A bad value raises `EnvironmentValueError` naming the variable and what it takes; the `etkd` CLI checks them
+all before a command runs (`etkd.distill.cli.check_environment`) and prints that one line (exit 2).
+
+    ETKD_BACKEND       auto | reference | cpu | triton | cuda   (etkd_kernels.dispatch)
+    ETKD_CPU_ISA       auto | a kernel target built and supported here (csrc/cpu/isa.cpp, checked by _C)
+    ETKD_CPU_GEMM      own | blas                                (csrc/cpu/isa.cpp, checked by _C)
+    ETKD_CPU_PROFILE   0 | 1
+    ETKD_CHECK_FINITE  0 | 1
+    ETKD_JIT           0 | 1   (etkd_kernels.build: compile the cpu kernels for the running torch)
+"""
+
+from __future__ import annotations
+
+import os
+
+FLAGS = ("ETKD_CPU_PROFILE", "ETKD_CHECK_FINITE", "ETKD_JIT")
+
+
+class EnvironmentValueError(ValueError, RuntimeError):
+    """An environment variable holds a value etkd cannot use (a user error, not a bug)."""
+
+
+def flag(name: str) -> bool:
+    """An on/off variable: unset, '' or '0' is off, '1' is on, anything else an error."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise EnvironmentValueError(f"{name}={value}: expected 0 or 1")
+    return value == "1"
