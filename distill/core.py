@@ -101,6 +101,16 @@ def load_model(path: str, flag: str = "--model"):
     return load(resolve_pretrained(path, flag))
 
 
+def lsg_token_ids(tokenizer) -> dict[str, int | None]:
+    """The token ids `convert(..., to="lsg")` initialises global embeddings from (as LSGConverter: the
+    tokenizer's bos, else cls, and its mask token)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return {
+        "bos_token_id": bos if bos is not None else getattr(tokenizer, "cls_token_id", None),
+        "mask_token_id": getattr(tokenizer, "mask_token_id", None),
+    }
+
+
 def check_vocab(tokenizer, model, flag: str = "--tokenizer") -> None:
     """The tokenizer must fit the model's embedding table, and be that model's (not a much smaller one)."""
     n, v = len(tokenizer), model.config.vocab_size
@@ -268,7 +278,8 @@ def tokenizer_for(ns: argparse.Namespace, *model_dirs: str | None):
 
 
 def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[str, str]:
-    """Our format in `directory`; HF format in `directory`-hf where a transformers class exists."""
+    """Our format in `directory`; HF format in `directory`-hf where a transformers class exists, an LSG
+    model as lsg-converter's checkpoint in `directory`-lsg."""
     from etkd.models import to_hf
     from etkd.models.encoder import apply_umask
 
@@ -277,6 +288,13 @@ def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[s
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     written["etkd"] = directory
+    if hf and model.config.attention == "lsg":  # no transformers class: lsg-converter's checkpoint instead
+        lsg_dir = directory.rstrip("/") + "-lsg"
+        model.save_pretrained(lsg_dir, format="lsg")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(lsg_dir)
+        written["lsg"] = lsg_dir
+        return written
     if hf:
         try:
             hf_model = to_hf(model)

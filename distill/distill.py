@@ -28,6 +28,7 @@ from .core import (
     check_vocab,
     load_model,
     log,
+    lsg_token_ids,
     prepare_model,
     require_mlm_head,
     tokenizer_for,
@@ -79,8 +80,9 @@ def parse_layers(value) -> str | list[int]:
         ) from None
 
 
-def build_student(teacher, ns: argparse.Namespace):
-    """--student, else make_student(teacher, layers); then convert if an attention/length is asked for."""
+def build_student(teacher, ns: argparse.Namespace, tokenizer=None):
+    """--student, else make_student(teacher, layers); then convert if an attention/length is asked for
+    (to LSG: global embeddings from the tokenizer's bos/cls and mask embeddings)."""
     from etkd.models import convert, make_student
 
     student = (
@@ -96,6 +98,7 @@ def build_student(teacher, ns: argparse.Namespace):
             window=ns.student_window,
             block_size=ns.student_block_size,
             num_landmarks=ns.student_num_landmarks,
+            **(lsg_token_ids(tokenizer) if tokenizer is not None else {}),
         )
     return student
 
@@ -168,14 +171,14 @@ def run(args: argparse.Namespace) -> int:
                     "noise; MLM-train the teacher first (`etkd pretrain --add-mlm-head`) or set --beta 0")  # fmt: skip
     teacher = require_mlm_head(teacher, ns, "--teacher")
     torch.manual_seed(ns.seed)
-    student = prepare_model(build_student(teacher, ns), ns)
+    tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
+    student = prepare_model(build_student(teacher, ns, tokenizer), ns)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise UserError(
             f"student vocab_size {student.config.vocab_size} != teacher vocab_size {teacher.config.vocab_size}"
         )
     if ns.backend:
         teacher.set_attention_backend(ns.backend)
-    tokenizer = tokenizer_for(ns, ns.teacher, ns.student)
     check_vocab(tokenizer, student)
     return train_mlm(ns, student, tokenizer, make_loss(teacher, ns), "distill", "student",
                      ("step", "loss", "history"), extra_modules=(teacher,))  # fmt: skip

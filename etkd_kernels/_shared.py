@@ -174,17 +174,30 @@ def apply_dropout(
 # LSG: the keys every query block sees besides its local ones (`reference/lsg.py` defines the pattern).
 
 
+VARIANTS = ("layer", "model")
+
+
+def lead_tokens(num_global_tokens: int, block_size: int, variant: str) -> int:
+    """Where the first non-global token sits: 0 for "layer" (the globals are ordinary tokens of block 0), the
+    globals rounded up to whole blocks for "model" (the op pads them so)."""
+    return -(-num_global_tokens // block_size) * block_size if variant == "model" else 0
+
+
 def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
     return sparsity_type != "none" and sparse_block_size > 0 and num_blocks > 2
 
 
-def sparse_windows(n, step: int, sparse_block_size: int):
-    """First compressed position of the left and right sparse windows of query block(s) n."""
+def sparse_windows(n, step: int, sparse_block_size: int, variant: str = "layer"):
+    """First compressed position of the left and right sparse windows of query block(s) n. For an odd step
+    both windows shift in the "layer" variant; in the model files' unfold only the right one does."""
     o = step % 2
-    return (n - 1) * step - sparse_block_size + o, (n + 2) * step - 2 * o
+    left = o if variant == "layer" else 0
+    return (n - 1) * step - sparse_block_size + left, (n + 2) * step - 2 * o
 
 
-def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale):
+def sparse_keys(
+    q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale, variant="layer"
+):
     """Compressed keys/values (b, h, T, d) and whether each is attended (b, h or 1, T)."""
     b, h, s, d = k.shape
     f, g = sparsity_factor, num_global_tokens
@@ -194,17 +207,22 @@ def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, s
         return k, v, usable[:, None]
     if sparsity_type in ("pooling", "bos_pooling"):
         kg, vg = k.view(b, h, t, f, d), v.view(b, h, t, f, d)
+        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
+        lead = lead_tokens(g, block_size, variant)
         if sparsity_type == "pooling":
             w = usable.view(b, 1, t, f, 1).to(k.dtype)
+            if variant == "model":
+                ok = w.view(b, 1, t, f).any(-1)
             w = w / (w.sum(-2, keepdim=True) + 1e-6)
         else:
-            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k).view(b, h, t, f) * scale
+            if variant == "model":
+                ok = ok & (torch.arange(t, device=k.device) >= lead // f)
+            s0 = torch.einsum("bhd,bhsd->bhs", q[:, :, lead], k).view(b, h, t, f) * scale
             rg = real.view(b, 1, t, f)
             # A group with no real token: LSG's scores there are all s + finfo.min, which rounds to finfo.min,
             # so its weights are uniform, yet autograd still differentiates the softmax of s: s - s.detach().
             s0 = torch.where(rg.any(-1, keepdim=True), s0.masked_fill(~rg, float("-inf")), s0 - s0.detach())
             w = torch.softmax(s0, dim=-1)[..., None]
-        ok = torch.ones(b, 1, t, dtype=torch.bool, device=k.device)
         return (kg * w).sum(-2), (vg * w).sum(-2), ok
     p = torch.arange(t, device=k.device)
     hh = torch.arange(h, device=k.device)[:, None]
@@ -225,8 +243,9 @@ def sparse_keys(q, k, v, real, num_global_tokens, block_size, sparsity_factor, s
 
 
 def extra_keys(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale
-):
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, num_global_tokens, real, scale,
+    variant="layer",
+):  # fmt: skip
     """[global keys, compressed keys] (b, h, G + T, d) for keys and values, which are attended (b, h, G + T),
     and each query block's sparse window starts (nb, 2) (empty when no sparse keys)."""
     b, h, s, d = k.shape
@@ -234,9 +253,9 @@ def extra_keys(
     if not uses_sparse(sparsity_type, sparse_block_size, nb):
         ok = real[:, None, :g].expand(b, h, g)
         return k[:, :, :g], v[:, :, :g], ok, torch.zeros(0, 2, dtype=torch.long, device=k.device)
-    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale)
+    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale, variant)
     n = torch.arange(nb, device=k.device)
-    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size), dim=1)
+    starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size, variant), dim=1)
     kx, vx = torch.cat([k[:, :, :g], kc], dim=2), torch.cat([v[:, :, :g], vc], dim=2)
     ok = torch.cat([real[:, None, :g].expand(b, h, g), okc.expand(b, h, okc.shape[-1])], dim=2)
     return kx, vx, ok, starts

@@ -4,6 +4,8 @@ from etkd.models import load, convert, make_student
 model = load("path/to/roberta")                     # ours, or any BERT/RoBERTa/Longformer/BigBird/Nystromformer
 long = convert(model, to="longformer", max_positions=4096, window=512)
 long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
+lsg = load("lsg-dir")                               # lsg-converter's LSGRoberta*/LSGBert* checkpoints (models/lsg.py)
+lsg.save_pretrained("out", format="lsg")            # ... and back
 """
 
 from .config import EncoderConfig
@@ -11,6 +13,7 @@ from .convert import convert, make_student
 from .encoder import Encoder, EncoderModel, EncoderOutput
 from .hf import from_hf, to_hf
 from .loader import load
+from .lsg import load_lsg, save_lsg
 from .patterns import PATTERNS, Pattern, get_attention
 
 __all__ = [
@@ -24,6 +27,8 @@ __all__ = [
     "from_hf",
     "get_attention",
     "load",
+    "load_lsg",
     "make_student",
+    "save_lsg",
     "to_hf",
 ]

@@ -79,11 +79,12 @@ def fixed(attn, x, q, k, v, key_padding_mask, global_mask, backend):
 
 
 def lsg(attn, x, q, k, v, key_padding_mask, global_mask, backend):
+    # LSG RoBERTa: the encoder has prepended num_global_tokens global embeddings (lsg-converter's model files).
     cfg = attn.config
     return ek.lsg_attention(
         q, k, v, block_size=cfg.block_size, sparse_block_size=cfg.sparse_block_size,
         sparsity_factor=cfg.sparsity_factor, sparsity_type=cfg.sparsity_type,
-        num_global_tokens=min(cfg.num_global_tokens, q.shape[2]), key_padding_mask=key_padding_mask,
+        num_global_tokens=cfg.num_global_tokens, key_padding_mask=key_padding_mask, variant="model",
         backend=backend,
     )  # fmt: skip
 

@@ -13,6 +13,8 @@ from . import patterns
 HEAD_TYPES = (None, "mlm", "sequence_classification", "token_classification", "question_answering")
 POSITION_STYLES = ("absolute", "padded")
 CONFIG_NAME = "config.json"
+LSG_SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
+LSG_MAX_GLOBAL_TOKENS = 512  # rows of lsg-converter's global_embeddings table
 FORMAT_KEY = "etkd_format"  # marks our own config.json (HF checkpoints never have it)
 
 
@@ -56,7 +58,15 @@ class EncoderConfig:
     sparse_block_size: int = 64  # lsg
     sparsity_factor: int = 2  # lsg
     sparsity_type: str = "pooling"  # lsg
-    num_global_tokens: int = 1  # lsg
+    # lsg: LSG RoBERTa as lsg-converter's model files have it (`LSGRobertaConfig`): `num_global_tokens`
+    # learned global embeddings prepended to every sequence before the embedding LayerNorm and dropped at the
+    # output; `pool_with_global` puts the first global's output on the first token; `mask_first_token` hides
+    # the first token as a key; `adaptive` pads a length that is not a multiple of block_size (else such a
+    # length past two blocks is refused, as lsg-converter asserts).
+    num_global_tokens: int = 1  # lsg: 1..512
+    pool_with_global: bool = True  # lsg
+    mask_first_token: bool = False  # lsg
+    adaptive: bool = True  # lsg
     num_landmarks: int = 64  # nystrom
     pinv_iterations: int = 6  # nystrom
     pinv_init: str = "per_head"  # nystrom; "hf_global" reproduces HF exactly (batch rows then interact)
@@ -92,9 +102,35 @@ class EncoderConfig:
             raise ValueError(
                 f"window: expected one value per layer ({self.num_layers}), got {len(self.window)}"
             )
+        if self.attention == "lsg":
+            self._check_lsg()
         for w in self.window if isinstance(self.window, list) else [self.window]:
             if w < 2 or w % 2:
                 raise ValueError(f"window: expected even ints >= 2 (HF attention_window), got {self.window}")
+
+    def _check_lsg(self) -> None:
+        if not 1 <= self.num_global_tokens <= LSG_MAX_GLOBAL_TOKENS:
+            raise ValueError(
+                f"num_global_tokens: LSG has 1..{LSG_MAX_GLOBAL_TOKENS} global embeddings, got {self.num_global_tokens}"
+            )
+        if self.sparsity_type not in LSG_SPARSITY_TYPES:
+            raise ValueError(
+                f"sparsity_type: expected one of {LSG_SPARSITY_TYPES} for LSG, got {self.sparsity_type!r}"
+                + (" (lsg-converter's 'lsh' draws fresh random hash planes on every call; not implemented)"
+                   if self.sparsity_type == "lsh" else "")
+            )  # fmt: skip
+        if self.mask_first_token and not self.pool_with_global:
+            raise ValueError(
+                "pool_with_global: mask_first_token=True needs pool_with_global=True (lsg-converter forces it)"
+            )
+        if (
+            self.sparsity_type != "none"
+            and self.sparse_block_size > 0
+            and self.block_size % self.sparsity_factor
+        ):
+            raise ValueError(
+                f"sparsity_factor: expected a divisor of block_size ({self.block_size}), got {self.sparsity_factor}"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -30,6 +30,56 @@ def tile_positions(old: torch.Tensor, rows: int, first: int) -> torch.Tensor:
     return new
 
 
+def order_positions(
+    positions: torch.Tensor, stride: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """lsg-converter's `order_positions`: 512 position rows (fewer are padded with normal rows of their
+    mean/std, more are thinned to every (n // 512)-th) reordered so global i takes row (i mod m) * stride + i // m,
+    m = 512 / stride: consecutive globals sit `stride` positions apart."""
+    n, d = positions.shape
+    if n % 512:
+        if n > 512:
+            positions = positions[: 512 * (n // 512)]
+        else:
+            mean = positions.mean(dim=0, keepdim=True).expand(512 - n, -1)
+            std = positions.std(dim=0, keepdim=True).expand(512 - n, -1)
+            positions = torch.cat([positions, torch.normal(mean, std, generator=generator)], dim=0)
+        n = positions.shape[0]
+    factor = n // 512
+    positions = positions.reshape(-1, factor, d)[:, 0]
+    return positions.reshape(-1, stride // factor, d).transpose(0, 1).reshape(-1, d)
+
+
+def lsg_global_embeddings(
+    word: torch.Tensor, positions: torch.Tensor, bos_token_id: int, mask_token_id: int, *,
+    token_type: torch.Tensor | None = None, stride: int = 64, random_init: bool = False, seed: int = 123,
+) -> torch.Tensor:  # fmt: skip
+    """The 512 global embeddings lsg-converter's `LSGConverter` gives a converted model (`update_global`):
+    the ordered positions (`order_positions` of the real-token rows) plus the bos embedding for global 0 and
+    the [MASK] embedding for the others, plus `token_type` (the type-0 embedding: lsg-converter's BERT script,
+    `use_token_ids`; its RoBERTa script adds none); with `random_init` (`update_global_randomly`) the others
+    are drawn from a normal with the word embeddings' mean and covariance instead (seeded here; lsg-converter
+    draws from torch's global generator). Same operations in the same order, so the result is bit-identical."""
+    gen = torch.Generator().manual_seed(seed)
+    pos = order_positions(positions.detach().float().cpu().clone(), stride, gen)
+    u = word.detach().float().cpu()
+    tt = None if token_type is None else token_type.detach().float().cpu()
+    if random_init:
+        cov = torch.cov(u.T)
+        scale = torch.linalg.cholesky(cov + 1e-6 * torch.eye(cov.shape[0]))
+        w = u.mean(dim=0) + torch.randn(512, u.shape[1], generator=gen) @ scale.T
+        w[0] = u[bos_token_id]
+        if tt is not None:
+            pos += tt.unsqueeze(0)
+            w[0] = u[bos_token_id] + tt
+        return (w + pos).to(word.dtype)
+    pos[0] += u[bos_token_id]
+    pos[1:] += u[mask_token_id].unsqueeze(0)
+    if tt is not None:
+        pos += tt.unsqueeze(0)
+    return pos.to(word.dtype)
+
+
 def convert(
     model: EncoderModel,
     to: str,
@@ -43,6 +93,15 @@ def convert(
     sparsity_factor: int = 2,
     sparsity_type: str = "pooling",
     num_global_tokens: int = 1,
+    pool_with_global: bool = True,
+    mask_first_token: bool = False,
+    adaptive: bool = True,
+    bos_token_id: int | None = None,
+    mask_token_id: int | None = None,
+    global_positional_stride: int = 64,
+    random_global_init: bool = False,
+    use_token_ids: bool = True,
+    seed: int = 123,
 ) -> EncoderModel:
     """A copy of `model` with attention pattern `to` that takes up to `max_positions` tokens.
 
@@ -50,7 +109,15 @@ def convert(
     reserved rows kept in place); Longformer's global q/k/v projections start as copies of the local ones;
     every other weight is copied. Settings: `window` (longformer, even), `block_size` and
     `num_random_blocks` (bigbird, lsg), `num_landmarks` (nystrom), `sparse_block_size` (default
-    block_size), `sparsity_factor`, `sparsity_type`, `num_global_tokens` (lsg).
+    block_size), `sparsity_factor`, `sparsity_type`, `num_global_tokens`, `pool_with_global`,
+    `mask_first_token`, `adaptive` (lsg).
+
+    To "lsg" this is lsg-converter's `LSGConverter`: positions extended the same way, and the global
+    embeddings (a new weight) made by `lsg_global_embeddings` from the *original* position table and the
+    embeddings of `bos_token_id` (the tokenizer's bos, else cls) and `mask_token_id` (required then), with
+    `global_positional_stride`, `random_global_init`, `use_token_ids` (BERT-style sources) and `seed` as
+    LSGConverter's options. An LSG source keeps
+    its global embeddings (LSGConverter's `resize_lsg`).
     """
     if to not in patterns.PATTERNS:
         raise ValueError(f"to: expected one of {patterns.names()}, got {to!r}")
@@ -62,17 +129,36 @@ def convert(
         attention=to, max_positions=max_positions + first, window=window, global_projections=to == "longformer",
         block_size=block_size, num_random_blocks=num_random_blocks, num_landmarks=num_landmarks,
         sparse_block_size=sparse_block_size or block_size, sparsity_factor=sparsity_factor,
-        sparsity_type=sparsity_type, num_global_tokens=num_global_tokens,
+        sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, pool_with_global=pool_with_global,
+        mask_first_token=mask_first_token, adaptive=adaptive,
         conv_kernel_size=cfg.conv_kernel_size if cfg.attention == "nystrom" and to == "nystrom" else None,
         extra={k: v for k, v in cfg.extra.items() if k != "segment_means_seq_len"},
     )  # fmt: skip
     new = EncoderModel(new_cfg)
     old_sd = model.state_dict()
     sd = new.state_dict()
+    glob = "encoder.embeddings.global_tokens.weight"
+    if glob in sd and glob not in old_sd and (bos_token_id is None or mask_token_id is None):
+        raise ValueError(
+            "bos_token_id / mask_token_id: converting to lsg initialises the global embeddings from these tokens' "
+            "embeddings (as LSGConverter does); give both (the tokenizer's bos or cls id, and its mask id)"
+        )
     with torch.no_grad():
         for key, t in sd.items():
             if key == "encoder.embeddings.position.weight":
                 t.copy_(tile_positions(old_sd[key], t.shape[0], first))
+            elif key == glob and key not in old_sd:
+                # lsg-converter's BERT script adds the type-0 embedding (use_token_ids), its RoBERTa one not
+                tt = (
+                    old_sd.get("encoder.embeddings.token_type.weight")
+                    if cfg.position_style != "padded"
+                    else None
+                )
+                t.copy_(lsg_global_embeddings(
+                    old_sd["encoder.embeddings.word.weight"], old_sd["encoder.embeddings.position.weight"][first:],
+                    bos_token_id, mask_token_id, token_type=None if tt is None or not use_token_ids else tt[0],
+                    stride=global_positional_stride, random_init=random_global_init, seed=seed,
+                ))  # fmt: skip
             elif key in old_sd:
                 t.copy_(old_sd[key])
             elif m := re.fullmatch(r"(.*\.attn\.)(q|k|v)g\.(weight|bias)", key):

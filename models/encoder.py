@@ -5,6 +5,7 @@ at run time. Shapes: b = batch, s = seq, d = hidden, h = heads, hd = head_dim.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,14 @@ from torch.utils.checkpoint import checkpoint
 
 from etkd_kernels.dispatch import check_name
 
-from .config import EncoderConfig, is_etkd_checkpoint
+from .config import LSG_MAX_GLOBAL_TOKENS, EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
 from .patterns import get_attention
 
 WEIGHTS_NAME = "model.safetensors"
+# Other checkpoint formats `save_pretrained(format=...)` writes: name -> fn(model, directory), registered by
+# the module that implements it (it imports this one, so this one cannot import it).
+SAVE_FORMATS: dict[str, Callable[[EncoderModel, str | os.PathLike], None]] = {}
 TOKEN_HEADS = ("mlm", "token_classification", "question_answering")  # heads with one output per token
 
 
@@ -59,6 +63,10 @@ class Embeddings(nn.Module):
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        # LSG: lsg-converter's global embeddings (a fixed table of 512 rows, the first num_global_tokens used).
+        self.global_tokens = (
+            nn.Embedding(LSG_MAX_GLOBAL_TOKENS, cfg.hidden_size) if cfg.attention == "lsg" else None
+        )
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -85,6 +93,9 @@ class Embeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros(b, s, dtype=torch.long, device=x.device)
             x = x + self.token_type(token_type_ids)
+        if self.global_tokens is not None:  # LSG: (b, s, d) -> (b, g + s, d), globals first
+            g = self.global_tokens.weight[: self.cfg.num_global_tokens]
+            x = torch.cat([g.to(x.dtype).expand(b, -1, -1), x], dim=1)
         return self.dropout(self.norm(x))
 
 
@@ -164,6 +175,9 @@ class Encoder(nn.Module):
         kpm = None if attention_mask is None else attention_mask.bool()  # (b, s), True = real token
         gmask = None if global_attention_mask is None else global_attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (b, s, d)
+        lsg = self.embeddings.global_tokens is not None
+        if lsg:  # x is (b, g + s, d)
+            kpm = self._lsg_mask(kpm, x)
         states = [x]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -173,8 +187,35 @@ class Encoder(nn.Module):
             states.append(x)
         if self.final_norm is not None:
             x = states[-1] = self.final_norm(x)
+        if lsg:  # drop the globals again, as LSGRobertaEncoder does
+            g = self.config.num_global_tokens
+            out = x[:, g:]
+            if self.config.pool_with_global and out.shape[1]:
+                out = torch.cat([x[:, :1], out[:, 1:]], dim=1)  # the first token gets global 0's output
+            x = out
+            states = [t[:, g:] for t in states[:-1]] + [x]
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(x, pooled=pooled, hidden_states=tuple(states) if output_hidden_states else None)
+
+    def _lsg_mask(self, kpm: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """The (b, g + s) key mask of an LSG sequence: globals real, then the tokens' own mask."""
+        cfg = self.config
+        b, n = x.shape[:2]
+        g = cfg.num_global_tokens
+        s = n - g
+        if not cfg.adaptive and s > 2 * cfg.block_size and s % cfg.block_size:
+            raise ValueError(
+                f"input length {s}: adaptive=False takes lengths that are a multiple of block_size "
+                f"({cfg.block_size}) past two blocks (lsg-converter asserts the same)"
+            )
+        if kpm is None and not cfg.mask_first_token:
+            return None
+        tokens = torch.ones(b, s, dtype=torch.bool, device=x.device) if kpm is None else kpm
+        if cfg.mask_first_token and s:
+            # lsg-converter hides the first token as a key; its own output row is replaced by
+            # pool_with_global (forced with mask_first_token), so the op's zero row there never shows.
+            tokens = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, 1:]], dim=1)
+        return torch.cat([torch.ones(b, g, dtype=torch.bool, device=x.device), tokens], dim=1)
 
 
 class EncoderModel(nn.Module):
@@ -263,7 +304,14 @@ class EncoderModel(nn.Module):
         return self
 
     # Our own format: config.json + model.safetensors.
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "etkd") -> None:
+        """format "etkd" (our config.json + model.safetensors) or another format a module above registered
+        in `SAVE_FORMATS` ("lsg": an LSG model as lsg-converter's checkpoint folder, loadable with
+        transformers' `trust_remote_code=True`; models/lsg.py)."""
+        if format != "etkd":
+            if format not in SAVE_FORMATS:
+                raise ValueError(f"format: expected one of {['etkd', *SAVE_FORMATS]}, got {format!r}")
+            return SAVE_FORMATS[format](self, directory)
         self.config.save(directory)
         save_model(self, os.path.join(directory, WEIGHTS_NAME))
         apply_umask(os.path.join(directory, WEIGHTS_NAME))

@@ -47,8 +47,13 @@ LAYER = {
     "ffn_out": "output.dense",
     "norm2": "output.LayerNorm",
 }
-EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings",
-              "token_type": "token_type_embeddings", "norm": "LayerNorm"}  # fmt: skip
+EMBEDDINGS = {
+    "word": "word_embeddings",
+    "position": "position_embeddings",
+    "token_type": "token_type_embeddings",
+    "norm": "LayerNorm",
+    "global_tokens": "global_embeddings",
+}  # fmt: skip  (global_tokens: LSG, models/lsg.py)
 # HF state-dict entries that are buffers or tied copies, never weights of their own.
 IGNORED = re.compile(r"(position_ids|\.token_type_ids|decoder\.bias)$")
 
@@ -136,6 +141,52 @@ def config_from_hf(hf_config, head: str | None, has_pooler: bool) -> EncoderConf
     return EncoderConfig(**kw)
 
 
+def supported_class(name: str) -> bool:
+    """Whether `name` is a transformers class etkd reproduces exactly (a FAMILIES stem + a HEAD_SUFFIX)."""
+    return any(name == stem + suffix for stem, _ in FAMILIES.values() for suffix in HEAD_SUFFIX.values())
+
+
+def _check_architecture(d: dict, where: str) -> None:
+    """Refuse a checkpoint that names a model etkd does not reproduce, rather than load it as another one."""
+    archs = d.get("architectures") or []
+    if any(str(a).startswith("LSG") for a in archs):
+        raise ValueError(f"{where}: an lsg-converter checkpoint ({archs[0]}); etkd.models.load reads it")
+    if archs and not supported_class(archs[0]):
+        raise ValueError(
+            f"{where}: architectures names {archs[0]}, a model etkd does not reproduce; loading its weights into "
+            f"another class would silently change the architecture (supported: BERT/RoBERTa/Longformer/BigBird/"
+            f"Nystromformer *Model and heads, and lsg-converter's LSGRoberta*/LSGBert*)"
+        )
+    if d.get("auto_map"):
+        raise ValueError(
+            f"{where}: auto_map points at custom model code ({d['auto_map']}); etkd does not run it"
+        )
+
+
+def _unexpected_weights(path: str, hf) -> list[str]:
+    """Weights in a local checkpoint's files that the loaded transformers model has no place for (transformers
+    drops them with a note; for etkd that is an architecture change). The class's own benign ones excepted."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    st = os.path.join(path, "model.safetensors")
+    if os.path.isfile(st):
+        with safe_open(st, "pt") as f:
+            names = list(f.keys())
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        names = list(torch.load(os.path.join(path, "pytorch_model.bin"), mmap=True, weights_only=True))
+    ours = set(hf.state_dict())
+    prefix = hf.base_model_prefix + "."
+    benign = [re.compile(p) for p in getattr(hf, "_keys_to_ignore_on_load_unexpected", None) or []]
+    out = []
+    for n in names:
+        alt = n[len(prefix) :] if n.startswith(prefix) else prefix + n
+        if n in ours or alt in ours or IGNORED.search(n) or any(p.search(n) for p in benign):
+            continue
+        out.append(n)
+    return out
+
+
 def _load_hf(path: str, **kwargs):
     import transformers
 
@@ -144,13 +195,23 @@ def _load_hf(path: str, **kwargs):
         raise FileNotFoundError(f"model: {path} has no config.json (neither an HF nor an etkd checkpoint)")
     if os.path.isfile(config_path):
         with open(config_path) as f:
-            archs = json.load(f).get("architectures") or []
+            d = json.load(f)
     else:  # a hub name: let transformers resolve it
-        archs = transformers.AutoConfig.from_pretrained(path, **kwargs).architectures or []
+        d = transformers.AutoConfig.from_pretrained(path, **kwargs).to_dict()
+    _check_architecture(d, config_path if os.path.isfile(config_path) else path)
+    archs = d.get("architectures") or []
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
-    return cls.from_pretrained(path, **kwargs)
+    hf = cls.from_pretrained(path, **kwargs)
+    if os.path.isdir(path):
+        unexpected = _unexpected_weights(path, hf)
+        if unexpected:
+            raise ValueError(
+                f"model: {path} has weights {type(hf).__name__} has no place for: {unexpected[:8]}; they belong to "
+                f"another architecture, so loading without them would silently change the model"
+            )
+    return hf
 
 
 def from_hf(model_or_path, **kwargs) -> EncoderModel:
@@ -158,11 +219,10 @@ def from_hf(model_or_path, **kwargs) -> EncoderModel:
 
     The result is in eval mode; kwargs go to transformers' `from_pretrained` when a path is given.
     """
-    hf = (
-        _load_hf(str(model_or_path), **kwargs)
-        if isinstance(model_or_path, (str, os.PathLike))
-        else model_or_path
-    )
+    if isinstance(model_or_path, (str, os.PathLike)):
+        hf = _load_hf(str(model_or_path), **kwargs)
+    else:
+        hf = model_or_path
     name = type(hf).__name__
     if name == "BigBirdForQuestionAnswering":
         raise NotImplementedError(
@@ -195,6 +255,7 @@ def hf_family(cfg: EncoderConfig) -> str:
         raise ValueError(
             f"to_hf: transformers has no model class for {cfg.attention!r} attention; save with save_pretrained "
             "instead"
+            + (" (format='lsg' writes lsg-converter's checkpoint)" if cfg.attention == "lsg" else "")
         )
     if pattern.hf_model_type:
         family = pattern.hf_model_type

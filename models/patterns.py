@@ -85,7 +85,8 @@ register(Pattern(
 ))  # fmt: skip
 register(Pattern(
     "lsg", "lsg", attention.lsg,
-    ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens"),
+    ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens",
+     "pool_with_global", "mask_first_token", "adaptive"),
     hf_name="etkd_lsg",
     hf_settings={k: k for k in ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type",
                                 "num_global_tokens")},

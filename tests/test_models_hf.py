@@ -204,7 +204,7 @@ def test_to_hf_refuses_models_hf_cannot_express():
     with pytest.raises(ValueError, match="positions"):
         to_hf(convert(bert, "longformer", max_positions=128, window=8))  # HF Longformer: fairseq positions
     with pytest.raises(ValueError, match="no model class for .lsg."):
-        to_hf(convert(bert, "lsg", max_positions=128))
+        to_hf(convert(bert, "lsg", max_positions=128, bos_token_id=0, mask_token_id=4))
     with pytest.raises(ValueError, match="mlm_act"):
         to_hf(EncoderModel(bert.config.replace(mlm_act="relu")))
 

@@ -95,3 +95,35 @@ def _check(b, h, s, d, block, sblock, factor, n_global, pad, sparsity_type, dtyp
     assert_close(out_t, out_r, *fwd_tol, name="forward")
     for got, want, name in zip(grads_t, grads_r, ("dq", "dk", "dv")):
         assert_close(got, want, *bwd_tol, name=name)
+
+
+@pytest.mark.parametrize(
+    "sparsity_type, n_global, factor, block",
+    [
+        ("pooling", 3, 4, 8),  # globals in a leading block of their own; empty pooled groups not attended
+        ("bos_pooling", 1, 2, 8),  # pooled by the first non-global query
+        ("stride", 2, 8, 8),  # step 1: only the right sparse window shifts
+    ],
+)
+def test_triton_lsg_model_variant_matches_reference(sparsity_type, n_global, factor, block):
+    """variant="model" (lsg-converter's model files: prepended globals) on triton = reference."""
+    b, h, s, d = 2, 2, 75, 16
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, s, d, generator=gen) for _ in range(3))
+    real = torch.ones(b, s, dtype=torch.bool)
+    real[-1, 40:] = False
+    grad = torch.randn(b, h, s, d, generator=gen)
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = lsg_attention(
+            *leaves, block_size=block, sparse_block_size=block, sparsity_factor=factor,
+            sparsity_type=sparsity_type, num_global_tokens=n_global, key_padding_mask=real,
+            variant="model", backend=backend,
+        )  # fmt: skip
+        out.backward(grad)
+        results[backend] = (out, [t.grad for t in leaves])
+    (fwd_tol, bwd_tol) = TOL[torch.float32]
+    assert_close(results["triton"][0], results["reference"][0], *fwd_tol, name="forward")
+    for got, want, name in zip(results["triton"][1], results["reference"][1], ("dq", "dk", "dv")):
+        assert_close(got, want, *bwd_tol, name=name)

@@ -15,18 +15,19 @@
 TORCH_LIBRARY(etkd_cpu, m) {
   m.def(
       "sliding_window_fwd(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? global_index, "
-      "Tensor? global_count, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale) "
-      "-> (Tensor, Tensor)");
+      "Tensor? global_count, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale, "
+      "float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "sliding_window_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, "
       "Tensor? global_mask, Tensor? global_index, Tensor? global_count, Tensor? qg, Tensor? kg, Tensor? vg, "
-      "Tensor? key_padding_mask, float scale) -> Tensor[]");
+      "Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset) -> Tensor[]");
   m.def(
       "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor lut, Tensor counts, int block_size, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+      "Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "block_sparse_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor lut, "
-      "Tensor counts, int block_size, Tensor? key_padding_mask, float scale) -> Tensor[]");
+      "Tensor counts, int block_size, Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset) "
+      "-> Tensor[]");
   m.def(
       "nystrom_fwd(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
       "float scale, bool hf_global) -> Tensor");

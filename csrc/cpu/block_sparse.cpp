@@ -17,7 +17,7 @@ struct Setup {
 };
 
 Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut, const Tensor& counts,
-            int64_t block_size, const OptTensor& kpm, double scale) {
+            int64_t block_size, const OptTensor& kpm, double scale, const Dropout& drop) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -43,6 +43,7 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
   p.bq = block_size <= 128 ? block_size : (block_size % 64 == 0 ? 64 : block_size);
   p.elem = elem_of(q);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.drop = drop;  // rows and key columns are the (padded) sequence positions
   if (!real.all().item<bool>()) p.kbias = s.bias.data_ptr<float>(), p.qskip = s.skip.data_ptr<uint8_t>();
   const int* lp = s.lut.data_ptr<int>();
   const int* cp = s.counts.data_ptr<int>();
@@ -65,11 +66,12 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
 
 std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& lut,
                                             const Tensor& counts, int64_t block_size,
-                                            const OptTensor& key_padding_mask, double scale) {
+                                            const OptTensor& key_padding_mask, double scale, double dropout_p,
+                                            int64_t seed, int64_t offset) {
   check_float(q_, "q");
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
-  Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
+  Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale, dropout_of(dropout_p, seed, offset));
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   run_forward(s.p, out.data_ptr(), lse.data_ptr<float>());
@@ -78,12 +80,13 @@ std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q_, const Tensor& k_, 
 
 std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                      const Tensor& out_, const Tensor& lse, const Tensor& lut, const Tensor& counts,
-                                     int64_t block_size, const OptTensor& key_padding_mask, double scale) {
+                                     int64_t block_size, const OptTensor& key_padding_mask, double scale,
+                                     double dropout_p, int64_t seed, int64_t offset) {
   check_float(q_, "q");
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
   const auto [delta, dq, dk, dv] = backward_start(grad_out_, out_, q, lse);
-  Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale);
+  Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale, dropout_of(dropout_p, seed, offset));
   run_backward(s.p, grad_out_.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);
   return {as_dtype(dq, dt), as_dtype(dk, dt), as_dtype(dv, dt)};

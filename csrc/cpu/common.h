@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <string>
 
@@ -70,6 +72,20 @@ inline Tensor real_mask(const OptTensor& kpm, int64_t B, int64_t S) {
   TORCH_CHECK(kpm->dim() == 2 && kpm->size(0) == B && kpm->size(1) == S, "key_padding_mask: expected (", B, ", ",
               S, "), got ", kpm->sizes());
   return kpm->to(at::kByte).contiguous();
+}
+
+// The dropout settings of a kernel call (flash_tile.h Dropout; etkd_kernels/_shared.py): off when p == 0.
+inline Dropout dropout_of(double p, int64_t seed, int64_t offset) {
+  Dropout d;
+  if (p == 0) return d;
+  TORCH_CHECK(p > 0 && p < 1, "dropout_p: expected a float in [0, 1), got ", p);
+  TORCH_CHECK(seed >= 0, "seed: expected an int in [0, 2**63), got ", seed);
+  d.on = true;
+  d.thr = static_cast<uint32_t>(std::min(65535.0, std::floor(p * 65536.0)));
+  d.scale = static_cast<float>(1.0 / (1.0 - p));
+  d.key0 = static_cast<uint32_t>(seed & 0xFFFFFFFF), d.key1 = static_cast<uint32_t>((seed >> 32) & 0xFFFFFFFF);
+  d.offset = static_cast<uint32_t>(offset & 0xFFFFFFFF);
+  return d;
 }
 
 // 0 where `ok`, -inf elsewhere, float32.

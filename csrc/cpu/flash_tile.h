@@ -36,6 +36,20 @@ constexpr int64_t kMaxSeg = 640;
 // Append keys [k0, k1) of `src` to `segs`, split into near-equal pieces of at most kMaxSeg keys.
 void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src);
 
+// Attention dropout on P (the contract of etkd_kernels/_shared.py, bit for bit): the keep bit of (b, h, query row
+// i, key column j) is Philox4x32-10 with key (key0, key1), counter (j >> 3, i, b * H + h, offset), 16 bits per
+// column (word (j & 7) >> 1, half j & 1), kept iff >= thr. Rows and columns are the op's positions: query row r of
+// the problem is qrow[b * Sq + r] (or r), main-source key j is column j, extra-source key x is column
+// xcol[b * Sx + x] (or xcol0 + x). Kept probabilities are scaled by `scale` = float(1 / (1 - p)).
+struct Dropout {
+  bool on = false;
+  uint32_t thr = 0, key0 = 0, key1 = 0, offset = 0;
+  float scale = 1.f;
+  const int64_t* qrow = nullptr;
+  const int64_t* xcol = nullptr;
+  int64_t xcol0 = 0;
+};
+
 // Element type of q, k, v, kx, vx, out and dout.
 enum class Elem : uint8_t { f32, bf16, f16 };
 
@@ -58,6 +72,7 @@ struct Problem {
   const void* vx = nullptr;
   const float* kxbias = nullptr;
   int64_t Sx = 0;
+  Dropout drop;  // off unless drop.on
   // Segments of query tile [i0, i0 + rows) of (b, h).
   std::function<void(int64_t b, int64_t h, int64_t i0, int64_t rows, std::vector<Seg>& segs)> segments;
 };

@@ -114,6 +114,147 @@ void store_scaled(const float* x, float a, T* out, int64_t n) {
   }
 }
 
+// ---- Attention dropout: keep bits of the contract (flash_tile.h Dropout, etkd_kernels/_shared.py) ----
+// The keep bits of a row are generated in SIMD, 16 (AVX-512) or 8 (AVX2) Philox4x32-10 calls per vector, each call
+// covering 8 consecutive key columns, and applied where P is formed: in the fp32 exp pass, or before P is rounded
+// to bf16 on the native bf16 paths; the backward regenerates them.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+// c = Philox4x32-10(c, (k0, k1)), one counter.
+inline void philox_one(uint32_t* c, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c[0], p1 = uint64_t(kPhiloxM1) * c[2];
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c[1] ^ k0, n2 = uint32_t(p0 >> 32) ^ c[3] ^ k1;
+    c[0] = n0, c[1] = uint32_t(p1), c[2] = n2, c[3] = uint32_t(p0);
+  }
+}
+
+// Keep bit of (batch-head bh, row, column col), one Philox call (gathered columns: global keys).
+inline bool keep_one(const Dropout& dr, uint32_t bh, uint32_t row, int64_t col) {
+  uint32_t c[4] = {uint32_t(col >> 3), row, bh, dr.offset};
+  philox_one(c, dr.key0, dr.key1);
+  return ((c[(col & 7) >> 1] >> (16 * (col & 1))) & 0xFFFFu) >= dr.thr;
+}
+
+// Keep bits of columns [c0, c1) of (bh, row): bit (col - base) of bits[], base = c0 rounded down to a multiple of
+// 8 (a Philox call's first column). Writes whole vectors' worth of words past c1: kKeepWords covers a segment.
+constexpr int64_t kKeepWords = (kMaxSeg + 2 * 64 + 8) / 64 + 4;
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512i mulhi_epu32(__m512i a, __m512i m) {
+  const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(a, m), 32);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+}
+void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
+  // Lane 4k + m runs the Philox call of group g + 4m + k, so that after the 4 x 4 transposes below vector m holds
+  // groups g + 4m .. g + 4m + 3: 32 consecutive columns, 16 bits each, in column order.
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i m0 = _mm512_set1_epi32(kPhiloxM0), m1 = _mm512_set1_epi32(kPhiloxM1);
+  const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(dr.thr));
+  for (int64_t g = c0 >> 3; g < (c1 + 7) >> 3; g += 16, bits += 2) {
+    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(g)), perm);
+    __m512i x1 = _mm512_set1_epi32(row), x2 = _mm512_set1_epi32(bh), x3 = _mm512_set1_epi32(dr.offset);
+    uint32_t k0 = dr.key0, k1 = dr.key1;
+    for (int r = 0; r < 10; ++r) {
+      if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
+      const __m512i hi0 = mulhi_epu32(x0, m0), lo0 = _mm512_mullo_epi32(x0, m0);
+      const __m512i hi1 = mulhi_epu32(x2, m1), lo1 = _mm512_mullo_epi32(x2, m1);
+      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(k0));
+      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(k1));
+      x1 = lo1, x3 = lo0;
+    }
+    const __m512i a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
+    const __m512i c = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
+    const uint64_t k_0 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(a, b), thr);
+    const uint64_t k_1 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(a, b), thr);
+    const uint64_t k_2 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(c, d), thr);
+    const uint64_t k_3 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(c, d), thr);
+    bits[0] = k_0 | (k_1 << 32);
+    bits[1] = k_2 | (k_3 << 32);
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256i mulhi_epu32(__m256i a, __m256i m) {
+  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, m), 32);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  return _mm256_blend_epi32(even, odd, 0xAA);
+}
+// 32 keep flags (0xFFFF per kept column) of x, y (16 columns each, in order) -> 32 bits in column order.
+inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
+  const __m256i kx = _mm256_cmpeq_epi16(_mm256_max_epu16(x, thr), x);
+  const __m256i ky = _mm256_cmpeq_epi16(_mm256_max_epu16(y, thr), y);
+  // packs interleaves the 128-bit lanes (x.lo, y.lo, x.hi, y.hi); the permute restores column order.
+  const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(kx, ky), 0xD8);
+  return static_cast<uint32_t>(_mm256_movemask_epi8(b));
+}
+void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
+  // Lane 4k + m runs group g + 2m + k: after the transposes vector m holds groups g + 2m, g + 2m + 1 (16 columns).
+  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i m0 = _mm256_set1_epi32(kPhiloxM0), m1 = _mm256_set1_epi32(kPhiloxM1);
+  const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(dr.thr));
+  for (int64_t g = c0 >> 3; g < (c1 + 7) >> 3; g += 8, ++bits) {
+    __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<uint32_t>(g)), perm);
+    __m256i x1 = _mm256_set1_epi32(row), x2 = _mm256_set1_epi32(bh), x3 = _mm256_set1_epi32(dr.offset);
+    uint32_t k0 = dr.key0, k1 = dr.key1;
+    for (int r = 0; r < 10; ++r) {
+      if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
+      const __m256i hi0 = mulhi_epu32(x0, m0), lo0 = _mm256_mullo_epi32(x0, m0);
+      const __m256i hi1 = mulhi_epu32(x2, m1), lo1 = _mm256_mullo_epi32(x2, m1);
+      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(k0));
+      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(k1));
+      x1 = lo1, x3 = lo0;
+    }
+    const __m256i a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
+    const __m256i c = _mm256_unpackhi_epi32(x0, x1), d = _mm256_unpackhi_epi32(x2, x3);
+    *bits = keep_mask32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b), thr) |
+            (keep_mask32(_mm256_unpacklo_epi64(c, d), _mm256_unpackhi_epi64(c, d), thr) << 32);
+  }
+}
+#else
+void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
+  const int64_t g0 = c0 >> 3, words = (((c1 + 7) >> 3) - g0 + 7) / 8;
+  for (int64_t i = 0; i < words; ++i) bits[i] = 0;
+  for (int64_t g = g0; g < (c1 + 7) >> 3; ++g) {
+    uint32_t c[4] = {static_cast<uint32_t>(g), row, bh, dr.offset};
+    philox_one(c, dr.key0, dr.key1);
+    for (int t = 0; t < 8; ++t)
+      if (((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) bits[(g - g0) >> 3] |= uint64_t(1) << ((g - g0) % 8 * 8 + t);
+  }
+}
+#endif
+
+// The keep bits of one row of a segment: column t of the segment (0 <= t < sg.n) is bit t + shift of w.
+struct Keep {
+  const uint64_t* w = nullptr;
+  int64_t shift = 0;
+  // 64 bits from column t on.
+  uint64_t at64(int64_t t) const {
+    const int64_t pos = t + shift, q = pos >> 6, r = pos & 63;
+    return r ? (w[q] >> r) | (w[q + 1] << (64 - r)) : w[q];
+  }
+  bool at(int64_t t) const { return (w[(t + shift) >> 6] >> ((t + shift) & 63)) & 1; }
+};
+
+// x[lo:hi] = keep ? x : 0.
+void apply_keep(float* x, int64_t lo, int64_t hi, const Keep& kp) {
+  int64_t j = lo;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; j + 16 <= hi; j += 16)
+    _mm512_mask_storeu_ps(x + j, static_cast<__mmask16>(~kp.at64(j)), _mm512_setzero_ps());
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (; j + 8 <= hi; j += 8) {
+    const __m256i m = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(kp.at64(j) & 0xFF)), lane);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, lane));
+    _mm256_storeu_ps(x + j, _mm256_and_ps(_mm256_loadu_ps(x + j), keep));
+  }
+#endif
+  for (; j < hi; ++j)
+    if (!kp.at(j)) x[j] = 0.f;
+}
+
 // s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi]. Plain vector max (clamp_min: the
 // inputs are finite, checked at the op's door, so maximum's NaN propagation is not needed), two accumulators.
 float add_bias_max(float* s, const float* bias, int64_t lo, int64_t hi) {
@@ -167,7 +308,8 @@ float exp_sum(float* s, int64_t lo, int64_t hi, float m) {
 // p[0:n] = bf16(exp(s[j] - m)) on [lo, hi), 0 elsewhere; returns the float32 sum of the exps (the softmax
 // statistics stay unrounded, as in flash attention). The rounding is fused into the exp pass: P is written once,
 // already in the product type. m is finite.
-float exp_sum_bf16(const float* s, BFloat16* p, int64_t n, int64_t lo, int64_t hi, float m) {
+// With dropout (kp.w set), the dropped entries of P are zeroed before the rounding; the sum counts every key.
+float exp_sum_bf16(const float* s, BFloat16* p, int64_t n, int64_t lo, int64_t hi, float m, const Keep& kp) {
   std::fill(p, p + lo, BFloat16(0.f));
   std::fill(p + hi, p + n, BFloat16(0.f));
   const __m512 vm = _mm512_set1_ps(m);
@@ -176,13 +318,15 @@ float exp_sum_bf16(const float* s, BFloat16* p, int64_t n, int64_t lo, int64_t h
   for (; j + 16 <= hi; j += 16) {
     const Vec e = Vec(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)).fexp_u20();
     acc = acc + e;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    const __m512 pe = kp.w ? _mm512_maskz_mov_ps(static_cast<__mmask16>(kp.at64(j)), e) : __m512(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(pe));
   }
   if (j < hi) {
     const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
     const Vec e = Vec(_mm512_maskz_sub_ps(mk, _mm512_maskz_loadu_ps(mk, s + j), vm)).fexp_u20();
     acc = acc + Vec(_mm512_maskz_mov_ps(mk, e));
-    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+    const __mmask16 km = kp.w ? static_cast<__mmask16>(mk & kp.at64(j)) : mk;
+    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(km, e)));
   }
   return acc.reduce_add();
 }
@@ -473,11 +617,16 @@ struct Work {
   bool amx = false;             // packed bf16 products by brgemm (AMX), else by dp_gemm (bf16_path)
   std::vector<Seg> segs;
   Clock clock;
+  int64_t b = 0, bh = 0;            // the task's batch and batch * H + head (dropout counters)
+  std::vector<uint64_t> keep;  // dropout: keep bits of one row (forward) or of every row of a tile (backward)
+  std::vector<Keep> keeps;     // backward: each tile row's bits in `keep`
+  std::vector<float> pd;       // backward with dropout: P with the dropped entries zeroed
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
       : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * (kMaxSeg + 2 * kPackN)), acc(bq * d), m(bq), l(bq),
         s16(kNarrow ? bq * (kMaxSeg + 2 * kPackN) : 0), dp16(kNarrow ? bq * kMaxSeg : 0), qb(kConvert ? bq * d : 0),
-        kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0) {}
+        kb(kConvert ? kMaxSeg * d : 0), vb(kConvert ? kMaxSeg * d : 0), db(kConvert ? bq * d : 0),
+        keep(bq * kKeepWords), keeps(bq) {}
 };
 
 // The key blocks (of kPackN) covering a segment, as the packed paths score it: from the block edge a0 below
@@ -500,20 +649,44 @@ void online_step(Work<T, C>& w, int64_t r, int64_t d, float mnew, float sum) {
   w.m[r] = mnew;
 }
 
-// The end of a forward tile: out = acc / l and lse = m + log l per row; a row that saw no key gets out 0 and
-// lse +inf (its backward then skips it).
+// The end of a forward tile: out = acc / l (times the dropout scale: acc holds the kept exps) and lse = m + log l
+// per row; a row that saw no key gets out 0 and lse +inf (its backward then skips it).
 template <class T, class C>
-void finish_rows(const Work<T, C>& w, int64_t rows, int64_t d, T* out, float* lse) {
+void finish_rows(const Problem& p, const Work<T, C>& w, int64_t rows, int64_t d, T* out, float* lse) {
+  const float post = p.drop.on ? p.drop.scale : 1.f;
   for (int64_t r = 0; r < rows; ++r) {
     T* o = out + r * d;
     if (w.l[r] > 0.f) {
-      store_scaled(w.acc.data() + r * d, 1.f / w.l[r], o, d);
+      store_scaled(w.acc.data() + r * d, post / w.l[r], o, d);
       lse[r] = w.m[r] + std::log(w.l[r]);
     } else {
       std::fill(o, o + d, T(0.f));
       lse[r] = kInf;
     }
   }
+}
+
+// The keep bits of row r (tile row; absolute row i0 + r, or the problem's row map) over columns [lo, hi) of
+// segment sg, into w.keep.
+// `slot` picks where in w.keep the bits go (the backward keeps a tile's rows).
+template <class T, class C>
+Keep row_keep(const Problem& p, Work<T, C>& w, const Seg& sg, int64_t i0, int64_t r, int64_t lo, int64_t hi,
+              int64_t slot = 0) {
+  uint64_t* buf = w.keep.data() + slot * kKeepWords;
+  const Dropout& dr = p.drop;
+  const uint32_t row = static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r);
+  const uint32_t bh = static_cast<uint32_t>(w.bh);
+  if (sg.src == 1 && dr.xcol) {  // gathered columns (global keys): one Philox call per key
+    const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
+    for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
+    for (int64_t t = lo; t < hi; ++t)
+      if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
+    return {buf, 0};
+  }
+  const int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
+  const int64_t base = (col0 + lo) & ~int64_t(7);
+  keep_bits(dr, bh, row, col0 + lo, col0 + hi, buf);
+  return {buf, col0 - base};
 }
 
 // The own products' scores of segment sg: s (rows x cv.ls) = alpha * a (rows x d, row-major) @ K^T over the key
@@ -576,14 +749,16 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
         continue;
       }
       float sum = 0.f;
+      const Keep kp = p.drop.on ? row_keep(p, w, sg, i0, r, lo, hi) : Keep{};
       if constexpr (kNarrow) {
 #if ETKD_NATIVE_BF16
-        sum = exp_sum_bf16(row, pn + r * n, n, lo, hi, mnew);
+        sum = exp_sum_bf16(row, pn + r * n, n, lo, hi, mnew, kp);
 #endif
       } else {
         std::fill(row, row + lo, 0.f);
         std::fill(row + hi, row + n, 0.f);
         sum = exp_sum(row, lo, hi, mnew);
+        if (kp.w) apply_keep(row, lo, hi, kp);  // the sum (softmax statistics) counts every key, P the kept ones
       }
       online_step(w, r, d, mnew, sum);
       any = true;
@@ -603,7 +778,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
       ck.lap(kPhasePV);
     }
   }
-  finish_rows(w, rows, d, out, lse);
+  finish_rows(p, w, rows, d, out, lse);
   ck.lap(kPhaseOut);
 }
 
@@ -730,7 +905,7 @@ float scaled_max(const float* s, const float* bias, int64_t lo, int64_t hi, floa
 // the scaling, bias, exp and rounding to the product type are fused. m is finite.
 template <bool kBias>
 float scaled_exp_sum_bf16_as(const float* s, const float* bias, float scale, BFloat16* p, int64_t lo, int64_t hi,
-                             float m) {
+                             float m, const Keep& kp) {
   const __m512 vs = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m), nm = _mm512_set1_ps(-m);
   auto ex = [&](int64_t j, __mmask16 mk) {
     const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
@@ -742,21 +917,23 @@ float scaled_exp_sum_bf16_as(const float* s, const float* bias, float scale, BFl
   for (; j + 16 <= hi; j += 16) {
     const __m512 e = ex(j, 0xffff);
     acc = _mm512_add_ps(acc, e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    const __m512 pe = kp.w ? _mm512_maskz_mov_ps(static_cast<__mmask16>(kp.at64(j)), e) : e;  // dropout, pre-rounding
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(pe));
   }
   if (j < hi) {
     const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
     const __m512 e = _mm512_maskz_mov_ps(mk, ex(j, mk));
     acc = _mm512_add_ps(acc, e);
-    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+    const __m512 pe = kp.w ? _mm512_maskz_mov_ps(static_cast<__mmask16>(kp.at64(j)), e) : e;
+    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(pe));
   }
   return _mm512_reduce_add_ps(acc);
 }
 
 float scaled_exp_sum_bf16(const float* s, const float* bias, float scale, BFloat16* p, int64_t lo, int64_t hi,
-                          float m) {
-  return bias ? scaled_exp_sum_bf16_as<true>(s, bias, scale, p, lo, hi, m)
-              : scaled_exp_sum_bf16_as<false>(s, bias, scale, p, lo, hi, m);
+                          float m, const Keep& kp) {
+  return bias ? scaled_exp_sum_bf16_as<true>(s, bias, scale, p, lo, hi, m, kp)
+              : scaled_exp_sum_bf16_as<false>(s, bias, scale, p, lo, hi, m, kp);
 }
 
 // One query tile of the packed path; w.s / w.s16 hold rows x (covering columns).
@@ -799,7 +976,8 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
       }
       std::fill(prow, prow + c0 + lo, BFloat16(0.f));
       std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
-      online_step(w, r, d, mnew, scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew));
+      const Keep kp = p.drop.on ? row_keep(p, w, sg, i0, r, lo, hi) : Keep{};
+      online_step(w, r, d, mnew, scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew, kp));
       any = true;
     }
     ck.lap(kPhaseSoftmax);
@@ -815,7 +993,7 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
       ck.lap(kPhasePV);
     }
   }
-  finish_rows(w, rows, d, out, lse);
+  finish_rows(p, w, rows, d, out, lse);
   ck.lap(kPhaseOut);
 }
 #endif
@@ -1009,25 +1187,56 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     dp += c0;
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
-    for (int64_t r = 0; r < rows; ++r)
-      any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls);
+    const bool drop = p.drop.on;
+    // With dropout: pd = P with the dropped entries zeroed (row stride ls and column offset c0, like s); each row's
+    // keep bits stay in w.keeps for dS.
+    float* pd = nullptr;
+    if (drop) {
+      if (w.pd.size() < w.s.size()) w.pd.resize(w.s.size());
+      pd = w.pd.data() + c0;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool seen = recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls);
+      any |= seen;
+      if (drop) {
+        std::copy(s + r * ls - c0, s + r * ls - c0 + ls, pd + r * ls - c0);
+        w.keeps[r] = Keep{};
+        if (seen) {
+          int64_t lo, hi;
+          row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+          w.keeps[r] = row_keep(p, w, sg, i0, r, lo, hi, r);
+          apply_keep(pd + r * ls, lo, hi, w.keeps[r]);
+        }
+      }
+    }
     if (!any) continue;
     GradView g = grad[sg.src];
+    // With dropout: dV += (P o M / (1 - p))^T dO; dP = (dO V^T) o M / (1 - p); dS = P (dP - delta).
+    const float rp = drop ? p.drop.scale : 1.f;
+    const float* pv = drop ? pd : s;  // what multiplies dO into dV
+    auto ds_row = [&](int64_t r, const float* prow, float* dprow) {
+      if (drop && w.keeps[r].w) {  // dropped entries of dP are 0; P is 0 outside the row's range [lo, hi)
+        int64_t lo, hi;
+        row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+        apply_keep(dprow, lo, hi, w.keeps[r]);
+      }
+      softmax_grad_row(prow, dprow, n, delta[r]);
+    };
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
     if constexpr (std::is_same_v<C, float>) {
       if (w.own) {
-        gemm_panels<kPanel>(n, d, rows, 1.f, s, 1, ls, dout, d, g.dv + sg.k0 * d, d, true);
-        scores_own(w.vt[sg.src], sg, rows, d, 1.f, dout, dp - c0);  // dP: same segment, same columns as S
-        for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * ls, dp + r * ls, n, delta[r]);
+        gemm_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv + sg.k0 * d, d, true);
+        scores_own(w.vt[sg.src], sg, rows, d, rp, dout, dp - c0);  // dP: same segment, same columns as S
+        for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * ls, dp + r * ls);
         gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
         gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk + sg.k0 * d, d, true);
         continue;
       }
     }
     const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
-    mm(true, false, n, d, rows, 1.f, operand<C>(s, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
-    mm(false, true, rows, n, d, 1.f, dout, d, vp, d, 0.f, dp, n);
-    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * n, dp + r * n, n, delta[r]);
+    mm(true, false, n, d, rows, rp, operand<C>(pv, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
+    mm(false, true, rows, n, d, rp, dout, d, vp, d, 0.f, dp, n);
+    for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * n, dp + r * n);
     const C* ds = operand<C>(dp, rows * n, w.dp16.data());
     mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
     mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk + sg.k0 * d, d);
@@ -1199,6 +1408,7 @@ void forward_as(const Problem& p, T* out, float* lse) {
     for (int64_t t = begin; t < end; ++t) {
       const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
       if (t0 >= t1) continue;
+      w.b = b, w.bh = bh;
       SrcView<T> raw[2];
       task_sources(p, bh, b, raw);
 #if ETKD_NATIVE_BF16
@@ -1246,7 +1456,8 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   bool dpb = false;
 #if ETKD_NATIVE_BF16
   if constexpr (std::is_same_v<C, BFloat16>)
-    dpb = bf16_path(p) == Bf16Path::own && reinterpret_cast<uintptr_t>(dout) % 4 == 0;
+    dpb = bf16_path(p) == Bf16Path::own && reinterpret_cast<uintptr_t>(dout) % 4 == 0 &&
+          !p.drop.on;  // backward_tile_dp has no dropout step: with dropout the tiles take MKL's bf16 GEMM
 #endif
   at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
     Work<T, C> w(p.bq, p.D);
@@ -1254,6 +1465,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
     for (int64_t t = begin; t < end; ++t) {
       const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
       if (t0 >= t1) continue;
+      w.b = b, w.bh = bh;
       SrcView<T> src[2];
       task_sources(p, bh, b, src);
       GradView grad[2];

@@ -12,23 +12,28 @@ namespace etkd::cpu {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// Dropout (dropout_p, seed, offset): the contract of etkd_kernels/_shared.py (flash_tile.h Dropout); p = 0 is off.
 // Global tokens as etkd_kernels.masks.GlobalTokens (mask, index, count), built once per call by the op layer.
 std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
                                               const OptTensor& global_mask, const OptTensor& global_index,
                                               const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
-                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale);
+                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
+                                              double dropout_p, int64_t seed, int64_t offset);
 std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& out, const Tensor& lse, int64_t window,
                                        const OptTensor& global_mask, const OptTensor& global_index,
                                        const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
-                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale);
+                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
+                                       double dropout_p, int64_t seed, int64_t offset);
 
 std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut,
                                             const Tensor& counts, int64_t block_size,
-                                            const OptTensor& key_padding_mask, double scale);
+                                            const OptTensor& key_padding_mask, double scale, double dropout_p,
+                                            int64_t seed, int64_t offset);
 std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& out, const Tensor& lse, const Tensor& lut, const Tensor& counts,
-                                     int64_t block_size, const OptTensor& key_padding_mask, double scale);
+                                     int64_t block_size, const OptTensor& key_padding_mask, double scale,
+                                     double dropout_p, int64_t seed, int64_t offset);
 
 // softmax(scale * a @ b^T, keys masked by key_mask) @ c, the fused product the Nystrom op is built from.
 std::tuple<Tensor, Tensor> softmax_matmul_fwd(const Tensor& a, const Tensor& b, const Tensor& c,

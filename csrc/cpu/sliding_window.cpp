@@ -96,7 +96,7 @@ struct Passes {
 
 // Everything both passes need, built once per call.
 Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, const Globals& g, const Tensor& qg_,
-             const Tensor& kg_, const Tensor& vg_, double scale) {
+             const Tensor& kg_, const Tensor& vg_, double scale, const Dropout& drop) {
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), w = window / 2, G = g.G;
   Passes ps;
   auto usable = g.real * (1 - g.is_glob);  // band keys and band rows: real and not global
@@ -107,6 +107,8 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
   p.elem = elem_of(q);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.w = w;
+  p.drop = drop;  // band keys are positions; the gathered global keys' columns are their positions (g.idx)
+  if (G > 0) p.drop.xcol = g.idx.data_ptr<int64_t>();
   if (!usable.all().item<bool>()) {  // no padding and no globals: the tile loops skip the bias and skip reads
     p.kbias = ps.band_bias.data_ptr<float>(), p.qskip = ps.skip.data_ptr<uint8_t>();
   }
@@ -130,6 +132,8 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
     r.q = ps.qrows.data_ptr(), r.k = kg_.data_ptr(), r.v = vg_.data_ptr();
     r.kbias = ps.real_bias.data_ptr<float>(), r.qskip = ps.gskip.data_ptr<uint8_t>();
     r.segments = [S](int64_t, int64_t, int64_t, int64_t, std::vector<Seg>& segs) { append_run(segs, 0, S, 0); };
+    r.drop = drop;  // the gathered global rows are rows g.idx of the op
+    r.drop.qrow = g.idx.data_ptr<int64_t>();
   }
   return ps;
 }
@@ -155,7 +159,8 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t win
 std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, int64_t window,
                                               const OptTensor& global_mask, const OptTensor& global_index,
                                               const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
-                                              const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
+                                              const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
+                                              double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
@@ -163,7 +168,8 @@ std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
   const bool sep = qg.has_value();
-  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
+  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale,
+                    dropout_of(dropout_p, seed, offset));
   auto out = at::empty_like(q);
   auto lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
   run_forward(ps.band, out.data_ptr(), lse.data_ptr<float>());
@@ -181,7 +187,8 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_
                                        const Tensor& out_, const Tensor& lse, int64_t window,
                                        const OptTensor& global_mask, const OptTensor& global_index,
                                        const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
-                                       const OptTensor& vg_, const OptTensor& key_padding_mask, double scale) {
+                                       const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
+                                       double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
   const auto dt = q_.scalar_type();
   const Tensor &q = q_, &k = k_, &v = v_;
@@ -191,7 +198,8 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
   const bool sep = qg.has_value();
-  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale);
+  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale,
+                    dropout_of(dropout_p, seed, offset));
   const auto f32 = q.options().dtype(at::kFloat);
   auto cast = [dt](std::vector<Tensor> gs) {
     for (auto& t : gs) t = as_dtype(t, dt);

@@ -202,5 +202,9 @@ def _load_extension() -> str | None:
 OP_DTYPES: dict[str, tuple[torch.dtype, ...]] = {}
 
 
+# Ops whose kernels apply attention dropout (dropout_p > 0; the others fall back to `reference`, saying so).
+DROPOUT_OPS = ("sliding_window", "block_sparse")
+
+
 def capabilities(op: str) -> Capabilities:
-    return Capabilities(devices=("cpu",), dtypes=OP_DTYPES.get(op, DTYPES))
+    return Capabilities(devices=("cpu",), dtypes=OP_DTYPES.get(op, DTYPES), dropout=op in DROPOUT_OPS)

@@ -16,13 +16,14 @@ def forward(q, k, v, p):
     note_tile_path("block_sparse", q)
     lut, counts = cached_lut(p.layout)
     return torch.ops.etkd_cpu.block_sparse_fwd(
-        q, k, v, lut, counts, p.block_size, p.key_padding_mask, p.scale
+        q, k, v, lut, counts, p.block_size, p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset
     )
 
 
 def backward(grad_out, q, k, v, out, lse, p):
     lut, counts = cached_lut(p.layout)
     dq, dk, dv = torch.ops.etkd_cpu.block_sparse_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, lut, counts, p.block_size, p.key_padding_mask, p.scale
-    )
+        grad_out.contiguous(), q, k, v, out, lse, lut, counts, p.block_size, p.key_padding_mask, p.scale,
+        p.dropout_p, p.seed, p.offset,
+    )  # fmt: skip
     return dq, dk, dv

@@ -19,11 +19,13 @@ from etkd_kernels.cpu._dtype import in_float32
 _NATIVE = {"pooling": 1, "stride": 2, "block_stride": 3}  # type ids of csrc/cpu/lsg.cpp
 
 
-def _native(sparsity_type, sparse_block_size, sparsity_factor, num_blocks):
+def _native(sparsity_type, sparse_block_size, sparsity_factor, num_blocks, variant):
+    # The native pooling attends empty groups (the "layer" variant); the model files' pooling goes to torch.
     return (
         uses_sparse(sparsity_type, sparse_block_size, num_blocks)
         and sparsity_type in _NATIVE
         and sparsity_factor >= 2
+        and not (variant == "model" and sparsity_type == "pooling")
     )
 
 
@@ -33,13 +35,13 @@ def _real(q, key_padding_mask):
     return torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
 
 
-def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale):
+def _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale, variant):
     nb = q.shape[2] // bs
-    if _native(stype, sbs, f, nb):
+    if _native(stype, sbs, f, nb, variant):
         kx, vx, ok = torch.ops.etkd_cpu.lsg_sparse_keys(k, v, kpm, g, bs, f, _NATIVE[stype])
-        starts = torch.stack(sparse_windows(torch.arange(nb), bs // f, sbs), dim=1)
+        starts = torch.stack(sparse_windows(torch.arange(nb), bs // f, sbs, variant), dim=1)
         return kx, vx, ok, starts
-    return extra_keys(q, k, v, bs, sbs, f, stype, g, _real(q, kpm), scale)
+    return extra_keys(q, k, v, bs, sbs, f, stype, g, _real(q, kpm), scale, variant)
 
 
 @in_float32(keep=(1,))  # lse stays float32
@@ -49,7 +51,7 @@ def forward(q, k, v, p):
     bs, sbs, f, stype = p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type
     g, kpm, scale = p.num_global_tokens, p.key_padding_mask, p.scale
     with torch.no_grad():
-        kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale)
+        kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale, p.variant)
         return torch.ops.etkd_cpu.lsg_fwd(
             q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm, bs, sbs, g, scale
         )
@@ -60,8 +62,8 @@ def backward(grad_out, q, k, v, out, lse, p):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bs, sbs, f, stype = p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type
     g, kpm, scale = p.num_global_tokens, p.key_padding_mask, p.scale
-    if _native(stype, sbs, f, q.shape[2] // bs):
-        kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale)
+    if _native(stype, sbs, f, q.shape[2] // bs, p.variant):
+        kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale, p.variant)
         dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
             grad_out.contiguous(), q, k, v, out, lse, kx, vx, ok, starts, kpm, bs, sbs, g, scale
         )
@@ -69,7 +71,7 @@ def backward(grad_out, q, k, v, out, lse, p):
         return dq, dk, dv
     with torch.enable_grad():  # compressed keys built by torch ops: their gradients flow back with autograd
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        kx, vx, ok, starts = extra_keys(*leaves, bs, sbs, f, stype, g, _real(q, kpm), scale)
+        kx, vx, ok, starts = extra_keys(*leaves, bs, sbs, f, stype, g, _real(q, kpm), scale, p.variant)
         dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
             grad_out.contiguous(), q, k, v, out, lse, kx.detach().contiguous(), vx.detach().contiguous(),
             ok.contiguous(), starts, kpm, bs, sbs, g, scale,

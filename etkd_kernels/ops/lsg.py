@@ -14,6 +14,7 @@ from .._checks import (
     check_scale,
     check_token_mask,
 )
+from .._shared import VARIANTS, lead_tokens
 from ..dispatch import requested_backend
 from ._common import pad_to_multiple
 from ._define import define
@@ -32,6 +33,7 @@ class LSGParams:
     num_global_tokens: int
     key_padding_mask: torch.Tensor | None
     scale: float
+    variant: str = "layer"
     dropout_p: float = 0.0
     seed: int = 0
     offset: int = 0
@@ -55,6 +57,7 @@ def lsg_attention(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     dropout_offset: int | None = None,
+    variant: str = "layer",
     backend: str = "auto",
 ) -> torch.Tensor:
     """LSG attention: each query block sees its own and the neighbouring key blocks (local), a compressed
@@ -73,6 +76,12 @@ def lsg_attention(
     depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
     generator when the op runs (torch.manual_seed reproduces; successive calls differ). Compressed (sparse) keys have
     columns >= seq (`etkd_kernels.reference.lsg`), so they draw their own bits.
+
+    variant: "layer" (above: lsg-converter's `attention_layers` LSGSelfAttention, blocks counted from token 0)
+    or "model" (the attention inside lsg-converter's model files, `LSGRobertaModel` & co.: the first
+    `num_global_tokens` positions are prepended global tokens, blocks, sparse keys and LSG's switch to full
+    attention up to two blocks count the tokens after them, an empty pooled group is not attended, and
+    bos_pooling pools by the first non-global query).
     """
     check_qkv(q, k, v)
     check_positive_int(block_size, "block_size")
@@ -81,6 +90,14 @@ def lsg_attention(
     check_positive_int(num_global_tokens, "num_global_tokens", minimum=0)
     if sparsity_type not in SPARSITY_TYPES:
         raise ValueError(f"sparsity_type: expected one of {SPARSITY_TYPES}, got {sparsity_type!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant == "model" and sparsity_type == "norm" and 0 < sparse_block_size < block_size:
+        raise ValueError(
+            f"sparse_block_size: lsg-converter's model ranks key norms in chunks of min(block_size, "
+            f"sparse_block_size); the op ranks whole blocks, so expected >= block_size ({block_size}) for "
+            f"norm, got {sparse_block_size}"
+        )
     if sparsity_type != "none" and sparse_block_size > 0 and block_size % sparsity_factor:
         raise ValueError(
             f"sparsity_factor: expected a divisor of block_size ({block_size}) for sparse keys, got {sparsity_factor}"
@@ -96,15 +113,52 @@ def lsg_attention(
     dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
     check_finite(q=q, k=k, v=v)
     backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
-    q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, block_size)
+    g = num_global_tokens
+    if variant == "model" and q.shape[2]:
+        # Globals in leading blocks of their own (non-real filler), blocks counted after them; LSG's model
+        # runs full attention, which local + global then is, up to two blocks of non-global tokens.
+        lead = lead_tokens(g, block_size, variant)
+        if -(-(q.shape[2] - g) // block_size) <= 2:
+            sparsity_type = "none"
+        if lead > g:
+            b, h, s0, d = q.shape
+            fill = q.new_zeros(b, h, lead - g, d)
+            q, k, v = (torch.cat([t[:, :, :g], fill, t[:, :, g:]], dim=2) for t in (q, k, v))
+            real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, s0, dtype=torch.bool)
+            no = real.new_zeros(b, lead - g)
+            key_padding_mask = torch.cat([real[:, :g], no, real[:, g:]], dim=1)
+            out = _run(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g,
+                       key_padding_mask, scale, dropout, variant, backend)  # fmt: skip
+            return torch.cat([out[:, :, :g], out[:, :, lead:]], dim=2)
+    return _run(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, key_padding_mask,
+                scale, dropout, variant, backend)  # fmt: skip
+
+
+def _run(
+    q,
+    k,
+    v,
+    block_size,
+    sparse_block_size,
+    sparsity_factor,
+    sparsity_type,
+    g,
+    kpm,
+    scale,
+    dropout,
+    variant,
+    backend,
+):
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, kpm, block_size)
     settings = (
         block_size,
         sparse_block_size,
         sparsity_factor,
         sparsity_type,
-        num_global_tokens,
+        g,
         kpm,
         scale,
+        variant,
         *dropout,
     )
     return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]

@@ -48,6 +48,17 @@ f it raises. There we keep the windows above, which are the ones of the model fi
 run (`LSGAttentionProduct.reshape_to_sparse_block`, unfolds of width 6 s) for an even step, so the default
 f = 2 has sparse keys as the checkpoints do.
 `block_size` must be a multiple of `sparsity_factor` when sparse keys are used (LSG asserts the same).
+
+`variant="model"` is the attention of lsg-converter's model files (`LSGRobertaModel` & co.,
+`modeling_lsg_*.py`), which prepend G global embeddings and count blocks after them. The public op
+(`etkd_kernels.ops.lsg`) puts the G globals in leading blocks of their own, padded with non-real tokens, so
+here the first non-global token starts block `lead // B` with lead = ceil(G / B) B, and the rules above
+change in two places only: a pooled token ("pooling") is attended only when its group has a usable token
+(the model files mask an empty group), and "bos_pooling" pools by the scores of query `lead` (the first
+non-global token; the model files' `queries[..., :1, :]` after splitting the globals off) and never attends
+a compressed token of the leading global blocks (there the model files' unfold has only padding); and for an
+odd step only the right sparse window shifts (`sparse_windows`; the model files run an odd step only when
+block_size == sparsity_factor).
 """
 
 from __future__ import annotations
@@ -77,6 +88,7 @@ def attend(
     num_global_tokens,
     key_padding_mask,
     scale,
+    variant="layer",
     dropout_p=0.0,
     seed=0,
     offset=0,
@@ -105,9 +117,9 @@ def attend(
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
     cols = [loc]  # dropout columns of each group's keys, (nb, K)
     if use_sparse:
-        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale)
+        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale, variant)
         t = s // f
-        left, right = sparse_windows(n, bs // f, sbs)
+        left, right = sparse_windows(n, bs // f, sbs, variant)
         j = torch.arange(sbs, device=dev)[None]
         pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
@@ -162,5 +174,5 @@ def _settings(p):
     """The op's settings in `attend`'s order."""
     return (
         p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
-        p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset,
+        p.key_padding_mask, p.scale, p.variant, p.dropout_p, p.seed, p.offset,
     )  # fmt: skip

@@ -169,11 +169,13 @@ def _bwd(
 # Host side
 
 
-def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, p):
+def _prepare(
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, variant, p
+):
     b, h, s, d = q.shape
     real = kpm if kpm is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
     kx, vx, ok, starts = extra_keys(
-        q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, real, scale
+        q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, real, scale, variant
     )
     sx = kx.shape[2]
     sbs = sparse_block_size if sx > g else 0
@@ -207,7 +209,18 @@ def forward(q, k, v, p):
     g = num_global_tokens
     with torch.no_grad():
         kx, vx, okx, starts, (usable, real), meta = _prepare(
-            q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, p
+            q,
+            k,
+            v,
+            block_size,
+            sparse_block_size,
+            sparsity_factor,
+            sparsity_type,
+            g,
+            kpm,
+            scale,
+            p.variant,
+            p,
         )
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
@@ -234,7 +247,16 @@ def backward(grad_out, q, k, v, out, lse, p):
     with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         kx, vx, okx, starts, (usable, real), meta = _prepare(
-            *leaves, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, p
+            *leaves,
+            block_size,
+            sparse_block_size,
+            sparsity_factor,
+            sparsity_type,
+            g,
+            kpm,
+            scale,
+            p.variant,
+            p,
         )
     kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
     dq = torch.zeros_like(q)

@@ -37,6 +37,11 @@ def to_hf_attention(model: EncoderModel):
     Longformer global projections cannot be carried (BERT/RoBERTa have none): they must equal the local ones
     (as `convert` initialises them), else this raises."""
     cfg = model.config
+    if cfg.attention == "lsg":
+        raise UnsupportedConfigError(
+            "to_hf_attention: LSG RoBERTa's global embeddings (prepended tokens) have no place in a BERT/RoBERTa "
+            "class; write it as lsg-converter's checkpoint (save_pretrained(dir, format='lsg'), --format lsg)"
+        )
     name, settings = attention_settings(cfg)
     sd = model.state_dict()
     if cfg.global_projections:
