@@ -103,6 +103,7 @@ def _timing():
     )
     spec = importlib.util.spec_from_file_location("_etkd_timing", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

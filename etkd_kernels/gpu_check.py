@@ -2,13 +2,16 @@
 
 What it does, for the device present (CUDA when there is one):
   * parity: every op x every backend that declares support x fp32/fp16/bf16 x head_dim 32/64/128 (x every
-    shipped autotune config for triton) against the `reference` backend in fp32, forward and gradients.
+    shipped autotune config for triton) against the `reference` backend in fp32, forward and gradients;
+    again with attention dropout (DROPOUT: the same seed and offset give the reference the same keep-mask)
+    wherever the backend declares a dropout kernel.
     The tolerance is relative to PyTorch's own error in that dtype (flash-attention's rule): dense SDPA run
     in the dtype vs in fp32 on the same inputs gives the error scale e; a case passes when its error is at
     most TOL_FACTOR * e + a small floor;
   * large shapes (GPU): batch x heads > 65,535 and a tensor of more than 2^31 elements (the last head is
     checked against the same op on that head alone), when the GPU has the memory;
-  * timings: forward and forward+backward of every (op, backend) at seq 4096 next to dense SDPA,
+  * timings: forward and forward+backward of every (op, backend) at seq 4096 (and with DROPOUT's p where the
+    backend takes dropout) next to dense SDPA,
     FlexAttention with the same pattern, and flash-attn (sliding window) when installed;
   * the Triton-vs-CUDA choice: which of the two is faster per op, next to what `auto` picks.
 It writes everything to a JSON report and exits 1 when any parity case fails (2 on bad arguments).
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 TOL_FACTOR = 4.0
 FLOOR = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+DROPOUT = {"dropout_p": 0.1, "dropout_seed": 2**33 + 1234, "dropout_offset": 7}
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Case:
     head_dim: int
     shape: tuple[int, int, int, int]
     config: str = "autotuned"
+    dropout_p: float = 0.0
     passed: bool = False
     errors: dict[str, float] = field(default_factory=dict)
     tolerances: dict[str, float] = field(default_factory=dict)
@@ -140,11 +145,15 @@ def torch_error_scale(shape, dtype, device) -> dict[str, float]:
     return {n: _max_err(a.float(), e) for n, a, e in zip(names, vals, refs)}
 
 
-def parity_case(op, backend, dtype_name, shape, device, scale_of) -> Case:
+def parity_case(op, backend, dtype_name, shape, device, scale_of, dropout: dict | None = None) -> Case:
+    """One case; `dropout` (DROPOUT) runs backend and reference with the same attention dropout."""
     torch = _torch()
     dtype = getattr(torch, dtype_name)
-    case = Case(op, backend, dtype_name, shape[-1], tuple(shape))
+    case = Case(
+        op, backend, dtype_name, shape[-1], tuple(shape), dropout_p=(dropout or {}).get("dropout_p", 0.0)
+    )
     leaves, kw = _inputs(op, shape, dtype, device)
+    kw.update(dropout or {})
     fn = _call(op)
     try:
         out, grads = _fwd_bwd(lambda *t: fn(*t, backend=backend, **kw), leaves)
@@ -165,10 +174,11 @@ def parity_case(op, backend, dtype_name, shape, device, scale_of) -> Case:
     return case
 
 
-def _claims(op, backend, device, dtype_name, head_dim) -> bool:
+def _claims(op, backend, device, dtype_name, head_dim, dropout: bool = False) -> bool:
     from etkd_kernels.dispatch import Problem, reasons
 
-    return not reasons(backend, op, Problem(device, getattr(_torch(), dtype_name), head_dim))
+    problem = Problem(device, getattr(_torch(), dtype_name), head_dim, dropout=dropout)
+    return not reasons(backend, op, problem)
 
 
 def _configs(backend: str, smoke: bool) -> list[int | None]:
@@ -202,12 +212,16 @@ def run_parity(device, smoke: bool, backends, ops) -> list[Case]:
                 for d in head_dims:
                     if not _claims(op, backend, device, dtype_name, d):
                         continue
+                    drops = [None] + ([DROPOUT] if _claims(op, backend, device, dtype_name, d, True) else [])
                     for cfg in _configs(backend, smoke) if op != "full" else [None]:
-                        with _forced(cfg):
-                            case = parity_case(op, backend, dtype_name, (b, h, s, d), device, scale_of)
-                        case.config = "autotuned" if cfg is None else f"config {cfg}"
-                        cases.append(case)
-                        print(_line(case), flush=True)
+                        for drop in drops:
+                            with _forced(cfg):
+                                case = parity_case(
+                                    op, backend, dtype_name, (b, h, s, d), device, scale_of, drop
+                                )
+                            case.config = "autotuned" if cfg is None else f"config {cfg}"
+                            cases.append(case)
+                            print(_line(case), flush=True)
     return cases
 
 
@@ -224,7 +238,8 @@ def _forced(cfg):
 def _line(c: Case) -> str:
     worst = max(c.errors.values(), default=float("nan"))
     status = "ok  " if c.passed else "FAIL"
-    return f"{status} {c.op:15s} {c.backend:9s} {c.dtype:9s} d={c.head_dim:<4d} {c.config:10s} max err {worst:.2e} {c.note}"
+    drop = f"p={c.dropout_p:g}"
+    return f"{status} {c.op:15s} {c.backend:9s} {c.dtype:9s} d={c.head_dim:<4d} {c.config:10s} {drop:6s} max err {worst:.2e} {c.note}"
 
 
 # ---- large shapes ------------------------------------------------------------------------------------------
@@ -358,6 +373,9 @@ def run_timings(device, smoke: bool) -> list[dict]:
                 )
                 continue
             timed(f"etkd {backend}", op, backend, lambda *t, b=backend: call(*t, backend=b, **kw), leaves)
+            if _claims(op, backend, device, str(dtype).split(".")[-1], shape[-1], dropout=True):
+                timed(f"etkd {backend} dropout {DROPOUT['dropout_p']}", op, backend,
+                      lambda *t, b=backend: call(*t, backend=b, **kw, **DROPOUT), leaves)  # fmt: skip
         rows.append({"op": op, "provider": "auto", "picks": selected_backend_name(op, device, dtype)})
         timed("dense SDPA", op, "torch", lambda q, k, v: F.scaled_dot_product_attention(q, k, v), leaves)
         rows.extend(_flex_and_flash(op, kw, leaves, device, timed))

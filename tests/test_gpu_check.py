@@ -28,6 +28,8 @@ def test_smoke_run_writes_a_passing_report(tmp_path):
         assert report["environment"]["TRITON_INTERPRET"] == "1"
         assert {("sliding_window", "triton"), ("block_sparse", "triton"), ("nystrom", "triton")} <= seen
         assert {c["dtype"] for c in cases if c["backend"] == "triton"} == {"float32", "float16", "bfloat16"}
+        dropped = {c["op"] for c in cases if c["backend"] == "triton" and c["dropout_p"] > 0}
+        assert dropped == {"sliding_window", "block_sparse", "lsg", "nystrom"}  # dropout parity too
     assert ("full", "cpu") in seen or torch.cuda.is_available()
     assert report["timings"] and report["summary"]["failed"] == 0
 

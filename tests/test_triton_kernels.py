@@ -254,3 +254,89 @@ def test_torch_compile_fullgraph_traces_the_triton_op():
     assert_close(loss, eager, 1e-5, name="compiled loss")
     for g, p in zip(grads, model.parameters()):
         assert_close(g, p.grad, 1e-5, name="compiled grad")
+
+
+# ---- attention dropout: the keep-mask, outputs and gradients of `reference` (issue 27) ------------------------
+# The kernels regenerate the contract's Philox4x32-10 mask (etkd_kernels/_shared.py) from absolute positions;
+# under the interpreter the tiles are 16 x 16, so seq 40 crosses tile edges.
+DROP = dict(dropout_p=0.3, dropout_seed=2**40 + 77, dropout_offset=5)
+
+
+def _drop_call(op: str, s: int, backend: str, q, k, v, *extra, kpm=None, landmarks=None, **drop):
+    """One call of `op` with dropout; sliding window with two global tokens per batch row (and the global
+    projections `extra` when given), block sparse on a random layout of 8-token blocks with an empty row."""
+    kw = dict(key_padding_mask=kpm, backend=backend, **{**DROP, **drop})
+    if op == "sliding_window":
+        gm = torch.zeros(q.shape[0], s, dtype=torch.bool)
+        gm[:, [1, s // 2]] = True
+        return sliding_window_attention(q, k, v, 8, global_mask=gm, global_qkv=tuple(extra) or None, **kw)
+    if op == "block_sparse":
+        nb = -(-s // 8)
+        layout = _random_layout(1, nb, 0.4, 5) | torch.eye(nb, dtype=torch.bool)[None]
+        layout[0, 1] = False  # a query block that sees nothing
+        return block_sparse_attention(q, k, v, BlockLayout(layout, 8), **kw)
+    return nystrom_attention(q, k, v, landmarks or s, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["sliding_window", "block_sparse", "nystrom"])
+def test_dropout_keep_mask_is_the_reference_mask(op, dtype):
+    """q = k = 0 (uniform probabilities over a row's keys), v = the identity (head_dim = seq): row i of the output
+    is row i of the dropped probabilities, so its non-zero pattern is the keep-mask (Nystrom: the exact case)."""
+    b, h, s = 2, 2, 40
+    q = torch.zeros(b, h, s, s, dtype=dtype)
+    v = torch.eye(s, dtype=dtype).expand(b, h, s, s).contiguous()
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[1, s - 7 :] = False
+    got = _drop_call(op, s, "triton", q, q, v, kpm=kpm)
+    want = _drop_call(op, s, "reference", q, q, v, kpm=kpm)
+    assert want.ne(0).any() and (want[0] == 0).any()
+    assert torch.equal(got != 0, want != 0), f"{(got != 0).ne(want != 0).sum().item()} keep bits differ"
+
+
+DROP_CASES = [
+    # (op, seq, dtype, separate global projections, landmarks)
+    pytest.param("sliding_window", 37, torch.float32, False, None, id="sw-globals-padding-ragged"),
+    pytest.param("sliding_window", 37, torch.float32, True, None, id="sw-global-projections"),
+    pytest.param("block_sparse", 45, torch.float32, False, None, id="bs-blocks-padded-inside"),
+    pytest.param("nystrom", 30, torch.float32, False, 6, id="nystrom-landmarks-K1"),
+    pytest.param("nystrom", 20, torch.float32, False, 20, id="nystrom-exact"),
+    pytest.param("sliding_window", 37, torch.float16, True, None, id="sw-fp16"),
+    pytest.param("block_sparse", 45, torch.bfloat16, False, None, id="bs-bf16"),
+]
+
+
+@pytest.mark.parametrize("op,s,dtype,separate,landmarks", DROP_CASES)
+def test_dropout_outputs_and_gradients_match_reference(op, s, dtype, separate, landmarks):
+    n = 6 if separate else 3
+    tensors = [_randn(2, 2, s, 16, dtype=dtype) for _ in range(n)]
+    kpm = torch.ones(2, s, dtype=torch.bool)
+    kpm[1, s - 6 :] = False
+
+    def call(*leaves, backend):
+        return _drop_call(op, s, backend, *leaves, kpm=kpm, landmarks=landmarks)
+
+    _parity(call, tensors, dtype, f"{op} dropout")
+
+
+def test_dropout_mask_is_absolute_across_split_launches(monkeypatch):
+    """A launch split over the batch (grid axis y past CUDA's 65,535) keeps the counter's b * H + h absolute:
+    with the limit lowered to 2 rows, 3 batch rows go in two launches and the mask equals the reference's."""
+    from etkd_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "MAX_GRID_Y", 2)
+    b, h, s = 3, 1, 24
+    q = torch.zeros(b, h, s, s)
+    v = torch.eye(s).expand(b, h, s, s).contiguous()
+    got = _drop_call("block_sparse", s, "triton", q, q, v)
+    want = _drop_call("block_sparse", s, "reference", q, q, v)
+    assert torch.equal(got != 0, want != 0)
+
+
+def test_dropout_zero_is_the_kernel_without_dropout():
+    """dropout_p = 0 launches the dropout-free kernels: the output is the no-dropout call's, bit for bit."""
+    q, k, v = (_randn(1, 2, 37, 16) for _ in range(3))
+    a = _drop_call("sliding_window", 37, "triton", q, k, v, dropout_p=0.0)
+    b = sliding_window_attention(q, k, v, 8, global_mask=torch.zeros(1, 37, dtype=torch.bool).index_fill_(
+        1, torch.tensor([1, 18]), True), backend="triton")  # fmt: skip
+    assert torch.equal(a, b)

@@ -46,6 +46,27 @@ CASES = [
 
 @pytest.mark.parametrize("b,h,s,d,block,sblock,factor,n_global,pad,sparsity_type,dtype", CASES)
 def test_triton_lsg_matches_reference(b, h, s, d, block, sblock, factor, n_global, pad, sparsity_type, dtype):
+    _check(b, h, s, d, block, sblock, factor, n_global, pad, sparsity_type, dtype, {})
+
+
+DROPOUT_CASES = [
+    # Attention dropout (issue 27): local keys at their positions, global keys at theirs, compressed keys at
+    # columns S + t (etkd_kernels/reference/lsg.py), the global rows over every key.
+    pytest.param(2, 2, 72, 16, 8, 8, 4, 1, 11, "pooling", torch.float32, id="pooling-padded"),
+    pytest.param(1, 2, 110, 8, 20, 10, 2, 2, 0, "stride", torch.float32, id="stride-ragged-2-globals"),
+    pytest.param(1, 2, 64, 16, 8, 8, 4, 1, 6, "pooling", torch.float16, id="fp16"),
+]
+
+
+@pytest.mark.parametrize("b,h,s,d,block,sblock,factor,n_global,pad,sparsity_type,dtype", DROPOUT_CASES)
+def test_triton_lsg_dropout_matches_reference(
+    b, h, s, d, block, sblock, factor, n_global, pad, sparsity_type, dtype
+):
+    drop = dict(dropout_p=0.25, dropout_seed=2**35 + 11, dropout_offset=9)
+    _check(b, h, s, d, block, sblock, factor, n_global, pad, sparsity_type, dtype, drop)
+
+
+def _check(b, h, s, d, block, sblock, factor, n_global, pad, sparsity_type, dtype, drop):
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(b, h, s, d, generator=gen).to(dtype) for _ in range(3))
     real = torch.ones(b, s, dtype=torch.bool)
@@ -64,6 +85,7 @@ def test_triton_lsg_matches_reference(b, h, s, d, block, sblock, factor, n_globa
             num_global_tokens=n_global,
             key_padding_mask=real,
             backend=backend,
+            **drop,
         )
         out.backward(grad)
         results[backend] = (out, [t.grad for t in leaves])

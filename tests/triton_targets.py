@@ -34,7 +34,7 @@ _DATA = {"Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"}
 _F32_PTR = {"LSE", "DELTA"}
 _I8_PTR = {"KIND", "REAL"}
 _I32_PTR = {"IDX", "CNT", "LUT"}
-_F32 = {"scale", "scale2"}
+_F32 = {"scale", "scale2", "rng_scale"}
 _TL_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 # The constexpr flags each kernel is launched with, per variant (the host code in each module).
@@ -56,6 +56,9 @@ KERNELS: dict[str, tuple[str, str, dict]] = {
     "lsg._fwd": ("lsg", "_fwd", dict(GLOBAL=False)),
     "lsg._bwd": ("lsg", "_bwd", dict(GLOBAL=False)),
 }
+# Every kernel again with dropout on P (its Philox inlined): the same shipped configs must compile without
+# spills and with tensor-core products.
+KERNELS.update({f"{name}[dropout]": (mod, attr, {**flags, "DROPOUT": True}) for name, (mod, attr, flags) in KERNELS.items()})  # fmt: skip
 # Pointer types that differ from the shared names' (LSG accumulates dK/dV in fp32; STARTS is int64).
 _PTR_OVERRIDES = {
     "lsg": {"KX": None, "VX": None, "DK": "*fp32", "DV": "*fp32", "DKX": "*fp32", "DVX": "*fp32",
@@ -110,8 +113,11 @@ def shipped_configs(kernel: str, head_dim: int, dtype: str) -> list[tuple[int, .
     autotune over."""
     from etkd_kernels.triton._common import _entry, head_block, shipped
 
-    mod, attr, _ = KERNELS[kernel]
-    return [_entry(c) for c in shipped(getattr(_module(mod), attr), head_block(head_dim), dtype == "float32")]
+    mod, attr, flags = KERNELS[kernel]
+    fn = getattr(_module(mod), attr)
+    return [
+        _entry(c) for c in shipped(fn, head_block(head_dim), dtype == "float32", flags.get("DROPOUT", False))
+    ]
 
 
 def _cache_dir() -> Path:
@@ -147,7 +153,7 @@ def _signature(fn, case: Case, flags: dict):  # noqa: C901
     dtype = DTYPES[case.dtype]
     const = {
         "CT": compute_type(dtype), "PREC": precision(dtype), "BLOCK_D": head_block(case.head_dim),
-        "BLOCK_P": case.block_p, "BLOCK_O": case.block_o, "BLOCK_R": 64, **flags,
+        "BLOCK_P": case.block_p, "BLOCK_O": case.block_o, "BLOCK_R": 64, "DROPOUT": False, **flags,
     }  # fmt: skip
     sig, attrs, constexprs = {}, {}, {}
     for i, (name, p) in enumerate(zip(fn.arg_names, fn.params)):

@@ -54,7 +54,14 @@ Tensor check_like(const Tensor& t, const Tensor& q, const char* op, const char* 
   return prepared(t);
 }
 
-etkd::cuda::AttnShape shape_of(const Tensor& q, double scale, const char* op) {
+// Dropout on P from the op's (p, seed, offset) (csrc/common/philox.h); p == 0: the dropout-free kernels.
+etkd::rng::Dropout dropout_of(double p, int64_t seed, int64_t offset, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
+  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2**63), got ", seed);
+  return etkd::rng::make_dropout(p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+}
+
+etkd::cuda::AttnShape shape_of(const Tensor& q, double scale, const etkd::rng::Dropout& dropout, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4, op, ": q must be (batch, heads, seq, head_dim), got ", q.sizes());
   const int64_t d = q.size(3);
@@ -73,6 +80,7 @@ etkd::cuda::AttnShape shape_of(const Tensor& q, double scale, const char* op) {
   s.stride_h = q.size(2) * d;
   s.stride_s = d;
   s.scale = static_cast<float>(scale);
+  s.dropout = dropout;
   return s;
 }
 
@@ -101,6 +109,22 @@ Tensor workspace(const Tensor& q) { return at::zeros(q.sizes(), q.options().dtyp
 
 Tensor as_input_dtype(const Tensor& w, const Tensor& q) { return w.scalar_type() == q.scalar_type() ? w : w.to(q.scalar_type()); }
 
+// (out, lse) of a forward: out like the prepared q (every row is written by exactly one CTA), lse float32
+// (B, H, S); `launch` (sliding_window_fwd, block_sparse_fwd) runs on the current stream unless q is empty.
+template <class Params, class Args, class Launch>
+std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& q_prepared, const Args& args, Launch launch,
+                                       const char* op) {
+  Tensor out = at::empty_like(q_prepared);
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  Params p{};
+  p.args = args;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_launch(launch(p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {out, lse};
+}
+
 // ---- sliding window -------------------------------------------------------------------------------------
 
 struct SlidingWindowInputs {
@@ -114,9 +138,9 @@ struct SlidingWindowInputs {
 SlidingWindowInputs sliding_window_inputs(const Tensor& q_, const Tensor& k_, const Tensor& v_, int64_t window,
                                           const OptTensor& global_mask, const OptTensor& qg_, const OptTensor& kg_,
                                           const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
-                                          const char* op) {
+                                          const etkd::rng::Dropout& dropout, const char* op) {
   SlidingWindowInputs in;
-  in.args.shape = shape_of(q_, scale, op);
+  in.args.shape = shape_of(q_, scale, dropout, op);
   TORCH_CHECK(window >= 0 && window % 2 == 0, op, ": window must be a non-negative even int, got ", window);
   in.args.half = static_cast<int>(window / 2);
   in.q = prepared(q_);
@@ -161,30 +185,23 @@ SlidingWindowInputs sliding_window_inputs(const Tensor& q_, const Tensor& k_, co
 
 std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
                                               const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg,
-                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale) {
+                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
+                                              double dropout_p, int64_t seed, int64_t offset) {
   const char* op = "etkd_cuda.sliding_window_fwd";
   const c10::cuda::CUDAGuard guard(q.device());
-  SlidingWindowInputs in =
-      sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, op);
-  Tensor out = at::empty_like(in.q);  // every row is written by exactly one CTA
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-  etkd::cuda::SlidingWindowFwdParams p{};
-  p.args = in.args;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  check_launch(etkd::cuda::sliding_window_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {out, lse};
+  SlidingWindowInputs in = sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale,
+                                                 dropout_of(dropout_p, seed, offset, op), op);
+  return run_forward<etkd::cuda::SlidingWindowFwdParams>(q, in.q, in.args, etkd::cuda::sliding_window_fwd, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     int64_t window, const OptTensor& global_mask, const OptTensor& qg, const OptTensor& kg, const OptTensor& vg,
-    const OptTensor& key_padding_mask, double scale) {
+    const OptTensor& key_padding_mask, double scale, double dropout_p, int64_t seed, int64_t offset) {
   const char* op = "etkd_cuda.sliding_window_bwd";
   const c10::cuda::CUDAGuard guard(q.device());
-  SlidingWindowInputs in =
-      sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, op);
+  SlidingWindowInputs in = sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale,
+                                                 dropout_of(dropout_p, seed, offset, op), op);
   const Tensor dout = check_like(grad_out, q, op, "grad_out");
   const Tensor o = check_like(out, q, op, "out");
   check_lse(lse, q, op);
@@ -232,9 +249,9 @@ struct BlockSparseInputs {
 
 BlockSparseInputs block_sparse_inputs(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& lut,
                                       const Tensor& lut_count, int64_t block_size, const OptTensor& key_padding_mask,
-                                      double scale, const char* op) {
+                                      double scale, const etkd::rng::Dropout& dropout, const char* op) {
   BlockSparseInputs in;
-  in.args.shape = shape_of(q_, scale, op);
+  in.args.shape = shape_of(q_, scale, dropout, op);
   TORCH_CHECK(block_size > 0 && q_.size(2) > 0 && q_.size(2) % block_size == 0, op, ": seq (", q_.size(2),
               ") must be a positive multiple of block_size (", block_size, ")");
   const int64_t nqb = q_.size(2) / block_size;
@@ -267,28 +284,24 @@ BlockSparseInputs block_sparse_inputs(const Tensor& q_, const Tensor& k_, const 
 
 std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut,
                                             const Tensor& lut_count, int64_t block_size,
-                                            const OptTensor& key_padding_mask, double scale) {
+                                            const OptTensor& key_padding_mask, double scale, double dropout_p,
+                                            int64_t seed, int64_t offset) {
   const char* op = "etkd_cuda.block_sparse_fwd";
   const c10::cuda::CUDAGuard guard(q.device());
-  BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale, op);
-  Tensor out = at::empty_like(in.q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0) return {out, lse};
-  etkd::cuda::BlockSparseFwdParams p{};
-  p.args = in.args;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  check_launch(etkd::cuda::block_sparse_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {out, lse};
+  BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale,
+                                             dropout_of(dropout_p, seed, offset, op), op);
+  return run_forward<etkd::cuda::BlockSparseFwdParams>(q, in.q, in.args, etkd::cuda::block_sparse_fwd, op);
 }
 
 std::tuple<Tensor, Tensor, Tensor> block_sparse_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
                                                     const Tensor& lut, const Tensor& lut_count, int64_t block_size,
-                                                    const OptTensor& key_padding_mask, double scale) {
+                                                    const OptTensor& key_padding_mask, double scale,
+                                                    double dropout_p, int64_t seed, int64_t offset) {
   const char* op = "etkd_cuda.block_sparse_bwd";
   const c10::cuda::CUDAGuard guard(q.device());
-  BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale, op);
+  BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale,
+                                             dropout_of(dropout_p, seed, offset, op), op);
   const Tensor dout = check_like(grad_out, q, op, "grad_out");
   const Tensor o = check_like(out, q, op, "out");
   check_lse(lse, q, op);
@@ -311,17 +324,20 @@ std::tuple<Tensor, Tensor, Tensor> block_sparse_bwd(const Tensor& grad_out, cons
 TORCH_LIBRARY(etkd_cuda, m) {
   m.def(
       "sliding_window_fwd(Tensor q, Tensor k, Tensor v, int window, Tensor? global_mask, Tensor? qg, "
-      "Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+      "Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset) "
+      "-> (Tensor, Tensor)");
   m.def(
       "sliding_window_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int window, "
-      "Tensor? global_mask, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale) "
+      "Tensor? global_mask, Tensor? qg, Tensor? kg, Tensor? vg, Tensor? key_padding_mask, float scale, "
+      "float dropout_p, int seed, int offset) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor lut, Tensor lut_count, int block_size, "
-      "Tensor? key_padding_mask, float scale) -> (Tensor, Tensor)");
+      "Tensor? key_padding_mask, float scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "block_sparse_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor lut, "
-      "Tensor lut_count, int block_size, Tensor? key_padding_mask, float scale) -> (Tensor, Tensor, Tensor)");
+      "Tensor lut_count, int block_size, Tensor? key_padding_mask, float scale, float dropout_p, int seed, "
+      "int offset) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(etkd_cuda, CUDA, m) {

@@ -14,40 +14,32 @@ using namespace detail;
 namespace ti = etkd::tile;
 
 template <int BM, int BN>
-__device__ __forceinline__ ti::BlockPattern<BM, BN> make_pattern(const BlockSparseArgs& a) {
-  return ti::BlockPattern<BM, BN>(blockIdx.y / a.shape.heads, blockIdx.y % a.shape.heads, blockIdx.x, a.block_size,
-                                  a.shape.seq, a.key_padding_mask,
+__device__ __forceinline__ ti::BlockPattern<BM, BN> make_pattern(const BlockSparseArgs& a, int b) {
+  return ti::BlockPattern<BM, BN>(b, blockIdx.y % a.shape.heads, blockIdx.x, a.block_size, a.shape.seq,
+                                  a.key_padding_mask,
                                   ti::BlockLut{a.lut, a.lut_count, a.heads_lut, a.nqb, a.max_nnz});
 }
 
-__device__ __forceinline__ int64_t bh_offset(const AttnShape& s) {
-  return static_cast<int64_t>(blockIdx.y / s.heads) * s.stride_b +
-         static_cast<int64_t>(blockIdx.y % s.heads) * s.stride_h;
-}
-
-template <typename T, int D>
+template <class I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) bs_fwd_kernel(const BlockSparseFwdParams p) {
-  constexpr int BM = FwdTiles<T, D>::BM, BN = FwdTiles<T, D>::BN;
+  using T = typename I::T;
   const BlockSparseArgs& a = p.args;
-  const int64_t off = bh_offset(a.shape);
-  const auto pat = make_pattern<BM, BN>(a);
-  attn_fwd_tile<T, D, BM, BN>(pat, static_cast<const T*>(a.q) + off, static_cast<const T*>(a.k) + off,
-                              static_cast<const T*>(a.v) + off, static_cast<T*>(p.out) + off,
-                              p.lse + static_cast<int64_t>(blockIdx.y) * a.shape.seq, a.shape.stride_s,
-                              a.shape.scale);
+  const HeadOffsets o = head_offsets(a.shape);
+  const auto pat = make_pattern<I::Fwd::BM, I::Fwd::BN>(a, o.b);
+  attn_fwd_tile<I>(pat, static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
+                   static_cast<const T*>(a.v) + o.off, static_cast<T*>(p.out) + o.off, p.lse + o.lse_off, a.shape);
 }
 
-template <typename T, int D>
+template <class I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) bs_bwd_kernel(const BlockSparseBwdParams p) {
-  constexpr int BM = BwdTiles<T, D>::BM, BN = BwdTiles<T, D>::BN;
+  using T = typename I::T;
   const BlockSparseArgs& a = p.args;
-  const int64_t off = bh_offset(a.shape);
-  const auto pat = make_pattern<BM, BN>(a);
-  attn_bwd_tile<T, D, BM, BN>(pat, static_cast<const T*>(a.q) + off, static_cast<const T*>(a.k) + off,
-                              static_cast<const T*>(a.v) + off, static_cast<const T*>(p.out) + off,
-                              static_cast<const T*>(p.grad_out) + off,
-                              p.lse + static_cast<int64_t>(blockIdx.y) * a.shape.seq, p.dq + off, p.dk + off,
-                              p.dv + off, a.shape.stride_s, a.shape.scale);
+  const HeadOffsets o = head_offsets(a.shape);
+  const auto pat = make_pattern<I::Bwd::BM, I::Bwd::BN>(a, o.b);
+  attn_bwd_tile<I>(pat, static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
+                   static_cast<const T*>(a.v) + o.off, static_cast<const T*>(p.out) + o.off,
+                   static_cast<const T*>(p.grad_out) + o.off, p.lse + o.lse_off, p.dq + o.off, p.dk + o.off,
+                   p.dv + o.off, a.shape);
 }
 
 cudaError_t check_args(const BlockSparseArgs& a) {
@@ -69,27 +61,17 @@ dim3 grid_for(const BlockSparseArgs& a) {
 
 cudaError_t block_sparse_fwd(const BlockSparseFwdParams& p, cudaStream_t stream) {
   if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape.dtype, p.args.shape.head_dim, [&](auto inst) -> cudaError_t {
-    using T = typename decltype(inst)::T;
-    constexpr int D = decltype(inst)::D;
-    using Tl = FwdTiles<T, D>;
-    constexpr int smem = FwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
-    if (cudaError_t e = prepare_smem(bs_fwd_kernel<T, D>, smem); e != cudaSuccess) return e;
-    bs_fwd_kernel<T, D><<<grid_for<Tl::BM>(p.args), kThreads, smem, stream>>>(p);
-    return cudaGetLastError();
+  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
+    using I = decltype(inst);
+    return launch(bs_fwd_kernel<I>, I::kFwdSmem, grid_for<I::Fwd::BM>(p.args), stream, p);
   });
 }
 
 cudaError_t block_sparse_bwd(const BlockSparseBwdParams& p, cudaStream_t stream) {
   if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape.dtype, p.args.shape.head_dim, [&](auto inst) -> cudaError_t {
-    using T = typename decltype(inst)::T;
-    constexpr int D = decltype(inst)::D;
-    using Tl = BwdTiles<T, D>;
-    constexpr int smem = BwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
-    if (cudaError_t e = prepare_smem(bs_bwd_kernel<T, D>, smem); e != cudaSuccess) return e;
-    bs_bwd_kernel<T, D><<<grid_for<Tl::BM>(p.args), kThreads, smem, stream>>>(p);
-    return cudaGetLastError();
+  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
+    using I = decltype(inst);
+    return launch(bs_bwd_kernel<I>, I::kBwdSmem, grid_for<I::Bwd::BM>(p.args), stream, p);
   });
 }
 

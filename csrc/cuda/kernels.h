@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "common/philox.h"
+
 namespace etkd {
 namespace cuda {
 
@@ -32,6 +34,8 @@ struct AttnShape {
   int64_t stride_h;
   int64_t stride_s;
   float scale;
+  // Dropout on the attention probabilities (csrc/common/philox.h); `enabled` false: the dropout-free kernels.
+  etkd::rng::Dropout dropout;
 };
 
 // ---- sliding window -------------------------------------------------------------------------------------
@@ -189,51 +193,58 @@ constexpr int ld_of() {
   return N + 16 / static_cast<int>(sizeof(T));
 }
 
-template <typename T, int D, int BM, int BN>
-struct FwdLayout {
+// Byte offsets of consecutive shared-memory regions, each 128-byte aligned: at[r] is where region r starts,
+// at[N] the total. The forward and backward layouts list their regions' sizes and take offsets from here.
+template <int N>
+struct Carve {
+  int at[N + 1];
+  constexpr explicit Carve(const int (&bytes)[N]) : at{} {
+    for (int r = 0; r < N; ++r) at[r + 1] = align128(at[r] + bytes[r]);
+  }
+};
+
+// Both layouts start with the same three regions (the tile prologue below reads them): the CTA's rows
+// (absolute positions, -1 = none), which of them are live, and the current key tile's columns (-1 = none).
+// Leading dimensions of both layouts' tiles: T rows of head_dim (Q, K, V, dO), fp32 score rows (S, dP), T score
+// rows (P, dS), fp32 rows of head_dim (O, dQ, dK/dV partials); kT: bytes of a T.
+template <typename T, int D, int BN>
+struct TileLds {
   static constexpr int ldT = ld_of<T, D>();
   static constexpr int ldS = ld_of<float, BN>();
   static constexpr int ldP = ld_of<T, BN>();
   static constexpr int ldO = ld_of<float, D>();
-  static constexpr int kQ = 0;
-  static constexpr int kK = align128(kQ + BM * ldT * (int)sizeof(T));
-  static constexpr int kV = align128(kK + BN * ldT * (int)sizeof(T));
-  static constexpr int kS = align128(kV + BN * ldT * (int)sizeof(T));
-  static constexpr int kP = align128(kS + BM * ldS * 4);
-  static constexpr int kO = align128(kP + BM * ldP * (int)sizeof(T));
-  static constexpr int kM = align128(kO + BM * ldO * 4);
-  static constexpr int kL = kM + BM * 4;
-  static constexpr int kRows = kL + BM * 4;
-  static constexpr int kLive = kRows + BM * 4;
-  static constexpr int kCols = kLive + BM * 4;
-  static constexpr int kBytes = align128(kCols + BN * 4);
+  static constexpr int kT = sizeof(T);
+};
+
+template <typename T, int D, int BM, int BN>
+struct FwdLayout : TileLds<T, D, BN> {
+  using B = TileLds<T, D, BN>;
+  static constexpr int ldT = B::ldT, ldS = B::ldS, ldP = B::ldP, ldO = B::ldO, kT = B::kT;
+  enum : int { kRows, kLive, kCols, kQ, kK, kV, kS, kP, kO, kM, kL, kCount };
+  static constexpr Carve<kCount> carve{{BM * 4, BM * 4, BN * 4, BM * ldT * kT, BN * ldT * kT, BN * ldT * kT,
+                                        BM * ldS * 4, BM * ldP * kT, BM * ldO * 4, BM * 4, BM * 4}};
+  static constexpr int kBytes = carve.at[kCount];
   static_assert(kBytes <= kMaxSmemBytes, "forward tile does not fit 99 KiB of shared memory");
 };
 
 template <typename T, int D, int BM, int BN>
-struct BwdLayout {
-  static constexpr int ldT = ld_of<T, D>();
-  static constexpr int ldS = ld_of<float, BN>();
-  static constexpr int ldP = ld_of<T, BN>();
-  static constexpr int ldO = ld_of<float, D>();
-  static constexpr int kQ = 0;
-  static constexpr int kDO = align128(kQ + BM * ldT * (int)sizeof(T));
-  static constexpr int kK = align128(kDO + BM * ldT * (int)sizeof(T));
-  static constexpr int kV = align128(kK + BN * ldT * (int)sizeof(T));
-  static constexpr int kS = align128(kV + BN * ldT * (int)sizeof(T));
-  static constexpr int kDP = align128(kS + BM * ldS * 4);
-  static constexpr int kP = align128(kDP + BM * ldS * 4);
-  static constexpr int kDS = align128(kP + BM * ldP * (int)sizeof(T));
-  static constexpr int kDQ = align128(kDS + BM * ldP * (int)sizeof(T));
-  static constexpr int kPart = align128(kDQ + BM * ldO * 4);
-  static constexpr int kLse = align128(kPart + BN * ldO * 4);
-  static constexpr int kDelta = kLse + BM * 4;
-  static constexpr int kRows = kDelta + BM * 4;
-  static constexpr int kLive = kRows + BM * 4;
-  static constexpr int kCols = kLive + BM * 4;
-  static constexpr int kBytes = align128(kCols + BN * 4);
+struct BwdLayout : TileLds<T, D, BN> {
+  using B = TileLds<T, D, BN>;
+  static constexpr int ldT = B::ldT, ldS = B::ldS, ldP = B::ldP, ldO = B::ldO, kT = B::kT;
+  enum : int { kRows, kLive, kCols, kQ, kDO, kK, kV, kS, kDP, kP, kDS, kDQ, kPart, kLse, kDelta, kCount };
+  static constexpr Carve<kCount> carve{{BM * 4, BM * 4, BN * 4, BM * ldT * kT, BM * ldT * kT, BN * ldT * kT,
+                                        BN * ldT * kT, BM * ldS * 4, BM * ldS * 4, BM * ldP * kT, BM * ldP * kT,
+                                        BM * ldO * 4, BN * ldO * 4, BM * 4, BM * 4}};
+  static constexpr int kBytes = carve.at[kCount];
   static_assert(kBytes <= kMaxSmemBytes, "backward tile does not fit 99 KiB of shared memory");
 };
+
+// Region r of layout L in the dynamic shared memory, as an array of X.
+template <class L, typename X, int R>
+__device__ __forceinline__ X* region(unsigned char* smem) {
+  constexpr int kOffset = L::carve.at[R];
+  return reinterpret_cast<X*>(smem + kOffset);
+}
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
@@ -315,51 +326,78 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t 
 
 // `Pat` is one of the per-CTA patterns of csrc/common/tile_index.h (BandPattern, GlobalRowsPattern,
 // BlockPattern): which rows the CTA owns, which key tiles it visits, which pairs are visible.
+// `I` is an instance (Inst below): element type T, head_dim D, kDrop (dropout on P) and the tile sizes.
 
-// Forward over one query tile: online softmax (exp2 domain, fp32 statistics) and fp32 accumulation of
-// O in shared memory; writes out (input dtype) and lse (natural log, +inf for rows that see no key).
-template <typename T, int D, int BM, int BN, class Pat>
-__device__ __forceinline__ void attn_fwd_tile(const Pat& pat, const T* __restrict__ q, const T* __restrict__ k,
-                                              const T* __restrict__ v, T* __restrict__ out,
-                                              float* __restrict__ lse, int64_t ss, float scale) {
-  using L = FwdLayout<T, D, BM, BN>;
-  static_assert(BN % 32 == 0, "one warp covers a score row in BN / 32 steps");
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* Qs = reinterpret_cast<T*>(smem + L::kQ);
-  T* Ks = reinterpret_cast<T*>(smem + L::kK);
-  T* Vs = reinterpret_cast<T*>(smem + L::kV);
-  float* Ss = reinterpret_cast<float*>(smem + L::kS);
-  T* Ps = reinterpret_cast<T*>(smem + L::kP);
-  float* Os = reinterpret_cast<float*>(smem + L::kO);
-  float* m_s = reinterpret_cast<float*>(smem + L::kM);
-  float* l_s = reinterpret_cast<float*>(smem + L::kL);
-  int* rows = reinterpret_cast<int*>(smem + L::kRows);
-  int* live = reinterpret_cast<int*>(smem + L::kLive);
-  int* cols = reinterpret_cast<int*>(smem + L::kCols);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-
+// Tile prologue of both passes: rows[r] = the CTA's row r (or -1), live[r] = it exists and is not padding;
+// returns (on every thread) whether any row is live.
+template <int BM, class Pat>
+__device__ __forceinline__ bool own_rows(const Pat& pat, int* rows, int* live) {
   int any_live = 0;
-  for (int r = tid; r < BM; r += kThreads) {
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
     const int i = pat.row(r);
     rows[r] = i;
     live[r] = (i >= 0 && pat.row_live(i)) ? 1 : 0;
     any_live |= live[r];
+  }
+  return __syncthreads_or(any_live) != 0;
+}
+
+// cols[c] = column c of key tile `it` (or -1); returns (on every thread) whether any column exists.
+template <int BN, class Pat>
+__device__ __forceinline__ bool tile_cols(const Pat& pat, int it, int* cols) {
+  int any = 0;
+  for (int c = threadIdx.x; c < BN; c += kThreads) {
+    cols[c] = pat.col(it, c);
+    any |= cols[c] >= 0;
+  }
+  return __syncthreads_or(any) != 0;
+}
+
+// Dropout's keep-mask of element (row i, column j) of this CTA's (batch, head), blockIdx.y = b * H + h
+// (the launches never split the batch). Only instantiated with kDrop.
+__device__ __forceinline__ bool keep(const etkd::rng::Dropout& drop, int i, int j) {
+  return etkd::rng::dropout_keep(drop, static_cast<int>(blockIdx.y), i, j);
+}
+
+// Forward over one query tile: online softmax (exp2 domain, fp32 statistics) and fp32 accumulation of
+// O in shared memory; writes out (input dtype) and lse (natural log, +inf for rows that see no key).
+// Dropout: the row sums (hence lse) see every probability, P @ V only the kept ones, out scaled by 1/(1-p).
+template <class I, class Pat>
+__device__ __forceinline__ void attn_fwd_tile(const Pat& pat, const typename I::T* __restrict__ q,
+                                              const typename I::T* __restrict__ k,
+                                              const typename I::T* __restrict__ v, typename I::T* __restrict__ out,
+                                              float* __restrict__ lse, const AttnShape& shape) {
+  using T = typename I::T;
+  constexpr int D = I::D, BM = I::Fwd::BM, BN = I::Fwd::BN;
+  using L = FwdLayout<T, D, BM, BN>;
+  static_assert(BN % 32 == 0, "one warp covers a score row in BN / 32 steps");
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = region<L, T, L::kQ>(smem);
+  T* Ks = region<L, T, L::kK>(smem);
+  T* Vs = region<L, T, L::kV>(smem);
+  float* Ss = region<L, float, L::kS>(smem);
+  T* Ps = region<L, T, L::kP>(smem);
+  float* Os = region<L, float, L::kO>(smem);
+  float* m_s = region<L, float, L::kM>(smem);
+  float* l_s = region<L, float, L::kL>(smem);
+  int* rows = region<L, int, L::kRows>(smem);
+  int* live = region<L, int, L::kLive>(smem);
+  int* cols = region<L, int, L::kCols>(smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t ss = shape.stride_s;
+
+  for (int r = tid; r < BM; r += kThreads) {
     m_s[r] = -INFINITY;
     l_s[r] = 0.0f;
   }
   for (int e = tid; e < BM * L::ldO; e += kThreads) Os[e] = 0.0f;
   // A tile whose owned rows are all padding visits nothing (its rows still get out 0 / lse +inf below).
-  const int n_it = __syncthreads_or(any_live) ? pat.num_iters() : 0;
+  const int n_it = own_rows<BM>(pat, rows, live) ? pat.num_iters() : 0;
   load_rows<T, D, BM>(Qs, L::ldT, q, ss, rows);
 
-  const float sl2 = scale * kLog2e;
+  const float sl2 = shape.scale * kLog2e;
   for (int it = 0; it < n_it; ++it) {
-    int any = 0;
-    for (int c = tid; c < BN; c += kThreads) {
-      cols[c] = pat.col(it, c);
-      any |= cols[c] >= 0;
-    }
-    if (!__syncthreads_or(any)) continue;  // nothing real in this key tile (e.g. all padding)
+    if (!tile_cols<BN>(pat, it, cols)) continue;  // nothing real in this key tile (e.g. all padding)
     load_rows<T, D, BN>(Ks, L::ldT, k, ss, cols);
     load_rows<T, D, BN>(Vs, L::ldT, v, ss, cols);
     __syncthreads();
@@ -395,7 +433,13 @@ __device__ __forceinline__ void attn_fwd_tile(const Pat& pat, const T* __restric
       }
       sum = warp_sum(sum);
 #pragma unroll
-      for (int t = 0; t < BN / 32; ++t) Ps[r * L::ldP + lane + 32 * t] = Num<T>::from_f(x[t]);
+      for (int t = 0; t < BN / 32; ++t) {
+        float pv = x[t];
+        if constexpr (I::kDrop) {
+          if (pv != 0.0f && !keep(shape.dropout, i, cols[lane + 32 * t])) pv = 0.0f;
+        }
+        Ps[r * L::ldP + lane + 32 * t] = Num<T>::from_f(pv);
+      }
       for (int d = lane; d < D; d += 32) Os[r * L::ldO + d] *= alpha;
       __syncwarp();
       if (lane == 0) {
@@ -408,11 +452,12 @@ __device__ __forceinline__ void attn_fwd_tile(const Pat& pat, const T* __restric
     __syncthreads();
   }
 
+  const float out_scale = I::kDrop ? shape.dropout.scale : 1.0f;
   for (int e = tid; e < BM * D; e += kThreads) {
     const int r = e / D, d = e % D, i = rows[r];
     if (i < 0) continue;
     const float l = l_s[r];
-    out[i * ss + d] = Num<T>::from_f(l > 0.0f ? Os[r * L::ldO + d] / l : 0.0f);
+    out[i * ss + d] = Num<T>::from_f(l > 0.0f ? Os[r * L::ldO + d] / l * out_scale : 0.0f);
   }
   for (int r = tid; r < BM; r += kThreads) {
     const int i = rows[r];
@@ -430,42 +475,43 @@ __device__ __forceinline__ void attn_fwd_tile(const Pat& pat, const T* __restric
 // key tile, and for global keys *every* query tile), a second copy of the pattern logic per op. The cost
 // is contention on global-key rows (touched by every query tile) and non-deterministic fp32 summation
 // order; both are acceptable for training (FlashAttention-2 does the same for dQ).
-template <typename T, int D, int BM, int BN, class Pat>
-__device__ __forceinline__ void attn_bwd_tile(const Pat& pat, const T* __restrict__ q, const T* __restrict__ k,
-                                              const T* __restrict__ v, const T* __restrict__ out,
-                                              const T* __restrict__ dout, const float* __restrict__ lse,
-                                              float* __restrict__ dq, float* dk, float* dv, int64_t ss,
-                                              float scale) {
+// Dropout regenerates the forward's mask M: dV = (P*M/(1-p))^T dO, dS = P * (dP*M/(1-p) - rowsum(dO*O)).
+template <class I, class Pat>
+__device__ __forceinline__ void attn_bwd_tile(const Pat& pat, const typename I::T* __restrict__ q,
+                                              const typename I::T* __restrict__ k,
+                                              const typename I::T* __restrict__ v,
+                                              const typename I::T* __restrict__ out,
+                                              const typename I::T* __restrict__ dout, const float* __restrict__ lse,
+                                              float* __restrict__ dq, float* dk, float* dv, const AttnShape& shape) {
+  using T = typename I::T;
+  constexpr int D = I::D, BM = I::Bwd::BM, BN = I::Bwd::BN;
   using L = BwdLayout<T, D, BM, BN>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Qs = reinterpret_cast<T*>(smem + L::kQ);
-  T* dOs = reinterpret_cast<T*>(smem + L::kDO);
-  T* Ks = reinterpret_cast<T*>(smem + L::kK);
-  T* Vs = reinterpret_cast<T*>(smem + L::kV);
-  float* Ss = reinterpret_cast<float*>(smem + L::kS);
-  float* dPs = reinterpret_cast<float*>(smem + L::kDP);
-  T* Ps = reinterpret_cast<T*>(smem + L::kP);
-  T* dSs = reinterpret_cast<T*>(smem + L::kDS);
-  float* dQs = reinterpret_cast<float*>(smem + L::kDQ);
-  float* Part = reinterpret_cast<float*>(smem + L::kPart);
-  float* lse2 = reinterpret_cast<float*>(smem + L::kLse);
-  float* delta = reinterpret_cast<float*>(smem + L::kDelta);
-  int* rows = reinterpret_cast<int*>(smem + L::kRows);
-  int* live = reinterpret_cast<int*>(smem + L::kLive);
-  int* cols = reinterpret_cast<int*>(smem + L::kCols);
+  T* Qs = region<L, T, L::kQ>(smem);
+  T* dOs = region<L, T, L::kDO>(smem);
+  T* Ks = region<L, T, L::kK>(smem);
+  T* Vs = region<L, T, L::kV>(smem);
+  float* Ss = region<L, float, L::kS>(smem);
+  float* dPs = region<L, float, L::kDP>(smem);
+  T* Ps = region<L, T, L::kP>(smem);
+  T* dSs = region<L, T, L::kDS>(smem);
+  float* dQs = region<L, float, L::kDQ>(smem);
+  float* Part = region<L, float, L::kPart>(smem);
+  float* lse2 = region<L, float, L::kLse>(smem);
+  float* delta = region<L, float, L::kDelta>(smem);
+  int* rows = region<L, int, L::kRows>(smem);
+  int* live = region<L, int, L::kLive>(smem);
+  int* cols = region<L, int, L::kCols>(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t ss = shape.stride_s;
+  const float scale = shape.scale;
 
-  int any_live = 0;
-  for (int r = tid; r < BM; r += kThreads) {
-    const int i = pat.row(r);
-    rows[r] = i;
-    live[r] = (i >= 0 && pat.row_live(i)) ? 1 : 0;
-    any_live |= live[r];
-    // lse = +inf (row saw nothing) gives P = exp2(s - inf) = 0 everywhere below.
-    lse2[r] = live[r] ? lse[i] * kLog2e : INFINITY;
-  }
   for (int e = tid; e < BM * L::ldO; e += kThreads) dQs[e] = 0.0f;
-  if (!__syncthreads_or(any_live)) return;  // dq of these rows stays 0 (zero-initialised workspace)
+  if (!own_rows<BM>(pat, rows, live)) return;  // dq of these rows stays 0 (zero-initialised workspace)
+  for (int r = tid; r < BM; r += kThreads) {
+    // lse = +inf (row saw nothing) gives P = exp2(s - inf) = 0 everywhere below.
+    lse2[r] = live[r] ? lse[rows[r]] * kLog2e : INFINITY;
+  }
   // delta_i = sum_d dO_id * O_id (the softmax-backward row term), one warp per row, fp32.
   for (int r = warp; r < BM; r += kWarps) {
     float s = 0.0f;
@@ -482,12 +528,7 @@ __device__ __forceinline__ void attn_bwd_tile(const Pat& pat, const T* __restric
   const float sl2 = scale * kLog2e;
   const int n_it = pat.num_iters();
   for (int it = 0; it < n_it; ++it) {
-    int any = 0;
-    for (int c = tid; c < BN; c += kThreads) {
-      cols[c] = pat.col(it, c);
-      any |= cols[c] >= 0;
-    }
-    if (!__syncthreads_or(any)) continue;
+    if (!tile_cols<BN>(pat, it, cols)) continue;
     load_rows<T, D, BN>(Ks, L::ldT, k, ss, cols);
     load_rows<T, D, BN>(Vs, L::ldT, v, ss, cols);
     __syncthreads();
@@ -500,8 +541,14 @@ __device__ __forceinline__ void attn_bwd_tile(const Pat& pat, const T* __restric
       const int r = e / BN, c = e % BN, j = cols[c];
       const bool ok = live[r] && j >= 0 && (dense || pat.visible(rows[r], j, it));
       const float p = ok ? exp2f(Ss[r * L::ldS + c] * sl2 - lse2[r]) : 0.0f;
-      const float ds = p * (dPs[r * L::ldS + c] - delta[r]);
-      Ps[r * L::ldP + c] = Num<T>::from_f(p);
+      float dp = dPs[r * L::ldS + c], pv = p;
+      if constexpr (I::kDrop) {
+        const bool kept = p != 0.0f && keep(shape.dropout, rows[r], j);
+        pv = kept ? p * shape.dropout.scale : 0.0f;
+        dp = kept ? dp * shape.dropout.scale : 0.0f;
+      }
+      const float ds = p * (dp - delta[r]);
+      Ps[r * L::ldP + c] = Num<T>::from_f(pv);
       dSs[r * L::ldP + c] = Num<T>::from_f(ds * scale);  // d(score)/d(q.k) folds the scale in
     }
     __syncthreads();
@@ -528,6 +575,16 @@ __device__ __forceinline__ void attn_bwd_tile(const Pat& pat, const T* __restric
   }
 }
 
+// Element offset of this CTA's (batch, head) in a (B, H, S, D) tensor, and of its row block in lse (B, H, S).
+struct HeadOffsets {
+  int b;
+  int64_t off, lse_off;
+};
+__device__ __forceinline__ HeadOffsets head_offsets(const AttnShape& s) {
+  const int b = blockIdx.y / s.heads, h = blockIdx.y % s.heads;
+  return HeadOffsets{b, b * s.stride_b + h * s.stride_h, static_cast<int64_t>(blockIdx.y) * s.seq};
+}
+
 // Opt in to more than 48 KiB of dynamic shared memory; refuse sizes the device cannot give.
 template <class Kernel>
 inline cudaError_t prepare_smem(Kernel kernel, int bytes) {
@@ -541,39 +598,59 @@ inline cudaError_t prepare_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-template <typename T_, int D_>
+// One launch of a tile kernel: opt in to its shared memory, then kernel<<<grid, kThreads, smem, stream>>>.
+template <class Kernel, class... Args>
+inline cudaError_t launch(Kernel kernel, int smem, dim3 grid, cudaStream_t stream, const Args&... args) {
+  if (cudaError_t e = prepare_smem(kernel, smem); e != cudaSuccess) return e;
+  kernel<<<grid, kThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+// A kernel instance: element type, head_dim, dropout on P or not, and the tiles and shared memory of both
+// passes. The dropout-free instance is the kernel as it was before dropout existed (kDrop folds away).
+template <typename T_, int D_, bool kDrop_>
 struct Inst {
   using T = T_;
   static constexpr int D = D_;
+  static constexpr bool kDrop = kDrop_;
+  using Fwd = FwdTiles<T, D>;
+  using Bwd = BwdTiles<T, D>;
+  static constexpr int kFwdSmem = FwdLayout<T, D, Fwd::BM, Fwd::BN>::kBytes;
+  static constexpr int kBwdSmem = BwdLayout<T, D, Bwd::BM, Bwd::BN>::kBytes;
 };
 
-// Calls f(Inst<T, D>{}) for the runtime dtype and head_dim. ETKD_CUDA_MIN_INSTANCES (compile tests only)
-// keeps one head_dim so the sm_80 + sm_90 compile check stays fast on small CI machines.
-template <typename T, class F>
+// Calls f(Inst<T, D, kDrop>{}) for the call's dtype, head_dim and dropout. ETKD_CUDA_MIN_INSTANCES (compile
+// tests only) keeps one head_dim so the sm_80 + sm_90 compile check stays fast on small CI machines.
+template <typename T, bool kDrop, class F>
 inline cudaError_t dispatch_head_dim(int head_dim, F&& f) {
   switch (head_dim) {
 #if !defined(ETKD_CUDA_MIN_INSTANCES)
     case 32:
-      return f(Inst<T, 32>{});
+      return f(Inst<T, 32, kDrop>{});
     case 128:
-      return f(Inst<T, 128>{});
+      return f(Inst<T, 128, kDrop>{});
 #endif
     case 64:
-      return f(Inst<T, 64>{});
+      return f(Inst<T, 64, kDrop>{});
     default:
       return cudaErrorInvalidValue;
   }
 }
 
+template <typename T, class F>
+inline cudaError_t dispatch_dropout(const AttnShape& s, F&& f) {
+  return s.dropout.enabled ? dispatch_head_dim<T, true>(s.head_dim, f) : dispatch_head_dim<T, false>(s.head_dim, f);
+}
+
 template <class F>
-inline cudaError_t dispatch(DType dtype, int head_dim, F&& f) {
-  switch (dtype) {
+inline cudaError_t dispatch(const AttnShape& s, F&& f) {
+  switch (s.dtype) {
     case DType::kFloat32:
-      return dispatch_head_dim<float>(head_dim, f);
+      return dispatch_dropout<float>(s, f);
     case DType::kFloat16:
-      return dispatch_head_dim<__half>(head_dim, f);
+      return dispatch_dropout<__half>(s, f);
     case DType::kBFloat16:
-      return dispatch_head_dim<__nv_bfloat16>(head_dim, f);
+      return dispatch_dropout<__nv_bfloat16>(s, f);
   }
   return cudaErrorInvalidValue;
 }

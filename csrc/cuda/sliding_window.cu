@@ -20,66 +20,50 @@ namespace ti = etkd::tile;
 using ti::BandPattern;
 using ti::GlobalRowsPattern;
 
-struct Offsets {
-  int b, h;
-  int64_t off;  // element offset of (b, h) in a (B, H, S, D) tensor
-  int64_t lse_off;
-};
-
-__device__ __forceinline__ Offsets offsets(const AttnShape& s) {
-  Offsets o;
-  o.b = blockIdx.y / s.heads;
-  o.h = blockIdx.y % s.heads;
-  o.off = o.b * s.stride_b + o.h * s.stride_h;
-  o.lse_off = static_cast<int64_t>(blockIdx.y) * s.seq;
-  return o;
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) sw_fwd_kernel(const SlidingWindowFwdParams p, int n_band_tiles) {
-  constexpr int BM = FwdTiles<T, D>::BM, BN = FwdTiles<T, D>::BN;
-  const SlidingWindowArgs& a = p.args;
-  const Offsets o = offsets(a.shape);
+// Calls run(pattern, q, k, v, global) with this CTA's pattern and projections: a band CTA (x < n_band_tiles)
+// the band pattern and q/k/v, a global CTA the global-rows pattern and qg/kg/vg.
+template <typename T, int BM, int BN, class Run>
+__device__ __forceinline__ void with_pattern(const SlidingWindowArgs& a, int b, int n_band_tiles, Run&& run) {
   const ti::GlobalList globals{a.global_idx, a.global_count, a.max_global};
-  T* out = static_cast<T*>(p.out) + o.off;
-  float* lse = p.lse + o.lse_off;
-  const int64_t ss = a.shape.stride_s;
+  const int64_t off = head_offsets(a.shape).off;
   if (static_cast<int>(blockIdx.x) < n_band_tiles) {
-    const BandPattern<BM, BN> pat(o.b, blockIdx.x, a.shape.seq, a.half, a.key_padding_mask, a.global_mask,
-                                  globals);
-    attn_fwd_tile<T, D, BM, BN>(pat, static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
-                                static_cast<const T*>(a.v) + o.off, out, lse, ss, a.shape.scale);
+    const BandPattern<BM, BN> pat(b, blockIdx.x, a.shape.seq, a.half, a.key_padding_mask, a.global_mask, globals);
+    run(pat, static_cast<const T*>(a.q) + off, static_cast<const T*>(a.k) + off, static_cast<const T*>(a.v) + off,
+        false);
   } else {
-    const GlobalRowsPattern<BM, BN> pat{o.b, static_cast<int>(blockIdx.x) - n_band_tiles, a.shape.seq,
+    const GlobalRowsPattern<BM, BN> pat{b, static_cast<int>(blockIdx.x) - n_band_tiles, a.shape.seq,
                                         a.key_padding_mask, globals};
-    attn_fwd_tile<T, D, BM, BN>(pat, static_cast<const T*>(a.qg) + o.off, static_cast<const T*>(a.kg) + o.off,
-                                static_cast<const T*>(a.vg) + o.off, out, lse, ss, a.shape.scale);
+    run(pat, static_cast<const T*>(a.qg) + off, static_cast<const T*>(a.kg) + off,
+        static_cast<const T*>(a.vg) + off, true);
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) sw_bwd_kernel(const SlidingWindowBwdParams p, int n_band_tiles) {
-  constexpr int BM = BwdTiles<T, D>::BM, BN = BwdTiles<T, D>::BN;
+template <class I>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) sw_fwd_kernel(const SlidingWindowFwdParams p, int n_band_tiles) {
+  using T = typename I::T;
   const SlidingWindowArgs& a = p.args;
-  const Offsets o = offsets(a.shape);
-  const ti::GlobalList globals{a.global_idx, a.global_count, a.max_global};
+  const HeadOffsets o = head_offsets(a.shape);
+  T* out = static_cast<T*>(p.out) + o.off;
+  float* lse = p.lse + o.lse_off;
+  with_pattern<T, I::Fwd::BM, I::Fwd::BN>(a, o.b, n_band_tiles, [&](const auto& pat, const T* q, const T* k,
+                                                                    const T* v, bool) {
+    attn_fwd_tile<I>(pat, q, k, v, out, lse, a.shape);
+  });
+}
+
+template <class I>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) sw_bwd_kernel(const SlidingWindowBwdParams p, int n_band_tiles) {
+  using T = typename I::T;
+  const SlidingWindowArgs& a = p.args;
+  const HeadOffsets o = head_offsets(a.shape);
   const T* out = static_cast<const T*>(p.out) + o.off;
   const T* dout = static_cast<const T*>(p.grad_out) + o.off;
   const float* lse = p.lse + o.lse_off;
-  const int64_t ss = a.shape.stride_s;
-  if (static_cast<int>(blockIdx.x) < n_band_tiles) {
-    const BandPattern<BM, BN> pat(o.b, blockIdx.x, a.shape.seq, a.half, a.key_padding_mask, a.global_mask,
-                                  globals);
-    attn_bwd_tile<T, D, BM, BN>(pat, static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
-                                static_cast<const T*>(a.v) + o.off, out, dout, lse, p.dq + o.off,
-                                p.dk + o.off, p.dv + o.off, ss, a.shape.scale);
-  } else {
-    const GlobalRowsPattern<BM, BN> pat{o.b, static_cast<int>(blockIdx.x) - n_band_tiles, a.shape.seq,
-                                        a.key_padding_mask, globals};
-    attn_bwd_tile<T, D, BM, BN>(pat, static_cast<const T*>(a.qg) + o.off, static_cast<const T*>(a.kg) + o.off,
-                                static_cast<const T*>(a.vg) + o.off, out, dout, lse, p.dqg + o.off,
-                                p.dkg + o.off, p.dvg + o.off, ss, a.shape.scale);
-  }
+  with_pattern<T, I::Bwd::BM, I::Bwd::BN>(a, o.b, n_band_tiles, [&](const auto& pat, const T* q, const T* k,
+                                                                    const T* v, bool global) {
+    attn_bwd_tile<I>(pat, q, k, v, out, dout, lse, (global ? p.dqg : p.dq) + o.off,
+                     (global ? p.dkg : p.dk) + o.off, (global ? p.dvg : p.dv) + o.off, a.shape);
+  });
 }
 
 cudaError_t check_args(const SlidingWindowArgs& a) {
@@ -101,31 +85,21 @@ dim3 grid_for(const SlidingWindowArgs& a, int* n_band_tiles) {
 
 cudaError_t sliding_window_fwd(const SlidingWindowFwdParams& p, cudaStream_t stream) {
   if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape.dtype, p.args.shape.head_dim, [&](auto inst) -> cudaError_t {
-    using T = typename decltype(inst)::T;
-    constexpr int D = decltype(inst)::D;
-    using Tl = FwdTiles<T, D>;
-    constexpr int smem = FwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
-    if (cudaError_t e = prepare_smem(sw_fwd_kernel<T, D>, smem); e != cudaSuccess) return e;
+  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
+    using I = decltype(inst);
     int n_band = 0;
-    const dim3 grid = grid_for<Tl::BM>(p.args, &n_band);
-    sw_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, n_band);
-    return cudaGetLastError();
+    const dim3 grid = grid_for<I::Fwd::BM>(p.args, &n_band);
+    return launch(sw_fwd_kernel<I>, I::kFwdSmem, grid, stream, p, n_band);
   });
 }
 
 cudaError_t sliding_window_bwd(const SlidingWindowBwdParams& p, cudaStream_t stream) {
   if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape.dtype, p.args.shape.head_dim, [&](auto inst) -> cudaError_t {
-    using T = typename decltype(inst)::T;
-    constexpr int D = decltype(inst)::D;
-    using Tl = BwdTiles<T, D>;
-    constexpr int smem = BwdLayout<T, D, Tl::BM, Tl::BN>::kBytes;
-    if (cudaError_t e = prepare_smem(sw_bwd_kernel<T, D>, smem); e != cudaSuccess) return e;
+  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
+    using I = decltype(inst);
     int n_band = 0;
-    const dim3 grid = grid_for<Tl::BM>(p.args, &n_band);
-    sw_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, n_band);
-    return cudaGetLastError();
+    const dim3 grid = grid_for<I::Bwd::BM>(p.args, &n_band);
+    return launch(sw_bwd_kernel<I>, I::kBwdSmem, grid, stream, p, n_band);
   });
 }
 

@@ -34,6 +34,7 @@ def unavailable_reason() -> str | None:
 
 def capabilities(op: str) -> Capabilities:
     if op == "full":
+        # SDPA's own dropout draws from torch's CUDA generator, not the RNG contract: no dropout here.
         return Capabilities(devices=("cuda",), dtypes=DTYPES, needs_build=False)
     return Capabilities(
         devices=("cuda",),
@@ -41,4 +42,5 @@ def capabilities(op: str) -> Capabilities:
         head_dims=HEAD_DIMS,
         max_batch_heads=MAX_BATCH_HEADS,
         max_seq=MAX_SEQ,
+        dropout=True,  # csrc/common/philox.h in the tile engine (compile-checked here, run only on a GPU)
     )

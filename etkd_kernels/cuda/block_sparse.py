@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import cached_lut
-from .sliding_window import _ops
+from .sliding_window import _ops, dropout
 
 
 def _check(q: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
@@ -33,7 +33,9 @@ def forward(q, k, v, p) -> tuple[torch.Tensor, torch.Tensor]:
     p: `ops.block_sparse.BlockSparseParams`."""
     _check(q, p.layout, p.block_size)
     lut, count = cached_lut(p.layout.to(device=q.device, dtype=torch.bool))
-    return _ops().block_sparse_fwd(q, k, v, lut, count, int(p.block_size), p.key_padding_mask, float(p.scale))
+    return _ops().block_sparse_fwd(
+        q, k, v, lut, count, int(p.block_size), p.key_padding_mask, float(p.scale), *dropout(p)
+    )
 
 
 def backward(grad_out, q, k, v, out, lse, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,6 +44,17 @@ def backward(grad_out, q, k, v, out, lse, p) -> tuple[torch.Tensor, torch.Tensor
     lut, count = cached_lut(p.layout.to(device=q.device, dtype=torch.bool))
     return tuple(
         _ops().block_sparse_bwd(
-            grad_out, q, k, v, out, lse, lut, count, int(p.block_size), p.key_padding_mask, float(p.scale)
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            lut,
+            count,
+            int(p.block_size),
+            p.key_padding_mask,
+            float(p.scale),
+            *dropout(p),
         )
     )

@@ -26,10 +26,26 @@ def _ops():
     return torch.ops.etkd_cuda
 
 
+def dropout(p) -> tuple[float, int, int]:
+    """(dropout_p, seed, offset) of params `p` for the kernels (csrc/common/philox.h: the RNG contract of
+    etkd_kernels/_shared.py); p == 0 runs the dropout-free kernels."""
+    return float(p.dropout_p), int(p.seed), int(p.offset)
+
+
 def forward(q, k, v, p) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, H, S, D), lse (B, H, S) float32); p: `ops.sliding_window.SlidingWindowParams`."""
     return _ops().sliding_window_fwd(
-        q, k, v, int(p.window), p.global_mask, p.qg, p.kg, p.vg, p.key_padding_mask, float(p.scale)
+        q,
+        k,
+        v,
+        int(p.window),
+        p.global_mask,
+        p.qg,
+        p.kg,
+        p.vg,
+        p.key_padding_mask,
+        float(p.scale),
+        *dropout(p),
     )
 
 
@@ -37,7 +53,7 @@ def backward(grad_out, q, k, v, out, lse, p) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dqg, dkg, dvg); the last three are None when p.qg is None."""
     dq, dk, dv, dqg, dkg, dvg = _ops().sliding_window_bwd(
         grad_out, q, k, v, out, lse, int(p.window), p.global_mask, p.qg, p.kg, p.vg, p.key_padding_mask,
-        float(p.scale),
+        float(p.scale), *dropout(p),
     )  # fmt: skip
     if p.qg is None:  # the schema returns empty tensors for absent global gradients
         return dq, dk, dv, None, None, None

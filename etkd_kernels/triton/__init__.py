@@ -42,4 +42,5 @@ def capabilities(op: str) -> Capabilities:
         dtypes=DTYPES,
         max_head_dim=MAX_HEAD_DIM,
         device_note="" if interp else "CPU tensors need TRITON_INTERPRET=1 (interpreter, slow)",
+        dropout=True,  # every kernel regenerates the RNG contract's mask (_common.keep_mask)
     )

@@ -19,28 +19,35 @@ import triton.language as tl
 from ..masks import cached_lut
 from ._common import (
     LOG2E,
+    RNG_ARGS,
     compute_type,
     configs,
     delta,
+    dkv_prologue,
     dkv_step,
+    dq_prologue,
     dq_step,
     finish_store,
+    fwd_prologue,
     head_block,
     launch,
     load_rows,
     precision,
+    program_ids,
+    query_tile,
+    rng_args,
     seq_bucket,
     softmax_step,
+    store_rows,
 )
 
-_KEY = ["SB", "BS", "BLOCK_D"]  # SB: seq bucket
+_KEY = ["SB", "BS", "BLOCK_D", "DROPOUT"]  # SB: seq bucket
 
 
 @triton.jit
-def _own_block_rows(pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P: tl.constexpr):
+def _own_block_rows(pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P: tl.constexpr):
     """The program's rows (a BLOCK_P tile of layout block `blk`), which of them are real, its LUT row (a
     pointer) and how many blocks the row lists (0 when none of the program's rows is real)."""
-    b = bh // H
     n_sub_p = tl.cdiv(BS, BLOCK_P)
     blk = pid // n_sub_p
     r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -48,7 +55,7 @@ def _own_block_rows(pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_
     pos = blk * BS + r
     own = valid & (tl.load(REAL + b * S + pos, mask=valid, other=0) != 0)
     n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + blk), 0)
-    return b, pos, valid, own, LUT + (bh % H) * LUT_HS * NB * WIDTH + blk * WIDTH, n_blocks
+    return pos, valid, own, LUT + (bh % H) * LUT_HS * NB * WIDTH + blk * WIDTH, n_blocks
 
 
 @triton.jit
@@ -59,24 +66,19 @@ def _sub_tile(blk, it, n_sub_o, BS, BLOCK_O: tl.constexpr):
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
     Q, K, V, OUT, LSE, REAL, LUT, CNT, scale2, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
     LUT_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, pos, valid, own, lut, n_blocks = _own_block_rows(
-        pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pos, valid, own, lut, n_blocks = _own_block_rows(
+        pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
     )
     n_sub_o = tl.cdiv(BS, BLOCK_O)
-    base = bh.to(tl.int64) * S * D
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     # The LUT row is loaded once, as a vector, and each key block picked out of it in registers: the K/V
     # addresses then depend on no load inside the loop, so Triton's pipeliner prefetches K/V num_stages - 1
     # iterations ahead. A scalar LUT load in the loop made the K/V loads indirect, which halves that distance
@@ -90,71 +92,58 @@ def _fwd(
         ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    finish_store(m, row_sum, acc, OUT, LSE, base, bh.to(tl.int64) * S, pos, valid, dd, dmask, D)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, pos, valid, own, lut, n_blocks = _own_block_rows(
-        pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pos, valid, own, lut, n_blocks = _own_block_rows(
+        pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
     )
     n_sub_o = tl.cdiv(BS, BLOCK_O)
-    base = bh.to(tl.int64) * S * D
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
-    do = load_rows(DO + base, pos, valid, dd, dmask, D, CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
-    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+        Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
+    )
     for it in range(0, n_blocks * n_sub_o):
         j, jin = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)
         ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
-    tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=valid[:, None] & dmask[None, :])  # fmt: skip
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    store_rows(DQ, base, pos, valid, dd, dmask, D, dq * scale)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     # Own rows are keys of a key block; LUT here is the transposed layout's (query blocks per key block).
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b, pos, valid, own, lut, n_blocks = _own_block_rows(
-        pid, bh, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pos, valid, own, lut, n_blocks = _own_block_rows(
+        pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
     )
     n_sub_o = tl.cdiv(BS, BLOCK_O)
-    base = bh.to(tl.int64) * S * D
-    lbase = bh.to(tl.int64) * S
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    k = load_rows(K + base, pos, valid, dd, dmask, D, CT)
-    v = load_rows(V + base, pos, valid, dd, dmask, D, CT)
-    dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_blocks * n_sub_o):
         i, iok = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)
         ok = own[:, None] & iok[None, :]  # padded query rows have lse = +inf, so p = 0 there
-        q = load_rows(Q + base, i, iok, dd, dmask, D, CT)
-        do = load_rows(DO + base, i, iok, dd, dmask, D, CT)
-        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
-        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC)
-    offs = base + pos[:, None] * D + dd[None, :]
-    rmask = valid[:, None] & dmask[None, :]
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=rmask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=rmask)
+        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC, i[None, :], pos[:, None],
+                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    store_rows(DK, base, pos, valid, dd, dmask, D, dk * scale)
+    store_rows(DV, base, pos, valid, dd, dmask, D, dv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,7 +151,7 @@ def _bwd_dkv(
 
 
 def _prepare(
-    q: torch.Tensor, layout: torch.Tensor, block_size: int, key_padding_mask, scale: float, transpose=False
+    q: torch.Tensor, layout: torch.Tensor, block_size: int, key_padding_mask, scale: float, p, transpose=False
 ):
     b, h, s, d = q.shape
     nb = layout.shape[1]
@@ -177,7 +166,7 @@ def _prepare(
         else torch.ones(b, s, dtype=torch.bool, device=q.device)
     )
     return dict(
-        REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s),
+        **rng_args(p), REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s),
         D=d, H=h, BS=block_size, NB=nb, WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
@@ -191,7 +180,7 @@ def forward(q, k, v, p):
     layout, block_size, key_padding_mask, scale = p.layout, p.block_size, p.key_padding_mask, p.scale
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    meta = _prepare(q, layout, block_size, key_padding_mask, scale)
+    meta = _prepare(q, layout, block_size, key_padding_mask, scale, p)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     meta["LUT_BLOCK"] = triton.next_power_of_2(max(meta["WIDTH"], 1))  # the forward holds its LUT row
@@ -205,9 +194,9 @@ def backward(grad_out, q, k, v, out, lse, p):
     dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = _prepare(q, layout, block_size, key_padding_mask, scale)
+    meta = _prepare(q, layout, block_size, key_padding_mask, scale, p)
     tiles = _tiles(meta["NB"], block_size)
     launch(_bwd_dq, tiles, q, (q, k, v, do, lse, dlt, dq), {**meta, "scale": scale}, ("REAL",))
-    meta_t = _prepare(q, layout, block_size, key_padding_mask, scale, transpose=True)
+    meta_t = _prepare(q, layout, block_size, key_padding_mask, scale, p, transpose=True)
     launch(_bwd_dkv, tiles, q, (q, k, v, do, lse, dlt, dk, dv), {**meta_t, "scale": scale}, ("REAL",))
     return dq, dk, dv

@@ -21,20 +21,26 @@ import triton.language as tl
 from .._shared import extra_keys
 from ._common import (
     LOG2E,
+    RNG_ARGS,
     compute_type,
     configs,
     delta,
+    dq_prologue,
     dq_step,
     finish_store,
+    fwd_prologue,
     head_block,
     launch,
     load_rows,
     precision,
+    program_ids,
+    rng_args,
     seq_bucket,
     softmax_step,
+    store_rows,
 )
 
-_KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL"]  # SB: seq bucket
+_KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL", "DROPOUT"]  # SB: seq bucket
 
 
 @triton.jit
@@ -79,6 +85,13 @@ def _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O: tl.co
 
 
 @triton.jit
+def _extra_col(x, G, XCOL):
+    """The dropout column of extra-key slot x: a global key is its own position (slot x < G is token x), a
+    compressed key t = x - G is column XCOL + t (`etkd_kernels/reference/lsg.py` defines them)."""
+    return tl.where(x < G, x, XCOL + (x - G))
+
+
+@triton.jit
 def _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT: tl.constexpr, PREC: tl.constexpr):
     """This program's dK/dV contribution to key rows j (fp32 atomics: a key has no single owner)."""
     offs = base + j[:, None] * D + dd[None, :]
@@ -88,63 +101,56 @@ def _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT: tl.con
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
-    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
+    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, base, lbase = program_ids(H, S, D)
     pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
-    base = bh.to(tl.int64) * S * D
     xbase = bh.to(tl.int64) * SX * D
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for j0 in range(lo, hi, BLOCK_O):
         j, jin, ok = _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O)
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     left = tl.load(STARTS + qb * 2)
     right = tl.load(STARTS + qb * 2 + 1)
     for c0 in range(0, NX, BLOCK_O):
         x, xin, ok = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O)
         k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
         v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    finish_store(m, row_sum, acc, OUT, LSE, base, bh.to(tl.int64) * S, pos, valid, dd, dmask, D)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None],
+                                       _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off,
+                                       rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd_lsg"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd(
     Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
-    S, SB, D, H, BS, NB, SX, G, T, SBS, NX,
+    S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, base, lbase = program_ids(H, S, D)
     pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
-    base = bh.to(tl.int64) * S * D
     xbase = bh.to(tl.int64) * SX * D
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
-    do = load_rows(DO + base, pos, valid, dd, dmask, D, CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
-    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+        Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
+    )
     for j0 in range(lo, hi, BLOCK_O):
         j, jin, ok = _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O)
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
-        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
+        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                            bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
         _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
     left = tl.load(STARTS + qb * 2)
     right = tl.load(STARTS + qb * 2 + 1)
@@ -152,17 +158,20 @@ def _bwd(
         x, xin, ok = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O)
         k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
         v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
-        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
+        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None],
+                            _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr,
+                            rng_scale, DROPOUT)  # fmt: skip
         _add_dkv(DKX, DVX, xbase, x, xin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
-    tl.store(DQ + base + pos[:, None] * D + dd[None, :], dq * scale,
-             mask=valid[:, None] & dmask[None, :] & own[:, None])  # fmt: skip
+    store_rows(DQ, base, pos, valid & own, dd, dmask, D, dq * scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 
 
-def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, variant):
+def _prepare(
+    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, variant, p
+):
     b, h, s, d = q.shape
     real = kpm if kpm is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
     kx, vx, ok, starts = extra_keys(
@@ -176,7 +185,7 @@ def _prepare(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_t
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
+        **rng_args(p), XCOL=s, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
     masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
@@ -200,7 +209,18 @@ def forward(q, k, v, p):
     g = num_global_tokens
     with torch.no_grad():
         kx, vx, okx, starts, (usable, real), meta = _prepare(
-            q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, p.variant
+            q,
+            k,
+            v,
+            block_size,
+            sparse_block_size,
+            sparsity_factor,
+            sparsity_type,
+            g,
+            kpm,
+            scale,
+            p.variant,
+            p,
         )
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
@@ -227,7 +247,16 @@ def backward(grad_out, q, k, v, out, lse, p):
     with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
         kx, vx, okx, starts, (usable, real), meta = _prepare(
-            *leaves, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, p.variant
+            *leaves,
+            block_size,
+            sparse_block_size,
+            sparsity_factor,
+            sparsity_type,
+            g,
+            kpm,
+            scale,
+            p.variant,
+            p,
         )
     kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
     dq = torch.zeros_like(q)

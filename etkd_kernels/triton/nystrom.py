@@ -23,21 +23,29 @@ import triton.language as tl
 from .._shared import compute_dtype, iterative_pinv, segment_means
 from ._common import (
     LOG2E,
+    RNG_ARGS,
     compute_type,
     configs,
     delta,
+    dkv_prologue,
     dkv_step,
+    dq_prologue,
     dq_step,
     finish_store,
+    fwd_prologue,
     head_block,
     launch,
     load_rows,
     precision,
+    program_ids,
+    query_tile,
+    rng_args,
     seq_bucket,
     softmax_step,
+    store_rows,
 )
 
-_KEY = ["SQB", "SKB", "BLOCK_D"]  # sequence buckets
+_KEY = ["SQB", "SKB", "BLOCK_D", "DROPOUT"]  # sequence buckets
 
 
 @triton.jit
@@ -52,98 +60,81 @@ def _keys(start, b, SK, valid, REAL, HAS_MASK: tl.constexpr, BLOCK_O: tl.constex
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
-    Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, SQB, SKB, D,
+    Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, SQB, SKB, D, JCOL,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pos < SQ
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    q = load_rows(Q + qbase, pos, valid, dd, dmask, D, CT)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, qbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SK, BLOCK_O):
         j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
         k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
         v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
-    finish_store(m, row_sum, acc, OUT, LSE, qbase, bh.to(tl.int64) * SQ, pos, valid, dd, dmask, D)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
+                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    finish_store(m, row_sum, acc, OUT, LSE, qbase, lbase, pos, valid, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, SQB, SKB, D,
+    Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, SQB, SKB, D, JCOL,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pos < SQ
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    q = load_rows(Q + qbase, pos, valid, dd, dmask, D, CT)
-    do = load_rows(DO + qbase, pos, valid, dd, dmask, D, CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + pos, mask=valid, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * SQ + pos, mask=valid, other=0.0)
-    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+        Q, DO, LSE, DELTA, qbase, lbase, pos, valid, valid, D, CT, BLOCK_P, BLOCK_D
+    )
     for start in range(0, SK, BLOCK_O):
         j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
         k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
         v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
-    tl.store(DQ + qbase + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=valid[:, None] & dmask[None, :])  # fmt: skip
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
+                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    store_rows(DQ, qbase, pos, valid, dd, dmask, D, dq * scale)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dkv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, SQB, SKB, D,
+    Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, SQB, SKB, D, JCOL,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = pos < SK
     own = valid
     if HAS_MASK:
         own = valid & (tl.load(REAL + b * SK + pos, mask=valid, other=0) != 0)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    qbase = bh.to(tl.int64) * SQ * D
     kbase = bh.to(tl.int64) * SK * D
-    k = load_rows(K + kbase, pos, valid, dd, dmask, D, CT)
-    v = load_rows(V + kbase, pos, valid, dd, dmask, D, CT)
-    dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, kbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SQ, BLOCK_O):
         i = start + tl.arange(0, BLOCK_O)
         iok = i < SQ
-        q = load_rows(Q + qbase, i, iok, dd, dmask, D, CT)
-        do = load_rows(DO + qbase, i, iok, dd, dmask, D, CT)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * SQ + i, mask=iok, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + bh.to(tl.int64) * SQ + i, mask=iok, other=0.0)
-        dk, dv = dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC)
-    offs = kbase + pos[:, None] * D + dd[None, :]
-    rmask = valid[:, None] & dmask[None, :]
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=rmask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=rmask)
+        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, qbase, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC,
+                          i[None, :], (JCOL + pos)[:, None], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale,
+                          DROPOUT)  # fmt: skip
+    store_rows(DK, kbase, pos, valid, dd, dmask, D, dk * scale)
+    store_rows(DV, kbase, pos, valid, dd, dmask, D, dv)
 
 
-def _meta(q, k, kpm, scale):
+def _meta(q, k, kpm, scale, drop, jcol):
+    """Launch arguments; `drop` (the op's params, or None) applies dropout to this product, its key j being the
+    dropout column jcol + j (`etkd_kernels/reference/nystrom.py`)."""
     b, h, sq, d = q.shape
     real = (
         kpm.to(torch.int8).contiguous()
@@ -151,7 +142,7 @@ def _meta(q, k, kpm, scale):
         else torch.zeros(1, dtype=torch.int8, device=q.device)
     )
     return dict(
-        REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
+        **rng_args(drop), JCOL=jcol, REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
         D=d, HAS_MASK=kpm is not None,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d), H=h,
     )  # fmt: skip
@@ -165,21 +156,21 @@ def _per_batch(kpm):
     return ("REAL",) if kpm is not None else ()
 
 
-def _attn_fwd(q, k, v, kpm, scale):
-    """(out, lse) of softmax(scale * q k^T, keys masked by kpm) v, fused."""
+def _attn_fwd(q, k, v, kpm, scale, drop=None, jcol=0):
+    """(out, lse) of dropout(softmax(scale * q k^T, keys masked by kpm)) v, fused (see `_meta`)."""
     b, h, sq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
-    launch(_fwd, _rows(sq), q, (q, k, v, out, lse), _meta(q, k, kpm, scale), _per_batch(kpm))
+    launch(_fwd, _rows(sq), q, (q, k, v, out, lse), _meta(q, k, kpm, scale, drop, jcol), _per_batch(kpm))
     return out, lse
 
 
-def _attn_bwd(do, q, k, v, out, lse, kpm, scale):
+def _attn_bwd(do, q, k, v, out, lse, kpm, scale, drop=None, jcol=0):
     """(dq, dk, dv) of `_attn_fwd`, recomputing P from lse."""
     sq = q.shape[2]
     do = do.contiguous()
     dlt = delta(do, out)
-    meta = {**_meta(q, k, kpm, scale), "scale": scale}
+    meta = {**_meta(q, k, kpm, scale, drop, jcol), "scale": scale}
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     launch(_bwd_dq, _rows(sq), q, (q, k, v, do, lse, dlt, dq), meta, _per_batch(kpm))
     launch(_bwd_dkv, _rows(k.shape[2]), q, (q, k, v, do, lse, dlt, dk, dv), meta, _per_batch(kpm))
@@ -187,34 +178,38 @@ def _attn_bwd(do, q, k, v, out, lse, kpm, scale):
 
 
 class _Attention(torch.autograd.Function):
-    """softmax(scale * q k^T, keys masked by kpm) v for q (B, H, SQ, D), k/v (B, H, SK, D); fused both ways."""
+    """dropout(softmax(scale * q k^T, keys masked by kpm)) v for q (B, H, SQ, D), k/v (B, H, SK, D); fused both
+    ways (`drop`, `jcol`: see `_meta`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kpm, scale):
+    def forward(ctx, q, k, v, kpm, scale, drop, jcol):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _attn_fwd(q, k, v, kpm, scale)
+        out, lse = _attn_fwd(q, k, v, kpm, scale, drop, jcol)
         ctx.save_for_backward(q, k, v, out, lse, kpm)
-        ctx.scale = scale
+        ctx.scale, ctx.drop, ctx.jcol = scale, drop, jcol
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, kpm = ctx.saved_tensors
-        return (*_attn_bwd(grad_out, q, k, v, out, lse, kpm, ctx.scale), None, None)
+        dq, dk, dv = _attn_bwd(grad_out, q, k, v, out, lse, kpm, ctx.scale, ctx.drop, ctx.jcol)
+        return dq, dk, dv, None, None, None, None
 
 
-def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
+def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, drop=None):
+    """Dropout (`drop`: the op's params, or None) on the probabilities of the exact case (key columns) and on
+    K1 (landmark l = column seq + l), where the reference applies it."""
     head_block(q.shape[-1])  # rejects unsupported head_dim with a clear message
     s = q.shape[2]
     if num_landmarks == s:
-        out = _Attention.apply(q, k, v, key_padding_mask, scale)
+        out = _Attention.apply(q, k, v, key_padding_mask, scale, drop, 0)
     else:
         ct = compute_dtype(q.dtype)
         ql, kl = segment_means(q.to(ct), num_landmarks), segment_means(k.to(ct), num_landmarks)
         k2 = torch.softmax((ql @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, L, L): small, torch
-        k3v = _Attention.apply(ql.to(q.dtype), k, v, key_padding_mask, scale)  # K3 @ v, fused
+        k3v = _Attention.apply(ql.to(q.dtype), k, v, key_padding_mask, scale, None, 0)  # K3 @ v, fused
         x = iterative_pinv(k2, pinv_iterations, pinv_init) @ k3v.to(ct)
-        out = _Attention.apply(q, kl.to(q.dtype), x.to(q.dtype), None, scale)  # K1 @ X, fused
+        out = _Attention.apply(q, kl.to(q.dtype), x.to(q.dtype), None, scale, drop, s)  # K1 @ X, fused
     if key_padding_mask is not None:
         out = torch.where(key_padding_mask[:, None, :, None], out, torch.zeros_like(out))
     return out
@@ -222,7 +217,9 @@ def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pin
 
 def forward(q, k, v, p):
     with torch.no_grad():
-        return attend(q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init)
+        return attend(
+            q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init, p
+        )
 
 
 def _spread(dl, s, num_landmarks):
@@ -244,7 +241,7 @@ def backward(grad_out, q, k, v, out, p):
     if num_landmarks == s:
         with torch.inference_mode(False), torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            out = attend(*leaves, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init)
+            out = attend(*leaves, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, p)
             return torch.autograd.grad(out, leaves, grad_out)
     dt_in = q.dtype
     ct = compute_dtype(dt_in)
@@ -261,8 +258,8 @@ def backward(grad_out, q, k, v, out, p):
     ql_in, kl_in = ql.to(dt_in).contiguous(), kl.to(dt_in).contiguous()
     t, lse3 = _attn_fwd(ql_in, k, v, key_padding_mask, scale)  # T = K3 @ v
     x = (zd @ t.to(ct)).to(dt_in).contiguous()  # X = Z T
-    o1, lse1 = _attn_fwd(q, kl_in, x, None, scale)  # K1 @ X again, for its lse
-    dq, dkl, dx = _attn_bwd(grad_out, q, kl_in, x, o1, lse1, None, scale)
+    o1, lse1 = _attn_fwd(q, kl_in, x, None, scale, p, s)  # K1 @ X again, for its lse
+    dq, dkl, dx = _attn_bwd(grad_out, q, kl_in, x, o1, lse1, None, scale, p, s)
     dx = dx.to(ct)
     dt = zd.transpose(-1, -2) @ dx  # X = Z T
     dql2, dkl2 = torch.autograd.grad(z, (qll, kll), dx @ t.to(ct).transpose(-1, -2))

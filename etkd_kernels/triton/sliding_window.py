@@ -25,22 +25,30 @@ import triton.language as tl
 from ..masks import GlobalTokens
 from ._common import (
     LOG2E,
+    RNG_ARGS,
     compute_type,
     configs,
     delta,
+    dkv_prologue,
     dkv_step,
+    dq_prologue,
     dq_step,
     finish_store,
+    fwd_prologue,
     head_block,
     launch,
     load_rows,
     precision,
+    program_ids,
+    query_tile,
+    rng_args,
     seq_bucket,
     softmax_step,
+    store_rows,
 )
 
 LOCAL, GLOBAL, REAL, ALL = 2, 4, 6, 7  # bit sets over kinds (bit k = kind k allowed); kind 0 = padding
-_KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST"]  # SB: seq bucket
+_KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST", "DROPOUT"]  # SB: seq bucket
 
 # Range tiles and global-list tiles share one loop (a scalar branch, `_other_rows`, picks the indices), so
 # the body is written once per kernel.
@@ -102,23 +110,17 @@ def _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G,
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
     Q, K, V, OUT, LSE, KIND, IDX, CNT, scale2, S, SB, D, H, G, W,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
-    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
+    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * S * D
+    pid, bh, b, base, lbase = program_ids(H, S, D)
     pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
-    m = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     lo, n_range, cnt, n_iter = _loop(
         pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
@@ -126,30 +128,26 @@ def _fwd(
         j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC)
+        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store = valid & ((kind & STORE) != 0)
-    finish_store(m, row_sum, acc, OUT, LSE, base, bh.to(tl.int64) * S, pos, store, dd, dmask, D)
+    finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, store, dd, dmask, D)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KIND, IDX, CNT, scale2, scale, S, SB, D, H, G, W,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
-    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
+    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * S * D
+    pid, bh, b, base, lbase = program_ids(H, S, D)
     pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = load_rows(Q + base, pos, valid, dd, dmask, D, CT)
-    do = load_rows(DO + base, pos, valid, dd, dmask, D, CT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * S + pos, mask=own, other=float("inf")) * LOG2E
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + pos, mask=own, other=0.0)
-    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+        Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
+    )
     lo, n_range, cnt, n_iter = _loop(
         pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
@@ -157,47 +155,35 @@ def _bwd_dq(
         j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
         k = load_rows(K + base, j, jin, dd, dmask, D, CT)
         v = load_rows(V + base, j, jin, dd, dmask, D, CT)
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC)
-    store = valid & ((kind & STORE) != 0)
-    tl.store(DQ + base + pos[:, None] * D + dd[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=store[:, None] & dmask[None, :])  # fmt: skip
+        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    store_rows(DQ, base, pos, valid & ((kind & STORE) != 0), dd, dmask, D, dq * scale)
 
 
 @triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KIND, IDX, CNT, scale2, scale, S, SB, D, H, G, W,
+    rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0,
     GATHER: tl.constexpr, RANGE: tl.constexpr, BAND: tl.constexpr, LIST: tl.constexpr,
-    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr,
+    OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     # Own rows are keys; the loop runs over query rows (band/all tiles, then the global-query list).
-    pid, bh = tl.program_id(0), tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * S * D
-    lbase = bh.to(tl.int64) * S
+    pid, bh, b, base, lbase = program_ids(H, S, D)
     pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    k = load_rows(K + base, pos, valid, dd, dmask, D, CT)
-    v = load_rows(V + base, pos, valid, dd, dmask, D, CT)
-    dk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     lo, n_range, cnt, n_iter = _loop(
         pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
     for it in range(0, n_iter):
         i, iok, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
-        q = load_rows(Q + base, i, iok, dd, dmask, D, CT)
-        do = load_rows(DO + base, i, iok, dd, dmask, D, CT)
-        lse2 = tl.load(LSE + lbase + i, mask=iok, other=float("inf")) * LOG2E
-        delta = tl.load(DELTA + lbase + i, mask=iok, other=0.0)
-        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC)
+        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC, i[None, :], pos[:, None],
+                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store = valid & ((kind & STORE) != 0)
-    smask = store[:, None] & dmask[None, :]
-    offs = base + pos[:, None] * D + dd[None, :]
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=smask)
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=smask)
+    store_rows(DK, base, pos, store, dd, dmask, D, dk * scale)
+    store_rows(DV, base, pos, store, dd, dmask, D, dv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,11 +211,11 @@ def _kinds(q: torch.Tensor, global_mask, key_padding_mask):
     return kind, glob.index, glob.count, glob
 
 
-def _meta(q: torch.Tensor, window: int, scale: float, kinds) -> dict:
+def _meta(q: torch.Tensor, window: int, scale: float, kinds, p) -> dict:
     kind, idx, cnt, glob = kinds
     b, h, s, d = q.shape
     return dict(
-        KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
+        **rng_args(p), KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
         G=s if glob is not None else 1, W=window // 2,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
@@ -253,7 +239,7 @@ def forward(q, k, v, p):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kinds = _kinds(q, global_mask, key_padding_mask)
     g = kinds[3] is not None
-    meta = _meta(q, window, scale, kinds)
+    meta = _meta(q, window, scale, kinds, p)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     # Local and padded query rows: the band of local keys plus the compact list of global keys.
@@ -274,7 +260,7 @@ def backward(grad_out, q, k, v, out, lse, p):
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     kinds = _kinds(q, global_mask, key_padding_mask)
     g = kinds[3] is not None
-    meta = {**_meta(q, window, scale, kinds), "scale": scale}
+    meta = {**_meta(q, window, scale, kinds, p), "scale": scale}
     dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     same = qg is None
