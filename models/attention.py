@@ -7,6 +7,12 @@ Every adapter has the signature
 attn: the `SelfAttention` module (its config and any extra projections); x: (batch, seq, hidden)
 hidden states; q, k, v: (batch, heads, seq, head_dim); key_padding_mask / global_mask: (batch, seq) bool or
 None; backend: the model's kernel backend name. Adding a pattern: ARCHITECTURE.md.
+
+Attention dropout (`attn.dropout_p`: the config's attention_dropout in training mode, else 0) is passed to
+the op exactly where the HF model of the pattern applies it, on the probabilities: full (BERT/RoBERTa),
+longformer (local and global rows), lsg (lsg-converter) and bigbird's short-input full fallback; not
+bigbird's block-sparse path and not nystrom, whose HF modules never apply it. fixed (no HF model) drops
+probabilities like BERT.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def full(attn, x, q, k, v, key_padding_mask, global_mask, backend):
-    return ek.full_attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
+    return ek.full_attention(
+        q, k, v, key_padding_mask=key_padding_mask, dropout_p=attn.dropout_p, backend=backend
+    )
 
 
 def longformer(attn, x, q, k, v, key_padding_mask, global_mask, backend):
@@ -33,7 +41,7 @@ def longformer(attn, x, q, k, v, key_padding_mask, global_mask, backend):
         global_qkv = (_heads(attn.qg(x), h), _heads(attn.kg(x), h), _heads(attn.vg(x), h))
     return ek.sliding_window_attention(
         q, k, v, attn.window, global_mask=global_mask, global_qkv=global_qkv,
-        key_padding_mask=key_padding_mask, backend=backend,
+        key_padding_mask=key_padding_mask, dropout_p=attn.dropout_p, backend=backend,
     )  # fmt: skip
 
 
@@ -59,6 +67,7 @@ def bigbird(attn, x, q, k, v, key_padding_mask, global_mask, backend):
         if key not in attn.cache:
             attn.cache[key] = _bigbird_layout(cfg, s, cfg.random_seed + attn.layer_index).to(q.device)
         layout = attn.cache[key]
+    # No attention dropout here: HF's BigBirdBlockSparseAttention applies none (its full fallback does).
     return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=backend)
 
 
@@ -73,8 +82,9 @@ def fixed(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     key = ("fixed", q.shape[2], str(q.device))
     if key not in attn.cache:
         attn.cache[key] = _fixed_layout(attn.config, q.shape[2]).to(q.device)
+    # No HF model has this pattern: attention dropout on the probabilities, as in BERT and the Sparse Transformer.
     return ek.block_sparse_attention(
-        q, k, v, attn.cache[key], key_padding_mask=key_padding_mask, backend=backend
+        q, k, v, attn.cache[key], key_padding_mask=key_padding_mask, dropout_p=attn.dropout_p, backend=backend
     )
 
 
@@ -85,12 +95,13 @@ def lsg(attn, x, q, k, v, key_padding_mask, global_mask, backend):
         q, k, v, block_size=cfg.block_size, sparse_block_size=cfg.sparse_block_size,
         sparsity_factor=cfg.sparsity_factor, sparsity_type=cfg.sparsity_type,
         num_global_tokens=cfg.num_global_tokens, key_padding_mask=key_padding_mask, variant="model",
-        backend=backend,
+        dropout_p=attn.dropout_p, backend=backend,
     )  # fmt: skip
 
 
 def nystrom(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     cfg = attn.config
+    # No attention dropout: HF's NystromformerSelfAttention defines it but never applies it.
     out = ek.nystrom_attention(
         q, k, v, min(cfg.num_landmarks, q.shape[2]), pinv_iterations=cfg.pinv_iterations,
         pinv_init=cfg.pinv_init, key_padding_mask=key_padding_mask, backend=backend,

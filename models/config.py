@@ -42,7 +42,9 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02  # std of the normal init of fresh weights (BERT's)
     hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1  # applied to the attention output (the ops have no dropout on probs)
+    # HF's attention_probs_dropout_prob: dropout on the attention probabilities inside the op, in training mode,
+    # where the pattern's HF model applies it (none in bigbird's block-sparse path or nystrom, as in HF)
+    attention_dropout: float = 0.1
     pre_norm: bool = False  # BERT/RoBERTa checkpoints are post-norm
     rescale_embeddings: bool = False  # BigBird option: word embeddings * sqrt(hidden)
     add_pooler: bool = False  # dense + tanh on token 0 (BERT-style sequence classification uses it)

@@ -119,7 +119,13 @@ class SelfAttention(nn.Module):
         self.rand_attn: torch.Tensor | None = None  # bigbird: fixed random blocks (heads, nb-2, r), optional
         self.cache: dict = {}  # per-length structures an adapter builds once (bigbird block masks)
         self.attend = get_attention(cfg)
-        self.dropout = nn.Dropout(cfg.attention_dropout)
+
+    @property
+    def dropout_p(self) -> float:
+        """Dropout on the attention probabilities for this call: `config.attention_dropout` (HF's
+        attention_probs_dropout_prob) in training mode, 0 in eval mode. The adapters pass it to the op where
+        HF applies it (see models/attention.py); the op draws its seed from torch's generator."""
+        return self.config.attention_dropout if self.training else 0.0
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):
         b, s, d = x.shape
@@ -127,7 +133,7 @@ class SelfAttention(nn.Module):
         q, k, v = (p(x).view(b, s, h, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (b, h, s, hd)
         y = self.attend(self, x, q, k, v, key_padding_mask, global_mask, backend)  # (b, h, s, hd)
         y = y.transpose(1, 2).reshape(b, s, d)
-        return self.o(self.dropout(y))
+        return self.o(y)
 
 
 class Layer(nn.Module):

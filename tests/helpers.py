@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -67,3 +68,103 @@ def assert_parity_on_real_rows(
     (ref * grad).sum().backward()
     (ours * grad).sum().backward()
     return err, assert_close(x_ours.grad, x_ref.grad, atol=1e-5, name="d hidden")
+
+
+# --- attention dropout with the same keep-masks in etkd and in HF ------------------------------------------
+
+DROPOUT_OPS = (
+    "full_attention",
+    "sliding_window_attention",
+    "block_sparse_attention",
+    "lsg_attention",
+    "nystrom_attention",
+)
+
+
+class SameDropoutMasks:
+    """Attention dropout with identical keep-masks in etkd's ops and in HF's own code, so a training-mode
+    forward (and backward) can be compared exactly instead of statistically.
+
+    `with masks.ours():` every public etkd op called with dropout_p > 0 gets an explicit (seed, offset) =
+    (1000 + n, n) for its n-th such call, recorded in `masks.calls` with the op name and p.
+    `with masks.hf(layout, heads, global_mask):` torch.nn.functional.dropout, while HF runs, applies to HF's
+    k-th attention-probability tensor the keep-mask of etkd's k-th recorded call
+    (`etkd_kernels._shared.dropout_keep` of (batch * heads + head, query row, key column)), scaled by
+    1 / (1 - p) like F.dropout. HF's layouts: "dense" (batch, heads, seq, seq) (BERT's eager attention);
+    "longformer": the local probabilities (batch, seq, heads, globals + 2w + 1) (global key columns first, in
+    position order, then the band i - w ... i + w) and the global rows (batch * heads, globals, seq), which
+    reuse the mask of the local call before them (one etkd call per layer). Calls with p == 0 (hidden dropout
+    off) pass through.
+    """
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.calls: list[tuple[str, float, int, int]] = []  # (op, p, seed, offset)
+
+    @contextlib.contextmanager
+    def ours(self):
+        import etkd_kernels as ek
+
+        def wrap(name, fn):
+            def call(*args, dropout_p=0.0, **kw):
+                if dropout_p > 0:
+                    n = len(self.calls)
+                    self.calls.append((name, float(dropout_p), 1000 + n, n))
+                    kw.update(dropout_seed=1000 + n, dropout_offset=n)
+                return fn(*args, dropout_p=dropout_p, **kw)
+
+            return call
+
+        with self.monkeypatch.context() as m:
+            for name in DROPOUT_OPS:
+                m.setattr(ek, name, wrap(name, getattr(ek, name)))
+            yield self
+
+    @contextlib.contextmanager
+    def hf(self, layout: str, heads: int, global_mask: torch.Tensor | None = None):
+        from etkd_kernels._shared import dropout_keep
+
+        original = torch.nn.functional.dropout
+        pending = list(self.calls)
+        current: list[tuple[str, float, int, int]] = []
+
+        def dropout(x, p=0.5, training=True, inplace=False):
+            if p == 0 or not training:
+                return original(x, p, training, inplace)
+            if layout == "dense" or x.dim() == 4:
+                assert pending, "HF applied more attention dropouts than etkd's ops did"
+                current[:] = [pending.pop(0)]
+            _, p_ours, seed, offset = current[0]
+            assert p == p_ours, f"HF drops with p={p}, etkd's op got dropout_p={p_ours}"
+            keep = dropout_keep(seed, offset, p, *self._counters(layout, heads, global_mask, x))
+            return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype))
+
+        with self.monkeypatch.context() as m:
+            m.setattr(torch.nn.functional, "dropout", dropout)
+            yield self
+        assert not pending, f"etkd's ops dropped {len(pending)} more attention tensors than HF did"
+
+    @staticmethod
+    def _counters(layout, heads, global_mask, x):
+        """(batch * heads + head, query row, key column) of every element of HF's probability tensor x."""
+        ar = torch.arange
+        if layout == "dense":  # (b, h, s, s)
+            b, h, s, _ = x.shape
+            return (ar(b)[:, None] * h + ar(h))[..., None, None], ar(s)[:, None], ar(s)[None, :]
+        assert layout == "longformer", layout
+        s = x.shape[1] if x.dim() == 4 else x.shape[2]
+        glob = torch.zeros(x.shape[0] if x.dim() == 4 else x.shape[0] // heads, s, dtype=torch.bool)
+        if global_mask is not None:  # HF pads the sequence to a multiple of the window: pad the mask too
+            glob[:, : global_mask.shape[1]] = global_mask.bool()[:, :s]
+        g = int(glob.sum(1).max())
+        # positions of each row's global tokens, in order, padded with 0 (those columns hold probability 0)
+        order = torch.sort(glob.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :g]
+        if x.dim() == 3:  # global rows (b * h, g, s)
+            bh = ar(x.shape[0])[:, None, None]
+            return bh, order.repeat_interleave(heads, 0)[:, :, None], ar(s)[None, None, :]
+        b, s, h, c = x.shape  # local rows
+        w = (c - g - 1) // 2
+        i = ar(s)[None, :, None, None]
+        j = (i - w + ar(c) - g).expand(b, s, 1, c).clone()
+        j[..., :g] = order[:, None, None, :]
+        return (ar(b)[:, None] * h + ar(h))[:, None, :, None], i, j.clamp(0, s - 1)

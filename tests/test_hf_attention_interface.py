@@ -8,12 +8,13 @@ sequence, and Nystrom with landmarks == seq, on real tokens), HF's LongformerMod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
 import pytest
 import torch
-from helpers import HF_SMALL
+from helpers import HF_SMALL, SameDropoutMasks
 from helpers import assert_close_to_scale as close
 
 import etkd.hf
@@ -72,17 +73,26 @@ def grads_close(ref_model, model, name):
         close(q.grad, ref[key], f"{name} grad {key}")
 
 
-def run_pair(ref_model, model, ids, mask, compare_padded: bool, name: str, **kw):
-    """Token-classification loss on real tokens; logits compared (padded rows too when compare_padded)."""
+def run_pair(ref_model, model, ids, mask, compare_padded: bool, name: str, masks=None, layout="dense", **kw):
+    """Token-classification loss on real tokens; logits compared (padded rows too when compare_padded).
+    masks: a SameDropoutMasks: `model` runs first, then HF's attention dropout (tensor `layout`) gets its masks."""
     labels = torch.where(mask.bool(), ids % 3, -100)
-    outs = []
-    for m in (ref_model, model):
+    outs = {}
+    heads = SMALL["num_attention_heads"]
+    for who, m in (
+        (("ref", ref_model), ("ours", model)) if masks is None else (("ours", model), ("ref", ref_model))
+    ):
         m.train()
         m.zero_grad()
-        out = m(input_ids=ids, attention_mask=mask, labels=labels, **kw)
-        out.loss.backward()
-        outs.append(out)
-    ref, got = outs
+        if masks is None:
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = masks.ours() if who == "ours" else masks.hf(layout, heads, kw.get("global_attention_mask"))
+        with ctx:
+            out = m(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+            out.loss.backward()
+        outs[who] = out
+    ref, got = outs["ref"], outs["ours"]
     rows = slice(None) if compare_padded else mask.bool()
     close(got.logits[rows], ref.logits[rows], f"{name} logits")
     close(got.loss, ref.loss, f"{name} loss")
@@ -121,11 +131,11 @@ def test_exact_settings_equal_eager_on_real_tokens(impl, settings):
     run_pair(ref, with_impl(ref, impl, **settings), ids, mask, False, impl)
 
 
-def roberta_and_longformer(window: int):
+def roberta_and_longformer(window: int, **over):
     """A RoBERTa token classifier on etkd_sliding_window and HF's LongformerForTokenClassification with the
-    same weights (global projections = the local ones, as `convert` makes them)."""
+    same weights (global projections = the local ones, as `convert` makes them); `over`: config fields."""
     torch.manual_seed(0)
-    cfg = transformers.RobertaConfig(max_position_embeddings=66, pad_token_id=1, **SMALL)
+    cfg = transformers.RobertaConfig(max_position_embeddings=66, pad_token_id=1, **{**SMALL, **over})
     roberta = transformers.RobertaForTokenClassification(cfg)
     ours = convert(from_hf(roberta), "longformer", max_positions=64, window=window)
     longformer = to_hf(ours)
@@ -139,6 +149,42 @@ def test_sliding_window_equals_hf_longformer_with_globals_and_padding():
     glob[:, 0] = 1
     glob[0, 11] = 1
     run_pair(longformer, model, ids, mask, True, "vs longformer", global_attention_mask=glob)
+
+
+# --- attention dropout: HF's `dropout` argument, applied on the probabilities inside the op (issue 27) -------
+
+
+@pytest.mark.parametrize(
+    "impl,settings",
+    [("etkd_full", {}), ("etkd_sliding_window", {"window": 40})],  # window 40: covers the sequence
+)  # fmt: skip
+def test_attention_dropout_equals_eager_with_the_same_masks(monkeypatch, impl, settings):
+    """attention_probs_dropout_prob 0.2, training mode: eager attention given the keep-masks our op used
+    equals the etkd name on real tokens, logits and every parameter gradient (padded query rows: etkd_full
+    drops them with torch's own RNG, as they never reach a real token)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        max_position_embeddings=64, **{**SMALL, "attention_probs_dropout_prob": 0.2}
+    )
+    ref = eager(transformers.BertForTokenClassification(cfg))
+    ids, mask = batch(20)
+    masks = SameDropoutMasks(monkeypatch)
+    run_pair(ref, with_impl(ref, impl, **settings), ids, mask, False, f"{impl} dropout", masks=masks)
+    op = "full_attention" if impl == "etkd_full" else "sliding_window_attention"
+    assert [c[:2] for c in masks.calls] == [(op, 0.2)] * 2
+
+
+def test_sliding_window_attention_dropout_equals_hf_longformer_with_the_same_masks(monkeypatch):
+    model, longformer = roberta_and_longformer(window=6, attention_probs_dropout_prob=0.2)
+    assert longformer.config.attention_probs_dropout_prob == 0.2
+    ids, mask = batch(23, pad_id=1)
+    glob = torch.zeros_like(mask)
+    glob[:, 0] = 1
+    glob[0, 11] = 1
+    masks = SameDropoutMasks(monkeypatch)
+    run_pair(longformer, model, ids, mask, False, "dropout vs longformer", masks=masks, layout="longformer",
+             global_attention_mask=glob)  # fmt: skip
+    assert [c[:2] for c in masks.calls] == [("sliding_window_attention", 0.2)] * 2
 
 
 def test_block_sparse_equals_eager_under_the_dense_layout_mask():
@@ -192,11 +238,11 @@ def test_errors_are_clear():
     model.eval()
     with pytest.raises(etkd.hf.UnsupportedConfigError, match="output_attentions"):
         model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    model.train()
-    with pytest.raises(etkd.hf.UnsupportedConfigError, match="attention dropout p=0.1"):
-        model(input_ids=ids, attention_mask=mask)
-    model.config.etkd_attention["ignore_attention_dropout"] = True
+    model.train()  # attention dropout 0.1 in training mode: applied inside the op (issue 27)
     model(input_ids=ids, attention_mask=mask)
+    model.config.etkd_attention["ignore_attention_dropout"] = True  # deprecated, no effect
+    with pytest.warns(DeprecationWarning, match="ignore_attention_dropout is deprecated and has no effect"):
+        model(input_ids=ids, attention_mask=mask)
 
 
 def test_from_pretrained_with_attn_implementation(tmp_path):

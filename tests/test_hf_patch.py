@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import HF_RTOL as RTOL
-from helpers import HF_SMALL, assert_close_to_scale
+from helpers import HF_SMALL, SameDropoutMasks, assert_close_to_scale
 
 import etkd.hf
 import etkd_kernels as ek
@@ -38,6 +38,14 @@ OP = {"Longformer": "sliding_window", "BigBird": "block_sparse", "Nystromformer"
 def backends(op: str) -> list[str]:
     matrix = ek.support_matrix(torch.device("cpu"), torch.float32)[op]
     return [name for name, why in matrix.items() if why == "ok"]
+
+
+def dropout_backends(op: str) -> list[str]:
+    """The backends with a dropout kernel for `op` here (fp32 on the CPU)."""
+    from etkd_kernels.dispatch import BACKENDS, Problem, reasons
+
+    p = Problem(torch.device("cpu"), torch.float32, dropout=True)
+    return [name for name in BACKENDS if not reasons(name, op, p)]
 
 
 def config(family: str, **over):
@@ -95,16 +103,25 @@ def grad_target(out) -> torch.Tensor:
     return sum((t * torch.randn(t.shape, generator=g)).sum() for t in tensors(out).values())
 
 
-def check_same(hf_model, ours, kw, name: str, train: bool = False) -> float:
-    """Outputs and parameter gradients of `ours` (patched) against `hf_model` (unpatched), same weights."""
+def check_same(
+    hf_model, ours, kw, name: str, train: bool = False, masks: SameDropoutMasks | None = None
+) -> float:
+    """Outputs and parameter gradients of `ours` (patched) against `hf_model` (unpatched), same weights.
+    masks: HF Longformer's attention dropout gets the keep-masks our op used (ours runs first)."""
     worst = 0.0
     for m in (hf_model, ours):
         m.train(train)
         m.zero_grad()
-    np.random.seed(0)
-    ref = hf_model(**kw)
-    np.random.seed(0)
-    got = ours(**kw)
+    if masks is None:
+        np.random.seed(0)
+        ref = hf_model(**kw)
+        np.random.seed(0)
+        got = ours(**kw)
+    else:
+        with masks.ours():
+            got = ours(**kw)
+        with masks.hf("longformer", SMALL["num_attention_heads"], kw.get("global_attention_mask")):
+            ref = hf_model(**kw)
     ref_t, got_t = tensors(ref), tensors(got)
     assert ref_t.keys() == got_t.keys()
     for key in ref_t:
@@ -272,6 +289,57 @@ def test_class_level_patch_big_bird_and_nystromformer():
     assert not etkd.hf.is_patched(transformers.BigBirdModel(config("BigBird")))
 
 
+# --- attention dropout: trained as HF trains (issue 27) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["Model", "ForTokenClassification"])
+@pytest.mark.parametrize("globals_", ["some", "none", "all"])
+@pytest.mark.parametrize("backend", dropout_backends("sliding_window"))
+def test_longformer_attention_dropout_equals_hf_with_the_same_masks(monkeypatch, head, globals_, backend):
+    """attention_probs_dropout_prob 0.2 in training mode: HF drops the local probabilities (global key columns
+    included) and the global rows' probabilities; given the keep-masks our op used, HF's outputs and every
+    parameter gradient equal the patched model's."""
+    hf_model, ours = build("Longformer", head, attention_probs_dropout_prob=0.2)
+    etkd.hf.patch(ours, backend=backend)
+    kw = inputs("Longformer", head, 21)
+    if globals_ == "none":
+        kw.pop("global_attention_mask")
+    elif globals_ == "all":
+        kw["global_attention_mask"] = kw["attention_mask"].clone()
+    masks = SameDropoutMasks(monkeypatch)
+    check_same(hf_model, ours, kw, f"dropout {head} globals={globals_} [{backend}]", train=True, masks=masks)
+    assert [c[:2] for c in masks.calls] == [("sliding_window_attention", 0.2)] * 2  # one per layer
+
+
+@pytest.mark.parametrize("family", ["BigBird", "Nystromformer"])
+def test_families_whose_hf_attention_applies_no_dropout_train_exactly_like_hf(family):
+    # HF's BigBird block-sparse and Nystromformer modules never apply attention_probs_dropout_prob: neither do we
+    hf_model, ours = build(family, "ForTokenClassification", attention_probs_dropout_prob=0.1)
+    etkd.hf.patch(ours)
+    kw = inputs(family, "ForTokenClassification", SEQ[family], padding=family != "Nystromformer")
+    check_same(hf_model, ours, kw, f"{family} dropout 0.1 train", train=True)
+
+
+def test_ignore_attention_dropout_is_a_deprecated_no_op():
+    _, ours = build("Longformer", "Model", attention_probs_dropout_prob=0.1)
+    kw = inputs("Longformer", "Model", 21)
+    with pytest.warns(DeprecationWarning, match="ignore_attention_dropout is deprecated and has no effect"):
+        etkd.hf.patch(ours, ignore_attention_dropout=True)
+    ours.train()
+    torch.manual_seed(3)
+    flagged = ours(**kw)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        etkd.hf.patch(ours)  # without the flag: no warning
+    torch.manual_seed(3)
+    assert torch.equal(ours(**kw)[0], flagged)  # the flag changed nothing: dropout still applied
+    with torch.no_grad():
+        assert not torch.allclose(ours.eval()(**kw)[0], flagged)
+    with pytest.warns(DeprecationWarning, match="ignore_attention_dropout"):
+        etkd.hf.patch_longformer(ignore_attention_dropout=False)
+    etkd.hf.unpatch_longformer()
+
+
 # --- what is refused, clearly ------------------------------------------------------------------------------
 
 
@@ -282,19 +350,6 @@ def test_output_attentions_is_refused():
         kw = inputs(family, "Model", SEQ[family], padding=family != "Nystromformer")
         with pytest.raises(etkd.hf.UnsupportedConfigError, match="output_attentions"):
             ours(**kw, output_attentions=True)
-
-
-def test_attention_dropout_in_training_is_refused_unless_ignored():
-    _, ours = build("Longformer", "Model", attention_probs_dropout_prob=0.1)
-    etkd.hf.patch(ours)
-    kw = inputs("Longformer", "Model", 21)
-    ours.eval()
-    ours(**kw)  # eval: dropout is off, nothing differs
-    ours.train()
-    with pytest.raises(etkd.hf.UnsupportedConfigError, match="attention dropout p=0.1"):
-        ours(**kw)
-    etkd.hf.patch(ours, ignore_attention_dropout=True)
-    ours(**kw)
 
 
 def test_bigbird_original_full_is_refused():

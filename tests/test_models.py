@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import SameDropoutMasks, assert_close
 
 from etkd.models import PATTERNS, EncoderConfig, EncoderModel
 
@@ -61,16 +61,69 @@ def test_real_positions_ignore_padded_tokens(attention):
 
 
 @pytest.mark.parametrize("attention", ["full", "longformer"])
-def test_gradient_checkpointing_gives_same_gradients(attention):
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.2])  # 0.2: the recomputation regenerates the same masks
+def test_gradient_checkpointing_gives_same_gradients(attention, attention_dropout):
     ids, mask = batch()
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = tiny(attention, head="mlm").train().set_gradient_checkpointing(ckpt)
+        model = tiny(attention, head="mlm", attention_dropout=attention_dropout).train()
+        model.set_gradient_checkpointing(ckpt)
         model(ids, attention_mask=mask).logits.sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for g0, g1 in zip(*grads):
         assert_close(g1, g0, atol=1e-5, name="checkpointed grad")
+
+
+# The op each pattern hands attention dropout to, where its HF model applies it (models/attention.py): bigbird's
+# block-sparse path and nystrom apply none, as in HF; bigbird's full fallback (<= 28 tokens here) does; fixed
+# (no HF model) drops probabilities like BERT.
+DROPOUT_OP = {"full": "full_attention", "longformer": "sliding_window_attention", "lsg": "lsg_attention",
+              "bigbird": None, "nystrom": None, "fixed": "block_sparse_attention"}  # fmt: skip
+DROPOUT_CASES = [(p, 40, DROPOUT_OP[p]) for p in PATTERNS] + [("bigbird", 24, "full_attention")]
+
+
+@pytest.mark.parametrize("attention,seq,op", DROPOUT_CASES)
+def test_attention_dropout_goes_to_the_op_in_training_mode_only(monkeypatch, attention, seq, op):
+    ids, mask = batch(seq)
+    gmask = torch.zeros_like(mask)
+    gmask[:, 0] = 1
+    model = tiny(attention, attention_dropout=0.3, global_projections=True)  # hidden dropout 0
+    masks = SameDropoutMasks(monkeypatch)
+    with masks.ours(), torch.no_grad():
+        ev = model.eval()(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state
+        assert masks.calls == []  # eval mode: the ops' p = 0 path
+        tr = model.train()(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state
+    assert [c[:2] for c in masks.calls] == ([(op, 0.3)] * 2 if op else [])  # one call per layer
+    real = mask.bool()
+    if op is None:
+        assert_close(tr[real], ev[real], atol=1e-6, name=f"{attention}: no attention dropout, as in HF")
+        return
+    assert not torch.allclose(tr[real], ev[real])
+    with torch.no_grad():  # seeds drawn from torch's generator: manual_seed reproduces, the next call differs
+        torch.manual_seed(5)
+        a = model(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state
+        torch.manual_seed(5)
+        b = model(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state
+        c = model(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state
+    assert torch.equal(a, b) and not torch.allclose(b[real], c[real])
+
+
+def test_attention_dropout_drops_probabilities_not_the_output():
+    # With every value vector equal to c, attention returns c whatever the probabilities; dropout on the
+    # probabilities then scales all of a row's head_dim entries by one factor (sum of its kept probabilities
+    # / (1 - p)), while dropout on the output (the pre-issue-27 behaviour) zeroed entries one by one.
+    model = tiny("full", attention_dropout=0.5, num_layers=1).train()
+    attn = model.encoder.layers[0].attn
+    x = torch.randn(2, 40, 32)
+    q, k = (p(x).view(2, 40, 2, 16).transpose(1, 2) for p in (attn.q, attn.k))
+    v = torch.full_like(q, 0.25)
+    y = attn.attend(attn, x, q, k, v, None, None, "reference")  # (b, h, s, hd)
+    factor = y / 0.25
+    assert_close(factor, factor[..., :1].expand_as(factor), atol=1e-6, name="one factor per row")
+    assert (
+        factor.std() > 0.1
+    )  # rows differ (std ~0.16 for near-uniform rows of 40 keys): probabilities dropped
 
 
 def test_pre_norm_has_final_norm_and_runs():

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from helpers import HF_SMALL as SMALL
-from helpers import assert_close
+from helpers import SameDropoutMasks, assert_close
 
 import etkd_kernels as ek
 from etkd.models import EncoderModel, convert, from_hf, load, to_hf
@@ -216,3 +216,36 @@ def test_longformer_sequence_classification_default_global_cls():
     kw.pop("global_attention_mask")  # HF then makes token 0 global; so must we
     with torch.no_grad():
         assert_close(model(**kw).logits, hf(**kw).logits, atol=ATOL, name="default global CLS")
+
+
+@pytest.mark.parametrize("family", ["Bert", "Longformer", "BigBird"])  # BigBird: original_full
+def test_train_mode_attention_dropout_equals_hf_with_the_same_masks(monkeypatch, family):
+    """Attention dropout on the probabilities, where HF applies it (Longformer: local and global rows): our
+    model in training mode equals HF's when HF's dropout is handed the keep-masks our ops used; outputs on
+    real rows and the gradient of the word embeddings. attention_probs_dropout_prob 0.3, hidden dropout 0."""
+    cfg = hf_config(family)
+    cfg.attention_probs_dropout_prob = 0.3
+    hf = getattr(transformers, family + "Model")(cfg).train()
+    if family == "Bert":
+        hf.set_attn_implementation("eager")  # sdpa would drop inside its fused kernel, out of reach
+    model = from_hf(hf).set_attention_backend("reference").train()
+    assert model.config.attention_dropout == 0.3
+    kw = inputs(family)
+    real = kw["attention_mask"].bool()
+    masks = SameDropoutMasks(monkeypatch)
+    with masks.ours():
+        got = model(**kw).last_hidden_state
+    assert [c[:2] for c in masks.calls] == [(f"{OP_OF[family]}_attention", 0.3)] * 2
+    layout = "longformer" if family == "Longformer" else "dense"
+    with masks.hf(layout, cfg.num_attention_heads, kw.get("global_attention_mask")):
+        ref = hf(**kw).last_hidden_state
+    compare(got, ref, kw["attention_mask"], f"{family} train-mode dropout")
+    w = torch.randn(
+        got[real].shape, generator=torch.Generator().manual_seed(4)
+    )  # (LayerNorm: not a square sum)
+    (got[real] * w).sum().backward()
+    (ref[real] * w).sum().backward()
+    word = hf.embeddings.word_embeddings.weight.grad
+    assert_close(
+        model.encoder.embeddings.word.weight.grad, word, atol=ATOL * float(word.abs().max()), name="d word"
+    )

@@ -9,9 +9,11 @@
 
 Patching swaps the class of each attention module for a subclass whose forward runs an `etkd_kernels`
 op; parameters, buffers and state-dict names are untouched, so `save_pretrained`, `Trainer`, `pipeline`,
-`torch.compile` and gradient checkpointing see the same model. What HF would compute differently from our
-ops (output_attentions, attention dropout in training, BigBird original_full, Nystromformer inputs HF's
-landmark path cannot take) raises `UnsupportedConfigError` naming it.
+`torch.compile` and gradient checkpointing see the same model. Training applies the model's own
+attention_probs_dropout_prob where HF does (Longformer's local and global probabilities; HF's BigBird
+block-sparse and Nystromformer modules apply none), inside the op. What HF would compute differently from our
+ops (output_attentions, BigBird original_full, Nystromformer inputs HF's landmark path cannot take) raises
+`UnsupportedConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import big_bird, longformer, nystromformer
-from ._common import Options, UnsupportedConfigError
+from ._common import Options, UnsupportedConfigError, warn_ignore_attention_dropout
 from .attention_interface import IMPLEMENTATIONS, register_attention_implementations
 from .export import save_hf_attention, to_hf_attention
 
@@ -53,19 +55,20 @@ def _check(module: torch.nn.Module) -> None:
 
 
 def patch(
-    model: torch.nn.Module, backend: str = "auto", *, ignore_attention_dropout: bool = False
+    model: torch.nn.Module, backend: str = "auto", *, ignore_attention_dropout: bool | None = None
 ) -> torch.nn.Module:
     """Run the attention of an HF Longformer / BigBird (block_sparse) / Nystromformer model, any head class,
     on etkd's ops, in place. Returns `model`.
 
     backend: the etkd backend ("auto", "cpu", "reference", "triton", "cuda"; see
-    `etkd_kernels.available_backends()`). ignore_attention_dropout: our ops have no dropout on attention
-    probabilities, so a training-mode forward of a model with attention_probs_dropout_prob > 0 raises;
-    True trains without that dropout instead (hidden dropout still applies). Patching again changes the
-    options. Every module is checked before any is changed: an unsupported configuration raises
-    `UnsupportedConfigError` and leaves the model as it was.
+    `etkd_kernels.available_backends()`). A training-mode forward applies the model's
+    attention_probs_dropout_prob where HF does. ignore_attention_dropout: deprecated, no effect (a
+    DeprecationWarning; removed in the next release). Patching again changes the options. Every module is
+    checked before any is changed: an unsupported configuration raises `UnsupportedConfigError` and leaves
+    the model as it was.
     """
-    opts = Options(backend, ignore_attention_dropout)
+    warn_ignore_attention_dropout(ignore_attention_dropout, "etkd.hf.patch")
+    opts = Options(backend)
     targets = [m for m in model.modules() if type(m) in PATCHES or type(m) in ORIGINALS]
     if not any(
         isinstance(m, (longformer.HF_CLASS, big_bird.HF_ATTENTION, nystromformer.HF_CLASS)) for m in targets
@@ -95,8 +98,9 @@ def is_patched(model: torch.nn.Module) -> bool:
     return any(type(m) in ORIGINALS for m in model.modules())
 
 
-def _patch_classes(family, backend: str, ignore_attention_dropout: bool) -> None:
-    opts = Options(backend, ignore_attention_dropout)
+def _patch_classes(family, backend: str, ignore_attention_dropout: bool | None) -> None:
+    warn_ignore_attention_dropout(ignore_attention_dropout, "etkd.hf.patch_*", stacklevel=4)
+    opts = Options(backend)
     for module, names in family.MODULE_NAMES.items():
         for name, ours in names.items():
             ours.class_options = opts
@@ -109,19 +113,19 @@ def _unpatch_classes(family) -> None:
             setattr(module, name, ORIGINALS[ours])
 
 
-def patch_longformer(backend: str = "auto", *, ignore_attention_dropout: bool = False) -> None:
+def patch_longformer(backend: str = "auto", *, ignore_attention_dropout: bool | None = None) -> None:
     """Every Longformer model (any head class) built from now on runs on etkd (options as in `patch`);
     models built before are unchanged (use `patch`). Undo with `unpatch_longformer()`."""
     _patch_classes(longformer, backend, ignore_attention_dropout)
 
 
-def patch_big_bird(backend: str = "auto", *, ignore_attention_dropout: bool = False) -> None:
+def patch_big_bird(backend: str = "auto", *, ignore_attention_dropout: bool | None = None) -> None:
     """Every block_sparse BigBird model built from now on runs on etkd. original_full models still build
     (they run HF's dense code); models built before are unchanged. Undo with `unpatch_big_bird()`."""
     _patch_classes(big_bird, backend, ignore_attention_dropout)
 
 
-def patch_nystromformer(backend: str = "auto", *, ignore_attention_dropout: bool = False) -> None:
+def patch_nystromformer(backend: str = "auto", *, ignore_attention_dropout: bool | None = None) -> None:
     """Every Nystromformer model built from now on runs on etkd; a configuration etkd cannot serve raises at
     construction. Undo with `unpatch_nystromformer()`."""
     _patch_classes(nystromformer, backend, ignore_attention_dropout)

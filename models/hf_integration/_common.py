@@ -3,6 +3,7 @@ configuration our ops would compute differently from HF."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,18 +17,25 @@ class UnsupportedConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Options:
-    """How a patched module runs: the etkd backend, and whether training may skip attention-probability
-    dropout (our ops have none, so by default a training-mode forward with dropout > 0 is refused)."""
+    """How a patched module runs: the etkd backend."""
 
     backend: str = "auto"
-    ignore_attention_dropout: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.backend)  # an unknown name fails here, at patch time
-        if not isinstance(self.ignore_attention_dropout, bool):
-            raise TypeError(
-                f"ignore_attention_dropout: expected a bool, got {type(self.ignore_attention_dropout).__name__}"
-            )
+
+
+def warn_ignore_attention_dropout(value: object, where: str, stacklevel: int = 3) -> None:
+    """`ignore_attention_dropout` is a no-op since the ops apply attention dropout (issue 27); it is accepted,
+    with this warning, for one release. stacklevel: of the user's call, counted from here."""
+    if value is not None:
+        warnings.warn(
+            f"{where}: ignore_attention_dropout is deprecated and has no effect: etkd's ops apply attention "
+            f"dropout like HF (the model's attention_probs_dropout_prob, in training mode); it will be removed "
+            f"in the next release",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def options_of(module: torch.nn.Module) -> Options:
@@ -45,15 +53,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)."""
     b, h, s, d = x.shape
     return x.transpose(1, 2).reshape(b, s, h * d)
-
-
-def refuse_dropout(module: torch.nn.Module, p: float, options: Options, where: str) -> None:
-    if module.training and p > 0 and not options.ignore_attention_dropout:
-        raise UnsupportedConfigError(
-            f"{where}: attention dropout p={p} in training mode; etkd's attention ops have no dropout on the "
-            f"attention probabilities, so this step would differ from HF. Set config.attention_probs_dropout_prob=0 "
-            f"before building the model, or patch with ignore_attention_dropout=True to train without it"
-        )
 
 
 def refuse_attention_weights(output_attentions: bool, where: str) -> None:
@@ -98,16 +97,23 @@ def padding_from_mask(attention_mask: torch.Tensor | None, seq: int) -> torch.Te
 
 
 def full_attention_hf_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None, scale: float, backend: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    real: torch.Tensor | None,
+    scale: float,
+    backend: str,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Dense softmax attention as HF's eager code computes it, padded query rows included.
+    """Dense softmax attention as HF's eager code computes it, padded query rows included, with dropout
+    `dropout_p` on the probabilities (as HF's eager attention applies it; the caller passes 0 in eval mode).
 
     Real query rows run on `etkd_kernels.full_attention`; HF also attends from padded query rows (over the
     real keys; over all keys, uniformly, when a sequence has none), while our op returns zeros there: those
     rows are computed here with the same formula on the padded rows only (O(padded x seq))."""
     import etkd_kernels as ek
 
-    out = ek.full_attention(q, k, v, key_padding_mask=real, scale=scale, backend=backend)
+    out = ek.full_attention(q, k, v, key_padding_mask=real, scale=scale, dropout_p=dropout_p, backend=backend)
     if real is None:
         return out
     pad = ~real
@@ -120,5 +126,6 @@ def full_attention_hf_rows(
     index = rows[:, None, :, None].expand(b, h, n, d)
     scores = (q.gather(2, index) @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(pad[:, None, None, :], torch.finfo(scores.dtype).min)
-    padded_rows = torch.softmax(scores, dim=-1) @ v
+    probs = torch.nn.functional.dropout(torch.softmax(scores, dim=-1), dropout_p)  # (b, h, n, s)
+    padded_rows = probs @ v
     return out.scatter(2, index, torch.where(valid, padded_rows, out.gather(2, index)))

@@ -9,9 +9,11 @@ Settings come from `config.etkd_attention` (a dict saved in config.json; `etkd c
 writes it): `window` (sliding window: int or one per layer), `block_size`, `num_random_blocks`,
 `num_window_blocks`, `num_global_blocks`, `seed` (block_sparse: a BigBird layout drawn per layer from
 seed + layer index), `num_landmarks`, `pinv_iterations`, `pinv_init` (nystrom), LSG's `block_size`,
-`sparse_block_size`, `sparsity_factor`, `sparsity_type`, `num_global_tokens`, and
-`ignore_attention_dropout`. Global tokens reach the attention function as HF passes extra keyword
-arguments: `model(..., global_attention_mask=...)` (sliding window only).
+`sparse_block_size`, `sparsity_factor`, `sparsity_type`, `num_global_tokens` (`ignore_attention_dropout`
+is deprecated and has no effect). Global tokens reach the attention function as HF passes extra keyword
+arguments: `model(..., global_attention_mask=...)` (sliding window only). The `dropout` HF passes (the
+model's attention_probs_dropout_prob in training mode, 0 in eval) is applied to the probabilities inside the
+op, as HF's eager attention applies it.
 
 Each name also registers a mask function that hands the attention the (batch, seq) padding mask instead of
 a (batch, 1, seq, seq) tensor. Padded query rows: zeros for the sparse patterns (as HF Longformer and
@@ -26,7 +28,12 @@ import torch
 
 import etkd_kernels as ek
 
-from ._common import UnsupportedConfigError, _collecting, full_attention_hf_rows
+from ._common import (
+    UnsupportedConfigError,
+    _collecting,
+    full_attention_hf_rows,
+    warn_ignore_attention_dropout,
+)
 
 CONFIG_KEY = "etkd_attention"
 
@@ -45,7 +52,7 @@ def _settings(module: torch.nn.Module, name: str, required: tuple[str, ...]) -> 
     return cfg
 
 
-def _checks(name: str, module, query, key, attention_mask, dropout: float, cfg: dict, kwargs: dict) -> None:
+def _checks(name: str, module, query, key, attention_mask, cfg: dict, kwargs: dict) -> None:
     if query.shape[2] != key.shape[2]:
         raise UnsupportedConfigError(
             f"{name}: query length {query.shape[2]} != key length {key.shape[2]} (a cache or cross-attention); "
@@ -53,12 +60,7 @@ def _checks(name: str, module, query, key, attention_mask, dropout: float, cfg: 
         )
     if getattr(module, "is_causal", False):
         raise UnsupportedConfigError(f"{name}: causal (decoder) attention is not an etkd pattern")
-    if dropout > 0 and not cfg.get("ignore_attention_dropout", False):
-        raise UnsupportedConfigError(
-            f"{name}: attention dropout p={dropout} in training mode; etkd's ops have no dropout on attention "
-            f"probabilities. Set config.attention_probs_dropout_prob=0, or config.{CONFIG_KEY}"
-            f"['ignore_attention_dropout']=True to train without it"
-        )
+    warn_ignore_attention_dropout(cfg.get("ignore_attention_dropout"), f"config.{CONFIG_KEY}", stacklevel=4)
     if kwargs.get("output_attentions") or _collecting("attentions"):
         raise UnsupportedConfigError(
             f"{name}: output_attentions=True needs attention probabilities, which etkd's ops never build"
@@ -92,13 +94,17 @@ IMPLEMENTATIONS: dict[str, Callable] = {}
 def _implementation(name: str, required: tuple[str, ...] = ()):
     """Register `op(module, query, key, value, cfg, kwargs, common)` as the attention function `name`: the
     settings and checks every name shares run first; `common` holds the padding mask, scale and backend
-    keywords of the etkd op; the (batch, heads, seq, head_dim) result goes back in HF's layout."""
+    keywords of the etkd op (and `dropout_p`, HF's `dropout`); the (batch, heads, seq, head_dim) result goes
+    back in HF's layout."""
 
     def register(op: Callable) -> Callable:
         def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             cfg = _settings(module, name, required)
-            _checks(name, module, query, key, attention_mask, dropout, cfg, kwargs)
-            common = dict(key_padding_mask=attention_mask, scale=scaling, backend=cfg.get("backend", "auto"))
+            _checks(name, module, query, key, attention_mask, cfg, kwargs)
+            common = dict(
+                key_padding_mask=attention_mask, scale=scaling, dropout_p=float(dropout),
+                backend=cfg.get("backend", "auto"),
+            )  # fmt: skip
             return _heads_out(op(module, query, key, value, cfg, kwargs, common)), None
 
         IMPLEMENTATIONS[name] = attention
@@ -163,7 +169,9 @@ def lsg(module, query, key, value, cfg, kwargs, common):
 @_implementation("etkd_full")
 def full(module, query, key, value, cfg, kwargs, common):
     scale = query.shape[-1] ** -0.5 if common["scale"] is None else common["scale"]
-    return full_attention_hf_rows(query, key, value, common["key_padding_mask"], scale, common["backend"])
+    return full_attention_hf_rows(
+        query, key, value, common["key_padding_mask"], scale, common["backend"], common["dropout_p"]
+    )
 
 
 def padding_mask(

@@ -17,7 +17,6 @@ from ._common import (
     merge_heads,
     options_of,
     refuse_attention_weights,
-    refuse_dropout,
 )
 from ._common import split_heads as heads
 
@@ -40,7 +39,6 @@ class LongformerSelfAttention(HF_CLASS):
     ):
         opts = options_of(self)
         refuse_attention_weights(output_attentions, "LongformerSelfAttention")
-        refuse_dropout(self, self.dropout, opts, "LongformerSelfAttention")
         if is_index_masked is None and attention_mask is not None:
             is_index_masked = attention_mask < 0
         if is_index_global_attn is None and attention_mask is not None:
@@ -72,6 +70,7 @@ class LongformerSelfAttention(HF_CLASS):
             global_mask=global_mask,
             global_qkv=global_qkv,
             key_padding_mask=None if is_index_masked is None else ~is_index_masked,
+            dropout_p=self.dropout if self.training else 0.0,  # HF: on local and global probabilities
             backend=opts.backend,
         )
         return (merge_heads(out),)
