@@ -169,13 +169,13 @@ def _bwd(
 # Host side
 
 
-def _prepare(
-    q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, kpm, scale, variant, p
-):
+def _prepare(q, k, v, p):
     b, h, s, d = q.shape
+    g, block_size, sparse_block_size, scale = p.num_global_tokens, p.block_size, p.sparse_block_size, p.scale
+    kpm = p.key_padding_mask
     real = kpm if kpm is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
     kx, vx, ok, starts = extra_keys(
-        q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, real, scale, variant
+        q, k, v, block_size, sparse_block_size, p.sparsity_factor, p.sparsity_type, g, real, scale, p.variant
     )
     sx = kx.shape[2]
     sbs = sparse_block_size if sx > g else 0
@@ -201,27 +201,11 @@ def _global_tiles(meta):
 
 
 def forward(q, k, v, p):
-    block_size, sparse_block_size, sparsity_factor = p.block_size, p.sparse_block_size, p.sparsity_factor
-    sparsity_type, num_global_tokens = p.sparsity_type, p.num_global_tokens
-    kpm, scale = p.key_padding_mask, p.scale
     b, h, s, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g = num_global_tokens
+    g = p.num_global_tokens
     with torch.no_grad():
-        kx, vx, okx, starts, (usable, real), meta = _prepare(
-            q,
-            k,
-            v,
-            block_size,
-            sparse_block_size,
-            sparsity_factor,
-            sparsity_type,
-            g,
-            kpm,
-            scale,
-            p.variant,
-            p,
-        )
+        kx, vx, okx, starts, (usable, real), meta = _prepare(q, k, v, p)
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
@@ -236,34 +220,20 @@ def forward(q, k, v, p):
 
 
 def backward(grad_out, q, k, v, out, lse, p):
-    block_size, sparse_block_size, sparsity_factor = p.block_size, p.sparse_block_size, p.sparsity_factor
-    sparsity_type, num_global_tokens = p.sparsity_type, p.num_global_tokens
-    kpm, scale = p.key_padding_mask, p.scale
     b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    g = num_global_tokens
+    g = p.num_global_tokens
     dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        kx, vx, okx, starts, (usable, real), meta = _prepare(
-            *leaves,
-            block_size,
-            sparse_block_size,
-            sparsity_factor,
-            sparsity_type,
-            g,
-            kpm,
-            scale,
-            p.variant,
-            p,
-        )
+        kx, vx, okx, starts, (usable, real), meta = _prepare(*leaves, p)
     kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
     dq = torch.zeros_like(q)
     dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     args = (q, k, v, kxc, vxc, do, lse, dlt, dq, dk, dv, dkx, dvx)
-    kw = dict(STARTS=starts, scale=scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
+    kw = dict(STARTS=starts, scale=p.scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
     launch(_bwd, _block_tiles(meta), q, (*args, usable, okx), kw)
     if g > 0:
         dqg = torch.zeros_like(q)
