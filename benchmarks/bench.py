@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from etkd_kernels import timing as timing_module
+from etkd_kernels.timing import model_step
+
 from .harness import PeakMemory, environment, run_fresh, time_call
 from .providers import DTYPES
 
@@ -127,7 +130,9 @@ def lsg_peer_row(spec: dict, timeout: float) -> dict:
     if python is None:
         return {"status": "skipped: no side environment for lsg-converter (make lsg-env, or ETKD_LSG_PYTHON)"}
     row = spec["row"]
-    peer = {**spec, "config": lsg_peer_config(spec["size"], row["seq"], row["student"])}
+    # The side environment has no etkd: it loads the timing module by the path of the one installed here.
+    peer = {**spec, "config": lsg_peer_config(spec["size"], row["seq"], row["student"]),
+            "timing_path": timing_module.__file__}  # fmt: skip
     try:
         res = subprocess.run([python, LSG_PEER, "bench", json.dumps(peer)], capture_output=True, text=True,
                              timeout=timeout)  # fmt: skip
@@ -159,23 +164,7 @@ def worker(spec: dict) -> dict:
     ids = torch.randint(5, SIZES[spec["size"]][4], (row.batch, row.seq), generator=g).to(device)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    if row.mode == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def call():
-            out = model(**kwargs).last_hidden_state
-            out.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    else:
-        model.eval()
-
-        def call():
-            with torch.no_grad():
-                model(**kwargs)
-
+    call = model_step(model, kwargs, row.mode)
     call()  # warm-up: lazy initialisation, allocator pools; in train mode AdamW's state
     with PeakMemory(device) as peak:  # every timed call is the same work: the peak is that of one call
         t = time_call(call, spec["repeats"], warmup=spec["warmup"] - 1, device=device)

@@ -95,10 +95,12 @@ def run(directory: str) -> None:
 # --- bench ----------------------------------------------------------------------------------------------
 
 
-def _timing():
+def _timing(path: str | None = None):
+    """etkd's timing module, loaded by file path (the side environment has no etkd installed): `path` as the
+    caller gives it (the installed etkd_kernels/timing.py), else the source tree's."""
     import importlib.util
 
-    path = os.path.join(
+    path = path or os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etkd_kernels", "timing.py"
     )
     spec = importlib.util.spec_from_file_location("_etkd_timing", path)
@@ -113,7 +115,7 @@ def bench(spec: dict) -> dict:
     (LSGRobertaConfig keyword arguments), repeats, warmup, threads."""
     from lsg_converter.roberta.modeling_lsg_roberta import LSGRobertaConfig, LSGRobertaModel
 
-    timing = _timing()
+    timing = _timing(spec.get("timing_path"))
     row = dict(spec["row"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -124,23 +126,7 @@ def bench(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, config.vocab_size, (row["batch"], row["seq"]), generator=g)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if row["mode"] == "train":
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def call():
-            out = model(**kwargs).last_hidden_state
-            out.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    else:
-        model.eval()
-
-        def call():
-            with torch.no_grad():
-                model(**kwargs)
-
+    call = timing.model_step(model, kwargs, row["mode"])
     call()
     with timing.PeakMemory(torch.device("cpu")) as peak:
         t = timing.time_call(call, spec["repeats"], warmup=spec["warmup"] - 1)

@@ -175,3 +175,28 @@ def environment(device: torch.device | str = "cpu") -> Environment:
     return Environment(
         cpu, isa, torch.get_num_threads(), torch.__version__, name, time.strftime("%Y-%m-%d %H:%M")
     )
+
+
+def model_step(model: torch.nn.Module, kwargs: dict, mode: str) -> Callable[[], None]:
+    """The whole-model call a benchmark row times: `"train"` is forward + a scalar loss on the last hidden
+    state + backward + an AdamW step (the model is put in train mode, the optimiser made here), anything else
+    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the lsg-converter side
+    environment (which loads this file by path), so both sides of a comparison time the same work."""
+    if mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def call() -> None:
+            out = model(**kwargs).last_hidden_state
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return call
+    model.eval()
+
+    def infer() -> None:
+        with torch.no_grad():
+            model(**kwargs)
+
+    return infer
