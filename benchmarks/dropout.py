@@ -49,17 +49,6 @@ def _hf_core_with_dropout(pattern: str, setup: P.Setup, p: float):
     return (lambda x: hr.run_bigbird(core, x, real)), (x,), note
 
 
-def _fwd_bwd(f, args):
-    leaves = tuple(a.detach().clone().requires_grad_(True) if a.is_floating_point() else a for a in args)
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        f(*leaves).float().sum().backward()
-
-    return run
-
-
 def measure(pattern: str, seq: int, backend: str, repeats: int, p: float = 0.1) -> dict:
     setup = P.build(pattern, seq, backends=[backend])
     name = f"etkd-{backend}"
@@ -68,9 +57,9 @@ def measure(pattern: str, seq: int, backend: str, repeats: int, p: float = 0.1) 
     for drop in (0.0, p):
         # with dropout: a fresh seed per call, drawn from torch's generator, as in training
         g = f if drop == 0 else _with_dropout(pattern, setup, backend, drop)
-        ours[drop] = time_call(_fwd_bwd(g, args), repeats).median
+        ours[drop] = time_call(P.fwd_bwd_call(g, args), repeats).median
     hf, hf_args, note = _hf_core_with_dropout(pattern, setup, p)
-    t_hf = time_call(_fwd_bwd(hf, hf_args), repeats).median
+    t_hf = time_call(P.fwd_bwd_call(hf, hf_args), repeats).median
     return {
         "pattern": pattern, "seq": seq, "backend": backend, "mode": "fwd_bwd", "dropout_p": p,
         f"{name}_p0_ms": 1e3 * ours[0.0], f"{name}_p{p}_ms": 1e3 * ours[p],

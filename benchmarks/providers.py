@@ -52,6 +52,19 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 WINDOW, BLOCK, RANDOM_BLOCKS, LSG_BLOCK, LANDMARKS = 512, 64, 3, 128, 64
 
 
+def fwd_bwd_call(f: Callable, args: tuple) -> Callable[[], None]:
+    """A no-argument forward + backward of `f(*args)` (gradient of the sum) on fresh leaf copies of the
+    floating-point arguments, their gradients cleared each call."""
+    leaves = tuple(a.detach().clone().requires_grad_(True) if a.is_floating_point() else a for a in args)
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        f(*leaves).float().sum().backward()
+
+    return run
+
+
 @dataclass
 class Setup:
     pattern: str
@@ -84,14 +97,7 @@ class Setup:
                     f(*args)
 
             return run
-        leaves = tuple(a.detach().clone().requires_grad_(True) if a.is_floating_point() else a for a in args)
-
-        def run():
-            for t in leaves:
-                t.grad = None
-            f(*leaves).float().sum().backward()
-
-        return run
+        return fwd_bwd_call(f, args)
 
     def flops_of(self, mode: str) -> float:
         return self.flops * (BACKWARD_FLOP_FACTOR if mode == "fwd_bwd" else 1.0)
