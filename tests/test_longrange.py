@@ -166,3 +166,24 @@ def test_short_ner_set_needs_context_for_codenames(tmp_path):
             types.setdefault(w[0], set()).add(tag)
     assert len(types) > 3 and any(len(v) > 1 for v in types.values())  # a codename's type varies
     assert 0.3 < sum(s["tokens"][0] in longrange.CODENAMES for s in sents) / len(sents) < 0.7
+
+
+def test_seeds_table_means_gaps_and_retention():
+    """`etkd demo --seeds`: each score as mean ± sample std over the seeds with each seed's value, the gaps over
+    the 512-token teacher and the student's retention computed per seed."""
+    from etkd.distill import demo
+
+    def row(name, context, f1, cls):
+        return {"name": name, "context": context, "f1": f1, "f1_codename": f1, "f1_ordinary": 100.0,
+                "cls_f1": cls, "accuracy": cls}  # fmt: skip
+
+    runs = {
+        s: {"models": [row("roberta-full", 512, 60.0 + s, 50.0), row("longformer", 4096, 90.0, 100.0 - 2 * s),
+                       row("longformer-student", 4096, 81.0 + 9 * s, 100.0 - 2 * s)]}  # fmt: skip
+        for s in (0, 1)
+    }
+    text = demo.seeds_table(runs)
+    assert "| roberta-full | 512 | 60.5 ± 0.7 (60.0 / 61.0) |" in text
+    assert "| NER F1 gap, longformer − roberta-full | 29.5 ± 0.7 (30.0 / 29.0) |" in text
+    assert "| cls F1 gap, longformer-student − roberta-full | 49.0 ± 1.4 (50.0 / 48.0) |" in text
+    assert "| NER F1 retention (%), longformer-student / longformer | 95.0 ± 7.1 (90.0 / 100.0) |" in text
