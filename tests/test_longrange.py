@@ -178,8 +178,13 @@ def test_seeds_table_means_gaps_and_retention():
                 "cls_f1": cls, "accuracy": cls}  # fmt: skip
 
     runs = {
-        s: {"models": [row("roberta-full", 512, 60.0 + s, 50.0), row("longformer", 4096, 90.0, 100.0 - 2 * s),
-                       row("longformer-student", 4096, 81.0 + 9 * s, 100.0 - 2 * s)]}  # fmt: skip
+        s: {
+            "models": [
+                row("roberta-full", 512, 60.0 + s, 50.0),
+                row("longformer", 4096, 90.0, 100.0 - 2 * s),
+                row("longformer-student", 4096, 81.0 + 9 * s, 100.0 - 2 * s),
+            ]
+        }  # fmt: skip
         for s in (0, 1)
     }
     text = demo.seeds_table(runs)
@@ -187,3 +192,42 @@ def test_seeds_table_means_gaps_and_retention():
     assert "| NER F1 gap, longformer − roberta-full | 29.5 ± 0.7 (30.0 / 29.0) |" in text
     assert "| cls F1 gap, longformer-student − roberta-full | 49.0 ± 1.4 (50.0 / 48.0) |" in text
     assert "| NER F1 retention (%), longformer-student / longformer | 95.0 ± 7.1 (90.0 / 100.0) |" in text
+
+
+def test_cls_attention_reads_the_global_cls_row(tmp_path):
+    """`cls_attention` (python -m etkd.distill.demo.longrange --cls-attention): with zero global query/key
+    projections the [CLS] row attends uniformly, so its share on the opinion tokens is their token share;
+    a key that singles the opinion words out moves the share onto them."""
+    import torch
+
+    from etkd.models import EncoderConfig, EncoderModel
+
+    vocab = demo_data.vocabulary()
+    cfg = EncoderConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32,
+                        max_positions=2050, position_style="padded", attention="longformer", window=16,
+                        global_projections=True, head="sequence_classification", head_style="roberta")  # fmt: skip
+    torch.manual_seed(0)
+    model = EncoderModel(cfg)
+    layer0 = model.encoder.layers[0].attn
+    for proj in (layer0.qg, layer0.kg):
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+    model.save_pretrained(str(tmp_path / "uniform"))
+    path = longrange.write_cls(str(tmp_path / "cls.jsonl"), 3, seed=1)
+    r = longrange.cls_attention(str(tmp_path / "uniform"), path)
+    assert r["documents"] == 3 and 0 <= r["accuracy"] <= 100 and len(r["layers"]) == 2
+    a = r["layers"][0]
+    assert abs(a["opinion_words"] - a["uniform_words"]) < 1e-6
+    assert abs(a["opinion_sentences"] - a["uniform_sentences"]) < 1e-6
+    assert 0 < a["uniform_words"] < a["uniform_sentences"] < 1
+    # The opinion words' embeddings stand out on coordinate 0, the keys read it, the [CLS] query (bias only)
+    # prefers large keys: the share moves onto the opinion words.
+    with torch.no_grad():
+        ids = [vocab.index(w) for w in demo_data.GOOD + demo_data.BAD]
+        model.encoder.embeddings.word.weight[ids, 0] = 10.0
+        layer0.kg.weight.zero_()
+        layer0.kg.weight[:, 0] = 5.0
+        layer0.qg.bias.fill_(1.0)
+    model.save_pretrained(str(tmp_path / "peaked"))
+    b = longrange.cls_attention(str(tmp_path / "peaked"), path)["layers"][0]
+    assert b["opinion_words"] > 5 * b["uniform_words"]
