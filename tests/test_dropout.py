@@ -258,14 +258,25 @@ def test_gradcheck_with_dropout(op):
 
 
 # --- Custom-op machinery with dropout on ------------------------------------------------------------------------
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck_with_dropout(op):
+_NO_CPU = not ek.available_backends()["cpu"].available
+
+
+def _with_cpu(ops, cpu_ops=("full", "lsg", "nystrom")):
+    """(op, backend) cases: `reference` for `ops`, and the cpu kernels of LSG, Nystrom and full attention (issue 27;
+    sliding window and block sparse run on cpu in tests/test_cpu_kernels.py and the parity tests below)."""
+    skip = pytest.mark.skipif(_NO_CPU, reason="cpu backend unavailable")
+    return [(op, "reference") for op in ops] + [pytest.param(op, "cpu", marks=skip) for op in cpu_ops]
+
+
+@pytest.mark.parametrize("op, backend", _with_cpu(OPS))
+def test_opcheck_with_dropout(op, backend):
     """opcheck of `etkd::<op>_fwd` with the arguments the public op passes (dropout on, explicit seed), and of
     `etkd::<op>_bwd` on that forward's outputs (the eager backward calls the forward's backend directly)."""
     leaves = [t.requires_grad_(True) for t in _qkv(n=3 + N_EXTRA.get(op, 0))]
     with _Capture() as cap:
-        _call(op, leaves, dropout_p=0.2, dropout_seed=3, dropout_offset=1)
+        _call(op, leaves, backend=backend, dropout_p=0.2, dropout_seed=3, dropout_offset=1)
     func, args, kwargs = cap.calls[f"etkd::{op}_fwd"]
+    assert args[-1] == backend
     torch.library.opcheck(func, args, kwargs)
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     outs = func(*args, **kwargs)
@@ -274,21 +285,25 @@ def test_opcheck_with_dropout(op):
     torch.library.opcheck(bwd, (torch.randn_like(outs[0]), q, k, v, *outs, *settings, backend))
 
 
-@pytest.mark.parametrize("op", ["sliding_window", "block_sparse", "full"])
-def test_compile_fullgraph_with_dropout(op):
+@pytest.mark.parametrize("op, backend", _with_cpu(["sliding_window", "block_sparse", "full"]))
+def test_compile_fullgraph_with_dropout(op, backend):
     """torch.compile(fullgraph=True): a seeded call equals eager (forward and gradients); unseeded compiled calls
     draw at run time, not at trace time (two calls differ; torch.manual_seed reproduces)."""
     torch._dynamo.reset()
     leaves = [t.requires_grad_(True) for t in _qkv()]
-    seeded = torch.compile(lambda *t: _call(op, list(t), dropout_p=0.2, dropout_seed=5) * 2.0, fullgraph=True)
+    seeded = torch.compile(
+        lambda *t: _call(op, list(t), backend=backend, dropout_p=0.2, dropout_seed=5) * 2.0, fullgraph=True
+    )
     out = seeded(*leaves)
-    eager = _call(op, leaves, dropout_p=0.2, dropout_seed=5) * 2.0
+    eager = _call(op, leaves, backend=backend, dropout_p=0.2, dropout_seed=5) * 2.0
     torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
     g = torch.autograd.grad(out.sum(), leaves)
     ge = torch.autograd.grad(eager.sum(), leaves)
     for a, e in zip(g, ge):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=0)
-    unseeded = torch.compile(lambda *t: _call(op, list(t), dropout_p=0.2) * 2.0, fullgraph=True)
+    unseeded = torch.compile(
+        lambda *t: _call(op, list(t), backend=backend, dropout_p=0.2) * 2.0, fullgraph=True
+    )
     torch.manual_seed(1)
     a = unseeded(*leaves)
     b = unseeded(*leaves)
@@ -552,9 +567,7 @@ def _cpu_case_results(case, backend, dtype=torch.float32, p=0.25):
     return out.detach(), [t.detach() for t in torch.autograd.grad(out, leaves, grad)]
 
 
-cpu_dropout = pytest.mark.skipif(
-    not ek.available_backends()["cpu"].available, reason="cpu backend unavailable"
-)
+cpu_dropout = pytest.mark.skipif(_NO_CPU, reason="cpu backend unavailable")
 
 
 @cpu_dropout
@@ -605,38 +618,6 @@ def test_cpu_dropout_one_and_two_threads_identical_forward(case):
     finally:
         torch.set_num_threads(n)
     assert torch.equal(outs[0], outs[1])
-
-
-@cpu_dropout
-@pytest.mark.parametrize("op", ["full", "lsg", "nystrom"])
-def test_cpu_opcheck_with_dropout(op):
-    """opcheck of `etkd::<op>_fwd` / `_bwd` running the cpu kernels with dropout on."""
-    leaves = [t.requires_grad_(True) for t in _qkv()]
-    with _Capture() as cap:
-        _call(op, leaves, backend="cpu", dropout_p=0.2, dropout_seed=3, dropout_offset=1)
-    func, args, kwargs = cap.calls[f"etkd::{op}_fwd"]
-    assert args[-1] == "cpu"
-    torch.library.opcheck(func, args, kwargs)
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    outs = func(*args, **kwargs)
-    q, k, v, *settings, backend = args
-    bwd = getattr(torch.ops.etkd, f"{op}_bwd").default
-    torch.library.opcheck(bwd, (torch.randn_like(outs[0]), q, k, v, *outs, *settings, backend))
-
-
-@cpu_dropout
-@pytest.mark.parametrize("op", ["full", "lsg", "nystrom"])
-def test_cpu_compile_fullgraph_with_dropout(op):
-    """torch.compile(fullgraph=True) on the cpu kernels with dropout: a seeded call equals eager, forward and
-    gradients."""
-    torch._dynamo.reset()
-    leaves = [t.requires_grad_(True) for t in _qkv()]
-    fn = lambda *t: _call(op, list(t), backend="cpu", dropout_p=0.2, dropout_seed=5) * 2.0  # noqa: E731
-    out = torch.compile(fn, fullgraph=True)(*leaves)
-    eager = fn(*leaves)
-    torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
-    for a, e in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(eager.sum(), leaves)):
-        torch.testing.assert_close(a, e, atol=1e-5, rtol=0)
 
 
 # --- every ISA target (a subprocess each, as tests/test_cpu_isa.py runs them) -------------------------------------
