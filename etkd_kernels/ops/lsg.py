@@ -81,11 +81,14 @@ def lsg_attention(
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     if variant == "model" and sparsity_type == "norm" and 0 < sparse_block_size < block_size:
-        raise ValueError(
-            f"sparse_block_size: lsg-converter's model ranks key norms in chunks of min(block_size, "
-            f"sparse_block_size); the op ranks whole blocks, so expected >= block_size ({block_size}) for "
-            f"norm, got {sparse_block_size}"
-        )
+        if block_size % sparse_block_size or sparse_block_size % sparsity_factor:
+            # lsg-converter's model reshapes the keys into chunks of sparse_block_size, keeping
+            # sparse_block_size // sparsity_factor of each: other sizes fail there for most lengths.
+            raise ValueError(
+                f"sparse_block_size: norm ranks key norms in chunks of sparse_block_size < block_size, so "
+                f"expected a divisor of block_size ({block_size}) and a multiple of sparsity_factor "
+                f"({sparsity_factor}), got {sparse_block_size}"
+            )
     if sparsity_type != "none" and sparse_block_size > 0 and block_size % sparsity_factor:
         raise ValueError(
             f"sparsity_factor: expected a divisor of block_size ({block_size}) for sparse keys, got {sparsity_factor}"
