@@ -35,7 +35,8 @@ global key is counted once (as its own column), as LSG masks its global first to
 Softmax over that key set with `scale`; rows that see no key, and padded query rows, give 0 (lse +inf).
 Attention dropout (`etkd_kernels._shared.dropout_keep`) uses the key's position as its column for global and
 local keys, and column S + p for compressed position p (S = the padded seq the op hands over), so compressed
-keys draw bits of their own.
+keys draw bits of their own (`etkd_kernels._shared.lsg_key_columns`, which the fused backends pass to their
+kernels).
 
 Where this differs from LSGSelfAttention: (1) LSG has one global token, the first; here the first G
 positions are global (G = 1 is LSG's convention, G = 0 its compute_global_attention=False); (2) LSG keeps
@@ -53,8 +54,9 @@ f = 2 has sparse keys as the checkpoints do.
 `modeling_lsg_*.py`), which prepend G global embeddings and count blocks after them. The public op
 (`etkd_kernels.ops.lsg`) puts the G globals in leading blocks of their own, padded with non-real tokens, so
 here the first non-global token starts block `lead // B` with lead = ceil(G / B) B, and the rules above
-change in two places only: a pooled token ("pooling") is attended only when its group has a usable token
-(the model files mask an empty group), and "bos_pooling" pools by the scores of query `lead` (the first
+change in these places only: a pooled token ("pooling") is attended only when its group has a usable token
+(the model files mask an empty group), "norm" ranks the key norms in chunks of min(B, s) tokens (keeping
+s // f of each, in ascending order of norm: its argsort's tail) rather than whole blocks, and "bos_pooling" pools by the scores of query `lead` (the first
 non-global token; the model files' `queries[..., :1, :]` after splitting the globals off) and never attends
 a compressed token of the leading global blocks (there the model files' unfold has only padding); and for an
 odd step only the right sparse window shifts (`sparse_windows`; the model files run an odd step only when
@@ -69,6 +71,7 @@ from .._shared import (
     apply_dropout,
     batch_heads,
     compute_dtype,
+    lsg_key_columns,
     recompute_backward,
     sparse_keys,
     sparse_windows,
@@ -117,18 +120,18 @@ def attend(
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
     cols = [loc]  # dropout columns of each group's keys, (nb, K)
     if use_sparse:
-        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale, variant)
+        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale, variant, sbs)
         t = s // f
         left, right = sparse_windows(n, bs // f, sbs, variant)
         j = torch.arange(sbs, device=dev)[None]
         pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
         groups.append((kc[:, :, pos_c], vc[:, :, pos_c], ((pos >= 0) & (pos < t)) & okc[:, :, pos_c]))
-        cols.append(s + pos)
+        cols.append(lsg_key_columns(s, g, g + t, dev)[g + pos_c])
     if g > 0:
         kg, vg = k[:, :, None, :g].expand(b, h, nb, g, d), v[:, :, None, :g].expand(b, h, nb, g, d)
         groups.append((kg, vg, real[:, None, :g].expand(b, nb, g)))
-        cols.append(torch.arange(g, device=dev).expand(nb, g))
+        cols.append(lsg_key_columns(s, g, g, dev).expand(nb, g))
 
     hm = max(m.shape[1] if m.dim() == 4 else 1 for _, _, m in groups)
     masks = [(m if m.dim() == 4 else m[:, None]).expand(b, hm, nb, m.shape[-1]) for _, _, m in groups]
