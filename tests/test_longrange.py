@@ -4,6 +4,7 @@ reach of a 4096-token one), labels consistent with the evidence, the control var
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -231,3 +232,30 @@ def test_cls_attention_reads_the_global_cls_row(tmp_path):
     model.save_pretrained(str(tmp_path / "peaked"))
     b = longrange.cls_attention(str(tmp_path / "peaked"), path)["layers"][0]
     assert b["opinion_words"] > 5 * b["uniform_words"]
+
+
+def test_demo_seeds_runs_the_pipeline_per_seed(tmp_path, monkeypatch):
+    """`etkd demo --seeds 3 4`: one pipeline per seed in OUT/seed<S> with that seed, then the table over them
+    (the pipeline itself is tests/test_bench_demo.py's tiny end-to-end run)."""
+    import argparse
+
+    from etkd.distill import demo
+
+    seen = []
+
+    def pipeline(args):
+        seen.append((args.seed, args.out))
+        os.makedirs(args.out, exist_ok=True)
+        rows = [{"name": n, "context": c, "f1": 50.0 + args.seed, "f1_codename": 0.0, "f1_ordinary": 100.0,
+                 "cls_f1": 60.0, "accuracy": 60.0}
+                for n, c in (("roberta-full", 512), ("longformer", 4096), ("longformer-student", 4096))]  # fmt: skip
+        with open(os.path.join(args.out, "long_range.json"), "w") as f:
+            json.dump({"models": rows}, f)
+
+    monkeypatch.setattr(demo, "pipeline", pipeline)
+    demo.run_seeds(argparse.Namespace(seeds=[3, 4], seed=0, out=str(tmp_path)))
+    assert seen == [(3, str(tmp_path / "seed3")), (4, str(tmp_path / "seed4"))]
+    assert set(json.loads((tmp_path / "long_range_seeds.json").read_text())) == {"3", "4"}
+    assert (
+        "| longformer | 4096 | 53.5 ± 0.7 (53.0 / 54.0) |" in (tmp_path / "long_range_seeds.md").read_text()
+    )
