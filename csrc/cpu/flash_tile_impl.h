@@ -1572,6 +1572,23 @@ void run_backward(const Problem& p, const void* dout, const float* lse, const fl
   }
 }
 
+// Dropout on a block of probabilities outside the tile loops (Nystrom's K1): x[r, c] = keep(bh, row0 + r, col0 + c) ?
+// x[r, c] * dr.scale : 0 for r < rows, c < n (row stride ld); columns taken kMaxSeg at a time (w.keep's size).
+void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
+                  int64_t ld) {
+  uint64_t bits[kKeepWords];
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = x + r * ld;
+    for (int64_t c0 = 0; c0 < n; c0 += kMaxSeg) {
+      const int64_t c1 = std::min(n, c0 + kMaxSeg), a = col0 + c0;
+      keep_bits(dr, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + r), a, col0 + c1, bits);
+      const Keep kp{bits, a - (a & ~int64_t(7))};
+      apply_keep(xr + c0, 0, c1 - c0, kp);
+      scale_row(xr + c0, c1 - c0, dr.scale);
+    }
+  }
+}
+
 }  // namespace
 
 // This target's table (isa.cpp). native_bf16 needs MKL's bf16 GEMM in the torch build (a weak symbol).
@@ -1588,6 +1605,7 @@ const Kernels& table() {
     k.landmark_attend = landmark_attend;
     k.softmax_rows = softmax_rows;
     k.rowwise_dot = rowwise_dot;
+    k.dropout_rows = dropout_rows;
     return k;
   }();
   return t;
