@@ -409,22 +409,40 @@ def test_fused_outputs_and_gradients_match_reference(op, backend, s, extra):
         assert_close(a, e, 2e-5, 2e-5, name=f"{op}/{backend} grad[{i}]")
 
 
-@pytest.mark.parametrize("op, backend", FUSED)
-def test_fused_one_and_two_threads_agree(op, backend):
-    """The keep-mask does not depend on the thread count: 1 and 2 threads give the same forward bit for bit
-    (forward tasks only split rows), and the same gradients up to the summation order of dK/dV partials."""
-    leaves, real = _parity_inputs(op, 157)
-    drop = dict(dropout_p=0.3, dropout_seed=4)
+# The cpu ops on the tile driver (csrc/cpu/flash_tile_impl.h) whose backward must not depend on the thread count:
+# with dropout where the backend takes it, and without.
+DRIVER_OPS = ("sliding_window", "block_sparse", "lsg", "nystrom")
+THREAD_CASES = [(op, p) for op in DRIVER_OPS for p in (0.0, 0.3) if p == 0 or _takes_dropout("cpu", op)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op, p", THREAD_CASES)
+def test_cpu_results_do_not_depend_on_the_thread_count(op, p, dtype):
+    """1, 2, 3 and 4 threads give the same forward and the same gradients bit for bit: the backward splits each
+    (batch, head) into a fixed number of query-tile chunks whatever the thread count and adds their dK/dV in chunk
+    order (seq 157 = 3 query tiles x 6 (batch, head) pairs: 3 chunks each, so the private sums are exercised)."""
+    if p and not _takes_dropout("cpu", op, dtype):
+        pytest.skip(f"cpu takes no {dtype} dropout for {op}")
+    if op in ("sliding_window", "block_sparse"):
+        leaves, real = _parity_inputs(op, 157, dtype)
+        leaves = leaves[:3]
+        run = lambda: _parity_call(op, "cpu", leaves, real, False, dropout_p=p, dropout_seed=4)  # noqa: E731
+    else:
+        if dtype != torch.float32 and dispatch.reasons("cpu", op, dispatch.Problem(CPU, dtype, 32, 3, 157)):
+            pytest.skip(f"cpu takes no {dtype} {op}")
+        leaves = [t.requires_grad_(True) for t in _qkv(157, dtype, b=2, h=3, d=32)]
+        run = lambda: _call(op, leaves, backend="cpu", dropout_p=p, dropout_seed=4)  # noqa: E731
     n = torch.get_num_threads()
     res = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3, 4):
             torch.set_num_threads(threads)
-            out = _parity_call(op, backend, leaves, real, False, **drop)
-            res.append((out, torch.autograd.grad(out.square().sum(), leaves[:3])))
+            out = run()
+            res.append((threads, out, torch.autograd.grad(out.float().square().sum(), leaves)))
     finally:
         torch.set_num_threads(n)
-    (o1, g1), (o2, g2) = res
-    assert torch.equal(o1, o2)
-    for a, b in zip(g1, g2):
-        assert_close(a, b, 1e-6, 1e-6, name="grad 1 vs 2 threads")
+    _, o1, g1 = res[0]
+    for threads, o, g in res[1:]:
+        assert torch.equal(o, o1), f"forward, {threads} threads vs 1"
+        for i, (a, b) in enumerate(zip(g, g1)):
+            assert torch.equal(a, b), f"grad[{i}], {threads} threads vs 1: max |diff| {(a - b).abs().max().item():.3g}"

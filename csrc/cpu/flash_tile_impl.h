@@ -339,6 +339,13 @@ void scale_row(float* x, int64_t n, float a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
+// y[0:n] += x[0:n].
+void add_to(float* y, const float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + kV <= n; j += kV) (Vec::loadu(y + j) + Vec::loadu(x + j)).store(y + j);
+  for (; j < n; ++j) y[j] += x[j];
+}
+
 // ds[j] = p[j] * (dp[j] - delta) in place in dp.
 void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
   int64_t j = 0;
@@ -1056,9 +1063,14 @@ void prepare_sources(const Problem& p, const SrcView<T>* raw, int64_t b, int64_t
   w.clock.lap(kPhasePrep);
 }
 
+// Where a task accumulates dK and dV of one key source: key j at row j - off of dk and dv (off > 0 for a chunk's
+// private buffer, which holds only the keys its tiles visit).
 struct GradView {
-  float* dk;
-  float* dv;
+  float* dk = nullptr;
+  float* dv = nullptr;
+  int64_t off = 0;
+  float* dk_at(int64_t k0, int64_t d) const { return dk + (k0 - off) * d; }
+  float* dv_at(int64_t k0, int64_t d) const { return dv + (k0 - off) * d; }
 };
 
 // A backward row's probabilities from the saved lse: row[0:sg.n] holds the segment's scaled scores of query i and
@@ -1140,7 +1152,7 @@ void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16
     uint32_t* pr = w.pr.data();
     // dV += P^T dO over the segment's keys: A (key j, query pair) = P pairs at pr[pair * nc + c0 + j].
     pair_rows(s, nc, rows, nc, pr);
-    dp_gemm(n, d, rows2, 1.f, pr + c0, 1, nc, w.dor.data(), d, g.dv + sg.k0 * d, d, true);
+    dp_gemm(n, d, rows2, 1.f, pr + c0, 1, nc, w.dor.data(), d, g.dv_at(sg.k0, d), d, true);
     // dP = dO V^T over the covering blocks; dS = P (dP - delta) (zero wherever P is).
     for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
       dp_gemm(rows, kPackN, d / 2, 1.f, dout, d / 2, 1, pks.vt.data() + (b0 - pks.base) * d, kPackN, dp + (b0 - a0),
@@ -1148,7 +1160,7 @@ void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * nc, dp + r * nc, nc, delta[r]);
     // dK += s dS^T Q over the segment's keys; dQ += s dS K over the covering keys (dS rows in bf16).
     pair_rows(dp, nc, rows, nc, pr);
-    dp_gemm(n, d, rows2, p.scale, pr + c0, 1, nc, w.qr.data(), d, g.dk + sg.k0 * d, d, true);
+    dp_gemm(n, d, rows2, p.scale, pr + c0, 1, nc, w.qr.data(), d, g.dk_at(sg.k0, d), d, true);
     BFloat16* ds = w.s16.data();
     for (int64_t r = 0; r < rows; ++r) from_float(dp + r * nc, ds + r * nc, nc);
     for (int64_t cb = 0; cb < d; cb += kPackN) {
@@ -1225,21 +1237,21 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
     if constexpr (std::is_same_v<C, float>) {
       if (w.own) {
-        gemm_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv + sg.k0 * d, d, true);
+        gemm_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv_at(sg.k0, d), d, true);
         scores_own(w.vt[sg.src], sg, rows, d, rp, dout, dp - c0);  // dP: same segment, same columns as S
         for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * ls, dp + r * ls);
         gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
-        gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk + sg.k0 * d, d, true);
+        gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk_at(sg.k0, d), d, true);
         continue;
       }
     }
     const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
-    mm(true, false, n, d, rows, rp, operand<C>(pv, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
+    mm(true, false, n, d, rows, rp, operand<C>(pv, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv_at(sg.k0, d), d);
     mm(false, true, rows, n, d, rp, dout, d, vp, d, 0.f, dp, n);
     for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * n, dp + r * n);
     const C* ds = operand<C>(dp, rows * n, w.dp16.data());
     mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
-    mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk + sg.k0 * d, d);
+    mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk_at(sg.k0, d), d);
   }
 }
 
@@ -1355,15 +1367,14 @@ void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t
 #endif
 
 // The tasks of a forward or backward pass: runs of query tiles of one (batch, head), so that a task's keys are
-// prepared (converted, packed) once; with few (batch, head) pairs the tiles are split into `chunks` runs, enough
-// to feed every thread `per_thread` times. Task t covers tiles [t0, t1) of pair bh = (b, h), run c.
+// prepared (converted, packed) once; with fewer (batch, head) pairs than `want` tasks the tiles of each pair are
+// split into `chunks` runs. Task t covers tiles [t0, t1) of pair bh = (b, h), run c.
 struct Tasks {
   int64_t tiles, bhs, chunks, per;
-  Tasks(const Problem& p, int64_t per_thread) {
+  Tasks(const Problem& p, int64_t want) {
     tiles = (p.Sq + p.bq - 1) / p.bq;
     bhs = p.B * p.H;
-    const int64_t threads = at::get_num_threads();
-    chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (per_thread * threads + bhs - 1) / bhs));
+    chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (want + bhs - 1) / bhs));
     per = (tiles + chunks - 1) / chunks;
   }
   int64_t count() const { return bhs * chunks; }
@@ -1391,7 +1402,8 @@ void task_sources(const Problem& p, int64_t bh, int64_t b, SrcView<T>* src) {
 template <class T, class C>
 void forward_as(const Problem& p, T* out, float* lse) {
   const T* q = static_cast<const T*>(p.q);
-  const Tasks tasks(p, 2);
+  // A forward row is computed by one task whatever the split: the split follows the thread count.
+  const Tasks tasks(p, 2 * at::get_num_threads());
   bool packed = false, amx = false;
 #if ETKD_NATIVE_BF16
   if constexpr (std::is_same_v<C, BFloat16>) {
@@ -1438,17 +1450,29 @@ void forward_as(const Problem& p, T* out, float* lse) {
     count_bf16_call(false, !std::is_same_v<C, BFloat16> ? kProdFp32 : !packed ? kProdMkl : amx ? kProdAmx : kProdDp);
 }
 
+// Backward tasks: (batch, head) pairs split into at most this many query-tile runs in all, whatever the thread count.
+// dK/dV of a pair are sums over its query tiles; a fixed split adds them in a fixed order, so the gradients are the
+// same bits for any number of threads (a split by thread count moved the sums' boundaries). 16 tasks keep up to 4
+// threads busy 4 times over at batch x heads = 4; with 16 or more pairs there is one run per pair and no reduction.
+constexpr int64_t kBackwardTasks = 16;
+
+// A backward chunk after the first of its pair: dK/dV of the keys its tiles visit ([lo[i], hi[i]) of source i), in
+// private buffers added to the pair's gradients after every task is done, chunk by chunk.
+struct Partial {
+  std::vector<float> buf;  // per source with keys: dk, then dv, (hi - lo) x D each
+  int64_t lo[2] = {0, 0}, hi[2] = {0, 0};
+};
+
 template <class T, class C>
 void backward_as(const Problem& p, const T* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,
                  float* dkx, float* dvx) {
   const T* q = static_cast<const T*>(p.q);
-  // dK/dV of different query tiles overlap: a task owns all tiles of a (b, h) chunk. With few (b, h) pairs
-  // the query tiles are split into chunks that accumulate into private buffers, summed afterwards.
-  const Tasks tasks(p, 4);
-  const int64_t bhs = tasks.bhs, chunks = tasks.chunks;
-  const int64_t nk = p.Sk * p.D, nx = p.Sx * p.D;
-  std::vector<float> part;  // (chunks - 1, B*H, 2 * (nk + nx)) private accumulators of chunks 1..
-  if (chunks > 1) part.assign((chunks - 1) * bhs * 2 * (nk + nx), 0.f);
+  // dK/dV of different query tiles overlap: a task owns all tiles of a (b, h) chunk; chunks after the first
+  // accumulate into private buffers (Partial), summed afterwards in chunk order.
+  const Tasks tasks(p, kBackwardTasks);
+  const int64_t bhs = tasks.bhs, chunks = tasks.chunks, d = p.D;
+  const int64_t nk = p.Sk * d, nx = p.Sx * d;
+  std::vector<Partial> parts(chunks > 1 ? tasks.count() : 0);
   const bool own = std::is_same_v<C, float> && own_ok(p);
   // bf16 products by the own vdpbf16ps kernels (backward_tile_dp) on a CPU without AMX (or ETKD_CPU_AMX=0), else
   // MKL's bf16 GEMM per tile: with AMX, MKL's GEMM (AMX inside) is faster than vdpbf16ps, which runs at a quarter
@@ -1460,7 +1484,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
           !p.drop.on;  // backward_tile_dp has no dropout step: with dropout the tiles take MKL's bf16 GEMM
 #endif
   at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    Work<T, C> w(p.bq, p.D);
+    Work<T, C> w(p.bq, d);
     w.own = own;
     for (int64_t t = begin; t < end; ++t) {
       const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
@@ -1468,28 +1492,38 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
       w.b = b, w.bh = bh;
       SrcView<T> src[2];
       task_sources(p, bh, b, src);
+      int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
+      if (own || dpb || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
       GradView grad[2];
       if (c == 0) {
         grad[0] = {dk + bh * nk, dv + bh * nk};
         grad[1] = {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
       } else {
-        float* base = part.data() + ((c - 1) * bhs + bh) * 2 * (nk + nx);
-        grad[0] = {base, base + nk};
-        grad[1] = {base + 2 * nk, base + 2 * nk + nx};
+        Partial& pt = parts[t];
+        int64_t size = 0;
+        for (int i = 0; i < 2; ++i) {
+          pt.lo[i] = lo[i], pt.hi[i] = std::max(lo[i], hi[i]);
+          size += 2 * (pt.hi[i] - pt.lo[i]) * d;
+        }
+        pt.buf.assign(size, 0.f);
+        float* at = pt.buf.data();
+        for (int i = 0; i < 2; ++i) {
+          const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
+          grad[i] = {at, at + n, pt.lo[i]};
+          at += 2 * n;
+        }
       }
       if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
-        int64_t lo[2], hi[2];
-        key_range(p, b, h, t0, t1, w.segs, lo, hi);
         const int64_t limit[2] = {p.Sk, p.Sx};
         for (int i = 0; i < 2; ++i) {
           if (hi[i] <= lo[i]) continue;
           if constexpr (std::is_same_v<C, float>) {
-            pack_keys_t(src[i].k, lo[i], hi[i], p.D, w.kt[i], w.tmp);
-            pack_keys_t(src[i].v, lo[i], hi[i], p.D, w.vt[i], w.tmp);
+            pack_keys_t(src[i].k, lo[i], hi[i], d, w.kt[i], w.tmp);
+            pack_keys_t(src[i].v, lo[i], hi[i], d, w.vt[i], w.tmp);
           }
 #if ETKD_NATIVE_BF16
           else {
-            pack_keys(src[i].k, src[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i], true);
+            pack_keys(src[i].k, src[i].v, lo[i], hi[i], limit[i], d, w.packed[i], true);
           }
 #endif
         }
@@ -1503,14 +1537,14 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
 #if ETKD_NATIVE_BF16
         if constexpr (std::is_same_v<C, BFloat16>) {
           if (dpb) {
-            backward_tile_dp(p, w.packed, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0,
-                             skip, i0, rows, w, dq + row0 * p.D);
+            backward_tile_dp(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
+                             i0, rows, w, dq + row0 * d);
             continue;
           }
         }
 #endif
-        backward_tile(p, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0, skip, i0, rows, w,
-                      dq + row0 * p.D);
+        backward_tile(p, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip, i0, rows, w,
+                      dq + row0 * d);
       }
     }
   });
@@ -1519,14 +1553,14 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   if (chunks > 1) {
     at::parallel_for(0, bhs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
-        for (int64_t c = 1; c < chunks; ++c) {
-          const float* base = part.data() + ((c - 1) * bhs + bh) * 2 * (nk + nx);
-          float* dst[4] = {dk + bh * nk, dv + bh * nk, dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
-          const float* srcp[4] = {base, base + nk, base + 2 * nk, base + 2 * nk + nx};
-          const int64_t len[4] = {nk, nk, nx, nx};
-          for (int i = 0; i < 4; ++i) {
-            if (!dst[i]) continue;
-            for (int64_t j = 0; j < len[i]; ++j) dst[i][j] += srcp[i][j];
+        float* dst[2][2] = {{dk + bh * nk, dv + bh * nk}, {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr}};
+        for (int64_t c = 1; c < chunks; ++c) {  // in chunk order: the same sums for any thread count
+          const Partial& pt = parts[bh * chunks + c];
+          const float* x = pt.buf.data();
+          for (int i = 0; i < 2; ++i) {
+            const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
+            for (int g = 0; g < 2; ++g, x += n)
+              if (dst[i][g] && n) add_to(dst[i][g] + pt.lo[i] * d, x, n);
           }
         }
       }
