@@ -57,12 +57,7 @@ void from_float(const float* x, T* y, int64_t n) {
 #if ETKD_NATIVE_BF16
 inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
                const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
-    return;
-  }
+  if (gemm_degenerate(m, n, k, beta, c, ldc)) return;
   cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
                          static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
                          reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
@@ -115,9 +110,11 @@ void store_scaled(const float* x, float a, T* out, int64_t n) {
 }
 
 // ---- Attention dropout: keep bits of the contract (flash_tile.h Dropout, etkd_kernels/_shared.py) ----
-// The keep bits of a row are generated in SIMD, 16 (AVX-512) or 8 (AVX2) Philox4x32-10 calls per vector, each call
-// covering 8 consecutive key columns, and applied where P is formed: in the fp32 exp pass, or before P is rounded
-// to bf16 on the native bf16 paths; the backward regenerates them.
+// The keep bits of a tile are generated per segment for all its rows at once (tile_keep): the (row, 8-column group)
+// items of every row go into vectors of Philox4x32-10 calls, 16 (AVX-512) or 8 (AVX2) per vector whatever the rows'
+// lengths, so a 64-key segment (a block-sparse block: 8 groups a row) fills whole vectors rather than half of one.
+// A call's 8 keep bits are one byte of the row's bit buffer. They are applied where P is formed (the fp32 exp pass, or
+// before P is rounded to bf16 on the native bf16 paths); the backward regenerates them.
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
@@ -138,48 +135,58 @@ inline bool keep_one(const Dropout& dr, uint32_t bh, uint32_t row, int64_t col) 
   return ((c[(col & 7) >> 1] >> (16 * (col & 1))) & 0xFFFFu) >= dr.thr;
 }
 
-// Keep bits of columns [c0, c1) of (bh, row): bit (col - base) of bits[], base = c0 rounded down to a multiple of
-// 8 (a Philox call's first column). Writes whole vectors' worth of words past c1: kKeepWords covers a segment.
+// Words of one row's keep bits: a segment's columns and the covering key blocks around them, plus the 64 bits
+// Keep::at64 reads past the last one.
 constexpr int64_t kKeepWords = (kMaxSeg + 2 * 64 + 8) / 64 + 4;
+
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512i mulhi_epu32(__m512i a, __m512i m) {
-  const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(a, m), 32);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+#define ETKD_SIMD_PHILOX 1
+using VI = __m512i;
+constexpr int kKeepLanes = 16;
+inline VI vset1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+inline VI vxor(VI a, VI b) { return _mm512_xor_si512(a, b); }
+// (hi, lo) 32-bit halves of a * m in every lane (m the same in every lane). Odd lanes move to even ones and back by
+// shuffles (port 5 on Intel) rather than shifts, which would queue behind the multiplies on port 0.
+inline void mul_hilo(VI a, VI m, VI& hi, VI& lo) {
+  const VI pe = _mm512_mul_epu32(a, m), po = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(pe, _MM_PERM_DDBB), po);
+  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_shuffle_epi32(po, _MM_PERM_CCAA));
 }
-void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
-  // Lane 4k + m runs the Philox call of group g + 4m + k, so that after the 4 x 4 transposes below vector m holds
-  // groups g + 4m .. g + 4m + 3: 32 consecutive columns, 16 bits each, in column order.
-  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i m0 = _mm512_set1_epi32(kPhiloxM0), m1 = _mm512_set1_epi32(kPhiloxM1);
-  const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(dr.thr));
-  for (int64_t g = c0 >> 3; g < (c1 + 7) >> 3; g += 16, bits += 2) {
-    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(g)), perm);
-    __m512i x1 = _mm512_set1_epi32(row), x2 = _mm512_set1_epi32(bh), x3 = _mm512_set1_epi32(dr.offset);
-    uint32_t k0 = dr.key0, k1 = dr.key1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
-      const __m512i hi0 = mulhi_epu32(x0, m0), lo0 = _mm512_mullo_epi32(x0, m0);
-      const __m512i hi1 = mulhi_epu32(x2, m1), lo1 = _mm512_mullo_epi32(x2, m1);
-      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(k0));
-      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(k1));
-      x1 = lo1, x3 = lo0;
-    }
-    const __m512i a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
-    const __m512i c = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
-    const uint64_t k_0 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(a, b), thr);
-    const uint64_t k_1 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(a, b), thr);
-    const uint64_t k_2 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(c, d), thr);
-    const uint64_t k_3 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(c, d), thr);
-    bits[0] = k_0 | (k_1 << 32);
-    bits[1] = k_2 | (k_3 << 32);
-  }
+// Items x[0:16] in lanes such that lane 4k + m runs item 4m + k: after the 4 x 4 transposes of keep_bytes, vector m
+// holds items 4m .. 4m + 3, 32 columns of 16 bits each, in order.
+inline VI item_lanes(const uint32_t* x) {
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                                  _mm512_load_si512(x));
 }
+// Keep bits of the 16 items of Philox outputs x0..x3 (lanes as item_lanes): item i is byte i of out[0:2].
+inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) {
+  const VI t = _mm512_set1_epi16(static_cast<int16_t>(thr));
+  const VI a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
+  const VI c = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
+  const uint64_t k0 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(a, b), t);
+  const uint64_t k1 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(a, b), t);
+  const uint64_t k2 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(c, d), t);
+  const uint64_t k3 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(c, d), t);
+  out[0] = k0 | (k1 << 32);
+  out[1] = k2 | (k3 << 32);
+}
+// x where the low kV bits of `bits` are set, 0 elsewhere.
+inline Vec keep_vec(Vec x, uint64_t bits) { return Vec(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), x)); }
 #elif defined(CPU_CAPABILITY_AVX2)
-inline __m256i mulhi_epu32(__m256i a, __m256i m) {
-  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, m), 32);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  return _mm256_blend_epi32(even, odd, 0xAA);
+#define ETKD_SIMD_PHILOX 1
+using VI = __m256i;
+constexpr int kKeepLanes = 8;
+inline VI vset1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+inline VI vxor(VI a, VI b) { return _mm256_xor_si256(a, b); }
+inline void mul_hilo(VI a, VI m, VI& hi, VI& lo) {  // as the AVX-512 one
+  const VI pe = _mm256_mul_epu32(a, m), po = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xF5), m);
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(pe, 0xF5), po, 0xAA);
+  lo = _mm256_blend_epi32(pe, _mm256_shuffle_epi32(po, 0xA0), 0xAA);
+}
+// Lane 4k + m runs item 2m + k: after the transposes vector m holds items 2m, 2m + 1 (16 columns).
+inline VI item_lanes(const uint32_t* x) {
+  return _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(x)),
+                                     _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }
 // 32 keep flags (0xFFFF per kept column) of x, y (16 columns each, in order) -> 32 bits in column order.
 inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
@@ -189,41 +196,79 @@ inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
   const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(kx, ky), 0xD8);
   return static_cast<uint32_t>(_mm256_movemask_epi8(b));
 }
-void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
-  // Lane 4k + m runs group g + 2m + k: after the transposes vector m holds groups g + 2m, g + 2m + 1 (16 columns).
-  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  const __m256i m0 = _mm256_set1_epi32(kPhiloxM0), m1 = _mm256_set1_epi32(kPhiloxM1);
-  const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(dr.thr));
-  for (int64_t g = c0 >> 3; g < (c1 + 7) >> 3; g += 8, ++bits) {
-    __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<uint32_t>(g)), perm);
-    __m256i x1 = _mm256_set1_epi32(row), x2 = _mm256_set1_epi32(bh), x3 = _mm256_set1_epi32(dr.offset);
-    uint32_t k0 = dr.key0, k1 = dr.key1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
-      const __m256i hi0 = mulhi_epu32(x0, m0), lo0 = _mm256_mullo_epi32(x0, m0);
-      const __m256i hi1 = mulhi_epu32(x2, m1), lo1 = _mm256_mullo_epi32(x2, m1);
-      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(k0));
-      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(k1));
-      x1 = lo1, x3 = lo0;
-    }
-    const __m256i a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
-    const __m256i c = _mm256_unpackhi_epi32(x0, x1), d = _mm256_unpackhi_epi32(x2, x3);
-    *bits = keep_mask32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b), thr) |
-            (keep_mask32(_mm256_unpacklo_epi64(c, d), _mm256_unpackhi_epi64(c, d), thr) << 32);
-  }
+inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) {
+  const VI t = _mm256_set1_epi16(static_cast<int16_t>(thr));
+  const VI a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
+  const VI c = _mm256_unpackhi_epi32(x0, x1), d = _mm256_unpackhi_epi32(x2, x3);
+  out[0] = keep_mask32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b), t) |
+           (keep_mask32(_mm256_unpacklo_epi64(c, d), _mm256_unpackhi_epi64(c, d), t) << 32);
+}
+inline Vec keep_vec(Vec x, uint64_t bits) {
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i m = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), lane);
+  return Vec(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, lane))));
 }
 #else
-void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
-  const int64_t g0 = c0 >> 3, words = (((c1 + 7) >> 3) - g0 + 7) / 8;
-  for (int64_t i = 0; i < words; ++i) bits[i] = 0;
-  for (int64_t g = g0; g < (c1 + 7) >> 3; ++g) {
-    uint32_t c[4] = {static_cast<uint32_t>(g), row, bh, dr.offset};
-    philox_one(c, dr.key0, dr.key1);
-    for (int t = 0; t < 8; ++t)
-      if (((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) bits[(g - g0) >> 3] |= uint64_t(1) << ((g - g0) % 8 * 8 + t);
+constexpr int kKeepLanes = 8;
+inline Vec keep_vec(Vec x, uint64_t bits) {
+  float y[kV];
+  x.store(y);
+  for (int64_t t = 0; t < kV; ++t)
+    if (!((bits >> t) & 1)) y[t] = 0.f;
+  return Vec::loadu(y);
+}
+#endif
+
+#if ETKD_SIMD_PHILOX
+// Philox4x32-10 of the counters (x0, x1, x2, x3) in every lane, key (k0, k1).
+inline void philox_rounds(VI& x0, VI& x1, VI& x2, VI& x3, uint32_t k0, uint32_t k1) {
+  const VI m0 = vset1(kPhiloxM0), m1 = vset1(kPhiloxM1);
+  for (int r = 0; r < 10; ++r) {
+    if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
+    VI hi0, lo0, hi1, lo1;
+    mul_hilo(x0, m0, hi0, lo0);
+    mul_hilo(x2, m1, hi1, lo1);
+    x0 = vxor(vxor(hi1, x1), vset1(k0));
+    x2 = vxor(vxor(hi0, x3), vset1(k1));
+    x1 = lo1, x3 = lo0;
   }
 }
 #endif
+
+// The Philox calls of one (batch, head): add(row, g, dst) queues the call of row `row`, columns 8g .. 8g + 7; its
+// 8 keep bits (column 8g + t: bit t) are stored to *dst when a vector is full or at flush().
+struct KeepGen {
+  const Dropout& dr;
+  uint32_t bh;
+  alignas(64) uint32_t g[kKeepLanes] = {}, row[kKeepLanes] = {};
+  uint8_t* dst[kKeepLanes] = {};
+  int n = 0;
+  KeepGen(const Dropout& d, uint32_t bh_) : dr(d), bh(bh_) {}
+  void add(uint32_t r, uint32_t gg, uint8_t* d) {
+    g[n] = gg, row[n] = r, dst[n] = d;
+    if (++n == kKeepLanes) flush();
+  }
+  void flush() {
+    if (!n) return;
+#if ETKD_SIMD_PHILOX
+    VI x0 = item_lanes(g), x1 = item_lanes(row), x2 = vset1(bh), x3 = vset1(dr.offset);
+    philox_rounds(x0, x1, x2, x3, dr.key0, dr.key1);
+    uint64_t out[kKeepLanes / 8];
+    keep_bytes(x0, x1, x2, x3, dr.thr, out);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(out);
+    for (int i = 0; i < n; ++i) *dst[i] = bytes[i];
+#else
+    for (int i = 0; i < n; ++i) {
+      uint32_t c[4] = {g[i], row[i], bh, dr.offset};
+      philox_one(c, dr.key0, dr.key1);
+      uint8_t b = 0;
+      for (int t = 0; t < 8; ++t) b |= uint8_t((((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) << t);
+      *dst[i] = b;
+    }
+#endif
+    n = 0;
+  }
+};
 
 // The keep bits of one row of a segment: column t of the segment (0 <= t < sg.n) is bit t + shift of w.
 struct Keep {
@@ -236,24 +281,6 @@ struct Keep {
   }
   bool at(int64_t t) const { return (w[(t + shift) >> 6] >> ((t + shift) & 63)) & 1; }
 };
-
-// x[lo:hi] = keep ? x : 0.
-void apply_keep(float* x, int64_t lo, int64_t hi, const Keep& kp) {
-  int64_t j = lo;
-#if defined(CPU_CAPABILITY_AVX512)
-  for (; j + 16 <= hi; j += 16)
-    _mm512_mask_storeu_ps(x + j, static_cast<__mmask16>(~kp.at64(j)), _mm512_setzero_ps());
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (; j + 8 <= hi; j += 8) {
-    const __m256i m = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(kp.at64(j) & 0xFF)), lane);
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, lane));
-    _mm256_storeu_ps(x + j, _mm256_and_ps(_mm256_loadu_ps(x + j), keep));
-  }
-#endif
-  for (; j < hi; ++j)
-    if (!kp.at(j)) x[j] = 0.f;
-}
 
 // s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi]. Plain vector max (clamp_min: the
 // inputs are finite, checked at the op's door, so maximum's NaN propagation is not needed), two accumulators.
@@ -281,22 +308,36 @@ float add_bias_max(float* s, const float* bias, int64_t lo, int64_t hi) {
   return m;
 }
 
-// s[lo:hi] = exp(s[lo:hi] - m); returns the sum. m is finite.
-float exp_sum(float* s, int64_t lo, int64_t hi, float m) {
+// e = exp(s[lo:hi] - m) into kept[lo:hi] (e where the keep bits kp say so and 0 elsewhere: kDrop) and into
+// s[lo:hi] (kAll: s keeps every e; else kept is s); returns the sum of every e (the softmax statistics count every
+// key). m is finite.
+template <bool kDrop, bool kAll>
+float exp_sum_as(float* s, float* kept, int64_t lo, int64_t hi, float m, const Keep& kp) {
   int64_t j = lo;
   const Vec vm(m);
   Vec acc(0.f);
   for (; j + kV <= hi; j += kV) {
-    Vec e = (Vec::loadu(s + j) - vm).exp_u20();
-    e.store(s + j);
+    const Vec e = (Vec::loadu(s + j) - vm).exp_u20();
     acc = acc + e;
+    if constexpr (kAll) e.store(s + j);
+    if constexpr (kDrop)
+      keep_vec(e, kp.at64(j)).store(kept + j);
+    else
+      e.store(kept + j);
   }
   float sum = acc.reduce_add();
   for (; j < hi; ++j) {
-    s[j] = std::exp(s[j] - m);
-    sum += s[j];
+    const float e = std::exp(s[j] - m);
+    sum += e;
+    if constexpr (kAll) s[j] = e;
+    kept[j] = !kDrop || kp.at(j) ? e : 0.f;
   }
   return sum;
+}
+
+// s[lo:hi] = exp(s[lo:hi] - m), times the keep bits when kp has them (dropout); returns the sum of the exps.
+float exp_sum(float* s, int64_t lo, int64_t hi, float m, const Keep& kp = Keep{}) {
+  return kp.w ? exp_sum_as<true, false>(s, s, lo, hi, m, kp) : exp_sum_as<false, false>(s, s, lo, hi, m, kp);
 }
 
 #if ETKD_NATIVE_BF16
@@ -346,12 +387,21 @@ void add_to(float* y, const float* x, int64_t n) {
   for (; j < n; ++j) y[j] += x[j];
 }
 
-// ds[j] = p[j] * (dp[j] - delta) in place in dp.
-void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
-  int64_t j = 0;
+// ds[j] = p[j] * (dp[j] - delta) in place in dp, on [j0, j1); kDrop: dp[j] counts only where the keep bits kp say so.
+template <bool kDrop>
+void softmax_grad_as(const float* p, float* dp, int64_t j0, int64_t j1, float delta, const Keep& kp) {
+  int64_t j = j0;
   const Vec vd(delta);
-  for (; j + kV <= n; j += kV) (Vec::loadu(p + j) * (Vec::loadu(dp + j) - vd)).store(dp + j);
-  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (; j + kV <= j1; j += kV) {
+    Vec g = Vec::loadu(dp + j);
+    if constexpr (kDrop) g = keep_vec(g, kp.at64(j));
+    (Vec::loadu(p + j) * (g - vd)).store(dp + j);
+  }
+  for (; j < j1; ++j) dp[j] = p[j] * ((!kDrop || kp.at(j) ? dp[j] : 0.f) - delta);
+}
+
+void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
+  softmax_grad_as<false>(p, dp, 0, n, delta, Keep{});
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -625,8 +675,8 @@ struct Work {
   std::vector<Seg> segs;
   Clock clock;
   int64_t b = 0, bh = 0;            // the task's batch and batch * H + head (dropout counters)
-  std::vector<uint64_t> keep;  // dropout: keep bits of one row (forward) or of every row of a tile (backward)
-  std::vector<Keep> keeps;     // backward: each tile row's bits in `keep`
+  std::vector<uint64_t> keep;  // dropout: keep bits of every row of a tile over one segment (tile_keep)
+  std::vector<Keep> keeps;     // each tile row's bits in `keep`
   std::vector<float> pd;       // backward with dropout: P with the dropped entries zeroed
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
@@ -673,27 +723,37 @@ void finish_rows(const Problem& p, const Work<T, C>& w, int64_t rows, int64_t d,
   }
 }
 
-// The keep bits of row r (tile row; absolute row i0 + r, or the problem's row map) over columns [lo, hi) of
-// segment sg, into w.keep.
-// `slot` picks where in w.keep the bits go (the backward keeps a tile's rows).
+// The keep bits of segment sg for the rows [0, rows) of the tile at absolute row i0 (or the problem's row map) that
+// see it (not skipped, a non-empty [lo, hi) = row_range, and, in the backward, a finite lse): row r's columns
+// [lo, hi) into slot r of w.keep, its Keep in w.keeps[r] (empty for the other rows).
 template <class T, class C>
-Keep row_keep(const Problem& p, Work<T, C>& w, const Seg& sg, int64_t i0, int64_t r, int64_t lo, int64_t hi,
-              int64_t slot = 0) {
-  uint64_t* buf = w.keep.data() + slot * kKeepWords;
+void tile_keep(const Problem& p, Work<T, C>& w, const Seg& sg, bool band, int64_t i0, int64_t rows,
+               const uint8_t* skip, const float* lse) {
   const Dropout& dr = p.drop;
-  const uint32_t row = static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r);
   const uint32_t bh = static_cast<uint32_t>(w.bh);
-  if (sg.src == 1 && dr.xcol) {  // gathered columns (global keys): one Philox call per key
-    const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
-    for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
-    for (int64_t t = lo; t < hi; ++t)
-      if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
-    return {buf, 0};
-  }
+  KeepGen gen(dr, bh);
   const int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
-  const int64_t base = (col0 + lo) & ~int64_t(7);
-  keep_bits(dr, bh, row, col0 + lo, col0 + hi, buf);
-  return {buf, col0 - base};
+  for (int64_t r = 0; r < rows; ++r) {
+    w.keeps[r] = Keep{};
+    int64_t lo, hi;
+    row_range(p, sg, band, i0 + r, &lo, &hi);
+    if ((skip && skip[r]) || lo >= hi || (lse && !(lse[r] < kInf))) continue;
+    uint64_t* buf = w.keep.data() + r * kKeepWords;
+    const uint32_t row = static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r);
+    if (sg.src == 1 && dr.xcol) {  // gathered columns (global keys): one Philox call per key
+      const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
+      for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
+      for (int64_t t = lo; t < hi; ++t)
+        if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
+      w.keeps[r] = {buf, 0};
+      continue;
+    }
+    const int64_t g0 = (col0 + lo) >> 3, g1 = (col0 + hi + 7) >> 3;
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(buf);
+    for (int64_t g = g0; g < g1; ++g) gen.add(row, static_cast<uint32_t>(g), bytes + (g - g0));
+    w.keeps[r] = {buf, col0 - 8 * g0};
+  }
+  gen.flush();
 }
 
 // The own products' scores of segment sg: s (rows x cv.ls) = alpha * a (rows x d, row-major) @ K^T over the key
@@ -741,6 +801,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
+    if (p.drop.on) tile_keep(p, w, sg, sv.band, i0, rows, skip, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * ls + c0;
       int64_t lo, hi;
@@ -756,7 +817,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
         continue;
       }
       float sum = 0.f;
-      const Keep kp = p.drop.on ? row_keep(p, w, sg, i0, r, lo, hi) : Keep{};
+      const Keep kp = p.drop.on ? w.keeps[r] : Keep{};
       if constexpr (kNarrow) {
 #if ETKD_NATIVE_BF16
         sum = exp_sum_bf16(row, pn + r * n, n, lo, hi, mnew, kp);
@@ -764,8 +825,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
       } else {
         std::fill(row, row + lo, 0.f);
         std::fill(row + hi, row + n, 0.f);
-        sum = exp_sum(row, lo, hi, mnew);
-        if (kp.w) apply_keep(row, lo, hi, kp);  // the sum (softmax statistics) counts every key, P the kept ones
+        sum = exp_sum(row, lo, hi, mnew, kp);  // the sum (softmax statistics) counts every key, P the kept ones
       }
       online_step(w, r, d, mnew, sum);
       any = true;
@@ -969,6 +1029,7 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
+    if (p.drop.on) tile_keep(p, w, sg, sv.band, i0, rows, skip, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * nc;
       BFloat16* prow = pn + r * nc;
@@ -983,7 +1044,7 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
       }
       std::fill(prow, prow + c0 + lo, BFloat16(0.f));
       std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
-      const Keep kp = p.drop.on ? row_keep(p, w, sg, i0, r, lo, hi) : Keep{};
+      const Keep kp = p.drop.on ? w.keeps[r] : Keep{};
       online_step(w, r, d, mnew, scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew, kp));
       any = true;
     }
@@ -1075,21 +1136,29 @@ struct GradView {
 
 // A backward row's probabilities from the saved lse: row[0:sg.n] holds the segment's scaled scores of query i and
 // becomes P = exp(s + bias - lse) on the keys the row sees, 0 on the rest of the ls columns [-c0, ls - c0) the
-// products read around the segment (its covering key blocks; c0 = 0, ls = sg.n for BLAS). false: the row sees
-// none of the segment's keys (skipped, out of band, or no key at all: lse +inf).
+// products read around the segment (its covering key blocks; c0 = 0, ls = sg.n for BLAS). With dropout (kept set),
+// kept (same columns) becomes P times the row's keep bits kp, in the same pass. false: the row sees none of the
+// segment's keys (skipped, out of band, or no key at all: lse +inf).
 inline bool recompute_p(const Problem& p, const Seg& sg, bool band, const float* bias, int64_t i, bool skip, float lse,
-                        float* row, int64_t c0, int64_t ls) {
+                        float* row, int64_t c0, int64_t ls, float* kept = nullptr, const Keep& kp = Keep{}) {
   float* full = row - c0;
   int64_t lo, hi;
   row_range(p, sg, band, i, &lo, &hi);
   if (skip || lo >= hi || !(lse < kInf)) {
     std::fill(full, full + ls, 0.f);
+    if (kept) std::fill(kept - c0, kept - c0 + ls, 0.f);
     return false;
   }
   add_bias_max(row, bias, lo, hi);
   std::fill(full, row + lo, 0.f);
   std::fill(row + hi, full + ls, 0.f);
-  exp_sum(row, lo, hi, lse);
+  if (!kept) {
+    exp_sum(row, lo, hi, lse);
+    return true;
+  }
+  std::fill(kept - c0, kept + lo, 0.f);
+  std::fill(kept + hi, kept - c0 + ls, 0.f);
+  exp_sum_as<true, true>(row, kept, lo, hi, lse, kp);
   return true;
 }
 
@@ -1206,33 +1275,24 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     if (drop) {
       if (w.pd.size() < w.s.size()) w.pd.resize(w.s.size());
       pd = w.pd.data() + c0;
+      tile_keep(p, w, sg, sv.band, i0, rows, skip, lse);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const bool seen = recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls);
-      any |= seen;
-      if (drop) {
-        std::copy(s + r * ls - c0, s + r * ls - c0 + ls, pd + r * ls - c0);
-        w.keeps[r] = Keep{};
-        if (seen) {
-          int64_t lo, hi;
-          row_range(p, sg, sv.band, i0 + r, &lo, &hi);
-          w.keeps[r] = row_keep(p, w, sg, i0, r, lo, hi, r);
-          apply_keep(pd + r * ls, lo, hi, w.keeps[r]);
-        }
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls,
+                         drop ? pd + r * ls : nullptr, drop ? w.keeps[r] : Keep{});
     if (!any) continue;
     GradView g = grad[sg.src];
     // With dropout: dV += (P o M / (1 - p))^T dO; dP = (dO V^T) o M / (1 - p); dS = P (dP - delta).
     const float rp = drop ? p.drop.scale : 1.f;
     const float* pv = drop ? pd : s;  // what multiplies dO into dV
     auto ds_row = [&](int64_t r, const float* prow, float* dprow) {
-      if (drop && w.keeps[r].w) {  // dropped entries of dP are 0; P is 0 outside the row's range [lo, hi)
-        int64_t lo, hi;
-        row_range(p, sg, sv.band, i0 + r, &lo, &hi);
-        apply_keep(dprow, lo, hi, w.keeps[r]);
-      }
-      softmax_grad_row(prow, dprow, n, delta[r]);
+      const Keep& kp = w.keeps[r];
+      if (!drop || !kp.w) return softmax_grad_row(prow, dprow, n, delta[r]);
+      int64_t lo, hi;  // dropped entries of dP count 0 (P is 0 outside the row's range [lo, hi))
+      row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+      softmax_grad_as<false>(prow, dprow, 0, lo, delta[r], kp);
+      softmax_grad_as<true>(prow, dprow, lo, hi, delta[r], kp);
+      softmax_grad_as<false>(prow, dprow, hi, n, delta[r], kp);
     };
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
     if constexpr (std::is_same_v<C, float>) {
