@@ -23,7 +23,7 @@ import torch
 from etkd_kernels import timing as timing_module
 from etkd_kernels.timing import model_step
 
-from .harness import PeakMemory, environment, run_fresh, time_call
+from .harness import PeakMemory, environment, run_fresh, run_json, time_call
 from .providers import DTYPES
 
 LSG_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lsg_peer.py")
@@ -124,8 +124,6 @@ def lsg_peer_config(size: str, seq: int, student: bool) -> dict:
 
 def lsg_peer_row(spec: dict, timeout: float) -> dict:
     """One lsg-converter row, in a fresh process of the side environment."""
-    import subprocess
-
     python = lsg_python()
     if python is None:
         return {"status": "skipped: no side environment for lsg-converter (make lsg-env, or ETKD_LSG_PYTHON)"}
@@ -133,15 +131,7 @@ def lsg_peer_row(spec: dict, timeout: float) -> dict:
     # The side environment has no etkd: it loads the timing module by the path of the one installed here.
     peer = {**spec, "config": lsg_peer_config(spec["size"], row["seq"], row["student"]),
             "timing_path": timing_module.__file__}  # fmt: skip
-    try:
-        res = subprocess.run([python, LSG_PEER, "bench", json.dumps(peer)], capture_output=True, text=True,
-                             timeout=timeout)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout after {timeout:.0f}s"}
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
-        return {"status": f"error: {last[:160]}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_json([python, LSG_PEER, "bench", json.dumps(peer)], timeout)
 
 
 def worker(spec: dict) -> dict:

@@ -18,7 +18,7 @@ import sys
 
 from etkd_kernels.timing import Environment, PeakMemory, Timing, environment, time_call
 
-__all__ = ["Environment", "PeakMemory", "Timing", "environment", "run_fresh", "time_call"]
+__all__ = ["Environment", "PeakMemory", "Timing", "environment", "run_fresh", "run_json", "time_call"]
 
 
 def run_fresh(target: str, spec: dict, timeout: float | None = None) -> dict:
@@ -26,7 +26,11 @@ def run_fresh(target: str, spec: dict, timeout: float | None = None) -> dict:
 
     A failure comes back as {"status": "error: <last line of stderr>"} or {"status": "timeout after Ns"}, so a
     table can show the row as failed and go on."""
-    cmd = [sys.executable, "-m", "etkd.benchmarks.harness", target, json.dumps(spec)]
+    return run_json([sys.executable, "-m", "etkd.benchmarks.harness", target, json.dumps(spec)], timeout)
+
+
+def run_json(cmd: list[str], timeout: float | None = None) -> dict:
+    """Run `cmd` and return the JSON dict its last stdout line holds, or a failed row's {"status": ...}."""
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -190,6 +190,24 @@ CASES = [
     ("tok_cls", "roberta", "ForTokenClassification", dict(BASE, sparsity_type="stride"), (100, 61)),
     ("qa", "roberta", "ForQuestionAnswering", dict(BASE, sparsity_type="block_stride"), (100, 61)),
     ("bert", "bert", "Model", dict(BASE, sparsity_type="pooling"), (100, 61)),
+    # (added later, after the cases above: each case's inputs are seeded by its index)
+    # norm with sparse windows narrower than the block: key norms ranked in chunks of sparse_block_size
+    (
+        "norm_narrow_sparse",
+        "roberta",
+        "Model",
+        dict(BASE, sparse_block_size=8, sparsity_type="norm"),
+        (100, 61),
+    ),
+    (
+        "norm_narrow_f4_g2",
+        "roberta",
+        "Model",
+        dict(
+            block_size=16, sparse_block_size=8, sparsity_factor=4, num_global_tokens=2, sparsity_type="norm"
+        ),
+        (100, 45),
+    ),
 ]
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=170, type_vocab_size=1, hidden_dropout_prob=0.0,
@@ -285,6 +303,7 @@ def record(out: str, minilm: str | None) -> None:
 
 MINILM_LSG = dict(block_size=32, sparse_block_size=32, sparsity_factor=4, num_global_tokens=4,
                   sparsity_type="pooling")  # fmt: skip
+MINILM_RANDOM_SEED = 5
 MINILM_TEXTS = [
     "Long documents need attention patterns that grow linearly with their length. " * 9,
     "The quick brown fox jumps over the lazy dog, again and again, until the story is long enough. " * 4,
@@ -314,18 +333,34 @@ def record_minilm(out: str, minilm: str) -> dict:
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
               "cotangent": torch.randn(b, s, 8, generator=gen) * enc["attention_mask"][..., None],
               "project": project}  # fmt: skip
-    y, grads = forward_backward(model, inputs, project)
-    keep = [n for n in grads if n.endswith(("embeddings.LayerNorm.weight", "attention.self.query.bias",
-                                            "output.LayerNorm.bias"))]  # fmt: skip
+    keep = ("embeddings.LayerNorm.weight", "attention.self.query.bias", "output.LayerNorm.bias")
     g = model.config.num_global_tokens
-    tensors = {**inputs, "output": y.contiguous(),
-               "grad.embeddings.global_embeddings.weight": grads["embeddings.global_embeddings.weight"][:g].contiguous(),
-               **{f"grad.{n}": grads[n].contiguous() for n in keep}}  # fmt: skip
+    tensors = dict(inputs)
+    # fp32 as users run it ("output", "grad.*"), and the same model and inputs in float64 ("truth64.*"): the
+    # truth both fp32 implementations are measured against (lsg-converter's own fp32 error is of the size of
+    # the 1e-5 tolerance on these sums over hundreds of tokens).
+    for prefix, dtype in (("", torch.float32), ("truth64.", torch.float64)):
+        m = model.to(dtype)
+        x = {k: t.to(dtype) if t.is_floating_point() else t for k, t in inputs.items()}
+        y, grads = forward_backward(m, x, x["project"])
+        tensors[f"{prefix}output"] = y.contiguous()
+        tensors[f"{prefix}grad.embeddings.global_embeddings.weight"] = grads[
+            "embeddings.global_embeddings.weight"
+        ][:g].contiguous()
+        tensors.update({f"{prefix}grad.{n}": t.contiguous() for n, t in grads.items() if n.endswith(keep)})
     save_file(tensors, os.path.join(out, "golden.safetensors"))
     hashed = ("embeddings.global_embeddings.weight", "embeddings.position_embeddings.weight")
+    # random_global_init: LSGConverter ignores its `seed` argument and draws from torch's global generator,
+    # so torch.manual_seed before the conversion reproduces it
+    torch.manual_seed(MINILM_RANDOM_SEED)
+    rnd, _ = LSGConverter(max_sequence_length=1024, random_global_init=True).convert_from_pretrained(
+        minilm, **MINILM_LSG
+    )
     return {"lsg": MINILM_LSG, "max_sequence_length": 1024, "architecture": type(model).__name__,
             "sha256": {n: sha(sd[n]) for n in hashed},
-            "sum": {n: float(sd[n].double().sum()) for n in hashed}}  # fmt: skip
+            "sum": {n: float(sd[n].double().sum()) for n in hashed},
+            "random_global_init": {"torch_manual_seed": MINILM_RANDOM_SEED,
+                                   "sha256": sha(rnd.state_dict()[hashed[0]])}}  # fmt: skip
 
 
 def main(argv=None) -> int:

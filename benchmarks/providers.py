@@ -39,8 +39,6 @@ from etkd_kernels.dispatch import BACKENDS, Problem, reasons
 from . import hf_reference as hr
 from .harness import PeakMemory
 
-# The patterns `build` sets up (its branches below); their ops and labels come from the pattern registry.
-PATTERNS = ("longformer", "bigbird", "lsg", "nystrom")
 MODES = ("fwd", "fwd_bwd")
 BACKWARD_FLOP_FACTOR = 3.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,6 +96,14 @@ class Setup:
 
             return run
         return fwd_bwd_call(f, args)
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    def score_flops(self, scores_per_head: int) -> float:
+        """Forward FLOPs of `scores_per_head` scores in every head and batch row (4 * head_dim each)."""
+        return 4.0 * self.batch * self.heads * self.head_dim * scores_per_head
 
     def flops_of(self, mode: str) -> float:
         return self.flops * (BACKWARD_FLOP_FACTOR if mode == "fwd_bwd" else 1.0)
@@ -199,6 +205,96 @@ def _inputs(batch, seq, hidden, device, dtype):
     return x, real, glob
 
 
+@dataclass
+class PatternInputs:
+    """What a pattern's setup gives `build`: the shared q/k/v (and extra tensors), the etkd call per backend
+    name, the forward FLOPs, FlexAttention's mask and flash-attn's (left, right) band where they exist."""
+
+    args: tuple
+    op: Callable[[str], Callable]
+    flops: float
+    mask_mod: Callable | None = None
+    window: tuple[int, int] | None = None
+
+
+# pattern name (a `models.patterns` registry name) -> its setup `fn(setup, x, real, glob) -> PatternInputs`,
+# which also adds the HF providers (or says in `setup.skipped` why there are none).
+SETUPS: dict[str, Callable] = {}
+
+
+def setup_of(name: str) -> Callable:
+    def add(fn: Callable) -> Callable:
+        REGISTRY[name]  # a KeyError here: the registry has no such pattern
+        SETUPS[name] = fn
+        return fn
+
+    return add
+
+
+def _hf_providers(setup: Setup, x: torch.Tensor, module: torch.nn.Module, names: tuple[str, ...], run: Callable,
+                  *extra) -> None:  # fmt: skip
+    """`hf` (HF's module on the hidden states x) and `hf-core` (its projections `names` precomputed)."""
+    core = cached_projections(module, names)
+    setup.providers["hf"] = (lambda x: run(module, x, *extra), (x,))
+    setup.providers["hf-core"] = (lambda x: run(core, x, *extra), (x,))
+
+
+@setup_of("longformer")
+def _longformer(setup: Setup, x, real, glob) -> PatternInputs:
+    mod = hr.longformer_module(setup.hidden, setup.heads, WINDOW).to(setup.device, setup.dtype)
+    names = ("query", "key", "value", "query_global", "key_global", "value_global")
+    _hf_providers(setup, x, mod, names, hr.run_longformer, real, glob)
+    q, k, v, g = hr.longformer_qkv(mod, x)
+    op = lambda b: (lambda q, k, v, *g: ek.sliding_window_attention(
+        q, k, v, WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b))  # fmt: skip
+    w, gl = WINDOW // 2, glob[0]
+    return PatternInputs(
+        tuple(t.detach().contiguous() for t in (q, k, v, *g)), op, setup.score_flops(band_pairs(setup.seq, WINDOW, 1)),
+        mask_mod=lambda b, h, qi, ki: ((qi - ki).abs() <= w) | gl[ki] | gl[qi], window=(w, w),
+    )  # fmt: skip
+
+
+@setup_of("bigbird")
+def _bigbird(setup: Setup, x, real, glob) -> PatternInputs:
+    mod = hr.bigbird_module(setup.hidden, setup.heads, BLOCK, RANDOM_BLOCKS).to(setup.device, setup.dtype)
+    mod.eval()
+    _hf_providers(setup, x, mod, ("query", "key", "value"), hr.run_bigbird, real)
+    layout = ek.bigbird_layout(setup.seq, block_size=BLOCK, num_random_blocks=RANDOM_BLOCKS, seed=0)
+    layout = layout.to(setup.device)
+    op = lambda b: (lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b))  # fmt: skip
+    dense = layout.mask[0]
+    return PatternInputs(
+        tuple(t.detach().contiguous() for t in hr.projections(mod, x, setup.heads)), op,
+        4.0 * setup.batch * setup.head_dim * block_pairs(layout, setup.heads),
+        mask_mod=lambda b, h, qi, ki: dense[qi // BLOCK, ki // BLOCK],
+    )  # fmt: skip
+
+
+@setup_of("lsg")
+def _lsg(setup: Setup, x, real, glob) -> PatternInputs:
+    why = "transformers has no LSG attention (lsg-converter's is a test-only oracle)"
+    setup.skipped["hf"] = setup.skipped["hf-core"] = why
+    qkv = torch.randn(3, setup.batch, setup.seq, setup.hidden).to(setup.device, setup.dtype)
+    op = lambda b: (lambda q, k, v: ek.lsg_attention(q, k, v, block_size=LSG_BLOCK, sparse_block_size=LSG_BLOCK, key_padding_mask=real, backend=b))  # fmt: skip
+    flops = setup.score_flops(lsg_pairs(setup.seq, LSG_BLOCK, LSG_BLOCK, 2, 1))
+    return PatternInputs(tuple(hr.split_heads(t, setup.heads) for t in qkv), op, flops)
+
+
+@setup_of("nystrom")
+def _nystrom(setup: Setup, x, real, glob) -> PatternInputs:
+    mod = hr.nystrom_module(setup.hidden, setup.heads, setup.seq, LANDMARKS).to(setup.device, setup.dtype)
+    _hf_providers(setup, x, mod, ("query", "key", "value"), hr.run_nystrom, real)
+    op = lambda b: (lambda q, k, v: ek.nystrom_attention(q, k, v, LANDMARKS, key_padding_mask=real, pinv_init="hf_global", backend=b))  # fmt: skip
+    return PatternInputs(
+        tuple(t.detach().contiguous() for t in hr.projections(mod, x, setup.heads)), op,
+        setup.score_flops(nystrom_pairs(setup.seq, LANDMARKS)),
+    )  # fmt: skip
+
+
+# The patterns `build` sets up, in the registry's order; their ops and labels are the registry's.
+PATTERNS = tuple(name for name in REGISTRY if name in SETUPS)
+
+
 def build(
     pattern: str,
     seq: int,
@@ -210,59 +306,19 @@ def build(
     dtype: str | torch.dtype = torch.float32,
 ) -> Setup:
     """Every provider of `pattern` at this size; `backends` limits the etkd ones (default: all in BACKENDS)."""
-    if pattern not in PATTERNS:
+    if pattern not in SETUPS:
         raise ValueError(f"pattern: expected one of {', '.join(PATTERNS)}, got {pattern!r}")
     device = torch.device(device)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     torch.manual_seed(0)
-    hidden = heads * head_dim
-    x, real, glob = _inputs(batch, seq, hidden, device, dtype)
+    x, real, glob = _inputs(batch, seq, heads * head_dim, device, dtype)
     setup = Setup(pattern, seq, heads, head_dim, batch, device, dtype)
     setup.build_args = {"pattern": pattern, "seq": seq, "heads": heads, "head_dim": head_dim, "batch": batch,
                         "backends": backends, "device": str(device), "dtype": DTYPE_NAMES[dtype]}  # fmt: skip
+    inputs = SETUPS[pattern](setup, x, real, glob)
+    args, op, mask_mod, window = inputs.args, inputs.op, inputs.mask_mod, inputs.window
+    setup.flops = inputs.flops
     op_name = REGISTRY[pattern].op
-    mask_mod = None  # FlexAttention's mask for the pattern, where it has one
-    window = None  # flash-attn's (left, right) band, where the pattern is one
-
-    if pattern == "longformer":
-        mod = hr.longformer_module(hidden, heads, WINDOW).to(device, dtype)
-        names = ("query", "key", "value", "query_global", "key_global", "value_global")
-        core = cached_projections(mod, names)
-        setup.providers["hf"] = (lambda x: hr.run_longformer(mod, x, real, glob), (x,))
-        setup.providers["hf-core"] = (lambda x: hr.run_longformer(core, x, real, glob), (x,))
-        q, k, v, g = hr.longformer_qkv(mod, x)
-        args = tuple(t.detach().contiguous() for t in (q, k, v, *g))
-        op = lambda b: (lambda q, k, v, *g: ek.sliding_window_attention(
-            q, k, v, WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b))  # fmt: skip
-        setup.flops = 4.0 * batch * heads * head_dim * band_pairs(seq, WINDOW, 1)
-        w, gl = WINDOW // 2, glob[0]
-        mask_mod = lambda b, h, qi, ki: ((qi - ki).abs() <= w) | gl[ki] | gl[qi]
-        window = (w, w)
-    elif pattern == "bigbird":
-        mod = hr.bigbird_module(hidden, heads, BLOCK, RANDOM_BLOCKS).to(device, dtype).eval()
-        core = cached_projections(mod, ("query", "key", "value"))
-        setup.providers["hf"] = (lambda x: hr.run_bigbird(mod, x, real), (x,))
-        setup.providers["hf-core"] = (lambda x: hr.run_bigbird(core, x, real), (x,))
-        args = tuple(t.detach().contiguous() for t in hr.projections(mod, x, heads))
-        layout = ek.bigbird_layout(seq, block_size=BLOCK, num_random_blocks=RANDOM_BLOCKS, seed=0).to(device)
-        op = lambda b: (lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b))  # fmt: skip
-        setup.flops = 4.0 * batch * head_dim * block_pairs(layout, heads)
-        dense = layout.mask[0]
-        mask_mod = lambda b, h, qi, ki: dense[qi // BLOCK, ki // BLOCK]
-    elif pattern == "lsg":
-        why = "transformers has no LSG attention (lsg-converter's is a test-only oracle)"
-        setup.skipped["hf"] = setup.skipped["hf-core"] = why
-        args = tuple(hr.split_heads(t, heads) for t in torch.randn(3, batch, seq, hidden).to(device, dtype))
-        op = lambda b: (lambda q, k, v: ek.lsg_attention(q, k, v, block_size=LSG_BLOCK, sparse_block_size=LSG_BLOCK, key_padding_mask=real, backend=b))  # fmt: skip
-        setup.flops = 4.0 * batch * heads * head_dim * lsg_pairs(seq, LSG_BLOCK, LSG_BLOCK, 2, 1)
-    else:  # nystrom
-        mod = hr.nystrom_module(hidden, heads, seq, LANDMARKS).to(device, dtype)
-        core = cached_projections(mod, ("query", "key", "value"))
-        setup.providers["hf"] = (lambda x: hr.run_nystrom(mod, x, real), (x,))
-        setup.providers["hf-core"] = (lambda x: hr.run_nystrom(core, x, real), (x,))
-        args = tuple(t.detach().contiguous() for t in hr.projections(mod, x, heads))
-        op = lambda b: (lambda q, k, v: ek.nystrom_attention(q, k, v, LANDMARKS, key_padding_mask=real, pinv_init="hf_global", backend=b))  # fmt: skip
-        setup.flops = 4.0 * batch * heads * head_dim * nystrom_pairs(seq, LANDMARKS)
 
     for b in backends or BACKENDS:
         why = reasons(b, op_name, Problem.of(args[0]))  # device, dtype, head_dim, sizes

@@ -51,7 +51,12 @@ def register(sub) -> None:
                    help="lsg: positions between consecutive global embeddings at init (LSGConverter)")  # fmt: skip
     p.add_argument("--random-global-init", action="store_true",
                    help="lsg: draw the global embeddings from the word embeddings' normal (LSGConverter)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=123, help="lsg: seed of --random-global-init")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=123,
+        help="lsg: the torch.manual_seed whose draws LSGConverter would make (--random-global-init)",
+    )
     p.add_argument(
         "--format",
         default="etkd",

@@ -196,8 +196,9 @@ def sparse_windows(n, step: int, sparse_block_size: int, variant: str = "layer")
 
 
 def sparse_keys(
-    q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale, variant="layer"
-):
+    q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale, variant="layer",
+    sparse_block_size=None,
+):  # fmt: skip
     """Compressed keys/values (b, h, T, d) and whether each is attended (b, h or 1, T)."""
     b, h, s, d = k.shape
     f, g = sparsity_factor, num_global_tokens
@@ -234,10 +235,17 @@ def sparse_keys(
             b, h, t
         )
     else:  # norm
+        # The model files rank in chunks of min(block_size, sparse_block_size) tokens, largest norms kept in
+        # ascending order (their argsort's tail); the layer ranks whole blocks, in descending order.
+        chunk = block_size
+        if variant == "model" and sparse_block_size:
+            chunk = min(block_size, sparse_block_size)
         with torch.no_grad():
             nrm = k.detach().norm(dim=-1).masked_fill(~usable[:, None], -1.0)
-            top = nrm.view(b, h, s // block_size, block_size).topk(step, dim=-1, sorted=True).indices
-            tok = (top + torch.arange(0, s, block_size, device=k.device)[:, None]).reshape(b, h, t)
+            top = nrm.view(b, h, s // chunk, chunk).topk(chunk // f, dim=-1, sorted=True).indices
+            if variant == "model":
+                top = top.flip(-1)
+            tok = (top + torch.arange(0, s, chunk, device=k.device)[:, None]).reshape(b, h, t)
     idx = tok[..., None].expand(b, h, t, d)
     return k.gather(2, idx), v.gather(2, idx), usable[:, None].expand(b, h, s).gather(2, tok)
 
@@ -253,7 +261,9 @@ def extra_keys(
     if not uses_sparse(sparsity_type, sparse_block_size, nb):
         ok = real[:, None, :g].expand(b, h, g)
         return k[:, :, :g], v[:, :, :g], ok, torch.zeros(0, 2, dtype=torch.long, device=k.device)
-    kc, vc, okc = sparse_keys(q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale, variant)
+    kc, vc, okc = sparse_keys(
+        q, k, v, real, g, block_size, sparsity_factor, sparsity_type, scale, variant, sparse_block_size
+    )
     n = torch.arange(nb, device=k.device)
     starts = torch.stack(sparse_windows(n, block_size // sparsity_factor, sparse_block_size, variant), dim=1)
     kx, vx = torch.cat([k[:, :, :g], kc], dim=2), torch.cat([v[:, :, :g], vc], dim=2)

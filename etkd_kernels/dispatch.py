@@ -3,7 +3,8 @@
 Every backend is a subpackage of `etkd_kernels` (`reference`, `cpu`, `triton`, `cuda`) exposing
 
     NAME: str
-    OPS: dict[str, str]                        # op name -> module (relative) holding forward/backward
+    OPS: tuple[str, ...]                       # the ops it has a kernel for: module <backend>.<op> holds
+                                               # forward/backward
     AUTO_DEVICES: tuple[str, ...] | None       # device types `auto` may pick it for (None: any)
     unavailable_reason() -> str | None         # None when built and importable
     capabilities(op) -> Capabilities           # what its kernel for `op` takes, as data
@@ -36,6 +37,7 @@ NAMES = ("auto", *BACKENDS)  # what a user may ask for (`backend=`, `use_backend
 # `auto` walks this list and takes the first backend that can run. Triton on a CPU only runs under the
 # interpreter, which is a correctness tool, so it never wins `auto` there (its own reasons say so).
 PRIORITY = ("cuda", "triton", "cpu", "reference")
+# Every op, once: the reference backend defines them all (its OPS is this tuple).
 OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
 
 _local = threading.local()
@@ -205,7 +207,7 @@ def resolve(
         why = reasons(name, op, p)
         if why:
             raise RuntimeError(f"backend {name!r} cannot run {op} on {where}: " + "; ".join(why))
-        return importlib.import_module(f"etkd_kernels.{name}.{_module(name).OPS[op]}")
+        return _impl(name, op)
     rejected = []
     for cand in PRIORITY:
         auto_devices = _module(cand).AUTO_DEVICES
@@ -216,9 +218,13 @@ def resolve(
         if not why:
             if cand == "reference":
                 _warn_slow_fallback(op, p)
-            return importlib.import_module(f"etkd_kernels.{cand}.{_module(cand).OPS[op]}")
+            return _impl(cand, op)
         rejected.append(f"{cand}: {'; '.join(why)}")
     raise RuntimeError(f"no backend can run {op} on {where}:\n  " + "\n  ".join(rejected))
+
+
+def _impl(name: str, op: str) -> ModuleType:
+    return importlib.import_module(f"etkd_kernels.{name}.{op}")
 
 
 def _warn_slow_fallback(op: str, p: Problem) -> None:

@@ -58,16 +58,32 @@ def lsg_global_embeddings(
     the ordered positions (`order_positions` of the real-token rows) plus the bos embedding for global 0 and
     the [MASK] embedding for the others, plus `token_type` (the type-0 embedding: lsg-converter's BERT script,
     `use_token_ids`; its RoBERTa script adds none); with `random_init` (`update_global_randomly`) the others
-    are drawn from a normal with the word embeddings' mean and covariance instead (seeded here; lsg-converter
-    draws from torch's global generator). Same operations in the same order, so the result is bit-identical."""
-    gen = torch.Generator().manual_seed(seed)
-    pos = order_positions(positions.detach().float().cpu().clone(), stride, gen)
+    are drawn from a normal with the word embeddings' mean and covariance instead.
+
+    Same operations, same random draws in the same order, so the result is bit-identical to LSGConverter's
+    run after `torch.manual_seed(seed)` (its own `seed` argument is never used; it draws from torch's global
+    generator): its loader first initialises the new (512, hidden) global table (one normal draw of that
+    size, discarded here), then `MultivariateNormal(...).sample((512,))` (random_init), then the normal rows
+    `order_positions` pads a table of fewer than 512 positions with. That holds when the source checkpoint
+    has every other weight of the LSG class (else its loader initialises those too, drawing more first).
+    The draws run on a forked global generator, whose state is restored afterwards."""
+    from torch.distributions import MultivariateNormal
+
     u = word.detach().float().cpu()
     tt = None if token_type is None else token_type.detach().float().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.empty(512, u.shape[1]).normal_()  # the loader's init of the new global table
+        if random_init:
+            try:
+                w = MultivariateNormal(u.mean(dim=0), torch.cov(u.T)).sample((512,))
+            except ValueError as exc:  # LSGConverter fails the same way
+                raise ValueError(
+                    f"random_global_init: the word embeddings' covariance ({u.shape[1]} x {u.shape[1]} from "
+                    f"{u.shape[0]} rows) is not positive definite, so no normal can be drawn from it: {exc}"
+                ) from None
+        pos = order_positions(positions.detach().float().cpu().clone(), stride)
     if random_init:
-        cov = torch.cov(u.T)
-        scale = torch.linalg.cholesky(cov + 1e-6 * torch.eye(cov.shape[0]))
-        w = u.mean(dim=0) + torch.randn(512, u.shape[1], generator=gen) @ scale.T
         w[0] = u[bos_token_id]
         if tt is not None:
             pos += tt.unsqueeze(0)
@@ -115,8 +131,8 @@ def convert(
     To "lsg" this is lsg-converter's `LSGConverter`: positions extended the same way, and the global
     embeddings (a new weight) made by `lsg_global_embeddings` from the *original* position table and the
     embeddings of `bos_token_id` (the tokenizer's bos, else cls) and `mask_token_id` (required then), with
-    `global_positional_stride`, `random_global_init`, `use_token_ids` (BERT-style sources) and `seed` as
-    LSGConverter's options. An LSG source keeps
+    `global_positional_stride`, `random_global_init`, `use_token_ids` (BERT-style sources) as LSGConverter's
+    options, and `seed` as the `torch.manual_seed` LSGConverter ran under (its random draws are reproduced). An LSG source keeps
     its global embeddings (LSGConverter's `resize_lsg`).
     """
     if to not in patterns.PATTERNS:

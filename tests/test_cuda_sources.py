@@ -91,6 +91,22 @@ def test_declared_head_dims_match_the_cuda_instances():
     assert compiled == set(HEAD_DIMS)
 
 
+def test_declared_limits_match_the_cuda_limits():
+    """Each limit is written once per language: kernels.h's constants (which the binding's errors and the
+    launchers' checks read) equal the cuda backend's capabilities, and no C++ file spells a limit out again."""
+    from etkd_kernels.cuda import HEAD_DIMS, MAX_BATCH_HEADS, MAX_SEQ
+
+    text = (CSRC / "cuda" / "kernels.h").read_text()
+    dims = re.search(r"constexpr int kHeadDims\[\] = \{([^}]*)\};", text)
+    assert dims and tuple(int(n) for n in dims[1].split(",")) == HEAD_DIMS
+    assert re.search(rf"constexpr int64_t kMaxBatchHeads = {MAX_BATCH_HEADS};", text)
+    seq = re.search(r"constexpr int64_t kMaxSeq = \(int64_t\{1\} << (\d+)\) - 1;", text)
+    assert seq and (1 << int(seq[1])) - 1 == MAX_SEQ
+    for path in [*CU_FILES, CSRC / "cuda" / "binding.cpp"]:
+        code = path.read_text()
+        assert str(MAX_BATCH_HEADS) not in code and "<< 30" not in code, f"{path.name} writes a limit again"
+
+
 @needs_nvcc
 def test_nvcc_compiles_sm80_sm90_without_warnings_or_spills(tmp_path):
     # One head_dim (64) for all dtypes, both directions, with and without dropout keeps this to a few minutes

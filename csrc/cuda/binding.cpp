@@ -61,14 +61,20 @@ etkd::rng::Dropout dropout_of(double p, int64_t seed, int64_t offset, const char
   return etkd::rng::make_dropout(p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
 }
 
+std::string head_dims_text() {
+  std::string text;
+  for (int h : etkd::cuda::kHeadDims) text += (text.empty() ? "" : ", ") + std::to_string(h);
+  return text;
+}
+
 etkd::cuda::AttnShape shape_of(const Tensor& q, double scale, const etkd::rng::Dropout& dropout, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4, op, ": q must be (batch, heads, seq, head_dim), got ", q.sizes());
   const int64_t d = q.size(3);
-  TORCH_CHECK(d == 32 || d == 64 || d == 128, op, ": head_dim must be 32, 64 or 128, got ", d);
-  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, op, ": batch * heads must be <= 65535, got ",
-              q.size(0) * q.size(1));
-  TORCH_CHECK(q.size(2) < (int64_t{1} << 30), op, ": seq too long");
+  TORCH_CHECK(etkd::cuda::head_dim_supported(d), op, ": head_dim must be one of ", head_dims_text(), ", got ", d);
+  TORCH_CHECK(q.size(0) * q.size(1) <= etkd::cuda::kMaxBatchHeads, op, ": batch * heads must be <= ",
+              etkd::cuda::kMaxBatchHeads, ", got ", q.size(0) * q.size(1));
+  TORCH_CHECK(q.size(2) <= etkd::cuda::kMaxSeq, op, ": seq must be <= ", etkd::cuda::kMaxSeq, ", got ", q.size(2));
   etkd::cuda::AttnShape s{};
   s.dtype = dtype_of(q, op);
   s.batch = static_cast<int>(q.size(0));
@@ -123,6 +129,21 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& q_prepared
   p.lse = lse.data_ptr<float>();
   check_launch(launch(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {out, lse};
+}
+
+// The params of a backward launch: the inputs' args, the saved tensors and the float32 gradient workspaces.
+template <class Params, class Args>
+Params backward_params(const Args& args, const Tensor& dout, const Tensor& out, const Tensor& lse, Tensor& dq,
+                       Tensor& dk, Tensor& dv) {
+  Params p{};
+  p.args = args;
+  p.grad_out = dout.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr<float>();
+  p.dk = dk.data_ptr<float>();
+  p.dv = dv.data_ptr<float>();
+  return p;
 }
 
 // ---- sliding window -------------------------------------------------------------------------------------
@@ -213,15 +234,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
     dkg = workspace(q);
     dvg = workspace(q);
   }
-  etkd::cuda::SlidingWindowBwdParams p{};
+  auto p = backward_params<etkd::cuda::SlidingWindowBwdParams>(in.args, dout, o, lse_c, dq, dk, dv);
   const bool empty = q.numel() == 0;
-  p.args = in.args;
-  p.grad_out = dout.data_ptr();
-  p.out = o.data_ptr();
-  p.lse = lse_c.data_ptr<float>();
-  p.dq = dq.data_ptr<float>();
-  p.dk = dk.data_ptr<float>();
-  p.dv = dv.data_ptr<float>();
   // Without separate projections the global rows' gradients land in dq/dk/dv (disjoint dq rows; dk/dv
   // are atomic adds, so sharing is safe).
   p.dqg = in.separate_global ? dqg.data_ptr<float>() : p.dq;
@@ -307,14 +321,7 @@ std::tuple<Tensor, Tensor, Tensor> block_sparse_bwd(const Tensor& grad_out, cons
   check_lse(lse, q, op);
   const Tensor lse_c = lse.contiguous();
   Tensor dq = workspace(q), dk = workspace(q), dv = workspace(q);
-  etkd::cuda::BlockSparseBwdParams p{};
-  p.args = in.args;
-  p.grad_out = dout.data_ptr();
-  p.out = o.data_ptr();
-  p.lse = lse_c.data_ptr<float>();
-  p.dq = dq.data_ptr<float>();
-  p.dk = dk.data_ptr<float>();
-  p.dv = dv.data_ptr<float>();
+  const auto p = backward_params<etkd::cuda::BlockSparseBwdParams>(in.args, dout, o, lse_c, dq, dk, dv);
   if (q.numel() != 0) check_launch(etkd::cuda::block_sparse_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
   return {as_input_dtype(dq, q), as_input_dtype(dk, q), as_input_dtype(dv, q)};
 }

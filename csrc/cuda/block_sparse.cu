@@ -44,11 +44,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) bs_bwd_kernel(const Bloc
 
 cudaError_t check_args(const BlockSparseArgs& a) {
   const AttnShape& s = a.shape;
-  if (s.batch <= 0 || s.heads <= 0 || a.block_size <= 0 || a.nqb <= 0) return cudaErrorInvalidValue;
-  if (s.seq != a.nqb * a.block_size) return cudaErrorInvalidValue;
+  if (cudaError_t e = check_shape(s); e != cudaSuccess) return e;
+  if (a.block_size <= 0 || a.nqb <= 0 || s.seq != a.nqb * a.block_size) return cudaErrorInvalidValue;
   if (a.heads_lut != 1 && a.heads_lut != s.heads) return cudaErrorInvalidValue;
   if (a.lut == nullptr || a.lut_count == nullptr || a.max_nnz < 0) return cudaErrorInvalidValue;
-  if (static_cast<int64_t>(s.batch) * s.heads > 65535) return cudaErrorInvalidConfiguration;  // grid.y
   return cudaSuccess;
 }
 
@@ -57,23 +56,25 @@ dim3 grid_for(const BlockSparseArgs& a) {
   return dim3(ti::BlockPattern<BM, 0>::num_ctas(a.nqb, a.block_size), a.shape.batch * a.shape.heads);
 }
 
+// One launcher for both passes: check, pick the instance, launch the pass's kernel on its grid.
+template <bool kBwd, class Params>
+cudaError_t run(const Params& p, cudaStream_t stream) {
+  if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
+  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
+    using I = decltype(inst);
+    if constexpr (kBwd) {
+      return launch(bs_bwd_kernel<I>, I::kBwdSmem, grid_for<I::Bwd::BM>(p.args), stream, p);
+    } else {
+      return launch(bs_fwd_kernel<I>, I::kFwdSmem, grid_for<I::Fwd::BM>(p.args), stream, p);
+    }
+  });
+}
+
 }  // namespace
 
-cudaError_t block_sparse_fwd(const BlockSparseFwdParams& p, cudaStream_t stream) {
-  if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
-    using I = decltype(inst);
-    return launch(bs_fwd_kernel<I>, I::kFwdSmem, grid_for<I::Fwd::BM>(p.args), stream, p);
-  });
-}
+cudaError_t block_sparse_fwd(const BlockSparseFwdParams& p, cudaStream_t stream) { return run<false>(p, stream); }
 
-cudaError_t block_sparse_bwd(const BlockSparseBwdParams& p, cudaStream_t stream) {
-  if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
-    using I = decltype(inst);
-    return launch(bs_bwd_kernel<I>, I::kBwdSmem, grid_for<I::Bwd::BM>(p.args), stream, p);
-  });
-}
+cudaError_t block_sparse_bwd(const BlockSparseBwdParams& p, cudaStream_t stream) { return run<true>(p, stream); }
 
 }  // namespace cuda
 }  // namespace etkd

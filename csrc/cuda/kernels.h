@@ -107,6 +107,28 @@ struct BlockSparseBwdParams {
   float* dv;
 };
 
+// ---- limits ---------------------------------------------------------------------------------------------
+// What the kernels take, written once on the C++ side (the binding's errors and both launchers' checks read
+// these); etkd_kernels/cuda/__init__.py declares the same to the dispatcher, and tests/test_cuda_sources.py
+// checks that the two agree. head_dim: the instances `dispatch_head_dim` compiles; batch * heads: grid.y;
+// seq: int32 index arithmetic.
+constexpr int kHeadDims[] = {32, 64, 128};
+constexpr int64_t kMaxBatchHeads = 65535;
+constexpr int64_t kMaxSeq = (int64_t{1} << 30) - 1;
+
+inline bool head_dim_supported(int64_t d) {
+  for (int h : kHeadDims)
+    if (h == d) return true;
+  return false;
+}
+
+// The shape checks every launcher makes first.
+inline cudaError_t check_shape(const AttnShape& s) {
+  if (s.batch <= 0 || s.heads <= 0 || s.seq <= 0 || s.seq > kMaxSeq) return cudaErrorInvalidValue;
+  if (static_cast<int64_t>(s.batch) * s.heads > kMaxBatchHeads) return cudaErrorInvalidConfiguration;
+  return cudaSuccess;
+}
+
 // Launch on `stream`. Return cudaSuccess, cudaErrorInvalidValue for an unsupported dtype/head_dim or
 // inconsistent sizes, or the launch error. The binding turns a non-success into a Python exception.
 cudaError_t sliding_window_fwd(const SlidingWindowFwdParams& p, cudaStream_t stream);

@@ -68,10 +68,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) sw_bwd_kernel(const Slid
 
 cudaError_t check_args(const SlidingWindowArgs& a) {
   const AttnShape& s = a.shape;
-  if (s.batch <= 0 || s.heads <= 0 || s.seq <= 0 || a.half < 0) return cudaErrorInvalidValue;
+  if (cudaError_t e = check_shape(s); e != cudaSuccess) return e;
+  if (a.half < 0) return cudaErrorInvalidValue;
   if (a.max_global > 0 && (a.global_idx == nullptr || a.global_count == nullptr || a.global_mask == nullptr))
     return cudaErrorInvalidValue;
-  if (static_cast<int64_t>(s.batch) * s.heads > 65535) return cudaErrorInvalidConfiguration;  // grid.y
   return cudaSuccess;
 }
 
@@ -81,27 +81,28 @@ dim3 grid_for(const SlidingWindowArgs& a, int* n_band_tiles) {
   return dim3(*n_band_tiles + GlobalRowsPattern<BM, 0>::num_ctas(a.max_global), a.shape.batch * a.shape.heads);
 }
 
+// One launcher for both passes: check, pick the instance, launch the pass's kernel on its grid.
+template <bool kBwd, class Params>
+cudaError_t run(const Params& p, cudaStream_t stream) {
+  if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
+  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
+    using I = decltype(inst);
+    using Tiles = std::conditional_t<kBwd, typename I::Bwd, typename I::Fwd>;
+    int n_band = 0;
+    const dim3 grid = grid_for<Tiles::BM>(p.args, &n_band);
+    if constexpr (kBwd) {
+      return launch(sw_bwd_kernel<I>, I::kBwdSmem, grid, stream, p, n_band);
+    } else {
+      return launch(sw_fwd_kernel<I>, I::kFwdSmem, grid, stream, p, n_band);
+    }
+  });
+}
+
 }  // namespace
 
-cudaError_t sliding_window_fwd(const SlidingWindowFwdParams& p, cudaStream_t stream) {
-  if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
-    using I = decltype(inst);
-    int n_band = 0;
-    const dim3 grid = grid_for<I::Fwd::BM>(p.args, &n_band);
-    return launch(sw_fwd_kernel<I>, I::kFwdSmem, grid, stream, p, n_band);
-  });
-}
+cudaError_t sliding_window_fwd(const SlidingWindowFwdParams& p, cudaStream_t stream) { return run<false>(p, stream); }
 
-cudaError_t sliding_window_bwd(const SlidingWindowBwdParams& p, cudaStream_t stream) {
-  if (cudaError_t e = check_args(p.args); e != cudaSuccess) return e;
-  return dispatch(p.args.shape, [&](auto inst) -> cudaError_t {
-    using I = decltype(inst);
-    int n_band = 0;
-    const dim3 grid = grid_for<I::Bwd::BM>(p.args, &n_band);
-    return launch(sw_bwd_kernel<I>, I::kBwdSmem, grid, stream, p, n_band);
-  });
-}
+cudaError_t sliding_window_bwd(const SlidingWindowBwdParams& p, cudaStream_t stream) { return run<true>(p, stream); }
 
 }  // namespace cuda
 }  // namespace etkd

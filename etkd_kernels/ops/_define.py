@@ -73,6 +73,11 @@ def _chosen_for(out: torch.Tensor):
     return impl if ref is not None and ref() is out else None
 
 
+def settings_of(p) -> list:
+    """The fields of a params dataclass instance, in schema order (the forward op's settings arguments)."""
+    return [getattr(p, f.name) for f in dataclasses.fields(p)]
+
+
 def define(op: str, params: type, lse: bool = True) -> Callable:
     """Define `etkd::{op}_fwd`/`_bwd` with the fields of the dataclass `params` as settings; return the
     forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`."""

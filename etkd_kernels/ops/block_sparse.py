@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_dropout, check_finite, check_qkv, check_scale, check_token_mask
-from ..dispatch import requested_backend
+from .._checks import check_qkv
 from ..masks import BlockLayout
-from ._common import pad_to_multiple
+from ._common import common_settings, dropout_doc, pad_to_multiple
 from ._define import define
 
 
@@ -62,6 +61,7 @@ def as_layout(
     return layout.to(device)
 
 
+@dropout_doc()
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,22 +82,15 @@ def block_sparse_attention(
     whose block size is seq / q_blocks. A seq that is not a multiple of the block size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); rows that
     see no real key (padded queries among them) are zeros.
-    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
-    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
-    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key position j, query position i, batch * heads +
-    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
-    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
-    generator when the op runs (torch.manual_seed reproduces; successive calls differ).
+    {dropout}
 
     Plain-PyTorch meaning: softmax(scale * q @ k.T masked by layout.to_dense() & key_padding_mask) @ v.
     """
     check_qkv(q, k, v)
-    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     layout = as_layout(layout, q.shape[2], q.shape[1], q.device)
-    scale = check_scale(scale, q.shape[-1])
-    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
-    check_finite(q=q, k=k, v=v)
-    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
-    q, k, v, kpm, s = pad_to_multiple(q, k, v, key_padding_mask, layout.block_size)
+    kpm, scale, dropout, backend = common_settings(
+        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
+    )
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, kpm, layout.block_size)
     out = _fwd_op(q, k, v, layout.mask.contiguous(), layout.block_size, kpm, scale, *dropout, backend)[0]
     return out[:, :, :s]

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .._checks import (
-    check_dropout,
-    check_finite,
-    check_positive_int,
-    check_qkv,
-    check_scale,
-    check_token_mask,
-)
+from .._checks import check_positive_int, check_qkv
 from .._shared import VARIANTS, lead_tokens
-from ..dispatch import requested_backend
-from ._common import pad_to_multiple
-from ._define import define
+from ._common import common_settings, dropout_doc, pad_to_multiple
+from ._define import define, settings_of
 
 SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
 
@@ -42,6 +34,7 @@ class LSGParams:
 _fwd_op = define("lsg", LSGParams)
 
 
+@dropout_doc("key column j")
 def lsg_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -69,12 +62,7 @@ def lsg_attention(
     q, k, v: (batch, heads, seq, head_dim); a seq that is not a multiple of block_size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim).
     The exact key set of each query is defined by `etkd_kernels.reference.lsg`.
-    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
-    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
-    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key column j, query position i, batch * heads +
-    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
-    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
-    generator when the op runs (torch.manual_seed reproduces; successive calls differ). Compressed (sparse) keys have
+    {dropout} Compressed (sparse) keys have
     columns >= seq (`etkd_kernels.reference.lsg`), so they draw their own bits.
 
     variant: "layer" (above: lsg-converter's `attention_layers` LSGSelfAttention, blocks counted from token 0)
@@ -93,11 +81,14 @@ def lsg_attention(
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     if variant == "model" and sparsity_type == "norm" and 0 < sparse_block_size < block_size:
-        raise ValueError(
-            f"sparse_block_size: lsg-converter's model ranks key norms in chunks of min(block_size, "
-            f"sparse_block_size); the op ranks whole blocks, so expected >= block_size ({block_size}) for "
-            f"norm, got {sparse_block_size}"
-        )
+        if block_size % sparse_block_size or sparse_block_size % sparsity_factor:
+            # lsg-converter's model reshapes the keys into chunks of sparse_block_size, keeping
+            # sparse_block_size // sparsity_factor of each: other sizes fail there for most lengths.
+            raise ValueError(
+                f"sparse_block_size: norm ranks key norms in chunks of sparse_block_size < block_size, so "
+                f"expected a divisor of block_size ({block_size}) and a multiple of sparsity_factor "
+                f"({sparsity_factor}), got {sparse_block_size}"
+            )
     if sparsity_type != "none" and sparse_block_size > 0 and block_size % sparsity_factor:
         raise ValueError(
             f"sparsity_factor: expected a divisor of block_size ({block_size}) for sparse keys, got {sparsity_factor}"
@@ -108,57 +99,30 @@ def lsg_attention(
         )
     if q.shape[2] and num_global_tokens > q.shape[2]:  # seq 0 gives an empty result
         raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
-    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
-    scale = check_scale(scale, q.shape[-1])
-    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
-    check_finite(q=q, k=k, v=v)
-    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
-    g = num_global_tokens
+    key_padding_mask, scale, dropout, backend = common_settings(
+        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
+    )
+    g = lead = num_global_tokens
     if variant == "model" and q.shape[2]:
         # Globals in leading blocks of their own (non-real filler), blocks counted after them; LSG's model
         # runs full attention, which local + global then is, up to two blocks of non-global tokens.
         lead = lead_tokens(g, block_size, variant)
         if -(-(q.shape[2] - g) // block_size) <= 2:
             sparsity_type = "none"
-        if lead > g:
-            b, h, s0, d = q.shape
-            fill = q.new_zeros(b, h, lead - g, d)
-            q, k, v = (torch.cat([t[:, :, :g], fill, t[:, :, g:]], dim=2) for t in (q, k, v))
-            real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, s0, dtype=torch.bool)
-            no = real.new_zeros(b, lead - g)
-            key_padding_mask = torch.cat([real[:, :g], no, real[:, g:]], dim=1)
-            out = _run(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g,
-                       key_padding_mask, scale, dropout, variant, backend)  # fmt: skip
-            return torch.cat([out[:, :, :g], out[:, :, lead:]], dim=2)
-    return _run(q, k, v, block_size, sparse_block_size, sparsity_factor, sparsity_type, g, key_padding_mask,
-                scale, dropout, variant, backend)  # fmt: skip
+    p = LSGParams(block_size, sparse_block_size, sparsity_factor, sparsity_type, g, key_padding_mask, scale,
+                  variant, *dropout)  # fmt: skip
+    if lead > g:
+        b, h, s0, d = q.shape
+        fill = q.new_zeros(b, h, lead - g, d)
+        q, k, v = (torch.cat([t[:, :, :g], fill, t[:, :, g:]], dim=2) for t in (q, k, v))
+        real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, s0, dtype=torch.bool)
+        kpm = torch.cat([real[:, :g], real.new_zeros(b, lead - g), real[:, g:]], dim=1)
+        out = _run(q, k, v, replace(p, key_padding_mask=kpm), backend)
+        return torch.cat([out[:, :, :g], out[:, :, lead:]], dim=2)
+    return _run(q, k, v, p, backend)
 
 
-def _run(
-    q,
-    k,
-    v,
-    block_size,
-    sparse_block_size,
-    sparsity_factor,
-    sparsity_type,
-    g,
-    kpm,
-    scale,
-    dropout,
-    variant,
-    backend,
-):
-    q, k, v, kpm, s = pad_to_multiple(q, k, v, kpm, block_size)
-    settings = (
-        block_size,
-        sparse_block_size,
-        sparsity_factor,
-        sparsity_type,
-        g,
-        kpm,
-        scale,
-        variant,
-        *dropout,
-    )
-    return _fwd_op(q, k, v, *settings, backend)[0][:, :, :s]
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: LSGParams, backend: str) -> torch.Tensor:
+    """The op on a seq padded to a multiple of block_size (the padding keys masked), cut back after."""
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, p.key_padding_mask, p.block_size)
+    return _fwd_op(q, k, v, *settings_of(replace(p, key_padding_mask=kpm)), backend)[0][:, :, :s]

@@ -6,15 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import (
-    check_dropout,
-    check_finite,
-    check_positive_int,
-    check_qkv,
-    check_scale,
-    check_token_mask,
-)
-from ..dispatch import requested_backend
+from .._checks import check_positive_int, check_qkv
+from ._common import common_settings, dropout_doc
 from ._define import define
 
 PINV_INITS = ("per_head", "hf_global")
@@ -37,6 +30,7 @@ class NystromParams:
 _fwd_op = define("nystrom", NystromParams, lse=False)
 
 
+@dropout_doc("key column j")
 def nystrom_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,12 +56,7 @@ def nystrom_attention(
     "per_head" scales the initial inverse per (batch, head); "hf_global" uses one max over the whole batch
     and all heads, as HF `NystromformerSelfAttention` does (its outputs then depend on the other batch rows).
     When num_landmarks == seq the op is exact softmax attention. Padded query rows are zeros.
-    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
-    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
-    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key column j, query position i, batch * heads +
-    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
-    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
-    generator when the op runs (torch.manual_seed reproduces; successive calls differ).
+    {dropout}
     Where: HF's NystromformerSelfAttention builds `self.dropout` from attention_probs_dropout_prob but never
     applies it (transformers 5.25, modeling_nystromformer.py), so HF Nystromformer trains without attention
     dropout; pass dropout_p=0 to match it. Here dropout_p drops entries of K1 (each query's probabilities over
@@ -81,11 +70,8 @@ def nystrom_attention(
         raise ValueError(f"pinv_init: expected one of {PINV_INITS}, got {pinv_init!r}")
     if q.shape[2] and num_landmarks > q.shape[2]:  # seq 0 gives an empty result whatever the count
         raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
-    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
-    scale = check_scale(scale, q.shape[-1])
-    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
-    check_finite(q=q, k=k, v=v)
-    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    settings = (num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, *dropout)
-    return _fwd_op(q, k, v, *settings, backend)[0]
+    kpm, scale, dropout, backend = common_settings(
+        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
+    )
+    settings = (num_landmarks, pinv_iterations, kpm, scale, pinv_init, *dropout)
+    return _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), *settings, backend)[0]

@@ -6,15 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import (
-    check_dropout,
-    check_finite,
-    check_positive_int,
-    check_qkv,
-    check_scale,
-    check_token_mask,
-)
-from ..dispatch import requested_backend
+from .._checks import check_positive_int, check_qkv, check_token_mask
+from ._common import common_settings, dropout_doc
 from ._define import define
 
 
@@ -37,6 +30,7 @@ class SlidingWindowParams:
 _fwd_op = define("sliding_window", SlidingWindowParams)
 
 
+@dropout_doc()
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,12 +54,7 @@ def sliding_window_attention(
     uses for global query rows (scores qg_i . kg_j, values vg); without it global rows use q, k, v.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); padded
     query rows are zeros.
-    dropout_p: dropout on the attention probabilities (after the softmax, before @ v, where HF applies it),
-    kept ones scaled by 1 / (1 - dropout_p); p is resolved to multiples of 1/65536. The keep-mask comes from a
-    counter-based RNG (Philox4x32-10 keyed by dropout_seed, counter = (key position j, query position i, batch * heads +
-    head, dropout_offset); `etkd_kernels._shared.dropout_keep`), so the backward regenerates it and it does not
-    depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) are drawn from torch's default
-    generator when the op runs (torch.manual_seed reproduces; successive calls differ). Global rows'
+    {dropout} Global rows'
     probabilities (with or without global_qkv) are dropped like the band's, as HF Longformer does.
 
     Plain-PyTorch meaning (O(seq^2) memory; the backends never build this):
@@ -80,7 +69,6 @@ def sliding_window_attention(
             f"window: expected an even int (HF attention_window; one side is window // 2), got {window}"
         )
     global_mask = check_token_mask(global_mask, "global_mask", q)
-    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
     qg = kg = vg = None
     if global_qkv is not None:
         if not isinstance(global_qkv, (tuple, list)) or len(global_qkv) != 3:
@@ -96,9 +84,9 @@ def sliding_window_attention(
                     f"got {tuple(t.shape)} {t.dtype} on {t.device}"
                 )
         qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
-    scale = check_scale(scale, q.shape[-1])
-    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
-    check_finite(q=q, k=k, v=v, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg})
-    backend = requested_backend(backend)  # use_backend / ETKD_BACKEND applied now, in the caller's context
+    kpm, scale, dropout, backend = common_settings(
+        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend,
+        **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg},
+    )  # fmt: skip
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale, *dropout, backend)[0]
+    return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, kpm, scale, *dropout, backend)[0]

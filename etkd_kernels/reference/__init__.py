@@ -6,17 +6,12 @@ under autograd. Memory is O(seq * window) (or O(nnz blocks)) where the pattern a
 
 import torch
 
+from .. import dispatch
 from ..dispatch import Capabilities
 
 NAME = "reference"
 DESCRIPTION = "plain PyTorch, any device, the oracle"
-OPS = {
-    "sliding_window": "sliding_window",
-    "block_sparse": "block_sparse",
-    "lsg": "lsg",
-    "nystrom": "nystrom",
-    "full": "full",
-}
+OPS = dispatch.OPS  # the definition of every op: the one list of ops
 AUTO_DEVICES = None  # any device
 
 

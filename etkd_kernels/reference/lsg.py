@@ -53,8 +53,9 @@ f = 2 has sparse keys as the checkpoints do.
 `modeling_lsg_*.py`), which prepend G global embeddings and count blocks after them. The public op
 (`etkd_kernels.ops.lsg`) puts the G globals in leading blocks of their own, padded with non-real tokens, so
 here the first non-global token starts block `lead // B` with lead = ceil(G / B) B, and the rules above
-change in two places only: a pooled token ("pooling") is attended only when its group has a usable token
-(the model files mask an empty group), and "bos_pooling" pools by the scores of query `lead` (the first
+change in these places only: a pooled token ("pooling") is attended only when its group has a usable token
+(the model files mask an empty group), "norm" ranks the key norms in chunks of min(B, s) tokens (keeping
+s // f of each, in ascending order of norm: its argsort's tail) rather than whole blocks, and "bos_pooling" pools by the scores of query `lead` (the first
 non-global token; the model files' `queries[..., :1, :]` after splitting the globals off) and never attends
 a compressed token of the leading global blocks (there the model files' unfold has only padding); and for an
 odd step only the right sparse window shifts (`sparse_windows`; the model files run an odd step only when
@@ -117,7 +118,7 @@ def attend(
     groups = [(k[:, :, loc_c], v[:, :, loc_c], ((loc >= 0) & (loc < s))[None] & usable[:, loc_c])]
     cols = [loc]  # dropout columns of each group's keys, (nb, K)
     if use_sparse:
-        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale, variant)
+        kc, vc, okc = sparse_keys(q, k, v, real, g, bs, f, sparsity_type, scale, variant, sbs)
         t = s // f
         left, right = sparse_windows(n, bs // f, sbs, variant)
         j = torch.arange(sbs, device=dev)[None]

@@ -12,12 +12,7 @@ from ..dispatch import Capabilities
 
 NAME = "triton"
 DESCRIPTION = "fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"
-OPS: dict[str, str] = {
-    "sliding_window": "sliding_window",
-    "block_sparse": "block_sparse",
-    "lsg": "lsg",
-    "nystrom": "nystrom",
-}
+OPS = ("sliding_window", "block_sparse", "lsg", "nystrom")  # module <op> here holds forward/backward
 AUTO_DEVICES = ("cuda",)  # the interpreter is a correctness tool, never picked by `auto`
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # tiles over head_dim are the next power of two (masked); 256 would not fit shared memory

@@ -45,9 +45,11 @@ _KEY = ["SB", "BS", "BLOCK_D", "DROPOUT"]  # SB: seq bucket
 
 
 @triton.jit
-def _own_block_rows(pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P: tl.constexpr):
-    """The program's rows (a BLOCK_P tile of layout block `blk`), which of them are real, its LUT row (a
-    pointer) and how many blocks the row lists (0 when none of the program's rows is real)."""
+def _program(REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+    """What every kernel here starts from: `program_ids`, the program's rows (a BLOCK_P tile of layout block
+    `blk`), which of them are real, its LUT row (a pointer), how many blocks the row lists (0 when none of the
+    program's rows is real) and how many BLOCK_O sub-tiles a block of the other side has."""
+    pid, bh, b, base, lbase = program_ids(H, S, D)
     n_sub_p = tl.cdiv(BS, BLOCK_P)
     blk = pid // n_sub_p
     r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -55,7 +57,8 @@ def _own_block_rows(pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLO
     pos = blk * BS + r
     own = valid & (tl.load(REAL + b * S + pos, mask=valid, other=0) != 0)
     n_blocks = tl.where(tl.sum(own.to(tl.int32), 0) > 0, tl.load(CNT + (bh % H) * LUT_HS * NB + blk), 0)
-    return pos, valid, own, LUT + (bh % H) * LUT_HS * NB * WIDTH + blk * WIDTH, n_blocks
+    lut = LUT + (bh % H) * LUT_HS * NB * WIDTH + blk * WIDTH
+    return bh, b, base, lbase, pos, valid, own, lut, n_blocks, tl.cdiv(BS, BLOCK_O)
 
 
 @triton.jit
@@ -63,6 +66,17 @@ def _sub_tile(blk, it, n_sub_o, BS, BLOCK_O: tl.constexpr):
     """Rows of loop step `it` inside layout block `blk` (sub-tile it % n_sub_o), and which exist."""
     c = (it % n_sub_o) * BLOCK_O + tl.arange(0, BLOCK_O)
     return blk * BS + c, c < BS
+
+
+@triton.jit
+def _key_tile(blk, it, n_sub_o, BS, b, S, own, REAL, K, V, base, dd, dmask, D, CT: tl.constexpr,
+              BLOCK_O: tl.constexpr):  # fmt: skip
+    """Loop step `it` of a program that owns query rows: key rows j in layout block `blk`, the visible (query,
+    key) pairs, and the k and v tiles."""
+    j, jin = _sub_tile(blk, it, n_sub_o, BS, BLOCK_O)
+    ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
+    k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+    return j, ok, k, load_rows(V + base, j, jin, dd, dmask, D, CT)
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
@@ -73,11 +87,9 @@ def _fwd(
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
     LUT_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, own, lut, n_blocks = _own_block_rows(
-        pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    bh, b, base, lbase, pos, valid, own, lut, n_blocks, n_sub_o = _program(
+        REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P, BLOCK_O
     )
-    n_sub_o = tl.cdiv(BS, BLOCK_O)
     dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     # The LUT row is loaded once, as a vector, and each key block picked out of it in registers: the K/V
     # addresses then depend on no load inside the loop, so Triton's pipeliner prefetches K/V num_stages - 1
@@ -88,10 +100,8 @@ def _fwd(
     slot = tl.arange(0, LUT_BLOCK)
     row = tl.load(lut + slot, mask=slot < n_blocks, other=0)
     for it in range(0, n_blocks * n_sub_o):
-        j, jin = _sub_tile(tl.sum(tl.where(slot == it // n_sub_o, row, 0), 0), it, n_sub_o, BS, BLOCK_O)
-        ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
-        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        blk = tl.sum(tl.where(slot == it // n_sub_o, row, 0), 0)
+        j, ok, k, v = _key_tile(blk, it, n_sub_o, BS, b, S, own, REAL, K, V, base, dd, dmask, D, CT, BLOCK_O)
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
                                        bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
@@ -104,19 +114,15 @@ def _bwd_dq(
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, own, lut, n_blocks = _own_block_rows(
-        pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    bh, b, base, lbase, pos, valid, own, lut, n_blocks, n_sub_o = _program(
+        REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P, BLOCK_O
     )
-    n_sub_o = tl.cdiv(BS, BLOCK_O)
     dd, dmask, q, do, lse2, delta, dq = dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
     )
     for it in range(0, n_blocks * n_sub_o):
-        j, jin = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)
-        ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
-        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        blk = tl.load(lut + it // n_sub_o)
+        j, ok, k, v = _key_tile(blk, it, n_sub_o, BS, b, S, own, REAL, K, V, base, dd, dmask, D, CT, BLOCK_O)
         dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
                            bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store_rows(DQ, base, pos, valid, dd, dmask, D, dq * scale)
@@ -130,11 +136,9 @@ def _bwd_dkv(
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     # Own rows are keys of a key block; LUT here is the transposed layout's (query blocks per key block).
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, own, lut, n_blocks = _own_block_rows(
-        pid, bh, b, REAL, LUT, CNT, S, H, BS, NB, WIDTH, LUT_HS, BLOCK_P
+    bh, b, base, lbase, pos, valid, own, lut, n_blocks, n_sub_o = _program(
+        REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P, BLOCK_O
     )
-    n_sub_o = tl.cdiv(BS, BLOCK_O)
     dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_blocks * n_sub_o):
         i, iok = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)

@@ -65,23 +65,38 @@ def _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.con
 
 
 @triton.jit
-def _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O: tl.constexpr):
-    """Local key tile at j0: rows, which exist (the loads' mask), visible (query, key) pairs."""
-    j = j0 + tl.arange(0, BLOCK_O)
-    jin = j < hi
-    return j, jin, own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
+def _program(KMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
+    """What both kernels start from: `program_ids`, the (batch, head) offset in KX/VX, the own rows and local
+    key range (`_own_rows`), and the starts of the query block's left and right sparse windows."""
+    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
+    left = tl.load(STARTS + qb * 2)
+    right = tl.load(STARTS + qb * 2 + 1)
+    return bh, b, base, lbase, bh.to(tl.int64) * SX * D, pos, valid, own, lo, hi, left, right
 
 
 @triton.jit
-def _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O: tl.constexpr):
+def _local_keys(j0, b, hi, own, KMASK, S, K, V, base, dd, dmask, D, CT: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Local key tile at j0: rows, which exist (the loads' mask), visible (query, key) pairs, k and v tiles."""
+    j = j0 + tl.arange(0, BLOCK_O)
+    jin = j < hi
+    ok = own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
+    k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+    return j, jin, ok, k, load_rows(V + base, j, jin, dd, dmask, D, CT)
+
+
+@triton.jit
+def _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, KX, VX, xbase, dd, dmask, D, CT: tl.constexpr,
+                BLOCK_O: tl.constexpr):  # fmt: skip
     """Extra-key tile at slot c0 (G globals, then the left and right sparse windows): KX rows, which exist,
-    visible (query, key) pairs."""
+    visible (query, key) pairs, k and v tiles."""
     c = c0 + tl.arange(0, BLOCK_O)
     sp = tl.where(c < G + SBS, left + (c - G), right + (c - G - SBS))
     x = tl.where(c < G, c, G + sp)
     xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
     ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
-    return x, xin, ok
+    k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
+    return x, xin, ok, k, load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
 
 
 @triton.jit
@@ -108,22 +123,17 @@ def _fwd(
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
-    xbase = bh.to(tl.int64) * SX * D
+    bh, b, base, lbase, xbase, pos, valid, own, lo, hi, left, right = _program(
+        KMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
+    )
     dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for j0 in range(lo, hi, BLOCK_O):
-        j, jin, ok = _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O)
-        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        j, jin, ok, k, v = _local_keys(j0, b, hi, own, KMASK, S, K, V, base, dd, dmask, D, CT, BLOCK_O)
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
                                        bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    left = tl.load(STARTS + qb * 2)
-    right = tl.load(STARTS + qb * 2 + 1)
     for c0 in range(0, NX, BLOCK_O):
-        x, xin, ok = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O)
-        k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
-        v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
+        x, xin, ok, k, v = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, KX, VX, xbase, dd, dmask,
+                                       D, CT, BLOCK_O)  # fmt: skip
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None],
                                        _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off,
                                        rng_thr, rng_scale, DROPOUT)  # fmt: skip
@@ -139,25 +149,20 @@ def _bwd(
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
-    xbase = bh.to(tl.int64) * SX * D
+    bh, b, base, lbase, xbase, pos, valid, own, lo, hi, left, right = _program(
+        KMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
+    )
     dd, dmask, q, do, lse2, delta, dq = dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
     )
     for j0 in range(lo, hi, BLOCK_O):
-        j, jin, ok = _local_keys(j0, b, hi, own, KMASK, S, BLOCK_O)
-        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        j, jin, ok, k, v = _local_keys(j0, b, hi, own, KMASK, S, K, V, base, dd, dmask, D, CT, BLOCK_O)
         dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
                             bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
         _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
-    left = tl.load(STARTS + qb * 2)
-    right = tl.load(STARTS + qb * 2 + 1)
     for c0 in range(0, NX, BLOCK_O):
-        x, xin, ok = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, BLOCK_O)
-        k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
-        v = load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
+        x, xin, ok, k, v = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, KX, VX, xbase, dd, dmask,
+                                       D, CT, BLOCK_O)  # fmt: skip
         dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None],
                             _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr,
                             rng_scale, DROPOUT)  # fmt: skip

@@ -49,14 +49,26 @@ _KEY = ["SQB", "SKB", "BLOCK_D", "DROPOUT"]  # sequence buckets
 
 
 @triton.jit
-def _keys(start, b, SK, valid, REAL, HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr):
-    """Key tile at `start`: its rows, which exist (the loads' mask), and the visible (query, key) pairs."""
+def _own_rows(H, SQ, SK, D, N, BLOCK_P: tl.constexpr):
+    """The program's ids and offsets (`program_ids`, with `kbase` the (batch, head) offset in k and v), its
+    BLOCK_P rows (queries, or keys for dK/dV) and which of them exist (< N)."""
+    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    return bh, b, qbase, lbase, bh.to(tl.int64) * SK * D, pos, pos < N
+
+
+@triton.jit
+def _key_tile(K, V, kbase, start, b, SK, valid, REAL, dd, dmask, D, CT: tl.constexpr, HAS_MASK: tl.constexpr,
+              BLOCK_O: tl.constexpr):  # fmt: skip
+    """Key tile at `start`: its columns j, the visible (query, key) pairs, and its k and v rows."""
     j = start + tl.arange(0, BLOCK_O)
     jin = j < SK
     seen = jin
     if HAS_MASK:
         seen = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
-    return j, jin, valid[:, None] & seen[None, :]
+    k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
+    v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
+    return j, valid[:, None] & seen[None, :], k, v
 
 
 @triton.autotune(configs=configs("fwd"), key=_KEY)
@@ -67,15 +79,10 @@ def _fwd(
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
-    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = pos < SQ
-    kbase = bh.to(tl.int64) * SK * D
+    bh, b, qbase, lbase, kbase, pos, valid = _own_rows(H, SQ, SK, D, SQ, BLOCK_P)
     dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, qbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SK, BLOCK_O):
-        j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
-        k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
+        j, ok, k, v = _key_tile(K, V, kbase, start, b, SK, valid, REAL, dd, dmask, D, CT, HAS_MASK, BLOCK_O)
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
                                        bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     finish_store(m, row_sum, acc, OUT, LSE, qbase, lbase, pos, valid, dd, dmask, D)
@@ -89,17 +96,12 @@ def _bwd_dq(
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
-    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = pos < SQ
-    kbase = bh.to(tl.int64) * SK * D
+    bh, b, qbase, lbase, kbase, pos, valid = _own_rows(H, SQ, SK, D, SQ, BLOCK_P)
     dd, dmask, q, do, lse2, delta, dq = dq_prologue(
         Q, DO, LSE, DELTA, qbase, lbase, pos, valid, valid, D, CT, BLOCK_P, BLOCK_D
     )
     for start in range(0, SK, BLOCK_O):
-        j, jin, ok = _keys(start, b, SK, valid, REAL, HAS_MASK, BLOCK_O)
-        k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
+        j, ok, k, v = _key_tile(K, V, kbase, start, b, SK, valid, REAL, dd, dmask, D, CT, HAS_MASK, BLOCK_O)
         dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
                            bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store_rows(DQ, qbase, pos, valid, dd, dmask, D, dq * scale)
@@ -113,13 +115,10 @@ def _bwd_dkv(
     HAS_MASK: tl.constexpr, CT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
-    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = pos < SK
+    bh, b, qbase, lbase, kbase, pos, valid = _own_rows(H, SQ, SK, D, SK, BLOCK_P)
     own = valid
     if HAS_MASK:
         own = valid & (tl.load(REAL + b * SK + pos, mask=valid, other=0) != 0)
-    kbase = bh.to(tl.int64) * SK * D
     dd, dmask, k, v, dk, dv = dkv_prologue(K, V, kbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SQ, BLOCK_O):
         i = start + tl.arange(0, BLOCK_O)

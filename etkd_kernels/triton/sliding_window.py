@@ -55,6 +55,17 @@ _KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST", "DROPOUT"]  # S
 
 
 @triton.jit
+def _program(H, S, D, W, KIND, IDX, CNT, G, GATHER: tl.constexpr, OWN: tl.constexpr, RANGE: tl.constexpr,
+             BAND: tl.constexpr, LIST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):  # fmt: skip
+    """What every kernel here starts from: `program_ids`, its own rows (`_own_rows`) and its loop (`_loop`)."""
+    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
+    n_own = tl.sum(own.to(tl.int32), 0)
+    lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, n_own, RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
+    return bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter
+
+
+@triton.jit
 def _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER: tl.constexpr, OWN: tl.constexpr, BLOCK: tl.constexpr):
     """Positions of the program's own rows, which of them exist, their kinds, and which are of kind OWN."""
     r = pid * BLOCK + tl.arange(0, BLOCK)
@@ -109,6 +120,17 @@ def _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G,
     return j, jin, ok
 
 
+@triton.jit
+def _key_tile(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, K, V, base, dd, dmask, D, CT: tl.constexpr,
+              OTHER: tl.constexpr, BAND: tl.constexpr, BLOCK_O: tl.constexpr):  # fmt: skip
+    """Loop step `it` of a program that owns query rows: the key rows (`_other_rows`), the (query, key) pairs
+    inside the pattern, and the k and v tiles."""
+    j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
+    k = load_rows(K + base, j, jin, dd, dmask, D, CT)
+    v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+    return j, ok, k, v
+
+
 @triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
@@ -118,16 +140,13 @@ def _fwd(
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
-    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
-    lo, n_range, cnt, n_iter = _loop(
-        pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
+    bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter = _program(
+        H, S, D, W, KIND, IDX, CNT, G, GATHER, OWN, RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
+    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_iter):
-        j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
-        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        j, ok, k, v = _key_tile(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, K, V, base, dd, dmask, D,
+                                CT, OTHER, BAND, BLOCK_O)  # fmt: skip
         m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
                                        bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store = valid & ((kind & STORE) != 0)
@@ -143,18 +162,15 @@ def _bwd_dq(
     OWN: tl.constexpr, OTHER: tl.constexpr, STORE: tl.constexpr, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
+    bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter = _program(
+        H, S, D, W, KIND, IDX, CNT, G, GATHER, OWN, RANGE, BAND, LIST, BLOCK_P, BLOCK_O
+    )
     dd, dmask, q, do, lse2, delta, dq = dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
     )
-    lo, n_range, cnt, n_iter = _loop(
-        pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
-    )
     for it in range(0, n_iter):
-        j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
-        k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-        v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+        j, ok, k, v = _key_tile(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, K, V, base, dd, dmask, D,
+                                CT, OTHER, BAND, BLOCK_O)  # fmt: skip
         dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
                            bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store_rows(DQ, base, pos, valid & ((kind & STORE) != 0), dd, dmask, D, dq * scale)
@@ -170,12 +186,10 @@ def _bwd_dkv(
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     # Own rows are keys; the loop runs over query rows (band/all tiles, then the global-query list).
-    pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
-    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
-    lo, n_range, cnt, n_iter = _loop(
-        pid, b, S, W, CNT, tl.sum(own.to(tl.int32), 0), RANGE, BAND, LIST, BLOCK_P, BLOCK_O
+    bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter = _program(
+        H, S, D, W, KIND, IDX, CNT, G, GATHER, OWN, RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
+    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_iter):
         i, iok, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
         q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)

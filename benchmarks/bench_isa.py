@@ -1,4 +1,4 @@
-"""ISA x dtype timing of the cpu kernels, side by side in one run: `python -m etkd_kernels.cpu.bench_isa`.
+"""ISA x dtype timing of the cpu kernels, side by side in one run: `python -m etkd.benchmarks.bench_isa`.
 
 Every (ISA target, emulation) runs in a subprocess of its own (the target is chosen once per process via
 ETKD_CPU_ISA); the rounds alternate between the subprocesses so that load on a shared machine hits every
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = {c: dict(env, ETKD_CPU_PROFILE="1") for c, env in configs.items()}
     rows: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
     phases: dict[str, dict[str, dict[str, list[float]]]] = {c: {} for c in configs}
-    argv_child = [sys.executable, "-m", "etkd_kernels.cpu.bench_isa", "--child", "1", "--seq", str(a.seq)]
+    argv_child = [sys.executable, "-m", "etkd.benchmarks.bench_isa", "--child", "1", "--seq", str(a.seq)]
     argv_child += ["--repeats", str(a.repeats), "--threads", str(a.threads), "--patterns", *a.patterns]
     argv_child += ["--dtypes", *a.dtypes, "--modes", *a.modes]
     print(f"# {_cpu_model()}; SIMD flags: {' '.join(_simd_flags()) or 'unknown'}")
