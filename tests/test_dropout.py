@@ -445,4 +445,6 @@ def test_cpu_results_do_not_depend_on_the_thread_count(op, p, dtype):
     for threads, o, g in res[1:]:
         assert torch.equal(o, o1), f"forward, {threads} threads vs 1"
         for i, (a, b) in enumerate(zip(g, g1)):
-            assert torch.equal(a, b), f"grad[{i}], {threads} threads vs 1: max |diff| {(a - b).abs().max().item():.3g}"
+            assert torch.equal(a, b), (
+                f"grad[{i}], {threads} threads vs 1: max |diff| {(a - b).abs().max().item():.3g}"
+            )
