@@ -9,12 +9,13 @@ expected within a few 1e-2).
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
 from etkd_kernels.timing import time_call
+
+from . import harness
 
 
 def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]:
@@ -25,11 +26,7 @@ def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = harness.parser(__doc__.splitlines()[0], seq=4096, layers=12, repeats=2, threads=2)
     ap.add_argument("--no-warmup", action="store_true", help="time the first call too (long runs)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)

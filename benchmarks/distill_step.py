@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from . import harness
+
 
 def minilm_teacher(layers: int = 6, vocab: int = 30522):
     from etkd.models import EncoderConfig, EncoderModel
@@ -71,12 +73,8 @@ def measure(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6, help="teacher layers (the student keeps every other)")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
+    helps = {"layers": "teacher layers (the student keeps every other)"}
+    p = harness.parser(__doc__, helps, layers=6, seq=128, batch=16, threads=2, repeats=10)
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--kd-masked-only", action="store_true")
     p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32")

@@ -11,6 +11,7 @@ and freed-but-kept heap of earlier rows would hide or inflate it).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import subprocess
@@ -18,7 +19,41 @@ import sys
 
 from etkd_kernels.timing import Environment, PeakMemory, Timing, environment, time_call
 
-__all__ = ["Environment", "PeakMemory", "Timing", "environment", "run_fresh", "run_json", "time_call"]
+__all__ = [
+    "Environment",
+    "PeakMemory",
+    "Timing",
+    "environment",
+    "parser",
+    "run_fresh",
+    "run_json",
+    "time_call",
+]
+
+
+# The flags every measurement script spells the same way (one name per concept): their help texts.
+_SIZE_FLAGS = {
+    "layers": "encoder layers",
+    "seq": "sequence length",
+    "batch": "batch size",
+    "repeats": "timed calls (median)",
+    "threads": "torch threads",
+}
+
+
+def parser(description: str, helps: dict[str, str] | None = None, **defaults: int) -> argparse.ArgumentParser:
+    """An ArgumentParser with the shared size/measurement flags a script uses (`--layers`, `--seq`, `--batch`,
+    `--repeats`, `--threads`), each added when the script gives its default here (`helps`: a script's own
+    wording of a flag's help)."""
+    unknown = set(defaults) - set(_SIZE_FLAGS)
+    if unknown:
+        raise TypeError(f"parser: no shared flag {sorted(unknown)}; expected some of {list(_SIZE_FLAGS)}")
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(description=description, formatter_class=fmt)
+    for name, default in defaults.items():
+        text = (helps or {}).get(name, _SIZE_FLAGS[name])
+        ap.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
+    return ap
 
 
 def run_fresh(target: str, spec: dict, timeout: float | None = None) -> dict:

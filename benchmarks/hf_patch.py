@@ -8,13 +8,13 @@ forward+backward. The unpatched model and its patched deep copy (same weights) a
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 
 import torch
 
+from . import harness
 from .harness import Timing, environment, time_call
 
 
@@ -33,14 +33,10 @@ def _build(layers: int, hidden: int, heads: int, window: int, seq: int):
 def main(argv: list[str] | None = None) -> int:
     import etkd.hf
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=12)
+    p = harness.parser(__doc__.splitlines()[0], layers=12, seq=4096, batch=1, repeats=3)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--window", type=int, default=512)
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--json", help="write the rows here")

@@ -232,18 +232,23 @@ def from_hf(model_or_path, **kwargs) -> EncoderModel:
     sd = hf.state_dict()
     has_pooler = any(re.fullmatch(r"(\w+\.)?pooler\.(dense\.)?weight", k) for k in sd)
     cfg = config_from_hf(hf.config, head, has_pooler)
-    model = EncoderModel(cfg)
-    ours = {}
-    used = set()
+    return load_mapped(EncoderModel(cfg), sd, lambda key: hf_name(key, cfg.source, head), f"from_hf: {name}")
+
+
+def load_mapped(model: EncoderModel, sd: dict, source_of, where: str) -> EncoderModel:
+    """`model` (eval mode) with each of its weights `key` taken from `sd[source_of(key)]`; a missing source
+    (KeyError) and a weight of `sd` with no place in the model (ValueError, IGNORED ones aside) are errors
+    naming `where` (the caller and the checkpoint)."""
+    ours, used = {}, set()
     for key in model.state_dict():
-        src = hf_name(key, cfg.source, head)
+        src = source_of(key)
         if src not in sd:
-            raise KeyError(f"from_hf: {name} has no weight {src!r} (needed for {key!r})")
+            raise KeyError(f"{where} has no weight {src!r} (needed for {key!r})")
         ours[key] = sd[src]
         used.add(src)
     unused = [k for k in sd if k not in used and not IGNORED.search(k)]
     if unused:
-        raise ValueError(f"from_hf: {name} weights with no place in the etkd model: {unused[:8]}")
+        raise ValueError(f"{where}: weights with no place in the etkd model: {unused[:8]}")
     model.load_state_dict(ours)
     return model.eval()
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, EncoderConfig
 from .encoder import SAVE_FORMATS, EncoderModel, apply_umask
-from .hf import FAMILIES, IGNORED, config_from_hf, hf_config, hf_name
+from .hf import FAMILIES, config_from_hf, hf_config, hf_name, load_mapped
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
 LSG_FAMILIES = {"roberta": "Roberta", "bert": "Bert"}
@@ -130,21 +130,14 @@ def load_lsg(directory: str | os.PathLike) -> EncoderModel:
     sd = _read_weights(directory)
     has_pooler = any(re.fullmatch(r"(\w+\.)?pooler\.dense\.weight", k) for k in sd)
     cfg = config_from_lsg(d, head, has_pooler, where)
-    model = EncoderModel(cfg)
-    ours, used = {}, set()
-    for key in model.state_dict():
+
+    def source_of(key: str) -> str:
         src = hf_name(key, family, head)
         if src not in sd and key == "head.decoder.weight" and cfg.tie_word_embeddings:
             src = hf_name("encoder.embeddings.word.weight", family, head)  # tied: saved once
-        if src not in sd:
-            raise KeyError(f"load_lsg: {directory} has no weight {src!r} (needed for {key!r})")
-        ours[key] = sd[src]
-        used.add(src)
-    unused = [k for k in sd if k not in used and not IGNORED.search(k)]
-    if unused:
-        raise ValueError(f"load_lsg: weights in {directory} with no place in the etkd model: {unused[:8]}")
-    model.load_state_dict(ours)
-    return model.eval()
+        return src
+
+    return load_mapped(EncoderModel(cfg), sd, source_of, f"load_lsg: {directory}")
 
 
 def lsg_family(cfg: EncoderConfig) -> str:

@@ -30,6 +30,8 @@ class Pattern:
     label:       the benchmark label, `str.format`-ed with the benchmark's sizes (`benchmarks.providers`)
     hf_model_type: the transformers model_type whose own classes run it (`to_hf`, `etkd bench`'s HF rows);
                  "" for full attention (the checkpoint's own BERT/RoBERTa family), None when there is none
+    hf_unsupported: `fn(config) -> str | None`, why a model of this pattern cannot be written as a BERT/RoBERTa
+                 class running `hf_name` (`--format hf-attention`), None when it can
     """
 
     name: str
@@ -40,6 +42,7 @@ class Pattern:
     hf_settings: dict[str, str] = field(default_factory=dict)
     label: str = ""
     hf_model_type: str | None = None
+    hf_unsupported: Callable[..., str | None] = lambda config: None
 
 
 PATTERNS: dict[str, Pattern] = {}
@@ -88,6 +91,10 @@ register(Pattern(
     ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens",
      "pool_with_global", "mask_first_token", "adaptive"),
     hf_name="etkd_lsg",
+    hf_unsupported=lambda config: (
+        "LSG RoBERTa's global embeddings (prepended tokens) have no place in a BERT/RoBERTa class; write it as "
+        "lsg-converter's checkpoint (save_pretrained(dir, format='lsg'), --format lsg)"
+    ),
     hf_settings={k: k for k in ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type",
                                 "num_global_tokens")},
     label="LSG {LSG_BLOCK} (+{LSG_BLOCK} pooled each side)",
@@ -95,6 +102,9 @@ register(Pattern(
 register(Pattern(
     "nystrom", "nystrom", attention.nystrom, ("num_landmarks", "pinv_iterations", "pinv_init", "conv_kernel_size"),
     hf_name="etkd_nystrom",
+    hf_unsupported=lambda config: (
+        "a Nystrom conv term has no place in a BERT/RoBERTa class" if config.conv_kernel_size is not None else None
+    ),
     hf_settings={k: k for k in ("num_landmarks", "pinv_iterations", "pinv_init")},
     label="Nyström {LANDMARKS} landmarks", hf_model_type="nystromformer",
 ))  # fmt: skip

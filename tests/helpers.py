@@ -168,3 +168,17 @@ class SameDropoutMasks:
         j = (i - w + ar(c) - g).expand(b, s, 1, c).clone()
         j[..., :g] = order[:, None, None, :]
         return (ar(b)[:, None] * h + ar(h))[:, None, :, None], i, j.clamp(0, s - 1)
+
+
+def sliding_window_call(window: int, global_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None):
+    """`call(q, k, v, *global_qkv, backend)`: `sliding_window_attention` with these settings, for the parity
+    helpers; three trailing tensors are the separate global projections, none means q/k/v serve globals too."""
+    from etkd_kernels import sliding_window_attention
+
+    def call(q, k, v, *qkv_g, backend):
+        return sliding_window_attention(
+            q, k, v, window, global_mask=global_mask, global_qkv=tuple(qkv_g) or None,
+            key_padding_mask=key_padding_mask, backend=backend,
+        )  # fmt: skip
+
+    return call

@@ -105,13 +105,19 @@ def test_platt_scaling():
     assert torch.isfinite(loss)
 
 
-def test_distillation_loss_by_hand():
+def _student_teacher(b: int, s: int, v: int, d: int):
+    """Seeded float64 (student logits, teacher logits, student hidden, teacher hidden); the student's take
+    gradients."""
     torch.manual_seed(0)
-    b, s, v, d = 2, 5, 7, 4
     zs = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)
     zt = torch.randn(b, s, v, dtype=torch.float64)
     hs = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
-    ht = torch.randn(b, s, d, dtype=torch.float64)
+    return zs, zt, hs, torch.randn(b, s, d, dtype=torch.float64)
+
+
+def test_distillation_loss_by_hand():
+    b, s, v, d = 2, 5, 7, 4
+    zs, zt, hs, ht = _student_teacher(b, s, v, d)
     labels = torch.full((b, s), -100)
     labels[0, 1], labels[1, 3] = 3, 6
     mask = torch.ones(b, s, dtype=torch.bool)
@@ -159,12 +165,8 @@ def test_distillation_loss_errors_and_edge_cases():
                                                       (0.0, 5.0, True), (0.0, 0.0, False)])  # fmt: skip
 def test_distillation_loss_on_logit_rows_equals_full_logits(alpha, beta, masked_only):
     """Issue 29: logits computed only at `logit_positions` give the loss and gradients of the full logits."""
-    torch.manual_seed(0)
     b, s, v, d = 3, 6, 11, 4
-    zs = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)
-    zt = torch.randn(b, s, v, dtype=torch.float64)
-    hs = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
-    ht = torch.randn(b, s, d, dtype=torch.float64)
+    zs, zt, hs, ht = _student_teacher(b, s, v, d)
     mask = torch.ones(b, s, dtype=torch.bool)
     mask[2, 3:] = False
     labels = torch.where(

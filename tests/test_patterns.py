@@ -42,6 +42,28 @@ def test_every_consumer_reads_the_registry():
         EncoderConfig(attention="performer")
 
 
+@pytest.mark.parametrize(
+    "attention,extra,match",
+    [
+        ("lsg", {}, "LSG RoBERTa's global embeddings"),  # prepended global tokens: no BERT/RoBERTa weight
+        ("nystrom", {"conv_kernel_size": 3}, "Nystrom conv term"),  # a depthwise conv BERT has no place for
+    ],
+)
+def test_hf_attention_export_refuses_what_the_registry_says(attention, extra, match):
+    from etkd.hf import UnsupportedConfigError
+    from etkd.hf.export import to_hf_attention
+
+    cfg = EncoderConfig(attention=attention, hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32,
+                        vocab_size=50, max_positions=64, **extra)  # fmt: skip
+    assert PATTERNS[attention].hf_unsupported(cfg)
+    with pytest.raises(UnsupportedConfigError, match=match):
+        to_hf_attention(EncoderModel(cfg))
+    if extra:  # the same pattern without the setting is written
+        plain = cfg.replace(**{k: None for k in extra})
+        assert PATTERNS[attention].hf_unsupported(plain) is None
+        assert to_hf_attention(EncoderModel(plain)).config._attn_implementation == PATTERNS[attention].hf_name
+
+
 def _fixed_dense_mask(seq: int, block: int, local: int, summary: int) -> torch.Tensor:
     """(seq, seq) bool: query i sees key j when j's block is in i's segment or is a segment's summary block
     (Sparse Transformer's fixed pattern, written token by token)."""

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, sliding_window_call
 
 from etkd_kernels import (
     BlockLayout,
     bigbird_layout,
     block_sparse_attention,
     nystrom_attention,
-    sliding_window_attention,
 )
 
 # Skipped per test at run time without a GPU or under TRITON_INTERPRET=1 (tests/conftest.py), so these tests
@@ -65,19 +64,7 @@ def test_sliding_window_parity_gpu(dtype, separate):
     tensors = [torch.randn(b, h, s, d, device=dev, dtype=dtype) for _ in range(6 if separate else 3)]
     gm, kpm = _masks(b, s, dev)
 
-    def call(q, k, v, *g, backend):
-        return sliding_window_attention(
-            q,
-            k,
-            v,
-            window,
-            global_mask=gm,
-            global_qkv=tuple(g) or None,
-            key_padding_mask=kpm,
-            backend=backend,
-        )
-
-    _parity(call, tensors, dtype, "sliding_window")
+    _parity(sliding_window_call(window, gm, kpm), tensors, dtype, "sliding_window")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, sliding_window_call  # noqa: E402
 
 from etkd_kernels import (  # noqa: E402
     BlockLayout,
@@ -105,19 +105,7 @@ SW_CASES = [
 def test_sliding_window_matches_reference(b, h, s, d, window, globals_at, padded_tail, separate, dtype):
     tensors, gm, kpm = _sw_inputs(b, h, s, d, globals_at, padded_tail, separate, dtype)
 
-    def call(q, k, v, *qkv_g, backend):
-        return sliding_window_attention(
-            q,
-            k,
-            v,
-            window,
-            global_mask=gm,
-            global_qkv=tuple(qkv_g) or None,
-            key_padding_mask=kpm,
-            backend=backend,
-        )
-
-    _parity(call, tensors, dtype, "sliding_window")
+    _parity(sliding_window_call(window, gm, kpm), tensors, dtype, "sliding_window")
 
 
 def test_sliding_window_lse_matches_reference():

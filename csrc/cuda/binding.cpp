@@ -131,19 +131,31 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& q_prepared
   return {out, lse};
 }
 
-// The params of a backward launch: the inputs' args, the saved tensors and the float32 gradient workspaces.
+// A backward launch: the saved tensors checked and prepared, the float32 gradient workspaces, and the params
+// pointing at them (the tensors live here until the launch is done).
+template <class Params>
+struct Backward {
+  Tensor dout, out, lse, dq, dk, dv;
+  Params p{};
+};
+
 template <class Params, class Args>
-Params backward_params(const Args& args, const Tensor& dout, const Tensor& out, const Tensor& lse, Tensor& dq,
-                       Tensor& dk, Tensor& dv) {
+Backward<Params> backward_of(const Args& args, const Tensor& grad_out, const Tensor& q, const Tensor& out,
+                             const Tensor& lse, const char* op) {
+  const Tensor dout = check_like(grad_out, q, op, "grad_out");
+  const Tensor o = check_like(out, q, op, "out");
+  check_lse(lse, q, op);
+  const Tensor lse_c = lse.contiguous();
+  Tensor dq = workspace(q), dk = workspace(q), dv = workspace(q);
   Params p{};
   p.args = args;
   p.grad_out = dout.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.out = o.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
-  return p;
+  return {dout, o, lse_c, dq, dk, dv, p};
 }
 
 // ---- sliding window -------------------------------------------------------------------------------------
@@ -223,18 +235,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
   const c10::cuda::CUDAGuard guard(q.device());
   SlidingWindowInputs in = sliding_window_inputs(q, k, v, window, global_mask, qg, kg, vg, key_padding_mask, scale,
                                                  dropout_of(dropout_p, seed, offset, op), op);
-  const Tensor dout = check_like(grad_out, q, op, "grad_out");
-  const Tensor o = check_like(out, q, op, "out");
-  check_lse(lse, q, op);
-  const Tensor lse_c = lse.contiguous();
-  Tensor dq = workspace(q), dk = workspace(q), dv = workspace(q);
+  auto bw = backward_of<etkd::cuda::SlidingWindowBwdParams>(in.args, grad_out, q, out, lse, op);
+  auto& p = bw.p;
   Tensor dqg, dkg, dvg;
   if (in.separate_global) {
     dqg = workspace(q);
     dkg = workspace(q);
     dvg = workspace(q);
   }
-  auto p = backward_params<etkd::cuda::SlidingWindowBwdParams>(in.args, dout, o, lse_c, dq, dk, dv);
   const bool empty = q.numel() == 0;
   // Without separate projections the global rows' gradients land in dq/dk/dv (disjoint dq rows; dk/dv
   // are atomic adds, so sharing is safe).
@@ -245,9 +253,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sliding_window_bwd(
   // Schemas cannot return None in a tuple of Tensors: absent global grads are empty tensors, which the
   // Python module turns back into None.
   const Tensor none = at::empty({0}, q.options());
-  return {as_input_dtype(dq, q),
-          as_input_dtype(dk, q),
-          as_input_dtype(dv, q),
+  return {as_input_dtype(bw.dq, q),
+          as_input_dtype(bw.dk, q),
+          as_input_dtype(bw.dv, q),
           in.separate_global ? as_input_dtype(dqg, q) : none,
           in.separate_global ? as_input_dtype(dkg, q) : none,
           in.separate_global ? as_input_dtype(dvg, q) : none};
@@ -316,14 +324,9 @@ std::tuple<Tensor, Tensor, Tensor> block_sparse_bwd(const Tensor& grad_out, cons
   const c10::cuda::CUDAGuard guard(q.device());
   BlockSparseInputs in = block_sparse_inputs(q, k, v, lut, lut_count, block_size, key_padding_mask, scale,
                                              dropout_of(dropout_p, seed, offset, op), op);
-  const Tensor dout = check_like(grad_out, q, op, "grad_out");
-  const Tensor o = check_like(out, q, op, "out");
-  check_lse(lse, q, op);
-  const Tensor lse_c = lse.contiguous();
-  Tensor dq = workspace(q), dk = workspace(q), dv = workspace(q);
-  const auto p = backward_params<etkd::cuda::BlockSparseBwdParams>(in.args, dout, o, lse_c, dq, dk, dv);
-  if (q.numel() != 0) check_launch(etkd::cuda::block_sparse_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), op);
-  return {as_input_dtype(dq, q), as_input_dtype(dk, q), as_input_dtype(dv, q)};
+  const auto bw = backward_of<etkd::cuda::BlockSparseBwdParams>(in.args, grad_out, q, out, lse, op);
+  if (q.numel() != 0) check_launch(etkd::cuda::block_sparse_bwd(bw.p, c10::cuda::getCurrentCUDAStream().stream()), op);
+  return {as_input_dtype(bw.dq, q), as_input_dtype(bw.dk, q), as_input_dtype(bw.dv, q)};
 }
 
 }  // namespace

@@ -23,10 +23,6 @@ def attention_settings(cfg) -> tuple[str, dict]:
         raise UnsupportedConfigError(
             f"to_hf_attention: attention {cfg.attention!r} has no attn_implementation name in etkd.hf"
         )
-    if cfg.attention == "nystrom" and cfg.conv_kernel_size is not None:
-        raise UnsupportedConfigError(
-            "to_hf_attention: a Nystrom conv term has no place in a BERT/RoBERTa class"
-        )
     return pattern.hf_name, {key: getattr(cfg, f) for key, f in pattern.hf_settings.items()}
 
 
@@ -37,11 +33,9 @@ def to_hf_attention(model: EncoderModel):
     Longformer global projections cannot be carried (BERT/RoBERTa have none): they must equal the local ones
     (as `convert` initialises them), else this raises."""
     cfg = model.config
-    if cfg.attention == "lsg":
-        raise UnsupportedConfigError(
-            "to_hf_attention: LSG RoBERTa's global embeddings (prepended tokens) have no place in a BERT/RoBERTa "
-            "class; write it as lsg-converter's checkpoint (save_pretrained(dir, format='lsg'), --format lsg)"
-        )
+    why = PATTERNS[cfg.attention].hf_unsupported(cfg)
+    if why is not None:
+        raise UnsupportedConfigError(f"to_hf_attention: {why}")
     name, settings = attention_settings(cfg)
     sd = model.state_dict()
     if cfg.global_projections:
