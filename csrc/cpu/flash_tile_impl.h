@@ -658,14 +658,34 @@ void pack_keys_t(const T* k, int64_t lo, int64_t hi, int64_t d, KeysT& kt, std::
   }
 }
 
+// 64-byte aligned storage for the buffers the tile products read and write: MKL's conditions for reproducible
+// results are a fixed thread count (BlasOneThread) and, recommended, 64-byte aligned operands; malloc's alignment of
+// a worker's scratch is whatever the heap gives that thread.
+template <class T>
+struct Align64 {
+  using value_type = T;
+  Align64() = default;
+  template <class U>
+  Align64(const Align64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* x, size_t) { ::operator delete(x, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Align64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Align64<U>&) const { return false; }
+};
+template <class T>
+using AVec = std::vector<T, Align64<T>>;
+
 template <class T, class C>
 struct Work {
   // inputs converted to C: K/V once per forward task (prepare_sources), Q per tile; per tile in the backward
   static constexpr bool kConvert = !std::is_same_v<T, C>;
   static constexpr bool kNarrow = !std::is_same_v<C, float>;  // P and dS rounded to C for the products
-  std::vector<float> s, dp, acc, m, l;
-  std::vector<C> s16, dp16, qb, kb, vb, db;
-  std::vector<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
+  AVec<float> s, dp, acc;
+  std::vector<float> m, l;
+  AVec<C> s16, dp16, qb, kb, vb, db;
+  AVec<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
   Packed packed[2];             // forward, packed bf16 path: K/V of a task's key range
   KeysT kt[2], vt[2];           // own fp32 products: K^T (and V^T in the backward) of a task's key range
   std::vector<float> tmp;       // pack_keys_t's scratch
@@ -677,7 +697,7 @@ struct Work {
   int64_t b = 0, bh = 0;            // the task's batch and batch * H + head (dropout counters)
   std::vector<uint64_t> keep;  // dropout: keep bits of every row of a tile over one segment (tile_keep)
   std::vector<Keep> keeps;     // each tile row's bits in `keep`
-  std::vector<float> pd;       // backward with dropout: P with the dropped entries zeroed
+  AVec<float> pd;              // backward with dropout: P with the dropped entries zeroed
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
       : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * (kMaxSeg + 2 * kPackN)), acc(bq * d), m(bq), l(bq),
@@ -1474,6 +1494,7 @@ void forward_as(const Problem& p, T* out, float* lse) {
 #endif
   const bool own = std::is_same_v<C, float> && own_ok(p);
   at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    const BlasOneThread blas;
     Work<T, C> w(p.bq, p.D);
     w.own = own;
     w.amx = amx;
@@ -1519,7 +1540,7 @@ constexpr int64_t kBackwardTasks = 16;
 // A backward chunk after the first of its pair: dK/dV of the keys its tiles visit ([lo[i], hi[i]) of source i), in
 // private buffers added to the pair's gradients after every task is done, chunk by chunk.
 struct Partial {
-  std::vector<float> buf;  // per source with keys: dk, then dv, (hi - lo) x D each
+  AVec<float> buf;  // per source with keys: dk, then dv, (hi - lo) x D each
   int64_t lo[2] = {0, 0}, hi[2] = {0, 0};
 };
 
@@ -1544,6 +1565,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
           !p.drop.on;  // backward_tile_dp has no dropout step: with dropout the tiles take MKL's bf16 GEMM
 #endif
   at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    const BlasOneThread blas;
     Work<T, C> w(p.bq, d);
     w.own = own;
     for (int64_t t = begin; t < end; ++t) {
@@ -1574,7 +1596,6 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
         }
       }
       if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
-        const int64_t limit[2] = {p.Sk, p.Sx};
         for (int i = 0; i < 2; ++i) {
           if (hi[i] <= lo[i]) continue;
           if constexpr (std::is_same_v<C, float>) {
@@ -1583,7 +1604,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
           }
 #if ETKD_NATIVE_BF16
           else {
-            pack_keys(src[i].k, src[i].v, lo[i], hi[i], limit[i], d, w.packed[i], true);
+            pack_keys(src[i].k, src[i].v, lo[i], hi[i], i == 0 ? p.Sk : p.Sx, d, w.packed[i], true);
           }
 #endif
         }

@@ -15,8 +15,20 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
+// MKL's per-thread thread count (Fortran interface; returns the previous setting, 0 = the global one); weak: absent
+// when libtorch_cpu has no MKL.
+extern "C" int mkl_set_num_threads_local_(const int* nt) __attribute__((weak));
 
 namespace etkd::cpu {
+
+BlasOneThread::BlasOneThread() {
+  const int one = 1;
+  prev = mkl_set_num_threads_local_ ? mkl_set_num_threads_local_(&one) : 0;
+}
+
+BlasOneThread::~BlasOneThread() {
+  if (mkl_set_num_threads_local_) mkl_set_num_threads_local_(&prev);
+}
 
 #if defined(__x86_64__)
 #if ETKD_HAVE_AVX2
