@@ -1,23 +1,31 @@
 """What attention dropout costs (issue 27): forward + backward of etkd's ops with dropout_p = 0.1 over the same
 call with p = 0 (target: <= 1.15x for the sliding window and block-sparse ops on `cpu` at 4096, batch 1,
 12 heads x 64, fp32), and HF's own attention core with its dropout on (training mode, p = 0.1) over ours with
-dropout, side by side from one run:
+dropout, side by side from one run. For LSG, Nystrom and full attention, whose `cpu` dropout used to fall back to
+`reference`, the row also times that fallback (`reference` with p = 0.1) over ours with dropout:
 
-    python -m etkd.benchmarks.dropout                     # seq 4096, backend cpu, 2 threads
+    python -m etkd.benchmarks.dropout                     # seq 4096, backend cpu, 2 threads, every pattern
+    python -m etkd.benchmarks.dropout --patterns full --seq 2048
     python -m etkd.benchmarks.dropout --seq 1024 --repeats 5 --backend reference
 
 The inputs, layouts and HF modules are `providers.build`'s (Longformer window 512 + 1 global token with the
-separate global projections; BigBird 64-blocks 3 + 2 + 3), so the rows compare with `python -m
-etkd.benchmarks.core`. HF's BigBirdBlockSparseAttention applies no attention dropout at all (transformers 5.25:
-only the full-attention BigBirdSelfAttention has `self.dropout`), so its row is HF without dropout, and says so.
+separate global projections; BigBird 64-blocks 3 + 2 + 3; LSG blocks of 128, pooling f = 2, 1 global; Nystrom 64
+landmarks, pinv_init hf_global), so the rows compare with `python -m etkd.benchmarks.core`; "full" is dense attention
+on random q, k, v of the same shape. HF's BigBirdBlockSparseAttention applies no attention dropout at all
+(transformers 5.25: only the full-attention BigBirdSelfAttention has `self.dropout`), and neither does
+NystromformerSelfAttention (its `self.dropout` is never called), so their rows are HF without dropout, and say so;
+transformers has no LSG attention; for "full" the baseline is torch's SDPA with dropout_p (the path HF's BERT/RoBERTa
+`sdpa` attention takes in training: on a CPU, the unfused math kernel).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import etkd_kernels as ek
 
@@ -25,12 +33,26 @@ from . import hf_reference as hr
 from . import providers as P
 from .harness import environment, time_call
 
-PATTERNS = ("longformer", "bigbird")
+PATTERNS = ("longformer", "bigbird", "lsg", "nystrom", "full")
+# Patterns whose `cpu` dropout replaced a fallback to `reference` (issue 27): their rows time that fallback too.
+FALLBACK_REPLACED = ("lsg", "nystrom", "full")
 
 
 def _hf_core_with_dropout(pattern: str, setup: P.Setup, p: float):
-    """(callable, args, note): HF's core (projections precomputed) in training mode with attention dropout p."""
+    """(callable, args, note): HF's core (projections precomputed) in training mode with attention dropout p, or
+    None where transformers has no such module."""
     hidden = setup.heads * setup.head_dim
+    if pattern == "lsg":
+        return None
+    if pattern == "full":
+        note = f"torch SDPA dropout_p={p} (HF BERT/RoBERTa sdpa attention in training)"
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=p)), setup.args, note
+    if pattern == "nystrom":
+        mod = hr.nystrom_module(hidden, setup.heads, setup.seq, P.LANDMARKS).to(setup.device, setup.dtype)
+        core = P.cached_projections(mod, ("query", "key", "value")).train()
+        x, real, _ = P._inputs(setup.batch, setup.seq, hidden, setup.device, setup.dtype)
+        note = "NystromformerSelfAttention, train: HF never applies its attention dropout"
+        return (lambda x: hr.run_nystrom(core, x, real)), (x,), note
     x, real, glob = P._inputs(setup.batch, setup.seq, hidden, setup.device, setup.dtype)
     if pattern == "longformer":
         mod = hr.longformer_module(hidden, setup.heads, P.WINDOW).to(setup.device, setup.dtype)
@@ -49,30 +71,69 @@ def _hf_core_with_dropout(pattern: str, setup: P.Setup, p: float):
     return (lambda x: hr.run_bigbird(core, x, real)), (x,), note
 
 
+@dataclass
+class _Dense:
+    """The inputs of the "full" rows (providers.build has no dense pattern: SDPA is a provider of every one)."""
+
+    seq: int
+    heads: int = 12
+    head_dim: int = 64
+    batch: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        g = torch.Generator().manual_seed(0)
+        shape = (self.batch, self.heads, self.seq, self.head_dim)
+        self.args = tuple(torch.randn(shape, generator=g).to(self.device, self.dtype) for _ in range(3))
+
+
 def measure(pattern: str, seq: int, backend: str, repeats: int, p: float = 0.1) -> dict:
-    setup = P.build(pattern, seq, backends=[backend])
+    setup = _Dense(seq) if pattern == "full" else P.build(pattern, seq, backends=[backend])
+    args = setup.args if pattern == "full" else setup.providers[f"etkd-{backend}"][1]
     name = f"etkd-{backend}"
-    f, args = setup.providers[name]
     ours = {}
     for drop in (0.0, p):
         # with dropout: a fresh seed per call, drawn from torch's generator, as in training
-        g = f if drop == 0 else _with_dropout(pattern, setup, backend, drop)
-        ours[drop] = time_call(P.fwd_bwd_call(g, args), repeats).median
-    hf, hf_args, note = _hf_core_with_dropout(pattern, setup, p)
-    t_hf = time_call(P.fwd_bwd_call(hf, hf_args), repeats).median
-    return {
+        ours[drop] = time_call(
+            P.fwd_bwd_call(_with_dropout(pattern, setup, backend, drop), args), repeats
+        ).median
+    row = {
         "pattern": pattern, "seq": seq, "backend": backend, "mode": "fwd_bwd", "dropout_p": p,
         f"{name}_p0_ms": 1e3 * ours[0.0], f"{name}_p{p}_ms": 1e3 * ours[p],
         "dropout_over_no_dropout": ours[p] / ours[0.0],
-        "hf_core_dropout_ms": 1e3 * t_hf, "hf_core_dropout_over_ours_dropout": t_hf / ours[p], "hf_note": note,
-        "environment": environment(setup.device).as_dict(),
     }  # fmt: skip
+    if pattern in FALLBACK_REPLACED and backend != "reference":
+        t_ref = time_call(P.fwd_bwd_call(_with_dropout(pattern, setup, "reference", p), args), repeats).median
+        row.update(reference_dropout_ms=1e3 * t_ref, reference_dropout_over_ours_dropout=t_ref / ours[p])
+    hf = _hf_core_with_dropout(pattern, setup, p)
+    if hf is None:
+        row["hf_note"] = "transformers has no LSG attention"
+    else:
+        f_hf, hf_args, note = hf
+        t_hf = time_call(P.fwd_bwd_call(f_hf, hf_args), repeats).median
+        row.update(
+            hf_core_dropout_ms=1e3 * t_hf, hf_core_dropout_over_ours_dropout=t_hf / ours[p], hf_note=note
+        )
+    row["environment"] = environment(setup.device).as_dict()
+    return row
 
 
-def _with_dropout(pattern: str, setup: P.Setup, backend: str, p: float):
-    """providers.build's etkd call for `pattern`, with dropout_p = p."""
+def _with_dropout(pattern: str, setup, backend: str, p: float):
+    """providers.build's etkd call for `pattern` (the same settings), with dropout_p = p."""
+    if pattern == "full":
+        return lambda q, k, v: ek.full_attention(q, k, v, dropout_p=p, backend=backend)
     hidden = setup.heads * setup.head_dim
     _, real, glob = P._inputs(setup.batch, setup.seq, hidden, setup.device, setup.dtype)
+    if pattern == "lsg":
+        return lambda q, k, v: ek.lsg_attention(
+            q, k, v, block_size=P.LSG_BLOCK, sparse_block_size=P.LSG_BLOCK, key_padding_mask=real, dropout_p=p,
+            backend=backend,
+        )  # fmt: skip
+    if pattern == "nystrom":
+        return lambda q, k, v: ek.nystrom_attention(
+            q, k, v, P.LANDMARKS, key_padding_mask=real, pinv_init="hf_global", dropout_p=p, backend=backend
+        )
     if pattern == "longformer":
         return lambda q, k, v, *g: ek.sliding_window_attention(
             q, k, v, P.WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, dropout_p=p,

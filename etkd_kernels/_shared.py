@@ -195,6 +195,14 @@ def sparse_windows(n, step: int, sparse_block_size: int, variant: str = "layer")
     return (n - 1) * step - sparse_block_size + left, (n + 2) * step - 2 * o
 
 
+def lsg_key_columns(seq: int, num_global_tokens: int, num_extra: int, device=None) -> torch.Tensor:
+    """The attention-dropout columns (`dropout_keep`'s j, int64 (num_extra,)) of LSG's extra keys [global keys,
+    compressed keys] (`extra_keys`' order): global key x < G is position x, compressed position t is column
+    seq + t (not a sequence position: it draws bits of its own). Every backend passes these to its kernel."""
+    x = torch.arange(num_extra, device=device)
+    return torch.where(x < num_global_tokens, x, seq + x - num_global_tokens)
+
+
 def sparse_keys(
     q, k, v, real, num_global_tokens, block_size, sparsity_factor, sparsity_type, scale, variant="layer",
     sparse_block_size=None,

@@ -8,6 +8,10 @@ outputs and the gradients in the per-backend section at the end (the backends th
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -254,14 +258,25 @@ def test_gradcheck_with_dropout(op):
 
 
 # --- Custom-op machinery with dropout on ------------------------------------------------------------------------
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck_with_dropout(op):
+_NO_CPU = not ek.available_backends()["cpu"].available
+
+
+def _with_cpu(ops, cpu_ops=("full", "lsg", "nystrom")):
+    """(op, backend) cases: `reference` for `ops`, and the cpu kernels of LSG, Nystrom and full attention (issue 27;
+    sliding window and block sparse run on cpu in tests/test_cpu_kernels.py and the parity tests below)."""
+    skip = pytest.mark.skipif(_NO_CPU, reason="cpu backend unavailable")
+    return [(op, "reference") for op in ops] + [pytest.param(op, "cpu", marks=skip) for op in cpu_ops]
+
+
+@pytest.mark.parametrize("op, backend", _with_cpu(OPS))
+def test_opcheck_with_dropout(op, backend):
     """opcheck of `etkd::<op>_fwd` with the arguments the public op passes (dropout on, explicit seed), and of
     `etkd::<op>_bwd` on that forward's outputs (the eager backward calls the forward's backend directly)."""
     leaves = [t.requires_grad_(True) for t in _qkv(n=3 + N_EXTRA.get(op, 0))]
     with _Capture() as cap:
-        _call(op, leaves, dropout_p=0.2, dropout_seed=3, dropout_offset=1)
+        _call(op, leaves, backend=backend, dropout_p=0.2, dropout_seed=3, dropout_offset=1)
     func, args, kwargs = cap.calls[f"etkd::{op}_fwd"]
+    assert args[-1] == backend
     torch.library.opcheck(func, args, kwargs)
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     outs = func(*args, **kwargs)
@@ -270,21 +285,25 @@ def test_opcheck_with_dropout(op):
     torch.library.opcheck(bwd, (torch.randn_like(outs[0]), q, k, v, *outs, *settings, backend))
 
 
-@pytest.mark.parametrize("op", ["sliding_window", "block_sparse", "full"])
-def test_compile_fullgraph_with_dropout(op):
+@pytest.mark.parametrize("op, backend", _with_cpu(["sliding_window", "block_sparse", "full"]))
+def test_compile_fullgraph_with_dropout(op, backend):
     """torch.compile(fullgraph=True): a seeded call equals eager (forward and gradients); unseeded compiled calls
     draw at run time, not at trace time (two calls differ; torch.manual_seed reproduces)."""
     torch._dynamo.reset()
     leaves = [t.requires_grad_(True) for t in _qkv()]
-    seeded = torch.compile(lambda *t: _call(op, list(t), dropout_p=0.2, dropout_seed=5) * 2.0, fullgraph=True)
+    seeded = torch.compile(
+        lambda *t: _call(op, list(t), backend=backend, dropout_p=0.2, dropout_seed=5) * 2.0, fullgraph=True
+    )
     out = seeded(*leaves)
-    eager = _call(op, leaves, dropout_p=0.2, dropout_seed=5) * 2.0
+    eager = _call(op, leaves, backend=backend, dropout_p=0.2, dropout_seed=5) * 2.0
     torch.testing.assert_close(out, eager, atol=1e-6, rtol=0)
     g = torch.autograd.grad(out.sum(), leaves)
     ge = torch.autograd.grad(eager.sum(), leaves)
     for a, e in zip(g, ge):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=0)
-    unseeded = torch.compile(lambda *t: _call(op, list(t), dropout_p=0.2) * 2.0, fullgraph=True)
+    unseeded = torch.compile(
+        lambda *t: _call(op, list(t), backend=backend, dropout_p=0.2) * 2.0, fullgraph=True
+    )
     torch.manual_seed(1)
     a = unseeded(*leaves)
     b = unseeded(*leaves)
@@ -307,10 +326,26 @@ def _no_dropout_pairs():
     return out
 
 
-@pytest.mark.parametrize("op, backend", _no_dropout_pairs())
-def test_backend_without_dropout_says_so(op, backend, monkeypatch):
+def _without_dropout_kernel(op, monkeypatch):
+    """A backend that runs `op` here but declares no dropout for it: a real one if any, else `cpu` with its
+    dropout declaration taken away (every cpu kernel applies dropout since issue 27, so the dispatch path that
+    reports a missing dropout kernel is exercised this way)."""
+    real = [b for o, b in _no_dropout_pairs() if o == op]
+    if real:
+        return real[0]
+    if not ek.available_backends()["cpu"].available:
+        pytest.skip("cpu backend unavailable")
+    import etkd_kernels.cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "DROPOUT_OPS", tuple(o for o in cpu_backend.DROPOUT_OPS if o != op))
+    return "cpu"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backend_without_dropout_says_so(op, monkeypatch):
     """An explicit backend without a dropout kernel raises with the reason; `auto` falls back to reference and
     warns once per (op, device, dtype) saying why."""
+    backend = _without_dropout_kernel(op, monkeypatch)
     leaves = _qkv()
     with pytest.raises(RuntimeError, match="no dropout kernel"):
         _call(op, leaves, backend=backend, dropout_p=0.1, dropout_seed=1)
@@ -323,6 +358,24 @@ def test_backend_without_dropout_says_so(op, backend, monkeypatch):
         _call(op, leaves, backend="auto", dropout_p=0.1, dropout_seed=1)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_auto_takes_the_cpu_dropout_kernel(op):
+    """Every cpu kernel applies dropout: `auto` on CPU tensors picks `cpu` with dropout_p > 0, with no fallback
+    warning, and gives the reference result."""
+    if not ek.available_backends()["cpu"].available:
+        pytest.skip("cpu backend unavailable")
+    assert not _no_dropout_pairs()
+    assert dispatch.resolve(op, dispatch.Problem(CPU, torch.float32, 8, 4, 24, True)).__name__.startswith(
+        "etkd_kernels.cpu"
+    )
+    leaves = _qkv()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = _call(op, leaves, backend="auto", dropout_p=0.1, dropout_seed=1)
+    assert not [w for w in seen if "reference" in str(w.message)], [str(w.message) for w in seen]
+    assert_close(got, _call(op, leaves, backend="reference", dropout_p=0.1, dropout_seed=1), 2e-6, 2e-6)
+
+
 # --- Fused backends against reference: the same keep-mask, outputs and gradients --------------------------------
 def _takes_dropout(backend: str, op: str, dtype=torch.float32) -> bool:
     return not dispatch.reasons(backend, op, dispatch.Problem(CPU, dtype, 16, 4, 64, True))
@@ -333,7 +386,10 @@ FUSED = [(op, b) for op in OPS for b in BACKENDS if b != "reference" and _takes_
 
 def _mask_probe(op, backend, dtype, s, p, seed):
     """q = k = 0 (uniform probabilities over each row's keys) and v = the identity (head_dim = seq): out[b, h, i]
-    is row i of the dropped probabilities, so its non-zero pattern is the keep-mask on the row's keys."""
+    is row i of the dropped probabilities, so its non-zero pattern is the keep-mask on the row's keys. LSG's
+    compressed keys are strided tokens ("stride": distinct identity rows outside the local window, so each
+    compressed key's bit shows on a column of its own); Nystrom is probed in its exact case (landmarks == seq),
+    its landmark columns by the output parity below (a flipped bit moves a row by K1[i, l] X[l] / (1 - p))."""
     b, h = 2, 3
     q = torch.zeros(b, h, s, s, dtype=dtype)
     v = torch.eye(s, dtype=dtype).expand(b, h, s, s).contiguous()
@@ -344,6 +400,15 @@ def _mask_probe(op, backend, dtype, s, p, seed):
         glob = torch.zeros(b, s, dtype=torch.bool)
         glob[0, [0, 37]] = glob[1, 5] = True
         return ek.sliding_window_attention(q, q, v, 16, global_mask=glob, **kw)
+    if op == "full":
+        return ek.full_attention(q, q, v, **kw)
+    if op == "lsg":
+        return ek.lsg_attention(
+            q, q, v, block_size=16, sparse_block_size=8, sparsity_factor=4, sparsity_type="stride",
+            num_global_tokens=2, **kw,
+        )  # fmt: skip
+    if op == "nystrom":
+        return ek.nystrom_attention(q, q, v, s, **kw)
     layout = (
         torch.rand(h, -(-s // 16), -(-s // 16), generator=torch.Generator().manual_seed(1)) < 0.4
     ) | torch.eye(-(-s // 16), dtype=torch.bool)
@@ -375,6 +440,15 @@ def _parity_call(op, backend, leaves, real, extra: bool, **dropout):
     q, k, v, *gqkv = leaves
     s = q.shape[2]
     kw = dict(key_padding_mask=real, backend=backend, **dropout)
+    if op == "full":
+        return ek.full_attention(q, k, v, **kw)
+    if op == "lsg":  # 2 globals, pooled sparse keys (f = 4, windows of 8), blocks of 16 (157: padded inside)
+        return ek.lsg_attention(
+            q, k, v, block_size=16, sparse_block_size=8, sparsity_factor=4, sparsity_type="pooling",
+            num_global_tokens=2, **kw,
+        )  # fmt: skip
+    if op == "nystrom":  # 157 / 8 landmarks: segments of 20, the last one shorter
+        return ek.nystrom_attention(q, k, v, 8, **kw)
     if op == "sliding_window":
         glob = torch.zeros(2, s, dtype=torch.bool)
         glob[0, [1, s // 2]] = glob[1, 0] = True
@@ -409,10 +483,14 @@ def test_fused_outputs_and_gradients_match_reference(op, backend, s, extra):
         assert_close(a, e, 2e-5, 2e-5, name=f"{op}/{backend} grad[{i}]")
 
 
-# The cpu ops on the tile driver (csrc/cpu/flash_tile_impl.h) whose backward must not depend on the thread count:
-# with dropout where the backend takes it, and without.
-DRIVER_OPS = ("sliding_window", "block_sparse", "lsg", "nystrom")
-THREAD_CASES = [(op, p) for op in DRIVER_OPS for p in (0.0, 0.3) if p == 0 or _takes_dropout("cpu", op)]
+# The cpu ops on the tile driver (csrc/cpu/flash_tile_impl.h), whose results must not depend on the thread count:
+# with dropout where the backend takes it, and without (full without dropout is ATen's flash kernel, not the driver).
+THREAD_CASES = [
+    (op, p)
+    for op in OPS
+    for p in (0.0, 0.3)
+    if (p == 0 and op != "full") or (p > 0 and _takes_dropout("cpu", op))
+]
 
 
 @pytest.mark.parametrize("d", [32, 24])  # 24: not whole AVX-512 vectors, so the tile products are BLAS's
@@ -451,3 +529,182 @@ def test_cpu_results_do_not_depend_on_the_thread_count(op, p, dtype, d):
             assert torch.equal(a, b), (
                 f"grad[{i}], {threads} threads vs 1: max |diff| {(a - b).abs().max().item():.3g}"
             )
+
+
+# --- cpu: LSG, Nystrom and full attention with dropout, case by case -------------------------------------------
+# Each case: (op, settings, seq, padding) -> the public op on (2, 3, seq, 32) inputs; the comment says what it covers.
+def _real(s, pad):
+    real = torch.ones(2, s, dtype=torch.bool)
+    if pad == "tail":
+        real[0, max(s - 9, 1) :] = False  # ragged lengths
+    elif pad == "row":
+        real[1] = False  # a fully padded batch row
+    return real
+
+
+CPU_CASES = [
+    ("full", {}, 70, "tail"),  # ragged query tiles (64 + 6)
+    ("full", {}, 40, "row"),  # a batch row with no real token: out 0, no NaN
+    ("full", {}, 1, None),  # seq 1
+    ("nystrom", {"num_landmarks": 8}, 157, "tail"),  # segments of 20, the last one 17
+    ("nystrom", {"num_landmarks": 6, "pinv_init": "hf_global"}, 48, "row"),  # max over every head; padded row
+    ("nystrom", {"num_landmarks": 37}, 37, "tail"),  # landmarks == seq: exact attention, key columns
+    ("nystrom", {"num_landmarks": 1}, 1, None),  # seq 1
+]
+for _variant in ("layer", "model"):
+    for _stype, _f in [("pooling", 4), ("stride", 4), ("block_stride", 2), ("norm", 4), ("bos_pooling", 4)]:
+        # native extra keys (lsg_sparse_keys: pooling, stride, block_stride; not the model files' pooling) and
+        # torch-built ones (norm, bos_pooling); 2 globals, seq 100 padded to 112 inside
+        _sbs = 16 if (_stype, _variant) == ("norm", "model") else 8  # the model files rank norms per window
+        CPU_CASES.append(
+            ("lsg", {"sparsity_type": _stype, "sparsity_factor": _f, "num_global_tokens": 2, "variant": _variant,
+                     "sparse_block_size": _sbs}, 100, "tail")
+        )  # fmt: skip
+CPU_CASES += [
+    ("lsg", {"sparsity_type": "stride", "sparsity_factor": 1, "num_global_tokens": 1}, 64, "row"),  # f = 1
+    ("lsg", {"sparsity_type": "none", "num_global_tokens": 3}, 64, "tail"),  # local + global only
+    ("lsg", {"sparsity_type": "pooling", "num_global_tokens": 0}, 64, None),  # no global token
+    ("lsg", {"sparsity_type": "pooling", "num_global_tokens": 1}, 1, None),  # seq 1
+]
+
+
+def _cpu_case_call(op, settings, leaves, real, backend, **dropout):
+    q, k, v = leaves
+    kw = dict(key_padding_mask=real, backend=backend, **dropout, **settings)
+    if op == "full":
+        return ek.full_attention(q, k, v, **kw)
+    if op == "nystrom":
+        return ek.nystrom_attention(q, k, v, kw.pop("num_landmarks"), **kw)
+    return ek.lsg_attention(q, k, v, block_size=16, **{"sparse_block_size": 8, **kw})
+
+
+def _case_id(case):
+    op, settings, s, pad = case
+    return f"{op}-{'-'.join(f'{k}={v}' for k, v in settings.items())}-s{s}-{pad}"
+
+
+def _cpu_case_results(case, backend, dtype=torch.float32, p=0.25):
+    """(out, grads of q, k, v) of one case with dropout p on `backend`, inputs rounded to dtype."""
+    op, settings, s, pad = case
+    g = torch.Generator().manual_seed(s)
+    leaves = [torch.randn(2, 3, s, 32, generator=g).to(dtype).requires_grad_(True) for _ in range(3)]
+    out = _cpu_case_call(op, settings, leaves, _real(s, pad), backend, dropout_p=p, dropout_seed=2**33 + s,
+                         dropout_offset=9)  # fmt: skip
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return out.detach(), [t.detach() for t in torch.autograd.grad(out, leaves, grad)]
+
+
+cpu_dropout = pytest.mark.skipif(_NO_CPU, reason="cpu backend unavailable")
+
+
+@cpu_dropout
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_cpu_dropout_matches_reference(case):
+    """The cpu kernels with dropout against `reference`: the same keep-mask (a flipped bit would move an output row
+    by a probability / (1 - p), far above the tolerance), outputs and gradients to fp32 tolerance; a padded or
+    empty row is 0, never NaN."""
+    out, grads = _cpu_case_results(case, "cpu")
+    ref, ref_grads = _cpu_case_results(case, "reference")
+    name = _case_id(case)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_close(out, ref, 1e-5, 1e-5, name=f"{name} out")
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, e, 2e-5, 2e-5, name=f"{name} grad[{i}]")
+    without, _ = _cpu_case_results(case, "cpu", p=0.0)
+    if (
+        case[2] > 1
+    ):  # with one key per row the output is v or 0: dropout still changes it unless every bit is kept
+        assert not torch.equal(out, without)
+
+
+@cpu_dropout
+@pytest.mark.parametrize("op", ["full", "lsg", "nystrom"])
+def test_cpu_dropout_bf16_matches_reference(op):
+    """bf16 inputs (native bf16 tiles for full attention; LSG and Nystrom compute in fp32): the float64 reference on
+    the same rounded inputs, within test_cpu_isa's bf16 tolerance."""
+    case = next(c for c in CPU_CASES if c[0] == op and c[2] > 1)
+    out, grads = _cpu_case_results(case, "cpu", torch.bfloat16)
+    ref, ref_grads = _cpu_case_results(case, "reference", torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), ref.float(), 3e-2, name=f"{op} bf16 out")
+    for i, (a, e) in enumerate(zip(grads, ref_grads)):
+        assert_close(a.float(), e.float(), 1.5e-1, name=f"{op} bf16 grad[{i}]")
+
+
+@cpu_dropout
+@pytest.mark.parametrize("case", [c for c in CPU_CASES if c[2] > 1][::3], ids=_case_id)
+def test_cpu_dropout_one_and_two_threads_identical_forward(case):
+    """The forward with dropout is bit for bit the same on 1 and 2 threads (the mask is a function of positions;
+    forward tasks split rows or heads, never a row's sum)."""
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_cpu_case_results(case, "cpu")[0])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+
+
+# --- every ISA target (a subprocess each, as tests/test_cpu_isa.py runs them) -------------------------------------
+_ISA_CASES = [
+    0,
+    3,
+    5,
+    7,
+    10,
+    11,
+    13,
+    17,
+]  # indices into CPU_CASES: full, Nystrom (landmarks, exact), LSG native/torch keys
+_ISA_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_dropout as t
+    from etkd_kernels import _C
+    assert _C.isa() == {isa!r}, _C.isa()
+    torch.set_num_threads(2)
+    res = {{"probe": {{}}, "cases": {{}}}}
+    for op in ("full", "lsg", "nystrom", "sliding_window", "block_sparse"):
+        for dtype in (torch.float32, torch.bfloat16):
+            res["probe"][op, str(dtype)] = t._mask_probe(op, "cpu", dtype, 83, 0.1, 2**40 + 5)
+    for i in t._ISA_CASES:
+        res["cases"][i] = t._cpu_case_results(t.CPU_CASES[i], "cpu")
+    torch.save(res, {path!r})
+    """
+)
+
+
+def _isa_variants():
+    from test_cpu_isa import ISAS, _isa_param
+
+    params = [_isa_param(i) for i in ISAS]
+    amx_off = _isa_param("avx512_bf16")
+    return [pytest.param(p.values[0], "1", marks=p.marks, id=p.values[0]) for p in params] + [
+        pytest.param(amx_off.values[0], "0", marks=amx_off.marks, id="avx512_bf16-amx0")
+    ]
+
+
+@pytest.mark.parametrize("isa, amx", _isa_variants())
+def test_cpu_dropout_every_isa_target(isa, amx, tmp_path):
+    """Under ETKD_CPU_ISA=<target> (and ETKD_CPU_AMX=0: the vdpbf16ps bf16 tiles): the keep-mask probe of every
+    cpu op in fp32 and bf16 equals the reference mask, and the LSG / Nystrom / full cases match the reference."""
+    path = str(tmp_path / "res.pt")
+    code = _ISA_CHILD.format(tests=os.path.dirname(__file__), isa=isa, path=path)
+    env = dict(os.environ, ETKD_CPU_ISA=isa, ETKD_CPU_AMX=amx)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(path)
+    for (op, dtype), out in got["probe"].items():
+        want = _mask_probe(op, "reference", getattr(torch, dtype.split(".")[-1]), 83, 0.1, 2**40 + 5)
+        assert torch.equal(out != 0, want != 0), (
+            f"{isa} {op} {dtype}: {(out != 0).ne(want != 0).sum()} bits differ"
+        )
+    for i, (out, grads) in got["cases"].items():
+        ref, ref_grads = _cpu_case_results(CPU_CASES[i], "reference")
+        name = f"{isa} amx={amx} {_case_id(CPU_CASES[i])}"
+        assert_close(out, ref, 1e-5, 1e-5, name=f"{name} out")
+        for j, (a, e) in enumerate(zip(grads, ref_grads)):
+            assert_close(a, e, 2e-5, 2e-5, name=f"{name} grad[{j}]")

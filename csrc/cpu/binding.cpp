@@ -30,15 +30,15 @@ TORCH_LIBRARY(etkd_cpu, m) {
       "-> Tensor[]");
   m.def(
       "nystrom_fwd(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
-      "float scale, bool hf_global) -> Tensor");
+      "float scale, bool hf_global, float dropout_p, int seed, int offset) -> Tensor");
   m.def(
       "lsg_fwd(Tensor q, Tensor k, Tensor v, Tensor kx, Tensor vx, Tensor kx_ok, Tensor starts, "
-      "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale) "
-      "-> (Tensor, Tensor)");
+      "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale, "
+      "Tensor? kx_cols, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "lsg_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kx, Tensor vx, "
       "Tensor kx_ok, Tensor starts, Tensor? key_padding_mask, int block_size, int sparse_block_size, "
-      "int num_global_tokens, float scale) -> Tensor[]");
+      "int num_global_tokens, float scale, Tensor? kx_cols, float dropout_p, int seed, int offset) -> Tensor[]");
   m.def(
       "lsg_sparse_keys(Tensor k, Tensor v, Tensor? key_padding_mask, int num_global_tokens, int block_size, "
       "int sparsity_factor, int type) -> (Tensor, Tensor, Tensor)");
@@ -47,11 +47,19 @@ TORCH_LIBRARY(etkd_cpu, m) {
       "int num_global_tokens, int block_size, int sparsity_factor, int type) -> ()");
   m.def(
       "nystrom_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, "
-      "Tensor? key_padding_mask, float scale, bool hf_global) -> Tensor[]");
-  m.def("softmax_matmul_fwd(Tensor a, Tensor b, Tensor c, Tensor? key_mask, float scale) -> (Tensor, Tensor)");
+      "Tensor? key_padding_mask, float scale, bool hf_global, float dropout_p, int seed, int offset) -> Tensor[]");
+  m.def(
+      "softmax_matmul_fwd(Tensor a, Tensor b, Tensor c, Tensor? key_mask, float scale, float dropout_p, int seed, "
+      "int offset) -> (Tensor, Tensor)");
   m.def(
       "softmax_matmul_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor c, Tensor out, Tensor lse, Tensor? key_mask, "
-      "float scale) -> Tensor[]");
+      "float scale, float dropout_p, int seed, int offset) -> Tensor[]");
+  m.def(
+      "full_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, float dropout_p, int seed, "
+      "int offset) -> (Tensor, Tensor)");
+  m.def(
+      "full_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
+      "float scale, float dropout_p, int seed, int offset) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
@@ -67,6 +75,8 @@ TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
   m.impl("nystrom_bwd", &etkd::cpu::nystrom_bwd);
   m.impl("softmax_matmul_fwd", &etkd::cpu::softmax_matmul_fwd);
   m.impl("softmax_matmul_bwd", &etkd::cpu::softmax_matmul_bwd);
+  m.impl("full_fwd", &etkd::cpu::full_fwd);
+  m.impl("full_bwd", &etkd::cpu::full_bwd);
 }
 
 namespace {

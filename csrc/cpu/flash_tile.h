@@ -145,6 +145,11 @@ void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bi
 // delta[r] = sum_c a[r, c] * b[r, c] over `rows` rows of `d` floats.
 void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int64_t d);
 
+// Dropout applied outside the tile loops (Nystrom's K1 block): x[r, c] = kept ? x[r, c] * dr.scale : 0, the keep bit
+// of (bh, row0 + r, column col0 + c) as in Dropout; r < rows, c < n, row stride ld. SIMD keep bits.
+void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
+                  int64_t ld);
+
 // oneDNN's brgemm micro-kernel for bf16 x bf16 -> fp32 (at::native::cpublas::brgemm, the one ATen's CPU flash
 // attention uses; AMX-BF16 on CPUs that have it), wrapped here so the per-ISA files need not include oneDNN:
 // C (m x n, row stride ldc) = (add ? C : 0) + A (m x k bf16, row stride lda) @ B, with B packed VNNI

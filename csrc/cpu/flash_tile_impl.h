@@ -1687,6 +1687,36 @@ void run_backward(const Problem& p, const void* dout, const float* lse, const fl
   }
 }
 
+// Dropout on a block of probabilities outside the tile loops (Nystrom's K1): x[r, c] = keep(bh, row0 + r, col0 + c) ?
+// x[r, c] * dr.scale : 0 for r < rows, c < n (row stride ld); columns taken kMaxSeg at a time (a row's keep words),
+// the keep bits of kRows rows at once (KeepGen fills its vectors across rows, as tile_keep).
+void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
+                  int64_t ld) {
+  constexpr int64_t kRows = 8;
+  uint64_t bits[kRows * kKeepWords];
+  KeepGen gen(dr, static_cast<uint32_t>(bh));
+  const Vec vs(dr.scale);
+  for (int64_t c0 = 0; c0 < n; c0 += kMaxSeg) {
+    const int64_t c1 = std::min(n, c0 + kMaxSeg), len = c1 - c0, g0 = (col0 + c0) >> 3, g1 = (col0 + c1 + 7) >> 3;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const int64_t rr = std::min(kRows, rows - r0);
+      for (int64_t r = 0; r < rr; ++r) {
+        uint8_t* bytes = reinterpret_cast<uint8_t*>(bits + r * kKeepWords);
+        for (int64_t g = g0; g < g1; ++g)
+          gen.add(static_cast<uint32_t>(row0 + r0 + r), static_cast<uint32_t>(g), bytes + (g - g0));
+      }
+      gen.flush();
+      for (int64_t r = 0; r < rr; ++r) {
+        const Keep kp{bits + r * kKeepWords, col0 + c0 - 8 * g0};
+        float* xr = x + (r0 + r) * ld + c0;
+        int64_t j = 0;
+        for (; j + kV <= len; j += kV) keep_vec(Vec::loadu(xr + j) * vs, kp.at64(j)).store(xr + j);
+        for (; j < len; ++j) xr[j] = kp.at(j) ? xr[j] * dr.scale : 0.f;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // This target's table (isa.cpp). native_bf16 needs MKL's bf16 GEMM in the torch build (a weak symbol).
@@ -1703,6 +1733,7 @@ const Kernels& table() {
     k.landmark_attend = landmark_attend;
     k.softmax_rows = softmax_rows;
     k.rowwise_dot = rowwise_dot;
+    k.dropout_rows = dropout_rows;
     return k;
   }();
   return t;

@@ -268,4 +268,9 @@ void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int
   kernels().rowwise_dot(a, b, delta, rows, d);
 }
 
+void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
+                  int64_t ld) {
+  kernels().dropout_rows(dr, bh, row0, rows, col0, n, x, ld);
+}
+
 }  // namespace etkd::cpu

@@ -44,6 +44,8 @@ struct Kernels {
                           const float* bias, int64_t S, int64_t d, float scale, float* t, float* work) = nullptr;
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) = nullptr;
   void (*rowwise_dot)(const float* a, const float* b, float* delta, int64_t rows, int64_t d) = nullptr;
+  void (*dropout_rows)(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
+                       int64_t ld) = nullptr;
 };
 
 // The table chosen for this process (first call decides; throws when ETKD_CPU_ISA names an unusable target).

@@ -25,13 +25,14 @@ constexpr int64_t kPooling = 1, kStride = 2, kBlockStride = 3;
 
 struct Passes {
   Problem block, glob;
-  Tensor usable_bias, skip, kx_bias, starts, real_bias, qg, gskip;
+  Tensor usable_bias, skip, kx_bias, starts, real_bias, qg, gskip, xcols;
   int64_t G = 0;
 };
 
 Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx, const Tensor& vx,
              const Tensor& kx_ok, const Tensor& starts, const OptTensor& kpm, int64_t block_size,
-             int64_t sparse_block_size, int64_t num_global, double scale) {
+             int64_t sparse_block_size, int64_t num_global, double scale, const OptTensor& kx_cols,
+             const Dropout& drop) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -69,6 +70,16 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx
   if (Sx > 0) {
     p.kx = kx.data_ptr<float>(), p.vx = vx.data_ptr<float>(), p.kxbias = ps.kx_bias.data_ptr<float>(), p.Sx = Sx;
   }
+  // Dropout: rows and local keys are positions (the folded batch row b * H + h is the counter's b * H + h); extra
+  // key x has column kx_cols[x] (globals their positions, compressed position t: S + t), per folded batch row.
+  p.drop = drop;
+  if (drop.on && Sx > 0) {
+    TORCH_CHECK(kx_cols.has_value() && kx_cols->dim() == 1 && kx_cols->size(0) == Sx &&
+                    kx_cols->scalar_type() == at::kLong,
+                "kx_cols: expected (", Sx, ") int64 dropout columns of the extra keys");
+    ps.xcols = kx_cols->view({1, Sx}).expand({B * H, Sx}).contiguous();
+    p.drop.xcol = ps.xcols.data_ptr<int64_t>();
+  }
   const int64_t* st = ps.starts.data_ptr<int64_t>();
   const int64_t bs = block_size, sbs = T ? sparse_block_size : 0;
   p.segments = [=](int64_t, int64_t, int64_t i0, int64_t, std::vector<Seg>& segs) {
@@ -90,6 +101,7 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx
     r.q = ps.qg.data_ptr<float>(), r.k = k.data_ptr<float>(), r.v = v.data_ptr<float>();
     r.kbias = ps.real_bias.data_ptr<float>(), r.qskip = ps.gskip.data_ptr<uint8_t>();
     r.segments = [S](int64_t, int64_t, int64_t, int64_t, std::vector<Seg>& segs) { append_run(segs, 0, S, 0); };
+    r.drop = drop;  // global rows 0..G-1 and every key at its position
   }
   return ps;
 }
@@ -208,9 +220,10 @@ void lsg_sparse_keys_bwd(const Tensor& dkx, const Tensor& dvx, const Tensor& dk,
 std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx,
                                    const Tensor& vx, const Tensor& kx_ok, const Tensor& starts,
                                    const OptTensor& key_padding_mask, int64_t block_size, int64_t sparse_block_size,
-                                   int64_t num_global_tokens, double scale) {
+                                   int64_t num_global_tokens, double scale, const OptTensor& kx_cols,
+                                   double dropout_p, int64_t seed, int64_t offset) {
   Passes ps = setup(q, k, v, kx, vx, kx_ok, starts, key_padding_mask, block_size, sparse_block_size,
-                    num_global_tokens, scale);
+                    num_global_tokens, scale, kx_cols, dropout_of(dropout_p, seed, offset));
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), G = ps.G;
   auto out = at::empty_like(q);
   auto lse = at::empty({B, H, S}, q.options());
@@ -228,9 +241,10 @@ std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tenso
 std::vector<Tensor> lsg_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                             const Tensor& out, const Tensor& lse, const Tensor& kx, const Tensor& vx,
                             const Tensor& kx_ok, const Tensor& starts, const OptTensor& key_padding_mask,
-                            int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale) {
+                            int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale,
+                            const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset) {
   Passes ps = setup(q, k, v, kx, vx, kx_ok, starts, key_padding_mask, block_size, sparse_block_size,
-                    num_global_tokens, scale);
+                    num_global_tokens, scale, kx_cols, dropout_of(dropout_p, seed, offset));
   check_like(grad_out, q, "grad_out");
   check_like(out, q, "out");
   check_float(lse, "lse");

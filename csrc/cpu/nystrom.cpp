@@ -7,9 +7,12 @@
 // products (K = head_dim or landmarks) go through gemm_small's register-blocked kernel, fused per tile with
 // their softmax (flash_tile.h), not through BLAS sgemm on (seq x landmarks) matrices.
 //
-// softmax_matmul: out = softmax(scale * a @ b^T, keys masked) @ c, the fused product the composite backward
-// (etkd_kernels/cpu/nystrom.py) differentiates: K1 @ X (a = q, b = landmark keys) and K3 @ v (a = landmark
-// queries, b = k, padded keys masked); its backward recomputes the probabilities from the saved lse.
+// softmax_matmul: out = softmax(scale * a @ b^T, keys masked) @ c, the exact num_landmarks == seq case
+// (etkd_kernels/cpu/nystrom.py); its backward recomputes the probabilities from the saved lse.
+//
+// Attention dropout (etkd_kernels/reference/nystrom.py) drops entries of K1 (query row i, landmark l: column
+// seq + l): in nystrom_fwd's query tiles after their softmax, in nystrom_bwd on the recomputed K1 (dX takes the
+// dropped K1, dK1 the mask); softmax_matmul drops its probabilities on key columns (the exact case).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -27,7 +30,8 @@ struct Setup {
   Tensor bias;
 };
 
-Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& key_mask, double scale) {
+Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& key_mask, double scale,
+            const Dropout& drop) {
   check_float(a, "a");
   check_float(b, "b");
   check_float(c, "c");
@@ -41,6 +45,7 @@ Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& 
   p.B = a.size(0), p.H = a.size(1), p.Sq = a.size(2), p.Sk = N, p.D = a.size(3);
   p.scale = static_cast<float>(scale);
   p.q = a.data_ptr<float>(), p.k = b.data_ptr<float>(), p.v = c.data_ptr<float>();
+  p.drop = drop;  // rows of a and keys of b are the op's positions (the exact num_landmarks == seq case)
   if (key_mask.has_value()) {
     s.bias = bias_from(real_mask(key_mask, p.B, N));
     p.kbias = s.bias.data_ptr<float>();
@@ -81,7 +86,8 @@ void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
 }  // namespace
 
 Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks, int64_t iterations,
-                   const OptTensor& key_padding_mask, double scale, bool hf_global) {
+                   const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p, int64_t seed,
+                   int64_t offset) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -91,6 +97,8 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
   const int64_t c = (S + num_landmarks - 1) / num_landmarks, n = (S + c - 1) / c;  // n non-empty segments
   const float sc = static_cast<float>(scale);
+  // Dropout on K1 (query row i, landmark l: column S + l; etkd_kernels/reference/nystrom.py).
+  const Dropout drop = dropout_of(dropout_p, seed, offset);
   Tensor real, kbias;
   if (key_padding_mask.has_value()) {
     real = real_mask(key_padding_mask, B, S);
@@ -167,6 +175,7 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
         const int64_t bh = task / tiles, b = bh / H, i0 = task % tiles * bq, rows = std::min(bq, S - i0);
         gemm_small(rows, np, D, sc, qp + (bh * S + i0) * D, D, 1, klT.data() + bh * D * np, np, s1, np, false);
         softmax_rows(s1, rows, n, np, nullptr);
+        if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, s1, np);
         float* o = op + (bh * S + i0) * D;
         if (D == dp) {
           gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, o, D, false);
@@ -193,7 +202,7 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
 // landmark gradients spread back over their segments. grad_out must already be zero on padded rows.
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                 int64_t num_landmarks, int64_t iterations, const OptTensor& key_padding_mask,
-                                double scale, bool hf_global) {
+                                double scale, bool hf_global, double dropout_p, int64_t seed, int64_t offset) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -204,6 +213,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
   const int64_t c = (S + num_landmarks - 1) / num_landmarks, n = (S + c - 1) / c, nn = n * n, nd = n * D;
   const float sc = static_cast<float>(scale);
+  const Dropout drop = dropout_of(dropout_p, seed, offset);  // on K1, as in nystrom_fwd
   Tensor kbias;
   if (key_padding_mask.has_value()) kbias = bias_from(real_mask(key_padding_mask, B, S));
   const float* bp = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
@@ -240,7 +250,10 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const int64_t its = iterations;
   parallel_tasks(
       BH,
-      [&] { return Scratch{std::vector<float>(4 * S * n), std::vector<float>((its + 1) * nn + 9 * nn + 6 * nd)}; },
+      [&] {  // with dropout a fifth (S x n) buffer: K1 with the mask applied
+        return Scratch{std::vector<float>((drop.on ? 5 : 4) * S * n),
+                       std::vector<float>((its + 1) * nn + 9 * nn + 6 * nd)};
+      },
       [&](Scratch& w, int64_t bh) {
         const int64_t b = bh / H;
         const float *qh = qp + bh * S * D, *kh = kp + bh * S * D, *vh = vp + bh * S * D, *doh = dop + bh * S * D;
@@ -277,10 +290,19 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         gemm_rm(false, false, n, D, S, 1.f, k3, S, vh, D, 0.f, tt, D);
         gemm_rm(false, false, n, D, n, 1.f, zf, n, tt, D, 0.f, xx, D);
         // K1 (S x n); dX = K1^T dO; dK1 = dO X^T; dS1 = K1 (dK1 - rowsum(K1 dK1)); dq = s dS1 kl; dkl = s dS1^T q.
+        // With dropout (mask M on K1, scale r): dX = (K1 o M r)^T dO and dK1 = (dO X^T) o M r.
         gemm_rm(false, true, S, n, D, sc, qh, D, klh, D, 0.f, k1, n);
         softmax_rows(k1, S, n, n, nullptr);
-        gemm_rm(true, false, n, D, S, 1.f, k1, n, doh, D, 0.f, dx, D);
+        const float* k1x = k1;
+        if (drop.on) {
+          float* k1d = g3 + S * n;
+          std::copy(k1, k1 + S * n, k1d);
+          dropout_rows(drop, bh, 0, S, S, n, k1d, n);
+          k1x = k1d;
+        }
+        gemm_rm(true, false, n, D, S, 1.f, k1x, n, doh, D, 0.f, dx, D);
         gemm_rm(false, true, S, n, D, 1.f, doh, D, xx, D, 0.f, g1, n);
+        if (drop.on) dropout_rows(drop, bh, 0, S, S, n, g1, n);
         for (int64_t r = 0; r < S; ++r) {
           float* p = k1 + r * n;
           float* g = g1 + r * n;
@@ -380,8 +402,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
 }
 
 std::tuple<Tensor, Tensor> softmax_matmul_fwd(const Tensor& a, const Tensor& b, const Tensor& c,
-                                              const OptTensor& key_mask, double scale) {
-  Setup s = setup(a, b, c, key_mask, scale);
+                                              const OptTensor& key_mask, double scale, double dropout_p, int64_t seed,
+                                              int64_t offset) {
+  Setup s = setup(a, b, c, key_mask, scale, dropout_of(dropout_p, seed, offset));
   auto out = at::empty({a.size(0), a.size(1), a.size(2), a.size(3)}, a.options());
   auto lse = at::empty({a.size(0), a.size(1), a.size(2)}, a.options());
   run_forward(s.p, out.data_ptr<float>(), lse.data_ptr<float>());
@@ -389,8 +412,9 @@ std::tuple<Tensor, Tensor> softmax_matmul_fwd(const Tensor& a, const Tensor& b, 
 }
 
 std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, const Tensor& b, const Tensor& c,
-                                       const Tensor& out, const Tensor& lse, const OptTensor& key_mask, double scale) {
-  Setup s = setup(a, b, c, key_mask, scale);
+                                       const Tensor& out, const Tensor& lse, const OptTensor& key_mask, double scale,
+                                       double dropout_p, int64_t seed, int64_t offset) {
+  Setup s = setup(a, b, c, key_mask, scale, dropout_of(dropout_p, seed, offset));
   check_like(grad_out, a, "grad_out");
   check_like(out, a, "out");
   check_float(lse, "lse");

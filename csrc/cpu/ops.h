@@ -37,19 +37,24 @@ std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out, const Tensor& q, co
 
 // softmax(scale * a @ b^T, keys masked by key_mask) @ c, the fused product the Nystrom op is built from.
 std::tuple<Tensor, Tensor> softmax_matmul_fwd(const Tensor& a, const Tensor& b, const Tensor& c,
-                                              const OptTensor& key_mask, double scale);
+                                              const OptTensor& key_mask, double scale, double dropout_p, int64_t seed,
+                                              int64_t offset);
 std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, const Tensor& b, const Tensor& c,
-                                       const Tensor& out, const Tensor& lse, const OptTensor& key_mask, double scale);
+                                       const Tensor& out, const Tensor& lse, const OptTensor& key_mask, double scale,
+                                       double dropout_p, int64_t seed, int64_t offset);
 
 // The whole Nystrom forward (landmarks, pseudo-inverse, both products) fused per (batch, head).
 Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks, int64_t iterations,
-                   const OptTensor& key_padding_mask, double scale, bool hf_global);
+                   const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p, int64_t seed,
+                   int64_t offset);
 
-// LSG: local blocks of the main source plus [global keys, compressed keys] of `kx` (built in Python).
+// LSG: local blocks of the main source plus [global keys, compressed keys] of `kx` (built in Python); kx_cols (Sx)
+// int64: the dropout column of each extra key (etkd_kernels._shared.lsg_key_columns), needed when dropout_p > 0.
 std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx,
                                    const Tensor& vx, const Tensor& kx_ok, const Tensor& starts,
                                    const OptTensor& key_padding_mask, int64_t block_size, int64_t sparse_block_size,
-                                   int64_t num_global_tokens, double scale);
+                                   int64_t num_global_tokens, double scale, const OptTensor& kx_cols,
+                                   double dropout_p, int64_t seed, int64_t offset);
 // [global keys, compressed keys] for pooling (1), stride (2), block_stride (3) with sparsity_factor >= 2, and
 // the adjoint: dk, dv += the gradients of kx, vx.
 std::tuple<Tensor, Tensor, Tensor> lsg_sparse_keys(const Tensor& k, const Tensor& v, const OptTensor& key_padding_mask,
@@ -61,11 +66,20 @@ void lsg_sparse_keys_bwd(const Tensor& dkx, const Tensor& dvx, const Tensor& dk,
 std::vector<Tensor> lsg_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                             const Tensor& out, const Tensor& lse, const Tensor& kx, const Tensor& vx,
                             const Tensor& kx_ok, const Tensor& starts, const OptTensor& key_padding_mask,
-                            int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale);
+                            int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale,
+                            const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset);
 
 // Its hand-written backward (recomputes per head; no (seq x landmarks) buffer kept). grad_out zero on padded rows.
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                 int64_t num_landmarks, int64_t iterations, const OptTensor& key_padding_mask,
-                                double scale, bool hf_global);
+                                double scale, bool hf_global, double dropout_p, int64_t seed, int64_t offset);
+
+// Dense attention through the tile driver (the `cpu` full_attention with dropout): out, lse (B, H, S).
+std::tuple<Tensor, Tensor> full_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const OptTensor& key_padding_mask, double scale, double dropout_p, int64_t seed,
+                                    int64_t offset);
+std::vector<Tensor> full_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const Tensor& out, const Tensor& lse, const OptTensor& key_padding_mask, double scale,
+                             double dropout_p, int64_t seed, int64_t offset);
 
 }  // namespace etkd::cpu

@@ -202,8 +202,9 @@ def _load_extension() -> str | None:
 OP_DTYPES: dict[str, tuple[torch.dtype, ...]] = {}
 
 
-# Ops whose kernels apply attention dropout (dropout_p > 0; the others fall back to `reference`, saying so).
-DROPOUT_OPS = ("sliding_window", "block_sparse")
+# Ops whose kernels apply attention dropout (dropout_p > 0; the others fall back to `reference`, saying so): all
+# of them (full_attention with dropout runs the tile driver, not ATen's kernel: etkd_kernels/cpu/full.py).
+DROPOUT_OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
 
 
 def capabilities(op: str) -> Capabilities:

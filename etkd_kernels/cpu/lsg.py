@@ -4,7 +4,8 @@ The extra key source [global keys, compressed keys] is built by `lsg_sparse_keys
 pooling / stride / block_stride (one pass over k and v; its adjoint scatters the gradients back), and by the
 reference's torch code (`extra_keys`) for norm, bos_pooling and sparsity_factor 1. Then one fused flash-style
 pass per query block runs over [local keys, global keys, sparse keys] with an online softmax (no seq x keys
-score matrix); the backward recomputes P from the saved lse.
+score matrix); the backward recomputes P from the saved lse. Attention dropout runs in both passes, the extra
+keys' columns given by `lsg_key_columns` (the contract of etkd_kernels/_shared.py, as the reference draws it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels._shared import extra_keys, sparse_windows, uses_sparse
+from etkd_kernels._shared import extra_keys, lsg_key_columns, sparse_windows, uses_sparse
 from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.cpu._dtype import in_float32
 
@@ -27,6 +28,12 @@ def _native(sparsity_type, sparse_block_size, sparsity_factor, num_blocks, varia
         and sparsity_factor >= 2
         and not (variant == "model" and sparsity_type == "pooling")
     )
+
+
+def _dropout(p, s, kx):
+    """The kernels' dropout arguments: the extra keys' columns (None without dropout), p, seed, offset."""
+    cols = lsg_key_columns(s, p.num_global_tokens, kx.shape[2]) if p.dropout_p else None
+    return cols, p.dropout_p, p.seed, p.offset
 
 
 def _real(q, key_padding_mask):
@@ -53,8 +60,9 @@ def forward(q, k, v, p):
     with torch.no_grad():
         kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale, p.variant)
         return torch.ops.etkd_cpu.lsg_fwd(
-            q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm, bs, sbs, g, scale
-        )
+            q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm, bs, sbs, g, scale,
+            *_dropout(p, q.shape[2], kx),
+        )  # fmt: skip
 
 
 @in_float32
@@ -65,8 +73,9 @@ def backward(grad_out, q, k, v, out, lse, p):
     if _native(stype, sbs, f, q.shape[2] // bs, p.variant):
         kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale, p.variant)
         dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
-            grad_out.contiguous(), q, k, v, out, lse, kx, vx, ok, starts, kpm, bs, sbs, g, scale
-        )
+            grad_out.contiguous(), q, k, v, out, lse, kx, vx, ok, starts, kpm, bs, sbs, g, scale,
+            *_dropout(p, q.shape[2], kx),
+        )  # fmt: skip
         torch.ops.etkd_cpu.lsg_sparse_keys_bwd(dkx, dvx, dk, dv, kpm, g, bs, f, _NATIVE[stype])
         return dq, dk, dv
     with torch.enable_grad():  # compressed keys built by torch ops: their gradients flow back with autograd
@@ -74,7 +83,7 @@ def backward(grad_out, q, k, v, out, lse, p):
         kx, vx, ok, starts = extra_keys(*leaves, bs, sbs, f, stype, g, _real(q, kpm), scale, p.variant)
         dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
             grad_out.contiguous(), q, k, v, out, lse, kx.detach().contiguous(), vx.detach().contiguous(),
-            ok.contiguous(), starts, kpm, bs, sbs, g, scale,
+            ok.contiguous(), starts, kpm, bs, sbs, g, scale, *_dropout(p, q.shape[2], kx),
         )  # fmt: skip
         if kx.shape[2] > g:
             gq, gk, gv = torch.autograd.grad(

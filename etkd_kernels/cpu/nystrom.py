@@ -6,7 +6,9 @@ dispatch. Backward: `nystrom_bwd`, written out by hand (Newton-Schulz iterations
 (batch, head) it recomputes the forward with whole-head BLAS products and runs the chain rule back; the
 (seq x landmarks) matrices exist only in one thread's scratch while its head is processed, nothing of that
 size is kept from the forward. landmarks == seq (exact softmax attention) differentiates the fused
-`softmax(scale * a @ b^T, masked) @ c` kernel instead.
+`softmax(scale * a @ b^T, masked) @ c` kernel instead. Attention dropout (dropout_p > 0) drops entries of K1 (query
+row i, landmark l: column seq + l), in the forward's query tiles and in the backward's recomputed K1, or the
+probabilities of the exact case (key columns), as etkd_kernels/reference/nystrom.py defines it.
 """
 
 from __future__ import annotations
@@ -14,55 +16,55 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels._shared import iterative_pinv, recompute_backward, segment_means
+from etkd_kernels._shared import recompute_backward
 from etkd_kernels.cpu._dtype import in_float32
 
 
 class _SoftmaxMatmul(torch.autograd.Function):
-    """softmax(scale * a @ b^T, keys masked by key_mask) @ c; a (B, H, M, D), b and c (B, H, N, D)."""
+    """softmax(scale * a @ b^T, keys masked by key_mask) @ c; a (B, H, M, D), b and c (B, H, N, D); dropout
+    (p, seed, offset) on the probabilities, rows and columns their positions in a and b."""
 
     @staticmethod
-    def forward(ctx, a, b, c, key_mask, scale):
+    def forward(ctx, a, b, c, key_mask, scale, dropout):
         a, b, c = a.contiguous(), b.contiguous(), c.contiguous()
-        out, lse = torch.ops.etkd_cpu.softmax_matmul_fwd(a, b, c, key_mask, scale)
+        out, lse = torch.ops.etkd_cpu.softmax_matmul_fwd(a, b, c, key_mask, scale, *dropout)
         ctx.save_for_backward(a, b, c, out, lse)
-        ctx.key_mask, ctx.scale = key_mask, scale
+        ctx.key_mask, ctx.scale, ctx.dropout = key_mask, scale, dropout
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         a, b, c, out, lse = ctx.saved_tensors
         da, db, dc = torch.ops.etkd_cpu.softmax_matmul_bwd(
-            grad_out.contiguous(), a, b, c, out, lse, ctx.key_mask, ctx.scale
+            grad_out.contiguous(), a, b, c, out, lse, ctx.key_mask, ctx.scale, *ctx.dropout
         )
-        return da, db, dc, None, None
+        return da, db, dc, None, None, None
 
 
-def softmax_matmul(a, b, c, key_mask, scale):
-    return _SoftmaxMatmul.apply(a, b, c, key_mask, scale)
+def softmax_matmul(a, b, c, key_mask, scale, dropout=(0.0, 0, 0)):
+    return _SoftmaxMatmul.apply(a, b, c, key_mask, scale, dropout)
 
 
-def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init):
-    s = q.shape[2]
-    if num_landmarks == s:
-        out = softmax_matmul(q, k, v, key_padding_mask, scale)  # exact softmax attention
-    else:
-        ql, kl = segment_means(q, num_landmarks), segment_means(k, num_landmarks)
-        k2 = torch.softmax((ql @ kl.transpose(-1, -2)) * scale, dim=-1)  # (b, h, L, L)
-        x = iterative_pinv(k2, pinv_iterations, pinv_init) @ softmax_matmul(ql, k, v, key_padding_mask, scale)
-        out = softmax_matmul(q, kl, x, None, scale)
+def exact(q, k, v, key_padding_mask, scale, dropout):
+    """num_landmarks == seq: exact softmax attention by the fused kernel, padded query rows zero. (The landmark case
+    runs in nystrom_fwd / nystrom_bwd whole, not as a composite of softmax_matmul calls.)"""
+    out = softmax_matmul(q, k, v, key_padding_mask, scale, dropout)
     if key_padding_mask is not None:
         out = torch.where(key_padding_mask[:, None, :, None], out, torch.zeros_like(out))
     return out
+
+
+def _dropout(p):
+    """(dropout_p, seed, offset) as the kernels take them: on K1 (query i, landmark l: column seq + l), or on the
+    probabilities of the exact case (key columns), as etkd_kernels/reference/nystrom.py draws them."""
+    return p.dropout_p, p.seed, p.offset
 
 
 @in_float32
 def forward(q, k, v, p):
     with torch.no_grad():
         if p.num_landmarks == q.shape[2]:
-            return attend(
-                q, k, v, p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init
-            )
+            return exact(q, k, v, p.key_padding_mask, p.scale, _dropout(p))
         return torch.ops.etkd_cpu.nystrom_fwd(
             q.contiguous(),
             k.contiguous(),
@@ -72,6 +74,7 @@ def forward(q, k, v, p):
             p.key_padding_mask,
             p.scale,
             p.pinv_init == "hf_global",
+            *_dropout(p),
         )
 
 
@@ -80,9 +83,7 @@ def backward(grad_out, q, k, v, out, p):
     num_landmarks, pinv_iterations, key_padding_mask = p.num_landmarks, p.pinv_iterations, p.key_padding_mask
     scale, pinv_init = p.scale, p.pinv_init
     if num_landmarks == q.shape[2]:
-        return recompute_backward(
-            attend, grad_out, (q, k, v), num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init
-        )
+        return recompute_backward(exact, grad_out, (q, k, v), key_padding_mask, scale, _dropout(p))
     if key_padding_mask is not None:  # padded output rows are set to zero: no gradient flows from them
         grad_out = grad_out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     return torch.ops.etkd_cpu.nystrom_bwd(
@@ -95,4 +96,5 @@ def backward(grad_out, q, k, v, out, p):
         key_padding_mask,
         scale,
         pinv_init == "hf_global",
+        *_dropout(p),
     )

@@ -35,7 +35,8 @@ global key is counted once (as its own column), as LSG masks its global first to
 Softmax over that key set with `scale`; rows that see no key, and padded query rows, give 0 (lse +inf).
 Attention dropout (`etkd_kernels._shared.dropout_keep`) uses the key's position as its column for global and
 local keys, and column S + p for compressed position p (S = the padded seq the op hands over), so compressed
-keys draw bits of their own.
+keys draw bits of their own (`etkd_kernels._shared.lsg_key_columns`, which the fused backends pass to their
+kernels).
 
 Where this differs from LSGSelfAttention: (1) LSG has one global token, the first; here the first G
 positions are global (G = 1 is LSG's convention, G = 0 its compute_global_attention=False); (2) LSG keeps
@@ -70,6 +71,7 @@ from .._shared import (
     apply_dropout,
     batch_heads,
     compute_dtype,
+    lsg_key_columns,
     recompute_backward,
     sparse_keys,
     sparse_windows,
@@ -125,11 +127,11 @@ def attend(
         pos = torch.cat([left + j, right + j], dim=-1)
         pos_c = pos.clamp(0, t - 1)
         groups.append((kc[:, :, pos_c], vc[:, :, pos_c], ((pos >= 0) & (pos < t)) & okc[:, :, pos_c]))
-        cols.append(s + pos)
+        cols.append(lsg_key_columns(s, g, g + t, dev)[g + pos_c])
     if g > 0:
         kg, vg = k[:, :, None, :g].expand(b, h, nb, g, d), v[:, :, None, :g].expand(b, h, nb, g, d)
         groups.append((kg, vg, real[:, None, :g].expand(b, nb, g)))
-        cols.append(torch.arange(g, device=dev).expand(nb, g))
+        cols.append(lsg_key_columns(s, g, g, dev).expand(nb, g))
 
     hm = max(m.shape[1] if m.dim() == 4 else 1 for _, _, m in groups)
     masks = [(m if m.dim() == 4 else m[:, None]).expand(b, hm, nb, m.shape[-1]) for _, _, m in groups]
