@@ -110,11 +110,11 @@ void store_scaled(const float* x, float a, T* out, int64_t n) {
 }
 
 // ---- Attention dropout: keep bits of the contract (flash_tile.h Dropout, etkd_kernels/_shared.py) ----
-// The keep bits of a tile are generated per segment for all its rows at once (tile_keep): the (row, 8-column group)
-// items of every row go into vectors of Philox4x32-10 calls, 16 (AVX-512) or 8 (AVX2) per vector whatever the rows'
-// lengths, so a 64-key segment (a block-sparse block: 8 groups a row) fills whole vectors rather than half of one.
-// A call's 8 keep bits are one byte of the row's bit buffer. They are applied where P is formed (the fp32 exp pass, or
-// before P is rounded to bf16 on the native bf16 paths); the backward regenerates them.
+// The keep bits of a tile are generated per segment for all its rows at once (tile_keep -> keep_grid): the Philox4x32-10
+// calls of the tile's (row, 8-column group) grid run 16 (AVX-512) or 8 (AVX2) to a vector whatever the rows' lengths,
+// so a 64-key segment (a block-sparse block: 8 calls a row) fills whole vectors rather than half of one. A call's 8
+// keep bits are one byte. They are applied where P is formed (the fp32 exp pass, or before P is rounded to bf16 on the
+// native bf16 paths); the backward regenerates them.
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
@@ -152,13 +152,7 @@ inline void mul_hilo(VI a, VI m, VI& hi, VI& lo) {
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(pe, _MM_PERM_DDBB), po);
   lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_shuffle_epi32(po, _MM_PERM_CCAA));
 }
-// Items x[0:16] in lanes such that lane 4k + m runs item 4m + k: after the 4 x 4 transposes of keep_bytes, vector m
-// holds items 4m .. 4m + 3, 32 columns of 16 bits each, in order.
-inline VI item_lanes(const uint32_t* x) {
-  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
-                                  _mm512_load_si512(x));
-}
-// Keep bits of the 16 items of Philox outputs x0..x3 (lanes as item_lanes): item i is byte i of out[0:2].
+// Keep bits of the 16 calls of Philox outputs x0..x3 (lane 4k + m: call 4m + k): call i is byte i of out[0:2].
 inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) {
   const VI t = _mm512_set1_epi16(static_cast<int16_t>(thr));
   const VI a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
@@ -183,11 +177,6 @@ inline void mul_hilo(VI a, VI m, VI& hi, VI& lo) {  // as the AVX-512 one
   hi = _mm256_blend_epi32(_mm256_shuffle_epi32(pe, 0xF5), po, 0xAA);
   lo = _mm256_blend_epi32(pe, _mm256_shuffle_epi32(po, 0xA0), 0xAA);
 }
-// Lane 4k + m runs item 2m + k: after the transposes vector m holds items 2m, 2m + 1 (16 columns).
-inline VI item_lanes(const uint32_t* x) {
-  return _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(x)),
-                                     _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
-}
 // 32 keep flags (0xFFFF per kept column) of x, y (16 columns each, in order) -> 32 bits in column order.
 inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
   const __m256i kx = _mm256_cmpeq_epi16(_mm256_max_epu16(x, thr), x);
@@ -196,6 +185,7 @@ inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
   const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(kx, ky), 0xD8);
   return static_cast<uint32_t>(_mm256_movemask_epi8(b));
 }
+// As the AVX-512 one; 8 calls (lane 4k + m: call 2m + k) in out[0].
 inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) {
   const VI t = _mm256_set1_epi16(static_cast<int16_t>(thr));
   const VI a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
@@ -235,40 +225,69 @@ inline void philox_rounds(VI& x0, VI& x1, VI& x2, VI& x3, uint32_t k0, uint32_t 
 }
 #endif
 
-// The Philox calls of one (batch, head): add(row, g, dst) queues the call of row `row`, columns 8g .. 8g + 7; its
-// 8 keep bits (column 8g + t: bit t) are stored to *dst when a vector is full or at flush().
-struct KeepGen {
-  const Dropout& dr;
-  uint32_t bh;
-  alignas(64) uint32_t g[kKeepLanes] = {}, row[kKeepLanes] = {};
-  uint8_t* dst[kKeepLanes] = {};
-  int n = 0;
-  KeepGen(const Dropout& d, uint32_t bh_) : dr(d), bh(bh_) {}
-  void add(uint32_t r, uint32_t gg, uint8_t* d) {
-    g[n] = gg, row[n] = r, dst[n] = d;
-    if (++n == kKeepLanes) flush();
-  }
-  void flush() {
-    if (!n) return;
-#if ETKD_SIMD_PHILOX
-    VI x0 = item_lanes(g), x1 = item_lanes(row), x2 = vset1(bh), x3 = vset1(dr.offset);
-    philox_rounds(x0, x1, x2, x3, dr.key0, dr.key1);
-    uint64_t out[kKeepLanes / 8];
-    keep_bytes(x0, x1, x2, x3, dr.thr, out);
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(out);
-    for (int i = 0; i < n; ++i) *dst[i] = bytes[i];
-#else
-    for (int i = 0; i < n; ++i) {
-      uint32_t c[4] = {g[i], row[i], bh, dr.offset};
-      philox_one(c, dr.key0, dr.key1);
-      uint8_t b = 0;
-      for (int t = 0; t < 8; ++t) b |= uint8_t((((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) << t);
-      *dst[i] = b;
-    }
+// The keep bits of a grid of Philox calls: rows ri < R (row counter row0 + ri, or rowc[ri] when rowc is set) by the
+// 8-column groups g0 .. g0 + G - 1; call f = ri * G + (g - g0) stores its 8 keep bits (column 8g + t: bit t) as byte
+// f of out (which takes up to 16 bytes past R * G). The lanes of a vector are 16 (AVX-512) or 8 (AVX2) consecutive
+// calls whatever the rows' lengths, so a 64-key segment (8 calls a row) fills whole vectors; each lane finds its
+// (row, group) from f by a float division corrected to the exact quotient.
+void keep_grid(const Dropout& dr, uint32_t bh, uint32_t row0, const uint32_t* rowc, int64_t R, int64_t g0, int64_t G,
+               uint8_t* out) {
+  const int64_t n = R * G;
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lane 4k + m runs call f0 + 4m + k, so that after keep_bytes' transposes vector m holds calls 4m .. 4m + 3.
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i vg = vset1(static_cast<uint32_t>(G)), one = vset1(1), zero = _mm512_setzero_si512();
+  const __m512i last = vset1(static_cast<uint32_t>(R - 1));
+  const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(G));
+  for (int64_t f0 = 0; f0 < n; f0 += 16) {
+    const __m512i f = _mm512_add_epi32(vset1(static_cast<uint32_t>(f0)), perm);
+    __m512i r = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(f), inv));
+    __m512i rem = _mm512_sub_epi32(f, _mm512_mullo_epi32(r, vg));
+    const __mmask16 neg = _mm512_cmplt_epi32_mask(rem, zero);
+    r = _mm512_mask_sub_epi32(r, neg, r, one), rem = _mm512_mask_add_epi32(rem, neg, rem, vg);
+    const __mmask16 big = _mm512_cmpge_epi32_mask(rem, vg);
+    r = _mm512_min_epi32(_mm512_mask_add_epi32(r, big, r, one), last);  // lanes past n: any row, never stored
+    rem = _mm512_mask_sub_epi32(rem, big, rem, vg);
+    __m512i x0 = _mm512_add_epi32(vset1(static_cast<uint32_t>(g0)), rem);
+    __m512i x1 = rowc ? _mm512_i32gather_epi32(r, rowc, 4) : _mm512_add_epi32(vset1(row0), r);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // Lane 4k + m runs call f0 + 2m + k: after the transposes vector m holds calls 2m, 2m + 1.
+  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i vg = vset1(static_cast<uint32_t>(G)), one = vset1(1), zero = _mm256_setzero_si256();
+  const __m256i last = vset1(static_cast<uint32_t>(R - 1));
+  const __m256 inv = _mm256_set1_ps(1.f / static_cast<float>(G));
+  for (int64_t f0 = 0; f0 < n; f0 += 8) {
+    const __m256i f = _mm256_add_epi32(vset1(static_cast<uint32_t>(f0)), perm);
+    __m256i r = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(f), inv));
+    __m256i rem = _mm256_sub_epi32(f, _mm256_mullo_epi32(r, vg));
+    const __m256i neg = _mm256_cmpgt_epi32(zero, rem);
+    r = _mm256_sub_epi32(r, _mm256_and_si256(neg, one)), rem = _mm256_add_epi32(rem, _mm256_and_si256(neg, vg));
+    const __m256i big = _mm256_cmpgt_epi32(rem, _mm256_sub_epi32(vg, one));
+    r = _mm256_min_epi32(_mm256_add_epi32(r, _mm256_and_si256(big, one)), last);
+    rem = _mm256_sub_epi32(rem, _mm256_and_si256(big, vg));
+    __m256i x0 = _mm256_add_epi32(vset1(static_cast<uint32_t>(g0)), rem);
+    __m256i x1 = rowc ? _mm256_i32gather_epi32(reinterpret_cast<const int*>(rowc), r, 4)
+                      : _mm256_add_epi32(vset1(row0), r);
 #endif
-    n = 0;
+#if ETKD_SIMD_PHILOX
+    VI x2 = vset1(bh), x3 = vset1(dr.offset);
+    philox_rounds(x0, x1, x2, x3, dr.key0, dr.key1);
+    uint64_t bytes[kKeepLanes / 8];
+    keep_bytes(x0, x1, x2, x3, dr.thr, bytes);
+    std::memcpy(out + f0, bytes, sizeof(bytes));
   }
-};
+#else
+  for (int64_t f = 0; f < n; ++f) {
+    const int64_t ri = f / G;
+    uint32_t c[4] = {static_cast<uint32_t>(g0 + f % G), rowc ? rowc[ri] : row0 + static_cast<uint32_t>(ri), bh,
+                     dr.offset};
+    philox_one(c, dr.key0, dr.key1);
+    uint8_t b = 0;
+    for (int t = 0; t < 8; ++t) b |= uint8_t((((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) << t);
+    out[f] = b;
+  }
+#endif
+}
 
 // The keep bits of one row of a segment: column t of the segment (0 <= t < sg.n) is bit t + shift of w.
 struct Keep {
@@ -697,6 +716,7 @@ struct Work {
   int64_t b = 0, bh = 0;            // the task's batch and batch * H + head (dropout counters)
   std::vector<uint64_t> keep;  // dropout: keep bits of every row of a tile over one segment (tile_keep)
   std::vector<Keep> keeps;     // each tile row's bits in `keep`
+  std::vector<uint32_t> rowc;  // tile_keep: the row counters of a tile under a row map (Dropout::qrow)
   AVec<float> pd;              // backward with dropout: P with the dropped entries zeroed
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
@@ -744,36 +764,53 @@ void finish_rows(const Problem& p, const Work<T, C>& w, int64_t rows, int64_t d,
 }
 
 // The keep bits of segment sg for the rows [0, rows) of the tile at absolute row i0 (or the problem's row map) that
-// see it (not skipped, a non-empty [lo, hi) = row_range, and, in the backward, a finite lse): row r's columns
-// [lo, hi) into slot r of w.keep, its Keep in w.keeps[r] (empty for the other rows).
+// see it (not skipped, a non-empty [lo, hi) = row_range, and, in the backward, a finite lse): row r's Keep in
+// w.keeps[r] (empty for the other rows). The rows r0 .. r1 between the first and the last seeing row all get the
+// union [g0, g1) of their groups, one keep_grid over w.keep (a sliding-window tile: about (2w + bq) / (2w + 1) of the
+// calls its rows need; a block-sparse tile: exactly them).
 template <class T, class C>
 void tile_keep(const Problem& p, Work<T, C>& w, const Seg& sg, bool band, int64_t i0, int64_t rows,
                const uint8_t* skip, const float* lse) {
   const Dropout& dr = p.drop;
   const uint32_t bh = static_cast<uint32_t>(w.bh);
-  KeepGen gen(dr, bh);
   const int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
+  const bool gathered = sg.src == 1 && dr.xcol;               // global keys: one Philox call per key
+  auto sees = [&](int64_t r, int64_t* lo, int64_t* hi) {
+    row_range(p, sg, band, i0 + r, lo, hi);
+    return !(skip && skip[r]) && *lo < *hi && !(lse && !(lse[r] < kInf));
+  };
+  auto row_of = [&](int64_t r) { return static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r); };
+  int64_t g0 = INT64_MAX, g1 = 0, r0 = -1, r1 = -1;
   for (int64_t r = 0; r < rows; ++r) {
     w.keeps[r] = Keep{};
     int64_t lo, hi;
-    row_range(p, sg, band, i0 + r, &lo, &hi);
-    if ((skip && skip[r]) || lo >= hi || (lse && !(lse[r] < kInf))) continue;
-    uint64_t* buf = w.keep.data() + r * kKeepWords;
-    const uint32_t row = static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r);
-    if (sg.src == 1 && dr.xcol) {  // gathered columns (global keys): one Philox call per key
+    if (!sees(r, &lo, &hi)) continue;
+    if (gathered) {  // row r's bits in slot r of w.keep
+      uint64_t* buf = w.keep.data() + r * kKeepWords;
       const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
       for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
       for (int64_t t = lo; t < hi; ++t)
-        if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
+        if (keep_one(dr, bh, row_of(r), col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
       w.keeps[r] = {buf, 0};
       continue;
     }
-    const int64_t g0 = (col0 + lo) >> 3, g1 = (col0 + hi + 7) >> 3;
-    uint8_t* bytes = reinterpret_cast<uint8_t*>(buf);
-    for (int64_t g = g0; g < g1; ++g) gen.add(row, static_cast<uint32_t>(g), bytes + (g - g0));
-    w.keeps[r] = {buf, col0 - 8 * g0};
+    g0 = std::min(g0, (col0 + lo) >> 3), g1 = std::max(g1, (col0 + hi + 7) >> 3);
+    if (r0 < 0) r0 = r;
+    r1 = r;
   }
-  gen.flush();
+  if (gathered || r0 < 0) return;
+  const int64_t G = g1 - g0, R = r1 - r0 + 1;
+  const uint32_t* rowc = nullptr;
+  if (dr.qrow) {
+    w.rowc.resize(R);
+    for (int64_t i = 0; i < R; ++i) w.rowc[i] = row_of(r0 + i);
+    rowc = w.rowc.data();
+  }
+  keep_grid(dr, bh, row_of(r0), rowc, R, g0, G, reinterpret_cast<uint8_t*>(w.keep.data()));
+  for (int64_t r = r0; r <= r1; ++r) {
+    int64_t lo, hi;
+    if (sees(r, &lo, &hi)) w.keeps[r] = {w.keep.data(), 8 * (r - r0) * G + col0 - 8 * g0};
+  }
 }
 
 // The own products' scores of segment sg: s (rows x cv.ls) = alpha * a (rows x d, row-major) @ K^T over the key
@@ -1688,26 +1725,22 @@ void run_backward(const Problem& p, const void* dout, const float* lse, const fl
 }
 
 // Dropout on a block of probabilities outside the tile loops (Nystrom's K1): x[r, c] = keep(bh, row0 + r, col0 + c) ?
-// x[r, c] * dr.scale : 0 for r < rows, c < n (row stride ld); columns taken kMaxSeg at a time (a row's keep words),
-// the keep bits of kRows rows at once (KeepGen fills its vectors across rows, as tile_keep).
+// x[r, c] * dr.scale : 0 for r < rows, c < n (row stride ld); columns taken kMaxSeg at a time, the keep bits of kRows
+// rows at once (one keep_grid).
 void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
                   int64_t ld) {
   constexpr int64_t kRows = 8;
-  uint64_t bits[kRows * kKeepWords];
-  KeepGen gen(dr, static_cast<uint32_t>(bh));
+  uint64_t bits[kRows * kKeepWords];  // kRows x (up to kMaxSeg / 8 + 2) calls' bytes and the slack keep_grid takes
   const Vec vs(dr.scale);
   for (int64_t c0 = 0; c0 < n; c0 += kMaxSeg) {
-    const int64_t c1 = std::min(n, c0 + kMaxSeg), len = c1 - c0, g0 = (col0 + c0) >> 3, g1 = (col0 + c1 + 7) >> 3;
+    const int64_t c1 = std::min(n, c0 + kMaxSeg), len = c1 - c0, g0 = (col0 + c0) >> 3;
+    const int64_t G = ((col0 + c1 + 7) >> 3) - g0;
     for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
       const int64_t rr = std::min(kRows, rows - r0);
+      keep_grid(dr, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + r0), nullptr, rr, g0, G,
+                reinterpret_cast<uint8_t*>(bits));
       for (int64_t r = 0; r < rr; ++r) {
-        uint8_t* bytes = reinterpret_cast<uint8_t*>(bits + r * kKeepWords);
-        for (int64_t g = g0; g < g1; ++g)
-          gen.add(static_cast<uint32_t>(row0 + r0 + r), static_cast<uint32_t>(g), bytes + (g - g0));
-      }
-      gen.flush();
-      for (int64_t r = 0; r < rr; ++r) {
-        const Keep kp{bits + r * kKeepWords, col0 + c0 - 8 * g0};
+        const Keep kp{bits, 8 * r * G + col0 + c0 - 8 * g0};
         float* xr = x + (r0 + r) * ld + c0;
         int64_t j = 0;
         for (; j + kV <= len; j += kV) keep_vec(Vec::loadu(xr + j) * vs, kp.at64(j)).store(xr + j);
