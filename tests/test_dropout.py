@@ -500,7 +500,7 @@ THREAD_CASES = [
 def test_cpu_results_do_not_depend_on_the_thread_count(op, p, dtype, d):
     """1, 2, 3 and 4 threads give the same forward and the same gradients bit for bit: the backward splits each
     (batch, head) into a fixed number of query-tile chunks whatever the thread count and adds their dK/dV in chunk
-    order (seq 157 = 3 query tiles x 6 (batch, head) pairs: 3 chunks each, so the private sums are exercised), and
+    order (seq 157 = 3 query tiles x 6 (batch, head) pairs: 2 chunks each, so the private sums are exercised), and
     the buffers BLAS multiplies are 64-byte aligned whichever thread allocated them (MKL rounds by alignment)."""
     if p and not _takes_dropout("cpu", op, dtype):
         pytest.skip(f"cpu takes no {dtype} dropout for {op}")

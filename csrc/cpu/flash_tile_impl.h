@@ -1568,11 +1568,14 @@ void forward_as(const Problem& p, T* out, float* lse) {
     count_bf16_call(false, !std::is_same_v<C, BFloat16> ? kProdFp32 : !packed ? kProdMkl : amx ? kProdAmx : kProdDp);
 }
 
-// Backward tasks: (batch, head) pairs split into at most this many query-tile runs in all, whatever the thread count.
-// dK/dV of a pair are sums over its query tiles; a fixed split adds them in a fixed order, so the gradients are the
-// same bits for any number of threads (a split by thread count moved the sums' boundaries). 16 tasks keep up to 4
-// threads busy 4 times over at batch x heads = 4; with 16 or more pairs there is one run per pair and no reduction.
-constexpr int64_t kBackwardTasks = 16;
+// Backward tasks: (batch, head) pairs split into query-tile runs until there are this many tasks, whatever the thread
+// count. dK/dV of a pair are sums over its query tiles; a fixed split adds them in a fixed order, so the gradients are
+// the same bits for any number of threads (a split by thread count moved the sums' boundaries). A split costs: each
+// run packs the K/V its tiles visit (BigBird's global rows visit all of them) and its private dK/dV are zeroed and
+// added afterwards: with 16 tasks, BigBird 4096 x 12 heads (2 runs a head) took about 7% more CPU time without
+// dropout than with one run a head (forward + backward, 1 thread, Xeon avx512_bf16, two runs each, load 6-9). 8 tasks:
+// no split from 8 pairs on (a model's batch x heads), and up to 8 threads kept busy on a single pair.
+constexpr int64_t kBackwardTasks = 8;
 
 // A backward chunk after the first of its pair: dK/dV of the keys its tiles visit ([lo[i], hi[i]) of source i), in
 // private buffers added to the pair's gradients after every task is done, chunk by chunk.
