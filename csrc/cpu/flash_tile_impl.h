@@ -676,14 +676,19 @@ Keep row_keep(const Problem& p, Work<T, C>& w, const Seg& sg, int64_t i0, int64_
   const Dropout& dr = p.drop;
   const uint32_t row = static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r);
   const uint32_t bh = static_cast<uint32_t>(w.bh);
-  if (sg.src == 1 && dr.xcol) {  // gathered columns (global keys): one Philox call per key
+  int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
+  if (sg.src == 1 && dr.xcol) {  // mapped columns: SIMD bits where [lo, hi) is one run of columns (LSG's extra keys)
     const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
-    for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
-    for (int64_t t = lo; t < hi; ++t)
-      if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
-    return {buf, 0};
+    bool run = lo < hi;
+    for (int64_t t = lo + 1; t < hi && run; ++t) run = col[t] == col[t - 1] + 1;
+    if (!run) {  // scattered columns (gathered global keys): one Philox call per key
+      for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
+      for (int64_t t = lo; t < hi; ++t)
+        if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
+      return {buf, 0};
+    }
+    col0 = col[lo] - lo;  // only t in [lo, hi) is read: t + shift >= 0 there
   }
-  const int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
   const int64_t base = (col0 + lo) & ~int64_t(7);
   keep_bits(dr, bh, row, col0 + lo, col0 + hi, buf);
   return {buf, col0 - base};
