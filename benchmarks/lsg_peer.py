@@ -145,8 +145,7 @@ CASES = [
     ("pooling", "roberta", "Model", dict(BASE, sparsity_type="pooling"), (100, 61)),
     ("stride", "roberta", "Model", dict(BASE, sparsity_type="stride"), (100, 61)),
     ("block_stride", "roberta", "Model", dict(BASE, sparsity_type="block_stride"), (100, 61)),
-    # bos_pooling attends the plain mean of a group of padding (its mask-mean overflows): exact parity only
-    # without whole padded groups in reach, so no padding and a length one short of the block
+    # no padding and a length one short of the block (the padded cases are at the end)
     ("bos_pooling", "roberta", "Model", dict(BASE, sparsity_type="bos_pooling"), (95, 95)),
     ("none", "roberta", "Model", dict(BASE, sparsity_type="none"), (100, 61)),
     # 3 globals, factor 4, sparse windows narrower than the block, no pool_with_global
@@ -208,6 +207,24 @@ CASES = [
         ),
         (100, 45),
     ),
+    # bos_pooling attends the plain mean of a group of padding (its mask mean overflows), made of the padded
+    # rows' hidden states (user padding and the adaptive padding to a multiple of the block), which every
+    # layer computes
+    ("bos_pooling_padded", "roberta", "Model", dict(BASE, sparsity_type="bos_pooling"), (100, 61)),
+    (
+        "bos_pooling_f4_g2_mlm",
+        "roberta",
+        "ForMaskedLM",
+        dict(
+            block_size=16,
+            sparse_block_size=16,
+            sparsity_factor=4,
+            num_global_tokens=2,
+            sparsity_type="bos_pooling",
+            mask_first_token=True,
+        ),
+        (100, 45),
+    ),  # fmt: skip
 ]
 TINY = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=170, type_vocab_size=1, hidden_dropout_prob=0.0,

@@ -30,6 +30,8 @@ import random
 import statistics
 import time
 
+from .metrics import spread
+
 # English NER templates: {PER} {ORG} {LOC} {MISC} slots. The last quarter is held out for the test set, so the
 # test sentences put entities in contexts the fine-tuning never saw.
 TEMPLATES = [
@@ -153,11 +155,6 @@ def save_student(teacher_dir: str, out: str, tokenizer) -> str:
         make_student(load(teacher_dir)).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
 
 
 def table(rows: dict[str, list[float]], teacher: str = "teacher") -> str:

@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import collections
 import re
+import statistics
 import string
 from collections.abc import Iterable, Sequence
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min, max and count of a score over seeds."""
+    values = list(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
 
 
 def _check_lengths(preds: Sequence, labels: Sequence) -> None:

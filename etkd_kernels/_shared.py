@@ -183,6 +183,13 @@ def lead_tokens(num_global_tokens: int, block_size: int, variant: str) -> int:
     return -(-num_global_tokens // block_size) * block_size if variant == "model" else 0
 
 
+def all_query_rows(sparsity_type: str, variant: str) -> bool:
+    """Whether padded non-global query rows get outputs like the real rows of their block instead of zeros: the
+    model files' bos_pooling pools a group of padding tokens from those rows' hidden states (plain mean), which
+    the next layer's keys are made of, so LSG RoBERTa needs them as lsg-converter computes them."""
+    return variant == "model" and sparsity_type == "bos_pooling"
+
+
 def uses_sparse(sparsity_type: str, sparse_block_size: int, num_blocks: int) -> bool:
     return sparsity_type != "none" and sparse_block_size > 0 and num_blocks > 2
 

@@ -61,7 +61,13 @@ class Embeddings(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        # RoBERTa's padded tokens sit on position row pad_token_id, which (as in HF) gets no gradient.
+        pad_row = (
+            cfg.pad_token_id
+            if cfg.position_style == "padded" and cfg.pad_token_id < cfg.max_positions
+            else None
+        )
+        self.position = nn.Embedding(cfg.max_positions, cfg.hidden_size, padding_idx=pad_row)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         # LSG: lsg-converter's global embeddings (a fixed table of 512 rows, the first num_global_tokens used).
         self.global_tokens = (
@@ -182,8 +188,10 @@ class Encoder(nn.Module):
         gmask = None if global_attention_mask is None else global_attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (b, s, d)
         lsg = self.embeddings.global_tokens is not None
-        if lsg:  # x is (b, g + s, d)
+        if lsg:  # x is (b, g + s, d) -> (b, g + s + pad, d)
+            n = x.shape[1]
             kpm = self._lsg_mask(kpm, x)
+            x, kpm = self._lsg_pad(x, kpm)
         states = [x]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -195,13 +203,28 @@ class Encoder(nn.Module):
             x = states[-1] = self.final_norm(x)
         if lsg:  # drop the globals again, as LSGRobertaEncoder does
             g = self.config.num_global_tokens
-            out = x[:, g:]
+            out = x[:, g:n]
             if self.config.pool_with_global and out.shape[1]:
                 out = torch.cat([x[:, :1], out[:, 1:]], dim=1)  # the first token gets global 0's output
             x = out
-            states = [t[:, g:] for t in states[:-1]] + [x]
+            states = [t[:, g:n] for t in states[:-1]] + [x]
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(x, pooled=pooled, hidden_states=tuple(states) if output_hidden_states else None)
+
+    def _lsg_pad(self, x: torch.Tensor, kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """lsg-converter's adaptive padding (LSGRobertaEncoder): past two blocks, zero hidden states (not real)
+        up to a multiple of block_size tokens after the globals, run through every layer like the others. Their
+        outputs matter where bos_pooling pools a group of padding (`lsg_attention`'s variant "model")."""
+        cfg = self.config
+        b, n = x.shape[:2]
+        s = n - cfg.num_global_tokens
+        pad = -s % cfg.block_size
+        if not cfg.adaptive or s <= 2 * cfg.block_size or not pad:
+            return x, kpm
+        if kpm is None:
+            kpm = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        x = torch.cat([x, x.new_zeros(b, pad, x.shape[2])], dim=1)
+        return x, torch.cat([kpm, kpm.new_zeros(b, pad)], dim=1)
 
     def _lsg_mask(self, kpm: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         """The (b, g + s) key mask of an LSG sequence: globals real, then the tokens' own mask."""

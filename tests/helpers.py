@@ -182,3 +182,21 @@ def sliding_window_call(window: int, global_mask: torch.Tensor | None, key_paddi
         )  # fmt: skip
 
     return call
+
+
+def backend_parity(call, tensors, tolerances, name: str, backends=("reference", "triton")) -> float:
+    """Run `call(*tensors, backend=...)` on both backends (fresh leaves, the same seeded output gradient) and
+    compare the second's output and every input's gradient with the first's; `tolerances` is
+    ((out rtol, atol), (grad rtol, atol)). Returns the largest error `assert_close` reported."""
+    results = {}
+    for backend in backends:
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = call(*leaves, backend=backend)
+        torch.manual_seed(1)
+        out.backward(torch.randn_like(out))
+        results[backend] = (out, [t.grad for t in leaves])
+    (fwd_tol, bwd_tol), (expected, got) = tolerances, (results[backends[0]], results[backends[1]])
+    errs = [assert_close(got[0], expected[0], *fwd_tol, name=f"{name} out")]
+    for i, (g, e) in enumerate(zip(got[1], expected[1])):
+        errs.append(assert_close(g, e, *bwd_tol, name=f"{name} grad[{i}]"))
+    return max(errs)

@@ -4,6 +4,7 @@ reach of a 4096-token one), labels consistent with the evidence, the control var
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -166,3 +167,95 @@ def test_short_ner_set_needs_context_for_codenames(tmp_path):
             types.setdefault(w[0], set()).add(tag)
     assert len(types) > 3 and any(len(v) > 1 for v in types.values())  # a codename's type varies
     assert 0.3 < sum(s["tokens"][0] in longrange.CODENAMES for s in sents) / len(sents) < 0.7
+
+
+def test_seeds_table_means_gaps_and_retention():
+    """`etkd demo --seeds`: each score as mean ± sample std over the seeds with each seed's value, the gaps over
+    the 512-token teacher and the student's retention computed per seed."""
+    from etkd.distill import demo
+
+    def row(name, context, f1, cls):
+        return {"name": name, "context": context, "f1": f1, "f1_codename": f1, "f1_ordinary": 100.0,
+                "cls_f1": cls, "accuracy": cls}  # fmt: skip
+
+    runs = {
+        s: {
+            "models": [
+                row("roberta-full", 512, 60.0 + s, 50.0),
+                row("longformer", 4096, 90.0, 100.0 - 2 * s),
+                row("longformer-student", 4096, 81.0 + 9 * s, 100.0 - 2 * s),
+            ]
+        }  # fmt: skip
+        for s in (0, 1)
+    }
+    text = demo.seeds_table(runs)
+    assert "| roberta-full | 512 | 60.5 ± 0.7 (60.0 / 61.0) |" in text
+    assert "| NER F1 gap, longformer − roberta-full | 29.5 ± 0.7 (30.0 / 29.0) |" in text
+    assert "| cls F1 gap, longformer-student − roberta-full | 49.0 ± 1.4 (50.0 / 48.0) |" in text
+    assert "| NER F1 retention (%), longformer-student / longformer | 95.0 ± 7.1 (90.0 / 100.0) |" in text
+
+
+def test_cls_attention_reads_the_global_cls_row(tmp_path):
+    """`cls_attention` (python -m etkd.distill.demo.longrange --cls-attention): with zero global query/key
+    projections the [CLS] row attends uniformly, so its share on the opinion tokens is their token share;
+    a key that singles the opinion words out moves the share onto them."""
+    import torch
+
+    from etkd.models import EncoderConfig, EncoderModel
+
+    vocab = demo_data.vocabulary()
+    cfg = EncoderConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=32,
+                        max_positions=2050, position_style="padded", attention="longformer", window=16,
+                        global_projections=True, head="sequence_classification", head_style="roberta")  # fmt: skip
+    torch.manual_seed(0)
+    model = EncoderModel(cfg)
+    layer0 = model.encoder.layers[0].attn
+    for proj in (layer0.qg, layer0.kg):
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+    model.save_pretrained(str(tmp_path / "uniform"))
+    path = longrange.write_cls(str(tmp_path / "cls.jsonl"), 3, seed=1)
+    r = longrange.cls_attention(str(tmp_path / "uniform"), path)
+    assert r["documents"] == 3 and 0 <= r["accuracy"] <= 100 and len(r["layers"]) == 2
+    a = r["layers"][0]
+    assert abs(a["opinion_words"] - a["uniform_words"]) < 1e-6
+    assert abs(a["opinion_sentences"] - a["uniform_sentences"]) < 1e-6
+    assert 0 < a["uniform_words"] < a["uniform_sentences"] < 1
+    # The opinion words' embeddings stand out on coordinate 0, the keys read it, the [CLS] query (bias only)
+    # prefers large keys: the share moves onto the opinion words.
+    with torch.no_grad():
+        ids = [vocab.index(w) for w in demo_data.GOOD + demo_data.BAD]
+        model.encoder.embeddings.word.weight[ids, 0] = 10.0
+        layer0.kg.weight.zero_()
+        layer0.kg.weight[:, 0] = 5.0
+        layer0.qg.bias.fill_(1.0)
+    model.save_pretrained(str(tmp_path / "peaked"))
+    b = longrange.cls_attention(str(tmp_path / "peaked"), path)["layers"][0]
+    assert b["opinion_words"] > 5 * b["uniform_words"]
+
+
+def test_demo_seeds_runs_the_pipeline_per_seed(tmp_path, monkeypatch):
+    """`etkd demo --seeds 3 4`: one pipeline per seed in OUT/seed<S> with that seed, then the table over them
+    (the pipeline itself is tests/test_bench_demo.py's tiny end-to-end run)."""
+    import argparse
+
+    from etkd.distill import demo
+
+    seen = []
+
+    def pipeline(args):
+        seen.append((args.seed, args.out))
+        os.makedirs(args.out, exist_ok=True)
+        rows = [{"name": n, "context": c, "f1": 50.0 + args.seed, "f1_codename": 0.0, "f1_ordinary": 100.0,
+                 "cls_f1": 60.0, "accuracy": 60.0}
+                for n, c in (("roberta-full", 512), ("longformer", 4096), ("longformer-student", 4096))]  # fmt: skip
+        with open(os.path.join(args.out, "long_range.json"), "w") as f:
+            json.dump({"models": rows}, f)
+
+    monkeypatch.setattr(demo, "pipeline", pipeline)
+    demo.run_seeds(argparse.Namespace(seeds=[3, 4], seed=0, out=str(tmp_path)))
+    assert seen == [(3, str(tmp_path / "seed3")), (4, str(tmp_path / "seed4"))]
+    assert set(json.loads((tmp_path / "long_range_seeds.json").read_text())) == {"3", "4"}
+    assert (
+        "| longformer | 4096 | 53.5 ± 0.7 (53.0 / 54.0) |" in (tmp_path / "long_range_seeds.md").read_text()
+    )

@@ -292,3 +292,36 @@ def test_lsg_converter_benchmark_runs(capsys):
     )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pooling")]
     assert [r.split()[1] for r in rows] == ["fwd", "fwd_bwd"] and all("lsg-converter/cpu" in r for r in rows)
+
+
+@pytest.mark.parametrize("sparsity_type", ["bos_pooling", "pooling", "norm"])
+def test_model_variant_padded_rows_on_every_backend(sparsity_type):
+    """variant="model": bos_pooling gives padded non-global query rows what a real row of their block gets
+    (lsg-converter's model computes them and pools groups of padding from them a layer later), other types
+    zeros; cpu (and triton: tests/test_triton_lsg.py) equal reference there too, outputs and gradients."""
+    from etkd_kernels import available_backends
+
+    b, h, s, d, block, n_global = 2, 2, 90, 8, 8, 2
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, grad = (torch.randn(b, h, s, d, generator=gen) for _ in range(4))
+    real = torch.ones(b, s, dtype=torch.bool)
+    real[-1, 50:] = False  # whole groups and blocks of padding, and a partial block
+    results = {}
+    for backend in [n for n in ("reference", "cpu") if available_backends()[n].available]:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = lsg_attention(
+            *leaves, block_size=block, sparse_block_size=block, sparsity_factor=2, sparsity_type=sparsity_type,
+            num_global_tokens=n_global, key_padding_mask=real, variant="model", backend=backend,
+        )  # fmt: skip
+        out.backward(grad)
+        results[backend] = (out.detach(), [t.grad for t in leaves])
+    out = results["reference"][0]
+    padded = out[-1, :, 50:]
+    if sparsity_type == "bos_pooling":
+        assert padded.abs().amax(-1).min() > 0, "a padded row got no output"
+    else:
+        assert padded.abs().max() == 0
+    for backend, (got, grads) in results.items():
+        assert_close(got, out, 1e-5, 2e-6, name=f"{backend} forward")
+        for g, want, name in zip(grads, results["reference"][1], ("dq", "dk", "dv")):
+            assert_close(g, want, 1e-5, 1e-5, name=f"{backend} {name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, sliding_window_call
+from helpers import backend_parity, sliding_window_call
 
 from etkd_kernels import (
     BlockLayout,
@@ -35,17 +35,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _parity(call, tensors, dtype, name):
-    res = {}
-    for backend in ("reference", "triton"):
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-        out = call(*leaves, backend=backend)
-        torch.manual_seed(1)
-        out.backward(torch.randn_like(out))
-        res[backend] = (out, [t.grad for t in leaves])
-    fwd_tol, bwd_tol = TOL[dtype]
-    assert_close(res["triton"][0], res["reference"][0], *fwd_tol, name=f"{name} out")
-    for i, (a, e) in enumerate(zip(res["triton"][1], res["reference"][1])):
-        assert_close(a, e, *bwd_tol, name=f"{name} grad[{i}]")
+    return backend_parity(call, tensors, TOL[dtype], name)
 
 
 def _masks(b, s, device, n_global=4, pad=100):

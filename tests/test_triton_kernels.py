@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from helpers import assert_close, sliding_window_call  # noqa: E402
+from helpers import assert_close, backend_parity, sliding_window_call  # noqa: E402
 
 from etkd_kernels import (  # noqa: E402
     BlockLayout,
@@ -52,22 +52,7 @@ def _randn(*shape, dtype=torch.float32):
 
 
 def _parity(call, tensors, dtype, name):
-    """Run `call(*tensors, backend=...)` on both backends; compare outputs and every input's gradient."""
-    results = {}
-    for backend in ("reference", "triton"):
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-        out = call(*leaves, backend=backend)
-        torch.manual_seed(1)
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        results[backend] = (out, [t.grad for t in leaves])
-    (fwd_tol, bwd_tol) = TOL[dtype]
-    out_r, grads_r = results["reference"]
-    out_t, grads_t = results["triton"]
-    errs = [assert_close(out_t, out_r, *fwd_tol, name=f"{name} out")]
-    for i, (gt, gr) in enumerate(zip(grads_t, grads_r)):
-        errs.append(assert_close(gt, gr, *bwd_tol, name=f"{name} grad[{i}]"))
-    return max(errs)
+    return backend_parity(call, tensors, TOL[dtype], name)
 
 
 def _sw_inputs(b, h, s, d, globals_at, padded_tail, separate, dtype):

@@ -62,7 +62,7 @@ KERNELS.update({f"{name}[dropout]": (mod, attr, {**flags, "DROPOUT": True}) for 
 # Pointer types that differ from the shared names' (LSG accumulates dK/dV in fp32; STARTS is int64).
 _PTR_OVERRIDES = {
     "lsg": {"KX": None, "VX": None, "DK": "*fp32", "DV": "*fp32", "DKX": "*fp32", "DVX": "*fp32",
-            "KMASK": "*i8", "OKX": "*i8", "STARTS": "*i64"},
+            "KMASK": "*i8", "QMASK": "*i8", "OKX": "*i8", "STARTS": "*i64"},
 }  # fmt: skip
 
 

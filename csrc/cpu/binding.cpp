@@ -34,11 +34,12 @@ TORCH_LIBRARY(etkd_cpu, m) {
   m.def(
       "lsg_fwd(Tensor q, Tensor k, Tensor v, Tensor kx, Tensor vx, Tensor kx_ok, Tensor starts, "
       "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale, "
-      "Tensor? kx_cols, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+      "Tensor? kx_cols, float dropout_p, int seed, int offset, bool all_rows=False) -> (Tensor, Tensor)");
   m.def(
       "lsg_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kx, Tensor vx, "
       "Tensor kx_ok, Tensor starts, Tensor? key_padding_mask, int block_size, int sparse_block_size, "
-      "int num_global_tokens, float scale, Tensor? kx_cols, float dropout_p, int seed, int offset) -> Tensor[]");
+      "int num_global_tokens, float scale, Tensor? kx_cols, float dropout_p, int seed, int offset, "
+      "bool all_rows=False) -> Tensor[]");
   m.def(
       "lsg_sparse_keys(Tensor k, Tensor v, Tensor? key_padding_mask, int num_global_tokens, int block_size, "
       "int sparsity_factor, int type) -> (Tensor, Tensor, Tensor)");

@@ -1,6 +1,7 @@
 // LSG attention on the CPU: forward and backward, two passes over the shared tile driver (flash_tile.h).
 //
-//   block pass   every real non-global query tile (inside query block n) visits, in one online softmax,
+//   block pass   every real non-global query tile (inside query block n; with all_rows, padded ones too: the
+//                model files' bos_pooling pools their hidden states) visits, in one online softmax,
 //                the local keys [(n - 1) B, (n + 2) B) of the main source (global and padded keys biased
 //                out) and, as the extra source `kx`, the global keys followed by the two sparse windows of
 //                compressed keys of its block;
@@ -32,7 +33,7 @@ struct Passes {
 Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx, const Tensor& vx,
              const Tensor& kx_ok, const Tensor& starts, const OptTensor& kpm, int64_t block_size,
              int64_t sparse_block_size, int64_t num_global, double scale, const OptTensor& kx_cols,
-             const Dropout& drop) {
+             const Dropout& drop, bool all_rows) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -58,7 +59,9 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kx
   usable.narrow(1, 0, G).zero_();
   // Heads folded into the batch: biases and skip flags (B * H, ...).
   ps.usable_bias = bias_from(usable).unsqueeze(1).expand({B, H, S}).reshape({B * H, S}).contiguous();
-  ps.skip = (1 - usable).unsqueeze(1).expand({B, H, S}).reshape({B * H, S}).contiguous();
+  // Rows skipped by the block pass: the global ones and, unless all_rows, the padded ones.
+  auto rows = all_rows ? at::arange(S).ge(G).to(at::kByte).unsqueeze(0).expand({B, S}) : usable;
+  ps.skip = (1 - rows).unsqueeze(1).expand({B, H, S}).reshape({B * H, S}).contiguous();
   ps.kx_bias = bias_from(kx_ok).reshape({B * H, Sx}).contiguous();
   ps.starts = T ? starts.to(at::kLong).contiguous() : at::zeros({nb, 2}, at::kLong);
 
@@ -221,9 +224,9 @@ std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tenso
                                    const Tensor& vx, const Tensor& kx_ok, const Tensor& starts,
                                    const OptTensor& key_padding_mask, int64_t block_size, int64_t sparse_block_size,
                                    int64_t num_global_tokens, double scale, const OptTensor& kx_cols,
-                                   double dropout_p, int64_t seed, int64_t offset) {
+                                   double dropout_p, int64_t seed, int64_t offset, bool all_rows) {
   Passes ps = setup(q, k, v, kx, vx, kx_ok, starts, key_padding_mask, block_size, sparse_block_size,
-                    num_global_tokens, scale, kx_cols, dropout_of(dropout_p, seed, offset));
+                    num_global_tokens, scale, kx_cols, dropout_of(dropout_p, seed, offset), all_rows);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), G = ps.G;
   auto out = at::empty_like(q);
   auto lse = at::empty({B, H, S}, q.options());
@@ -242,9 +245,10 @@ std::vector<Tensor> lsg_bwd(const Tensor& grad_out, const Tensor& q, const Tenso
                             const Tensor& out, const Tensor& lse, const Tensor& kx, const Tensor& vx,
                             const Tensor& kx_ok, const Tensor& starts, const OptTensor& key_padding_mask,
                             int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale,
-                            const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset) {
+                            const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset,
+                            bool all_rows) {
   Passes ps = setup(q, k, v, kx, vx, kx_ok, starts, key_padding_mask, block_size, sparse_block_size,
-                    num_global_tokens, scale, kx_cols, dropout_of(dropout_p, seed, offset));
+                    num_global_tokens, scale, kx_cols, dropout_of(dropout_p, seed, offset), all_rows);
   check_like(grad_out, q, "grad_out");
   check_like(out, q, "out");
   check_float(lse, "lse");

@@ -54,7 +54,7 @@ std::tuple<Tensor, Tensor> lsg_fwd(const Tensor& q, const Tensor& k, const Tenso
                                    const Tensor& vx, const Tensor& kx_ok, const Tensor& starts,
                                    const OptTensor& key_padding_mask, int64_t block_size, int64_t sparse_block_size,
                                    int64_t num_global_tokens, double scale, const OptTensor& kx_cols,
-                                   double dropout_p, int64_t seed, int64_t offset);
+                                   double dropout_p, int64_t seed, int64_t offset, bool all_rows);
 // [global keys, compressed keys] for pooling (1), stride (2), block_stride (3) with sparsity_factor >= 2, and
 // the adjoint: dk, dv += the gradients of kx, vx.
 std::tuple<Tensor, Tensor, Tensor> lsg_sparse_keys(const Tensor& k, const Tensor& v, const OptTensor& key_padding_mask,
@@ -67,7 +67,8 @@ std::vector<Tensor> lsg_bwd(const Tensor& grad_out, const Tensor& q, const Tenso
                             const Tensor& out, const Tensor& lse, const Tensor& kx, const Tensor& vx,
                             const Tensor& kx_ok, const Tensor& starts, const OptTensor& key_padding_mask,
                             int64_t block_size, int64_t sparse_block_size, int64_t num_global_tokens, double scale,
-                            const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset);
+                            const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset,
+                            bool all_rows);
 
 // Its hand-written backward (recomputes per head; no (seq x landmarks) buffer kept). grad_out zero on padded rows.
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,

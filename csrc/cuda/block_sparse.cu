@@ -20,26 +20,31 @@ __device__ __forceinline__ ti::BlockPattern<BM, BN> make_pattern(const BlockSpar
                                   ti::BlockLut{a.lut, a.lut_count, a.heads_lut, a.nqb, a.max_nnz});
 }
 
+// The CTA's pattern and its (batch, head)'s q, k, v, handed to `f` (both passes).
+template <class I, int BM, int BN, class F>
+__device__ __forceinline__ void with_pattern(const BlockSparseArgs& a, const HeadOffsets& o, F&& f) {
+  using T = typename I::T;
+  f(make_pattern<BM, BN>(a, o.b), static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
+    static_cast<const T*>(a.v) + o.off);
+}
+
 template <class I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) bs_fwd_kernel(const BlockSparseFwdParams p) {
   using T = typename I::T;
-  const BlockSparseArgs& a = p.args;
-  const HeadOffsets o = head_offsets(a.shape);
-  const auto pat = make_pattern<I::Fwd::BM, I::Fwd::BN>(a, o.b);
-  attn_fwd_tile<I>(pat, static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
-                   static_cast<const T*>(a.v) + o.off, static_cast<T*>(p.out) + o.off, p.lse + o.lse_off, a.shape);
+  const HeadOffsets o = head_offsets(p.args.shape);
+  with_pattern<I, I::Fwd::BM, I::Fwd::BN>(p.args, o, [&](const auto& pat, const T* q, const T* k, const T* v) {
+    attn_fwd_tile<I>(pat, q, k, v, static_cast<T*>(p.out) + o.off, p.lse + o.lse_off, p.args.shape);
+  });
 }
 
 template <class I>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) bs_bwd_kernel(const BlockSparseBwdParams p) {
   using T = typename I::T;
-  const BlockSparseArgs& a = p.args;
-  const HeadOffsets o = head_offsets(a.shape);
-  const auto pat = make_pattern<I::Bwd::BM, I::Bwd::BN>(a, o.b);
-  attn_bwd_tile<I>(pat, static_cast<const T*>(a.q) + o.off, static_cast<const T*>(a.k) + o.off,
-                   static_cast<const T*>(a.v) + o.off, static_cast<const T*>(p.out) + o.off,
-                   static_cast<const T*>(p.grad_out) + o.off, p.lse + o.lse_off, p.dq + o.off, p.dk + o.off,
-                   p.dv + o.off, a.shape);
+  const HeadOffsets o = head_offsets(p.args.shape);
+  with_pattern<I, I::Bwd::BM, I::Bwd::BN>(p.args, o, [&](const auto& pat, const T* q, const T* k, const T* v) {
+    attn_bwd_tile<I>(pat, q, k, v, static_cast<const T*>(p.out) + o.off, static_cast<const T*>(p.grad_out) + o.off,
+                     p.lse + o.lse_off, p.dq + o.off, p.dk + o.off, p.dv + o.off, p.args.shape);
+  });
 }
 
 cudaError_t check_args(const BlockSparseArgs& a) {

@@ -177,6 +177,69 @@ def long_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(runs: dict[int, dict]) -> str:
+    """The long-range table over seeds (markdown): per model, each score as mean ± sample standard deviation
+    with every seed's value, then what separates the models per seed: the gaps of the 4096-token models over
+    the 512-token teacher and the student's retention of the Longformer teacher.
+
+    runs: seed -> that seed's `long_range.json` (`{"models": [row, ...]}`, rows as `pipeline` writes them).
+    """
+    from ..metrics import spread
+
+    seeds = sorted(runs)
+    by = {s: {r["name"]: r for r in runs[s]["models"]} for s in seeds}
+    names = [r["name"] for r in runs[seeds[0]]["models"]]
+
+    def cell(values: list[float]) -> str:
+        m = spread(values)
+        return f"{m['mean']:.1f} ± {m['std']:.1f} ({' / '.join(f'{v:.1f}' for v in values)})"
+
+    cols = (("NER F1", "f1"), ("codename", "f1_codename"), ("ordinary", "f1_ordinary"), ("cls F1", "cls_f1"),
+            ("cls acc", "accuracy"))  # fmt: skip
+    lines = [f"Seeds {' '.join(map(str, seeds))}: mean ± sample standard deviation (each seed's value)", "",
+             "| model | context | " + " | ".join(c for c, _ in cols) + " |", "|---|---|" + "---|" * len(cols)]  # fmt: skip
+    for name in names:
+        row = [by[s][name] for s in seeds]
+        lines.append(
+            f"| {name} | {row[0]['context']} | "
+            + " | ".join(cell([r[k] for r in row]) for _, k in cols)
+            + " |"
+        )
+    short, long, student = "roberta-full", "longformer", "longformer-student"
+    derived = []
+    for model in (long, student):
+        for label, key in (("NER F1", "f1"), ("cls F1", "cls_f1")):
+            derived.append(
+                (f"{label} gap, {model} − {short}", [by[s][model][key] - by[s][short][key] for s in seeds])
+            )
+    for label, key in (("NER F1", "f1"), ("cls F1", "cls_f1")):
+        derived.append((f"{label} retention (%), {student} / {long}",
+                        [100 * by[s][student][key] / by[s][long][key] if by[s][long][key] else float("nan") for s in seeds]))  # fmt: skip
+    lines += ["", "| per seed | mean ± std (each seed) |", "|---|---|"]
+    lines += [f"| {label} | {cell(values)} |" for label, values in derived]
+    return "\n".join(lines)
+
+
+def run_seeds(args) -> None:
+    """`pipeline` once per seed of `--seeds` (each in OUT/seed<S>), then `seeds_table` over them, also written to
+    OUT/long_range_seeds.json (every seed's long_range.json) and OUT/long_range_seeds.md."""
+    import argparse
+
+    runs = {}
+    for seed in args.seeds:
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "out": os.path.join(args.out, f"seed{seed}")})
+        print(f"\n=== seed {seed} -> {one.out}", flush=True)
+        pipeline(one)
+        with open(os.path.join(one.out, "long_range.json")) as f:
+            runs[seed] = json.load(f)
+    text = seeds_table(runs)
+    print("\nLong-range sets over seeds\n" + text)
+    with open(os.path.join(args.out, "long_range_seeds.json"), "w") as f:
+        json.dump({str(s): r for s, r in runs.items()}, f, indent=2)
+    with open(os.path.join(args.out, "long_range_seeds.md"), "w") as f:
+        f.write(text + "\n")
+
+
 def pipeline(args) -> None:
     from etkd.models import EncoderConfig, EncoderModel
 
@@ -331,6 +394,9 @@ def register(sub) -> None:
     p.add_argument("--long-dev", type=int, default=40, help="dev documents of each long-range set")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run the pipeline once per seed (OUT/seed<S>; --seed is then unused) and print the "
+                        "long-range table as mean ± spread over them")  # fmt: skip
     p.add_argument("--seq", type=int, default=1024, help="kernel table: sequence length")
     p.add_argument("--repeats", type=int, default=3, help="kernel table: timed repeats")
     p.add_argument("--kernels-only", action="store_true", help="only the kernel comparison table")
@@ -341,7 +407,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
-    if not args.kernels_only:
+    if args.seeds and not args.kernels_only:
+        os.makedirs(args.out, exist_ok=True)
+        run_seeds(args)
+    elif not args.kernels_only:
         pipeline(args)
     from etkd.benchmarks.harness import environment
 

@@ -211,18 +211,94 @@ def context_ceiling(examples: list[dict[str, Any]], context: int, stride: int = 
     return {"f1": out["f1"], **breakdown(examples, pred)}
 
 
+def cls_attention(model_dir: str, path: str, max_docs: int = 40) -> dict[str, Any]:
+    """Where the [CLS] row of each layer looks on long-range classification documents (what decides whether a
+    model learns the task): per layer, the mean share of its attention on the opinion words and on the whole
+    opinion sentences ("the film was <opinion> ."), the share uniform attention would give them, and the
+    largest single weight; plus the model's accuracy on the documents. The [CLS] row of a Longformer is
+    global: its weights are softmax(q_g k_g^T * scale) over every real token (its global projections; the
+    local ones for a model without them). `model_dir`: a sequence-classification checkpoint over the demo's
+    vocabulary; `path`: a longrange-cls jsonl file (its first `max_docs` documents).
+    """
+    import torch
+
+    from etkd.models import EncoderModel
+
+    model = EncoderModel.from_pretrained(model_dir).eval()
+    h = model.config.num_heads
+    vocab = tokenizer().vocab
+    opinion_ids = {vocab[w] for w in GOOD + BAD}
+    film = vocab["film"]
+    rows: dict[int, list[torch.Tensor]] = {}
+
+    def hook(attn, args):  # args: (x, key_padding_mask, global_mask, backend) of SelfAttention.forward
+        x = args[0]
+        qp, kp = (attn.qg, attn.kg) if attn.qg is not None else (attn.q, attn.k)
+        q, k = qp(x[:, :1]).view(1, h, -1), kp(x).view(x.shape[1], h, -1)
+        w = torch.einsum("hd,shd->hs", q[0], k) * q.shape[-1] ** -0.5
+        rows.setdefault(attn.layer_index, []).append(w.softmax(-1))  # (heads, seq)
+
+    handles = [layer.attn.register_forward_pre_hook(hook) for layer in model.encoder.layers]
+    with open(path) as f:
+        docs = [json.loads(line) for line in f if line.strip()][:max_docs]
+    masks, correct = [], 0
+    try:
+        with torch.no_grad():
+            for d in docs:
+                words = d["sentence"].split()[: model.config.max_positions - 4]
+                ids = torch.tensor([[vocab["[CLS]"], *(vocab[w] for w in words), vocab["[SEP]"]]])
+                correct += int(model(input_ids=ids).logits.argmax(-1).item() == d["label"])
+                opinion = torch.tensor([i in opinion_ids for i in ids[0].tolist()])
+                sentence = opinion.clone()
+                for j in torch.nonzero(ids[0] == film).flatten().tolist():
+                    sentence[j - 1 : j + 4] = True  # "the film was <opinion> ."
+                masks.append((opinion, sentence))
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: dict[str, Any] = {
+        "documents": len(docs),
+        "accuracy": 100.0 * correct / max(len(docs), 1),
+        "layers": [],
+    }
+    for layer in sorted(rows):
+        share = torch.tensor(
+            [[a[:, m].sum(-1).mean().item() for m in ms] + [a.max(-1).values.mean().item()] + [m.float().mean().item() for m in ms]
+             for a, ms in zip(rows[layer], masks)]
+        ).mean(0).tolist()  # fmt: skip
+        out["layers"].append(dict(zip(("opinion_words", "opinion_sentences", "max_weight", "uniform_words",
+                                       "uniform_sentences"), share)))  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
         prog="python -m etkd.distill.demo.longrange", description="write the long-range task files"
     )
-    p.add_argument("--out", required=True, help="folder for the files (and the tokenizer, under tokenizer/)")
+    p.add_argument("--out", help="folder for the files (and the tokenizer, under tokenizer/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=160, help="training documents per task")
     p.add_argument("--dev", type=int, default=40, help="dev documents per task")
     p.add_argument("--near", action="store_true", help="the control variant: evidence within 300 tokens")
+    p.add_argument("--cls-attention", metavar="MODEL",
+                   help="instead: where MODEL's [CLS] attention looks on --eval-file (`cls_attention`)")  # fmt: skip
+    p.add_argument("--eval-file", help="--cls-attention: a long_cls_*.jsonl file")
+    p.add_argument("--docs", type=int, default=40, help="--cls-attention: documents read")
     args = p.parse_args(argv)
+    if args.cls_attention:
+        if not args.eval_file:
+            p.error("--cls-attention needs --eval-file (a long_cls_*.jsonl file)")
+        r = cls_attention(args.cls_attention, args.eval_file, args.docs)
+        print(f"{r['documents']} documents, accuracy {r['accuracy']:.1f}%; [CLS] attention per layer:")
+        for i, a in enumerate(r["layers"]):
+            print(f"  layer {i}: on opinion words {a['opinion_words']:.3f} (uniform {a['uniform_words']:.3f}), on "
+                  f"opinion sentences {a['opinion_sentences']:.3f} (uniform {a['uniform_sentences']:.3f}), "
+                  f"largest weight {a['max_weight']:.3f}")  # fmt: skip
+        return 0
+    if not args.out:
+        p.error("--out: the folder for the files is required")
     paths = write_all(args.out, seed=args.seed, n_train=args.train, n_dev=args.dev, near=args.near)
     tokenizer(os.path.join(args.out, "tokenizer"))
     print(json.dumps(paths, indent=2))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels._shared import extra_keys, lsg_key_columns, sparse_windows, uses_sparse
+from etkd_kernels._shared import all_query_rows, extra_keys, lsg_key_columns, sparse_windows, uses_sparse
 from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.cpu._dtype import in_float32
 
@@ -59,9 +59,10 @@ def forward(q, k, v, p):
     g, kpm, scale = p.num_global_tokens, p.key_padding_mask, p.scale
     with torch.no_grad():
         kx, vx, ok, starts = _extra(q, k, v, bs, sbs, f, stype, g, kpm, scale, p.variant)
+        rows = all_query_rows(stype, p.variant)
         return torch.ops.etkd_cpu.lsg_fwd(
             q, k, v, kx.contiguous(), vx.contiguous(), ok.contiguous(), starts, kpm, bs, sbs, g, scale,
-            *_dropout(p, q.shape[2], kx),
+            *_dropout(p, q.shape[2], kx), rows,
         )  # fmt: skip
 
 
@@ -84,6 +85,7 @@ def backward(grad_out, q, k, v, out, lse, p):
         dq, dk, dv, dkx, dvx = torch.ops.etkd_cpu.lsg_bwd(
             grad_out.contiguous(), q, k, v, out, lse, kx.detach().contiguous(), vx.detach().contiguous(),
             ok.contiguous(), starts, kpm, bs, sbs, g, scale, *_dropout(p, q.shape[2], kx),
+            all_query_rows(stype, p.variant),
         )  # fmt: skip
         if kx.shape[2] > g:
             gq, gk, gv = torch.autograd.grad(

@@ -68,8 +68,10 @@ def lsg_attention(
     variant: "layer" (above: lsg-converter's `attention_layers` LSGSelfAttention, blocks counted from token 0)
     or "model" (the attention inside lsg-converter's model files, `LSGRobertaModel` & co.: the first
     `num_global_tokens` positions are prepended global tokens, blocks, sparse keys and LSG's switch to full
-    attention up to two blocks count the tokens after them, an empty pooled group is not attended, and
-    bos_pooling pools by the first non-global query).
+    attention up to two blocks count the tokens after them, an empty pooled group is not attended, norm ranks
+    keys in chunks of min(block_size, sparse_block_size), and bos_pooling pools by the first non-global query
+    and gives padded non-global query rows what a real row of their block gets, not zeros: lsg-converter's
+    model computes them, and a later layer's bos_pooling pools groups of padding from their hidden states).
     """
     check_qkv(q, k, v)
     check_positive_int(block_size, "block_size")

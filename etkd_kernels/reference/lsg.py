@@ -55,12 +55,14 @@ f = 2 has sparse keys as the checkpoints do.
 (`etkd_kernels.ops.lsg`) puts the G globals in leading blocks of their own, padded with non-real tokens, so
 here the first non-global token starts block `lead // B` with lead = ceil(G / B) B, and the rules above
 change in these places only: a pooled token ("pooling") is attended only when its group has a usable token
-(the model files mask an empty group), "norm" ranks the key norms in chunks of min(B, s) tokens (keeping
-s // f of each, in ascending order of norm: its argsort's tail) rather than whole blocks, and "bos_pooling" pools by the scores of query `lead` (the first
-non-global token; the model files' `queries[..., :1, :]` after splitting the globals off) and never attends
-a compressed token of the leading global blocks (there the model files' unfold has only padding); and for an
-odd step only the right sparse window shifts (`sparse_windows`; the model files run an odd step only when
-block_size == sparsity_factor).
+(the model files mask an empty group); "norm" ranks the key norms in chunks of min(B, s) tokens (keeping
+s // f of each, in ascending order of norm: its argsort's tail) rather than whole blocks; "bos_pooling" pools
+by the scores of query `lead` (the first non-global token; the model files' `queries[..., :1, :]` after
+splitting the globals off), never attends a compressed token of the leading global blocks (there the model
+files' unfold has only padding), and gives padded non-global query rows the output of a real row of their
+block (`all_query_rows`: the model files compute them, and a later layer pools a group of padding from
+them); and for an odd step only the right sparse window shifts (`sparse_windows`; the model files run an odd
+step only when block_size == sparsity_factor).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from __future__ import annotations
 import torch
 
 from .._shared import (
+    all_query_rows,
     apply_dropout,
     batch_heads,
     compute_dtype,
@@ -162,6 +165,8 @@ def attend(
         out = torch.cat([gprobs @ v, out[:, :, g:]], dim=2)
         lse = torch.cat([glse, lse[:, :, g:]], dim=2)
 
+    if all_query_rows(sparsity_type, variant):
+        real = real | (torch.arange(s, device=dev) >= g)[None]
     return padded_rows(out, lse, real, out_dtype)
 
 

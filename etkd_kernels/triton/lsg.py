@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._shared import extra_keys
+from .._shared import all_query_rows, extra_keys
 from ._common import (
     LOG2E,
     RNG_ARGS,
@@ -44,8 +44,8 @@ _KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL", "DROPOUT"]  # SB: seq bucket
 
 
 @triton.jit
-def _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The program's rows, which exist and which are usable (KMASK), the local key range [lo, hi) and the
+def _own_rows(pid, b, QMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The program's rows, which exist and which are computed (QMASK), the local key range [lo, hi) and the
     query block (for STARTS). Global pass: rows [0, G) and every key; block pass: a BLOCK_P tile of query
     block qb and the keys of blocks qb - 1 .. qb + 1."""
     if GLOBAL:
@@ -60,16 +60,16 @@ def _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.con
         valid = r < BS
         pos = qb * BS + r
         lo, hi = tl.maximum(qb - 1, 0) * BS, tl.minimum(qb + 2, NB) * BS
-    own = valid & (tl.load(KMASK + b * S + pos, mask=valid, other=0) != 0)
+    own = valid & (tl.load(QMASK + b * S + pos, mask=valid, other=0) != 0)
     return pos, valid, own, lo, hi, qb
 
 
 @triton.jit
-def _program(KMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
+def _program(QMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
     """What both kernels start from: `program_ids`, the (batch, head) offset in KX/VX, the own rows and local
     key range (`_own_rows`), and the starts of the query block's left and right sparse windows."""
     pid, bh, b, base, lbase = program_ids(H, S, D)
-    pos, valid, own, lo, hi, qb = _own_rows(pid, b, KMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
+    pos, valid, own, lo, hi, qb = _own_rows(pid, b, QMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
     left = tl.load(STARTS + qb * 2)
     right = tl.load(STARTS + qb * 2 + 1)
     return bh, b, base, lbase, bh.to(tl.int64) * SX * D, pos, valid, own, lo, hi, left, right
@@ -118,13 +118,13 @@ def _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT: tl.con
 @triton.autotune(configs=configs("fwd"), key=_KEY)
 @triton.jit(do_not_specialize=RNG_ARGS)
 def _fwd(
-    Q, K, V, KX, VX, OUT, LSE, KMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
+    Q, K, V, KX, VX, OUT, LSE, KMASK, QMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     bh, b, base, lbase, xbase, pos, valid, own, lo, hi, left, right = _program(
-        KMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
+        QMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
     )
     dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for j0 in range(lo, hi, BLOCK_O):
@@ -143,14 +143,14 @@ def _fwd(
 @triton.autotune(configs=configs("bwd_lsg"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
 @triton.jit(do_not_specialize=RNG_ARGS)
 def _bwd(
-    Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, OKX, STARTS, scale2, scale,
+    Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, QMASK, OKX, STARTS, scale2, scale,
     S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
     CT: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, GLOBAL: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     bh, b, base, lbase, xbase, pos, valid, own, lo, hi, left, right = _program(
-        KMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
+        QMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
     )
     dd, dmask, q, do, lse2, delta, dq = dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
@@ -193,7 +193,11 @@ def _prepare(q, k, v, p):
         **rng_args(p), XCOL=s, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
         CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
-    masks = (usable.to(torch.int8).contiguous(), real.to(torch.int8).contiguous())
+    # Query rows the block pass computes: the usable ones, or every non-global one (`all_query_rows`).
+    rows = usable
+    if all_query_rows(p.sparsity_type, p.variant):
+        rows = (torch.arange(s, device=q.device) >= g)[None].expand(b, s)
+    masks = tuple(t.to(torch.int8).contiguous() for t in (usable, real, rows))
     return kx, vx, ok.to(torch.int8).contiguous(), starts.to(q.device).contiguous(), masks, meta
 
 
@@ -210,17 +214,17 @@ def forward(q, k, v, p):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = p.num_global_tokens
     with torch.no_grad():
-        kx, vx, okx, starts, (usable, real), meta = _prepare(q, k, v, p)
+        kx, vx, okx, starts, (usable, real, rows), meta = _prepare(q, k, v, p)
     kx, vx = kx.to(q.dtype).contiguous(), vx.to(q.dtype).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     # Launched through `launch` (device guard, batch split past 65,535 programs on grid axis y, configs
     # chosen per launch); STARTS (per query block, not per batch) goes by keyword so it is never sliced.
     kw = dict(STARTS=starts, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
-    launch(_fwd, _block_tiles(meta), q, (q, k, v, kx, vx, out, lse, usable, okx), kw)
+    launch(_fwd, _block_tiles(meta), q, (q, k, v, kx, vx, out, lse, usable, rows, okx), kw)
     if g > 0:
         kw.update(NX=0, GLOBAL=True)
-        launch(_fwd, _global_tiles(meta), q, (q, k, v, kx, vx, out, lse, real, okx), kw)
+        launch(_fwd, _global_tiles(meta), q, (q, k, v, kx, vx, out, lse, real, real, okx), kw)
     return out, lse
 
 
@@ -232,18 +236,18 @@ def backward(grad_out, q, k, v, out, lse, p):
     lse = lse.contiguous()
     with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        kx, vx, okx, starts, (usable, real), meta = _prepare(*leaves, p)
+        kx, vx, okx, starts, (usable, real, rows), meta = _prepare(*leaves, p)
     kxc, vxc = kx.detach().to(q.dtype).contiguous(), vx.detach().to(q.dtype).contiguous()
     dq = torch.zeros_like(q)
     dk, dv = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     args = (q, k, v, kxc, vxc, do, lse, dlt, dq, dk, dv, dkx, dvx)
     kw = dict(STARTS=starts, scale=p.scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
-    launch(_bwd, _block_tiles(meta), q, (*args, usable, okx), kw)
+    launch(_bwd, _block_tiles(meta), q, (*args, usable, rows, okx), kw)
     if g > 0:
         dqg = torch.zeros_like(q)
         kw.update(NX=0, GLOBAL=True)
-        launch(_bwd, _global_tiles(meta), q, (*args[:8], dqg, *args[9:], real, okx), kw)
+        launch(_bwd, _global_tiles(meta), q, (*args[:8], dqg, *args[9:], real, real, okx), kw)
         dq = dq + dqg
     dq, dk, dv = dq.float(), dk, dv
     dk[:, :, :g] += dkx[:, :, :g]
