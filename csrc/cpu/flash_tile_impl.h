@@ -773,8 +773,14 @@ void tile_keep(const Problem& p, Work<T, C>& w, const Seg& sg, bool band, int64_
                const uint8_t* skip, const float* lse) {
   const Dropout& dr = p.drop;
   const uint32_t bh = static_cast<uint32_t>(w.bh);
-  const int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
-  const bool gathered = sg.src == 1 && dr.xcol;               // global keys: one Philox call per key
+  int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
+  bool gathered = sg.src == 1 && dr.xcol;               // mapped columns (global keys): one Philox call per key
+  if (gathered) {  // ... unless they are one run (LSG's globals, its compressed windows): then SIMD bits as above
+    const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
+    bool run = sg.n > 0;
+    for (int64_t t = 1; t < sg.n && run; ++t) run = col[t] == col[t - 1] + 1;
+    if (run) gathered = false, col0 = col[0];
+  }
   auto sees = [&](int64_t r, int64_t* lo, int64_t* hi) {
     row_range(p, sg, band, i0 + r, lo, hi);
     return !(skip && skip[r]) && *lo < *hi && !(lse && !(lse[r] < kInf));
