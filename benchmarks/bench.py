@@ -24,7 +24,7 @@ from etkd_kernels import timing as timing_module
 from etkd_kernels.timing import model_step
 
 from .harness import PeakMemory, environment, run_fresh, run_json, time_call
-from .providers import DTYPES
+from .providers import DTYPES, PAPER_SETTINGS
 
 LSG_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lsg_peer.py")
 LSG_IMPL = "lsg-converter"  # the baseline of the lsg family: lsg-converter's own model
@@ -44,14 +44,12 @@ SIZES = {
     "small": (256, 4, 4, 1024, 8000),
     "tiny": (64, 2, 2, 256, 1000),
 }
-# family -> (attention, settings); "full" is BERT at 512 positions, "full-4096" the same extended (Table 4).
+# family -> (attention, settings); "full" is BERT at 512 positions, "full-4096" the same extended (Table 4); the
+# efficient patterns at the paper's sizes (the attention-core benchmarks' `providers.PAPER_SETTINGS`).
 FAMILIES = {
     "full": ("full", {}),
     "full-4096": ("full", {}),
-    "longformer": ("longformer", {"window": 512}),
-    "bigbird": ("bigbird", {"block_size": 64, "num_random_blocks": 3}),
-    "lsg": ("lsg", {"block_size": 128, "sparse_block_size": 128, "sparsity_factor": 2}),
-    "nystrom": ("nystrom", {"num_landmarks": 64}),
+    **{name: (name, settings) for name, settings in PAPER_SETTINGS.items()},
 }
 
 

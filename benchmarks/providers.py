@@ -48,6 +48,13 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # window, 2 global and 3 random blocks; LSG blocks of 128 (+ 128 pooled sparse tokens each side, factor 2);
 # Nystrom 64 landmarks.
 WINDOW, BLOCK, RANDOM_BLOCKS, LSG_BLOCK, LANDMARKS = 512, 64, 3, 128, 64
+# The same as `EncoderConfig` fields, for the whole models `etkd bench` builds (benchmarks/bench.py).
+PAPER_SETTINGS = {
+    "longformer": {"window": WINDOW},
+    "bigbird": {"block_size": BLOCK, "num_random_blocks": RANDOM_BLOCKS},
+    "lsg": {"block_size": LSG_BLOCK, "sparse_block_size": LSG_BLOCK, "sparsity_factor": 2},
+    "nystrom": {"num_landmarks": LANDMARKS},
+}
 
 
 def fwd_bwd_call(f: Callable, args: tuple) -> Callable[[], None]:

@@ -427,10 +427,10 @@ def test_fused_keep_mask_is_the_reference_mask(op, backend, dtype):
         assert want.ne(0).any() and (want == 0).any()
 
 
-def _parity_inputs(op, s, dtype=torch.float32, seed=0):
+def _parity_inputs(op, s, dtype=torch.float32, seed=0, d=32):
     g = torch.Generator().manual_seed(seed)
     n = 6 if op == "sliding_window" else 3
-    leaves = [torch.randn(2, 3, s, 32, generator=g).to(dtype).requires_grad_(True) for _ in range(n)]
+    leaves = [torch.randn(2, 3, s, d, generator=g).to(dtype).requires_grad_(True) for _ in range(n)]
     real = torch.ones(2, s, dtype=torch.bool)
     real[0, s - 9 :] = False
     return leaves, real
@@ -483,25 +483,52 @@ def test_fused_outputs_and_gradients_match_reference(op, backend, s, extra):
         assert_close(a, e, 2e-5, 2e-5, name=f"{op}/{backend} grad[{i}]")
 
 
-@pytest.mark.parametrize("op, backend", FUSED)
-def test_fused_one_and_two_threads_agree(op, backend):
-    """The keep-mask does not depend on the thread count: 1 and 2 threads give the same forward bit for bit
-    (forward tasks only split rows), and the same gradients up to the summation order of dK/dV partials."""
-    leaves, real = _parity_inputs(op, 157)
-    drop = dict(dropout_p=0.3, dropout_seed=4)
+# The cpu ops on the tile driver (csrc/cpu/flash_tile_impl.h), whose results must not depend on the thread count:
+# with dropout where the backend takes it, and without (full without dropout is ATen's flash kernel, not the driver).
+THREAD_CASES = [
+    (op, p)
+    for op in OPS
+    for p in (0.0, 0.3)
+    if (p == 0 and op != "full") or (p > 0 and _takes_dropout("cpu", op))
+]
+
+
+@pytest.mark.parametrize("d", [32, 24])  # 24: not whole AVX-512 vectors, so the tile products are BLAS's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op, p", THREAD_CASES)
+@pytest.mark.filterwarnings("ignore:.*runs its fp32 tile products on BLAS sgemm")
+def test_cpu_results_do_not_depend_on_the_thread_count(op, p, dtype, d):
+    """1, 2, 3 and 4 threads give the same forward and the same gradients bit for bit: the backward splits each
+    (batch, head) into a fixed number of query-tile chunks whatever the thread count and adds their dK/dV in chunk
+    order (seq 157 = 3 query tiles x 6 (batch, head) pairs: 2 chunks each, so the private sums are exercised), and
+    the buffers BLAS multiplies are 64-byte aligned whichever thread allocated them (MKL rounds by alignment)."""
+    if p and not _takes_dropout("cpu", op, dtype):
+        pytest.skip(f"cpu takes no {dtype} dropout for {op}")
+    if op in ("sliding_window", "block_sparse"):
+        leaves, real = _parity_inputs(op, 157, dtype, d=d)
+        leaves = leaves[:3]
+        run = lambda: _parity_call(op, "cpu", leaves, real, False, dropout_p=p, dropout_seed=4)  # noqa: E731
+    else:
+        if dtype != torch.float32 and dispatch.reasons("cpu", op, dispatch.Problem(CPU, dtype, d, 3, 157)):
+            pytest.skip(f"cpu takes no {dtype} {op}")
+        leaves = [t.requires_grad_(True) for t in _qkv(157, dtype, b=2, h=3, d=d)]
+        run = lambda: _call(op, leaves, backend="cpu", dropout_p=p, dropout_seed=4)  # noqa: E731
     n = torch.get_num_threads()
     res = []
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3, 4):
             torch.set_num_threads(threads)
-            out = _parity_call(op, backend, leaves, real, False, **drop)
-            res.append((out, torch.autograd.grad(out.square().sum(), leaves[:3])))
+            out = run()
+            res.append((threads, out, torch.autograd.grad(out.float().square().sum(), leaves)))
     finally:
         torch.set_num_threads(n)
-    (o1, g1), (o2, g2) = res
-    assert torch.equal(o1, o2)
-    for a, b in zip(g1, g2):
-        assert_close(a, b, 1e-6, 1e-6, name="grad 1 vs 2 threads")
+    _, o1, g1 = res[0]
+    for threads, o, g in res[1:]:
+        assert torch.equal(o, o1), f"forward, {threads} threads vs 1"
+        for i, (a, b) in enumerate(zip(g, g1)):
+            assert torch.equal(a, b), (
+                f"grad[{i}], {threads} threads vs 1: max |diff| {(a - b).abs().max().item():.3g}"
+            )
 
 
 # --- cpu: LSG, Nystrom and full attention with dropout, case by case -------------------------------------------

@@ -92,6 +92,22 @@ void run_backward(const Problem& p, const void* dout, const float* lse, const fl
 // keep each target to its width (and are faster on these L1/L2-resident tiles: README, CPU ISA targets).
 bool own_tile_gemm();
 
+// The products with nothing to multiply, done without calling BLAS (gemm_rm and the bf16 GEMM): true when m or n is
+// 0, or when k is 0 (then C = beta * C, and C = 0 when beta is 0, as BLAS defines it); false otherwise.
+bool gemm_degenerate(int64_t m, int64_t n, int64_t k, float beta, float* c, int64_t ldc);
+
+// MKL on one thread in this thread while in scope (mkl_set_num_threads_local; nothing without MKL). The tile
+// drivers' workers hold one: MKL's sgemm rounded the same tile product differently inside a worker of 4 threads
+// than of 1 (it follows its thread setting even when it runs sequentially), so BLAS products (head dims that are
+// not whole vectors, ETKD_CPU_GEMM=blas) made results depend on the thread count.
+struct BlasOneThread {
+  int prev = 0;
+  BlasOneThread();
+  ~BlasOneThread();
+  BlasOneThread(const BlasOneThread&) = delete;
+  BlasOneThread& operator=(const BlasOneThread&) = delete;
+};
+
 // Row-major C (m x n) = alpha * op(A) (m x k) @ op(B) (k x n) + beta * C through BLAS sgemm.
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);

@@ -57,12 +57,7 @@ void from_float(const float* x, T* y, int64_t n) {
 #if ETKD_NATIVE_BF16
 inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a, int64_t lda,
                const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
-    return;
-  }
+  if (gemm_degenerate(m, n, k, beta, c, ldc)) return;
   cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans,
                          static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
                          reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
@@ -115,9 +110,11 @@ void store_scaled(const float* x, float a, T* out, int64_t n) {
 }
 
 // ---- Attention dropout: keep bits of the contract (flash_tile.h Dropout, etkd_kernels/_shared.py) ----
-// The keep bits of a row are generated in SIMD, 16 (AVX-512) or 8 (AVX2) Philox4x32-10 calls per vector, each call
-// covering 8 consecutive key columns, and applied where P is formed: in the fp32 exp pass, or before P is rounded
-// to bf16 on the native bf16 paths; the backward regenerates them.
+// The keep bits of a tile are generated per segment for all its rows at once (tile_keep -> keep_grid): the Philox4x32-10
+// calls of the tile's (row, 8-column group) grid run 16 (AVX-512) or 8 (AVX2) to a vector whatever the rows' lengths,
+// so a 64-key segment (a block-sparse block: 8 calls a row) fills whole vectors rather than half of one. A call's 8
+// keep bits are one byte. They are applied where P is formed (the fp32 exp pass, or before P is rounded to bf16 on the
+// native bf16 paths); the backward regenerates them.
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
@@ -138,48 +135,47 @@ inline bool keep_one(const Dropout& dr, uint32_t bh, uint32_t row, int64_t col) 
   return ((c[(col & 7) >> 1] >> (16 * (col & 1))) & 0xFFFFu) >= dr.thr;
 }
 
-// Keep bits of columns [c0, c1) of (bh, row): bit (col - base) of bits[], base = c0 rounded down to a multiple of
-// 8 (a Philox call's first column). Writes whole vectors' worth of words past c1: kKeepWords covers a segment.
+// Words of one row's keep bits: a segment's columns and the covering key blocks around them, plus the 64 bits
+// Keep::at64 reads past the last one.
 constexpr int64_t kKeepWords = (kMaxSeg + 2 * 64 + 8) / 64 + 4;
+
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512i mulhi_epu32(__m512i a, __m512i m) {
-  const __m512i even = _mm512_srli_epi64(_mm512_mul_epu32(a, m), 32);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+#define ETKD_SIMD_PHILOX 1
+using VI = __m512i;
+constexpr int kKeepLanes = 16;
+inline VI vset1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+inline VI vxor(VI a, VI b) { return _mm512_xor_si512(a, b); }
+// (hi, lo) 32-bit halves of a * m in every lane (m the same in every lane). Odd lanes move to even ones and back by
+// shuffles (port 5 on Intel) rather than shifts, which would queue behind the multiplies on port 0.
+inline void mul_hilo(VI a, VI m, VI& hi, VI& lo) {
+  const VI pe = _mm512_mul_epu32(a, m), po = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_DDBB), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(pe, _MM_PERM_DDBB), po);
+  lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_shuffle_epi32(po, _MM_PERM_CCAA));
 }
-void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
-  // Lane 4k + m runs the Philox call of group g + 4m + k, so that after the 4 x 4 transposes below vector m holds
-  // groups g + 4m .. g + 4m + 3: 32 consecutive columns, 16 bits each, in column order.
-  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i m0 = _mm512_set1_epi32(kPhiloxM0), m1 = _mm512_set1_epi32(kPhiloxM1);
-  const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(dr.thr));
-  for (int64_t g = c0 >> 3; g < (c1 + 7) >> 3; g += 16, bits += 2) {
-    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<uint32_t>(g)), perm);
-    __m512i x1 = _mm512_set1_epi32(row), x2 = _mm512_set1_epi32(bh), x3 = _mm512_set1_epi32(dr.offset);
-    uint32_t k0 = dr.key0, k1 = dr.key1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
-      const __m512i hi0 = mulhi_epu32(x0, m0), lo0 = _mm512_mullo_epi32(x0, m0);
-      const __m512i hi1 = mulhi_epu32(x2, m1), lo1 = _mm512_mullo_epi32(x2, m1);
-      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(k0));
-      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(k1));
-      x1 = lo1, x3 = lo0;
-    }
-    const __m512i a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
-    const __m512i c = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
-    const uint64_t k_0 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(a, b), thr);
-    const uint64_t k_1 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(a, b), thr);
-    const uint64_t k_2 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(c, d), thr);
-    const uint64_t k_3 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(c, d), thr);
-    bits[0] = k_0 | (k_1 << 32);
-    bits[1] = k_2 | (k_3 << 32);
-  }
+// Keep bits of the 16 calls of Philox outputs x0..x3 (lane 4k + m: call 4m + k): call i is byte i of out[0:2].
+inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) {
+  const VI t = _mm512_set1_epi16(static_cast<int16_t>(thr));
+  const VI a = _mm512_unpacklo_epi32(x0, x1), b = _mm512_unpacklo_epi32(x2, x3);
+  const VI c = _mm512_unpackhi_epi32(x0, x1), d = _mm512_unpackhi_epi32(x2, x3);
+  const uint64_t k0 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(a, b), t);
+  const uint64_t k1 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(a, b), t);
+  const uint64_t k2 = _mm512_cmpge_epu16_mask(_mm512_unpacklo_epi64(c, d), t);
+  const uint64_t k3 = _mm512_cmpge_epu16_mask(_mm512_unpackhi_epi64(c, d), t);
+  out[0] = k0 | (k1 << 32);
+  out[1] = k2 | (k3 << 32);
 }
+// x where the low kV bits of `bits` are set, 0 elsewhere.
+inline Vec keep_vec(Vec x, uint64_t bits) { return Vec(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), x)); }
 #elif defined(CPU_CAPABILITY_AVX2)
-inline __m256i mulhi_epu32(__m256i a, __m256i m) {
-  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, m), 32);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  return _mm256_blend_epi32(even, odd, 0xAA);
+#define ETKD_SIMD_PHILOX 1
+using VI = __m256i;
+constexpr int kKeepLanes = 8;
+inline VI vset1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+inline VI vxor(VI a, VI b) { return _mm256_xor_si256(a, b); }
+inline void mul_hilo(VI a, VI m, VI& hi, VI& lo) {  // as the AVX-512 one
+  const VI pe = _mm256_mul_epu32(a, m), po = _mm256_mul_epu32(_mm256_shuffle_epi32(a, 0xF5), m);
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(pe, 0xF5), po, 0xAA);
+  lo = _mm256_blend_epi32(pe, _mm256_shuffle_epi32(po, 0xA0), 0xAA);
 }
 // 32 keep flags (0xFFFF per kept column) of x, y (16 columns each, in order) -> 32 bits in column order.
 inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
@@ -189,41 +185,109 @@ inline uint64_t keep_mask32(__m256i x, __m256i y, __m256i thr) {
   const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(kx, ky), 0xD8);
   return static_cast<uint32_t>(_mm256_movemask_epi8(b));
 }
-void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
-  // Lane 4k + m runs group g + 2m + k: after the transposes vector m holds groups g + 2m, g + 2m + 1 (16 columns).
-  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  const __m256i m0 = _mm256_set1_epi32(kPhiloxM0), m1 = _mm256_set1_epi32(kPhiloxM1);
-  const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(dr.thr));
-  for (int64_t g = c0 >> 3; g < (c1 + 7) >> 3; g += 8, ++bits) {
-    __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<uint32_t>(g)), perm);
-    __m256i x1 = _mm256_set1_epi32(row), x2 = _mm256_set1_epi32(bh), x3 = _mm256_set1_epi32(dr.offset);
-    uint32_t k0 = dr.key0, k1 = dr.key1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
-      const __m256i hi0 = mulhi_epu32(x0, m0), lo0 = _mm256_mullo_epi32(x0, m0);
-      const __m256i hi1 = mulhi_epu32(x2, m1), lo1 = _mm256_mullo_epi32(x2, m1);
-      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(k0));
-      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(k1));
-      x1 = lo1, x3 = lo0;
-    }
-    const __m256i a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
-    const __m256i c = _mm256_unpackhi_epi32(x0, x1), d = _mm256_unpackhi_epi32(x2, x3);
-    *bits = keep_mask32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b), thr) |
-            (keep_mask32(_mm256_unpacklo_epi64(c, d), _mm256_unpackhi_epi64(c, d), thr) << 32);
-  }
+// As the AVX-512 one; 8 calls (lane 4k + m: call 2m + k) in out[0].
+inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) {
+  const VI t = _mm256_set1_epi16(static_cast<int16_t>(thr));
+  const VI a = _mm256_unpacklo_epi32(x0, x1), b = _mm256_unpacklo_epi32(x2, x3);
+  const VI c = _mm256_unpackhi_epi32(x0, x1), d = _mm256_unpackhi_epi32(x2, x3);
+  out[0] = keep_mask32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b), t) |
+           (keep_mask32(_mm256_unpacklo_epi64(c, d), _mm256_unpackhi_epi64(c, d), t) << 32);
+}
+inline Vec keep_vec(Vec x, uint64_t bits) {
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i m = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), lane);
+  return Vec(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, lane))));
 }
 #else
-void keep_bits(const Dropout& dr, uint32_t bh, uint32_t row, int64_t c0, int64_t c1, uint64_t* bits) {
-  const int64_t g0 = c0 >> 3, words = (((c1 + 7) >> 3) - g0 + 7) / 8;
-  for (int64_t i = 0; i < words; ++i) bits[i] = 0;
-  for (int64_t g = g0; g < (c1 + 7) >> 3; ++g) {
-    uint32_t c[4] = {static_cast<uint32_t>(g), row, bh, dr.offset};
-    philox_one(c, dr.key0, dr.key1);
-    for (int t = 0; t < 8; ++t)
-      if (((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) bits[(g - g0) >> 3] |= uint64_t(1) << ((g - g0) % 8 * 8 + t);
+constexpr int kKeepLanes = 8;
+inline Vec keep_vec(Vec x, uint64_t bits) {
+  float y[kV];
+  x.store(y);
+  for (int64_t t = 0; t < kV; ++t)
+    if (!((bits >> t) & 1)) y[t] = 0.f;
+  return Vec::loadu(y);
+}
+#endif
+
+#if ETKD_SIMD_PHILOX
+// Philox4x32-10 of the counters (x0, x1, x2, x3) in every lane, key (k0, k1).
+inline void philox_rounds(VI& x0, VI& x1, VI& x2, VI& x3, uint32_t k0, uint32_t k1) {
+  const VI m0 = vset1(kPhiloxM0), m1 = vset1(kPhiloxM1);
+  for (int r = 0; r < 10; ++r) {
+    if (r) k0 += kPhiloxW0, k1 += kPhiloxW1;
+    VI hi0, lo0, hi1, lo1;
+    mul_hilo(x0, m0, hi0, lo0);
+    mul_hilo(x2, m1, hi1, lo1);
+    x0 = vxor(vxor(hi1, x1), vset1(k0));
+    x2 = vxor(vxor(hi0, x3), vset1(k1));
+    x1 = lo1, x3 = lo0;
   }
 }
 #endif
+
+// The keep bits of a grid of Philox calls: rows ri < R (row counter row0 + ri, or rowc[ri] when rowc is set) by the
+// 8-column groups g0 .. g0 + G - 1; call f = ri * G + (g - g0) stores its 8 keep bits (column 8g + t: bit t) as byte
+// f of out (which takes up to 16 bytes past R * G). The lanes of a vector are 16 (AVX-512) or 8 (AVX2) consecutive
+// calls whatever the rows' lengths, so a 64-key segment (8 calls a row) fills whole vectors; each lane finds its
+// (row, group) from f by a float division corrected to the exact quotient.
+void keep_grid(const Dropout& dr, uint32_t bh, uint32_t row0, const uint32_t* rowc, int64_t R, int64_t g0, int64_t G,
+               uint8_t* out) {
+  const int64_t n = R * G;
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lane 4k + m runs call f0 + 4m + k, so that after keep_bytes' transposes vector m holds calls 4m .. 4m + 3.
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i vg = vset1(static_cast<uint32_t>(G)), one = vset1(1), zero = _mm512_setzero_si512();
+  const __m512i last = vset1(static_cast<uint32_t>(R - 1));
+  const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(G));
+  for (int64_t f0 = 0; f0 < n; f0 += 16) {
+    const __m512i f = _mm512_add_epi32(vset1(static_cast<uint32_t>(f0)), perm);
+    __m512i r = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(f), inv));
+    __m512i rem = _mm512_sub_epi32(f, _mm512_mullo_epi32(r, vg));
+    const __mmask16 neg = _mm512_cmplt_epi32_mask(rem, zero);
+    r = _mm512_mask_sub_epi32(r, neg, r, one), rem = _mm512_mask_add_epi32(rem, neg, rem, vg);
+    const __mmask16 big = _mm512_cmpge_epi32_mask(rem, vg);
+    r = _mm512_min_epi32(_mm512_mask_add_epi32(r, big, r, one), last);  // lanes past n: any row, never stored
+    rem = _mm512_mask_sub_epi32(rem, big, rem, vg);
+    __m512i x0 = _mm512_add_epi32(vset1(static_cast<uint32_t>(g0)), rem);
+    __m512i x1 = rowc ? _mm512_i32gather_epi32(r, rowc, 4) : _mm512_add_epi32(vset1(row0), r);
+#elif defined(CPU_CAPABILITY_AVX2)
+  // Lane 4k + m runs call f0 + 2m + k: after the transposes vector m holds calls 2m, 2m + 1.
+  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i vg = vset1(static_cast<uint32_t>(G)), one = vset1(1), zero = _mm256_setzero_si256();
+  const __m256i last = vset1(static_cast<uint32_t>(R - 1));
+  const __m256 inv = _mm256_set1_ps(1.f / static_cast<float>(G));
+  for (int64_t f0 = 0; f0 < n; f0 += 8) {
+    const __m256i f = _mm256_add_epi32(vset1(static_cast<uint32_t>(f0)), perm);
+    __m256i r = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(f), inv));
+    __m256i rem = _mm256_sub_epi32(f, _mm256_mullo_epi32(r, vg));
+    const __m256i neg = _mm256_cmpgt_epi32(zero, rem);
+    r = _mm256_sub_epi32(r, _mm256_and_si256(neg, one)), rem = _mm256_add_epi32(rem, _mm256_and_si256(neg, vg));
+    const __m256i big = _mm256_cmpgt_epi32(rem, _mm256_sub_epi32(vg, one));
+    r = _mm256_min_epi32(_mm256_add_epi32(r, _mm256_and_si256(big, one)), last);
+    rem = _mm256_sub_epi32(rem, _mm256_and_si256(big, vg));
+    __m256i x0 = _mm256_add_epi32(vset1(static_cast<uint32_t>(g0)), rem);
+    __m256i x1 = rowc ? _mm256_i32gather_epi32(reinterpret_cast<const int*>(rowc), r, 4)
+                      : _mm256_add_epi32(vset1(row0), r);
+#endif
+#if ETKD_SIMD_PHILOX
+    VI x2 = vset1(bh), x3 = vset1(dr.offset);
+    philox_rounds(x0, x1, x2, x3, dr.key0, dr.key1);
+    uint64_t bytes[kKeepLanes / 8];
+    keep_bytes(x0, x1, x2, x3, dr.thr, bytes);
+    std::memcpy(out + f0, bytes, sizeof(bytes));
+  }
+#else
+  for (int64_t f = 0; f < n; ++f) {
+    const int64_t ri = f / G;
+    uint32_t c[4] = {static_cast<uint32_t>(g0 + f % G), rowc ? rowc[ri] : row0 + static_cast<uint32_t>(ri), bh,
+                     dr.offset};
+    philox_one(c, dr.key0, dr.key1);
+    uint8_t b = 0;
+    for (int t = 0; t < 8; ++t) b |= uint8_t((((c[t >> 1] >> (16 * (t & 1))) & 0xFFFFu) >= dr.thr) << t);
+    out[f] = b;
+  }
+#endif
+}
 
 // The keep bits of one row of a segment: column t of the segment (0 <= t < sg.n) is bit t + shift of w.
 struct Keep {
@@ -236,24 +300,6 @@ struct Keep {
   }
   bool at(int64_t t) const { return (w[(t + shift) >> 6] >> ((t + shift) & 63)) & 1; }
 };
-
-// x[lo:hi] = keep ? x : 0.
-void apply_keep(float* x, int64_t lo, int64_t hi, const Keep& kp) {
-  int64_t j = lo;
-#if defined(CPU_CAPABILITY_AVX512)
-  for (; j + 16 <= hi; j += 16)
-    _mm512_mask_storeu_ps(x + j, static_cast<__mmask16>(~kp.at64(j)), _mm512_setzero_ps());
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (; j + 8 <= hi; j += 8) {
-    const __m256i m = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(kp.at64(j) & 0xFF)), lane);
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, lane));
-    _mm256_storeu_ps(x + j, _mm256_and_ps(_mm256_loadu_ps(x + j), keep));
-  }
-#endif
-  for (; j < hi; ++j)
-    if (!kp.at(j)) x[j] = 0.f;
-}
 
 // s[lo:hi] += bias[lo:hi] (bias may be null); returns max over s[lo:hi]. Plain vector max (clamp_min: the
 // inputs are finite, checked at the op's door, so maximum's NaN propagation is not needed), two accumulators.
@@ -281,22 +327,36 @@ float add_bias_max(float* s, const float* bias, int64_t lo, int64_t hi) {
   return m;
 }
 
-// s[lo:hi] = exp(s[lo:hi] - m); returns the sum. m is finite.
-float exp_sum(float* s, int64_t lo, int64_t hi, float m) {
+// e = exp(s[lo:hi] - m) into kept[lo:hi] (e where the keep bits kp say so and 0 elsewhere: kDrop) and into
+// s[lo:hi] (kAll: s keeps every e; else kept is s); returns the sum of every e (the softmax statistics count every
+// key). m is finite.
+template <bool kDrop, bool kAll>
+float exp_sum_as(float* s, float* kept, int64_t lo, int64_t hi, float m, const Keep& kp) {
   int64_t j = lo;
   const Vec vm(m);
   Vec acc(0.f);
   for (; j + kV <= hi; j += kV) {
-    Vec e = (Vec::loadu(s + j) - vm).exp_u20();
-    e.store(s + j);
+    const Vec e = (Vec::loadu(s + j) - vm).exp_u20();
     acc = acc + e;
+    if constexpr (kAll) e.store(s + j);
+    if constexpr (kDrop)
+      keep_vec(e, kp.at64(j)).store(kept + j);
+    else
+      e.store(kept + j);
   }
   float sum = acc.reduce_add();
   for (; j < hi; ++j) {
-    s[j] = std::exp(s[j] - m);
-    sum += s[j];
+    const float e = std::exp(s[j] - m);
+    sum += e;
+    if constexpr (kAll) s[j] = e;
+    kept[j] = !kDrop || kp.at(j) ? e : 0.f;
   }
   return sum;
+}
+
+// s[lo:hi] = exp(s[lo:hi] - m), times the keep bits when kp has them (dropout); returns the sum of the exps.
+float exp_sum(float* s, int64_t lo, int64_t hi, float m, const Keep& kp = Keep{}) {
+  return kp.w ? exp_sum_as<true, false>(s, s, lo, hi, m, kp) : exp_sum_as<false, false>(s, s, lo, hi, m, kp);
 }
 
 #if ETKD_NATIVE_BF16
@@ -339,12 +399,28 @@ void scale_row(float* x, int64_t n, float a) {
   for (; j < n; ++j) x[j] *= a;
 }
 
-// ds[j] = p[j] * (dp[j] - delta) in place in dp.
-void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
+// y[0:n] += x[0:n].
+void add_to(float* y, const float* x, int64_t n) {
   int64_t j = 0;
+  for (; j + kV <= n; j += kV) (Vec::loadu(y + j) + Vec::loadu(x + j)).store(y + j);
+  for (; j < n; ++j) y[j] += x[j];
+}
+
+// ds[j] = p[j] * (dp[j] - delta) in place in dp, on [j0, j1); kDrop: dp[j] counts only where the keep bits kp say so.
+template <bool kDrop>
+void softmax_grad_as(const float* p, float* dp, int64_t j0, int64_t j1, float delta, const Keep& kp) {
+  int64_t j = j0;
   const Vec vd(delta);
-  for (; j + kV <= n; j += kV) (Vec::loadu(p + j) * (Vec::loadu(dp + j) - vd)).store(dp + j);
-  for (; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (; j + kV <= j1; j += kV) {
+    Vec g = Vec::loadu(dp + j);
+    if constexpr (kDrop) g = keep_vec(g, kp.at64(j));
+    (Vec::loadu(p + j) * (g - vd)).store(dp + j);
+  }
+  for (; j < j1; ++j) dp[j] = p[j] * ((!kDrop || kp.at(j) ? dp[j] : 0.f) - delta);
+}
+
+void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
+  softmax_grad_as<false>(p, dp, 0, n, delta, Keep{});
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -601,14 +677,34 @@ void pack_keys_t(const T* k, int64_t lo, int64_t hi, int64_t d, KeysT& kt, std::
   }
 }
 
+// 64-byte aligned storage for the buffers the tile products read and write: MKL's conditions for reproducible
+// results are a fixed thread count (BlasOneThread) and, recommended, 64-byte aligned operands; malloc's alignment of
+// a worker's scratch is whatever the heap gives that thread.
+template <class T>
+struct Align64 {
+  using value_type = T;
+  Align64() = default;
+  template <class U>
+  Align64(const Align64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* x, size_t) { ::operator delete(x, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Align64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Align64<U>&) const { return false; }
+};
+template <class T>
+using AVec = std::vector<T, Align64<T>>;
+
 template <class T, class C>
 struct Work {
   // inputs converted to C: K/V once per forward task (prepare_sources), Q per tile; per tile in the backward
   static constexpr bool kConvert = !std::is_same_v<T, C>;
   static constexpr bool kNarrow = !std::is_same_v<C, float>;  // P and dS rounded to C for the products
-  std::vector<float> s, dp, acc, m, l;
-  std::vector<C> s16, dp16, qb, kb, vb, db;
-  std::vector<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
+  AVec<float> s, dp, acc;
+  std::vector<float> m, l;
+  AVec<C> s16, dp16, qb, kb, vb, db;
+  AVec<C> kc[2], vc[2];  // forward: K/V of a task's key range, converted once (kConvert)
   Packed packed[2];             // forward, packed bf16 path: K/V of a task's key range
   KeysT kt[2], vt[2];           // own fp32 products: K^T (and V^T in the backward) of a task's key range
   std::vector<float> tmp;       // pack_keys_t's scratch
@@ -618,9 +714,10 @@ struct Work {
   std::vector<Seg> segs;
   Clock clock;
   int64_t b = 0, bh = 0;            // the task's batch and batch * H + head (dropout counters)
-  std::vector<uint64_t> keep;  // dropout: keep bits of one row (forward) or of every row of a tile (backward)
-  std::vector<Keep> keeps;     // backward: each tile row's bits in `keep`
-  std::vector<float> pd;       // backward with dropout: P with the dropped entries zeroed
+  std::vector<uint64_t> keep;  // dropout: keep bits of every row of a tile over one segment (tile_keep)
+  std::vector<Keep> keeps;     // each tile row's bits in `keep`
+  std::vector<uint32_t> rowc;  // tile_keep: the row counters of a tile under a row map (Dropout::qrow)
+  AVec<float> pd;              // backward with dropout: P with the dropped entries zeroed
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
       : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * (kMaxSeg + 2 * kPackN)), acc(bq * d), m(bq), l(bq),
@@ -666,27 +763,60 @@ void finish_rows(const Problem& p, const Work<T, C>& w, int64_t rows, int64_t d,
   }
 }
 
-// The keep bits of row r (tile row; absolute row i0 + r, or the problem's row map) over columns [lo, hi) of
-// segment sg, into w.keep.
-// `slot` picks where in w.keep the bits go (the backward keeps a tile's rows).
+// The keep bits of segment sg for the rows [0, rows) of the tile at absolute row i0 (or the problem's row map) that
+// see it (not skipped, a non-empty [lo, hi) = row_range, and, in the backward, a finite lse): row r's Keep in
+// w.keeps[r] (empty for the other rows). The rows r0 .. r1 between the first and the last seeing row all get the
+// union [g0, g1) of their groups, one keep_grid over w.keep (a sliding-window tile: about (2w + bq) / (2w + 1) of the
+// calls its rows need; a block-sparse tile: exactly them).
 template <class T, class C>
-Keep row_keep(const Problem& p, Work<T, C>& w, const Seg& sg, int64_t i0, int64_t r, int64_t lo, int64_t hi,
-              int64_t slot = 0) {
-  uint64_t* buf = w.keep.data() + slot * kKeepWords;
+void tile_keep(const Problem& p, Work<T, C>& w, const Seg& sg, bool band, int64_t i0, int64_t rows,
+               const uint8_t* skip, const float* lse) {
   const Dropout& dr = p.drop;
-  const uint32_t row = static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r);
   const uint32_t bh = static_cast<uint32_t>(w.bh);
-  if (sg.src == 1 && dr.xcol) {  // gathered columns (global keys): one Philox call per key
+  int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
+  bool gathered = sg.src == 1 && dr.xcol;               // mapped columns (global keys): one Philox call per key
+  if (gathered) {  // ... unless they are one run (LSG's globals, its compressed windows): then SIMD bits as above
     const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
-    for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
-    for (int64_t t = lo; t < hi; ++t)
-      if (keep_one(dr, bh, row, col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
-    return {buf, 0};
+    bool run = sg.n > 0;
+    for (int64_t t = 1; t < sg.n && run; ++t) run = col[t] == col[t - 1] + 1;
+    if (run) gathered = false, col0 = col[0];
   }
-  const int64_t col0 = sg.k0 + (sg.src == 1 ? dr.xcol0 : 0);  // column of the segment's first key
-  const int64_t base = (col0 + lo) & ~int64_t(7);
-  keep_bits(dr, bh, row, col0 + lo, col0 + hi, buf);
-  return {buf, col0 - base};
+  auto sees = [&](int64_t r, int64_t* lo, int64_t* hi) {
+    row_range(p, sg, band, i0 + r, lo, hi);
+    return !(skip && skip[r]) && *lo < *hi && !(lse && !(lse[r] < kInf));
+  };
+  auto row_of = [&](int64_t r) { return static_cast<uint32_t>(dr.qrow ? dr.qrow[w.b * p.Sq + i0 + r] : i0 + r); };
+  int64_t g0 = INT64_MAX, g1 = 0, r0 = -1, r1 = -1;
+  for (int64_t r = 0; r < rows; ++r) {
+    w.keeps[r] = Keep{};
+    int64_t lo, hi;
+    if (!sees(r, &lo, &hi)) continue;
+    if (gathered) {  // row r's bits in slot r of w.keep
+      uint64_t* buf = w.keep.data() + r * kKeepWords;
+      const int64_t* col = dr.xcol + w.b * p.Sx + sg.k0;
+      for (int64_t i = 0; i <= hi / 64 + 1; ++i) buf[i] = 0;
+      for (int64_t t = lo; t < hi; ++t)
+        if (keep_one(dr, bh, row_of(r), col[t])) buf[t >> 6] |= uint64_t(1) << (t & 63);
+      w.keeps[r] = {buf, 0};
+      continue;
+    }
+    g0 = std::min(g0, (col0 + lo) >> 3), g1 = std::max(g1, (col0 + hi + 7) >> 3);
+    if (r0 < 0) r0 = r;
+    r1 = r;
+  }
+  if (gathered || r0 < 0) return;
+  const int64_t G = g1 - g0, R = r1 - r0 + 1;
+  const uint32_t* rowc = nullptr;
+  if (dr.qrow) {
+    w.rowc.resize(R);
+    for (int64_t i = 0; i < R; ++i) w.rowc[i] = row_of(r0 + i);
+    rowc = w.rowc.data();
+  }
+  keep_grid(dr, bh, row_of(r0), rowc, R, g0, G, reinterpret_cast<uint8_t*>(w.keep.data()));
+  for (int64_t r = r0; r <= r1; ++r) {
+    int64_t lo, hi;
+    if (sees(r, &lo, &hi)) w.keeps[r] = {w.keep.data(), 8 * (r - r0) * G + col0 - 8 * g0};
+  }
 }
 
 // The own products' scores of segment sg: s (rows x cv.ls) = alpha * a (rows x d, row-major) @ K^T over the key
@@ -734,6 +864,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
+    if (p.drop.on) tile_keep(p, w, sg, sv.band, i0, rows, skip, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * ls + c0;
       int64_t lo, hi;
@@ -749,7 +880,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
         continue;
       }
       float sum = 0.f;
-      const Keep kp = p.drop.on ? row_keep(p, w, sg, i0, r, lo, hi) : Keep{};
+      const Keep kp = p.drop.on ? w.keeps[r] : Keep{};
       if constexpr (kNarrow) {
 #if ETKD_NATIVE_BF16
         sum = exp_sum_bf16(row, pn + r * n, n, lo, hi, mnew, kp);
@@ -757,8 +888,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
       } else {
         std::fill(row, row + lo, 0.f);
         std::fill(row + hi, row + n, 0.f);
-        sum = exp_sum(row, lo, hi, mnew);
-        if (kp.w) apply_keep(row, lo, hi, kp);  // the sum (softmax statistics) counts every key, P the kept ones
+        sum = exp_sum(row, lo, hi, mnew, kp);  // the sum (softmax statistics) counts every key, P the kept ones
       }
       online_step(w, r, d, mnew, sum);
       any = true;
@@ -962,6 +1092,7 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
+    if (p.drop.on) tile_keep(p, w, sg, sv.band, i0, rows, skip, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * nc;
       BFloat16* prow = pn + r * nc;
@@ -976,7 +1107,7 @@ void forward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloa
       }
       std::fill(prow, prow + c0 + lo, BFloat16(0.f));
       std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
-      const Keep kp = p.drop.on ? row_keep(p, w, sg, i0, r, lo, hi) : Keep{};
+      const Keep kp = p.drop.on ? w.keeps[r] : Keep{};
       online_step(w, r, d, mnew, scaled_exp_sum_bf16(row + c0, bias, p.scale, prow + c0, lo, hi, mnew, kp));
       any = true;
     }
@@ -1056,28 +1187,41 @@ void prepare_sources(const Problem& p, const SrcView<T>* raw, int64_t b, int64_t
   w.clock.lap(kPhasePrep);
 }
 
+// Where a task accumulates dK and dV of one key source: key j at row j - off of dk and dv (off > 0 for a chunk's
+// private buffer, which holds only the keys its tiles visit).
 struct GradView {
-  float* dk;
-  float* dv;
+  float* dk = nullptr;
+  float* dv = nullptr;
+  int64_t off = 0;
+  float* dk_at(int64_t k0, int64_t d) const { return dk + (k0 - off) * d; }
+  float* dv_at(int64_t k0, int64_t d) const { return dv + (k0 - off) * d; }
 };
 
 // A backward row's probabilities from the saved lse: row[0:sg.n] holds the segment's scaled scores of query i and
 // becomes P = exp(s + bias - lse) on the keys the row sees, 0 on the rest of the ls columns [-c0, ls - c0) the
-// products read around the segment (its covering key blocks; c0 = 0, ls = sg.n for BLAS). false: the row sees
-// none of the segment's keys (skipped, out of band, or no key at all: lse +inf).
+// products read around the segment (its covering key blocks; c0 = 0, ls = sg.n for BLAS). With dropout (kept set),
+// kept (same columns) becomes P times the row's keep bits kp, in the same pass. false: the row sees none of the
+// segment's keys (skipped, out of band, or no key at all: lse +inf).
 inline bool recompute_p(const Problem& p, const Seg& sg, bool band, const float* bias, int64_t i, bool skip, float lse,
-                        float* row, int64_t c0, int64_t ls) {
+                        float* row, int64_t c0, int64_t ls, float* kept = nullptr, const Keep& kp = Keep{}) {
   float* full = row - c0;
   int64_t lo, hi;
   row_range(p, sg, band, i, &lo, &hi);
   if (skip || lo >= hi || !(lse < kInf)) {
     std::fill(full, full + ls, 0.f);
+    if (kept) std::fill(kept - c0, kept - c0 + ls, 0.f);
     return false;
   }
   add_bias_max(row, bias, lo, hi);
   std::fill(full, row + lo, 0.f);
   std::fill(row + hi, full + ls, 0.f);
-  exp_sum(row, lo, hi, lse);
+  if (!kept) {
+    exp_sum(row, lo, hi, lse);
+    return true;
+  }
+  std::fill(kept - c0, kept + lo, 0.f);
+  std::fill(kept + hi, kept - c0 + ls, 0.f);
+  exp_sum_as<true, true>(row, kept, lo, hi, lse, kp);
   return true;
 }
 
@@ -1140,7 +1284,7 @@ void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16
     uint32_t* pr = w.pr.data();
     // dV += P^T dO over the segment's keys: A (key j, query pair) = P pairs at pr[pair * nc + c0 + j].
     pair_rows(s, nc, rows, nc, pr);
-    dp_gemm(n, d, rows2, 1.f, pr + c0, 1, nc, w.dor.data(), d, g.dv + sg.k0 * d, d, true);
+    dp_gemm(n, d, rows2, 1.f, pr + c0, 1, nc, w.dor.data(), d, g.dv_at(sg.k0, d), d, true);
     // dP = dO V^T over the covering blocks; dS = P (dP - delta) (zero wherever P is).
     for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
       dp_gemm(rows, kPackN, d / 2, 1.f, dout, d / 2, 1, pks.vt.data() + (b0 - pks.base) * d, kPackN, dp + (b0 - a0),
@@ -1148,7 +1292,7 @@ void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * nc, dp + r * nc, nc, delta[r]);
     // dK += s dS^T Q over the segment's keys; dQ += s dS K over the covering keys (dS rows in bf16).
     pair_rows(dp, nc, rows, nc, pr);
-    dp_gemm(n, d, rows2, p.scale, pr + c0, 1, nc, w.qr.data(), d, g.dk + sg.k0 * d, d, true);
+    dp_gemm(n, d, rows2, p.scale, pr + c0, 1, nc, w.qr.data(), d, g.dk_at(sg.k0, d), d, true);
     BFloat16* ds = w.s16.data();
     for (int64_t r = 0; r < rows; ++r) from_float(dp + r * nc, ds + r * nc, nc);
     for (int64_t cb = 0; cb < d; cb += kPackN) {
@@ -1194,52 +1338,43 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     if (drop) {
       if (w.pd.size() < w.s.size()) w.pd.resize(w.s.size());
       pd = w.pd.data() + c0;
+      tile_keep(p, w, sg, sv.band, i0, rows, skip, lse);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const bool seen = recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls);
-      any |= seen;
-      if (drop) {
-        std::copy(s + r * ls - c0, s + r * ls - c0 + ls, pd + r * ls - c0);
-        w.keeps[r] = Keep{};
-        if (seen) {
-          int64_t lo, hi;
-          row_range(p, sg, sv.band, i0 + r, &lo, &hi);
-          w.keeps[r] = row_keep(p, w, sg, i0, r, lo, hi, r);
-          apply_keep(pd + r * ls, lo, hi, w.keeps[r]);
-        }
-      }
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls,
+                         drop ? pd + r * ls : nullptr, drop ? w.keeps[r] : Keep{});
     if (!any) continue;
     GradView g = grad[sg.src];
     // With dropout: dV += (P o M / (1 - p))^T dO; dP = (dO V^T) o M / (1 - p); dS = P (dP - delta).
     const float rp = drop ? p.drop.scale : 1.f;
     const float* pv = drop ? pd : s;  // what multiplies dO into dV
     auto ds_row = [&](int64_t r, const float* prow, float* dprow) {
-      if (drop && w.keeps[r].w) {  // dropped entries of dP are 0; P is 0 outside the row's range [lo, hi)
-        int64_t lo, hi;
-        row_range(p, sg, sv.band, i0 + r, &lo, &hi);
-        apply_keep(dprow, lo, hi, w.keeps[r]);
-      }
-      softmax_grad_row(prow, dprow, n, delta[r]);
+      const Keep& kp = w.keeps[r];
+      if (!drop || !kp.w) return softmax_grad_row(prow, dprow, n, delta[r]);
+      int64_t lo, hi;  // dropped entries of dP count 0 (P is 0 outside the row's range [lo, hi))
+      row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+      softmax_grad_as<false>(prow, dprow, 0, lo, delta[r], kp);
+      softmax_grad_as<true>(prow, dprow, lo, hi, delta[r], kp);
+      softmax_grad_as<false>(prow, dprow, hi, n, delta[r], kp);
     };
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
     if constexpr (std::is_same_v<C, float>) {
       if (w.own) {
-        gemm_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv + sg.k0 * d, d, true);
+        gemm_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv_at(sg.k0, d), d, true);
         scores_own(w.vt[sg.src], sg, rows, d, rp, dout, dp - c0);  // dP: same segment, same columns as S
         for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * ls, dp + r * ls);
         gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
-        gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk + sg.k0 * d, d, true);
+        gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk_at(sg.k0, d), d, true);
         continue;
       }
     }
     const C* vp = operand<C>(sv.v + sg.k0 * d, n * d, w.vb.data());
-    mm(true, false, n, d, rows, rp, operand<C>(pv, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv + sg.k0 * d, d);
+    mm(true, false, n, d, rows, rp, operand<C>(pv, rows * n, w.s16.data()), n, dout, d, 1.f, g.dv_at(sg.k0, d), d);
     mm(false, true, rows, n, d, rp, dout, d, vp, d, 0.f, dp, n);
     for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * n, dp + r * n);
     const C* ds = operand<C>(dp, rows * n, w.dp16.data());
     mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
-    mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk + sg.k0 * d, d);
+    mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk_at(sg.k0, d), d);
   }
 }
 
@@ -1355,15 +1490,14 @@ void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t
 #endif
 
 // The tasks of a forward or backward pass: runs of query tiles of one (batch, head), so that a task's keys are
-// prepared (converted, packed) once; with few (batch, head) pairs the tiles are split into `chunks` runs, enough
-// to feed every thread `per_thread` times. Task t covers tiles [t0, t1) of pair bh = (b, h), run c.
+// prepared (converted, packed) once; with fewer (batch, head) pairs than `want` tasks the tiles of each pair are
+// split into `chunks` runs. Task t covers tiles [t0, t1) of pair bh = (b, h), run c.
 struct Tasks {
   int64_t tiles, bhs, chunks, per;
-  Tasks(const Problem& p, int64_t per_thread) {
+  Tasks(const Problem& p, int64_t want) {
     tiles = (p.Sq + p.bq - 1) / p.bq;
     bhs = p.B * p.H;
-    const int64_t threads = at::get_num_threads();
-    chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (per_thread * threads + bhs - 1) / bhs));
+    chunks = std::max<int64_t>(1, std::min<int64_t>(tiles, (want + bhs - 1) / bhs));
     per = (tiles + chunks - 1) / chunks;
   }
   int64_t count() const { return bhs * chunks; }
@@ -1391,7 +1525,8 @@ void task_sources(const Problem& p, int64_t bh, int64_t b, SrcView<T>* src) {
 template <class T, class C>
 void forward_as(const Problem& p, T* out, float* lse) {
   const T* q = static_cast<const T*>(p.q);
-  const Tasks tasks(p, 2);
+  // A forward row is computed by one task whatever the split: the split follows the thread count.
+  const Tasks tasks(p, 2 * at::get_num_threads());
   bool packed = false, amx = false;
 #if ETKD_NATIVE_BF16
   if constexpr (std::is_same_v<C, BFloat16>) {
@@ -1402,6 +1537,7 @@ void forward_as(const Problem& p, T* out, float* lse) {
 #endif
   const bool own = std::is_same_v<C, float> && own_ok(p);
   at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    const BlasOneThread blas;
     Work<T, C> w(p.bq, p.D);
     w.own = own;
     w.amx = amx;
@@ -1438,17 +1574,32 @@ void forward_as(const Problem& p, T* out, float* lse) {
     count_bf16_call(false, !std::is_same_v<C, BFloat16> ? kProdFp32 : !packed ? kProdMkl : amx ? kProdAmx : kProdDp);
 }
 
+// Backward tasks: (batch, head) pairs split into query-tile runs until there are this many tasks, whatever the thread
+// count. dK/dV of a pair are sums over its query tiles; a fixed split adds them in a fixed order, so the gradients are
+// the same bits for any number of threads (a split by thread count moved the sums' boundaries). A split costs: each
+// run packs the K/V its tiles visit (BigBird's global rows visit all of them) and its private dK/dV are zeroed and
+// added afterwards: with 16 tasks, BigBird 4096 x 12 heads (2 runs a head) took about 7% more CPU time without
+// dropout than with one run a head (forward + backward, 1 thread, Xeon avx512_bf16, two runs each, load 6-9). 8 tasks:
+// no split from 8 pairs on (a model's batch x heads), and up to 8 threads kept busy on a single pair.
+constexpr int64_t kBackwardTasks = 8;
+
+// A backward chunk after the first of its pair: dK/dV of the keys its tiles visit ([lo[i], hi[i]) of source i), in
+// private buffers added to the pair's gradients after every task is done, chunk by chunk.
+struct Partial {
+  AVec<float> buf;  // per source with keys: dk, then dv, (hi - lo) x D each
+  int64_t lo[2] = {0, 0}, hi[2] = {0, 0};
+};
+
 template <class T, class C>
 void backward_as(const Problem& p, const T* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,
                  float* dkx, float* dvx) {
   const T* q = static_cast<const T*>(p.q);
-  // dK/dV of different query tiles overlap: a task owns all tiles of a (b, h) chunk. With few (b, h) pairs
-  // the query tiles are split into chunks that accumulate into private buffers, summed afterwards.
-  const Tasks tasks(p, 4);
-  const int64_t bhs = tasks.bhs, chunks = tasks.chunks;
-  const int64_t nk = p.Sk * p.D, nx = p.Sx * p.D;
-  std::vector<float> part;  // (chunks - 1, B*H, 2 * (nk + nx)) private accumulators of chunks 1..
-  if (chunks > 1) part.assign((chunks - 1) * bhs * 2 * (nk + nx), 0.f);
+  // dK/dV of different query tiles overlap: a task owns all tiles of a (b, h) chunk; chunks after the first
+  // accumulate into private buffers (Partial), summed afterwards in chunk order.
+  const Tasks tasks(p, kBackwardTasks);
+  const int64_t bhs = tasks.bhs, chunks = tasks.chunks, d = p.D;
+  const int64_t nk = p.Sk * d, nx = p.Sx * d;
+  std::vector<Partial> parts(chunks > 1 ? tasks.count() : 0);
   const bool own = std::is_same_v<C, float> && own_ok(p);
   // bf16 products by the own vdpbf16ps kernels (backward_tile_dp) on a CPU without AMX (or ETKD_CPU_AMX=0), else
   // MKL's bf16 GEMM per tile: with AMX, MKL's GEMM (AMX inside) is faster than vdpbf16ps, which runs at a quarter
@@ -1460,7 +1611,8 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
           !p.drop.on;  // backward_tile_dp has no dropout step: with dropout the tiles take MKL's bf16 GEMM
 #endif
   at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    Work<T, C> w(p.bq, p.D);
+    const BlasOneThread blas;
+    Work<T, C> w(p.bq, d);
     w.own = own;
     for (int64_t t = begin; t < end; ++t) {
       const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
@@ -1468,28 +1620,37 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
       w.b = b, w.bh = bh;
       SrcView<T> src[2];
       task_sources(p, bh, b, src);
+      int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
+      if (own || dpb || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
       GradView grad[2];
       if (c == 0) {
         grad[0] = {dk + bh * nk, dv + bh * nk};
         grad[1] = {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
       } else {
-        float* base = part.data() + ((c - 1) * bhs + bh) * 2 * (nk + nx);
-        grad[0] = {base, base + nk};
-        grad[1] = {base + 2 * nk, base + 2 * nk + nx};
+        Partial& pt = parts[t];
+        int64_t size = 0;
+        for (int i = 0; i < 2; ++i) {
+          pt.lo[i] = lo[i], pt.hi[i] = std::max(lo[i], hi[i]);
+          size += 2 * (pt.hi[i] - pt.lo[i]) * d;
+        }
+        pt.buf.assign(size, 0.f);
+        float* at = pt.buf.data();
+        for (int i = 0; i < 2; ++i) {
+          const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
+          grad[i] = {at, at + n, pt.lo[i]};
+          at += 2 * n;
+        }
       }
       if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
-        int64_t lo[2], hi[2];
-        key_range(p, b, h, t0, t1, w.segs, lo, hi);
-        const int64_t limit[2] = {p.Sk, p.Sx};
         for (int i = 0; i < 2; ++i) {
           if (hi[i] <= lo[i]) continue;
           if constexpr (std::is_same_v<C, float>) {
-            pack_keys_t(src[i].k, lo[i], hi[i], p.D, w.kt[i], w.tmp);
-            pack_keys_t(src[i].v, lo[i], hi[i], p.D, w.vt[i], w.tmp);
+            pack_keys_t(src[i].k, lo[i], hi[i], d, w.kt[i], w.tmp);
+            pack_keys_t(src[i].v, lo[i], hi[i], d, w.vt[i], w.tmp);
           }
 #if ETKD_NATIVE_BF16
           else {
-            pack_keys(src[i].k, src[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i], true);
+            pack_keys(src[i].k, src[i].v, lo[i], hi[i], i == 0 ? p.Sk : p.Sx, d, w.packed[i], true);
           }
 #endif
         }
@@ -1503,14 +1664,14 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
 #if ETKD_NATIVE_BF16
         if constexpr (std::is_same_v<C, BFloat16>) {
           if (dpb) {
-            backward_tile_dp(p, w.packed, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0,
-                             skip, i0, rows, w, dq + row0 * p.D);
+            backward_tile_dp(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
+                             i0, rows, w, dq + row0 * d);
             continue;
           }
         }
 #endif
-        backward_tile(p, src, grad, q + row0 * p.D, dout + row0 * p.D, lse + row0, delta + row0, skip, i0, rows, w,
-                      dq + row0 * p.D);
+        backward_tile(p, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip, i0, rows, w,
+                      dq + row0 * d);
       }
     }
   });
@@ -1519,14 +1680,14 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   if (chunks > 1) {
     at::parallel_for(0, bhs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
-        for (int64_t c = 1; c < chunks; ++c) {
-          const float* base = part.data() + ((c - 1) * bhs + bh) * 2 * (nk + nx);
-          float* dst[4] = {dk + bh * nk, dv + bh * nk, dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
-          const float* srcp[4] = {base, base + nk, base + 2 * nk, base + 2 * nk + nx};
-          const int64_t len[4] = {nk, nk, nx, nx};
-          for (int i = 0; i < 4; ++i) {
-            if (!dst[i]) continue;
-            for (int64_t j = 0; j < len[i]; ++j) dst[i][j] += srcp[i][j];
+        float* dst[2][2] = {{dk + bh * nk, dv + bh * nk}, {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr}};
+        for (int64_t c = 1; c < chunks; ++c) {  // in chunk order: the same sums for any thread count
+          const Partial& pt = parts[bh * chunks + c];
+          const float* x = pt.buf.data();
+          for (int i = 0; i < 2; ++i) {
+            const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
+            for (int g = 0; g < 2; ++g, x += n)
+              if (dst[i][g] && n) add_to(dst[i][g] + pt.lo[i] * d, x, n);
           }
         }
       }
@@ -1573,18 +1734,27 @@ void run_backward(const Problem& p, const void* dout, const float* lse, const fl
 }
 
 // Dropout on a block of probabilities outside the tile loops (Nystrom's K1): x[r, c] = keep(bh, row0 + r, col0 + c) ?
-// x[r, c] * dr.scale : 0 for r < rows, c < n (row stride ld); columns taken kMaxSeg at a time (w.keep's size).
+// x[r, c] * dr.scale : 0 for r < rows, c < n (row stride ld); columns taken kMaxSeg at a time, the keep bits of kRows
+// rows at once (one keep_grid).
 void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
                   int64_t ld) {
-  uint64_t bits[kKeepWords];
-  for (int64_t r = 0; r < rows; ++r) {
-    float* xr = x + r * ld;
-    for (int64_t c0 = 0; c0 < n; c0 += kMaxSeg) {
-      const int64_t c1 = std::min(n, c0 + kMaxSeg), a = col0 + c0;
-      keep_bits(dr, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + r), a, col0 + c1, bits);
-      const Keep kp{bits, a - (a & ~int64_t(7))};
-      apply_keep(xr + c0, 0, c1 - c0, kp);
-      scale_row(xr + c0, c1 - c0, dr.scale);
+  constexpr int64_t kRows = 8;
+  uint64_t bits[kRows * kKeepWords];  // kRows x (up to kMaxSeg / 8 + 2) calls' bytes and the slack keep_grid takes
+  const Vec vs(dr.scale);
+  for (int64_t c0 = 0; c0 < n; c0 += kMaxSeg) {
+    const int64_t c1 = std::min(n, c0 + kMaxSeg), len = c1 - c0, g0 = (col0 + c0) >> 3;
+    const int64_t G = ((col0 + c1 + 7) >> 3) - g0;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const int64_t rr = std::min(kRows, rows - r0);
+      keep_grid(dr, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + r0), nullptr, rr, g0, G,
+                reinterpret_cast<uint8_t*>(bits));
+      for (int64_t r = 0; r < rr; ++r) {
+        const Keep kp{bits, 8 * r * G + col0 + c0 - 8 * g0};
+        float* xr = x + (r0 + r) * ld + c0;
+        int64_t j = 0;
+        for (; j + kV <= len; j += kV) keep_vec(Vec::loadu(xr + j) * vs, kp.at64(j)).store(xr + j);
+        for (; j < len; ++j) xr[j] = kp.at(j) ? xr[j] * dr.scale : 0.f;
+      }
     }
   }
 }

@@ -15,8 +15,20 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc);
+// MKL's per-thread thread count (Fortran interface; returns the previous setting, 0 = the global one); weak: absent
+// when libtorch_cpu has no MKL.
+extern "C" int mkl_set_num_threads_local_(const int* nt) __attribute__((weak));
 
 namespace etkd::cpu {
+
+BlasOneThread::BlasOneThread() {
+  const int one = 1;
+  prev = mkl_set_num_threads_local_ ? mkl_set_num_threads_local_(&one) : 0;
+}
+
+BlasOneThread::~BlasOneThread() {
+  if (mkl_set_num_threads_local_) mkl_set_num_threads_local_(&prev);
+}
 
 #if defined(__x86_64__)
 #if ETKD_HAVE_AVX2
@@ -211,14 +223,17 @@ void append_run(std::vector<Seg>& segs, int64_t k0, int64_t k1, int src) {
   for (int64_t a = k0; a < k1; a += len) segs.push_back(Seg{a, std::min(len, k1 - a), src});
 }
 
+bool gemm_degenerate(int64_t m, int64_t n, int64_t k, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return true;
+  if (k != 0) return false;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+  return true;
+}
+
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
-    return;
-  }
+  if (gemm_degenerate(m, n, k, beta, c, ldc)) return;
   // A row-major matrix is its column-major transpose: C^T = op(B)^T op(A)^T.
   const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
   const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);

@@ -154,22 +154,34 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t win
   }
 }
 
+// The global tokens and both passes of one call (forward or backward), after the input checks.
+struct Call {
+  Globals g;
+  Passes ps;
+  bool sep = false;  // separate global projections (qg, kg, vg)
+};
+Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, const OptTensor& global_mask,
+             const OptTensor& global_index, const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
+             const OptTensor& vg, const OptTensor& kpm, double scale, double dropout_p, int64_t seed, int64_t offset) {
+  check_inputs(q, k, v, window, qg, kg, vg);
+  Call c;
+  c.g = globals_of(global_mask, global_index, global_count, kpm, q.size(0), q.size(2));
+  c.sep = qg.has_value();
+  c.ps = setup(q, k, v, window, c.g, c.sep ? *qg : q, c.sep ? *kg : k, c.sep ? *vg : v, scale,
+               dropout_of(dropout_p, seed, offset));
+  return c;
+}
+
 }  // namespace
 
-std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, int64_t window,
+std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
                                               const OptTensor& global_mask, const OptTensor& global_index,
-                                              const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
-                                              const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
+                                              const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
+                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
                                               double dropout_p, int64_t seed, int64_t offset) {
-  check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
-  const auto dt = q_.scalar_type();
-  const Tensor &q = q_, &k = k_, &v = v_;
-  const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
+  const auto [g, ps, sep] = prepare(q, k, v, window, global_mask, global_index, global_count, qg, kg, vg,
+                                    key_padding_mask, scale, dropout_p, seed, offset);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
-  const bool sep = qg.has_value();
-  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale,
-                    dropout_of(dropout_p, seed, offset));
   auto out = at::empty_like(q);
   auto lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
   run_forward(ps.band, out.data_ptr(), lse.data_ptr<float>());
@@ -180,26 +192,20 @@ std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_
     scatter_rows(out, og, g, H, S, D, false);
     scatter_rows(lse, lg, g, H, S, 1, false);
   }
-  return {as_dtype(out, dt), lse};
+  return {out, lse};
 }
 
-std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
-                                       const Tensor& out_, const Tensor& lse, int64_t window,
+std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& out, const Tensor& lse, int64_t window,
                                        const OptTensor& global_mask, const OptTensor& global_index,
-                                       const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
-                                       const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
+                                       const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
+                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
                                        double dropout_p, int64_t seed, int64_t offset) {
-  check_inputs(q_, k_, v_, window, qg_, kg_, vg_);
-  const auto dt = q_.scalar_type();
-  const Tensor &q = q_, &k = k_, &v = v_;
-  const Tensor& grad_out = grad_out_;
-  const auto [delta, dq, dk, dv] = backward_start(grad_out, out_, q, lse);
-  const OptTensor &qg = qg_, &kg = kg_, &vg = vg_;
+  const auto [g, ps, sep] = prepare(q, k, v, window, global_mask, global_index, global_count, qg, kg, vg,
+                                    key_padding_mask, scale, dropout_p, seed, offset);
+  const auto dt = q.scalar_type();
+  const auto [delta, dq, dk, dv] = backward_start(grad_out, out, q, lse);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  Globals g = globals_of(global_mask, global_index, global_count, key_padding_mask, B, S);
-  const bool sep = qg.has_value();
-  Passes ps = setup(q, k, v, window, g, sep ? *qg : q, sep ? *kg : k, sep ? *vg : v, scale,
-                    dropout_of(dropout_p, seed, offset));
   const auto f32 = q.options().dtype(at::kFloat);
   auto cast = [dt](std::vector<Tensor> gs) {
     for (auto& t : gs) t = as_dtype(t, dt);

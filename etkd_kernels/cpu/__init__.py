@@ -20,14 +20,7 @@ from .._env import EnvironmentValueError, flag
 from ..dispatch import Capabilities
 
 NAME = "cpu"
-# op -> module in this package; a pattern appears here once its kernel exists.
-OPS: dict[str, str] = {
-    "sliding_window": "sliding_window",
-    "block_sparse": "block_sparse",
-    "lsg": "lsg",
-    "nystrom": "nystrom",
-    "full": "full",
-}
+OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")  # module <op> here holds forward/backward
 AUTO_DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <new>
 #include <ostream>
 #include <stdexcept>
 #include <string>
