@@ -164,6 +164,9 @@ inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) 
   out[0] = k0 | (k1 << 32);
   out[1] = k2 | (k3 << 32);
 }
+// The call each lane runs in keep_grid: lane 4k + m runs call 4m + k, so that after keep_bytes' transposes vector m
+// holds calls 4m .. 4m + 3.
+constexpr int32_t kLanePerm[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
 // x where the low kV bits of `bits` are set, 0 elsewhere.
 inline Vec keep_vec(Vec x, uint64_t bits) { return Vec(_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), x)); }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -193,6 +196,8 @@ inline void keep_bytes(VI x0, VI x1, VI x2, VI x3, uint32_t thr, uint64_t* out) 
   out[0] = keep_mask32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b), t) |
            (keep_mask32(_mm256_unpacklo_epi64(c, d), _mm256_unpackhi_epi64(c, d), t) << 32);
 }
+// Lane 4k + m runs call 2m + k: after the transposes vector m holds calls 2m, 2m + 1.
+constexpr int32_t kLanePerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 inline Vec keep_vec(Vec x, uint64_t bits) {
   const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256i m = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), lane);
@@ -233,48 +238,37 @@ inline void philox_rounds(VI& x0, VI& x1, VI& x2, VI& x3, uint32_t k0, uint32_t 
 void keep_grid(const Dropout& dr, uint32_t bh, uint32_t row0, const uint32_t* rowc, int64_t R, int64_t g0, int64_t G,
                uint8_t* out) {
   const int64_t n = R * G;
-#if defined(CPU_CAPABILITY_AVX512)
-  // Lane 4k + m runs call f0 + 4m + k, so that after keep_bytes' transposes vector m holds calls 4m .. 4m + 3.
-  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i vg = vset1(static_cast<uint32_t>(G)), one = vset1(1), zero = _mm512_setzero_si512();
-  const __m512i last = vset1(static_cast<uint32_t>(R - 1));
-  const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(G));
-  for (int64_t f0 = 0; f0 < n; f0 += 16) {
-    const __m512i f = _mm512_add_epi32(vset1(static_cast<uint32_t>(f0)), perm);
-    __m512i r = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(f), inv));
-    __m512i rem = _mm512_sub_epi32(f, _mm512_mullo_epi32(r, vg));
-    const __mmask16 neg = _mm512_cmplt_epi32_mask(rem, zero);
-    r = _mm512_mask_sub_epi32(r, neg, r, one), rem = _mm512_mask_add_epi32(rem, neg, rem, vg);
-    const __mmask16 big = _mm512_cmpge_epi32_mask(rem, vg);
-    r = _mm512_min_epi32(_mm512_mask_add_epi32(r, big, r, one), last);  // lanes past n: any row, never stored
-    rem = _mm512_mask_sub_epi32(rem, big, rem, vg);
-    __m512i x0 = _mm512_add_epi32(vset1(static_cast<uint32_t>(g0)), rem);
-    __m512i x1 = rowc ? _mm512_i32gather_epi32(r, rowc, 4) : _mm512_add_epi32(vset1(row0), r);
-#elif defined(CPU_CAPABILITY_AVX2)
-  // Lane 4k + m runs call f0 + 2m + k: after the transposes vector m holds calls 2m, 2m + 1.
-  const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  const __m256i vg = vset1(static_cast<uint32_t>(G)), one = vset1(1), zero = _mm256_setzero_si256();
-  const __m256i last = vset1(static_cast<uint32_t>(R - 1));
-  const __m256 inv = _mm256_set1_ps(1.f / static_cast<float>(G));
-  for (int64_t f0 = 0; f0 < n; f0 += 8) {
-    const __m256i f = _mm256_add_epi32(vset1(static_cast<uint32_t>(f0)), perm);
-    __m256i r = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(f), inv));
-    __m256i rem = _mm256_sub_epi32(f, _mm256_mullo_epi32(r, vg));
-    const __m256i neg = _mm256_cmpgt_epi32(zero, rem);
-    r = _mm256_sub_epi32(r, _mm256_and_si256(neg, one)), rem = _mm256_add_epi32(rem, _mm256_and_si256(neg, vg));
-    const __m256i big = _mm256_cmpgt_epi32(rem, _mm256_sub_epi32(vg, one));
-    r = _mm256_min_epi32(_mm256_add_epi32(r, _mm256_and_si256(big, one)), last);
-    rem = _mm256_sub_epi32(rem, _mm256_and_si256(big, vg));
-    __m256i x0 = _mm256_add_epi32(vset1(static_cast<uint32_t>(g0)), rem);
-    __m256i x1 = rowc ? _mm256_i32gather_epi32(reinterpret_cast<const int*>(rowc), r, 4)
-                      : _mm256_add_epi32(vset1(row0), r);
-#endif
 #if ETKD_SIMD_PHILOX
+  // Lane l runs call f0 + kLanePerm[l] (see kLanePerm); its (row r, group g0 + rem) follow from the call index, kept
+  // up to date as f0 steps by kKeepLanes: rem += kKeepLanes, then at most ceil(kKeepLanes / G) carries into r.
+  using VInt = at::vec::Vectorized<int32_t>;
+  static_assert(VInt::size() == kKeepLanes, "keep_grid: one int lane per Philox call");
+  alignas(64) int32_t ri[kKeepLanes], rm[kKeepLanes];
+  for (int l = 0; l < kKeepLanes; ++l) ri[l] = kLanePerm[l] / G, rm[l] = kLanePerm[l] % G;
+  VInt r = VInt::loadu(ri), rem = VInt::loadu(rm);
+  const VInt vg(static_cast<int32_t>(G)), last(static_cast<int32_t>(R - 1)), one(1), step(kKeepLanes);
+  const int64_t carries = (kKeepLanes + G - 1) / G;
+  for (int64_t f0 = 0; f0 < n; f0 += kKeepLanes) {
+    VI x0 = VInt(static_cast<int32_t>(g0)) + rem;
+    VI x1;
+    const VInt rr = at::vec::minimum(r, last);  // lanes past n: any row, never stored
+    if (rowc) {
+      rr.store(ri);
+      for (int l = 0; l < kKeepLanes; ++l) rm[l] = static_cast<int32_t>(rowc[ri[l]]);
+      x1 = VInt::loadu(rm);
+    } else {
+      x1 = VInt(static_cast<int32_t>(row0)) + rr;
+    }
     VI x2 = vset1(bh), x3 = vset1(dr.offset);
     philox_rounds(x0, x1, x2, x3, dr.key0, dr.key1);
     uint64_t bytes[kKeepLanes / 8];
     keep_bytes(x0, x1, x2, x3, dr.thr, bytes);
     std::memcpy(out + f0, bytes, sizeof(bytes));
+    rem = rem + step;
+    for (int64_t c = 0; c < carries; ++c) {
+      const VInt m = rem >= vg;  // all ones where the call has passed its row's last group
+      r = r + (m & one), rem = rem - (m & vg);
+    }
   }
 #else
   for (int64_t f = 0; f < n; ++f) {
