@@ -136,7 +136,7 @@ def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--steps", "4", "--hidden", "32", "--layers", "2", "--heads", "2",
             "--max-positions", "1024", "--window", "32", "--seq", "128", "--repeats", "1", "--skip-bench",
-            "--ner-steps", "4", "--long-steps", "2", "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
+            "--ner-steps", "4", "--long-steps", "2", "--long-cls-steps", "3", "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
     assert cli(argv) == 0
     kernels = json.loads((out / "kernels.json").read_text())
     ok = [r for r in kernels if r["status"] == "ok"]
@@ -169,5 +169,7 @@ def test_demo_tiny_end_to_end(tmp_path):
             assert settings["model"] == str(out / "finetune" / f"{name}-{task}-results" / "model")
             # the NER documents' opening paragraph is global for the Longformers (the 512-token model ignores it)
             assert settings["global_prefix"] == (longrange.OPENING if task == "conll2003" else 0)
+            # --long-steps for NER, --long-cls-steps for classification
+            assert settings["max_steps"] == (2 if task == "conll2003" else 3)
     assert all(r["seconds_ner"] > 0 and r["peak_mib_cls"] >= 0 for r in rows)
     assert any((out / "report").iterdir())
