@@ -1516,6 +1516,29 @@ void task_sources(const Problem& p, int64_t bh, int64_t b, SrcView<T>* src) {
   src[1] = {kx ? kx + bh * nx : nullptr, vx ? vx + bh * nx : nullptr, p.kxbias ? p.kxbias + b * p.Sx : nullptr, false};
 }
 
+// Runs task(w, t, tk, src) for every non-empty task t of `tasks` (tk = tasks.at(p, t), src its key sources) on the
+// OpenMP threads; each worker keeps one Work (own products: own, AMX tiles: amx) and MKL on one thread.
+template <class T, class C, class F>
+void for_tasks(const Problem& p, const Tasks& tasks, bool own, bool amx, F task) {
+  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
+    const BlasOneThread blas;
+    Work<T, C> w(p.bq, p.D);
+    w.own = own;
+    w.amx = amx;
+    for (int64_t t = begin; t < end; ++t) {
+      const Tasks::Task tk = tasks.at(p, t);
+      if (tk.t0 >= tk.t1) continue;
+      w.b = tk.b, w.bh = tk.bh;
+      SrcView<T> src[2];
+      task_sources(p, tk.bh, tk.b, src);
+      task(w, t, tk, src);
+    }
+#if ETKD_NATIVE_BF16
+    if (amx) brgemm_done();
+#endif
+  });
+}
+
 template <class T, class C>
 void forward_as(const Problem& p, T* out, float* lse) {
   const T* q = static_cast<const T*>(p.q);
@@ -1530,39 +1553,23 @@ void forward_as(const Problem& p, T* out, float* lse) {
   }
 #endif
   const bool own = std::is_same_v<C, float> && own_ok(p);
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    const BlasOneThread blas;
-    Work<T, C> w(p.bq, p.D);
-    w.own = own;
-    w.amx = amx;
-    for (int64_t t = begin; t < end; ++t) {
-      const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
-      if (t0 >= t1) continue;
-      w.b = b, w.bh = bh;
-      SrcView<T> raw[2];
-      task_sources(p, bh, b, raw);
+  for_tasks<T, C>(p, tasks, own, amx, [&](Work<T, C>& w, int64_t, const Tasks::Task& tk, const SrcView<T>* raw) {
+    const auto [bh, c, b, h, t0, t1] = tk;
 #if ETKD_NATIVE_BF16
-      if constexpr (std::is_same_v<C, BFloat16>) {
-        if (packed) {
-          forward_task_packed(p, raw, b, h, bh, t0, t1, w, q, out, lse);
-          continue;
-        }
-      }
-#endif
-      SrcView<C> src[2];
-      prepare_sources(p, raw, b, h, t0, t1, w, src);
-      for (int64_t tile = t0; tile < t1; ++tile) {
-        const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-        w.segs.clear();
-        p.segments(b, h, i0, rows, w.segs);
-        const int64_t row0 = bh * p.Sq + i0;
-        forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
-                     out + row0 * p.D, lse + row0);
-      }
+    if constexpr (std::is_same_v<C, BFloat16>) {
+      if (packed) return forward_task_packed(p, raw, b, h, bh, t0, t1, w, q, out, lse);
     }
-#if ETKD_NATIVE_BF16
-    if (amx) brgemm_done();
 #endif
+    SrcView<C> src[2];
+    prepare_sources(p, raw, b, h, t0, t1, w, src);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
+      w.segs.clear();
+      p.segments(b, h, i0, rows, w.segs);
+      const int64_t row0 = bh * p.Sq + i0;
+      forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
+                   out + row0 * p.D, lse + row0);
+    }
   });
   if constexpr (std::is_same_v<T, BFloat16>)
     count_bf16_call(false, !std::is_same_v<C, BFloat16> ? kProdFp32 : !packed ? kProdMkl : amx ? kProdAmx : kProdDp);
@@ -1604,69 +1611,60 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
     dpb = bf16_path(p) == Bf16Path::own && reinterpret_cast<uintptr_t>(dout) % 4 == 0 &&
           !p.drop.on;  // backward_tile_dp has no dropout step: with dropout the tiles take MKL's bf16 GEMM
 #endif
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
-    const BlasOneThread blas;
-    Work<T, C> w(p.bq, d);
-    w.own = own;
-    for (int64_t t = begin; t < end; ++t) {
-      const auto [bh, c, b, h, t0, t1] = tasks.at(p, t);
-      if (t0 >= t1) continue;
-      w.b = b, w.bh = bh;
-      SrcView<T> src[2];
-      task_sources(p, bh, b, src);
-      int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
-      if (own || dpb || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
-      GradView grad[2];
-      if (c == 0) {
-        grad[0] = {dk + bh * nk, dv + bh * nk};
-        grad[1] = {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
-      } else {
-        Partial& pt = parts[t];
-        int64_t size = 0;
-        for (int i = 0; i < 2; ++i) {
-          pt.lo[i] = lo[i], pt.hi[i] = std::max(lo[i], hi[i]);
-          size += 2 * (pt.hi[i] - pt.lo[i]) * d;
-        }
-        pt.buf.assign(size, 0.f);
-        float* at = pt.buf.data();
-        for (int i = 0; i < 2; ++i) {
-          const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
-          grad[i] = {at, at + n, pt.lo[i]};
-          at += 2 * n;
-        }
+  for_tasks<T, C>(p, tasks, own, false, [&](Work<T, C>& w, int64_t t, const Tasks::Task& tk, const SrcView<T>* src) {
+    const auto [bh, c, b, h, t0, t1] = tk;
+    int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
+    if (own || dpb || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
+    GradView grad[2];
+    if (c == 0) {
+      grad[0] = {dk + bh * nk, dv + bh * nk};
+      grad[1] = {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
+    } else {
+      Partial& pt = parts[t];
+      int64_t size = 0;
+      for (int i = 0; i < 2; ++i) {
+        pt.lo[i] = lo[i], pt.hi[i] = std::max(lo[i], hi[i]);
+        size += 2 * (pt.hi[i] - pt.lo[i]) * d;
       }
-      if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
-        for (int i = 0; i < 2; ++i) {
-          if (hi[i] <= lo[i]) continue;
-          if constexpr (std::is_same_v<C, float>) {
-            pack_keys_t(src[i].k, lo[i], hi[i], d, w.kt[i], w.tmp);
-            pack_keys_t(src[i].v, lo[i], hi[i], d, w.vt[i], w.tmp);
-          }
-#if ETKD_NATIVE_BF16
-          else {
-            pack_keys(src[i].k, src[i].v, lo[i], hi[i], i == 0 ? p.Sk : p.Sx, d, w.packed[i], true);
-          }
-#endif
-        }
+      pt.buf.assign(size, 0.f);
+      float* at = pt.buf.data();
+      for (int i = 0; i < 2; ++i) {
+        const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
+        grad[i] = {at, at + n, pt.lo[i]};
+        at += 2 * n;
       }
-      for (int64_t tile = t0; tile < t1; ++tile) {
-        const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-        w.segs.clear();
-        p.segments(b, h, i0, rows, w.segs);
-        const int64_t row0 = bh * p.Sq + i0;
-        const uint8_t* skip = p.qskip ? p.qskip + b * p.Sq + i0 : nullptr;
+    }
+    if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
+      for (int i = 0; i < 2; ++i) {
+        if (hi[i] <= lo[i]) continue;
+        if constexpr (std::is_same_v<C, float>) {
+          pack_keys_t(src[i].k, lo[i], hi[i], d, w.kt[i], w.tmp);
+          pack_keys_t(src[i].v, lo[i], hi[i], d, w.vt[i], w.tmp);
+        }
 #if ETKD_NATIVE_BF16
-        if constexpr (std::is_same_v<C, BFloat16>) {
-          if (dpb) {
-            backward_tile_dp(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
-                             i0, rows, w, dq + row0 * d);
-            continue;
-          }
+        else {
+          pack_keys(src[i].k, src[i].v, lo[i], hi[i], i == 0 ? p.Sk : p.Sx, d, w.packed[i], true);
         }
 #endif
-        backward_tile(p, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip, i0, rows, w,
-                      dq + row0 * d);
       }
+    }
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
+      w.segs.clear();
+      p.segments(b, h, i0, rows, w.segs);
+      const int64_t row0 = bh * p.Sq + i0;
+      const uint8_t* skip = p.qskip ? p.qskip + b * p.Sq + i0 : nullptr;
+#if ETKD_NATIVE_BF16
+      if constexpr (std::is_same_v<C, BFloat16>) {
+        if (dpb) {
+          backward_tile_dp(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
+                           i0, rows, w, dq + row0 * d);
+          continue;
+        }
+      }
+#endif
+      backward_tile(p, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip, i0, rows, w,
+                    dq + row0 * d);
     }
   });
   if constexpr (std::is_same_v<T, BFloat16>)
