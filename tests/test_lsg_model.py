@@ -148,8 +148,8 @@ MINILM_CASES = [("reference", torch.float32), ("cpu", torch.float32), ("referenc
 @pytest.mark.parametrize("backend, dtype", MINILM_CASES, ids=[f"{b}-{str(d)[6:]}" for b, d in MINILM_CASES])
 def test_minilm_converted_by_both_tools(minilm, backend, dtype, tmp_path):
     """all-MiniLM-L6-v2 -> LSG by `etkd convert --to lsg --format lsg` equals LSGConverter's result weight for
-    weight (hashes of the global and position tables, and of the random global init under the same
-    torch.manual_seed), and the loaded model's outputs and gradients equal those of the LSGBertModel
+    weight (hashes of the global and position tables; the random global init under the same
+    torch.manual_seed, projected, within 1e-5), and the loaded model's outputs and gradients equal those of the LSGBertModel
     LSGConverter made, run in float64 (a projection of the outputs to 8 columns, recorded)."""
     from etkd.distill.cli import main
 
@@ -174,8 +174,12 @@ def test_minilm_converted_by_both_tools(minilm, backend, dtype, tmp_path):
     argv[argv.index("--out") + 1] = str(tmp_path / "random")
     assert main([*argv, "--random-global-init", "--seed", str(rnd["torch_manual_seed"])]) == 0
     drawn = load(tmp_path / "random").encoder.embeddings.global_tokens.weight
-    assert _sha(drawn) == rnd["sha256"], "random_global_init: not LSGConverter's draw under the same seed"
     golden = load_file(GOLDEN / "minilm" / "golden.safetensors")
+    # the same draws as LSGConverter's, but through a covariance and its Cholesky factor (BLAS): the last bits
+    # depend on the thread count and the CPU, so the recorded projection is compared with a tolerance (another
+    # draw, or the draws in another order, is off by the table's whole scale)
+    assert_rel((drawn.double() @ golden["project"].double()).float(), golden["random_global_init.project"],
+               "random_global_init (projected): LSGConverter's draw under the same seed", 1e-5)  # fmt: skip
     inputs = {k: golden[k].to(dtype) if golden[k].is_floating_point() else golden[k]
               for k in ("input_ids", "attention_mask", "cotangent", "project")}  # fmt: skip
     y, grads = run_ours(model, inputs)
