@@ -123,26 +123,7 @@ def _with_dropout(pattern: str, setup, backend: str, p: float):
     """providers.build's etkd call for `pattern` (the same settings), with dropout_p = p."""
     if pattern == "full":
         return lambda q, k, v: ek.full_attention(q, k, v, dropout_p=p, backend=backend)
-    hidden = setup.heads * setup.head_dim
-    _, real, glob = P._inputs(setup.batch, setup.seq, hidden, setup.device, setup.dtype)
-    if pattern == "lsg":
-        return lambda q, k, v: ek.lsg_attention(
-            q, k, v, block_size=P.LSG_BLOCK, sparse_block_size=P.LSG_BLOCK, key_padding_mask=real, dropout_p=p,
-            backend=backend,
-        )  # fmt: skip
-    if pattern == "nystrom":
-        return lambda q, k, v: ek.nystrom_attention(
-            q, k, v, P.LANDMARKS, key_padding_mask=real, pinv_init="hf_global", dropout_p=p, backend=backend
-        )
-    if pattern == "longformer":
-        return lambda q, k, v, *g: ek.sliding_window_attention(
-            q, k, v, P.WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, dropout_p=p,
-            backend=backend,
-        )  # fmt: skip
-    layout = ek.bigbird_layout(setup.seq, block_size=P.BLOCK, num_random_blocks=P.RANDOM_BLOCKS, seed=0)
-    return lambda q, k, v: ek.block_sparse_attention(
-        q, k, v, layout, key_padding_mask=real, dropout_p=p, backend=backend
-    )
+    return setup.etkd_op(backend, dropout_p=p)
 
 
 def main(argv: list[str] | None = None) -> int:

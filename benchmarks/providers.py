@@ -84,6 +84,7 @@ class Setup:
     skipped: dict[str, str] = field(default_factory=dict)
     forward_only: dict[str, str] = field(default_factory=dict)  # provider -> why it has no backward
     build_args: dict = field(default_factory=dict)  # JSON-able: `build(**build_args)` makes it again
+    etkd_op: Callable[..., Callable] | None = None  # PatternInputs.op: etkd on a backend, extra keywords
 
     def call(self, provider: str, mode: str) -> Callable[[], None]:
         """A no-argument callable: forward under no_grad ("fwd") or forward + backward ("fwd_bwd")."""
@@ -215,10 +216,11 @@ def _inputs(batch, seq, hidden, device, dtype):
 @dataclass
 class PatternInputs:
     """What a pattern's setup gives `build`: the shared q/k/v (and extra tensors), the etkd call per backend
-    name, the forward FLOPs, FlexAttention's mask and flash-attn's (left, right) band where they exist."""
+    name (`op(backend, **op_kwargs)`: extra keywords of the op, e.g. dropout_p, on top of the pattern's settings),
+    the forward FLOPs, FlexAttention's mask and flash-attn's (left, right) band where they exist."""
 
     args: tuple
-    op: Callable[[str], Callable]
+    op: Callable[..., Callable]
     flops: float
     mask_mod: Callable | None = None
     window: tuple[int, int] | None = None
@@ -252,8 +254,8 @@ def _longformer(setup: Setup, x, real, glob) -> PatternInputs:
     names = ("query", "key", "value", "query_global", "key_global", "value_global")
     _hf_providers(setup, x, mod, names, hr.run_longformer, real, glob)
     q, k, v, g = hr.longformer_qkv(mod, x)
-    op = lambda b: (lambda q, k, v, *g: ek.sliding_window_attention(
-        q, k, v, WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b))  # fmt: skip
+    op = lambda b, **kw: (lambda q, k, v, *g: ek.sliding_window_attention(
+        q, k, v, WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b, **kw))  # fmt: skip
     w, gl = WINDOW // 2, glob[0]
     return PatternInputs(
         tuple(t.detach().contiguous() for t in (q, k, v, *g)), op, setup.score_flops(band_pairs(setup.seq, WINDOW, 1)),
@@ -268,7 +270,7 @@ def _bigbird(setup: Setup, x, real, glob) -> PatternInputs:
     _hf_providers(setup, x, mod, ("query", "key", "value"), hr.run_bigbird, real)
     layout = ek.bigbird_layout(setup.seq, block_size=BLOCK, num_random_blocks=RANDOM_BLOCKS, seed=0)
     layout = layout.to(setup.device)
-    op = lambda b: (lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b))  # fmt: skip
+    op = lambda b, **kw: (lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b, **kw))  # fmt: skip
     dense = layout.mask[0]
     return PatternInputs(
         tuple(t.detach().contiguous() for t in hr.projections(mod, x, setup.heads)), op,
@@ -282,7 +284,7 @@ def _lsg(setup: Setup, x, real, glob) -> PatternInputs:
     why = "transformers has no LSG attention (lsg-converter's is a test-only oracle)"
     setup.skipped["hf"] = setup.skipped["hf-core"] = why
     qkv = torch.randn(3, setup.batch, setup.seq, setup.hidden).to(setup.device, setup.dtype)
-    op = lambda b: (lambda q, k, v: ek.lsg_attention(q, k, v, block_size=LSG_BLOCK, sparse_block_size=LSG_BLOCK, key_padding_mask=real, backend=b))  # fmt: skip
+    op = lambda b, **kw: (lambda q, k, v: ek.lsg_attention(q, k, v, block_size=LSG_BLOCK, sparse_block_size=LSG_BLOCK, key_padding_mask=real, backend=b, **kw))  # fmt: skip
     flops = setup.score_flops(lsg_pairs(setup.seq, LSG_BLOCK, LSG_BLOCK, 2, 1))
     return PatternInputs(tuple(hr.split_heads(t, setup.heads) for t in qkv), op, flops)
 
@@ -291,7 +293,7 @@ def _lsg(setup: Setup, x, real, glob) -> PatternInputs:
 def _nystrom(setup: Setup, x, real, glob) -> PatternInputs:
     mod = hr.nystrom_module(setup.hidden, setup.heads, setup.seq, LANDMARKS).to(setup.device, setup.dtype)
     _hf_providers(setup, x, mod, ("query", "key", "value"), hr.run_nystrom, real)
-    op = lambda b: (lambda q, k, v: ek.nystrom_attention(q, k, v, LANDMARKS, key_padding_mask=real, pinv_init="hf_global", backend=b))  # fmt: skip
+    op = lambda b, **kw: (lambda q, k, v: ek.nystrom_attention(q, k, v, LANDMARKS, key_padding_mask=real, pinv_init="hf_global", backend=b, **kw))  # fmt: skip
     return PatternInputs(
         tuple(t.detach().contiguous() for t in hr.projections(mod, x, setup.heads)), op,
         setup.score_flops(nystrom_pairs(setup.seq, LANDMARKS)),
@@ -324,7 +326,7 @@ def build(
                         "backends": backends, "device": str(device), "dtype": DTYPE_NAMES[dtype]}  # fmt: skip
     inputs = SETUPS[pattern](setup, x, real, glob)
     args, op, mask_mod, window = inputs.args, inputs.op, inputs.mask_mod, inputs.window
-    setup.flops = inputs.flops
+    setup.flops, setup.etkd_op = inputs.flops, op
     op_name = REGISTRY[pattern].op
 
     for b in backends or BACKENDS:

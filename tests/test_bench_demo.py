@@ -173,3 +173,21 @@ def test_demo_tiny_end_to_end(tmp_path):
             assert settings["max_steps"] == (2 if task == "conll2003" else 3)
     assert all(r["seconds_ner"] > 0 and r["peak_mib_cls"] >= 0 for r in rows)
     assert any((out / "report").iterdir())
+
+
+@pytest.mark.parametrize("pattern", ["longformer", "bigbird", "lsg", "nystrom"])
+def test_dropout_benchmark_times_the_provider_call_with_dropout(pattern):
+    """benchmarks/dropout.py times providers.build's own etkd call (the pattern's benchmark settings, one place)
+    with dropout_p added: with a seed it equals the reference backend's call and differs from p = 0."""
+    from etkd.benchmarks import dropout as D
+
+    setup = P.build(pattern, 512, heads=2, backends=["cpu"])
+    args = setup.providers["etkd-cpu"][1]
+    drop = dict(dropout_p=0.5, dropout_seed=3, dropout_offset=1)
+    ours = setup.etkd_op("cpu", **drop)(*args)
+    assert torch.allclose(ours, setup.etkd_op("reference", **drop)(*args), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, setup.etkd_op("cpu")(*args), atol=1e-3)
+    torch.manual_seed(0)
+    a = D._with_dropout(pattern, setup, "cpu", 0.5)(*args)
+    torch.manual_seed(0)
+    assert torch.equal(a, setup.etkd_op("cpu", dropout_p=0.5)(*args))  # unseeded: torch's generator draws
