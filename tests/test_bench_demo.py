@@ -11,6 +11,7 @@ import torch
 
 import etkd_kernels as ek
 from etkd.benchmarks import core
+from etkd.benchmarks import patterns as bench_patterns
 from etkd.benchmarks import providers as P
 from etkd.benchmarks.harness import Timing, run_fresh, time_call
 from etkd.distill.cli import main as cli
@@ -93,11 +94,13 @@ def test_flop_counts_match_brute_force():
     i = torch.arange(seq)
     glob = i < g
     dense = ((i[:, None] - i[None, :]).abs() <= window // 2) | glob[None, :] | glob[:, None]
-    assert P.band_pairs(seq, window, g) == int(dense.sum())
+    assert bench_patterns.longformer.band_pairs(seq, window, g) == int(dense.sum())
     layout = ek.bigbird_layout(512, block_size=32, num_random_blocks=2, seed=0)
-    assert P.block_pairs(layout, heads=3) == 3 * int(layout.to_dense().sum())
+    assert bench_patterns.bigbird.block_pairs(layout, heads=3) == 3 * int(layout.to_dense().sum())
     setup = P.build("nystrom", 256, 2, 16, backends=["reference"])
-    assert setup.flops == 4 * 2 * 16 * (2 * 256 * P.LANDMARKS + P.LANDMARKS**2)
+    assert setup.flops == 4 * 2 * 16 * (
+        2 * 256 * bench_patterns.nystrom.LANDMARKS + bench_patterns.nystrom.LANDMARKS**2
+    )
     assert setup.flops_of("fwd_bwd") == 3.5 * setup.flops
 
 
@@ -108,7 +111,7 @@ def test_lsg_flop_count_matches_its_local_and_global_keys():
     near = ((i[:, None] // block) - (i[None, :] // block)).abs() <= 1
     glob = i < g
     dense = (near & ~glob[None, :]) | glob[None, :] | glob[:, None]
-    assert P.lsg_pairs(seq, block, 0, 2, g) == int(dense.sum())
+    assert bench_patterns.lsg.lsg_pairs(seq, block, 0, 2, g) == int(dense.sum())
 
 
 def test_timer_quantiles_and_bad_repeats():
