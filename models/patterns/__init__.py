@@ -1,19 +1,35 @@
 """The pattern registry: one record per attention pattern, read by everything that names patterns.
 
+Each pattern is one module of this package (`models/patterns/<name>.py`) holding everything model-side about
+it: its model adapter, its `Pattern` record (`register(Pattern(...))`) and what its HF integration reads.
+Importing the package imports every module in it (`pkgutil`), so this file names none of them.
+
 `EncoderConfig.attention` and the CLI choices (`etkd convert --to`, `etkd distill --student-attention`) are
 the registry's names; the encoder's attention layer takes the record's model adapter; `etkd.hf`'s export
 (`--format hf-attention`) writes the record's `attn_implementation` name and settings; `etkd bench` and the
 benchmarks read its op and label. A new pattern is its kernel-side files (an op in `etkd_kernels`, or a
-block layout for `block_sparse`), its model adapter in `attention.py` and one `register(Pattern(...))` here
-(ARCHITECTURE.md).
+block layout for `block_sparse`) and one module here (ARCHITECTURE.md).
+
+Every adapter has the signature
+
+    fn(attn, x, q, k, v, key_padding_mask, global_mask, backend) -> (batch, heads, seq, head_dim)
+
+attn: the `SelfAttention` module (its config and any extra projections); x: (batch, seq, hidden)
+hidden states; q, k, v: (batch, heads, seq, head_dim); key_padding_mask / global_mask: (batch, seq) bool or
+None; backend: the model's kernel backend name.
+
+Attention dropout (`attn.dropout_p`: the config's attention_dropout in training mode, else 0) is passed to
+the op exactly where the HF model of the pattern applies it, on the probabilities (each module says where).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import attention
+DEFAULT = "full"  # `EncoderConfig.attention`'s default, listed first
 
 
 @dataclass(frozen=True)
@@ -22,7 +38,7 @@ class Pattern:
 
     name:        `EncoderConfig.attention` value and CLI choice
     op:          the `etkd_kernels` op that computes it (a name in `etkd_kernels.dispatch.OPS`)
-    adapter:     the model adapter, `fn(attn, x, q, k, v, key_padding_mask, global_mask, backend)` (attention.py)
+    adapter:     the model adapter, `fn(attn, x, q, k, v, key_padding_mask, global_mask, backend)` (above)
     settings:    the `EncoderConfig` fields the pattern reads (its settings; defaults in `EncoderConfig`)
     hf_name:     the transformers `attn_implementation` name that runs it in BERT/RoBERTa classes (`etkd.hf`),
                  None when there is none
@@ -72,43 +88,12 @@ def get_attention(config) -> Callable:
     return get(config.attention).adapter
 
 
-register(
-    Pattern("full", "full", attention.full, hf_name="etkd_full", label="full attention", hf_model_type="")
-)
-register(Pattern(
-    "longformer", "sliding_window", attention.longformer, ("window", "global_projections"),
-    hf_name="etkd_sliding_window", hf_settings={"window": "window"}, label="sliding window {WINDOW} + 1 global",
-    hf_model_type="longformer",
-))  # fmt: skip
-register(Pattern(
-    "bigbird", "block_sparse", attention.bigbird, ("block_size", "num_random_blocks", "random_seed"),
-    hf_name="etkd_block_sparse",
-    hf_settings={"block_size": "block_size", "num_random_blocks": "num_random_blocks", "seed": "random_seed"},
-    label="BigBird {BLOCK}, 3+2+{RANDOM_BLOCKS} blocks", hf_model_type="big_bird",
-))  # fmt: skip
-register(Pattern(
-    "lsg", "lsg", attention.lsg,
-    ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens",
-     "pool_with_global", "mask_first_token", "adaptive"),
-    hf_name="etkd_lsg",
-    hf_unsupported=lambda config: (
-        "LSG RoBERTa's global embeddings (prepended tokens) have no place in a BERT/RoBERTa class; write it as "
-        "lsg-converter's checkpoint (save_pretrained(dir, format='lsg'), --format lsg)"
-    ),
-    hf_settings={k: k for k in ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type",
-                                "num_global_tokens")},
-    label="LSG {LSG_BLOCK} (+{LSG_BLOCK} pooled each side)",
-))  # fmt: skip
-register(Pattern(
-    "nystrom", "nystrom", attention.nystrom, ("num_landmarks", "pinv_iterations", "pinv_init", "conv_kernel_size"),
-    hf_name="etkd_nystrom",
-    hf_unsupported=lambda config: (
-        "a Nystrom conv term has no place in a BERT/RoBERTa class" if config.conv_kernel_size is not None else None
-    ),
-    hf_settings={k: k for k in ("num_landmarks", "pinv_iterations", "pinv_init")},
-    label="Nyström {LANDMARKS} landmarks", hf_model_type="nystromformer",
-))  # fmt: skip
-register(Pattern(
-    "fixed", "block_sparse", attention.fixed, ("block_size", "num_local_blocks", "num_global_blocks"),
-    label="fixed: {BLOCK}-token blocks, segments of 4 with 1 summary block",
-))  # fmt: skip
+def _discover() -> None:
+    """Import every pattern module of this package (the default first, then by name): each registers itself."""
+    found = sorted((m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")),
+                   key=lambda n: (n != DEFAULT, n))  # fmt: skip
+    for name in found:
+        importlib.import_module(f"{__name__}.{name}")
+
+
+_discover()
