@@ -349,9 +349,9 @@ def test_opcheck():
         v.requires_grad_(True),
         3,
         2,
+        "per_head",
         mask,
         0.5,
-        "per_head",
         0.0,  # dropout_p, seed, offset
         0,
         0,

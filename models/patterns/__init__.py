@@ -48,6 +48,12 @@ class Pattern:
                  "" for full attention (the checkpoint's own BERT/RoBERTa family), None when there is none
     hf_unsupported: `fn(config) -> str | None`, why a model of this pattern cannot be written as a BERT/RoBERTa
                  class running `hf_name` (`--format hf-attention`), None when it can
+    hf_attention: the body of the `hf_name` attention function, `fn(module, query, key, value, settings,
+                 kwargs, common)` (`etkd.hf.attention_interface` wraps it: `settings` is `config.etkd_attention`
+                 with per-layer lists resolved, `common` the op's padding mask, scale, dropout and backend
+                 keywords) -> (batch, heads, seq, head_dim)
+    hf_required: the `config.etkd_attention` keys `hf_attention` cannot do without
+    save_format: the `save_pretrained(format=...)` that writes this pattern when no transformers class can
     """
 
     name: str
@@ -59,9 +65,56 @@ class Pattern:
     label: str = ""
     hf_model_type: str | None = None
     hf_unsupported: Callable[..., str | None] = lambda config: None
+    hf_attention: Callable | None = None
+    hf_required: tuple[str, ...] = ()
+    save_format: str | None = None
 
 
 PATTERNS: dict[str, Pattern] = {}
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """How one transformers model family maps onto `EncoderModel` (`models/hf.py`'s `from_hf` / `to_hf`).
+
+    model_type:  the HF `config.model_type`
+    stem:        the class-name stem (`<stem>Model`, `<stem>ForMaskedLM`, `<stem>Config`, ...)
+    prefix:      the base model's attribute inside head classes
+    fairseq:     RoBERTa-style: padded positions, an `lm_head` MLM with gelu, a tanh classifier
+    position_offset: the first position row real tokens use when positions are not padded
+    head_style:  its sequence-classification head (`EncoderConfig.head_style`)
+    pooler:      its pooler's weight name under the base model
+    pooling_arg: whether its bare `*Model` class takes `add_pooling_layer`
+    holds_full:  whether a full-attention model of its checkpoints exports back to it
+    from_config: `fn(hf_config) -> dict`, the `EncoderConfig` fields its config sets beyond the common ones
+    to_config:   `fn(config) -> dict`, the HF config fields it needs beyond the common ones
+    to_weights:  `fn(config, state_dict)`, fills HF weights etkd's model has no copy of (in place), or None
+    unsupported: class name -> why etkd does not reproduce that class
+    """
+
+    model_type: str
+    stem: str
+    prefix: str
+    fairseq: bool = False
+    position_offset: int = 0
+    head_style: str = "roberta"
+    pooler: str = "pooler.dense"
+    pooling_arg: bool = True
+    holds_full: bool = False
+    from_config: Callable = lambda c: {}
+    to_config: Callable = lambda config: {}
+    to_weights: Callable | None = None
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+HF_FAMILIES: dict[str, HFFamily] = {}
+
+
+def register_family(family: HFFamily) -> HFFamily:
+    if family.model_type in HF_FAMILIES:
+        raise ValueError(f"HF family {family.model_type!r} is registered already")
+    HF_FAMILIES[family.model_type] = family
+    return family
 
 
 def register(pattern: Pattern) -> Pattern:

@@ -6,7 +6,7 @@ import torch
 
 import etkd_kernels as ek
 
-from . import Pattern, register
+from . import HFFamily, Pattern, register, register_family
 from .full import adapter as full
 
 
@@ -37,9 +37,50 @@ def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     return ek.block_sparse_attention(q, k, v, layout, key_padding_mask=key_padding_mask, backend=backend)
 
 
+@torch.compiler.disable  # drawn once per (length, device) and cached on the module
+def _hf_layout(module, settings: dict, seq: int, heads: int, device) -> ek.BlockLayout:
+    cache = module.__dict__.setdefault("_etkd_layouts", {})
+    key = (seq, str(device))
+    if key not in cache:
+        layer = getattr(module, "layer_idx", None) or 0
+        cache[key] = ek.bigbird_layout(
+            seq,
+            int(settings["block_size"]),
+            num_window_blocks=int(settings.get("num_window_blocks", 3)),
+            num_global_blocks=int(settings.get("num_global_blocks", 2)),
+            num_random_blocks=int(settings.get("num_random_blocks", 3)),
+            seed=int(settings.get("seed", 0)) + layer,
+            num_heads=heads,
+        ).to(device)
+    return cache[key]
+
+
+def hf_attention(module, query, key, value, settings, kwargs, common):
+    """`etkd_block_sparse` (`etkd.hf`): settings `block_size`, `num_random_blocks`, `num_window_blocks`,
+    `num_global_blocks`, `seed` (a BigBird layout drawn per layer from seed + layer index)."""
+    layout = _hf_layout(module, settings, query.shape[2], query.shape[1], query.device)
+    return ek.block_sparse_attention(query, key, value, layout, **common)
+
+
 PATTERN = register(Pattern(
     "bigbird", "block_sparse", adapter, ("block_size", "num_random_blocks", "random_seed"),
     hf_name="etkd_block_sparse",
     hf_settings={"block_size": "block_size", "num_random_blocks": "num_random_blocks", "seed": "random_seed"},
     label="BigBird {BLOCK}, 3+2+{RANDOM_BLOCKS} blocks", hf_model_type="big_bird",
+    hf_attention=hf_attention, hf_required=("block_size",),
+))  # fmt: skip
+
+# HF BigBird: block_sparse checkpoints are this pattern, original_full ones full attention.
+register_family(HFFamily(
+    "big_bird", "BigBird", "bert", pooler="pooler", holds_full=True,
+    from_config=lambda c: dict(
+        rescale_embeddings=c.rescale_embeddings, block_size=c.block_size, num_random_blocks=c.num_random_blocks,
+        attention="bigbird" if c.attention_type == "block_sparse" else "full",
+    ),
+    to_config=lambda cfg: dict(
+        attention_type="block_sparse" if cfg.attention == "bigbird" else "original_full",
+        block_size=cfg.block_size, num_random_blocks=cfg.num_random_blocks,
+        rescale_embeddings=cfg.rescale_embeddings,
+    ),
+    unsupported={"BigBirdForQuestionAnswering": "has its own MLP head; load BigBirdModel instead"},
 ))  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import etkd_kernels as ek
 
-from . import Pattern, register
+from . import HFFamily, Pattern, register, register_family
 
 
 def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
@@ -14,6 +14,10 @@ def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     )
 
 
+# `etkd.hf`'s `etkd_full` is written in etkd.hf itself (it computes padded rows as HF's eager code does).
 PATTERN = register(
     Pattern("full", "full", adapter, hf_name="etkd_full", label="full attention", hf_model_type="")
 )
+# The checkpoint families of full attention (`hf_model_type` "": a model exports to the family it came from).
+register_family(HFFamily("bert", "Bert", "bert", head_style="bert", holds_full=True))
+register_family(HFFamily("roberta", "Roberta", "roberta", fairseq=True, holds_full=True))

@@ -19,6 +19,18 @@ def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     )  # fmt: skip
 
 
+def hf_attention(module, query, key, value, settings, kwargs, common):
+    """`etkd_lsg` (`etkd.hf`): settings `block_size`, `sparse_block_size`, `sparsity_factor`, `sparsity_type`,
+    `num_global_tokens` (here the first tokens of the sequence: a BERT/RoBERTa class has no global embeddings)."""
+    return ek.lsg_attention(
+        query, key, value, block_size=int(settings["block_size"]),
+        sparse_block_size=int(settings.get("sparse_block_size", settings["block_size"])),
+        sparsity_factor=int(settings.get("sparsity_factor", 2)),
+        sparsity_type=settings.get("sparsity_type", "pooling"),
+        num_global_tokens=min(int(settings.get("num_global_tokens", 1)), query.shape[2]), **common,
+    )  # fmt: skip
+
+
 PATTERN = register(Pattern(
     "lsg", "lsg", adapter,
     ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens",
@@ -30,5 +42,6 @@ PATTERN = register(Pattern(
     ),
     hf_settings={k: k for k in ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type",
                                 "num_global_tokens")},
-    label="LSG {LSG_BLOCK} (+{LSG_BLOCK} pooled each side)",
+    label="LSG {LSG_BLOCK} (+{LSG_BLOCK} pooled each side)", hf_attention=hf_attention, hf_required=("block_size",),
+    save_format="lsg",
 ))  # fmt: skip
