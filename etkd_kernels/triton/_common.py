@@ -277,6 +277,17 @@ def rng_args(p) -> dict:
     )
 
 
+def kernel_args(q: torch.Tensor, scale: float, p) -> dict:
+    """The launch arguments every attention kernel takes beside its own: the dropout contract's (`rng_args`; `p`
+    the op's params, or None for no dropout), scale2 (the score scale in the log2 domain), q's head_dim D and
+    heads H, the tl.dot operand type CT and precision PREC, and the head tile width BLOCK_D."""
+    d = q.shape[-1]
+    return dict(
+        **rng_args(p), scale2=scale * LOG2E.value, D=d, H=q.shape[1],
+        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pieces of the attention kernels (inlined by the compiler; the same IR as writing them out)
 

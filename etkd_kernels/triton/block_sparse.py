@@ -18,9 +18,7 @@ import triton.language as tl
 
 from ..masks import cached_lut
 from ._common import (
-    LOG2E,
     RNG_ARGS,
-    compute_type,
     configs,
     delta,
     dkv_prologue,
@@ -29,13 +27,11 @@ from ._common import (
     dq_step,
     finish_store,
     fwd_prologue,
-    head_block,
+    kernel_args,
     launch,
     load_rows,
-    precision,
     program_ids,
     query_tile,
-    rng_args,
     seq_bucket,
     softmax_step,
     store_rows,
@@ -170,9 +166,8 @@ def _prepare(
         else torch.ones(b, s, dtype=torch.bool, device=q.device)
     )
     return dict(
-        **rng_args(p), REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s),
-        D=d, H=h, BS=block_size, NB=nb, WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+        **kernel_args(q, scale, p), REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, S=s, SB=seq_bucket(s),
+        BS=block_size, NB=nb, WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
     )  # fmt: skip
 
 

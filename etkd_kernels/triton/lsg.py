@@ -20,21 +20,17 @@ import triton.language as tl
 
 from .._shared import all_query_rows, extra_keys
 from ._common import (
-    LOG2E,
     RNG_ARGS,
-    compute_type,
     configs,
     delta,
     dq_prologue,
     dq_step,
     finish_store,
     fwd_prologue,
-    head_block,
+    kernel_args,
     launch,
     load_rows,
-    precision,
     program_ids,
-    rng_args,
     seq_bucket,
     softmax_step,
     store_rows,
@@ -190,8 +186,8 @@ def _prepare(q, k, v, p):
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        **rng_args(p), XCOL=s, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+        **kernel_args(q, scale, p), XCOL=s, S=s, SB=seq_bucket(s), BS=block_size, NB=nb, SX=sx, G=g, T=sx - g,
+        SBS=sbs,
     )  # fmt: skip
     # Query rows the block pass computes: the usable ones, or every non-global one (`all_query_rows`).
     rows = usable

@@ -22,9 +22,7 @@ import triton.language as tl
 
 from .._shared import compute_dtype, iterative_pinv, segment_means
 from ._common import (
-    LOG2E,
     RNG_ARGS,
-    compute_type,
     configs,
     delta,
     dkv_prologue,
@@ -34,12 +32,11 @@ from ._common import (
     finish_store,
     fwd_prologue,
     head_block,
+    kernel_args,
     launch,
     load_rows,
-    precision,
     program_ids,
     query_tile,
-    rng_args,
     seq_bucket,
     softmax_step,
     store_rows,
@@ -141,9 +138,8 @@ def _meta(q, k, kpm, scale, drop, jcol):
         else torch.zeros(1, dtype=torch.int8, device=q.device)
     )
     return dict(
-        **rng_args(drop), JCOL=jcol, REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
-        D=d, HAS_MASK=kpm is not None,
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d), H=h,
+        **kernel_args(q, scale, drop), JCOL=jcol, REAL=real, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq),
+        SKB=seq_bucket(k.shape[2]), HAS_MASK=kpm is not None,
     )  # fmt: skip
 
 

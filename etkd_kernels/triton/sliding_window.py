@@ -24,9 +24,7 @@ import triton.language as tl
 
 from ..masks import GlobalTokens
 from ._common import (
-    LOG2E,
     RNG_ARGS,
-    compute_type,
     configs,
     delta,
     dkv_prologue,
@@ -35,13 +33,11 @@ from ._common import (
     dq_step,
     finish_store,
     fwd_prologue,
-    head_block,
+    kernel_args,
     launch,
     load_rows,
-    precision,
     program_ids,
     query_tile,
-    rng_args,
     seq_bucket,
     softmax_step,
     store_rows,
@@ -229,9 +225,8 @@ def _meta(q: torch.Tensor, window: int, scale: float, kinds, p) -> dict:
     kind, idx, cnt, glob = kinds
     b, h, s, d = q.shape
     return dict(
-        **rng_args(p), KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
+        **kernel_args(q, scale, p), KIND=kind, IDX=idx, CNT=cnt, S=s, SB=seq_bucket(s),
         G=s if glob is not None else 1, W=window // 2,
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
 
 
