@@ -1,4 +1,7 @@
-"""Pieces every Triton kernel file shares: tile configs, head_dim handling, launch guards, the delta kernel.
+"""Pieces every Triton kernel file shares: tile configs, head_dim handling, launch guards and arguments, the
+@triton.jit pieces of the attention kernels, the delta kernel. The kernel files import this module as `cm` and
+call `cm.<name>` (one vocabulary, not one import list per file): Triton resolves a module attribute in a
+kernel like a global name and hashes the helper into the kernel's cache key.
 
 Imported only when the triton backend is resolved (never at `import etkd_kernels` time).
 """
