@@ -180,7 +180,7 @@ def environment(device: torch.device | str = "cpu") -> Environment:
 def model_step(model: torch.nn.Module, kwargs: dict, mode: str) -> Callable[[], None]:
     """The whole-model call a benchmark row times: `"train"` is forward + a scalar loss on the last hidden
     state + backward + an AdamW step (the model is put in train mode, the optimiser made here), anything else
-    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the lsg-converter side
+    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the peer baselines' side
     environment (which loads this file by path), so both sides of a comparison time the same work."""
     if mode == "train":
         model.train()
