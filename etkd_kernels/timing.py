@@ -182,7 +182,7 @@ def model_step(
 ) -> Callable[[], None]:
     """The whole-model call a benchmark row times: `"train"` is forward + a scalar loss on the last hidden
     state + backward + an AdamW step (the model is put in train mode, the optimiser made here), anything else
-    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the lsg-converter side
+    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the peer baselines' side
     environment (which loads this file by path), so both sides of a comparison time the same work.
     `fused_adamw`: torch's fused AdamW kernel (the same update to rounding; transformers' Trainer default with
     torch >= 2.8) instead of the per-parameter loop."""
