@@ -6,7 +6,7 @@ import torch
 
 import etkd_kernels as ek
 
-from . import HFFamily, Pattern, register, register_family
+from . import HFFamily, Option, Pattern, register, register_family
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -54,6 +54,7 @@ PATTERN = register(Pattern(
     "longformer", "sliding_window", adapter, ("window", "global_projections"),
     hf_name="etkd_sliding_window", hf_settings={"window": "window"}, label="sliding window {WINDOW} + 1 global",
     hf_model_type="longformer", hf_attention=hf_attention, hf_required=("window",),
+    options={"window": Option("attention_window (even)")},
 ))  # fmt: skip
 
 
