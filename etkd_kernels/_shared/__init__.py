@@ -46,7 +46,7 @@ def recompute_backward(
     return tuple(res)
 
 
-# i and j are positions in the op's own [0, seq) coordinates; keys that are not sequence positions (LSG's
+# i and j are positions in the op's own [0, seq) coordinates; keys that are not sequence positions (pooled
 # compressed keys, landmarks) get columns >= seq, defined in that pattern's reference module.
 
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Random123's Philox4x32 multipliers
