@@ -1,7 +1,7 @@
 """etkd.models: one small encoder with swappable attention, HF weight interop, convert and student init.
 
 from etkd.models import load, convert, make_student
-model = load("path/to/roberta")                     # ours, or any BERT/RoBERTa/Longformer/BigBird/Nystromformer
+model = load("path/to/roberta")                     # ours, or an HF checkpoint of a family in etkd.models.hf.FAMILIES
 long = convert(model, to="longformer", max_positions=4096, window=512)
 long.set_attention_backend("cpu")                   # or `with etkd_kernels.use_backend("cpu"):`
 lsg = load("lsg-dir")                               # lsg-converter's LSGRoberta*/LSGBert* checkpoints (models/lsg.py)

@@ -130,7 +130,7 @@ class SelfAttention(nn.Module):
     def dropout_p(self) -> float:
         """Dropout on the attention probabilities for this call: `config.attention_dropout` (HF's
         attention_probs_dropout_prob) in training mode, 0 in eval mode. The adapters pass it to the op where
-        HF applies it (see models/attention.py); the op draws its seed from torch's generator."""
+        HF applies it (see each pattern module in models/patterns/); the op draws its seed from torch's generator."""
         return self.config.attention_dropout if self.training else 0.0
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):

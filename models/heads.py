@@ -45,8 +45,9 @@ class MaskedLMHead(nn.Module):
 class SequenceClassificationHead(nn.Module):
     """Token 0 -> (b, num_labels); num_labels == 1 is regression.
 
-    "bert" style: the encoder's pooler (dense + tanh), dropout, linear. "roberta" style (RoBERTa, Longformer,
-    BigBird, Nystromformer): dropout, dense, act, dropout, out_proj on token 0.
+    "bert" style: the encoder's pooler (dense + tanh), dropout, linear. "roberta" style (RoBERTa and
+    every HF family whose `HFFamily.head_style` says so, models/patterns/): dropout, dense, act, dropout,
+    out_proj on token 0.
     """
 
     def __init__(self, cfg: EncoderConfig):

@@ -1,9 +1,10 @@
 """HuggingFace interop: `from_hf` maps a transformers checkpoint onto an `EncoderModel`, `to_hf` maps back.
 
-Supported: BERT, RoBERTa, Longformer, BigBird (block_sparse and original_full), Nystromformer, each bare
-(`*Model`) or with `*ForMaskedLM`, `*ForSequenceClassification`, `*ForTokenClassification`,
-`*ForQuestionAnswering` (not BigBird's QA head, which has its own MLP). Names are mapped one parameter at a
-time by `hf_name`, so the same table serves both directions.
+Supported: the transformers families in `FAMILIES` (each an `HFFamily` record registered by the pattern module
+that runs it, `models/patterns/<name>.py`; BERT and RoBERTa by `full`), each bare (`*Model`) or with
+`*ForMaskedLM`, `*ForSequenceClassification`, `*ForTokenClassification`, `*ForQuestionAnswering` (less the
+classes a family lists as `unsupported`). Names are mapped one parameter at a time by `hf_name`, so the same
+table serves both directions.
 """
 
 from __future__ import annotations
@@ -16,16 +17,9 @@ import torch
 
 from .config import EncoderConfig
 from .encoder import EncoderModel
+from .patterns import HF_FAMILIES as FAMILIES
 from .patterns import PATTERNS
 
-# model_type -> (class-name stem, prefix of the base model inside head classes)
-FAMILIES = {
-    "bert": ("Bert", "bert"),
-    "roberta": ("Roberta", "roberta"),
-    "longformer": ("Longformer", "longformer"),
-    "big_bird": ("BigBird", "bert"),
-    "nystromformer": ("Nystromformer", "nystromformer"),
-}
 HEAD_SUFFIX = {
     None: "Model",
     "mlm": "ForMaskedLM",
@@ -53,7 +47,7 @@ EMBEDDINGS = {
     "token_type": "token_type_embeddings",
     "norm": "LayerNorm",
     "global_tokens": "global_embeddings",
-}  # fmt: skip  (global_tokens: LSG, models/lsg.py)
+}  # fmt: skip  (global_tokens: the prepended global embeddings, models/lsg.py)
 # HF state-dict entries that are buffers or tied copies, never weights of their own.
 IGNORED = re.compile(r"(position_ids|\.token_type_ids|decoder\.bias)$")
 
@@ -71,14 +65,15 @@ def head_from_class_name(name: str) -> str | None:
 
 def hf_name(key: str, family: str, head: str | None) -> str:
     """Our parameter name -> the HF parameter name in `family`'s class for `head`."""
-    base = "" if head is None else FAMILIES[family][1] + "."
-    mlm = "lm_head" if family in ("roberta", "longformer") else "cls.predictions"
+    fam = FAMILIES[family]
+    base = "" if head is None else fam.prefix + "."
+    mlm = "lm_head" if fam.fairseq else "cls.predictions"
     if m := re.fullmatch(r"encoder\.embeddings\.(\w+)\.(weight|bias)", key):
         return f"{base}embeddings.{EMBEDDINGS[m[1]]}.{m[2]}"
     if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key):
         return f"{base}encoder.layer.{m[1]}.{LAYER[m[2]]}.{m[3]}"
     if m := re.fullmatch(r"encoder\.pooler\.(weight|bias)", key):
-        return f"{base}pooler.{m[1]}" if family == "big_bird" else f"{base}pooler.dense.{m[1]}"
+        return f"{base}{fam.pooler}.{m[1]}"
     if head == "mlm":
         transform = "" if mlm == "lm_head" else ".transform"
         norm = "layer_norm" if mlm == "lm_head" else "LayerNorm"
@@ -88,7 +83,7 @@ def hf_name(key: str, family: str, head: str | None) -> str:
             return f"{mlm}.bias"
     elif head == "sequence_classification":
         table = {"head.dense": "classifier.dense", "head.out": "classifier.out_proj"}
-        if family in ("bert",):
+        if fam.head_style == "bert":
             table = {"head.out": "classifier"}
     elif head == "token_classification":
         table = {"head.out": "classifier"}
@@ -107,6 +102,7 @@ def config_from_hf(hf_config, head: str | None, has_pooler: bool) -> EncoderConf
     family = c.model_type
     if family not in FAMILIES:
         raise ValueError(f"model: unsupported HF model_type {family!r}; expected one of {sorted(FAMILIES)}")
+    fam = FAMILIES[family]
     if getattr(c, "position_embedding_type", None) not in (None, "absolute"):
         raise ValueError(
             f"position_embedding_type: only absolute positions are supported, got {c.position_embedding_type}"
@@ -115,47 +111,45 @@ def config_from_hf(hf_config, head: str | None, has_pooler: bool) -> EncoderConf
     kw = dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
-        max_positions=c.max_position_embeddings, type_vocab_size=c.type_vocab_size, pad_token_id=pad,
+        max_positions=c.max_position_embeddings + fam.position_offset, position_offset=fam.position_offset,
+        type_vocab_size=c.type_vocab_size, pad_token_id=pad,
         layer_norm_eps=c.layer_norm_eps, hidden_dropout=c.hidden_dropout_prob,
         attention_dropout=c.attention_probs_dropout_prob, add_pooler=has_pooler, head=head,
         num_labels=c.num_labels, tie_word_embeddings=getattr(c, "tie_word_embeddings", True), source=family,
-        mlm_act=c.hidden_act, head_style="roberta", classifier_act=c.hidden_act,
+        mlm_act=c.hidden_act, head_style=fam.head_style, classifier_act=c.hidden_act,
     )  # fmt: skip
-    if family == "bert":
-        kw.update(head_style="bert")
-    elif family in ("roberta", "longformer"):
+    if fam.fairseq:
         kw.update(position_style="padded", mlm_act="gelu", classifier_act="tanh")
-        if family == "longformer":
-            w = c.attention_window
-            kw.update(attention="longformer", window=list(w) if isinstance(w, (list, tuple)) else w,
-                      global_projections=True)  # fmt: skip
-    elif family == "big_bird":
-        kw.update(rescale_embeddings=c.rescale_embeddings, block_size=c.block_size,
-                  num_random_blocks=c.num_random_blocks,
-                  attention="bigbird" if c.attention_type == "block_sparse" else "full")  # fmt: skip
-    elif family == "nystromformer":
-        kw.update(position_offset=2, max_positions=c.max_position_embeddings + 2, attention="nystrom",
-                  num_landmarks=c.num_landmarks, conv_kernel_size=c.conv_kernel_size,
-                  pinv_init="per_head" if c.inv_coeff_init_option else "hf_global",
-                  extra={"segment_means_seq_len": c.segment_means_seq_len})  # fmt: skip
+    kw.update(fam.from_config(c))
     return EncoderConfig(**kw)
 
 
 def supported_class(name: str) -> bool:
     """Whether `name` is a transformers class etkd reproduces exactly (a FAMILIES stem + a HEAD_SUFFIX)."""
-    return any(name == stem + suffix for stem, _ in FAMILIES.values() for suffix in HEAD_SUFFIX.values())
+    return any(
+        name == f.stem + suffix and name not in f.unsupported
+        for f in FAMILIES.values()
+        for suffix in HEAD_SUFFIX.values()
+    )
+
+
+# Architecture-name prefix -> the checkpoint format another module reads (models/lsg.py registers its own).
+OTHER_FORMATS: dict[str, str] = {}
 
 
 def _check_architecture(d: dict, where: str) -> None:
     """Refuse a checkpoint that names a model etkd does not reproduce, rather than load it as another one."""
     archs = d.get("architectures") or []
-    if any(str(a).startswith("LSG") for a in archs):
-        raise ValueError(f"{where}: an lsg-converter checkpoint ({archs[0]}); etkd.models.load reads it")
+    for prefix, what in OTHER_FORMATS.items():
+        if any(str(a).startswith(prefix) for a in archs):
+            raise ValueError(f"{where}: {what} ({archs[0]}); etkd.models.load reads it")
     if archs and not supported_class(archs[0]):
+        stems = "/".join(f.stem for f in FAMILIES.values())
         raise ValueError(
             f"{where}: architectures names {archs[0]}, a model etkd does not reproduce; loading its weights into "
-            f"another class would silently change the architecture (supported: BERT/RoBERTa/Longformer/BigBird/"
-            f"Nystromformer *Model and heads, and lsg-converter's LSGRoberta*/LSGBert*)"
+            f"another class would silently change the architecture (supported: {stems} *Model and heads"
+            + "".join(f", {what}" for what in OTHER_FORMATS.values())
+            + ")"
         )
     if d.get("auto_map"):
         raise ValueError(
@@ -224,10 +218,9 @@ def from_hf(model_or_path, **kwargs) -> EncoderModel:
     else:
         hf = model_or_path
     name = type(hf).__name__
-    if name == "BigBirdForQuestionAnswering":
-        raise NotImplementedError(
-            "BigBirdForQuestionAnswering has its own MLP head; load BigBirdModel instead"
-        )
+    why = getattr(FAMILIES.get(getattr(hf.config, "model_type", None)), "unsupported", {}).get(name)
+    if why:
+        raise NotImplementedError(f"{name} {why}")
     head = head_from_class_name(name)
     sd = hf.state_dict()
     has_pooler = any(re.fullmatch(r"(\w+\.)?pooler\.(dense\.)?weight", k) for k in sd)
@@ -260,16 +253,21 @@ def hf_family(cfg: EncoderConfig) -> str:
         raise ValueError(
             f"to_hf: transformers has no model class for {cfg.attention!r} attention; save with save_pretrained "
             "instead"
-            + (" (format='lsg' writes lsg-converter's checkpoint)" if cfg.attention == "lsg" else "")
+            + (
+                f" (format={pattern.save_format!r} writes its checkpoint format)"
+                if pattern.save_format
+                else ""
+            )
         )
     if pattern.hf_model_type:
         family = pattern.hf_model_type
-    elif cfg.source in ("bert", "roberta", "big_bird"):
+    elif cfg.source in FAMILIES and FAMILIES[cfg.source].holds_full:
         family = cfg.source
     else:
         family = "roberta" if cfg.position_style == "padded" else "bert"
-    padded = family in ("roberta", "longformer")
-    offset = 2 if family == "nystromformer" else 0
+    fam = FAMILIES[family]
+    padded = fam.fairseq
+    offset = fam.position_offset
     if (cfg.position_style == "padded") != padded or (not padded and cfg.position_offset != offset):
         raise ValueError(
             f"to_hf: HF {family} computes positions {'fairseq-style' if padded else f'from {offset}'}, but this "
@@ -278,9 +276,9 @@ def hf_family(cfg: EncoderConfig) -> str:
     if cfg.pre_norm:
         raise ValueError(f"to_hf: HF {family} is post-norm; this model is pre-norm")
     # Head details HF fixes per family; a mismatch would export a model that computes something else.
-    fairseq = family in ("roberta", "longformer")
+    fairseq = fam.fairseq
     wanted = {
-        "head_style": ("bert" if family == "bert" else "roberta", cfg.head == "sequence_classification"),
+        "head_style": (fam.head_style, cfg.head == "sequence_classification"),
         "classifier_act": ("tanh" if fairseq else cfg.hidden_act, cfg.head == "sequence_classification"),
         "mlm_act": ("gelu" if fairseq else cfg.hidden_act, cfg.head == "mlm"),
     }
@@ -295,26 +293,17 @@ def hf_family(cfg: EncoderConfig) -> str:
 def hf_config(cfg: EncoderConfig):
     import transformers
 
-    family = hf_family(cfg)
+    fam = FAMILIES[hf_family(cfg)]
     kw = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab_size,
+        max_position_embeddings=cfg.max_positions - fam.position_offset, type_vocab_size=cfg.type_vocab_size,
         pad_token_id=cfg.pad_token_id, layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=cfg.hidden_dropout,
         attention_probs_dropout_prob=cfg.attention_dropout, num_labels=cfg.num_labels,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )  # fmt: skip
-    if family == "longformer":
-        kw.update(attention_window=cfg.window)
-    elif family == "big_bird":
-        kw.update(attention_type="block_sparse" if cfg.attention == "bigbird" else "original_full",
-                  block_size=cfg.block_size, num_random_blocks=cfg.num_random_blocks,
-                  rescale_embeddings=cfg.rescale_embeddings)  # fmt: skip
-    elif family == "nystromformer":
-        kw.update(max_position_embeddings=cfg.max_positions - 2, num_landmarks=cfg.num_landmarks,
-                  conv_kernel_size=cfg.conv_kernel_size, inv_coeff_init_option=cfg.pinv_init != "hf_global",
-                  segment_means_seq_len=cfg.extra.get("segment_means_seq_len", cfg.max_tokens))  # fmt: skip
-    return getattr(transformers, FAMILIES[family][0] + "Config")(**kw)
+    kw.update(fam.to_config(cfg))
+    return getattr(transformers, fam.stem + "Config")(**kw)
 
 
 def to_hf(model: EncoderModel):
@@ -323,18 +312,15 @@ def to_hf(model: EncoderModel):
 
     cfg = model.config
     family = hf_family(cfg)
-    cls = getattr(transformers, FAMILIES[family][0] + HEAD_SUFFIX[cfg.head])
-    if cfg.head is None and family not in ("nystromformer",):
+    fam = FAMILIES[family]
+    cls = getattr(transformers, fam.stem + HEAD_SUFFIX[cfg.head])
+    if cfg.head is None and fam.pooling_arg:
         hf = cls(hf_config(cfg), add_pooling_layer=cfg.add_pooler)
     else:
         hf = cls(hf_config(cfg))
     sd = {hf_name(k, family, cfg.head): v for k, v in model.state_dict().items()}
-    if family == "longformer" and not cfg.global_projections:
-        # HF Longformer always has global projections: start them from the local ones (Longformer's recipe).
-        for key in list(sd):
-            for local, glob in (("query", "query_global"), ("key", "key_global"), ("value", "value_global")):
-                if f".attention.self.{local}." in key:
-                    sd[key.replace(f".self.{local}.", f".self.{glob}.")] = sd[key]
+    if fam.to_weights is not None:
+        fam.to_weights(cfg, sd)
     if cfg.head == "mlm":
         sd[hf_name("head.decoder.weight", family, "mlm").replace("weight", "bias")] = model.head.bias
     expected = hf.state_dict()

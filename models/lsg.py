@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, EncoderConfig
 from .encoder import SAVE_FORMATS, EncoderModel, apply_umask
-from .hf import FAMILIES, config_from_hf, hf_config, hf_name, load_mapped
+from .hf import FAMILIES, OTHER_FORMATS, config_from_hf, hf_config, hf_name, load_mapped
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
 LSG_FAMILIES = {"roberta": "Roberta", "bert": "Bert"}
@@ -45,6 +45,8 @@ LSG_DEFAULTS = {
 LSG_HEADS = {None: "Model", "mlm": "ForMaskedLM", "sequence_classification": "ForSequenceClassification",
              "token_classification": "ForTokenClassification", "question_answering": "ForQuestionAnswering"}  # fmt: skip
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# from_hf refuses these (their config.json has a plain model_type) and names the reader
+OTHER_FORMATS["LSG"] = "an lsg-converter checkpoint (LSGRoberta*/LSGBert*)"
 
 
 def auto_map(family: str) -> dict[str, str]:
@@ -94,7 +96,7 @@ def config_from_lsg(d: dict, head: str | None, has_pooler: bool, where: str) -> 
     lsg = {k: d.get(k, v) for k, v in LSG_DEFAULTS.items()}
     plain = {k: v for k, v in d.items() if k not in LSG_DEFAULTS and k not in (
         "architectures", "auto_map", "base_model_prefix", "model_type", "transformers_version", "_name_or_path")}  # fmt: skip
-    hf = getattr(transformers, FAMILIES[family][0] + "Config")(**plain)
+    hf = getattr(transformers, FAMILIES[family].stem + "Config")(**plain)
     cfg = config_from_hf(hf, head, has_pooler)
     stype = lsg["sparsity_type"]
     if stype is None or not lsg["sparse_block_size"] or lsg["sparsity_factor"] <= 0:

@@ -11,6 +11,7 @@ import torch
 
 import etkd_kernels as ek
 from etkd.benchmarks import core
+from etkd.benchmarks import patterns as bench_patterns
 from etkd.benchmarks import providers as P
 from etkd.benchmarks.harness import Timing, run_fresh, time_call
 from etkd.distill.cli import main as cli
@@ -93,11 +94,13 @@ def test_flop_counts_match_brute_force():
     i = torch.arange(seq)
     glob = i < g
     dense = ((i[:, None] - i[None, :]).abs() <= window // 2) | glob[None, :] | glob[:, None]
-    assert P.band_pairs(seq, window, g) == int(dense.sum())
+    assert bench_patterns.longformer.band_pairs(seq, window, g) == int(dense.sum())
     layout = ek.bigbird_layout(512, block_size=32, num_random_blocks=2, seed=0)
-    assert P.block_pairs(layout, heads=3) == 3 * int(layout.to_dense().sum())
+    assert bench_patterns.bigbird.block_pairs(layout, heads=3) == 3 * int(layout.to_dense().sum())
     setup = P.build("nystrom", 256, 2, 16, backends=["reference"])
-    assert setup.flops == 4 * 2 * 16 * (2 * 256 * P.LANDMARKS + P.LANDMARKS**2)
+    assert setup.flops == 4 * 2 * 16 * (
+        2 * 256 * bench_patterns.nystrom.LANDMARKS + bench_patterns.nystrom.LANDMARKS**2
+    )
     assert setup.flops_of("fwd_bwd") == 3.5 * setup.flops
 
 
@@ -108,7 +111,7 @@ def test_lsg_flop_count_matches_its_local_and_global_keys():
     near = ((i[:, None] // block) - (i[None, :] // block)).abs() <= 1
     glob = i < g
     dense = (near & ~glob[None, :]) | glob[None, :] | glob[:, None]
-    assert P.lsg_pairs(seq, block, 0, 2, g) == int(dense.sum())
+    assert bench_patterns.lsg.lsg_pairs(seq, block, 0, 2, g) == int(dense.sum())
 
 
 def test_timer_quantiles_and_bad_repeats():
@@ -136,7 +139,8 @@ def test_demo_tiny_end_to_end(tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--steps", "4", "--hidden", "32", "--layers", "2", "--heads", "2",
             "--max-positions", "1024", "--window", "32", "--seq", "128", "--repeats", "1", "--skip-bench",
-            "--ner-steps", "4", "--long-steps", "2", "--long-cls-steps", "3", "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
+            "--ner-steps", "4", "--long-steps", "2", "--long-cls-steps", "3", "--long-cls-short-steps", "2",
+            "--long-train", "4", "--long-dev", "2", "--no-progress"]  # fmt: skip
     assert cli(argv) == 0
     kernels = json.loads((out / "kernels.json").read_text())
     ok = [r for r in kernels if r["status"] == "ok"]
@@ -160,19 +164,41 @@ def test_demo_tiny_end_to_end(tmp_path):
     assert all(
         0 <= r[k] <= 100 for r in rows for k in ("f1", "f1_codename", "f1_ordinary", "accuracy", "cls_f1")
     )
-    # Each long fine-tune continues from that model's step-5 checkpoint of the same task.
+
+    # Each long fine-tune continues from that model's step-5 checkpoint of the same task; classification
+    # through the curriculum: the task's short documents first (--long-cls-short-steps), then the long ones.
+    def settings(name: str, run: str) -> dict:
+        return json.loads((out / "finetune" / f"{name}-{run}" / "settings.json").read_text())
+
     for name in ("roberta-full", "longformer", "longformer-student"):
-        for task in ("conll2003", "sst2"):
-            settings = json.loads(
-                (out / "finetune" / f"{name}-{task}-results_long" / "settings.json").read_text()
-            )
-            assert settings["model"] == str(out / "finetune" / f"{name}-{task}-results" / "model")
-            # the NER documents' opening paragraph is global for the Longformers (the 512-token model ignores it)
-            assert settings["global_prefix"] == (longrange.OPENING if task == "conll2003" else 0)
-            # --long-steps for NER, --long-cls-steps for classification
-            assert settings["max_steps"] == (2 if task == "conll2003" else 3)
+        ner_long, short, cls_long = (settings(name, r) for r in ("conll2003-results_long", "sst2-results_long_short",
+                                                                 "sst2-results_long"))  # fmt: skip
+        assert ner_long["model"] == str(out / "finetune" / f"{name}-conll2003-results" / "model")
+        assert short["model"] == str(out / "finetune" / f"{name}-sst2-results" / "model")
+        assert short["train_file"] == str(out / "data" / "long_cls_short_train.jsonl")
+        assert cls_long["model"] == str(out / "finetune" / f"{name}-sst2-results_long_short" / "model")
+        # the NER documents' opening paragraph is global for the Longformers (the 512-token model ignores it)
+        assert (ner_long["global_prefix"], cls_long["global_prefix"]) == (longrange.OPENING, 0)
+        # --long-steps for NER, --long-cls-short-steps then --long-cls-steps for classification
+        assert (ner_long["max_steps"], short["max_steps"], cls_long["max_steps"]) == (2, 2, 3)
     assert all(r["seconds_ner"] > 0 and r["peak_mib_cls"] >= 0 for r in rows)
     assert any((out / "report").iterdir())
+
+    # --long-only: steps 6-7 again from the same step-5 checkpoints (left as they were), with new settings
+    step5 = out / "finetune" / "longformer-sst2-results" / "model" / "model.safetensors"
+    before = step5.stat().st_mtime_ns
+    assert cli([*argv, "--long-only", "--long-cls-short-steps", "0", "--long-cls-steps", "1"]) == 0
+    assert step5.stat().st_mtime_ns == before
+    cls_long = settings("longformer", "sst2-results_long")
+    assert cls_long["max_steps"] == 1 and cls_long["model"] == str(step5.parent)
+    assert [r["name"] for r in json.loads((out / "long_range.json").read_text())["models"]] == [
+        "roberta-full", "longformer", "longformer-student"]  # fmt: skip
+
+
+def test_demo_long_only_needs_an_earlier_run(tmp_path, capsys):
+    assert cli(["demo", "--out", str(tmp_path), "--long-only", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "--long-only" in err and "roberta-full-conll2003-results" in err
 
 
 @pytest.mark.parametrize("pattern", ["longformer", "bigbird", "lsg", "nystrom"])

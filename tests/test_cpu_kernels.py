@@ -234,7 +234,7 @@ def test_opcheck_nystrom_fwd():
     kpm = torch.ones(2, 24, dtype=torch.bool)
     kpm[1, 20:] = False
     for init in ("per_head", "hf_global"):
-        args = (q, k, v, 5, 6, kpm, 0.25, init, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
+        args = (q, k, v, 5, 6, init, kpm, 0.25, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
         torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, args)
 
 

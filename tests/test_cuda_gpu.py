@@ -113,11 +113,18 @@ def test_sliding_window_matches_reference(case, dtype):
 
     def fwd_args(x):
         q, k, v, qg, kg, vg = x
-        return (q, k, v, SlidingWindowParams(window, gm, qg, kg, vg, kpm, scale))
+        return (q, k, v, SlidingWindowParams(window, gm, qg, kg, vg, key_padding_mask=kpm, scale=scale))
 
     def bwd_extra(x, out, lse):
         q, k, v, qg, kg, vg = x
-        return (q, k, v, out, lse, SlidingWindowParams(window, gm, qg, kg, vg, kpm, scale))
+        return (
+            q,
+            k,
+            v,
+            out,
+            lse,
+            SlidingWindowParams(window, gm, qg, kg, vg, key_padding_mask=kpm, scale=scale),
+        )
 
     _check_pair(ref, cuda, dtype, fwd_args, bwd_extra, ("dq", "dk", "dv", "dqg", "dkg", "dvg"), make_inputs)
 
@@ -149,10 +156,10 @@ def test_block_sparse_matches_reference(case, dtype):
         return [torch.randn(b, h, s, d, device=dev) for _ in range(3)]
 
     def fwd_args(x):
-        return (*x, BlockSparseParams(layout, bs, kpm, scale))
+        return (*x, BlockSparseParams(layout, bs, key_padding_mask=kpm, scale=scale))
 
     def bwd_extra(x, out, lse):
-        return (*x, out, lse, BlockSparseParams(layout, bs, kpm, scale))
+        return (*x, out, lse, BlockSparseParams(layout, bs, key_padding_mask=kpm, scale=scale))
 
     _check_pair(ref, cuda, dtype, fwd_args, bwd_extra, ("dq", "dk", "dv"), make_inputs)
 

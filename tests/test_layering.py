@@ -119,7 +119,7 @@ def test_the_graph_is_read():
     # a few edges every version of the tree has: the reader must see them, or the checks below prove nothing
     assert "etkd_kernels.dispatch" in graph["etkd_kernels"]
     assert "etkd.models.encoder" in graph["etkd.models"]
-    assert any(m.startswith("etkd_kernels") for m in graph["etkd.models.attention"])
+    assert any(m.startswith("etkd_kernels") for m in graph["etkd.models.patterns.full"])
 
 
 def test_the_circle_finder_finds_circles():

@@ -104,6 +104,19 @@ def test_classification_documents(files):
         assert all((film in f["input_ids"]) != far for f in cut)
 
 
+def test_classification_short_documents(files):
+    """The curriculum's short documents: the same task (24 opinions of the label's polarity) at SHORT tokens."""
+    paths, _, _ = files
+    examples = glue.read_glue_file(paths["long_cls_short_train"], "sst2")
+    assert len(examples) == 12 and {e["label"] for e in examples} == {0, 1}
+    for e in examples:
+        words = e["text_a"].split()
+        assert longrange.SHORT[0] <= len(words) <= longrange.SHORT[1]
+        opinions = [w for w in words if w in demo_data.GOOD + demo_data.BAD]
+        assert len(opinions) == longrange.OPINIONS
+        assert set(opinions) <= set(demo_data.GOOD if e["label"] == 1 else demo_data.BAD)
+
+
 def test_near_variant_restates_declaration(files):
     _, near, _ = files
     for d in ner.read_conll(near["long_ner_train"], "document"):

@@ -75,7 +75,7 @@ def test_gradient_checkpointing_gives_same_gradients(attention, attention_dropou
         assert_close(g1, g0, atol=1e-5, name="checkpointed grad")
 
 
-# The op each pattern hands attention dropout to, where its HF model applies it (models/attention.py): bigbird's
+# The op each pattern hands attention dropout to, where its HF model applies it (models/patterns/<name>.py): bigbird's
 # block-sparse path and nystrom apply none, as in HF; bigbird's full fallback (<= 28 tokens here) does; fixed
 # (no HF model) drops probabilities like BERT.
 DROPOUT_OP = {"full": "full_attention", "longformer": "sliding_window_attention", "lsg": "lsg_attention",

@@ -70,3 +70,53 @@ def test_inductor_compiles_a_small_model():
     (gx,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_eager, atol=1e-5, rtol=1e-5)
+
+
+# The keywords every public op takes besides its own, with their defaults (written out here, not read from
+# ops/_common.py, so the generated signatures are checked against what the API promises).
+COMMON_KEYWORDS = {
+    "key_padding_mask": None,
+    "scale": None,
+    "dropout_p": 0.0,
+    "dropout_seed": None,
+    "dropout_offset": None,
+    "backend": "auto",
+}
+OWN_KEYWORDS = {
+    "full_attention": {},
+    "sliding_window_attention": {"global_mask": None, "global_qkv": None},
+    "block_sparse_attention": {},
+    "nystrom_attention": {"pinv_iterations": 6, "pinv_init": "per_head"},
+    "lsg_attention": {
+        "block_size": 128,
+        "sparse_block_size": 128,
+        "sparsity_factor": 2,
+        "sparsity_type": "pooling",
+        "num_global_tokens": 1,
+        "variant": "layer",
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_KEYWORDS))
+def test_public_signature_lists_every_keyword(name):
+    """help() / inspect.signature show each keyword of a public op with its default and annotation (the common
+    ones are generated from ops/_common.OpOptions), and a misspelled keyword is a TypeError naming it."""
+    import inspect
+
+    fn = getattr(ek, name)
+    params = inspect.signature(fn).parameters
+    keywords = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == {**OWN_KEYWORDS[name], **COMMON_KEYWORDS}
+    assert all(p.annotation is not inspect.Parameter.empty for p in params.values())
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert "{dropout}" not in fn.__doc__ and "Philox4x32-10" in fn.__doc__
+    q = torch.randn(1, 1, 8, 4)
+    positional = {
+        "sliding_window_attention": [2],
+        "nystrom_attention": [2],
+        "block_sparse_attention": [torch.ones(1, 2, 2, dtype=torch.bool)],
+    }
+    fn(q, q, q, *positional.get(name, []), dropout_p=0.1)  # the arguments are right but for the misspelling
+    with pytest.raises(TypeError, match="dropout_prob"):
+        fn(q, q, q, *positional.get(name, []), dropout_prob=0.1)

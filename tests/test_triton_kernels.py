@@ -99,7 +99,7 @@ def test_sliding_window_lse_matches_reference():
     from etkd_kernels.triton import sliding_window as tri
 
     (q, k, v), gm, kpm = _sw_inputs(2, 1, 37, 16, [[0, 20], [5]], 7, False, torch.float32)
-    p = SlidingWindowParams(8, gm, None, None, None, kpm, 0.25)
+    p = SlidingWindowParams(8, gm, None, None, None, key_padding_mask=kpm, scale=0.25)
     _, lse_t = tri.forward(q, k, v, p)
     _, lse_r = ref.forward(q, k, v, p)
     assert torch.equal(torch.isinf(lse_t), torch.isinf(lse_r)) and torch.isinf(lse_t[1, :, -7:]).all()
@@ -197,7 +197,7 @@ def test_head_dim_too_large_is_rejected():
 
     q = torch.randn(1, 1, 16, 160)
     with pytest.raises(ValueError, match="head_dim"):
-        tri.forward(q, q, q, SlidingWindowParams(4, None, None, None, None, None, 0.1))
+        tri.forward(q, q, q, SlidingWindowParams(4, None, None, None, None, key_padding_mask=None, scale=0.1))
 
 
 def test_torch_compile_fullgraph_traces_the_triton_op():

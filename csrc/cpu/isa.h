@@ -1,9 +1,10 @@
 // Runtime ISA dispatch of the CPU kernels.
 //
 // The SIMD code (csrc/cpu/flash_tile_impl.h) is compiled once per target by the small files in csrc/cpu/isa/
-// (avx2.cpp, avx512.cpp, avx512_bf16.cpp), each of which sets the target with `#pragma GCC target`, defines
-// CPU_CAPABILITY (at::vec's per-target inline namespace) and ETKD_ISA (our own per-target namespace), includes
-// the impl and fills one `Kernels` table. isa.cpp picks one table once, at first use: the widest target the CPU
+// (avx2.cpp, avx512.cpp, avx512_bf16.cpp), each of which names its target (ETKD_ISA, our own per-target
+// namespace, and the GCC target string) and includes csrc/cpu/isa/x86_target.h, the one body that sets
+// `#pragma GCC target`, CPU_CAPABILITY (at::vec's per-target inline namespace) and the feature macros, includes
+// the impl and so fills one `Kernels` table. isa.cpp picks one table once, at first use: the widest target the CPU
 // reports (`__builtin_cpu_supports`), or the one named by ETKD_CPU_ISA=avx2|avx512|avx512_bf16 (a target that
 // is not built or that this CPU lacks is an error, never a silent downgrade). A CPU never executes the code of
 // a target it does not report: every entry point below goes through the chosen table.

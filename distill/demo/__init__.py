@@ -241,23 +241,17 @@ def run_seeds(args) -> None:
         f.write(text + "\n")
 
 
-def pipeline(args) -> None:
+def _steps_1_to_5(args, out: str, files: dict[str, str], models, quiet: list[str], finetune) -> None:
+    """Steps 1-5 of `pipeline`: the teacher, its Longformer conversion and pretraining, the student, and their
+    short-set fine-tunes (`models`: (name, path, teacher name) where the steps leave each model)."""
     from etkd.models import EncoderConfig, EncoderModel
 
-    from ..tasks import ner
-    from . import data, longrange
+    from . import data
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    print(f"[0] built-in data -> {out}/data")
-    files = write_all(
-        os.path.join(out, "data"), seed=args.seed, n_long_train=args.long_train, n_long_dev=args.long_dev
-    )
-    tok = files["tokenizer"]
+    tok, steps = files["tokenizer"], args.steps
     n_vocab = len(data.vocabulary())
-    quiet = ["--no-progress"] if args.no_progress else []
-    steps = args.steps
-
+    (_, teacher, _), (_, long_teacher, _), (_, student, _) = models
+    results = os.path.join(out, "results")
     print("[1] a small full-attention teacher (RoBERTa-style, 512 tokens), MLM-pretrained on the corpus")
     cfg = EncoderConfig(
         vocab_size=n_vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
@@ -271,7 +265,6 @@ def pipeline(args) -> None:
     _etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
           "--max-steps", str(2 * steps), "--batch-size", "16", "--lr", "1e-3", "--short-length", "64",
           "--long-length", "512", "--long-fraction", "0.1", "--save-every", str(2 * steps), *common)  # fmt: skip
-    teacher = os.path.join(out, "teacher", "final")
 
     print(f"[2] convert to Longformer: {args.max_positions} positions, window {args.window}")
     _etkd("convert", "--from", teacher, "--to", "longformer", "--max-positions", str(args.max_positions),
@@ -281,29 +274,13 @@ def pipeline(args) -> None:
     _etkd("pretrain", "--model", os.path.join(out, "longformer"), "--output-dir", os.path.join(out, "longformer_pt"),
           "--max-steps", str(steps // 2), "--batch-size", "4", "--lr", "5e-4", "--short-length", "128",
           "--long-length", str(min(1024, args.max_positions)), "--long-fraction", "0.5", "--save-every", str(steps), *common)  # fmt: skip
-    long_teacher = os.path.join(out, "longformer_pt", "final")
 
     print("[4] distil to half depth (every other layer)")
     _etkd("distill", "--teacher", long_teacher, "--output-dir", os.path.join(out, "student"),
           "--max-steps", str(steps), "--batch-size", "8", "--lr", "5e-4", "--short-length", "128",
           "--long-length", str(min(1024, args.max_positions)), "--long-fraction", "0.25", "--save-every", str(steps), *common)  # fmt: skip
-    student = os.path.join(out, "student", "student")
-
-    models = [("roberta-full", teacher, None), ("longformer", long_teacher, None),
-              ("longformer-student", student, "longformer")]  # fmt: skip
-
-    def finetune(name, path, teacher_name, task, train, dev, results, steps, batch, *extra, lr=2e-3):
-        tag = os.path.basename(results)
-        return _finetune_timed(
-            ["finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
-             "--eval-file", dev, "--output-dir", os.path.join(out, "finetune", f"{name}-{task}-{tag}"),
-             "--max-steps", str(steps), "--batch-size", str(batch), "--learning-rate", str(lr),
-             "--seed", str(args.seed), "--overwrite", "--name", name, "--output", os.path.join(results, f"{name}-{task}.json"),
-             *(["--teacher", teacher_name] if teacher_name else []), *extra, *quiet]
-        )  # fmt: skip
 
     print("[5] fine-tune teachers and student on the short NER and classification sets")
-    results = os.path.join(out, "results")
     for task, train, dev in (
         ("conll2003", files["ner_train"], files["ner_dev"]),
         ("sst2", files["cls_train"], files["cls_dev"]),
@@ -313,7 +290,55 @@ def pipeline(args) -> None:
             # to learn than the classification set (measured: F1 ~70 after 150 steps, 100 after 600)
             finetune(name, path, teacher_name, task, train, dev, results, args.ner_steps if task == "conll2003" else steps, 16)  # fmt: skip
 
+
+def pipeline(args) -> None:
+    from ..errors import UserError
+    from ..tasks import ner
+    from . import longrange
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    print(f"[0] built-in data -> {out}/data")
+    files = write_all(
+        os.path.join(out, "data"), seed=args.seed, n_long_train=args.long_train, n_long_dev=args.long_dev
+    )
+    tok = files["tokenizer"]
+    quiet = ["--no-progress"] if args.no_progress else []
+    teacher = os.path.join(out, "teacher", "final")
+    long_teacher = os.path.join(out, "longformer_pt", "final")
+    student = os.path.join(out, "student", "student")
+    models = [("roberta-full", teacher, None), ("longformer", long_teacher, None),
+              ("longformer-student", student, "longformer")]  # fmt: skip
+    results = os.path.join(out, "results")
+
+    def finetune(name, path, teacher_name, task, train, dev, results, steps, batch, *extra, lr=2e-3):
+        tag = os.path.basename(results)
+        return _finetune_timed(
+            ["finetune", "--task", task, "--model", path, "--tokenizer", tok, "--train-file", train,
+             *(["--eval-file", dev, "--output", os.path.join(results, f"{name}-{task}.json")] if dev else []),
+             "--output-dir", os.path.join(out, "finetune", f"{name}-{task}-{tag}"),
+             "--max-steps", str(steps), "--batch-size", str(batch), "--learning-rate", str(lr),
+             "--seed", str(args.seed), "--overwrite", "--name", name,
+             *(["--teacher", teacher_name] if teacher_name else []), *extra, *quiet]
+        )  # fmt: skip
+
+    def tuned(name: str, task: str) -> str:  # the step-5 model of `name` on `task`
+        return os.path.join(out, "finetune", f"{name}-{task}-{os.path.basename(results)}", "model")
+
+    if args.long_only:
+        missing = [p for name, _, _ in models for task in ("conll2003", "sst2")
+                   for p in (tuned(name, task), os.path.join(results, f"{name}-{task}.json")) if not os.path.exists(p)]  # fmt: skip
+        if missing:
+            raise UserError(f"--long-only: {out} holds no finished steps 1-5 of an earlier demo run (missing "
+                            f"{', '.join(missing)}); run the demo there without --long-only first")  # fmt: skip
+        print("[1-5] --long-only: the step-5 checkpoints of the earlier run in this folder")
+    else:
+        _steps_1_to_5(args, out, files, models, quiet, finetune)
+
     long_results = os.path.join(out, "results_long")
+    short_results = os.path.join(
+        out, "results_long_short"
+    )  # names the curriculum's first fine-tunes (no scores)
     dev_docs = ner.read_conll(files["long_ner_dev"], "document")
     rows = []
     ceiling = {c: longrange.context_ceiling(dev_docs, c) for c in (512, args.max_positions)}
@@ -330,9 +355,6 @@ def pipeline(args) -> None:
     else:
         print("    (`--long-steps 0`: no fine-tuning on them)")
 
-    def tuned(name: str, task: str) -> str:  # the step-5 model of `name` on `task`
-        return os.path.join(out, "finetune", f"{name}-{task}-{os.path.basename(results)}", "model")
-
     for name, path, teacher_name in models if args.long_steps else []:
         row = {"name": name, "context": 512 if path == teacher else args.max_positions}
         cost = finetune(name, tuned(name, "conll2003"), teacher_name, "conll2003", files["long_ner_train"],
@@ -344,10 +366,18 @@ def pipeline(args) -> None:
             row["f1"] = json.load(f)["metrics"]["f1"]
         with open(os.path.join(long_results, f"{name}-conll2003_predictions.json")) as f:
             row.update(longrange.breakdown(dev_docs, json.load(f)["eval"]))
-        cost = finetune(name, tuned(name, "sst2"), teacher_name, "sst2", files["long_cls_train"],
+        start, first = tuned(name, "sst2"), {"seconds": 0.0, "peak_mib": 0.0}
+        if args.long_cls_short_steps:  # the curriculum: the task's short documents first
+            first = finetune(name, start, teacher_name, "sst2", files["long_cls_short_train"], None, short_results,
+                             args.long_cls_short_steps, args.long_batch, lr=args.long_lr)  # fmt: skip
+            start = os.path.join(out, "finetune", f"{name}-sst2-{os.path.basename(short_results)}", "model")
+        cost = finetune(name, start, teacher_name, "sst2", files["long_cls_train"],
                         files["long_cls_dev"], long_results, args.long_cls_steps, args.long_batch, "--eval-batch-size",
                         "4", lr=args.long_lr)  # fmt: skip
-        row.update(seconds_cls=cost["seconds"], peak_mib_cls=cost["peak_mib"])
+        row.update(
+            seconds_cls=first["seconds"] + cost["seconds"],
+            peak_mib_cls=max(first["peak_mib"], cost["peak_mib"]),
+        )
         with open(os.path.join(long_results, f"{name}-sst2.json")) as f:
             row["accuracy"] = json.load(f)["metrics"]["accuracy"]
         with open(os.path.join(long_results, f"{name}-sst2_predictions.json")) as f:
@@ -370,7 +400,7 @@ def pipeline(args) -> None:
     with open(os.path.join(out, "long_range.json"), "w") as f:
         json.dump({"ceiling": {str(c): v for c, v in ceiling.items()}, "models": rows}, f, indent=2)
 
-    if not args.skip_bench:
+    if not (args.skip_bench or args.long_only):
         print("[8] etkd bench: ours vs HF, inference time and peak memory")
         # Longformer x (teacher, student) x (HF, etkd cpu) at one length = 4 fresh-process rows (~1 min);
         # `etkd bench` with its defaults covers every family, backend and length.
@@ -392,6 +422,10 @@ def register(sub) -> None:
     p.add_argument("--long-cls-steps", type=int, default=150,
                    help="fine-tuning steps on the long-range classification set (its [CLS] must first find 24 opinion "
                         "words among ~1,400 tokens: 50 steps left it at chance on some seeds)")  # fmt: skip
+    p.add_argument("--long-cls-short-steps", type=int, default=0,
+                   help="the long-range classification curriculum: fine-tuning steps on the task's short documents "
+                        "(256-384 tokens, data/long_cls_short_train.jsonl) before --long-cls-steps on the long ones "
+                        "(0: none)")  # fmt: skip
     p.add_argument("--long-batch", type=int, default=4, help="documents per step on the long-range sets")
     p.add_argument("--long-lr", type=float, default=3e-3, help="learning rate on the long-range sets")
     p.add_argument("--long-train", type=int, default=200, help="training documents of each long-range set")
@@ -405,6 +439,10 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="kernel table: timed repeats")
     p.add_argument("--kernels-only", action="store_true", help="only the kernel comparison table")
     p.add_argument("--skip-bench", action="store_true", help="leave out the `etkd bench` step")
+    p.add_argument("--long-only", action="store_true",
+                   help="only steps 6-7 (the long-range fine-tunes and the report), from the step-5 checkpoints "
+                        "an earlier run left in --out (each seed's folder with --seeds): to re-run the "
+                        "long-range sets with other --long-* settings")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -416,6 +454,9 @@ def run(args) -> int:
         run_seeds(args)
     elif not args.kernels_only:
         pipeline(args)
+    if args.long_only:  # steps 6-7 only: no kernel table either
+        print(f"\neverything under {os.path.abspath(args.out)} ({time.perf_counter() - t0:.0f} s)")
+        return 0
     from etkd.benchmarks.harness import environment
 
     env = environment()

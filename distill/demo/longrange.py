@@ -42,6 +42,9 @@ MIN_GAP = 640  # no evidence closer than this to where it is needed: beyond a 51
 OPINIONS = 24
 REPEAT = 8  # the declaration "<codename> is a <kind> ." opens an NER document this many times
 OPENING = 5 * REPEAT  # its tokens: a Longformer gives them global attention (`finetune --global-prefix`)
+# The classification set's short documents (`long_cls_short_train`): the same task at 256-384 tokens, the
+# opinions anywhere after the first sentence, for a curriculum (short documents first: see `demo.pipeline`).
+SHORT = (256, 384)
 
 
 def _filler(rng: random.Random, n: int) -> list[str]:
@@ -152,7 +155,8 @@ def write_cls(path: str, n: int, seed: int, **kwargs: Any) -> str:
 def write_all(
     directory: str, seed: int = 0, n_train: int = 160, n_dev: int = 40, near: bool = False, **kwargs: Any
 ) -> dict[str, str]:
-    """Train and dev files of both tasks under `directory`; returns their paths by name."""
+    """Train and dev files of both tasks under `directory`, and the classification set's short documents
+    (`SHORT` tokens, `long_cls_short_train`); returns their paths by name."""
     os.makedirs(directory, exist_ok=True)
     tag = "near_" if near else ""
     j = os.path.join
@@ -161,6 +165,8 @@ def write_all(
         "long_ner_dev": write_ner(j(directory, f"long_{tag}ner_dev.conll"), n_dev, seed + 111, near=near, **kwargs),
         "long_cls_train": write_cls(j(directory, f"long_{tag}cls_train.jsonl"), n_train, seed + 12, near=near, **kwargs),
         "long_cls_dev": write_cls(j(directory, f"long_{tag}cls_dev.jsonl"), n_dev, seed + 112, near=near, **kwargs),
+        "long_cls_short_train": write_cls(j(directory, f"long_{tag}cls_short_train.jsonl"), n_train, seed + 13,
+                                          **{**kwargs, "length": SHORT, "min_gap": 1}),
     }  # fmt: skip
 
 

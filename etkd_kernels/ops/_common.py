@@ -1,15 +1,42 @@
-"""What the public op wrappers share: the checks every op makes, the dropout paragraph of their docstrings,
-padding a sequence to a block multiple and back."""
+"""What the public op wrappers share: the keywords every op takes (`OpOptions`) and their checks, the dropout
+paragraph of their docstrings, the call into the defined op (padding a sequence to a block multiple and back)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from .._checks import check_dropout, check_finite, check_scale, check_token_mask
 from ..dispatch import requested_backend
+from ._define import CommonParams, settings_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # noqa: F401  (the public ops' `**options: Unpack[OpOptions]`)
+
+
+class OpOptions(TypedDict, total=False):
+    """The keywords every public op takes after its own, declared `**options: Unpack[OpOptions]`: a type checker
+    checks their names and types (PEP 692); `inspect.signature` and help() show them one by one with the
+    defaults of `OPTION_DEFAULTS` (`public_op`). What they mean: each op's docstring and `common_settings`."""
+
+    key_padding_mask: torch.Tensor | None
+    scale: float | None
+    dropout_p: float
+    dropout_seed: int | None
+    dropout_offset: int | None
+    backend: str
+
+
+OPTION_DEFAULTS: dict[str, Any] = dict(
+    key_padding_mask=None, scale=None, dropout_p=0.0, dropout_seed=None, dropout_offset=None, backend="auto"
+)
+if list(OPTION_DEFAULTS) != list(OpOptions.__annotations__):
+    raise TypeError("ops/_common.py: OPTION_DEFAULTS must name OpOptions' keys, in order")
 
 # The dropout paragraph of every public op's docstring ("{dropout}" there); `column` names what indexes a
 # probability's key side in the counter (a key position, or a column of a product with extra keys).
@@ -21,40 +48,80 @@ depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) a
 generator when the op runs (torch.manual_seed reproduces; successive calls differ)."""
 
 
-def dropout_doc(column: str = "key position j") -> Callable:
-    """Decorator: put the shared dropout paragraph where the function's docstring says "{dropout}"."""
+def public_op(column: str = "key position j") -> Callable:
+    """Decorator of every public op, written `fn(q, k, v, <its own arguments>, **options: Unpack[OpOptions])`:
+    its signature (`inspect.signature`, help(), IDEs) lists the options as keyword-only parameters with their
+    types and defaults, and "{dropout}" in its docstring becomes the shared dropout paragraph (`column` names
+    what indexes a probability's key side in the dropout counter). The function itself is returned, unwrapped."""
 
     def put(fn: Callable) -> Callable:
-        text = _DROPOUT_DOC.replace("{column}", column).replace("\n", "\n    ")
+        sig = inspect.signature(fn)
+        *own, rest = sig.parameters.values()
+        if rest.kind is not inspect.Parameter.VAR_KEYWORD:
+            raise TypeError(f"{fn.__name__}: expected a last parameter **options: Unpack[OpOptions]")
+        options = [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=_annotation(name)
+            )
+            for name, default in OPTION_DEFAULTS.items()
+        ]
+        fn.__signature__ = sig.replace(parameters=[*own, *options])
         if fn.__doc__:  # None under python -OO
+            text = _DROPOUT_DOC.replace("{column}", column).replace("\n", "\n    ")
             fn.__doc__ = fn.__doc__.replace("{dropout}", text)
         return fn
 
     return put
 
 
+def _annotation(name: str) -> str:
+    """OpOptions' annotation of `name` as written (a string, like the annotations of the ops' own arguments)."""
+    a = OpOptions.__annotations__[name]
+    return getattr(a, "__forward_arg__", a)
+
+
 def common_settings(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: OpOptions, **more_inputs: torch.Tensor | None
+) -> tuple[dict[str, Any], str]:
+    """The checks every public op makes after `check_qkv` and its own, on its `options`: no keyword other than
+    OpOptions', the key padding mask, the scale (None: head_dim ** -0.5), the dropout settings, finite q, k, v
+    (and `more_inputs`, by name); and the requested backend with `use_backend` / ETKD_BACKEND applied now, in
+    the caller's context.
+
+    Returns (the `CommonParams` fields as keywords, the requested backend)."""
+    for name in options:
+        if name not in OPTION_DEFAULTS:
+            raise TypeError(
+                f"{name}: unexpected keyword argument; an op takes its own and {', '.join(OPTION_DEFAULTS)}"
+            )
+    o = {**OPTION_DEFAULTS, **options}
+    key_padding_mask = check_token_mask(o["key_padding_mask"], "key_padding_mask", q)
+    scale = check_scale(o["scale"], q.shape[-1])
+    dropout_p, seed, offset = check_dropout(o["dropout_p"], o["dropout_seed"], o["dropout_offset"])
+    check_finite(q=q, k=k, v=v, **more_inputs)
+    common = dict(
+        key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p, seed=seed, offset=offset
+    )
+    return common, requested_backend(o["backend"])
+
+
+def run(
+    fwd_op: Callable,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
-    scale: float | None,
-    dropout_p: float,
-    dropout_seed: int | None,
-    dropout_offset: int | None,
+    p: CommonParams,
     backend: str,
-    **more_inputs: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, float, tuple[float, int, int], str]:
-    """The checks every public op makes after `check_qkv` and its own: the key padding mask, the scale (None:
-    head_dim ** -0.5), the dropout settings, finite q, k, v (and `more_inputs`, by name); and the requested
-    backend with `use_backend` / ETKD_BACKEND applied now, in the caller's context.
-
-    Returns (key_padding_mask, scale, (dropout_p, seed, offset), backend)."""
-    key_padding_mask = check_token_mask(key_padding_mask, "key_padding_mask", q)
-    scale = check_scale(scale, q.shape[-1])
-    dropout = check_dropout(dropout_p, dropout_seed, dropout_offset)
-    check_finite(q=q, k=k, v=v, **more_inputs)
-    return key_padding_mask, scale, dropout, requested_backend(backend)
+    multiple: int = 1,
+) -> torch.Tensor:
+    """The output of the defined forward op (`_define.define`) on q, k, v (made contiguous) with the settings
+    `p`; with `multiple` > 1 the seq is padded to a multiple of it (the added keys masked) and the output cut
+    back to the caller's seq."""
+    q, k, v, kpm, s = pad_to_multiple(q, k, v, p.key_padding_mask, multiple)
+    if kpm is not p.key_padding_mask:
+        p = dataclasses.replace(p, key_padding_mask=kpm)
+    out = fwd_op(q, k, v, *settings_of(p), backend)[0]
+    return out if out.shape[2] == s else out[:, :, :s]
 
 
 def pad_to_multiple(

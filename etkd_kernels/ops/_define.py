@@ -15,7 +15,11 @@ params)` and reads them by name. A field with `metadata={"grad": True}` (a tenso
 Longformer's global projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
 come back as a list with empty tensors standing for "no gradient" (custom ops cannot return None).
 
-Attention dropout: every params dataclass ends in `dropout_p`, `seed`, `offset`. A seed (or offset) of -1 means
+The settings every op has (key_padding_mask, scale and the dropout contract's dropout_p, seed, offset) are
+`CommonParams`, the base of every params dataclass: its fields are keyword-only in the constructor and come
+after the op's own fields in the schema (`schema_fields`), so an op declares only its own.
+
+Attention dropout: the schema's settings end in `dropout_p`, `seed`, `offset`. A seed (or offset) of -1 means
 "not given": the forward implementation draws it from torch's default CPU generator when it runs (only when
 dropout_p > 0), so compiled graphs draw anew on every call instead of baking a seed in, and torch.manual_seed
 reproduces a run. The forward returns the (seed, offset) it used as `rng`, an int64 CPU tensor of 2 elements
@@ -73,25 +77,52 @@ def _chosen_for(out: torch.Tensor):
     return impl if ref is not None and ref() is out else None
 
 
-def settings_of(p) -> list:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommonParams:
+    """The settings every op has, inherited by each op's frozen params dataclass, which declares only its own
+    fields (keyword-only here, so an op's own fields may have defaults and still come first positionally).
+    key_padding_mask: (batch, seq) bool, True = real token; scale: the score scale; dropout_p, seed, offset: the
+    dropout contract (module docstring)."""
+
+    key_padding_mask: torch.Tensor | None
+    scale: float
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
+
+
+_COMMON = tuple(f.name for f in dataclasses.fields(CommonParams))
+
+
+def schema_fields(params: type | CommonParams) -> list[dataclasses.Field]:
+    """The fields of a params dataclass (or instance) in schema order: the op's own, then `CommonParams`'."""
+    fields = dataclasses.fields(params)
+    return [f for f in fields if f.name not in _COMMON] + [f for f in fields if f.name in _COMMON]
+
+
+def settings_of(p: CommonParams) -> list:
     """The fields of a params dataclass instance, in schema order (the forward op's settings arguments)."""
-    return [getattr(p, f.name) for f in dataclasses.fields(p)]
+    return [getattr(p, f.name) for f in schema_fields(p)]
 
 
 def define(op: str, params: type, lse: bool = True) -> Callable:
-    """Define `etkd::{op}_fwd`/`_bwd` with the fields of the dataclass `params` as settings; return the
-    forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`."""
-    fields = dataclasses.fields(params)
+    """Define `etkd::{op}_fwd`/`_bwd` with the fields of the dataclass `params` (a `CommonParams`) as settings;
+    return the forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`."""
+    if not (isinstance(params, type) and issubclass(params, CommonParams)):
+        raise TypeError(f"{params!r}: expected a dataclass deriving from CommonParams")
+    fields = schema_fields(params)
     for f in fields:
         if f.type not in _SCHEMA_TYPES:
             raise TypeError(
                 f"{params.__name__}.{f.name}: annotation {f.type!r} is not one of {list(_SCHEMA_TYPES)}"
             )
     n = len(fields)
-    if [f.name for f in fields[-3:]] != ["dropout_p", "seed", "offset"]:
-        raise TypeError(
-            f"{params.__name__}: the last fields must be dropout_p, seed, offset (the dropout contract)"
-        )
+    names = [f.name for f in fields]
+
+    def make(settings: Sequence) -> CommonParams:
+        """The params of the op's flat settings arguments (schema order)."""
+        return params(**dict(zip(names, settings)))
+
     tensor_fields = [i for i, f in enumerate(fields) if _SCHEMA_TYPES[f.type].startswith("Tensor")]
     grad_fields = [i for i, f in enumerate(fields) if f.metadata.get("grad")]
     settings = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in fields)
@@ -116,7 +147,7 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         return [torch.empty_like(t) for t in (q, k, v, *(given[i] for i in grad_fields)) if t is not None]
 
     def fwd_impl(q, k, v, *args):
-        p = params(*args[:-1])
+        p = make(args[:-1])
         if p.dropout_p > 0 and (p.seed < 0 or p.offset < 0):
             seed, offset = torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64).tolist()
             p = dataclasses.replace(
@@ -140,7 +171,7 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
     def backward_params(args):
         """The params of the backward op's flat arguments (without its backend name), with the (seed, offset)
         its forward used (the `rng` just before the settings)."""
-        p = params(*args[-n:])
+        p = make(args[-n:])
         if p.dropout_p > 0:
             seed, offset = args[-n - 1].tolist()
             p = dataclasses.replace(p, seed=seed, offset=offset)
@@ -154,7 +185,7 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
 
     def bwd_impl(grad_out, q, *args):
-        problem = Problem.of(q, dropout=params(*args[-1 - n : -1]).dropout_p > 0)
+        problem = Problem.of(q, dropout=make(args[-1 - n : -1]).dropout_p > 0)
         return run_backward(resolve(op, problem, backend=args[-1]), grad_out, q, *args[:-1])
 
     def setup_context(ctx, inputs, output):

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import check_qkv
 from ..masks import BlockLayout
-from ._common import common_settings, dropout_doc, pad_to_multiple
-from ._define import define
+from ._common import OpOptions, common_settings, public_op, run
+from ._define import CommonParams, define
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass(frozen=True)
-class BlockSparseParams:
+class BlockSparseParams(CommonParams):
     """What every backend's forward/backward gets besides the tensors (see `block_sparse_attention`).
     layout: the (heads or 1, q_blocks, k_blocks) bool mask of a `BlockLayout` whose block size is block_size."""
 
     layout: torch.Tensor
     block_size: int
-    key_padding_mask: torch.Tensor | None
-    scale: float
-    dropout_p: float = 0.0
-    seed: int = 0
-    offset: int = 0
 
 
 _fwd_op = define("block_sparse", BlockSparseParams)
@@ -61,19 +60,13 @@ def as_layout(
     return layout.to(device)
 
 
-@dropout_doc()
+@public_op()
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     layout: BlockLayout | torch.Tensor,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-    dropout_offset: int | None = None,
-    backend: str = "auto",
+    **options: Unpack[OpOptions],
 ) -> torch.Tensor:
     """Exact softmax attention restricted to the allowed (query block, key block) pairs of `layout`.
 
@@ -88,9 +81,6 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     layout = as_layout(layout, q.shape[2], q.shape[1], q.device)
-    kpm, scale, dropout, backend = common_settings(
-        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
-    )
-    q, k, v, kpm, s = pad_to_multiple(q, k, v, kpm, layout.block_size)
-    out = _fwd_op(q, k, v, layout.mask.contiguous(), layout.block_size, kpm, scale, *dropout, backend)[0]
-    return out[:, :, :s]
+    common, backend = common_settings(q, k, v, options)
+    p = BlockSparseParams(layout.mask.contiguous(), layout.block_size, **common)
+    return run(_fwd_op, q, k, v, p, backend, multiple=layout.block_size)

@@ -3,40 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import check_qkv
-from ._common import common_settings, dropout_doc
-from ._define import define
+from ._common import OpOptions, common_settings, public_op, run
+from ._define import CommonParams, define
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass(frozen=True)
-class FullParams:
-    """What every backend's forward/backward gets besides the tensors (see `full_attention`)."""
-
-    key_padding_mask: torch.Tensor | None
-    scale: float
-    dropout_p: float = 0.0
-    seed: int = 0
-    offset: int = 0
+class FullParams(CommonParams):
+    """What every backend's forward/backward gets besides the tensors (see `full_attention`): the common ones."""
 
 
 _fwd_op = define("full", FullParams)
 
 
-@dropout_doc()
+@public_op()
 def full_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    *,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-    dropout_offset: int | None = None,
-    backend: str = "auto",
+    **options: Unpack[OpOptions],
 ) -> torch.Tensor:
     """Dense softmax attention (the baseline every pattern is measured against).
 
@@ -46,7 +38,5 @@ def full_attention(
     {dropout}
     """
     check_qkv(q, k, v)
-    kpm, scale, dropout, backend = common_settings(
-        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
-    )
-    return _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), kpm, scale, *dropout, backend)[0]
+    common, backend = common_settings(q, k, v, options)
+    return run(_fwd_op, q, k, v, FullParams(**common), backend)

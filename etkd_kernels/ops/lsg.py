@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import check_positive_int, check_qkv
 from .._shared import VARIANTS, lead_tokens
-from ._common import common_settings, dropout_doc, pad_to_multiple
-from ._define import define, settings_of
+from ._common import OpOptions, common_settings, public_op, run
+from ._define import CommonParams, define
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
 
 
 @dataclass(frozen=True)
-class LSGParams:
+class LSGParams(CommonParams):
     """What every backend's forward/backward gets besides the tensors (see `lsg_attention`)."""
 
     block_size: int
@@ -23,18 +27,13 @@ class LSGParams:
     sparsity_factor: int
     sparsity_type: str
     num_global_tokens: int
-    key_padding_mask: torch.Tensor | None
-    scale: float
     variant: str = "layer"
-    dropout_p: float = 0.0
-    seed: int = 0
-    offset: int = 0
 
 
 _fwd_op = define("lsg", LSGParams)
 
 
-@dropout_doc("key column j")
+@public_op("key column j")
 def lsg_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -45,13 +44,8 @@ def lsg_attention(
     sparsity_factor: int = 2,
     sparsity_type: str = "pooling",
     num_global_tokens: int = 1,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-    dropout_offset: int | None = None,
     variant: str = "layer",
-    backend: str = "auto",
+    **options: Unpack[OpOptions],
 ) -> torch.Tensor:
     """LSG attention: each query block sees its own and the neighbouring key blocks (local), a compressed
     view of the keys around them (sparse: `sparsity_type` norm / pooling / stride / block_stride /
@@ -101,9 +95,7 @@ def lsg_attention(
         )
     if q.shape[2] and num_global_tokens > q.shape[2]:  # seq 0 gives an empty result
         raise ValueError(f"num_global_tokens: expected at most seq ({q.shape[2]}), got {num_global_tokens}")
-    key_padding_mask, scale, dropout, backend = common_settings(
-        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
-    )
+    common, backend = common_settings(q, k, v, options)
     g = lead = num_global_tokens
     if variant == "model" and q.shape[2]:
         # Globals in leading blocks of their own (non-real filler), blocks counted after them; LSG's model
@@ -111,20 +103,13 @@ def lsg_attention(
         lead = lead_tokens(g, block_size, variant)
         if -(-(q.shape[2] - g) // block_size) <= 2:
             sparsity_type = "none"
-    p = LSGParams(block_size, sparse_block_size, sparsity_factor, sparsity_type, g, key_padding_mask, scale,
-                  variant, *dropout)  # fmt: skip
+    p = LSGParams(block_size, sparse_block_size, sparsity_factor, sparsity_type, g, variant, **common)
     if lead > g:
         b, h, s0, d = q.shape
         fill = q.new_zeros(b, h, lead - g, d)
         q, k, v = (torch.cat([t[:, :, :g], fill, t[:, :, g:]], dim=2) for t in (q, k, v))
-        real = key_padding_mask if key_padding_mask is not None else q.new_ones(b, s0, dtype=torch.bool)
+        real = p.key_padding_mask if p.key_padding_mask is not None else q.new_ones(b, s0, dtype=torch.bool)
         kpm = torch.cat([real[:, :g], real.new_zeros(b, lead - g), real[:, g:]], dim=1)
-        out = _run(q, k, v, replace(p, key_padding_mask=kpm), backend)
+        out = run(_fwd_op, q, k, v, replace(p, key_padding_mask=kpm), backend, multiple=block_size)
         return torch.cat([out[:, :, :g], out[:, :, lead:]], dim=2)
-    return _run(q, k, v, p, backend)
-
-
-def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: LSGParams, backend: str) -> torch.Tensor:
-    """The op on a seq padded to a multiple of block_size (the padding keys masked), cut back after."""
-    q, k, v, kpm, s = pad_to_multiple(q, k, v, p.key_padding_mask, p.block_size)
-    return _fwd_op(q, k, v, *settings_of(replace(p, key_padding_mask=kpm)), backend)[0][:, :, :s]
+    return run(_fwd_op, q, k, v, p, backend, multiple=block_size)

@@ -3,34 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import check_positive_int, check_qkv
-from ._common import common_settings, dropout_doc
-from ._define import define
+from ._common import OpOptions, common_settings, public_op, run
+from ._define import CommonParams, define
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 PINV_INITS = ("per_head", "hf_global")
 
 
 @dataclass(frozen=True)
-class NystromParams:
+class NystromParams(CommonParams):
     """What every backend's forward/backward gets besides the tensors (see `nystrom_attention`)."""
 
     num_landmarks: int
     pinv_iterations: int
-    key_padding_mask: torch.Tensor | None
-    scale: float
     pinv_init: str
-    dropout_p: float = 0.0
-    seed: int = 0
-    offset: int = 0
 
 
 _fwd_op = define("nystrom", NystromParams, lse=False)
 
 
-@dropout_doc("key column j")
+@public_op("key column j")
 def nystrom_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -39,12 +38,7 @@ def nystrom_attention(
     *,
     pinv_iterations: int = 6,
     pinv_init: str = "per_head",
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-    dropout_offset: int | None = None,
-    backend: str = "auto",
+    **options: Unpack[OpOptions],
 ) -> torch.Tensor:
     """Nystromformer attention with `num_landmarks` segment-mean landmarks and an iterative pseudo-inverse.
 
@@ -70,8 +64,5 @@ def nystrom_attention(
         raise ValueError(f"pinv_init: expected one of {PINV_INITS}, got {pinv_init!r}")
     if q.shape[2] and num_landmarks > q.shape[2]:  # seq 0 gives an empty result whatever the count
         raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
-    kpm, scale, dropout, backend = common_settings(
-        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend
-    )
-    settings = (num_landmarks, pinv_iterations, kpm, scale, pinv_init, *dropout)
-    return _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), *settings, backend)[0]
+    common, backend = common_settings(q, k, v, options)
+    return run(_fwd_op, q, k, v, NystromParams(num_landmarks, pinv_iterations, pinv_init, **common), backend)

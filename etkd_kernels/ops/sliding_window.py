@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import check_positive_int, check_qkv, check_token_mask
-from ._common import common_settings, dropout_doc
-from ._define import define
+from ._common import OpOptions, common_settings, public_op, run
+from ._define import CommonParams, define
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass(frozen=True)
-class SlidingWindowParams:
+class SlidingWindowParams(CommonParams):
     """What every backend's forward/backward gets besides the tensors (see `sliding_window_attention`)."""
 
     window: int
@@ -20,17 +24,12 @@ class SlidingWindowParams:
     qg: torch.Tensor | None = field(metadata={"grad": True})
     kg: torch.Tensor | None = field(metadata={"grad": True})
     vg: torch.Tensor | None = field(metadata={"grad": True})
-    key_padding_mask: torch.Tensor | None
-    scale: float
-    dropout_p: float = 0.0
-    seed: int = 0
-    offset: int = 0
 
 
 _fwd_op = define("sliding_window", SlidingWindowParams)
 
 
-@dropout_doc()
+@public_op()
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -39,12 +38,7 @@ def sliding_window_attention(
     *,
     global_mask: torch.Tensor | None = None,
     global_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-    dropout_offset: int | None = None,
-    backend: str = "auto",
+    **options: Unpack[OpOptions],
 ) -> torch.Tensor:
     """Longformer attention: a local band of `window + 1` keys per query, plus global tokens.
 
@@ -84,9 +78,7 @@ def sliding_window_attention(
                     f"got {tuple(t.shape)} {t.dtype} on {t.device}"
                 )
         qg, kg, vg = qg.contiguous(), kg.contiguous(), vg.contiguous()
-    kpm, scale, dropout, backend = common_settings(
-        q, k, v, key_padding_mask, scale, dropout_p, dropout_seed, dropout_offset, backend,
-        **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg},
-    )  # fmt: skip
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _fwd_op(q, k, v, window, global_mask, qg, kg, vg, kpm, scale, *dropout, backend)[0]
+    common, backend = common_settings(
+        q, k, v, options, **{"global_qkv[0]": qg, "global_qkv[1]": kg, "global_qkv[2]": vg}
+    )
+    return run(_fwd_op, q, k, v, SlidingWindowParams(window, global_mask, qg, kg, vg, **common), backend)

@@ -6,18 +6,16 @@
     out = model(ids, attention_mask=mask, global_attention_mask=glob)   # glob: (batch, seq), 1 = global
 
 Settings come from `config.etkd_attention` (a dict saved in config.json; `etkd convert --format hf-attention`
-writes it): `window` (sliding window: int or one per layer), `block_size`, `num_random_blocks`,
-`num_window_blocks`, `num_global_blocks`, `seed` (block_sparse: a BigBird layout drawn per layer from
-seed + layer index), `num_landmarks`, `pinv_iterations`, `pinv_init` (nystrom), LSG's `block_size`,
-`sparse_block_size`, `sparsity_factor`, `sparsity_type`, `num_global_tokens` (`ignore_attention_dropout`
-is deprecated and has no effect). Global tokens reach the attention function as HF passes extra keyword
-arguments: `model(..., global_attention_mask=...)` (sliding window only). The `dropout` HF passes (the
+writes it): the keys of each pattern's `hf_settings` (its `hf_attention` documents them,
+models/patterns/<name>.py); a list value is one per layer (`ignore_attention_dropout` is deprecated and has
+no effect). Extra keyword arguments reach the attention function as HF passes them (e.g.
+`model(..., global_attention_mask=...)` for the sliding window's global tokens). The `dropout` HF passes (the
 model's attention_probs_dropout_prob in training mode, 0 in eval) is applied to the probabilities inside the
 op, as HF's eager attention applies it.
 
 Each name also registers a mask function that hands the attention the (batch, seq) padding mask instead of
-a (batch, 1, seq, seq) tensor. Padded query rows: zeros for the sparse patterns (as HF Longformer and
-BigBird give); `etkd_full` computes them as HF's eager/sdpa code does, so it equals HF everywhere.
+a (batch, 1, seq, seq) tensor. Padded query rows: zeros for the sparse patterns (as HF's own sparse
+models give); `etkd_full` computes them as HF's eager/sdpa code does, so it equals HF everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-import etkd_kernels as ek
+from etkd.models.patterns import PATTERNS
 
 from ._common import (
     UnsupportedConfigError,
@@ -101,6 +99,7 @@ def _implementation(name: str, required: tuple[str, ...] = ()):
         def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             cfg = _settings(module, name, required)
             _checks(name, module, query, key, attention_mask, cfg, kwargs)
+            cfg = {k: _layer_value(v, module, k) for k, v in cfg.items()}
             common = dict(
                 key_padding_mask=attention_mask, scale=scaling, dropout_p=float(dropout),
                 backend=cfg.get("backend", "auto"),
@@ -113,57 +112,14 @@ def _implementation(name: str, required: tuple[str, ...] = ()):
     return register
 
 
-@_implementation("etkd_sliding_window", ("window",))
-def sliding_window(module, query, key, value, cfg, kwargs, common):
-    glob = kwargs.get("global_attention_mask")
-    if glob is not None:
-        glob = glob.to(query.device) > 0
-        if common["key_padding_mask"] is not None:
-            glob = glob & common["key_padding_mask"]
-    window = int(_layer_value(cfg["window"], module, "window"))
-    return ek.sliding_window_attention(query, key, value, window, global_mask=glob, **common)
+def _register_patterns() -> None:
+    """Every registered pattern's `hf_attention` under its `hf_name` (models/patterns/<name>.py)."""
+    for p in PATTERNS.values():
+        if p.hf_name is not None and p.hf_attention is not None:
+            _implementation(p.hf_name, p.hf_required)(p.hf_attention)
 
 
-@torch.compiler.disable  # drawn once per (length, device) and cached on the module
-def _block_layout(module, cfg: dict, seq: int, heads: int, device) -> ek.BlockLayout:
-    cache = module.__dict__.setdefault("_etkd_layouts", {})
-    key = (seq, str(device))
-    if key not in cache:
-        layer = getattr(module, "layer_idx", None) or 0
-        cache[key] = ek.bigbird_layout(
-            seq,
-            int(cfg["block_size"]),
-            num_window_blocks=int(cfg.get("num_window_blocks", 3)),
-            num_global_blocks=int(cfg.get("num_global_blocks", 2)),
-            num_random_blocks=int(cfg.get("num_random_blocks", 3)),
-            seed=int(cfg.get("seed", 0)) + layer,
-            num_heads=heads,
-        ).to(device)
-    return cache[key]
-
-
-@_implementation("etkd_block_sparse", ("block_size",))
-def block_sparse(module, query, key, value, cfg, kwargs, common):
-    layout = _block_layout(module, cfg, query.shape[2], query.shape[1], query.device)
-    return ek.block_sparse_attention(query, key, value, layout, **common)
-
-
-@_implementation("etkd_nystrom", ("num_landmarks",))
-def nystrom(module, query, key, value, cfg, kwargs, common):
-    return ek.nystrom_attention(
-        query, key, value, min(int(cfg["num_landmarks"]), query.shape[2]),
-        pinv_iterations=int(cfg.get("pinv_iterations", 6)), pinv_init=cfg.get("pinv_init", "per_head"), **common,
-    )  # fmt: skip
-
-
-@_implementation("etkd_lsg", ("block_size",))
-def lsg(module, query, key, value, cfg, kwargs, common):
-    return ek.lsg_attention(
-        query, key, value, block_size=int(cfg["block_size"]),
-        sparse_block_size=int(cfg.get("sparse_block_size", cfg["block_size"])),
-        sparsity_factor=int(cfg.get("sparsity_factor", 2)), sparsity_type=cfg.get("sparsity_type", "pooling"),
-        num_global_tokens=min(int(cfg.get("num_global_tokens", 1)), query.shape[2]), **common,
-    )  # fmt: skip
+_register_patterns()
 
 
 @_implementation("etkd_full")

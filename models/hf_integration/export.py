@@ -30,8 +30,8 @@ def to_hf_attention(model: EncoderModel):
     """The BERT/RoBERTa transformers model of `model`'s family and head, weights copied, whose config selects
     the etkd `attn_implementation` (saved in config.json with the pattern's settings under `etkd_attention`).
 
-    Longformer global projections cannot be carried (BERT/RoBERTa have none): they must equal the local ones
-    (as `convert` initialises them), else this raises."""
+    Separate global projections (`global_projections`) cannot be carried (BERT/RoBERTa have none): they must
+    equal the local ones (as `convert` initialises them), else this raises."""
     cfg = model.config
     why = PATTERNS[cfg.attention].hf_unsupported(cfg)
     if why is not None:
@@ -48,7 +48,7 @@ def to_hf_attention(model: EncoderModel):
             if not torch.equal(sd[key], sd[local]):
                 raise UnsupportedConfigError(
                     f"to_hf_attention: {key} differs from {local}; BERT/RoBERTa classes have no separate global "
-                    f"projections, so this trained Longformer cannot be written with --format hf-attention"
+                    f"projections, so a model with trained global projections cannot be written with --format hf-attention"
                 )
             del sd[key]
     plain = EncoderModel(cfg.replace(attention="full", global_projections=False))

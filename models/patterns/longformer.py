@@ -1,0 +1,68 @@
+"""Longformer: a sliding window of `window` keys per layer, plus global tokens (HF `LongformerSelfAttention`)."""
+
+from __future__ import annotations
+
+import torch
+
+import etkd_kernels as ek
+
+from . import HFFamily, Pattern, register, register_family
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(b, s, h*d) -> (b, h, s, d)."""
+    b, s, _ = x.shape
+    return x.view(b, s, num_heads, -1).transpose(1, 2)
+
+
+def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
+    # Attention dropout on the local and global probabilities, as HF's LongformerSelfAttention.
+    global_qkv = None
+    if global_mask is not None and attn.qg is not None:
+        h = attn.config.num_heads
+        global_qkv = (_heads(attn.qg(x), h), _heads(attn.kg(x), h), _heads(attn.vg(x), h))
+    return ek.sliding_window_attention(
+        q, k, v, attn.window, global_mask=global_mask, global_qkv=global_qkv,
+        key_padding_mask=key_padding_mask, dropout_p=attn.dropout_p, backend=backend,
+    )  # fmt: skip
+
+
+def hf_attention(module, query, key, value, settings, kwargs, common):
+    """`etkd_sliding_window` (`etkd.hf`): settings `window` (an int, or one per layer); global tokens from the
+    `global_attention_mask=` keyword HF passes through ((batch, seq), 1 = global)."""
+    glob = kwargs.get("global_attention_mask")
+    if glob is not None:
+        glob = glob.to(query.device) > 0
+        if common["key_padding_mask"] is not None:
+            glob = glob & common["key_padding_mask"]
+    return ek.sliding_window_attention(query, key, value, int(settings["window"]), global_mask=glob, **common)
+
+
+PATTERN = register(Pattern(
+    "longformer", "sliding_window", adapter, ("window", "global_projections"),
+    hf_name="etkd_sliding_window", hf_settings={"window": "window"}, label="sliding window {WINDOW} + 1 global",
+    hf_model_type="longformer", hf_attention=hf_attention, hf_required=("window",),
+))  # fmt: skip
+
+
+def _from_config(c) -> dict:
+    w = c.attention_window
+    return dict(attention="longformer", window=list(w) if isinstance(w, (list, tuple)) else w,
+                global_projections=True)  # fmt: skip
+
+
+def _to_weights(cfg, sd: dict) -> None:
+    """HF Longformer always has global projections: without ours, start them from the local ones (Longformer's
+    recipe)."""
+    if cfg.global_projections:
+        return
+    for key in list(sd):
+        for local, glob in (("query", "query_global"), ("key", "key_global"), ("value", "value_global")):
+            if f".attention.self.{local}." in key:
+                sd[key.replace(f".self.{local}.", f".self.{glob}.")] = sd[key]
+
+
+register_family(HFFamily(
+    "longformer", "Longformer", "longformer", fairseq=True, from_config=_from_config,
+    to_config=lambda cfg: {"attention_window": cfg.window}, to_weights=_to_weights,
+))  # fmt: skip
