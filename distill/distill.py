@@ -29,9 +29,9 @@ from .core import (
     check_vocab,
     load_model,
     log,
-    lsg_token_ids,
     prepare_model,
     require_mlm_head,
+    special_token_ids,
     tokenizer_for,
     train_mlm,
 )
@@ -99,7 +99,7 @@ def student_layers(value, num_layers: int) -> str | list[int]:
 
 def build_student(teacher, ns: argparse.Namespace, tokenizer=None):
     """--student, else make_student(teacher, layers); then convert if an attention/length is asked for
-    (to LSG: global embeddings from the tokenizer's bos/cls and mask embeddings)."""
+    (with the tokenizer's special-token ids, for a pattern whose conversion needs them: `convert_tokens`)."""
     from etkd.models import convert, make_student
 
     student = (
@@ -115,7 +115,7 @@ def build_student(teacher, ns: argparse.Namespace, tokenizer=None):
             window=ns.student_window,
             block_size=ns.student_block_size,
             num_landmarks=ns.student_num_landmarks,
-            **(lsg_token_ids(tokenizer) if tokenizer is not None else {}),
+            **(special_token_ids(tokenizer) if tokenizer is not None else {}),
         )
     return student
 

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_close
 
 import etkd_kernels as ek
 from etkd.benchmarks import core
@@ -59,6 +60,41 @@ def test_bench_train_step_bf16(tmp_path):
         assert (r["mode"], r["dtype"]) == ("train", "bf16")
         assert 0 < r["time_p20"] <= r["time_s"] <= r["time_p80"] and r["peak_mib"] >= 0
         assert r["environment"]["threads"] >= 1 and r["environment"]["torch"] == torch.__version__
+
+
+def test_train_step_side_by_side_tiny(capsys):
+    from etkd.benchmarks import train_step
+
+    argv = ["--size", "tiny", "--seq", "64", "--layers", "1", "--repeats", "2", "--threads", "1"]
+    assert train_step.main(argv) == 0
+    out = capsys.readouterr().out
+    for side in ("etkd-cpu", "hf"):
+        for opt in ("adamw", "fused"):
+            line = next(ln for ln in out.splitlines() if ln.split()[:2] == [side, opt])
+            times = [float(t) for t in line.split("steps:")[1].split(",")]
+            assert len(times) == 2 and all(t > 0 for t in times), line
+    assert "HF / etkd with adamw:" in out and "HF / etkd with fused:" in out
+
+
+def test_model_step_fused_adamw_is_the_same_update():
+    """The benchmarks' fused AdamW (`model_step(..., fused_adamw=True)`) takes the per-parameter loop's steps."""
+    from etkd.benchmarks.bench import build_model
+    from etkd_kernels.timing import model_step
+
+    models = [
+        build_model("longformer", "tiny", 64, False).set_attention_backend("reference") for _ in range(2)
+    ]
+    ids = torch.randint(5, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    before = [p.detach().clone() for p in models[0].parameters()]
+    for model, fused in zip(models, (False, True)):
+        step = model_step(model, kwargs, "train", fused_adamw=fused)
+        for _ in range(3):
+            step()
+    moved = max(float((p - b).abs().max()) for p, b in zip(models[0].parameters(), before))
+    assert moved > 1e-6  # the steps changed the weights
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert_close(b, a, atol=1e-7, name="fused vs loop AdamW")
 
 
 def test_core_comparison_rows_and_memory():

@@ -17,10 +17,10 @@ import functools
 import torch
 
 from .._env import EnvironmentValueError, flag
-from ..dispatch import Capabilities
+from ..dispatch import Capabilities, backend_ops
 
 NAME = "cpu"
-OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")  # module <op> here holds forward/backward
+OPS = backend_ops(__file__)  # module <op> here holds forward/backward
 AUTO_DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -192,14 +192,15 @@ def _load_extension() -> str | None:
     )
 
 
-# Per-op exceptions to DTYPES (none today: lsg.cpp and nystrom.cpp compute in float32 and their 16-bit inputs
-# are converted on load by `_dtype.in_float32`, forward and backward; tests/test_support_matrix.py checks it).
+# Per-op exceptions to DTYPES (none today: the kernels that compute in float32 only get their 16-bit inputs
+# converted on load by `_dtype.in_float32` (their modules use it), forward and backward;
+# tests/test_support_matrix.py checks it).
 OP_DTYPES: dict[str, tuple[torch.dtype, ...]] = {}
 
 
 # Ops whose kernels apply attention dropout (dropout_p > 0; the others fall back to `reference`, saying so): all
 # of them (full_attention with dropout runs the tile driver, not ATen's kernel: etkd_kernels/cpu/full.py).
-DROPOUT_OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
+DROPOUT_OPS = OPS
 
 
 def capabilities(op: str) -> Capabilities:
