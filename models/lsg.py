@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .config import CONFIG_NAME, EncoderConfig
 from .encoder import SAVE_FORMATS, EncoderModel, apply_umask
 from .hf import EMBEDDINGS, FAMILIES, OTHER_FORMATS, config_from_hf, hf_config, hf_name, load_mapped
+from .loader import LOAD_FORMATS
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
 LSG_FAMILIES = {"roberta": "Roberta", "bert": "Bert"}
@@ -198,3 +199,4 @@ def save_lsg(model: EncoderModel, directory: str | os.PathLike) -> None:
 
 
 SAVE_FORMATS["lsg"] = save_lsg
+LOAD_FORMATS["lsg"] = (is_lsg_config, load_lsg)
