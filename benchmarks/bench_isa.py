@@ -13,8 +13,9 @@ sliding window 512 (no globals); BigBird block-sparse 64 (3 window + 2 global + 
 
 Each round times every case with the project's one timer (`etkd_kernels.timing.time_call`, median of
 `--repeats` calls after one warm-up); the table gives `Timing.of` over the rounds' medians (median, p20-p80).
-`--profile` runs the children with ETKD_CPU_PROFILE=1 and adds, per forward case, the kernel's time per phase
-(QK^T GEMM, softmax, conversions, PV GEMM, ...; csrc/cpu/flash_tile.h) in ms per call summed over threads.
+`--profile` runs the children with ETKD_CPU_PROFILE=1 and adds, per case, the kernel's time per phase (QK^T GEMM,
+softmax, conversions, PV GEMM, ...; csrc/cpu/flash_tile.h) in ms per call summed over threads; a fwd+bwd row
+minus its fwd row is the backward's (whose products are qk: S = Q K^T, and pv: the other four).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
                 _C.cpu_profile()  # reset the phase totals
                 res["times"][key] = time_call(run, repeats=repeats, warmup=1).median
                 prof = _C.cpu_profile()
-                if prof.pop("enabled") and mode == "fwd":
+                if prof.pop("enabled"):
                     res["phases"][key] = {k: v / (repeats + 1) for k, v in prof.items()}
     return res
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(phases.values()):
         names = list(next(iter(next(p for p in phases.values() if p).values())))
         print()
-        print("# forward phases, ms per call summed over threads (median over rounds); wall = ms per call")
+        print("# kernel phases, ms per call summed over threads (median over rounds); wall = ms per call")
         print("| config | case | wall | " + " | ".join(names) + " |")
         print("|---|---|---|" + "---|" * len(names))
         for c, per in phases.items():

@@ -3,6 +3,7 @@
 The teacher is frozen (eval, no grad); the student is `make_student(teacher)` (every other layer) or a
 given checkpoint, optionally converted to another attention pattern / length. Loss:
 alpha * MLM + beta * T^2 * KL(soft targets) + gamma * cosine(last hidden states), defaults 2, 5, 1, T = 2.
+The cosine-only variant (--alpha 0 --beta 0) needs no MLM head and sees the text unmasked.
 
     etkd distill --teacher roberta-long/ --data oscar/ bookcorpus/ --long-fraction 0.3 \
         --output-dir runs/kd --max-steps 100000 --batch-size 8 --grad-accum-steps 4 --mixed-precision bf16

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, EncoderConfig
 from .encoder import SAVE_FORMATS, EncoderModel, apply_umask
-from .hf import FAMILIES, OTHER_FORMATS, config_from_hf, hf_config, hf_name, load_mapped
+from .hf import EMBEDDINGS, FAMILIES, OTHER_FORMATS, config_from_hf, hf_config, hf_name, load_mapped
+from .loader import LOAD_FORMATS
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
 LSG_FAMILIES = {"roberta": "Roberta", "bert": "Bert"}
@@ -47,6 +48,9 @@ LSG_HEADS = {None: "Model", "mlm": "ForMaskedLM", "sequence_classification": "Fo
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # from_hf refuses these (their config.json has a plain model_type) and names the reader
 OTHER_FORMATS["LSG"] = "an lsg-converter checkpoint (LSGRoberta*/LSGBert*)"
+EMBEDDINGS["global_tokens"] = (
+    "global_embeddings"  # the prepended global embeddings (`Embeddings.global_tokens`)
+)
 
 
 def auto_map(family: str) -> dict[str, str]:
@@ -195,3 +199,4 @@ def save_lsg(model: EncoderModel, directory: str | os.PathLike) -> None:
 
 
 SAVE_FORMATS["lsg"] = save_lsg
+LOAD_FORMATS["lsg"] = (is_lsg_config, load_lsg)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from etkd.benchmarks import hf_reference as hr
 from etkd.benchmarks.patterns import bigbird as hb
 from etkd_kernels import BlockLayout, bigbird_layout, block_sparse_attention
-from etkd_kernels.layouts import bigbird_block_counts, fold_block_counts
+from etkd_kernels.layouts.bigbird import bigbird_block_counts, fold_block_counts
 
 
 def dense_block_sparse(q, k, v, layout: BlockLayout, key_padding_mask=None, scale=None):

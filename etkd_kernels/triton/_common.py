@@ -212,7 +212,7 @@ def launch(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Attention dropout: the RNG contract of etkd_kernels/_shared.py (`philox4x32_10`, `dropout_keep`), bit for bit.
+# Attention dropout: the RNG contract of etkd_kernels/_shared/ (`philox4x32_10`, `dropout_keep`), bit for bit.
 # Triton's tl.randint keys Philox on (seed, offset) with a counter of its own layout, so the contract's
 # counter (j >> 3, i, b * H + h, offset) goes through this Philox4x32-10 (Random123's constants and rounds).
 

@@ -1,6 +1,6 @@
 """Triton LSG attention, FlashAttention-2 style, forward and backward.
 
-The compressed (sparse) keys are built with a few torch ops (`etkd_kernels._shared.extra_keys`, from the
+The compressed (sparse) keys are built with a few torch ops (`etkd_kernels._shared.lsg.extra_keys`, from the
 reference's definition) into an extra key source KX = [global keys, compressed keys] (B, H, G + T, D) with a
 per-head mask. Block pass: a program owns a tile of BLOCK_P rows inside one query block n and runs one online
 softmax over the local keys [(n - 1) B, (n + 2) B) of K (global and padded keys masked) and the
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._shared import all_query_rows, extra_keys
+from .._shared.lsg import all_query_rows, extra_keys
 from . import _common as cm
 
 _KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL", "DROPOUT"]  # SB: seq bucket

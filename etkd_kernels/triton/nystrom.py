@@ -7,7 +7,7 @@ unequal query/key lengths, so one fused dense kernel (online softmax, saved lse,
     K1 @ X       = attn(q, k~, X)                    (seq queries over L landmark keys), X = pinv(K2) @ (K3 @ v)
 
 K2 = softmax(s q~ k~^T) (L x L), the Newton-Schulz pseudo-inverse and the segment means are small and go
-through torch GEMMs (the functions the reference uses, etkd_kernels/_shared.py, so rounding matches). The
+through torch GEMMs (the functions the reference uses, etkd_kernels/_shared/nystrom.py, so rounding matches). The
 backward is written out (`backward`): the fused kernels' own backward for the two large products, autograd
 only over the small (L x L) part: no (seq x L) matrix is ever stored. Low-precision inputs: landmarks and X
 are cast to the input dtype before the kernels
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._shared import compute_dtype, iterative_pinv, segment_means
+from .._shared import compute_dtype
+from .._shared.nystrom import iterative_pinv, segment_means
 from . import _common as cm
 
 _KEY = ["SQB", "SKB", "BLOCK_D", "DROPOUT"]  # sequence buckets
