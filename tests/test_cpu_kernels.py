@@ -312,3 +312,15 @@ def test_cpu_profile_switch_is_the_env_check(value, on):
         return
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-2:] == [str(on), str(on)], res.stdout
+
+
+def test_product_rates_name_the_target_kernels():
+    """`_C.product_rates()` (bench_isa's bound of the bf16 products without AMX) times the chosen target's own
+    micro-kernels: an fp32 rate on every x86 target (the portable one has none), a vdpbf16ps rate exactly on
+    avx512_bf16."""
+    from etkd_kernels import _C
+
+    rates = _C.product_rates()
+    assert set(rates) == {"fp32", "vdpbf16ps"}, rates
+    assert (rates["fp32"] > 0) == (_C.isa() != "generic"), rates
+    assert (rates["vdpbf16ps"] > 0) == (_C.isa() == "avx512_bf16"), rates

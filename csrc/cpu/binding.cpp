@@ -191,6 +191,25 @@ PyObject* py_bf16_calls(PyObject*, PyObject*) {
   return out;
 }
 
+// _C.product_rates() -> {"fp32": GMAC/s, "vdpbf16ps": GMAC/s}: the chosen target's own tile products on one
+// thread, the forward's shapes (flash_tile_impl.h: product_rate; vdpbf16ps 0 where the target has none).
+PyObject* py_product_rates(PyObject*, PyObject*) {
+  try {
+    const auto& k = etkd::cpu::kernels();
+    PyObject* out = PyDict_New();
+    const char* names[2] = {"fp32", "vdpbf16ps"};
+    for (int i = 0; i < 2; ++i) {
+      PyObject* v = PyFloat_FromDouble(k.product_rate(i));
+      PyDict_SetItemString(out, names[i], v);
+      Py_DECREF(v);
+    }
+    return out;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 // _C.tile_gemm() -> "own" | "blas": what multiplies the fp32 tiles (forward and backward) (flash_tile.h: own_tile_gemm).
 PyObject* py_tile_gemm(PyObject*, PyObject*) {
   try {
@@ -223,6 +242,7 @@ PyMethodDef methods[] = {
     {"bf16_brgemm", py_bf16_brgemm, METH_NOARGS, "whether bf16 forward tiles use oneDNN brgemm (AMX)"},
     {"bf16_products", py_bf16_products, METH_NOARGS, "what multiplies bf16 tiles, forward and backward"},
     {"bf16_calls", py_bf16_calls, METH_NOARGS, "bf16 tile-driver calls per product kind since the last call"},
+    {"product_rates", py_product_rates, METH_NOARGS, "GMAC/s of the own fp32 and vdpbf16ps tile products, 1 thread"},
     {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 tiles: own micro-kernels or blas"},
     {"own_tile_width", py_own_tile_width, METH_NOARGS, "head_dim multiple the own tile products need (0: off)"},
     {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase kernel time (ETKD_CPU_PROFILE=1), then reset"},

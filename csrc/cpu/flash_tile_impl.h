@@ -1851,6 +1851,42 @@ void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int
   }
 }
 
+// Multiply-adds per ns (GMAC/s; best of 200 on the calling thread, so a loaded machine lowers it less than a
+// kernel's time) of this target's own tile products on the forward's shapes: S = Q K^T over ten 64-key blocks and
+// acc += P V over those 640 keys, 64 query rows, head dim 64. kind 0: the fp32 FMA micro-kernels; kind 1: the
+// vdpbf16ps ones (0 where the target has none). Their ratio is the bound the bf16 products without AMX have here
+// against the fp32 ones (bench_isa --profile prints it).
+double product_rate(int kind) {
+#if ETKD_OWN_PRODUCTS
+  constexpr int64_t rows = 64, d = 64, nc = 10 * kPackN;
+  AVec<float> a(rows * nc, 0.01f), b(nc * d, 0.02f), c(rows * nc);
+#if ETKD_NATIVE_BF16
+  AVec<uint16_t> ab(rows * nc, 0x3c00), bb(nc * d, 0x3c00);  // bf16 1.0
+#endif
+  int64_t best = INT64_MAX;
+  for (int rep = 0; rep < 200; ++rep) {
+    const int64_t t0 = now_ns();
+    if (kind == 0) {
+      for (int64_t b0 = 0; b0 < nc; b0 += kPackN)
+        gemm_panels<kPanel>(rows, kPackN, d, 1.f, a.data(), d, 1, b.data() + b0 * d, kPackN, c.data() + b0, nc, false);
+      gemm_panels<kPanel>(rows, d, nc, 1.f, a.data(), nc, 1, b.data(), d, c.data(), d, true);
+    } else {
+#if ETKD_NATIVE_BF16
+      for (int64_t b0 = 0; b0 < nc; b0 += kPackN)
+        dp_gemm(rows, kPackN, d / 2, 1.f, ab.data(), d / 2, 1, bb.data() + b0 * d, kPackN, c.data() + b0, nc, false);
+      dp_gemm(rows, d, nc / 2, 1.f, ab.data(), nc / 2, 1, bb.data(), d, c.data(), d, true);
+#else
+      return 0.0;
+#endif
+    }
+    best = std::min(best, now_ns() - t0);
+  }
+  return 2.0 * rows * nc * d / static_cast<double>(std::max<int64_t>(best, 1));
+#else
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 // This target's table (isa.cpp). native_bf16 needs MKL's bf16 GEMM in the torch build (a weak symbol).
@@ -1868,6 +1904,7 @@ const Kernels& table() {
     k.softmax_rows = softmax_rows;
     k.rowwise_dot = rowwise_dot;
     k.dropout_rows = dropout_rows;
+    k.product_rate = product_rate;
     return k;
   }();
   return t;
