@@ -76,6 +76,20 @@ def test_train_step_side_by_side_tiny(capsys):
     assert "HF / etkd with adamw:" in out and "HF / etkd with fused:" in out
 
 
+def test_nystrom_switches_run_each_set_in_its_own_process(capsys):
+    from etkd.benchmarks import nystrom_switches
+
+    argv = ["--seq", "256", "--repeats", "1", "--threads", "1", "--switches", "default", "avx2-epyc"]
+    assert nystrom_switches.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "avx2-epyc: ETKD_CPU_ISA=avx2" in out and "etkd target avx2," in out
+    )  # the switch reached the worker
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("fwd ", "fwd_bwd "))]
+    assert [r[0] for r in rows] == ["fwd", "fwd_bwd"] * 2
+    assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows), rows
+
+
 def test_model_step_fused_adamw_is_the_same_update():
     """The benchmarks' fused AdamW (`model_step(..., fused_adamw=True)`) takes the per-parameter loop's steps."""
     from etkd.benchmarks.bench import build_model

@@ -69,6 +69,9 @@ class Pattern:
                  or of its conversion only)
     convert_tokens: why converting to this pattern needs the tokenizer's special-token ids (`convert`'s
                  `bos_token_id`, `mask_token_id`), None when it does not
+    convert_settings: `EncoderConfig` fields `convert` sets on a model converted to this pattern
+    convert_resets: `EncoderConfig` fields `convert` resets to these values unless source and target are both
+                 this pattern (settings a conversion cannot carry over)
     """
 
     name: str
@@ -86,6 +89,8 @@ class Pattern:
     save_format_help: str = ""
     options: dict[str, Option] = field(default_factory=dict)
     convert_tokens: str | None = None
+    convert_settings: dict = field(default_factory=dict)
+    convert_resets: dict = field(default_factory=dict)
 
 
 PATTERNS: dict[str, Pattern] = {}

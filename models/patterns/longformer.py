@@ -55,6 +55,8 @@ PATTERN = register(Pattern(
     hf_name="etkd_sliding_window", hf_settings={"window": "window"}, label="sliding window {WINDOW} + 1 global",
     hf_model_type="longformer", hf_attention=hf_attention, hf_required=("window",),
     options={"window": Option("attention_window (even)")},
+    convert_settings={"global_projections": True},  # started as copies of the local projections
+    convert_resets={"global_projections": False},  # a model converted to another pattern has none
 ))  # fmt: skip
 
 

@@ -39,6 +39,7 @@ PATTERN = register(Pattern(
     label="Nyström {LANDMARKS} landmarks", hf_model_type="nystromformer",
     hf_attention=hf_attention, hf_required=("num_landmarks",),
     options={"num_landmarks": Option("landmarks")},
+    convert_resets={"conv_kernel_size": None},  # HF's conv term is kept only from a Nyström source
 ))  # fmt: skip
 
 # HF Nystromformer: positions from row 2 (its table has 2 more rows than max_position_embeddings).
