@@ -1,12 +1,11 @@
 """`etkd bench`: paper Tables 2 and 4 — inference time and peak memory per model and sequence length — and,
 with `--mode train`, the time and peak memory of one training step (forward + backward + AdamW step).
 
-For each model family (full-attention baselines at 512 and extended to 4096; Longformer, BigBird, LSG,
-Nystromformer teachers) and its half-depth student (`make_student`, every other layer), each
-implementation — HF's own model class (`to_hf` of the same weights; for LSG RoBERTa lsg-converter's
-`LSGRobertaModel` with the same shapes and settings, run by benchmarks/lsg_peer.py in the side environment
-`make lsg-env` or `$ETKD_LSG_PYTHON`, as transformers 5 cannot import it) and our encoder on each available
-backend — runs in a fresh process (`harness.run_fresh`): a warm-up call, then `repeats` timed calls
+For each model family (full-attention baselines at 512 and extended to 4096; a teacher of every pattern with a
+benchmark module, benchmarks/patterns/, at its paper settings) and its half-depth student (`make_student`,
+every other layer), each implementation — HF's own model class (`to_hf` of the same weights; for a pattern
+transformers has no class for, the baseline its module names as `Bench.peer`, run outside this process) and
+our encoder on each available backend — runs in a fresh process (`harness.run_fresh`): a warm-up call, then `repeats` timed calls
 (median and 20/80% quantiles) and their peak memory above the level after warm-up (`PeakMemory`: process
 high-water mark on a CPU, `max_memory_allocated` on a GPU). `--dtype bf16|fp16` casts the weights of both sides. Output: the table
 (on the CPU it leads with ours-vs-HF ratios), JSON with the environment, and a PNG plot.
@@ -20,23 +19,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from etkd_kernels import timing as timing_module
 from etkd_kernels.timing import model_step
 
-from .harness import PeakMemory, environment, run_fresh, run_json, time_call
-from .providers import DTYPES, PAPER_SETTINGS
+from .harness import PeakMemory, environment, run_fresh, time_call
+from .patterns import BENCHES
+from .providers import DTYPES
 
-LSG_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lsg_peer.py")
-LSG_IMPL = "lsg-converter"  # the baseline of the lsg family: lsg-converter's own model
-
-
-def lsg_python() -> str | None:
-    """The side environment's python that runs lsg-converter's model (None when there is none)."""
-    path = os.environ.get("ETKD_LSG_PYTHON") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-lsg", "bin", "python"
-    )
-    return path if os.path.isfile(path) else None
-
+# impl name -> the pattern whose `Bench.peer` it is (rows run by the peer, not by `worker`)
+PEERS = {b.peer.impl: name for name, b in BENCHES.items() if b.peer is not None}
 
 SIZES = {
     # name: (hidden, layers, heads, intermediate, vocab)
@@ -45,11 +35,11 @@ SIZES = {
     "tiny": (64, 2, 2, 256, 1000),
 }
 # family -> (attention, settings); "full" is BERT at 512 positions, "full-4096" the same extended (Table 4); the
-# efficient patterns at the paper's sizes (the attention-core benchmarks' `providers.PAPER_SETTINGS`).
+# efficient patterns at the paper's sizes (their `Bench.settings`, as the attention-core benchmarks).
 FAMILIES = {
     "full": ("full", {}),
     "full-4096": ("full", {}),
-    **{name: (name, settings) for name, settings in PAPER_SETTINGS.items()},
+    **{name: (name, b.settings) for name, b in BENCHES.items()},
 }
 
 
@@ -75,28 +65,27 @@ def build_model(
 ):
     """The benchmarked model (eval); with `meta` only its config (the student's: half the layers)."""
     from etkd.models import EncoderConfig, EncoderModel, make_student
+    from etkd.models.patterns import HF_FAMILIES
 
     hidden, layers, heads, inter, vocab = SIZES[size]
     attention, settings = FAMILIES[family]
     settings = dict(settings)
-    if window is not None and attention == "longformer":
+    if window is not None and "window" in settings:
         settings["window"] = window
     max_tokens = 512 if family == "full" else max(4096, seq)
-    # Position tables as the classes the families export to: RoBERTa-style for Longformer and LSG RoBERTa (two
-    # reserved rows), offset 2 for Nystromformer, plain BERT otherwise.
-    padded = attention in ("longformer", "lsg")
-    extra_rows = 2 if attention in ("longformer", "nystrom", "lsg") else 0
+    # Position tables as the HF classes the patterns' models export to (`Bench.positions`): RoBERTa-style ones
+    # have two reserved rows (pad 1), others start at the family's offset; plain BERT for full attention.
+    bench = BENCHES.get(attention)
+    fam = HF_FAMILIES[bench.positions if bench else "bert"]
+    extra_rows = 2 if fam.fairseq else fam.position_offset
     cfg = EncoderConfig(
         vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=inter,
-        max_positions=max_tokens + extra_rows, position_style="padded" if padded else "absolute",
-        pad_token_id=1 if padded else 0, position_offset=2 if attention == "nystrom" else 0,
-        attention=attention, global_projections=attention == "longformer", hidden_dropout=0.0,
-        attention_dropout=0.0, **settings,
+        max_positions=max_tokens + extra_rows, position_style="padded" if fam.fairseq else "absolute",
+        pad_token_id=1 if fam.fairseq else 0, position_offset=fam.position_offset, attention=attention,
+        hidden_dropout=0.0, attention_dropout=0.0, **settings,
     )  # fmt: skip
-    if attention == "nystrom":
-        cfg.extra["segment_means_seq_len"] = seq
-        cfg.pinv_init = "hf_global"
-        cfg.conv_kernel_size = 65  # HF Nystromformer's default depthwise conv on values
+    if bench and bench.configure:
+        bench.configure(cfg, seq)
     if meta:
         return cfg.replace(num_layers=len(range(0, layers, 2))) if student else cfg
     torch.manual_seed(0)
@@ -106,30 +95,11 @@ def build_model(
     return model
 
 
-def lsg_peer_config(size: str, seq: int, student: bool) -> dict:
-    """LSGRobertaConfig arguments for lsg-converter's model with the shapes and settings of `build_model`'s."""
-    cfg = build_model("lsg", size, seq, student, meta=True)
-    return dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_positions, type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id,
-        layer_norm_eps=cfg.layer_norm_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        block_size=cfg.block_size, sparse_block_size=cfg.sparse_block_size, sparsity_factor=cfg.sparsity_factor,
-        sparsity_type=cfg.sparsity_type, num_global_tokens=cfg.num_global_tokens,
-        pool_with_global=cfg.pool_with_global, mask_first_token=cfg.mask_first_token, adaptive=cfg.adaptive,
-    )  # fmt: skip
-
-
-def lsg_peer_row(spec: dict, timeout: float) -> dict:
-    """One lsg-converter row, in a fresh process of the side environment."""
-    python = lsg_python()
-    if python is None:
-        return {"status": "skipped: no side environment for lsg-converter (make lsg-env, or ETKD_LSG_PYTHON)"}
+def peer_row(spec: dict, timeout: float) -> dict:
+    """One row of a pattern's peer baseline (`Bench.peer`), with the shapes and settings of `build_model`'s."""
     row = spec["row"]
-    # The side environment has no etkd: it loads the timing module by the path of the one installed here.
-    peer = {**spec, "config": lsg_peer_config(spec["size"], row["seq"], row["student"]),
-            "timing_path": timing_module.__file__}  # fmt: skip
-    return run_json([python, LSG_PEER, "bench", json.dumps(peer)], timeout)
+    cfg = build_model(row["family"], spec["size"], row["seq"], row["student"], spec.get("window"), meta=True)
+    return BENCHES[PEERS[row["impl"]]].peer.row(spec, timeout, cfg)
 
 
 def worker(spec: dict) -> dict:
@@ -166,11 +136,13 @@ def implementations(
     from etkd.models import PATTERNS
     from etkd_kernels.dispatch import BACKENDS, reasons
 
-    op = PATTERNS[FAMILIES[family][0]].op
-    if family == "lsg":
-        impls = [LSG_IMPL]  # transformers has no LSG class: lsg-converter's own model is the baseline
+    attention = FAMILIES[family][0]
+    op = PATTERNS[attention].op
+    peer = getattr(BENCHES.get(attention), "peer", None)
+    if peer is not None:
+        impls = [peer.impl]  # transformers has no class for it: the pattern's own baseline
     else:
-        impls = [] if PATTERNS[FAMILIES[family][0]].hf_model_type is None else ["hf"]  # no transformers class
+        impls = [] if PATTERNS[attention].hf_model_type is None else ["hf"]  # no transformers class
     for b in backends or BACKENDS:
         if not reasons(b, op, device, dtype):
             impls.append(f"etkd-{b}")
@@ -208,8 +180,8 @@ def run_bench(
                                  "warmup": warmup, "window": window})  # fmt: skip
     rows = []
     for spec in tqdm(jobs, desc="etkd bench", disable=not progress):
-        if spec["row"]["impl"] == LSG_IMPL:
-            res = lsg_peer_row(spec, timeout)
+        if spec["row"]["impl"] in PEERS:
+            res = peer_row(spec, timeout)
         else:
             res = run_fresh("etkd.benchmarks.bench:worker", spec, timeout)
         rows.append(res if "time_s" in res else {**spec["row"], **res})
@@ -221,26 +193,29 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_tables(rows: list[dict], seq_lens: list[int], device: str) -> str:
-    """Paper Table 2 layout (time and memory per seq len); on the CPU, HF/etkd ratios first (for LSG the
-    baseline is lsg-converter's model)."""
+    """Paper Table 2 layout (time and memory per seq len); on the CPU, HF/etkd ratios first (for a pattern with
+    a peer baseline, peer/etkd)."""
     lines = []
     keyed = {(r["family"], r["student"], r["impl"], r["seq"]): r for r in rows}
     groups = sorted(
         {(r["family"], r["student"]) for r in rows}, key=lambda g: (list(FAMILIES).index(g[0]), g[1])
     )
-    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i not in ("hf", LSG_IMPL), i))
+    baselines = ("hf", *PEERS)
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (i not in baselines, i))
     if device == "cpu":
         lines.append(
-            "Ratios HF / etkd from one run (> 1: etkd faster or smaller; LSG: lsg-converter / etkd). "
-            "Absolute CPU times mean little."
+            "Ratios HF / etkd from one run (> 1: etkd faster or smaller"
+            + "".join(f"; {name}: {impl} / etkd" for impl, name in PEERS.items())
+            + "). Absolute CPU times mean little."
         )
         head = f"{'model':22s} {'etkd impl':16s}" + "".join(f" {'time ' + str(s):>10s}" for s in seq_lens)
         head += "".join(f" {'mem ' + str(s):>10s}" for s in seq_lens)
         lines += [head, "-" * len(head)]
         for fam, st in groups:
-            base = LSG_IMPL if fam == "lsg" else "hf"
+            peer = getattr(BENCHES.get(FAMILIES[fam][0]), "peer", None)
+            base = peer.impl if peer else "hf"
             for impl in impls:
-                if impl in ("hf", LSG_IMPL):
+                if impl in baselines:
                     continue
                 cells_t, cells_m, any_ = [], [], False
                 for s in seq_lens:
@@ -318,7 +293,12 @@ def register(sub) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--window", type=int, default=None, help="Longformer attention window (default 512)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="attention window of the patterns that have one (default: their paper setting)",
+    )
     p.add_argument("--no-students", action="store_true", help="teachers only")
     p.add_argument("--mode", choices=("infer", "train"), default="infer",
                    help="infer: a forward pass under no_grad; train: forward + backward + AdamW step")  # fmt: skip

@@ -13,8 +13,12 @@ sliding window 512 (no globals); BigBird block-sparse 64 (3 window + 2 global + 
 
 Each round times every case with the project's one timer (`etkd_kernels.timing.time_call`, median of
 `--repeats` calls after one warm-up); the table gives `Timing.of` over the rounds' medians (median, p20-p80).
-`--profile` runs the children with ETKD_CPU_PROFILE=1 and adds, per forward case, the kernel's time per phase
-(QK^T GEMM, softmax, conversions, PV GEMM, ...; csrc/cpu/flash_tile.h) in ms per call summed over threads.
+Each configuration also says how fast its own tile micro-kernels multiply on one thread (`_C.product_rates()`,
+GMAC/s on the forward's tile shapes, best round): the fp32 FMA ones and, on `avx512_bf16`, the vdpbf16ps ones, whose
+ratio bounds the bf16 products without AMX against the fp32 ones on this CPU.
+`--profile` runs the children with ETKD_CPU_PROFILE=1 and adds, per case, the kernel's time per phase (QK^T GEMM,
+softmax, conversions, PV GEMM, ...; csrc/cpu/flash_tile.h) in ms per call summed over threads; a fwd+bwd row
+minus its fwd row is the backward's (whose products are qk: S = Q K^T, and pv: the other four).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
         "block_sparse": lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, backend="cpu"),
     }
     res: dict = {"isa": _C.isa(), "bf16": _C.bf16_products(), "times": {}, "phases": {}}
+    res["rates"] = _C.product_rates()  # the own micro-kernels' peak on one thread (about 25 ms)
     for pattern in patterns:
         for dn in dtypes:
             for mode in modes:
@@ -62,7 +67,7 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
                 _C.cpu_profile()  # reset the phase totals
                 res["times"][key] = time_call(run, repeats=repeats, warmup=1).median
                 prof = _C.cpu_profile()
-                if prof.pop("enabled") and mode == "fwd":
+                if prof.pop("enabled"):
                     res["phases"][key] = {k: v / (repeats + 1) for k, v in prof.items()}
     return res
 
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_child += ["--repeats", str(a.repeats), "--threads", str(a.threads), "--patterns", *a.patterns]
     argv_child += ["--dtypes", *a.dtypes, "--modes", *a.modes]
     print(f"# {_cpu_model()}; SIMD flags: {' '.join(_simd_flags()) or 'unknown'}")
-    loads, bf16 = [], {}
+    loads, bf16, rates = [], {}, {}
     for _ in range(a.rounds):
         for name, env in configs.items():
             loads.append(os.getloadavg()[0])
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             bf16[name] = (
                 f"{got['isa']}, bf16 tiles fwd {got['bf16']['forward']} / bwd {got['bf16']['backward']}"
             )
+            for kind, val in got["rates"].items():  # the best round: the least disturbed by other load
+                rates.setdefault(name, {})[kind] = max(val, rates.get(name, {}).get(kind, 0.0))
             for key, val in got["times"].items():
                 rows[name].setdefault(key, []).append(val)
             for key, ph in got["phases"].items():
@@ -137,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# 1-min load during the run: min {min(loads):.2f}, max {max(loads):.2f}; now {os.getloadavg()}")
     for name, what in bf16.items():
         print(f"# {name}: {what}")
+    for name, r in rates.items():
+        dp = (
+            f", vdpbf16ps {r['vdpbf16ps']:.1f} (per multiply-add {r['vdpbf16ps'] / r['fp32']:.2f}x fp32)"
+            if r["vdpbf16ps"] and r["fp32"]
+            else ""
+        )
+        print(f"# {name}: own tile products, 1 thread, forward shapes: fp32 {r['fp32']:.1f} GMAC/s{dp}")
     print(f"# seconds per call: median [p20-p80] over {a.rounds} rounds of time_call (median of {a.repeats})")
     keys = list(next(iter(rows.values())))
     tm = {c: {k: Timing.of(v) for k, v in r.items()} for c, r in rows.items()}
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(phases.values()):
         names = list(next(iter(next(p for p in phases.values() if p).values())))
         print()
-        print("# forward phases, ms per call summed over threads (median over rounds); wall = ms per call")
+        print("# kernel phases, ms per call summed over threads (median over rounds); wall = ms per call")
         print("| config | case | wall | " + " | ".join(names) + " |")
         print("|---|---|---|" + "---|" * len(names))
         for c, per in phases.items():

@@ -62,7 +62,7 @@ def measure(
 
 def pattern_label(pattern: str) -> str:
     """The registry's benchmark label of `pattern`, with the sizes `providers` runs it at."""
-    return PATTERNS[pattern].label.format(**{k: v for k, v in vars(P).items() if k.isupper()})
+    return PATTERNS[pattern].label.format(**P.SIZES)
 
 
 def from_pytest_benchmark(path: str) -> list[dict]:

@@ -1,20 +1,19 @@
 """What attention dropout costs (issue 27): forward + backward of etkd's ops with dropout_p = 0.1 over the same
 call with p = 0 (target: <= 1.15x for the sliding window and block-sparse ops on `cpu` at 4096, batch 1,
 12 heads x 64, fp32), and HF's own attention core with its dropout on (training mode, p = 0.1) over ours with
-dropout, side by side from one run. For LSG, Nystrom and full attention, whose `cpu` dropout used to fall back to
-`reference`, the row also times that fallback (`reference` with p = 0.1) over ours with dropout:
+dropout, side by side from one run. For full attention and the patterns whose `cpu` dropout used to fall back
+to `reference` (`Bench.fallback_replaced`), the row also times that fallback (`reference` with p = 0.1) over
+ours with dropout:
 
     python -m etkd.benchmarks.dropout                     # seq 4096, backend cpu, 2 threads, every pattern
     python -m etkd.benchmarks.dropout --patterns full --seq 2048
     python -m etkd.benchmarks.dropout --seq 1024 --repeats 5 --backend reference
 
-The inputs, layouts and HF modules are `providers.build`'s (Longformer window 512 + 1 global token with the
-separate global projections; BigBird 64-blocks 3 + 2 + 3; LSG blocks of 128, pooling f = 2, 1 global; Nystrom 64
-landmarks, pinv_init hf_global), so the rows compare with `python -m etkd.benchmarks.core`; "full" is dense attention
-on random q, k, v of the same shape. HF's BigBirdBlockSparseAttention applies no attention dropout at all
-(transformers 5.25: only the full-attention BigBirdSelfAttention has `self.dropout`), and neither does
-NystromformerSelfAttention (its `self.dropout` is never called), so their rows are HF without dropout, and say so;
-transformers has no LSG attention; for "full" the baseline is torch's SDPA with dropout_p (the path HF's BERT/RoBERTa
+The inputs, layouts and HF modules are `providers.build`'s (each pattern's paper settings, benchmarks/patterns/),
+so the rows compare with `python -m etkd.benchmarks.core`; "full" is dense attention on random q, k, v of the
+same shape. HF's core with dropout is each pattern's `Bench.dropout_core` (where an HF module applies no
+attention dropout at all, its row is HF without dropout and its note says so; a pattern transformers has no
+module for has no HF row); for "full" the baseline is torch's SDPA with dropout_p (the path HF's BERT/RoBERTa
 `sdpa` attention takes in training: on a CPU, the unfused math kernel).
 """
 
@@ -29,46 +28,23 @@ import torch.nn.functional as F
 
 import etkd_kernels as ek
 
-from . import hf_reference as hr
 from . import providers as P
 from .harness import environment, time_call
+from .patterns import BENCHES
 
-PATTERNS = ("longformer", "bigbird", "lsg", "nystrom", "full")
+PATTERNS = (*P.PATTERNS, "full")
 # Patterns whose `cpu` dropout replaced a fallback to `reference` (issue 27): their rows time that fallback too.
-FALLBACK_REPLACED = ("lsg", "nystrom", "full")
+FALLBACK_REPLACED = (*(name for name, b in BENCHES.items() if b.fallback_replaced), "full")
 
 
-def _hf_core_with_dropout(pattern: str, setup: P.Setup, p: float):
+def _hf_core_with_dropout(pattern: str, setup, p: float):
     """(callable, args, note): HF's core (projections precomputed) in training mode with attention dropout p, or
     None where transformers has no such module."""
-    hidden = setup.heads * setup.head_dim
-    if pattern == "lsg":
-        return None
     if pattern == "full":
         note = f"torch SDPA dropout_p={p} (HF BERT/RoBERTa sdpa attention in training)"
         return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=p)), setup.args, note
-    if pattern == "nystrom":
-        mod = hr.nystrom_module(hidden, setup.heads, setup.seq, P.LANDMARKS).to(setup.device, setup.dtype)
-        core = P.cached_projections(mod, ("query", "key", "value")).train()
-        x, real, _ = P._inputs(setup.batch, setup.seq, hidden, setup.device, setup.dtype)
-        note = "NystromformerSelfAttention, train: HF never applies its attention dropout"
-        return (lambda x: hr.run_nystrom(core, x, real)), (x,), note
-    x, real, glob = P._inputs(setup.batch, setup.seq, hidden, setup.device, setup.dtype)
-    if pattern == "longformer":
-        mod = hr.longformer_module(hidden, setup.heads, P.WINDOW).to(setup.device, setup.dtype)
-        mod.dropout = p  # LongformerSelfAttention keeps attention_probs_dropout_prob as a float
-        core = P.cached_projections(
-            mod, ("query", "key", "value", "query_global", "key_global", "value_global")
-        ).train()
-        return (
-            (lambda x: hr.run_longformer(core, x, real, glob)),
-            (x,),
-            f"LongformerSelfAttention, train, p={p}",
-        )
-    mod = hr.bigbird_module(hidden, setup.heads, P.BLOCK, P.RANDOM_BLOCKS).to(setup.device, setup.dtype)
-    core = P.cached_projections(mod, ("query", "key", "value")).train()
-    note = "BigBirdBlockSparseAttention, train: HF applies no attention dropout in block_sparse mode"
-    return (lambda x: hr.run_bigbird(core, x, real)), (x,), note
+    core = BENCHES[pattern].dropout_core
+    return None if core is None else core(setup, p)
 
 
 @dataclass
@@ -108,7 +84,7 @@ def measure(pattern: str, seq: int, backend: str, repeats: int, p: float = 0.1) 
         row.update(reference_dropout_ms=1e3 * t_ref, reference_dropout_over_ours_dropout=t_ref / ours[p])
     hf = _hf_core_with_dropout(pattern, setup, p)
     if hf is None:
-        row["hf_note"] = "transformers has no LSG attention"
+        row["hf_note"] = f"transformers has no {pattern} attention module"
     else:
         f_hf, hf_args, note = hf
         t_hf = time_call(P.fwd_bwd_call(f_hf, hf_args), repeats).median

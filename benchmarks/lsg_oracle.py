@@ -18,7 +18,7 @@ import torch
 from etkd_kernels import lsg_attention
 from etkd_kernels.timing import environment, time_call
 
-from .hf_reference import lsg_self_attention_class
+from .patterns.lsg import lsg_self_attention_class
 
 
 def main(argv: list[str] | None = None) -> int:

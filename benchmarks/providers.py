@@ -15,16 +15,16 @@ provider a callable with its arguments. Providers:
 Every provider except `hf` takes the same q/k/v (from HF's projection layers where HF has the pattern), so a
 ratio compares attention cores. What cannot run is listed in `Setup.skipped` with the reason.
 
+Each pattern's setup (its inputs, HF module, etkd call, FLOP count and masks, at the paper's sizes) is its
+module in `benchmarks/patterns/` (a `Bench` record); `PATTERNS` is the registry's names that have one.
+
 FLOPs (`Setup.flops`, forward): 4 * head_dim per score the pattern defines (2 for QK^T, 2 for PV), summed
-over heads and batch; fwd+bwd counts 3.5x that (the backward recomputes QK^T and does dV, dP, dQ, dK).
-Nystrom: 4 * head_dim * (2 * seq * L + L^2) per head: the QK-type products K1 (seq x L), K3 (L x seq) and
-the L x L landmark kernel, and the value products K3 V, pinv(K2) (K3 V) and K1 (...); the Newton-Schulz
-pseudo-inverse (~48 L^3 per head, about 9% at seq 4096, L 64) is not counted.
+over heads and batch; fwd+bwd counts 3.5x that (the backward recomputes QK^T and does dV, dP, dQ, dK). A
+pattern whose products are not scores (landmarks) says how it counts in its module.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,29 +32,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import etkd_kernels as ek
 from etkd.models.patterns import PATTERNS as REGISTRY
 from etkd_kernels.dispatch import BACKENDS, Problem, reasons
 
-from . import hf_reference as hr
 from .harness import PeakMemory
+from .patterns import BENCHES, PatternInputs, cached_projections
+from .patterns import inputs as _inputs
+
+__all__ = [
+    "PatternInputs",
+    "build",
+    "cached_projections",
+]  # the setups' vocabulary, from benchmarks/patterns/
 
 MODES = ("fwd", "fwd_bwd")
 BACKWARD_FLOP_FACTOR = 3.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-# Pattern settings at the paper's sizes: Longformer window 512 + 1 global token; BigBird block 64 with 3
-# window, 2 global and 3 random blocks; LSG blocks of 128 (+ 128 pooled sparse tokens each side, factor 2);
-# Nystrom 64 landmarks.
-WINDOW, BLOCK, RANDOM_BLOCKS, LSG_BLOCK, LANDMARKS = 512, 64, 3, 128, 64
+# The paper's sizes by the names the registry's benchmark labels use (each pattern's `Bench.sizes`).
+SIZES = {k: v for b in BENCHES.values() for k, v in b.sizes.items()}
 # The same as `EncoderConfig` fields, for the whole models `etkd bench` builds (benchmarks/bench.py).
-PAPER_SETTINGS = {
-    "longformer": {"window": WINDOW},
-    "bigbird": {"block_size": BLOCK, "num_random_blocks": RANDOM_BLOCKS},
-    "lsg": {"block_size": LSG_BLOCK, "sparse_block_size": LSG_BLOCK, "sparsity_factor": 2},
-    "nystrom": {"num_landmarks": LANDMARKS},
-}
+PAPER_SETTINGS = {name: b.settings for name, b in BENCHES.items()}
 
 
 def fwd_bwd_call(f: Callable, args: tuple) -> Callable[[], None]:
@@ -117,31 +116,6 @@ class Setup:
         return self.flops * (BACKWARD_FLOP_FACTOR if mode == "fwd_bwd" else 1.0)
 
 
-class _Cached(torch.nn.Module):
-    """A projection layer that computes its output once and then returns a copy of it (HF modifies some in
-    place; copying 4096 x 768 costs ~1 ms), taking gradients when its input does."""
-
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer, self.out = layer, None
-
-    def forward(self, x):
-        if self.out is None or self.out.requires_grad != x.requires_grad:
-            with torch.no_grad():
-                self.out = self.layer(x).requires_grad_(x.requires_grad)
-        self.out.grad = None
-        return self.out.clone()
-
-
-def cached_projections(module: torch.nn.Module, names) -> torch.nn.Module:
-    """A shallow copy of an HF attention module whose projection layers return precomputed outputs."""
-    core = copy.copy(module)
-    core._modules = dict(module._modules)
-    for n in names:
-        core._modules[n] = _Cached(module._modules[n])
-    return core
-
-
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -159,147 +133,10 @@ def _flash_attn_reason(device: torch.device) -> str | None:
     return None
 
 
-# --- FLOP counts: scores each pattern defines ---------------------------------------------------------------
-
-
-def band_pairs(seq: int, window: int, num_global: int) -> int:
-    """Scores of a symmetric band of `window` (window // 2 each side) plus the first `num_global` tokens as
-    global rows (every key) and global columns (every query)."""
-    w = window // 2
-    g = min(num_global, seq)
-    pairs = g * seq  # global rows
-    for i in range(g, seq):
-        lo, hi = max(0, i - w), min(seq, i + w + 1)
-        pairs += hi - lo + min(g, lo)  # the band, and the global keys left of it
-    return pairs
-
-
-def block_pairs(layout: ek.BlockLayout, heads: int) -> int:
-    """Scores of a block layout over all heads (a layout shared by the heads counts once per head)."""
-    nnz = int(layout.mask.sum()) * layout.block_size**2
-    return nnz * (heads if layout.num_heads == 1 else 1)
-
-
-def lsg_pairs(seq: int, block: int, sparse_block: int, factor: int, num_global: int) -> int:
-    """Scores of LSG attention as `etkd_kernels.reference.lsg` defines it, per head (sparse keys counted at
-    their full 2 * sparse_block; compressed positions with no usable token are rarer than 1 in a block)."""
-    nb = -(-seq // block)
-    g = min(num_global, seq)
-    step, total = block // factor, -(-seq // factor)
-    pairs = g * seq
-    for n in range(nb):
-        rows = max(0, min(seq, (n + 1) * block) - max(g, n * block))
-        lo, hi = max(g, (n - 1) * block), min(seq, (n + 2) * block)
-        local = max(0, hi - lo)
-        left = max(0, min(total, (n - 1) * step) - max(0, (n - 1) * step - sparse_block))
-        right = max(0, min(total, (n + 2) * step + sparse_block) - max(0, (n + 2) * step))
-        pairs += rows * (g + local + left + right)
-    return pairs
-
-
-def nystrom_pairs(seq: int, landmarks: int) -> int:
-    return 2 * seq * landmarks + landmarks * landmarks
-
-
 # --- the registry -------------------------------------------------------------------------------------------
 
-
-def _inputs(batch, seq, hidden, device, dtype):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, seq, hidden, generator=g).to(device, dtype)
-    real = torch.ones(batch, seq, dtype=torch.bool, device=device)
-    glob = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-    glob[:, 0] = True
-    return x, real, glob
-
-
-@dataclass
-class PatternInputs:
-    """What a pattern's setup gives `build`: the shared q/k/v (and extra tensors), the etkd call per backend
-    name (`op(backend, **op_kwargs)`: extra keywords of the op, e.g. dropout_p, on top of the pattern's settings),
-    the forward FLOPs, FlexAttention's mask and flash-attn's (left, right) band where they exist."""
-
-    args: tuple
-    op: Callable[..., Callable]
-    flops: float
-    mask_mod: Callable | None = None
-    window: tuple[int, int] | None = None
-
-
-# pattern name (a `models.patterns` registry name) -> its setup `fn(setup, x, real, glob) -> PatternInputs`,
-# which also adds the HF providers (or says in `setup.skipped` why there are none).
-SETUPS: dict[str, Callable] = {}
-
-
-def setup_of(name: str) -> Callable:
-    def add(fn: Callable) -> Callable:
-        REGISTRY[name]  # a KeyError here: the registry has no such pattern
-        SETUPS[name] = fn
-        return fn
-
-    return add
-
-
-def _hf_providers(setup: Setup, x: torch.Tensor, module: torch.nn.Module, names: tuple[str, ...], run: Callable,
-                  *extra) -> None:  # fmt: skip
-    """`hf` (HF's module on the hidden states x) and `hf-core` (its projections `names` precomputed)."""
-    core = cached_projections(module, names)
-    setup.providers["hf"] = (lambda x: run(module, x, *extra), (x,))
-    setup.providers["hf-core"] = (lambda x: run(core, x, *extra), (x,))
-
-
-@setup_of("longformer")
-def _longformer(setup: Setup, x, real, glob) -> PatternInputs:
-    mod = hr.longformer_module(setup.hidden, setup.heads, WINDOW).to(setup.device, setup.dtype)
-    names = ("query", "key", "value", "query_global", "key_global", "value_global")
-    _hf_providers(setup, x, mod, names, hr.run_longformer, real, glob)
-    q, k, v, g = hr.longformer_qkv(mod, x)
-    op = lambda b, **kw: (lambda q, k, v, *g: ek.sliding_window_attention(
-        q, k, v, WINDOW, global_mask=glob, global_qkv=tuple(g), key_padding_mask=real, backend=b, **kw))  # fmt: skip
-    w, gl = WINDOW // 2, glob[0]
-    return PatternInputs(
-        tuple(t.detach().contiguous() for t in (q, k, v, *g)), op, setup.score_flops(band_pairs(setup.seq, WINDOW, 1)),
-        mask_mod=lambda b, h, qi, ki: ((qi - ki).abs() <= w) | gl[ki] | gl[qi], window=(w, w),
-    )  # fmt: skip
-
-
-@setup_of("bigbird")
-def _bigbird(setup: Setup, x, real, glob) -> PatternInputs:
-    mod = hr.bigbird_module(setup.hidden, setup.heads, BLOCK, RANDOM_BLOCKS).to(setup.device, setup.dtype)
-    mod.eval()
-    _hf_providers(setup, x, mod, ("query", "key", "value"), hr.run_bigbird, real)
-    layout = ek.bigbird_layout(setup.seq, block_size=BLOCK, num_random_blocks=RANDOM_BLOCKS, seed=0)
-    layout = layout.to(setup.device)
-    op = lambda b, **kw: (lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=b, **kw))  # fmt: skip
-    dense = layout.mask[0]
-    return PatternInputs(
-        tuple(t.detach().contiguous() for t in hr.projections(mod, x, setup.heads)), op,
-        4.0 * setup.batch * setup.head_dim * block_pairs(layout, setup.heads),
-        mask_mod=lambda b, h, qi, ki: dense[qi // BLOCK, ki // BLOCK],
-    )  # fmt: skip
-
-
-@setup_of("lsg")
-def _lsg(setup: Setup, x, real, glob) -> PatternInputs:
-    why = "transformers has no LSG attention (lsg-converter's is a test-only oracle)"
-    setup.skipped["hf"] = setup.skipped["hf-core"] = why
-    qkv = torch.randn(3, setup.batch, setup.seq, setup.hidden).to(setup.device, setup.dtype)
-    op = lambda b, **kw: (lambda q, k, v: ek.lsg_attention(q, k, v, block_size=LSG_BLOCK, sparse_block_size=LSG_BLOCK, key_padding_mask=real, backend=b, **kw))  # fmt: skip
-    flops = setup.score_flops(lsg_pairs(setup.seq, LSG_BLOCK, LSG_BLOCK, 2, 1))
-    return PatternInputs(tuple(hr.split_heads(t, setup.heads) for t in qkv), op, flops)
-
-
-@setup_of("nystrom")
-def _nystrom(setup: Setup, x, real, glob) -> PatternInputs:
-    mod = hr.nystrom_module(setup.hidden, setup.heads, setup.seq, LANDMARKS).to(setup.device, setup.dtype)
-    _hf_providers(setup, x, mod, ("query", "key", "value"), hr.run_nystrom, real)
-    op = lambda b, **kw: (lambda q, k, v: ek.nystrom_attention(q, k, v, LANDMARKS, key_padding_mask=real, pinv_init="hf_global", backend=b, **kw))  # fmt: skip
-    return PatternInputs(
-        tuple(t.detach().contiguous() for t in hr.projections(mod, x, setup.heads)), op,
-        setup.score_flops(nystrom_pairs(setup.seq, LANDMARKS)),
-    )  # fmt: skip
-
-
+# pattern name -> its setup `fn(setup, x, real, glob) -> PatternInputs` (benchmarks/patterns/<name>.py)
+SETUPS: dict[str, Callable] = {name: b.setup for name, b in BENCHES.items()}
 # The patterns `build` sets up, in the registry's order; their ops and labels are the registry's.
 PATTERNS = tuple(name for name in REGISTRY if name in SETUPS)
 

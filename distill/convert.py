@@ -4,8 +4,9 @@
 
 --from takes an etkd checkpoint dir, an HF checkpoint dir or an HF hub name. The result is written in the
 etkd format (config.json + model.safetensors), or with --format hf as the matching transformers class, or with
---format hf-attention as the BERT/RoBERTa class whose config selects an `etkd_*` attn_implementation, or (--to lsg)
-with --format lsg as lsg-converter's LSG checkpoint. --to lsg is lsg-converter's LSGConverter, weight for weight.
+--format hf-attention as the BERT/RoBERTa class whose config selects an `etkd_*` attn_implementation, or with
+the pattern's own checkpoint format where it has one (`--format` lists them). The flags of each pattern's
+settings are its registry entry's `options` (models/patterns/<name>.py, where each conversion is described).
 The source's tokenizer is saved next to it (its model_max_length raised to the new length), so the next
 command (`pretrain`, `distill`, `finetune`) finds it.
 """
@@ -13,13 +14,37 @@ command (`pretrain`, `distill`, `finetune`) finds it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 
 from etkd.models import patterns
 
-from .core import load_tokenizer, log, lsg_token_ids
+from .core import load_tokenizer, log, special_token_ids
 from .errors import UserError
 from .hub import TOKENIZER_FILES, resolve_pretrained
+
+
+def pattern_options() -> dict[str, tuple]:
+    """`convert` keyword -> (its default, the patterns that take it, its `Option`): every registered pattern's
+    `options`, in registry order (a keyword several patterns share is one flag)."""
+    from etkd.models import convert
+
+    params = inspect.signature(convert).parameters
+    out: dict[str, tuple] = {}
+    for p in patterns.PATTERNS.values():
+        for name, option in p.options.items():
+            if name not in params:
+                raise ValueError(
+                    f"pattern {p.name!r}: option {name!r} is not a keyword of etkd.models.convert"
+                )
+            default, users, first = out.get(name, (params[name].default, [], option))
+            out[name] = (default, [*users, p.name], first)
+    return out
+
+
+def own_formats() -> dict[str, tuple[str, str]]:
+    """`--format` name -> (the pattern it writes, what it is): the patterns' own checkpoint formats."""
+    return {p.save_format: (p.name, p.save_format_help) for p in patterns.PATTERNS.values() if p.save_format}
 
 
 def register(sub) -> None:
@@ -28,42 +53,21 @@ def register(sub) -> None:
     p.add_argument("--to", required=True, choices=patterns.names())
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-positions", type=int, default=4096, help="longest input after conversion (tokens)")
-    p.add_argument("--window", type=int, default=512, help="longformer: attention_window (even)")
-    p.add_argument("--block-size", type=int, default=64, help="bigbird / lsg block size")
-    p.add_argument("--num-random-blocks", type=int, default=3, help="bigbird random blocks per row")
-    p.add_argument("--num-landmarks", type=int, default=64, help="nystrom landmarks")
-    p.add_argument("--sparse-block-size", type=int, default=None, help="lsg (default: --block-size)")
-    p.add_argument("--sparsity-factor", type=int, default=2, help="lsg")
-    p.add_argument(
-        "--sparsity-type",
-        default="pooling",
-        choices=("none", "norm", "pooling", "stride", "block_stride", "bos_pooling"),
-        help="lsg",
-    )
-    p.add_argument("--num-global-tokens", type=int, default=1, help="lsg: learned global embeddings (1..512)")
-    p.add_argument("--pool-with-global", action=argparse.BooleanOptionalAction, default=True,
-                   help="lsg: the first token's output is the first global's (LSGRobertaConfig)")  # fmt: skip
-    p.add_argument("--mask-first-token", action=argparse.BooleanOptionalAction, default=False,
-                   help="lsg: hide the first token as a key")  # fmt: skip
-    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
-                   help="lsg: pad lengths that are not a multiple of --block-size")  # fmt: skip
-    p.add_argument("--global-positional-stride", type=int, default=64,
-                   help="lsg: positions between consecutive global embeddings at init (LSGConverter)")  # fmt: skip
-    p.add_argument("--random-global-init", action="store_true",
-                   help="lsg: draw the global embeddings from the word embeddings' normal (LSGConverter)")  # fmt: skip
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=123,
-        help="lsg: the torch.manual_seed whose draws LSGConverter would make (--random-global-init)",
-    )
+    for name, (default, users, option) in pattern_options().items():
+        kind = (
+            {"action": argparse.BooleanOptionalAction}
+            if isinstance(default, bool)
+            else {"type": option.type or type(default)}
+        )
+        p.add_argument("--" + name.replace("_", "-"), default=default, choices=option.choices,
+                       help=f"{' / '.join(users)}: {option.help}", **kind)  # fmt: skip
     p.add_argument(
         "--format",
         default="etkd",
-        choices=("etkd", "hf", "hf-attention", "lsg"),
+        choices=("etkd", "hf", "hf-attention", *own_formats()),
         help="output format: etkd, hf (the matching transformers class), hf-attention (the BERT/RoBERTa class with "
-        "attn_implementation='etkd_...' in its config; load after `import etkd.hf`), lsg (an LSG model as "
-        "lsg-converter's checkpoint: config.json with auto_map, loads with trust_remote_code=True)",
+        "attn_implementation='etkd_...' in its config; load after `import etkd.hf`)"
+        + "".join(f", {fmt} ({what})" for fmt, (_, what) in own_formats().items()),
     )
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer to save with the result (default: the source's)"
@@ -80,34 +84,27 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     elif not os.path.isdir(source) or any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         tokenizer = load_tokenizer(source, "--from")
-    if args.format == "lsg" and args.to != "lsg":
-        raise UserError(f"--format lsg: writes LSG models; --to is {args.to!r}")
+    formats = own_formats()
+    if args.format in formats and args.to != formats[args.format][0]:
+        raise UserError(
+            f"--format {args.format}: writes {formats[args.format][0]} models; --to is {args.to!r}"
+        )
     try:
         model = load(source)
     except ValueError as exc:  # a checkpoint of a model etkd does not reproduce
         raise UserError(f"--from: {exc}") from None
-    lsg = {}
-    if args.to == "lsg":
+    pattern = patterns.get(args.to)
+    settings = {name: getattr(args, name) for name in pattern.options}  # the flags of this pattern
+    if pattern.convert_tokens:
         if tokenizer is None:
-            raise UserError(
-                "--to lsg: needs the tokenizer (its bos/cls and mask tokens seed the global embeddings)"
-            )
-        lsg = dict(
-            lsg_token_ids(tokenizer), pool_with_global=args.pool_with_global, mask_first_token=args.mask_first_token,
-            adaptive=args.adaptive, global_positional_stride=args.global_positional_stride,
-            random_global_init=args.random_global_init, seed=args.seed,
-        )  # fmt: skip
+            raise UserError(f"--to {args.to}: needs the tokenizer ({pattern.convert_tokens})")
+        settings.update(special_token_ids(tokenizer))
     try:
-        new = convert(
-            model, args.to, args.max_positions, window=args.window, block_size=args.block_size,
-            num_random_blocks=args.num_random_blocks, num_landmarks=args.num_landmarks,
-            sparse_block_size=args.sparse_block_size, sparsity_factor=args.sparsity_factor,
-            sparsity_type=args.sparsity_type, num_global_tokens=args.num_global_tokens, **lsg,
-        )  # fmt: skip
+        new = convert(model, args.to, args.max_positions, **settings)
     except ValueError as exc:  # the model library names the argument (window, block size, ...)
         raise UserError(f"convert: {exc}") from None
-    if args.format == "lsg":
-        new.save_pretrained(args.out, format="lsg")
+    if args.format in formats:
+        new.save_pretrained(args.out, format=args.format)
     elif args.format == "hf":
         from etkd.models.encoder import apply_umask
 

@@ -101,9 +101,9 @@ def load_model(path: str, flag: str = "--model"):
     return load(resolve_pretrained(path, flag))
 
 
-def lsg_token_ids(tokenizer) -> dict[str, int | None]:
-    """The token ids `convert(..., to="lsg")` initialises global embeddings from (as LSGConverter: the
-    tokenizer's bos, else cls, and its mask token)."""
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """The special-token ids `convert` takes (`bos_token_id`, `mask_token_id`) for a pattern whose
+    `convert_tokens` says why it needs them: the tokenizer's bos, else cls, and its mask token."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return {
         "bos_token_id": bos if bos is not None else getattr(tokenizer, "cls_token_id", None),
@@ -278,9 +278,9 @@ def tokenizer_for(ns: argparse.Namespace, *model_dirs: str | None):
 
 
 def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[str, str]:
-    """Our format in `directory`; HF format in `directory`-hf where a transformers class exists, an LSG
-    model as lsg-converter's checkpoint in `directory`-lsg."""
-    from etkd.models import to_hf
+    """Our format in `directory`; HF format in `directory`-hf where a transformers class exists, else the
+    pattern's own checkpoint format (its `save_format`) in `directory`-<format>."""
+    from etkd.models import PATTERNS, to_hf
     from etkd.models.encoder import apply_umask
 
     written = {}
@@ -288,17 +288,18 @@ def save_model(model, directory: str, tokenizer=None, hf: bool = True) -> dict[s
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     written["etkd"] = directory
-    if hf and model.config.attention == "lsg":  # no transformers class: lsg-converter's checkpoint instead
-        lsg_dir = directory.rstrip("/") + "-lsg"
-        model.save_pretrained(lsg_dir, format="lsg")
+    fmt = PATTERNS[model.config.attention].save_format
+    if hf and fmt:  # no transformers class: the pattern's own checkpoint format instead
+        fmt_dir = directory.rstrip("/") + f"-{fmt}"
+        model.save_pretrained(fmt_dir, format=fmt)
         if tokenizer is not None:
-            tokenizer.save_pretrained(lsg_dir)
-        written["lsg"] = lsg_dir
+            tokenizer.save_pretrained(fmt_dir)
+        written[fmt] = fmt_dir
         return written
     if hf:
         try:
             hf_model = to_hf(model)
-        except ValueError as exc:  # e.g. LSG has no transformers class
+        except ValueError as exc:  # a pattern with no transformers class
             print(f"[etkd] not saving an HF copy: {exc}")
         else:
             hf_dir = directory.rstrip("/") + "-hf"

@@ -299,8 +299,8 @@ class MLMCollator:
         mlm_probability: float = 0.15,
         generator: torch.Generator | None = None,
     ):
-        if not 0.0 < mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability: expected a value in (0, 1), got {mlm_probability}")
+        if not 0.0 <= mlm_probability < 1.0:  # 0: pad only, nothing masked (cosine-only distillation)
+            raise ValueError(f"mlm_probability: expected a value in [0, 1), got {mlm_probability}")
         self.pad, self.mask, self.p = pad_token_id, mask_token_id, mlm_probability
         self.special = torch.tensor(
             sorted(set(special_ids) | {pad_token_id, mask_token_id}), dtype=torch.long

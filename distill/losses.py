@@ -160,7 +160,7 @@ def logit_positions(
 
 
 def distillation_loss(
-    student_logits: torch.Tensor,
+    student_logits: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -176,7 +176,8 @@ def distillation_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT objective (paper 1, Appendix B): alpha * MLM + beta * KD + gamma * cosine.
 
-    logits (b, s, v), hidden (b, s, d), labels (b, s) with -100 on unmasked tokens, attention_mask (b, s)
+    logits (b, s, v) (None when alpha = beta = 0), hidden (b, s, d), labels (b, s) with -100 on unmasked
+    tokens, attention_mask (b, s)
     (True/1 = real token). KD is T^2 * KL(softmax(t/T) || softmax(s/T)) summed over the vocab and averaged
     over real tokens (masked ones only with `masked_only`); cosine is mean(1 - cos(h_s, h_t)) over real
     tokens. Returns (loss, logs with each term).
@@ -193,7 +194,11 @@ def distillation_loss(
         )
     real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     kd_sel = (labels != IGNORE_INDEX) & real if masked_only else real
-    if positions is None:
+    if not (alpha or beta):  # the cosine-only variant: no logits read (student_logits may be None)
+        row_labels = s_kd = t_kd = None
+    elif student_logits is None:
+        raise ValueError(f"student_logits: required when alpha ({alpha}) or beta ({beta}) is not 0")
+    elif positions is None:
         if beta and (teacher_logits is None or student_logits.shape != teacher_logits.shape):
             raise ValueError(
                 f"teacher_logits: expected the student's shape {tuple(student_logits.shape)} (same vocab and "

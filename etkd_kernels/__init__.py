@@ -6,7 +6,10 @@ Importing this package never touches a GPU and never fails because a compiled pa
 """
 
 from .dispatch import BackendInfo, available_backends, selected_backend_name, support_matrix, use_backend
-from .layouts import bigbird_layout, fixed_layout, longformer_layout, lsg_layout
+from .layouts.bigbird import bigbird_layout
+from .layouts.fixed import fixed_layout
+from .layouts.longformer import longformer_layout
+from .layouts.lsg import lsg_layout
 from .masks import BlockLayout
 from .ops.block_sparse import block_sparse_attention
 from .ops.full import full_attention

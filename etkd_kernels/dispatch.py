@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import pkgutil
 import threading
 import warnings
 from collections.abc import Iterator
@@ -37,8 +38,25 @@ NAMES = ("auto", *BACKENDS)  # what a user may ask for (`backend=`, `use_backend
 # `auto` walks this list and takes the first backend that can run. Triton on a CPU only runs under the
 # interpreter, which is a correctness tool, so it never wins `auto` there (its own reasons say so).
 PRIORITY = ("cuda", "triton", "cpu", "reference")
-# Every op, once: the reference backend defines them all (its OPS is this tuple).
-OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
+
+
+def ops_in(folder: str) -> tuple[str, ...]:
+    """The op names that have a module `<op>.py` in `folder` (a package directory; `_`-prefixed modules are
+    helpers), sorted. A backend's `OPS` is `ops_in(<its directory>)` filtered to `OPS`: a kernel module is
+    what declares that the backend has the op."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([folder]) if not m.name.startswith("_")))
+
+
+# Every op, once: the public op modules of `etkd_kernels/ops/` (one per op); the reference backend defines them
+# all (its OPS is this tuple).
+OPS = ops_in(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops"))
+
+
+def backend_ops(package_file: str) -> tuple[str, ...]:
+    """The ops a backend package has a kernel module for (`<op>.py` beside its `__init__.py`)."""
+    here = set(ops_in(os.path.dirname(os.path.abspath(package_file))))
+    return tuple(op for op in OPS if op in here)
+
 
 _local = threading.local()
 _warned: set[tuple[str, str, torch.dtype]] = set()

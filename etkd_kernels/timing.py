@@ -177,14 +177,18 @@ def environment(device: torch.device | str = "cpu") -> Environment:
     )
 
 
-def model_step(model: torch.nn.Module, kwargs: dict, mode: str) -> Callable[[], None]:
+def model_step(
+    model: torch.nn.Module, kwargs: dict, mode: str, fused_adamw: bool = False
+) -> Callable[[], None]:
     """The whole-model call a benchmark row times: `"train"` is forward + a scalar loss on the last hidden
     state + backward + an AdamW step (the model is put in train mode, the optimiser made here), anything else
-    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the lsg-converter side
-    environment (which loads this file by path), so both sides of a comparison time the same work."""
+    an inference forward under no_grad (eval mode). Shared by `etkd bench` and the peer baselines' side
+    environment (which loads this file by path), so both sides of a comparison time the same work.
+    `fused_adamw`: torch's fused AdamW kernel (the same update to rounding; transformers' Trainer default with
+    torch >= 2.8) instead of the per-parameter loop."""
     if mode == "train":
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw or None)
 
         def call() -> None:
             out = model(**kwargs).last_hidden_state

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import patterns
+from .patterns.lsg import MAX_GLOBAL_TOKENS as LSG_MAX_GLOBAL_TOKENS
+from .patterns.lsg import SPARSITY_TYPES as LSG_SPARSITY_TYPES
 
 HEAD_TYPES = (None, "mlm", "sequence_classification", "token_classification", "question_answering")
 POSITION_STYLES = ("absolute", "padded")
 CONFIG_NAME = "config.json"
-LSG_SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
-LSG_MAX_GLOBAL_TOKENS = 512  # rows of lsg-converter's global_embeddings table
 FORMAT_KEY = "etkd_format"  # marks our own config.json (HF checkpoints never have it)
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,70 +30,11 @@ def tile_positions(old: torch.Tensor, rows: int, first: int) -> torch.Tensor:
     return new
 
 
-def order_positions(
-    positions: torch.Tensor, stride: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """lsg-converter's `order_positions`: 512 position rows (fewer are padded with normal rows of their
-    mean/std, more are thinned to every (n // 512)-th) reordered so global i takes row (i mod m) * stride + i // m,
-    m = 512 / stride: consecutive globals sit `stride` positions apart."""
-    n, d = positions.shape
-    if n % 512:
-        if n > 512:
-            positions = positions[: 512 * (n // 512)]
-        else:
-            mean = positions.mean(dim=0, keepdim=True).expand(512 - n, -1)
-            std = positions.std(dim=0, keepdim=True).expand(512 - n, -1)
-            positions = torch.cat([positions, torch.normal(mean, std, generator=generator)], dim=0)
-        n = positions.shape[0]
-    factor = n // 512
-    positions = positions.reshape(-1, factor, d)[:, 0]
-    return positions.reshape(-1, stride // factor, d).transpose(0, 1).reshape(-1, d)
-
-
-def lsg_global_embeddings(
-    word: torch.Tensor, positions: torch.Tensor, bos_token_id: int, mask_token_id: int, *,
-    token_type: torch.Tensor | None = None, stride: int = 64, random_init: bool = False, seed: int = 123,
-) -> torch.Tensor:  # fmt: skip
-    """The 512 global embeddings lsg-converter's `LSGConverter` gives a converted model (`update_global`):
-    the ordered positions (`order_positions` of the real-token rows) plus the bos embedding for global 0 and
-    the [MASK] embedding for the others, plus `token_type` (the type-0 embedding: lsg-converter's BERT script,
-    `use_token_ids`; its RoBERTa script adds none); with `random_init` (`update_global_randomly`) the others
-    are drawn from a normal with the word embeddings' mean and covariance instead.
-
-    Same operations, same random draws in the same order, so the result is bit-identical to LSGConverter's
-    run after `torch.manual_seed(seed)` (its own `seed` argument is never used; it draws from torch's global
-    generator): its loader first initialises the new (512, hidden) global table (one normal draw of that
-    size, discarded here), then `MultivariateNormal(...).sample((512,))` (random_init), then the normal rows
-    `order_positions` pads a table of fewer than 512 positions with. That holds when the source checkpoint
-    has every other weight of the LSG class (else its loader initialises those too, drawing more first).
-    The draws run on a forked global generator, whose state is restored afterwards."""
-    from torch.distributions import MultivariateNormal
-
-    u = word.detach().float().cpu()
-    tt = None if token_type is None else token_type.detach().float().cpu()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.empty(512, u.shape[1]).normal_()  # the loader's init of the new global table
-        if random_init:
-            try:
-                w = MultivariateNormal(u.mean(dim=0), torch.cov(u.T)).sample((512,))
-            except ValueError as exc:  # LSGConverter fails the same way
-                raise ValueError(
-                    f"random_global_init: the word embeddings' covariance ({u.shape[1]} x {u.shape[1]} from "
-                    f"{u.shape[0]} rows) is not positive definite, so no normal can be drawn from it: {exc}"
-                ) from None
-        pos = order_positions(positions.detach().float().cpu().clone(), stride)
-    if random_init:
-        w[0] = u[bos_token_id]
-        if tt is not None:
-            pos += tt.unsqueeze(0)
-            w[0] = u[bos_token_id] + tt
-        return (w + pos).to(word.dtype)
-    pos[0] += u[bos_token_id]
-    pos[1:] += u[mask_token_id].unsqueeze(0)
-    if tt is not None:
-        pos += tt.unsqueeze(0)
-    return pos.to(word.dtype)
+# Weights a target pattern adds that a source of another pattern has none of (e.g. prepended global
+# embeddings): state-dict key -> `fn(source_state_dict, source_config, first, options) -> tensor`, registered by
+# the module that knows how to make them (it imports this one). `first` is the source's first real position row;
+# `options` holds `convert`'s keywords for such weights.
+NEW_WEIGHTS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def convert(
@@ -123,17 +64,13 @@ def convert(
 
     Position embeddings are copied out to the new length by tiling the pretrained ones (RoBERTa's two
     reserved rows kept in place); Longformer's global q/k/v projections start as copies of the local ones;
-    every other weight is copied. Settings: `window` (longformer, even), `block_size` and
-    `num_random_blocks` (bigbird, lsg), `num_landmarks` (nystrom), `sparse_block_size` (default
-    block_size), `sparsity_factor`, `sparsity_type`, `num_global_tokens`, `pool_with_global`,
-    `mask_first_token`, `adaptive` (lsg).
+    every other weight is copied. Settings: the keywords of the target pattern's `options` (its flags in
+    `etkd convert`, documented in models/patterns/<name>.py); the entry's `convert_settings` are set too, and
+    other patterns' `convert_resets` applied unless source and target are that pattern.
 
-    To "lsg" this is lsg-converter's `LSGConverter`: positions extended the same way, and the global
-    embeddings (a new weight) made by `lsg_global_embeddings` from the *original* position table and the
-    embeddings of `bos_token_id` (the tokenizer's bos, else cls) and `mask_token_id` (required then), with
-    `global_positional_stride`, `random_global_init`, `use_token_ids` (BERT-style sources) as LSGConverter's
-    options, and `seed` as the `torch.manual_seed` LSGConverter ran under (its random draws are reproduced). An LSG source keeps
-    its global embeddings (LSGConverter's `resize_lsg`).
+    A weight the target pattern adds and the source lacks is made by its `NEW_WEIGHTS` hook from the source
+    weights, with `bos_token_id`, `mask_token_id`, `global_positional_stride`, `random_global_init`,
+    `use_token_ids` and `seed` (what they mean: the registering module's hook).
     """
     if to not in patterns.PATTERNS:
         raise ValueError(f"to: expected one of {patterns.names()}, got {to!r}")
@@ -141,40 +78,33 @@ def convert(
         raise ValueError(f"max_positions: expected a positive int, got {max_positions!r}")
     cfg = model.config
     first = cfg.max_positions - cfg.max_tokens
+    target = patterns.get(to)
+    resets = {
+        k: getattr(cfg, k) if cfg.attention == to == p.name else v
+        for p in patterns.PATTERNS.values()
+        for k, v in p.convert_resets.items()
+    }
     new_cfg = cfg.replace(
-        attention=to, max_positions=max_positions + first, window=window, global_projections=to == "longformer",
+        attention=to, max_positions=max_positions + first, window=window,
         block_size=block_size, num_random_blocks=num_random_blocks, num_landmarks=num_landmarks,
         sparse_block_size=sparse_block_size or block_size, sparsity_factor=sparsity_factor,
         sparsity_type=sparsity_type, num_global_tokens=num_global_tokens, pool_with_global=pool_with_global,
         mask_first_token=mask_first_token, adaptive=adaptive,
-        conv_kernel_size=cfg.conv_kernel_size if cfg.attention == "nystrom" and to == "nystrom" else None,
         extra={k: v for k, v in cfg.extra.items() if k != "segment_means_seq_len"},
+        **{**resets, **target.convert_settings},
     )  # fmt: skip
     new = EncoderModel(new_cfg)
     old_sd = model.state_dict()
     sd = new.state_dict()
-    glob = "encoder.embeddings.global_tokens.weight"
-    if glob in sd and glob not in old_sd and (bos_token_id is None or mask_token_id is None):
-        raise ValueError(
-            "bos_token_id / mask_token_id: converting to lsg initialises the global embeddings from these tokens' "
-            "embeddings (as LSGConverter does); give both (the tokenizer's bos or cls id, and its mask id)"
-        )
+    options = dict(bos_token_id=bos_token_id, mask_token_id=mask_token_id,
+                   global_positional_stride=global_positional_stride, random_global_init=random_global_init,
+                   use_token_ids=use_token_ids, seed=seed)  # fmt: skip
     with torch.no_grad():
         for key, t in sd.items():
             if key == "encoder.embeddings.position.weight":
                 t.copy_(tile_positions(old_sd[key], t.shape[0], first))
-            elif key == glob and key not in old_sd:
-                # lsg-converter's BERT script adds the type-0 embedding (use_token_ids), its RoBERTa one not
-                tt = (
-                    old_sd.get("encoder.embeddings.token_type.weight")
-                    if cfg.position_style != "padded"
-                    else None
-                )
-                t.copy_(lsg_global_embeddings(
-                    old_sd["encoder.embeddings.word.weight"], old_sd["encoder.embeddings.position.weight"][first:],
-                    bos_token_id, mask_token_id, token_type=None if tt is None or not use_token_ids else tt[0],
-                    stride=global_positional_stride, random_init=random_global_init, seed=seed,
-                ))  # fmt: skip
+            elif key in NEW_WEIGHTS and key not in old_sd:
+                t.copy_(NEW_WEIGHTS[key](old_sd, cfg, first, options))
             elif key in old_sd:
                 t.copy_(old_sd[key])
             elif m := re.fullmatch(r"(.*\.attn\.)(q|k|v)g\.(weight|bias)", key):

@@ -46,8 +46,7 @@ EMBEDDINGS = {
     "position": "position_embeddings",
     "token_type": "token_type_embeddings",
     "norm": "LayerNorm",
-    "global_tokens": "global_embeddings",
-}  # fmt: skip  (global_tokens: the prepended global embeddings, models/lsg.py)
+}  # fmt: skip  (a module whose models have more embeddings adds their names)
 # HF state-dict entries that are buffers or tied copies, never weights of their own.
 IGNORED = re.compile(r"(position_ids|\.token_type_ids|decoder\.bias)$")
 
@@ -133,7 +132,7 @@ def supported_class(name: str) -> bool:
     )
 
 
-# Architecture-name prefix -> the checkpoint format another module reads (models/lsg.py registers its own).
+# Architecture-name prefix -> the checkpoint format another module reads (that module registers its prefix).
 OTHER_FORMATS: dict[str, str] = {}
 
 

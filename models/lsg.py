@@ -25,8 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, EncoderConfig
+from .convert import NEW_WEIGHTS
 from .encoder import SAVE_FORMATS, EncoderModel, apply_umask
-from .hf import FAMILIES, OTHER_FORMATS, config_from_hf, hf_config, hf_name, load_mapped
+from .hf import EMBEDDINGS, FAMILIES, OTHER_FORMATS, config_from_hf, hf_config, hf_name, load_mapped
+from .loader import LOAD_FORMATS
 
 # model_type -> class stem; lsg-converter has an LSG model file for each of these families.
 LSG_FAMILIES = {"roberta": "Roberta", "bert": "Bert"}
@@ -47,6 +49,9 @@ LSG_HEADS = {None: "Model", "mlm": "ForMaskedLM", "sequence_classification": "Fo
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # from_hf refuses these (their config.json has a plain model_type) and names the reader
 OTHER_FORMATS["LSG"] = "an lsg-converter checkpoint (LSGRoberta*/LSGBert*)"
+EMBEDDINGS["global_tokens"] = (
+    "global_embeddings"  # the prepended global embeddings (`Embeddings.global_tokens`)
+)
 
 
 def auto_map(family: str) -> dict[str, str]:
@@ -195,3 +200,98 @@ def save_lsg(model: EncoderModel, directory: str | os.PathLike) -> None:
 
 
 SAVE_FORMATS["lsg"] = save_lsg
+LOAD_FORMATS["lsg"] = (is_lsg_config, load_lsg)
+
+
+# --- converting a model to LSG: lsg-converter's `LSGConverter` ------------------------------------------------
+
+
+def order_positions(
+    positions: torch.Tensor, stride: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """lsg-converter's `order_positions`: 512 position rows (fewer are padded with normal rows of their
+    mean/std, more are thinned to every (n // 512)-th) reordered so global i takes row (i mod m) * stride + i // m,
+    m = 512 / stride: consecutive globals sit `stride` positions apart."""
+    n, d = positions.shape
+    if n % 512:
+        if n > 512:
+            positions = positions[: 512 * (n // 512)]
+        else:
+            mean = positions.mean(dim=0, keepdim=True).expand(512 - n, -1)
+            std = positions.std(dim=0, keepdim=True).expand(512 - n, -1)
+            positions = torch.cat([positions, torch.normal(mean, std, generator=generator)], dim=0)
+        n = positions.shape[0]
+    factor = n // 512
+    positions = positions.reshape(-1, factor, d)[:, 0]
+    return positions.reshape(-1, stride // factor, d).transpose(0, 1).reshape(-1, d)
+
+
+def lsg_global_embeddings(
+    word: torch.Tensor, positions: torch.Tensor, bos_token_id: int, mask_token_id: int, *,
+    token_type: torch.Tensor | None = None, stride: int = 64, random_init: bool = False, seed: int = 123,
+) -> torch.Tensor:  # fmt: skip
+    """The 512 global embeddings lsg-converter's `LSGConverter` gives a converted model (`update_global`):
+    the ordered positions (`order_positions` of the real-token rows) plus the bos embedding for global 0 and
+    the [MASK] embedding for the others, plus `token_type` (the type-0 embedding: lsg-converter's BERT script,
+    `use_token_ids`; its RoBERTa script adds none); with `random_init` (`update_global_randomly`) the others
+    are drawn from a normal with the word embeddings' mean and covariance instead.
+
+    Same operations, same random draws in the same order, so the result is bit-identical to LSGConverter's
+    run after `torch.manual_seed(seed)` (its own `seed` argument is never used; it draws from torch's global
+    generator): its loader first initialises the new (512, hidden) global table (one normal draw of that
+    size, discarded here), then `MultivariateNormal(...).sample((512,))` (random_init), then the normal rows
+    `order_positions` pads a table of fewer than 512 positions with. That holds when the source checkpoint
+    has every other weight of the LSG class (else its loader initialises those too, drawing more first).
+    The draws run on a forked global generator, whose state is restored afterwards."""
+    from torch.distributions import MultivariateNormal
+
+    u = word.detach().float().cpu()
+    tt = None if token_type is None else token_type.detach().float().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.empty(512, u.shape[1]).normal_()  # the loader's init of the new global table
+        if random_init:
+            try:
+                w = MultivariateNormal(u.mean(dim=0), torch.cov(u.T)).sample((512,))
+            except ValueError as exc:  # LSGConverter fails the same way
+                raise ValueError(
+                    f"random_global_init: the word embeddings' covariance ({u.shape[1]} x {u.shape[1]} from "
+                    f"{u.shape[0]} rows) is not positive definite, so no normal can be drawn from it: {exc}"
+                ) from None
+        pos = order_positions(positions.detach().float().cpu().clone(), stride)
+    if random_init:
+        w[0] = u[bos_token_id]
+        if tt is not None:
+            pos += tt.unsqueeze(0)
+            w[0] = u[bos_token_id] + tt
+        return (w + pos).to(word.dtype)
+    pos[0] += u[bos_token_id]
+    pos[1:] += u[mask_token_id].unsqueeze(0)
+    if tt is not None:
+        pos += tt.unsqueeze(0)
+    return pos.to(word.dtype)
+
+
+def _converted_global_tokens(old_sd: dict, cfg: EncoderConfig, first: int, options: dict) -> torch.Tensor:
+    """`convert(..., to="lsg")` is lsg-converter's `LSGConverter`: positions extended as for any target, and the
+    global embeddings (a new weight) made by `lsg_global_embeddings` from the *original* position table and the
+    embeddings of `bos_token_id` (the tokenizer's bos, else cls) and `mask_token_id` (required then), with
+    `global_positional_stride`, `random_global_init`, `use_token_ids` (BERT-style sources) as LSGConverter's
+    options, and `seed` as the `torch.manual_seed` LSGConverter ran under (its random draws are reproduced). An
+    LSG source keeps its global embeddings (LSGConverter's `resize_lsg`: `convert` copies them)."""
+    bos, mask = options["bos_token_id"], options["mask_token_id"]
+    if bos is None or mask is None:
+        raise ValueError(
+            "bos_token_id / mask_token_id: converting to lsg initialises the global embeddings from these tokens' "
+            "embeddings (as LSGConverter does); give both (the tokenizer's bos or cls id, and its mask id)"
+        )
+    # lsg-converter's BERT script adds the type-0 embedding (use_token_ids), its RoBERTa one not
+    tt = old_sd.get("encoder.embeddings.token_type.weight") if cfg.position_style != "padded" else None
+    return lsg_global_embeddings(
+        old_sd["encoder.embeddings.word.weight"], old_sd["encoder.embeddings.position.weight"][first:], bos, mask,
+        token_type=None if tt is None or not options["use_token_ids"] else tt[0],
+        stride=options["global_positional_stride"], random_init=options["random_global_init"], seed=options["seed"],
+    )  # fmt: skip
+
+
+NEW_WEIGHTS["encoder.embeddings.global_tokens.weight"] = _converted_global_tokens

@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
+from helpers import assert_close
 
 import etkd_kernels as ek
 from etkd.benchmarks import core
+from etkd.benchmarks import patterns as bench_patterns
 from etkd.benchmarks import providers as P
 from etkd.benchmarks.harness import Timing, run_fresh, time_call
 from etkd.distill.cli import main as cli
@@ -60,6 +62,55 @@ def test_bench_train_step_bf16(tmp_path):
         assert r["environment"]["threads"] >= 1 and r["environment"]["torch"] == torch.__version__
 
 
+def test_train_step_side_by_side_tiny(capsys):
+    from etkd.benchmarks import train_step
+
+    argv = ["--size", "tiny", "--seq", "64", "--layers", "1", "--repeats", "2", "--threads", "1"]
+    assert train_step.main(argv) == 0
+    out = capsys.readouterr().out
+    for side in ("etkd-cpu", "hf"):
+        for opt in ("adamw", "fused"):
+            line = next(ln for ln in out.splitlines() if ln.split()[:2] == [side, opt])
+            times = [float(t) for t in line.split("steps:")[1].split(",")]
+            assert len(times) == 2 and all(t > 0 for t in times), line
+    assert "HF / etkd with adamw:" in out and "HF / etkd with fused:" in out
+
+
+def test_nystrom_switches_run_each_set_in_its_own_process(capsys):
+    from etkd.benchmarks import nystrom_switches
+
+    argv = ["--seq", "256", "--repeats", "1", "--threads", "1", "--switches", "default", "avx2-epyc"]
+    assert nystrom_switches.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "avx2-epyc: ETKD_CPU_ISA=avx2" in out and "etkd target avx2," in out
+    )  # the switch reached the worker
+    rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("fwd ", "fwd_bwd "))]
+    assert [r[0] for r in rows] == ["fwd", "fwd_bwd"] * 2
+    assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows), rows
+
+
+def test_model_step_fused_adamw_is_the_same_update():
+    """The benchmarks' fused AdamW (`model_step(..., fused_adamw=True)`) takes the per-parameter loop's steps."""
+    from etkd.benchmarks.bench import build_model
+    from etkd_kernels.timing import model_step
+
+    models = [
+        build_model("longformer", "tiny", 64, False).set_attention_backend("reference") for _ in range(2)
+    ]
+    ids = torch.randint(5, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    before = [p.detach().clone() for p in models[0].parameters()]
+    for model, fused in zip(models, (False, True)):
+        step = model_step(model, kwargs, "train", fused_adamw=fused)
+        for _ in range(3):
+            step()
+    moved = max(float((p - b).abs().max()) for p, b in zip(models[0].parameters(), before))
+    assert moved > 1e-6  # the steps changed the weights
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert_close(b, a, atol=1e-7, name="fused vs loop AdamW")
+
+
 def test_core_comparison_rows_and_memory():
     setup = P.build("nystrom", 256, 2, 16, backends=["reference", "cpu"])
     rows = core.measure(setup, ["fwd", "fwd_bwd"], repeats=2)
@@ -93,11 +144,13 @@ def test_flop_counts_match_brute_force():
     i = torch.arange(seq)
     glob = i < g
     dense = ((i[:, None] - i[None, :]).abs() <= window // 2) | glob[None, :] | glob[:, None]
-    assert P.band_pairs(seq, window, g) == int(dense.sum())
+    assert bench_patterns.longformer.band_pairs(seq, window, g) == int(dense.sum())
     layout = ek.bigbird_layout(512, block_size=32, num_random_blocks=2, seed=0)
-    assert P.block_pairs(layout, heads=3) == 3 * int(layout.to_dense().sum())
+    assert bench_patterns.bigbird.block_pairs(layout, heads=3) == 3 * int(layout.to_dense().sum())
     setup = P.build("nystrom", 256, 2, 16, backends=["reference"])
-    assert setup.flops == 4 * 2 * 16 * (2 * 256 * P.LANDMARKS + P.LANDMARKS**2)
+    assert setup.flops == 4 * 2 * 16 * (
+        2 * 256 * bench_patterns.nystrom.LANDMARKS + bench_patterns.nystrom.LANDMARKS**2
+    )
     assert setup.flops_of("fwd_bwd") == 3.5 * setup.flops
 
 
@@ -108,7 +161,7 @@ def test_lsg_flop_count_matches_its_local_and_global_keys():
     near = ((i[:, None] // block) - (i[None, :] // block)).abs() <= 1
     glob = i < g
     dense = (near & ~glob[None, :]) | glob[None, :] | glob[:, None]
-    assert P.lsg_pairs(seq, block, 0, 2, g) == int(dense.sum())
+    assert bench_patterns.lsg.lsg_pairs(seq, block, 0, 2, g) == int(dense.sum())
 
 
 def test_timer_quantiles_and_bad_repeats():

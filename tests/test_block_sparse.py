@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etkd.benchmarks import hf_reference as hr
+from etkd.benchmarks.patterns import bigbird as hb
 from etkd_kernels import BlockLayout, bigbird_layout, block_sparse_attention
-from etkd_kernels.layouts import bigbird_block_counts, fold_block_counts
+from etkd_kernels.layouts.bigbird import bigbird_block_counts, fold_block_counts
 
 
 def dense_block_sparse(q, k, v, layout: BlockLayout, key_padding_mask=None, scale=None):
@@ -43,8 +44,8 @@ def dense_block_sparse(q, k, v, layout: BlockLayout, key_padding_mask=None, scal
 
 
 def _hf_module(heads, head_dim, block, r, train, max_pos=512):
-    module = hr.bigbird_module(heads * head_dim, heads, block, r, seed=3, max_positions=max_pos).train(train)
-    return hr.record_random_blocks(module)
+    module = hb.bigbird_module(heads * head_dim, heads, block, r, seed=3, max_positions=max_pos).train(train)
+    return hb.record_random_blocks(module)
 
 
 def _project(module, x):
@@ -71,8 +72,8 @@ def test_matches_hf_bigbird_forward_and_grad(case):
         real[-1, s - pad :] = False
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ref = hr.run_bigbird(module, x1, real)
-    rand_attn = hr.recorded_random_blocks(module, nb)
+    ref = hb.run_bigbird(module, x1, real)
+    rand_attn = hb.recorded_random_blocks(module, nb)
     assert rand_attn.shape == (h, nb - 2, r)
     layout = bigbird_layout(s, block, num_random_blocks=r, rand_attn=rand_attn)
     assert layout.num_heads == h
@@ -96,8 +97,8 @@ def test_hf_duplicated_blocks_reproduced_by_counts(train, max_pos, nb, block, r)
     real[0, s - 7 :] = False
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ref = hr.run_bigbird(module, x1, real)
-    rand_attn = hr.recorded_random_blocks(module, nb)
+    ref = hb.run_bigbird(module, x1, real)
+    rand_attn = hb.recorded_random_blocks(module, nb)
     if not train:
         assert (rand_attn == 0).all()
     counts = bigbird_block_counts(s, block, rand_attn)
@@ -122,12 +123,12 @@ def test_hf_eval_mode_without_counts_differs():
     x = torch.randn(1, s, h * d)
     real = torch.ones(1, s, dtype=torch.bool)
     with torch.no_grad():
-        ref = hr.run_bigbird(module, x, real)
+        ref = hb.run_bigbird(module, x, real)
         layout = bigbird_layout(
             s,
             block,
             num_random_blocks=r,
-            rand_attn=hr.recorded_random_blocks(module, nb),
+            rand_attn=hb.recorded_random_blocks(module, nb),
             allow_duplicates=True,
         )
         ours = hr.merge_heads(block_sparse_attention(*_project(module, x), layout))

@@ -287,3 +287,40 @@ def test_off_the_own_tile_products_is_said_once():
     assert len(said) == 3, said  # sliding_window fp32, sliding_window fp16, block_sparse fp32
     assert all(f"head_dim {d}" in m and f"multiple of {width}" in m for m in said), said
     assert "sliding_window" in said[0] and "sliding_window" in said[1] and "block_sparse" in said[2], said
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("0", False), ("", False), ("on", None)])
+def test_cpu_profile_switch_is_the_env_check(value, on):
+    """ETKD_CPU_PROFILE is decided in one place, etkd_kernels/_env.py, for the CLI and the kernels alike: 1 turns the
+    kernels' phase timers on (forward and backward add time), 0 or unset leaves them off, anything else is the
+    CLI's error at the first kernel use (the C++ once took every value but 0 as on)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, etkd_kernels as e; from etkd_kernels import _C\n"
+        "x = torch.randn(3, 1, 1, 64, 16, requires_grad=True)\n"
+        "e.sliding_window_attention(*x, 8, backend='cpu').sum().backward()\n"
+        "p = _C.cpu_profile(); print(p.pop('enabled'), sum(p.values()) > 0)"
+    )
+    env = dict(os.environ, ETKD_CPU_PROFILE=value)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if on is None:
+        said = res.stderr[-2000:]
+        assert res.returncode != 0 and f"ETKD_CPU_PROFILE={value}: expected 0 or 1" in said, said
+        return
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-2:] == [str(on), str(on)], res.stdout
+
+
+def test_product_rates_name_the_target_kernels():
+    """`_C.product_rates()` (bench_isa's bound of the bf16 products without AMX) times the chosen target's own
+    micro-kernels: an fp32 rate on every x86 target (the portable one has none), a vdpbf16ps rate exactly on
+    avx512_bf16."""
+    from etkd_kernels import _C
+
+    rates = _C.product_rates()
+    assert set(rates) == {"fp32", "vdpbf16ps"}, rates
+    assert (rates["fp32"] > 0) == (_C.isa() != "generic"), rates
+    assert (rates["vdpbf16ps"] > 0) == (_C.isa() == "avx512_bf16"), rates

@@ -4,7 +4,7 @@
 * the shared index logic csrc/common/tile_index.h, replayed on the host by tests/cpp/test_tile_index.cpp,
   matches brute-force enumeration (the C++ self-test), and its output matches masks built here with torch;
 * the dropout RNG csrc/common/philox.h (what the kernels run), built on the host by tests/cpp/test_philox.cpp,
-  gives Random123's Philox4x32-10 known answers and the keep-mask of etkd_kernels/_shared.py bit for bit.
+  gives Random123's Philox4x32-10 known answers and the keep-mask of etkd_kernels/_shared/ bit for bit.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def test_philox_known_answers(philox_bin):
     [(0.1, 0, 0, 0), (0.37, 2**40 + 12345, 2**32 + 9, 7), (0.9, 2**63 - 1, 123456789, 65534)],
 )
 def test_philox_mask_is_the_shared_contract(philox_bin, p, seed, offset, bh):
-    """The CUDA kernels' keep-mask (csrc/common/philox.h) is etkd_kernels/_shared.py's bit for bit: 13 rows x 70
+    """The CUDA kernels' keep-mask (csrc/common/philox.h) is etkd_kernels/_shared/'s bit for bit: 13 rows x 70
     columns of one (batch, head) row, for several seeds, offsets (high bits dropped) and thresholds."""
     from etkd_kernels._shared import dropout_keep
 

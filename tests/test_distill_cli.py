@@ -17,6 +17,7 @@ from test_data import WORDS, generated_text, make_tokenizer_dir
 
 from etkd.distill import distill as distill_cmd
 from etkd.distill import kd_task, pretrain
+from etkd.distill.data import MLMCollator
 from etkd.distill.errors import UserError
 from etkd.distill.losses import distillation_loss
 from etkd.models import EncoderConfig, EncoderModel, make_student
@@ -102,6 +103,7 @@ def test_distill_loss_falls_and_saves_both_formats(teacher_dir, corpus, tmp_path
     )
     settings = json.loads((out / "settings.json").read_text())
     assert settings["alpha"] == 2.0 and settings["beta"] == 5.0 and settings["temperature"] == 2.0
+    assert settings["mlm_probability"] == 0.15  # the MLM and KL terms read masked tokens
 
 
 def full_loss(student, teacher, batch, ns):
@@ -311,6 +313,37 @@ def test_mlm_head_is_added_only_on_request(corpus, tmp_path, caplog):
     assert cli([*argv, "--add-mlm-head", "--overwrite"]) == 0
     assert "soft-target term (--beta) distils noise" in caplog.text
     assert EncoderModel.from_pretrained(str(tmp_path / "kd" / "student")).config.head == "mlm"
+    # The cosine-only variant reads no vocabulary logits: no MLM head needed, none added, the student headless.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="etkd"):
+        assert cli([*argv, "--alpha", "0", "--beta", "0", "--log-every", "1", "--overwrite"]) == 0
+    assert "MLM head" not in caplog.text
+    result = json.loads((tmp_path / "kd" / "result.json").read_text())
+    assert [set(r) >= {"cos"} and "mlm" not in r and "kd" not in r for r in result["history"]] == [True, True]
+    assert EncoderModel.from_pretrained(str(tmp_path / "kd" / "student")).config.head is None
+    # ... and its input is the clean text: nothing masked unless --mlm-probability asks for it.
+    assert json.loads((tmp_path / "kd" / "settings.json").read_text())["mlm_probability"] == 0.0
+    collate = MLMCollator(
+        pad_token_id=0, mask_token_id=4, special_ids=[1, 2], vocab_size=VOCAB, mlm_probability=0
+    )
+    batch = collate([[1, 7, 8, 9, 2], [1, 7, 2]])
+    assert (
+        batch["input_ids"].tolist() == [[1, 7, 8, 9, 2], [1, 7, 2, 0, 0]] and (batch["labels"] == -100).all()
+    )
+
+
+def test_distill_at_lr_near_0_saves_the_student_it_started_from(teacher_dir, corpus, tmp_path):
+    """The baseline of `make kd-effect` (make_student(teacher), no distillation) is what `etkd distill` starts
+    from: with lr -> 0 (1e-30; 0 is refused) and so no decoupled weight decay either, its saved student is that
+    model (a step of ~1e-30 only shows on weights that are 0)."""
+    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--max-blocks", "16",
+            "--batch-size", "4", "--lr", "1e-30", "--weight-decay", "0.01", *common(tmp_path / "kd", 2)]  # fmt: skip
+    assert cli(argv) == 0
+    saved = EncoderModel.from_pretrained(str(tmp_path / "kd" / "student")).state_dict()
+    start = make_student(pretrain.load_model(teacher_dir)).state_dict()
+    assert saved.keys() == start.keys()
+    for k, v in start.items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=1e-25, msg=k)
 
 
 # ---- the `etkd` console script as users run it: one line and exit 2 for user errors, 130 for Ctrl-C ------------

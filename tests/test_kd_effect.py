@@ -32,3 +32,40 @@ def test_spread_and_table():
     assert s == {"mean": 62.0, "std": 2.0, "min": 60.0, "max": 64.0, "n": 3}
     text = kd_effect.table({"teacher": [80.0, 80.0], "student (KD)": [76.0, 72.0]})
     assert "92.5%" in text and "74.0 ±  2.8" in text
+
+
+def test_spread_layers_keep_the_first_and_the_last():
+    from etkd.distill.distill import spread_layers, student_layers
+
+    assert spread_layers(12) == [0, 2, 4, 7, 9, 11]  # DistilBERT's extraction of bert-base
+    assert spread_layers(6) == [0, 2, 5] and spread_layers(4) == [0, 3] and spread_layers(1) == [0]
+    assert student_layers("spread", 6) == [0, 2, 5] and student_layers("every_other", 6) == "every_other"
+    assert student_layers("1,3", 6) == [1, 3]
+
+
+def test_plain_student_and_its_closeness_to_the_teacher(tmp_path):
+    """save_student writes make_student(teacher, layers); closeness is the mean cosine of last hidden states
+    on held-out sentences: 1 for the teacher itself, below 1 for its half-depth copy."""
+    import torch
+    from test_data import WORDS, make_tokenizer_dir
+
+    from etkd.distill.core import load_tokenizer
+    from etkd.models import EncoderConfig, EncoderModel, load
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_layers=4, num_heads=2,
+                        intermediate_size=64, max_positions=64, head=None, initializer_range=0.5)  # fmt: skip
+    EncoderModel(cfg).save_pretrained(str(tmp_path / "teacher"))
+    make_tokenizer_dir(tmp_path / "teacher")
+    tok = load_tokenizer(str(tmp_path / "teacher"))
+    plain = kd_effect.save_student(str(tmp_path / "teacher"), str(tmp_path / "plain"), tok, "spread")
+    teacher, student = load(str(tmp_path / "teacher")), load(plain)
+    assert student.config.num_layers == 2
+    assert torch.equal(student.encoder.layers[1].ffn_in.weight, teacher.encoder.layers[3].ffn_in.weight)
+    conll = tmp_path / "test.conll"
+    conll.write_text("-DOCSTART- O\n\nthe O\ncat B-PER\n\nthe O\ndog B-PER\nsat O\n")
+    sentences = kd_effect.conll_sentences(str(conll))
+    assert sentences == [["the", "cat"], ["the", "dog", "sat"]]
+    near = kd_effect.closeness(str(tmp_path / "teacher"), {"self": str(tmp_path / "teacher"), "plain": plain},
+                               tok, sentences)  # fmt: skip
+    assert near["self"] == pytest.approx(1.0, abs=1e-6) and near["plain"] < 0.9, near

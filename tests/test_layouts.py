@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from etkd_kernels import BlockLayout, bigbird_layout, fixed_layout, longformer_layout, lsg_layout
-from etkd_kernels.layouts import bigbird_block_counts
+from etkd_kernels.layouts.bigbird import bigbird_block_counts
 
 
 def _band(nb, half):

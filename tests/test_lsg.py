@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from etkd.benchmarks.hf_reference import lsg_self_attention_class
+from etkd.benchmarks.patterns.lsg import lsg_self_attention_class
 from etkd_kernels import BlockLayout, block_sparse_attention, lsg_attention, lsg_layout
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from etkd.benchmarks.bench import LSG_PEER, lsg_python
+from etkd.benchmarks.patterns.lsg import LSG_PEER, lsg_python
 from etkd.models import EncoderConfig, EncoderModel, convert, from_hf, load
 from etkd.models.hf import hf_name
 

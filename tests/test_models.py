@@ -126,6 +126,39 @@ def test_attention_dropout_drops_probabilities_not_the_output():
     )  # rows differ (std ~0.16 for near-uniform rows of 40 keys): probabilities dropped
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_longformer_global_queries_projected_for_global_rows_only(monkeypatch, backend):
+    """As HF's LongformerSelfAttention (`query_global` of the global rows only), the global query projection runs
+    on the global rows alone, with the same outputs and gradients as projecting every row."""
+    import etkd.models.patterns.longformer as lf
+
+    ids, mask = batch()
+    gmask = torch.zeros_like(mask)
+    gmask[:, 0] = 1
+    gmask[0, 7] = 1  # 3 global tokens in all
+    torch.manual_seed(0)
+    model = tiny("longformer", global_projections=True).set_attention_backend(backend)
+    seen = []
+    model.encoder.layers[0].attn.qg.register_forward_hook(
+        lambda m, args, out: seen.append(tuple(args[0].shape))
+    )
+
+    def run():
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got, got_grads = run()
+    assert seen == [(3, 32)]
+    monkeypatch.setattr(lf, "_global_queries", lambda attn, x, global_mask: attn.qg(x))  # every row
+    want, want_grads = run()
+    assert seen[-1] == (2, 40, 32)
+    assert_close(got, want, atol=1e-6, name="hidden states")
+    for name, g in want_grads.items():
+        assert_close(got_grads[name], g, atol=1e-6 * max(1.0, float(g.abs().max())), name=f"d {name}")
+
+
 def test_pre_norm_has_final_norm_and_runs():
     model = tiny(pre_norm=True).eval()
     assert model.encoder.final_norm is not None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from etkd.benchmarks import hf_reference as hr
+from etkd.benchmarks.patterns import nystrom as hn
 from etkd_kernels import full_attention, nystrom_attention
 
 ATOL32 = 1e-5
@@ -25,7 +26,7 @@ ATOL32 = 1e-5
 
 def _hf_attention(seq, landmarks, heads=2, head_dim=16, conv=None, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return hr.nystrom_module(heads * head_dim, heads, seq, landmarks, conv_kernel_size=conv).to(dtype)
+    return hn.nystrom_module(heads * head_dim, heads, seq, landmarks, conv_kernel_size=conv).to(dtype)
 
 
 def _qkv(attn, x):
@@ -34,9 +35,9 @@ def _qkv(attn, x):
 
 def _hf_context(attn, x, key_padding_mask=None):
     """HF's context as (batch, heads, seq, head_dim), through the self-attention module (see
-    `hf_reference.run_nystrom` for why not the full model)."""
+    `benchmarks.patterns.nystrom.run_nystrom` for why not the full model)."""
     real = torch.ones(x.shape[:2], dtype=torch.bool) if key_padding_mask is None else key_padding_mask
-    return hr.split_heads(hr.run_nystrom(attn, x, real), attn.num_attention_heads)
+    return hr.split_heads(hn.run_nystrom(attn, x, real), attn.num_attention_heads)
 
 
 def _nystrom(q, k, v, landmarks, **kw):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from etkd.benchmarks import hf_reference as hr
+from etkd.benchmarks.patterns import longformer as hl
 from etkd_kernels import sliding_window_attention
 
 
@@ -35,7 +36,7 @@ def dense_sliding_window(q, k, v, window, global_mask=None, global_qkv=None, key
 
 
 def _run_ours(module, x, real, glob, backend="reference"):
-    q, k, v, gqkv = hr.longformer_qkv(module, x)
+    q, k, v, gqkv = hl.longformer_qkv(module, x)
     out = sliding_window_attention(
         q,
         k,
@@ -64,7 +65,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
 def test_matches_hf_longformer_forward_and_grad(case):
     b, s, h, d, window, pad, n_global = case
-    module = hr.longformer_module(h * d, h, window)
+    module = hl.longformer_module(h * d, h, window)
     x = torch.randn(b, s, h * d)
     real = torch.ones(b, s, dtype=torch.bool)
     if pad:
@@ -78,7 +79,7 @@ def test_matches_hf_longformer_forward_and_grad(case):
 
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ref = hr.run_longformer(module, x1, real, glob)
+    ref = hl.run_longformer(module, x1, real, glob)
     ours = _run_ours(module, x2, real, glob)
     assert_parity_on_real_rows(ours, ref, x2, x1, real)
 

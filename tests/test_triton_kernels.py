@@ -230,7 +230,7 @@ def test_torch_compile_fullgraph_traces_the_triton_op():
 
 
 # ---- attention dropout: the keep-mask, outputs and gradients of `reference` (issue 27) ------------------------
-# The kernels regenerate the contract's Philox4x32-10 mask (etkd_kernels/_shared.py) from absolute positions;
+# The kernels regenerate the contract's Philox4x32-10 mask (etkd_kernels/_shared/) from absolute positions;
 # under the interpreter the tiles are 16 x 16, so seq 40 crosses tile edges.
 DROP = dict(dropout_p=0.3, dropout_seed=2**40 + 77, dropout_offset=5)
 

@@ -108,8 +108,8 @@ PyObject* py_native_bf16(PyObject*, PyObject*) {
   }
 }
 
-// _C.cpu_profile() -> dict phase -> seconds summed over threads since the last call (ETKD_CPU_PROFILE=1; else
-// all zero), see flash_tile.h.
+// _C.cpu_profile() -> dict phase -> seconds summed over threads since the last call (timers on: ETKD_CPU_PROFILE=1;
+// else all zero), see flash_tile.h.
 PyObject* py_cpu_profile(PyObject*, PyObject*) {
   const auto t = etkd::cpu::profile_take();
   PyObject* out = PyDict_New();
@@ -122,6 +122,14 @@ PyObject* py_cpu_profile(PyObject*, PyObject*) {
   PyDict_SetItemString(out, "enabled", on);
   Py_DECREF(on);
   return out;
+}
+
+// _C.set_cpu_profile(on): the per-phase timers on or off (the cpu backend sets them from ETKD_CPU_PROFILE).
+PyObject* py_set_cpu_profile(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  etkd::cpu::set_profiling(on != 0);
+  Py_RETURN_NONE;
 }
 
 // _C.bf16_brgemm() -> bool: whether bf16 forward tiles go through oneDNN's brgemm (AMX) with packed K/V (else the
@@ -137,10 +145,9 @@ PyObject* py_bf16_brgemm(PyObject*, PyObject*) {
 }
 
 // _C.bf16_products() -> {"forward": str, "backward": str}: what multiplies the bf16 tiles of a head_dim that is a
-// multiple of 16 (flash_tile_impl.h: bf16_path): "amx" (oneDNN brgemm on AMX tiles, K/V packed per task; the
-// backward then takes "mkl", faster there), "vdpbf16ps" (the own AVX512-BF16 micro-kernels, K/V packed per task:
-// no AMX, or ETKD_CPU_AMX=0), "mkl" (MKL's bf16 GEMM per tile: ETKD_CPU_GEMM=blas), or "fp32" (converted on load:
-// the target has no native bf16).
+// multiple of 16 (flash_tile_impl.h: bf16_path): "amx" (oneDNN brgemm on AMX tiles, K/V packed per task),
+// "vdpbf16ps" (the own AVX512-BF16 micro-kernels, K/V packed per task: no AMX, or ETKD_CPU_AMX=0), "mkl" (MKL's
+// bf16 GEMM per tile: ETKD_CPU_GEMM=blas), or "fp32" (converted on load: the target has no native bf16).
 PyObject* py_bf16_products(PyObject*, PyObject*) {
   try {
     const auto& k = etkd::cpu::kernels();
@@ -151,7 +158,7 @@ PyObject* py_bf16_products(PyObject*, PyObject*) {
     } else if (k.native_bf16) {
       const bool amx = etkd::cpu::brgemm_bf16_available();
       fwd = amx ? "amx" : "vdpbf16ps";
-      bwd = amx ? "mkl" : "vdpbf16ps";
+      bwd = fwd;
     }
     PyObject* out = PyDict_New();
     for (auto [key, val] : {std::pair<const char*, const char*>{"forward", fwd}, {"backward", bwd}}) {
@@ -182,6 +189,25 @@ PyObject* py_bf16_calls(PyObject*, PyObject*) {
     Py_DECREF(d);
   }
   return out;
+}
+
+// _C.product_rates() -> {"fp32": GMAC/s, "vdpbf16ps": GMAC/s}: the chosen target's own tile products on one
+// thread, the forward's shapes (flash_tile_impl.h: product_rate; vdpbf16ps 0 where the target has none).
+PyObject* py_product_rates(PyObject*, PyObject*) {
+  try {
+    const auto& k = etkd::cpu::kernels();
+    PyObject* out = PyDict_New();
+    const char* names[2] = {"fp32", "vdpbf16ps"};
+    for (int i = 0; i < 2; ++i) {
+      PyObject* v = PyFloat_FromDouble(k.product_rate(i));
+      PyDict_SetItemString(out, names[i], v);
+      Py_DECREF(v);
+    }
+    return out;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
 }
 
 // _C.tile_gemm() -> "own" | "blas": what multiplies the fp32 tiles (forward and backward) (flash_tile.h: own_tile_gemm).
@@ -216,9 +242,11 @@ PyMethodDef methods[] = {
     {"bf16_brgemm", py_bf16_brgemm, METH_NOARGS, "whether bf16 forward tiles use oneDNN brgemm (AMX)"},
     {"bf16_products", py_bf16_products, METH_NOARGS, "what multiplies bf16 tiles, forward and backward"},
     {"bf16_calls", py_bf16_calls, METH_NOARGS, "bf16 tile-driver calls per product kind since the last call"},
+    {"product_rates", py_product_rates, METH_NOARGS, "GMAC/s of the own fp32 and vdpbf16ps tile products, 1 thread"},
     {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 tiles: own micro-kernels or blas"},
     {"own_tile_width", py_own_tile_width, METH_NOARGS, "head_dim multiple the own tile products need (0: off)"},
-    {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase forward time (ETKD_CPU_PROFILE=1), then reset"},
+    {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase kernel time (ETKD_CPU_PROFILE=1), then reset"},
+    {"set_cpu_profile", py_set_cpu_profile, METH_O, "per-phase timers on or off (set from ETKD_CPU_PROFILE)"},
     {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},
     {nullptr, nullptr, 0, nullptr}};

@@ -10,9 +10,9 @@
 // backward, are the target's own register-blocked micro-kernels on K^T (and V^T) packed once per (batch, head)
 // task, so each ISA target runs its own vector width end to end (own_tile_gemm; BLAS sgemm with
 // ETKD_CPU_GEMM=blas, for head dims that are not whole vectors, and on the portable target);
-// native bf16 tiles go through oneDNN's brgemm on K/V packed once per task in the forward (AMX), MKL's bf16 GEMM
-// otherwise. The element-wise softmax work is at::vec. The SIMD code is compiled per ISA and chosen at run
-// time: isa.h.
+// native bf16 tiles go through oneDNN's brgemm (AMX) or the own vdpbf16ps kernels on K/V packed once per task,
+// forward and backward, MKL's bf16 GEMM otherwise. The element-wise softmax work is at::vec. The SIMD code is
+// compiled per ISA and chosen at run time: isa.h.
 //
 // No torch headers here: plain pointers, so the kernel translation units stay cheap to compile.
 #pragma once
@@ -174,9 +174,11 @@ void count_bf16_call(bool backward, Bf16Products how);
 // counts[2 * kProdKinds]: forward kinds, then backward kinds; reset to zero.
 std::vector<int64_t> bf16_calls_take();
 
-// Per-phase time of run_forward, for profiling: with ETKD_CPU_PROFILE=1 in the environment (read once) every
-// forward tile adds its time per phase, summed over threads (so the phases add up to about threads x wall
-// time); `_C.cpu_profile()` returns and resets the totals. Off (the default) it costs one branch per phase.
+// Per-phase time of run_forward and run_backward, for profiling: when on (set_profiling: the cpu backend sets it
+// from ETKD_CPU_PROFILE, checked by etkd_kernels/_env.py as every etkd variable is) every tile adds its time per
+// phase, summed over threads (so the phases add up to about threads x wall time); `_C.cpu_profile()` returns and
+// resets the totals. Off (the default) it costs one branch per phase. The backward charges its products to qk
+// (S = Q K^T) and pv (the other four), its exps and dS to softmax, its bf16 transposes and conversions to convert.
 enum Phase : int {
   kPhasePrep,     // K/V of a (batch, head) task converted / packed once (16-bit paths)
   kPhaseQK,       // S = scale * Q K^T
@@ -188,6 +190,7 @@ enum Phase : int {
 };
 extern const char* const kPhaseNames[kPhases];
 bool profiling();
+void set_profiling(bool on);
 // ns[kPhases] added to the process totals (atomics).
 void profile_add(const int64_t* ns);
 // The totals in seconds, and reset to zero.

@@ -1221,8 +1221,8 @@ inline bool recompute_p(const Problem& p, const Seg& sg, bool band, const float*
 
 #if ETKD_NATIVE_BF16
 // out[p][j] = (bf16(x[2p][j]), bf16(x[2p + 1][j])) as one 32-bit pair, for p < (rows + 1) / 2 and j < n (a
-// multiple of 16; row stride ldx; a missing last row is zero): rows of x in pairs, the A operand of a product
-// that reduces over query rows (dV += P^T dO, dK += dS^T Q) read transposed, or its B operand (Q, dO).
+// multiple of 16; row stride ldx; a missing last row is zero): rows of x in pairs, the B operand (VNNI layout) of a
+// product that reduces over query rows (dV += P^T dO, dK += dS^T Q).
 template <class T>
 void pair_rows(const T* x, int64_t ldx, int64_t rows, int64_t n, uint32_t* out) {
   alignas(64) static constexpr int16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
@@ -1247,18 +1247,82 @@ void pair_rows(const T* x, int64_t ldx, int64_t rows, int64_t n, uint32_t* out) 
   }
 }
 
-// One query tile, backward, with the own vdpbf16ps products on keys packed once per task (pack_keys, backward
-// layouts): S and dP over a segment's covering key blocks (as the forward), P and dS rounded to bf16 for the
-// products, dV and dK over the segment's own keys (P, dS in pairs of query rows, read transposed).
-void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16>* src, const GradView* grad,
-                      const BFloat16* q, const BFloat16* dout, const float* lse, const float* delta,
-                      const uint8_t* skip, int64_t i0, int64_t rows, Work<BFloat16, BFloat16>& w, float* dq) {
-  const int64_t d = p.D, rows2 = (rows + 1) / 2;
-  const size_t wide = static_cast<size_t>(rows2 * (kMaxSeg + 2 * kPackN));
-  if (w.pr.size() < wide) w.pr.resize(wide);
+// x (rows x d, row-major bf16) in pairs of rows per head-dim block of kPackN columns: block cb (width bw) at
+// out + rows2 * cb holds [rows2][bw] pairs, the B operand (ldb = bw <= kPackN, as brgemm takes it) of the products
+// that reduce over a tile's query rows.
+inline void pair_row_blocks(const BFloat16* x, int64_t rows, int64_t d, uint32_t* out) {
+  const int64_t rows2 = (rows + 1) / 2;
+  for (int64_t cb = 0; cb < d; cb += kPackN) pair_rows(x + cb, d, rows, std::min(kPackN, d - cb), out + rows2 * cb);
+}
+
+// out (columns [j0, j1) x ldo) = x^T for x (r16 rows x columns, bf16, row stride ldx; r16, j0 and j1 multiples of
+// 16): out[j][i] = x[i][j], by at::vec's 16 x 16 bf16 register transposes: the A operand of dV += P^T dO and
+// dK += dS^T Q.
+inline void transpose_bf16(const BFloat16* x, int64_t ldx, int64_t r16, int64_t j0, int64_t j1, BFloat16* out,
+                           int64_t ldo) {
+  for (int64_t i = 0; i < r16; i += 16)
+    for (int64_t j = j0; j < j1; j += 16) at::vec::transpose_mxn<BFloat16, 16, 16>(x + i * ldx + j, ldx, out + j * ldo + i, ldo);
+}
+
+// out[0:n] = bf16(alpha * x[0:n]), n a multiple of 16.
+inline void from_float_scaled(const float* x, float alpha, BFloat16* out, int64_t n) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), va)));
+}
+
+// s[lo:hi] = exp(scale * s + bias - lse) in place (bias may be null) and p[lo:hi] = bf16 of it: fexp_u20 as the
+// forward's P (P and dS are rounded to bf16 for the products right after).
+template <bool kBias>
+void scaled_exp_as(float* s, BFloat16* p, const float* bias, float scale, int64_t lo, int64_t hi, float lse) {
+  const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse), nl = _mm512_set1_ps(-lse);
+  auto ex = [&](int64_t j, __mmask16 mk) {
+    const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
+    const __m512 b = kBias ? _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, bias + j), vl) : nl;
+    return __m512(Vec(_mm512_fmadd_ps(x, vs, b)).fexp_u20());
+  };
+  int64_t j = lo;
+  for (; j + 16 <= hi; j += 16) {
+    const __m512 e = ex(j, 0xffff);
+    _mm512_storeu_ps(s + j, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  if (j < hi) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
+    const __m512 e = ex(j, mk);
+    _mm512_mask_storeu_ps(s + j, mk, e);
+    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+}
+
+// One query tile, backward, on keys packed once per task (pack_keys, backward layouts), the products by oneDNN's
+// brgemm on AMX tiles (w.amx) or by the own vdpbf16ps kernels, on the same operands: S = Q K^T and dP = dO V^T over
+// a segment's covering key blocks (as the forward), P recomputed from the saved lse, dV += P^T dO and
+// dK += scale dS^T Q over the segment's own keys (P^T and dS^T in bf16, query rows zero-padded to 16, times Q and
+// dO in pairs of query rows), dQ += scale dS K over the covering keys (dS in bf16 times K in pairs of keys).
+void backward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFloat16>* src, const GradView* grad,
+                          const BFloat16* q, const BFloat16* dout, const float* lse, const float* delta,
+                          const uint8_t* skip, int64_t i0, int64_t rows, Work<BFloat16, BFloat16>& w, float* dq) {
+  const int64_t d = p.D, rows2 = (rows + 1) / 2, r16 = (rows + 15) / 16 * 16;
+  Clock& ck = w.clock;
+  const size_t wide = static_cast<size_t>(r16 * (kMaxSeg + 2 * kPackN));
+  if (w.pr.size() < wide / 2) w.pr.resize(wide / 2);
+  if (w.s16.size() < wide) w.s16.resize(wide);
   if (w.qr.size() < static_cast<size_t>(rows2 * d)) w.qr.resize(rows2 * d), w.dor.resize(rows2 * d);
-  pair_rows(q, d, rows, d, w.qr.data());
-  pair_rows(dout, d, rows, d, w.dor.data());
+  pair_row_blocks(q, rows, d, w.qr.data());
+  pair_row_blocks(dout, rows, d, w.dor.data());
+  BFloat16* tr = reinterpret_cast<BFloat16*>(w.pr.data());  // P^T, then dS^T: (covering keys x r16)
+  BFloat16* pn = w.s16.data();  // P, then scale dS, in bf16: (r16 x covering keys), rows from `rows` on zero
+  // C (m x bw) (+)= A (m x k, row stride lda) @ B (packed pairs, ldb = bw), k even: brgemm or vdpbf16ps.
+  auto product = [&](int64_t m, int64_t bw, int64_t k, const BFloat16* a, int64_t lda, const uint32_t* b, float* c,
+                     int64_t ldc, bool add) {
+    if (w.amx)
+      brgemm_bf16(m, bw, k, lda, bw, ldc, add, a, b, c);
+    else
+      dp_gemm(m, bw, k / 2, 1.f, a, lda / 2, 1, b, bw, c, ldc, add);
+  };
+  ck.lap(kPhaseConvert);
   for (const Seg& sg : w.segs) {
     const Packed& pks = pk[sg.src];
     const SrcView<BFloat16>& sv = src[sg.src];
@@ -1266,34 +1330,63 @@ void backward_tile_dp(const Problem& p, const Packed* pk, const SrcView<BFloat16
     const int64_t a0 = cv.a0, nc = cv.ls, c0 = cv.c0, n = sg.n;
     float* s = w.s.data();
     float* dp = w.dp.data();
-    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
-      dp_gemm(rows, kPackN, d / 2, p.scale, q, d / 2, 1, pks.k.data() + (b0 - pks.base) * d, kPackN, s + (b0 - a0),
-              nc, false);
+    auto blocks_t = [&](const BFloat16* a, const std::vector<uint16_t>& packed, float* c) {  // c = a @ packed^T
+      for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
+        product(rows, kPackN, d, a, d, reinterpret_cast<const uint32_t*>(packed.data() + (b0 - pks.base) * d),
+                c + (b0 - a0), nc, false);
+    };
+    blocks_t(q, pks.k, s);
+    ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
-    for (int64_t r = 0; r < rows; ++r)
-      any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * nc + c0, c0, nc);
-    if (!any) continue;
-    GradView g = grad[sg.src];
-    uint32_t* pr = w.pr.data();
-    // dV += P^T dO over the segment's keys: A (key j, query pair) = P pairs at pr[pair * nc + c0 + j].
-    pair_rows(s, nc, rows, nc, pr);
-    dp_gemm(n, d, rows2, 1.f, pr + c0, 1, nc, w.dor.data(), d, g.dv_at(sg.k0, d), d, true);
-    // dP = dO V^T over the covering blocks; dS = P (dP - delta) (zero wherever P is).
-    for (int64_t b0 = a0; b0 < a0 + nc; b0 += kPackN)
-      dp_gemm(rows, kPackN, d / 2, 1.f, dout, d / 2, 1, pks.vt.data() + (b0 - pks.base) * d, kPackN, dp + (b0 - a0),
-              nc, false);
-    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * nc, dp + r * nc, nc, delta[r]);
-    // dK += s dS^T Q over the segment's keys; dQ += s dS K over the covering keys (dS rows in bf16).
-    pair_rows(dp, nc, rows, nc, pr);
-    dp_gemm(n, d, rows2, p.scale, pr + c0, 1, nc, w.qr.data(), d, g.dk_at(sg.k0, d), d, true);
-    BFloat16* ds = w.s16.data();
-    for (int64_t r = 0; r < rows; ++r) from_float(dp + r * nc, ds + r * nc, nc);
-    for (int64_t cb = 0; cb < d; cb += kPackN) {
-      const int64_t bw = std::min(kPackN, d - cb);
-      dp_gemm(rows, bw, nc / 2, p.scale, ds, nc / 2, 1, pks.kr.data() + pks.keys * cb + (a0 - pks.base) * bw, bw,
-              dq + cb, d, true);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s + r * nc;
+      BFloat16* prow = pn + r * nc;
+      int64_t lo, hi;
+      row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+      if ((skip && skip[r]) || lo >= hi || !(lse[r] < kInf)) {
+        std::fill(row, row + nc, 0.f);
+        std::fill(prow, prow + nc, BFloat16(0.f));
+        continue;
+      }
+      std::fill(row, row + c0 + lo, 0.f);
+      std::fill(row + c0 + hi, row + nc, 0.f);
+      std::fill(prow, prow + c0 + lo, BFloat16(0.f));
+      std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
+      if (bias)
+        scaled_exp_as<true>(row + c0, prow + c0, bias, p.scale, lo, hi, lse[r]);
+      else
+        scaled_exp_as<false>(row + c0, prow + c0, bias, p.scale, lo, hi, lse[r]);
+      any = true;
     }
+    std::fill(pn + rows * nc, pn + r16 * nc, BFloat16(0.f));
+    ck.lap(kPhaseSoftmax);
+    if (!any) continue;
+    const GradView g = grad[sg.src];
+    // over the segment's keys: C (n x d) += A (n x the tile's query rows) @ B (query rows in pairs)
+    auto reduce_rows = [&](const uint32_t* b, float* c) {
+      for (int64_t cb = 0; cb < d; cb += kPackN)
+        product(n, std::min(kPackN, d - cb), 2 * rows2, tr + c0 * r16, r16, b + rows2 * cb, c + cb, d, true);
+    };
+    const int64_t j0 = c0 / 16 * 16, j1 = (c0 + n + 15) / 16 * 16;  // the segment's keys, whole 16-key groups
+    transpose_bf16(pn, nc, r16, j0, j1, tr, r16);
+    ck.lap(kPhaseConvert);
+    reduce_rows(w.dor.data(), g.dv_at(sg.k0, d));  // dV += P^T dO
+    blocks_t(dout, pks.vt, dp);                     // dP = dO V^T
+    ck.lap(kPhasePV);
+    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * nc, dp + r * nc, nc, delta[r]);  // dS = P (dP - delta)
+    ck.lap(kPhaseSoftmax);
+    BFloat16* ds = pn;
+    for (int64_t r = 0; r < rows; ++r) from_float_scaled(dp + r * nc, p.scale, ds + r * nc, nc);
+    transpose_bf16(ds, nc, r16, j0, j1, tr, r16);
+    ck.lap(kPhaseConvert);
+    reduce_rows(w.qr.data(), g.dk_at(sg.k0, d));  // dK += scale dS^T Q
+    for (int64_t cb = 0; cb < d; cb += kPackN) {  // dQ += scale dS K
+      const int64_t bw = std::min(kPackN, d - cb);
+      const uint16_t* kb = pks.kr.data() + pks.keys * cb + (a0 - pks.base) * bw;
+      product(rows, bw, nc, ds, nc, reinterpret_cast<const uint32_t*>(kb), dq + cb, d, true);
+    }
+    ck.lap(kPhasePV);
   }
 }
 #endif
@@ -1321,6 +1414,7 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
       }
     }
     if (!w.own) mm(false, true, rows, n, d, p.scale, q, d, kp, d, 0.f, s, n);
+    w.clock.lap(kPhaseQK);
     s += c0;
     dp += c0;
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
@@ -1337,6 +1431,7 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     for (int64_t r = 0; r < rows; ++r)
       any |= recompute_p(p, sg, sv.band, bias, i0 + r, skip && skip[r], lse[r], s + r * ls, c0, ls,
                          drop ? pd + r * ls : nullptr, drop ? w.keeps[r] : Keep{});
+    w.clock.lap(kPhaseSoftmax);
     if (!any) continue;
     GradView g = grad[sg.src];
     // With dropout: dV += (P o M / (1 - p))^T dO; dP = (dO V^T) o M / (1 - p); dS = P (dP - delta).
@@ -1359,6 +1454,7 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
         for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * ls, dp + r * ls);
         gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
         gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk_at(sg.k0, d), d, true);
+        w.clock.lap(kPhasePV);
         continue;
       }
     }
@@ -1369,6 +1465,7 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     const C* ds = operand<C>(dp, rows * n, w.dp16.data());
     mm(false, false, rows, d, n, p.scale, ds, n, kp, d, 1.f, dq, d);
     mm(true, false, n, d, rows, p.scale, ds, n, q, d, 1.f, g.dk_at(sg.k0, d), d);
+    w.clock.lap(kPhasePV);
   }
 }
 
@@ -1602,19 +1699,21 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   const int64_t nk = p.Sk * d, nx = p.Sx * d;
   std::vector<Partial> parts(chunks > 1 ? tasks.count() : 0);
   const bool own = std::is_same_v<C, float> && own_ok(p);
-  // bf16 products by the own vdpbf16ps kernels (backward_tile_dp) on a CPU without AMX (or ETKD_CPU_AMX=0), else
-  // MKL's bf16 GEMM per tile: with AMX, MKL's GEMM (AMX inside) is faster than vdpbf16ps, which runs at a quarter
-  // of the FMA instruction rate on Sapphire/Emerald Rapids (README, CPU ISA targets).
-  bool dpb = false;
+  // bf16 products on K/V packed once per task (backward_tile_packed): AMX brgemm where the CPU has AMX (and
+  // ETKD_CPU_AMX is not 0), else the own vdpbf16ps kernels; MKL's bf16 GEMM per tile when bf16_path says blas, dO
+  // is not 4-byte aligned, or with dropout (backward_tile_packed has no dropout step).
+  bool packed = false, amx = false;
 #if ETKD_NATIVE_BF16
-  if constexpr (std::is_same_v<C, BFloat16>)
-    dpb = bf16_path(p) == Bf16Path::own && reinterpret_cast<uintptr_t>(dout) % 4 == 0 &&
-          !p.drop.on;  // backward_tile_dp has no dropout step: with dropout the tiles take MKL's bf16 GEMM
+  if constexpr (std::is_same_v<C, BFloat16>) {
+    const Bf16Path path = bf16_path(p);
+    packed = path != Bf16Path::blas && reinterpret_cast<uintptr_t>(dout) % 4 == 0 && !p.drop.on;
+    amx = packed && path == Bf16Path::amx;
+  }
 #endif
-  for_tasks<T, C>(p, tasks, own, false, [&](Work<T, C>& w, int64_t t, const Tasks::Task& tk, const SrcView<T>* src) {
+  for_tasks<T, C>(p, tasks, own, amx, [&](Work<T, C>& w, int64_t t, const Tasks::Task& tk, const SrcView<T>* src) {
     const auto [bh, c, b, h, t0, t1] = tk;
     int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
-    if (own || dpb || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
+    if (own || packed || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
     GradView grad[2];
     if (c == 0) {
       grad[0] = {dk + bh * nk, dv + bh * nk};
@@ -1634,7 +1733,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
         at += 2 * n;
       }
     }
-    if (own || dpb) {  // the keys the chunk's tiles visit, packed for the own products
+    if (own || packed) {  // the keys the chunk's tiles visit, packed for the own / packed bf16 products
       for (int i = 0; i < 2; ++i) {
         if (hi[i] <= lo[i]) continue;
         if constexpr (std::is_same_v<C, float>) {
@@ -1647,6 +1746,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
         }
 #endif
       }
+      w.clock.lap(kPhasePrep);
     }
     for (int64_t tile = t0; tile < t1; ++tile) {
       const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
@@ -1656,9 +1756,9 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
       const uint8_t* skip = p.qskip ? p.qskip + b * p.Sq + i0 : nullptr;
 #if ETKD_NATIVE_BF16
       if constexpr (std::is_same_v<C, BFloat16>) {
-        if (dpb) {
-          backward_tile_dp(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
-                           i0, rows, w, dq + row0 * d);
+        if (packed) {
+          backward_tile_packed(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
+                               i0, rows, w, dq + row0 * d);
           continue;
         }
       }
@@ -1668,7 +1768,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
     }
   });
   if constexpr (std::is_same_v<T, BFloat16>)
-    count_bf16_call(true, !std::is_same_v<C, BFloat16> ? kProdFp32 : dpb ? kProdDp : kProdMkl);
+    count_bf16_call(true, !std::is_same_v<C, BFloat16> ? kProdFp32 : !packed ? kProdMkl : amx ? kProdAmx : kProdDp);
   if (chunks > 1) {
     at::parallel_for(0, bhs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -1751,6 +1851,42 @@ void dropout_rows(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int
   }
 }
 
+// Multiply-adds per ns (GMAC/s; best of 200 on the calling thread, so a loaded machine lowers it less than a
+// kernel's time) of this target's own tile products on the forward's shapes: S = Q K^T over ten 64-key blocks and
+// acc += P V over those 640 keys, 64 query rows, head dim 64. kind 0: the fp32 FMA micro-kernels; kind 1: the
+// vdpbf16ps ones (0 where the target has none). Their ratio is the bound the bf16 products without AMX have here
+// against the fp32 ones (bench_isa --profile prints it).
+double product_rate(int kind) {
+#if ETKD_OWN_PRODUCTS
+  constexpr int64_t rows = 64, d = 64, nc = 10 * kPackN;
+  AVec<float> a(rows * nc, 0.01f), b(nc * d, 0.02f), c(rows * nc);
+#if ETKD_NATIVE_BF16
+  AVec<uint16_t> ab(rows * nc, 0x3c00), bb(nc * d, 0x3c00);  // bf16 1.0
+#endif
+  int64_t best = INT64_MAX;
+  for (int rep = 0; rep < 200; ++rep) {
+    const int64_t t0 = now_ns();
+    if (kind == 0) {
+      for (int64_t b0 = 0; b0 < nc; b0 += kPackN)
+        gemm_panels<kPanel>(rows, kPackN, d, 1.f, a.data(), d, 1, b.data() + b0 * d, kPackN, c.data() + b0, nc, false);
+      gemm_panels<kPanel>(rows, d, nc, 1.f, a.data(), nc, 1, b.data(), d, c.data(), d, true);
+    } else {
+#if ETKD_NATIVE_BF16
+      for (int64_t b0 = 0; b0 < nc; b0 += kPackN)
+        dp_gemm(rows, kPackN, d / 2, 1.f, ab.data(), d / 2, 1, bb.data() + b0 * d, kPackN, c.data() + b0, nc, false);
+      dp_gemm(rows, d, nc / 2, 1.f, ab.data(), nc / 2, 1, bb.data(), d, c.data(), d, true);
+#else
+      return 0.0;
+#endif
+    }
+    best = std::min(best, now_ns() - t0);
+  }
+  return 2.0 * rows * nc * d / static_cast<double>(std::max<int64_t>(best, 1));
+#else
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 // This target's table (isa.cpp). native_bf16 needs MKL's bf16 GEMM in the torch build (a weak symbol).
@@ -1768,6 +1904,7 @@ const Kernels& table() {
     k.softmax_rows = softmax_rows;
     k.rowwise_dot = rowwise_dot;
     k.dropout_rows = dropout_rows;
+    k.product_rate = product_rate;
     return k;
   }();
   return t;

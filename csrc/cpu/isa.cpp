@@ -71,13 +71,13 @@ std::vector<int64_t> bf16_calls_take() {
   return out;
 }
 
-bool profiling() {
-  static const bool on = [] {
-    const char* e = std::getenv("ETKD_CPU_PROFILE");
-    return e && *e && std::string(e) != "0";
-  }();
-  return on;
-}
+namespace {
+std::atomic<bool> g_profiling{false};
+}  // namespace
+
+bool profiling() { return g_profiling.load(std::memory_order_relaxed); }
+
+void set_profiling(bool on) { g_profiling.store(on, std::memory_order_relaxed); }
 
 bool own_tile_gemm() {
   static const bool own = [] {

@@ -47,6 +47,8 @@ struct Kernels {
   void (*rowwise_dot)(const float* a, const float* b, float* delta, int64_t rows, int64_t d) = nullptr;
   void (*dropout_rows)(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,
                        int64_t ld) = nullptr;
+  // Multiply-adds per ns of the own tile products on the calling thread (flash_tile_impl.h: product_rate).
+  double (*product_rate)(int kind) = nullptr;
 };
 
 // The table chosen for this process (first call decides; throws when ETKD_CPU_ISA names an unusable target).

@@ -4,10 +4,10 @@ The SIMD kernels are compiled for several x86-64 targets (AVX2 baseline, AVX-512
 chosen when the extension is first used: the widest this CPU reports, or the one ETKD_CPU_ISA names
 (`avx2`, `avx512`, `avx512_bf16`; an unusable value is an error). `isa()` says which one runs.
 float32, bfloat16 and float16 inputs: fp32 softmax statistics and accumulation, outputs in the input dtype;
-bf16 tiles are multiplied natively on the `avx512_bf16` target: on a CPU with AMX the forward by oneDNN brgemm on
-AMX tiles (K/V packed once per (batch, head) task) and the backward by MKL's bf16 GEMM; without AMX (AMD Zen 4/5,
-or ETKD_CPU_AMX=0) both by the own vdpbf16ps micro-kernels on K/V packed once per task (ETKD_CPU_GEMM=blas: MKL's
-bf16 GEMM for both); other 16-bit cases convert on load (K/V once per (batch, head) task).
+bf16 tiles are multiplied natively on the `avx512_bf16` target, forward and backward on K/V packed once per
+(batch, head) task: on a CPU with AMX by oneDNN brgemm on AMX tiles, without AMX (AMD Zen 4/5, or ETKD_CPU_AMX=0)
+by the own vdpbf16ps micro-kernels (ETKD_CPU_GEMM=blas, or bf16 with dropout in the backward: MKL's bf16 GEMM per
+tile); other 16-bit cases convert on load (K/V once per (batch, head) task).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import functools
 import torch
 
 from .._env import EnvironmentValueError, flag
-from ..dispatch import Capabilities
+from ..dispatch import Capabilities, backend_ops
 
 NAME = "cpu"
-OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")  # module <op> here holds forward/backward
+OPS = backend_ops(__file__)  # module <op> here holds forward/backward
 AUTO_DEVICES = ("cpu",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -133,6 +133,8 @@ def unavailable_reason() -> str | None:
         if str(exc).startswith("ETKD_"):
             raise EnvironmentValueError(str(exc)) from None
         raise
+    # the kernels' phase timers, from the one check of every ETKD_ flag
+    _C.set_cpu_profile(flag("ETKD_CPU_PROFILE"))
     return None
 
 
@@ -190,14 +192,15 @@ def _load_extension() -> str | None:
     )
 
 
-# Per-op exceptions to DTYPES (none today: lsg.cpp and nystrom.cpp compute in float32 and their 16-bit inputs
-# are converted on load by `_dtype.in_float32`, forward and backward; tests/test_support_matrix.py checks it).
+# Per-op exceptions to DTYPES (none today: the kernels that compute in float32 only get their 16-bit inputs
+# converted on load by `_dtype.in_float32` (their modules use it), forward and backward;
+# tests/test_support_matrix.py checks it).
 OP_DTYPES: dict[str, tuple[torch.dtype, ...]] = {}
 
 
 # Ops whose kernels apply attention dropout (dropout_p > 0; the others fall back to `reference`, saying so): all
 # of them (full_attention with dropout runs the tile driver, not ATen's kernel: etkd_kernels/cpu/full.py).
-DROPOUT_OPS = ("sliding_window", "block_sparse", "lsg", "nystrom", "full")
+DROPOUT_OPS = OPS
 
 
 def capabilities(op: str) -> Capabilities:

@@ -1,5 +1,6 @@
-"""Convert on load for cpu kernels that compute in float32 only (Nystrom, whose pseudo-inverse needs fp32, and
-LSG): 16-bit tensor arguments go in as float32, tensor results come back in the input dtype."""
+"""Convert on load for cpu kernels that compute in float32 only (the op modules whose wrappers are decorated with
+`in_float32`; e.g. an iterative pseudo-inverse needs fp32): 16-bit tensor arguments go in as float32, tensor
+results come back in the input dtype."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`cpu` dense attention: ATen's fused flash-attention CPU kernel (forward and backward), with etkd's
 padding convention on top (padded query rows zero, lse +inf); with attention dropout (dropout_p > 0) etkd's tile
 driver in one dense pass (`full_fwd` / `full_bwd` of csrc/cpu/full.cpp): ATen's kernel draws its mask from torch's
-RNG, not from the Philox contract of etkd_kernels/_shared.py that `reference` and the backward regenerate."""
+RNG, not from the Philox contract of etkd_kernels/_shared/ that `reference` and the backward regenerate."""
 
 from __future__ import annotations
 

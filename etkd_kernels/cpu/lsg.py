@@ -5,7 +5,7 @@ pooling / stride / block_stride (one pass over k and v; its adjoint scatters the
 reference's torch code (`extra_keys`) for norm, bos_pooling and sparsity_factor 1. Then one fused flash-style
 pass per query block runs over [local keys, global keys, sparse keys] with an online softmax (no seq x keys
 score matrix); the backward recomputes P from the saved lse. Attention dropout runs in both passes, the extra
-keys' columns given by `lsg_key_columns` (the contract of etkd_kernels/_shared.py, as the reference draws it).
+keys' columns given by `lsg_key_columns` (the contract of etkd_kernels/_shared/lsg.py, as the reference draws it).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
-from etkd_kernels._shared import all_query_rows, extra_keys, lsg_key_columns, sparse_windows, uses_sparse
+from etkd_kernels._shared.lsg import all_query_rows, extra_keys, lsg_key_columns, sparse_windows, uses_sparse
 from etkd_kernels.cpu import note_tile_path
 from etkd_kernels.cpu._dtype import in_float32
 

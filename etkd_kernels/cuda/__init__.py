@@ -6,12 +6,12 @@ import functools
 
 import torch
 
-from ..dispatch import Capabilities
+from ..dispatch import Capabilities, backend_ops
 
 NAME = "cuda"
 DESCRIPTION = "fused CUDA kernels (csrc/cuda), fp16/bf16/fp32"
 # `full` is torch's own SDPA (FlashAttention / memory-efficient kernels), so it needs no compiled extension.
-OPS = ("sliding_window", "block_sparse", "full")  # module <op> here holds forward/backward
+OPS = backend_ops(__file__)  # module <op> here holds forward/backward
 AUTO_DEVICES = ("cuda",)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Template instantiations of `dispatch_head_dim` in csrc/cuda/kernels.h (tests/test_cuda_sources.py checks

@@ -28,7 +28,7 @@ def _ops():
 
 def dropout(p) -> tuple[float, int, int]:
     """(dropout_p, seed, offset) of params `p` for the kernels (csrc/common/philox.h: the RNG contract of
-    etkd_kernels/_shared.py); p == 0 runs the dropout-free kernels."""
+    etkd_kernels/_shared/); p == 0 runs the dropout-free kernels."""
     return float(p.dropout_p), int(p.seed), int(p.offset)
 
 

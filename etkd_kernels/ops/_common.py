@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,16 @@ depend on the backend, threads or tiling. Without dropout_seed, (seed, offset) a
 generator when the op runs (torch.manual_seed reproduces; successive calls differ)."""
 
 
-def public_op(column: str = "key position j") -> Callable:
+OpFn = TypeVar("OpFn", bound=Callable[..., Any])
+
+
+def public_op(column: str = "key position j") -> Callable[[OpFn], OpFn]:
     """Decorator of every public op, written `fn(q, k, v, <its own arguments>, **options: Unpack[OpOptions])`:
     its signature (`inspect.signature`, help(), IDEs) lists the options as keyword-only parameters with their
     types and defaults, and "{dropout}" in its docstring becomes the shared dropout paragraph (`column` names
     what indexes a probability's key side in the dropout counter). The function itself is returned, unwrapped."""
 
-    def put(fn: Callable) -> Callable:
+    def put(fn: OpFn) -> OpFn:
         sig = inspect.signature(fn)
         *own, rest = sig.parameters.values()
         if rest.kind is not inspect.Parameter.VAR_KEYWORD:
@@ -65,7 +68,7 @@ def public_op(column: str = "key position j") -> Callable:
             )
             for name, default in OPTION_DEFAULTS.items()
         ]
-        fn.__signature__ = sig.replace(parameters=[*own, *options])
+        fn.__signature__ = sig.replace(parameters=[*own, *options])  # type: ignore[attr-defined]
         if fn.__doc__:  # None under python -OO
             text = _DROPOUT_DOC.replace("{column}", column).replace("\n", "\n    ")
             fn.__doc__ = fn.__doc__.replace("{dropout}", text)
@@ -77,7 +80,7 @@ def public_op(column: str = "key position j") -> Callable:
 def _annotation(name: str) -> str:
     """OpOptions' annotation of `name` as written (a string, like the annotations of the ops' own arguments)."""
     a = OpOptions.__annotations__[name]
-    return getattr(a, "__forward_arg__", a)
+    return str(getattr(a, "__forward_arg__", a))
 
 
 def common_settings(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._checks import check_positive_int, check_qkv
-from .._shared import VARIANTS, lead_tokens
+from .._shared.lsg import VARIANTS, lead_tokens
 from ._common import OpOptions, common_settings, public_op, run
 from ._define import CommonParams, define
 

@@ -35,7 +35,7 @@ global key is counted once (as its own column), as LSG masks its global first to
 Softmax over that key set with `scale`; rows that see no key, and padded query rows, give 0 (lse +inf).
 Attention dropout (`etkd_kernels._shared.dropout_keep`) uses the key's position as its column for global and
 local keys, and column S + p for compressed position p (S = the padded seq the op hands over), so compressed
-keys draw bits of their own (`etkd_kernels._shared.lsg_key_columns`, which the fused backends pass to their
+keys draw bits of their own (`etkd_kernels._shared.lsg.lsg_key_columns`, which the fused backends pass to their
 kernels).
 
 Where this differs from LSGSelfAttention: (1) LSG has one global token, the first; here the first G
@@ -69,17 +69,8 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import (
-    all_query_rows,
-    apply_dropout,
-    batch_heads,
-    compute_dtype,
-    lsg_key_columns,
-    recompute_backward,
-    sparse_keys,
-    sparse_windows,
-    uses_sparse,
-)
+from .._shared import apply_dropout, batch_heads, compute_dtype, recompute_backward
+from .._shared.lsg import all_query_rows, lsg_key_columns, sparse_keys, sparse_windows, uses_sparse
 from ._softmax import masked_softmax, padded_rows
 
 

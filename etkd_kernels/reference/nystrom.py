@@ -39,14 +39,8 @@ from __future__ import annotations
 
 import torch
 
-from .._shared import (
-    apply_dropout,
-    batch_heads,
-    compute_dtype,
-    iterative_pinv,
-    recompute_backward,
-    segment_means,
-)
+from .._shared import apply_dropout, batch_heads, compute_dtype, recompute_backward
+from .._shared.nystrom import iterative_pinv, segment_means
 from . import full
 from ._softmax import masked_softmax
 

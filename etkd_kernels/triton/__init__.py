@@ -8,11 +8,11 @@ import os
 
 import torch
 
-from ..dispatch import Capabilities
+from ..dispatch import Capabilities, backend_ops
 
 NAME = "triton"
 DESCRIPTION = "fused Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"
-OPS = ("sliding_window", "block_sparse", "lsg", "nystrom")  # module <op> here holds forward/backward
+OPS = backend_ops(__file__)  # module <op> here holds forward/backward
 AUTO_DEVICES = ("cuda",)  # the interpreter is a correctness tool, never picked by `auto`
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # tiles over head_dim are the next power of two (masked); 256 would not fit shared memory

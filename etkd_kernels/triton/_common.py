@@ -1,4 +1,7 @@
-"""Pieces every Triton kernel file shares: tile configs, head_dim handling, launch guards, the delta kernel.
+"""Pieces every Triton kernel file shares: tile configs, head_dim handling, launch guards and arguments, the
+@triton.jit pieces of the attention kernels, the delta kernel. The kernel files import this module as `cm` and
+call `cm.<name>` (one vocabulary, not one import list per file): Triton resolves a module attribute in a
+kernel like a global name and hashes the helper into the kernel's cache key.
 
 Imported only when the triton backend is resolved (never at `import etkd_kernels` time).
 """
@@ -209,7 +212,7 @@ def launch(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Attention dropout: the RNG contract of etkd_kernels/_shared.py (`philox4x32_10`, `dropout_keep`), bit for bit.
+# Attention dropout: the RNG contract of etkd_kernels/_shared/ (`philox4x32_10`, `dropout_keep`), bit for bit.
 # Triton's tl.randint keys Philox on (seed, offset) with a counter of its own layout, so the contract's
 # counter (j >> 3, i, b * H + h, offset) goes through this Philox4x32-10 (Random123's constants and rounds).
 
@@ -275,6 +278,17 @@ def rng_args(p) -> dict:
         rng_scale=dropout_scale(p_drop),
         rng_bh0=0,
     )
+
+
+def kernel_args(q: torch.Tensor, scale: float, p) -> dict:
+    """The launch arguments every attention kernel takes beside its own: the dropout contract's (`rng_args`; `p`
+    the op's params, or None for no dropout), scale2 (the score scale in the log2 domain), q's head_dim D and
+    heads H, the tl.dot operand type CT and precision PREC, and the head tile width BLOCK_D."""
+    d = q.shape[-1]
+    return dict(
+        **rng_args(p), scale2=scale * LOG2E.value, D=d, H=q.shape[1],
+        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,29 +17,7 @@ import triton
 import triton.language as tl
 
 from ..masks import cached_lut
-from ._common import (
-    LOG2E,
-    RNG_ARGS,
-    compute_type,
-    configs,
-    delta,
-    dkv_prologue,
-    dkv_step,
-    dq_prologue,
-    dq_step,
-    finish_store,
-    fwd_prologue,
-    head_block,
-    launch,
-    load_rows,
-    precision,
-    program_ids,
-    query_tile,
-    rng_args,
-    seq_bucket,
-    softmax_step,
-    store_rows,
-)
+from . import _common as cm
 
 _KEY = ["SB", "BS", "BLOCK_D", "DROPOUT"]  # SB: seq bucket
 
@@ -49,7 +27,7 @@ def _program(REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P: tl.constex
     """What every kernel here starts from: `program_ids`, the program's rows (a BLOCK_P tile of layout block
     `blk`), which of them are real, its LUT row (a pointer), how many blocks the row lists (0 when none of the
     program's rows is real) and how many BLOCK_O sub-tiles a block of the other side has."""
-    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pid, bh, b, base, lbase = cm.program_ids(H, S, D)
     n_sub_p = tl.cdiv(BS, BLOCK_P)
     blk = pid // n_sub_p
     r = (pid % n_sub_p) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -75,12 +53,12 @@ def _key_tile(blk, it, n_sub_o, BS, b, S, own, REAL, K, V, base, dd, dmask, D, C
     key) pairs, and the k and v tiles."""
     j, jin = _sub_tile(blk, it, n_sub_o, BS, BLOCK_O)
     ok = own[:, None] & (jin & (tl.load(REAL + b * S + j, mask=jin, other=0) != 0))[None, :]
-    k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-    return j, ok, k, load_rows(V + base, j, jin, dd, dmask, D, CT)
+    k = cm.load_rows(K + base, j, jin, dd, dmask, D, CT)
+    return j, ok, k, cm.load_rows(V + base, j, jin, dd, dmask, D, CT)
 
 
-@triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("fwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _fwd(
     Q, K, V, OUT, LSE, REAL, LUT, CNT, scale2, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -90,7 +68,7 @@ def _fwd(
     bh, b, base, lbase, pos, valid, own, lut, n_blocks, n_sub_o = _program(
         REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P, BLOCK_O
     )
-    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, q, m, row_sum, acc = cm.fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     # The LUT row is loaded once, as a vector, and each key block picked out of it in registers: the K/V
     # addresses then depend on no load inside the loop, so Triton's pipeliner prefetches K/V num_stages - 1
     # iterations ahead. A scalar LUT load in the loop made the K/V loads indirect, which halves that distance
@@ -102,13 +80,13 @@ def _fwd(
     for it in range(0, n_blocks * n_sub_o):
         blk = tl.sum(tl.where(slot == it // n_sub_o, row, 0), 0)
         j, ok, k, v = _key_tile(blk, it, n_sub_o, BS, b, S, own, REAL, K, V, base, dd, dmask, D, CT, BLOCK_O)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
-                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
+        m, row_sum, acc = cm.softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
 
 
-@triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -117,19 +95,19 @@ def _bwd_dq(
     bh, b, base, lbase, pos, valid, own, lut, n_blocks, n_sub_o = _program(
         REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P, BLOCK_O
     )
-    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+    dd, dmask, q, do, lse2, delta, dq = cm.dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
     )
     for it in range(0, n_blocks * n_sub_o):
         blk = tl.load(lut + it // n_sub_o)
         j, ok, k, v = _key_tile(blk, it, n_sub_o, BS, b, S, own, REAL, K, V, base, dd, dmask, D, CT, BLOCK_O)
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
-                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    store_rows(DQ, base, pos, valid, dd, dmask, D, dq * scale)
+        dq, _, _ = cm.dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                              bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.store_rows(DQ, base, pos, valid, dd, dmask, D, dq * scale)
 
 
-@triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, REAL, LUT, CNT, scale2, scale, S, SB, D, H, BS, NB, WIDTH, LUT_HS,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -139,15 +117,15 @@ def _bwd_dkv(
     bh, b, base, lbase, pos, valid, own, lut, n_blocks, n_sub_o = _program(
         REAL, LUT, CNT, S, D, H, BS, NB, WIDTH, LUT_HS, BLOCK_P, BLOCK_O
     )
-    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, k, v, dk, dv = cm.dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_blocks * n_sub_o):
         i, iok = _sub_tile(tl.load(lut + it // n_sub_o), it, n_sub_o, BS, BLOCK_O)
         ok = own[:, None] & iok[None, :]  # padded query rows have lse = +inf, so p = 0 there
-        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)
-        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC, i[None, :], pos[:, None],
-                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    store_rows(DK, base, pos, valid, dd, dmask, D, dk * scale)
-    store_rows(DV, base, pos, valid, dd, dmask, D, dv)
+        q, do, lse2, delta = cm.query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = cm.dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC, i[None, :], pos[:, None],
+                             bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.store_rows(DK, base, pos, valid, dd, dmask, D, dk * scale)
+    cm.store_rows(DV, base, pos, valid, dd, dmask, D, dv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,9 +148,8 @@ def _prepare(
         else torch.ones(b, s, dtype=torch.bool, device=q.device)
     )
     return dict(
-        **rng_args(p), REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s),
-        D=d, H=h, BS=block_size, NB=nb, WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+        **cm.kernel_args(q, scale, p), REAL=real.to(torch.int8).contiguous(), LUT=lut, CNT=cnt, S=s, SB=cm.seq_bucket(s),
+        BS=block_size, NB=nb, WIDTH=lut.shape[-1], LUT_HS=int(layout.shape[0] > 1),
     )  # fmt: skip
 
 
@@ -188,19 +165,19 @@ def forward(q, k, v, p):
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     meta["LUT_BLOCK"] = triton.next_power_of_2(max(meta["WIDTH"], 1))  # the forward holds its LUT row
-    launch(_fwd, _tiles(meta["NB"], block_size), q, (q, k, v, out, lse), meta, ("REAL",))
+    cm.launch(_fwd, _tiles(meta["NB"], block_size), q, (q, k, v, out, lse), meta, ("REAL",))
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, p):
     layout, block_size, key_padding_mask, scale = p.layout, p.block_size, p.key_padding_mask, p.scale
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
+    dlt = cm.delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     meta = _prepare(q, layout, block_size, key_padding_mask, scale, p)
     tiles = _tiles(meta["NB"], block_size)
-    launch(_bwd_dq, tiles, q, (q, k, v, do, lse, dlt, dq), {**meta, "scale": scale}, ("REAL",))
+    cm.launch(_bwd_dq, tiles, q, (q, k, v, do, lse, dlt, dq), {**meta, "scale": scale}, ("REAL",))
     meta_t = _prepare(q, layout, block_size, key_padding_mask, scale, p, transpose=True)
-    launch(_bwd_dkv, tiles, q, (q, k, v, do, lse, dlt, dk, dv), {**meta_t, "scale": scale}, ("REAL",))
+    cm.launch(_bwd_dkv, tiles, q, (q, k, v, do, lse, dlt, dk, dv), {**meta_t, "scale": scale}, ("REAL",))
     return dq, dk, dv

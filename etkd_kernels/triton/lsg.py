@@ -1,6 +1,6 @@
 """Triton LSG attention, FlashAttention-2 style, forward and backward.
 
-The compressed (sparse) keys are built with a few torch ops (`etkd_kernels._shared.extra_keys`, from the
+The compressed (sparse) keys are built with a few torch ops (`etkd_kernels._shared.lsg.extra_keys`, from the
 reference's definition) into an extra key source KX = [global keys, compressed keys] (B, H, G + T, D) with a
 per-head mask. Block pass: a program owns a tile of BLOCK_P rows inside one query block n and runs one online
 softmax over the local keys [(n - 1) B, (n + 2) B) of K (global and padded keys masked) and the
@@ -18,27 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._shared import all_query_rows, extra_keys
-from ._common import (
-    LOG2E,
-    RNG_ARGS,
-    compute_type,
-    configs,
-    delta,
-    dq_prologue,
-    dq_step,
-    finish_store,
-    fwd_prologue,
-    head_block,
-    launch,
-    load_rows,
-    precision,
-    program_ids,
-    rng_args,
-    seq_bucket,
-    softmax_step,
-    store_rows,
-)
+from .._shared.lsg import all_query_rows, extra_keys
+from . import _common as cm
 
 _KEY = ["SB", "BS", "NX", "BLOCK_D", "GLOBAL", "DROPOUT"]  # SB: seq bucket
 
@@ -68,7 +49,7 @@ def _own_rows(pid, b, QMASK, S, BS, NB, G, GLOBAL: tl.constexpr, BLOCK_P: tl.con
 def _program(QMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL: tl.constexpr, BLOCK_P: tl.constexpr):
     """What both kernels start from: `program_ids`, the (batch, head) offset in KX/VX, the own rows and local
     key range (`_own_rows`), and the starts of the query block's left and right sparse windows."""
-    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pid, bh, b, base, lbase = cm.program_ids(H, S, D)
     pos, valid, own, lo, hi, qb = _own_rows(pid, b, QMASK, S, BS, NB, G, GLOBAL, BLOCK_P)
     left = tl.load(STARTS + qb * 2)
     right = tl.load(STARTS + qb * 2 + 1)
@@ -81,8 +62,8 @@ def _local_keys(j0, b, hi, own, KMASK, S, K, V, base, dd, dmask, D, CT: tl.const
     j = j0 + tl.arange(0, BLOCK_O)
     jin = j < hi
     ok = own[:, None] & (jin & (tl.load(KMASK + b * S + j, mask=jin, other=0) != 0))[None, :]
-    k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-    return j, jin, ok, k, load_rows(V + base, j, jin, dd, dmask, D, CT)
+    k = cm.load_rows(K + base, j, jin, dd, dmask, D, CT)
+    return j, jin, ok, k, cm.load_rows(V + base, j, jin, dd, dmask, D, CT)
 
 
 @triton.jit
@@ -95,8 +76,8 @@ def _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, KX, VX, xbase,
     x = tl.where(c < G, c, G + sp)
     xin = (c < NX) & ((c < G) | ((sp >= 0) & (sp < T)))
     ok = own[:, None] & (xin & (tl.load(OKX + bh.to(tl.int64) * SX + x, mask=xin, other=0) != 0))[None, :]
-    k = load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
-    return x, xin, ok, k, load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
+    k = cm.load_rows(KX + xbase, x, xin, dd, dmask, D, CT)
+    return x, xin, ok, k, cm.load_rows(VX + xbase, x, xin, dd, dmask, D, CT)
 
 
 @triton.jit
@@ -115,8 +96,8 @@ def _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT: tl.con
     tl.atomic_add(DV + offs, tl.dot(tl.trans(p).to(CT), do, input_precision=PREC), mask=kvmask)
 
 
-@triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("fwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _fwd(
     Q, K, V, KX, VX, OUT, LSE, KMASK, QMASK, OKX, STARTS, scale2, S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -126,22 +107,22 @@ def _fwd(
     bh, b, base, lbase, xbase, pos, valid, own, lo, hi, left, right = _program(
         QMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
     )
-    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, q, m, row_sum, acc = cm.fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for j0 in range(lo, hi, BLOCK_O):
         j, jin, ok, k, v = _local_keys(j0, b, hi, own, KMASK, S, K, V, base, dd, dmask, D, CT, BLOCK_O)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
-                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+        m, row_sum, acc = cm.softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     for c0 in range(0, NX, BLOCK_O):
         x, xin, ok, k, v = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, KX, VX, xbase, dd, dmask,
                                        D, CT, BLOCK_O)  # fmt: skip
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None],
-                                       _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off,
-                                       rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
+        m, row_sum, acc = cm.softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None],
+                                          _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off,
+                                          rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, valid, dd, dmask, D)
 
 
-@triton.autotune(configs=configs("bwd_lsg"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd_lsg"), key=_KEY, reset_to_zero=["DK", "DV", "DKX", "DVX"])
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd(
     Q, K, V, KX, VX, DO, LSE, DELTA, DQ, DK, DV, DKX, DVX, KMASK, QMASK, OKX, STARTS, scale2, scale,
     S, SB, D, H, BS, NB, SX, G, T, SBS, NX, XCOL,
@@ -152,22 +133,22 @@ def _bwd(
     bh, b, base, lbase, xbase, pos, valid, own, lo, hi, left, right = _program(
         QMASK, STARTS, H, S, D, BS, NB, SX, G, GLOBAL, BLOCK_P
     )
-    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+    dd, dmask, q, do, lse2, delta, dq = cm.dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
     )
     for j0 in range(lo, hi, BLOCK_O):
         j, jin, ok, k, v = _local_keys(j0, b, hi, own, KMASK, S, K, V, base, dd, dmask, D, CT, BLOCK_O)
-        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
-                            bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+        dq, p, ds = cm.dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                               bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
         _add_dkv(DK, DV, base, j, jin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
     for c0 in range(0, NX, BLOCK_O):
         x, xin, ok, k, v = _extra_keys(c0, bh, left, right, own, OKX, SX, G, T, SBS, NX, KX, VX, xbase, dd, dmask,
                                        D, CT, BLOCK_O)  # fmt: skip
-        dq, p, ds = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None],
-                            _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr,
-                            rng_scale, DROPOUT)  # fmt: skip
+        dq, p, ds = cm.dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None],
+                               _extra_col(x, G, XCOL)[None, :], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr,
+                               rng_scale, DROPOUT)  # fmt: skip
         _add_dkv(DKX, DVX, xbase, x, xin, dd, dmask, D, q, do, p, ds, scale, CT, PREC)
-    store_rows(DQ, base, pos, valid & own, dd, dmask, D, dq * scale)
+    cm.store_rows(DQ, base, pos, valid & own, dd, dmask, D, dq * scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,8 +171,8 @@ def _prepare(q, k, v, p):
     if starts.numel() == 0:
         starts = torch.zeros(nb, 2, dtype=torch.long)
     meta = dict(
-        **rng_args(p), XCOL=s, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h, BS=block_size, NB=nb, SX=sx, G=g, T=sx - g, SBS=sbs,
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
+        **cm.kernel_args(q, scale, p), XCOL=s, S=s, SB=cm.seq_bucket(s), BS=block_size, NB=nb, SX=sx, G=g, T=sx - g,
+        SBS=sbs,
     )  # fmt: skip
     # Query rows the block pass computes: the usable ones, or every non-global one (`all_query_rows`).
     rows = usable
@@ -221,10 +202,10 @@ def forward(q, k, v, p):
     # Launched through `launch` (device guard, batch split past 65,535 programs on grid axis y, configs
     # chosen per launch); STARTS (per query block, not per batch) goes by keyword so it is never sliced.
     kw = dict(STARTS=starts, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
-    launch(_fwd, _block_tiles(meta), q, (q, k, v, kx, vx, out, lse, usable, rows, okx), kw)
+    cm.launch(_fwd, _block_tiles(meta), q, (q, k, v, kx, vx, out, lse, usable, rows, okx), kw)
     if g > 0:
         kw.update(NX=0, GLOBAL=True)
-        launch(_fwd, _global_tiles(meta), q, (q, k, v, kx, vx, out, lse, real, real, okx), kw)
+        cm.launch(_fwd, _global_tiles(meta), q, (q, k, v, kx, vx, out, lse, real, real, okx), kw)
     return out, lse
 
 
@@ -232,7 +213,7 @@ def backward(grad_out, q, k, v, out, lse, p):
     b, h, s, d = q.shape
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
     g = p.num_global_tokens
-    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
+    dlt = cm.delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     with torch.inference_mode(False), torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -243,11 +224,11 @@ def backward(grad_out, q, k, v, out, lse, p):
     dkx, dvx = (torch.zeros(kx.shape, dtype=torch.float32, device=q.device) for _ in range(2))
     args = (q, k, v, kxc, vxc, do, lse, dlt, dq, dk, dv, dkx, dvx)
     kw = dict(STARTS=starts, scale=p.scale, NX=g + 2 * meta["SBS"], GLOBAL=False, **meta)
-    launch(_bwd, _block_tiles(meta), q, (*args, usable, rows, okx), kw)
+    cm.launch(_bwd, _block_tiles(meta), q, (*args, usable, rows, okx), kw)
     if g > 0:
         dqg = torch.zeros_like(q)
         kw.update(NX=0, GLOBAL=True)
-        launch(_bwd, _global_tiles(meta), q, (*args[:8], dqg, *args[9:], real, real, okx), kw)
+        cm.launch(_bwd, _global_tiles(meta), q, (*args[:8], dqg, *args[9:], real, real, okx), kw)
         dq = dq + dqg
     dq, dk, dv = dq.float(), dk, dv
     dk[:, :, :g] += dkx[:, :, :g]

@@ -7,7 +7,7 @@ unequal query/key lengths, so one fused dense kernel (online softmax, saved lse,
     K1 @ X       = attn(q, k~, X)                    (seq queries over L landmark keys), X = pinv(K2) @ (K3 @ v)
 
 K2 = softmax(s q~ k~^T) (L x L), the Newton-Schulz pseudo-inverse and the segment means are small and go
-through torch GEMMs (the functions the reference uses, etkd_kernels/_shared.py, so rounding matches). The
+through torch GEMMs (the functions the reference uses, etkd_kernels/_shared/nystrom.py, so rounding matches). The
 backward is written out (`backward`): the fused kernels' own backward for the two large products, autograd
 only over the small (L x L) part: no (seq x L) matrix is ever stored. Low-precision inputs: landmarks and X
 are cast to the input dtype before the kernels
@@ -20,30 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._shared import compute_dtype, iterative_pinv, segment_means
-from ._common import (
-    LOG2E,
-    RNG_ARGS,
-    compute_type,
-    configs,
-    delta,
-    dkv_prologue,
-    dkv_step,
-    dq_prologue,
-    dq_step,
-    finish_store,
-    fwd_prologue,
-    head_block,
-    launch,
-    load_rows,
-    precision,
-    program_ids,
-    query_tile,
-    rng_args,
-    seq_bucket,
-    softmax_step,
-    store_rows,
-)
+from .._shared import compute_dtype
+from .._shared.nystrom import iterative_pinv, segment_means
+from . import _common as cm
 
 _KEY = ["SQB", "SKB", "BLOCK_D", "DROPOUT"]  # sequence buckets
 
@@ -52,7 +31,7 @@ _KEY = ["SQB", "SKB", "BLOCK_D", "DROPOUT"]  # sequence buckets
 def _own_rows(H, SQ, SK, D, N, BLOCK_P: tl.constexpr):
     """The program's ids and offsets (`program_ids`, with `kbase` the (batch, head) offset in k and v), its
     BLOCK_P rows (queries, or keys for dK/dV) and which of them exist (< N)."""
-    pid, bh, b, qbase, lbase = program_ids(H, SQ, D)
+    pid, bh, b, qbase, lbase = cm.program_ids(H, SQ, D)
     pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     return bh, b, qbase, lbase, bh.to(tl.int64) * SK * D, pos, pos < N
 
@@ -66,13 +45,13 @@ def _key_tile(K, V, kbase, start, b, SK, valid, REAL, dd, dmask, D, CT: tl.const
     seen = jin
     if HAS_MASK:
         seen = jin & (tl.load(REAL + b * SK + j, mask=jin, other=0) != 0)
-    k = load_rows(K + kbase, j, jin, dd, dmask, D, CT)
-    v = load_rows(V + kbase, j, jin, dd, dmask, D, CT)
+    k = cm.load_rows(K + kbase, j, jin, dd, dmask, D, CT)
+    v = cm.load_rows(V + kbase, j, jin, dd, dmask, D, CT)
     return j, valid[:, None] & seen[None, :], k, v
 
 
-@triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("fwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _fwd(
     Q, K, V, OUT, LSE, REAL, scale2, SQ, SK, SQB, SKB, D, JCOL,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -80,16 +59,16 @@ def _fwd(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
     bh, b, qbase, lbase, kbase, pos, valid = _own_rows(H, SQ, SK, D, SQ, BLOCK_P)
-    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, qbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, q, m, row_sum, acc = cm.fwd_prologue(Q, qbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SK, BLOCK_O):
         j, ok, k, v = _key_tile(K, V, kbase, start, b, SK, valid, REAL, dd, dmask, D, CT, HAS_MASK, BLOCK_O)
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
-                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    finish_store(m, row_sum, acc, OUT, LSE, qbase, lbase, pos, valid, dd, dmask, D)
+        m, row_sum, acc = cm.softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
+                                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.finish_store(m, row_sum, acc, OUT, LSE, qbase, lbase, pos, valid, dd, dmask, D)
 
 
-@triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, REAL, scale2, scale, SQ, SK, SQB, SKB, D, JCOL,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -97,18 +76,18 @@ def _bwd_dq(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, H: tl.constexpr,
 ):  # fmt: skip
     bh, b, qbase, lbase, kbase, pos, valid = _own_rows(H, SQ, SK, D, SQ, BLOCK_P)
-    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+    dd, dmask, q, do, lse2, delta, dq = cm.dq_prologue(
         Q, DO, LSE, DELTA, qbase, lbase, pos, valid, valid, D, CT, BLOCK_P, BLOCK_D
     )
     for start in range(0, SK, BLOCK_O):
         j, ok, k, v = _key_tile(K, V, kbase, start, b, SK, valid, REAL, dd, dmask, D, CT, HAS_MASK, BLOCK_O)
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
-                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    store_rows(DQ, qbase, pos, valid, dd, dmask, D, dq * scale)
+        dq, _, _ = cm.dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], (JCOL + j)[None, :],
+                              bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.store_rows(DQ, qbase, pos, valid, dd, dmask, D, dq * scale)
 
 
-@triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, REAL, scale2, scale, SQ, SK, SQB, SKB, D, JCOL,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0, DROPOUT: tl.constexpr,
@@ -119,16 +98,16 @@ def _bwd_dkv(
     own = valid
     if HAS_MASK:
         own = valid & (tl.load(REAL + b * SK + pos, mask=valid, other=0) != 0)
-    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, kbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, k, v, dk, dv = cm.dkv_prologue(K, V, kbase, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for start in range(0, SQ, BLOCK_O):
         i = start + tl.arange(0, BLOCK_O)
         iok = i < SQ
-        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, qbase, lbase, i, iok, dd, dmask, D, CT)
-        dk, dv = dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC,
-                          i[None, :], (JCOL + pos)[:, None], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale,
-                          DROPOUT)  # fmt: skip
-    store_rows(DK, kbase, pos, valid, dd, dmask, D, dk * scale)
-    store_rows(DV, kbase, pos, valid, dd, dmask, D, dv)
+        q, do, lse2, delta = cm.query_tile(Q, DO, LSE, DELTA, qbase, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = cm.dkv_step(k, v, q, do, own[:, None] & iok[None, :], lse2, delta, dk, dv, scale2, CT, PREC,
+                             i[None, :], (JCOL + pos)[:, None], bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale,
+                             DROPOUT)  # fmt: skip
+    cm.store_rows(DK, kbase, pos, valid, dd, dmask, D, dk * scale)
+    cm.store_rows(DV, kbase, pos, valid, dd, dmask, D, dv)
 
 
 def _meta(q, k, kpm, scale, drop, jcol):
@@ -141,9 +120,8 @@ def _meta(q, k, kpm, scale, drop, jcol):
         else torch.zeros(1, dtype=torch.int8, device=q.device)
     )
     return dict(
-        **rng_args(drop), JCOL=jcol, REAL=real, scale2=scale * LOG2E.value, SQ=sq, SK=k.shape[2], SQB=seq_bucket(sq), SKB=seq_bucket(k.shape[2]),
-        D=d, HAS_MASK=kpm is not None,
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d), H=h,
+        **cm.kernel_args(q, scale, drop), JCOL=jcol, REAL=real, SQ=sq, SK=k.shape[2], SQB=cm.seq_bucket(sq),
+        SKB=cm.seq_bucket(k.shape[2]), HAS_MASK=kpm is not None,
     )  # fmt: skip
 
 
@@ -160,7 +138,7 @@ def _attn_fwd(q, k, v, kpm, scale, drop=None, jcol=0):
     b, h, sq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
-    launch(_fwd, _rows(sq), q, (q, k, v, out, lse), _meta(q, k, kpm, scale, drop, jcol), _per_batch(kpm))
+    cm.launch(_fwd, _rows(sq), q, (q, k, v, out, lse), _meta(q, k, kpm, scale, drop, jcol), _per_batch(kpm))
     return out, lse
 
 
@@ -168,11 +146,11 @@ def _attn_bwd(do, q, k, v, out, lse, kpm, scale, drop=None, jcol=0):
     """(dq, dk, dv) of `_attn_fwd`, recomputing P from lse."""
     sq = q.shape[2]
     do = do.contiguous()
-    dlt = delta(do, out)
+    dlt = cm.delta(do, out)
     meta = {**_meta(q, k, kpm, scale, drop, jcol), "scale": scale}
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    launch(_bwd_dq, _rows(sq), q, (q, k, v, do, lse, dlt, dq), meta, _per_batch(kpm))
-    launch(_bwd_dkv, _rows(k.shape[2]), q, (q, k, v, do, lse, dlt, dk, dv), meta, _per_batch(kpm))
+    cm.launch(_bwd_dq, _rows(sq), q, (q, k, v, do, lse, dlt, dq), meta, _per_batch(kpm))
+    cm.launch(_bwd_dkv, _rows(k.shape[2]), q, (q, k, v, do, lse, dlt, dk, dv), meta, _per_batch(kpm))
     return dq, dk, dv
 
 
@@ -198,7 +176,7 @@ class _Attention(torch.autograd.Function):
 def attend(q, k, v, num_landmarks, pinv_iterations, key_padding_mask, scale, pinv_init, drop=None):
     """Dropout (`drop`: the op's params, or None) on the probabilities of the exact case (key columns) and on
     K1 (landmark l = column seq + l), where the reference applies it."""
-    head_block(q.shape[-1])  # rejects unsupported head_dim with a clear message
+    cm.head_block(q.shape[-1])  # rejects unsupported head_dim with a clear message
     s = q.shape[2]
     if num_landmarks == s:
         out = _Attention.apply(q, k, v, key_padding_mask, scale, drop, 0)

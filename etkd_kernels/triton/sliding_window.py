@@ -23,29 +23,7 @@ import triton
 import triton.language as tl
 
 from ..masks import GlobalTokens
-from ._common import (
-    LOG2E,
-    RNG_ARGS,
-    compute_type,
-    configs,
-    delta,
-    dkv_prologue,
-    dkv_step,
-    dq_prologue,
-    dq_step,
-    finish_store,
-    fwd_prologue,
-    head_block,
-    launch,
-    load_rows,
-    precision,
-    program_ids,
-    query_tile,
-    rng_args,
-    seq_bucket,
-    softmax_step,
-    store_rows,
-)
+from . import _common as cm
 
 LOCAL, GLOBAL, REAL, ALL = 2, 4, 6, 7  # bit sets over kinds (bit k = kind k allowed); kind 0 = padding
 _KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST", "DROPOUT"]  # SB: seq bucket
@@ -58,7 +36,7 @@ _KEY = ["SB", "BLOCK_D", "W", "GATHER", "RANGE", "BAND", "LIST", "DROPOUT"]  # S
 def _program(H, S, D, W, KIND, IDX, CNT, G, GATHER: tl.constexpr, OWN: tl.constexpr, RANGE: tl.constexpr,
              BAND: tl.constexpr, LIST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):  # fmt: skip
     """What every kernel here starts from: `program_ids`, its own rows (`_own_rows`) and its loop (`_loop`)."""
-    pid, bh, b, base, lbase = program_ids(H, S, D)
+    pid, bh, b, base, lbase = cm.program_ids(H, S, D)
     pos, valid, kind, own = _own_rows(pid, b, S, KIND, IDX, CNT, G, GATHER, OWN, BLOCK_P)
     n_own = tl.sum(own.to(tl.int32), 0)
     lo, n_range, cnt, n_iter = _loop(pid, b, S, W, CNT, n_own, RANGE, BAND, LIST, BLOCK_P, BLOCK_O)
@@ -126,13 +104,13 @@ def _key_tile(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, K, V, base,
     """Loop step `it` of a program that owns query rows: the key rows (`_other_rows`), the (query, key) pairs
     inside the pattern, and the k and v tiles."""
     j, jin, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
-    k = load_rows(K + base, j, jin, dd, dmask, D, CT)
-    v = load_rows(V + base, j, jin, dd, dmask, D, CT)
+    k = cm.load_rows(K + base, j, jin, dd, dmask, D, CT)
+    v = cm.load_rows(V + base, j, jin, dd, dmask, D, CT)
     return j, ok, k, v
 
 
-@triton.autotune(configs=configs("fwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("fwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _fwd(
     Q, K, V, OUT, LSE, KIND, IDX, CNT, scale2, S, SB, D, H, G, W,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0,
@@ -143,18 +121,18 @@ def _fwd(
     bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter = _program(
         H, S, D, W, KIND, IDX, CNT, G, GATHER, OWN, RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
-    dd, dmask, q, m, row_sum, acc = fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, q, m, row_sum, acc = cm.fwd_prologue(Q, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_iter):
         j, ok, k, v = _key_tile(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, K, V, base, dd, dmask, D,
                                 CT, OTHER, BAND, BLOCK_O)  # fmt: skip
-        m, row_sum, acc = softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
-                                       bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+        m, row_sum, acc = cm.softmax_step(q, k, v, ok, m, row_sum, acc, scale2, CT, PREC, pos[:, None], j[None, :],
+                                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store = valid & ((kind & STORE) != 0)
-    finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, store, dd, dmask, D)
+    cm.finish_store(m, row_sum, acc, OUT, LSE, base, lbase, pos, store, dd, dmask, D)
 
 
-@triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KIND, IDX, CNT, scale2, scale, S, SB, D, H, G, W,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0,
@@ -165,19 +143,19 @@ def _bwd_dq(
     bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter = _program(
         H, S, D, W, KIND, IDX, CNT, G, GATHER, OWN, RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
-    dd, dmask, q, do, lse2, delta, dq = dq_prologue(
+    dd, dmask, q, do, lse2, delta, dq = cm.dq_prologue(
         Q, DO, LSE, DELTA, base, lbase, pos, valid, own, D, CT, BLOCK_P, BLOCK_D
     )
     for it in range(0, n_iter):
         j, ok, k, v = _key_tile(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, K, V, base, dd, dmask, D,
                                 CT, OTHER, BAND, BLOCK_O)  # fmt: skip
-        dq, _, _ = dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
-                           bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
-    store_rows(DQ, base, pos, valid & ((kind & STORE) != 0), dd, dmask, D, dq * scale)
+        dq, _, _ = cm.dq_step(q, do, k, v, ok, lse2, delta, dq, scale2, CT, PREC, pos[:, None], j[None, :],
+                              bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+    cm.store_rows(DQ, base, pos, valid & ((kind & STORE) != 0), dd, dmask, D, dq * scale)
 
 
-@triton.autotune(configs=configs("bwd"), key=_KEY)
-@triton.jit(do_not_specialize=RNG_ARGS)
+@triton.autotune(configs=cm.configs("bwd"), key=_KEY)
+@triton.jit(do_not_specialize=cm.RNG_ARGS)
 def _bwd_dkv(
     Q, K, V, DO, LSE, DELTA, DK, DV, KIND, IDX, CNT, scale2, scale, S, SB, D, H, G, W,
     rng_k0, rng_k1, rng_off, rng_thr, rng_scale, rng_bh0,
@@ -189,15 +167,15 @@ def _bwd_dkv(
     bh, b, base, lbase, pos, valid, kind, own, lo, n_range, cnt, n_iter = _program(
         H, S, D, W, KIND, IDX, CNT, G, GATHER, OWN, RANGE, BAND, LIST, BLOCK_P, BLOCK_O
     )
-    dd, dmask, k, v, dk, dv = dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
+    dd, dmask, k, v, dk, dv = cm.dkv_prologue(K, V, base, pos, valid, D, CT, BLOCK_P, BLOCK_D)
     for it in range(0, n_iter):
         i, iok, ok = _other_rows(it, lo, n_range, cnt, b, S, W, pos, own, KIND, IDX, G, OTHER, BAND, BLOCK_O)
-        q, do, lse2, delta = query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)
-        dk, dv = dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC, i[None, :], pos[:, None],
-                          bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
+        q, do, lse2, delta = cm.query_tile(Q, DO, LSE, DELTA, base, lbase, i, iok, dd, dmask, D, CT)
+        dk, dv = cm.dkv_step(k, v, q, do, ok, lse2, delta, dk, dv, scale2, CT, PREC, i[None, :], pos[:, None],
+                             bh + rng_bh0, rng_k0, rng_k1, rng_off, rng_thr, rng_scale, DROPOUT)  # fmt: skip
     store = valid & ((kind & STORE) != 0)
-    store_rows(DK, base, pos, store, dd, dmask, D, dk * scale)
-    store_rows(DV, base, pos, store, dd, dmask, D, dv)
+    cm.store_rows(DK, base, pos, store, dd, dmask, D, dk * scale)
+    cm.store_rows(DV, base, pos, store, dd, dmask, D, dv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,9 +207,8 @@ def _meta(q: torch.Tensor, window: int, scale: float, kinds, p) -> dict:
     kind, idx, cnt, glob = kinds
     b, h, s, d = q.shape
     return dict(
-        **rng_args(p), KIND=kind, IDX=idx, CNT=cnt, scale2=scale * LOG2E.value, S=s, SB=seq_bucket(s), D=d, H=h,
+        **cm.kernel_args(q, scale, p), KIND=kind, IDX=idx, CNT=cnt, S=s, SB=cm.seq_bucket(s),
         G=s if glob is not None else 1, W=window // 2,
-        CT=compute_type(q.dtype), PREC=precision(q.dtype), BLOCK_D=head_block(d),
     )  # fmt: skip
 
 
@@ -258,12 +235,12 @@ def forward(q, k, v, p):
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     # Local and padded query rows: the band of local keys plus the compact list of global keys.
     flags = _flags(False, True, True, g, LOCAL, LOCAL, ALL - GLOBAL if g else ALL)
-    launch(_fwd, _rows(s), q, (q, k, v, out, lse), {**meta, **flags}, _PER_BATCH)
+    cm.launch(_fwd, _rows(s), q, (q, k, v, out, lse), {**meta, **flags}, _PER_BATCH)
     if g:
         # Global query rows: every real key, with the global projections when given.
         qq, kk, vv = (q, k, v) if qg is None else (qg.contiguous(), kg.contiguous(), vg.contiguous())
         flags = _flags(True, True, False, False, GLOBAL, REAL, ALL)
-        launch(_fwd, _rows(s), q, (qq, kk, vv, out, lse), {**meta, **flags}, _PER_BATCH)
+        cm.launch(_fwd, _rows(s), q, (qq, kk, vv, out, lse), {**meta, **flags}, _PER_BATCH)
     return out, lse
 
 
@@ -275,13 +252,13 @@ def backward(grad_out, q, k, v, out, lse, p):
     kinds = _kinds(q, global_mask, key_padding_mask)
     g = kinds[3] is not None
     meta = {**_meta(q, window, scale, kinds, p), "scale": scale}
-    dlt = delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
+    dlt = cm.delta(do, out.contiguous())  # rowsum(dO * O), (B, H, S) float32
     lse = lse.contiguous()
     same = qg is None
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def run(kernel, tensors, *flag_args):
-        launch(kernel, _rows(s), q, tensors, {**meta, **_flags(*flag_args)}, _PER_BATCH)
+        cm.launch(kernel, _rows(s), q, tensors, {**meta, **_flags(*flag_args)}, _PER_BATCH)
 
     # dq of local rows (and of global rows' q, which is unused when separate projections exist: zeros).
     local_store = ALL - GLOBAL if (g and same) else ALL

@@ -17,7 +17,7 @@ import torch
 from transformers.models.big_bird import modeling_big_bird as hf
 
 import etkd_kernels as ek
-from etkd_kernels.layouts import bigbird_block_counts, fold_block_counts
+from etkd_kernels.layouts.bigbird import bigbird_block_counts, fold_block_counts
 
 from ._common import Options, UnsupportedConfigError, merge_heads, options_of, refuse_attention_weights
 from ._common import split_heads as heads

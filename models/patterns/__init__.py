@@ -33,6 +33,16 @@ DEFAULT = "full"  # `EncoderConfig.attention`'s default, listed first
 
 
 @dataclass(frozen=True)
+class Option:
+    """A setting `etkd convert` (and `etkd distill`'s student conversion) takes as a flag: `--<name>` with the
+    default of `convert`'s keyword of that name."""
+
+    help: str
+    choices: tuple | None = None
+    type: type | None = None  # the flag's type when the default (None) does not say it
+
+
+@dataclass(frozen=True)
 class Pattern:
     """Everything etkd knows about one attention pattern.
 
@@ -54,6 +64,14 @@ class Pattern:
                  keywords) -> (batch, heads, seq, head_dim)
     hf_required: the `config.etkd_attention` keys `hf_attention` cannot do without
     save_format: the `save_pretrained(format=...)` that writes this pattern when no transformers class can
+    save_format_help: what that format is (the `etkd convert --format` help)
+    options:     `convert` keyword -> `Option`: the flags of `etkd convert --to <name>` (settings of the pattern,
+                 or of its conversion only)
+    convert_tokens: why converting to this pattern needs the tokenizer's special-token ids (`convert`'s
+                 `bos_token_id`, `mask_token_id`), None when it does not
+    convert_settings: `EncoderConfig` fields `convert` sets on a model converted to this pattern
+    convert_resets: `EncoderConfig` fields `convert` resets to these values unless source and target are both
+                 this pattern (settings a conversion cannot carry over)
     """
 
     name: str
@@ -68,6 +86,11 @@ class Pattern:
     hf_attention: Callable | None = None
     hf_required: tuple[str, ...] = ()
     save_format: str | None = None
+    save_format_help: str = ""
+    options: dict[str, Option] = field(default_factory=dict)
+    convert_tokens: str | None = None
+    convert_settings: dict = field(default_factory=dict)
+    convert_resets: dict = field(default_factory=dict)
 
 
 PATTERNS: dict[str, Pattern] = {}

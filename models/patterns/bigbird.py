@@ -6,7 +6,7 @@ import torch
 
 import etkd_kernels as ek
 
-from . import HFFamily, Pattern, register, register_family
+from . import HFFamily, Option, Pattern, register, register_family
 from .full import adapter as full
 
 
@@ -68,6 +68,7 @@ PATTERN = register(Pattern(
     hf_settings={"block_size": "block_size", "num_random_blocks": "num_random_blocks", "seed": "random_seed"},
     label="BigBird {BLOCK}, 3+2+{RANDOM_BLOCKS} blocks", hf_model_type="big_bird",
     hf_attention=hf_attention, hf_required=("block_size",),
+    options={"block_size": Option("block size"), "num_random_blocks": Option("random blocks per row")},
 ))  # fmt: skip
 
 # HF BigBird: block_sparse checkpoints are this pattern, original_full ones full attention.

@@ -6,7 +6,7 @@ import torch
 
 import etkd_kernels as ek
 
-from . import HFFamily, Pattern, register, register_family
+from . import HFFamily, Option, Pattern, register, register_family
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -15,12 +15,24 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(b, s, num_heads, -1).transpose(1, 2)
 
 
+def _global_queries(attn, x: torch.Tensor, global_mask: torch.Tensor) -> torch.Tensor:
+    """(b, s, d): the global query projection at the global rows, zero elsewhere. The op reads qg at global rows
+    only, so, as HF's LongformerSelfAttention (`query_global` of the global rows' hidden states), the projection
+    runs on those rows alone: a (b*s, d) x (d, d) GEMM (and two in the backward) becomes one per global token."""
+    rows = attn.qg(x[global_mask])  # (n_global, d)
+    return x.new_zeros(x.shape[:2] + rows.shape[-1:]).masked_scatter(global_mask[..., None], rows)
+
+
 def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
     # Attention dropout on the local and global probabilities, as HF's LongformerSelfAttention.
     global_qkv = None
     if global_mask is not None and attn.qg is not None:
         h = attn.config.num_heads
-        global_qkv = (_heads(attn.qg(x), h), _heads(attn.kg(x), h), _heads(attn.vg(x), h))
+        global_qkv = (
+            _heads(_global_queries(attn, x, global_mask), h),
+            _heads(attn.kg(x), h),
+            _heads(attn.vg(x), h),
+        )
     return ek.sliding_window_attention(
         q, k, v, attn.window, global_mask=global_mask, global_qkv=global_qkv,
         key_padding_mask=key_padding_mask, dropout_p=attn.dropout_p, backend=backend,
@@ -42,6 +54,9 @@ PATTERN = register(Pattern(
     "longformer", "sliding_window", adapter, ("window", "global_projections"),
     hf_name="etkd_sliding_window", hf_settings={"window": "window"}, label="sliding window {WINDOW} + 1 global",
     hf_model_type="longformer", hf_attention=hf_attention, hf_required=("window",),
+    options={"window": Option("attention_window (even)")},
+    convert_settings={"global_projections": True},  # started as copies of the local projections
+    convert_resets={"global_projections": False},  # a model converted to another pattern has none
 ))  # fmt: skip
 
 

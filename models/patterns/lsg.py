@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import etkd_kernels as ek
 
-from . import Pattern, register
+from . import Option, Pattern, register
+
+# lsg-converter's sparsity types etkd reproduces (its "lsh" draws fresh random hash planes on every call)
+SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling")
+MAX_GLOBAL_TOKENS = 512  # rows of lsg-converter's global_embeddings table
 
 
 def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
@@ -44,4 +48,20 @@ PATTERN = register(Pattern(
                                 "num_global_tokens")},
     label="LSG {LSG_BLOCK} (+{LSG_BLOCK} pooled each side)", hf_attention=hf_attention, hf_required=("block_size",),
     save_format="lsg",
+    save_format_help="an LSG model as lsg-converter's checkpoint: config.json with auto_map, loads with "
+    "trust_remote_code=True",
+    options={
+        "block_size": Option("block size"),
+        "sparse_block_size": Option("(default: --block-size)", type=int),
+        "sparsity_factor": Option("sparsity factor"),
+        "sparsity_type": Option("sparsity type", SPARSITY_TYPES),
+        "num_global_tokens": Option(f"learned global embeddings (1..{MAX_GLOBAL_TOKENS})"),
+        "pool_with_global": Option("the first token's output is the first global's (LSGRobertaConfig)"),
+        "mask_first_token": Option("hide the first token as a key"),
+        "adaptive": Option("pad lengths that are not a multiple of --block-size"),
+        "global_positional_stride": Option("positions between consecutive global embeddings at init (LSGConverter)"),
+        "random_global_init": Option("draw the global embeddings from the word embeddings' normal (LSGConverter)"),
+        "seed": Option("the torch.manual_seed whose draws LSGConverter would make (--random-global-init)"),
+    },
+    convert_tokens="its bos/cls and mask tokens seed the global embeddings",
 ))  # fmt: skip

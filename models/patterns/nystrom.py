@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import etkd_kernels as ek
 
-from . import HFFamily, Pattern, register, register_family
+from . import HFFamily, Option, Pattern, register, register_family
 
 
 def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
@@ -38,6 +38,8 @@ PATTERN = register(Pattern(
     hf_settings={k: k for k in ("num_landmarks", "pinv_iterations", "pinv_init")},
     label="Nyström {LANDMARKS} landmarks", hf_model_type="nystromformer",
     hf_attention=hf_attention, hf_required=("num_landmarks",),
+    options={"num_landmarks": Option("landmarks")},
+    convert_resets={"conv_kernel_size": None},  # HF's conv term is kept only from a Nyström source
 ))  # fmt: skip
 
 # HF Nystromformer: positions from row 2 (its table has 2 more rows than max_position_embeddings).

@@ -1,77 +1,14 @@
-"""Block layout builders: each returns a `BlockLayout` (bool (heads or 1, blocks, blocks) + block size).
-
-A layout covers ceil(seq_len / block_size) blocks; the ops pad the sequence to that many blocks.
-"""
+"""BigBird's block layout (window, global and random blocks), and HF's exact random plans."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from ._checks import check_positive_int
-from .masks import BlockLayout
+from .._checks import check_positive_int
+from ..masks import BlockLayout
+from . import num_blocks
 
-
-def _num_blocks(seq_len: int, block_size: int) -> int:
-    check_positive_int(seq_len, "seq_len")
-    check_positive_int(block_size, "block_size")
-    return -(-seq_len // block_size)
-
-
-def longformer_layout(
-    seq_len: int,
-    block_size: int = 64,
-    num_window_blocks: int = 3,
-    global_block_indices: Sequence[int] = (0,),
-) -> BlockLayout:
-    """Longformer as blocks: a band of `num_window_blocks` (odd) blocks around the diagonal, and global
-    blocks that attend to, and are attended by, every block."""
-    nb = _num_blocks(seq_len, block_size)
-    check_positive_int(num_window_blocks, "num_window_blocks")
-    if num_window_blocks % 2 == 0:
-        raise ValueError(
-            f"num_window_blocks: expected an odd int (the band is symmetric), got {num_window_blocks}"
-        )
-    idx = torch.arange(nb)
-    mask = (idx[:, None] - idx[None, :]).abs() <= num_window_blocks // 2
-    for g in global_block_indices:
-        if not -nb <= g < nb:
-            raise ValueError(
-                f"global_block_indices: block {g} is outside the {nb} blocks of seq_len {seq_len}"
-            )
-        mask[g, :] = True
-        mask[:, g] = True
-    return BlockLayout(mask[None], block_size, "longformer")
-
-
-def fixed_layout(
-    seq_len: int,
-    block_size: int = 64,
-    num_local_blocks: int = 4,
-    num_global_blocks: int = 1,
-) -> BlockLayout:
-    """Sparse Transformer's "fixed" pattern (bidirectional): blocks attend within their segment of
-    `num_local_blocks` blocks, and the last `num_global_blocks` blocks of every segment are summary
-    blocks every query attends to."""
-    nb = _num_blocks(seq_len, block_size)
-    check_positive_int(num_local_blocks, "num_local_blocks")
-    check_positive_int(num_global_blocks, "num_global_blocks", minimum=0)
-    if num_global_blocks > num_local_blocks:
-        raise ValueError(
-            f"num_global_blocks: expected at most num_local_blocks ({num_local_blocks}), got {num_global_blocks}"
-        )
-    idx = torch.arange(nb)
-    seg = idx // num_local_blocks
-    mask = seg[:, None] == seg[None, :]
-    summary = (idx % num_local_blocks) >= num_local_blocks - num_global_blocks
-    mask |= summary[None, :]
-    return BlockLayout(mask[None], block_size, "fixed")
-
-
-# --------------------------------------------------------------------------------------------------------
-# BigBird
-# --------------------------------------------------------------------------------------------------------
+__all__ = ["bigbird_block_counts", "bigbird_layout", "fold_block_counts"]
 
 
 def _bigbird_globals(num_global_blocks: int) -> tuple[int, int]:
@@ -155,7 +92,7 @@ def _bigbird_base(nb: int, num_window_blocks: int, gt: int, gb: int) -> torch.Te
 
 
 def _check_bigbird_args(seq_len, block_size, num_window_blocks, num_global_blocks, num_random_blocks) -> int:
-    nb = _num_blocks(seq_len, block_size)
+    nb = num_blocks(seq_len, block_size)
     check_positive_int(num_window_blocks, "num_window_blocks")
     if num_window_blocks % 2 == 0:
         raise ValueError(
@@ -304,30 +241,3 @@ def fold_block_counts(
     k2 = torch.cat([k, kx], dim=-1)
     v2 = torch.cat([v, v.new_zeros(b, h, s, width)], dim=-1)
     return q2, k2, v2, scale
-
-
-# --------------------------------------------------------------------------------------------------------
-# LSG
-# --------------------------------------------------------------------------------------------------------
-
-
-def lsg_layout(seq_len: int, block_size: int = 128, num_global_blocks: int = 1) -> BlockLayout:
-    """The block-level layout of LSG's local + global part, for the block-sparse op and kernels.
-
-    Query block i sees key blocks i-1, i, i+1 (LSG's local window: its own block and one each side), and
-    the first `num_global_blocks` blocks are global (they see every block and every block sees them).
-    This is a superset of `lsg_attention`'s local + global keys when num_global_tokens <=
-    num_global_blocks * block_size (the whole first block(s) become global, not just the global tokens)
-    and has no sparse (compressed) keys: those are not block-aligned, see `etkd_kernels.reference.lsg`.
-    """
-    nb = _num_blocks(seq_len, block_size)
-    check_positive_int(num_global_blocks, "num_global_blocks", minimum=0)
-    if num_global_blocks > nb:
-        raise ValueError(
-            f"num_global_blocks: expected at most {nb} (blocks of seq_len {seq_len}), got {num_global_blocks}"
-        )
-    idx = torch.arange(nb)
-    mask = (idx[:, None] - idx[None, :]).abs() <= 1
-    glob = idx < num_global_blocks
-    mask |= glob[:, None] | glob[None, :]
-    return BlockLayout(mask[None], block_size, "lsg")

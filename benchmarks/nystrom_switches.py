@@ -1,0 +1,99 @@
+"""Nystrom attention, ours (`cpu`) vs HF's `NystromformerSelfAttention` core, under the switches that make this CPU
+take other CPUs' code paths (issue 28): `python -m etkd.benchmarks.nystrom_switches`.
+
+Each switch set runs in a fresh process (the variables are read once per process): ours and HF's core alternate
+call by call for `--repeats` rounds, forward and forward + backward (12 heads x 64, seq 4096, 64 landmarks,
+`pinv_init="hf_global"`, the core comparison's `providers.build("nystrom", ...)`); the table gives each median
+and HF / ours of the medians and of every round.
+
+    default       the CPU's own paths (here: avx512_bf16 target, AMX, MKL's own choice)
+    zen4          ETKD_CPU_AMX=0, MKL_ENABLE_INSTRUCTIONS=AVX2: AVX-512 and AVX512-BF16 without AMX, and MKL on
+                  its AVX2 code path as on an AMD CPU (AMD Zen 4 runs 512-bit ops as two 256-bit halves, so
+                  its FLOP rate is AVX2's: the avx2-epyc set bounds it from that side)
+    avx2-epyc     ETKD_CPU_ISA=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only EPYC
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SWITCHES = {
+    "default": {},
+    "zen4": {"ETKD_CPU_AMX": "0", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2-epyc": {"ETKD_CPU_ISA": "avx2", "ETKD_CPU_AMX": "0", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+SIDES = ("hf-core", "etkd-cpu")
+
+
+def worker(seq: int, repeats: int, modes: list[str]) -> dict:
+    """This process's switch set: per mode, the seconds of every call of each side."""
+    import torch
+
+    from etkd_kernels import _C
+
+    from . import providers as P
+
+    setup = P.build("nystrom", seq, backends=["cpu"])
+    out = {"isa": _C.isa(), "threads": torch.get_num_threads(), "load": [os.getloadavg()[0]]}
+    for mode in modes:
+        calls = {side: setup.call(side, mode) for side in SIDES}
+        for call in calls.values():
+            call()  # warm-up
+        times = {side: [] for side in SIDES}
+        for _ in range(repeats):
+            for side, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                times[side].append(time.perf_counter() - t0)
+        out[mode] = times
+    out["load"].append(os.getloadavg()[0])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .harness import parser
+
+    ap = parser(__doc__.splitlines()[0], seq=4096, repeats=5, threads=2)
+    ap.add_argument("--switches", nargs="+", choices=list(SWITCHES), default=list(SWITCHES))
+    ap.add_argument("--modes", nargs="+", choices=("fwd", "fwd_bwd"), default=["fwd", "fwd_bwd"])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.seq, args.repeats, args.modes)))
+        return 0
+    from etkd_kernels.timing import environment
+
+    print(environment("cpu").as_dict())
+    print(f"Nystrom 64 landmarks, 1 x 12 heads x {args.seq} x 64, fp32, {args.threads} threads, median of "
+          f"{args.repeats}, sides alternating")  # fmt: skip
+    for name in args.switches:
+        env = {**os.environ, **SWITCHES[name], "OMP_NUM_THREADS": str(args.threads)}
+        for var in ("ETKD_CPU_ISA", "ETKD_CPU_AMX", "MKL_ENABLE_INSTRUCTIONS"):
+            if var not in SWITCHES[name]:
+                env.pop(var, None)
+        cmd = [sys.executable, "-m", "etkd.benchmarks.nystrom_switches", "--worker", "--seq", str(args.seq),
+               "--repeats", str(args.repeats), "--modes", *args.modes]  # fmt: skip
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{name}: failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        set_text = " ".join(f"{k}={v}" for k, v in SWITCHES[name].items()) or "(none)"
+        print(f"\n{name}: {set_text}; etkd target {r['isa']}, {r['threads']} threads, load {r['load'][0]:.1f}"
+              f"-{r['load'][1]:.1f}")  # fmt: skip
+        for mode in args.modes:
+            hf, ours = r[mode]["hf-core"], r[mode]["etkd-cpu"]
+            rounds = ", ".join(f"{h / o:.2f}" for h, o in zip(hf, ours))
+            print(f"  {mode:8s} HF core {1e3 * statistics.median(hf):8.1f} ms   ours {1e3 * statistics.median(ours):7.1f} ms"
+                  f"   HF / ours {statistics.median(hf) / statistics.median(ours):5.2f}x   rounds {rounds}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

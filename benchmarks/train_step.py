@@ -1,0 +1,105 @@
+"""Whole-model training step, ours vs HF side by side in one process (issue 28):
+`python -m etkd.benchmarks.train_step` (2-layer Longformer-base, 1 x 4096, fp32).
+
+One step is `etkd_kernels.timing.model_step(..., "train")` (forward, a scalar loss on the last hidden state,
+backward, AdamW step), the same call `etkd bench --mode train` times. Both models hold the same weights: ours
+built by `bench.build_model` (dropout off on both sides, as there) with `--layers` layers, HF's `to_hf` of
+an identical copy. `--optimizers` gives both sides the same AdamW (lr 1e-5, torch's defaults otherwise):
+`adamw` torch's per-parameter loop (torch.optim.AdamW's default on a CPU, `etkd bench`'s), `fused` its fused
+kernel (the same update to rounding; transformers' Trainer default with torch >= 2.8, and etkd's training
+driver's). After one warm-up step each (AdamW's state), the sides alternate step by step for `--repeats`
+rounds, so load on a shared machine falls on both alike; the table gives each median and the ratio of every
+round. `--profile` adds one `torch.profiler` step per side and optimizer: the self-CPU time per op.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from etkd_kernels.timing import model_step
+
+from .bench import SIZES, build_model
+from .harness import environment, parser
+
+SIDES = ("etkd-cpu", "hf")
+OPTIMIZERS = ("adamw", "fused")
+
+
+def models(size: str, layers: int, seq: int) -> dict[str, torch.nn.Module]:
+    """Ours (cpu backend) and HF's LongformerModel on the same weights."""
+    from etkd.models import EncoderModel, to_hf
+
+    cfg = build_model("longformer", size, seq, False, meta=True).replace(num_layers=layers)
+    out = {}
+    for side in SIDES:
+        torch.manual_seed(0)
+        model = EncoderModel(cfg)
+        if side == "hf":
+            out[side] = to_hf(model)
+        else:
+            model.set_attention_backend(side.removeprefix("etkd-"))
+            out[side] = model
+    return out
+
+
+def profile_table(call, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__.splitlines()[0], layers=2, seq=4096, batch=1, repeats=3, threads=2)
+    ap.add_argument("--size", choices=list(SIZES), default="base", help="model shapes (default base)")
+    ap.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
+                    help="AdamW implementations, each given to both sides (default: both)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="one torch.profiler step per run: self CPU per op")
+    ap.add_argument("--rows", type=int, default=25, help="rows of each --profile table (default 25)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    built = models(args.size, args.layers, args.seq)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, SIZES[args.size][4], (args.batch, args.seq), generator=g)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    calls = {
+        (side, opt): model_step(m, kwargs, "train", fused_adamw=opt == "fused")
+        for opt in args.optimizers
+        for side, m in built.items()
+    }
+    for call in calls.values():
+        call()  # warm-up: AdamW's state, allocator pools
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for key, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - t0)
+        loads.append(os.getloadavg()[0])
+    env = environment(torch.device("cpu")).as_dict()
+    print(f"{env}\nload average (1 min) during the run: {min(loads):.1f}-{max(loads):.1f}")
+    print(
+        f"{args.layers}-layer Longformer-{args.size}, {args.batch} x {args.seq}, fp32, {args.threads} threads"
+    )
+    for (side, opt), ts in times.items():
+        steps = ", ".join(f"{t:.2f}" for t in ts)
+        print(f"{side:9s} {opt:6s} median {statistics.median(ts):8.2f} s   steps: {steps}")
+    for opt in args.optimizers:
+        ours, hf = times[("etkd-cpu", opt)], times[("hf", opt)]
+        ratios = ", ".join(f"{h / e:.2f}" for h, e in zip(hf, ours))
+        med = statistics.median(hf) / statistics.median(ours)
+        print(f"HF / etkd with {opt}: {med:.2f}x (medians); per round {ratios}")
+    if args.profile:
+        for (side, opt), call in calls.items():
+            print(f"\n== {side}, {opt}: one step, self CPU time per op\n{profile_table(call, args.rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

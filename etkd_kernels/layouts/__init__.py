@@ -1,0 +1,31 @@
+"""Block layout builders: each returns a `BlockLayout` (bool (heads or 1, blocks, blocks) + block size).
+
+A layout covers ceil(seq_len / block_size) blocks; the ops pad the sequence to that many blocks. One module per
+pattern's layout (`layouts/<name>.py`, its builders in `__all__`); importing the package imports every module
+in it and re-exports their builders (`etkd_kernels.layouts.<builder>`), so this file names none of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .._checks import check_positive_int
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """ceil(seq_len / block_size), both checked positive ints."""
+    check_positive_int(seq_len, "seq_len")
+    check_positive_int(block_size, "block_size")
+    return -(-seq_len // block_size)
+
+
+def _discover() -> None:
+    """Import every layout module of this package (by name) and re-export the builders in its `__all__`."""
+    for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not m.name.startswith("_"):
+            module = importlib.import_module(f"{__name__}.{m.name}")
+            globals().update({name: getattr(module, name) for name in module.__all__})
+
+
+_discover()
