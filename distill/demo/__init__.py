@@ -337,9 +337,8 @@ def pipeline(args) -> None:
         _steps_1_to_5(args, out, files, models, quiet, finetune)
 
     long_results = os.path.join(out, "results_long")
-    short_results = os.path.join(
-        out, "results_long_short"
-    )  # names the curriculum's first fine-tunes (no scores)
+    # names the folders of the curriculum's first fine-tunes (they write no scores)
+    short_results = os.path.join(out, "results_long_short")
     dev_docs = ner.read_conll(files["long_ner_dev"], "document")
     rows = []
     ceiling = {c: longrange.context_ceiling(dev_docs, c) for c in (512, args.max_positions)}
