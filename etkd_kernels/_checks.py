@@ -85,9 +85,12 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
 
     Documented choice: attention would spread a single NaN over every query that sees it, so we refuse it at
     the door. The check costs one reduction per input (O(seq*head_dim), small next to attention) and is
-    skipped while torch.compile traces, where a data-dependent branch would break the graph. min and max
-    propagate NaN and are +-Inf when any element is, so `aminmax` decides it in one pass without the
-    bool temporary of `isfinite(t).all()` (10x faster on a 12 x 4096 x 64 CPU tensor here).
+    skipped while torch.compile traces, where a data-dependent branch would break the graph. A sum is NaN
+    or +-Inf when any element is, so a finite sum proves every element finite in one streaming pass (no
+    bool temporary as in `isfinite(t).all()`); only a non-finite sum, which finite values can also give by
+    overflow, is decided exactly by `aminmax` (min and max propagate NaN). On the head-split views the
+    models pass (b, s, h, d) transposed to (b, h, s, d), the sum is 11x faster than `aminmax` (1 x 12 x
+    4096 x 64 fp32, 1 thread, Xeon family 6 model 207: 0.85 vs 9.4 ms; 2.4x on a contiguous tensor).
 
     Deciding it needs the answer on the host. On the CPU that costs nothing extra; on a GPU it is a device
     synchronisation per call, which at small batch costs more than the kernel, so there the check runs only
@@ -100,6 +103,9 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
         if t is None or not t.is_floating_point() or t.numel() == 0 or not finite_check_on(t.device):
             continue
         if _is_fake(t):
+            continue
+        t = t.detach()
+        if bool(torch.isfinite(t.sum())):
             continue
         lo, hi = torch.aminmax(t)
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):

@@ -66,6 +66,23 @@ def test_non_finite_input_is_rejected(name, bad):
         ek.full_attention(t["q"], t["k"], t["v"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_check_decides_by_the_values_not_their_sum(dtype):
+    """check_finite's fast path is a sum; finite values whose sum overflows must still pass, and a NaN, +Inf or
+    -Inf anywhere (also +Inf with -Inf, whose sum is NaN) must not, on contiguous and transposed views."""
+    from etkd_kernels._checks import check_finite
+
+    big = torch.full((2, 64, 3, 8), 3e38, dtype=dtype).transpose(1, 2)  # sum overflows to +Inf
+    assert not torch.isfinite(big.sum())
+    check_finite(q=big, k=-big)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        t = torch.randn(2, 64, 3, 8, dtype=dtype).transpose(1, 2)
+        for i, value in enumerate(bad):
+            t[1, 2, 5 + i, 7] = value
+        with pytest.raises(ValueError, match="v: contains NaN or Inf"):
+            check_finite(q=torch.randn(3), v=t)
+
+
 def test_device_mismatch_names_the_argument():
     meta = torch.empty(2, 2, 16, 8, device="meta")
     with pytest.raises(ValueError, match=r"k: expected device"):

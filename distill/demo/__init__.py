@@ -8,7 +8,8 @@
   4. distil it to half depth (DistilBERT-style: 2·MLM + 5·KL at T=2 + 1·cosine)
   5. fine-tune the full teacher, the Longformer teacher and the student on NER and classification
   6. the long-range sets (`demo.longrange`): each model's step-5 checkpoints fine-tuned further on long
-     documents whose evidence lies > 640 tokens away; the 512-token teacher against the 4096-token models
+     documents whose evidence lies > 640 tokens away (classification after a curriculum on the task's
+     short documents); the 512-token teacher against the 4096-token models
   7. `etkd report`: scores and student/teacher retention, and the long-range table
   8. `etkd bench`: inference time and peak memory, ours vs HF, at 2,048 tokens
   9. the kernel comparison table: every pattern x every backend that runs here, time and max deviation
@@ -336,9 +337,8 @@ def pipeline(args) -> None:
         _steps_1_to_5(args, out, files, models, quiet, finetune)
 
     long_results = os.path.join(out, "results_long")
-    short_results = os.path.join(
-        out, "results_long_short"
-    )  # names the curriculum's first fine-tunes (no scores)
+    # names the folders of the curriculum's first fine-tunes (they write no scores)
+    short_results = os.path.join(out, "results_long_short")
     dev_docs = ner.read_conll(files["long_ner_dev"], "document")
     rows = []
     ceiling = {c: longrange.context_ceiling(dev_docs, c) for c in (512, args.max_positions)}
@@ -352,6 +352,10 @@ def pipeline(args) -> None:
         print(f"    each model's step-5 checkpoint (NER / classification) fine-tuned further on the long set of "
               f"the same task, {args.long_steps} (NER) / {args.long_cls_steps} (classification) steps of {args.long_batch} documents each; the Longformers give the "
               f"NER documents' opening paragraph ({longrange.OPENING} tokens) global attention (--global-prefix)")  # fmt: skip
+        if args.long_cls_short_steps:
+            print(f"    classification first takes {args.long_cls_short_steps} steps on the task's short documents "
+                  f"({longrange.SHORT[0]}-{longrange.SHORT[1]} tokens, {os.path.basename(files['long_cls_short_train'])}): "
+                  "a curriculum, where [CLS] learns to find the opinions among fewer tokens")  # fmt: skip
     else:
         print("    (`--long-steps 0`: no fine-tuning on them)")
 
@@ -420,12 +424,12 @@ def register(sub) -> None:
     p.add_argument("--long-steps", type=int, default=50,
                    help="fine-tuning steps on the long-range NER set (0: skip the six long-document fine-tunes)")  # fmt: skip
     p.add_argument("--long-cls-steps", type=int, default=150,
-                   help="fine-tuning steps on the long-range classification set (its [CLS] must first find 24 opinion "
-                        "words among ~1,400 tokens: 50 steps left it at chance on some seeds)")  # fmt: skip
-    p.add_argument("--long-cls-short-steps", type=int, default=0,
+                   help="fine-tuning steps on the long-range classification set (after --long-cls-short-steps)")  # fmt: skip
+    p.add_argument("--long-cls-short-steps", type=int, default=100,
                    help="the long-range classification curriculum: fine-tuning steps on the task's short documents "
-                        "(256-384 tokens, data/long_cls_short_train.jsonl) before --long-cls-steps on the long ones "
-                        "(0: none)")  # fmt: skip
+                        "(256-384 tokens, data/long_cls_short_train.jsonl) before --long-cls-steps on the long ones; "
+                        "without them [CLS] must find 24 opinion words among ~1,400 tokens from the start, which "
+                        "left it at chance on some seeds (0: none)")  # fmt: skip
     p.add_argument("--long-batch", type=int, default=4, help="documents per step on the long-range sets")
     p.add_argument("--long-lr", type=float, default=3e-3, help="learning rate on the long-range sets")
     p.add_argument("--long-train", type=int, default=200, help="training documents of each long-range set")
