@@ -58,51 +58,27 @@ def _torch():
     return torch
 
 
-def _inputs(op, shape, dtype, device, seed=0):
-    """q, k, v (plus qg, kg, vg for sliding window) and the op's keyword arguments for `shape`."""
-    torch = _torch()
-    import etkd_kernels as ek
+def _reference(op: str):
+    import importlib
 
+    return importlib.import_module(f"etkd_kernels.reference.{op}")
+
+
+def _inputs(op, shape, dtype, device, seed=0):
+    """The op's tensor inputs (q, k, v and any others that take gradients) and keyword arguments for `shape`:
+    the case its reference module gives (`check_case`), with a padded tail."""
+    torch = _torch()
     b, h, s, d = shape
     g = torch.Generator(device="cpu").manual_seed(seed)
-    n = 6 if op == "sliding_window" else 3
+    n, kwargs = _reference(op).check_case(b, s, 16 if s < 256 else 64, device)
     leaves = [torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype) for _ in range(n)]
     real = torch.ones(b, s, dtype=torch.bool, device=device)
     real[-1, s - max(s // 10, 1) :] = False  # a padded tail
-    block = 16 if s < 256 else 64
-    kwargs = {"key_padding_mask": real}
-    if op == "sliding_window":
-        glob = torch.zeros(b, s, dtype=torch.bool, device=device)
-        glob[:, [0, s // 2]] = True
-        kwargs.update(window=2 * block, global_mask=glob)
-    elif op == "block_sparse":
-        kwargs.update(layout=ek.bigbird_layout(-(-s // block) * block, block, num_random_blocks=1).to(device))
-    elif op == "lsg":
-        kwargs.update(block_size=block, sparse_block_size=block // 2, sparsity_factor=2, num_global_tokens=1)
-    elif op == "nystrom":
-        kwargs.update(num_landmarks=max(s // 16, 2))
-    return leaves, kwargs
+    return leaves, {"key_padding_mask": real, **kwargs}
 
 
 def _call(op: str) -> Callable:
-    import etkd_kernels as ek
-
-    def sliding_window(q, k, v, qg, kg, vg, *, backend, window, **kw):
-        return ek.sliding_window_attention(q, k, v, window, global_qkv=(qg, kg, vg), backend=backend, **kw)
-
-    def block_sparse(q, k, v, *, backend, layout, **kw):
-        return ek.block_sparse_attention(q, k, v, layout, backend=backend, **kw)
-
-    def nystrom(q, k, v, *, backend, num_landmarks, **kw):
-        return ek.nystrom_attention(q, k, v, num_landmarks, backend=backend, **kw)
-
-    return {
-        "sliding_window": sliding_window,
-        "block_sparse": block_sparse,
-        "nystrom": nystrom,
-        "lsg": lambda q, k, v, *, backend, **kw: ek.lsg_attention(q, k, v, backend=backend, **kw),
-        "full": lambda q, k, v, *, backend, **kw: ek.full_attention(q, k, v, backend=backend, **kw),
-    }[op]
+    return _reference(op).check_call
 
 
 def _fwd_bwd(fn, leaves, grad_seed=1):

@@ -106,3 +106,18 @@ def backward(grad_out, q, k, v, out, lse, p):
         p.seed,
         p.offset,
     )
+
+
+def check_case(b: int, s: int, block: int, device) -> tuple[int, dict]:
+    """The case `etkd_kernels.gpu_check` checks this op on, batch `b`, length `s` (`block`: its tile-sized
+    setting): (how many tensor inputs take gradients, keyword arguments besides the padding mask)."""
+    from ..layouts.bigbird import bigbird_layout
+
+    return 3, {"layout": bigbird_layout(-(-s // block) * block, block, num_random_blocks=1).to(device)}
+
+
+def check_call(q, k, v, *, backend, layout, **kw):
+    """This op's public call on `check_case`'s inputs (`etkd_kernels.gpu_check`)."""
+    from ..ops.block_sparse import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, layout, backend=backend, **kw)

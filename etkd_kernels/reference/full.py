@@ -28,3 +28,16 @@ def backward(grad_out, q, k, v, out, lse, p):
     return recompute_backward(
         attend, grad_out, (q, k, v), p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset
     )
+
+
+def check_case(b: int, s: int, block: int, device) -> tuple[int, dict]:
+    """The case `etkd_kernels.gpu_check` checks this op on, batch `b`, length `s` (`block`: its tile-sized
+    setting): (how many tensor inputs take gradients, keyword arguments besides the padding mask)."""
+    return 3, {}
+
+
+def check_call(q, k, v, *, backend, **kw):
+    """This op's public call on `check_case`'s inputs (`etkd_kernels.gpu_check`)."""
+    from ..ops.full import full_attention
+
+    return full_attention(q, k, v, backend=backend, **kw)

@@ -175,3 +175,21 @@ def _settings(p):
         p.block_size, p.sparse_block_size, p.sparsity_factor, p.sparsity_type, p.num_global_tokens,
         p.key_padding_mask, p.scale, p.variant, p.dropout_p, p.seed, p.offset,
     )  # fmt: skip
+
+
+def check_case(b: int, s: int, block: int, device) -> tuple[int, dict]:
+    """The case `etkd_kernels.gpu_check` checks this op on, batch `b`, length `s` (`block`: its tile-sized
+    setting): (how many tensor inputs take gradients, keyword arguments besides the padding mask)."""
+    return 3, {
+        "block_size": block,
+        "sparse_block_size": block // 2,
+        "sparsity_factor": 2,
+        "num_global_tokens": 1,
+    }
+
+
+def check_call(q, k, v, *, backend, **kw):
+    """This op's public call on `check_case`'s inputs (`etkd_kernels.gpu_check`)."""
+    from ..ops.lsg import lsg_attention
+
+    return lsg_attention(q, k, v, backend=backend, **kw)

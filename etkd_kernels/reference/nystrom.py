@@ -44,7 +44,7 @@ from .._shared.nystrom import iterative_pinv, segment_means
 from . import full
 from ._softmax import masked_softmax
 
-__all__ = ["attend", "backward", "forward", "iterative_pinv", "segment_means"]
+__all__ = ["attend", "backward", "check_call", "check_case", "forward", "iterative_pinv", "segment_means"]
 
 
 def attend(
@@ -96,3 +96,16 @@ def _settings(p):
         p.num_landmarks, p.pinv_iterations, p.key_padding_mask, p.scale, p.pinv_init, p.dropout_p, p.seed,
         p.offset,
     )  # fmt: skip
+
+
+def check_case(b: int, s: int, block: int, device) -> tuple[int, dict]:
+    """The case `etkd_kernels.gpu_check` checks this op on, batch `b`, length `s` (`block`: its tile-sized
+    setting): (how many tensor inputs take gradients, keyword arguments besides the padding mask)."""
+    return 3, {"num_landmarks": max(s // 16, 2)}
+
+
+def check_call(q, k, v, *, backend, num_landmarks, **kw):
+    """This op's public call on `check_case`'s inputs (`etkd_kernels.gpu_check`)."""
+    from ..ops.nystrom import nystrom_attention
+
+    return nystrom_attention(q, k, v, num_landmarks, backend=backend, **kw)

@@ -118,3 +118,18 @@ def backward(grad_out, q, k, v, out, lse, p):
         attend, grad_out, (q, k, v, p.qg, p.kg, p.vg), p.window, p.global_mask, p.key_padding_mask, p.scale,
         p.dropout_p, p.seed, p.offset,
     )  # fmt: skip
+
+
+def check_case(b: int, s: int, block: int, device) -> tuple[int, dict]:
+    """The case `etkd_kernels.gpu_check` checks this op on, batch `b`, length `s` (`block`: its tile-sized
+    setting): (how many tensor inputs take gradients, keyword arguments besides the padding mask)."""
+    glob = torch.zeros(b, s, dtype=torch.bool, device=device)
+    glob[:, [0, s // 2]] = True
+    return 6, {"window": 2 * block, "global_mask": glob}  # q, k, v and the global q, k, v
+
+
+def check_call(q, k, v, qg, kg, vg, *, backend, window, **kw):
+    """This op's public call on `check_case`'s inputs (`etkd_kernels.gpu_check`)."""
+    from ..ops.sliding_window import sliding_window_attention
+
+    return sliding_window_attention(q, k, v, window, global_qkv=(qg, kg, vg), backend=backend, **kw)
