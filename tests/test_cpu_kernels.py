@@ -324,3 +324,41 @@ def test_product_rates_name_the_target_kernels():
     assert set(rates) == {"fp32", "vdpbf16ps"}, rates
     assert (rates["fp32"] > 0) == (_C.isa() != "generic"), rates
     assert (rates["vdpbf16ps"] > 0) == (_C.isa() == "avx512_bf16"), rates
+
+
+@pytest.mark.parametrize("op", ["sliding_window", "block_sparse"])
+def test_bf16_dropout_backward_on_the_packed_tiles(op):
+    """bf16 with attention dropout takes the packed tiles backward too (AMX brgemm, or vdpbf16ps without AMX; MKL's
+    per-tile GEMM before): the calls are counted, and outputs and gradients match the float64 reference on the same
+    bf16 inputs and keep bits, with padding and a last partial query tile, within test_cpu_isa's bf16 tolerance."""
+    from etkd_kernels import _C
+
+    fast = _C.bf16_products()["backward"] if _C.native_bf16() else "fp32"
+    if fast not in ("amx", "vdpbf16ps"):
+        pytest.skip(f"no packed bf16 tiles on this target ({fast})")
+    g = torch.Generator().manual_seed(3)
+    b, h, s, d = 2, 2, 150 if op == "sliding_window" else 128, 32
+    base = [torch.randn(b, h, s, d, generator=g).bfloat16() for _ in range(3)]
+    grad = torch.randn(b, h, s, d, generator=g).bfloat16()
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[1, -9:] = False
+    blocks = (torch.rand(h, 4, 4, generator=g) < 0.5) | torch.eye(4, dtype=torch.bool)
+    kw = dict(key_padding_mask=kpm, dropout_p=0.3, dropout_seed=7)
+
+    def run(backend, dtype):
+        ts = [t.to(dtype).requires_grad_(True) for t in base]
+        if op == "sliding_window":
+            out = sliding_window_attention(*ts, 30, backend=backend, **kw)
+        else:
+            out = block_sparse_attention(*ts, BlockLayout(blocks, 32), backend=backend, **kw)
+        return [out, *torch.autograd.grad(out, ts, grad.to(dtype))]
+
+    _C.bf16_calls()  # reset
+    got = run("cpu", torch.bfloat16)
+    calls = _C.bf16_calls()
+    assert calls["backward"][fast] > 0 and calls["backward"]["mkl"] == 0, calls
+    want = run("reference", torch.float64)
+    for i, (a, w) in enumerate(zip(got, want)):
+        assert_close(
+            a.double(), w, 3e-2 if i == 0 else 1.5e-1, name=f"{op} bf16 dropout {'out' if i == 0 else i}"
+        )

@@ -1272,10 +1272,16 @@ inline void from_float_scaled(const float* x, float alpha, BFloat16* out, int64_
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + j), va)));
 }
 
-// s[lo:hi] = exp(scale * s + bias - lse) in place (bias may be null) and p[lo:hi] = bf16 of it: fexp_u20 as the
-// forward's P (P and dS are rounded to bf16 for the products right after).
+// s[lo:hi] = exp(scale * s + bias - lse) in place (bias may be null) and p[lo:hi] = bf16 of it, with dropout
+// (kp.w set) bf16 of it times rp where the keep bits say so and 0 elsewhere (what multiplies dO into dV): fexp_u20
+// as the forward's P (P and dS are rounded to bf16 for the products right after).
 template <bool kBias>
-void scaled_exp_as(float* s, BFloat16* p, const float* bias, float scale, int64_t lo, int64_t hi, float lse) {
+void scaled_exp_as(float* s, BFloat16* p, const float* bias, float scale, int64_t lo, int64_t hi, float lse,
+                   const Keep& kp, float rp) {
+  const __m512 vr = _mm512_set1_ps(rp);
+  auto kept = [&](int64_t j, __m512 e) {
+    return kp.w ? _mm512_maskz_mul_ps(static_cast<__mmask16>(kp.at64(j)), e, vr) : e;
+  };
   const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse), nl = _mm512_set1_ps(-lse);
   auto ex = [&](int64_t j, __mmask16 mk) {
     const __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
@@ -1286,13 +1292,13 @@ void scaled_exp_as(float* s, BFloat16* p, const float* bias, float scale, int64_
   for (; j + 16 <= hi; j += 16) {
     const __m512 e = ex(j, 0xffff);
     _mm512_storeu_ps(s + j, e);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(kept(j, e)));
   }
   if (j < hi) {
     const __mmask16 mk = static_cast<__mmask16>((1u << (hi - j)) - 1);
     const __m512 e = ex(j, mk);
     _mm512_mask_storeu_ps(s + j, mk, e);
-    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(e));
+    _mm256_mask_storeu_epi16(p + j, mk, (__m256i)_mm512_cvtneps_pbh(kept(j, e)));
   }
 }
 
@@ -1339,6 +1345,10 @@ void backward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFlo
     ck.lap(kPhaseQK);
     const float* bias = sv.bias ? sv.bias + sg.k0 : nullptr;
     bool any = false;
+    // With dropout: each row's keep bits in w.keeps; dV += (P o M / (1 - p))^T dO, dS = P (dP o M / (1 - p) - delta).
+    const bool drop = p.drop.on;
+    const float rp = drop ? p.drop.scale : 1.f;
+    if (drop) tile_keep(p, w, sg, sv.band, i0, rows, skip, lse);
     for (int64_t r = 0; r < rows; ++r) {
       float* row = s + r * nc;
       BFloat16* prow = pn + r * nc;
@@ -1353,10 +1363,11 @@ void backward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFlo
       std::fill(row + c0 + hi, row + nc, 0.f);
       std::fill(prow, prow + c0 + lo, BFloat16(0.f));
       std::fill(prow + c0 + hi, prow + nc, BFloat16(0.f));
+      const Keep kp = drop ? w.keeps[r] : Keep{};
       if (bias)
-        scaled_exp_as<true>(row + c0, prow + c0, bias, p.scale, lo, hi, lse[r]);
+        scaled_exp_as<true>(row + c0, prow + c0, bias, p.scale, lo, hi, lse[r], kp, rp);
       else
-        scaled_exp_as<false>(row + c0, prow + c0, bias, p.scale, lo, hi, lse[r]);
+        scaled_exp_as<false>(row + c0, prow + c0, bias, p.scale, lo, hi, lse[r], kp, rp);
       any = true;
     }
     std::fill(pn + rows * nc, pn + r16 * nc, BFloat16(0.f));
@@ -1374,7 +1385,20 @@ void backward_tile_packed(const Problem& p, const Packed* pk, const SrcView<BFlo
     reduce_rows(w.dor.data(), g.dv_at(sg.k0, d));  // dV += P^T dO
     blocks_t(dout, pks.vt, dp);                     // dP = dO V^T
     ck.lap(kPhasePV);
-    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * nc, dp + r * nc, nc, delta[r]);  // dS = P (dP - delta)
+    for (int64_t r = 0; r < rows; ++r) {  // dS = P (dP - delta), with dropout dP o M / (1 - p)
+      float* prow = s + r * nc;
+      float* drow = dp + r * nc;
+      if (!drop || !w.keeps[r].w) {
+        softmax_grad_row(prow, drow, nc, delta[r]);
+        continue;
+      }
+      int64_t lo, hi;  // P is 0 outside the row's range
+      row_range(p, sg, sv.band, i0 + r, &lo, &hi);
+      scale_row(drow, nc, rp);
+      softmax_grad_as<false>(prow + c0, drow + c0, -c0, lo, delta[r], Keep{});
+      softmax_grad_as<true>(prow + c0, drow + c0, lo, hi, delta[r], w.keeps[r]);
+      softmax_grad_as<false>(prow + c0, drow + c0, hi, nc - c0, delta[r], Keep{});
+    }
     ck.lap(kPhaseSoftmax);
     BFloat16* ds = pn;
     for (int64_t r = 0; r < rows; ++r) from_float_scaled(dp + r * nc, p.scale, ds + r * nc, nc);
@@ -1699,14 +1723,14 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   const int64_t nk = p.Sk * d, nx = p.Sx * d;
   std::vector<Partial> parts(chunks > 1 ? tasks.count() : 0);
   const bool own = std::is_same_v<C, float> && own_ok(p);
-  // bf16 products on K/V packed once per task (backward_tile_packed): AMX brgemm where the CPU has AMX (and
-  // ETKD_CPU_AMX is not 0), else the own vdpbf16ps kernels; MKL's bf16 GEMM per tile when bf16_path says blas, dO
-  // is not 4-byte aligned, or with dropout (backward_tile_packed has no dropout step).
+  // bf16 products on K/V packed once per task (backward_tile_packed, with or without dropout): AMX brgemm where the
+  // CPU has AMX (and ETKD_CPU_AMX is not 0), else the own vdpbf16ps kernels; MKL's bf16 GEMM per tile when bf16_path
+  // says blas or dO is not 4-byte aligned.
   bool packed = false, amx = false;
 #if ETKD_NATIVE_BF16
   if constexpr (std::is_same_v<C, BFloat16>) {
     const Bf16Path path = bf16_path(p);
-    packed = path != Bf16Path::blas && reinterpret_cast<uintptr_t>(dout) % 4 == 0 && !p.drop.on;
+    packed = path != Bf16Path::blas && reinterpret_cast<uintptr_t>(dout) % 4 == 0;
     amx = packed && path == Bf16Path::amx;
   }
 #endif

@@ -6,8 +6,8 @@ chosen when the extension is first used: the widest this CPU reports, or the one
 float32, bfloat16 and float16 inputs: fp32 softmax statistics and accumulation, outputs in the input dtype;
 bf16 tiles are multiplied natively on the `avx512_bf16` target, forward and backward on K/V packed once per
 (batch, head) task: on a CPU with AMX by oneDNN brgemm on AMX tiles, without AMX (AMD Zen 4/5, or ETKD_CPU_AMX=0)
-by the own vdpbf16ps micro-kernels (ETKD_CPU_GEMM=blas, or bf16 with dropout in the backward: MKL's bf16 GEMM per
-tile); other 16-bit cases convert on load (K/V once per (batch, head) task).
+by the own vdpbf16ps micro-kernels (ETKD_CPU_GEMM=blas: MKL's bf16 GEMM per tile); other 16-bit cases convert on
+load (K/V once per (batch, head) task).
 """
 
 from __future__ import annotations
