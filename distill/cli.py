@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 
-from etkd_kernels._env import FLAGS, EnvironmentValueError, flag
+from etkd_kernels._env import CPU_SWITCHES, FLAGS, EnvironmentValueError, flag
 
 from .errors import UserError
 
@@ -114,7 +114,7 @@ def extra_for(module: str) -> str | None:
 
 def check_environment() -> None:
     """Every etkd variable that is set (etkd_kernels/_env.py lists them), checked before a command runs; the
-    cpu kernels are loaded only when a variable of theirs is set (they check ETKD_CPU_ISA and ETKD_CPU_GEMM)."""
+    cpu kernels are loaded only when a variable of theirs is set (they check their CPU_SWITCHES)."""
     import os
 
     from etkd_kernels.dispatch import check_name
@@ -127,7 +127,7 @@ def check_environment() -> None:
             raise EnvironmentValueError(str(exc)) from None
     for name in FLAGS:
         flag(name)
-    if os.environ.get("ETKD_CPU_ISA") or os.environ.get("ETKD_CPU_GEMM"):
+    if any(os.environ.get(name) for name in CPU_SWITCHES):
         from etkd_kernels import cpu
 
         cpu.unavailable_reason()

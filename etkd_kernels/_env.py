@@ -6,6 +6,8 @@ all before a command runs (`etkd.distill.cli.check_environment`) and prints that
     ETKD_BACKEND       auto | reference | cpu | triton | cuda   (etkd_kernels.dispatch)
     ETKD_CPU_ISA       auto | a kernel target built and supported here (csrc/cpu/isa.cpp, checked by _C)
     ETKD_CPU_GEMM      own | blas                                (csrc/cpu/isa.cpp, checked by _C)
+    ETKD_CPU_AMX       1 | 0                                     (csrc/cpu/isa.cpp, checked by _C)
+    ETKD_CPU_BF16      auto | vdpbf16ps | fp32  (bf16 tiles without AMX; csrc/cpu/isa.cpp, checked by _C)
     ETKD_CPU_PROFILE   0 | 1
     ETKD_CHECK_FINITE  0 | 1
     ETKD_JIT           0 | 1   (etkd_kernels.build: compile the cpu kernels for the running torch)
@@ -16,6 +18,8 @@ from __future__ import annotations
 import os
 
 FLAGS = ("ETKD_CPU_PROFILE", "ETKD_CHECK_FINITE", "ETKD_JIT")
+# The cpu kernels' switches, checked by the extension at its first use (etkd.distill.cli loads it when one is set).
+CPU_SWITCHES = ("ETKD_CPU_ISA", "ETKD_CPU_GEMM", "ETKD_CPU_AMX", "ETKD_CPU_BF16")
 
 
 class EnvironmentValueError(ValueError, RuntimeError):

@@ -149,14 +149,14 @@ def _reference(dtype: torch.dtype) -> dict:
 _CHILD_RESULTS: dict[str, dict] = {}
 
 
-def _child_results(isa: str, tmp_dir: str, gemm: str = "own", amx: str = "1") -> dict:
-    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm and ETKD_CPU_AMX=amx
-    (run once per session)."""
-    key = f"{isa}-{gemm}-amx{amx}"
+def _child_results(isa: str, tmp_dir: str, gemm: str = "own", amx: str = "1", bf16: str = "auto") -> dict:
+    """cpu results for every dtype from a subprocess with ETKD_CPU_ISA=isa ('auto': the process chooses),
+    ETKD_CPU_GEMM=gemm, ETKD_CPU_AMX=amx and ETKD_CPU_BF16=bf16 (run once per session)."""
+    key = f"{isa}-{gemm}-amx{amx}-{bf16}"
     if key not in _CHILD_RESULTS:
         path = os.path.join(tmp_dir, f"{key}.pt")
         code = _CHILD.format(tests=os.path.dirname(__file__), isa=isa, gemm=gemm, path=path)
-        env = dict(os.environ, ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm, ETKD_CPU_AMX=amx)
+        env = dict(os.environ, ETKD_CPU_ISA=isa, ETKD_CPU_GEMM=gemm, ETKD_CPU_AMX=amx, ETKD_CPU_BF16=bf16)
         res = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
         )
@@ -172,15 +172,18 @@ _CHILD = textwrap.dedent(
     import test_cpu_isa as t
     import etkd_kernels
     from etkd_kernels import _C
-    assert _C.isa() == {isa!r}, _C.isa()
+    isa = _C.isa()
+    assert {isa!r} in ("auto", isa), isa
     reason = etkd_kernels.available_backends()["cpu"].reason
-    assert "ISA {isa} " in reason, reason  # available_backends() / `etkd info` name the forced target
+    assert f"ISA {{isa}} " in reason, reason  # available_backends() / `etkd info` name the target that runs
     # the fp32 tile products asked for are the ones that run (every x86 target has its own micro-kernels)
     assert _C.tile_gemm() == {gemm!r}, _C.tile_gemm()
-    assert ("own {isa} micro-kernels" in reason) == ({gemm!r} == "own"), reason
+    assert (f"own {{isa}} micro-kernels" in reason) == ({gemm!r} == "own"), reason
     torch.set_num_threads(2)
     _C.bf16_calls()  # reset
     res = {{name: t._results(t.DTYPES[name], "cpu") for name in t.DTYPES}}
+    res["isa"] = isa
+    res["rates"] = _C.product_rates()
     res["bf16_brgemm"] = _C.bf16_brgemm()
     res["bf16_products"] = _C.bf16_products()
     res["bf16_calls"] = _C.bf16_calls()  # what really multiplied the bf16 tiles of the cases above
@@ -241,6 +244,47 @@ def test_amx_switched_off_runs_vdpbf16ps(tmp_path_factory):
     _check_against_reference("avx512_bf16 amx=0", got)
 
 
+def _needs_bf16_without_amx() -> None:
+    built, supported = _isa_lists()
+    if not {"avx512", "avx512_bf16"} <= set(built) & set(supported):
+        pytest.skip(f"needs the avx512 and avx512_bf16 targets (built {built}, supported {supported})")
+
+
+@pytest.mark.parametrize("bf16", ["vdpbf16ps", "fp32"])
+def test_bf16_products_forced_without_amx(bf16, tmp_path_factory):
+    """ETKD_CPU_BF16 forces the bf16 products of an AVX512-BF16 CPU without AMX (here ETKD_CPU_AMX=0) when the
+    target is chosen automatically: the own vdpbf16ps kernels on the avx512_bf16 target, or fp32 tiles converted on
+    load on the avx512 target. The child counts the calls that really ran; results match the float64 reference."""
+    _needs_bf16_without_amx()
+    got = _child_results("auto", str(tmp_path_factory.getbasetemp()), amx="0", bf16=bf16)
+    calls = got["bf16_calls"]
+    assert got["isa"] == ("avx512_bf16" if bf16 == "vdpbf16ps" else "avx512"), got["isa"]
+    assert got["bf16_products"] == {"forward": bf16, "backward": bf16}, got["bf16_products"]
+    other = "fp32" if bf16 == "vdpbf16ps" else "vdpbf16ps"
+    for way in ("forward", "backward"):
+        assert calls[way][bf16] > 0 and calls[way][other] == 0 and calls[way]["amx"] == 0, calls
+    assert f"(ETKD_CPU_BF16={bf16})" in got["reason"], got["reason"]  # etkd info says what forced it
+    _check_against_reference(f"auto amx=0 bf16={bf16}", got)
+
+
+def test_bf16_products_chosen_by_measured_rates(tmp_path_factory):
+    """Without AMX (ETKD_CPU_AMX=0) and nothing forced, the process measures the own fp32 and vdpbf16ps products
+    once and keeps vdpbf16ps only when its rate beats fp32's (else the avx512 target converts bf16 to fp32 tiles);
+    `_C.product_rates()` reports the two compared rates and `etkd info` quotes them. Results match the reference."""
+    _needs_bf16_without_amx()
+    got = _child_results("auto", str(tmp_path_factory.getbasetemp()), amx="0")
+    rates, calls = got["rates"], got["bf16_calls"]
+    assert rates["fp32"] > 0 and rates["vdpbf16ps"] > 0, rates  # both measured, whichever target runs
+    want = "vdpbf16ps" if rates["vdpbf16ps"] > rates["fp32"] else "fp32"
+    assert got["isa"] == ("avx512_bf16" if want == "vdpbf16ps" else "avx512"), (got["isa"], rates)
+    assert got["bf16_products"] == {"forward": want, "backward": want}, (got["bf16_products"], rates)
+    for way in ("forward", "backward"):
+        assert calls[way][want] > 0 and calls[way]["amx"] == 0, calls
+    said = f"vdpbf16ps {rates['vdpbf16ps']:.1f} vs fp32 {rates['fp32']:.1f} GMAC/s"
+    assert said in got["reason"], got["reason"]
+    _check_against_reference(f"auto amx=0 ({want})", got)
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -291,6 +335,7 @@ def test_blas_tile_products_agree(tmp_path_factory):
     [
         ("ETKD_CPU_AMX", "off", "expected 1"),  # the AMX switch
         ("ETKD_CPU_GEMM", "mkl", "`own`"),  # the tile products' switch
+        ("ETKD_CPU_BF16", "avx512", "vdpbf16ps or fp32"),  # the bf16 products' switch without AMX
         ("ETKD_CPU_ISA", "sse2", "avx2"),  # a forced target the cpu backend does not have
     ],
 )

@@ -364,6 +364,7 @@ def _etkd(*argv: str, **env: str) -> subprocess.Popen:
         ("ETKD_BACKEND", "nonsense"),
         ("ETKD_CPU_ISA", "avx9"),
         ("ETKD_CPU_GEMM", "fast"),
+        ("ETKD_CPU_BF16", "amx"),
         ("ETKD_JIT", "yes"),
         ("ETKD_CHECK_FINITE", "2"),
         ("ETKD_CPU_PROFILE", "on"),

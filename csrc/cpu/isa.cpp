@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -79,14 +80,24 @@ bool profiling() { return g_profiling.load(std::memory_order_relaxed); }
 
 void set_profiling(bool on) { g_profiling.store(on, std::memory_order_relaxed); }
 
+namespace {
+// The index of the environment variable `name`'s value in `values` (unset or empty: 0, the default); any other
+// value throws, naming the variable and `expected`. One parser for the ETKD_CPU_* switches read once per process.
+int env_choice(const char* name, std::initializer_list<const char*> values, const char* expected) {
+  const char* e = std::getenv(name);
+  const std::string v = e ? e : "";
+  if (v.empty()) return 0;
+  int i = 0;
+  for (const char* x : values) {
+    if (v == x) return i;
+    ++i;
+  }
+  throw std::runtime_error(std::string(name) + "=" + v + ": expected " + expected);
+}
+}  // namespace
+
 bool own_tile_gemm() {
-  static const bool own = [] {
-    const char* e = std::getenv("ETKD_CPU_GEMM");
-    const std::string v = e ? e : "";
-    if (v.empty() || v == "own") return true;
-    if (v == "blas") return false;
-    throw std::runtime_error("ETKD_CPU_GEMM=" + v + ": expected `own` (the default) or `blas`");
-  }();
+  static const bool own = env_choice("ETKD_CPU_GEMM", {"own", "blas"}, "`own` (the default) or `blas`") == 0;
   return own;
 }
 
@@ -101,13 +112,8 @@ std::vector<double> profile_take() {
 }
 
 bool amx_allowed() {
-  static const bool on = [] {
-    const char* e = std::getenv("ETKD_CPU_AMX");
-    const std::string v = e ? e : "";
-    if (v.empty() || v == "1") return true;
-    if (v == "0") return false;
-    throw std::runtime_error("ETKD_CPU_AMX=" + v + ": expected 1 (the default: AMX tiles where the CPU has them) or 0");
-  }();
+  static const bool on =
+      env_choice("ETKD_CPU_AMX", {"1", "0"}, "1 (the default: AMX tiles where the CPU has them) or 0") == 0;
   return on;
 }
 
@@ -173,9 +179,43 @@ std::string join(const std::vector<std::string>& v) {
   return s.empty() ? "none" : s;
 }
 
+double g_bf16_rates[2];  // the fp32 and vdpbf16ps rates the automatic choice compared (bf16_products_choice)
+
+double bf16_choice_rate(int kind) { return g_bf16_rates[kind]; }
+
+// The widest target `t` the CPU supports, unless it multiplies bf16 tiles by the own vdpbf16ps kernels (AVX512-BF16,
+// no AMX or ETKD_CPU_AMX=0, own tile products) while converting them to fp32 tiles is faster here: on this Xeon
+// (Emerald Rapids, AMX off) the vdpbf16ps products run at ~0.5x the fp32 FMA ones, on AMD Zen 4 they should win.
+// ETKD_CPU_BF16=auto (the default) measures both on this thread (product_rate, a few ms) and keeps vdpbf16ps only
+// when its rate beats fp32's, else takes the avx512 target (same fp32 kernels, bf16 converted on load); =vdpbf16ps
+// or =fp32 forces one (ETKD_CPU_ISA=<target> forces the target and ends the choice). The table of a measured choice
+// reports the compared rates as its product_rate, so `_C.product_rates()` and `etkd info` say why.
+int bf16_mode() {
+  static const int mode =
+      env_choice("ETKD_CPU_BF16", {"auto", "vdpbf16ps", "fp32"}, "auto (the default), vdpbf16ps or fp32");
+  return mode;
+}
+
+const Kernels& bf16_products_choice(const Target& t) {
+  const int mode = bf16_mode();
+  const Kernels& k = t.table();
+  if (!k.native_bf16 || !own_tile_gemm() || brgemm_bf16_available()) return k;  // AMX, MKL or no native bf16
+  const Target* fp32 = nullptr;
+  for (const Target& x : targets())
+    if (std::string(x.name) == "avx512" && x.cpu_has()) fp32 = &x;
+  if (fp32 == nullptr || mode == 1) return k;
+  if (mode == 2) return fp32->table();
+  for (int kind = 0; kind < 2; ++kind) g_bf16_rates[kind] = k.product_rate(kind);
+  static Kernels measured;
+  measured = g_bf16_rates[1] > g_bf16_rates[0] ? k : fp32->table();
+  measured.product_rate = bf16_choice_rate;
+  return measured;
+}
+
 const Kernels& choose() {
-  own_tile_gemm();  // a bad ETKD_CPU_GEMM (or ETKD_CPU_AMX) is an error at the first kernel use, like a bad ETKD_CPU_ISA
-  amx_allowed();
+  own_tile_gemm();  // a bad ETKD_CPU_GEMM (ETKD_CPU_AMX, ETKD_CPU_BF16) is an error at the first kernel use, like a
+  amx_allowed();    // bad ETKD_CPU_ISA
+  bf16_mode();
   const char* env = std::getenv("ETKD_CPU_ISA");
   const std::string want = env ? env : "";
   if (!want.empty() && want != "auto") {
@@ -190,7 +230,7 @@ const Kernels& choose() {
                              "; 'auto' picks the widest the CPU supports)");
   }
   for (auto it = targets().rbegin(); it != targets().rend(); ++it)
-    if (it->cpu_has()) return it->table();
+    if (it->cpu_has()) return bf16_products_choice(*it);
   throw std::runtime_error("etkd cpu backend: this CPU supports none of the built kernel targets (" +
                            join(built_isas()) + "); the x86-64 kernels need at least AVX2 + FMA + F16C");
 }

@@ -6,8 +6,9 @@ chosen when the extension is first used: the widest this CPU reports, or the one
 float32, bfloat16 and float16 inputs: fp32 softmax statistics and accumulation, outputs in the input dtype;
 bf16 tiles are multiplied natively on the `avx512_bf16` target, forward and backward on K/V packed once per
 (batch, head) task: on a CPU with AMX by oneDNN brgemm on AMX tiles, without AMX (AMD Zen 4/5, or ETKD_CPU_AMX=0)
-by the own vdpbf16ps micro-kernels (ETKD_CPU_GEMM=blas: MKL's bf16 GEMM per tile); other 16-bit cases convert on
-load (K/V once per (batch, head) task).
+by the own vdpbf16ps micro-kernels when they measure faster than fp32 tiles at first use, else converted to fp32
+tiles on the avx512 target (ETKD_CPU_BF16=vdpbf16ps|fp32 forces one; ETKD_CPU_GEMM=blas: MKL's bf16 GEMM per
+tile); other 16-bit cases convert on load (K/V once per (batch, head) task).
 """
 
 from __future__ import annotations
@@ -60,16 +61,50 @@ _BF16_PRODUCTS = {
 def bf16_description() -> str:
     """How bf16 tiles are multiplied here, forward and backward (`_C.bf16_products()`): AMX brgemm where the CPU has
     AMX (ETKD_CPU_AMX=0 switches it off), the own AVX512-BF16 vdpbf16ps kernels, MKL's bf16 GEMM
-    (ETKD_CPU_GEMM=blas), or conversion to fp32 on a target without native bf16."""
+    (ETKD_CPU_GEMM=blas), or conversion to fp32 on a target without native bf16. Without AMX, the vdpbf16ps kernels
+    or fp32 tiles (the avx512 target) by what measured faster at first use (csrc/cpu/isa.cpp:
+    bf16_products_choice), and why: the two rates, or the variable that forced it."""
     from etkd_kernels import _C
 
     got = _C.bf16_products()
     if got["forward"] == "fp32":
-        return "bf16/fp16 converted to fp32 on load"
-    fwd, bwd = _BF16_PRODUCTS[got["forward"]], _BF16_PRODUCTS[got["backward"]]
-    if fwd == bwd:
-        return f"bf16 native: tiles by {fwd}"
-    return f"bf16 native: forward tiles by {fwd}, backward by {bwd}"
+        said = "bf16/fp16 converted to fp32 on load"
+    else:
+        fwd, bwd = _BF16_PRODUCTS[got["forward"]], _BF16_PRODUCTS[got["backward"]]
+        said = (
+            f"bf16 native: tiles by {fwd}"
+            if fwd == bwd
+            else f"bf16 native: forward tiles by {fwd}, backward by {bwd}"
+        )
+    return said + _bf16_choice(got["forward"])
+
+
+def _bf16_choice(products: str) -> str:
+    """Why an AVX512-BF16 CPU without AMX (or with ETKD_CPU_AMX=0) runs `products` ('vdpbf16ps' or 'fp32'); ''
+    where that choice was not made (AMX, MKL, a CPU without AVX512-BF16)."""
+    import os
+
+    from etkd_kernels import _C
+
+    if (
+        products not in ("vdpbf16ps", "fp32")
+        or "avx512_bf16" not in _C.supported_isas()
+        or _C.tile_gemm() != "own"
+    ):
+        return ""
+    isa = os.environ.get("ETKD_CPU_ISA", "").strip()
+    if isa not in ("", "auto"):
+        return f" (ETKD_CPU_ISA={isa})"
+    mode = os.environ.get("ETKD_CPU_BF16", "").strip()
+    if mode not in ("", "auto"):
+        return f" (ETKD_CPU_BF16={mode})"
+    if products == "fp32" and _C.isa() != "avx512":
+        return ""  # the avx512_bf16 target without MKL's bf16 GEMM in this torch: no choice made
+    rates = _C.product_rates()  # the rates the choice compared
+    return (
+        f" (faster here: vdpbf16ps {rates['vdpbf16ps']:.1f} vs fp32 {rates['fp32']:.1f} GMAC/s per thread, "
+        "measured at first use; ETKD_CPU_BF16=vdpbf16ps|fp32 forces one)"
+    )
 
 
 _told: set[tuple[str, torch.dtype, int]] = set()
