@@ -82,6 +82,18 @@ TORCH_LIBRARY_IMPL(etkd_cpu, CPU, m) {
 
 namespace {
 
+// Runs an entry point's body; a C++ exception (TORCH_CHECK's c10::Error included) becomes Python's RuntimeError
+// with its message, so no entry point lets one cross into the interpreter.
+template <class F>
+PyObject* guarded(F&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyObject* str_list(const std::vector<std::string>& v) {
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(v.size()));
   for (size_t i = 0; i < v.size(); ++i) PyList_SET_ITEM(out, i, PyUnicode_FromString(v[i].c_str()));
@@ -90,22 +102,16 @@ PyObject* str_list(const std::vector<std::string>& v) {
 
 // _C.isa() -> str: the target the kernels run (chosen on first use; ETKD_CPU_ISA forces one).
 PyObject* py_isa(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     return PyUnicode_FromString(etkd::cpu::kernels().name);
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 // _C.native_bf16() -> bool: whether bf16 tiles are multiplied as bf16 (else converted to float32 on load).
 PyObject* py_native_bf16(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     return PyBool_FromLong(etkd::cpu::kernels().native_bf16);
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 // _C.cpu_profile() -> dict phase -> seconds summed over threads since the last call (timers on: ETKD_CPU_PROFILE=1;
@@ -135,13 +141,10 @@ PyObject* py_set_cpu_profile(PyObject*, PyObject* arg) {
 // _C.bf16_brgemm() -> bool: whether bf16 forward tiles go through oneDNN's brgemm (AMX) with packed K/V (else the
 // own vdpbf16ps kernels or MKL's bf16 GEMM on the native target, or conversion to fp32; see bf16_products).
 PyObject* py_bf16_brgemm(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     return PyBool_FromLong(etkd::cpu::kernels().native_bf16 && etkd::cpu::own_tile_gemm() &&
                            etkd::cpu::brgemm_bf16_available());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 // _C.bf16_products() -> {"forward": str, "backward": str}: what multiplies the bf16 tiles of a head_dim that is a
@@ -149,7 +152,7 @@ PyObject* py_bf16_brgemm(PyObject*, PyObject*) {
 // "vdpbf16ps" (the own AVX512-BF16 micro-kernels, K/V packed per task: no AMX, or ETKD_CPU_AMX=0), "mkl" (MKL's
 // bf16 GEMM per tile: ETKD_CPU_GEMM=blas), or "fp32" (converted on load: the target has no native bf16).
 PyObject* py_bf16_products(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     const auto& k = etkd::cpu::kernels();
     const char* fwd = "fp32";
     const char* bwd = "fp32";
@@ -167,10 +170,7 @@ PyObject* py_bf16_products(PyObject*, PyObject*) {
       Py_DECREF(v);
     }
     return out;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 // _C.bf16_calls() -> {"forward": {kind: calls}, "backward": {...}}: how the bf16 tile driver calls since the last
@@ -194,7 +194,7 @@ PyObject* py_bf16_calls(PyObject*, PyObject*) {
 // _C.product_rates() -> {"fp32": GMAC/s, "vdpbf16ps": GMAC/s}: the chosen target's own tile products on one
 // thread, the forward's shapes (flash_tile_impl.h: product_rate; vdpbf16ps 0 where the target has none).
 PyObject* py_product_rates(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     const auto& k = etkd::cpu::kernels();
     PyObject* out = PyDict_New();
     const char* names[2] = {"fp32", "vdpbf16ps"};
@@ -204,33 +204,24 @@ PyObject* py_product_rates(PyObject*, PyObject*) {
       Py_DECREF(v);
     }
     return out;
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 // _C.tile_gemm() -> "own" | "blas": what multiplies the fp32 tiles (forward and backward) (flash_tile.h: own_tile_gemm).
 PyObject* py_tile_gemm(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     const bool own = etkd::cpu::kernels().own_products && etkd::cpu::own_tile_gemm();
     return PyUnicode_FromString(own ? "own" : "blas");
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 // _C.own_tile_width() -> int: the head_dim multiple the own tile products need (floats per vector of the chosen
 // target), 0 when they do not run (portable target, ETKD_CPU_GEMM=blas).
 PyObject* py_own_tile_width(PyObject*, PyObject*) {
-  try {
+  return guarded([&]() -> PyObject* {
     const auto& k = etkd::cpu::kernels();
     return PyLong_FromLong(k.own_products && etkd::cpu::own_tile_gemm() ? k.vec_floats : 0);
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
+  });
 }
 
 PyObject* py_built_isas(PyObject*, PyObject*) { return str_list(etkd::cpu::built_isas()); }

@@ -25,6 +25,18 @@
 namespace etkd::cpu {
 namespace {
 
+// Softmax backward over `rows` rows of `width` probabilities p (row stride ld, g the same layout): the upstream
+// gradient g becomes dS = p o (g - rowsum(p o g)) in place. Used by K1's and K3's backward in nystrom_bwd.
+inline void softmax_rows_bwd(const float* p, float* g, int64_t rows, int64_t width, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = p + r * ld;
+    float* gr = g + r * ld;
+    float dl = 0.f;
+    for (int64_t j = 0; j < width; ++j) dl += pr[j] * gr[j];
+    for (int64_t j = 0; j < width; ++j) gr[j] = pr[j] * (gr[j] - dl);
+  }
+}
+
 struct Setup {
   Problem p;
   Tensor bias;
@@ -303,13 +315,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         gemm_rm(true, false, n, D, S, 1.f, k1x, n, doh, D, 0.f, dx, D);
         gemm_rm(false, true, S, n, D, 1.f, doh, D, xx, D, 0.f, g1, n);
         if (drop.on) dropout_rows(drop, bh, 0, S, S, n, g1, n);
-        for (int64_t r = 0; r < S; ++r) {
-          float* p = k1 + r * n;
-          float* g = g1 + r * n;
-          float dl = 0.f;
-          for (int64_t j = 0; j < n; ++j) dl += p[j] * g[j];
-          for (int64_t j = 0; j < n; ++j) g[j] = p[j] * (g[j] - dl);
-        }
+        softmax_rows_bwd(k1, g1, S, n, n);
         gemm_rm(false, false, S, D, n, sc, g1, n, klh, D, 0.f, dqp + dqrow, D);
         gemm_rm(true, false, n, D, S, sc, g1, n, qh, D, 0.f, dklh, D);
         // dT = Z^T dX; dZ = dX T^T.
@@ -338,13 +344,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         // K3 backward: dv = K3^T dT; dK3 = dT v^T; dS3 = K3 (dK3 - rowsum(K3 dK3)); dql = s dS3 k; dk = s dS3^T ql.
         gemm_rm(true, false, S, D, n, 1.f, k3, S, dtt, D, 0.f, dvp + dqrow, D);
         gemm_rm(false, true, n, S, D, 1.f, dtt, D, vh, D, 0.f, g3, S);
-        for (int64_t l = 0; l < n; ++l) {
-          float* p = k3 + l * S;
-          float* g = g3 + l * S;
-          float dl = 0.f;
-          for (int64_t j = 0; j < S; ++j) dl += p[j] * g[j];
-          for (int64_t j = 0; j < S; ++j) g[j] = p[j] * (g[j] - dl);
-        }
+        softmax_rows_bwd(k3, g3, n, S, S);
         gemm_rm(false, false, n, D, S, sc, g3, S, kh, D, 0.f, dqlh, D);
         gemm_rm(true, false, S, D, n, sc, g3, S, qlh, D, 0.f, dkp + dqrow, D);
       });
