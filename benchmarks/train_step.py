@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.layers}-layer Longformer-{args.size}, {args.batch} x {args.seq}, fp32, {args.threads} threads"
     )
     for (side, opt), ts in times.items():
-        steps = ", ".join(f"{t:.2f}" for t in ts)
-        print(f"{side:9s} {opt:6s} median {statistics.median(ts):8.2f} s   steps: {steps}")
+        steps = ", ".join(f"{t:.3g}" for t in ts)  # 3 significant digits: a tiny step is not "0.00"
+        print(f"{side:9s} {opt:6s} median {statistics.median(ts):8.3g} s   steps: {steps}")
     for opt in args.optimizers:
         ours, hf = times[("etkd-cpu", opt)], times[("hf", opt)]
         ratios = ", ".join(f"{h / e:.2f}" for h, e in zip(hf, ours))

@@ -20,7 +20,8 @@ def _global_queries(attn, x: torch.Tensor, global_mask: torch.Tensor) -> torch.T
     only, so, as HF's LongformerSelfAttention (`query_global` of the global rows' hidden states), the projection
     runs on those rows alone: a (b*s, d) x (d, d) GEMM (and two in the backward) becomes one per global token."""
     rows = attn.qg(x[global_mask])  # (n_global, d)
-    return x.new_zeros(x.shape[:2] + rows.shape[-1:]).masked_scatter(global_mask[..., None], rows)
+    # rows' dtype, not x's: under autocast the projection computes in bf16.
+    return rows.new_zeros(x.shape[:2] + rows.shape[-1:]).masked_scatter(global_mask[..., None], rows)
 
 
 def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
