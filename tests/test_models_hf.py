@@ -249,3 +249,13 @@ def test_train_mode_attention_dropout_equals_hf_with_the_same_masks(monkeypatch,
     assert_close(
         model.encoder.embeddings.word.weight.grad, word, atol=ATOL * float(word.abs().max()), name="d word"
     )
+
+
+def test_from_hf_refuses_a_head_class_it_cannot_carry():
+    """A family's `unsupported` head classes are a clear NotImplementedError naming the class and the way out,
+    never a model with its head silently dropped (models/patterns/bigbird.py: BigBirdForQuestionAnswering)."""
+    import transformers
+
+    cfg = transformers.BigBirdConfig(max_position_embeddings=64, attention_type="original_full", **SMALL)
+    with pytest.raises(NotImplementedError, match=r"BigBirdForQuestionAnswering .*load BigBirdModel instead"):
+        from_hf(transformers.BigBirdForQuestionAnswering(cfg))
