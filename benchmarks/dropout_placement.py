@@ -127,6 +127,7 @@ def with_attention_dropout(src: str, dst: str, p: float) -> str:
 def run_longrange(out: str, seeds: list[int], args) -> list[dict]:
     from etkd.distill.demo import longrange
     from etkd.distill.tasks import ner
+    from etkd.models import patterns
 
     root = os.path.join(out, "longrange", args.attention)  # one tree per pattern: nothing reused across them
     data, base = longrange_base(root, args)
@@ -142,6 +143,8 @@ def run_longrange(out: str, seeds: list[int], args) -> list[dict]:
              *common)  # fmt: skip
     start = with_attention_dropout(os.path.join(short, "run", "model"), os.path.join(short, "model_p01"), 0.1)
     dev_docs = ner.read_conll(data["long_ner_dev"], "document")
+    # the opening paragraph global too, where the pattern has global tokens (as `etkd demo`)
+    prefix = ["--global-prefix", str(longrange.OPENING)] if patterns.get(args.attention).global_tokens else []
     rows = []
     for seed in seeds:
         for placement in args.placements.split(","):
@@ -150,8 +153,8 @@ def run_longrange(out: str, seeds: list[int], args) -> list[dict]:
             finetune(placement, "--model", start, "--train-file", data["long_ner_train"], "--eval-file",
                      data["long_ner_dev"], "--output-dir", os.path.join(run, "run"), "--max-steps",
                      str(args.long_steps), "--batch-size", str(args.long_batch), "--learning-rate", "3e-3",
-                     "--ner-unit", "document", "--eval-batch-size", "4", "--global-prefix", str(longrange.OPENING),
-                     "--seed", str(seed), "--output", os.path.join(run, "results.json"), *common)  # fmt: skip
+                     "--ner-unit", "document", "--eval-batch-size", "4", *prefix, "--seed", str(seed),
+                     "--output", os.path.join(run, "results.json"), *common)  # fmt: skip
             with open(os.path.join(run, "results_predictions.json")) as f:
                 parts = longrange.breakdown(dev_docs, json.load(f)["eval"])
             rows.append({
