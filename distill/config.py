@@ -33,7 +33,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "log_every": (1, None, True),
     "keep_checkpoints": (0, None, True),
     "max_grad_norm": (0, None, True),
-    "mlm_probability": (0, 1, False),
+    # 0 = the clean text (distill's cosine and all-token KL terms); pretrain and --alpha refuse it.
+    "mlm_probability": (0, 1, True),
     "long_fraction": (0, 1, True),
     "short_length": (2, None, True),
     "long_length": (2, None, True),
@@ -41,6 +42,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "max_blocks": (1, None, True),
     "limit": (1, None, True),
     "temperature": (0, None, False),
+    "delta": (0, None, True),
     "lam": (0, 1, True),
     "ner_group_sentences": (1, None, True),
     "ner_stride": (0, None, True),

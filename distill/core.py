@@ -234,7 +234,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--short-length", dest="short_length", type=int, default=None)
     g.add_argument("--long-length", dest="long_length", type=int, default=None, help="default: model limit")
     g.add_argument("--long-fraction", dest="long_fraction", type=float, default=None)
-    g.add_argument("--mlm-probability", dest="mlm_probability", type=float, default=None)
+    g.add_argument("--mlm-probability", dest="mlm_probability", type=float, default=None,
+                   help="share of tokens masked; 0 = the clean text (distill's cosine-only default)")  # fmt: skip
     g.add_argument("--max-blocks", dest="max_blocks", type=int, default=None, help="cap on packed blocks")
 
 

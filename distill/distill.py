@@ -2,7 +2,8 @@
 
 The teacher is frozen (eval, no grad); the student is `make_student(teacher)` (every other layer) or a
 given checkpoint, optionally converted to another attention pattern / length. Loss:
-alpha * MLM + beta * T^2 * KL(soft targets) + gamma * cosine(last hidden states), defaults 2, 5, 1, T = 2.
+alpha * MLM + beta * T^2 * KL(soft targets) + gamma * cosine(last hidden states), defaults 2, 5, 1, T = 2;
+--delta adds TinyBERT's per-layer hidden-state MSE (student layer j vs teacher layer j * n / k; default 0).
 The cosine-only variant (--alpha 0 --beta 0) needs no MLM head and sees the text unmasked.
 
     etkd distill --teacher roberta-long/ --data oscar/ bookcorpus/ --long-fraction 0.3 \
@@ -37,7 +38,7 @@ from .core import (
     train_mlm,
 )
 from .errors import UserError
-from .losses import distillation_loss, logit_positions
+from .losses import distillation_loss, layer_map, logit_positions
 
 STUDENT_DEFAULTS = {
     "teacher": None,
@@ -49,8 +50,8 @@ STUDENT_DEFAULTS = {
     "student_block_size": 64,
     "student_num_landmarks": 64,
 }
-DEFAULTS = {**MLM_DEFAULTS, **STUDENT_DEFAULTS, "alpha": 2.0, "beta": 5.0, "gamma": 1.0, "temperature": 2.0,
-            "kd_masked_only": False, "teacher_precision": None}  # fmt: skip
+DEFAULTS = {**MLM_DEFAULTS, **STUDENT_DEFAULTS, "alpha": 2.0, "beta": 5.0, "gamma": 1.0, "delta": 0.0,
+            "temperature": 2.0, "kd_masked_only": False, "teacher_precision": None}  # fmt: skip
 # mlm_probability None: 0.15 when a term reads masked tokens (alpha or beta > 0), else 0 (see `run`).
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05, mlm_probability=None)
 
@@ -130,6 +131,9 @@ def register(subparsers) -> None:
     g.add_argument("--alpha", type=float, default=None, help="MLM weight (2.0)")
     g.add_argument("--beta", type=float, default=None, help="soft-target KL weight (5.0)")
     g.add_argument("--gamma", type=float, default=None, help="hidden-state cosine weight (1.0)")
+    g.add_argument("--delta", type=float, default=None,
+                   help="per-layer hidden-state MSE weight (0: off): student layer j learns teacher layer "
+                   "round(j n / k) of n, as TinyBERT (needs equal hidden sizes)")  # fmt: skip
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
@@ -141,9 +145,11 @@ def register(subparsers) -> None:
 
 
 def teacher_forward(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    positions: torch.Tensor | None = None, precision: str | None = None):  # fmt: skip
+                    positions: torch.Tensor | None = None, precision: str | None = None,
+                    layers: list[int] | None = None):  # fmt: skip
     """The frozen teacher: (vocabulary logits at `positions` (b, s) bool as (n, v) rows, or None when
-    `positions` is None; last hidden states (b, s, d)). Runs under `torch.inference_mode` (no autograd
+    `positions` is None; last hidden states (b, s, d); the hidden states after each layer of `layers` (indices
+    of its hidden_states: 0 = embeddings, i = layer i's output), a tuple of (b, s, d), empty without). Runs under `torch.inference_mode` (no autograd
     bookkeeping); `precision` "bf16" runs it in bf16 autocast, "fp32" without autocast, None as the surrounding
     code runs (the training's --mixed-precision). Sequences longer than the teacher's position table
     are run in consecutive chunks of its length (each chunk sees only itself)."""
@@ -154,18 +160,25 @@ def teacher_forward(teacher, input_ids: torch.Tensor, attention_mask: torch.Tens
         else torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     )
     with torch.inference_mode(), autocast:
-        hidden = torch.cat([teacher.encoder(input_ids=input_ids[:, start : start + limit],
-                                            attention_mask=attention_mask[:, start : start + limit]).last_hidden_state
-                            for start in range(0, input_ids.shape[1], limit)], 1)  # fmt: skip
+        chunks = [teacher.encoder(input_ids=input_ids[:, start : start + limit],
+                                  attention_mask=attention_mask[:, start : start + limit],
+                                  output_hidden_states=bool(layers))
+                  for start in range(0, input_ids.shape[1], limit)]  # fmt: skip
+        hidden = torch.cat([c.last_hidden_state for c in chunks], 1)
+        states = tuple(torch.cat([c.hidden_states[i] for c in chunks], 1) for i in layers or ())
         logits = None if positions is None else teacher.logits_at(hidden, positions)
     # Outside inference mode the loss may save what it computes from these for its backward: plain tensors.
-    return (None if logits is None else logits.clone()), hidden.clone()
+    return (None if logits is None else logits.clone()), hidden.clone(), tuple(t.clone() for t in states)
 
 
-def make_loss(teacher, ns: argparse.Namespace):
+def make_loss(teacher, ns: argparse.Namespace, layers: list[int] | None = None):
     """The step `train` calls: vocabulary logits only where a loss term reads them (`logit_positions`): the
-    student's at the masked tokens (and where the KL reads them), the teacher's only when beta > 0."""
+    student's at the masked tokens (and where the KL reads them), the teacher's only when beta > 0. With
+    ns.delta, `layers` are the teacher hidden states student layers 1..k learn (`layer_map`)."""
     weights = dict(alpha=ns.alpha, beta=ns.beta, gamma=ns.gamma, temperature=ns.temperature)
+    delta = getattr(ns, "delta", 0.0)
+    if delta and not layers:
+        raise ValueError("layers: required when delta is not 0 (layer_map(teacher layers, student layers))")
     precision = getattr(ns, "teacher_precision", None)
 
     def step(student, batch):
@@ -173,12 +186,28 @@ def make_loss(teacher, ns: argparse.Namespace):
         at = logit_positions(labels, mask, alpha=ns.alpha, beta=ns.beta, masked_only=ns.kd_masked_only)
         # A student without a token-level head (the cosine-only variant of a bare encoder) computes no logits.
         token_head = getattr(student, "module", student).config.head in TOKEN_HEADS
-        out = student(input_ids=ids, attention_mask=mask, head_positions=at[0] if token_head else None)
-        t_logits, t_hidden = teacher_forward(teacher, ids, mask, at[1] if ns.beta else None, precision)
+        out = student(input_ids=ids, attention_mask=mask, head_positions=at[0] if token_head else None,
+                      output_hidden_states=bool(delta))  # fmt: skip
+        t_logits, t_hidden, t_states = teacher_forward(teacher, ids, mask, at[1] if ns.beta else None, precision,
+                                                       layers if delta else None)  # fmt: skip
         return distillation_loss(out.logits, t_logits, out.last_hidden_state, t_hidden, labels, mask,
-                                 masked_only=ns.kd_masked_only, positions=at, **weights)  # fmt: skip
+                                 masked_only=ns.kd_masked_only, positions=at, delta=delta,
+                                 student_states=out.hidden_states[1:] if delta else None, teacher_states=t_states,
+                                 **weights)  # fmt: skip
 
     return step
+
+
+def hidden_layer_map(teacher, student) -> list[int]:
+    """`layer_map` for --delta, or a UserError naming what does not fit."""
+    t, s = teacher.config, student.config
+    if s.hidden_size != t.hidden_size:
+        raise UserError(f"--delta: the per-layer loss needs equal hidden sizes, student {s.hidden_size} vs "
+                        f"teacher {t.hidden_size}; set --delta 0")  # fmt: skip
+    if s.num_layers > t.num_layers:
+        raise UserError(f"--delta: the student has more layers ({s.num_layers}) than the teacher "
+                        f"({t.num_layers}); set --delta 0")  # fmt: skip
+    return layer_map(t.num_layers, s.num_layers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,6 +224,12 @@ def run(args: argparse.Namespace) -> int:
         # 3-layer student after 100 such steps matched the teacher at cosine 0.90 on masked blocks but 0.68
         # on the same blocks unmasked (0.54 before distillation).
         ns.mlm_probability = MLM_DEFAULTS["mlm_probability"] if ns.alpha or ns.beta else 0.0
+    elif ns.mlm_probability == 0 and (ns.alpha or (ns.beta and ns.kd_masked_only)):
+        # 0 is meaningful for the cosine term and for a KL over every token (clean text); a term that reads
+        # only masked tokens would read nothing.
+        term = f"the MLM term (--alpha {ns.alpha:g})" if ns.alpha else "--kd-masked-only's soft-target term"
+        raise UserError(f"--mlm-probability 0: {term} reads only masked tokens, and nothing would be masked; "
+                        "give a value in (0, 1) (0.15 as BERT) or drop that term")  # fmt: skip
     if ns.alpha or ns.beta or ns.add_mlm_head:
         teacher = require_mlm_head(teacher, ns, "--teacher")
     # else the cosine-only variant (alpha = beta = 0): no vocabulary logits anywhere, so no MLM head needed;
@@ -209,5 +244,9 @@ def run(args: argparse.Namespace) -> int:
     if ns.backend:
         teacher.set_attention_backend(ns.backend)
     check_vocab(tokenizer, student)
-    return train_mlm(ns, student, tokenizer, make_loss(teacher, ns), "distill", "student",
+    layers = None
+    if ns.delta:
+        layers = hidden_layer_map(teacher, student)
+        log.info("--delta %g: student layers 1..%d learn teacher layers %s", ns.delta, len(layers), layers)
+    return train_mlm(ns, student, tokenizer, make_loss(teacher, ns, layers), "distill", "student",
                      ("step", "loss", "history"), extra_modules=(teacher,))  # fmt: skip

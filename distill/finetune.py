@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from etkd.models import patterns
+
 from .config import finish, resolve
 from .core import (
     TRAIN_DEFAULTS,
@@ -231,7 +233,7 @@ def make_collate(
     pad_id: int, cls_global: bool, global_prefix: int = 0
 ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Pads to the longest feature; drops bookkeeping keys. `cls_global` gives token 0 global attention
-    (Longformer-style models) where the features carry no global mask of their own, and also the
+    (models whose pattern has global tokens) where the features carry no global mask of their own, and also the
     `global_prefix` tokens after it (a title, header or question at the start of every sequence)."""
 
     def collate(feats: list[dict]) -> dict[str, torch.Tensor]:
@@ -267,16 +269,22 @@ def collate_for(model, tokenizer, o: dict[str, Any]) -> Callable[[list[dict]], d
         from .core import log
 
         log.warning(
-            "--global-prefix %d: ignored, model attention %r has no global tokens (only Longformer-style "
-            "models take it)",
+            "--global-prefix %d: ignored, model attention %r has no global tokens (patterns with them: %s)",
             o["global_prefix"],
             model.config.attention,
+            ", ".join(global_token_patterns()),
         )
     return make_collate(tokenizer.pad_token_id, glob, int(o["global_prefix"]))
 
 
 def uses_global_tokens(model) -> bool:
-    return model.config.attention == "longformer"
+    """Whether the model's attention pattern takes a per-token global mask (its registry entry says so)."""
+    return patterns.get(model.config.attention).global_tokens
+
+
+def global_token_patterns() -> list[str]:
+    """The registered patterns that take global tokens (`Pattern.global_tokens`)."""
+    return [p.name for p in patterns.PATTERNS.values() if p.global_tokens]
 
 
 def forward(model, batch: dict[str, torch.Tensor]):
@@ -514,8 +522,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "accept PER, ORG, LOC, MISC; another type is an error naming its line)")  # fmt: skip
     p.add_argument("--eval-batch-size", type=int, help="sequences per evaluation batch")
     p.add_argument("--global-prefix", type=int, metavar="N",
-                   help="Longformer-style models: the first N tokens after [CLS] of every sequence get global "
-                   "attention too, like a question in QA (default: 0, [CLS] only); ignored by other models")  # fmt: skip
+                   help=f"models with global tokens ({', '.join(global_token_patterns())}): the first N tokens "
+                   "after [CLS] of every sequence get global attention too, like a question in QA (default: 0, "
+                   "[CLS] only); ignored by other models")  # fmt: skip
     add_model_args(p)
     p.add_argument("--name", help="model name in the results (and in `etkd report`)")
     p.add_argument("--teacher", help="name of this model's teacher (for retention in `etkd report`)")

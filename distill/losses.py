@@ -1,7 +1,8 @@
 """Distillation losses.
 
 Task-agnostic (Brown et al. 2023, Appendix B; DistilBERT): `distillation_loss` =
-alpha * MLM + beta * T^2 * KL(teacher_T || student_T) + gamma * (1 - cos(h_s, h_t)).
+alpha * MLM + beta * T^2 * KL(teacher_T || student_T) + gamma * (1 - cos(h_s, h_t)), optionally
++ delta * the per-layer hidden-state MSE (TinyBERT; `layer_map` pairs the layers).
 
 Task-specific (Dasgupta et al. 2023, eq. 8-9): `task_kd_loss` = lam * CE(y, f) + (1 - lam) * L_KD with
 L_KD one of
@@ -159,6 +160,40 @@ def logit_positions(
     return (masked if alpha else none) | teacher, teacher
 
 
+def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """TinyBERT's uniform layer mapping: student layer j (1-based) learns the output of teacher layer
+    round(j * n / k), for n teacher and k student layers; 6 -> 3 gives [2, 4, 6], 12 -> 6 [2, 4, ..., 12]. The
+    last student layer always maps to the last teacher layer (the one the cosine term reads)."""
+    n, k = teacher_layers, student_layers
+    if not 1 <= k <= n:
+        raise ValueError(f"student_layers: expected 1 to {n} (the teacher's layers), got {k}")
+    return [round(j * n / k) for j in range(1, k + 1)]
+
+
+def hidden_state_mse(
+    student_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    teacher_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-layer hidden-state loss (TinyBERT, eq. 8 without the projection: equal hidden sizes): the mean
+    over the layer pairs of the squared error averaged over the real tokens and the hidden size. States are
+    the already mapped pairs, each (b, s, d); attention_mask (b, s), True/1 = real token."""
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"teacher_states: expected one per student state ({len(student_states)}), "
+                         f"got {len(teacher_states)}")  # fmt: skip
+    first = student_states[0]
+    real = (torch.ones(first.shape[:2], dtype=torch.bool, device=first.device) if attention_mask is None
+            else attention_mask.bool())  # fmt: skip
+    terms = []
+    for hs, ht in zip(student_states, teacher_states):
+        if hs.shape != ht.shape:
+            raise ValueError(f"teacher_states: the per-layer loss needs equal shapes, student {tuple(hs.shape)} "
+                             f"vs teacher {tuple(ht.shape)}")  # fmt: skip
+        a, b = _upcast(hs[real]), _upcast(ht.detach()[real])
+        terms.append(F.mse_loss(a, b) if a.numel() else hs.sum() * 0.0)
+    return torch.stack(terms).mean()
+
+
 def distillation_loss(
     student_logits: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
@@ -173,8 +208,13 @@ def distillation_loss(
     temperature: float = 2.0,
     masked_only: bool = False,
     positions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    delta: float = 0.0,
+    student_states: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+    teacher_states: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DistilBERT objective (paper 1, Appendix B): alpha * MLM + beta * KD + gamma * cosine.
+    """DistilBERT objective (paper 1, Appendix B): alpha * MLM + beta * KD + gamma * cosine, plus (delta > 0)
+    TinyBERT's per-layer hidden-state MSE `hidden_state_mse(student_states, teacher_states)` (the states
+    paired by `layer_map`).
 
     logits (b, s, v) (None when alpha = beta = 0), hidden (b, s, d), labels (b, s) with -100 on unmasked
     tokens, attention_mask (b, s)
@@ -238,4 +278,10 @@ def distillation_loss(
         cos = (1 - F.cosine_similarity(hs, ht, dim=-1)).mean() if hs.numel() else student_hidden.sum() * 0.0
         loss = loss + gamma * cos
         logs["cos"] = cos.detach()
+    if delta:
+        if student_states is None or teacher_states is None:
+            raise ValueError(f"student_states, teacher_states: required when delta ({delta}) is not 0")
+        hid = hidden_state_mse(student_states, teacher_states, real)
+        loss = loss + delta * hid
+        logs["hid"] = hid.detach()
     return loss, logs

@@ -76,6 +76,9 @@ def build_pretrain_model(ns: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     ns = resolve(args, DEFAULTS)
+    if ns.mlm_probability == 0:
+        raise UserError("--mlm-probability 0: the masked-LM loss reads only masked tokens, and nothing would be "
+                        "masked; give a value in (0, 1) (default 0.15)")  # fmt: skip
     model = build_pretrain_model(ns)
     tokenizer = tokenizer_for(ns, ns.model)
     check_vocab(tokenizer, model)

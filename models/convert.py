@@ -118,7 +118,8 @@ def convert(
 def make_student(teacher: EncoderModel, layers: str | Sequence[int] = "every_other") -> EncoderModel:
     """A shallower copy of `teacher`: embeddings, the chosen layers (in order) and the head copied.
 
-    layers: "every_other" (0, 2, 4, ... as DistilBERT) or a list of teacher layer indices.
+    layers: "every_other" (0, 2, 4, ...) or a list of teacher layer indices. (DistilBERT's own choice spreads
+    them from the first layer to the last, 0, 2, 4, 7, 9, 11 of 12: `etkd distill --student-layers spread`.)
     """
     n = teacher.config.num_layers
     if layers == "every_other":

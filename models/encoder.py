@@ -17,7 +17,7 @@ from etkd_kernels.dispatch import check_name
 
 from .config import LSG_MAX_GLOBAL_TOKENS, EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
-from .patterns import get_attention
+from .patterns import get, get_attention
 
 WEIGHTS_NAME = "model.safetensors"
 # Other checkpoint formats `save_pretrained(format=...)` writes: name -> fn(model, directory), registered by
@@ -115,7 +115,7 @@ class SelfAttention(nn.Module):
         d, h = cfg.hidden_size, cfg.num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.qg = self.kg = self.vg = None
-        if cfg.attention == "longformer" and cfg.global_projections:
+        if cfg.global_projections and get(cfg.attention).global_projections:
             self.qg, self.kg, self.vg = (nn.Linear(d, d) for _ in range(3))
         self.conv = None
         if cfg.attention == "nystrom" and cfg.conv_kernel_size:
@@ -286,15 +286,12 @@ class EncoderModel(nn.Module):
         these positions and `logits` is (n, out) for their n True entries in row-major order (as
         `full_logits[head_positions]`). An MLM loss that reads 15% of the tokens need not pay for the rest."""
         cfg = self.config
-        if (
-            global_attention_mask is None
-            and cfg.attention == "longformer"
-            and cfg.head == "sequence_classification"
-        ):
-            # As HF LongformerForSequenceClassification: the first token is global unless told otherwise.
+        n_global = get(cfg.attention).classification_globals
+        if global_attention_mask is None and n_global and cfg.head == "sequence_classification":
+            # As the pattern's HF classifier: the first tokens are global unless the call says otherwise.
             ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
             global_attention_mask = torch.zeros(ref.shape[:2], dtype=torch.bool, device=ref.device)
-            global_attention_mask[:, 0] = True
+            global_attention_mask[:, :n_global] = True
         out = self.encoder(input_ids, attention_mask, token_type_ids, global_attention_mask, position_ids,
                            inputs_embeds, output_hidden_states)  # fmt: skip
         if self.head is not None:

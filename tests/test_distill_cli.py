@@ -165,13 +165,18 @@ def test_teacher_forward_bf16_and_chunks(teacher_dir):
     ids = torch.randint(5, VOCAB, (2, 40))
     mask = torch.ones(2, 40, dtype=torch.bool)
     pos = torch.rand(2, 40) < 0.5
-    logits, hidden = distill_cmd.teacher_forward(teacher, ids, mask, pos)
+    logits, hidden, states = distill_cmd.teacher_forward(teacher, ids, mask, pos)
+    assert states == ()
     with torch.no_grad():
-        full = teacher(input_ids=ids, attention_mask=mask)
+        full = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(logits, full.logits[pos])
     torch.testing.assert_close(hidden, full.last_hidden_state)
     assert not logits.is_inference() and not hidden.is_inference()
-    lb, hb = distill_cmd.teacher_forward(teacher, ids, mask, pos, precision="bf16")
+    _, _, states = distill_cmd.teacher_forward(teacher, ids, mask, None, layers=[2, 4])  # --delta's states
+    assert len(states) == 2 and not states[0].is_inference()
+    torch.testing.assert_close(states[0], full.hidden_states[2])
+    torch.testing.assert_close(states[1], full.last_hidden_state)
+    lb, hb, _ = distill_cmd.teacher_forward(teacher, ids, mask, pos, precision="bf16")
     # The linear layers ran in bf16 (rounded results); LayerNorm and the head's bias add keep fp32.
     assert not torch.equal(hb.float(), hidden) and not torch.equal(lb.float(), logits)
     for low, ref in ((hb, hidden), (lb, logits)):  # bf16 rounding through 4 wide-init layers: ~4% in norm
@@ -180,12 +185,38 @@ def test_teacher_forward_bf16_and_chunks(teacher_dir):
     ids = torch.randint(5, VOCAB, (2, 100))
     mask = torch.ones(2, 100, dtype=torch.bool)
     pos = torch.rand(2, 100) < 0.5
-    logits, hidden = distill_cmd.teacher_forward(teacher, ids, mask, pos)
+    logits, hidden, states = distill_cmd.teacher_forward(teacher, ids, mask, pos, layers=[1])
     with torch.no_grad():
-        parts = [teacher(input_ids=ids[:, a:b], attention_mask=mask[:, a:b]) for a, b in ((0, 64), (64, 100))]
+        parts = [teacher(input_ids=ids[:, a:b], attention_mask=mask[:, a:b], output_hidden_states=True)
+                 for a, b in ((0, 64), (64, 100))]  # fmt: skip
     full = torch.cat([p.logits for p in parts], 1)
     torch.testing.assert_close(logits, full[pos])
     torch.testing.assert_close(hidden, torch.cat([p.last_hidden_state for p in parts], 1))
+    torch.testing.assert_close(states[0], torch.cat([p.hidden_states[1] for p in parts], 1))
+
+
+def test_distill_per_layer_hidden_loss_falls_and_checks_its_student(teacher_dir, corpus, tmp_path):
+    """--delta: TinyBERT's per-layer hidden-state MSE (4 -> 2 layers: student layers 1, 2 learn teacher
+    layers 2, 4); logged as "hid", falling; with the cosine-only weights it needs no MLM head and no masking.
+    A student it cannot pair (more layers than the teacher) is a UserError naming --delta."""
+    out = tmp_path / "kd"
+    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--batch-size", "8",
+            "--lr", "3e-3", "--log-every", "6", "--save-every", "0", "--max-blocks", "200", "--alpha", "0",
+            "--beta", "0", "--delta", "1", *common(out, 24)]  # fmt: skip
+    assert cli(argv) == 0
+    history = json.loads((out / "result.json").read_text())["history"]
+    hid = [r["hid"] for r in history]
+    assert len(hid) == 4 and hid[-1] < 0.8 * hid[0], hid
+    assert all(r["loss"] == pytest.approx(r["cos"] + r["hid"], rel=1e-6) for r in history)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["delta"] == 1.0 and settings["mlm_probability"] == 0.0
+    deep = tmp_path / "deep"
+    torch.manual_seed(0)
+    EncoderModel(tiny_config(layers=5)).save_pretrained(str(deep))
+    with pytest.raises(UserError, match=r"--delta: the student has more layers \(5\) than the teacher \(4\)"):
+        cli([*argv, "--student", str(deep), "--overwrite"])
+    with pytest.raises(UserError, match="--delta: expected >= 0, got -1.0"):
+        cli([*argv[: -len(common(out, 24)) - 1], "-1", *common(out, 1), "--overwrite"])
 
 
 def test_distill_into_longer_longformer_student(teacher_dir, corpus, tmp_path):
@@ -330,6 +361,28 @@ def test_mlm_head_is_added_only_on_request(corpus, tmp_path, caplog):
     assert (
         batch["input_ids"].tolist() == [[1, 7, 8, 9, 2], [1, 7, 2, 0, 0]] and (batch["labels"] == -100).all()
     )
+
+
+def test_mlm_probability_0_is_taken_where_a_term_reads_unmasked_tokens(teacher_dir, corpus, tmp_path):
+    """`--mlm-probability 0` typed out is the cosine-only default and a KL over every (clean) token; it is
+    refused, naming the term, where a loss reads only masked tokens (MLM, --kd-masked-only, pretrain)."""
+    data = ["--data", corpus, "--short-length", "16", "--max-blocks", "16", "--batch-size", "4"]
+    argv = ["distill", "--teacher", teacher_dir, *data, *common(tmp_path / "kd", 1), "--mlm-probability", "0"]
+    for weights in (["--alpha", "0", "--beta", "0"], ["--alpha", "0"]):
+        assert cli([*argv, *weights, "--overwrite"]) == 0
+        assert json.loads((tmp_path / "kd" / "settings.json").read_text())["mlm_probability"] == 0.0
+    with pytest.raises(UserError, match=r"--mlm-probability 0: the MLM term \(--alpha 2\) reads only masked"):
+        cli([*argv, "--overwrite"])
+    with pytest.raises(
+        UserError, match="--mlm-probability 0: --kd-masked-only's soft-target term reads only"
+    ):
+        cli([*argv, "--alpha", "0", "--kd-masked-only", "--overwrite"])
+    with pytest.raises(UserError, match="--mlm-probability 0: the masked-LM loss reads only masked tokens"):
+        cli(
+            ["pretrain", "--model", teacher_dir, *data, *common(tmp_path / "pt", 1), "--mlm-probability", "0"]
+        )
+    with pytest.raises(UserError, match=r"--mlm-probability: expected >= 0, got -0.1"):
+        cli([*argv[:-1], "-0.1", "--overwrite"])
 
 
 def test_distill_at_lr_near_0_saves_the_student_it_started_from(teacher_dir, corpus, tmp_path):

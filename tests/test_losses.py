@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from etkd.distill.losses import (
     distillation_loss,
+    hidden_state_mse,
     inverse_platt,
     kd_kl,
+    layer_map,
     logit_positions,
     mlm_loss,
     platt_scale,
@@ -146,6 +148,49 @@ def test_distillation_loss_by_hand():
     _, logs_m = distillation_loss(zs, zt, hs, ht, labels, mask, masked_only=True)
     sel = labels != -100
     assert logs_m["kd"].item() == pytest.approx(kd_kl(zs[sel], zt[sel], 2.0).item(), rel=1e-9)
+
+
+def test_layer_map_is_tinybert_uniform():
+    assert layer_map(6, 3) == [2, 4, 6] and layer_map(12, 6) == [2, 4, 6, 8, 10, 12]
+    assert layer_map(4, 4) == [1, 2, 3, 4] and layer_map(6, 1) == [6] and layer_map(5, 2) == [2, 5]
+    for n, k in ((0, 1), (3, 0), (3, 4)):
+        with pytest.raises(ValueError, match="student_layers: expected 1 to"):
+            layer_map(n, k)
+
+
+def test_hidden_state_mse_by_hand_and_in_the_objective():
+    """delta * the mean over layer pairs of the squared error over real tokens and hidden units; padding gets
+    no gradient; an all-padding batch is 0 (not NaN); with delta = 0 the objective is unchanged."""
+    b, s, v, d = 2, 5, 7, 4
+    zs, zt, hs, ht = _student_teacher(b, s, v, d)
+    torch.manual_seed(1)
+    ss = [torch.randn(b, s, d, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    ts = [torch.randn(b, s, d, dtype=torch.float64) for _ in range(3)]
+    labels = torch.full((b, s), -100)
+    labels[0, 1] = 3
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, 3:] = False
+    by_hand = 0.0
+    for a, t in zip(ss, ts):
+        rows = [((a[i, j] - t[i, j]) ** 2).mean().item() for i in range(b) for j in range(s) if mask[i, j]]
+        by_hand += sum(rows) / len(rows) / 3
+    assert hidden_state_mse(ss, ts, mask).item() == pytest.approx(by_hand, rel=1e-12)
+    base, base_logs = distillation_loss(zs, zt, hs, ht, labels, mask)
+    loss, logs = distillation_loss(
+        zs, zt, hs, ht, labels, mask, delta=0.5, student_states=ss, teacher_states=ts
+    )
+    assert logs["hid"].item() == pytest.approx(by_hand, rel=1e-12) and "hid" not in base_logs
+    assert loss.item() == pytest.approx(base.item() + 0.5 * by_hand, rel=1e-12)
+    grads = torch.autograd.grad(loss, ss)
+    assert all(g[1, 3:].abs().max() == 0 and g[0].abs().max() > 0 for g in grads)
+    none = torch.zeros(b, s, dtype=torch.bool)
+    assert hidden_state_mse(ss, ts, none).item() == 0.0
+    with pytest.raises(ValueError, match="student_states, teacher_states: required when delta"):
+        distillation_loss(zs, zt, hs, ht, labels, mask, delta=1.0)
+    with pytest.raises(ValueError, match="teacher_states: expected one per student state"):
+        hidden_state_mse(ss, ts[:2], mask)
+    with pytest.raises(ValueError, match="the per-layer loss needs equal shapes"):
+        hidden_state_mse(ss[:1], [torch.randn(b, s, d + 1)], mask)
 
 
 def test_distillation_loss_errors_and_edge_cases():

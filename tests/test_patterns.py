@@ -127,3 +127,41 @@ def test_one_entry_adds_a_pattern(monkeypatch):
     band.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert_close(model(ids).last_hidden_state, band(ids).last_hidden_state, atol=0.0, name="one entry")
+
+
+@pytest.mark.parametrize("hooks", [True, False])
+def test_global_token_hooks_come_from_the_entry(monkeypatch, hooks):
+    """`global_tokens`, `global_projections` and `classification_globals` are read from the entry, not from its
+    name: a test-only pattern over the sliding-window adapter that registers them gets separate global q/k/v,
+    [CLS] global in sequence classification and finetune's global mask; the same pattern without them gets
+    none of it."""
+    from etkd.distill.finetune import collate_for, uses_global_tokens
+
+    flags = dict(global_tokens=hooks, global_projections=hooks, classification_globals=int(hooks))
+    entry = Pattern("test-band", "sliding_window", PATTERNS["longformer"].adapter, ("window",), **flags)
+    monkeypatch.setitem(PATTERNS, "test-band", entry)
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                        max_positions=64, attention="test-band", window=4, global_projections=True,
+                        head="sequence_classification", head_style="roberta", num_labels=3)  # fmt: skip
+    model = EncoderModel(cfg).set_attention_backend("reference").eval()
+    attn = model.encoder.layers[0].attn
+    assert all((p is not None) == hooks for p in (attn.qg, attn.kg, attn.vg))
+
+    ids = torch.randint(1, 50, (2, 12))
+    cls = torch.zeros(2, 12, dtype=torch.bool)
+    cls[:, 0] = True
+    with torch.no_grad():
+        default = model(ids).logits
+        as_global = model(ids, global_attention_mask=cls).logits
+        as_local = model(ids, global_attention_mask=torch.zeros_like(cls)).logits
+    assert_close(default, as_global if hooks else as_local, atol=0.0, name="default global mask")
+    assert not torch.allclose(as_global, as_local)  # the comparison above can tell the two apart
+
+    assert uses_global_tokens(model) is hooks
+    tok = type("Tok", (), {"pad_token_id": 0})()
+    collate = collate_for(model, tok, {"global_prefix": 1})
+    batch = collate([{"input_ids": [2, 5, 6, 3], "attention_mask": [1] * 4}])
+    assert ("global_attention_mask" in batch) is hooks
+    if hooks:
+        assert batch["global_attention_mask"].tolist() == [[1, 1, 0, 0]]

@@ -72,6 +72,13 @@ class Pattern:
     convert_settings: `EncoderConfig` fields `convert` sets on a model converted to this pattern
     convert_resets: `EncoderConfig` fields `convert` resets to these values unless source and target are both
                  this pattern (settings a conversion cannot carry over)
+    global_tokens: whether the adapter reads `global_mask` (the model's `global_attention_mask=`: tokens that
+                 attend to and are attended by every token); `etkd finetune` then makes [CLS] (and
+                 `--global-prefix` tokens) global
+    global_projections: whether the pattern runs global tokens through their own q/k/v projections when
+                 `EncoderConfig.global_projections` is set (the encoder then builds `attn.qg`, `kg`, `vg`)
+    classification_globals: how many leading tokens a sequence-classification model makes global when the
+                 call gives no `global_attention_mask` (1: [CLS], as HF's classifier of that pattern does)
     """
 
     name: str
@@ -91,6 +98,9 @@ class Pattern:
     convert_tokens: str | None = None
     convert_settings: dict = field(default_factory=dict)
     convert_resets: dict = field(default_factory=dict)
+    global_tokens: bool = False
+    global_projections: bool = False
+    classification_globals: int = 0
 
 
 PATTERNS: dict[str, Pattern] = {}

@@ -58,6 +58,8 @@ PATTERN = register(Pattern(
     options={"window": Option("attention_window (even)")},
     convert_settings={"global_projections": True},  # started as copies of the local projections
     convert_resets={"global_projections": False},  # a model converted to another pattern has none
+    global_tokens=True, global_projections=True,
+    classification_globals=1,  # HF LongformerForSequenceClassification makes [CLS] global
 ))  # fmt: skip
 
 
