@@ -87,6 +87,7 @@ std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out_, const Tensor& q_, 
   const Tensor &q = q_, &k = k_, &v = v_;
   const auto [delta, dq, dk, dv] = backward_start(grad_out_, out_, q, lse);
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale, dropout_of(dropout_p, seed, offset));
+  s.p.add_grads = false;  // dq, dk, dv from backward_start: written, not added to
   run_backward(s.p, grad_out_.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);
   return {as_dtype(dq, dt), as_dtype(dk, dt), as_dtype(dv, dt)};

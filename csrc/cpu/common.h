@@ -69,8 +69,9 @@ inline Tensor row_delta(const Tensor& dout, const Tensor& out) {
   return delta;
 }
 
-// The opening of a tile backward (sliding window, block sparse): grad_out and out checked against q, lse float32;
-// delta = rowsum(grad_out * out) and the float32 gradients dq, dk, dv (zeros shaped like q) to accumulate into.
+// The opening of a tile backward (sliding window, block sparse, full): grad_out and out checked against q, lse
+// float32; delta = rowsum(grad_out * out) and the float32 gradients dq, dk, dv shaped like q, uninitialised: the
+// backward's first pass writes them (Problem::add_grads false), its tasks zeroing what they own.
 struct BackwardStart {
   Tensor delta, dq, dk, dv;
 };
@@ -79,8 +80,8 @@ inline BackwardStart backward_start(const Tensor& grad_out, const Tensor& out, c
   check_like(out, q, "out");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
   const auto f32 = q.options().dtype(at::kFloat);
-  return {row_delta(grad_out, out).contiguous(), at::zeros(q.sizes(), f32), at::zeros(q.sizes(), f32),
-          at::zeros(q.sizes(), f32)};
+  return {row_delta(grad_out, out).contiguous(), at::empty(q.sizes(), f32), at::empty(q.sizes(), f32),
+          at::empty(q.sizes(), f32)};
 }
 
 // (B, S) bool "real token" mask as uint8 (all ones when absent).

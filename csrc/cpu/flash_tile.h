@@ -73,6 +73,10 @@ struct Problem {
   const float* kxbias = nullptr;
   int64_t Sx = 0;
   Dropout drop;  // off unless drop.on
+  // run_backward adds into dq, dk, dv (dkx, dvx), which the caller zero-filled or filled by an earlier pass (true), or
+  // writes them (false: each task zeroes the rows it owns first, in the thread that then accumulates into them,
+  // instead of a serial fill of the whole tensors before the call).
+  bool add_grads = true;
   // Segments of query tile [i0, i0 + rows) of (b, h).
   std::function<void(int64_t b, int64_t h, int64_t i0, int64_t rows, std::vector<Seg>& segs)> segments;
 };
@@ -80,7 +84,8 @@ struct Problem {
 // out (B, H, Sq, D) in the element type, lse (B, H, Sq) float32.
 void run_forward(const Problem& p, void* out, float* lse);
 
-// Gradients (float32); dq, dk, dv (and dkx, dvx when p.kx) must be zero-filled, shaped like q, k, v (kx, vx).
+// Gradients (float32), shaped like q, k, v (kx, vx): added into (p.add_grads: the caller zero-fills them or holds an
+// earlier pass's sums) or written.
 // dout in the element type; delta (B, H, Sq) = rowsum(dout * out).
 void run_backward(const Problem& p, const void* dout, const float* lse, const float* delta, float* dq, float* dk,
                   float* dv, float* dkx, float* dvx);

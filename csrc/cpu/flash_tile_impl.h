@@ -1583,6 +1583,18 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       std::fill(ti, ti + dp, 0.f);
   }
 }
+// Query tile `tile` of (b, h) = pair bh: its first row i0 (of the pair), its rows, and row0, that row in the
+// (B * H * Sq) rows of q, out, dq, lse; its key segments into `segs`. The per-tile header of every task loop.
+struct TileRows {
+  int64_t i0, rows, row0;
+};
+inline TileRows tile_rows(const Problem& p, int64_t b, int64_t h, int64_t bh, int64_t tile, std::vector<Seg>& segs) {
+  const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
+  segs.clear();
+  p.segments(b, h, i0, rows, segs);
+  return {i0, rows, bh * p.Sq + i0};
+}
+
 #if ETKD_NATIVE_BF16
 // A forward task of the packed path: pack the keys the tiles [t0, t1) visit, then run the tiles.
 void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t b, int64_t h, int64_t bh, int64_t t0,
@@ -1594,10 +1606,7 @@ void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t
     if (hi[i] > lo[i]) pack_keys(raw[i].k, raw[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i]);
   w.clock.lap(kPhasePrep);
   for (int64_t tile = t0; tile < t1; ++tile) {
-    const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-    w.segs.clear();
-    p.segments(b, h, i0, rows, w.segs);
-    const int64_t row0 = bh * p.Sq + i0;
+    const auto [i0, rows, row0] = tile_rows(p, b, h, bh, tile, w.segs);
     forward_tile_packed(p, w.packed, raw, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
                         out + row0 * p.D, lse + row0);
   }
@@ -1684,10 +1693,7 @@ void forward_as(const Problem& p, T* out, float* lse) {
     SrcView<C> src[2];
     prepare_sources(p, raw, b, h, t0, t1, w, src);
     for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-      w.segs.clear();
-      p.segments(b, h, i0, rows, w.segs);
-      const int64_t row0 = bh * p.Sq + i0;
+      const auto [i0, rows, row0] = tile_rows(p, b, h, bh, tile, w.segs);
       forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
                    out + row0 * p.D, lse + row0);
     }
@@ -1734,8 +1740,19 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
     amx = packed && path == Bf16Path::amx;
   }
 #endif
+  if (!p.add_grads && tasks.tiles == 0) {  // no query tile, no task: the key gradients are zero
+    std::fill(dk, dk + bhs * nk, 0.f), std::fill(dv, dv + bhs * nk, 0.f);
+    if (dkx) std::fill(dkx, dkx + bhs * nx, 0.f), std::fill(dvx, dvx + bhs * nx, 0.f);
+  }
   for_tasks<T, C>(p, tasks, own, amx, [&](Work<T, C>& w, int64_t t, const Tasks::Task& tk, const SrcView<T>* src) {
     const auto [bh, c, b, h, t0, t1] = tk;
+    if (!p.add_grads) {  // the gradients this task owns, zeroed: dQ of its tiles' rows, dK/dV of its pair (chunk 0)
+      std::fill(dq + (bh * p.Sq + t0 * p.bq) * d, dq + (bh * p.Sq + std::min(p.Sq, t1 * p.bq)) * d, 0.f);
+      if (c == 0) {
+        std::fill(dk + bh * nk, dk + (bh + 1) * nk, 0.f), std::fill(dv + bh * nk, dv + (bh + 1) * nk, 0.f);
+        if (dkx) std::fill(dkx + bh * nx, dkx + (bh + 1) * nx, 0.f), std::fill(dvx + bh * nx, dvx + (bh + 1) * nx, 0.f);
+      }
+    }
     int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
     if (own || packed || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
     GradView grad[2];
@@ -1773,10 +1790,7 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
       w.clock.lap(kPhasePrep);
     }
     for (int64_t tile = t0; tile < t1; ++tile) {
-      const int64_t i0 = tile * p.bq, rows = std::min(p.bq, p.Sq - i0);
-      w.segs.clear();
-      p.segments(b, h, i0, rows, w.segs);
-      const int64_t row0 = bh * p.Sq + i0;
+      const auto [i0, rows, row0] = tile_rows(p, b, h, bh, tile, w.segs);
       const uint8_t* skip = p.qskip ? p.qskip + b * p.Sq + i0 : nullptr;
 #if ETKD_NATIVE_BF16
       if constexpr (std::is_same_v<C, BFloat16>) {

@@ -211,9 +211,12 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, 
     for (auto& t : gs) t = as_dtype(t, dt);
     return gs;
   };
+  // The band pass writes dq, dk, dv, dkx, dvx (backward_start's are uninitialised); the global pass adds.
   Tensor dkx, dvx;
-  if (g.G > 0) dkx = at::zeros({B, H, g.G, D}, f32), dvx = at::zeros({B, H, g.G, D}, f32);
-  run_backward(ps.band, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+  if (g.G > 0) dkx = at::empty({B, H, g.G, D}, f32), dvx = at::empty({B, H, g.G, D}, f32);
+  Problem band = ps.band;
+  band.add_grads = false;
+  run_backward(band, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), g.G ? dkx.data_ptr<float>() : nullptr,
                g.G ? dvx.data_ptr<float>() : nullptr);
   if (g.G == 0) {
