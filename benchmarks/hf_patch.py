@@ -1,9 +1,12 @@
 """etkd.hf.patch on a whole HF model, side by side in one run: `python -m etkd.benchmarks.hf_patch`.
 
-Default: LongformerModel at base shape (12 layers x 768, 12 heads, attention_window 512), batch 1 x 4096
-tokens, one global token (<s>), random weights, fp32, eval mode for forward and train mode (dropout 0) for
-forward+backward. The unpatched model and its patched deep copy (same weights) alternate, median of
-`--repeats` each, so both see the same machine load. Also checks the two outputs agree.
+The HF model of `--attention`'s family (`<Family>Model`; choices: every pattern with a benchmark module and a
+transformers class, default the sliding window with global tokens) at base shape (12 layers x 768, 12 heads,
+the pattern's paper settings as `etkd bench` builds it: attention_window 512 by default), batch 1 x 4096
+tokens, one global token (<s>) where the pattern has global tokens, random weights, fp32, eval mode for
+forward and train mode (dropout 0) for forward+backward. The unpatched model and its patched deep copy (same
+weights) alternate, median of `--repeats` each, so both see the same machine load. Also checks the two outputs
+agree.
 """
 
 from __future__ import annotations
@@ -14,20 +17,18 @@ import os
 
 import torch
 
+from etkd.models.patterns import PATTERNS
+
 from . import harness
+from .bench import SIZES, add_attention_arg, hf_pair, model_config
 from .harness import Timing, environment, time_call
 
 
-def _build(layers: int, hidden: int, heads: int, window: int, seq: int):
-    from transformers import LongformerConfig, LongformerModel
-
-    cfg = LongformerConfig(
-        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
-        attention_window=window, max_position_embeddings=seq + 2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return LongformerModel(cfg, add_pooling_layer=False)
+def _build(attention: str, layers: int, hidden: int, heads: int, window: int | None, seq: int):
+    """(etkd's config, HF's bare model of the pattern's family with no pooler: `to_hf` of `etkd bench`'s model
+    at this shape)."""
+    cfg = model_config(attention, seq, (hidden, layers, heads, 4 * hidden, SIZES["base"][4]), window)
+    return cfg, hf_pair(cfg)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,18 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     p = harness.parser(__doc__.splitlines()[0], layers=12, seq=4096, batch=1, repeats=3)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--window", type=int, default=512)
+    add_attention_arg(p)
+    p.add_argument("--window", type=int, help="a window setting (default: the pattern's, 512)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    pattern = PATTERNS[args.attention]
+    if args.window is not None and "window" not in pattern.settings:
+        p.error(f"--window: attention {args.attention!r} has no window setting")
 
-    hf_model = _build(args.layers, args.hidden, args.heads, args.window, args.seq)
+    cfg, hf_model = _build(args.attention, args.layers, args.hidden, args.heads, args.window, args.seq)
     ours = etkd.hf.patch(copy.deepcopy(hf_model), backend=args.backend)
     ids = torch.randint(3, 1000, (args.batch, args.seq))
-    glob = torch.zeros_like(ids)
-    glob[:, 0] = 1
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), global_attention_mask=glob)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if pattern.global_tokens:
+        kw["global_attention_mask"] = torch.zeros_like(ids)
+        kw["global_attention_mask"][:, 0] = 1
 
     with torch.no_grad():
         hf_model.eval(), ours.eval()
@@ -65,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             model(**kw).last_hidden_state.square().mean().backward()
 
     env = environment("cpu")
+    settings = ", ".join(f"{k} {getattr(cfg, k)}" for k in pattern.settings)
     print(
-        f"LongformerModel {args.layers}x{args.hidden}, {args.heads} heads, window {args.window}, "
+        f"{type(hf_model).__name__} {args.layers}x{args.hidden}, {args.heads} heads, {settings}, "
         f"{args.batch}x{args.seq}, fp32, {env.cpu} ({env.isa}), {env.threads} threads, torch {env.torch}, "
         f"load {os.getloadavg()[0]:.1f}; max |patched - HF| / max |HF| = {err:.1e}"
     )

@@ -1,10 +1,12 @@
 """Whole-model training step, ours vs HF side by side in one process (issue 28):
-`python -m etkd.benchmarks.train_step` (2-layer Longformer-base, 1 x 4096, fp32).
+`python -m etkd.benchmarks.train_step` (2-layer base model of `--attention`, 1 x 4096, fp32).
 
 One step is `etkd_kernels.timing.model_step(..., "train")` (forward, a scalar loss on the last hidden state,
 backward, AdamW step), the same call `etkd bench --mode train` times. Both models hold the same weights: ours
-built by `bench.build_model` (dropout off on both sides, as there) with `--layers` layers, HF's `to_hf` of
-an identical copy. `--optimizers` gives both sides the same AdamW (lr 1e-5, torch's defaults otherwise):
+built by `bench.build_model` (dropout off on both sides, as there) with `--layers` layers and the pattern of
+`--attention` (default the sliding window 512 + 1 global token), HF's `to_hf` of an identical copy (its class
+of the pattern's family, `<Family>Model`). `--optimizers` gives both sides the same AdamW (lr 1e-5, torch's
+defaults otherwise):
 `adamw` torch's per-parameter loop (torch.optim.AdamW's default on a CPU, `etkd bench`'s), `fused` its fused
 kernel (the same update to rounding; transformers' Trainer default with torch >= 2.8, and etkd's training
 driver's). After one warm-up step each (AdamW's state), the sides alternate step by step for `--repeats`
@@ -22,18 +24,18 @@ import torch
 
 from etkd_kernels.timing import model_step
 
-from .bench import SIZES, build_model
+from .bench import SIZES, add_attention_arg, build_model
 from .harness import environment, parser
 
 SIDES = ("etkd-cpu", "hf")
 OPTIMIZERS = ("adamw", "fused")
 
 
-def models(size: str, layers: int, seq: int) -> dict[str, torch.nn.Module]:
-    """Ours (cpu backend) and HF's LongformerModel on the same weights."""
+def models(size: str, layers: int, seq: int, attention: str) -> dict[str, torch.nn.Module]:
+    """Ours (cpu backend) and HF's model of the pattern's family on the same weights."""
     from etkd.models import EncoderModel, to_hf
 
-    cfg = build_model("longformer", size, seq, False, meta=True).replace(num_layers=layers)
+    cfg = build_model(attention, size, seq, False, meta=True).replace(num_layers=layers)
     out = {}
     for side in SIDES:
         torch.manual_seed(0)
@@ -61,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="AdamW implementations, each given to both sides (default: both)")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="one torch.profiler step per run: self CPU per op")
     ap.add_argument("--rows", type=int, default=25, help="rows of each --profile table (default 25)")
+    add_attention_arg(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    built = models(args.size, args.layers, args.seq)
+    built = models(args.size, args.layers, args.seq, args.attention)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, SIZES[args.size][4], (args.batch, args.seq), generator=g)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(torch.device("cpu")).as_dict()
     print(f"{env}\nload average (1 min) during the run: {min(loads):.1f}-{max(loads):.1f}")
     print(
-        f"{args.layers}-layer Longformer-{args.size}, {args.batch} x {args.seq}, fp32, {args.threads} threads"
+        f"{args.layers}-layer {type(built['hf']).__name__.removesuffix('Model')}-{args.size}, {args.batch} x "
+        f"{args.seq}, fp32, {args.threads} threads"
     )
     for (side, opt), ts in times.items():
         steps = ", ".join(f"{t:.3g}" for t in ts)  # 3 significant digits: a tiny step is not "0.00"

@@ -108,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "hf":
         from etkd.models.encoder import apply_umask
 
-        to_hf(new).save_pretrained(args.out)
+        try:
+            hf_model = to_hf(new)
+        except ValueError as exc:  # no transformers class holds this model (pattern, positions, norm)
+            raise UserError(
+                f"--format hf: {exc}; --format etkd writes any model (hf-attention: a BERT/RoBERTa class on etkd.hf)"
+            ) from None
+        hf_model.save_pretrained(args.out)
         apply_umask(args.out)
     elif args.format == "hf-attention":
         from etkd.hf import save_hf_attention, to_hf_attention

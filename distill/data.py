@@ -32,8 +32,9 @@ IGNORE_INDEX = -100
 # Text sources.
 
 
-def list_files(path: str | os.PathLike) -> list[str]:
-    """A file, or every supported file under a directory (recursively, sorted)."""
+def list_files(path: str | os.PathLike, flag: str = "--data") -> list[str]:
+    """A file, or every supported file under a directory (recursively, sorted); `flag` is the option that named
+    `path`, for the error when it does not exist."""
     path = os.fspath(path)
     if os.path.isfile(path):
         if not path.endswith(TEXT_EXTENSIONS):
@@ -49,7 +50,7 @@ def list_files(path: str | os.PathLike) -> list[str]:
         if not found:
             raise DataError(f"{path}: no {'/'.join(TEXT_EXTENSIONS)} files in this directory")
         return found
-    raise DataError(f"--data {path}: no such file or directory")
+    raise DataError(f"{flag} {path}: no such file or directory")
 
 
 def looks_local(source: str) -> bool:
@@ -361,8 +362,9 @@ def load_classification(
     label_field: str = "label",
     label_names: list[str] | None = None,
     on_error: str = "raise",
+    flag: str = "--train-file",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records {"text", "text_pair"?, "label"} from local jsonl/parquet files.
+    """Records {"text", "text_pair"?, "label"} from local jsonl/parquet files (`flag`: the option naming `path`).
 
     Labels: ints are class ids; strings are mapped through `label_names` (sorted unique names by default);
     floats make a regression task (STS-B style; `kd-task` Platt-scales them). Returns (records, info) with
@@ -371,7 +373,7 @@ def load_classification(
     skips = _Skips(on_error)
     fields = (text_field, label_field) + ((text_pair_field,) if text_pair_field else ())
     rows = []
-    for file in list_files(path):
+    for file in list_files(path, flag):
         if file.endswith(".txt"):
             raise DataError(f"{file}: classification data must be .jsonl or .parquet with a label field")
         rows.extend(iter_records(file, skips, fields))

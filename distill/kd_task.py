@@ -154,7 +154,7 @@ def detect_text_field(path: str) -> str:
     """The first of TEXT_FIELDS that the first record of `path` has."""
     from .data import _Skips, iter_records, list_files
 
-    for file in list_files(path):
+    for file in list_files(path, "--train-file"):
         if file.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -200,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
     train_records, info = load_classification(ns.train_file, **fields)
     eval_records = None
     if ns.eval_file:
-        eval_records, _ = load_classification(ns.eval_file, **{**fields, "label_names": info["label_names"]})
+        eval_records, _ = load_classification(
+            ns.eval_file, **{**fields, "label_names": info["label_names"]}, flag="--eval-file"
+        )
     num_labels = ns.num_labels or info["num_labels"]
     if info["regression"] and num_labels != 2:
         raise UserError(f"--num-labels: Platt-scaled regression targets need 2 classes, got {num_labels}")

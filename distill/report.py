@@ -394,7 +394,7 @@ def register(subparsers) -> None:
                    help="show '-' for results without the split or metrics a table needs instead of failing")  # fmt: skip
     p.add_argument("--base", help="Table 7: the base model (e.g. RoBERTa)")
     p.add_argument("--kd", help="Table 7: the base distilled")
-    p.add_argument("--convert", help="Table 7: the base converted (e.g. Longformer)")
+    p.add_argument("--convert", help="Table 7: the base converted to a long-input pattern (`etkd convert`)")
     p.add_argument("--convert-kd", help="Table 7: converted, then distilled")
     p.add_argument("--out-dir", default="report", help="where report.md and the CSVs go")
     p.set_defaults(func=run)

@@ -307,8 +307,9 @@ def train(
         m.to(device)
 
     model.to(device)
-    # torch's fused AdamW kernel: the same update as the per-parameter loop to rounding, ~10x faster on a CPU (a
-    # 2-layer Longformer-base step: 0.5 s instead of 4.8 s); transformers' Trainer default with torch >= 2.8.
+    # torch's fused AdamW kernel: the same update as the per-parameter loop to rounding, ~10x faster on a CPU
+    # (benchmarks/train_step.py's 2-layer base step: 0.5 s instead of 4.8 s); transformers' Trainer default with
+    # torch >= 2.8.
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=fused or None

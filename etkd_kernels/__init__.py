@@ -5,11 +5,9 @@ Importing this package never touches a GPU and never fails because a compiled pa
 `available_backends()` says what is usable and why not.
 """
 
+from . import layouts
 from .dispatch import BackendInfo, available_backends, selected_backend_name, support_matrix, use_backend
-from .layouts.bigbird import bigbird_layout
-from .layouts.fixed import fixed_layout
-from .layouts.longformer import longformer_layout
-from .layouts.lsg import lsg_layout
+from .layouts import *  # noqa: F403  every pattern's layout builder (`layouts.__all__`)
 from .masks import BlockLayout
 from .ops.block_sparse import block_sparse_attention
 from .ops.full import full_attention
@@ -21,17 +19,14 @@ __all__ = [
     "BackendInfo",
     "BlockLayout",
     "available_backends",
-    "bigbird_layout",
     "block_sparse_attention",
-    "fixed_layout",
     "full_attention",
-    "longformer_layout",
     "lsg_attention",
-    "lsg_layout",
     "nystrom_attention",
     "selected_backend_name",
     "sliding_window_attention",
     "support_matrix",
     "use_backend",
+    *layouts.__all__,
 ]
 __version__ = "0.1.0"

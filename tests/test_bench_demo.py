@@ -76,6 +76,50 @@ def test_train_step_side_by_side_tiny(capsys):
     assert "HF / etkd with adamw:" in out and "HF / etkd with fused:" in out
 
 
+def test_whole_model_comparisons_take_their_pattern_from_the_registry():
+    """`--attention` of bench_bf16 / hf_patch / train_step / dropout_placement: every pattern with a benchmark
+    module and a transformers family of its own, default the one `Bench` record that says so."""
+    import argparse
+
+    from etkd.benchmarks.bench import add_attention_arg, model_attentions
+    from etkd.models.patterns import PATTERNS
+
+    want = tuple(n for n in bench_patterns.BENCHES if PATTERNS[n].hf_model_type)
+    assert model_attentions() == want and "bigbird" in want
+    defaults = [n for n, b in bench_patterns.BENCHES.items() if b.model_default]
+    ap = argparse.ArgumentParser()
+    add_attention_arg(ap)
+    assert len(defaults) == 1 and ap.parse_args([]).attention == defaults[0]
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--attention", "fixed"])  # no HF model of its own
+
+
+def test_whole_model_comparisons_run_for_bigbird(capsys, tmp_path):
+    """The HF-vs-etkd whole-model scripts on a BigBird model (HF's BigBirdModel through `to_hf`): each runs and
+    prints its rows; patched HF equals HF."""
+    from etkd.benchmarks import bench_bf16, hf_patch, train_step
+
+    assert bench_bf16.main(["--attention", "bigbird", "--seq", "256", "--layers", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "HF BigBirdModel fp32" in out and "etkd bf16 autocast" in out
+    # 256 tokens <= (5 + 2 * 3) blocks of 64: both sides take their full-attention path, so they agree
+    assert float(out.split("etkd fp32")[1].split("max|diff|")[1].split()[0]) < 1e-4
+
+    rows = tmp_path / "rows.json"
+    argv = "--attention bigbird --layers 1 --hidden 32 --heads 2 --seq 64 --repeats 1 --modes fwd".split()
+    assert hf_patch.main([*argv, "--json", str(rows)]) == 0
+    res = json.loads(rows.read_text())
+    assert res["max_rel_err"] < 1e-5 and capsys.readouterr().out.startswith("BigBirdModel 1x32")
+    with pytest.raises(SystemExit):
+        hf_patch.main([*argv, "--window", "8"])  # BigBird has no window setting: refused, not ignored
+
+    argv = ["--attention", "bigbird", "--size", "tiny", "--seq", "64", "--layers", "1", "--repeats", "1",
+            "--threads", "1", "--optimizers", "fused"]  # fmt: skip
+    assert train_step.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1-layer BigBird-tiny" in out and "HF / etkd with fused:" in out
+
+
 def test_nystrom_switches_run_each_set_in_its_own_process(capsys):
     from etkd.benchmarks import nystrom_switches
 

@@ -160,3 +160,22 @@ def test_make_student_every_other_and_list():
                 assert torch.equal(ss[key], ts[key]), key  # embeddings, pooler, head
     with pytest.raises(ValueError, match="layers"):
         make_student(teacher, [0, 4])
+
+
+def test_cli_convert_to_hf_that_no_transformers_class_holds_is_one_line(tmp_path, capsys):
+    """A BERT checkpoint (absolute positions) converted to Longformer has no HF Longformer form (fairseq
+    positions), and `fixed` has no transformers class at all: a user error (exit 2, one line), not a traceback."""
+    cfg = transformers.BertConfig(max_position_embeddings=32, **SMALL)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()
+    for to, says in (
+        ("longformer", "computes positions fairseq-style"),
+        ("fixed", "no model class for 'fixed'"),
+    ):
+        code = main(["convert", "--from", str(tmp_path / "bert"), "--to", to, "--format", "hf",
+                     "--out", str(tmp_path / to)])  # fmt: skip
+        err = capsys.readouterr().err.replace("\r", "\n")  # transformers' loading bar comes first
+        ours = [line for line in err.splitlines() if line.startswith("etkd convert:")]
+        assert code == 2 and len(ours) == 1 and ours[0].startswith("etkd convert: error: --format hf: "), err
+        assert says in ours[0] and "--format etkd writes any model" in ours[0] and "Traceback" not in err
+        assert not (tmp_path / to).exists()

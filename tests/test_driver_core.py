@@ -328,6 +328,18 @@ def test_kd_task_reads_the_sentence_column_and_reports_percentages(env, tmp_path
     )  # a share of 16, in %
 
 
+def test_kd_task_missing_files_name_their_own_flag(env, tmp_path, capsys):
+    rows = [{"sentence": t, "label": int("cat" in t)} for t in generated_text(4, seed=2)]
+    f = tmp_path / "sst.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["kd-task", "--teacher", env / "model", "--max-steps", "1", "--no-progress"]
+    code, err = run([*base, "--train-file", tmp_path / "nope.jsonl", "--output-dir", tmp_path / "a"], capsys)
+    assert code == 2 and f"--train-file {tmp_path / 'nope.jsonl'}: no such file or directory" in err, err
+    code, err = run([*base, "--train-file", f, "--eval-file", tmp_path / "dev.jsonl", "--output-dir",
+                     tmp_path / "b"], capsys)  # fmt: skip
+    assert code == 2 and f"--eval-file {tmp_path / 'dev.jsonl'}: no such file or directory" in err, err
+
+
 def test_progress_on_packing_and_evaluation_and_no_shared_tensor_note(env, tmp_path, capfd, caplog):
     with caplog.at_level("INFO"):  # pytest's handler on the root logger would show accelerate's note
         assert main(pretrain_args(env, tmp_path / "pt", 2)[:-3] + ["--seed", "0"]) == 0  # progress on

@@ -124,3 +124,23 @@ def test_hotpotqa_and_triviaqa_converters():
     assert skipped == 0 and ex[0]["answers"]["text"] == ["NYC", "New York"]
     assert ex[0]["aliases"] == ["Big Apple", "NYC", "New York"]
     assert qa.compute_metrics(ex, {"t1": "big apple"})["exact_match"] == 100.0  # any alias counts
+
+
+def test_triviaqa_original_format_reads_its_evidence_or_names_the_flag(tmp_path):
+    """TriviaQA's own JSON (`Data`, `EntityPages` naming files): read through --evidence-dir; without it, or
+    with a file missing there, a user error naming --evidence-dir and the question (was a bare ValueError /
+    FileNotFoundError traceback from `etkd finetune --task triviaqa`)."""
+    data = {"Data": [{"QuestionId": "t1", "Question": "Who was chancellor?",
+                      "Answer": {"Value": "Angela Merkel", "Aliases": ["Merkel"]},
+                      "EntityPages": [{"Filename": "Merkel.txt"}], "SearchResults": []}]}  # fmt: skip
+    f = tmp_path / "tqa.json"
+    f.write_text(json.dumps(data))
+    (tmp_path / "ev" / "wikipedia").mkdir(parents=True)
+    (tmp_path / "ev" / "wikipedia" / "Merkel.txt").write_text("Angela Merkel was chancellor of Germany.")
+    ex = qa.read_qa_file(f, "triviaqa", tmp_path / "ev")
+    assert ex[0]["answers"] == {"text": ["Angela Merkel", "Merkel"], "answer_start": [0, 7]}
+    with pytest.raises(DataError, match="tqa.json: triviaqa question 't1': .*give --evidence-dir"):
+        qa.read_qa_file(f, "triviaqa")
+    (tmp_path / "ev" / "wikipedia" / "Merkel.txt").unlink()
+    with pytest.raises(DataError, match="evidence file .*Merkel.txt not found .*--evidence-dir"):
+        qa.read_qa_file(f, "triviaqa", tmp_path / "ev")

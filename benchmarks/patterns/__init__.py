@@ -62,6 +62,10 @@ class Bench:
                 dropout p (`benchmarks/dropout.py`), None where transformers has no such module
     fallback_replaced: whether `cpu` dropout of this pattern replaced a fallback to `reference` (issue 27;
                 `benchmarks/dropout.py` times that fallback too)
+    model_default: whether the whole-model comparisons with HF (`bench.add_attention_arg`: bench_bf16, hf_patch,
+                train_step, dropout_placement) run this pattern when `--attention` is not given (one record sets it)
+    model_note: what makes HF's whole model (eval mode) compute other than ours beyond rounding, printed beside
+                the differences `bench_bf16` reports; "" when nothing does
     """
 
     name: str
@@ -73,6 +77,8 @@ class Bench:
     peer: Peer | None = None
     dropout_core: Callable | None = None
     fallback_replaced: bool = False
+    model_default: bool = False
+    model_note: str = ""
 
 
 BENCHES: dict[str, Bench] = {}

@@ -95,4 +95,5 @@ def dropout_core(setup, p: float):
 register(Bench(
     "longformer", setup, sizes={"WINDOW": WINDOW}, settings={"window": WINDOW, "global_projections": True},
     positions="longformer", dropout_core=dropout_core,
+    model_default=True,  # the whole-model comparisons' default: the paper's long-document model
 ))  # fmt: skip

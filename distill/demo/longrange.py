@@ -41,7 +41,7 @@ LENGTH = (1200, 1600)  # words (= tokens) per document
 MIN_GAP = 640  # no evidence closer than this to where it is needed: beyond a 512-token window
 OPINIONS = 24
 REPEAT = 8  # the declaration "<codename> is a <kind> ." opens an NER document this many times
-OPENING = 5 * REPEAT  # its tokens: a Longformer gives them global attention (`finetune --global-prefix`)
+OPENING = 5 * REPEAT  # its tokens: a model with global tokens makes them global (`finetune --global-prefix`)
 # The classification set's short documents (`long_cls_short_train`): the same task at 256-384 tokens, the
 # opinions anywhere after the first sentence, for a curriculum (short documents first: see `demo.pipeline`).
 SHORT = (256, 384)
@@ -221,9 +221,9 @@ def cls_attention(model_dir: str, path: str, max_docs: int = 40) -> dict[str, An
     """Where the [CLS] row of each layer looks on long-range classification documents (what decides whether a
     model learns the task): per layer, the mean share of its attention on the opinion words and on the whole
     opinion sentences ("the film was <opinion> ."), the share uniform attention would give them, and the
-    largest single weight; plus the model's accuracy on the documents. The [CLS] row of a Longformer is
-    global: its weights are softmax(q_g k_g^T * scale) over every real token (its global projections; the
-    local ones for a model without them). `model_dir`: a sequence-classification checkpoint over the demo's
+    largest single weight; plus the model's accuracy on the documents. In a model with global tokens the
+    [CLS] row is global: its weights are softmax(q_g k_g^T * scale) over every real token (its global
+    projections; the local ones for a model without them). `model_dir`: a sequence-classification checkpoint over the demo's
     vocabulary; `path`: a longrange-cls jsonl file (its first `max_docs` documents).
     """
     import torch

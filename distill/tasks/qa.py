@@ -160,8 +160,13 @@ def convert_triviaqa(
             for kind, sub in (("EntityPages", "wikipedia"), ("SearchResults", "web")):
                 for page in r.get(kind, []):
                     if evidence_dir is None:
-                        raise ValueError("triviaqa: original-format records need evidence_dir")
-                    with open(os.path.join(evidence_dir, sub, page["Filename"]), encoding="utf-8") as f:
+                        raise DataError(f"triviaqa question {qid!r}: the original format names its evidence "
+                                        "files; give --evidence-dir (the folder with wikipedia/ and web/)")  # fmt: skip
+                    file = os.path.join(evidence_dir, sub, page["Filename"])
+                    if not os.path.isfile(file):
+                        raise DataError(f"triviaqa question {qid!r}: evidence file {file} not found "
+                                        f"(--evidence-dir {evidence_dir}: expected {sub}/{page['Filename']})")  # fmt: skip
+                    with open(file, encoding="utf-8") as f:
                         docs.append(f.read())
         else:  # HF rc
             qid, question, ans = r["question_id"], r["question"], r["answer"]
@@ -209,7 +214,10 @@ def read_qa_file(
     if task == "hotpotqa":
         examples, _ = convert_hotpotqa(raw)
     elif task == "triviaqa":
-        examples, _ = convert_triviaqa(raw, evidence_dir)
+        try:
+            examples, _ = convert_triviaqa(raw, evidence_dir)
+        except DataError as exc:  # a question's evidence: say which file named it
+            raise DataError(path, None, str(exc)) from None
     else:
         raise DataError(
             path, None, f"task {task!r}: expected SQuAD v1.1 JSON or flat JSONL with context/answers"

@@ -2,7 +2,8 @@
 
 A layout covers ceil(seq_len / block_size) blocks; the ops pad the sequence to that many blocks. One module per
 pattern's layout (`layouts/<name>.py`, its builders in `__all__`); importing the package imports every module
-in it and re-exports their builders (`etkd_kernels.layouts.<builder>`), so this file names none of them.
+in it and re-exports their builders (`etkd_kernels.layouts.<builder>`, listed in this package's `__all__`, and
+`etkd_kernels.<builder>`), so neither this file nor `etkd_kernels/__init__.py` names them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return -(-seq_len // block_size)
 
 
+__all__: list[str] = []  # every layout module's builders (`etkd_kernels` re-exports them at the top level)
+
+
 def _discover() -> None:
     """Import every layout module of this package (by name) and re-export the builders in its `__all__`."""
     for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not m.name.startswith("_"):
             module = importlib.import_module(f"{__name__}.{m.name}")
             globals().update({name: getattr(module, name) for name in module.__all__})
+            __all__.extend(module.__all__)
 
 
 _discover()

@@ -12,7 +12,7 @@ only, so it picks the same backend). <settings> are the fields of the pattern's 
 the schema is flat (torch.library needs it), and the implementation packs the settings back into
 the dataclass, so every backend has `forward(q, k, v, params)` and `backward(grad_out, q, k, v, out, lse,
 params)` and reads them by name. A field with `metadata={"grad": True}` (a tensor input beside q, k, v, like
-Longformer's global projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
+the global tokens' own q/k/v projections) gets a gradient after dq, dk, dv when it is given. Gradients of backends
 come back as a list with empty tensors standing for "no gradient" (custom ops cannot return None).
 
 The settings every op has (key_padding_mask, scale and the dropout contract's dropout_p, seed, offset) are

@@ -70,8 +70,8 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """Exact softmax attention restricted to the allowed (query block, key block) pairs of `layout`.
 
-    q, k, v: (batch, heads, seq, head_dim). layout: a `BlockLayout` from a builder (`bigbird_layout`,
-    `longformer_layout`, `lsg_layout`, `fixed_layout`) or a bool tensor (heads or 1, q_blocks, k_blocks)
+    q, k, v: (batch, heads, seq, head_dim). layout: a `BlockLayout` from a builder of `etkd_kernels.layouts`
+    (one per pattern, e.g. `bigbird_layout`) or a bool tensor (heads or 1, q_blocks, k_blocks)
     whose block size is seq / q_blocks. A seq that is not a multiple of the block size is padded inside.
     key_padding_mask: (batch, seq) bool, True = real token. Returns (batch, heads, seq, head_dim); rows that
     see no real key (padded queries among them) are zeros.

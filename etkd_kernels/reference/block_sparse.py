@@ -59,7 +59,7 @@ def attend(q, k, v, layout, block_size, key_padding_mask, scale, dropout_p=0.0, 
     lse = torch.full((b, h, nb, bs), float("inf"), dtype=ct, device=dev)
 
     # Bucket the (head, query block) rows by their count rounded up to a power of two, so a few dense rows
-    # (BigBird's or Longformer's global blocks) do not pad every row to seq: memory <= 2 * nnz * block^2.
+    # (a layout's global blocks) do not pad every row to seq: memory <= 2 * nnz * block^2.
     width = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), 0)
     width = width.clamp(max=lut.shape[-1])
     for w in width.unique().tolist():
