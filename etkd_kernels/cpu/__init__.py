@@ -245,5 +245,8 @@ STRIDED_OPS = ("block_sparse", "sliding_window")
 
 def capabilities(op: str) -> Capabilities:
     return Capabilities(
-        devices=("cpu",), dtypes=OP_DTYPES.get(op, DTYPES), dropout=op in DROPOUT_OPS, strided=op in STRIDED_OPS
+        devices=("cpu",),
+        dtypes=OP_DTYPES.get(op, DTYPES),
+        dropout=op in DROPOUT_OPS,
+        strided=op in STRIDED_OPS,
     )

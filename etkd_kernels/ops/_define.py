@@ -172,7 +172,9 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
             out = fwd_fake(q, k, v, *args)[:-1]
         else:
             ref = q
-            if not strided_inputs(impl, op):  # `run` made them contiguous; a direct call of the op may not have
+            if not strided_inputs(
+                impl, op
+            ):  # `run` made them contiguous; a direct call of the op may not have
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out = impl.forward(q, k, v, p)
             # The fake kernels promise out in q's layout (empty_like) and the rest contiguous; a backend may hand
@@ -196,7 +198,11 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         if q.shape[2] == 0:
             return bwd_fake(grad_out, q, *args, None)
         given = args[-n:]
-        refs = [q, *args[:2], *(given[i] for i in grad_fields)]  # the fake kernel's layouts: empty_like of these
+        refs = [
+            q,
+            *args[:2],
+            *(given[i] for i in grad_fields),
+        ]  # the fake kernel's layouts: empty_like of these
         tensors = args[: -n - 1]  # k, v, out (, lse), rng
         if not strided_inputs(impl, op):
             grad_out, q = grad_out.contiguous(), q.contiguous()
@@ -204,7 +210,10 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         grads = impl.backward(grad_out, q, *tensors, backward_params(args))
         refs += [None] * (len(grads) - len(refs))
         return none_to_empty(
-            [None if g is None else g.contiguous() if r is None else layout_like(g, r) for g, r in zip(grads, refs)],
+            [
+                None if g is None else g.contiguous() if r is None else layout_like(g, r)
+                for g, r in zip(grads, refs)
+            ],
             q,
         )
 
