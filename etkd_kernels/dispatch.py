@@ -88,6 +88,9 @@ class Capabilities:
     max_batch_heads / max_seq: launch-grid and index-width limits of the kernel.
     needs_build: False when the op runs on torch alone (the backend's compiled part is not needed).
     dropout: the kernel applies attention dropout (dropout_p > 0, the RNG contract of `etkd_kernels._shared`).
+    strided: forward/backward take q, k, v and grad_out with any strides whose last dim is contiguous (e.g. the
+    (batch, seq, heads, head_dim) head-split views of a projection, transposed) and return out and the gradients
+    in the layout `torch.empty_like` gives q, k, v; else the op layer hands them contiguous tensors.
     """
 
     devices: tuple[str, ...] | None
@@ -99,6 +102,7 @@ class Capabilities:
     needs_build: bool = True
     device_note: str = ""
     dropout: bool = False
+    strided: bool = False
 
     def reasons(self, p: Problem) -> list[str]:
         why = []
@@ -209,6 +213,12 @@ def reasons(
 
 def _problem(device: torch.device | Problem, dtype: torch.dtype | None) -> Problem:
     return device if isinstance(device, Problem) else Problem(torch.device(device), dtype)
+
+
+def strided_inputs(impl: ModuleType, op: str) -> bool:
+    """Whether the implementation module `resolve` returned takes strided inputs (`Capabilities.strided`)."""
+    caps = capabilities(name_of(impl), op)
+    return caps is not None and caps.strided
 
 
 def resolve(

@@ -95,11 +95,26 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, list[torch.Tensor], dict]]:
     cases.append(("sw_odd_rows", [rnd(1, 2, 77, 32) for _ in range(3)], dict(window=20)))
     # band of 64 + 1024 keys per query tile: split into two key segments (kMaxSeg 640)
     cases.append(("sw_long", [rnd(1, 1, 800, 32) for _ in range(3)], dict(window=1024)))
+    # q, k, v as a model passes them: (b, s, h, d) projections viewed (b, h, s, d), read in place (flash_tile.h Rows)
+    cases.append(
+        (
+            "sw_split",
+            [rnd(b, s, h, 64) for _ in range(3)],
+            dict(window=30, global_mask=gm, key_padding_mask=kpm),
+        )
+    )
     layout = torch.rand(h, 4, 4, generator=g) < 0.5
     layout[:, torch.arange(4), torch.arange(4)] = True
     layout[1, 2] = False  # a query block seeing nothing
     cases.append(
         ("bs", [rnd(b, h, 128, 32) for _ in range(3)], dict(layout=layout, key_padding_mask=kpm[:, :128]))
+    )
+    cases.append(
+        (
+            "bs_split",
+            [rnd(b, 128, h, 32) for _ in range(3)],
+            dict(layout=layout, key_padding_mask=kpm[:, :128]),
+        )
     )
     cases.append(
         (
@@ -112,11 +127,13 @@ def _cases(dtype: torch.dtype) -> list[tuple[str, list[torch.Tensor], dict]]:
 
 
 def _run(name: str, ts: list[torch.Tensor], kw: dict, backend: str) -> torch.Tensor:
+    if name.endswith("_split"):  # (b, s, h, d) tensors, passed as (b, h, s, d) views
+        ts = [t.transpose(1, 2) for t in ts]
     if name.startswith("sw"):
         kw = dict(kw)
         gqkv = tuple(ts[3:6]) if len(ts) == 6 else None
         return sliding_window_attention(*ts[:3], kw.pop("window"), global_qkv=gqkv, backend=backend, **kw)
-    if name == "bs":
+    if name.startswith("bs"):
         return block_sparse_attention(
             *ts[:3], kw["layout"], key_padding_mask=kw["key_padding_mask"], backend=backend
         )

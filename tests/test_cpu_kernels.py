@@ -7,6 +7,7 @@ few (batch, head) pairs).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -368,3 +369,101 @@ def test_bf16_dropout_backward_on_the_packed_tiles(op):
         assert_close(
             a.double(), w, 3e-2 if i == 0 else 1.5e-1, name=f"{op} bf16 dropout {'out' if i == 0 else i}"
         )
+
+
+def _leaves(kind: str, b: int, h: int, s: int, d: int, g: torch.Generator) -> list[torch.Tensor]:
+    """The leaf tensors of a layout kind (`_views_of`)."""
+    if kind == "heads_split":
+        return [torch.randn(b, s, h * d, generator=g).requires_grad_(True) for _ in range(3)]
+    if kind == "sliced_heads":
+        return [torch.randn(b, 2 * h, s, d, generator=g).requires_grad_(True) for _ in range(3)]
+    q = torch.randn(b, s, h, d, generator=g).requires_grad_(True)
+    return [q, *(torch.randn(1, h, s, d, generator=g).requires_grad_(True) for _ in range(2))]
+
+
+def _views_of(kind: str, leaves: list[torch.Tensor], b: int, h: int, s: int, d: int) -> list[torch.Tensor]:
+    """The (b, h, s, d) q, k, v an op gets from `leaves`, in one of the layouts models and users pass."""
+    if kind == "heads_split":  # a projection's (b, s, h * d) output viewed (b, s, h, d) and transposed
+        return [x.view(b, s, h, d).transpose(1, 2) for x in leaves]
+    if kind == "sliced_heads":  # every other head of a wider tensor: (b, h) pairs not adjacent
+        return [x[:, ::2] for x in leaves]
+    if kind == "expanded_batch":  # one k/v row set seen by every batch row (stride 0), q transposed
+        q, k, v = leaves
+        return [q.transpose(1, 2), k.expand(b, h, s, d), v.expand(b, h, s, d)]
+    raise ValueError(kind)
+
+
+STRIDED_CASES = [
+    # (op, layout kind, dtype); block_sparse BigBird-like per-head layout, sliding window with globals + padding
+    (op, kind, dtype)
+    for op in ("sliding_window", "block_sparse")
+    for kind in ("heads_split", "sliced_heads", "expanded_batch")
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=[f"{c[0]}-{c[1]}-{str(c[2])[6:]}" for c in STRIDED_CASES])
+def test_strided_inputs_match_reference(case, threads):
+    """q, k, v as views at any row strides (the kernels read them in place, csrc/cpu/flash_tile.h Rows): outputs and
+    gradients equal `reference` on the same views (fp32 tolerances; bf16 against the float64 reference within
+    test_cpu_isa's bf16 tolerance), with padding and globals (sliding window: both its global passes), 1 and 2 threads
+    (2 batch x 2 heads: the backward splits pairs into chunks, whose private dK/dV go back into strided rows)."""
+    op, kind, dtype = case
+    g = torch.Generator().manual_seed(5)
+    b, h, s, d = 2, 2, 160, 32
+    leaves = _leaves(kind, b, h, s, d, g)
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[1, -7:] = False
+    gm = torch.zeros(b, s, dtype=torch.bool)
+    gm[:, [0, 70]] = True
+    layout = bigbird_layout(s, 32, 3, 1, 1, seed=2, num_heads=h)
+    grad = torch.randn(b, h, s, d, generator=g)
+
+    def run(backend, cast):
+        ls = [x.detach().to(dtype).to(cast).requires_grad_(True) for x in leaves]  # the same rounded inputs
+        ts = _views_of(kind, ls, b, h, s, d)  # the same views of the cast leaves
+        if op == "sliding_window":
+            out = sliding_window_attention(*ts, 32, global_mask=gm, key_padding_mask=kpm, backend=backend)
+        else:
+            out = block_sparse_attention(*ts, layout, key_padding_mask=kpm, backend=backend)
+        return [out, *torch.autograd.grad(out, ls, grad.to(cast))]
+
+    got = run("cpu", dtype)
+    want = run("reference", torch.float64 if dtype == torch.bfloat16 else dtype)
+    fwd, bwd = (FWD_ATOL, GRAD_ATOL) if dtype == torch.float32 else (3e-2, 1.5e-1)
+    for i, (a, w) in enumerate(zip(got, want)):
+        assert_close(
+            a.to(w.dtype), w, fwd if i == 0 else bwd, name=f"{op}[{kind}, {dtype}] {'out' if i == 0 else i}"
+        )
+
+
+@pytest.mark.parametrize("op", ["sliding_window", "block_sparse"])
+def test_head_split_views_are_not_copied(op):
+    """The encoder's head-split views reach the kernels without a copy and come back in their layout: no aten copy in
+    the op's forward and backward, the output and the gradients of the views in (b, s, h, d) order, so the model's
+    transpose + reshape back to (b, s, h * d) is a view too."""
+    b, h, s, d = 1, 3, 128, 32
+    xs = [torch.randn(b, s, h * d, requires_grad=True) for _ in range(3)]
+    q, k, v = (x.view(b, s, h, d).transpose(1, 2) for x in xs)
+    gm = torch.zeros(b, s, dtype=torch.bool)
+    gm[0, 0] = True
+
+    def call():
+        if op == "sliding_window":
+            return sliding_window_attention(q, k, v, 16, global_mask=gm, backend="cpu")
+        return block_sparse_attention(q, k, v, bigbird_layout(s, 32, 3, 1, 1, seed=0), backend="cpu")
+
+    call()  # first call: layouts, caches
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = call()
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    # copies of q-sized tensors (the global-token masks and index lists are converted, a few hundred elements)
+    copies = [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in ("aten::copy_", "aten::clone")
+        and any(shape and math.prod(shape) >= b * h * s * d for shape in e.input_shapes)
+    ]
+    assert copies == [], copies
+    for name, t in (("out", out), *zip(("dq", "dk", "dv"), grads)):
+        assert t.transpose(1, 2).is_contiguous(), (name, t.stride())

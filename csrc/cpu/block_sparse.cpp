@@ -18,10 +18,9 @@ struct Setup {
 
 Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut, const Tensor& counts,
             int64_t block_size, const OptTensor& kpm, double scale, const Dropout& drop) {
-  check_float(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
-  check_like(k, q, "k");
-  check_like(v, q, "v");
+  check_float(q, "q", true);
+  check_like(k, q, "k", true);
+  check_like(v, q, "v", true);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   TORCH_CHECK(block_size >= 1 && S % block_size == 0, "block_size: seq ", S, " must be a multiple of block_size ",
               block_size);
@@ -43,6 +42,7 @@ Setup setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lut
   p.bq = block_size <= 128 ? block_size : (block_size % 64 == 0 ? 64 : block_size);
   p.elem = elem_of(q);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.rows.q = row_layout(q), p.rows.k = row_layout(k), p.rows.v = row_layout(v);
   p.drop = drop;  // rows and key columns are the (padded) sequence positions
   if (!real.all().item<bool>()) p.kbias = s.bias.data_ptr<float>(), p.qskip = s.skip.data_ptr<uint8_t>();
   const int* lp = s.lut.data_ptr<int>();
@@ -68,27 +68,29 @@ std::tuple<Tensor, Tensor> block_sparse_fwd(const Tensor& q_, const Tensor& k_, 
                                             const Tensor& counts, int64_t block_size,
                                             const OptTensor& key_padding_mask, double scale, double dropout_p,
                                             int64_t seed, int64_t offset) {
-  check_float(q_, "q");
-  const auto dt = q_.scalar_type();
-  const Tensor &q = q_, &k = k_, &v = v_;
+  const Tensor q = with_rows(q_), k = with_rows(k_), v = with_rows(v_);
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale, dropout_of(dropout_p, seed, offset));
-  auto out = at::empty_like(q);
+  auto out = at::empty_like(q);  // in q's layout
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  s.p.rows.out = row_layout(out);
   run_forward(s.p, out.data_ptr(), lse.data_ptr<float>());
-  return {as_dtype(out, dt), lse};
+  return {out, lse};
 }
 
 std::vector<Tensor> block_sparse_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                      const Tensor& out_, const Tensor& lse, const Tensor& lut, const Tensor& counts,
                                      int64_t block_size, const OptTensor& key_padding_mask, double scale,
                                      double dropout_p, int64_t seed, int64_t offset) {
-  check_float(q_, "q");
-  const auto dt = q_.scalar_type();
-  const Tensor &q = q_, &k = k_, &v = v_;
-  const auto [delta, dq, dk, dv] = backward_start(grad_out_, out_, q, lse);
+  const Tensor q = with_rows(q_), k = with_rows(k_), v = with_rows(v_), grad_out = with_rows(grad_out_),
+               out = with_rows(out_);
+  check_float(q, "q", true);
+  const auto dt = q.scalar_type();
+  const auto [delta, dq, dk, dv] = backward_start(grad_out, out, q, k, v, lse, true);
   Setup s = setup(q, k, v, lut, counts, block_size, key_padding_mask, scale, dropout_of(dropout_p, seed, offset));
   s.p.add_grads = false;  // dq, dk, dv from backward_start: written, not added to
-  run_backward(s.p, grad_out_.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
+  s.p.rows.dout = row_layout(grad_out), s.p.rows.dq = row_layout(dq), s.p.rows.dk = row_layout(dk),
+  s.p.rows.dv = row_layout(dv);
+  run_backward(s.p, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);
   return {as_dtype(dq, dt), as_dtype(dk, dt), as_dtype(dv, dt)};
 }

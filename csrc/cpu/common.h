@@ -18,16 +18,32 @@
 
 namespace etkd::cpu {
 
-inline void check_float(const Tensor& t, const char* name) {
+// A (B, H, rows, D) tensor whose rows the tile driver reads or writes in place (flash_tile.h: Rows): its last dim
+// contiguous.
+inline bool rows_ok(const Tensor& t) { return t.dim() == 4 && (t.stride(3) == 1 || t.size(3) <= 1); }
+
+// t as the strided ops take it: itself when rows_ok, else a contiguous copy (e.g. the expanded gradient of a sum).
+inline Tensor with_rows(const Tensor& t) { return rows_ok(t) ? t : t.contiguous(); }
+
+// Where the rows of t (rows_ok) are.
+inline Rows row_layout(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), true}; }
+
+// any_rows: the op reads t at any row strides (rows_ok), else t must be contiguous.
+inline void check_float(const Tensor& t, const char* name, bool any_rows = false) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
               ": the cpu backend supports float32, bfloat16 and float16, got ", dt);
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  if (any_rows) {
+    TORCH_CHECK(rows_ok(t), name, ": expected (batch, heads, seq, head_dim) with head_dim contiguous (stride 1), got ",
+                t.sizes(), " strides ", t.strides());
+  } else {
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  }
 }
 
-inline void check_like(const Tensor& t, const Tensor& like, const char* name) {
-  check_float(t, name);
+inline void check_like(const Tensor& t, const Tensor& like, const char* name, bool any_rows = false) {
+  check_float(t, name, any_rows);
   TORCH_CHECK(t.sizes() == like.sizes(), name, ": expected shape ", like.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
               t.scalar_type());
@@ -47,12 +63,28 @@ inline Tensor as_dtype(const Tensor& t, at::ScalarType dt) { return t.scalar_typ
 // delta (rows) = rowsum(dout * out) over the last dim, in float32: the target's SIMD dot for float32; for 16-bit
 // dout and out one pass over both, each element converted in the loop (the float32 copies, product and sum ATen
 // would make took about as long as the bf16 backward's tiles: 4 passes over 2 x 12 MiB at seq 4096 x 12 x 64).
+// dout and out contiguous, or 4-d with rows at any strides (rows_ok); delta contiguous.
 inline Tensor row_delta(const Tensor& dout, const Tensor& out) {
   auto delta = at::empty(out.sizes().slice(0, out.dim() - 1), out.options().dtype(at::kFloat));
   const int64_t rows = delta.numel(), d = out.size(-1);
   float* dl = delta.data_ptr<float>();
-  if (dout.scalar_type() == at::kFloat) {
+  const bool dense = dout.is_contiguous() && out.is_contiguous();
+  if (dout.scalar_type() == at::kFloat && dense) {
     rowwise_dot(dout.data_ptr<float>(), out.data_ptr<float>(), dl, rows, d);
+    return delta;
+  }
+  // Row r = ((b * H) + h) * S + s: its element offset in a 4-d tensor t (rows_ok), or r * d when contiguous.
+  const int64_t H = dense ? 1 : out.size(1), S = dense ? 1 : out.size(2);
+  auto offset = [&](const Tensor& t, int64_t r) {
+    if (dense) return r * d;
+    return (r / (H * S)) * t.stride(0) + (r / S % H) * t.stride(1) + (r % S) * t.stride(2);
+  };
+  if (dout.scalar_type() == at::kFloat) {  // strided float32: the target's SIMD dot row by row
+    const float* a = dout.data_ptr<float>();
+    const float* b = out.data_ptr<float>();
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) rowwise_dot(a + offset(dout, r), b + offset(out, r), dl + r, 1, d);
+    });
     return delta;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dout.scalar_type(), "row_delta", [&] {
@@ -60,8 +92,10 @@ inline Tensor row_delta(const Tensor& dout, const Tensor& out) {
     const scalar_t* b = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* x = a + offset(dout, r);
+        const scalar_t* y = b + offset(out, r);
         float acc = 0.f;
-        for (int64_t c = 0; c < d; ++c) acc += static_cast<float>(a[r * d + c]) * static_cast<float>(b[r * d + c]);
+        for (int64_t c = 0; c < d; ++c) acc += static_cast<float>(x[c]) * static_cast<float>(y[c]);
         dl[r] = acc;
       }
     });
@@ -69,19 +103,21 @@ inline Tensor row_delta(const Tensor& dout, const Tensor& out) {
   return delta;
 }
 
-// The opening of a tile backward (sliding window, block sparse, full): grad_out and out checked against q, lse
-// float32; delta = rowsum(grad_out * out) and the float32 gradients dq, dk, dv shaped like q, uninitialised: the
-// backward's first pass writes them (Problem::add_grads false), its tasks zeroing what they own.
+// The opening of a tile backward (sliding window, block sparse, full): grad_out and out checked against q (at any
+// row strides with any_rows), lse float32; delta = rowsum(grad_out * out) and the float32 gradients dq, dk, dv in
+// the layouts of q, k, v (empty_like), uninitialised: the backward's first pass writes them (Problem::add_grads
+// false), its tasks zeroing what they own.
 struct BackwardStart {
   Tensor delta, dq, dk, dv;
 };
-inline BackwardStart backward_start(const Tensor& grad_out, const Tensor& out, const Tensor& q, const Tensor& lse) {
-  check_like(grad_out, q, "grad_out");
-  check_like(out, q, "out");
+inline BackwardStart backward_start(const Tensor& grad_out, const Tensor& out, const Tensor& q, const Tensor& k,
+                                    const Tensor& v, const Tensor& lse, bool any_rows = false) {
+  check_like(grad_out, q, "grad_out", any_rows);
+  check_like(out, q, "out", any_rows);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse: expected contiguous float32");
   const auto f32 = q.options().dtype(at::kFloat);
-  return {row_delta(grad_out, out).contiguous(), at::empty(q.sizes(), f32), at::empty(q.sizes(), f32),
-          at::empty(q.sizes(), f32)};
+  return {row_delta(grad_out, out).contiguous(), at::empty_like(q, f32), at::empty_like(k, f32),
+          at::empty_like(v, f32)};
 }
 
 // (B, S) bool "real token" mask as uint8 (all ones when absent).

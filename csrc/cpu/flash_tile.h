@@ -53,6 +53,17 @@ struct Dropout {
 // Element type of q, k, v, kx, vx, out and dout.
 enum class Elem : uint8_t { f32, bf16, f16 };
 
+// Where the rows of a (B, H, rows, D) tensor of the main source live: row r of (b, h) starts at element
+// b * b_ + h * h_ + r * s (its D elements contiguous), e.g. the (b, s, h, d) head-split view of a projection
+// (b_ = s * h * d, h_ = d, s = h * d), sliced heads, an expanded batch (b_ = 0). Unset: contiguous, {H * rows * D,
+// rows * D, D}. The tile loops read and write rows D apart; other layouts go through per-task (K, V, dK, dV) and
+// per-tile (Q, out, dO, dQ) copies in the worker that uses them, instead of a whole-tensor copy before the call.
+struct Rows {
+  int64_t b = 0, h = 0, s = 0;
+  bool set = false;
+  int64_t at(int64_t bi, int64_t hi, int64_t r) const { return bi * b + hi * h + r * s; }
+};
+
 struct Problem {
   int64_t B = 0, H = 0, Sq = 0, Sk = 0, D = 0;
   float scale = 1.f;
@@ -60,10 +71,15 @@ struct Problem {
   // 16-bit tiles are converted to float32 on load into per-tile scratch, or multiplied as bf16 where the chosen
   // ISA target does that natively (kernels().native_bf16). Softmax statistics and gradients are float32.
   Elem elem = Elem::f32;
-  // Main source, all contiguous: q (B, H, Sq, D); k, v (B, H, Sk, D).
+  // Main source: q (B, H, Sq, D); k, v (B, H, Sk, D), rows where `rows.q`, `rows.k`, `rows.v` say.
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
+  // Row layouts of the main source's tensors (Rows; unset = contiguous): q, k, v, out (forward), dout, dq, dk, dv
+  // (backward). lse, delta and the extra source are contiguous.
+  struct {
+    Rows q, k, v, out, dout, dq, dk, dv;
+  } rows;
   const float* kbias = nullptr;   // (B, Sk) or null
   const uint8_t* qskip = nullptr;  // (B, Sq) or null: 1 = row sees nothing (out 0, lse +inf)
   int64_t w = -1;                  // band half width on the main source (query i, key j: |i - j| <= w); -1 = none
@@ -81,7 +97,7 @@ struct Problem {
   std::function<void(int64_t b, int64_t h, int64_t i0, int64_t rows, std::vector<Seg>& segs)> segments;
 };
 
-// out (B, H, Sq, D) in the element type, lse (B, H, Sq) float32.
+// out (B, H, Sq, D, rows at p.rows.out) in the element type, lse (B, H, Sq) float32.
 void run_forward(const Problem& p, void* out, float* lse);
 
 // Gradients (float32), shaped like q, k, v (kx, vx): added into (p.add_grads: the caller zero-fills them or holds an

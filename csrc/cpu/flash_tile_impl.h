@@ -712,6 +712,11 @@ struct Work {
   std::vector<Keep> keeps;     // each tile row's bits in `keep`
   std::vector<uint32_t> rowc;  // tile_keep: the row counters of a tile under a row map (Dropout::qrow)
   AVec<float> pd;              // backward with dropout: P with the dropped entries zeroed
+  // The main source's rows where they are not D apart (Problem::rows), copied D apart in the worker that uses them:
+  // K/V of a task's key blocks (at their own rows of a Sk-row buffer), a tile's Q, dO and out rows, its dQ rows (from
+  // row 0), and chunk 0's dK/dV of its key range.
+  AVec<T> kcopy, vcopy, qcopy, docopy, ocopy;
+  AVec<float> dqcopy, dkcopy, dvcopy;
   // s and s16 also fit a segment's covering key blocks on the packed path (up to 2 kPackN - 2 more columns).
   explicit Work(int64_t bq, int64_t d)
       : s(bq * (kMaxSeg + 2 * kPackN)), dp(bq * (kMaxSeg + 2 * kPackN)), acc(bq * d), m(bq), l(bq),
@@ -1583,6 +1588,42 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       std::fill(ti, ti + dp, 0.f);
   }
 }
+// A main-source layout (Problem::rows) of a tensor with n rows a pair, the contiguous one where unset.
+inline Rows rows_of(const Rows& r, const Problem& p, int64_t n) {
+  return r.set ? r : Rows{p.H * n * p.D, n * p.D, p.D, true};
+}
+
+// Rows [r0, r0 + n) of (b, h) of x (layout r), D apart: x's own when they are, else copied into buf.
+template <class T>
+const T* rows_in(const T* x, const Rows& r, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, AVec<T>& buf) {
+  const T* at = x + r.at(b, h, r0);
+  if (r.s == d) return at;
+  if (buf.size() < static_cast<size_t>(n * d)) buf.resize(n * d);
+  for (int64_t i = 0; i < n; ++i) std::copy(at + i * r.s, at + i * r.s + d, buf.data() + i * d);
+  return buf.data();
+}
+
+// Where rows [r0, r0 + n) of (b, h) of x are written D apart: in x when its rows are, else in buf, which rows_out
+// then stores into x.
+template <class T>
+T* rows_at(T* x, const Rows& r, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, AVec<T>& buf) {
+  if (r.s == d) return x + r.at(b, h, r0);
+  if (buf.size() < static_cast<size_t>(n * d)) buf.resize(n * d);
+  return buf.data();
+}
+template <class T>
+void rows_out(T* x, const Rows& r, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, const T* buf) {
+  if (r.s == d) return;
+  T* at = x + r.at(b, h, r0);
+  for (int64_t i = 0; i < n; ++i) std::copy(buf + i * d, buf + (i + 1) * d, at + i * r.s);
+}
+
+// y rows (row stride ys) += x rows (D apart), n rows of d.
+inline void add_rows(float* y, int64_t ys, const float* x, int64_t n, int64_t d) {
+  if (ys == d) return add_to(y, x, n * d);
+  for (int64_t i = 0; i < n; ++i) add_to(y + i * ys, x + i * d, d);
+}
+
 // Query tile `tile` of (b, h) = pair bh: its first row i0 (of the pair), its rows, and row0, that row in the
 // (B * H * Sq) rows of q, out, dq, lse; its key segments into `segs`. The per-tile header of every task loop.
 struct TileRows {
@@ -1605,10 +1646,13 @@ void forward_task_packed(const Problem& p, const SrcView<BFloat16>* raw, int64_t
   for (int i = 0; i < 2; ++i)
     if (hi[i] > lo[i]) pack_keys(raw[i].k, raw[i].v, lo[i], hi[i], limit[i], p.D, w.packed[i]);
   w.clock.lap(kPhasePrep);
+  const Rows rq = rows_of(p.rows.q, p, p.Sq), ro = rows_of(p.rows.out, p, p.Sq);
   for (int64_t tile = t0; tile < t1; ++tile) {
     const auto [i0, rows, row0] = tile_rows(p, b, h, bh, tile, w.segs);
-    forward_tile_packed(p, w.packed, raw, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
-                        out + row0 * p.D, lse + row0);
+    BFloat16* ot = rows_at(out, ro, b, h, i0, rows, p.D, w.ocopy);
+    forward_tile_packed(p, w.packed, raw, rows_in(q, rq, b, h, i0, rows, p.D, w.qcopy),
+                        p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w, ot, lse + row0);
+    rows_out(out, ro, b, h, i0, rows, p.D, ot);
   }
 }
 #endif
@@ -1636,14 +1680,37 @@ struct Tasks {
 
 // The key sources of (b, h) = pair bh: main keys (band when p.w >= 0) and the extra source.
 template <class T>
-void task_sources(const Problem& p, int64_t bh, int64_t b, SrcView<T>* src) {
+void task_sources(const Problem& p, int64_t bh, int64_t b, int64_t h, SrcView<T>* src) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* kx = static_cast<const T*>(p.kx);
   const T* vx = static_cast<const T*>(p.vx);
-  const int64_t nk = p.Sk * p.D, nx = p.Sx * p.D;
-  src[0] = {k + bh * nk, v + bh * nk, p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0};
+  const int64_t nx = p.Sx * p.D;
+  const Rows rk = rows_of(p.rows.k, p, p.Sk), rv = rows_of(p.rows.v, p, p.Sk);
+  src[0] = {k + rk.at(b, h, 0), v + rv.at(b, h, 0), p.kbias ? p.kbias + b * p.Sk : nullptr, p.w >= 0};
   src[1] = {kx ? kx + bh * nx : nullptr, vx ? vx + bh * nx : nullptr, p.kxbias ? p.kxbias + b * p.Sx : nullptr, false};
+}
+
+// Main keys and values whose rows are not D apart: the key blocks (of kPackN: the packed paths read whole blocks) a
+// task's tiles visit, copied D apart at their own rows of w.kcopy / w.vcopy, which become the task's source.
+template <class T, class C>
+void key_copies(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, Work<T, C>& w, SrcView<T>* src) {
+  const int64_t d = p.D;
+  const Rows rk = rows_of(p.rows.k, p, p.Sk), rv = rows_of(p.rows.v, p, p.Sk);
+  if (rk.s == d && rv.s == d) return;
+  int64_t lo[2], hi[2];
+  key_range(p, b, h, t0, t1, w.segs, lo, hi);
+  if (hi[0] <= lo[0]) return;
+  const int64_t k0 = lo[0] / kPackN * kPackN, k1 = std::min(p.Sk, (hi[0] + kPackN - 1) / kPackN * kPackN);
+  auto copy = [&](const T* x, const Rows& r, AVec<T>& buf) -> const T* {
+    if (r.s == d) return x;
+    if (buf.size() < static_cast<size_t>(p.Sk * d)) buf.resize(p.Sk * d);
+    for (int64_t j = k0; j < k1; ++j) std::copy(x + j * r.s, x + j * r.s + d, buf.data() + j * d);
+    return buf.data();
+  };
+  src[0].k = copy(src[0].k, rk, w.kcopy);
+  src[0].v = copy(src[0].v, rv, w.vcopy);
+  w.clock.lap(kPhasePrep);
 }
 
 // Runs task(w, t, tk, src) for every non-empty task t of `tasks` (tk = tasks.at(p, t), src its key sources) on the
@@ -1660,7 +1727,8 @@ void for_tasks(const Problem& p, const Tasks& tasks, bool own, bool amx, F task)
       if (tk.t0 >= tk.t1) continue;
       w.b = tk.b, w.bh = tk.bh;
       SrcView<T> src[2];
-      task_sources(p, tk.bh, tk.b, src);
+      task_sources(p, tk.bh, tk.b, tk.h, src);
+      key_copies(p, tk.b, tk.h, tk.t0, tk.t1, w, src);
       task(w, t, tk, src);
     }
 #if ETKD_NATIVE_BF16
@@ -1692,10 +1760,13 @@ void forward_as(const Problem& p, T* out, float* lse) {
 #endif
     SrcView<C> src[2];
     prepare_sources(p, raw, b, h, t0, t1, w, src);
+    const Rows rq = rows_of(p.rows.q, p, p.Sq), ro = rows_of(p.rows.out, p, p.Sq);
     for (int64_t tile = t0; tile < t1; ++tile) {
       const auto [i0, rows, row0] = tile_rows(p, b, h, bh, tile, w.segs);
-      forward_tile(p, src, q + row0 * p.D, p.qskip ? p.qskip + b * p.Sq + i0 : nullptr, i0, rows, w,
-                   out + row0 * p.D, lse + row0);
+      T* ot = rows_at(out, ro, b, h, i0, rows, p.D, w.ocopy);
+      forward_tile(p, src, rows_in(q, rq, b, h, i0, rows, p.D, w.qcopy), p.qskip ? p.qskip + b * p.Sq + i0 : nullptr,
+                   i0, rows, w, ot, lse + row0);
+      rows_out(out, ro, b, h, i0, rows, p.D, ot);
     }
   });
   if constexpr (std::is_same_v<T, BFloat16>)
@@ -1732,11 +1803,19 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   // bf16 products on K/V packed once per task (backward_tile_packed, with or without dropout): AMX brgemm where the
   // CPU has AMX (and ETKD_CPU_AMX is not 0), else the own vdpbf16ps kernels; MKL's bf16 GEMM per tile when bf16_path
   // says blas or dO is not 4-byte aligned.
+  const Rows rq = rows_of(p.rows.q, p, p.Sq), rdo = rows_of(p.rows.dout, p, p.Sq), rdq = rows_of(p.rows.dq, p, p.Sq);
+  const Rows rdk = rows_of(p.rows.dk, p, p.Sk), rdv = rows_of(p.rows.dv, p, p.Sk);
+  // Chunk 0 adds its pair's main-key dK/dV in place where their rows are D apart, else into w.dkcopy / w.dvcopy (its
+  // key range), stored at the task's end.
+  const bool kgrad_copy = rdk.s != d || rdv.s != d;
   bool packed = false, amx = false;
 #if ETKD_NATIVE_BF16
   if constexpr (std::is_same_v<C, BFloat16>) {
     const Bf16Path path = bf16_path(p);
-    packed = path != Bf16Path::blas && reinterpret_cast<uintptr_t>(dout) % 4 == 0;
+    // dO's tile rows 4-byte aligned: copied (rows not D apart), or in place from an aligned start
+    const bool aligned =
+        rdo.s != d || (reinterpret_cast<uintptr_t>(dout) % 4 == 0 && rdo.b % 2 == 0 && rdo.h % 2 == 0);
+    packed = path != Bf16Path::blas && aligned;
     amx = packed && path == Bf16Path::amx;
   }
 #endif
@@ -1747,17 +1826,27 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   for_tasks<T, C>(p, tasks, own, amx, [&](Work<T, C>& w, int64_t t, const Tasks::Task& tk, const SrcView<T>* src) {
     const auto [bh, c, b, h, t0, t1] = tk;
     if (!p.add_grads) {  // the gradients this task owns, zeroed: dQ of its tiles' rows, dK/dV of its pair (chunk 0)
-      std::fill(dq + (bh * p.Sq + t0 * p.bq) * d, dq + (bh * p.Sq + std::min(p.Sq, t1 * p.bq)) * d, 0.f);
+      if (rdq.s == d) {  // else each tile zeroes its private dQ rows
+        const int64_t r0 = t0 * p.bq, r1 = std::min(p.Sq, t1 * p.bq);
+        std::fill(dq + rdq.at(b, h, r0), dq + rdq.at(b, h, r0) + (r1 - r0) * d, 0.f);
+      }
       if (c == 0) {
-        std::fill(dk + bh * nk, dk + (bh + 1) * nk, 0.f), std::fill(dv + bh * nk, dv + (bh + 1) * nk, 0.f);
+        if (!kgrad_copy)
+          std::fill(dk + rdk.at(b, h, 0), dk + rdk.at(b, h, 0) + nk, 0.f),
+              std::fill(dv + rdv.at(b, h, 0), dv + rdv.at(b, h, 0) + nk, 0.f);
         if (dkx) std::fill(dkx + bh * nx, dkx + (bh + 1) * nx, 0.f), std::fill(dvx + bh * nx, dvx + (bh + 1) * nx, 0.f);
       }
     }
     int64_t lo[2] = {0, 0}, hi[2] = {0, 0};  // the keys the chunk's tiles visit
-    if (own || packed || c > 0) key_range(p, b, h, t0, t1, w.segs, lo, hi);
+    if (own || packed || c > 0 || kgrad_copy) key_range(p, b, h, t0, t1, w.segs, lo, hi);
+    const int64_t klo = hi[0] > lo[0] ? lo[0] : 0, khi = hi[0] > lo[0] ? hi[0] : 0;  // main keys visited
     GradView grad[2];
     if (c == 0) {
-      grad[0] = {dk + bh * nk, dv + bh * nk};
+      grad[0] = {dk + rdk.at(b, h, 0), dv + rdv.at(b, h, 0)};
+      if (kgrad_copy) {
+        w.dkcopy.assign((khi - klo) * d, 0.f), w.dvcopy.assign((khi - klo) * d, 0.f);
+        grad[0] = {w.dkcopy.data(), w.dvcopy.data(), klo};
+      }
       grad[1] = {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr};
     } else {
       Partial& pt = parts[t];
@@ -1792,17 +1881,43 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
     for (int64_t tile = t0; tile < t1; ++tile) {
       const auto [i0, rows, row0] = tile_rows(p, b, h, bh, tile, w.segs);
       const uint8_t* skip = p.qskip ? p.qskip + b * p.Sq + i0 : nullptr;
+      const T* qt = rows_in(q, rq, b, h, i0, rows, d, w.qcopy);
+      const T* dot_ = rows_in(dout, rdo, b, h, i0, rows, d, w.docopy);
+      float* dqt = rows_at(dq, rdq, b, h, i0, rows, d, w.dqcopy);
+      if (rdq.s != d) {  // the tile's dQ rows in a private copy, stored after the tile
+        if (p.add_grads)
+          rows_in(static_cast<const float*>(dq), rdq, b, h, i0, rows, d, w.dqcopy);
+        else
+          std::fill(dqt, dqt + rows * d, 0.f);
+      }
+      bool done = false;
 #if ETKD_NATIVE_BF16
       if constexpr (std::is_same_v<C, BFloat16>) {
         if (packed) {
-          backward_tile_packed(p, w.packed, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip,
-                               i0, rows, w, dq + row0 * d);
-          continue;
+          backward_tile_packed(p, w.packed, src, grad, qt, dot_, lse + row0, delta + row0, skip, i0, rows, w, dqt);
+          done = true;
         }
       }
 #endif
-      backward_tile(p, src, grad, q + row0 * d, dout + row0 * d, lse + row0, delta + row0, skip, i0, rows, w,
-                    dq + row0 * d);
+      if (!done) backward_tile(p, src, grad, qt, dot_, lse + row0, delta + row0, skip, i0, rows, w, dqt);
+      rows_out(dq, rdq, b, h, i0, rows, d, dqt);
+    }
+    if (c == 0 && kgrad_copy) {  // chunk 0's private dK/dV into the pair's rows: its key range, zeros (or nothing) elsewhere
+      auto store = [&](float* x, int64_t xs, const float* g) {
+        for (int64_t j = 0; j < p.Sk; ++j) {
+          float* row = x + j * xs;
+          if (j >= klo && j < khi) {
+            if (p.add_grads)
+              add_to(row, g + (j - klo) * d, d);
+            else
+              std::copy(g + (j - klo) * d, g + (j - klo + 1) * d, row);
+          } else if (!p.add_grads) {
+            std::fill(row, row + d, 0.f);
+          }
+        }
+      };
+      store(dk + rdk.at(b, h, 0), rdk.s, w.dkcopy.data());
+      store(dv + rdv.at(b, h, 0), rdv.s, w.dvcopy.data());
     }
   });
   if constexpr (std::is_same_v<T, BFloat16>)
@@ -1810,14 +1925,17 @@ void backward_as(const Problem& p, const T* dout, const float* lse, const float*
   if (chunks > 1) {
     at::parallel_for(0, bhs, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
-        float* dst[2][2] = {{dk + bh * nk, dv + bh * nk}, {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr}};
+        const int64_t b = bh / p.H, h = bh % p.H;
+        float* dst[2][2] = {{dk + rdk.at(b, h, 0), dv + rdv.at(b, h, 0)},
+                            {dkx ? dkx + bh * nx : nullptr, dvx ? dvx + bh * nx : nullptr}};
+        const int64_t stride[2][2] = {{rdk.s, rdv.s}, {d, d}};  // row strides
         for (int64_t c = 1; c < chunks; ++c) {  // in chunk order: the same sums for any thread count
           const Partial& pt = parts[bh * chunks + c];
           const float* x = pt.buf.data();
           for (int i = 0; i < 2; ++i) {
-            const int64_t n = (pt.hi[i] - pt.lo[i]) * d;
+            const int64_t keys = pt.hi[i] - pt.lo[i], n = keys * d;
             for (int g = 0; g < 2; ++g, x += n)
-              if (dst[i][g] && n) add_to(dst[i][g] + pt.lo[i] * d, x, n);
+              if (dst[i][g] && n) add_rows(dst[i][g] + pt.lo[i] * stride[i][g], stride[i][g], x, keys, d);
           }
         }
       }

@@ -53,7 +53,7 @@ std::vector<Tensor> full_bwd(const Tensor& grad_out, const Tensor& q, const Tens
                              const Tensor& out, const Tensor& lse, const OptTensor& key_padding_mask, double scale,
                              double dropout_p, int64_t seed, int64_t offset) {
   Pass ps = setup(q, k, v, key_padding_mask, scale, dropout_of(dropout_p, seed, offset));
-  const auto [delta, dq, dk, dv] = backward_start(grad_out, out, q, lse);
+  const auto [delta, dq, dk, dv] = backward_start(grad_out, out, q, k, v, lse);
   ps.p.add_grads = false;  // written, not added to
   run_backward(ps.p, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), nullptr, nullptr);

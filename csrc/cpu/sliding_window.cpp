@@ -57,6 +57,9 @@ Globals globals_of(const OptTensor& mask, const OptTensor& index, const OptTenso
   return g;
 }
 
+// An optional q-like input as the strided kernels take it (with_rows).
+OptTensor rows_opt(const OptTensor& t) { return t.has_value() ? OptTensor(with_rows(*t)) : t; }
+
 // x (B, H, S, D) -> rows at idx: (B, H, G, D).
 Tensor gather_rows(const Tensor& x, const Tensor& idx) {
   const auto B = x.size(0), H = x.size(1), D = x.size(3), G = idx.size(1);
@@ -64,12 +67,11 @@ Tensor gather_rows(const Tensor& x, const Tensor& idx) {
 }
 
 // dst[b, h, idx[b, s]] (+)= src[b, h, s] for the valid slots s < count[b]; rows of `row` elements of `dst`'s
-// dtype (adding: float32 only).
-void scatter_rows(const Tensor& dst, const Tensor& src, const Globals& g, int64_t H, int64_t S, int64_t row,
-                  bool add) {
+// dtype (adding: float32 only); src contiguous, dst's rows at its strides (a row's elements contiguous).
+void scatter_rows(const Tensor& dst, const Tensor& src, const Globals& g, int64_t H, int64_t row, bool add) {
   const int64_t B = static_cast<int64_t>(g.count.size());
   const int64_t* ip = g.idx.data_ptr<int64_t>();
-  const int64_t es = dst.element_size();
+  const int64_t es = dst.element_size(), sb = dst.stride(0), sh = dst.stride(1), ss = dst.stride(2);
   TORCH_CHECK(src.scalar_type() == dst.scalar_type() && (!add || dst.scalar_type() == at::kFloat),
               "scatter_rows: dtype mismatch");
   char* dp = static_cast<char*>(dst.data_ptr());
@@ -77,7 +79,7 @@ void scatter_rows(const Tensor& dst, const Tensor& src, const Globals& g, int64_
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t s = 0; s < g.count[b]; ++s) {
-        char* d = dp + ((b * H + h) * S + ip[b * g.G + s]) * row * es;
+        char* d = dp + (b * sb + h * sh + ip[b * g.G + s] * ss) * es;
         const char* x = sp + ((b * H + h) * g.G + s) * row * es;
         if (add) {
           float* df = reinterpret_cast<float*>(d);
@@ -106,6 +108,7 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
   p.B = B, p.H = H, p.Sq = S, p.Sk = S, p.D = D, p.scale = static_cast<float>(scale), p.bq = 64;
   p.elem = elem_of(q);
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.rows.q = row_layout(q), p.rows.k = row_layout(k), p.rows.v = row_layout(v);
   p.w = w;
   p.drop = drop;  // band keys are positions; the gathered global keys' columns are their positions (g.idx)
   if (G > 0) p.drop.xcol = g.idx.data_ptr<int64_t>();
@@ -130,6 +133,7 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
     Problem& r = ps.glob;
     r.B = B, r.H = H, r.Sq = G, r.Sk = S, r.D = D, r.scale = p.scale, r.bq = 64, r.elem = p.elem;
     r.q = ps.qrows.data_ptr(), r.k = kg_.data_ptr(), r.v = vg_.data_ptr();
+    r.rows.k = row_layout(kg_), r.rows.v = row_layout(vg_);
     r.kbias = ps.real_bias.data_ptr<float>(), r.qskip = ps.gskip.data_ptr<uint8_t>();
     r.segments = [S](int64_t, int64_t, int64_t, int64_t, std::vector<Seg>& segs) { append_run(segs, 0, S, 0); };
     r.drop = drop;  // the gathered global rows are rows g.idx of the op
@@ -140,17 +144,16 @@ Passes setup(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, const OptTensor& qg,
                   const OptTensor& kg, const OptTensor& vg) {
-  check_float(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
-  check_like(k, q, "k");
-  check_like(v, q, "v");
+  check_float(q, "q", true);
+  check_like(k, q, "k", true);
+  check_like(v, q, "v", true);
   TORCH_CHECK(window >= 2 && window % 2 == 0, "window: expected an even int >= 2, got ", window);
   TORCH_CHECK(qg.has_value() == kg.has_value() && kg.has_value() == vg.has_value(),
               "global_qkv: give all of qg, kg, vg or none");
   if (qg.has_value()) {
-    check_like(*qg, q, "qg");
-    check_like(*kg, q, "kg");
-    check_like(*vg, q, "vg");
+    check_like(*qg, q, "qg", true);
+    check_like(*kg, q, "kg", true);
+    check_like(*vg, q, "vg", true);
   }
 }
 
@@ -174,37 +177,44 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window, 
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window,
+std::tuple<Tensor, Tensor> sliding_window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, int64_t window,
                                               const OptTensor& global_mask, const OptTensor& global_index,
-                                              const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
-                                              const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
+                                              const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
+                                              const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
                                               double dropout_p, int64_t seed, int64_t offset) {
+  const Tensor q = with_rows(q_), k = with_rows(k_), v = with_rows(v_);
+  const OptTensor qg = rows_opt(qg_), kg = rows_opt(kg_), vg = rows_opt(vg_);
   const auto [g, ps, sep] = prepare(q, k, v, window, global_mask, global_index, global_count, qg, kg, vg,
                                     key_padding_mask, scale, dropout_p, seed, offset);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  auto out = at::empty_like(q);
+  auto out = at::empty_like(q);  // in q's layout
   auto lse = at::empty({B, H, S}, q.options().dtype(at::kFloat));
-  run_forward(ps.band, out.data_ptr(), lse.data_ptr<float>());
+  Problem band = ps.band;
+  band.rows.out = row_layout(out);
+  run_forward(band, out.data_ptr(), lse.data_ptr<float>());
   if (g.G > 0) {
     auto og = at::empty({B, H, g.G, D}, q.options());
     auto lg = at::empty({B, H, g.G}, lse.options());
     run_forward(ps.glob, og.data_ptr(), lg.data_ptr<float>());
-    scatter_rows(out, og, g, H, S, D, false);
-    scatter_rows(lse, lg, g, H, S, 1, false);
+    scatter_rows(out, og, g, H, D, false);
+    scatter_rows(lse, lg, g, H, 1, false);
   }
   return {out, lse};
 }
 
-std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& out, const Tensor& lse, int64_t window,
+std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                       const Tensor& out_, const Tensor& lse, int64_t window,
                                        const OptTensor& global_mask, const OptTensor& global_index,
-                                       const OptTensor& global_count, const OptTensor& qg, const OptTensor& kg,
-                                       const OptTensor& vg, const OptTensor& key_padding_mask, double scale,
+                                       const OptTensor& global_count, const OptTensor& qg_, const OptTensor& kg_,
+                                       const OptTensor& vg_, const OptTensor& key_padding_mask, double scale,
                                        double dropout_p, int64_t seed, int64_t offset) {
+  const Tensor q = with_rows(q_), k = with_rows(k_), v = with_rows(v_), grad_out = with_rows(grad_out_),
+               out = with_rows(out_);
+  const OptTensor qg = rows_opt(qg_), kg = rows_opt(kg_), vg = rows_opt(vg_);
   const auto [g, ps, sep] = prepare(q, k, v, window, global_mask, global_index, global_count, qg, kg, vg,
                                     key_padding_mask, scale, dropout_p, seed, offset);
   const auto dt = q.scalar_type();
-  const auto [delta, dq, dk, dv] = backward_start(grad_out, out, q, lse);
+  const auto [delta, dq, dk, dv] = backward_start(grad_out, out, q, k, v, lse, true);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   const auto f32 = q.options().dtype(at::kFloat);
   auto cast = [dt](std::vector<Tensor> gs) {
@@ -216,6 +226,8 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, 
   if (g.G > 0) dkx = at::empty({B, H, g.G, D}, f32), dvx = at::empty({B, H, g.G, D}, f32);
   Problem band = ps.band;
   band.add_grads = false;
+  band.rows.dout = row_layout(grad_out), band.rows.dq = row_layout(dq), band.rows.dk = row_layout(dk),
+  band.rows.dv = row_layout(dv);
   run_backward(band, grad_out.data_ptr(), lse.data_ptr<float>(), delta.data_ptr<float>(), dq.data_ptr<float>(),
                dk.data_ptr<float>(), dv.data_ptr<float>(), g.G ? dkx.data_ptr<float>() : nullptr,
                g.G ? dvx.data_ptr<float>() : nullptr);
@@ -223,8 +235,8 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, 
     if (sep) return cast({dq, dk, dv, at::zeros(q.sizes(), f32), at::zeros(q.sizes(), f32), at::zeros(q.sizes(), f32)});
     return cast({dq, dk, dv});
   }
-  scatter_rows(dk, dkx, g, H, S, D, true);
-  scatter_rows(dv, dvx, g, H, S, D, true);
+  scatter_rows(dk, dkx, g, H, D, true);
+  scatter_rows(dv, dvx, g, H, D, true);
   // Global rows: gathered dout / lse / delta, gradients into (dqg, dkg, dvg) or back into (dq, dk, dv).
   auto gdo = gather_rows(grad_out, g.idx);
   auto glse = gather_rows(lse.unsqueeze(-1), g.idx);
@@ -232,9 +244,11 @@ std::vector<Tensor> sliding_window_bwd(const Tensor& grad_out, const Tensor& q, 
   auto dqx = at::zeros({B, H, g.G, D}, f32);
   Tensor dqg = sep ? at::zeros(q.sizes(), f32) : dq, dkg = sep ? at::zeros(q.sizes(), f32) : dk,
          dvg = sep ? at::zeros(q.sizes(), f32) : dv;
-  run_backward(ps.glob, gdo.data_ptr(), glse.data_ptr<float>(), gdelta.data_ptr<float>(), dqx.data_ptr<float>(),
+  Problem glob = ps.glob;  // adds into dkg, dvg (the band pass's dk, dv without separate projections)
+  glob.rows.dk = row_layout(dkg), glob.rows.dv = row_layout(dvg);
+  run_backward(glob, gdo.data_ptr(), glse.data_ptr<float>(), gdelta.data_ptr<float>(), dqx.data_ptr<float>(),
                dkg.data_ptr<float>(), dvg.data_ptr<float>(), nullptr, nullptr);
-  scatter_rows(dqg, dqx, g, H, S, D, true);
+  scatter_rows(dqg, dqx, g, H, D, true);
   if (sep) return cast({dq, dk, dv, dqg, dkg, dvg});
   return cast({dq, dk, dv});
 }

@@ -238,5 +238,15 @@ OP_DTYPES: dict[str, tuple[torch.dtype, ...]] = {}
 DROPOUT_OPS = OPS
 
 
+# Ops whose kernels read q, k, v, grad_out and write out, dq, dk, dv at any row strides (csrc/cpu/flash_tile.h: Rows):
+# a model's head-split views reach them without a copy.
+STRIDED_OPS = ("block_sparse", "sliding_window")
+
+
 def capabilities(op: str) -> Capabilities:
-    return Capabilities(devices=("cpu",), dtypes=OP_DTYPES.get(op, DTYPES), dropout=op in DROPOUT_OPS)
+    return Capabilities(
+        devices=("cpu",),
+        dtypes=OP_DTYPES.get(op, DTYPES),
+        dropout=op in DROPOUT_OPS,
+        strided=op in STRIDED_OPS,
+    )

@@ -23,7 +23,7 @@ def forward(q, k, v, p):
 def backward(grad_out, q, k, v, out, lse, p):
     lut, counts = cached_lut(p.layout)
     dq, dk, dv = torch.ops.etkd_cpu.block_sparse_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, lut, counts, p.block_size, p.key_padding_mask, p.scale,
+        grad_out, q, k, v, out, lse, lut, counts, p.block_size, p.key_padding_mask, p.scale,
         p.dropout_p, p.seed, p.offset,
     )  # fmt: skip
     return dq, dk, dv

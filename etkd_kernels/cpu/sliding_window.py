@@ -30,7 +30,7 @@ def forward(q, k, v, p):
 
 def backward(grad_out, q, k, v, out, lse, p):
     grads = torch.ops.etkd_cpu.sliding_window_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, p.window, *_globals(p.global_mask, p.key_padding_mask),
+        grad_out, q, k, v, out, lse, p.window, *_globals(p.global_mask, p.key_padding_mask),
         p.qg, p.kg, p.vg, p.key_padding_mask, p.scale, p.dropout_p, p.seed, p.offset,
     )  # fmt: skip
     return tuple(grads) + (None,) * (6 - len(grads))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_dropout, check_finite, check_scale, check_token_mask
-from ..dispatch import requested_backend
+from ..dispatch import Problem, requested_backend, resolve, strided_inputs
 from ._define import CommonParams, settings_of
 
 if TYPE_CHECKING:
@@ -117,14 +117,26 @@ def run(
     backend: str,
     multiple: int = 1,
 ) -> torch.Tensor:
-    """The output of the defined forward op (`_define.define`) on q, k, v (made contiguous) with the settings
-    `p`; with `multiple` > 1 the seq is padded to a multiple of it (the added keys masked) and the output cut
-    back to the caller's seq."""
+    """The output of the defined forward op (`_define.define`) on q, k, v with the settings `p`; with `multiple` > 1
+    the seq is padded to a multiple of it (the added keys masked) and the output cut back to the caller's seq.
+    q, k, v reach the backend as they are where its kernel takes strided inputs (`Capabilities.strided`: the cpu
+    kernels read a model's head-split views in place and write the output in q's layout), else contiguous (and
+    always while torch.compile traces, where the backend is chosen in the graph)."""
     q, k, v, kpm, s = pad_to_multiple(q, k, v, p.key_padding_mask, multiple)
     if kpm is not p.key_padding_mask:
         p = dataclasses.replace(p, key_padding_mask=kpm)
+    if not _strided(fwd_op, q, p, backend):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = fwd_op(q, k, v, *settings_of(p), backend)[0]
     return out if out.shape[2] == s else out[:, :, :s]
+
+
+def _strided(fwd_op: Callable, q: torch.Tensor, p: CommonParams, backend: str) -> bool:
+    """Whether the backend `backend` resolves to for this call takes q, k, v at any strides (eager only)."""
+    if torch.compiler.is_compiling():
+        return False
+    op = fwd_op.name().split("::")[1].removesuffix("_fwd")
+    return strided_inputs(resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=backend), op)
 
 
 def pad_to_multiple(
@@ -137,7 +149,7 @@ def pad_to_multiple(
     s = q.shape[2]
     extra = (-s) % multiple
     if extra == 0:
-        return q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, s
+        return q, k, v, key_padding_mask, s
     q, k, v = (F.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
     if key_padding_mask is None:
         key_padding_mask = torch.ones(q.shape[0], s, dtype=torch.bool, device=q.device)

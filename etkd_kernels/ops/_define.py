@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..dispatch import Problem, name_of, resolve
+from ..dispatch import Problem, name_of, resolve, strided_inputs
 
 LIB = "etkd"
 # Field annotations (strings: the op modules use `from __future__ import annotations`) -> schema types.
@@ -59,6 +59,16 @@ def none_to_empty(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> l
 def empty_to_none(grads: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     # "No gradient" is a 1-d empty tensor; a real gradient is 4-d even when empty (seq 0).
     return [None if g.dim() == 1 and g.numel() == 0 else g for g in grads]
+
+
+def layout_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t`, shaped like `ref`, in the layout the fake kernels promise for it (`torch.empty_like(ref)`'s: ref's strides
+    when ref is dense, else contiguous): `t` itself when it has it, else a copy. A backend taking strided inputs
+    (`Capabilities.strided`) writes its outputs that way; the others get contiguous inputs, so contiguous is it."""
+    if ref.is_contiguous():
+        return t.contiguous()
+    want = torch.empty_like(ref, device="meta").stride()
+    return t if t.stride() == want else torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
 # The backend the last forward on this thread resolved, keyed by its output, for the autograd context set up
@@ -161,10 +171,16 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         if q.shape[2] == 0:
             out = fwd_fake(q, k, v, *args)[:-1]
         else:
+            ref = q
+            if not strided_inputs(
+                impl, op
+            ):  # `run` made them contiguous; a direct call of the op may not have
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out = impl.forward(q, k, v, p)
-            # The fake kernels promise contiguous outputs; a backend may hand back another layout (ATen's CPU
-            # flash kernel's lse, autograd's transposed gradients). Free when already contiguous.
-            out = tuple(t.contiguous() for t in out) if isinstance(out, tuple) else (out.contiguous(),)
+            # The fake kernels promise out in q's layout (empty_like) and the rest contiguous; a backend may hand
+            # back another layout (ATen's CPU flash kernel's lse). Free when already so.
+            out = tuple(out) if isinstance(out, tuple) else (out,)
+            out = (layout_like(out[0], ref), *(t.contiguous() for t in out[1:]))
         _remember(out[0], impl)
         return (*out, rng)
 
@@ -181,8 +197,25 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         """`impl`'s backward on the flat arguments of the backward op (without its backend name)."""
         if q.shape[2] == 0:
             return bwd_fake(grad_out, q, *args, None)
-        grads = impl.backward(grad_out, q, *args[: -n - 1], backward_params(args))
-        return none_to_empty([None if g is None else g.contiguous() for g in grads], q)
+        given = args[-n:]
+        refs = [
+            q,
+            *args[:2],
+            *(given[i] for i in grad_fields),
+        ]  # the fake kernel's layouts: empty_like of these
+        tensors = args[: -n - 1]  # k, v, out (, lse), rng
+        if not strided_inputs(impl, op):
+            grad_out, q = grad_out.contiguous(), q.contiguous()
+            tensors = tuple(t.contiguous() for t in tensors)
+        grads = impl.backward(grad_out, q, *tensors, backward_params(args))
+        refs += [None] * (len(grads) - len(refs))
+        return none_to_empty(
+            [
+                None if g is None else g.contiguous() if r is None else layout_like(g, r)
+                for g, r in zip(grads, refs)
+            ],
+            q,
+        )
 
     def bwd_impl(grad_out, q, *args):
         problem = Problem.of(q, dropout=make(args[-1 - n : -1]).dropout_p > 0)
@@ -206,7 +239,7 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         # Eager: the backend the forward ran, named explicitly (an explicit name is that backend, whatever
         # context is live); a compiled graph: the forward's requested name, resolved for the same tensors.
         backend = ctx.backend if ctx.impl is None else name_of(ctx.impl)
-        dq, dk, dv, *extra = empty_to_none(bwd_op(grad_out.contiguous(), q, k, v, *outs, *given, backend))
+        dq, dk, dv, *extra = empty_to_none(bwd_op(grad_out, q, k, v, *outs, *given, backend))
         grads = [None] * n
         for i, g in zip(grad_fields, extra):
             grads[i] = g
