@@ -20,6 +20,10 @@
 #include <atomic>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include "cpu/common.h"
 #include "cpu/flash_tile.h"
 
@@ -83,13 +87,29 @@ void segment_means(const float* x, int64_t S, int64_t D, int64_t n, int64_t c, f
   }
 }
 
-// dst (cols x rows, row stride ldt) = src^T for src (rows x cols, row stride ld), in 16 x 16 blocks; dst's other
-// columns are left as they are.
+// dst (cols x rows, row stride ldt) = src^T for src (rows x cols, row stride ld), in 16 x 16 blocks (4 x 4 SSE
+// transposes inside them on x86-64, whose baseline has SSE: no per-target code needed); dst's other columns are left
+// as they are.
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ldt) {
   constexpr int64_t kb = 16;
   for (int64_t r0 = 0; r0 < rows; r0 += kb)
     for (int64_t c0 = 0; c0 < cols; c0 += kb) {
       const int64_t r1 = std::min(rows, r0 + kb), c1 = std::min(cols, c0 + kb);
+#if defined(__SSE2__)
+      if (r1 - r0 == kb && c1 - c0 == kb) {
+        for (int64_t r = r0; r < r1; r += 4)
+          for (int64_t c = c0; c < c1; c += 4) {
+            __m128 a = _mm_loadu_ps(src + r * ld + c), b = _mm_loadu_ps(src + (r + 1) * ld + c),
+                   e = _mm_loadu_ps(src + (r + 2) * ld + c), f = _mm_loadu_ps(src + (r + 3) * ld + c);
+            _MM_TRANSPOSE4_PS(a, b, e, f);
+            _mm_storeu_ps(dst + c * ldt + r, a);
+            _mm_storeu_ps(dst + (c + 1) * ldt + r, b);
+            _mm_storeu_ps(dst + (c + 2) * ldt + r, e);
+            _mm_storeu_ps(dst + (c + 3) * ldt + r, f);
+          }
+        continue;
+      }
+#endif
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = c0; c < c1; ++c) dst[c * ldt + r] = src[r * ld + c];
     }
@@ -353,7 +373,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   // gradient, K1 with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole
   // vector, the head's q, k, v, grad_out rows and then dq, dk, dv rows, padded to dp columns.
   const int64_t its = iterations;
-  const int64_t big_n = (2 * n + D) * ls, tile_n = 3 * kBwdRows * np + kBwdRows * ld,
+  const int64_t big_n = (2 * n + D) * ls, tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
                 small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np, rows_n = padded_d ? 7 * S * dp : 0;
   parallel_tasks(
       BH,
@@ -379,7 +399,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         float *k3 = w[0], *g3 = k3 + n * ls, *tr = g3 + n * ls;
         for (int64_t j = 0; j < D; ++j) std::fill(tr + j * ls + S, tr + j * ls + sp, 0.f);  // keys past S
         float *s1 = w[1], *g1 = s1 + kBwdRows * np, *k1d = g1 + kBwdRows * np, *dob = k1d + kBwdRows * np;
-        float* zs = dob + kBwdRows * ld;  // iterates z_0 .. z_its
+        float* dl1 = dob + kBwdRows * ld;  // the tile's rowsum(K1 o dK1)
+        float* zs = dl1 + kBwdRows;  // iterates z_0 .. z_its
         std::fill(zs, zs + small_n, 0.f);
         float *mz = zs + (its + 1) * nn, *t1 = mz + nn, *t2 = t1 + nn, *t3 = t2 + nn, *dz = t3 + nn, *dzn = dz + nn,
               *dt = dzn + nn, *dt2 = dt + nn, *dmz = dt2 + nn, *bt = dmz + nn, *dts = bt + nn;
@@ -435,7 +456,14 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           product(n, dp, rows, 1.f, k1x, 1, np, dot, ld, dx, dp, true);
           product(rows, np, D, 1.f, dot, ld, 1, xxT, np, g1, np, false);
           if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, g1, np);
-          softmax_rows_bwd(s1, g1, rows, n, np);
+          // dS1 = K1 o (dK1 - rowsum(K1 o dK1)), the row sums by the target's SIMD dot over np columns (K1's
+          // padding columns are zero)
+          rowwise_dot(s1, g1, dl1, rows, np);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float *pr = s1 + r * np, d = dl1[r];
+            float* gr = g1 + r * np;
+            for (int64_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - d);
+          }
           product(rows, dp, n, sc, g1, np, 1, klh, dp, xdq + i0 * ld, ld, false);
           product(n, dp, rows, sc, g1, 1, np, qt, ld, dklh, dp, true);
         }
