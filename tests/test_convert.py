@@ -163,17 +163,22 @@ def test_make_student_every_other_and_list():
 
 
 def test_cli_convert_to_hf_that_no_transformers_class_holds_is_one_line(tmp_path, capsys):
-    """A BERT checkpoint (absolute positions) converted to Longformer has no HF Longformer form (fairseq
-    positions), and `fixed` has no transformers class at all: a user error (exit 2, one line), not a traceback."""
+    """The README's convert row: HF Longformer takes RoBERTa-style (fairseq) positions, BigBird BERT-style ones,
+    Nystromformer neither (positions from 2), `fixed` has no transformers class at all. A conversion HF cannot
+    hold is a user error (exit 2, one line), not a traceback."""
     cfg = transformers.BertConfig(max_position_embeddings=32, **SMALL)
     transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    roberta_mlm().save_pretrained(tmp_path / "roberta")
     capsys.readouterr()
-    for to, says in (
-        ("longformer", "computes positions fairseq-style"),
-        ("fixed", "no model class for 'fixed'"),
+    for source, to, says in (
+        ("bert", "longformer", "computes positions fairseq-style"),
+        ("bert", "nystrom", "computes positions from 2"),
+        ("roberta", "bigbird", "computes positions from 0"),
+        ("roberta", "nystrom", "computes positions from 2"),
+        ("bert", "fixed", "no model class for 'fixed'"),
     ):
-        code = main(["convert", "--from", str(tmp_path / "bert"), "--to", to, "--format", "hf",
-                     "--out", str(tmp_path / to)])  # fmt: skip
+        code = main(["convert", "--from", str(tmp_path / source), "--to", to, "--format", "hf",
+                     "--max-positions", "64", "--out", str(tmp_path / to)])  # fmt: skip
         err = capsys.readouterr().err.replace("\r", "\n")  # transformers' loading bar comes first
         ours = [line for line in err.splitlines() if line.startswith("etkd convert:")]
         assert code == 2 and len(ours) == 1 and ours[0].startswith("etkd convert: error: --format hf: "), err

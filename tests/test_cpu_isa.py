@@ -219,7 +219,7 @@ def test_isa_variant_matches_reference(isa, tmp_path_factory):
         # the bf16 cases of head_dim 64 and 32 take the packed tiles, forward and backward: AMX brgemm on an AMX
         # CPU, elsewhere the own vdpbf16ps kernels (head_dim 40 goes to MKL, said once); the child counts the calls
         # that really ran on each, so a packed path silently not taken (MKL or the other kernels) fails here
-        amx = _cpu_flags() >= {"amx_bf16", "amx_tile"}
+        amx = _amx_for_onednn()
         fast, other = ("amx", "vdpbf16ps") if amx else ("vdpbf16ps", "amx")
         assert got["bf16_brgemm"] == amx, got["bf16_brgemm"]
         assert got["bf16_products"] == {"forward": fast, "backward": fast}, got["bf16_products"]
@@ -313,6 +313,14 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _amx_for_onednn() -> bool:
+    """Whether the bf16 tiles can run on oneDNN's AMX brgemm here: the CPU has AMX-BF16 and oneDNN is not capped
+    below AMX (ONEDNN_MAX_CPU_ISA, which the AVX2-CPU and Zen 4 emulations set; the child processes inherit it)."""
+    from etkd_kernels import cpu
+
+    return _cpu_flags() >= {"amx_bf16", "amx_tile"} and not cpu.onednn_cap_hiding_amx()
+
+
 def test_isa_variants_agree(tmp_path_factory):
     """Every supported target gives the same fp32 results up to summation order (1e-5)."""
     built, supported = _isa_lists()
@@ -345,6 +353,45 @@ def test_blas_tile_products_agree(tmp_path_factory):
     if isa == "avx512_bf16":  # ETKD_CPU_GEMM=blas takes MKL's bf16 GEMM for the bf16 tiles too
         assert blas["bf16_products"] == {"forward": "mkl", "backward": "mkl"}, blas["bf16_products"]
         assert blas["bf16_calls"]["forward"]["mkl"] > 0 and blas["bf16_calls"]["backward"]["mkl"] > 0
+
+
+@pytest.mark.parametrize(
+    "value, hides",
+    [("AVX2", True), ("avx512_core_bf16", True), ("AVX512_CORE_AMX", False), ("ALL", False), ("", False)],
+)
+@pytest.mark.parametrize("name", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_onednn_cap_below_amx_is_named(name, value, hides, monkeypatch):
+    """A oneDNN ISA cap below AMX (as the AVX2-CPU and Zen 4 emulations set it) keeps the AMX brgemm tiles off an
+    AMX CPU: `cpu.onednn_cap_hiding_amx()` names the variable (new or old name), '' for a cap that allows AMX."""
+    from etkd_kernels import cpu
+
+    if not _cpu_flags() >= {"amx_bf16", "amx_tile"}:
+        pytest.skip("this CPU has no AMX-BF16: no oneDNN cap can hide it")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv(name, value)
+    assert cpu.onednn_cap_hiding_amx() == (f"{name}={value}" if hides else "")
+
+
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_onednn_cap_below_amx_is_said_in_info(amx):
+    """On an AMX CPU, ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 alone (not ETKD_CPU_AMX=0) makes the bf16 tiles leave AMX
+    for the vdpbf16ps kernels; `etkd info`'s cpu line says which cap did it (not when ETKD_CPU_AMX=0 chose so)."""
+    if not _cpu_flags() >= {"amx_bf16", "amx_tile"}:
+        pytest.skip("this CPU has no AMX-BF16: no oneDNN cap can hide it")
+    _needs_bf16_without_amx()
+    code = (
+        "from etkd_kernels import _C, cpu; "
+        "print(_C.bf16_products()['forward'], _C.bf16_brgemm()); print(cpu.isa_summary())"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16", ETKD_CPU_AMX=amx, ETKD_CPU_BF16="vdpbf16ps")
+    env.pop("ETKD_CPU_ISA", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    products, summary = res.stdout.splitlines()[:2]
+    assert products == "vdpbf16ps False", products
+    said = "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 caps oneDNN below this CPU's AMX tiles"
+    assert (said in summary) == (amx == "1"), summary
 
 
 @pytest.mark.parametrize(

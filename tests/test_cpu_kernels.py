@@ -24,6 +24,7 @@ from etkd_kernels import (
     nystrom_attention,
     sliding_window_attention,
 )
+from etkd_kernels.ops._define import defined
 
 pytestmark = pytest.mark.skipif(
     not etkd_kernels.available_backends()["cpu"].available,
@@ -150,6 +151,10 @@ NY_CASES = [
     (2, 2, 96, 16, 8, 4, "hf_global"),  # landmarks dividing seq, padding
     (1, 1, 10, 16, 6, 0, "per_head"),  # 2-token segments: only 5 landmarks
     (1, 1, 40, 64, 40, 5, "per_head"),  # landmarks == seq: exact softmax attention
+    # the backward's 64-row query tiles (3, the last partial) and head_dim not a whole vector (padded rows)
+    (2, 2, 150, 12, 9, 20, "hf_global"),
+    (1, 2, 200, 80, 16, 0, "per_head"),  # head_dim 5 vectors of 16; 13-row segments, the last one shorter
+    (1, 1, 1, 16, 1, 0, "per_head"),  # seq 1
 ]
 
 
@@ -229,7 +234,7 @@ def test_opcheck_sliding_window_fwd():
     gm = torch.zeros(1, 9, dtype=torch.bool)
     gm[0, 2] = True
     args = (q, k, v, 4, gm, None, None, None, None, 0.25, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
-    torch.library.opcheck(torch.ops.etkd.sliding_window_fwd.default, args)
+    torch.library.opcheck(defined("sliding_window_fwd"), args)
 
 
 def test_opcheck_nystrom_fwd():
@@ -238,7 +243,7 @@ def test_opcheck_nystrom_fwd():
     kpm[1, 20:] = False
     for init in ("per_head", "hf_global"):
         args = (q, k, v, 5, 6, init, kpm, 0.25, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
-        torch.library.opcheck(torch.ops.etkd.nystrom_fwd.default, args)
+        torch.library.opcheck(defined("nystrom_fwd"), args)
 
 
 def test_bf16_off_the_amx_tiles_is_said_once():

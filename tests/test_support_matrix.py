@@ -153,7 +153,8 @@ class _Capture(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "etkd":
-            self.calls.setdefault(func.name(), (func, args, kwargs or {}))
+            # keyed by the op's name without its overload (named after the schema: etkd_kernels/ops/_define.py)
+            self.calls.setdefault(func._schema.name, (func, args, kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
@@ -166,6 +167,6 @@ def test_opcheck_forward_and_backward_ops(op, backend):
     names = {name.split("::")[-1] for name in cap.calls}
     assert names == {f"{op}_fwd", f"{op}_bwd"}, names
     for func, args, kwargs in cap.calls.values():
-        if func.name().endswith("_bwd"):  # saved forward outputs arrive attached to the forward's graph
+        if func._schema.name.endswith("_bwd"):  # saved forward outputs arrive attached to the forward's graph
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(func, args, kwargs)  # forward args keep requires_grad: autograd is checked

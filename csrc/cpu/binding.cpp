@@ -30,7 +30,7 @@ TORCH_LIBRARY(etkd_cpu, m) {
       "-> Tensor[]");
   m.def(
       "nystrom_fwd(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
-      "float scale, bool hf_global, float dropout_p, int seed, int offset) -> Tensor");
+      "float scale, bool hf_global, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
   m.def(
       "lsg_fwd(Tensor q, Tensor k, Tensor v, Tensor kx, Tensor vx, Tensor kx_ok, Tensor starts, "
       "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale, "
@@ -47,8 +47,9 @@ TORCH_LIBRARY(etkd_cpu, m) {
       "lsg_sparse_keys_bwd(Tensor dkx, Tensor dvx, Tensor(a!) dk, Tensor(b!) dv, Tensor? key_padding_mask, "
       "int num_global_tokens, int block_size, int sparsity_factor, int type) -> ()");
   m.def(
-      "nystrom_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, "
-      "Tensor? key_padding_mask, float scale, bool hf_global, float dropout_p, int seed, int offset) -> Tensor[]");
+      "nystrom_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor saved, int num_landmarks, "
+      "int pinv_iterations, Tensor? key_padding_mask, float scale, bool hf_global, float dropout_p, int seed, "
+      "int offset) -> Tensor[]");
   m.def(
       "softmax_matmul_fwd(Tensor a, Tensor b, Tensor c, Tensor? key_mask, float scale, float dropout_p, int seed, "
       "int offset) -> (Tensor, Tensor)");

@@ -16,8 +16,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include "cpu/common.h"
 #include "cpu/flash_tile.h"
@@ -66,11 +71,12 @@ Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& 
   return s;
 }
 
-// x (S, D) -> means over n segments of c rows (the last one S - (n - 1) c rows): out (n, D).
-void segment_means(const float* x, int64_t S, int64_t D, int64_t n, int64_t c, float* out) {
+// x (S, D) -> means over n segments of c rows (the last one S - (n - 1) c rows): out (n, D), row stride ld >= D
+// (columns D..ld are left as they are).
+void segment_means(const float* x, int64_t S, int64_t D, int64_t n, int64_t c, float* out, int64_t ld) {
   for (int64_t l = 0; l < n; ++l) {
     const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
-    float* o = out + l * D;
+    float* o = out + l * ld;
     std::fill(o, o + D, 0.f);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * D;
@@ -79,6 +85,96 @@ void segment_means(const float* x, int64_t S, int64_t D, int64_t n, int64_t c, f
     const float cnt = static_cast<float>(r1 - r0);
     for (int64_t j = 0; j < D; ++j) o[j] /= cnt;
   }
+}
+
+// dst (cols x rows, row stride ldt) = src^T for src (rows x cols, row stride ld), in 16 x 16 blocks (4 x 4 SSE
+// transposes inside them on x86-64, whose baseline has SSE: no per-target code needed); dst's other columns are left
+// as they are.
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst, int64_t ldt) {
+  constexpr int64_t kb = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kb)
+    for (int64_t c0 = 0; c0 < cols; c0 += kb) {
+      const int64_t r1 = std::min(rows, r0 + kb), c1 = std::min(cols, c0 + kb);
+#if defined(__SSE2__)
+      if (r1 - r0 == kb && c1 - c0 == kb) {
+        for (int64_t r = r0; r < r1; r += 4)
+          for (int64_t c = c0; c < c1; c += 4) {
+            __m128 a = _mm_loadu_ps(src + r * ld + c), b = _mm_loadu_ps(src + (r + 1) * ld + c),
+                   e = _mm_loadu_ps(src + (r + 2) * ld + c), f = _mm_loadu_ps(src + (r + 3) * ld + c);
+            _MM_TRANSPOSE4_PS(a, b, e, f);
+            _mm_storeu_ps(dst + c * ldt + r, a);
+            _mm_storeu_ps(dst + (c + 1) * ldt + r, b);
+            _mm_storeu_ps(dst + (c + 2) * ldt + r, e);
+            _mm_storeu_ps(dst + (c + 3) * ldt + r, f);
+          }
+        continue;
+      }
+#endif
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * ldt + r] = src[r * ld + c];
+    }
+}
+
+// C (m x n) = alpha * A @ B (+ C when acc) with gemm_small's arguments (A element (r, kk) at a[r * a_rs + kk * a_ks],
+// B row-major, n whole vectors): the target's own kernels, or BLAS sgemm when the tile products are switched to it
+// (own_tile_gemm: ETKD_CPU_GEMM=blas).
+void product(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+             int64_t ldb, float* c, int64_t ldc, bool acc) {
+  if (own_tile_gemm()) return gemm_small(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, acc);
+  const bool ta = a_ks != 1;  // A stored transposed: k rows of stride a_ks
+  gemm_rm(ta, false, m, n, k, alpha, a, ta ? a_ks : a_rs, b, ldb, acc ? 1.f : 0.f, c, ldc);
+}
+
+// The (n x n) products of the Newton-Schulz pseudo-inverse and its backward on gemm_small's own kernels: every
+// matrix is n rows of np = pad_small(n) floats whose padding columns stay zero (identity terms are added on the
+// first n diagonal entries only), so the padding never reaches the first n columns. BLAS sgemm's per-call cost is
+// most of a 64 x 64 x 64 product, and its ISA is capped separately from ours (MKL_ENABLE_INSTRUCTIONS).
+struct SquareOps {
+  int64_t n, np;
+  float* bt;  // n x np scratch, padding zero: the transposed right operand of mmt
+
+  // c = alpha * op(a) @ b (+ c when acc), op(a) = a^T when ta.
+  void mm(bool ta, const float* a, const float* b, float* c, float alpha, bool acc) const {
+    product(n, np, n, alpha, a, ta ? 1 : np, ta ? np : 1, b, np, c, np, acc);
+  }
+  // c = alpha * a @ b^T (+ c when acc).
+  void mmt(const float* a, const float* b, float* c, float alpha, bool acc) const {
+    transpose(b, n, n, np, bt, np);
+    mm(false, a, bt, c, alpha, acc);
+  }
+  void add_eye(float* x, float d) const {
+    for (int64_t i = 0; i < n; ++i) x[i * np + i] += d;
+  }
+  // z0 = coeff * m^T, HF's initial inverse.
+  void init(const float* m, float coeff, float* z) const {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) z[i * np + j] = coeff * m[j * np + i];
+  }
+  // One step's terms, HF's association: mz = m z, t1 = 7I - mz, t2 = 15I - mz t1, t3 = 13I - mz t2; the next
+  // iterate is 0.25 z t3.
+  void terms(const float* m, const float* z, float* mz, float* t1, float* t2, float* t3) const {
+    mm(false, m, z, mz, 1.f, false);
+    for (int64_t i = 0; i < n * np; ++i) t1[i] = -mz[i];
+    add_eye(t1, 7.f);
+    mm(false, mz, t1, t2, -1.f, false);
+    add_eye(t2, 15.f);
+    mm(false, mz, t2, t3, -1.f, false);
+    add_eye(t3, 13.f);
+  }
+};
+
+// Floats per (batch, head) of what nystrom_fwd keeps for nystrom_bwd: T = K3 v and the landmarks ql, kl, each
+// n x pad_small(D) (padding zero). K1 and K3 (seq x landmarks each) are recomputed instead: keeping K1 saved a
+// product and its softmax in the backward but cost as much in the forward (writing it, and its page faults).
+int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D); }
+
+// This thread's scratch `slot` of at least `size` floats, kept from call to call (a fresh buffer of a few MiB costs
+// its page faults on every call); the contents are whatever the last user left.
+float* thread_scratch(int slot, int64_t size) {
+  thread_local std::vector<float> bufs[3];
+  std::vector<float>& b = bufs[slot];
+  if (static_cast<int64_t>(b.size()) < size) b.resize(size);
+  return b.data();
 }
 
 // Run body(scratch, i) for i in [0, n) on the OpenMP threads, tasks handed out one at a time from a shared
@@ -97,9 +193,9 @@ void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
 
 }  // namespace
 
-Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks, int64_t iterations,
-                   const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p, int64_t seed,
-                   int64_t offset) {
+std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks,
+                                       int64_t iterations, const OptTensor& key_padding_mask, double scale,
+                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -124,10 +220,14 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
   const int64_t BH = B * H;
   // Landmark counts padded to whole SIMD vectors for gemm_small's B operands (padding columns are zero).
   const int64_t np = pad_small(n), dp = pad_small(D);
-  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); K2 (n, n) and
+  // What the backward reads (nystrom_bwd), per head: T = K3 @ v, ql, kl (n x dp each).
+  const int64_t per = saved_floats(D, n);
+  auto saved = at::empty({B, H, per}, q.options());
+  float* svp = saved.data_ptr<float>();
+  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); K2 (n, np) and
   // its max column sum; T = K3 @ v (n, dp), which needs no pseudo-inverse, so it runs before the global max.
-  std::vector<float> ql(BH * n * D), kl(BH * n * D), qlT(BH * D * np, 0.f), klT(BH * D * np, 0.f), k2(BH * n * n),
-      colmax(BH), tt(BH * n * dp), xx(BH * n * dp);
+  std::vector<float> qlT(BH * D * np, 0.f), klT(BH * D * np, 0.f), k2(BH * n * np, 0.f), colmax(BH),
+      xx(BH * n * dp);
   struct Scratch1 {
     std::vector<float> cs, work;
   };
@@ -136,45 +236,38 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
       [&](Scratch1& w, int64_t bh) {
         std::vector<float>& cs = w.cs;
         const int64_t b = bh / H;
-        float *qlh = ql.data() + bh * n * D, *klh = kl.data() + bh * n * D, *m = k2.data() + bh * n * n;
+        float *qlh = svp + bh * per + n * dp, *klh = qlh + n * dp, *m = k2.data() + bh * n * np;
         float *qlt = qlT.data() + bh * D * np, *klt = klT.data() + bh * D * np;
-        segment_means(qp + bh * S * D, S, D, n, c, qlh);
-        segment_means(kp + bh * S * D, S, D, n, c, klh);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < D; ++j) qlt[j * np + i] = qlh[i * D + j], klt[j * np + i] = klh[i * D + j];
-        gemm_rm(false, true, n, n, D, sc, qlh, D, klh, D, 0.f, m, n);
-        softmax_rows(m, n, n, n, nullptr);
+        std::fill(qlh, qlh + 2 * n * dp, 0.f);
+        segment_means(qp + bh * S * D, S, D, n, c, qlh, dp);
+        segment_means(kp + bh * S * D, S, D, n, c, klh, dp);
+        transpose(qlh, n, D, dp, qlt, np);
+        transpose(klh, n, D, dp, klt, np);
+        product(n, np, D, sc, qlh, dp, 1, klt, np, m, np, false);
+        softmax_rows(m, n, n, np, nullptr);
         std::fill(cs.begin(), cs.end(), 0.f);
         for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * n + j];
+          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
         colmax[bh] = *std::max_element(cs.begin(), cs.end());
         landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
-                        tt.data() + bh * n * dp, w.work.data());
+                        svp + bh * per, w.work.data());
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
   // Phase 2 per (b, h): Z = pinv(K2), X = Z @ T (n, dp).
   parallel_tasks(
-      BH, [&] { return std::vector<float>(5 * n * n); },
+      BH, [&] { return std::vector<float>(7 * n * np, 0.f); },
       [&](std::vector<float>& w, int64_t bh) {
-        float *z = w.data(), *zn = z + n * n, *mz = zn + n * n, *t1 = mz + n * n, *t2 = t1 + n * n;
-        const float* m = k2.data() + bh * n * n;
-        const float coeff = 1.f / (hf_global ? gmax : colmax[bh]);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) z[i * n + j] = coeff * m[j * n + i];
+        float *z = w.data(), *zn = z + n * np, *mz = zn + n * np, *t1 = mz + n * np, *t2 = t1 + n * np,
+              *t3 = t2 + n * np;
+        const SquareOps sq{n, np, t3 + n * np};
+        const float* m = k2.data() + bh * n * np;
+        sq.init(m, 1.f / (hf_global ? gmax : colmax[bh]), z);
         for (int64_t it = 0; it < iterations; ++it) {
-          // z <- (0.25 z) @ (13 I - mz @ (15 I - mz @ (7 I - mz))), mz = m @ z (HF's association).
-          gemm_rm(false, false, n, n, n, 1.f, m, n, z, n, 0.f, mz, n);
-          for (int64_t i = 0; i < n * n; ++i) t1[i] = -mz[i];
-          for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 7.f;
-          gemm_rm(false, false, n, n, n, -1.f, mz, n, t1, n, 0.f, t2, n);
-          for (int64_t i = 0; i < n; ++i) t2[i * n + i] += 15.f;
-          gemm_rm(false, false, n, n, n, -1.f, mz, n, t2, n, 0.f, t1, n);
-          for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 13.f;
-          for (int64_t i = 0; i < n * n; ++i) z[i] *= 0.25f;
-          gemm_rm(false, false, n, n, n, 1.f, z, n, t1, n, 0.f, zn, n);
+          sq.terms(m, z, mz, t1, t2, t3);
+          sq.mm(false, z, t3, zn, 0.25f, false);
           std::swap(z, zn);  // pointers into w
         }
-        gemm_small(n, dp, n, 1.f, z, n, 1, tt.data() + bh * n * dp, dp, xx.data() + bh * n * dp, dp, false);
+        product(n, dp, n, 1.f, z, np, 1, svp + bh * per, dp, xx.data() + bh * n * dp, dp, false);
       });
   // Phase 3 per (b, h, query tile of bq rows): out = K1 @ X, the tile's (bq, n) scores and probabilities, klT
   // and X all in L1/L2. Tiles rather than heads as tasks: K1 is most of the work and balances over threads.
@@ -200,21 +293,27 @@ Tensor nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t nu
             if (!rp[b * S + i0 + r]) std::fill(o + r * D, o + (r + 1) * D, 0.f);
         }
       });
-  return out;
+  return {out, saved};
 }
 
-// nystrom_bwd: hand-written backward of the whole composition, recomputing the forward per (batch, head) with
-// whole-head BLAS products; the (seq x landmarks) matrices K1, K3 and their gradients live only in one
-// thread's scratch while its head is processed (nothing of that size is kept between forward and backward).
+// nystrom_bwd: hand-written backward of the whole composition, recomputing the forward per (batch, head) on the
+// target's own gemm_small kernels (no BLAS call: its ISA is capped separately, and its per-call cost is large next
+// to these thin products):
 //   out = K1 X, X = Z T, T = K3 v, Z = NS(K2) (Newton-Schulz from Z0 = K2^T / max column sum).
 // Phase 1 per head: landmarks, K2 and its max column sum (hf_global needs the max over every head first).
-// Phase 2 per head: Z (iterates kept, n x n each), K3, T, X; K1 and dX, dK1 -> dq (through K1), dkl;
-// dT, dZ; Newton-Schulz backward -> dK2 (all but the max-column-sum term) and d(coefficient); K3's
-// backward -> dv, dk (through K3), dql. Phase 3 per head: the max term, K2's softmax backward, and the
-// landmark gradients spread back over their segments. grad_out must already be zero on padded rows.
+// Phase 2 per head: Z (iterates kept, n x n each); K3 (n x S, whole rows: its softmax spans every key), T, X;
+// then query tiles of kBwdRows rows, everything of a tile in L1/L2: K1's scores and probabilities, dX += K1^T dO,
+// dK1 = dO X^T, K1's softmax backward, dq (through K1) and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward ->
+// dK2 (all but the max-column-sum term) and d(coefficient); K3's backward -> dv, dk (through K3), dql, with
+// rowsum(K3 o dK3) = dT . T per landmark (no pass over the keys). Phase 3 per head: the max term, K2's softmax
+// backward, and the landmark gradients spread back over their segments. Padded query rows of grad_out are read
+// as zero (their output is zero). Head dims that are not whole vectors run on zero-padded copies of the head's rows.
+constexpr int64_t kBwdRows = 64;
+
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                int64_t num_landmarks, int64_t iterations, const OptTensor& key_padding_mask,
-                                double scale, bool hf_global, double dropout_p, int64_t seed, int64_t offset) {
+                                const Tensor& saved, int64_t num_landmarks, int64_t iterations,
+                                const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p,
+                                int64_t seed, int64_t offset) {
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -223,7 +322,19 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), BH = B * H;
   TORCH_CHECK(num_landmarks >= 1 && num_landmarks <= S, "num_landmarks: expected 1..", S, ", got ", num_landmarks);
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
-  const int64_t c = (S + num_landmarks - 1) / num_landmarks, n = (S + c - 1) / c, nn = n * n, nd = n * D;
+  const int64_t c = (S + num_landmarks - 1) / num_landmarks, n = (S + c - 1) / c;
+  // Padded widths: landmarks np, head dim dp (gemm_small's B and C columns), keys ls (K3's rows; one vector more
+  // than the padded length so rows 4 KiB apart do not share L1 sets when read down a column).
+  const int64_t np = pad_small(n), dp = pad_small(D), sp = pad_small(S), ls = sp + kSmallPad;
+  check_float(saved, "saved");
+  const int64_t per = saved_floats(D, n);
+  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == B && saved.size(1) == H && saved.size(2) == per &&
+                  saved.is_contiguous(),
+              "saved: expected nystrom_fwd's contiguous (", B, ", ", H, ", ", per, "), got ", saved.sizes());
+  const float* svp = saved.data_ptr<float>();
+  const int64_t nn = n * np, nd = n * dp;
+  const bool padded_d = D != dp;
+  const int64_t ld = padded_d ? dp : D;  // row stride of the q, k, v, grad rows the products read and write
   const float sc = static_cast<float>(scale);
   const Dropout drop = dropout_of(dropout_p, seed, offset);  // on K1, as in nystrom_fwd
   Tensor kbias;
@@ -233,135 +344,190 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const float* dop = grad_out.data_ptr<float>();
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  std::vector<float> ql(BH * nd), kl(BH * nd), k2(BH * nn), dk2(BH * nn), dql(BH * nd), dkl(BH * nd), colmax(BH),
-      dcoeff(BH);
+  // Per head: klT (D x np), K2 and dK2 (n x np), dql, dkl (n x dp); the landmarks ql, kl are the forward's.
+  std::vector<float> klT(BH * D * np, 0.f), k2(BH * nn, 0.f), dk2(BH * nn, 0.f), dql(BH * nd, 0.f),
+      dkl(BH * nd, 0.f), colmax(BH), dcoeff(BH);
+  auto qlp = [&](int64_t bh) { return svp + bh * per + nd; };
+  auto klp = [&](int64_t bh) { return svp + bh * per + 2 * nd; };
 
   // Phase 1.
   parallel_tasks(
       BH, [&] { return 0; },
       [&](int, int64_t bh) {
-        float *qlh = ql.data() + bh * nd, *klh = kl.data() + bh * nd, *m = k2.data() + bh * nn;
-        segment_means(qp + bh * S * D, S, D, n, c, qlh);
-        segment_means(kp + bh * S * D, S, D, n, c, klh);
-        gemm_rm(false, true, n, n, D, sc, qlh, D, klh, D, 0.f, m, n);
-        softmax_rows(m, n, n, n, nullptr);
+        const float *qlh = qlp(bh), *klh = klp(bh);
+        float *m = k2.data() + bh * nn, *klt = klT.data() + bh * D * np;
+        transpose(klh, n, D, dp, klt, np);
+        product(n, np, D, sc, qlh, dp, 1, klt, np, m, np, false);
+        softmax_rows(m, n, n, np, nullptr);
         float mx = 0.f;
         for (int64_t j = 0; j < n; ++j) {
           float cs = 0.f;
-          for (int64_t i = 0; i < n; ++i) cs += m[i * n + j];
+          for (int64_t i = 0; i < n; ++i) cs += m[i * np + j];
           mx = std::max(mx, cs);
         }
         colmax[bh] = mx;
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
 
-  // Phase 2.
-  struct Scratch {
-    std::vector<float> big, small;
-  };
+  // Phase 2. Scratch per thread (thread_scratch): K3, dK3 (n x ls) and k^T, then v^T (D x ls); the tiles (K1, its
+  // gradient, K1 with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole
+  // vector, the head's q, k, v, grad_out rows and then dq, dk, dv rows, padded to dp columns.
   const int64_t its = iterations;
+  const int64_t big_n = (2 * n + D) * ls, tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
+                small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np, rows_n = padded_d ? 7 * S * dp : 0;
   parallel_tasks(
       BH,
-      [&] {  // with dropout a fifth (S x n) buffer: K1 with the mask applied
-        return Scratch{std::vector<float>((drop.on ? 5 : 4) * S * n),
-                       std::vector<float>((its + 1) * nn + 9 * nn + 6 * nd)};
+      [&] {
+        return std::array<float*, 3>{thread_scratch(0, big_n), thread_scratch(1, tile_n + small_n),
+                                     thread_scratch(2, rows_n)};
       },
-      [&](Scratch& w, int64_t bh) {
-        const int64_t b = bh / H;
-        const float *qh = qp + bh * S * D, *kh = kp + bh * S * D, *vh = vp + bh * S * D, *doh = dop + bh * S * D;
-        const float *qlh = ql.data() + bh * nd, *klh = kl.data() + bh * nd, *m = k2.data() + bh * nn;
-        float *k1 = w.big.data(), *g1 = k1 + S * n, *k3 = g1 + S * n, *g3 = k3 + S * n;
-        float* zs = w.small.data();  // iterates z_0 .. z_its
+      [&](std::array<float*, 3>& w, int64_t bh) {
+        const int64_t b = bh / H, row = bh * S * D;
+        const float *xq = qp + row, *xk = kp + row, *xv = vp + row, *xdo = dop + row;
+        float *xdq = dqp + row, *xdk = dkp + row, *xdv = dvp + row;
+        if (padded_d) {
+          float* r = w[2];
+          std::fill(r, r + rows_n, 0.f);
+          const float* src[4] = {xq, xk, xv, xdo};
+          for (int i = 0; i < 4; ++i)
+            for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * D, src[i] + (j + 1) * D, r + (i * S + j) * dp);
+          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp;
+          xdq = r + 4 * S * dp, xdk = r + 5 * S * dp, xdv = r + 6 * S * dp;
+        }
+        const float *qlh = qlp(bh), *klh = klp(bh), *m = k2.data() + bh * nn;
+        const float* klt = klT.data() + bh * D * np;
+        float *k3 = w[0], *g3 = k3 + n * ls, *tr = g3 + n * ls;
+        for (int64_t j = 0; j < D; ++j) std::fill(tr + j * ls + S, tr + j * ls + sp, 0.f);  // keys past S
+        float *s1 = w[1], *g1 = s1 + kBwdRows * np, *k1d = g1 + kBwdRows * np, *dob = k1d + kBwdRows * np;
+        float* dl1 = dob + kBwdRows * ld;  // the tile's rowsum(K1 o dK1)
+        float* zs = dl1 + kBwdRows;  // iterates z_0 .. z_its
+        std::fill(zs, zs + small_n, 0.f);
         float *mz = zs + (its + 1) * nn, *t1 = mz + nn, *t2 = t1 + nn, *t3 = t2 + nn, *dz = t3 + nn, *dzn = dz + nn,
-              *dt = dzn + nn, *dt2 = dt + nn, *dmz = dt2 + nn;
-        float *tt = dmz + nn, *xx = tt + nd, *dx = xx + nd, *dtt = dx + nd;
-        float *dqlh = dql.data() + bh * nd, *dklh = dkl.data() + bh * nd, *dm = dk2.data() + bh * nn;
-        const int64_t dqrow = bh * S * D;
+              *dt = dzn + nn, *dt2 = dt + nn, *dmz = dt2 + nn, *bt = dmz + nn, *dts = bt + nn;
+        const float* tt = svp + bh * per;  // T = K3 v, as the forward computed it
+        float *xx = dts + nn, *dx = xx + nd, *dtt = dx + nd, *dqlh = dtt + nd, *dklh = dqlh + nd;
+        float *xxT = dklh + nd, *ttT = xxT + D * np;
+        float* dm = dk2.data() + bh * nn;
+        const SquareOps sq{n, np, bt};
         // Z: Newton-Schulz, every iterate kept.
         const float coeff = 1.f / (hf_global ? gmax : colmax[bh]);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) zs[i * n + j] = coeff * m[j * n + i];
-        auto ns_terms = [&](const float* z) {  // mz = m z, t1 = 7I - mz, t2 = 15I - mz t1, t3 = 13I - mz t2
-          gemm_rm(false, false, n, n, n, 1.f, m, n, z, n, 0.f, mz, n);
-          for (int64_t i = 0; i < nn; ++i) t1[i] = -mz[i];
-          for (int64_t i = 0; i < n; ++i) t1[i * n + i] += 7.f;
-          gemm_rm(false, false, n, n, n, -1.f, mz, n, t1, n, 0.f, t2, n);
-          for (int64_t i = 0; i < n; ++i) t2[i * n + i] += 15.f;
-          gemm_rm(false, false, n, n, n, -1.f, mz, n, t2, n, 0.f, t3, n);
-          for (int64_t i = 0; i < n; ++i) t3[i * n + i] += 13.f;
-        };
+        sq.init(m, coeff, zs);
         for (int64_t it = 0; it < its; ++it) {
           const float* z = zs + it * nn;
-          ns_terms(z);
-          gemm_rm(false, false, n, n, n, 0.25f, z, n, t3, n, 0.f, zs + (it + 1) * nn, n);
+          sq.terms(m, z, mz, t1, t2, t3);
+          sq.mm(false, z, t3, zs + (it + 1) * nn, 0.25f, false);
         }
         const float* zf = zs + its * nn;
-        // K3 (n x S, padded keys masked), T = K3 v, X = Z T.
-        gemm_rm(false, true, n, S, D, sc, qlh, D, kh, D, 0.f, k3, S);
-        softmax_rows(k3, n, S, S, bp ? bp + b * S : nullptr);
-        gemm_rm(false, false, n, D, S, 1.f, k3, S, vh, D, 0.f, tt, D);
-        gemm_rm(false, false, n, D, n, 1.f, zf, n, tt, D, 0.f, xx, D);
-        // K1 (S x n); dX = K1^T dO; dK1 = dO X^T; dS1 = K1 (dK1 - rowsum(K1 dK1)); dq = s dS1 kl; dkl = s dS1^T q.
-        // With dropout (mask M on K1, scale r): dX = (K1 o M r)^T dO and dK1 = (dO X^T) o M r.
-        gemm_rm(false, true, S, n, D, sc, qh, D, klh, D, 0.f, k1, n);
-        softmax_rows(k1, S, n, n, nullptr);
-        const float* k1x = k1;
-        if (drop.on) {
-          float* k1d = g3 + S * n;
-          std::copy(k1, k1 + S * n, k1d);
-          dropout_rows(drop, bh, 0, S, S, n, k1d, n);
-          k1x = k1d;
+        // K3 (n x S, padded keys masked) from k^T; X = Z T, and X^T, T^T packed (D x np) as B operands.
+        transpose(xk, S, D, ld, tr, ls);
+        product(n, sp, D, sc, qlh, dp, 1, tr, ls, k3, ls, false);
+        softmax_rows(k3, n, S, ls, bp ? bp + b * S : nullptr);
+        product(n, dp, n, 1.f, zf, np, 1, tt, dp, xx, dp, false);
+        transpose(xx, n, D, dp, xxT, np);
+        transpose(tt, n, D, dp, ttT, np);
+        // Query tiles: K1 = softmax(s q kl^T); dX += K1^T dO; dK1 = dO X^T; dS1 = K1 o (dK1 - rowsum(K1 o dK1));
+        // dq = s dS1 kl; dkl += s dS1^T q. With dropout (mask M on K1, scale r): dX takes K1 o M r and
+        // dK1 = (dO X^T) o M r.
+        std::fill(dx, dx + nd, 0.f);
+        std::fill(dklh, dklh + nd, 0.f);
+        for (int64_t i0 = 0; i0 < S; i0 += kBwdRows) {
+          const int64_t rows = std::min(kBwdRows, S - i0);
+          const float *qt = xq + i0 * ld, *dot = xdo + i0 * ld;
+          if (bp) {  // padded query rows: their output is zero, so no gradient flows from grad_out there
+            const float* bq = bp + b * S + i0;
+            if (std::any_of(bq, bq + rows, [](float x) { return x != 0.f; })) {
+              for (int64_t r = 0; r < rows; ++r) {
+                if (bq[r] != 0.f)
+                  std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
+                else
+                  std::copy(dot + r * ld, dot + (r + 1) * ld, dob + r * ld);
+              }
+              dot = dob;
+            }
+          }
+          product(rows, np, D, sc, qt, ld, 1, klt, np, s1, np, false);
+          softmax_rows(s1, rows, n, np, nullptr);
+          const float* k1x = s1;
+          if (drop.on) {
+            std::copy(s1, s1 + rows * np, k1d);
+            dropout_rows(drop, bh, i0, rows, S, n, k1d, np);
+            k1x = k1d;
+          }
+          product(n, dp, rows, 1.f, k1x, 1, np, dot, ld, dx, dp, true);
+          product(rows, np, D, 1.f, dot, ld, 1, xxT, np, g1, np, false);
+          if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, g1, np);
+          // dS1 = K1 o (dK1 - rowsum(K1 o dK1)), the row sums by the target's SIMD dot over np columns (K1's
+          // padding columns are zero)
+          rowwise_dot(s1, g1, dl1, rows, np);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float *pr = s1 + r * np, d = dl1[r];
+            float* gr = g1 + r * np;
+            for (int64_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - d);
+          }
+          product(rows, dp, n, sc, g1, np, 1, klh, dp, xdq + i0 * ld, ld, false);
+          product(n, dp, rows, sc, g1, 1, np, qt, ld, dklh, dp, true);
         }
-        gemm_rm(true, false, n, D, S, 1.f, k1x, n, doh, D, 0.f, dx, D);
-        gemm_rm(false, true, S, n, D, 1.f, doh, D, xx, D, 0.f, g1, n);
-        if (drop.on) dropout_rows(drop, bh, 0, S, S, n, g1, n);
-        softmax_rows_bwd(k1, g1, S, n, n);
-        gemm_rm(false, false, S, D, n, sc, g1, n, klh, D, 0.f, dqp + dqrow, D);
-        gemm_rm(true, false, n, D, S, sc, g1, n, qh, D, 0.f, dklh, D);
         // dT = Z^T dX; dZ = dX T^T.
-        gemm_rm(true, false, n, D, n, 1.f, zf, n, dx, D, 0.f, dtt, D);
-        gemm_rm(false, true, n, n, D, 1.f, dx, D, tt, D, 0.f, dz, n);
+        product(n, dp, n, 1.f, zf, 1, np, dx, dp, dtt, dp, false);
+        product(n, np, D, 1.f, dx, dp, 1, ttT, np, dz, np, false);
         // Newton-Schulz backward, last iteration first: z' = 0.25 z t3.
         std::fill(dm, dm + nn, 0.f);
         for (int64_t it = its - 1; it >= 0; --it) {
           const float* z = zs + it * nn;
-          ns_terms(z);
-          gemm_rm(false, true, n, n, n, 0.25f, dz, n, t3, n, 0.f, dzn, n);  // dz_in = 0.25 dz t3^T
-          gemm_rm(true, false, n, n, n, 0.25f, z, n, dz, n, 0.f, dt, n);    // dt3 = 0.25 z^T dz
-          gemm_rm(false, true, n, n, n, -1.f, dt, n, t2, n, 0.f, dmz, n);   // dmz = -dt3 t2^T
-          gemm_rm(true, false, n, n, n, -1.f, mz, n, dt, n, 0.f, dt2, n);   // dt2 = -mz^T dt3
-          gemm_rm(false, true, n, n, n, -1.f, dt2, n, t1, n, 1.f, dmz, n);  // dmz -= dt2 t1^T
-          gemm_rm(true, false, n, n, n, -1.f, mz, n, dt2, n, 0.f, dt, n);   // dt1 = -mz^T dt2
-          for (int64_t i = 0; i < nn; ++i) dmz[i] -= dt[i];                 // dmz -= dt1
-          gemm_rm(false, true, n, n, n, 1.f, dmz, n, z, n, 1.f, dm, n);     // dm += dmz z^T
-          gemm_rm(true, false, n, n, n, 1.f, m, n, dmz, n, 1.f, dzn, n);    // dz_in += m^T dmz
+          sq.terms(m, z, mz, t1, t2, t3);
+          sq.mmt(dz, t3, dzn, 0.25f, false);   // dz_in = 0.25 dz t3^T
+          sq.mm(true, z, dz, dt, 0.25f, false);  // dt3 = 0.25 z^T dz
+          sq.mmt(dt, t2, dmz, -1.f, false);    // dmz = -dt3 t2^T
+          sq.mm(true, mz, dt, dt2, -1.f, false);  // dt2 = -mz^T dt3
+          sq.mmt(dt2, t1, dmz, -1.f, true);    // dmz -= dt2 t1^T
+          sq.mm(true, mz, dt2, dts, -1.f, false);  // dt1 = -mz^T dt2
+          for (int64_t i = 0; i < nn; ++i) dmz[i] -= dts[i];  // dmz -= dt1
+          sq.mmt(dmz, z, dm, 1.f, true);        // dm += dmz z^T
+          sq.mm(true, m, dmz, dzn, 1.f, true);   // dz_in += m^T dmz
           std::swap(dz, dzn);
         }
         float dc = 0.f;  // z0 = coeff m^T
         for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) dm[j * n + i] += coeff * dz[i * n + j], dc += dz[i * n + j] * m[j * n + i];
+          for (int64_t j = 0; j < n; ++j)
+            dm[j * np + i] += coeff * dz[i * np + j], dc += dz[i * np + j] * m[j * np + i];
         dcoeff[bh] = dc;
-        // K3 backward: dv = K3^T dT; dK3 = dT v^T; dS3 = K3 (dK3 - rowsum(K3 dK3)); dql = s dS3 k; dk = s dS3^T ql.
-        gemm_rm(true, false, S, D, n, 1.f, k3, S, dtt, D, 0.f, dvp + dqrow, D);
-        gemm_rm(false, true, n, S, D, 1.f, dtt, D, vh, D, 0.f, g3, S);
-        softmax_rows_bwd(k3, g3, n, S, S);
-        gemm_rm(false, false, n, D, S, sc, g3, S, kh, D, 0.f, dqlh, D);
-        gemm_rm(true, false, S, D, n, sc, g3, S, qlh, D, 0.f, dkp + dqrow, D);
+        // K3 backward: dv = K3^T dT; dK3 = dT v^T; dS3 = K3 o (dK3 - rowsum(K3 o dK3)), the row sum being
+        // dT . T (= sum_j K3[l, j] dT[l] . v[j]); dql = s dS3 k; dk = s dS3^T ql.
+        product(S, dp, n, 1.f, k3, 1, ls, dtt, dp, xdv, ld, false);
+        transpose(xv, S, D, ld, tr, ls);
+        product(n, sp, D, 1.f, dtt, dp, 1, tr, ls, g3, ls, false);
+        for (int64_t l = 0; l < n; ++l) {
+          float dl = 0.f;
+          for (int64_t j = 0; j < D; ++j) dl += dtt[l * dp + j] * tt[l * dp + j];
+          const float* pr = k3 + l * ls;
+          float* gr = g3 + l * ls;
+          for (int64_t j = 0; j < S; ++j) gr[j] = pr[j] * (gr[j] - dl);
+        }
+        product(n, dp, S, sc, g3, ls, 1, xk, ld, dqlh, dp, false);
+        product(S, dp, n, sc, g3, 1, ls, qlh, dp, xdk, ld, false);
+        std::copy(dqlh, dqlh + nd, dql.data() + bh * nd);
+        std::copy(dklh, dklh + nd, dkl.data() + bh * nd);
+        if (padded_d) {
+          const float* src[3] = {xdq, xdk, xdv};
+          float* dst[3] = {dqp + row, dkp + row, dvp + row};
+          for (int i = 0; i < 3; ++i)
+            for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * dp, src[i] + j * dp + D, dst[i] + j * D);
+        }
       });
 
   // Phase 3: d(coefficient) -> d(max column sum) -> dK2 (split evenly over tied maxima, as torch's max does).
   float dgmax = 0.f;
   for (int64_t bh = 0; bh < BH; ++bh) dgmax += dcoeff[bh];
   parallel_tasks(
-      BH, [&] { return std::vector<float>(n); },
-      [&](std::vector<float>& cs, int64_t bh) {
+      BH, [&] { return std::vector<float>(n + nn, 0.f); },
+      [&](std::vector<float>& w, int64_t bh) {
         const float* m = k2.data() + bh * nn;
-        float* dm = dk2.data() + bh * nn;
+        float *dm = dk2.data() + bh * nn, *cs = w.data(), *ds = cs + n;
         const float mx = hf_global ? gmax : colmax[bh];
         const float dmx = -(hf_global ? dgmax : dcoeff[bh]) / (mx * mx);
-        std::fill(cs.begin(), cs.end(), 0.f);
+        std::fill(cs, cs + n, 0.f);
         for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * n + j];
+          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
         int64_t ties = 0;
         if (hf_global) {
           for (int64_t o = 0; o < BH; ++o) ties += colmax[o] == gmax ? 1 : 0;  // heads holding the max
@@ -376,25 +542,21 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           const float share = dmx / static_cast<float>(here * ties);
           for (int64_t j = 0; j < n; ++j)
             if (cs[j] == mx)
-              for (int64_t i = 0; i < n; ++i) dm[i * n + j] += share;
+              for (int64_t i = 0; i < n; ++i) dm[i * np + j] += share;
         }
         // K2 softmax backward: dS2 = K2 (dK2 - rowsum(K2 dK2)); dql += s dS2 kl; dkl += s dS2^T ql.
-        std::vector<float> ds(nn);
-        for (int64_t i = 0; i < n; ++i) {
-          float dl = 0.f;
-          for (int64_t j = 0; j < n; ++j) dl += m[i * n + j] * dm[i * n + j];
-          for (int64_t j = 0; j < n; ++j) ds[i * n + j] = m[i * n + j] * (dm[i * n + j] - dl);
-        }
+        std::copy(dm, dm + nn, ds);
+        softmax_rows_bwd(m, ds, n, n, np);
         float *dqlh = dql.data() + bh * nd, *dklh = dkl.data() + bh * nd;
-        gemm_rm(false, false, n, D, n, sc, ds.data(), n, kl.data() + bh * nd, D, 1.f, dqlh, D);
-        gemm_rm(true, false, n, D, n, sc, ds.data(), n, ql.data() + bh * nd, D, 1.f, dklh, D);
+        product(n, dp, n, sc, ds, np, 1, klp(bh), dp, dqlh, dp, true);
+        product(n, dp, n, sc, ds, 1, np, qlp(bh), dp, dklh, dp, true);
         // Landmark means: each token of segment l gets d(landmark l) / count(l).
         for (int64_t l = 0; l < n; ++l) {
           const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
           const float inv = 1.f / static_cast<float>(r1 - r0);
           for (int64_t r = r0; r < r1; ++r) {
             float *gq = dqp + (bh * S + r) * D, *gk = dkp + (bh * S + r) * D;
-            for (int64_t j = 0; j < D; ++j) gq[j] += inv * dqlh[l * D + j], gk[j] += inv * dklh[l * D + j];
+            for (int64_t j = 0; j < D; ++j) gq[j] += inv * dqlh[l * dp + j], gk[j] += inv * dklh[l * dp + j];
           }
         }
       });

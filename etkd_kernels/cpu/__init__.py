@@ -92,19 +92,48 @@ def _bf16_choice(products: str) -> str:
         or _C.tile_gemm() != "own"
     ):
         return ""
+    cap = onednn_cap_hiding_amx() if os.environ.get("ETKD_CPU_AMX", "").strip() != "0" else ""
+    why_no_amx = f"; {cap} caps oneDNN below this CPU's AMX tiles" if cap else ""
     isa = os.environ.get("ETKD_CPU_ISA", "").strip()
     if isa not in ("", "auto"):
-        return f" (ETKD_CPU_ISA={isa})"
+        return f" (ETKD_CPU_ISA={isa}{why_no_amx})"
     mode = os.environ.get("ETKD_CPU_BF16", "").strip()
     if mode not in ("", "auto"):
-        return f" (ETKD_CPU_BF16={mode})"
+        return f" (ETKD_CPU_BF16={mode}{why_no_amx})"
     if products == "fp32" and _C.isa() != "avx512":
-        return ""  # the avx512_bf16 target without MKL's bf16 GEMM in this torch: no choice made
+        return f" ({why_no_amx[2:]})" if cap else ""  # avx512_bf16 target, no MKL bf16 GEMM in this torch
     rates = _C.product_rates()  # the rates the choice compared
     return (
         f" (faster here: vdpbf16ps {rates['vdpbf16ps']:.1f} vs fp32 {rates['fp32']:.1f} GMAC/s per thread, "
-        "measured at first use; ETKD_CPU_BF16=vdpbf16ps|fp32 forces one)"
+        f"measured at first use; ETKD_CPU_BF16=vdpbf16ps|fp32 forces one{why_no_amx})"
     )
+
+
+# oneDNN's ONEDNN_MAX_CPU_ISA values below AMX (its cpu_isa_t names; DEFAULT, ALL and the *_AMX* ones allow it)
+_ONEDNN_BELOW_AMX = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+     "AVX512_CORE_FP16", "AVX10_1_512"}
+)  # fmt: skip
+
+
+def onednn_cap_hiding_amx() -> str:
+    """'ONEDNN_MAX_CPU_ISA=<value>' when that variable (or its old name DNNL_MAX_CPU_ISA) keeps oneDNN, and so the
+    AMX brgemm bf16 tiles, below AMX on a CPU that has AMX-BF16; '' otherwise. The AVX2 and Zen 4 emulations set
+    it on purpose; anyone else loses the AMX tiles to it, so `etkd info` says so (unless ETKD_CPU_AMX=0)."""
+    import os
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            break
+    if value.upper() not in _ONEDNN_BELOW_AMX:
+        return ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return f"{name}={value}" if {"amx_bf16", "amx_tile"} <= set(flags) else ""
 
 
 _told: set[tuple[str, torch.dtype, int]] = set()

@@ -60,11 +60,24 @@ def _dropout(p):
     return p.dropout_p, p.seed, p.offset
 
 
-@in_float32
+def saved_like(q, p):
+    """What `forward` keeps for `backward` (etkd_kernels.ops._define: `saved`): per (batch, head), T = K3 @ v and the
+    landmarks q~, k~, each (landmarks, head_dim padded to whole 16-float vectors), float32; nothing for the exact
+    landmarks == seq case. K1 and K3 ((seq, landmarks) each) are recomputed by the backward."""
+    b, h, s, d = q.shape
+    if p.num_landmarks == s:
+        return q.new_empty(0, dtype=torch.float32)
+    c = max(1, -(-s // p.num_landmarks))  # seq 0: no landmark
+    n = -(-s // c)
+    dp = -(-d // 16) * 16  # csrc/cpu/nystrom.cpp: saved_floats
+    return q.new_empty(b, h, 3 * n * dp, dtype=torch.float32)
+
+
+@in_float32(keep=(1,))
 def forward(q, k, v, p):
     with torch.no_grad():
         if p.num_landmarks == q.shape[2]:
-            return exact(q, k, v, p.key_padding_mask, p.scale, _dropout(p))
+            return exact(q, k, v, p.key_padding_mask, p.scale, _dropout(p)), saved_like(q, p)
         return torch.ops.etkd_cpu.nystrom_fwd(
             q.contiguous(),
             k.contiguous(),
@@ -79,18 +92,17 @@ def forward(q, k, v, p):
 
 
 @in_float32
-def backward(grad_out, q, k, v, out, p):
+def backward(grad_out, q, k, v, out, saved, p):
     num_landmarks, pinv_iterations, key_padding_mask = p.num_landmarks, p.pinv_iterations, p.key_padding_mask
     scale, pinv_init = p.scale, p.pinv_init
     if num_landmarks == q.shape[2]:
         return recompute_backward(exact, grad_out, (q, k, v), key_padding_mask, scale, _dropout(p))
-    if key_padding_mask is not None:  # padded output rows are set to zero: no gradient flows from them
-        grad_out = grad_out.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
     return torch.ops.etkd_cpu.nystrom_bwd(
         grad_out.contiguous(),
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
+        saved,
         num_landmarks,
         pinv_iterations,
         key_padding_mask,

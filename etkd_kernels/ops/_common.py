@@ -135,7 +135,7 @@ def _strided(fwd_op: Callable, q: torch.Tensor, p: CommonParams, backend: str) -
     """Whether the backend `backend` resolves to for this call takes q, k, v at any strides (eager only)."""
     if torch.compiler.is_compiling():
         return False
-    op = fwd_op.name().split("::")[1].removesuffix("_fwd")
+    op = fwd_op._schema.name.split("::")[1].removesuffix("_fwd")  # without the overload (_define.define)
     return strided_inputs(resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=backend), op)
 
 

@@ -2,7 +2,12 @@
 
 Each pattern is two custom ops, `etkd::<op>_fwd(q, k, v, <settings>, backend) -> (out, lse, rng)` and
 `etkd::<op>_bwd(grad_out, q, k, v, out, lse, rng, <settings>, backend) -> Tensor[]`, plus fake kernels and
-`register_autograd` tying them together. `backend` is the name the caller asked for (the public op applies
+`register_autograd` tying them together. An op defined with `saved=True` has one more forward output before
+`rng`, `saved`, which its backward gets after `out` (and `lse`): whatever the backend that ran the forward keeps
+for its backward (a backend module declares it by `saved_like(q, params)`, an empty tensor of the shape and dtype
+its forward returns there, so the fake kernels know it too; a backend without it keeps nothing: a 0-element
+tensor). The ops' overload is named after their schemas (`etkd.<op>_fwd.s<hash>`, `defined(name)` finds it), so an
+on-disk torch.compile cache never reuses a graph traced against another version of them. `backend` is the name the caller asked for (the public op applies
 `use_backend` and ETKD_BACKEND when it is called: `dispatch.requested_backend`); the forward resolves it to a
 backend once and saves that backend (`ctx.impl`, as xformers' `ctx.op_bw`); the backward op is called with
 its explicit name, so it runs on that backend whatever context or thread autograd runs the backward in. In a
@@ -33,6 +38,7 @@ no element. No kernel is launched with an empty grid.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -115,9 +121,26 @@ def settings_of(p: CommonParams) -> list:
     return [getattr(p, f.name) for f in schema_fields(p)]
 
 
-def define(op: str, params: type, lse: bool = True) -> Callable:
+def defined(name: str) -> torch._ops.OpOverload:
+    """The op `define` registered as `etkd::<name>` (e.g. "nystrom_fwd"), whatever its schema's overload name."""
+    packet = getattr(torch.ops.etkd, name)
+    (overload,) = packet.overloads()
+    return getattr(packet, overload)
+
+
+def saved_like(impl, q: torch.Tensor, p: CommonParams) -> torch.Tensor:
+    """The (empty) tensor backend module `impl`'s forward returns as `saved` for these inputs: its `saved_like`, or
+    a 0-element float32 tensor when it keeps nothing."""
+    f = getattr(impl, "saved_like", None)
+    return f(q, p) if f is not None else q.new_empty(0, dtype=torch.float32)
+
+
+def define(op: str, params: type, lse: bool = True, saved: bool = False) -> Callable:
     """Define `etkd::{op}_fwd`/`_bwd` with the fields of the dataclass `params` (a `CommonParams`) as settings;
-    return the forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`."""
+    return the forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`.
+    `saved=True`: the forward also returns the backend's `saved` tensor (module docstring), which the backward
+    gets; a backend that declares `saved_like` returns it from `forward` (after out and lse) and takes it in
+    `backward` (after out and lse), the others are called as without it."""
     if not (isinstance(params, type) and issubclass(params, CommonParams)):
         raise TypeError(f"{params!r}: expected a dataclass deriving from CommonParams")
     fields = schema_fields(params)
@@ -136,21 +159,33 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
     tensor_fields = [i for i, f in enumerate(fields) if _SCHEMA_TYPES[f.type].startswith("Tensor")]
     grad_fields = [i for i, f in enumerate(fields) if f.metadata.get("grad")]
     settings = ", ".join(f"{_SCHEMA_TYPES[f.type]} {f.name}" for f in fields)
-    saved = "Tensor out, Tensor lse, Tensor rng" if lse else "Tensor out, Tensor rng"
-    fwd_name, bwd_name = f"{LIB}::{op}_fwd", f"{LIB}::{op}_bwd"
-    torch.library.define(
-        fwd_name,
-        f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> {'(Tensor, Tensor, Tensor)' if lse else '(Tensor, Tensor)'}",
+    kept = ["out", *(["lse"] if lse else []), *(["saved"] if saved else [])]
+    fwd_schema = f"(Tensor q, Tensor k, Tensor v, {settings}, str backend) -> ({', '.join(['Tensor'] * (len(kept) + 1))})"
+    bwd_schema = (
+        f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, {', '.join(f'Tensor {t}' for t in kept)}, Tensor rng, "
+        f"{settings}, str backend) -> Tensor[]"
     )
-    torch.library.define(
-        bwd_name,
-        f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, {saved}, {settings}, str backend) -> Tensor[]",
-    )
+    # The overload is named after the schemas: torch.compile's on-disk caches key a graph by its traced code, which
+    # names the op and its overload but not its outputs, so a graph compiled against an earlier version of an op
+    # (e.g. before `saved` was added) would be reused with the wrong outputs.
+    tag = "s" + hashlib.sha1((fwd_schema + bwd_schema).encode()).hexdigest()[:12]
+    fwd_name, bwd_name = f"{LIB}::{op}_fwd.{tag}", f"{LIB}::{op}_bwd.{tag}"
+    torch.library.define(fwd_name, fwd_schema)
+    torch.library.define(bwd_name, bwd_schema)
 
-    def fwd_fake(q, *args):
+    def problem(q, settings) -> Problem:
+        return Problem.of(q, dropout=make(settings).dropout_p > 0)
+
+    def fwd_fake(q, *args, impl=None):
         out = torch.empty_like(q)
         rng = torch.empty(2, dtype=torch.int64, device="cpu")
-        return (out, q.new_empty(q.shape[:3], dtype=torch.float32), rng) if lse else (out, rng)
+        res = [out]
+        if lse:
+            res.append(q.new_empty(q.shape[:3], dtype=torch.float32))
+        if saved:
+            impl = impl if impl is not None else resolve(op, problem(q, args[2:-1]), backend=args[-1])
+            res.append(saved_like(impl, q, make(args[2:-1])))
+        return (*res, rng)
 
     def bwd_fake(grad_out, q, k, v, *args):
         given = args[-1 - n : -1]
@@ -169,7 +204,7 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         # the one choice of a backend for this call
         impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
         if q.shape[2] == 0:
-            out = fwd_fake(q, k, v, *args)[:-1]
+            out = fwd_fake(q, k, v, *args, impl=impl)[:-1]
         else:
             ref = q
             if not strided_inputs(
@@ -177,9 +212,11 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
             ):  # `run` made them contiguous; a direct call of the op may not have
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out = impl.forward(q, k, v, p)
+            out = tuple(out) if isinstance(out, tuple) else (out,)
+            if saved and not hasattr(impl, "saved_like"):
+                out = (*out, saved_like(impl, q, p))
             # The fake kernels promise out in q's layout (empty_like) and the rest contiguous; a backend may hand
             # back another layout (ATen's CPU flash kernel's lse). Free when already so.
-            out = tuple(out) if isinstance(out, tuple) else (out,)
             out = (layout_like(out[0], ref), *(t.contiguous() for t in out[1:]))
         _remember(out[0], impl)
         return (*out, rng)
@@ -203,7 +240,9 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
             *args[:2],
             *(given[i] for i in grad_fields),
         ]  # the fake kernel's layouts: empty_like of these
-        tensors = args[: -n - 1]  # k, v, out (, lse), rng
+        tensors = args[: -n - 1]  # k, v, out, [lse], [saved]
+        if saved and not hasattr(impl, "saved_like"):
+            tensors = tensors[:-1]
         if not strided_inputs(impl, op):
             grad_out, q = grad_out.contiguous(), q.contiguous()
             tensors = tuple(t.contiguous() for t in tensors)
@@ -218,12 +257,13 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
         )
 
     def bwd_impl(grad_out, q, *args):
-        problem = Problem.of(q, dropout=make(args[-1 - n : -1]).dropout_p > 0)
-        return run_backward(resolve(op, problem, backend=args[-1]), grad_out, q, *args[:-1])
+        return run_backward(
+            resolve(op, problem(q, args[-1 - n : -1]), backend=args[-1]), grad_out, q, *args[:-1]
+        )
 
     def setup_context(ctx, inputs, output):
         q, k, v, *given, backend = inputs
-        outs = output  # (out, lse, rng) or (out, rng)
+        outs = output  # out, [lse], [saved], rng
         ctx.save_for_backward(q, k, v, *outs, *(given[i] for i in tensor_fields))
         # Tensors go through save_for_backward (version checks, no reference cycles); the rest is kept as is.
         ctx.given = [None if i in tensor_fields else s for i, s in enumerate(given)]
@@ -249,6 +289,6 @@ def define(op: str, params: type, lse: bool = True) -> Callable:
     torch.library.impl(bwd_name, "default")(bwd_impl)
     torch.library.register_fake(fwd_name)(fwd_fake)
     torch.library.register_fake(bwd_name)(bwd_fake)
-    bwd_op = getattr(torch.ops.etkd, f"{op}_bwd").default
+    bwd_op = getattr(getattr(torch.ops.etkd, f"{op}_bwd"), tag)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-    return getattr(torch.ops.etkd, f"{op}_fwd").default
+    return getattr(getattr(torch.ops.etkd, f"{op}_fwd"), tag)

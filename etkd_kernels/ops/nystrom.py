@@ -26,7 +26,7 @@ class NystromParams(CommonParams):
     pinv_init: str
 
 
-_fwd_op = define("nystrom", NystromParams, lse=False)
+_fwd_op = define("nystrom", NystromParams, lse=False, saved=True)
 
 
 @public_op("key column j")
