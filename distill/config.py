@@ -20,8 +20,9 @@ from typing import Any
 
 from .errors import UserError
 
-# Allowed ranges, by setting: (low, high, low_inclusive). Checked on the merged values.
-RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+# Allowed ranges, by setting: (low, high, low_inclusive[, high_inclusive: True if left out]). Checked on the merged
+# values.
+RANGES: dict[str, tuple[float | None, float | None, bool] | tuple[float | None, float | None, bool, bool]] = {
     "max_steps": (1, None, True),
     "per_device_batch_size": (1, None, True),
     "eval_batch_size": (1, None, True),
@@ -33,8 +34,9 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "log_every": (1, None, True),
     "keep_checkpoints": (0, None, True),
     "max_grad_norm": (0, None, True),
-    # 0 = the clean text (distill's cosine and all-token KL terms); pretrain and --alpha refuse it.
-    "mlm_probability": (0, 1, True),
+    # 0 = the clean text (distill's cosine and all-token KL terms); pretrain and --alpha refuse it. 1 would leave no
+    # token unselected (the collator needs p < 1).
+    "mlm_probability": (0, 1, True, False),
     "long_fraction": (0, 1, True),
     "short_length": (2, None, True),
     "long_length": (2, None, True),
@@ -207,11 +209,12 @@ def check_value(key: str, value: Any, spec: Spec, where: str) -> Any:
 def check_range(key: str, value: Any, where: str) -> None:
     if key not in RANGES or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    low, high, low_inclusive = RANGES[key]
+    low, high, low_inclusive, *rest = RANGES[key]
+    high_inclusive = rest[0] if rest else True
     if low is not None and (value < low or (value == low and not low_inclusive)):
         raise UserError(f"{where}: expected {'>=' if low_inclusive else '>'} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise UserError(f"{where}: expected <= {high}, got {value!r}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        raise UserError(f"{where}: expected {'<=' if high_inclusive else '<'} {high}, got {value!r}")
 
 
 def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:

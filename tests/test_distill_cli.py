@@ -387,6 +387,9 @@ def test_mlm_probability_0_is_taken_where_a_term_reads_unmasked_tokens(teacher_d
         )
     with pytest.raises(UserError, match=r"--mlm-probability: expected >= 0, got -0.1"):
         cli([*argv[:-1], "-0.1", "--overwrite"])
+    # 1 would select every token: refused by the range check, not by the collator's ValueError later
+    with pytest.raises(UserError, match=r"--mlm-probability: expected < 1, got 1.0"):
+        cli([*argv[:-1], "1", "--overwrite"])
 
 
 def test_distill_at_lr_near_0_saves_the_student_it_started_from(teacher_dir, corpus, tmp_path):
