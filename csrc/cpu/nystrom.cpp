@@ -167,7 +167,7 @@ struct SquareOps {
 // Floats per (batch, head) of what nystrom_fwd keeps for nystrom_bwd: T = K3 v and the landmarks ql, kl, each
 // n x pad_small(D) (padding zero). K1 and K3 (seq x landmarks each) are recomputed instead: keeping K1 saved a
 // product and its softmax in the backward but cost as much in the forward (writing it, and its page faults).
-int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D); }
+int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D) + pad_small(n); }
 
 // This thread's scratch `slot` of at least `size` floats, kept from call to call (a fresh buffer of a few MiB costs
 // its page faults on every call); the contents are whatever the last user left.
@@ -198,14 +198,13 @@ void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
 // waiting at the ends of the parallel loops). `_C.nystrom_profile()` returns and resets them.
 enum NysPhase : int {
   kFMeans, kFK2, kFK3v, kFPinv, kFK1Scores, kFK1Softmax, kFK1Out, kFTotal,
-  kBK2, kBNsFwd, kBK3, kBX, kBK1Scores, kBK1Softmax, kBDx, kBDk1, kBDs1, kBDq, kBDkl, kBDtDz, kBNsBwd, kBDv, kBDk3,
-  kBDs3, kBDql, kBDk, kBCopies, kBPhase3, kBTotal, kNysPhases
+  kBK2, kBNsFwd, kBX, kBK1Scores, kBK1Softmax, kBDx, kBDk1, kBDs1, kBDq, kBDkl, kBDtDz, kBNsBwd, kBK3, kBCopies,
+  kBPhase3, kBTotal, kNysPhases
 };
 const char* const kNysNames[kNysPhases] = {
     "fwd.means", "fwd.k2", "fwd.k3v", "fwd.pinv", "fwd.k1_scores", "fwd.k1_softmax", "fwd.k1_out", "fwd.total",
-    "bwd.k2", "bwd.ns_fwd", "bwd.k3", "bwd.x", "bwd.k1_scores", "bwd.k1_softmax", "bwd.dx", "bwd.dk1", "bwd.ds1",
-    "bwd.dq", "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.dv", "bwd.dk3", "bwd.ds3", "bwd.dql", "bwd.dk",
-    "bwd.copies", "bwd.phase3", "bwd.total"};
+    "bwd.k2", "bwd.ns_fwd", "bwd.x", "bwd.k1_scores", "bwd.k1_softmax", "bwd.dx", "bwd.dk1", "bwd.ds1", "bwd.dq",
+    "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.phase3", "bwd.total"};
 std::atomic<int64_t> g_nys_ns[kNysPhases];
 
 // This thread's CPU time in nanoseconds: a phase's time without the time the thread waited for a core (this machine
@@ -278,8 +277,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   const int64_t per = saved_floats(D, n);
   auto saved = at::empty({B, H, per}, q.options());
   float* svp = saved.data_ptr<float>();
-  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); K2 (n, np) and
-  // its max column sum; T = K3 @ v (n, dp), which needs no pseudo-inverse, so it runs before the global max.
+  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); T = K3 @ v (n, dp),
+  // which needs no pseudo-inverse, so it runs before the global max, and gathers kl's sums as it reads k; K2 (n, np)
+  // and its max column sum.
   std::vector<float> qlT(BH * D * np, 0.f), klT(BH * D * np, 0.f), k2(BH * n * np, 0.f), colmax(BH),
       xx(BH * n * dp);
   struct Scratch1 {
@@ -295,10 +295,17 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         float *qlt = qlT.data() + bh * D * np, *klt = klT.data() + bh * D * np;
         std::fill(qlh, qlh + 2 * n * dp, 0.f);
         segment_means(qp + bh * S * D, S, D, n, c, qlh, dp);
-        segment_means(kp + bh * S * D, S, D, n, c, klh, dp);
         transpose(qlh, n, D, dp, qlt, np);
-        transpose(klh, n, D, dp, klt, np);
         t.lap(kFMeans);
+        // T = K3 v and K3's log-sum-exp; the key landmarks' sums from the same pass over k.
+        landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
+                        svp + bh * per, svp + bh * per + 3 * n * dp, klh, c, w.work.data());
+        t.lap(kFK3v);
+        for (int64_t l = 0; l < n; ++l) {
+          const float cnt = static_cast<float>(std::min(S, (l + 1) * c) - l * c);
+          for (int64_t j = 0; j < D; ++j) klh[l * dp + j] /= cnt;
+        }
+        transpose(klh, n, D, dp, klt, np);
         product(n, np, D, sc, qlh, dp, 1, klt, np, m, np, false);
         softmax_rows(m, n, n, np, nullptr);
         std::fill(cs.begin(), cs.end(), 0.f);
@@ -306,9 +313,6 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
           for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
         colmax[bh] = *std::max_element(cs.begin(), cs.end());
         t.lap(kFK2);
-        landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
-                        svp + bh * per, w.work.data());
-        t.lap(kFK3v);
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
   // Phase 2 per (b, h): Z = pinv(K2), X = Z @ T (n, dp).
@@ -366,11 +370,11 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
 // to these thin products):
 //   out = K1 X, X = Z T, T = K3 v, Z = NS(K2) (Newton-Schulz from Z0 = K2^T / max column sum).
 // Phase 1 per head: landmarks, K2 and its max column sum (hf_global needs the max over every head first).
-// Phase 2 per head: Z (iterates kept, n x n each); K3 (n x S, whole rows: its softmax spans every key), T, X;
-// then query tiles of kBwdRows rows, everything of a tile in L1/L2: K1's scores and probabilities, dX += K1^T dO,
-// dK1 = dO X^T, K1's softmax backward, dq (through K1) and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward ->
-// dK2 (all but the max-column-sum term) and d(coefficient); K3's backward -> dv, dk (through K3), dql, with
-// rowsum(K3 o dK3) = dT . T per landmark (no pass over the keys). Phase 3 per head: the max term, K2's softmax
+// Phase 2 per head: Z (iterates kept, n x n each); X = Z T; then query tiles of kBwdRows rows, everything of a
+// tile in L1/L2: K1's scores and probabilities, dX += K1^T dO, dK1 = dO X^T, K1's softmax backward, dq (through K1)
+// and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward -> dK2 (all but the max-column-sum term) and
+// d(coefficient); K3's backward in key tiles (nystrom_k3_bwd: K3 from the forward's log-sum-exp, key-major like k
+// and v, so nothing is transposed) -> dv, dk (through K3), dql, with rowsum(K3 o dK3) = dT . T per landmark. Phase 3 per head: the max term, K2's softmax
 // backward, and the landmark gradients spread back over their segments. Padded query rows of grad_out are read
 // as zero (their output is zero). Head dims that are not whole vectors run on zero-padded copies of the head's rows.
 constexpr int64_t kBwdRows = 64;
@@ -391,7 +395,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const int64_t c = (S + num_landmarks - 1) / num_landmarks, n = (S + c - 1) / c;
   // Padded widths: landmarks np, head dim dp (gemm_small's B and C columns), keys ls (K3's rows; one vector more
   // than the padded length so rows 4 KiB apart do not share L1 sets when read down a column).
-  const int64_t np = pad_small(n), dp = pad_small(D), sp = pad_small(S), ls = sp + kSmallPad;
+  const int64_t np = pad_small(n), dp = pad_small(D);
   check_float(saved, "saved");
   const int64_t per = saved_floats(D, n);
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == B && saved.size(1) == H && saved.size(2) == per &&
@@ -415,6 +419,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
       dkl(BH * nd, 0.f), colmax(BH), dcoeff(BH);
   auto qlp = [&](int64_t bh) { return svp + bh * per + nd; };
   auto klp = [&](int64_t bh) { return svp + bh * per + 2 * nd; };
+  auto lsep = [&](int64_t bh) { return svp + bh * per + 3 * nd; };
 
   // Phase 1.
   parallel_tasks(
@@ -437,12 +442,13 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
 
-  // Phase 2. Scratch per thread (thread_scratch): K3, dK3 (n x ls) and k^T, then v^T (D x ls); the tiles (K1, its
-  // gradient, K1 with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole
-  // vector, the head's q, k, v, grad_out rows and then dq, dk, dv rows, padded to dp columns.
+  // Phase 2. Scratch per thread (thread_scratch): nystrom_k3_bwd's key tiles; the query tiles (K1, its gradient, K1
+  // with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole vector, the head's
+  // q, k, v, grad_out rows and then dq, dk, dv rows, padded to dp columns.
   const int64_t its = iterations;
-  const int64_t big_n = (2 * n + D) * ls, tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
-                small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np, rows_n = padded_d ? 7 * S * dp : 0;
+  const int64_t big_n = nystrom_k3_bwd_work(np), tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
+                small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np + 2 * dp * np + np,
+                rows_n = padded_d ? 7 * S * dp : 0;
   parallel_tasks(
       BH,
       [&] {
@@ -466,8 +472,6 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         }
         const float *qlh = qlp(bh), *klh = klp(bh), *m = k2.data() + bh * nn;
         const float* klt = klT.data() + bh * D * np;
-        float *k3 = w[0], *g3 = k3 + n * ls, *tr = g3 + n * ls;
-        for (int64_t j = 0; j < D; ++j) std::fill(tr + j * ls + S, tr + j * ls + sp, 0.f);  // keys past S
         float *s1 = w[1], *g1 = s1 + kBwdRows * np, *k1d = g1 + kBwdRows * np, *dob = k1d + kBwdRows * np;
         float* dl1 = dob + kBwdRows * ld;  // the tile's rowsum(K1 o dK1)
         float* zs = dl1 + kBwdRows;  // iterates z_0 .. z_its
@@ -476,7 +480,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
               *dt = dzn + nn, *dt2 = dt + nn, *dmz = dt2 + nn, *bt = dmz + nn, *dts = bt + nn;
         const float* tt = svp + bh * per;  // T = K3 v, as the forward computed it
         float *xx = dts + nn, *dx = xx + nd, *dtt = dx + nd, *dqlh = dtt + nd, *dklh = dqlh + nd;
-        float *xxT = dklh + nd, *ttT = xxT + D * np;
+        float *xxT = dklh + nd, *ttT = xxT + D * np, *qlT = ttT + D * np, *dtT = qlT + dp * np, *dl3 = dtT + dp * np;
         float* dm = dk2.data() + bh * nn;
         const SquareOps sq{n, np, bt};
         // Z: Newton-Schulz, every iterate kept.
@@ -489,11 +493,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         }
         const float* zf = zs + its * nn;
         t.lap(kBNsFwd);
-        // K3 (n x S, padded keys masked) from k^T; X = Z T, and X^T, T^T packed (D x np) as B operands.
-        transpose(xk, S, D, ld, tr, ls);
-        product(n, sp, D, sc, qlh, dp, 1, tr, ls, k3, ls, false);
-        softmax_rows(k3, n, S, ls, bp ? bp + b * S : nullptr);
-        t.lap(kBK3);
+        // X = Z T, and X^T, T^T packed (D x np) as B operands.
         product(n, dp, n, 1.f, zf, np, 1, tt, dp, xx, dp, false);
         transpose(xx, n, D, dp, xxT, np);
         transpose(tt, n, D, dp, ttT, np);
@@ -573,25 +573,16 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             dm[j * np + i] += coeff * dz[i * np + j], dc += dz[i * np + j] * m[j * np + i];
         dcoeff[bh] = dc;
         t.lap(kBNsBwd);
-        // K3 backward: dv = K3^T dT; dK3 = dT v^T; dS3 = K3 o (dK3 - rowsum(K3 o dK3)), the row sum being
-        // dT . T (= sum_j K3[l, j] dT[l] . v[j]); dql = s dS3 k; dk = s dS3^T ql.
-        product(S, dp, n, 1.f, k3, 1, ls, dtt, dp, xdv, ld, false);
-        t.lap(kBDv);
-        transpose(xv, S, D, ld, tr, ls);
-        product(n, sp, D, 1.f, dtt, dp, 1, tr, ls, g3, ls, false);
-        t.lap(kBDk3);
-        for (int64_t l = 0; l < n; ++l) {
-          float dl = 0.f;
-          for (int64_t j = 0; j < D; ++j) dl += dtt[l * dp + j] * tt[l * dp + j];
-          const float* pr = k3 + l * ls;
-          float* gr = g3 + l * ls;
-          for (int64_t j = 0; j < S; ++j) gr[j] = pr[j] * (gr[j] - dl);
-        }
-        t.lap(kBDs3);
-        product(n, dp, S, sc, g3, ls, 1, xk, ld, dqlh, dp, false);
-        t.lap(kBDql);
-        product(S, dp, n, sc, g3, 1, ls, qlh, dp, xdk, ld, false);
-        t.lap(kBDk);
+        // K3 backward in key tiles (nystrom_k3_bwd), K3 recomputed from the forward's lse: dv = K3^T dT;
+        // dK3 = dT v^T; dS3 = K3 o (dK3 - rowsum(K3 o dK3)), the row sum being dT . T (= sum_j K3[l, j] dT[l] . v[j]);
+        // dql = s dS3 k; dk = s dS3^T ql. The landmark side packed (dp x np, padding zero) as B operands.
+        transpose(qlh, n, dp, dp, qlT, np);
+        transpose(dtt, n, dp, dp, dtT, np);
+        rowwise_dot(dtt, tt, dl3, n, dp);
+        std::fill(dqlh, dqlh + nd, 0.f);
+        nystrom_k3_bwd(qlT, lsep(bh), xk, xv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh, xdv, xdk,
+                       dqlh, w[0]);
+        t.lap(kBK3);
         std::copy(dqlh, dqlh + nd, dql.data() + bh * nd);
         std::copy(dklh, dklh + nd, dkl.data() + bh * nd);
         if (padded_d) {
