@@ -308,6 +308,19 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         kd_args += ["--alpha", alpha, "--beta", beta, "--gamma", gamma]
     if delta:  # TinyBERT's per-layer hidden-state MSE on top
         kd_args += ["--delta", str(delta)]
+    if a.kd_relation:  # MiniLMv2's self-attention relations on top
+        kd_args += ["--relation", str(a.kd_relation)]
+        if a.kd_relation_layer:
+            kd_args += ["--relation-layer", str(a.kd_relation_layer)]
+    if a.kd_text != "corpus":  # the NER training sentences' own text (no labels), alone or with the corpus
+        ner_text = os.path.join(out, "data", "ner_text.txt")
+        if not os.path.isfile(ner_text):
+            with open(ner_text + ".tmp", "w") as f:
+                f.write("".join(" ".join(w) + "\n" for w in conll_sentences(ner_train)))
+            os.replace(ner_text + ".tmp", ner_text)
+        corpus = [ner_text] if a.kd_text == "ner" else [ner_text, corpus]
+    else:
+        corpus = [corpus]
     kd_args += ["--student-layers", a.student_layers]
     if a.ner_train:  # a low-resource fine-tune: the first N labelled sentences
         ner_train = first_sentences(
@@ -322,14 +335,15 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
     seconds: dict[str, float] = {}
     # Runs are kept under names that carry their settings, so a rerun reuses what it can and never a run made
     # with other settings: distillation by its arguments, fine-tuning by its steps and lr.
-    kd_tag = hashlib.sha256(json.dumps([kd_args, a.kd_steps]).encode()).hexdigest()[:8]
+    kd_tag = hashlib.sha256(json.dumps([kd_args, a.kd_steps] + ([a.kd_text] if a.kd_text != "corpus" else []))
+                            .encode()).hexdigest()[:8]  # fmt: skip
     ner_tag = f"ner{ner_steps}-lr{ner_lr:g}" + (f"-n{a.ner_train}" if a.ner_train else "")
     for seed in a.seeds:
         kd_dir = os.path.join(out, f"kd-{kd_tag}-seed{seed}")
         kd_student = os.path.join(kd_dir, "student")
         t0 = time.perf_counter()
         if not os.path.isfile(os.path.join(kd_student, "config.json")):
-            _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", corpus, "--output-dir", kd_dir,
+            _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", *corpus, "--output-dir", kd_dir,
                   "--max-steps", str(a.kd_steps), "--save-every", str(a.kd_steps), "--seed", str(seed), "--overwrite",
                   *kd_args, *quiet)  # fmt: skip
             seconds[f"distill seed {seed}"] = time.perf_counter() - t0
@@ -355,7 +369,7 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
                 metrics = json.load(f)["metrics"]
             results[name].append(metrics.get("f1_test", metrics.get("f1")))
     report = {"source": source, "seeds": a.seeds, "kd_steps": a.kd_steps, "ner_steps": ner_steps,
-              "ner_lr": ner_lr, "ner_train": a.ner_train, "kd_args": kd_args, "student_layers": a.student_layers, "f1": results,
+              "ner_lr": ner_lr, "ner_train": a.ner_train, "kd_args": kd_args, "kd_text": a.kd_text, "student_layers": a.student_layers, "f1": results,
               "summary": {k: spread(v) for k, v in results.items()}, "cosine_to_teacher": cosine,
               "seconds": seconds}  # fmt: skip
     with open(os.path.join(out, "kd_effect.json"), "w") as f:
@@ -382,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ner-lr", type=float, default=None, help="NER learning rate (demo 2e-3, minilm 2e-4)")
     p.add_argument("--kd-delta", type=float, default=None,
                    help="etkd distill --delta: per-layer hidden-state MSE weight (demo 0, minilm 1; 0: off)")  # fmt: skip
+    p.add_argument("--kd-relation", type=float, default=None,
+                   help="etkd distill --relation: MiniLMv2 self-attention relation KL weight (default 0: off)")  # fmt: skip
+    p.add_argument("--kd-relation-layer", type=int, default=None,
+                   help="etkd distill --relation-layer: the teacher layer whose relations are learnt (default last)")  # fmt: skip
+    p.add_argument("--kd-text", choices=("corpus", "ner", "both"), default="corpus",
+                   help="distillation text: the built corpus, the NER training sentences' own text without labels "
+                   "(a user has it), or both")  # fmt: skip
     p.add_argument("--ner-train", type=int, default=None, metavar="N",
                    help="fine-tune on the first N labelled sentences only (default: all)")  # fmt: skip
     p.add_argument("--kd-weights", metavar="ALPHA,BETA,GAMMA",
@@ -395,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     for source in ("demo", "minilm") if a.source == "both" else (a.source,):
         rep = run_source(a, source)
         print(f"\n[kd_effect] {source}: NER test F1 over seeds {a.seeds}; distillation {rep['kd_steps']} steps "
-              f"({' '.join(rep['kd_args'])}); fine-tuning {rep['ner_steps']} steps at lr {rep['ner_lr']:g} on "
+              f"({' '.join(rep['kd_args'])}) on text '{rep['kd_text']}'; fine-tuning {rep['ner_steps']} steps at lr {rep['ner_lr']:g} on "
               f"{rep['ner_train'] or 'all'} labelled sentences; {env}")  # fmt: skip
         print(table(rep["f1"]))
         print(differences(rep["f1"]))
