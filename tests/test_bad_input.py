@@ -48,7 +48,11 @@ def _sw(**kw):
             ValueError,
             r"global_qkv\[0\]: expected shape \(2, 2, 16, 8\)",
         ),
-        (dict(q=Q[:, :1]), ValueError, r"q: expected shape \(2, 2, 16, 8\) like k and v, got \(2, 1, 16, 8\)"),
+        (
+            dict(q=Q[:, :1]),
+            ValueError,
+            r"q: expected shape \(2, 2, 16, 8\) like k and v, got \(2, 1, 16, 8\)",
+        ),
         (dict(scale=-1.0), ValueError, r"scale: expected a positive"),
         (dict(scale="x"), TypeError, r"scale: expected a float"),
         (dict(backend="gpu"), ValueError, r"backend: unknown backend"),
