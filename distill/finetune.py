@@ -31,6 +31,7 @@ from .core import (
     add_train_args,
     check_output_file,
     check_vocab,
+    named_values,
     prepare_model,
     start_run,
     train_config,
@@ -113,22 +114,6 @@ def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | No
 # Data.
 
 
-def _named(values: list[str] | None, flag: str) -> list[tuple[str, str]]:
-    """`[NAME=]VALUE` items -> (name, value); unnamed ones are named after their position ("" for one).
-    A name given twice is an error: the second set would silently replace the first's scores."""
-    out: dict[str, str] = {}
-    for i, v in enumerate(values or []):
-        name, sep, val = v.partition("=")
-        if not (sep and name and os.sep not in name):
-            name, val = ("" if len(values) == 1 else str(i)), v
-        if name in out:
-            raise UserError(
-                f"{flag} {v}: the name {name!r} is already given to {out[name]}; give each set its own NAME="
-            )
-        out[name] = val
-    return list(out.items())
-
-
 def read_examples(
     task: str, source: str, *, hf: bool, o: dict[str, Any], limit: int | None = None
 ) -> list[dict[str, Any]]:
@@ -179,12 +164,12 @@ def entity_types(task: str, o: dict[str, Any]) -> set[str] | None:
 def eval_sources(task: str, o: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(metric suffix, file or split, is_hf) for every evaluation set."""
     if o["eval_file"]:
-        named = _named(o["eval_file"], "--eval-file")
+        named = named_values(o["eval_file"], "--eval-file")
         if task == "mnli" and len(named) == 2 and all(n in ("0", "1") for n, _ in named):
             named = [("m", named[0][1]), ("mm", named[1][1])]
         return [(n, p, False) for n, p in named]
     if o["eval_split"]:
-        return [(n, s, True) for n, s in _named(o["eval_split"], "--eval-split")]
+        return [(n, s, True) for n, s in named_values(o["eval_split"], "--eval-split")]
     if o["train_file"]:
         return []  # local training data and no local eval file: never reach for the network
     if task in GLUE_TASKS:
