@@ -30,6 +30,9 @@ def check_qkv(
             )
     for name, t in zip(names[1:], (k, v)):
         if t.shape != q.shape:
+            if k.shape == v.shape:  # the first is the odd one out: name it, not the second
+                raise ValueError(f"{names[0]}: expected shape {tuple(k.shape)} like {names[1]} and {names[2]}, "
+                                 f"got {tuple(q.shape)}")  # fmt: skip
             raise ValueError(f"{name}: expected shape {tuple(q.shape)} like {names[0]}, got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} like {names[0]}, got {t.dtype}")

@@ -43,6 +43,16 @@ def _sw(**kw):
             ValueError,
             r"global_qkv\[1\]: expected shape",
         ),
+        (  # the wrong head count in the first of the three is named as the first (not as global_qkv[1])
+            dict(global_mask=torch.zeros(2, 16, dtype=torch.bool), global_qkv=(Q[:, :1], Q, Q)),
+            ValueError,
+            r"global_qkv\[0\]: expected shape \(2, 2, 16, 8\)",
+        ),
+        (
+            dict(q=Q[:, :1]),
+            ValueError,
+            r"q: expected shape \(2, 2, 16, 8\) like k and v, got \(2, 1, 16, 8\)",
+        ),
         (dict(scale=-1.0), ValueError, r"scale: expected a positive"),
         (dict(scale="x"), TypeError, r"scale: expected a float"),
         (dict(backend="gpu"), ValueError, r"backend: unknown backend"),
@@ -106,7 +116,7 @@ def test_layout_builder_errors_name_the_argument():
     with pytest.raises(ValueError, match="num_window_blocks"):
         ek.longformer_layout(64, block_size=8, num_window_blocks=2)
     with pytest.raises(ValueError, match="seq_len"):
-        ek.fixed_layout(0)
+        ek.fixed_layout(-1)
     with pytest.raises(ValueError, match="global_block_indices"):
         ek.longformer_layout(64, block_size=8, global_block_indices=(9,))
 

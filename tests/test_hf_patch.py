@@ -367,6 +367,24 @@ def test_bigbird_short_input_switch_warns_and_stays_exact():
         check_same(hf_model, ours, kw, "bigbird short")
 
 
+@pytest.mark.skipif("cpu" not in backends("block_sparse"), reason="cpu backend unavailable")
+def test_bigbird_eval_fold_warning_names_the_models_head_dim(monkeypatch):
+    """HF eval mode repeats random blocks; the fold adds 2 head-dim columns (32 -> 34), which keeps the cpu
+    kernel off its own micro-kernels: the one-time warning must name the model's head_dim 32, not only 34."""
+    from etkd_kernels import _C, cpu
+
+    if _C.own_tile_width() == 0 or 34 % _C.own_tile_width() == 0:
+        pytest.skip("this cpu target has no head-dim-multiple tile path to warn about")
+    monkeypatch.setattr(cpu, "_told", set())  # the warning is once per process: other tests may have had it
+    hf_model, ours = build("BigBird", "Model", hidden_size=64, num_attention_heads=2, intermediate_size=64)
+    etkd.hf.patch(ours, backend="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_same(hf_model, ours, inputs("BigBird", "Model", 50), "bigbird eval head_dim 32")
+    told = [str(w.message) for w in caught if "micro-kernels" in str(w.message)]
+    assert len(told) == 1 and "this BigBird's head_dim 32 + 2 columns" in told[0], told
+
+
 def test_nystromformer_inputs_hf_cannot_take_are_refused():
     _, ours = build("Nystromformer", "Model")
     etkd.hf.patch(ours)

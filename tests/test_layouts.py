@@ -62,7 +62,7 @@ def test_bigbird_rand_attn_layout_and_counts():
 @pytest.mark.parametrize(
     "kwargs, exc, word",
     [
-        (dict(seq_len=0), ValueError, "seq_len"),
+        (dict(seq_len=-1), ValueError, "seq_len"),
         (dict(seq_len=256, block_size=0), ValueError, "block_size"),
         (dict(seq_len=256, num_window_blocks=2), ValueError, "num_window_blocks"),
         (dict(seq_len=256, num_random_blocks=-1), ValueError, "num_random_blocks"),
@@ -78,6 +78,23 @@ def test_bigbird_rand_attn_layout_and_counts():
 def test_bigbird_bad_arguments(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         bigbird_layout(**kwargs)
+
+
+@pytest.mark.parametrize("builder", [bigbird_layout, longformer_layout, lsg_layout, fixed_layout])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_every_builder_gives_seq_0_an_empty_layout_the_op_takes(builder, backend):
+    """Every op takes seq 0, so every builder does (whatever its global/random blocks would ask): no blocks,
+    and block_sparse_attention runs on it forward and backward."""
+    from etkd_kernels import available_backends, block_sparse_attention
+
+    if not available_backends()[backend].available:
+        pytest.skip(f"{backend}: {available_backends()[backend].reason}")
+    layout = builder(0, block_size=16)
+    assert isinstance(layout, BlockLayout) and layout.mask.shape == (1, 0, 0) and layout.block_size == 16
+    q = torch.randn(2, 3, 0, 8, requires_grad=True)
+    out = block_sparse_attention(q, q, q, layout, backend=backend)
+    out.sum().backward()
+    assert out.shape == (2, 3, 0, 8) and q.grad.shape == q.shape
 
 
 def test_lsg_layout():

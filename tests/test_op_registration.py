@@ -120,3 +120,39 @@ def test_public_signature_lists_every_keyword(name):
     fn(q, q, q, *positional.get(name, []), dropout_p=0.1)  # the arguments are right but for the misspelling
     with pytest.raises(TypeError, match="dropout_prob"):
         fn(q, q, q, *positional.get(name, []), dropout_prob=0.1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("op", list(CALLS))
+def test_a_call_resolves_its_backend_once(op, backend, monkeypatch):
+    """One `resolve` per public-op call (issue 26): `run` resolves, decides the inputs' layout from that choice and
+    hands it to the op (`_define.call`), whose implementation does not resolve again; the backward resolves the
+    forward's backend by its name, once. The handed choice is what runs, and does not outlive the call."""
+    from etkd_kernels import dispatch
+    from etkd_kernels.ops import _common, _define
+
+    if ek.support_matrix(torch.device("cpu"), torch.float32, 4)[op][backend] != "ok":
+        pytest.skip(f"{backend} cannot run {op} here")
+    calls = []
+    real = dispatch.resolve
+
+    def counting(*args, **kwargs):
+        impl = real(*args, **kwargs)
+        calls.append(dispatch.name_of(impl))
+        return impl
+
+    monkeypatch.setattr(_common, "resolve", counting)
+    monkeypatch.setattr(_define, "resolve", counting)
+    ran = []
+    impl = real(op, torch.device("cpu"), torch.float32, backend=backend)
+    fwd = impl.forward
+    monkeypatch.setattr(impl, "forward", lambda *a: ran.append(dispatch.name_of(impl)) or fwd(*a))
+    leaves = [t.detach().float().requires_grad_(True) for t in _inputs(op)]
+    # q, k, v as a model's head-split views: the layout decision reads the one choice too
+    q, k, v, *extra = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves)
+    out = CALLS[op](q, k, v, backend, extra)
+    assert calls == [backend] and ran == [backend]
+    assert getattr(_define._handed, "choice", None) is None
+    out.sum().backward()
+    assert calls == [backend, backend]
+    assert _define.op_name(_define.defined(f"{op}_fwd")) == op

@@ -292,6 +292,18 @@ def _steps_1_to_5(args, out: str, files: dict[str, str], models, quiet: list[str
             finetune(name, path, teacher_name, task, train, dev, results, args.ner_steps if task == "conll2003" else steps, 16)  # fmt: skip
 
 
+def _global_prefix(model_dir: str) -> list[str]:
+    """`--global-prefix` (the NER documents' opening paragraph) for a model whose pattern has global tokens;
+    nothing for the others (the full-attention teacher), which would only be told it is ignored."""
+    from etkd.models import EncoderConfig
+    from etkd.models.patterns import PATTERNS
+
+    from . import longrange
+
+    attention = EncoderConfig.load(model_dir).attention
+    return ["--global-prefix", str(longrange.OPENING)] if PATTERNS[attention].global_tokens else []
+
+
 def pipeline(args) -> None:
     from ..errors import UserError
     from ..tasks import ner
@@ -363,7 +375,7 @@ def pipeline(args) -> None:
         row = {"name": name, "context": 512 if path == teacher else args.max_positions}
         cost = finetune(name, tuned(name, "conll2003"), teacher_name, "conll2003", files["long_ner_train"],
                         files["long_ner_dev"], long_results, args.long_steps, args.long_batch, "--ner-unit",
-                        "document", "--eval-batch-size", "4", "--global-prefix", str(longrange.OPENING),
+                        "document", "--eval-batch-size", "4", *_global_prefix(tuned(name, "conll2003")),
                         lr=args.long_lr)  # fmt: skip
         row.update(seconds_ner=cost["seconds"], peak_mib_ner=cost["peak_mib"])
         with open(os.path.join(long_results, f"{name}-conll2003.json")) as f:

@@ -6,7 +6,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..masks import BlockLayout
-from . import num_blocks
+from . import empty_layout, num_blocks
 
 __all__ = ["bigbird_block_counts", "bigbird_layout", "fold_block_counts"]
 
@@ -171,6 +171,8 @@ def bigbird_layout(
     """
     nb = _check_bigbird_args(seq_len, block_size, num_window_blocks, num_global_blocks, num_random_blocks)
     check_positive_int(num_heads, "num_heads")
+    if nb == 0:
+        return empty_layout(block_size, "bigbird")
     gt, gb = _bigbird_globals(num_global_blocks)
     wl = wr = num_window_blocks // 2
     if rand_attn is None:

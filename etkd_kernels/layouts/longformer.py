@@ -8,7 +8,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..masks import BlockLayout
-from . import num_blocks
+from . import empty_layout, num_blocks
 
 __all__ = ["longformer_layout"]
 
@@ -27,6 +27,8 @@ def longformer_layout(
         raise ValueError(
             f"num_window_blocks: expected an odd int (the band is symmetric), got {num_window_blocks}"
         )
+    if nb == 0:
+        return empty_layout(block_size, "longformer")
     idx = torch.arange(nb)
     mask = (idx[:, None] - idx[None, :]).abs() <= num_window_blocks // 2
     for g in global_block_indices:

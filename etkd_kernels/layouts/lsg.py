@@ -6,7 +6,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..masks import BlockLayout
-from . import num_blocks
+from . import empty_layout, num_blocks
 
 __all__ = ["lsg_layout"]
 
@@ -22,6 +22,8 @@ def lsg_layout(seq_len: int, block_size: int = 128, num_global_blocks: int = 1) 
     """
     nb = num_blocks(seq_len, block_size)
     check_positive_int(num_global_blocks, "num_global_blocks", minimum=0)
+    if nb == 0:
+        return empty_layout(block_size, "lsg")
     if num_global_blocks > nb:
         raise ValueError(
             f"num_global_blocks: expected at most {nb} (blocks of seq_len {seq_len}), got {num_global_blocks}"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .._checks import check_dropout, check_finite, check_scale, check_token_mask
 from ..dispatch import Problem, requested_backend, resolve, strided_inputs
-from ._define import CommonParams, settings_of
+from ._define import CommonParams, call, op_name, settings_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # noqa: F401  (the public ops' `**options: Unpack[OpOptions]`)
@@ -119,24 +119,23 @@ def run(
 ) -> torch.Tensor:
     """The output of the defined forward op (`_define.define`) on q, k, v with the settings `p`; with `multiple` > 1
     the seq is padded to a multiple of it (the added keys masked) and the output cut back to the caller's seq.
-    q, k, v reach the backend as they are where its kernel takes strided inputs (`Capabilities.strided`: the cpu
+    The backend is resolved here, once per call (`_define.call` hands the choice to the op, which does not resolve
+    again): q, k, v reach it as they are where its kernel takes strided inputs (`Capabilities.strided`: the cpu
     kernels read a model's head-split views in place and write the output in q's layout), else contiguous (and
     always while torch.compile traces, where the backend is chosen in the graph)."""
     q, k, v, kpm, s = pad_to_multiple(q, k, v, p.key_padding_mask, multiple)
     if kpm is not p.key_padding_mask:
         p = dataclasses.replace(p, key_padding_mask=kpm)
-    if not _strided(fwd_op, q, p, backend):
+    impl = None  # traced: the graph resolves
+    if not torch.compiler.is_compiling():
+        op = op_name(fwd_op)
+        impl = resolve(
+            op, Problem.of(q, dropout=p.dropout_p > 0), backend=backend
+        )  # the call's one resolution
+    if impl is None or not strided_inputs(impl, op):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = fwd_op(q, k, v, *settings_of(p), backend)[0]
+    out = call(fwd_op, impl, q, k, v, settings_of(p), backend)[0]
     return out if out.shape[2] == s else out[:, :, :s]
-
-
-def _strided(fwd_op: Callable, q: torch.Tensor, p: CommonParams, backend: str) -> bool:
-    """Whether the backend `backend` resolves to for this call takes q, k, v at any strides (eager only)."""
-    if torch.compiler.is_compiling():
-        return False
-    op = fwd_op._schema.name.split("::")[1].removesuffix("_fwd")  # without the overload (_define.define)
-    return strided_inputs(resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=backend), op)
 
 
 def pad_to_multiple(

@@ -9,7 +9,8 @@ its forward returns there, so the fake kernels know it too; a backend without it
 tensor). The ops' overload is named after their schemas (`etkd.<op>_fwd.s<hash>`, `defined(name)` finds it), so an
 on-disk torch.compile cache never reuses a graph traced against another version of them. `backend` is the name the caller asked for (the public op applies
 `use_backend` and ETKD_BACKEND when it is called: `dispatch.requested_backend`); the forward resolves it to a
-backend once and saves that backend (`ctx.impl`, as xformers' `ctx.op_bw`); the backward op is called with
+backend once (the public op's `run` resolves it and hands the choice over by `call`; a direct call of the op
+resolves in its implementation) and saves that backend (`ctx.impl`, as xformers' `ctx.op_bw`); the backward op is called with
 its explicit name, so it runs on that backend whatever context or thread autograd runs the backward in. In a
 compiled graph the forward runs as a graph node whose choice the autograd context cannot see; there the
 backward op resolves the same requested name for the same tensors (`auto` depends on device, dtype and shape
@@ -91,6 +92,38 @@ def _chosen_for(out: torch.Tensor):
     ref, impl = getattr(_chosen, "last", (None, None))
     _chosen.last = (None, None)
     return impl if ref is not None and ref() is out else None
+
+
+# The backend `call` resolved for the forward op it is calling on this thread: (op name, q, backend module), read
+# by that op's implementation instead of resolving a second time (issue 26: one resolution per call).
+_handed = threading.local()
+
+
+def op_name(fwd_op: torch._ops.OpOverload) -> str:
+    """The pattern's op name (e.g. "sliding_window") of a forward op `define` returned."""
+    return _OP_NAMES[fwd_op]
+
+
+def call(fwd_op: torch._ops.OpOverload, impl, q, k, v, settings: Sequence, backend: str):
+    """`fwd_op(q, k, v, *settings, backend)` whose implementation runs the backend module `impl` (the caller's
+    one `resolve` of this call, from which it also decided the inputs' layout) without resolving again; impl None:
+    the op resolves `backend` itself (while torch.compile traces, where the choice is made in the graph)."""
+    if impl is None:
+        return fwd_op(q, k, v, *settings, backend)
+    _handed.choice = (_OP_NAMES[fwd_op], q, impl)
+    try:
+        return fwd_op(q, k, v, *settings, backend)
+    finally:
+        _handed.choice = None
+
+
+def _handed_for(op: str, q: torch.Tensor):
+    """The backend module `call` resolved for this forward of `op` on q, or None (a direct call of the op)."""
+    choice = getattr(_handed, "choice", None)
+    return choice[2] if choice is not None and choice[0] == op and choice[1] is q else None
+
+
+_OP_NAMES: dict[torch._ops.OpOverload, str] = {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -204,8 +237,8 @@ def define(op: str, params: type, lse: bool = True, saved: bool = False, saved_r
                 offset=offset & 0xFFFFFFFF if p.offset < 0 else p.offset,
             )
         rng = torch.tensor([p.seed, p.offset], dtype=torch.int64)
-        # the one choice of a backend for this call
-        impl = resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
+        # the one choice of a backend for this call: `call`'s, else made here
+        impl = _handed_for(op, q) or resolve(op, Problem.of(q, dropout=p.dropout_p > 0), backend=args[-1])
         if q.shape[2] == 0:
             out = fwd_fake(q, k, v, *args, impl=impl)[:-1]
         else:
@@ -294,4 +327,6 @@ def define(op: str, params: type, lse: bool = True, saved: bool = False, saved_r
     torch.library.register_fake(bwd_name)(bwd_fake)
     bwd_op = getattr(getattr(torch.ops.etkd, f"{op}_bwd"), tag)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
-    return getattr(getattr(torch.ops.etkd, f"{op}_fwd"), tag)
+    fwd_op = getattr(getattr(torch.ops.etkd, f"{op}_fwd"), tag)
+    _OP_NAMES[fwd_op] = op
+    return fwd_op

@@ -10,6 +10,7 @@ the result exact.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -64,6 +65,27 @@ def hf_rand_attn(module: torch.nn.Module, seq_len: int) -> np.ndarray:
     return np.stack(rand, axis=0)
 
 
+@contextlib.contextmanager
+def _folded_head_dim(d: int, folded: int):
+    """Warnings of the block-sparse call on folded inputs name head_dim `folded` (the model's `d` plus
+    `fold_block_counts`' columns), a size the user never chose: say it is the model's head_dim d plus those."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        msg = str(w.message)
+        if f"head_dim {folded} " in msg:
+            msg = msg.replace(
+                f"head_dim {folded} ",
+                f"head_dim {folded} (this BigBird's head_dim {d} + {folded - d} columns that fold HF eval mode's "
+                f"repeated random blocks into the softmax exactly) ",
+            )
+        warnings.warn_explicit(
+            msg, w.category, w.filename, w.lineno, registry=globals().setdefault("__warningregistry__", {}),
+            source=w.source,
+        )  # fmt: skip
+
+
 class BigBirdBlockSparseAttention(HF_SPARSE):
     """HF's module with its forward on `block_sparse_attention`; parameters and names unchanged."""
 
@@ -96,9 +118,10 @@ class BigBirdBlockSparseAttention(HF_SPARSE):
         if bool((counts > 1).any()):
             d = q.shape[-1]
             q2, k2, v2, scale = fold_block_counts(q, k, v, counts, bs)
-            out = ek.block_sparse_attention(
-                q2, k2, v2, layout, key_padding_mask=real, scale=scale, backend=opts.backend
-            )[..., :d]
+            with _folded_head_dim(d, q2.shape[-1]):
+                out = ek.block_sparse_attention(
+                    q2, k2, v2, layout, key_padding_mask=real, scale=scale, backend=opts.backend
+                )[..., :d]
         else:
             out = ek.block_sparse_attention(q, k, v, layout, key_padding_mask=real, backend=opts.backend)
         return merge_heads(out), None
