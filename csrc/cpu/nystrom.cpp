@@ -388,7 +388,11 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
   check_like(v, q, "v");
-  check_like(grad_out, q, "grad_out");
+  // grad_out at any strides (the expanded gradient of a sum, a model's head-split view): its rows are read in place
+  // or gathered per query tile, never copied whole.
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == at::kFloat && grad_out.sizes() == q.sizes(),
+              "grad_out: expected a float32 CPU tensor of shape ", q.sizes(), ", got ", grad_out.scalar_type(), " ",
+              grad_out.sizes(), " on ", grad_out.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), BH = B * H;
   TORCH_CHECK(num_landmarks >= 1 && num_landmarks <= S, "num_landmarks: expected 1..", S, ", got ", num_landmarks);
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
@@ -412,6 +416,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const float* bp = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* dop = grad_out.data_ptr<float>();
+  const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2), gs3 = grad_out.stride(3);
+  const bool go_rows = gs3 == 1 || D <= 1;  // rows of D contiguous floats, gs2 apart
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   // Per head: klT (D x np), K2 and dK2 (n x np), dql, dkl (n x dp); the landmarks ql, kl are the forward's.
@@ -458,15 +464,27 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
       [&](std::array<float*, 3>& w, int64_t bh) {
         Laps t;
         const int64_t b = bh / H, row = bh * S * D;
-        const float *xq = qp + row, *xk = kp + row, *xv = vp + row, *xdo = dop + row;
+        const float *xq = qp + row, *xk = kp + row, *xv = vp + row;
         float *xdq = dqp + row, *xdk = dkp + row, *xdv = dvp + row;
+        // grad_out's rows of this head: in place (row stride ldo) when go_rows and D is whole vectors, else through
+        // grad_row, which copies row r's D floats to dst.
+        const float* xdo = dop + b * gs0 + (bh % H) * gs1;
+        int64_t ldo = gs2;
+        auto grad_row = [&](int64_t r, float* dst) {
+          const float* src = xdo + r * gs2;
+          if (go_rows)
+            std::copy(src, src + D, dst);
+          else
+            for (int64_t j = 0; j < D; ++j) dst[j] = src[j * gs3];
+        };
         if (padded_d) {
           float* r = w[2];
           std::fill(r, r + rows_n, 0.f);
-          const float* src[4] = {xq, xk, xv, xdo};
-          for (int i = 0; i < 4; ++i)
+          const float* src[3] = {xq, xk, xv};
+          for (int i = 0; i < 3; ++i)
             for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * D, src[i] + (j + 1) * D, r + (i * S + j) * dp);
-          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp;
+          for (int64_t j = 0; j < S; ++j) grad_row(j, r + (3 * S + j) * dp);
+          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp, ldo = dp;
           xdq = r + 4 * S * dp, xdk = r + 5 * S * dp, xdv = r + 6 * S * dp;
           t.lap(kBCopies);
         }
@@ -505,18 +523,23 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         t.lap(kBX);
         for (int64_t i0 = 0; i0 < S; i0 += kBwdRows) {
           const int64_t rows = std::min(kBwdRows, S - i0);
-          const float *qt = xq + i0 * ld, *dot = xdo + i0 * ld;
-          if (bp) {  // padded query rows: their output is zero, so no gradient flows from grad_out there
-            const float* bq = bp + b * S + i0;
-            if (std::any_of(bq, bq + rows, [](float x) { return x != 0.f; })) {
-              for (int64_t r = 0; r < rows; ++r) {
-                if (bq[r] != 0.f)
-                  std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
-                else
-                  std::copy(dot + r * ld, dot + (r + 1) * ld, dob + r * ld);
-              }
-              dot = dob;
+          const float* qt = xq + i0 * ld;
+          const float* dot = xdo + i0 * ldo;
+          int64_t ldt = ldo;  // dot's row stride
+          // Padded query rows: their output is zero, so no gradient flows from grad_out there; rows that are not
+          // whole contiguous vectors in place (and not the padded copy): gathered.
+          const float* bq = bp ? bp + b * S + i0 : nullptr;
+          const bool zero = bq && std::any_of(bq, bq + rows, [](float x) { return x != 0.f; });
+          if (zero || (!padded_d && !go_rows)) {
+            for (int64_t r = 0; r < rows; ++r) {
+              if (bq && bq[r] != 0.f)
+                std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
+              else if (padded_d)
+                std::copy(dot + r * ldo, dot + r * ldo + ld, dob + r * ld);
+              else
+                grad_row(i0 + r, dob + r * ld);
             }
+            dot = dob, ldt = ld;
           }
           product(rows, np, D, sc, qt, ld, 1, klt, np, s1, np, false);
           t.lap(kBK1Scores);
@@ -528,9 +551,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             k1x = k1d;
           }
           t.lap(kBK1Softmax);
-          product(n, dp, rows, 1.f, k1x, 1, np, dot, ld, dx, dp, true);
+          product(n, dp, rows, 1.f, k1x, 1, np, dot, ldt, dx, dp, true);
           t.lap(kBDx);
-          product(rows, np, D, 1.f, dot, ld, 1, xxT, np, g1, np, false);
+          product(rows, np, D, 1.f, dot, ldt, 1, xxT, np, g1, np, false);
           if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, g1, np);
           t.lap(kBDk1);
           // dS1 = K1 o (dK1 - rowsum(K1 o dK1)), the row sums by the target's SIMD dot over np columns (K1's
