@@ -95,6 +95,14 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+# The extras (pyproject.toml's optional-dependencies) each subcommand needs beyond the base install, checked
+# before the command starts, so a missing one is said before any data or model is loaded (`missing_module`).
+EXTRAS = {
+    "pretrain": ("train",), "distill": ("train",), "kd-task": ("train",), "finetune": ("train",),
+    "evaluate": ("train",), "data-stats": ("train",), "tune": ("train", "tune"), "bench": ("train",),
+    "demo": ("train",),
+}  # fmt: skip
+
 # Import names whose distribution is named otherwise (for the missing-extra message).
 DISTRIBUTION_OF = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
 
@@ -103,13 +111,44 @@ def extra_for(module: str) -> str | None:
     """The extra of etkd's metadata (pyproject.toml's optional-dependencies) that installs `module`, preferring
     a user-facing one over `test`; None when no extra does."""
     want = DISTRIBUTION_OF.get(module, module).lower().replace("_", "-")
-    extras = []
+    extras = [extra for name, extra in _requirements() if name == want]
+    return next((e for e in extras if e != "test"), extras[0] if extras else None)
+
+
+def _requirements() -> list[tuple[str, str]]:
+    """(distribution, extra) of every requirement of etkd's metadata that belongs to an extra."""
+    out = []
     for req in importlib.metadata.requires("etkd") or ():
         name = re.match(r"[A-Za-z0-9._-]+", req).group(0).lower().replace("_", "-")
         extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
-        if name == want and extra:
-            extras.append(extra.group(1))
-    return next((e for e in extras if e != "test"), extras[0] if extras else None)
+        if extra:
+            out.append((name, extra.group(1)))
+    return out
+
+
+def missing_module(command: str | None) -> str | None:
+    """The import name of the first module an extra of `command` (`EXTRAS`) installs that cannot be imported
+    here, None when all can (or etkd's metadata is not installed, so the extras are unknown)."""
+    import importlib.util
+
+    wanted = EXTRAS.get(command or "", ())
+    if not wanted:
+        return None
+    try:
+        requirements = _requirements()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    import_name = {dist: module for module, dist in DISTRIBUTION_OF.items()}
+    for dist, extra in requirements:
+        if extra not in wanted:
+            continue
+        module = import_name.get(dist, dist.replace("-", "_"))
+        if module in sys.modules:
+            if sys.modules[module] is None:  # made unimportable
+                return module
+        elif importlib.util.find_spec(module) is None:
+            return module
+    return None
 
 
 def check_environment() -> None:
@@ -138,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         check_environment()
+        missing = missing_module(args.command)
+        if missing is not None:  # before the command loads anything: said as the import would say it
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         return int(args.func(args) or 0)
     except (UserError, EnvironmentValueError) as exc:
         if args.debug:

@@ -141,6 +141,23 @@ def check_output_file(path: str | None, flag: str) -> None:
         raise UserError(f"{flag} {path}: cannot write there ({probe} is not a writable folder)")
 
 
+def named_values(values: list[str] | None, flag: str) -> list[tuple[str, str]]:
+    """`[NAME=]VALUE` items of a repeatable flag (`--eval-file`, `--eval-split`) -> (name, value); unnamed ones
+    are named after their position ("" for one). A name given twice is an error: the second set would
+    silently replace the first's scores."""
+    out: dict[str, str] = {}
+    for i, v in enumerate(values or []):
+        name, sep, val = v.partition("=")
+        if not (sep and name and os.sep not in name):
+            name, val = ("" if len(values) == 1 else str(i)), v
+        if name in out:
+            raise UserError(
+                f"{flag} {v}: the name {name!r} is already given to {out[name]}; give each set its own NAME="
+            )
+        out[name] = val
+    return list(out.items())
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

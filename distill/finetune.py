@@ -31,6 +31,7 @@ from .core import (
     add_train_args,
     check_output_file,
     check_vocab,
+    named_values,
     prepare_model,
     start_run,
     train_config,
@@ -113,24 +114,11 @@ def load_model(path: str, head: str, num_labels: int, extra: dict[str, Any] | No
 # Data.
 
 
-def _named(values: list[str] | None, flag: str) -> list[tuple[str, str]]:
-    """`[NAME=]VALUE` items -> (name, value); unnamed ones are named after their position ("" for one).
-    A name given twice is an error: the second set would silently replace the first's scores."""
-    out: dict[str, str] = {}
-    for i, v in enumerate(values or []):
-        name, sep, val = v.partition("=")
-        if not (sep and name and os.sep not in name):
-            name, val = ("" if len(values) == 1 else str(i)), v
-        if name in out:
-            raise UserError(
-                f"{flag} {v}: the name {name!r} is already given to {out[name]}; give each set its own NAME="
-            )
-        out[name] = val
-    return list(out.items())
-
-
-def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> list[dict[str, Any]]:
-    """Examples of one local file (hf=False) or one split of an HF dataset (hf=True, source = split)."""
+def read_examples(
+    task: str, source: str, *, hf: bool, o: dict[str, Any], limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Examples of one local file (hf=False) or one split of an HF dataset (hf=True, source = split); the first
+    `limit` of them when given (`--limit`: finetune's training set, evaluate's sets)."""
     from .tasks import glue, ner, qa
 
     family = task_family(task)
@@ -155,8 +143,8 @@ def read_examples(task: str, source: str, *, hf: bool, o: dict[str, Any]) -> lis
             else ner.read_conll(source, unit, o["ner_group_sentences"])
         )
         ner.check_types(ex, entity_types(task, o), source)
-    if o["limit"]:
-        ex = ex[: int(o["limit"])]
+    if limit:
+        ex = ex[: int(limit)]
     if not ex:
         raise UserError(f"{source}: no examples")
     return ex
@@ -176,12 +164,12 @@ def entity_types(task: str, o: dict[str, Any]) -> set[str] | None:
 def eval_sources(task: str, o: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(metric suffix, file or split, is_hf) for every evaluation set."""
     if o["eval_file"]:
-        named = _named(o["eval_file"], "--eval-file")
+        named = named_values(o["eval_file"], "--eval-file")
         if task == "mnli" and len(named) == 2 and all(n in ("0", "1") for n, _ in named):
             named = [("m", named[0][1]), ("mm", named[1][1])]
         return [(n, p, False) for n, p in named]
     if o["eval_split"]:
-        return [(n, s, True) for n, s in _named(o["eval_split"], "--eval-split")]
+        return [(n, s, True) for n, s in named_values(o["eval_split"], "--eval-split")]
     if o["train_file"]:
         return []  # local training data and no local eval file: never reach for the network
     if task in GLUE_TASKS:
@@ -360,9 +348,11 @@ def evaluate_set(task: str, model, tokenizer, examples, labels, o) -> tuple[dict
     return ner.compute_metrics(examples, tags), tags
 
 
-def read_eval_sets(task: str, o: dict[str, Any], sources) -> list[tuple[str, str, list[dict[str, Any]]]]:
+def read_eval_sets(
+    task: str, o: dict[str, Any], sources, limit: int | None = None
+) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """(name, source, examples) of every evaluation set, read before training so a bad one fails early."""
-    return [(suffix, src, read_examples(task, src, hf=hf, o=o)) for suffix, src, hf in sources]
+    return [(suffix, src, read_examples(task, src, hf=hf, o=o, limit=limit)) for suffix, src, hf in sources]
 
 
 def evaluate_all(task, model, tokenizer, labels, o, sets) -> tuple[dict[str, float], dict[str, Any]]:
@@ -431,12 +421,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .training import train
 
     o, task, family, tokenizer = _start(args)
+    limit = o["limit"]  # the training set only: the scores stay those of the whole evaluation sets
     if o["train_file"]:
-        train_ex = read_examples(task, o["train_file"], hf=False, o=o)
+        train_ex = read_examples(task, o["train_file"], hf=False, o=o, limit=limit)
     else:
-        train_ex = read_examples(
-            task, o["train_split"] or HF_DEFAULTS.get(task, (0, 0, "train"))[2], hf=True, o=o
-        )
+        split = o["train_split"] or HF_DEFAULTS.get(task, (0, 0, "train"))[2]
+        train_ex = read_examples(task, split, hf=True, o=o, limit=limit)
     eval_sets = read_eval_sets(task, o, eval_sources(task, o))  # every input is checked before training
     check_output_file(o["output"], "--output")
     labels = labels_for(task, o["model"], [train_ex])
@@ -477,7 +467,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     sources = eval_sources(task, o)
     if not sources:
         raise UserError("evaluate: give --eval-file or --eval-split")
-    eval_sets = read_eval_sets(task, o, sources)
+    eval_sets = read_eval_sets(task, o, sources, limit=o["limit"])
     check_output_file(o["output"], "--output")
     labels = labels_for(task, o["model"], [ex for _, _, ex in eval_sets])
     model = load_model(o["model"], HEADS[family], max(len(labels), 1), seed=int(o["seed"]))
@@ -529,7 +519,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model name in the results (and in `etkd report`)")
     p.add_argument("--teacher", help="name of this model's teacher (for retention in `etkd report`)")
     p.add_argument("--output", help="results JSON path")
-    p.add_argument("--limit", type=int, help="use only the first N examples of every set")
 
 
 def register(subparsers) -> None:
@@ -537,6 +526,8 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--train-file", help="local training file (GLUE TSV/CSV/JSONL, SQuAD JSON, CoNLL)")
     p.add_argument("--train-split", help="HF dataset split to train on (default: train)")
+    p.add_argument("--limit", type=int, metavar="N", help="train on the first N training examples only (the "
+                   "evaluation sets are never cut, so their scores compare with full runs)")  # fmt: skip
     add_train_args(p, stop_at_step_help="stop (checkpoint, save, evaluate) at this step of --max-steps")
     p.add_argument("--new-hparams-on-resume", action="store_true", default=None,
                    help="on --resume, take this learning rate / weight decay / warm-up (used by `etkd tune`)")  # fmt: skip
@@ -545,6 +536,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model on GLUE / QA / NER")
     _add_common(p)
     p.add_argument("--dtype", choices=tuple(EVAL_DTYPES), help="compute dtype (bf16/fp16: autocast)")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N examples of every set (a "
+                   "quick check: the scores are then not those of the whole sets)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="seed of a fresh head")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"

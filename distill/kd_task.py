@@ -30,6 +30,7 @@ from .core import (
     is_main_process,
     load_model,
     log,
+    named_values,
     prepare_model,
     save_model,
     start_run,
@@ -79,8 +80,10 @@ def register(subparsers) -> None:
     g = p.add_argument_group("task data")
     g.add_argument("--train-file", dest="train_file", default=None, help=".jsonl/.parquet file or dir")
     g.add_argument("--train", dest="train_file", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--eval-file", dest="eval_file", default=None, help=".jsonl/.parquet file or dir")
-    g.add_argument("--eval", dest="eval_file", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--eval-file", dest="eval_file", action="append", default=None,
+                   help="[NAME=]FILE: .jsonl/.parquet file or dir, repeatable (as finetune's; a named set's "
+                   "metrics are reported as accuracy_NAME / pearson_NAME)")  # fmt: skip
+    g.add_argument("--eval", dest="eval_file", action="append", default=None, help=argparse.SUPPRESS)
     g.add_argument("--text-field", dest="text_field", default=None,
                    help=f"text column (default: the first of {', '.join(TEXT_FIELDS)} present)")  # fmt: skip
     g.add_argument("--text-pair-field", dest="text_pair_field", default=None)
@@ -198,11 +201,15 @@ def run(args: argparse.Namespace) -> int:
     fields = dict(text_field=ns.text_field, text_pair_field=ns.text_pair_field, label_field=ns.label_field,
                   label_names=label_names, on_error=on_error)  # fmt: skip
     train_records, info = load_classification(ns.train_file, **fields)
-    eval_records = None
-    if ns.eval_file:
-        eval_records, _ = load_classification(
-            ns.eval_file, **{**fields, "label_names": info["label_names"]}, flag="--eval-file"
+    eval_sets = [  # (name, records) of every [NAME=]FILE, read before the teacher and any training
+        (
+            name,
+            load_classification(path, **{**fields, "label_names": info["label_names"]}, flag="--eval-file")[
+                0
+            ],
         )
+        for name, path in named_values(ns.eval_file, "--eval-file")
+    ]
     num_labels = ns.num_labels or info["num_labels"]
     if info["regression"] and num_labels != 2:
         raise UserError(f"--num-labels: Platt-scaled regression targets need 2 classes, got {num_labels}")
@@ -228,15 +235,19 @@ def run(args: argparse.Namespace) -> int:
         result = train(student, train_records, loss_fn, train_config(ns, out_dir), collate_fn=collate,
                        extra_modules=(teacher,))  # fmt: skip
         row = {"lambda": lam, "loss": result["loss"], "step": result["step"], "dir": out_dir}
-        if eval_records is not None:
-            row.update(evaluate(result["model"], eval_records, collate, ns.eval_batch_size, regression,
-                                ns.platt_center))  # fmt: skip
+        for name, records in eval_sets:
+            scores = evaluate(
+                result["model"], records, collate, ns.eval_batch_size, regression, ns.platt_center
+            )
+            row.update({f"{k}_{name}" if name else k: v for k, v in scores.items()})
         if result["is_main_process"] and result["step"] >= ns.max_steps:
             row["saved"] = save_model(result["model"], os.path.join(out_dir, "student"), tokenizer)
         results.append(row)
         print(f"[etkd kd-task] loss={ns.loss} lambda={lam:g}: " +
               ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "lambda"))  # fmt: skip
     metric = "pearson" if regression else "accuracy"
+    if eval_sets and eval_sets[0][0]:  # named sets: "best" is chosen on the first one
+        metric = f"{metric}_{eval_sets[0][0]}"
     scored = [r for r in results if metric in r and not math.isnan(r[metric])]
     summary = {"loss": ns.loss, "metric": metric, "runs": results, "label_names": info["label_names"],
                "regression": regression, "skipped_records": info["skipped"]}  # fmt: skip

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 
 from .config import EncoderConfig
 from .encoder import EncoderModel
+from .patterns import HF_CONFIG_KEY, PATTERNS, by_hf_name
 from .patterns import HF_FAMILIES as FAMILIES
-from .patterns import PATTERNS
 
 HEAD_SUFFIX = {
     None: "Model",
@@ -120,7 +121,67 @@ def config_from_hf(hf_config, head: str | None, has_pooler: bool) -> EncoderConf
     if fam.fairseq:
         kw.update(position_style="padded", mlm_act="gelu", classifier_act="tanh")
     kw.update(fam.from_config(c))
+    kw.update(_requested_pattern(c))
     return EncoderConfig(**kw)
+
+
+def hf_attention_request(hf_config) -> tuple[str | None, dict]:
+    """(name, settings) of the `etkd.hf` attention a transformers config asks for: `config.etkd_attention` holds
+    the settings and, under "attn_implementation", the name (`--format hf-attention` writes both there, where
+    transformers' own `save_pretrained` keeps them; it drops the top-level `attn_implementation`); without that
+    entry, the name the config runs if it is an etkd one. (None, {}) when it asks for none."""
+    settings = getattr(hf_config, HF_CONFIG_KEY, None)
+    if not settings:
+        return None, {}
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"config.{HF_CONFIG_KEY}: expected a dict of settings, got {type(settings).__name__}"
+        )
+    running = getattr(hf_config, "_attn_implementation", None)
+    name = settings.get("attn_implementation") or (running if str(running).startswith("etkd_") else None)
+    return name, settings
+
+
+def _requested_pattern(hf_config) -> dict:
+    """The `EncoderConfig` attention and settings of the etkd pattern the checkpoint's config asks for ({} when
+    none): a checkpoint written with `--format hf-attention` is a BERT/RoBERTa class whose attention is etkd's,
+    and loading it as the family's full attention would silently change the model."""
+    name, settings = hf_attention_request(hf_config)
+    if name is None and not settings:
+        return {}
+    pattern = by_hf_name(name)
+    if pattern is None:
+        known = sorted(p.hf_name for p in PATTERNS.values() if p.hf_name)
+        raise ValueError(
+            f"config.{HF_CONFIG_KEY}: "
+            + (f"names attn_implementation {name!r}, which no etkd pattern registers" if name else
+               "holds settings but no 'attn_implementation' name")
+            + f" (expected one of {known}); loading the checkpoint as full attention would silently change it"
+        )  # fmt: skip
+    fields = {field: settings[key] for key, field in pattern.hf_settings.items() if key in settings}
+    return {"attention": pattern.name, **fields}
+
+
+_told_running: set[tuple[str, str]] = set()
+
+
+def _warn_if_running_other(hf) -> None:
+    """Once per (asked, running) pair: an HF instance whose config asks for an etkd attention but that runs
+    another (a checkpoint re-saved by transformers and loaded without `import etkd.hf`, or with an explicit
+    `attn_implementation=`) computes full attention, while `from_hf` follows the checkpoint."""
+    name, _ = hf_attention_request(hf.config)
+    running = getattr(hf.config, "_attn_implementation", None)
+    if name is None or running == name or (name, str(running)) in _told_running:
+        return
+    _told_running.add((name, str(running)))
+    warnings.warn(
+        f"from_hf: {type(hf).__name__}'s config.{HF_CONFIG_KEY} asks for attn_implementation {name!r}, but this "
+        f"transformers model runs {running!r} (full attention); the etkd model follows the checkpoint "
+        f"({by_hf_name(name).name if by_hf_name(name) else name} attention), so its outputs differ from this "
+        f"instance's. To run the etkd attention in transformers: `import etkd.hf`, then load with "
+        f"attn_implementation={name!r} (or call model.set_attn_implementation({name!r}))",
+        stacklevel=3,
+    )
 
 
 def supported_class(name: str) -> bool:
@@ -196,7 +257,15 @@ def _load_hf(path: str, **kwargs):
     cls = getattr(transformers, archs[0], None) if archs else None
     if cls is None:
         cls = transformers.AutoModel
+    asked = d.get("attn_implementation")
+    asked = asked if isinstance(asked, str) and asked.startswith("etkd_") else None
+    if (asked or d.get(HF_CONFIG_KEY)) and "attn_implementation" not in kwargs:
+        # Only the weights are read here (the pattern comes from the config, `_requested_pattern`), and
+        # transformers refuses etkd's names unless `etkd.hf` registered them.
+        kwargs = {**kwargs, "attn_implementation": "eager"}
     hf = cls.from_pretrained(path, **kwargs)
+    if asked and kwargs["attn_implementation"] == "eager":
+        setattr(hf.config, HF_CONFIG_KEY, {"attn_implementation": asked, **(d.get(HF_CONFIG_KEY) or {})})
     if os.path.isdir(path):
         unexpected = _unexpected_weights(path, hf)
         if unexpected:
@@ -210,12 +279,15 @@ def _load_hf(path: str, **kwargs):
 def from_hf(model_or_path, **kwargs) -> EncoderModel:
     """An `EncoderModel` with the weights (and head) of an HF model instance, local dir or hub name.
 
-    The result is in eval mode; kwargs go to transformers' `from_pretrained` when a path is given.
+    The result is in eval mode; kwargs go to transformers' `from_pretrained` when a path is given. A BERT/RoBERTa
+    checkpoint whose `config.etkd_attention` asks for an etkd attention (`--format hf-attention`, also after a
+    transformers re-save) gets that pattern and its settings, not the family's full attention.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
         hf = _load_hf(str(model_or_path), **kwargs)
     else:
         hf = model_or_path
+        _warn_if_running_other(hf)
     name = type(hf).__name__
     why = getattr(FAMILIES.get(getattr(hf.config, "model_type", None)), "unsupported", {}).get(name)
     if why:

@@ -264,7 +264,7 @@ def test_one_flag_per_concept_hidden_aliases_and_defaults_in_help(capsys):
             b.backend,
         )
     a = parser.parse_args(["kd-task", "--train", "t.jsonl", "--eval", "e.jsonl"])
-    assert (a.train_file, a.eval_file) == ("t.jsonl", "e.jsonl")
+    assert (a.train_file, a.eval_file) == ("t.jsonl", ["e.jsonl"])  # --eval-file is repeatable
 
 
 def test_finetune_is_on_the_driver_core(tmp_path):

@@ -290,3 +290,25 @@ def test_eval_file_names_must_differ_and_a_directory_is_not_a_file(model_dir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{tmp_path}: is a directory; expected a data file" in err[0], err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def test_limit_cuts_finetunes_training_set_only_and_evaluates_sets(model_dir, tmp_path):
+    """`finetune --limit N` trains on N examples and still scores the whole evaluation sets (a fast run must
+    not report another test score); `evaluate --limit N` is the quick check on N examples of every set."""
+    rng = random.Random(0)
+    for name, n in (("train", 40), ("dev", 24)):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in _keyword_rows(n, rng)) + "\n"
+        )
+    out = tmp_path / "run"
+    args = ["finetune", "--task", "sst2", "--model", model_dir, "--train-file", str(tmp_path / "train.jsonl"),
+            "--eval-file", str(tmp_path / "dev.jsonl"), "--limit", "8"]  # fmt: skip
+    assert main(args + _common(output_dir=out, max_steps=2, batch_size=4)) == 0
+    res = json.loads((out / "eval_results.json").read_text())
+    assert res["eval_sets"]["eval"]["num_examples"] == 24, res["eval_sets"]
+    state = json.loads((out / "settings.json").read_text())
+    assert state["limit"] == 8
+    ev = tmp_path / "ev.json"
+    assert main(["evaluate", "--task", "sst2", "--model", str(out / "model"), "--eval-file",
+                 str(tmp_path / "dev.jsonl"), "--limit", "5", "--output", str(ev)]) == 0  # fmt: skip
+    assert json.loads(ev.read_text())["eval_sets"]["eval"]["num_examples"] == 5

@@ -262,7 +262,9 @@ def test_from_pretrained_with_attn_implementation(tmp_path):
     )
 
 
-def test_etkd_convert_format_hf_attention(tmp_path):
+def convert_both_ways(tmp_path) -> None:
+    """`etkd convert` of a small RoBERTa to a window-8 Longformer, written as `tmp_path/attn` (--format
+    hf-attention) and as HF's LongformerForMaskedLM `tmp_path/lf` (the oracle)."""
     from etkd.distill.cli import main
 
     torch.manual_seed(0)
@@ -272,6 +274,10 @@ def test_etkd_convert_format_hf_attention(tmp_path):
     common += ["--window", "8"]
     assert main([*common, "--format", "hf-attention", "--out", str(tmp_path / "attn")]) == 0
     assert main([*common, "--format", "hf", "--out", str(tmp_path / "lf")]) == 0
+
+
+def test_etkd_convert_format_hf_attention(tmp_path):
+    convert_both_ways(tmp_path)
     saved = json.loads((tmp_path / "attn" / "config.json").read_text())
     assert saved["model_type"] == "roberta" and saved["attn_implementation"] == "etkd_sliding_window"
     assert saved["etkd_attention"] == {"attn_implementation": "etkd_sliding_window", "window": 8}
@@ -285,3 +291,57 @@ def test_etkd_convert_format_hf_attention(tmp_path):
     got = model(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
     ref = longformer(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
     close(got, ref, "converted")
+
+
+def test_checkpoint_resaved_by_transformers_keeps_its_etkd_attention(tmp_path):
+    """transformers' save_pretrained drops the top-level `attn_implementation` of a `--format hf-attention`
+    checkpoint (config.etkd_attention survives). Every way etkd loads the re-saved checkpoint runs its sliding
+    window again (oracle: HF LongformerForMaskedLM of the same conversion): `from_pretrained` after `import
+    etkd.hf`, and etkd's own loader (which also reads the fresh checkpoint, whose etkd name transformers alone
+    refuses). An explicit attn_implementation= still wins; from_hf of such an instance says it runs full attention."""
+    from etkd.models import load
+
+    convert_both_ways(tmp_path)
+    transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "attn").save_pretrained(tmp_path / "resaved")
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert "attn_implementation" not in saved and saved["etkd_attention"]["window"] == 8
+
+    ids, mask = batch(50, pad_id=1)
+    glob = torch.zeros_like(mask)
+    glob[:, 0] = 1
+    longformer = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "lf").eval()
+    ref = longformer(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits
+    model = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "resaved").eval()
+    assert model.config._attn_implementation == "etkd_sliding_window"
+    close(model(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits, ref, "re-saved")
+    for folder in ("attn", "resaved"):
+        ours = load(tmp_path / folder)
+        assert (ours.config.attention, ours.config.window) == ("longformer", 8), folder
+        got = ours(input_ids=ids, attention_mask=mask, global_attention_mask=glob.bool()).logits
+        close(got, ref, f"etkd.models.load {folder}")
+
+    dense = transformers.AutoModelForMaskedLM.from_pretrained(
+        tmp_path / "resaved", attn_implementation="sdpa"
+    )
+    assert dense.config._attn_implementation == "sdpa"
+    with pytest.warns(
+        UserWarning, match=r"asks for attn_implementation 'etkd_sliding_window', but .* runs 'sdpa'"
+    ):
+        assert from_hf(dense).config.attention == "longformer"
+
+
+def test_checkpoint_asking_for_an_unknown_etkd_name_is_said(tmp_path):
+    """A config.etkd_attention naming an attention this etkd does not register: transformers runs its default
+    (full) attention, said once; etkd's loader refuses it rather than load it as full attention."""
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(max_position_embeddings=34, pad_token_id=1, **SMALL)
+    cfg.etkd_attention = {"attn_implementation": "etkd_from_the_future", "window": 8}
+    with pytest.warns(
+        UserWarning, match="etkd_from_the_future.*runs transformers' default full attention"
+    ) as told:
+        transformers.RobertaModel(cfg).save_pretrained(tmp_path)
+        model = transformers.AutoModel.from_pretrained(tmp_path)
+    assert model.config._attn_implementation == "sdpa"
+    assert len([w for w in told if "etkd_from_the_future" in str(w.message)]) == 1  # once
+    with pytest.raises(ValueError, match="names attn_implementation 'etkd_from_the_future'"):
+        from_hf(tmp_path)

@@ -5,6 +5,10 @@
     model = AutoModel.from_pretrained(path, attn_implementation="etkd_sliding_window")
     out = model(ids, attention_mask=mask, global_attention_mask=glob)   # glob: (batch, seq), 1 = global
 
+A model whose `config.etkd_attention` names one of them under "attn_implementation" (what `etkd convert
+--format hf-attention` writes, kept when transformers re-saves the checkpoint) runs it when loaded without an
+explicit `attn_implementation=` (`register_attention_implementations` hooks transformers' default choice).
+
 Settings come from `config.etkd_attention` (a dict saved in config.json; `etkd convert --format hf-attention`
 writes it): the keys of each pattern's `hf_settings` (its `hf_attention` documents them,
 models/patterns/<name>.py); a list value is one per layer (`ignore_attention_dropout` is deprecated and has
@@ -20,11 +24,14 @@ models give); `etkd_full` computes them as HF's eager/sdpa code does, so it equa
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from etkd.models.patterns import PATTERNS
+from etkd.models.hf import hf_attention_request
+from etkd.models.patterns import HF_CONFIG_KEY, PATTERNS
 
 from ._common import (
     UnsupportedConfigError,
@@ -33,7 +40,7 @@ from ._common import (
     warn_ignore_attention_dropout,
 )
 
-CONFIG_KEY = "etkd_attention"
+CONFIG_KEY = HF_CONFIG_KEY
 
 
 def _settings(module: torch.nn.Module, name: str, required: tuple[str, ...]) -> dict:
@@ -153,11 +160,53 @@ def padding_mask(
     return attention_mask.bool()
 
 
+_told_unknown: set[str] = set()
+
+
+def requested_by_checkpoint(config) -> str | None:
+    """The etkd name a model's config asks for (`config.etkd_attention["attn_implementation"]`) when nothing
+    else chose one, None when it asks for none. A name this etkd does not register is said once, loudly: the
+    model then runs transformers' default (full) attention."""
+    name, _ = hf_attention_request(config)
+    if name is None or name in IMPLEMENTATIONS:
+        return name
+    if name not in _told_unknown:
+        _told_unknown.add(name)
+        warnings.warn(
+            f"etkd.hf: this checkpoint's config.{CONFIG_KEY} asks for attn_implementation {name!r}, which this "
+            f"etkd does not register ({sorted(IMPLEMENTATIONS)}), so the model runs transformers' default full "
+            f"attention instead; install the etkd that wrote it, or pass attn_implementation= one of those",
+            stacklevel=2,
+        )
+    return None
+
+
+def _checkpoint_default(get_correct: Callable) -> Callable:
+    """transformers' `get_correct_attn_implementation` (which turns "nothing requested" into sdpa), first
+    taking the etkd name the checkpoint's config asks for: transformers' own `save_pretrained` drops the
+    top-level `attn_implementation`, so without this a re-saved `--format hf-attention` checkpoint would run
+    full attention silently. An explicit `attn_implementation=` still wins."""
+
+    @functools.wraps(get_correct)
+    def get_correct_attn_implementation(self, requested_attention=None, is_init_check=False):
+        if requested_attention is None:
+            requested_attention = requested_by_checkpoint(self.config)
+        return get_correct(self, requested_attention, is_init_check)
+
+    get_correct_attn_implementation.etkd_original = get_correct
+    return get_correct_attn_implementation
+
+
 def register_attention_implementations() -> None:
-    """Register every name in `IMPLEMENTATIONS` with transformers' AttentionInterface and mask interface."""
-    from transformers import AttentionInterface
+    """Register every name in `IMPLEMENTATIONS` with transformers' AttentionInterface and mask interface, and
+    make a model whose config asks for one of them (`config.etkd_attention`) run it when loaded without an
+    explicit `attn_implementation=` (`_checkpoint_default`)."""
+    from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface
 
     for name, fn in IMPLEMENTATIONS.items():
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, padding_mask)
+    current = PreTrainedModel.get_correct_attn_implementation
+    if not hasattr(current, "etkd_original"):
+        PreTrainedModel.get_correct_attn_implementation = _checkpoint_default(current)

@@ -61,8 +61,10 @@ def to_hf_attention(model: EncoderModel):
 
 def save_hf_attention(hf_model, path: str | os.PathLike) -> None:
     """`save_pretrained`, plus `attn_implementation` in config.json, so `from_pretrained(path)` (after
-    `import etkd.hf`) selects the etkd pattern without being told. transformers itself never writes that key:
-    a checkpoint re-saved by HF (e.g. by Trainer) needs `attn_implementation=` passed when loading."""
+    `import etkd.hf`) selects the etkd pattern without being told. transformers itself never writes that key; a
+    checkpoint it re-saved (e.g. by Trainer) keeps the name in `config.etkd_attention`, which `import etkd.hf`
+    makes `from_pretrained` read (`attention_interface._checkpoint_default`); plain transformers runs it as
+    full attention."""
     hf_model.save_pretrained(path)
     apply_umask(path)
     config_path = os.path.join(path, "config.json")

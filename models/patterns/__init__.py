@@ -105,6 +105,10 @@ class Pattern:
 
 PATTERNS: dict[str, Pattern] = {}
 
+# The transformers config attribute (saved in config.json) holding the settings of an `etkd.hf`
+# `attn_implementation` name and, under "attn_implementation", the name itself (`--format hf-attention`).
+HF_CONFIG_KEY = "etkd_attention"
+
 
 @dataclass(frozen=True)
 class HFFamily:
@@ -162,6 +166,11 @@ def get(name: str) -> Pattern:
     if name not in PATTERNS:
         raise ValueError(f"attention: expected one of {tuple(PATTERNS)}, got {name!r}")
     return PATTERNS[name]
+
+
+def by_hf_name(name: str | None) -> Pattern | None:
+    """The pattern whose `hf_name` (the `etkd.hf` attn_implementation name) is `name`, None when none is."""
+    return next((p for p in PATTERNS.values() if name is not None and p.hf_name == name), None)
 
 
 def names() -> tuple[str, ...]:
