@@ -165,13 +165,14 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
 
 // Nystrom's K3 backward for one (batch, head) in tiles of kLmTile keys (nystrom_impl.h), K3 (keys x landmarks, per
 // tile) recomputed as exp(scale k qlT - lse) from landmark_attend's lse: dv = K3 dT, dS3 = K3 o (v dT^T - dl),
-// dk = scale dS3 ql (both written, rows of dp floats), dql += scale dS3^T k. k, v (S x dp), qlT and dtT (dp x np,
-// padding zero), ql and dt (n x dp), dl (np: dT . T per landmark), bias (S) of 0 / -inf or null. work:
-// nystrom_k3_bwd_work(np) floats.
+// dk = scale dS3 ql (+ row l of dkl for a key of segment l, segments of `seg` keys: the key landmarks' gradient
+// spread over their segments, already divided by the segments' sizes; dkl null: none), dv and dk written, rows of
+// dp floats; dql += scale dS3^T k. k, v (S x dp), qlT and dtT (dp x np, padding zero), ql, dt and dkl (n x dp), dl
+// (np: dT . T per landmark), bias (S) of 0 / -inf or null. work: nystrom_k3_bwd_work(np) floats.
 int64_t nystrom_k3_bwd_work(int64_t np);
 void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, const float* v, const float* bias, int64_t S,
                     int64_t n, int64_t np, int64_t dp, float scale, const float* dt, const float* dtT, const float* dl,
-                    const float* ql, float* dv, float* dk, float* dql, float* work);
+                    const float* ql, const float* dkl, int64_t seg, float* dv, float* dk, float* dql, float* work);
 
 // In-place softmax of `rows` rows of `n` floats (row stride ld), keys biased by bias[0:n] (null = none):
 // rows seeing no key (all -inf) become zeros. SIMD (at::vec).

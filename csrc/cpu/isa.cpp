@@ -304,8 +304,8 @@ int64_t nystrom_k3_bwd_work(int64_t np) { return 2 * kLmTile * np; }
 
 void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, const float* v, const float* bias, int64_t S,
                     int64_t n, int64_t np, int64_t dp, float scale, const float* dt, const float* dtT, const float* dl,
-                    const float* ql, float* dv, float* dk, float* dql, float* work) {
-  kernels().nystrom_k3_bwd(qlT, lse, k, v, bias, S, n, np, dp, scale, dt, dtT, dl, ql, dv, dk, dql, work);
+                    const float* ql, const float* dkl, int64_t seg, float* dv, float* dk, float* dql, float* work) {
+  kernels().nystrom_k3_bwd(qlT, lse, k, v, bias, S, n, np, dp, scale, dt, dtT, dl, ql, dkl, seg, dv, dk, dql, work);
 }
 
 void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) {

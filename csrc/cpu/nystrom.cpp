@@ -204,7 +204,7 @@ enum NysPhase : int {
 const char* const kNysNames[kNysPhases] = {
     "fwd.means", "fwd.k2", "fwd.k3v", "fwd.pinv", "fwd.k1_scores", "fwd.k1_softmax", "fwd.k1_out", "fwd.total",
     "bwd.k2", "bwd.ns_fwd", "bwd.x", "bwd.k1_scores", "bwd.k1_softmax", "bwd.dx", "bwd.dk1", "bwd.ds1", "bwd.dq",
-    "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.phase3", "bwd.total"};
+    "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.spread", "bwd.total"};
 std::atomic<int64_t> g_nys_ns[kNysPhases];
 
 // This thread's CPU time in nanoseconds: a phase's time without the time the thread waited for a core (this machine
@@ -372,11 +372,13 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
 // Phase 1 per head: landmarks, K2 and its max column sum (hf_global needs the max over every head first).
 // Phase 2 per head: Z (iterates kept, n x n each); X = Z T; then query tiles of kBwdRows rows, everything of a
 // tile in L1/L2: K1's scores and probabilities, dX += K1^T dO, dK1 = dO X^T, K1's softmax backward, dq (through K1)
-// and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward -> dK2 (all but the max-column-sum term) and
-// d(coefficient); K3's backward in key tiles (nystrom_k3_bwd: K3 from the forward's log-sum-exp, key-major like k
-// and v, so nothing is transposed) -> dv, dk (through K3), dql, with rowsum(K3 o dK3) = dT . T per landmark. Phase 3 per head: the max term, K2's softmax
-// backward, and the landmark gradients spread back over their segments. Padded query rows of grad_out are read
-// as zero (their output is zero). Head dims that are not whole vectors run on zero-padded copies of the head's rows.
+// and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward -> dK2 (all but hf_global's max-column-sum term) and
+// d(coefficient); K2's softmax backward -> dql, dkl; K3's backward in key tiles (nystrom_k3_bwd: K3 from the
+// forward's log-sum-exp, key-major like k and v, so nothing is transposed) -> dv, dk (through K3, plus dkl spread over
+// the key segments as the tiles are written), dql, with rowsum(K3 o dK3) = dT . T per landmark; dq += dql spread over
+// the query segments. Phase 3 (hf_global only), in the heads holding the global max: its term of dK2 through K2's
+// softmax backward, spread over the segments. Padded query rows of grad_out are read as zero (their output is
+// zero). Head dims that are not whole vectors run on zero-padded copies of the head's rows.
 constexpr int64_t kBwdRows = 64;
 
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -388,7 +390,11 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
   check_like(v, q, "v");
-  check_like(grad_out, q, "grad_out");
+  // grad_out at any strides (the expanded gradient of a sum, a model's head-split view): its rows are read in place
+  // or gathered per query tile, never copied whole.
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == at::kFloat && grad_out.sizes() == q.sizes(),
+              "grad_out: expected a float32 CPU tensor of shape ", q.sizes(), ", got ", grad_out.scalar_type(), " ",
+              grad_out.sizes(), " on ", grad_out.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), BH = B * H;
   TORCH_CHECK(num_landmarks >= 1 && num_landmarks <= S, "num_landmarks: expected 1..", S, ", got ", num_landmarks);
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
@@ -412,11 +418,12 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const float* bp = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* dop = grad_out.data_ptr<float>();
+  const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2), gs3 = grad_out.stride(3);
+  const bool go_rows = gs3 == 1 || D <= 1;  // rows of D contiguous floats, gs2 apart
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   // Per head: klT (D x np), K2 and dK2 (n x np), dql, dkl (n x dp); the landmarks ql, kl are the forward's.
-  std::vector<float> klT(BH * D * np, 0.f), k2(BH * nn, 0.f), dk2(BH * nn, 0.f), dql(BH * nd, 0.f),
-      dkl(BH * nd, 0.f), colmax(BH), dcoeff(BH);
+  std::vector<float> klT(BH * D * np, 0.f), k2(BH * nn, 0.f), dk2(BH * nn, 0.f), colmax(BH), dcoeff(BH);
   auto qlp = [&](int64_t bh) { return svp + bh * per + nd; };
   auto klp = [&](int64_t bh) { return svp + bh * per + 2 * nd; };
   auto lsep = [&](int64_t bh) { return svp + bh * per + 3 * nd; };
@@ -441,6 +448,33 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         t.lap(kBK2);
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
+  // dK2 (dm) += the max column sum's term: d(loss)/d(max) = dmx, split evenly over the tied columns of head bh's K2 (m)
+  // and over `ties` heads holding the same max (hf_global; 1 for per_head), as torch's max does; cs: n floats.
+  auto add_max_term = [&](int64_t bh, const float* m, float dmx, int64_t ties, float* dm, float* cs) {
+    const float mx = hf_global ? gmax : colmax[bh];
+    std::fill(cs, cs + n, 0.f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
+    int64_t here = 0;
+    for (int64_t j = 0; j < n; ++j) here += cs[j] == mx ? 1 : 0;
+    if (here == 0) return;
+    // hf_global: ties across heads are counted per head (exact ties between heads do not occur in practice).
+    const float share = dmx / static_cast<float>(here * ties);
+    for (int64_t j = 0; j < n; ++j)
+      if (cs[j] == mx)
+        for (int64_t i = 0; i < n; ++i) dm[i * np + j] += share;
+  };
+  // Landmark means' backward: each of the S rows of x (row stride lx) in segment l gets lm's row l / count(l).
+  auto spread = [&](float* x, int64_t lx, const float* lm) {
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
+      const float inv = 1.f / static_cast<float>(r1 - r0);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* g = x + r * lx;
+        for (int64_t j = 0; j < D; ++j) g[j] += inv * lm[l * dp + j];
+      }
+    }
+  };
 
   // Phase 2. Scratch per thread (thread_scratch): nystrom_k3_bwd's key tiles; the query tiles (K1, its gradient, K1
   // with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole vector, the head's
@@ -458,15 +492,27 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
       [&](std::array<float*, 3>& w, int64_t bh) {
         Laps t;
         const int64_t b = bh / H, row = bh * S * D;
-        const float *xq = qp + row, *xk = kp + row, *xv = vp + row, *xdo = dop + row;
+        const float *xq = qp + row, *xk = kp + row, *xv = vp + row;
         float *xdq = dqp + row, *xdk = dkp + row, *xdv = dvp + row;
+        // grad_out's rows of this head: in place (row stride ldo) when go_rows and D is whole vectors, else through
+        // grad_row, which copies row r's D floats to dst.
+        const float* xdo = dop + b * gs0 + (bh % H) * gs1;
+        int64_t ldo = gs2;
+        auto grad_row = [&](int64_t r, float* dst) {
+          const float* src = xdo + r * gs2;
+          if (go_rows)
+            std::copy(src, src + D, dst);
+          else
+            for (int64_t j = 0; j < D; ++j) dst[j] = src[j * gs3];
+        };
         if (padded_d) {
           float* r = w[2];
           std::fill(r, r + rows_n, 0.f);
-          const float* src[4] = {xq, xk, xv, xdo};
-          for (int i = 0; i < 4; ++i)
+          const float* src[3] = {xq, xk, xv};
+          for (int i = 0; i < 3; ++i)
             for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * D, src[i] + (j + 1) * D, r + (i * S + j) * dp);
-          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp;
+          for (int64_t j = 0; j < S; ++j) grad_row(j, r + (3 * S + j) * dp);
+          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp, ldo = dp;
           xdq = r + 4 * S * dp, xdk = r + 5 * S * dp, xdv = r + 6 * S * dp;
           t.lap(kBCopies);
         }
@@ -505,18 +551,23 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         t.lap(kBX);
         for (int64_t i0 = 0; i0 < S; i0 += kBwdRows) {
           const int64_t rows = std::min(kBwdRows, S - i0);
-          const float *qt = xq + i0 * ld, *dot = xdo + i0 * ld;
-          if (bp) {  // padded query rows: their output is zero, so no gradient flows from grad_out there
-            const float* bq = bp + b * S + i0;
-            if (std::any_of(bq, bq + rows, [](float x) { return x != 0.f; })) {
-              for (int64_t r = 0; r < rows; ++r) {
-                if (bq[r] != 0.f)
-                  std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
-                else
-                  std::copy(dot + r * ld, dot + (r + 1) * ld, dob + r * ld);
-              }
-              dot = dob;
+          const float* qt = xq + i0 * ld;
+          const float* dot = xdo + i0 * ldo;
+          int64_t ldt = ldo;  // dot's row stride
+          // Padded query rows: their output is zero, so no gradient flows from grad_out there; rows that are not
+          // whole contiguous vectors in place (and not the padded copy): gathered.
+          const float* bq = bp ? bp + b * S + i0 : nullptr;
+          const bool zero = bq && std::any_of(bq, bq + rows, [](float x) { return x != 0.f; });
+          if (zero || (!padded_d && !go_rows)) {
+            for (int64_t r = 0; r < rows; ++r) {
+              if (bq && bq[r] != 0.f)
+                std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
+              else if (padded_d)
+                std::copy(dot + r * ldo, dot + r * ldo + ld, dob + r * ld);
+              else
+                grad_row(i0 + r, dob + r * ld);
             }
+            dot = dob, ldt = ld;
           }
           product(rows, np, D, sc, qt, ld, 1, klt, np, s1, np, false);
           t.lap(kBK1Scores);
@@ -528,9 +579,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             k1x = k1d;
           }
           t.lap(kBK1Softmax);
-          product(n, dp, rows, 1.f, k1x, 1, np, dot, ld, dx, dp, true);
+          product(n, dp, rows, 1.f, k1x, 1, np, dot, ldt, dx, dp, true);
           t.lap(kBDx);
-          product(rows, np, D, 1.f, dot, ld, 1, xxT, np, g1, np, false);
+          product(rows, np, D, 1.f, dot, ldt, 1, xxT, np, g1, np, false);
           if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, g1, np);
           t.lap(kBDk1);
           // dS1 = K1 o (dK1 - rowsum(K1 o dK1)), the row sums by the target's SIMD dot over np columns (K1's
@@ -572,19 +623,30 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           for (int64_t j = 0; j < n; ++j)
             dm[j * np + i] += coeff * dz[i * np + j], dc += dz[i * np + j] * m[j * np + i];
         dcoeff[bh] = dc;
+        // dK2's max-column-sum term where this head alone decides it (per_head; hf_global's waits for every head:
+        // phase 3), K2's softmax backward: dS2 = K2 (dK2 - rowsum(K2 dK2)); dql = s dS2 kl; dkl += s dS2^T ql.
+        if (!hf_global) add_max_term(bh, m, -dc / (colmax[bh] * colmax[bh]), 1, dm, dts);
+        std::copy(dm, dm + nn, dts);
+        softmax_rows_bwd(m, dts, n, n, np);
+        product(n, dp, n, sc, dts, np, 1, klh, dp, dqlh, dp, false);
+        product(n, dp, n, sc, dts, 1, np, qlh, dp, dklh, dp, true);
         t.lap(kBNsBwd);
         // K3 backward in key tiles (nystrom_k3_bwd), K3 recomputed from the forward's lse: dv = K3^T dT;
         // dK3 = dT v^T; dS3 = K3 o (dK3 - rowsum(K3 o dK3)), the row sum being dT . T (= sum_j K3[l, j] dT[l] . v[j]);
-        // dql = s dS3 k; dk = s dS3^T ql. The landmark side packed (dp x np, padding zero) as B operands.
+        // dql += s dS3 k; dk = s dS3^T ql + dkl spread over the key segments (dkl is whole by now, but for
+        // hf_global's max term). The landmark side packed (dp x np, padding zero) as B operands.
         transpose(qlh, n, dp, dp, qlT, np);
         transpose(dtt, n, dp, dp, dtT, np);
         rowwise_dot(dtt, tt, dl3, n, dp);
-        std::fill(dqlh, dqlh + nd, 0.f);
-        nystrom_k3_bwd(qlT, lsep(bh), xk, xv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh, xdv, xdk,
-                       dqlh, w[0]);
+        for (int64_t l = 0; l < n; ++l) {  // dkl / segment size, into xx (free after the query tiles)
+          const float inv = 1.f / static_cast<float>(std::min(S, (l + 1) * c) - l * c);
+          for (int64_t j = 0; j < dp; ++j) xx[l * dp + j] = inv * dklh[l * dp + j];
+        }
+        nystrom_k3_bwd(qlT, lsep(bh), xk, xv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh, xx, c,
+                       xdv, xdk, dqlh, w[0]);
         t.lap(kBK3);
-        std::copy(dqlh, dqlh + nd, dql.data() + bh * nd);
-        std::copy(dklh, dklh + nd, dkl.data() + bh * nd);
+        spread(xdq, ld, dqlh);  // dq += dql spread over the query segments
+        t.lap(kBPhase3);
         if (padded_d) {
           const float* src[3] = {xdq, xdk, xdv};
           float* dst[3] = {dqp + row, dkp + row, dvp + row};
@@ -594,53 +656,31 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         }
       });
 
-  // Phase 3: d(coefficient) -> d(max column sum) -> dK2 (split evenly over tied maxima, as torch's max does).
-  float dgmax = 0.f;
-  for (int64_t bh = 0; bh < BH; ++bh) dgmax += dcoeff[bh];
-  parallel_tasks(
-      BH, [&] { return std::vector<float>(n + nn, 0.f); },
-      [&](std::vector<float>& w, int64_t bh) {
-        Laps t;
-        const float* m = k2.data() + bh * nn;
-        float *dm = dk2.data() + bh * nn, *cs = w.data(), *ds = cs + n;
-        const float mx = hf_global ? gmax : colmax[bh];
-        const float dmx = -(hf_global ? dgmax : dcoeff[bh]) / (mx * mx);
-        std::fill(cs, cs + n, 0.f);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
-        int64_t ties = 0;
-        if (hf_global) {
-          for (int64_t o = 0; o < BH; ++o) ties += colmax[o] == gmax ? 1 : 0;  // heads holding the max
-        }
-        int64_t here = 0;
-        for (int64_t j = 0; j < n; ++j) here += cs[j] == mx ? 1 : 0;
-        if (!hf_global) ties = 1;
-        const bool holds = !hf_global || colmax[bh] == gmax;
-        if (holds && here > 0) {
-          // hf_global: the max over (heads, columns) is split over every tied column of every tied head; ties
-          // across heads are counted per head here (exact ties between heads do not occur in practice).
-          const float share = dmx / static_cast<float>(here * ties);
-          for (int64_t j = 0; j < n; ++j)
-            if (cs[j] == mx)
-              for (int64_t i = 0; i < n; ++i) dm[i * np + j] += share;
-        }
-        // K2 softmax backward: dS2 = K2 (dK2 - rowsum(K2 dK2)); dql += s dS2 kl; dkl += s dS2^T ql.
-        std::copy(dm, dm + nn, ds);
-        softmax_rows_bwd(m, ds, n, n, np);
-        float *dqlh = dql.data() + bh * nd, *dklh = dkl.data() + bh * nd;
-        product(n, dp, n, sc, ds, np, 1, klp(bh), dp, dqlh, dp, true);
-        product(n, dp, n, sc, ds, 1, np, qlp(bh), dp, dklh, dp, true);
-        // Landmark means: each token of segment l gets d(landmark l) / count(l).
-        for (int64_t l = 0; l < n; ++l) {
-          const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
-          const float inv = 1.f / static_cast<float>(r1 - r0);
-          for (int64_t r = r0; r < r1; ++r) {
-            float *gq = dqp + (bh * S + r) * D, *gk = dkp + (bh * S + r) * D;
-            for (int64_t j = 0; j < D; ++j) gq[j] += inv * dqlh[l * dp + j], gk[j] += inv * dklh[l * dp + j];
-          }
-        }
-        t.lap(kBPhase3);
-      });
+  // Phase 3, hf_global: d(coefficient) summed over every head -> d(max column sum) -> its term of dK2 in the heads
+  // holding the max, through K2's softmax backward to their dql, dkl, spread over the segments (linear in dK2, so
+  // added to what phase 2 spread). per_head did it in phase 2.
+  if (hf_global) {
+    float dgmax = 0.f;
+    for (int64_t bh = 0; bh < BH; ++bh) dgmax += dcoeff[bh];
+    int64_t ties = 0;
+    for (int64_t o = 0; o < BH; ++o) ties += colmax[o] == gmax ? 1 : 0;  // heads holding the max
+    parallel_tasks(
+        BH, [&] { return std::vector<float>(2 * nn + 2 * nd, 0.f); },
+        [&](std::vector<float>& w, int64_t bh) {
+          if (colmax[bh] != gmax) return;
+          Laps t;
+          const float* m = k2.data() + bh * nn;
+          float *dm = w.data(), *cs = dm + nn, *dqx = cs + nn, *dkx = dqx + nd;
+          std::fill(dm, dm + nn, 0.f);
+          add_max_term(bh, m, -dgmax / (gmax * gmax), ties, dm, cs);
+          softmax_rows_bwd(m, dm, n, n, np);
+          product(n, dp, n, sc, dm, np, 1, klp(bh), dp, dqx, dp, false);
+          product(n, dp, n, sc, dm, 1, np, qlp(bh), dp, dkx, dp, false);
+          spread(dqp + bh * S * D, D, dqx);
+          spread(dkp + bh * S * D, D, dkx);
+          t.lap(kBPhase3);
+        });
+  }
   total.lap(kBTotal);
   return {dq, dk, dv};
 }

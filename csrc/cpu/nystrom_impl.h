@@ -20,7 +20,7 @@ void nystrom_segment_sums(const float* x, int64_t r0, int64_t rows, int64_t d, i
 // products run while it is in L1/L2.
 void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, const float* v, const float* bias, int64_t S,
                     int64_t n, int64_t np, int64_t dp, float scale, const float* dt, const float* dtT, const float* dl,
-                    const float* ql, float* dv, float* dk, float* dql, float* work) {
+                    const float* ql, const float* dkl, int64_t seg, float* dv, float* dk, float* dql, float* work) {
   float* p = work;                // (tile x np) scores, then K3
   float* g = p + kLmTile * np;    // (tile x np) dK3 = v dT^T, then dS3
   for (int64_t j0 = 0; j0 < S; j0 += kLmTile) {
@@ -44,7 +44,14 @@ void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, const fl
       for (int64_t c = 0; c < np; c += kV)
         (Vec::loadu(pr + c) * (Vec::loadu(gr + c) - Vec::loadu(dl + c))).store(gr + c);
     }
-    gemm_panels<kPanel>(tk, dp, n, scale, g, np, 1, ql, dp, dk + j0 * dp, dp, false);
+    float* dkj = dk + j0 * dp;
+    if (dkl) {  // the spread of the key landmarks' gradient first, the product added to it
+      for (int64_t r = 0; r < tk; ++r) {
+        const float* src = dkl + (j0 + r) / seg * dp;
+        std::copy(src, src + dp, dkj + r * dp);
+      }
+    }
+    gemm_panels<kPanel>(tk, dp, n, scale, g, np, 1, ql, dp, dkj, dp, dkl != nullptr);
     gemm_panels<kPanel>(n, dp, tk, scale, g, 1, np, kj, dp, dql, dp, true);
   }
 }

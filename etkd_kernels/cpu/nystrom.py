@@ -99,7 +99,7 @@ def backward(grad_out, q, k, v, out, saved, p):
     if num_landmarks == q.shape[2]:
         return recompute_backward(exact, grad_out, (q, k, v), key_padding_mask, scale, _dropout(p))
     return torch.ops.etkd_cpu.nystrom_bwd(
-        grad_out.contiguous(),
+        grad_out,  # read at any strides (csrc/cpu/nystrom.cpp)
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),
