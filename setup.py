@@ -75,7 +75,10 @@ def discover_packages() -> tuple[list[str], dict[str, str]]:
 # dependencies are the `train` extra (pyproject.toml); a driver run without them says which extra to install.
 DEPENDENCIES = [
     "numpy>=1.24",
-    "transformers>=4.48",  # the suite runs on transformers 5; 4.48 is the first with AttentionInterface
+    # 5.6: the first release the HF suite passes on (tests/test_hf_*, test_models_hf, test_convert, ...; swept
+    # 2026-12-06): 4.57 runs BERT/RoBERTa without AttentionInterface, 5.0 has another mask-interface call,
+    # 5.5 re-saves LayerNorm weights as beta/gamma. etkd.hf says the same at import (MIN_TRANSFORMERS).
+    "transformers>=5.6",
     "safetensors>=0.4",
     "tqdm>=4.66",
     "pyyaml>=6.0",

@@ -11,6 +11,10 @@ and HF / ours of the medians and of every round.
                   its AVX2 code path as on an AMD CPU (AMD Zen 4 runs 512-bit ops as two 256-bit halves, so
                   its FLOP rate is AVX2's: the avx2-epyc set bounds it from that side)
     avx2-epyc     ETKD_CPU_ISA=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only EPYC
+
+`--profile` then runs ours `--repeats` more times per mode with the per-phase timers on (ETKD_CPU_PROFILE's, read by
+`_C.nystrom_profile()`: each phase's thread CPU time summed over threads, so phases measured under load stay
+comparable) and prints, per phase, ms per call and the multiply-adds per second of its products.
 """
 
 from __future__ import annotations
@@ -31,8 +35,20 @@ SWITCHES = {
 SIDES = ("hf-core", "etkd-cpu")
 
 
-def worker(seq: int, repeats: int, modes: list[str]) -> dict:
-    """This process's switch set: per mode, the seconds of every call of each side."""
+# Multiply-adds of each phase's products per (batch, head), L landmarks, D head_dim, S seq (csrc/cpu/nystrom.cpp; the
+# Newton-Schulz pseudo-inverse: 4 L^3 products per iteration forward, 13 in its backward; 6 iterations).
+def phase_macs(S: int, L: int, D: int, iters: int = 6) -> dict[str, float]:
+    mm, sq, ld = S * L * D, L**3, L * L * D
+    return {
+        "fwd.k1_scores": mm, "fwd.k1_out": mm, "fwd.k3v": 2 * mm, "fwd.k2": ld, "fwd.pinv": 4 * iters * sq + ld,
+        "bwd.k1_scores": mm, "bwd.dx": mm, "bwd.dk1": mm, "bwd.dq": mm, "bwd.dkl": mm, "bwd.k3_side": 5 * mm,
+        "bwd.ns_fwd": 4 * iters * sq, "bwd.ns_bwd": 13 * iters * sq + 4 * ld, "bwd.x": ld, "bwd.dt_dz": 2 * ld,
+    }  # fmt: skip
+
+
+def worker(seq: int, repeats: int, modes: list[str], profile: bool = False) -> dict:
+    """This process's switch set: per mode, the seconds of every call of each side (and with `profile`, ours' phase
+    seconds per call)."""
     import torch
 
     from etkd_kernels import _C
@@ -52,8 +68,31 @@ def worker(seq: int, repeats: int, modes: list[str]) -> dict:
                 call()
                 times[side].append(time.perf_counter() - t0)
         out[mode] = times
+        if profile:
+            _C.set_cpu_profile(True)
+            _C.nystrom_profile()
+            for _ in range(repeats):
+                calls["etkd-cpu"]()
+            out[f"{mode}.phases"] = {k: v / repeats for k, v in _C.nystrom_profile().items() if v > 0}
+            _C.set_cpu_profile(False)
     out["load"].append(os.getloadavg()[0])
     return out
+
+
+def print_phases(phases: dict[str, float], threads: int, seq: int, heads: int = 12) -> None:
+    """Ours' phases per call: CPU ms (summed over threads), share, and GMAC/s of the phase's products."""
+    macs = phase_macs(seq, 64, 64)
+    for part in ("fwd", "bwd"):
+        names = {k: v for k, v in phases.items() if k.startswith(part + ".") and k != f"{part}.total"}
+        if not names:
+            continue
+        cpu = sum(names.values())
+        wall = phases.get(f"{part}.total", 0.0)
+        print(f"    {part}: wall {1e3 * wall:.2f} ms x {threads} threads, phases {1e3 * cpu:.2f} CPU ms, outside the "
+              f"tasks (serial work, waits) {1e3 * (wall * threads - cpu):.2f} ms")  # fmt: skip
+        for name, sec in sorted(names.items(), key=lambda kv: -kv[1]):
+            rate = f"{heads * macs[name] / sec / 1e9:6.1f} GMAC/s" if name in macs else ""
+            print(f"      {name:16s} {1e3 * sec:7.2f} ms {100 * sec / cpu:5.1f}%  {rate}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__.splitlines()[0], seq=4096, repeats=5, threads=2)
     ap.add_argument("--switches", nargs="+", choices=list(SWITCHES), default=list(SWITCHES))
     ap.add_argument("--modes", nargs="+", choices=("fwd", "fwd_bwd"), default=["fwd", "fwd_bwd"])
+    ap.add_argument(
+        "--profile", action="store_true", help="ours' per-phase CPU time and GMAC/s (ETKD_CPU_PROFILE)"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.seq, args.repeats, args.modes)))
+        print(json.dumps(worker(args.seq, args.repeats, args.modes, args.profile)))
         return 0
     from etkd_kernels.timing import environment
 
@@ -78,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             if var not in SWITCHES[name]:
                 env.pop(var, None)
         cmd = [sys.executable, "-m", "etkd.benchmarks.nystrom_switches", "--worker", "--seq", str(args.seq),
-               "--repeats", str(args.repeats), "--modes", *args.modes]  # fmt: skip
+               "--repeats", str(args.repeats), "--modes", *args.modes, *(["--profile"] if args.profile else [])]  # fmt: skip
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{name}: failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -92,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds = ", ".join(f"{h / o:.2f}" for h, o in zip(hf, ours))
             print(f"  {mode:8s} HF core {1e3 * statistics.median(hf):8.1f} ms   ours {1e3 * statistics.median(ours):7.1f} ms"
                   f"   HF / ours {statistics.median(hf) / statistics.median(ours):5.2f}x   rounds {rounds}")  # fmt: skip
+            if f"{mode}.phases" in r:
+                print_phases(r[f"{mode}.phases"], r["threads"], args.seq)
     return 0
 
 

@@ -3,7 +3,9 @@
 The teacher is frozen (eval, no grad); the student is `make_student(teacher)` (every other layer) or a
 given checkpoint, optionally converted to another attention pattern / length. Loss:
 alpha * MLM + beta * T^2 * KL(soft targets) + gamma * cosine(last hidden states), defaults 2, 5, 1, T = 2;
---delta adds TinyBERT's per-layer hidden-state MSE (student layer j vs teacher layer j * n / k; default 0).
+--delta adds TinyBERT's per-layer hidden-state MSE (student layer j vs teacher layer j * n / k; default 0);
+--relation adds MiniLMv2's self-attention relation KL (Q-Q, K-K, V-V relations of teacher layer --relation-layer,
+default the last, and of the student's last layer, in --relation-heads heads; default 0).
 The cosine-only variant (--alpha 0 --beta 0) needs no MLM head and sees the text unmasked.
 
     etkd distill --teacher roberta-long/ --data oscar/ bookcorpus/ --long-fraction 0.3 \
@@ -51,7 +53,8 @@ STUDENT_DEFAULTS = {
     "student_num_landmarks": 64,
 }
 DEFAULTS = {**MLM_DEFAULTS, **STUDENT_DEFAULTS, "alpha": 2.0, "beta": 5.0, "gamma": 1.0, "delta": 0.0,
-            "temperature": 2.0, "kd_masked_only": False, "teacher_precision": None}  # fmt: skip
+            "relation": 0.0, "relation_heads": None, "relation_layer": None, "temperature": 2.0,
+            "kd_masked_only": False, "teacher_precision": None}  # fmt: skip
 # mlm_probability None: 0.15 when a term reads masked tokens (alpha or beta > 0), else 0 (see `run`).
 DEFAULTS.update(output_dir="runs/distill", learning_rate=5e-4, warmup_ratio=0.05, mlm_probability=None)
 
@@ -134,6 +137,14 @@ def register(subparsers) -> None:
     g.add_argument("--delta", type=float, default=None,
                    help="per-layer hidden-state MSE weight (0: off): student layer j learns teacher layer "
                    "round(j n / k) of n, as TinyBERT (needs equal hidden sizes)")  # fmt: skip
+    g.add_argument("--relation", type=float, default=None,
+                   help="self-attention relation KL weight (0: off): MiniLMv2's Q-Q, K-K and V-V scaled dot-product "
+                   "relations of the student's last layer learn those of teacher layer --relation-layer")  # fmt: skip
+    g.add_argument("--relation-heads", dest="relation_heads", type=int, default=None,
+                   help="relation heads (default: the teacher's attention heads); must divide both hidden sizes")  # fmt: skip
+    g.add_argument("--relation-layer", dest="relation_layer", type=int, default=None,
+                   help="the teacher layer (1-based) whose relations the student's last layer learns (default: "
+                   "the last; MiniLMv2 takes an upper-middle layer of large teachers)")  # fmt: skip
     g.add_argument("--temperature", type=float, default=None, help="softmax temperature (2.0)")
     g.add_argument("--kd-masked-only", dest="kd_masked_only", action="store_true", default=None,
                    help="soft-target loss on masked tokens only (default: every real token)")  # fmt: skip
@@ -171,14 +182,33 @@ def teacher_forward(teacher, input_ids: torch.Tensor, attention_mask: torch.Tens
     return (None if logits is None else logits.clone()), hidden.clone(), tuple(t.clone() for t in states)
 
 
+def layer_qkv(model, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query, key and value projections (each (b, s, d)) that layer `index` (0-based) of `model` computes
+    from its input x (b, s, d) (hidden_states[index]; LayerNorm'd first in a pre-norm model, as the layer does)."""
+    layer = getattr(model, "module", model).encoder.layers[index]
+    if layer.pre_norm:
+        x = layer.norm1(x)
+    b, s, d = x.shape
+    return tuple(t.transpose(1, 2).reshape(b, s, d) for t in layer.attn.projections(x))  # heads back together
+
+
 def make_loss(teacher, ns: argparse.Namespace, layers: list[int] | None = None):
     """The step `train` calls: vocabulary logits only where a loss term reads them (`logit_positions`): the
     student's at the masked tokens (and where the KL reads them), the teacher's only when beta > 0. With
-    ns.delta, `layers` are the teacher hidden states student layers 1..k learn (`layer_map`)."""
+    ns.delta, `layers` are the teacher hidden states student layers 1..k learn (`layer_map`). With ns.relation,
+    the student's last layer's Q/K/V relations learn those of teacher layer ns.relation_layer (1-based, set)."""
     weights = dict(alpha=ns.alpha, beta=ns.beta, gamma=ns.gamma, temperature=ns.temperature)
     delta = getattr(ns, "delta", 0.0)
     if delta and not layers:
         raise ValueError("layers: required when delta is not 0 (layer_map(teacher layers, student layers))")
+    relation = getattr(ns, "relation", 0.0)
+    at_layer, heads = getattr(ns, "relation_layer", None), getattr(ns, "relation_heads", None)
+    if relation and not (at_layer and heads):
+        raise ValueError(
+            "ns.relation_layer, ns.relation_heads: required when relation is not 0 (check_relation)"
+        )
+    # The teacher's hidden states to return: delta's, then the input of the relation layer.
+    wanted = (list(layers) if delta else []) + ([at_layer - 1] if relation else [])
     precision = getattr(ns, "teacher_precision", None)
 
     def step(student, batch):
@@ -187,12 +217,19 @@ def make_loss(teacher, ns: argparse.Namespace, layers: list[int] | None = None):
         # A student without a token-level head (the cosine-only variant of a bare encoder) computes no logits.
         token_head = getattr(student, "module", student).config.head in TOKEN_HEADS
         out = student(input_ids=ids, attention_mask=mask, head_positions=at[0] if token_head else None,
-                      output_hidden_states=bool(delta))  # fmt: skip
+                      output_hidden_states=bool(delta or relation))  # fmt: skip
         t_logits, t_hidden, t_states = teacher_forward(teacher, ids, mask, at[1] if ns.beta else None, precision,
-                                                       layers if delta else None)  # fmt: skip
+                                                       wanted)  # fmt: skip
+        s_qkv = t_qkv = None
+        if relation:  # the student's last layer, from its input; the teacher's relation layer, frozen
+            s_qkv = layer_qkv(student, len(out.hidden_states) - 2, out.hidden_states[-2])
+            with torch.no_grad():
+                t_qkv = layer_qkv(teacher, at_layer - 1, t_states[-1])
         return distillation_loss(out.logits, t_logits, out.last_hidden_state, t_hidden, labels, mask,
                                  masked_only=ns.kd_masked_only, positions=at, delta=delta,
-                                 student_states=out.hidden_states[1:] if delta else None, teacher_states=t_states,
+                                 student_states=out.hidden_states[1:] if delta else None,
+                                 teacher_states=t_states[: len(layers)] if delta else None, relation=relation,
+                                 student_qkv=s_qkv, teacher_qkv=t_qkv, relation_heads=heads,
                                  **weights)  # fmt: skip
 
     return step
@@ -208,6 +245,25 @@ def hidden_layer_map(teacher, student) -> list[int]:
         raise UserError(f"--delta: the student has more layers ({s.num_layers}) than the teacher "
                         f"({t.num_layers}); set --delta 0")  # fmt: skip
     return layer_map(t.num_layers, s.num_layers)
+
+
+def check_relation(teacher, student, ns: argparse.Namespace) -> None:
+    """--relation's layer and heads resolved for this teacher (defaults: its last layer, its attention heads),
+    or a UserError naming the flag that does not fit."""
+    t, s = teacher.config, student.config
+    ns.relation_layer = ns.relation_layer or t.num_layers
+    ns.relation_heads = ns.relation_heads or t.num_heads
+    if not 1 <= ns.relation_layer <= t.num_layers:
+        raise UserError(
+            f"--relation-layer: expected a teacher layer 1 to {t.num_layers}, got {ns.relation_layer}"
+        )
+    for who, d in (("teacher", t.hidden_size), ("student", s.hidden_size)):
+        if d % ns.relation_heads:
+            raise UserError(f"--relation-heads: expected a divisor of the {who}'s hidden size {d}, got "
+                            f"{ns.relation_heads}")  # fmt: skip
+    if "lsg" in (s.attention, t.attention):
+        raise UserError("--relation: an LSG model's layers also attend to its global tokens, which the relations "
+                        "would leave out; set --relation 0")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,5 +304,14 @@ def run(args: argparse.Namespace) -> int:
     if ns.delta:
         layers = hidden_layer_map(teacher, student)
         log.info("--delta %g: student layers 1..%d learn teacher layers %s", ns.delta, len(layers), layers)
+    if ns.relation:
+        check_relation(teacher, student, ns)
+        log.info("--relation %g: the student's last layer learns teacher layer %d's Q/K/V relations in %d heads",
+                 ns.relation, ns.relation_layer, ns.relation_heads)  # fmt: skip
+        longest = max(ns.short_length, ns.long_length if ns.long_fraction else 0)
+        if longest > 1024:
+            log.warning("--relation: the relations are (seq x seq) per relation head, whatever the attention "
+                        "pattern, so %d-token blocks cost %.1f GB a batch for this term alone", longest,
+                        3 * 2 * 4 * ns.per_device_batch_size * ns.relation_heads * longest**2 / 1e9)  # fmt: skip
     return train_mlm(ns, student, tokenizer, make_loss(teacher, ns, layers), "distill", "student",
                      ("step", "loss", "history"), extra_modules=(teacher,))  # fmt: skip

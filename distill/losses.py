@@ -2,7 +2,9 @@
 
 Task-agnostic (Brown et al. 2023, Appendix B; DistilBERT): `distillation_loss` =
 alpha * MLM + beta * T^2 * KL(teacher_T || student_T) + gamma * (1 - cos(h_s, h_t)), optionally
-+ delta * the per-layer hidden-state MSE (TinyBERT; `layer_map` pairs the layers).
++ delta * the per-layer hidden-state MSE (TinyBERT; `layer_map` pairs the layers) and + relation * MiniLMv2's
+self-attention relation KL (`relation_kl`: Q-Q, K-K, V-V scaled dot-product relations of one teacher layer and the
+student's last layer, split into relation heads).
 
 Task-specific (Dasgupta et al. 2023, eq. 8-9): `task_kd_loss` = lam * CE(y, f) + (1 - lam) * L_KD with
 L_KD one of
@@ -16,6 +18,8 @@ Shapes: b = batch, s = seq, v = vocab, c = classes, d = hidden.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +198,51 @@ def hidden_state_mse(
     return torch.stack(terms).mean()
 
 
+def attention_relations(
+    x: torch.Tensor, heads: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MiniLMv2's self-attention relations of one projection (queries, keys or values) x (b, s, d): split into
+    `heads` relation heads of d / heads, log softmax(x_h x_h^T / sqrt(d / heads)) over the keys, (b, heads, s, s)
+    log-probabilities; padded keys (attention_mask (b, s) False) get probability 0."""
+    b, s, d = x.shape
+    if heads < 1 or d % heads:
+        raise ValueError(f"heads: expected a divisor of the hidden size {d}, got {heads}")
+    xh = _upcast(x).view(b, s, heads, d // heads).transpose(1, 2)  # (b, r, s, d_r)
+    scores = xh @ xh.transpose(-1, -2) / math.sqrt(d // heads)
+    if attention_mask is not None:  # the most negative float, not -inf: a masked key's 0 * log 0 stays 0
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_kl(
+    student_qkv: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    teacher_qkv: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    heads: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MiniLMv2 (Wang et al. 2021, eq. 4-5): for each pair of projections (the student's and the teacher's
+    queries, keys, values: (b, s, d_s) and (b, s, d_t), hidden sizes may differ), KL(R_t || R_s) between their
+    `attention_relations` with the same number of relation heads, summed over the keys and averaged over the
+    relation heads and the real query tokens; the mean over the pairs. attention_mask (b, s), True/1 = real."""
+    if len(student_qkv) != len(teacher_qkv) or not student_qkv:
+        raise ValueError(f"teacher_qkv: expected one per student projection ({len(student_qkv)}), "
+                         f"got {len(teacher_qkv)}")  # fmt: skip
+    first = student_qkv[0]
+    real = (torch.ones(first.shape[:2], dtype=torch.bool, device=first.device) if attention_mask is None
+            else attention_mask.bool())  # fmt: skip
+    terms = []
+    for xs, xt in zip(student_qkv, teacher_qkv):
+        if xs.shape[:2] != xt.shape[:2]:
+            raise ValueError(f"teacher_qkv: expected the student's (batch, seq) {tuple(xs.shape[:2])}, got "
+                             f"{tuple(xt.shape[:2])}")  # fmt: skip
+        log_s = attention_relations(xs, heads, real)
+        log_t = attention_relations(xt.detach(), heads, real)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (b, r, s): one value per head and query
+        rows = kl.transpose(1, 2)[real]  # (n real queries, r)
+        terms.append(rows.mean() if rows.numel() else xs.sum() * 0.0)
+    return torch.stack(terms).mean()
+
+
 def distillation_loss(
     student_logits: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
@@ -211,10 +260,15 @@ def distillation_loss(
     delta: float = 0.0,
     student_states: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     teacher_states: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+    relation: float = 0.0,
+    student_qkv: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+    teacher_qkv: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+    relation_heads: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT objective (paper 1, Appendix B): alpha * MLM + beta * KD + gamma * cosine, plus (delta > 0)
     TinyBERT's per-layer hidden-state MSE `hidden_state_mse(student_states, teacher_states)` (the states
-    paired by `layer_map`).
+    paired by `layer_map`), plus (relation > 0) MiniLMv2's `relation_kl(student_qkv, teacher_qkv,
+    relation_heads)` (the Q, K, V projections of the student's last layer and of one teacher layer).
 
     logits (b, s, v) (None when alpha = beta = 0), hidden (b, s, d), labels (b, s) with -100 on unmasked
     tokens, attention_mask (b, s)
@@ -284,4 +338,12 @@ def distillation_loss(
         hid = hidden_state_mse(student_states, teacher_states, real)
         loss = loss + delta * hid
         logs["hid"] = hid.detach()
+    if relation:
+        if student_qkv is None or teacher_qkv is None or relation_heads is None:
+            raise ValueError(
+                f"student_qkv, teacher_qkv, relation_heads: required when relation ({relation}) is not 0"
+            )
+        rel = relation_kl(student_qkv, teacher_qkv, relation_heads, real)
+        loss = loss + relation * rel
+        logs["rel"] = rel.detach()
     return loss, logs

@@ -442,14 +442,20 @@ def test_strided_inputs_match_reference(case, threads):
         )
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_qkv"])
 @pytest.mark.parametrize("op", ["sliding_window", "block_sparse"])
-def test_head_split_views_are_not_copied(op):
+def test_head_split_views_are_not_copied(op, fused):
     """The encoder's head-split views reach the kernels without a copy and come back in their layout: no aten copy in
     the op's forward and backward, the output and the gradients of the views in (b, s, h, d) order, so the model's
-    transpose + reshape back to (b, s, h * d) is a view too."""
+    transpose + reshape back to (b, s, h * d) is a view too. Views of three projections, or of one (b, s, 3, h, d)
+    output (the encoder's fused q/k/v projection: rows 3 * h * d apart)."""
     b, h, s, d = 1, 3, 128, 32
-    xs = [torch.randn(b, s, h * d, requires_grad=True) for _ in range(3)]
-    q, k, v = (x.view(b, s, h, d).transpose(1, 2) for x in xs)
+    if fused:
+        qkv = torch.randn(b, s, 3 * h * d, requires_grad=True)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, s, 3, h, d).unbind(2))
+    else:
+        xs = [torch.randn(b, s, h * d, requires_grad=True) for _ in range(3)]
+        q, k, v = (x.view(b, s, h, d).transpose(1, 2) for x in xs)
     gm = torch.zeros(b, s, dtype=torch.bool)
     gm[0, 0] = True
 

@@ -223,6 +223,57 @@ def test_distill_per_layer_hidden_loss_falls_and_checks_its_student(teacher_dir,
         cli([*argv[: -len(common(out, 24)) - 1], "-1", *common(out, 1), "--overwrite"])
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_layer_qkv_are_the_projections_the_layer_computes(pre_norm):
+    """--relation's Q/K/V come from a layer's input (hidden_states[i]) through its own projections (after its
+    LayerNorm in a pre-norm model): the same tensors the layer's forward computes."""
+    torch.manual_seed(0)
+    model = EncoderModel(tiny_config(pre_norm=pre_norm)).eval()
+    seen = []
+    attn = model.encoder.layers[2].attn
+    attend = attn.attend
+
+    def spy(module, x, q, k, v, *rest):  # the (b, h, s, hd) q, k, v the layer hands its attention pattern
+        seen.append((q, k, v))
+        return attend(module, x, q, k, v, *rest)
+
+    attn.attend = spy
+    ids = torch.randint(5, VOCAB, (2, 9))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        qkv = distill_cmd.layer_qkv(model, 2, out.hidden_states[2])
+    assert len(seen) == 1
+    for got, heads in zip(qkv, seen[0]):
+        assert got.shape == (2, 9, 32)
+        torch.testing.assert_close(got, heads.transpose(1, 2).reshape(2, 9, 32), rtol=0, atol=0)
+
+
+def test_distill_attention_relations_fall_and_check_their_flags(teacher_dir, corpus, tmp_path):
+    """--relation: MiniLMv2's Q/K/V relation KL of the student's last layer vs the teacher's last layer (4 -> 2
+    layers, 2 relation heads by default), logged as "rel", falling, the loss cos + rel; a layer or head count
+    that does not fit is a UserError naming its flag."""
+    out = tmp_path / "kd"
+    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--batch-size", "8",
+            "--lr", "3e-3", "--log-every", "6", "--save-every", "0", "--max-blocks", "200", "--alpha", "0",
+            "--beta", "0", "--relation", "1", *common(out, 24)]  # fmt: skip
+    assert cli(argv) == 0
+    history = json.loads((out / "result.json").read_text())["history"]
+    rel = [r["rel"] for r in history]
+    assert len(rel) == 4 and rel[-1] < 0.8 * rel[0], rel
+    assert all(r["loss"] == pytest.approx(r["cos"] + r["rel"], rel=1e-6) for r in history)
+    for flags, message in (
+        (["--relation-layer", "5"], r"--relation-layer: expected a teacher layer 1 to 4, got 5"),
+        (
+            ["--relation-heads", "3"],
+            r"--relation-heads: expected a divisor of the teacher's hidden size 32, got 3",
+        ),
+        (["--relation", "-1"], r"--relation: expected >= 0, got -1.0"),
+        (["--relation-heads", "0"], r"--relation-heads: expected >= 1, got 0"),
+    ):
+        with pytest.raises(UserError, match=message):
+            cli([*argv, *flags, "--overwrite"])
+
+
 def test_distill_into_longer_longformer_student(teacher_dir, corpus, tmp_path):
     # Teacher: full attention, 64 positions. Student: Longformer, 128 positions; 96-token blocks make the
     # teacher run in chunks.

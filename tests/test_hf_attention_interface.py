@@ -345,3 +345,22 @@ def test_checkpoint_asking_for_an_unknown_etkd_name_is_said(tmp_path):
     assert len([w for w in told if "etkd_from_the_future" in str(w.message)]) == 1  # once
     with pytest.raises(ValueError, match="names attn_implementation 'etkd_from_the_future'"):
         from_hf(tmp_path)
+
+
+def test_etkd_hf_refuses_a_transformers_below_its_floor_and_the_install_asks_for_it():
+    """Below 5.6 the hooks fail inside a forward (swept: 4.57 BERT has no AttentionInterface, 5.0 another mask
+    call, 5.5 re-saves LayerNorm as beta/gamma); the import says so instead, and the package's requirement is
+    the same floor, so a resolver never lands below it."""
+    from importlib.metadata import requires
+
+    from etkd.hf import MIN_TRANSFORMERS, require_transformers
+
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.6, found 5\.5\.4: pip install -U"):
+        require_transformers("5.5.4")
+    with pytest.raises(ImportError, match="found 4.57.6"):
+        require_transformers("4.57.6")
+    require_transformers(MIN_TRANSFORMERS)
+    require_transformers("5.6.0rc1")
+    require_transformers("6.0")
+    floors = [r.replace(" ", "") for r in requires("etkd") if r.replace(" ", "").startswith("transformers")]
+    assert floors == [f"transformers>={MIN_TRANSFORMERS}"], floors

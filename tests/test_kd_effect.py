@@ -85,3 +85,21 @@ def test_first_sentences_and_per_seed_differences(tmp_path):
         kd_effect.first_sentences(str(src), 9, str(tmp_path / "nine.conll"))
     line = kd_effect.differences({"student (KD)": [80.0, 81.0, 79.0], "student (no KD)": [78.0, 82.0, 77.0]})
     assert line.startswith("KD - no KD per seed: +2.0 -1.0 +2.0 F1; mean +1.0 ± 1.7; KD ahead on 2 of 3")
+
+
+def test_finetune_seeds_and_their_pooled_noise():
+    """--ft-seeds K: distillation seed s is scored by the mean F1 of fine-tuning seeds s, s + 10, ...; the
+    fine-tuning's own noise is the root mean square of the per-(model, seed) sample variances."""
+    assert kd_effect.finetune_seeds(3, 1) == [3] and kd_effect.finetune_seeds(2, 3) == [2, 12, 22]
+    # variances: [80, 82] -> 2, [70, 76] -> 18, [90, 90, 93] -> 3; one-run groups do not count
+    runs = {"teacher": [[80.0, 82.0], [90.0, 90.0, 93.0]], "student (KD)": [[70.0, 76.0], [75.0]]}
+    assert kd_effect.finetune_noise(runs) == pytest.approx(((2 + 18 + 3) / 3) ** 0.5, rel=1e-12)
+    assert kd_effect.finetune_noise({"teacher": [[80.0], [81.0]]}) is None
+
+
+def test_unlabelled_text_is_the_sentences_without_labels(tmp_path):
+    """--kd-text ner distils on the NER training sentences' words, one sentence a line, no tags, no -DOCSTART-."""
+    src = tmp_path / "train.conll"
+    src.write_text("-DOCSTART- O\n\nthe O\ncat B-PER\n\nthe O\ndog B-PER\nsat O\n")
+    out = kd_effect.unlabelled_text(str(src), str(tmp_path / "text.txt"))
+    assert open(out).read() == "the cat\nthe dog sat\n"

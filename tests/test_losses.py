@@ -17,6 +17,7 @@ from etkd.distill.losses import (
     logit_positions,
     mlm_loss,
     platt_scale,
+    relation_kl,
     soft_targets,
     task_kd_loss,
     taylor_kd,
@@ -191,6 +192,67 @@ def test_hidden_state_mse_by_hand_and_in_the_objective():
         hidden_state_mse(ss, ts[:2], mask)
     with pytest.raises(ValueError, match="the per-layer loss needs equal shapes"):
         hidden_state_mse(ss[:1], [torch.randn(b, s, d + 1)], mask)
+
+
+def test_relation_kl_by_hand():
+    """One relation head, d = 1, two tokens: the student's x = (1, 0) gives relation rows softmax(1, 0) and
+    softmax(0, 0); the teacher's x = (0, 0) uniform rows. KL(uniform || softmax(1, 0)) = log((e + 1) / 2) - 1/2,
+    the second row 0; the mean over the two query rows, and the same for Q, K and V."""
+    xs = torch.tensor([[[1.0], [0.0]]], dtype=torch.float64)
+    xt = torch.zeros(1, 2, 1, dtype=torch.float64)
+    by_hand = (math.log((math.e + 1) / 2) - 0.5) / 2
+    assert relation_kl([xs] * 3, [xt] * 3, heads=1).item() == pytest.approx(by_hand, rel=1e-12)
+    assert relation_kl([xs], [xs], heads=1).item() == pytest.approx(0.0, abs=1e-15)
+
+
+def test_relation_kl_heads_padding_and_sizes_by_loops():
+    """MiniLMv2's relations with 2 heads, a padded row and different hidden sizes (student 4, teacher 6:
+    relation heads of 2 and 3), against a loop over batch, head and query; padding gets no gradient; all
+    padding is 0, not NaN; in the objective it adds relation * rel."""
+    b, s, heads = 2, 4, 2
+    torch.manual_seed(2)
+    xs = [torch.randn(b, s, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    xt = [torch.randn(b, s, 6, dtype=torch.float64) for _ in range(3)]
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, 2:] = False
+
+    def rel(x, i, h, q):  # one query's relation row over the real keys of sequence i, head h
+        dr = x.shape[-1] // heads
+        keys = [j for j in range(s) if mask[i, j]]
+        scores = [float(x[i, q, h * dr : (h + 1) * dr] @ x[i, j, h * dr : (h + 1) * dr]) / math.sqrt(dr)
+                  for j in keys]  # fmt: skip
+        z = sum(math.exp(c) for c in scores)
+        return [math.exp(c) / z for c in scores]
+
+    by_hand = 0.0
+    for a, t in zip(xs, xt):
+        rows = []
+        for i in range(b):
+            for q in (q for q in range(s) if mask[i, q]):
+                for h in range(heads):
+                    ps, pt = rel(a.detach(), i, h, q), rel(t, i, h, q)
+                    rows.append(sum(p * (math.log(p) - math.log(r)) for p, r in zip(pt, ps)))
+        by_hand += sum(rows) / len(rows) / 3
+    got = relation_kl(xs, xt, heads, mask)
+    assert got.item() == pytest.approx(by_hand, rel=1e-10)
+    grads = torch.autograd.grad(got, xs)
+    assert all(g[1, 2:].abs().max() == 0 and g[0].abs().max() > 0 for g in grads)
+    assert relation_kl(xs, xt, heads, torch.zeros(b, s, dtype=torch.bool)).item() == 0.0
+    zs, zt, hs, ht = _student_teacher(b, s, 7, 4)
+    labels = torch.full((b, s), -100)
+    base, _ = distillation_loss(zs, zt, hs, ht, labels, mask)
+    loss, logs = distillation_loss(zs, zt, hs, ht, labels, mask, relation=2.0, student_qkv=xs, teacher_qkv=xt,
+                                   relation_heads=heads)  # fmt: skip
+    assert logs["rel"].item() == pytest.approx(by_hand, rel=1e-10)
+    assert loss.item() == pytest.approx(base.item() + 2 * by_hand, rel=1e-10)
+    with pytest.raises(ValueError, match="relation_heads: required when relation"):
+        distillation_loss(zs, zt, hs, ht, labels, mask, relation=1.0)
+    with pytest.raises(ValueError, match="heads: expected a divisor of the hidden size 4, got 3"):
+        relation_kl(xs, xt, 3, mask)
+    with pytest.raises(ValueError, match="teacher_qkv: expected one per student projection"):
+        relation_kl(xs, xt[:1], heads, mask)
+    with pytest.raises(ValueError, match=r"teacher_qkv: expected the student's \(batch, seq\)"):
+        relation_kl(xs[:1], [torch.randn(b, s + 1, 6)], heads)
 
 
 def test_distillation_loss_errors_and_edge_cases():

@@ -377,3 +377,42 @@ def test_bad_input_raises_naming_the_argument(landmarks, kw, argname):
     q, k, v = torch.randn(3, 1, 1, 16, 4).unbind(0)
     with pytest.raises(ValueError, match=argname):
         _nystrom(q, k, v, landmarks, **kw)
+
+
+# ------------------------------------------------------------------------------------ cpu: strided tensors
+
+
+@pytest.mark.parametrize(
+    "head_dim, grad",
+    [
+        (16, "expanded"),  # the gradient of out.sum(): every stride 0
+        (16, "head_split"),  # a (b, s, h, d) tensor seen as (b, h, s, d)
+        (12, "expanded"),  # head_dim not a whole vector: the padded-copy path gathers the rows
+        (12, "head_split"),
+        (16, "strided_cols"),  # head_dim elements 2 apart
+    ],
+)
+def test_cpu_reads_strided_inputs_and_gradient_in_place(head_dim, grad):
+    """The cpu backend takes q, k, v as head-split views and grad_out at any strides (`Capabilities.strided`; its
+    backward reads grad_out's rows in place or per tile, never a contiguous copy of it): outputs and gradients equal
+    the reference backend on contiguous copies, with padding (a padded query tile) and hf_global."""
+    b, h, s, nl = 2, 3, 150, 9
+    x = [torch.randn(b, s, h, head_dim) for _ in range(3)]
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[1, s - 70 :] = False
+    if grad == "expanded":
+        g = torch.tensor(0.7).expand(b, h, s, head_dim)
+    elif grad == "head_split":
+        g = torch.randn(b, s, h, head_dim).transpose(1, 2)
+    else:
+        g = torch.randn(b, h, s, 2 * head_dim)[..., ::2]
+    results = {}
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in x]
+        q, k, v = (t.transpose(1, 2) if backend == "cpu" else t.transpose(1, 2).contiguous() for t in leaves)
+        out = nystrom_attention(q, k, v, nl, key_padding_mask=kpm, pinv_init="hf_global", backend=backend)
+        out.backward(g if backend == "cpu" else g.contiguous())
+        results[backend] = (out.detach(), *(t.grad for t in leaves))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results["cpu"], results["reference"]):
+        err = (got - want).abs().max().item()
+        assert err <= ATOL32, f"{name} ({head_dim}, {grad}): max error {err:.2e}"

@@ -131,6 +131,18 @@ PyObject* py_cpu_profile(PyObject*, PyObject*) {
   return out;
 }
 
+// _C.nystrom_profile() -> dict phase -> seconds of nystrom_fwd / nystrom_bwd's phases summed over threads since the
+// last call (ETKD_CPU_PROFILE=1; else all zero); "fwd.total" / "bwd.total" are the calls' wall time.
+PyObject* py_nystrom_profile(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  for (const auto& [name, sec] : etkd::cpu::nystrom_profile_take()) {
+    PyObject* v = PyFloat_FromDouble(sec);
+    PyDict_SetItemString(out, name, v);
+    Py_DECREF(v);
+  }
+  return out;
+}
+
 // _C.set_cpu_profile(on): the per-phase timers on or off (the cpu backend sets them from ETKD_CPU_PROFILE).
 PyObject* py_set_cpu_profile(PyObject*, PyObject* arg) {
   const int on = PyObject_IsTrue(arg);
@@ -238,6 +250,7 @@ PyMethodDef methods[] = {
     {"tile_gemm", py_tile_gemm, METH_NOARGS, "what multiplies fp32 tiles: own micro-kernels or blas"},
     {"own_tile_width", py_own_tile_width, METH_NOARGS, "head_dim multiple the own tile products need (0: off)"},
     {"cpu_profile", py_cpu_profile, METH_NOARGS, "per-phase kernel time (ETKD_CPU_PROFILE=1), then reset"},
+    {"nystrom_profile", py_nystrom_profile, METH_NOARGS, "nystrom_fwd/bwd per-phase time (ETKD_CPU_PROFILE=1), then reset"},
     {"set_cpu_profile", py_set_cpu_profile, METH_O, "per-phase timers on or off (set from ETKD_CPU_PROFILE)"},
     {"built_isas", py_built_isas, METH_NOARGS, "ISA targets compiled into this build"},
     {"supported_isas", py_supported_isas, METH_NOARGS, "built ISA targets this CPU can run"},

@@ -583,7 +583,7 @@ inline void dp_gemm(int64_t m, int64_t n, int64_t k2, float alpha, const void* a
 void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   assert(n % kSmallPad == 0);
-  gemm_panels<2>(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+  gemm_panels<kPanel>(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
 }
 
 // Keys of one source: key j is row (j - off) of k and v (off > 0 when only a converted range is held).
@@ -1516,8 +1516,10 @@ void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int
   });
 }
 
+#include "cpu/nystrom_impl.h"
+
 void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
-                     int64_t S, int64_t d, float scale, float* t, float* work) {
+                     int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum, int64_t seg, float* work) {
   const int64_t dp = pad_small(d);
   float* s = work;                   // (kLmTile x np) scores, then probabilities
   float* vt = s + kLmTile * np;      // (kLmTile x dp) v tile padded to whole vectors (when d % kSmallPad != 0)
@@ -1530,6 +1532,7 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
   const Vec vninf(kNegInf), vzero(0.f);
   for (int64_t j0 = 0; j0 < S; j0 += kLmTile) {
     const int64_t tk = std::min(kLmTile, S - j0);
+    if (ksum) nystrom_segment_sums(k + j0 * d, j0, tk, d, seg, ksum, dp);
     const float* bj = bias ? bias + j0 : nullptr;
     if (bj && std::all_of(bj, bj + tk, [](float x) { return x == kNegInf; })) continue;  // all keys padded
     gemm_small(tk, np, d, scale, k + j0 * d, d, 1, qlT, np, s, np, false);
@@ -1586,6 +1589,10 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       scale_row(ti, dp, 1.f / l[i]);
     else
       std::fill(ti, ti + dp, 0.f);
+  }
+  if (lse) {
+    for (int64_t i = 0; i < np; ++i)
+      lse[i] = i < n && l[i] > 0.f ? m[i] + std::log(l[i]) : std::numeric_limits<float>::infinity();
   }
 }
 // A main-source layout (Problem::rows) of a tensor with n rows a pair, the contiguous one where unset.
@@ -2057,6 +2064,7 @@ const Kernels& table() {
     k.run_backward = run_backward;
     k.gemm_small = gemm_small;
     k.landmark_attend = landmark_attend;
+    k.nystrom_k3_bwd = nystrom_k3_bwd;
     k.softmax_rows = softmax_rows;
     k.rowwise_dot = rowwise_dot;
     k.dropout_rows = dropout_rows;

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <ctime>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -166,7 +167,7 @@ struct SquareOps {
 // Floats per (batch, head) of what nystrom_fwd keeps for nystrom_bwd: T = K3 v and the landmarks ql, kl, each
 // n x pad_small(D) (padding zero). K1 and K3 (seq x landmarks each) are recomputed instead: keeping K1 saved a
 // product and its softmax in the backward but cost as much in the forward (writing it, and its page faults).
-int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D); }
+int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D) + pad_small(n); }
 
 // This thread's scratch `slot` of at least `size` floats, kept from call to call (a fresh buffer of a few MiB costs
 // its page faults on every call); the contents are whatever the last user left.
@@ -191,11 +192,63 @@ void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
   });
 }
 
+// Per-phase timers of nystrom_fwd / nystrom_bwd (on with ETKD_CPU_PROFILE=1, as the tile drivers' phases: profiling()):
+// each task adds its wall time per phase, summed over threads; `total` phases are the calls' wall time (one thread
+// counts them), so total x threads - the sum of the other phases is the time outside the tasks (serial work,
+// waiting at the ends of the parallel loops). `_C.nystrom_profile()` returns and resets them.
+enum NysPhase : int {
+  kFMeans, kFK2, kFK3v, kFPinv, kFK1Scores, kFK1Softmax, kFK1Out, kFTotal,
+  kBK2, kBNsFwd, kBX, kBK1Scores, kBK1Softmax, kBDx, kBDk1, kBDs1, kBDq, kBDkl, kBDtDz, kBNsBwd, kBK3, kBCopies,
+  kBPhase3, kBTotal, kNysPhases
+};
+const char* const kNysNames[kNysPhases] = {
+    "fwd.means", "fwd.k2", "fwd.k3v", "fwd.pinv", "fwd.k1_scores", "fwd.k1_softmax", "fwd.k1_out", "fwd.total",
+    "bwd.k2", "bwd.ns_fwd", "bwd.x", "bwd.k1_scores", "bwd.k1_softmax", "bwd.dx", "bwd.dk1", "bwd.ds1", "bwd.dq",
+    "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.spread", "bwd.total"};
+std::atomic<int64_t> g_nys_ns[kNysPhases];
+
+// This thread's CPU time in nanoseconds: a phase's time without the time the thread waited for a core (this machine
+// is shared), so phases measured under load stay comparable.
+int64_t cpu_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// A task's laps: lap(i) charges the CPU time since the last lap to phase i (wall time for the `total` phases, which
+// time whole calls); the destructor adds them to the totals.
+struct Laps {
+  bool on = profiling();
+  bool wall = false;
+  int64_t t = on ? cpu_ns() : 0;
+  int64_t ns[kNysPhases] = {};
+  Laps() = default;
+  explicit Laps(bool wall_clock) : wall(wall_clock), t(on ? (wall ? now_ns() : cpu_ns()) : 0) {}
+  void lap(int i) {
+    if (!on) return;
+    const int64_t x = wall ? now_ns() : cpu_ns();
+    ns[i] += x - t;
+    t = x;
+  }
+  ~Laps() {
+    if (!on) return;
+    for (int i = 0; i < kNysPhases; ++i)
+      if (ns[i]) g_nys_ns[i].fetch_add(ns[i], std::memory_order_relaxed);
+  }
+};
+
 }  // namespace
+
+std::vector<std::pair<const char*, double>> nystrom_profile_take() {
+  std::vector<std::pair<const char*, double>> out;
+  for (int i = 0; i < kNysPhases; ++i) out.emplace_back(kNysNames[i], g_nys_ns[i].exchange(0) * 1e-9);
+  return out;
+}
 
 std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks,
                                        int64_t iterations, const OptTensor& key_padding_mask, double scale,
                                        bool hf_global, double dropout_p, int64_t seed, int64_t offset) {
+  Laps total(true);
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
@@ -224,8 +277,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   const int64_t per = saved_floats(D, n);
   auto saved = at::empty({B, H, per}, q.options());
   float* svp = saved.data_ptr<float>();
-  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); K2 (n, np) and
-  // its max column sum; T = K3 @ v (n, dp), which needs no pseudo-inverse, so it runs before the global max.
+  // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); T = K3 @ v (n, dp),
+  // which needs no pseudo-inverse, so it runs before the global max, and gathers kl's sums as it reads k; K2 (n, np)
+  // and its max column sum.
   std::vector<float> qlT(BH * D * np, 0.f), klT(BH * D * np, 0.f), k2(BH * n * np, 0.f), colmax(BH),
       xx(BH * n * dp);
   struct Scratch1 {
@@ -234,14 +288,23 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   parallel_tasks(
       BH, [&] { return Scratch1{std::vector<float>(n), std::vector<float>(landmark_attend_work(np, D))}; },
       [&](Scratch1& w, int64_t bh) {
+        Laps t;
         std::vector<float>& cs = w.cs;
         const int64_t b = bh / H;
         float *qlh = svp + bh * per + n * dp, *klh = qlh + n * dp, *m = k2.data() + bh * n * np;
         float *qlt = qlT.data() + bh * D * np, *klt = klT.data() + bh * D * np;
         std::fill(qlh, qlh + 2 * n * dp, 0.f);
         segment_means(qp + bh * S * D, S, D, n, c, qlh, dp);
-        segment_means(kp + bh * S * D, S, D, n, c, klh, dp);
         transpose(qlh, n, D, dp, qlt, np);
+        t.lap(kFMeans);
+        // T = K3 v and K3's log-sum-exp; the key landmarks' sums from the same pass over k.
+        landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
+                        svp + bh * per, svp + bh * per + 3 * n * dp, klh, c, w.work.data());
+        t.lap(kFK3v);
+        for (int64_t l = 0; l < n; ++l) {
+          const float cnt = static_cast<float>(std::min(S, (l + 1) * c) - l * c);
+          for (int64_t j = 0; j < D; ++j) klh[l * dp + j] /= cnt;
+        }
         transpose(klh, n, D, dp, klt, np);
         product(n, np, D, sc, qlh, dp, 1, klt, np, m, np, false);
         softmax_rows(m, n, n, np, nullptr);
@@ -249,14 +312,14 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
         colmax[bh] = *std::max_element(cs.begin(), cs.end());
-        landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
-                        svp + bh * per, w.work.data());
+        t.lap(kFK2);
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
   // Phase 2 per (b, h): Z = pinv(K2), X = Z @ T (n, dp).
   parallel_tasks(
       BH, [&] { return std::vector<float>(7 * n * np, 0.f); },
       [&](std::vector<float>& w, int64_t bh) {
+        Laps t;
         float *z = w.data(), *zn = z + n * np, *mz = zn + n * np, *t1 = mz + n * np, *t2 = t1 + n * np,
               *t3 = t2 + n * np;
         const SquareOps sq{n, np, t3 + n * np};
@@ -268,6 +331,7 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
           std::swap(z, zn);  // pointers into w
         }
         product(n, dp, n, 1.f, z, np, 1, svp + bh * per, dp, xx.data() + bh * n * dp, dp, false);
+        t.lap(kFPinv);
       });
   // Phase 3 per (b, h, query tile of bq rows): out = K1 @ X, the tile's (bq, n) scores and probabilities, klT
   // and X all in L1/L2. Tiles rather than heads as tasks: K1 is most of the work and balances over threads.
@@ -276,11 +340,14 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   parallel_tasks(
       BH * tiles, [&] { return std::vector<float>(bq * np + (D == dp ? 0 : bq * dp)); },
       [&](std::vector<float>& w, int64_t task) {
+        Laps t;
         float *s1 = w.data(), *ot = s1 + bq * np;
         const int64_t bh = task / tiles, b = bh / H, i0 = task % tiles * bq, rows = std::min(bq, S - i0);
         gemm_small(rows, np, D, sc, qp + (bh * S + i0) * D, D, 1, klT.data() + bh * D * np, np, s1, np, false);
+        t.lap(kFK1Scores);
         softmax_rows(s1, rows, n, np, nullptr);
         if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, s1, np);
+        t.lap(kFK1Softmax);
         float* o = op + (bh * S + i0) * D;
         if (D == dp) {
           gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, o, D, false);
@@ -292,7 +359,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
           for (int64_t r = 0; r < rows; ++r)
             if (!rp[b * S + i0 + r]) std::fill(o + r * D, o + (r + 1) * D, 0.f);
         }
+        t.lap(kFK1Out);
       });
+  total.lap(kFTotal);
   return {out, saved};
 }
 
@@ -301,31 +370,38 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
 // to these thin products):
 //   out = K1 X, X = Z T, T = K3 v, Z = NS(K2) (Newton-Schulz from Z0 = K2^T / max column sum).
 // Phase 1 per head: landmarks, K2 and its max column sum (hf_global needs the max over every head first).
-// Phase 2 per head: Z (iterates kept, n x n each); K3 (n x S, whole rows: its softmax spans every key), T, X;
-// then query tiles of kBwdRows rows, everything of a tile in L1/L2: K1's scores and probabilities, dX += K1^T dO,
-// dK1 = dO X^T, K1's softmax backward, dq (through K1) and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward ->
-// dK2 (all but the max-column-sum term) and d(coefficient); K3's backward -> dv, dk (through K3), dql, with
-// rowsum(K3 o dK3) = dT . T per landmark (no pass over the keys). Phase 3 per head: the max term, K2's softmax
-// backward, and the landmark gradients spread back over their segments. Padded query rows of grad_out are read
-// as zero (their output is zero). Head dims that are not whole vectors run on zero-padded copies of the head's rows.
+// Phase 2 per head: Z (iterates kept, n x n each); X = Z T; then query tiles of kBwdRows rows, everything of a
+// tile in L1/L2: K1's scores and probabilities, dX += K1^T dO, dK1 = dO X^T, K1's softmax backward, dq (through K1)
+// and dkl += dS1^T q; dT, dZ; the Newton-Schulz backward -> dK2 (all but hf_global's max-column-sum term) and
+// d(coefficient); K2's softmax backward -> dql, dkl; K3's backward in key tiles (nystrom_k3_bwd: K3 from the
+// forward's log-sum-exp, key-major like k and v, so nothing is transposed) -> dv, dk (through K3, plus dkl spread over
+// the key segments as the tiles are written), dql, with rowsum(K3 o dK3) = dT . T per landmark; dq += dql spread over
+// the query segments. Phase 3 (hf_global only), in the heads holding the global max: its term of dK2 through K2's
+// softmax backward, spread over the segments. Padded query rows of grad_out are read as zero (their output is
+// zero). Head dims that are not whole vectors run on zero-padded copies of the head's rows.
 constexpr int64_t kBwdRows = 64;
 
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& saved, int64_t num_landmarks, int64_t iterations,
                                 const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p,
                                 int64_t seed, int64_t offset) {
+  Laps total(true);
   check_float(q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
   check_like(k, q, "k");
   check_like(v, q, "v");
-  check_like(grad_out, q, "grad_out");
+  // grad_out at any strides (the expanded gradient of a sum, a model's head-split view): its rows are read in place
+  // or gathered per query tile, never copied whole.
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == at::kFloat && grad_out.sizes() == q.sizes(),
+              "grad_out: expected a float32 CPU tensor of shape ", q.sizes(), ", got ", grad_out.scalar_type(), " ",
+              grad_out.sizes(), " on ", grad_out.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), BH = B * H;
   TORCH_CHECK(num_landmarks >= 1 && num_landmarks <= S, "num_landmarks: expected 1..", S, ", got ", num_landmarks);
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
   const int64_t c = (S + num_landmarks - 1) / num_landmarks, n = (S + c - 1) / c;
   // Padded widths: landmarks np, head dim dp (gemm_small's B and C columns), keys ls (K3's rows; one vector more
   // than the padded length so rows 4 KiB apart do not share L1 sets when read down a column).
-  const int64_t np = pad_small(n), dp = pad_small(D), sp = pad_small(S), ls = sp + kSmallPad;
+  const int64_t np = pad_small(n), dp = pad_small(D);
   check_float(saved, "saved");
   const int64_t per = saved_floats(D, n);
   TORCH_CHECK(saved.dim() == 3 && saved.size(0) == B && saved.size(1) == H && saved.size(2) == per &&
@@ -342,18 +418,21 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const float* bp = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* dop = grad_out.data_ptr<float>();
+  const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2), gs3 = grad_out.stride(3);
+  const bool go_rows = gs3 == 1 || D <= 1;  // rows of D contiguous floats, gs2 apart
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   // Per head: klT (D x np), K2 and dK2 (n x np), dql, dkl (n x dp); the landmarks ql, kl are the forward's.
-  std::vector<float> klT(BH * D * np, 0.f), k2(BH * nn, 0.f), dk2(BH * nn, 0.f), dql(BH * nd, 0.f),
-      dkl(BH * nd, 0.f), colmax(BH), dcoeff(BH);
+  std::vector<float> klT(BH * D * np, 0.f), k2(BH * nn, 0.f), dk2(BH * nn, 0.f), colmax(BH), dcoeff(BH);
   auto qlp = [&](int64_t bh) { return svp + bh * per + nd; };
   auto klp = [&](int64_t bh) { return svp + bh * per + 2 * nd; };
+  auto lsep = [&](int64_t bh) { return svp + bh * per + 3 * nd; };
 
   // Phase 1.
   parallel_tasks(
       BH, [&] { return 0; },
       [&](int, int64_t bh) {
+        Laps t;
         const float *qlh = qlp(bh), *klh = klp(bh);
         float *m = k2.data() + bh * nn, *klt = klT.data() + bh * D * np;
         transpose(klh, n, D, dp, klt, np);
@@ -366,15 +445,44 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           mx = std::max(mx, cs);
         }
         colmax[bh] = mx;
+        t.lap(kBK2);
       });
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
+  // dK2 (dm) += the max column sum's term: d(loss)/d(max) = dmx, split evenly over the tied columns of head bh's K2 (m)
+  // and over `ties` heads holding the same max (hf_global; 1 for per_head), as torch's max does; cs: n floats.
+  auto add_max_term = [&](int64_t bh, const float* m, float dmx, int64_t ties, float* dm, float* cs) {
+    const float mx = hf_global ? gmax : colmax[bh];
+    std::fill(cs, cs + n, 0.f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
+    int64_t here = 0;
+    for (int64_t j = 0; j < n; ++j) here += cs[j] == mx ? 1 : 0;
+    if (here == 0) return;
+    // hf_global: ties across heads are counted per head (exact ties between heads do not occur in practice).
+    const float share = dmx / static_cast<float>(here * ties);
+    for (int64_t j = 0; j < n; ++j)
+      if (cs[j] == mx)
+        for (int64_t i = 0; i < n; ++i) dm[i * np + j] += share;
+  };
+  // Landmark means' backward: each of the S rows of x (row stride lx) in segment l gets lm's row l / count(l).
+  auto spread = [&](float* x, int64_t lx, const float* lm) {
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
+      const float inv = 1.f / static_cast<float>(r1 - r0);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* g = x + r * lx;
+        for (int64_t j = 0; j < D; ++j) g[j] += inv * lm[l * dp + j];
+      }
+    }
+  };
 
-  // Phase 2. Scratch per thread (thread_scratch): K3, dK3 (n x ls) and k^T, then v^T (D x ls); the tiles (K1, its
-  // gradient, K1 with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole
-  // vector, the head's q, k, v, grad_out rows and then dq, dk, dv rows, padded to dp columns.
+  // Phase 2. Scratch per thread (thread_scratch): nystrom_k3_bwd's key tiles; the query tiles (K1, its gradient, K1
+  // with dropout, grad_out rows with padded rows zeroed); the small matrices; with D not a whole vector, the head's
+  // q, k, v, grad_out rows and then dq, dk, dv rows, padded to dp columns.
   const int64_t its = iterations;
-  const int64_t big_n = (2 * n + D) * ls, tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
-                small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np, rows_n = padded_d ? 7 * S * dp : 0;
+  const int64_t big_n = nystrom_k3_bwd_work(np), tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
+                small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np + 2 * dp * np + np,
+                rows_n = padded_d ? 7 * S * dp : 0;
   parallel_tasks(
       BH,
       [&] {
@@ -382,22 +490,34 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
                                      thread_scratch(2, rows_n)};
       },
       [&](std::array<float*, 3>& w, int64_t bh) {
+        Laps t;
         const int64_t b = bh / H, row = bh * S * D;
-        const float *xq = qp + row, *xk = kp + row, *xv = vp + row, *xdo = dop + row;
+        const float *xq = qp + row, *xk = kp + row, *xv = vp + row;
         float *xdq = dqp + row, *xdk = dkp + row, *xdv = dvp + row;
+        // grad_out's rows of this head: in place (row stride ldo) when go_rows and D is whole vectors, else through
+        // grad_row, which copies row r's D floats to dst.
+        const float* xdo = dop + b * gs0 + (bh % H) * gs1;
+        int64_t ldo = gs2;
+        auto grad_row = [&](int64_t r, float* dst) {
+          const float* src = xdo + r * gs2;
+          if (go_rows)
+            std::copy(src, src + D, dst);
+          else
+            for (int64_t j = 0; j < D; ++j) dst[j] = src[j * gs3];
+        };
         if (padded_d) {
           float* r = w[2];
           std::fill(r, r + rows_n, 0.f);
-          const float* src[4] = {xq, xk, xv, xdo};
-          for (int i = 0; i < 4; ++i)
+          const float* src[3] = {xq, xk, xv};
+          for (int i = 0; i < 3; ++i)
             for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * D, src[i] + (j + 1) * D, r + (i * S + j) * dp);
-          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp;
+          for (int64_t j = 0; j < S; ++j) grad_row(j, r + (3 * S + j) * dp);
+          xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp, ldo = dp;
           xdq = r + 4 * S * dp, xdk = r + 5 * S * dp, xdv = r + 6 * S * dp;
+          t.lap(kBCopies);
         }
         const float *qlh = qlp(bh), *klh = klp(bh), *m = k2.data() + bh * nn;
         const float* klt = klT.data() + bh * D * np;
-        float *k3 = w[0], *g3 = k3 + n * ls, *tr = g3 + n * ls;
-        for (int64_t j = 0; j < D; ++j) std::fill(tr + j * ls + S, tr + j * ls + sp, 0.f);  // keys past S
         float *s1 = w[1], *g1 = s1 + kBwdRows * np, *k1d = g1 + kBwdRows * np, *dob = k1d + kBwdRows * np;
         float* dl1 = dob + kBwdRows * ld;  // the tile's rowsum(K1 o dK1)
         float* zs = dl1 + kBwdRows;  // iterates z_0 .. z_its
@@ -406,7 +526,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
               *dt = dzn + nn, *dt2 = dt + nn, *dmz = dt2 + nn, *bt = dmz + nn, *dts = bt + nn;
         const float* tt = svp + bh * per;  // T = K3 v, as the forward computed it
         float *xx = dts + nn, *dx = xx + nd, *dtt = dx + nd, *dqlh = dtt + nd, *dklh = dqlh + nd;
-        float *xxT = dklh + nd, *ttT = xxT + D * np;
+        float *xxT = dklh + nd, *ttT = xxT + D * np, *qlT = ttT + D * np, *dtT = qlT + dp * np, *dl3 = dtT + dp * np;
         float* dm = dk2.data() + bh * nn;
         const SquareOps sq{n, np, bt};
         // Z: Newton-Schulz, every iterate kept.
@@ -418,10 +538,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           sq.mm(false, z, t3, zs + (it + 1) * nn, 0.25f, false);
         }
         const float* zf = zs + its * nn;
-        // K3 (n x S, padded keys masked) from k^T; X = Z T, and X^T, T^T packed (D x np) as B operands.
-        transpose(xk, S, D, ld, tr, ls);
-        product(n, sp, D, sc, qlh, dp, 1, tr, ls, k3, ls, false);
-        softmax_rows(k3, n, S, ls, bp ? bp + b * S : nullptr);
+        t.lap(kBNsFwd);
+        // X = Z T, and X^T, T^T packed (D x np) as B operands.
         product(n, dp, n, 1.f, zf, np, 1, tt, dp, xx, dp, false);
         transpose(xx, n, D, dp, xxT, np);
         transpose(tt, n, D, dp, ttT, np);
@@ -430,22 +548,29 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         // dK1 = (dO X^T) o M r.
         std::fill(dx, dx + nd, 0.f);
         std::fill(dklh, dklh + nd, 0.f);
+        t.lap(kBX);
         for (int64_t i0 = 0; i0 < S; i0 += kBwdRows) {
           const int64_t rows = std::min(kBwdRows, S - i0);
-          const float *qt = xq + i0 * ld, *dot = xdo + i0 * ld;
-          if (bp) {  // padded query rows: their output is zero, so no gradient flows from grad_out there
-            const float* bq = bp + b * S + i0;
-            if (std::any_of(bq, bq + rows, [](float x) { return x != 0.f; })) {
-              for (int64_t r = 0; r < rows; ++r) {
-                if (bq[r] != 0.f)
-                  std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
-                else
-                  std::copy(dot + r * ld, dot + (r + 1) * ld, dob + r * ld);
-              }
-              dot = dob;
+          const float* qt = xq + i0 * ld;
+          const float* dot = xdo + i0 * ldo;
+          int64_t ldt = ldo;  // dot's row stride
+          // Padded query rows: their output is zero, so no gradient flows from grad_out there; rows that are not
+          // whole contiguous vectors in place (and not the padded copy): gathered.
+          const float* bq = bp ? bp + b * S + i0 : nullptr;
+          const bool zero = bq && std::any_of(bq, bq + rows, [](float x) { return x != 0.f; });
+          if (zero || (!padded_d && !go_rows)) {
+            for (int64_t r = 0; r < rows; ++r) {
+              if (bq && bq[r] != 0.f)
+                std::fill(dob + r * ld, dob + (r + 1) * ld, 0.f);
+              else if (padded_d)
+                std::copy(dot + r * ldo, dot + r * ldo + ld, dob + r * ld);
+              else
+                grad_row(i0 + r, dob + r * ld);
             }
+            dot = dob, ldt = ld;
           }
           product(rows, np, D, sc, qt, ld, 1, klt, np, s1, np, false);
+          t.lap(kBK1Scores);
           softmax_rows(s1, rows, n, np, nullptr);
           const float* k1x = s1;
           if (drop.on) {
@@ -453,9 +578,12 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             dropout_rows(drop, bh, i0, rows, S, n, k1d, np);
             k1x = k1d;
           }
-          product(n, dp, rows, 1.f, k1x, 1, np, dot, ld, dx, dp, true);
-          product(rows, np, D, 1.f, dot, ld, 1, xxT, np, g1, np, false);
+          t.lap(kBK1Softmax);
+          product(n, dp, rows, 1.f, k1x, 1, np, dot, ldt, dx, dp, true);
+          t.lap(kBDx);
+          product(rows, np, D, 1.f, dot, ldt, 1, xxT, np, g1, np, false);
           if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, g1, np);
+          t.lap(kBDk1);
           // dS1 = K1 o (dK1 - rowsum(K1 o dK1)), the row sums by the target's SIMD dot over np columns (K1's
           // padding columns are zero)
           rowwise_dot(s1, g1, dl1, rows, np);
@@ -464,12 +592,16 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             float* gr = g1 + r * np;
             for (int64_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - d);
           }
+          t.lap(kBDs1);
           product(rows, dp, n, sc, g1, np, 1, klh, dp, xdq + i0 * ld, ld, false);
+          t.lap(kBDq);
           product(n, dp, rows, sc, g1, 1, np, qt, ld, dklh, dp, true);
+          t.lap(kBDkl);
         }
         // dT = Z^T dX; dZ = dX T^T.
         product(n, dp, n, 1.f, zf, 1, np, dx, dp, dtt, dp, false);
         product(n, np, D, 1.f, dx, dp, 1, ttT, np, dz, np, false);
+        t.lap(kBDtDz);
         // Newton-Schulz backward, last iteration first: z' = 0.25 z t3.
         std::fill(dm, dm + nn, 0.f);
         for (int64_t it = its - 1; it >= 0; --it) {
@@ -491,75 +623,65 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           for (int64_t j = 0; j < n; ++j)
             dm[j * np + i] += coeff * dz[i * np + j], dc += dz[i * np + j] * m[j * np + i];
         dcoeff[bh] = dc;
-        // K3 backward: dv = K3^T dT; dK3 = dT v^T; dS3 = K3 o (dK3 - rowsum(K3 o dK3)), the row sum being
-        // dT . T (= sum_j K3[l, j] dT[l] . v[j]); dql = s dS3 k; dk = s dS3^T ql.
-        product(S, dp, n, 1.f, k3, 1, ls, dtt, dp, xdv, ld, false);
-        transpose(xv, S, D, ld, tr, ls);
-        product(n, sp, D, 1.f, dtt, dp, 1, tr, ls, g3, ls, false);
-        for (int64_t l = 0; l < n; ++l) {
-          float dl = 0.f;
-          for (int64_t j = 0; j < D; ++j) dl += dtt[l * dp + j] * tt[l * dp + j];
-          const float* pr = k3 + l * ls;
-          float* gr = g3 + l * ls;
-          for (int64_t j = 0; j < S; ++j) gr[j] = pr[j] * (gr[j] - dl);
+        // dK2's max-column-sum term where this head alone decides it (per_head; hf_global's waits for every head:
+        // phase 3), K2's softmax backward: dS2 = K2 (dK2 - rowsum(K2 dK2)); dql = s dS2 kl; dkl += s dS2^T ql.
+        if (!hf_global) add_max_term(bh, m, -dc / (colmax[bh] * colmax[bh]), 1, dm, dts);
+        std::copy(dm, dm + nn, dts);
+        softmax_rows_bwd(m, dts, n, n, np);
+        product(n, dp, n, sc, dts, np, 1, klh, dp, dqlh, dp, false);
+        product(n, dp, n, sc, dts, 1, np, qlh, dp, dklh, dp, true);
+        t.lap(kBNsBwd);
+        // K3 backward in key tiles (nystrom_k3_bwd), K3 recomputed from the forward's lse: dv = K3^T dT;
+        // dK3 = dT v^T; dS3 = K3 o (dK3 - rowsum(K3 o dK3)), the row sum being dT . T (= sum_j K3[l, j] dT[l] . v[j]);
+        // dql += s dS3 k; dk = s dS3^T ql + dkl spread over the key segments (dkl is whole by now, but for
+        // hf_global's max term). The landmark side packed (dp x np, padding zero) as B operands.
+        transpose(qlh, n, dp, dp, qlT, np);
+        transpose(dtt, n, dp, dp, dtT, np);
+        rowwise_dot(dtt, tt, dl3, n, dp);
+        for (int64_t l = 0; l < n; ++l) {  // dkl / segment size, into xx (free after the query tiles)
+          const float inv = 1.f / static_cast<float>(std::min(S, (l + 1) * c) - l * c);
+          for (int64_t j = 0; j < dp; ++j) xx[l * dp + j] = inv * dklh[l * dp + j];
         }
-        product(n, dp, S, sc, g3, ls, 1, xk, ld, dqlh, dp, false);
-        product(S, dp, n, sc, g3, 1, ls, qlh, dp, xdk, ld, false);
-        std::copy(dqlh, dqlh + nd, dql.data() + bh * nd);
-        std::copy(dklh, dklh + nd, dkl.data() + bh * nd);
+        nystrom_k3_bwd(qlT, lsep(bh), xk, xv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh, xx, c,
+                       xdv, xdk, dqlh, w[0]);
+        t.lap(kBK3);
+        spread(xdq, ld, dqlh);  // dq += dql spread over the query segments
+        t.lap(kBPhase3);
         if (padded_d) {
           const float* src[3] = {xdq, xdk, xdv};
           float* dst[3] = {dqp + row, dkp + row, dvp + row};
           for (int i = 0; i < 3; ++i)
             for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * dp, src[i] + j * dp + D, dst[i] + j * D);
+          t.lap(kBCopies);
         }
       });
 
-  // Phase 3: d(coefficient) -> d(max column sum) -> dK2 (split evenly over tied maxima, as torch's max does).
-  float dgmax = 0.f;
-  for (int64_t bh = 0; bh < BH; ++bh) dgmax += dcoeff[bh];
-  parallel_tasks(
-      BH, [&] { return std::vector<float>(n + nn, 0.f); },
-      [&](std::vector<float>& w, int64_t bh) {
-        const float* m = k2.data() + bh * nn;
-        float *dm = dk2.data() + bh * nn, *cs = w.data(), *ds = cs + n;
-        const float mx = hf_global ? gmax : colmax[bh];
-        const float dmx = -(hf_global ? dgmax : dcoeff[bh]) / (mx * mx);
-        std::fill(cs, cs + n, 0.f);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) cs[j] += m[i * np + j];
-        int64_t ties = 0;
-        if (hf_global) {
-          for (int64_t o = 0; o < BH; ++o) ties += colmax[o] == gmax ? 1 : 0;  // heads holding the max
-        }
-        int64_t here = 0;
-        for (int64_t j = 0; j < n; ++j) here += cs[j] == mx ? 1 : 0;
-        if (!hf_global) ties = 1;
-        const bool holds = !hf_global || colmax[bh] == gmax;
-        if (holds && here > 0) {
-          // hf_global: the max over (heads, columns) is split over every tied column of every tied head; ties
-          // across heads are counted per head here (exact ties between heads do not occur in practice).
-          const float share = dmx / static_cast<float>(here * ties);
-          for (int64_t j = 0; j < n; ++j)
-            if (cs[j] == mx)
-              for (int64_t i = 0; i < n; ++i) dm[i * np + j] += share;
-        }
-        // K2 softmax backward: dS2 = K2 (dK2 - rowsum(K2 dK2)); dql += s dS2 kl; dkl += s dS2^T ql.
-        std::copy(dm, dm + nn, ds);
-        softmax_rows_bwd(m, ds, n, n, np);
-        float *dqlh = dql.data() + bh * nd, *dklh = dkl.data() + bh * nd;
-        product(n, dp, n, sc, ds, np, 1, klp(bh), dp, dqlh, dp, true);
-        product(n, dp, n, sc, ds, 1, np, qlp(bh), dp, dklh, dp, true);
-        // Landmark means: each token of segment l gets d(landmark l) / count(l).
-        for (int64_t l = 0; l < n; ++l) {
-          const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
-          const float inv = 1.f / static_cast<float>(r1 - r0);
-          for (int64_t r = r0; r < r1; ++r) {
-            float *gq = dqp + (bh * S + r) * D, *gk = dkp + (bh * S + r) * D;
-            for (int64_t j = 0; j < D; ++j) gq[j] += inv * dqlh[l * dp + j], gk[j] += inv * dklh[l * dp + j];
-          }
-        }
-      });
+  // Phase 3, hf_global: d(coefficient) summed over every head -> d(max column sum) -> its term of dK2 in the heads
+  // holding the max, through K2's softmax backward to their dql, dkl, spread over the segments (linear in dK2, so
+  // added to what phase 2 spread). per_head did it in phase 2.
+  if (hf_global) {
+    float dgmax = 0.f;
+    for (int64_t bh = 0; bh < BH; ++bh) dgmax += dcoeff[bh];
+    int64_t ties = 0;
+    for (int64_t o = 0; o < BH; ++o) ties += colmax[o] == gmax ? 1 : 0;  // heads holding the max
+    parallel_tasks(
+        BH, [&] { return std::vector<float>(2 * nn + 2 * nd, 0.f); },
+        [&](std::vector<float>& w, int64_t bh) {
+          if (colmax[bh] != gmax) return;
+          Laps t;
+          const float* m = k2.data() + bh * nn;
+          float *dm = w.data(), *cs = dm + nn, *dqx = cs + nn, *dkx = dqx + nd;
+          std::fill(dm, dm + nn, 0.f);
+          add_max_term(bh, m, -dgmax / (gmax * gmax), ties, dm, cs);
+          softmax_rows_bwd(m, dm, n, n, np);
+          product(n, dp, n, sc, dm, np, 1, klp(bh), dp, dqx, dp, false);
+          product(n, dp, n, sc, dm, 1, np, qlp(bh), dp, dkx, dp, false);
+          spread(dqp + bh * S * D, D, dqx);
+          spread(dkp + bh * S * D, D, dkx);
+          t.lap(kBPhase3);
+        });
+  }
+  total.lap(kBTotal);
   return {dq, dk, dv};
 }
 

@@ -77,6 +77,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
                                 const Tensor& saved, int64_t num_landmarks, int64_t iterations,
                                 const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p,
                                 int64_t seed, int64_t offset);
+// nystrom_fwd / nystrom_bwd's per-phase seconds (ETKD_CPU_PROFILE=1), summed over threads, then reset to zero.
+std::vector<std::pair<const char*, double>> nystrom_profile_take();
 
 // Dense attention through the tile driver (the `cpu` full_attention with dropout): out, lse (B, H, S).
 std::tuple<Tensor, Tensor> full_fwd(const Tensor& q, const Tensor& k, const Tensor& v,

@@ -268,8 +268,9 @@ DROPOUT_OPS = OPS
 
 
 # Ops whose kernels read q, k, v, grad_out and write out, dq, dk, dv at any row strides (csrc/cpu/flash_tile.h: Rows):
-# a model's head-split views reach them without a copy.
-STRIDED_OPS = ("block_sparse", "sliding_window")
+# a model's head-split views reach them without a copy. nystrom: its backward reads grad_out at any strides (the
+# expanded gradient of a sum, a head-split view) in place; q, k, v are made contiguous in etkd_kernels/cpu/nystrom.py.
+STRIDED_OPS = ("block_sparse", "sliding_window", "nystrom")
 
 
 def capabilities(op: str) -> Capabilities:

@@ -1,11 +1,11 @@
 """Nystrom attention on the `cpu` backend.
 
 Forward: `nystrom_fwd` of csrc/cpu/nystrom.cpp does the whole computation (landmark means, K2 softmax,
-Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in one parallel loop over (batch, head), with no per-op
-dispatch. Backward: `nystrom_bwd`, written out by hand (Newton-Schulz iterations included): per
-(batch, head) it recomputes the forward with whole-head BLAS products and runs the chain rule back; the
-(seq x landmarks) matrices exist only in one thread's scratch while its head is processed, nothing of that
-size is kept from the forward. landmarks == seq (exact softmax attention) differentiates the fused
+Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in three parallel loops, with no per-op dispatch. Backward:
+`nystrom_bwd`, written out by hand (Newton-Schulz iterations included): per (batch, head) it recomputes K1 per
+query tile and K3 per key tile (from the forward's log-sum-exp per landmark) on the target's own kernels and runs
+the chain rule back; the (seq x landmarks) matrices exist only tile by tile, nothing of that size is kept from the
+forward. landmarks == seq (exact softmax attention) differentiates the fused
 `softmax(scale * a @ b^T, masked) @ c` kernel instead. Attention dropout (dropout_p > 0) drops entries of K1 (query
 row i, landmark l: column seq + l), in the forward's query tiles and in the backward's recomputed K1, or the
 probabilities of the exact case (key columns), as etkd_kernels/reference/nystrom.py defines it.
@@ -62,15 +62,16 @@ def _dropout(p):
 
 def saved_like(q, p):
     """What `forward` keeps for `backward` (etkd_kernels.ops._define: `saved`): per (batch, head), T = K3 @ v and the
-    landmarks q~, k~, each (landmarks, head_dim padded to whole 16-float vectors), float32; nothing for the exact
-    landmarks == seq case. K1 and K3 ((seq, landmarks) each) are recomputed by the backward."""
+    landmarks q~, k~, each (landmarks, head_dim padded to whole 16-float vectors), and K3's log-sum-exp per landmark
+    (landmarks padded to whole vectors), float32; nothing for the exact landmarks == seq case. K1 and K3 ((seq,
+    landmarks) each) are recomputed by the backward."""
     b, h, s, d = q.shape
     if p.num_landmarks == s:
         return q.new_empty(0, dtype=torch.float32)
     c = max(1, -(-s // p.num_landmarks))  # seq 0: no landmark
     n = -(-s // c)
-    dp = -(-d // 16) * 16  # csrc/cpu/nystrom.cpp: saved_floats
-    return q.new_empty(b, h, 3 * n * dp, dtype=torch.float32)
+    dp, np_ = -(-d // 16) * 16, -(-n // 16) * 16  # csrc/cpu/nystrom.cpp: saved_floats
+    return q.new_empty(b, h, 3 * n * dp + np_, dtype=torch.float32)
 
 
 @in_float32(keep=(1,))
@@ -98,7 +99,7 @@ def backward(grad_out, q, k, v, out, saved, p):
     if num_landmarks == q.shape[2]:
         return recompute_backward(exact, grad_out, (q, k, v), key_padding_mask, scale, _dropout(p))
     return torch.ops.etkd_cpu.nystrom_bwd(
-        grad_out.contiguous(),
+        grad_out,  # read at any strides (csrc/cpu/nystrom.cpp)
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),

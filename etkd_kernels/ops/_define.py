@@ -168,12 +168,13 @@ def saved_like(impl, q: torch.Tensor, p: CommonParams) -> torch.Tensor:
     return f(q, p) if f is not None else q.new_empty(0, dtype=torch.float32)
 
 
-def define(op: str, params: type, lse: bool = True, saved: bool = False) -> Callable:
+def define(op: str, params: type, lse: bool = True, saved: bool = False, saved_revision: int = 0) -> Callable:
     """Define `etkd::{op}_fwd`/`_bwd` with the fields of the dataclass `params` (a `CommonParams`) as settings;
     return the forward op. `lse=False`: the forward returns `out` alone and the backward gets no `lse`.
     `saved=True`: the forward also returns the backend's `saved` tensor (module docstring), which the backward
     gets; a backend that declares `saved_like` returns it from `forward` (after out and lse) and takes it in
-    `backward` (after out and lse), the others are called as without it."""
+    `backward` (after out and lse), the others are called as without it. `saved_revision`: bumped whenever a
+    backend's `saved` changes shape, so the overload's name (below) changes with it."""
     if not (isinstance(params, type) and issubclass(params, CommonParams)):
         raise TypeError(f"{params!r}: expected a dataclass deriving from CommonParams")
     fields = schema_fields(params)
@@ -200,8 +201,10 @@ def define(op: str, params: type, lse: bool = True, saved: bool = False) -> Call
     )
     # The overload is named after the schemas: torch.compile's on-disk caches key a graph by its traced code, which
     # names the op and its overload but not its outputs, so a graph compiled against an earlier version of an op
-    # (e.g. before `saved` was added) would be reused with the wrong outputs.
-    tag = "s" + hashlib.sha1((fwd_schema + bwd_schema).encode()).hexdigest()[:12]
+    # (e.g. before `saved` was added, or with `saved` of another shape: saved_revision) would be reused with the wrong
+    # outputs.
+    key = fwd_schema + bwd_schema + (f" saved r{saved_revision}" if saved_revision else "")
+    tag = "s" + hashlib.sha1(key.encode()).hexdigest()[:12]
     fwd_name, bwd_name = f"{LIB}::{op}_fwd.{tag}", f"{LIB}::{op}_bwd.{tag}"
     torch.library.define(fwd_name, fwd_schema)
     torch.library.define(bwd_name, bwd_schema)

@@ -26,7 +26,8 @@ class NystromParams(CommonParams):
     pinv_init: str
 
 
-_fwd_op = define("nystrom", NystromParams, lse=False, saved=True)
+# saved_revision 1: the cpu backend's `saved` gained K3's log-sum-exp per landmark (etkd_kernels/cpu/nystrom.py).
+_fwd_op = define("nystrom", NystromParams, lse=False, saved=True, saved_revision=1)
 
 
 @public_op("key column j")

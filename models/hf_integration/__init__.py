@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from . import big_bird, longformer, nystromformer
+from . import _version, big_bird, longformer, nystromformer  # noqa: F401  (_version first: it checks transformers)
 from ._common import Options, UnsupportedConfigError, warn_ignore_attention_dropout
+from ._version import MIN_TRANSFORMERS, require_transformers
 from .attention_interface import IMPLEMENTATIONS, register_attention_implementations
 from .export import save_hf_attention, to_hf_attention
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "MIN_TRANSFORMERS",
     "UnsupportedConfigError",
     "is_patched",
     "patch",
@@ -34,6 +36,7 @@ __all__ = [
     "patch_longformer",
     "patch_nystromformer",
     "register_attention_implementations",
+    "require_transformers",
     "save_hf_attention",
     "to_hf_attention",
     "unpatch",
