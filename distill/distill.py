@@ -188,7 +188,8 @@ def layer_qkv(model, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     layer = getattr(model, "module", model).encoder.layers[index]
     if layer.pre_norm:
         x = layer.norm1(x)
-    return layer.attn.q(x), layer.attn.k(x), layer.attn.v(x)
+    b, s, d = x.shape
+    return tuple(t.transpose(1, 2).reshape(b, s, d) for t in layer.attn.projections(x))  # heads back together
 
 
 def make_loss(teacher, ns: argparse.Namespace, layers: list[int] | None = None):

@@ -229,18 +229,23 @@ def test_layer_qkv_are_the_projections_the_layer_computes(pre_norm):
     LayerNorm in a pre-norm model): the same tensors the layer's forward computes."""
     torch.manual_seed(0)
     model = EncoderModel(tiny_config(pre_norm=pre_norm)).eval()
-    seen = {}
-    layer = model.encoder.layers[2]
-    hooks = [getattr(layer.attn, n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o))
-             for n in "qkv"]  # fmt: skip
+    seen = []
+    attn = model.encoder.layers[2].attn
+    attend = attn.attend
+
+    def spy(module, x, q, k, v, *rest):  # the (b, h, s, hd) q, k, v the layer hands its attention pattern
+        seen.append((q, k, v))
+        return attend(module, x, q, k, v, *rest)
+
+    attn.attend = spy
     ids = torch.randint(5, VOCAB, (2, 9))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
         qkv = distill_cmd.layer_qkv(model, 2, out.hidden_states[2])
-    for h in hooks:
-        h.remove()
-    for name, got in zip("qkv", qkv):
-        torch.testing.assert_close(got, seen[name], rtol=0, atol=0)
+    assert len(seen) == 1
+    for got, heads in zip(qkv, seen[0]):
+        assert got.shape == (2, 9, 32)
+        torch.testing.assert_close(got, heads.transpose(1, 2).reshape(2, 9, 32), rtol=0, atol=0)
 
 
 def test_distill_attention_relations_fall_and_check_their_flags(teacher_dir, corpus, tmp_path):
@@ -459,9 +464,12 @@ ETKD = str(Path(sys.executable).with_name("etkd"))
 
 def _etkd(*argv: str, **env: str) -> subprocess.Popen:
     full = {**os.environ, **env}
+    # SIGINT at its default: a shell starts background jobs (`pytest ... &`) with SIGINT ignored, which the
+    # child would inherit, and the Ctrl-C test's SIGINT would then never arrive.
     return subprocess.Popen(
-        [ETKD, *argv], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [ETKD, *argv], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
