@@ -464,9 +464,12 @@ ETKD = str(Path(sys.executable).with_name("etkd"))
 
 def _etkd(*argv: str, **env: str) -> subprocess.Popen:
     full = {**os.environ, **env}
+    # SIGINT at its default: a shell starts background jobs (`pytest ... &`) with SIGINT ignored, which the
+    # child would inherit, and the Ctrl-C test's SIGINT would then never arrive.
     return subprocess.Popen(
-        [ETKD, *argv], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [ETKD, *argv], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
