@@ -5,6 +5,7 @@ at run time. Shapes: b = batch, s = seq, d = hidden, h = heads, hd = head_dim.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,6 +144,33 @@ class _QKV(torch.autograd.Function):
         return dx, None, *dws, *dbs
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    """An `nn.Linear` exactly (no subclass, wrapper or parametrisation) with a bias and no forward hooks: what
+    `_QKV` computes is then what calling it computes."""
+    return (
+        type(m) is nn.Linear
+        and m.bias is not None
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
+
+
+_told_unfused = False
+
+
+def _say_unfused(layer: int, mods) -> None:
+    global _told_unfused
+    if not _told_unfused:
+        _told_unfused = True
+        kinds = sorted({type(m).__name__ for m in mods})
+        warnings.warn(
+            f"etkd encoder layer {layer}: the q/k/v projections are not plain nn.Linear modules without hooks "
+            f"({', '.join(kinds)}), so they run one by one instead of as one stacked GEMM (a few % of a training "
+            f"step); the stacked GEMM would bypass what the modules add (said once)",
+            stacklevel=3,
+        )
+
+
 class SelfAttention(nn.Module):
     """q/k/v projections -> the configured pattern (registry lookup) -> output projection."""
 
@@ -177,8 +205,15 @@ class SelfAttention(nn.Module):
         (b, s, 3, h, hd) output (the cpu kernels read them in place; out and the gradients come back in the same head
         order, so the output projection reads a view). `_QKV`'s backward takes dq, dk, dv as they come (no stack of
         them into one gradient) and sums x's gradient inside the GEMMs (no adds)."""
-        return _QKV.apply(x, self.config.num_heads, self.q.weight, self.k.weight, self.v.weight,
-                          self.q.bias, self.k.bias, self.v.bias)  # fmt: skip
+        mods = (self.q, self.k, self.v)
+        if all(_plain_linear(m) for m in mods):
+            return _QKV.apply(x, self.config.num_heads, self.q.weight, self.k.weight, self.v.weight,
+                              self.q.bias, self.k.bias, self.v.bias)  # fmt: skip
+        # A projection replaced or wrapped (PEFT/LoRA, quantisation, parametrisation, a forward hook): the stacked
+        # GEMM reads the weights directly and would bypass what the module's own call adds, so call each module.
+        _say_unfused(self.layer_index, mods)
+        b, s, _ = x.shape
+        return tuple(m(x).view(b, s, self.config.num_heads, -1).transpose(1, 2) for m in mods)
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):
         b, s, d = x.shape

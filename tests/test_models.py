@@ -3,6 +3,8 @@ checkpointing, pre-norm, inputs_embeds / token_type_ids, config JSON, backend se
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import SameDropoutMasks, assert_close
@@ -244,3 +246,39 @@ def test_fused_qkv_projection_equals_three_linears(used):
             assert_close(g, w, 1e-12, name="grad")
     ws = [attn.q.weight, attn.k.weight, attn.v.weight, attn.q.bias, attn.k.bias, attn.v.bias]
     assert torch.autograd.gradcheck(lambda x, *w: _QKV.apply(x, 4, *w), (x, *ws))
+
+
+def test_projections_honour_wrapped_or_hooked_linears(monkeypatch):
+    """The stacked q/k/v GEMM reads the weights directly: a projection wrapped (a LoRA-style nn.Linear subclass) or
+    hooked must still give its own output — the encoder then calls each module, and says so once."""
+    import etkd.models.encoder as enc
+
+    monkeypatch.setattr(enc, "_told_unfused", False)
+    cfg = EncoderConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=64, vocab_size=50)
+    attn = EncoderModel(cfg).encoder.layers[0].attn
+    x = torch.randn(2, 7, 32)
+    assert type(attn.projections(x)[0].grad_fn).__name__ == "_QKVBackward"  # plain linears: the stacked GEMM
+
+    class LoRA(torch.nn.Linear):
+        def __init__(self, base):
+            super().__init__(base.in_features, base.out_features)
+            self.load_state_dict(base.state_dict())
+            self.a, self.b = torch.nn.Parameter(torch.randn(2, 32)), torch.nn.Parameter(torch.randn(32, 2))
+
+        def forward(self, t):
+            return super().forward(t) + t @ self.a.t() @ self.b.t()
+
+    attn.v = LoRA(attn.v)
+    handle = attn.k.register_forward_hook(lambda m, i, o: 2 * o)
+    with pytest.warns(UserWarning, match=r"not plain nn.Linear .*LoRA.*one by one"):
+        q, k, v = attn.projections(x)
+    heads = lambda t: t.view(2, 7, 4, 8).transpose(1, 2)  # noqa: E731
+    assert_close(q, heads(attn.q(x)), 1e-6, name="q")
+    assert_close(k, heads(attn.k(x)), 1e-6, name="k (hooked: doubled)")
+    assert_close(v, heads(attn.v(x)), 1e-6, name="v (LoRA delta)")
+    v.sum().backward()
+    assert attn.v.a.grad is not None and attn.v.a.grad.abs().sum() > 0  # the adapter trains
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn.projections(x)  # said once
+    handle.remove()
