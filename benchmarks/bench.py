@@ -341,6 +341,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights of both sides cast to it")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measured row")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -354,7 +355,7 @@ def run(args) -> int:
     print(f"etkd bench: mode={args.mode} dtype={args.dtype} size={args.size} batch={args.batch} "
           f"seq={args.seq_lens} device={args.device} ({env.line()})")  # fmt: skip
     rows = run_bench(families, args.seq_lens, args.batch, args.size, args.device, backends, args.repeats,
-                     args.warmup, not args.no_students, args.timeout, args.window, mode=args.mode,
+                     args.warmup, not args.no_students, args.timeout, args.window, args.progress, mode=args.mode,
                      dtype=args.dtype)  # fmt: skip
     for r in rows:
         r["environment"] = env.as_dict()

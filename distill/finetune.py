@@ -200,6 +200,29 @@ def labels_for(task: str, model_path: str | None, examples: list[list[dict[str, 
     return label_list(*examples)
 
 
+def set_max_length(o: dict[str, Any], model, tokenizer, example_sets) -> None:
+    """`--max-length` (default: what both the model's positions and the tokenizer take), then the windows it
+    leaves checked before any training: a QA window must hold more context tokens than `--doc-stride` next to
+    the longest question of `example_sets` (cut to `--max-query-length`), else the tokenizer fails mid-run."""
+    given = o["max_length"] is not None
+    if not given:
+        o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
+    if task_family(o["task"]) != "qa":
+        return
+    questions = [e["question"].lstrip() for examples in example_sets for e in examples]
+    lengths = tokenizer(questions, add_special_tokens=False)["input_ids"] if questions else []
+    longest = min(max((len(ids) for ids in lengths), default=0), o["max_query_length"])
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    room = o["max_length"] - longest - special
+    if o["doc_stride"] >= room:
+        length = f"--max-length {o['max_length']}" + ("" if given else " (the model's)")
+        raise UserError(
+            f"--doc-stride {o['doc_stride']}: expected less than a window's context tokens, {length} - "
+            f"{longest} (the longest question, at most --max-query-length {o['max_query_length']}) - {special} "
+            f"special tokens = {room}; lower --doc-stride or --max-query-length, or raise --max-length"
+        )
+
+
 def encode(task: str, examples, tokenizer, labels: list[str], o: dict[str, Any], train: bool) -> list[dict]:
     from .tasks import glue, ner, qa
 
@@ -436,8 +459,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_vocab(tokenizer, model)
     ns = argparse.Namespace(**o)
     prepare_model(model, ns)
-    if o["max_length"] is None:
-        o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
+    set_max_length(o, model, tokenizer, [train_ex] + [ex for _, _, ex in eval_sets])
     feats = encode(task, train_ex, tokenizer, labels, o, train=True)
     cfg = train_config(ns)
     start_run(ns)
@@ -473,8 +495,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model = load_model(o["model"], HEADS[family], max(len(labels), 1), seed=int(o["seed"]))
     check_vocab(tokenizer, model)
     prepare_model(model, argparse.Namespace(**o))
-    if o["max_length"] is None:
-        o["max_length"] = min(model.config.max_tokens, getattr(tokenizer, "model_max_length", 10**9))
+    set_max_length(o, model, tokenizer, [ex for _, _, ex in eval_sets])
     device_type = next(model.parameters()).device.type
     # --dtype bf16/fp16: weights stay fp32, matmuls and the attention kernels run in 16 bits (autocast).
     with torch.autocast(device_type, dtype=EVAL_DTYPES[o["dtype"]], enabled=o["dtype"] != "fp32"):

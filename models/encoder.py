@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
@@ -106,6 +105,44 @@ class Embeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+class _QKV(torch.autograd.Function):
+    """The q/k/v projections of x (b, s, d) as one GEMM against their stacked weights, returned as the (b, h, s, hd)
+    head views of its (b, s, 3, h, hd) output. Backward: dx = dq Wq + dk Wk + dv Wv accumulated by the GEMMs
+    (addmm_), dW and db per projection, from dq, dk, dv in whatever layout they come (the cpu kernels give them in
+    the views' head order, so their (b * s, d) matrices are views): autograd's own backward of the views would first
+    stack the three into a (b, s, 3d) gradient (a copy of 3 x b x s x d), and separate projections add the three
+    input gradients (two more passes)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, heads, wq, wk, wv, bq, bk, bv):
+        b, s, d = x.shape
+        x2 = x.reshape(b * s, d)
+        qkv = torch.addmm(torch.cat([bq, bk, bv]), x2, torch.cat([wq, wk, wv]).t())
+        ctx.save_for_backward(x2, wq, wk, wv)
+        ctx.shape = x.shape
+        ctx.set_materialize_grads(False)  # an output without a gradient comes as None: no GEMMs on zeros
+        return tuple(t.transpose(1, 2) for t in qkv.view(b, s, 3, heads, -1).unbind(2))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dq, dk, dv):
+        x2, *ws = ctx.saved_tensors
+        n = x2.shape[0]
+        # (b, h, s, hd) -> (b * s, h * hd): a view when the gradient is in the heads' (b, s, h, hd) order
+        gs = [None if g is None else g.transpose(1, 2).reshape(n, -1) for g in (dq, dk, dv)]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            for g, w in zip(gs, ws):
+                if g is not None:
+                    dx = torch.mm(g, w.to(g.dtype)) if dx is None else dx.addmm_(g, w.to(g.dtype))
+            dx = None if dx is None else dx.view(ctx.shape)
+        dws = [None if g is None or not ctx.needs_input_grad[2 + i] else g.t().mm(x2.to(g.dtype))
+               for i, g in enumerate(gs)]  # fmt: skip
+        dbs = [None if g is None or not ctx.needs_input_grad[5 + i] else g.sum(0) for i, g in enumerate(gs)]
+        return dx, None, *dws, *dbs
+
+
 class SelfAttention(nn.Module):
     """q/k/v projections -> the configured pattern (registry lookup) -> output projection."""
 
@@ -134,18 +171,14 @@ class SelfAttention(nn.Module):
         HF applies it (see each pattern module in models/patterns/); the op draws its seed from torch's generator."""
         return self.config.attention_dropout if self.training else 0.0
 
-    def projections(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v (b, h, s, hd) of x (b, s, d): one GEMM against the three projections stacked (3d x d; the
         parameters stay `q`, `k`, `v`, so state_dict keys and HF conversion are unchanged), the heads as views of its
         (b, s, 3, h, hd) output (the cpu kernels read them in place; out and the gradients come back in the same head
-        order, so the output projection reads a view). Issue 28: at 2 threads one (4096 x 768) x (768 x 2304) GEMM
-        and one of each backward GEMM instead of three took 0-9 % less CPU time for projections + sliding-window
-        forward + backward; at 1 thread the same within the noise (README, train step)."""
-        b, s, _ = x.shape
-        w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = F.linear(x, w, bias).view(b, s, 3, self.config.num_heads, -1)
-        return [t.transpose(1, 2) for t in qkv.unbind(2)]
+        order, so the output projection reads a view). `_QKV`'s backward takes dq, dk, dv as they come (no stack of
+        them into one gradient) and sums x's gradient inside the GEMMs (no adds)."""
+        return _QKV.apply(x, self.config.num_heads, self.q.weight, self.k.weight, self.v.weight,
+                          self.q.bias, self.k.bias, self.v.bias)  # fmt: skip
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):
         b, s, d = x.shape

@@ -19,12 +19,15 @@ from etkd.distill.cli import main as cli
 from etkd.distill.demo import longrange
 
 
-def test_bench_tiny_writes_table_json_plot(tmp_path):
+def test_bench_tiny_writes_table_json_plot(tmp_path, capfd):
     out = tmp_path / "bench"
     # One fresh subprocess per row (honest peak memory): 6 rows here, ~8 s each on 2 cores.
     argv = ["bench", "--models", "longformer", "--seq-lens", "64", "--batch", "1", "--size", "tiny",
-            "--repeats", "1", "--window", "16", "--backends", "reference,cpu", "--out", str(out)]  # fmt: skip
+            "--repeats", "1", "--window", "16", "--backends", "reference,cpu", "--out", str(out), "--no-progress"]  # fmt: skip
     assert cli(argv) == 0
+    assert (
+        "etkd bench:  " not in capfd.readouterr().err
+    )  # --no-progress: no progress bar (the demo passes it)
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     impls = {(r["family"], r["student"], r["impl"], r["seq"]) for r in rows}

@@ -462,18 +462,13 @@ def test_distill_at_lr_near_0_saves_the_student_it_started_from(teacher_dir, cor
 ETKD = str(Path(sys.executable).with_name("etkd"))
 
 
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT back to its default. A test run started as a background job (`pytest &`
-    from a script) inherits SIGINT ignored, Python then installs no KeyboardInterrupt handler, and the Ctrl-C
-    test's child would never stop."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _etkd(*argv: str, **env: str) -> subprocess.Popen:
     full = {**os.environ, **env}
+    # SIGINT at its default: a shell starts background jobs (`pytest ... &`) with SIGINT ignored, which the
+    # child would inherit, and the Ctrl-C test's SIGINT would then never arrive.
     return subprocess.Popen(
         [ETKD, *argv], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 

@@ -312,3 +312,28 @@ def test_limit_cuts_finetunes_training_set_only_and_evaluates_sets(model_dir, tm
     assert main(["evaluate", "--task", "sst2", "--model", str(out / "model"), "--eval-file",
                  str(tmp_path / "dev.jsonl"), "--limit", "5", "--output", str(ev)]) == 0  # fmt: skip
     assert json.loads(ev.read_text())["eval_sets"]["eval"]["num_examples"] == 5
+
+
+def test_qa_doc_stride_that_leaves_no_window_is_a_user_error_before_training(model_dir, tmp_path, capsys):
+    """--doc-stride must be less than a window's context tokens (--max-length - the longest question - special
+    tokens): said in one line naming the flags before training, not as the tokenizer's traceback."""
+    ctx = "john sat on the mat . " * 4 + "mary ran to paris ."
+    data = {"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
+        {"id": f"q{i}", "question": "where ?", "answers": [{"text": "paris", "answer_start": ctx.index("paris")}]}
+        for i in range(4)]}]}]}  # fmt: skip
+    (tmp_path / "squad.json").write_text(json.dumps(data))
+    base = ["finetune", "--task", "squad", "--model", model_dir, "--train-file", str(tmp_path / "squad.json"),
+            "--max-length", "32"]  # fmt: skip
+    out = tmp_path / "run"
+    assert (
+        main(base + ["--doc-stride", "27"] + _common(output_dir=out, max_steps=1, batch_size=4)) == 2
+    )  # 32-2-3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--doc-stride 27: expected less than a window's context tokens" in err[0], err
+    assert "= 27" in err[0] and not (out / "checkpoints").exists()
+    assert (
+        main(
+            base + ["--doc-stride", "26", "--overwrite"] + _common(output_dir=out, max_steps=1, batch_size=4)
+        )
+        == 0
+    )

@@ -214,3 +214,33 @@ def test_torch_compile_fullgraph_matches_eager(attention):
         ref = model(ids, attention_mask=mask).logits  # also fills bigbird's per-length block-mask cache
         got = torch.compile(model, fullgraph=True)(ids, attention_mask=mask).logits
     assert_close(got, ref, atol=1e-4, name=f"compiled {attention}")
+
+
+@pytest.mark.parametrize("used", [(True, True, True), (True, False, True)], ids=["qkv", "q_v"])
+def test_fused_qkv_projection_equals_three_linears(used):
+    """`SelfAttention.projections` (one GEMM, heads as views of its output, its own backward) gives the q, k, v of the
+    three nn.Linear layers and the same gradients for x and every weight and bias, also when one of q/k/v gets no
+    gradient; float64 gradcheck of its backward."""
+    from etkd.models.encoder import _QKV
+
+    cfg = EncoderConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=64, vocab_size=50)
+    attn = EncoderModel(cfg).double().encoder.layers[0].attn
+    x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    params = [p for lin in (attn.q, attn.k, attn.v) for p in (lin.weight, lin.bias)]
+    want = [lin(x).view(2, 7, 4, 8).transpose(1, 2) for lin in (attn.q, attn.k, attn.v)]
+    got = attn.projections(x)
+    for g, w in zip(got, want):
+        assert_close(g, w, 1e-12, name="q/k/v")
+    grads = [torch.randn_like(w) for w in want]
+
+    def loss(ts):
+        return sum((t * g).sum() for t, g, u in zip(ts, grads, used) if u)
+
+    want_grads = torch.autograd.grad(loss(want), [x, *params], allow_unused=True)
+    got_grads = torch.autograd.grad(loss(got), [x, *params], allow_unused=True)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert_close(g, w, 1e-12, name="grad")
+    ws = [attn.q.weight, attn.k.weight, attn.v.weight, attn.q.bias, attn.k.bias, attn.v.bias]
+    assert torch.autograd.gradcheck(lambda x, *w: _QKV.apply(x, 4, *w), (x, *ws))

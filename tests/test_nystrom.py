@@ -12,6 +12,9 @@ margin and neither implementation is systematically closer to exact.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -416,3 +419,130 @@ def test_cpu_reads_strided_inputs_and_gradient_in_place(head_dim, grad):
     for name, got, want in zip(("out", "dq", "dk", "dv"), results["cpu"], results["reference"]):
         err = (got - want).abs().max().item()
         assert err <= ATOL32, f"{name} ({head_dim}, {grad}): max error {err:.2e}"
+
+
+def _view_leaves(kind, b, h, s, d, g):
+    """Leaf tensors of a layout kind and the (b, h, s, d) q, k, v views of them a model or user passes."""
+    if kind == "transposed":  # three projections' (b, s, h, d) outputs seen as (b, h, s, d)
+        return [torch.randn(b, s, h, d, generator=g) for _ in range(3)]
+    if kind == "sliced_heads":  # every other head of a wider tensor
+        return [torch.randn(b, 2 * h, s, d, generator=g) for _ in range(3)]
+    if kind == "expanded_batch":  # one k/v row set for every batch row (stride 0), q transposed
+        return [
+            torch.randn(b, s, h, d, generator=g),
+            *(torch.randn(1, h, s, d, generator=g) for _ in range(2)),
+        ]
+    return [torch.randn(b, s, 3 * h * d, generator=g)]  # "stacked": the encoder's one q/k/v projection
+
+
+def _views(kind, leaves, b, h, s, d):
+    if kind == "transposed":
+        return [x.transpose(1, 2) for x in leaves]
+    if kind == "sliced_heads":
+        return [x[:, ::2] for x in leaves]
+    if kind == "expanded_batch":
+        q, k, v = leaves
+        return [q.transpose(1, 2), k.expand(b, h, s, d), v.expand(b, h, s, d)]
+    return [t.transpose(1, 2) for t in leaves[0].view(b, s, 3, h, d).unbind(2)]  # rows 3 h d apart
+
+
+STRIDED_VIEW_CASES = [
+    (kind, dtype, 16)
+    for kind in ("transposed", "sliced_heads", "expanded_batch", "stacked")
+    for dtype in (torch.float32, torch.bfloat16)
+] + [("stacked", torch.float32, 12), ("sliced_heads", torch.float32, 12)]  # head_dim not a whole vector
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["1thread", "2threads"])
+@pytest.mark.parametrize(
+    "kind, dtype, head_dim",
+    STRIDED_VIEW_CASES,
+    ids=[f"{k}-{str(t)[6:]}-d{d}" for k, t, d in STRIDED_VIEW_CASES],
+)
+def test_cpu_strided_views_match_reference(kind, dtype, head_dim, threads):
+    """q, k, v as views at any row strides, read in place by every pass of the cpu kernels (segment means, K1 scores,
+    K3 tiles, the backward's reads; out and dq, dk, dv in their layouts): out and the gradients of the leaves equal
+    `reference` on contiguous float32 copies of the same (rounded) inputs, with padding (a padded query tile),
+    hf_global and a landmark count that does not divide seq; 1 and 2 threads. bf16: the op computes in float32 from the
+    rounded inputs, so only the bf16 rounding of out and of the gradients separates them."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        b, h, s, d, nl = 2, 3, 150, head_dim, 9
+        leaves = _view_leaves(kind, b, h, s, d, g)
+        kpm = torch.ones(b, s, dtype=torch.bool)
+        kpm[1, s - 70 :] = False
+        grad = torch.randn(b, h, s, d, generator=g)
+        results = {}
+        for backend, cast in (("cpu", dtype), ("reference", torch.float32)):
+            ls = [x.to(dtype).to(cast).requires_grad_(True) for x in leaves]
+            q, k, v = _views(kind, ls, b, h, s, d)
+            if backend == "reference":
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out = nystrom_attention(q, k, v, nl, key_padding_mask=kpm, pinv_init="hf_global", backend=backend)
+            results[backend] = [out, *torch.autograd.grad(out, ls, grad.to(cast))]
+    finally:
+        torch.set_num_threads(old)
+    tol = ATOL32 if dtype == torch.float32 else 2e-2
+    for i, (got, want) in enumerate(zip(results["cpu"], results["reference"])):
+        assert got.dtype == dtype
+        err = (got.float() - want).abs().max().item()
+        bound = tol * (1 if dtype == torch.float32 else max(1.0, want.abs().max().item()))
+        assert err <= bound, (
+            f"{kind} {dtype} d={d} {threads} thr: {'out' if i == 0 else f'grad {i}'} error {err:.2e}"
+        )
+
+
+def test_cpu_strided_views_match_reference_avx2():
+    """The same cases on the avx2 target (ETKD_CPU_ISA=avx2, the AMD EPYC set; the target is chosen once per process,
+    so in a child pytest)."""
+    from etkd_kernels import _C
+
+    if "avx2" not in _C.supported_isas():
+        pytest.skip(f"this CPU or build lacks avx2 (supports: {', '.join(_C.supported_isas())})")
+    if _C.isa() == "avx2":
+        pytest.skip("this process already runs the avx2 target: the cases above are its run")
+    env = dict(os.environ, ETKD_CPU_ISA="avx2")
+    test = f"{__file__}::test_cpu_strided_views_match_reference"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_qkv"])
+def test_cpu_head_split_views_are_not_copied(fused):
+    """A Nystrom layer's attention fwd + bwd on the encoder's views copies nothing q-sized: no aten copy_ / clone of
+    q, k, v, grad_out or the gradients (the kernels read the views in place and write out, dq, dk, dv in (b, s, h, d)
+    order, so the model's transpose + reshape back to (b, s, h * d) is a view too). Views of three projections, or of
+    one (b, s, 3, h, d) output (the encoder's stacked q/k/v projection: rows 3 h d apart)."""
+    b, h, s, d, nl = 1, 3, 256, 32, 16
+    if fused:
+        qkv = torch.randn(b, s, 3 * h * d, requires_grad=True)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, s, 3, h, d).unbind(2))
+    else:
+        xs = [torch.randn(b, s, h * d, requires_grad=True) for _ in range(3)]
+        q, k, v = (x.view(b, s, h, d).transpose(1, 2) for x in xs)
+
+    def call():
+        return nystrom_attention(q, k, v, nl, backend="cpu")
+
+    call()  # first call: caches
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = call()
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn(b, s, h, d).transpose(1, 2))
+    copies = [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+        and any(shape and math.prod(shape) >= b * h * s * d for shape in e.input_shapes)
+    ]
+    assert copies == [], copies
+    for name, t in (("out", out), *zip(("dq", "dk", "dv"), grads)):
+        assert t.transpose(1, 2).is_contiguous(), (name, t.stride())

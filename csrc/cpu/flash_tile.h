@@ -150,7 +150,8 @@ void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 // n landmark queries against S keys, without the (n x S) probability matrix. Key tiles are scored transposed,
 // s (tile x np) = k_tile @ qlT with qlT (d x np) the landmark queries packed column-wise (padding zero), so the
 // per-landmark softmax runs down the columns, vectorised over landmarks, as an online softmax over the tiles.
-// k, v (S x d) row-major; bias (S) of 0 / -inf or null; landmarks seeing no key get t = 0. dp = pad_small(d).
+// k, v (S x d) rows lk and lv floats apart (a model's head-split views read in place); bias (S) of 0 / -inf or null;
+// landmarks seeing no key get t = 0. dp = pad_small(d).
 // lse (np floats, or null): each landmark's log-sum-exp of its scores, +inf for a landmark seeing no key and for the
 // padding columns n..np, so exp(score - lse) is K3 (zero where K3 is), as nystrom_k3_bwd recomputes it.
 // ksum (null, or n x dp, row stride dp): adds the sum of k's rows of each segment of `seg` keys into its row (the
@@ -160,19 +161,22 @@ void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 // rescale of t (n x d per tile) stays small next to the tile's 2 * tile * n * d FMAs.
 constexpr int64_t kLmTile = 128;
 int64_t landmark_attend_work(int64_t np, int64_t d);
-void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
-                     int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum, int64_t seg, float* work);
+void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v, int64_t lv,
+                     const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum,
+                     int64_t seg, float* work);
 
 // Nystrom's K3 backward for one (batch, head) in tiles of kLmTile keys (nystrom_impl.h), K3 (keys x landmarks, per
 // tile) recomputed as exp(scale k qlT - lse) from landmark_attend's lse: dv = K3 dT, dS3 = K3 o (v dT^T - dl),
 // dk = scale dS3 ql (+ row l of dkl for a key of segment l, segments of `seg` keys: the key landmarks' gradient
 // spread over their segments, already divided by the segments' sizes; dkl null: none), dv and dk written, rows of
-// dp floats; dql += scale dS3^T k. k, v (S x dp), qlT and dtT (dp x np, padding zero), ql, dt and dkl (n x dp), dl
-// (np: dT . T per landmark), bias (S) of 0 / -inf or null. work: nystrom_k3_bwd_work(np) floats.
+// dp floats; dql += scale dS3^T k. k, v (S x dp; rows lk, lv floats apart), dv, dk (rows ldv, ldk apart), qlT and
+// dtT (dp x np, padding zero), ql, dt and dkl (n x dp), dl (np: dT . T per landmark), bias (S) of 0 / -inf or null.
+// work: nystrom_k3_bwd_work(np) floats.
 int64_t nystrom_k3_bwd_work(int64_t np);
-void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, const float* v, const float* bias, int64_t S,
-                    int64_t n, int64_t np, int64_t dp, float scale, const float* dt, const float* dtT, const float* dl,
-                    const float* ql, const float* dkl, int64_t seg, float* dv, float* dk, float* dql, float* work);
+void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, int64_t lk, const float* v, int64_t lv,
+                    const float* bias, int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt,
+                    const float* dtT, const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv,
+                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work);
 
 // In-place softmax of `rows` rows of `n` floats (row stride ld), keys biased by bias[0:n] (null = none):
 // rows seeing no key (all -inf) become zeros. SIMD (at::vec).

@@ -1518,8 +1518,9 @@ void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int
 
 #include "cpu/nystrom_impl.h"
 
-void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, const float* v, const float* bias,
-                     int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum, int64_t seg, float* work) {
+void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v, int64_t lv,
+                     const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum,
+                     int64_t seg, float* work) {
   const int64_t dp = pad_small(d);
   float* s = work;                   // (kLmTile x np) scores, then probabilities
   float* vt = s + kLmTile * np;      // (kLmTile x dp) v tile padded to whole vectors (when d % kSmallPad != 0)
@@ -1532,10 +1533,10 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
   const Vec vninf(kNegInf), vzero(0.f);
   for (int64_t j0 = 0; j0 < S; j0 += kLmTile) {
     const int64_t tk = std::min(kLmTile, S - j0);
-    if (ksum) nystrom_segment_sums(k + j0 * d, j0, tk, d, seg, ksum, dp);
+    if (ksum) nystrom_segment_sums(k + j0 * lk, lk, j0, tk, d, seg, ksum, dp);
     const float* bj = bias ? bias + j0 : nullptr;
     if (bj && std::all_of(bj, bj + tk, [](float x) { return x == kNegInf; })) continue;  // all keys padded
-    gemm_small(tk, np, d, scale, k + j0 * d, d, 1, qlT, np, s, np, false);
+    gemm_small(tk, np, d, scale, k + j0 * lk, lk, 1, qlT, np, s, np, false);
     // Column (landmark) max over the tile's keys, masked keys -inf; new running max; rescale factor.
     for (int64_t c = 0; c < np; c += kV) {
       Vec mx = vninf;
@@ -1572,16 +1573,17 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, co
       }
       (Vec::loadu(l + c) + sum).store(l + c);
     }
-    const float* vb = v + j0 * d;
+    const float* vb = v + j0 * lv;
+    int64_t lvb = lv;
     if (d != dp) {
       for (int64_t r = 0; r < tk; ++r) {
-        std::copy(vb + r * d, vb + (r + 1) * d, vt + r * dp);
+        std::copy(vb + r * lv, vb + r * lv + d, vt + r * dp);
         std::fill(vt + r * dp + d, vt + (r + 1) * dp, 0.f);
       }
-      vb = vt;
+      vb = vt, lvb = dp;
     }
     // t (n x dp) += p^T (n x tk) @ v_tile (tk x dp): p read transposed (landmark l, key r at s[r * np + l]).
-    gemm_small(n, dp, tk, 1.f, s, 1, np, vb, dp, t, dp, true);
+    gemm_small(n, dp, tk, 1.f, s, 1, np, vb, lvb, t, dp, true);
   }
   for (int64_t i = 0; i < n; ++i) {
     float* ti = t + i * dp;

@@ -41,13 +41,13 @@ struct Kernels {
                        float* dk, float* dv, float* dkx, float* dvx) = nullptr;
   void (*gemm_small)(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) = nullptr;
-  void (*landmark_attend)(const float* qlT, int64_t n, int64_t np, const float* k, const float* v,
-                          const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse,
+  void (*landmark_attend)(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v,
+                          int64_t lv, const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse,
                           float* ksum, int64_t seg, float* work) = nullptr;
-  void (*nystrom_k3_bwd)(const float* qlT, const float* lse, const float* k, const float* v, const float* bias,
-                         int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt, const float* dtT,
-                         const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv, float* dk,
-                         float* dql, float* work) = nullptr;
+  void (*nystrom_k3_bwd)(const float* qlT, const float* lse, const float* k, int64_t lk, const float* v, int64_t lv,
+                         const float* bias, int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt,
+                         const float* dtT, const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv,
+                         int64_t ldv, float* dk, int64_t ldk, float* dql, float* work) = nullptr;
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) = nullptr;
   void (*rowwise_dot)(const float* a, const float* b, float* delta, int64_t rows, int64_t d) = nullptr;
   void (*dropout_rows)(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,

@@ -72,15 +72,15 @@ Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& 
   return s;
 }
 
-// x (S, D) -> means over n segments of c rows (the last one S - (n - 1) c rows): out (n, D), row stride ld >= D
-// (columns D..ld are left as they are).
-void segment_means(const float* x, int64_t S, int64_t D, int64_t n, int64_t c, float* out, int64_t ld) {
+// x (S, D), rows lx floats apart -> means over n segments of c rows (the last one S - (n - 1) c rows): out (n, D),
+// row stride ld >= D (columns D..ld are left as they are).
+void segment_means(const float* x, int64_t lx, int64_t S, int64_t D, int64_t n, int64_t c, float* out, int64_t ld) {
   for (int64_t l = 0; l < n; ++l) {
     const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
     float* o = out + l * ld;
     std::fill(o, o + D, 0.f);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * D;
+      const float* xr = x + r * lx;
       for (int64_t j = 0; j < D; ++j) o[j] += xr[j];
     }
     const float cnt = static_cast<float>(r1 - r0);
@@ -249,10 +249,10 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
                                        int64_t iterations, const OptTensor& key_padding_mask, double scale,
                                        bool hf_global, double dropout_p, int64_t seed, int64_t offset) {
   Laps total(true);
-  check_float(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
-  check_like(k, q, "k");
-  check_like(v, q, "v");
+  // q, k, v at any row strides (a model's head-split views of its projections, read in place); out in q's layout.
+  check_float(q, "q", true);
+  check_like(k, q, "k", true);
+  check_like(v, q, "v", true);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   TORCH_CHECK(num_landmarks >= 1 && num_landmarks <= S, "num_landmarks: expected 1..", S, ", got ", num_landmarks);
   TORCH_CHECK(iterations >= 0, "pinv_iterations: expected >= 0, got ", iterations);
@@ -268,8 +268,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   const uint8_t* rp = real.defined() ? real.data_ptr<uint8_t>() : nullptr;
   const float* bp = kbias.defined() ? kbias.data_ptr<float>() : nullptr;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  auto out = at::empty_like(q);
+  auto out = at::empty_like(q);  // in q's layout
   float* op = out.data_ptr<float>();
+  const Rows rq = row_layout(q), rk = row_layout(k), rv = row_layout(v), ro = row_layout(out);
   const int64_t BH = B * H;
   // Landmark counts padded to whole SIMD vectors for gemm_small's B operands (padding columns are zero).
   const int64_t np = pad_small(n), dp = pad_small(D);
@@ -294,11 +295,12 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         float *qlh = svp + bh * per + n * dp, *klh = qlh + n * dp, *m = k2.data() + bh * n * np;
         float *qlt = qlT.data() + bh * D * np, *klt = klT.data() + bh * D * np;
         std::fill(qlh, qlh + 2 * n * dp, 0.f);
-        segment_means(qp + bh * S * D, S, D, n, c, qlh, dp);
+        segment_means(qp + rq.at(b, bh % H, 0), rq.s, S, D, n, c, qlh, dp);
         transpose(qlh, n, D, dp, qlt, np);
         t.lap(kFMeans);
         // T = K3 v and K3's log-sum-exp; the key landmarks' sums from the same pass over k.
-        landmark_attend(qlt, n, np, kp + bh * S * D, vp + bh * S * D, bp ? bp + b * S : nullptr, S, D, sc,
+        landmark_attend(qlt, n, np, kp + rk.at(b, bh % H, 0), rk.s, vp + rv.at(b, bh % H, 0), rv.s,
+                        bp ? bp + b * S : nullptr, S, D, sc,
                         svp + bh * per, svp + bh * per + 3 * n * dp, klh, c, w.work.data());
         t.lap(kFK3v);
         for (int64_t l = 0; l < n; ++l) {
@@ -343,21 +345,21 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         Laps t;
         float *s1 = w.data(), *ot = s1 + bq * np;
         const int64_t bh = task / tiles, b = bh / H, i0 = task % tiles * bq, rows = std::min(bq, S - i0);
-        gemm_small(rows, np, D, sc, qp + (bh * S + i0) * D, D, 1, klT.data() + bh * D * np, np, s1, np, false);
+        gemm_small(rows, np, D, sc, qp + rq.at(b, bh % H, i0), rq.s, 1, klT.data() + bh * D * np, np, s1, np, false);
         t.lap(kFK1Scores);
         softmax_rows(s1, rows, n, np, nullptr);
         if (drop.on) dropout_rows(drop, bh, i0, rows, S, n, s1, np);
         t.lap(kFK1Softmax);
-        float* o = op + (bh * S + i0) * D;
+        float* o = op + ro.at(b, bh % H, i0);
         if (D == dp) {
-          gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, o, D, false);
+          gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, o, ro.s, false);
         } else {
           gemm_small(rows, dp, n, 1.f, s1, np, 1, xx.data() + bh * n * dp, dp, ot, dp, false);
-          for (int64_t r = 0; r < rows; ++r) std::copy(ot + r * dp, ot + r * dp + D, o + r * D);
+          for (int64_t r = 0; r < rows; ++r) std::copy(ot + r * dp, ot + r * dp + D, o + r * ro.s);
         }
         if (rp) {
           for (int64_t r = 0; r < rows; ++r)
-            if (!rp[b * S + i0 + r]) std::fill(o + r * D, o + (r + 1) * D, 0.f);
+            if (!rp[b * S + i0 + r]) std::fill(o + r * ro.s, o + r * ro.s + D, 0.f);
         }
         t.lap(kFK1Out);
       });
@@ -386,10 +388,10 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
                                 const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p,
                                 int64_t seed, int64_t offset) {
   Laps total(true);
-  check_float(q, "q");
-  TORCH_CHECK(q.dim() == 4, "q: expected (batch, heads, seq, head_dim), got ", q.sizes());
-  check_like(k, q, "k");
-  check_like(v, q, "v");
+  // q, k, v at any row strides, read in place; dq, dk, dv written in their layouts.
+  check_float(q, "q", true);
+  check_like(k, q, "k", true);
+  check_like(v, q, "v", true);
   // grad_out at any strides (the expanded gradient of a sum, a model's head-split view): its rows are read in place
   // or gathered per query tile, never copied whole.
   TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == at::kFloat && grad_out.sizes() == q.sizes(),
@@ -410,7 +412,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const float* svp = saved.data_ptr<float>();
   const int64_t nn = n * np, nd = n * dp;
   const bool padded_d = D != dp;
-  const int64_t ld = padded_d ? dp : D;  // row stride of the q, k, v, grad rows the products read and write
+  const int64_t ld = dp;  // row stride of the per-tile grad_out rows and of the padded copies (D == dp otherwise)
   const float sc = static_cast<float>(scale);
   const Dropout drop = dropout_of(dropout_p, seed, offset);  // on K1, as in nystrom_fwd
   Tensor kbias;
@@ -420,8 +422,10 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const float* dop = grad_out.data_ptr<float>();
   const int64_t gs0 = grad_out.stride(0), gs1 = grad_out.stride(1), gs2 = grad_out.stride(2), gs3 = grad_out.stride(3);
   const bool go_rows = gs3 == 1 || D <= 1;  // rows of D contiguous floats, gs2 apart
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);  // in q's, k's, v's layouts
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const Rows rq = row_layout(q), rk = row_layout(k), rv = row_layout(v), rdq = row_layout(dq), rdk = row_layout(dk),
+             rdv = row_layout(dv);
   // Per head: klT (D x np), K2 and dK2 (n x np), dql, dkl (n x dp); the landmarks ql, kl are the forward's.
   std::vector<float> klT(BH * D * np, 0.f), k2(BH * nn, 0.f), dk2(BH * nn, 0.f), colmax(BH), dcoeff(BH);
   auto qlp = [&](int64_t bh) { return svp + bh * per + nd; };
@@ -491,9 +495,11 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
       },
       [&](std::array<float*, 3>& w, int64_t bh) {
         Laps t;
-        const int64_t b = bh / H, row = bh * S * D;
-        const float *xq = qp + row, *xk = kp + row, *xv = vp + row;
-        float *xdq = dqp + row, *xdk = dkp + row, *xdv = dvp + row;
+        const int64_t b = bh / H, h = bh % H;
+        const float *xq = qp + rq.at(b, h, 0), *xk = kp + rk.at(b, h, 0), *xv = vp + rv.at(b, h, 0);
+        float *xdq = dqp + rdq.at(b, h, 0), *xdk = dkp + rdk.at(b, h, 0), *xdv = dvp + rdv.at(b, h, 0);
+        // Row strides of the rows the products read and write: the tensors' own, or dp in the padded copies.
+        int64_t lq = rq.s, lk = rk.s, lv = rv.s, ldq = rdq.s, ldk = rdk.s, ldv = rdv.s;
         // grad_out's rows of this head: in place (row stride ldo) when go_rows and D is whole vectors, else through
         // grad_row, which copies row r's D floats to dst.
         const float* xdo = dop + b * gs0 + (bh % H) * gs1;
@@ -509,11 +515,13 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           float* r = w[2];
           std::fill(r, r + rows_n, 0.f);
           const float* src[3] = {xq, xk, xv};
+          const int64_t ls[3] = {lq, lk, lv};
           for (int i = 0; i < 3; ++i)
-            for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * D, src[i] + (j + 1) * D, r + (i * S + j) * dp);
+            for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * ls[i], src[i] + j * ls[i] + D, r + (i * S + j) * dp);
           for (int64_t j = 0; j < S; ++j) grad_row(j, r + (3 * S + j) * dp);
           xq = r, xk = r + S * dp, xv = r + 2 * S * dp, xdo = r + 3 * S * dp, ldo = dp;
           xdq = r + 4 * S * dp, xdk = r + 5 * S * dp, xdv = r + 6 * S * dp;
+          lq = lk = lv = ldq = ldk = ldv = dp;
           t.lap(kBCopies);
         }
         const float *qlh = qlp(bh), *klh = klp(bh), *m = k2.data() + bh * nn;
@@ -551,7 +559,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         t.lap(kBX);
         for (int64_t i0 = 0; i0 < S; i0 += kBwdRows) {
           const int64_t rows = std::min(kBwdRows, S - i0);
-          const float* qt = xq + i0 * ld;
+          const float* qt = xq + i0 * lq;
           const float* dot = xdo + i0 * ldo;
           int64_t ldt = ldo;  // dot's row stride
           // Padded query rows: their output is zero, so no gradient flows from grad_out there; rows that are not
@@ -569,7 +577,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             }
             dot = dob, ldt = ld;
           }
-          product(rows, np, D, sc, qt, ld, 1, klt, np, s1, np, false);
+          product(rows, np, D, sc, qt, lq, 1, klt, np, s1, np, false);
           t.lap(kBK1Scores);
           softmax_rows(s1, rows, n, np, nullptr);
           const float* k1x = s1;
@@ -593,9 +601,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
             for (int64_t j = 0; j < n; ++j) gr[j] = pr[j] * (gr[j] - d);
           }
           t.lap(kBDs1);
-          product(rows, dp, n, sc, g1, np, 1, klh, dp, xdq + i0 * ld, ld, false);
+          product(rows, dp, n, sc, g1, np, 1, klh, dp, xdq + i0 * ldq, ldq, false);
           t.lap(kBDq);
-          product(n, dp, rows, sc, g1, 1, np, qt, ld, dklh, dp, true);
+          product(n, dp, rows, sc, g1, 1, np, qt, lq, dklh, dp, true);
           t.lap(kBDkl);
         }
         // dT = Z^T dX; dZ = dX T^T.
@@ -642,16 +650,17 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           const float inv = 1.f / static_cast<float>(std::min(S, (l + 1) * c) - l * c);
           for (int64_t j = 0; j < dp; ++j) xx[l * dp + j] = inv * dklh[l * dp + j];
         }
-        nystrom_k3_bwd(qlT, lsep(bh), xk, xv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh, xx, c,
-                       xdv, xdk, dqlh, w[0]);
+        nystrom_k3_bwd(qlT, lsep(bh), xk, lk, xv, lv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh,
+                       xx, c, xdv, ldv, xdk, ldk, dqlh, w[0]);
         t.lap(kBK3);
-        spread(xdq, ld, dqlh);  // dq += dql spread over the query segments
+        spread(xdq, ldq, dqlh);  // dq += dql spread over the query segments
         t.lap(kBPhase3);
         if (padded_d) {
           const float* src[3] = {xdq, xdk, xdv};
-          float* dst[3] = {dqp + row, dkp + row, dvp + row};
+          float* dst[3] = {dqp + rdq.at(b, h, 0), dkp + rdk.at(b, h, 0), dvp + rdv.at(b, h, 0)};
+          const int64_t ls[3] = {rdq.s, rdk.s, rdv.s};
           for (int i = 0; i < 3; ++i)
-            for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * dp, src[i] + j * dp + D, dst[i] + j * D);
+            for (int64_t j = 0; j < S; ++j) std::copy(src[i] + j * dp, src[i] + j * dp + D, dst[i] + j * ls[i]);
           t.lap(kBCopies);
         }
       });
@@ -676,8 +685,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           softmax_rows_bwd(m, dm, n, n, np);
           product(n, dp, n, sc, dm, np, 1, klp(bh), dp, dqx, dp, false);
           product(n, dp, n, sc, dm, 1, np, qlp(bh), dp, dkx, dp, false);
-          spread(dqp + bh * S * D, D, dqx);
-          spread(dkp + bh * S * D, D, dkx);
+          spread(dqp + rdq.at(bh / H, bh % H, 0), rdq.s, dqx);
+          spread(dkp + rdk.at(bh / H, bh % H, 0), rdk.s, dkx);
           t.lap(kBPhase3);
         });
   }

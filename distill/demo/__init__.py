@@ -421,7 +421,7 @@ def pipeline(args) -> None:
         # Longformer x (teacher, student) x (HF, etkd cpu) at one length = 4 fresh-process rows (~1 min);
         # `etkd bench` with its defaults covers every family, backend and length.
         _etkd("bench", "--size", "small", "--batch", "2", "--seq-lens", "2048", "--models", "longformer",
-              "--backends", "cpu", "--repeats", "3", "--out", os.path.join(out, "bench"))  # fmt: skip
+              "--backends", "cpu", "--repeats", "3", "--out", os.path.join(out, "bench"), *quiet)  # fmt: skip
 
 
 def register(sub) -> None:

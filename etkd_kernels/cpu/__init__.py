@@ -268,8 +268,8 @@ DROPOUT_OPS = OPS
 
 
 # Ops whose kernels read q, k, v, grad_out and write out, dq, dk, dv at any row strides (csrc/cpu/flash_tile.h: Rows):
-# a model's head-split views reach them without a copy. nystrom: its backward reads grad_out at any strides (the
-# expanded gradient of a sum, a head-split view) in place; q, k, v are made contiguous in etkd_kernels/cpu/nystrom.py.
+# a model's head-split views reach them without a copy. nystrom: grad_out at any strides (the expanded gradient of a
+# sum) too; its exact landmarks == seq case makes its inputs contiguous (etkd_kernels/cpu/nystrom.py: softmax_matmul).
 STRIDED_OPS = ("block_sparse", "sliding_window", "nystrom")
 
 

@@ -5,7 +5,8 @@ Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in three parallel loops, with no p
 `nystrom_bwd`, written out by hand (Newton-Schulz iterations included): per (batch, head) it recomputes K1 per
 query tile and K3 per key tile (from the forward's log-sum-exp per landmark) on the target's own kernels and runs
 the chain rule back; the (seq x landmarks) matrices exist only tile by tile, nothing of that size is kept from the
-forward. landmarks == seq (exact softmax attention) differentiates the fused
+forward. q, k, v are read at any row strides (`Capabilities.strided`: a model's head-split views of its stacked q/k/v
+projection, every pass over them in place), out and dq, dk, dv written in their layouts. landmarks == seq (exact softmax attention) differentiates the fused
 `softmax(scale * a @ b^T, masked) @ c` kernel instead. Attention dropout (dropout_p > 0) drops entries of K1 (query
 row i, landmark l: column seq + l), in the forward's query tiles and in the backward's recomputed K1, or the
 probabilities of the exact case (key columns), as etkd_kernels/reference/nystrom.py defines it.
@@ -80,9 +81,9 @@ def forward(q, k, v, p):
         if p.num_landmarks == q.shape[2]:
             return exact(q, k, v, p.key_padding_mask, p.scale, _dropout(p)), saved_like(q, p)
         return torch.ops.etkd_cpu.nystrom_fwd(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
+            q,  # q, k, v read at any row strides (a model's head-split views); out in q's layout
+            k,
+            v,
             p.num_landmarks,
             p.pinv_iterations,
             p.key_padding_mask,
@@ -100,9 +101,9 @@ def backward(grad_out, q, k, v, out, saved, p):
         return recompute_backward(exact, grad_out, (q, k, v), key_padding_mask, scale, _dropout(p))
     return torch.ops.etkd_cpu.nystrom_bwd(
         grad_out,  # read at any strides (csrc/cpu/nystrom.cpp)
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        q,  # at any row strides; dq, dk, dv come back in q's, k's, v's layouts
+        k,
+        v,
         saved,
         num_landmarks,
         pinv_iterations,
