@@ -14,7 +14,9 @@ and HF / ours of the medians and of every round.
 
 `--profile` then runs ours `--repeats` more times per mode with the per-phase timers on (ETKD_CPU_PROFILE's, read by
 `_C.nystrom_profile()`: each phase's thread CPU time summed over threads, so phases measured under load stay
-comparable) and prints, per phase, ms per call and the multiply-adds per second of its products.
+comparable) and prints, per phase, ms per call and the multiply-adds per second of its products, the calling thread's
+CPU time outside the parallel loops (`serial`), and each parallel loop's CPU time on thread 0 and on the others (their
+difference: one thread working while the other has no task left).
 """
 
 from __future__ import annotations
@@ -83,9 +85,18 @@ def print_phases(phases: dict[str, float], threads: int, seq: int, heads: int = 
     """Ours' phases per call: CPU ms (summed over threads), share, and GMAC/s of the phase's products."""
     macs = phase_macs(seq, 64, 64)
     for part in ("fwd", "bwd"):
-        names = {k: v for k, v in phases.items() if k.startswith(part + ".") and k != f"{part}.total"}
+        names = {
+            k: v
+            for k, v in phases.items()
+            if k.startswith(part + ".") and k != f"{part}.total" and ".loop" not in k
+        }
         if not names:
             continue
+        # Each parallel loop's CPU time on thread 0 and on the others: their difference is time one thread worked
+        # while the other had no task left (csrc/cpu/nystrom.cpp: parallel_tasks).
+        loops = sorted({k.rsplit(".", 1)[0] for k in phases if k.startswith(part + ".loop")})
+        split = [f"{k.split('.')[1]} {1e3 * phases.get(k + '.t0', 0):.2f} / {1e3 * phases.get(k + '.t1+', 0):.2f}"
+                 for k in loops]  # fmt: skip
         cpu = sum(names.values())
         wall = phases.get(f"{part}.total", 0.0)
         print(f"    {part}: wall {1e3 * wall:.2f} ms x {threads} threads, phases {1e3 * cpu:.2f} CPU ms, outside the "
@@ -93,6 +104,8 @@ def print_phases(phases: dict[str, float], threads: int, seq: int, heads: int = 
         for name, sec in sorted(names.items(), key=lambda kv: -kv[1]):
             rate = f"{heads * macs[name] / sec / 1e9:6.1f} GMAC/s" if name in macs else ""
             print(f"      {name:16s} {1e3 * sec:7.2f} ms {100 * sec / cpu:5.1f}%  {rate}")
+        if split:
+            print(f"      parallel loops, CPU ms on thread 0 / the others: {'; '.join(split)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,20 +178,6 @@ float* thread_scratch(int slot, int64_t size) {
   return b.data();
 }
 
-// Run body(scratch, i) for i in [0, n) on the OpenMP threads, tasks handed out one at a time from a shared
-// counter rather than in at::parallel_for's fixed equal chunks: on a shared machine a thread that loses its core
-// for a while would otherwise hold up the whole phase. make_scratch() builds one thread's buffers.
-template <class MakeScratch, class Body>
-void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    if (begin >= end) return;
-    auto scratch = make_scratch();
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(scratch, i);
-  });
-}
-
 // Per-phase timers of nystrom_fwd / nystrom_bwd (on with ETKD_CPU_PROFILE=1, as the tile drivers' phases: profiling()):
 // each task adds its wall time per phase, summed over threads; `total` phases are the calls' wall time (one thread
 // counts them), so total x threads - the sum of the other phases is the time outside the tasks (serial work,
@@ -199,12 +185,18 @@ void parallel_tasks(int64_t n, MakeScratch make_scratch, Body body) {
 enum NysPhase : int {
   kFMeans, kFK2, kFK3v, kFPinv, kFK1Scores, kFK1Softmax, kFK1Out, kFTotal,
   kBK2, kBNsFwd, kBX, kBK1Scores, kBK1Softmax, kBDx, kBDk1, kBDs1, kBDq, kBDkl, kBDtDz, kBNsBwd, kBK3, kBCopies,
-  kBPhase3, kBTotal, kNysPhases
+  kBPhase3, kBTotal,
+  // The calling thread's CPU time outside the parallel loops (setup, the max between phases: serial work), and each
+  // parallel loop's CPU time per thread (parallel_tasks: thread 0, then the others summed).
+  kFSerial, kBSerial, kFLoop1, kFLoop1b, kFLoop2, kFLoop2b, kFLoop3, kFLoop3b, kBLoop1, kBLoop1b, kBLoop2, kBLoop2b,
+  kBLoop3, kBLoop3b, kNysPhases
 };
 const char* const kNysNames[kNysPhases] = {
     "fwd.means", "fwd.k2", "fwd.k3v", "fwd.pinv", "fwd.k1_scores", "fwd.k1_softmax", "fwd.k1_out", "fwd.total",
     "bwd.k2", "bwd.ns_fwd", "bwd.x", "bwd.k1_scores", "bwd.k1_softmax", "bwd.dx", "bwd.dk1", "bwd.ds1", "bwd.dq",
-    "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.spread", "bwd.total"};
+    "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.spread", "bwd.total", "fwd.serial",
+    "bwd.serial", "fwd.loop1.t0", "fwd.loop1.t1+", "fwd.loop2.t0", "fwd.loop2.t1+", "fwd.loop3.t0", "fwd.loop3.t1+",
+    "bwd.loop1.t0", "bwd.loop1.t1+", "bwd.loop2.t0", "bwd.loop2.t1+", "bwd.loop3.t0", "bwd.loop3.t1+"};
 std::atomic<int64_t> g_nys_ns[kNysPhases];
 
 // This thread's CPU time in nanoseconds: a phase's time without the time the thread waited for a core (this machine
@@ -230,12 +222,36 @@ struct Laps {
     ns[i] += x - t;
     t = x;
   }
+  // Restart without charging the time since the last lap (a parallel loop the serial timer leaves out).
+  void skip() {
+    if (on) t = wall ? now_ns() : cpu_ns();
+  }
   ~Laps() {
     if (!on) return;
     for (int i = 0; i < kNysPhases; ++i)
       if (ns[i]) g_nys_ns[i].fetch_add(ns[i], std::memory_order_relaxed);
   }
 };
+
+// Run body(scratch, i) for i in [0, n) on the OpenMP threads, tasks handed out one at a time from a shared
+// counter rather than in at::parallel_for's fixed equal chunks: on a shared machine a thread that loses its core
+// for a while would otherwise hold up the whole phase. make_scratch() builds one thread's buffers. Profiling: each
+// thread's CPU time in the loop (scratch and tasks) goes to phase `loop` (OpenMP thread 0, the caller) or loop + 1
+// (the others, summed): the two differ by the time one thread worked while the other had no task left.
+template <class MakeScratch, class Body>
+void parallel_tasks(int loop, int64_t n, MakeScratch make_scratch, Body body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    Laps t;
+    auto scratch = make_scratch();
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(scratch, i);
+    t.lap(at::get_thread_num() == 0 ? loop : loop + 1);
+  });
+}
+
+
 
 }  // namespace
 
@@ -248,7 +264,7 @@ std::vector<std::pair<const char*, double>> nystrom_profile_take() {
 std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks,
                                        int64_t iterations, const OptTensor& key_padding_mask, double scale,
                                        bool hf_global, double dropout_p, int64_t seed, int64_t offset) {
-  Laps total(true);
+  Laps total(true), serial;
   // q, k, v at any row strides (a model's head-split views of its projections, read in place); out in q's layout.
   check_float(q, "q", true);
   check_like(k, q, "k", true);
@@ -286,8 +302,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   struct Scratch1 {
     std::vector<float> cs, work;
   };
+  serial.lap(kFSerial);
   parallel_tasks(
-      BH, [&] { return Scratch1{std::vector<float>(n), std::vector<float>(landmark_attend_work(np, D))}; },
+      kFLoop1, BH, [&] { return Scratch1{std::vector<float>(n), std::vector<float>(landmark_attend_work(np, D))}; },
       [&](Scratch1& w, int64_t bh) {
         Laps t;
         std::vector<float>& cs = w.cs;
@@ -316,10 +333,12 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         colmax[bh] = *std::max_element(cs.begin(), cs.end());
         t.lap(kFK2);
       });
+  serial.skip();
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
   // Phase 2 per (b, h): Z = pinv(K2), X = Z @ T (n, dp).
+  serial.lap(kFSerial);
   parallel_tasks(
-      BH, [&] { return std::vector<float>(7 * n * np, 0.f); },
+      kFLoop2, BH, [&] { return std::vector<float>(7 * n * np, 0.f); },
       [&](std::vector<float>& w, int64_t bh) {
         Laps t;
         float *z = w.data(), *zn = z + n * np, *mz = zn + n * np, *t1 = mz + n * np, *t2 = t1 + n * np,
@@ -339,8 +358,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   // and X all in L1/L2. Tiles rather than heads as tasks: K1 is most of the work and balances over threads.
   constexpr int64_t bq = 48;
   const int64_t tiles = (S + bq - 1) / bq;
+  serial.skip();
   parallel_tasks(
-      BH * tiles, [&] { return std::vector<float>(bq * np + (D == dp ? 0 : bq * dp)); },
+      kFLoop3, BH * tiles, [&] { return std::vector<float>(bq * np + (D == dp ? 0 : bq * dp)); },
       [&](std::vector<float>& w, int64_t task) {
         Laps t;
         float *s1 = w.data(), *ot = s1 + bq * np;
@@ -387,7 +407,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
                                 const Tensor& saved, int64_t num_landmarks, int64_t iterations,
                                 const OptTensor& key_padding_mask, double scale, bool hf_global, double dropout_p,
                                 int64_t seed, int64_t offset) {
-  Laps total(true);
+  Laps total(true), serial;
   // q, k, v at any row strides, read in place; dq, dk, dv written in their layouts.
   check_float(q, "q", true);
   check_like(k, q, "k", true);
@@ -433,8 +453,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   auto lsep = [&](int64_t bh) { return svp + bh * per + 3 * nd; };
 
   // Phase 1.
+  serial.lap(kBSerial);
   parallel_tasks(
-      BH, [&] { return 0; },
+      kBLoop1, BH, [&] { return 0; },
       [&](int, int64_t bh) {
         Laps t;
         const float *qlh = qlp(bh), *klh = klp(bh);
@@ -451,6 +472,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         colmax[bh] = mx;
         t.lap(kBK2);
       });
+  serial.skip();
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
   // dK2 (dm) += the max column sum's term: d(loss)/d(max) = dmx, split evenly over the tied columns of head bh's K2 (m)
   // and over `ties` heads holding the same max (hf_global; 1 for per_head), as torch's max does; cs: n floats.
@@ -487,8 +509,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   const int64_t big_n = nystrom_k3_bwd_work(np), tile_n = 3 * kBwdRows * np + kBwdRows * ld + kBwdRows,
                 small_n = (its + 1 + 11) * nn + 5 * nd + 2 * D * np + 2 * dp * np + np,
                 rows_n = padded_d ? 7 * S * dp : 0;
+  serial.lap(kBSerial);
   parallel_tasks(
-      BH,
+      kBLoop2, BH,
       [&] {
         return std::array<float*, 3>{thread_scratch(0, big_n), thread_scratch(1, tile_n + small_n),
                                      thread_scratch(2, rows_n)};
@@ -668,13 +691,15 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   // Phase 3, hf_global: d(coefficient) summed over every head -> d(max column sum) -> its term of dK2 in the heads
   // holding the max, through K2's softmax backward to their dql, dkl, spread over the segments (linear in dK2, so
   // added to what phase 2 spread). per_head did it in phase 2.
+  serial.skip();
   if (hf_global) {
     float dgmax = 0.f;
     for (int64_t bh = 0; bh < BH; ++bh) dgmax += dcoeff[bh];
     int64_t ties = 0;
     for (int64_t o = 0; o < BH; ++o) ties += colmax[o] == gmax ? 1 : 0;  // heads holding the max
+    serial.lap(kBSerial);
     parallel_tasks(
-        BH, [&] { return std::vector<float>(2 * nn + 2 * nd, 0.f); },
+        kBLoop3, BH, [&] { return std::vector<float>(2 * nn + 2 * nd, 0.f); },
         [&](std::vector<float>& w, int64_t bh) {
           if (colmax[bh] != gmax) return;
           Laps t;
@@ -689,6 +714,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           spread(dkp + rdk.at(bh / H, bh % H, 0), rdk.s, dkx);
           t.lap(kBPhase3);
         });
+    serial.skip();
   }
   total.lap(kBTotal);
   return {dq, dk, dv};
