@@ -567,3 +567,24 @@ def test_written_model_files_follow_the_umask(tmp_path):
     assert any(p.name == "model.safetensors" for p in files) and len(files) >= 4
     for p in files:
         assert oct(p.stat().st_mode & 0o777) == oct(0o640), p
+
+
+def test_check_relation_defaults_and_refusals():
+    """--relation's defaults are the teacher's last layer and its attention heads; an LSG student (whose layers
+    also attend to global tokens the relations would leave out) and a head count that does not divide the
+    student's hidden size are UserErrors naming the flag."""
+    teacher = EncoderModel(tiny_config())
+    ns = argparse.Namespace(relation_layer=None, relation_heads=None)
+    distill_cmd.check_relation(teacher, EncoderModel(tiny_config(layers=2)), ns)
+    assert (ns.relation_layer, ns.relation_heads) == (4, 2)
+    lsg = EncoderModel(tiny_config(layers=2, attention="lsg"))
+    with pytest.raises(UserError, match="--relation: an LSG model's layers also attend to its global tokens"):
+        distill_cmd.check_relation(teacher, lsg, argparse.Namespace(relation_layer=None, relation_heads=None))
+    narrow = EncoderModel(EncoderConfig(vocab_size=VOCAB, hidden_size=24, num_layers=2, num_heads=2,
+                                        intermediate_size=48, max_positions=64))  # fmt: skip
+    with pytest.raises(
+        UserError, match="--relation-heads: expected a divisor of the student's hidden size 24, got 16"
+    ):
+        distill_cmd.check_relation(
+            teacher, narrow, argparse.Namespace(relation_layer=None, relation_heads=16)
+        )
