@@ -349,7 +349,9 @@ def run(args) -> int:
     families = [f.strip() for f in args.models.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; expected some of {list(FAMILIES)}")
+        from etkd.distill.errors import UserError
+
+        raise UserError(f"--models: unknown {unknown}; expected some of {list(FAMILIES)}")
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
     env = environment(args.device)
     print(f"etkd bench: mode={args.mode} dtype={args.dtype} size={args.size} batch={args.batch} "

@@ -364,3 +364,17 @@ def test_etkd_hf_refuses_a_transformers_below_its_floor_and_the_install_asks_for
     require_transformers("6.0")
     floors = [r.replace(" ", "") for r in requires("etkd") if r.replace(" ", "").startswith("transformers")]
     assert floors == [f"transformers>={MIN_TRANSFORMERS}"], floors
+
+
+def test_registration_survives_a_transformers_without_its_default_choice_hook(monkeypatch):
+    """A transformers that renamed `get_correct_attn_implementation`: `import etkd.hf` still registers the names and
+    says what is lost (a re-saved checkpoint's etkd attention needs an explicit attn_implementation=)."""
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from etkd.hf.attention_interface import register_attention_implementations
+
+    monkeypatch.delattr(PreTrainedModel, "get_correct_attn_implementation")
+    with pytest.warns(UserWarning, match="no PreTrainedModel.get_correct_attn_implementation"):
+        register_attention_implementations()
+    assert "etkd_sliding_window" in ALL_ATTENTION_FUNCTIONS.valid_keys()

@@ -207,6 +207,15 @@ def register_attention_implementations() -> None:
     for name, fn in IMPLEMENTATIONS.items():
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, padding_mask)
-    current = PreTrainedModel.get_correct_attn_implementation
-    if not hasattr(current, "etkd_original"):
+    current = getattr(PreTrainedModel, "get_correct_attn_implementation", None)
+    if (
+        current is None
+    ):  # a transformers that moved its default choice elsewhere: say what is lost, keep working
+        warnings.warn(
+            "etkd.hf: this transformers has no PreTrainedModel.get_correct_attn_implementation, so a checkpoint whose "
+            f"config.{CONFIG_KEY} names an etkd attention runs transformers' default (full) attention unless loaded "
+            "with attn_implementation= that name (etkd.models.load still restores it)",
+            stacklevel=2,
+        )
+    elif not hasattr(current, "etkd_original"):
         PreTrainedModel.get_correct_attn_implementation = _checkpoint_default(current)
