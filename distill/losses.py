@@ -174,6 +174,19 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [round(j * n / k) for j in range(1, k + 1)]
 
 
+def _paired_real_rows(
+    student, teacher, arg: str, each: str, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The (b, s) bool mask of real tokens for a per-pair loss over `student` and `teacher` (lists of (b, s, ...)
+    tensors, one teacher tensor per student one, at least one; `arg` and `each` name them in the error)."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{arg}: expected one per {each} ({len(student)}), got {len(teacher)}")
+    first = student[0]
+    if attention_mask is None:
+        return torch.ones(first.shape[:2], dtype=torch.bool, device=first.device)
+    return attention_mask.bool()
+
+
 def hidden_state_mse(
     student_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
     teacher_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
@@ -182,12 +195,9 @@ def hidden_state_mse(
     """Per-layer hidden-state loss (TinyBERT, eq. 8 without the projection: equal hidden sizes): the mean
     over the layer pairs of the squared error averaged over the real tokens and the hidden size. States are
     the already mapped pairs, each (b, s, d); attention_mask (b, s), True/1 = real token."""
-    if len(student_states) != len(teacher_states) or not student_states:
-        raise ValueError(f"teacher_states: expected one per student state ({len(student_states)}), "
-                         f"got {len(teacher_states)}")  # fmt: skip
-    first = student_states[0]
-    real = (torch.ones(first.shape[:2], dtype=torch.bool, device=first.device) if attention_mask is None
-            else attention_mask.bool())  # fmt: skip
+    real = _paired_real_rows(
+        student_states, teacher_states, "teacher_states", "student state", attention_mask
+    )
     terms = []
     for hs, ht in zip(student_states, teacher_states):
         if hs.shape != ht.shape:
@@ -224,12 +234,7 @@ def relation_kl(
     queries, keys, values: (b, s, d_s) and (b, s, d_t), hidden sizes may differ), KL(R_t || R_s) between their
     `attention_relations` with the same number of relation heads, summed over the keys and averaged over the
     relation heads and the real query tokens; the mean over the pairs. attention_mask (b, s), True/1 = real."""
-    if len(student_qkv) != len(teacher_qkv) or not student_qkv:
-        raise ValueError(f"teacher_qkv: expected one per student projection ({len(student_qkv)}), "
-                         f"got {len(teacher_qkv)}")  # fmt: skip
-    first = student_qkv[0]
-    real = (torch.ones(first.shape[:2], dtype=torch.bool, device=first.device) if attention_mask is None
-            else attention_mask.bool())  # fmt: skip
+    real = _paired_real_rows(student_qkv, teacher_qkv, "teacher_qkv", "student projection", attention_mask)
     terms = []
     for xs, xt in zip(student_qkv, teacher_qkv):
         if xs.shape[:2] != xt.shape[:2]:

@@ -200,3 +200,29 @@ def backend_parity(call, tensors, tolerances, name: str, backends=("reference", 
     for i, (g, e) in enumerate(zip(got[1], expected[1])):
         errs.append(assert_close(g, e, *bwd_tol, name=f"{name} grad[{i}]"))
     return max(errs)
+
+
+def head_split_views(b: int, h: int, s: int, d: int, fused: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v (b, h, s, d) as the encoder passes them: head-split views of three (b, s, h * d) projections, or of
+    one (b, s, 3, h, d) stacked q/k/v output (rows 3 h d apart). Leaves that need grad."""
+    if fused:
+        qkv = torch.randn(b, s, 3 * h * d, requires_grad=True)
+        return tuple(t.transpose(1, 2) for t in qkv.view(b, s, 3, h, d).unbind(2))
+    xs = [torch.randn(b, s, h * d, requires_grad=True) for _ in range(3)]
+    return tuple(x.view(b, s, h, d).transpose(1, 2) for x in xs)
+
+
+def assert_views_not_copied(prof, numel: int, out: torch.Tensor, grads) -> None:
+    """No aten copy_/clone/contiguous of a tensor of `numel` elements or more in the profile, and `out` and the
+    gradients in the views' (b, s, h, d) order (so the model's transpose + reshape back is a view too)."""
+    import math
+
+    copies = [
+        (e.name, e.input_shapes)
+        for e in prof.events()
+        if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+        and any(shape and math.prod(shape) >= numel for shape in e.input_shapes)
+    ]
+    assert copies == [], copies
+    for name, t in (("out", out), *zip(("dq", "dk", "dv"), grads)):
+        assert t.transpose(1, 2).is_contiguous(), (name, t.stride())

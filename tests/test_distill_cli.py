@@ -199,19 +199,26 @@ def test_teacher_forward_bf16_and_chunks(teacher_dir):
     torch.testing.assert_close(states[0], torch.cat([p.hidden_states[1] for p in parts], 1))
 
 
+def _term_falls(teacher_dir, corpus, tmp_path, flag: str, key: str):
+    """A cosine-only distill run (4 -> 2 layers, 24 steps) with `flag` 1: its logged term `key` falls by 20 % or
+    more over the 4 log lines and the loss is cos + that term. Returns the run's folder and its argv."""
+    out = tmp_path / "kd"
+    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--batch-size", "8",
+            "--lr", "3e-3", "--log-every", "6", "--save-every", "0", "--max-blocks", "200", "--alpha", "0",
+            "--beta", "0", flag, "1", *common(out, 24)]  # fmt: skip
+    assert cli(argv) == 0
+    history = json.loads((out / "result.json").read_text())["history"]
+    values = [r[key] for r in history]
+    assert len(values) == 4 and values[-1] < 0.8 * values[0], values
+    assert all(r["loss"] == pytest.approx(r["cos"] + r[key], rel=1e-6) for r in history)
+    return out, argv
+
+
 def test_distill_per_layer_hidden_loss_falls_and_checks_its_student(teacher_dir, corpus, tmp_path):
     """--delta: TinyBERT's per-layer hidden-state MSE (4 -> 2 layers: student layers 1, 2 learn teacher
     layers 2, 4); logged as "hid", falling; with the cosine-only weights it needs no MLM head and no masking.
     A student it cannot pair (more layers than the teacher) is a UserError naming --delta."""
-    out = tmp_path / "kd"
-    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--batch-size", "8",
-            "--lr", "3e-3", "--log-every", "6", "--save-every", "0", "--max-blocks", "200", "--alpha", "0",
-            "--beta", "0", "--delta", "1", *common(out, 24)]  # fmt: skip
-    assert cli(argv) == 0
-    history = json.loads((out / "result.json").read_text())["history"]
-    hid = [r["hid"] for r in history]
-    assert len(hid) == 4 and hid[-1] < 0.8 * hid[0], hid
-    assert all(r["loss"] == pytest.approx(r["cos"] + r["hid"], rel=1e-6) for r in history)
+    out, argv = _term_falls(teacher_dir, corpus, tmp_path, "--delta", "hid")
     settings = json.loads((out / "settings.json").read_text())
     assert settings["delta"] == 1.0 and settings["mlm_probability"] == 0.0
     deep = tmp_path / "deep"
@@ -252,15 +259,7 @@ def test_distill_attention_relations_fall_and_check_their_flags(teacher_dir, cor
     """--relation: MiniLMv2's Q/K/V relation KL of the student's last layer vs the teacher's last layer (4 -> 2
     layers, 2 relation heads by default), logged as "rel", falling, the loss cos + rel; a layer or head count
     that does not fit is a UserError naming its flag."""
-    out = tmp_path / "kd"
-    argv = ["distill", "--teacher", teacher_dir, "--data", corpus, "--short-length", "16", "--batch-size", "8",
-            "--lr", "3e-3", "--log-every", "6", "--save-every", "0", "--max-blocks", "200", "--alpha", "0",
-            "--beta", "0", "--relation", "1", *common(out, 24)]  # fmt: skip
-    assert cli(argv) == 0
-    history = json.loads((out / "result.json").read_text())["history"]
-    rel = [r["rel"] for r in history]
-    assert len(rel) == 4 and rel[-1] < 0.8 * rel[0], rel
-    assert all(r["loss"] == pytest.approx(r["cos"] + r["rel"], rel=1e-6) for r in history)
+    _, argv = _term_falls(teacher_dir, corpus, tmp_path, "--relation", "rel")
     for flags, message in (
         (["--relation-layer", "5"], r"--relation-layer: expected a teacher layer 1 to 4, got 5"),
         (

@@ -51,12 +51,17 @@ def _common(**kw):
     return args
 
 
-def test_glue_keyword_task_beats_chance_and_evaluate_agrees(model_dir, tmp_path, capsys):
+def _write_keyword_sets(tmp_path, **sizes: int) -> None:
+    """tmp_path/<name>.jsonl of `_keyword_rows` per name=size, from one seeded generator (in the order given)."""
     rng = random.Random(0)
-    for name, n in (("train", 256), ("dev", 96)):
+    for name, n in sizes.items():
         (tmp_path / f"{name}.jsonl").write_text(
             "\n".join(json.dumps(r) for r in _keyword_rows(n, rng)) + "\n"
         )
+
+
+def test_glue_keyword_task_beats_chance_and_evaluate_agrees(model_dir, tmp_path, capsys):
+    _write_keyword_sets(tmp_path, train=256, dev=96)
     out = tmp_path / "run"
     args = ["finetune", "--task", "sst2", "--model", model_dir, "--train-file", str(tmp_path / "train.jsonl"),
             "--eval-file", str(tmp_path / "dev.jsonl"), "--name", "tiny"]  # fmt: skip
@@ -295,11 +300,7 @@ def test_eval_file_names_must_differ_and_a_directory_is_not_a_file(model_dir, tm
 def test_limit_cuts_finetunes_training_set_only_and_evaluates_sets(model_dir, tmp_path):
     """`finetune --limit N` trains on N examples and still scores the whole evaluation sets (a fast run must
     not report another test score); `evaluate --limit N` is the quick check on N examples of every set."""
-    rng = random.Random(0)
-    for name, n in (("train", 40), ("dev", 24)):
-        (tmp_path / f"{name}.jsonl").write_text(
-            "\n".join(json.dumps(r) for r in _keyword_rows(n, rng)) + "\n"
-        )
+    _write_keyword_sets(tmp_path, train=40, dev=24)
     out = tmp_path / "run"
     args = ["finetune", "--task", "sst2", "--model", model_dir, "--train-file", str(tmp_path / "train.jsonl"),
             "--eval-file", str(tmp_path / "dev.jsonl"), "--limit", "8"]  # fmt: skip

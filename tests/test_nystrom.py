@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_views_not_copied, head_split_views
 
 from etkd.benchmarks import hf_reference as hr
 from etkd.benchmarks.patterns import nystrom as hn
@@ -523,12 +524,7 @@ def test_cpu_head_split_views_are_not_copied(fused):
     order, so the model's transpose + reshape back to (b, s, h * d) is a view too). Views of three projections, or of
     one (b, s, 3, h, d) output (the encoder's stacked q/k/v projection: rows 3 h d apart)."""
     b, h, s, d, nl = 1, 3, 256, 32, 16
-    if fused:
-        qkv = torch.randn(b, s, 3 * h * d, requires_grad=True)
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, s, 3, h, d).unbind(2))
-    else:
-        xs = [torch.randn(b, s, h * d, requires_grad=True) for _ in range(3)]
-        q, k, v = (x.view(b, s, h, d).transpose(1, 2) for x in xs)
+    q, k, v = head_split_views(b, h, s, d, fused)
 
     def call():
         return nystrom_attention(q, k, v, nl, backend="cpu")
@@ -537,12 +533,5 @@ def test_cpu_head_split_views_are_not_copied(fused):
     with torch.profiler.profile(record_shapes=True) as prof:
         out = call()
         grads = torch.autograd.grad(out, (q, k, v), torch.randn(b, s, h, d).transpose(1, 2))
-    copies = [
-        (e.name, e.input_shapes)
-        for e in prof.events()
-        if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
-        and any(shape and math.prod(shape) >= b * h * s * d for shape in e.input_shapes)
-    ]
-    assert copies == [], copies
-    for name, t in (("out", out), *zip(("dq", "dk", "dv"), grads)):
-        assert t.transpose(1, 2).is_contiguous(), (name, t.stride())
+    # no copy of a q-sized tensor (the global-token masks and index lists are converted: a few hundred elements)
+    assert_views_not_copied(prof, b * h * s * d, out, grads)
