@@ -169,6 +169,95 @@ def test_nystrom_matches_reference(case, threads):
     _compare(run, [q, k, v], f"nystrom{case}")
 
 
+# K1 kept from the forward (the automatic choice on avx2 / generic) or recomputed in the backward (AVX-512): both
+# paths against reference on whatever target runs here (and on avx2: test_nystrom_k1_modes_match_reference_avx2).
+NY_K1_CASES = [
+    # (batch, heads, seq, head_dim, landmarks, pad, pinv_init, dropout_p, strided)
+    (2, 3, 100, 32, 7, 9, "hf_global", 0.0, False),  # padding, hf_global, landmarks not dividing seq
+    (2, 2, 150, 12, 9, 20, "hf_global", 0.2, False),  # head_dim 12 (padded copies), 3 query tiles, dropout
+    (1, 2, 200, 64, 16, 0, "per_head", 0.3, True),  # dropout on the kept K1's copy; (b, s, h, d) views
+    (1, 1, 40, 16, 40, 5, "per_head", 0.0, False),  # landmarks == seq: exact attention, nothing kept
+    (1, 1, 1, 16, 1, 0, "per_head", 0.0, False),  # seq 1
+    (1, 2, 0, 16, 1, 0, "per_head", 0.0, False),  # seq 0
+]
+
+
+@pytest.mark.parametrize("mode", ["keep", "recompute"])
+@pytest.mark.parametrize("case", NY_K1_CASES, ids=[str(c) for c in NY_K1_CASES])
+def test_nystrom_k1_modes_match_reference(case, mode, threads, monkeypatch):
+    from etkd_kernels.cpu import nystrom as cpu_nystrom
+
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_K1", mode)
+    assert cpu_nystrom.keep_k1() == (mode == "keep")
+    b, h, s, d, nl, pad, init, p, strided = case
+    if strided:  # head-split views of (b, s, h, d) projections, read in place
+        leaves = [torch.randn(b, s, h, d, requires_grad=True) for _ in range(3)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:
+        leaves = q, k, v = _inputs(b, h, s, d)
+    kpm = _padding(b, s, pad)
+    kept = []
+
+    def run(backend):
+        out = nystrom_attention(
+            q, k, v, nl, key_padding_mask=kpm, pinv_init=init, dropout_p=p, dropout_seed=7, dropout_offset=3,
+            backend=backend,
+        )  # fmt: skip
+        if (
+            backend == "cpu" and out.grad_fn is not None
+        ):  # the saved tensors' shapes, before the backward frees them
+            kept.extend(
+                t.shape[2]
+                for t in out.grad_fn.saved_tensors
+                if t is not None and t.dim() == 3 and t.shape[:2] == (b, h)
+            )
+        return out
+
+    _compare(run, leaves, f"nystrom K1 {mode}{case}")
+    if 1 < nl < s:  # the landmark path ran: its saved tensor holds K1 exactly when kept (K1 is s x 16 here)
+        n = -(-s // -(-s // nl))
+        base = 3 * n * (-(-d // 16) * 16) + -(-n // 16) * 16
+        assert kept == [base + s * 16 if mode == "keep" else base]
+
+
+def test_nystrom_k1_mode_is_checked_and_told(monkeypatch):
+    from etkd_kernels.cpu import isa_summary
+    from etkd_kernels.cpu import nystrom as cpu_nystrom
+
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_K1", "sometimes")
+    with pytest.raises(ValueError, match="ETKD_CPU_NYSTROM_K1=sometimes: expected auto, keep, recompute"):
+        cpu_nystrom.keep_k1()
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_K1", "keep")
+    assert "Nystrom K1 kept from the forward (ETKD_CPU_NYSTROM_K1=keep)" in isa_summary()
+    monkeypatch.delenv("ETKD_CPU_NYSTROM_K1")
+    from etkd_kernels import _C
+
+    auto = _C.own_tile_width() != 16  # narrower products than AVX-512's: kept
+    assert cpu_nystrom.keep_k1() == auto
+    assert ("kept from the forward" if auto else "recomputed in the backward") in isa_summary()
+
+
+def test_nystrom_k1_modes_match_reference_avx2():
+    """The K1 cases on the avx2 target (chosen once per process: a child pytest)."""
+    from etkd_kernels import _C
+
+    if "avx2" not in _C.supported_isas():
+        pytest.skip(f"this CPU or build lacks avx2 (supports: {', '.join(_C.supported_isas())})")
+    if _C.isa() == "avx2":
+        pytest.skip("this process already runs the avx2 target: the cases above are its run")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ETKD_CPU_ISA="avx2")
+    test = f"{__file__}::test_nystrom_k1_modes_match_reference"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, f"{__file__}::test_nystrom_k1_mode_is_checked_and_told"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+
+
 NY_FWD_CASES = [
     # (batch, heads, seq, head_dim, landmarks, pad, pinv_init, pinv_iterations): the fused forward alone
     (1, 4, 600, 64, 64, 0, "per_head", 6),  # several 256-row query tiles, a short last segment

@@ -26,8 +26,9 @@ class NystromParams(CommonParams):
     pinv_init: str
 
 
-# saved_revision 1: the cpu backend's `saved` gained K3's log-sum-exp per landmark (etkd_kernels/cpu/nystrom.py).
-_fwd_op = define("nystrom", NystromParams, lse=False, saved=True, saved_revision=1)
+# saved_revision 1: the cpu backend's `saved` gained K3's log-sum-exp per landmark (etkd_kernels/cpu/nystrom.py);
+# 2: and K1 where the cpu backend keeps it (etkd_kernels/cpu/nystrom.py: keep_k1).
+_fwd_op = define("nystrom", NystromParams, lse=False, saved=True, saved_revision=2)
 
 
 @public_op("key column j")
