@@ -12,15 +12,18 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import logging
 import re
 import sys
+from collections.abc import Iterator
 
 from etkd_kernels._env import CPU_SWITCHES, FLAGS, EnvironmentValueError, flag
 
 from .errors import UserError
+from .rundir import held_by_command
 
 # Driver modules, in the order their subcommands are listed by --help.
 COMMANDS = (
@@ -172,6 +175,29 @@ def check_environment() -> None:
         cpu.unavailable_reason()
 
 
+@contextlib.contextmanager
+def libraries_without_progress_bars(quiet: bool) -> Iterator[None]:
+    """With `quiet` (`--no-progress`), transformers' own bars ("Loading weights", "Writing model shards") and
+    huggingface_hub's (downloads) are off for the block, and as they were after it."""
+    try:
+        if quiet:  # else not even imported
+            from huggingface_hub import utils as hub
+            from transformers.utils import logging as hf_logging
+    except ModuleNotFoundError:  # not installed: the command cannot show their bars either
+        quiet = False
+    if not quiet:
+        yield
+        return
+    hub_was_off, transformers_was_on = hub.are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' and huggingface_hub's
+    try:
+        yield
+    finally:
+        if transformers_was_on:
+            hf_logging.enable_progress_bar()  # turns huggingface_hub's on too: then put back as it was
+        (hub.disable_progress_bars if hub_was_off else hub.enable_progress_bars)()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -180,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_module(args.command)
         if missing is not None:  # before the command loads anything: said as the import would say it
             raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-        return int(args.func(args) or 0)
+        quiet = getattr(args, "progress", None) is False or getattr(args, "no_progress", False)
+        with held_by_command(), libraries_without_progress_bars(quiet):  # both undone when it ends, however
+            return int(args.func(args) or 0)
     except (UserError, EnvironmentValueError) as exc:
         if args.debug:
             raise

@@ -3,9 +3,11 @@
 `claim(output_dir, settings, resume=..., overwrite=...)` is called by every training driver before its first
 step (on the main process):
 
-- a lock (`.etkd.lock`, an `fcntl.flock` held for the life of the process, with the holder's pid and host
-  inside) refuses a second live writer; the kernel drops the lock when the holder dies, so a killed run
-  never leaves a stale lock behind;
+- a lock (`.etkd.lock`, an `fcntl.flock` with the holder's pid and host inside) refuses a second live writer;
+  it is held until the command ends (`held_by_command`: `etkd`'s CLI releases the locks a command claimed when
+  it returns or fails, so the demo and `etkd tune`, which run many commands in one process, do not keep every
+  run's folder locked and its file open), else for the life of the process; the kernel drops the lock when
+  the holder dies, so a killed run never leaves a stale lock behind;
 - a folder holding an earlier run (its `settings.json`) is refused unless `resume` (the settings must be the
   same; the error lists every difference) or `overwrite` (the earlier run's files are deleted first);
 - a non-empty folder that is not an etkd run folder is refused (nothing is deleted that we did not write).
@@ -15,10 +17,12 @@ Then `settings.json` is written, so the folder is marked as this run's from the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import UserError
@@ -36,7 +40,19 @@ PBT_FREE = frozenset(
     {"learning_rate", "weight_decay", "warmup_ratio", "per_device_batch_size", "output", "output_dir"}
 )
 
-_held: dict[str, Any] = {}  # realpath -> open lock file, kept open for the life of the process
+_held: dict[str, Any] = {}  # realpath -> open lock file, kept open until its command ends (held_by_command)
+
+
+@contextlib.contextmanager
+def held_by_command() -> Iterator[None]:
+    """The locks `claim` takes inside this block are released (and their files closed) when it ends, however
+    it ends; locks held before it are left alone (a command run by another, as the demo runs finetune)."""
+    before = set(_held)
+    try:
+        yield
+    finally:
+        for key in [k for k in _held if k not in before]:
+            _held.pop(key).close()  # closing the only descriptor of the lock's open file drops the flock
 
 
 def _lock(directory: str) -> None:

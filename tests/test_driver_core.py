@@ -71,6 +71,7 @@ def test_second_live_writer_is_refused_with_the_holders_pid(env, tmp_path, capsy
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert json.loads((out / "settings.json").read_text()) == {"seed": 1}  # untouched by the refused run
 
 
