@@ -554,6 +554,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           const float* src = xdo + r * gs2;
           if (go_rows)
             std::copy(src, src + D, dst);
+          else if (gs3 == 0)  // one value per row (e.g. the expanded gradient of out.sum())
+            std::fill(dst, dst + D, *src);
           else
             for (int64_t j = 0; j < D; ++j) dst[j] = src[j * gs3];
         };
