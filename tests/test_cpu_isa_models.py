@@ -75,8 +75,7 @@ def test_encoder_bf16_runs_cpu_kernels(attention, how, monkeypatch):
     seen = _spy(monkeypatch, KERNEL[attention])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to `reference` would warn
-        # not a fallback: the fp32-only kernels' once-per-process note that 16-bit inputs are converted
-        # (nystrom here; tests/test_cpu_float32_ops.py checks it)
+        # ... but the float32-only kernels (Nystrom) say once that they convert: that one is expected here
         warnings.filterwarnings("ignore", "etkd .*: the cpu kernel computes in float32 only", RuntimeWarning)
         if how == "autocast":
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

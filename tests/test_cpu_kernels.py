@@ -169,6 +169,113 @@ def test_nystrom_matches_reference(case, threads):
     _compare(run, [q, k, v], f"nystrom{case}")
 
 
+# K1 and K3 kept from the forward (the automatic choice) or recomputed in the backward: every combination against
+# reference on whatever target runs here (and on avx2: test_nystrom_keep_modes_match_reference_avx2).
+NY_KEEP_CASES = [
+    # (batch, heads, seq, head_dim, landmarks, pad, pinv_init, dropout_p, strided)
+    (2, 3, 100, 32, 7, 9, "hf_global", 0.0, False),  # padding, hf_global, landmarks not dividing seq
+    (2, 2, 150, 12, 9, 20, "hf_global", 0.2, False),  # head_dim 12 (padded copies), 3 query tiles, dropout
+    # 128-key K3 tiles all padding (skipped by the forward: kept as zeros), a partial one, the last one short
+    (2, 2, 400, 12, 9, 150, "hf_global", 0.1, False),
+    (1, 2, 200, 64, 16, 0, "per_head", 0.3, True),  # dropout on the kept K1's copy; (b, s, h, d) views
+    (1, 1, 40, 16, 40, 5, "per_head", 0.0, False),  # landmarks == seq: exact attention, nothing kept
+    (1, 1, 1, 16, 1, 0, "per_head", 0.0, False),  # seq 1
+    (1, 2, 0, 16, 1, 0, "per_head", 0.0, False),  # seq 0
+]
+
+
+@pytest.mark.parametrize("mode", ["none", "k1", "k3", "k1,k3"])
+@pytest.mark.parametrize("case", NY_KEEP_CASES, ids=[str(c) for c in NY_KEEP_CASES])
+def test_nystrom_keep_modes_match_reference(case, mode, threads, monkeypatch):
+    from etkd_kernels.cpu import nystrom as cpu_nystrom
+
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", mode)
+    keep = cpu_nystrom.kept()
+    assert keep == {"none": 0, "k1": 1, "k3": 2, "k1,k3": 3}[mode]
+    b, h, s, d, nl, pad, init, p, strided = case
+    if strided:  # head-split views of (b, s, h, d) projections, read in place
+        leaves = [torch.randn(b, s, h, d, requires_grad=True) for _ in range(3)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:
+        leaves = q, k, v = _inputs(b, h, s, d)
+    kpm = _padding(b, s, pad)
+    sizes = []
+
+    def run(backend):
+        out = nystrom_attention(
+            q, k, v, nl, key_padding_mask=kpm, pinv_init=init, dropout_p=p, dropout_seed=7, dropout_offset=3,
+            backend=backend,
+        )  # fmt: skip
+        if backend == "cpu" and out.grad_fn is not None:  # saved's size, before the backward frees it
+            sizes.extend(
+                t.shape[2]
+                for t in out.grad_fn.saved_tensors
+                if t is not None and t.dim() == 3 and t.shape[:2] == (b, h)
+            )
+        return out
+
+    _compare(run, leaves, f"nystrom keep {mode}{case}")
+    if (
+        1 < nl < s
+    ):  # the landmark path ran: saved holds K1 and K3 exactly when kept (landmarks pad to 16 here)
+        n = -(-s // -(-s // nl))
+        base = 3 * n * (-(-d // 16) * 16) + -(-n // 16) * 16
+        extra = (s * 16 if keep & 1 else 0) + ((s + -(-s // 128)) * 16 if keep & 2 else 0)
+        assert sizes == [base + extra]
+
+
+def test_nystrom_keep_mode_is_checked_and_told(monkeypatch):
+    from etkd_kernels.cpu import isa_summary
+    from etkd_kernels.cpu import nystrom as cpu_nystrom
+
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", "sometimes")
+    with pytest.raises(
+        ValueError, match="ETKD_CPU_NYSTROM_KEEP=sometimes: expected auto, none, k1, k3, k1,k3"
+    ):
+        cpu_nystrom.kept()
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", "k3")
+    assert "Nystrom K3 kept from the forward when differentiated (ETKD_CPU_NYSTROM_KEEP=k3)" in isa_summary()
+    monkeypatch.delenv("ETKD_CPU_NYSTROM_KEEP")
+    assert cpu_nystrom.kept() == 3
+    assert "Nystrom K1 and K3 kept from the forward when differentiated (auto;" in isa_summary()
+    # Kept only when the result will be differentiated (the op's for_backward setting): not under no_grad.
+    q, k, v = _inputs(1, 1, 64, 16)
+    seen = []
+    real = cpu_nystrom.forward
+
+    def spy(q, k, v, p):
+        seen.append(p.for_backward)
+        return real(q, k, v, p)
+
+    monkeypatch.setattr(cpu_nystrom, "forward", spy)
+    nystrom_attention(q, k, v, 8, backend="cpu").sum().backward()
+    with torch.no_grad():
+        nystrom_attention(q, k, v, 8, backend="cpu")
+    nystrom_attention(q.detach(), k.detach(), v.detach(), 8, backend="cpu")
+    assert seen == [True, False, False]
+
+
+def test_nystrom_keep_modes_match_reference_avx2():
+    """The keep cases on the avx2 target (chosen once per process: a child pytest)."""
+    from etkd_kernels import _C
+
+    if "avx2" not in _C.supported_isas():
+        pytest.skip(f"this CPU or build lacks avx2 (supports: {', '.join(_C.supported_isas())})")
+    if _C.isa() == "avx2":
+        pytest.skip("this process already runs the avx2 target: the cases above are its run")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ETKD_CPU_ISA="avx2")
+    tests = [f"{__file__}::test_nystrom_keep_modes_match_reference", f"{__file__}::test_nystrom_keep_mode_is_checked_and_told"]  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+
+
 NY_FWD_CASES = [
     # (batch, heads, seq, head_dim, landmarks, pad, pinv_init, pinv_iterations): the fused forward alone
     (1, 4, 600, 64, 64, 0, "per_head", 6),  # several 256-row query tiles, a short last segment
@@ -241,7 +348,8 @@ def test_opcheck_nystrom_fwd():
     kpm = torch.ones(2, 24, dtype=torch.bool)
     kpm[1, 20:] = False
     for init in ("per_head", "hf_global"):
-        args = (q, k, v, 5, 6, init, kpm, 0.25, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
+        # for_backward (K1, K3 kept on cpu: saved's size must match the fake kernel's), dropout_p, seed, offset
+        args = (q, k, v, 5, 6, init, True, kpm, 0.25, 0.0, 0, 0, "cpu")
         torch.library.opcheck(defined("nystrom_fwd"), args)
 
 

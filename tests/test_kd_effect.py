@@ -103,3 +103,50 @@ def test_unlabelled_text_is_the_sentences_without_labels(tmp_path):
     src.write_text("-DOCSTART- O\n\nthe O\ncat B-PER\n\nthe O\ndog B-PER\nsat O\n")
     out = kd_effect.unlabelled_text(str(src), str(tmp_path / "text.txt"))
     assert open(out).read() == "the cat\nthe dog sat\n"
+
+
+def test_demo_files_mix_codename_declarations_into_the_corpus_only_when_asked(tmp_path):
+    """--demo-declared P: the demo teacher is pretrained and distilled on the demo corpus with a share P of
+    its sentences declaring a codename's type ("kor is a firm ... kor ."); 0 keeps the demo's own corpus,
+    which has none. The NER files are the demo's in both cases."""
+    import json
+
+    def declarations(path):
+        text = " ".join(json.loads(line)["text"] for line in open(path))
+        sentences = [s.split() for s in text.split(" . ")]
+        return sum(len(s) > 3 and s[1:3] == ["is", "a"] for s in sentences), len(sentences)
+
+    plain = kd_effect.demo_files(str(tmp_path / "plain"))
+    mixed = kd_effect.demo_files(str(tmp_path / "mixed"), 0.5)
+    assert plain["corpus"].endswith("corpus.jsonl") and mixed["corpus"].endswith("corpus_declared0.5.jsonl")
+    assert declarations(plain["corpus"])[0] == 0
+    n_declared, n = declarations(mixed["corpus"])
+    assert 0.4 < n_declared / n < 0.6
+    for k in ("ner_train", "ner_dev"):
+        assert open(plain[k]).read() == open(mixed[k]).read()
+    assert kd_effect.demo_files(str(tmp_path / "mixed"), 0.5) == mixed  # written once, reused
+    all_declared = kd_effect.demo_files(str(tmp_path / "all"), 1.0)
+    n_declared, n = declarations(all_declared["corpus"])
+    assert n_declared == n
+
+
+def test_declared_f1_splits_a_demo_run_by_sentence_kind(tmp_path):
+    """The demo's NER score mixes ordinary entities (a word's type) and codenames typed by their declaration;
+    kd_effect reports the two apart from a run's predictions."""
+    import json
+
+    test = tmp_path / "test.conll"
+    test.write_text(
+        "-DOCSTART- -X- -X- O\n\n"
+        "kor NN O B-ORG\nis NN O O\na NN O O\nfirm NN O O\nmet NN O O\nkor NN O B-ORG\n. NN O O\n\n"
+        "anna NN O B-PER\nmet NN O O\nparis NN O B-LOC\n. NN O O\n"
+    )
+    pred = tmp_path / "run_predictions.json"
+    # declared: 1 of 2 entities right (P = R = 1/2); ordinary: both right
+    pred.write_text(
+        json.dumps({"test": [["B-ORG", "O", "O", "O", "O", "B-PER", "O"], ["B-PER", "O", "B-LOC", "O"]]})
+    )
+    assert kd_effect.declared_f1(str(test), str(pred)) == {"declared": 50.0, "ordinary": 100.0}
+    pred.write_text(json.dumps({"test": [["B-PER", "O", "O", "O"]]}))
+    with pytest.raises(ValueError, match="1 predicted sentences, but .*test.conll has 2"):
+        kd_effect.declared_f1(str(test), str(pred))

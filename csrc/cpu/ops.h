@@ -44,10 +44,11 @@ std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, 
                                        double dropout_p, int64_t seed, int64_t offset);
 
 // The whole Nystrom forward (landmarks, pseudo-inverse, both products) fused per (batch, head): out, and what the
-// backward reads, `saved` (B, H, per head: T = K3 v, ql, kl).
+// backward reads, `saved` (B, H, per head: T = K3 v, ql, kl, K3's lse; keep's bit 0: K1 itself, seq x landmarks
+// padded to whole vectors, before dropout; bit 1: K3's exps, seq x landmarks padded, and their per-tile maxima).
 std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks,
                                        int64_t iterations, const OptTensor& key_padding_mask, double scale,
-                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset);
+                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset, int64_t keep);
 
 // LSG: local blocks of the main source plus [global keys, compressed keys] of `kx` (built in Python); kx_cols (Sx)
 // int64: the dropout column of each extra key (etkd_kernels._shared.lsg_key_columns), needed when dropout_p > 0.
@@ -71,7 +72,8 @@ std::vector<Tensor> lsg_bwd(const Tensor& grad_out, const Tensor& q, const Tenso
                             const OptTensor& kx_cols, double dropout_p, int64_t seed, int64_t offset,
                             bool all_rows);
 
-// Its hand-written backward from the forward's `saved` (recomputes K1 per query tile and K3 per head). Padded query
+// Its hand-written backward from the forward's `saved` (recomputes K1 per query tile unless the forward kept it, and
+// K3 per head). Padded query
 // rows of grad_out are read as zero.
 std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& saved, int64_t num_landmarks, int64_t iterations,

@@ -113,13 +113,20 @@ def declared_sentence(rng: random.Random) -> list[tuple[str, str]]:
     return out + [(".", "O")]
 
 
-def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float = 0.25) -> str:
-    """jsonl {"text": ...}: mostly short documents, a `long_share` of long ones (hundreds of words)."""
+def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float = 0.25,
+                 declared_share: float = 0.0) -> str:  # fmt: skip
+    """jsonl {"text": ...}: mostly short documents, a `long_share` of long ones (hundreds of words); each
+    sentence a `declared_sentence` with probability `declared_share` (default 0: `sentence`s only, the same
+    file as before the option)."""
     rng = random.Random(seed)
+
+    def one() -> list[tuple[str, str]]:  # no extra draw at share 0: the default corpus stays bit-identical
+        return declared_sentence(rng) if declared_share and rng.random() < declared_share else sentence(rng)
+
     with open(path, "w") as f:
         for _ in range(n_docs):
             n = rng.randint(40, 120) if rng.random() < long_share else rng.randint(2, 8)
-            words = [w for _ in range(n) for w, _ in sentence(rng)]
+            words = [w for _ in range(n) for w, _ in one()]
             f.write(json.dumps({"text": " ".join(words)}) + "\n")
     return path
 

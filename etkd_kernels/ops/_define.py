@@ -54,6 +54,7 @@ _SCHEMA_TYPES = {
     "int": "int",
     "float": "float",
     "str": "str",
+    "bool": "bool",
     "torch.Tensor": "Tensor",
     "torch.Tensor | None": "Tensor?",
 }
@@ -305,8 +306,13 @@ def define(op: str, params: type, lse: bool = True, saved: bool = False, saved_r
         ctx.given = [None if i in tensor_fields else s for i, s in enumerate(given)]
         ctx.backend = backend
         ctx.impl = _chosen_for(outs[0])  # the backend the forward ran; None when it was only traced
+        # Only out's gradient is read: no zero tensors for lse's and saved's (the cpu Nystrom's saved holds K1 on
+        # some targets: a q-sized fill per backward).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, *_):
+        if grad_out is None:  # out does not reach the loss (only lse or saved did): no gradient for anything
+            return (None,) * (n + 4)
         q, k, v, *rest = ctx.saved_tensors
         outs, tensors = rest[: len(rest) - len(tensor_fields)], rest[len(rest) - len(tensor_fields) :]
         given = list(ctx.given)
