@@ -14,13 +14,12 @@ tile); other 16-bit cases convert on load (K/V once per (batch, head) task).
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import torch
 
 from .._env import EnvironmentValueError, flag
 from ..dispatch import Capabilities, backend_ops
+from ._caller import caller_stacklevel
 
 NAME = "cpu"
 OPS = backend_ops(__file__)  # module <op> here holds forward/backward
@@ -173,37 +172,6 @@ def note_tile_path(op: str, q: torch.Tensor) -> None:
 
     _told.add((op, q.dtype, d))
     warnings.warn(msg, RuntimeWarning, stacklevel=caller_stacklevel())
-
-
-def caller_stacklevel() -> int:
-    """`warnings.warn`'s stacklevel, for a warning raised in the calling function, of the first frame outside the
-    library code that runs an op (etkd_kernels, etkd's models/HF integration/drivers, torch, transformers): an op
-    runs through torch.library, autograd and model code at a depth that varies, and the line that called it is
-    the one the user needs to see."""
-    frame, level = sys._getframe(1), 1
-    inside = _library_dirs()
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _library_dirs() -> tuple[str, ...]:
-    names = (
-        "etkd_kernels",
-        "torch",
-        "transformers",
-        "etkd.models",
-        "etkd.hf",
-        "etkd.distill",
-        "etkd.benchmarks",
-    )
-    dirs = [
-        os.path.join(path, "")
-        for name in names
-        if (module := sys.modules.get(name)) is not None
-        for path in getattr(module, "__path__", ())
-    ]
-    return tuple(dirs)
 
 
 def __getattr__(name: str) -> str:
