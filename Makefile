@@ -75,12 +75,13 @@ $(WVENV)/.tools: $(WBIN)/python
 # in reach), which must give the pure-Python wheel, requiring torch>=2.5 and holding csrc/ for ETKD_JIT=1
 # (tests/test_packaging.py checks both wheels).
 wheel: $(WVENV)/.tools
-	rm -rf dist build/wheel build/sdist-wheel build/lib* build/bdist*  # stale copies of moved modules would ship
+	rm -rf dist build/wheel build/sdist-wheel build/lib* build/bdist* etkd.egg-info  # stale copies would ship
 	MAX_JOBS=2 $(WBIN)/pip wheel -q --no-build-isolation --no-deps -w build/wheel .
 	LD_LIBRARY_PATH=$$($(WBIN)/python -c 'import os, torch; print(os.path.dirname(torch.__file__) + "/lib")' 2>/dev/null) \
 		PATH=$(CURDIR)/$(WBIN):$$PATH auditwheel repair $(AUDITWHEEL_EXCLUDE) -w dist build/wheel/etkd-*.whl
 	ETKD_NO_EXT=1 $(WBIN)/python -m build --sdist --no-isolation --outdir dist . > /dev/null  # metadata: torch>=2.5
 	$(WBIN)/pip wheel -q --no-deps -w build/sdist-wheel dist/etkd-*.tar.gz
+	rm -rf etkd.egg-info  # the sdist's metadata: Python started here would read it, stale once setup.py changes
 	ls -l dist build/sdist-wheel
 
 # The gate's venv: the wheel's own metadata brings the dependencies (and checks the torch pin); the wheel is

@@ -8,7 +8,7 @@ all before a command runs (`etkd.distill.cli.check_environment`) and prints that
     ETKD_CPU_GEMM      own | blas                                (csrc/cpu/isa.cpp, checked by _C)
     ETKD_CPU_AMX       1 | 0                                     (csrc/cpu/isa.cpp, checked by _C)
     ETKD_CPU_BF16      auto | vdpbf16ps | fp32  (bf16 tiles without AMX; csrc/cpu/isa.cpp, checked by _C)
-    ETKD_CPU_NYSTROM_K1  auto | keep | recompute  (etkd_kernels/cpu/nystrom.py: keep_k1, read per call)
+    ETKD_CPU_NYSTROM_KEEP  auto | none | k1 | k3 | k1,k3  (etkd_kernels/cpu/nystrom.py: kept, read per call)
     ETKD_CPU_PROFILE   0 | 1
     ETKD_CHECK_FINITE  0 | 1
     ETKD_JIT           0 | 1   (etkd_kernels.build: compile the cpu kernels for the running torch)

@@ -75,6 +75,8 @@ def test_encoder_bf16_runs_cpu_kernels(attention, how, monkeypatch):
     seen = _spy(monkeypatch, KERNEL[attention])
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to `reference` would warn
+        # ... but the float32-only kernels (Nystrom) say once that they convert: that one is expected here
+        warnings.filterwarnings("ignore", "etkd .*: the cpu kernel computes in float32 only", RuntimeWarning)
         if how == "autocast":
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 got = model(ids, attention_mask=mask, global_attention_mask=gmask).last_hidden_state

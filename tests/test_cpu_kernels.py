@@ -169,12 +169,14 @@ def test_nystrom_matches_reference(case, threads):
     _compare(run, [q, k, v], f"nystrom{case}")
 
 
-# K1 kept from the forward (the automatic choice on avx2 / generic) or recomputed in the backward (AVX-512): both
-# paths against reference on whatever target runs here (and on avx2: test_nystrom_k1_modes_match_reference_avx2).
-NY_K1_CASES = [
+# K1 and K3 kept from the forward (the automatic choice) or recomputed in the backward: every combination against
+# reference on whatever target runs here (and on avx2: test_nystrom_keep_modes_match_reference_avx2).
+NY_KEEP_CASES = [
     # (batch, heads, seq, head_dim, landmarks, pad, pinv_init, dropout_p, strided)
     (2, 3, 100, 32, 7, 9, "hf_global", 0.0, False),  # padding, hf_global, landmarks not dividing seq
     (2, 2, 150, 12, 9, 20, "hf_global", 0.2, False),  # head_dim 12 (padded copies), 3 query tiles, dropout
+    # 128-key K3 tiles all padding (skipped by the forward: kept as zeros), a partial one, the last one short
+    (2, 2, 400, 12, 9, 150, "hf_global", 0.1, False),
     (1, 2, 200, 64, 16, 0, "per_head", 0.3, True),  # dropout on the kept K1's copy; (b, s, h, d) views
     (1, 1, 40, 16, 40, 5, "per_head", 0.0, False),  # landmarks == seq: exact attention, nothing kept
     (1, 1, 1, 16, 1, 0, "per_head", 0.0, False),  # seq 1
@@ -182,13 +184,14 @@ NY_K1_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["keep", "recompute"])
-@pytest.mark.parametrize("case", NY_K1_CASES, ids=[str(c) for c in NY_K1_CASES])
-def test_nystrom_k1_modes_match_reference(case, mode, threads, monkeypatch):
+@pytest.mark.parametrize("mode", ["none", "k1", "k3", "k1,k3"])
+@pytest.mark.parametrize("case", NY_KEEP_CASES, ids=[str(c) for c in NY_KEEP_CASES])
+def test_nystrom_keep_modes_match_reference(case, mode, threads, monkeypatch):
     from etkd_kernels.cpu import nystrom as cpu_nystrom
 
-    monkeypatch.setenv("ETKD_CPU_NYSTROM_K1", mode)
-    assert cpu_nystrom.keep_k1() == (mode == "keep")
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", mode)
+    keep = cpu_nystrom.kept()
+    assert keep == {"none": 0, "k1": 1, "k3": 2, "k1,k3": 3}[mode]
     b, h, s, d, nl, pad, init, p, strided = case
     if strided:  # head-split views of (b, s, h, d) projections, read in place
         leaves = [torch.randn(b, s, h, d, requires_grad=True) for _ in range(3)]
@@ -196,49 +199,64 @@ def test_nystrom_k1_modes_match_reference(case, mode, threads, monkeypatch):
     else:
         leaves = q, k, v = _inputs(b, h, s, d)
     kpm = _padding(b, s, pad)
-    kept = []
+    sizes = []
 
     def run(backend):
         out = nystrom_attention(
             q, k, v, nl, key_padding_mask=kpm, pinv_init=init, dropout_p=p, dropout_seed=7, dropout_offset=3,
             backend=backend,
         )  # fmt: skip
-        if (
-            backend == "cpu" and out.grad_fn is not None
-        ):  # the saved tensors' shapes, before the backward frees them
-            kept.extend(
+        if backend == "cpu" and out.grad_fn is not None:  # saved's size, before the backward frees it
+            sizes.extend(
                 t.shape[2]
                 for t in out.grad_fn.saved_tensors
                 if t is not None and t.dim() == 3 and t.shape[:2] == (b, h)
             )
         return out
 
-    _compare(run, leaves, f"nystrom K1 {mode}{case}")
-    if 1 < nl < s:  # the landmark path ran: its saved tensor holds K1 exactly when kept (K1 is s x 16 here)
+    _compare(run, leaves, f"nystrom keep {mode}{case}")
+    if (
+        1 < nl < s
+    ):  # the landmark path ran: saved holds K1 and K3 exactly when kept (landmarks pad to 16 here)
         n = -(-s // -(-s // nl))
         base = 3 * n * (-(-d // 16) * 16) + -(-n // 16) * 16
-        assert kept == [base + s * 16 if mode == "keep" else base]
+        extra = (s * 16 if keep & 1 else 0) + ((s + -(-s // 128)) * 16 if keep & 2 else 0)
+        assert sizes == [base + extra]
 
 
-def test_nystrom_k1_mode_is_checked_and_told(monkeypatch):
+def test_nystrom_keep_mode_is_checked_and_told(monkeypatch):
     from etkd_kernels.cpu import isa_summary
     from etkd_kernels.cpu import nystrom as cpu_nystrom
 
-    monkeypatch.setenv("ETKD_CPU_NYSTROM_K1", "sometimes")
-    with pytest.raises(ValueError, match="ETKD_CPU_NYSTROM_K1=sometimes: expected auto, keep, recompute"):
-        cpu_nystrom.keep_k1()
-    monkeypatch.setenv("ETKD_CPU_NYSTROM_K1", "keep")
-    assert "Nystrom K1 kept from the forward (ETKD_CPU_NYSTROM_K1=keep)" in isa_summary()
-    monkeypatch.delenv("ETKD_CPU_NYSTROM_K1")
-    from etkd_kernels import _C
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", "sometimes")
+    with pytest.raises(
+        ValueError, match="ETKD_CPU_NYSTROM_KEEP=sometimes: expected auto, none, k1, k3, k1,k3"
+    ):
+        cpu_nystrom.kept()
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", "k3")
+    assert "Nystrom K3 kept from the forward when differentiated (ETKD_CPU_NYSTROM_KEEP=k3)" in isa_summary()
+    monkeypatch.delenv("ETKD_CPU_NYSTROM_KEEP")
+    assert cpu_nystrom.kept() == 3
+    assert "Nystrom K1 and K3 kept from the forward when differentiated (auto;" in isa_summary()
+    # Kept only when the result will be differentiated (the op's for_backward setting): not under no_grad.
+    q, k, v = _inputs(1, 1, 64, 16)
+    seen = []
+    real = cpu_nystrom.forward
 
-    auto = _C.own_tile_width() != 16  # narrower products than AVX-512's: kept
-    assert cpu_nystrom.keep_k1() == auto
-    assert ("kept from the forward" if auto else "recomputed in the backward") in isa_summary()
+    def spy(q, k, v, p):
+        seen.append(p.for_backward)
+        return real(q, k, v, p)
+
+    monkeypatch.setattr(cpu_nystrom, "forward", spy)
+    nystrom_attention(q, k, v, 8, backend="cpu").sum().backward()
+    with torch.no_grad():
+        nystrom_attention(q, k, v, 8, backend="cpu")
+    nystrom_attention(q.detach(), k.detach(), v.detach(), 8, backend="cpu")
+    assert seen == [True, False, False]
 
 
-def test_nystrom_k1_modes_match_reference_avx2():
-    """The K1 cases on the avx2 target (chosen once per process: a child pytest)."""
+def test_nystrom_keep_modes_match_reference_avx2():
+    """The keep cases on the avx2 target (chosen once per process: a child pytest)."""
     from etkd_kernels import _C
 
     if "avx2" not in _C.supported_isas():
@@ -249,9 +267,9 @@ def test_nystrom_k1_modes_match_reference_avx2():
     import sys
 
     env = dict(os.environ, ETKD_CPU_ISA="avx2")
-    test = f"{__file__}::test_nystrom_k1_modes_match_reference"
+    tests = [f"{__file__}::test_nystrom_keep_modes_match_reference", f"{__file__}::test_nystrom_keep_mode_is_checked_and_told"]  # fmt: skip
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, f"{__file__}::test_nystrom_k1_mode_is_checked_and_told"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
@@ -330,7 +348,8 @@ def test_opcheck_nystrom_fwd():
     kpm = torch.ones(2, 24, dtype=torch.bool)
     kpm[1, 20:] = False
     for init in ("per_head", "hf_global"):
-        args = (q, k, v, 5, 6, init, kpm, 0.25, 0.0, 0, 0, "cpu")  # dropout_p, seed, offset
+        # for_backward (K1, K3 kept on cpu: saved's size must match the fake kernel's), dropout_p, seed, offset
+        args = (q, k, v, 5, 6, init, True, kpm, 0.25, 0.0, 0, 0, "cpu")
         torch.library.opcheck(defined("nystrom_fwd"), args)
 
 

@@ -356,6 +356,7 @@ def test_opcheck():
         3,
         2,
         "per_head",
+        True,  # for_backward
         mask,
         0.5,
         0.0,  # dropout_p, seed, offset

@@ -154,6 +154,16 @@ def test_release_wheel_requires_its_torch_minor_and_holds_no_torch_library():
     )  # torch's stay torch's
 
 
+def test_make_wheel_leaves_no_metadata_at_the_root_of_the_source_tree():
+    """The sdist build writes etkd.egg-info into the tree; `make wheel` removes it. Left there, Python started at
+    the tree's root (pytest, `python -m etkd...`) reads it before the venv's metadata, and once setup.py changes
+    it is stale: a worktree's copy from the morning said transformers>=4.48 to a setup.py requiring 5.6 (and
+    `etkd`'s missing-extra check reads the same requirements)."""
+    tree = _source_tree()
+    _release_wheels(tree)
+    assert not sorted(tree.glob("*.egg-info")), "make wheel left its egg-info metadata in the source tree"
+
+
 def test_sdist_builds_the_pure_python_wheel_with_the_sources_for_jit():
     """An isolated build (no torch in reach, as `pip install etkd-X.tar.gz` does it) gives a pure-Python wheel
     that accepts any supported torch and ships csrc/ for ETKD_JIT=1."""

@@ -30,7 +30,7 @@ TORCH_LIBRARY(etkd_cpu, m) {
       "-> Tensor[]");
   m.def(
       "nystrom_fwd(Tensor q, Tensor k, Tensor v, int num_landmarks, int pinv_iterations, Tensor? key_padding_mask, "
-      "float scale, bool hf_global, float dropout_p, int seed, int offset, bool keep_k1=False) -> (Tensor, Tensor)");
+      "float scale, bool hf_global, float dropout_p, int seed, int offset, int keep=0) -> (Tensor, Tensor)");
   m.def(
       "lsg_fwd(Tensor q, Tensor k, Tensor v, Tensor kx, Tensor vx, Tensor kx_ok, Tensor starts, "
       "Tensor? key_padding_mask, int block_size, int sparse_block_size, int num_global_tokens, float scale, "

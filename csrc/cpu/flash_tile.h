@@ -157,13 +157,17 @@ void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 // ksum (null, or n x dp, row stride dp): adds the sum of k's rows of each segment of `seg` keys into its row (the
 // key landmarks' sums, from the same pass over k; padded keys included, as the landmarks are defined).
 // work: landmark_attend_work(np, d) floats.
+// k3 (null, or S x np) and k3max (tiles of kLmTile keys x np): K3 kept for nystrom_k3_bwd, key-major: row j holds
+// exp(score - m) of key j, m the running max per landmark when j's tile was reached (k3max's row of that tile), so
+// K3 = k3 * exp(k3max - lse) (at most 1 per factor); padded keys' rows zero; an all-padded tile's rows zero and its
+// k3max -inf.
 // Key rows per tile of landmark_attend: the (tile x np) scores and the v tile stay in L1/L2, and the online
 // rescale of t (n x d per tile) stays small next to the tile's 2 * tile * n * d FMAs.
 constexpr int64_t kLmTile = 128;
 int64_t landmark_attend_work(int64_t np, int64_t d);
 void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v, int64_t lv,
                      const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum,
-                     int64_t seg, float* work);
+                     int64_t seg, float* work, float* k3 = nullptr, float* k3max = nullptr);
 
 // Nystrom's K3 backward for one (batch, head) in tiles of kLmTile keys (nystrom_impl.h), K3 (keys x landmarks, per
 // tile) recomputed as exp(scale k qlT - lse) from landmark_attend's lse: dv = K3 dT, dS3 = K3 o (v dT^T - dl),
@@ -171,12 +175,13 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, in
 // spread over their segments, already divided by the segments' sizes; dkl null: none), dv and dk written, rows of
 // dp floats; dql += scale dS3^T k. k, v (S x dp; rows lk, lv floats apart), dv, dk (rows ldv, ldk apart), qlT and
 // dtT (dp x np, padding zero), ql, dt and dkl (n x dp), dl (np: dT . T per landmark), bias (S) of 0 / -inf or null.
-// work: nystrom_k3_bwd_work(np) floats.
+// work: nystrom_k3_bwd_work(np) floats. k3, k3max: landmark_attend's kept K3 (null: recomputed from k and qlT).
 int64_t nystrom_k3_bwd_work(int64_t np);
 void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, int64_t lk, const float* v, int64_t lv,
                     const float* bias, int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt,
                     const float* dtT, const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv,
-                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work);
+                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work, const float* k3 = nullptr,
+                    const float* k3max = nullptr);
 
 // In-place softmax of `rows` rows of `n` floats (row stride ld), keys biased by bias[0:n] (null = none):
 // rows seeing no key (all -inf) become zeros. SIMD (at::vec).

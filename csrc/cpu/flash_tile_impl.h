@@ -1520,10 +1520,10 @@ void rowwise_dot(const float* a, const float* b, float* delta, int64_t rows, int
 
 void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v, int64_t lv,
                      const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum,
-                     int64_t seg, float* work) {
+                     int64_t seg, float* work, float* k3, float* k3max) {
   const int64_t dp = pad_small(d);
-  float* s = work;                   // (kLmTile x np) scores, then probabilities
-  float* vt = s + kLmTile * np;      // (kLmTile x dp) v tile padded to whole vectors (when d % kSmallPad != 0)
+  // work: (kLmTile x np) scores, then probabilities (in k3 instead when kept); then these.
+  float* vt = work + kLmTile * np;   // (kLmTile x dp) v tile padded to whole vectors (when d % kSmallPad != 0)
   float* m = vt + kLmTile * dp;      // running max per landmark
   float* l = m + np;                 // running sum
   float* alpha = l + np;             // rescale of this tile
@@ -1535,7 +1535,14 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, in
     const int64_t tk = std::min(kLmTile, S - j0);
     if (ksum) nystrom_segment_sums(k + j0 * lk, lk, j0, tk, d, seg, ksum, dp);
     const float* bj = bias ? bias + j0 : nullptr;
-    if (bj && std::all_of(bj, bj + tk, [](float x) { return x == kNegInf; })) continue;  // all keys padded
+    if (bj && std::all_of(bj, bj + tk, [](float x) { return x == kNegInf; })) {  // all keys padded
+      if (k3) {
+        std::fill(k3 + j0 * np, k3 + (j0 + tk) * np, 0.f);
+        std::fill(k3max + j0 / kLmTile * np, k3max + (j0 / kLmTile + 1) * np, kNegInf);  // factor exp(-inf) = 0
+      }
+      continue;
+    }
+    float* s = k3 ? k3 + j0 * np : work;  // K3 kept: the tile's scores, then its exps, in place there
     gemm_small(tk, np, d, scale, k + j0 * lk, lk, 1, qlT, np, s, np, false);
     // Column (landmark) max over the tile's keys, masked keys -inf; new running max; rescale factor.
     for (int64_t c = 0; c < np; c += kV) {
@@ -1554,6 +1561,7 @@ void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, in
       const Vec al = (mold - msafe).exp_u20();
       mnew.store(m + c);
       msafe.store(alpha + c);  // stash msafe here until the exp pass below
+      if (k3max) msafe.store(k3max + j0 / kLmTile * np + c);
       (Vec::loadu(l + c) * al).store(l + c);
       // Rescale rows c.. of t by al (only rows < n exist; rows whose max did not change have al = 1).
       float alb[kV];

@@ -297,8 +297,8 @@ void gemm_small(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
 
 void landmark_attend(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v, int64_t lv,
                      const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse, float* ksum,
-                     int64_t seg, float* work) {
-  kernels().landmark_attend(qlT, n, np, k, lk, v, lv, bias, S, d, scale, t, lse, ksum, seg, work);
+                     int64_t seg, float* work, float* k3, float* k3max) {
+  kernels().landmark_attend(qlT, n, np, k, lk, v, lv, bias, S, d, scale, t, lse, ksum, seg, work, k3, k3max);
 }
 
 int64_t nystrom_k3_bwd_work(int64_t np) { return 2 * kLmTile * np; }
@@ -306,9 +306,10 @@ int64_t nystrom_k3_bwd_work(int64_t np) { return 2 * kLmTile * np; }
 void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, int64_t lk, const float* v, int64_t lv,
                     const float* bias, int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt,
                     const float* dtT, const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv,
-                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work) {
+                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work, const float* k3,
+                    const float* k3max) {
   kernels().nystrom_k3_bwd(qlT, lse, k, lk, v, lv, bias, S, n, np, dp, scale, dt, dtT, dl, ql, dkl, seg, dv, ldv, dk,
-                           ldk, dql, work);
+                           ldk, dql, work, k3, k3max);
 }
 
 void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) {

@@ -43,11 +43,12 @@ struct Kernels {
                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) = nullptr;
   void (*landmark_attend)(const float* qlT, int64_t n, int64_t np, const float* k, int64_t lk, const float* v,
                           int64_t lv, const float* bias, int64_t S, int64_t d, float scale, float* t, float* lse,
-                          float* ksum, int64_t seg, float* work) = nullptr;
+                          float* ksum, int64_t seg, float* work, float* k3, float* k3max) = nullptr;
   void (*nystrom_k3_bwd)(const float* qlT, const float* lse, const float* k, int64_t lk, const float* v, int64_t lv,
                          const float* bias, int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt,
                          const float* dtT, const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv,
-                         int64_t ldv, float* dk, int64_t ldk, float* dql, float* work) = nullptr;
+                         int64_t ldv, float* dk, int64_t ldk, float* dql, float* work, const float* k3,
+                         const float* k3max) = nullptr;
   void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, const float* bias) = nullptr;
   void (*rowwise_dot)(const float* a, const float* b, float* delta, int64_t rows, int64_t d) = nullptr;
   void (*dropout_rows)(const Dropout& dr, int64_t bh, int64_t row0, int64_t rows, int64_t col0, int64_t n, float* x,

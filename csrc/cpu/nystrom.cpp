@@ -165,12 +165,14 @@ struct SquareOps {
 };
 
 // Floats per (batch, head) of what nystrom_fwd always keeps for nystrom_bwd: T = K3 v and the landmarks ql, kl, each
-// n x pad_small(D) (padding zero), and K3's log-sum-exp (pad_small(n)). K3 (seq x landmarks) is recomputed. K1 (seq x
-// pad_small(n), before dropout) follows these when the forward is asked to keep it (keep_k1: the caller's choice,
-// etkd_kernels/cpu/nystrom.py: keep_k1): it saves the backward a product and its softmax but costs the forward
-// writing it (and its page faults), so it pays where products are slow (AVX2's 8-float vectors), not on AVX-512.
+// n x pad_small(D) (padding zero), and K3's log-sum-exp (pad_small(n)). What the caller asks to keep follows
+// (`keep`, etkd_kernels/cpu/nystrom.py: kept): bit 0, K1 (seq x pad_small(n), before dropout); bit 1, K3 as
+// landmark_attend keeps it (seq x pad_small(n) exps, then one row of pad_small(n) maxima per kLmTile keys). Each saves
+// the backward a product and its softmax or exps, but costs the forward writing it and the backward reading it back,
+// so it pays where products are slow (AVX2's 8-float vectors), not on AVX-512.
 int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D) + pad_small(n); }
 int64_t k1_floats(int64_t S, int64_t n) { return S * pad_small(n); }
+int64_t k3_floats(int64_t S, int64_t n) { return (S + (S + kLmTile - 1) / kLmTile) * pad_small(n); }
 
 // This thread's scratch `slot` of at least `size` floats, kept from call to call (a fresh buffer of a few MiB costs
 // its page faults on every call); the contents are whatever the last user left.
@@ -266,7 +268,7 @@ std::vector<std::pair<const char*, double>> nystrom_profile_take() {
 
 std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks,
                                        int64_t iterations, const OptTensor& key_padding_mask, double scale,
-                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset, bool keep_k1) {
+                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset, int64_t keep) {
   Laps total(true), serial;
   // q, k, v at any row strides (a model's head-split views of its projections, read in place); out in q's layout.
   check_float(q, "q", true);
@@ -294,7 +296,10 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   // Landmark counts padded to whole SIMD vectors for gemm_small's B operands (padding columns are zero).
   const int64_t np = pad_small(n), dp = pad_small(D);
   // What the backward reads (nystrom_bwd), per head: T = K3 @ v, ql, kl (n x dp each).
-  const int64_t per0 = saved_floats(D, n), per = per0 + (keep_k1 ? k1_floats(S, n) : 0);
+  TORCH_CHECK(keep >= 0 && keep <= 3, "keep: expected 0..3 (bit 0: K1, bit 1: K3), got ", keep);
+  const bool keep_k1 = keep & 1, keep_k3 = keep & 2;
+  const int64_t per0 = saved_floats(D, n), k3off = per0 + (keep_k1 ? k1_floats(S, n) : 0),
+                per = k3off + (keep_k3 ? k3_floats(S, n) : 0);
   auto saved = at::empty({B, H, per}, q.options());
   float* svp = saved.data_ptr<float>();
   // Phase 1 per (b, h): landmarks ql, kl (n, D) and their packed transposes qlT, klT (D, np); T = K3 @ v (n, dp),
@@ -320,8 +325,9 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         t.lap(kFMeans);
         // T = K3 v and K3's log-sum-exp; the key landmarks' sums from the same pass over k.
         landmark_attend(qlt, n, np, kp + rk.at(b, bh % H, 0), rk.s, vp + rv.at(b, bh % H, 0), rv.s,
-                        bp ? bp + b * S : nullptr, S, D, sc,
-                        svp + bh * per, svp + bh * per + 3 * n * dp, klh, c, w.work.data());
+                        bp ? bp + b * S : nullptr, S, D, sc, svp + bh * per, svp + bh * per + 3 * n * dp, klh, c,
+                        w.work.data(), keep_k3 ? svp + bh * per + k3off : nullptr,
+                        keep_k3 ? svp + bh * per + k3off + S * np : nullptr);
         t.lap(kFK3v);
         for (int64_t l = 0; l < n; ++l) {
           const float cnt = static_cast<float>(std::min(S, (l + 1) * c) - l * c);
@@ -435,14 +441,17 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   // than the padded length so rows 4 KiB apart do not share L1 sets when read down a column).
   const int64_t np = pad_small(n), dp = pad_small(D);
   check_float(saved, "saved");
-  // saved: with or without K1 (nystrom_fwd's keep_k1), told apart by its size.
-  const int64_t per0 = saved_floats(D, n), per1 = per0 + k1_floats(S, n);
-  TORCH_CHECK(saved.dim() == 3 && saved.size(0) == B && saved.size(1) == H &&
-                  (saved.size(2) == per0 || saved.size(2) == per1) && saved.is_contiguous(),
-              "saved: expected nystrom_fwd's contiguous (", B, ", ", H, ", ", per0, " or with K1 ", per1, "), got ",
-              saved.sizes());
-  const int64_t per = saved.size(2);
-  const bool kept_k1 = per == per1 && per1 != per0;
+  // saved: with or without K1 and K3 (nystrom_fwd's keep), told apart by its size.
+  const int64_t per0 = saved_floats(D, n), k1n = k1_floats(S, n), k3n = k3_floats(S, n);
+  const int64_t per = saved.dim() == 3 ? saved.size(2) : -1;
+  int64_t kept = -1;
+  for (int64_t x = 0; x < 4; ++x)
+    if (per == per0 + (x & 1 ? k1n : 0) + (x & 2 ? k3n : 0)) kept = x;
+  TORCH_CHECK(kept >= 0 && saved.size(0) == B && saved.size(1) == H && saved.is_contiguous(),
+              "saved: expected nystrom_fwd's contiguous (", B, ", ", H, ", ", per0, " + ", k1n, " with K1 + ", k3n,
+              " with K3), got ", saved.sizes());
+  const bool kept_k1 = kept & 1, kept_k3 = kept & 2;
+  const int64_t k3off = per0 + (kept_k1 ? k1n : 0);
   const float* svp = saved.data_ptr<float>();
   const int64_t nn = n * np, nd = n * dp;
   const bool padded_d = D != dp;
@@ -545,6 +554,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           const float* src = xdo + r * gs2;
           if (go_rows)
             std::copy(src, src + D, dst);
+          else if (gs3 == 0)  // one value per row (e.g. the expanded gradient of out.sum())
+            std::fill(dst, dst + D, *src);
           else
             for (int64_t j = 0; j < D; ++j) dst[j] = src[j * gs3];
         };
@@ -693,7 +704,8 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           for (int64_t j = 0; j < dp; ++j) xx[l * dp + j] = inv * dklh[l * dp + j];
         }
         nystrom_k3_bwd(qlT, lsep(bh), xk, lk, xv, lv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh,
-                       xx, c, xdv, ldv, xdk, ldk, dqlh, w[0]);
+                       xx, c, xdv, ldv, xdk, ldk, dqlh, w[0], kept_k3 ? svp + bh * per + k3off : nullptr,
+                       kept_k3 ? svp + bh * per + k3off + S * np : nullptr);
         t.lap(kBK3);
         spread(xdq, ldq, dqlh);  // dq += dql spread over the query segments
         t.lap(kBPhase3);

@@ -23,7 +23,8 @@ void nystrom_segment_sums(const float* x, int64_t lx, int64_t r0, int64_t rows, 
 void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, int64_t lk, const float* v, int64_t lv,
                     const float* bias, int64_t S, int64_t n, int64_t np, int64_t dp, float scale, const float* dt,
                     const float* dtT, const float* dl, const float* ql, const float* dkl, int64_t seg, float* dv,
-                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work) {
+                    int64_t ldv, float* dk, int64_t ldk, float* dql, float* work, const float* k3,
+                    const float* k3max) {
   float* p = work;                // (tile x np) scores, then K3
   float* g = p + kLmTile * np;    // (tile x np) dK3 = v dT^T, then dS3
   for (int64_t j0 = 0; j0 < S; j0 += kLmTile) {
@@ -31,14 +32,22 @@ void nystrom_k3_bwd(const float* qlT, const float* lse, const float* k, int64_t 
     const float* kj = k + j0 * lk;
     const float* vj = v + j0 * lv;
     const float* bj = bias ? bias + j0 : nullptr;
-    gemm_panels<kPanel>(tk, np, dp, scale, kj, lk, 1, qlT, np, p, np, false);
-    for (int64_t r = 0; r < tk; ++r) {
-      float* pr = p + r * np;
-      if (bj && bj[r] != 0.f) {
-        std::fill(pr, pr + np, 0.f);
-        continue;
+    if (k3) {  // the forward's exps, rescaled per landmark: K3 = k3 exp(k3max - lse) (padded keys' rows are zero)
+      const float* mt = k3max + j0 / kLmTile * np;
+      for (int64_t c = 0; c < np; c += kV) {
+        const Vec f = (Vec::loadu(mt + c) - Vec::loadu(lse + c)).exp_u20();
+        for (int64_t r = 0; r < tk; ++r) (Vec::loadu(k3 + (j0 + r) * np + c) * f).store(p + r * np + c);
       }
-      for (int64_t c = 0; c < np; c += kV) (Vec::loadu(pr + c) - Vec::loadu(lse + c)).exp_u20().store(pr + c);
+    } else {
+      gemm_panels<kPanel>(tk, np, dp, scale, kj, lk, 1, qlT, np, p, np, false);
+      for (int64_t r = 0; r < tk; ++r) {
+        float* pr = p + r * np;
+        if (bj && bj[r] != 0.f) {
+          std::fill(pr, pr + np, 0.f);
+          continue;
+        }
+        for (int64_t c = 0; c < np; c += kV) (Vec::loadu(pr + c) - Vec::loadu(lse + c)).exp_u20().store(pr + c);
+      }
     }
     gemm_panels<kPanel>(tk, dp, n, 1.f, p, np, 1, dt, dp, dv + j0 * ldv, ldv, false);
     gemm_panels<kPanel>(tk, np, dp, 1.f, vj, lv, 1, dtT, np, g, np, false);

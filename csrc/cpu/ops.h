@@ -44,11 +44,11 @@ std::vector<Tensor> softmax_matmul_bwd(const Tensor& grad_out, const Tensor& a, 
                                        double dropout_p, int64_t seed, int64_t offset);
 
 // The whole Nystrom forward (landmarks, pseudo-inverse, both products) fused per (batch, head): out, and what the
-// backward reads, `saved` (B, H, per head: T = K3 v, ql, kl, K3's lse, and with keep_k1 K1 itself, seq x landmarks
-// padded to whole vectors, before dropout).
+// backward reads, `saved` (B, H, per head: T = K3 v, ql, kl, K3's lse; keep's bit 0: K1 itself, seq x landmarks
+// padded to whole vectors, before dropout; bit 1: K3's exps, seq x landmarks padded, and their per-tile maxima).
 std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_landmarks,
                                        int64_t iterations, const OptTensor& key_padding_mask, double scale,
-                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset, bool keep_k1);
+                                       bool hf_global, double dropout_p, int64_t seed, int64_t offset, int64_t keep);
 
 // LSG: local blocks of the main source plus [global keys, compressed keys] of `kx` (built in Python); kx_cols (Sx)
 // int64: the dropout column of each extra key (etkd_kernels._shared.lsg_key_columns), needed when dropout_p > 0.

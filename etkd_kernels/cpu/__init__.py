@@ -47,10 +47,10 @@ def isa_summary() -> str:
         fp32 = f"fp32 tiles by own {_C.isa()} micro-kernels"
     else:
         fp32 = "fp32 tiles by BLAS sgemm" + (" (ETKD_CPU_GEMM=blas)" if _C.isa() != "generic" else "")
-    from etkd_kernels.cpu.nystrom import k1_description
+    from etkd_kernels.cpu.nystrom import keep_description
 
     return (
-        f"ISA {_C.isa()} ({fp32}; {bf16}; {k1_description()}; built: {', '.join(_C.built_isas())}; "
+        f"ISA {_C.isa()} ({fp32}; {bf16}; {keep_description()}; built: {', '.join(_C.built_isas())}; "
         f"this CPU: {', '.join(_C.supported_isas()) or 'none'}; ETKD_CPU_ISA forces one)"
     )
 

@@ -3,8 +3,8 @@
 Forward: `nystrom_fwd` of csrc/cpu/nystrom.cpp does the whole computation (landmark means, K2 softmax,
 Newton-Schulz pseudo-inverse, K3 @ v, K1 @ X) in three parallel loops, with no per-op dispatch. Backward:
 `nystrom_bwd`, written out by hand (Newton-Schulz iterations included): per (batch, head) it recomputes K3 per key
-tile (from the forward's log-sum-exp per landmark) and, unless the forward kept it (`keep_k1`), K1 per query tile,
-on the target's own kernels, and runs the chain rule back; K3 (seq x landmarks) exists only tile by tile. q, k, v are read at any row strides (`Capabilities.strided`: a model's head-split views of its stacked q/k/v
+tile (from the forward's log-sum-exp per landmark) and K1 per query tile, unless the forward kept them (`kept`), on
+the target's own kernels, and runs the chain rule back. q, k, v are read at any row strides (`Capabilities.strided`: a model's head-split views of its stacked q/k/v
 projection, every pass over them in place), out and dq, dk, dv written in their layouts. landmarks == seq (exact softmax attention) differentiates the fused
 `softmax(scale * a @ b^T, masked) @ c` kernel instead. Attention dropout (dropout_p > 0) drops entries of K1 (query
 row i, landmark l: column seq + l), in the forward's query tiles and in the backward's recomputed K1, or the
@@ -63,47 +63,56 @@ def _dropout(p):
     return p.dropout_p, p.seed, p.offset
 
 
-K1_MODES = ("auto", "keep", "recompute")
+# What the forward keeps for the backward beyond its fixed part (nystrom_fwd's `keep` bits: 1 K1, 2 K3).
+KEEP_MODES = {"none": 0, "k1": 1, "k3": 2, "k1,k3": 3}
 
 
-def keep_k1() -> bool:
-    """Whether the forward keeps K1 (seq x landmarks per head, fp32: 12 MiB at 12 x 4096 x 64 landmarks) for the
-    backward instead of the backward recomputing its scores and softmax. ETKD_CPU_NYSTROM_K1 (read per call):
-    `keep`, `recompute`, or `auto` (the default): keep on targets whose own products are narrower than AVX-512's
-    16-float vectors (avx2, generic), where the saved product costs twice as much as on AVX-512 and outweighs writing
-    and re-reading K1; recompute on AVX-512 (measured break-even there; README's Nystrom notes)."""
-    mode = os.environ.get("ETKD_CPU_NYSTROM_K1", "").strip() or "auto"
-    if mode not in K1_MODES:
-        raise EnvironmentValueError(f"ETKD_CPU_NYSTROM_K1={mode}: expected {', '.join(K1_MODES)}")
-    if mode != "auto":
-        return mode == "keep"
-    return _C.own_tile_width() != 16
+def kept() -> int:
+    """Which (seq x landmarks) matrices the forward keeps for the backward instead of the backward recomputing them
+    (fp32, 12 MiB each at 12 heads x 4096 x 64 landmarks): bit 1 K1 (its scores product and softmax), bit 2 K3 (its
+    scores product and exps). ETKD_CPU_NYSTROM_KEEP (read per call): none, k1, k3, k1,k3, or auto (the default):
+    both, on every target (A/B at 1 thread, this Xeon, fwd+bwd CPU ms none -> k1,k3: avx2 101.8 -> 94.7, avx512_bf16
+    61.7 -> 56.4, avx512 62.1 -> 54.4; README's Nystrom notes). Only where a backward will read them: `_keeps`."""
+    mode = os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip().replace(" ", "") or "auto"
+    if mode == "auto":
+        return 3
+    if mode not in KEEP_MODES:
+        raise EnvironmentValueError(f"ETKD_CPU_NYSTROM_KEEP={mode}: expected auto, {', '.join(KEEP_MODES)}")
+    return KEEP_MODES[mode]
 
 
-def k1_description() -> str:
-    """What `keep_k1` chooses here, and why, for `etkd info`."""
-    mode = os.environ.get("ETKD_CPU_NYSTROM_K1", "").strip() or "auto"
-    kept = "kept from the forward" if keep_k1() else "recomputed in the backward"
+def _keeps(p) -> int:
+    """`kept()` for a forward whose `saved` a backward will read (p.for_backward, decided by the op before the call:
+    grad mode on and an input requiring grad), else 0: inference would only write the matrices."""
+    return kept() if p.for_backward else 0
+
+
+def keep_description() -> str:
+    """What `kept` chooses here, and why, for `etkd info`."""
+    mode = os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip() or "auto"
+    got = kept()
+    said = " and ".join(m for m, bit in (("K1", 1), ("K3", 2)) if got & bit)
+    what = f"{said} kept from the forward" if got else "K1 and K3 recomputed in the backward"
     why = (
-        f"ETKD_CPU_NYSTROM_K1={mode}"
-        if mode != "auto"
-        else "auto by target; ETKD_CPU_NYSTROM_K1=keep|recompute"
+        f"ETKD_CPU_NYSTROM_KEEP={mode}" if mode != "auto" else "auto; ETKD_CPU_NYSTROM_KEEP=none|k1|k3|k1,k3"
     )
-    return f"Nystrom K1 {kept} ({why})"
+    return f"Nystrom {what} when differentiated ({why})"
 
 
 def saved_like(q, p):
     """What `forward` keeps for `backward` (etkd_kernels.ops._define: `saved`): per (batch, head), T = K3 @ v and the
     landmarks q~, k~, each (landmarks, head_dim padded to whole 16-float vectors), and K3's log-sum-exp per landmark
-    (landmarks padded to whole vectors), float32; nothing for the exact landmarks == seq case. K1 and K3 ((seq,
-    landmarks) each) are recomputed by the backward; K1 (before dropout, landmarks padded) follows when `keep_k1()`."""
+    (landmarks padded to whole vectors), float32; nothing for the exact landmarks == seq case. Then what `kept()`
+    says: K1 (seq x landmarks padded, before dropout); K3's exps (the same size) and their maxima per 128-key tile."""
     b, h, s, d = q.shape
     if p.num_landmarks == s:
         return q.new_empty(0, dtype=torch.float32)
     c = max(1, -(-s // p.num_landmarks))  # seq 0: no landmark
     n = -(-s // c)
-    dp, np_ = -(-d // 16) * 16, -(-n // 16) * 16  # csrc/cpu/nystrom.cpp: saved_floats, k1_floats
-    return q.new_empty(b, h, 3 * n * dp + np_ + (s * np_ if keep_k1() else 0), dtype=torch.float32)
+    dp, np_ = -(-d // 16) * 16, -(-n // 16) * 16  # csrc/cpu/nystrom.cpp: saved_floats, k1_floats, k3_floats
+    keep, tiles = _keeps(p), -(-s // 128)  # 128: kLmTile, landmark_attend's key tile
+    extra = (s * np_ if keep & 1 else 0) + ((s + tiles) * np_ if keep & 2 else 0)
+    return q.new_empty(b, h, 3 * n * dp + np_ + extra, dtype=torch.float32)
 
 
 @in_float32(keep=(1,))
@@ -121,7 +130,7 @@ def forward(q, k, v, p):
             p.scale,
             p.pinv_init == "hf_global",
             *_dropout(p),
-            keep_k1(),
+            _keeps(p),
         )
 
 

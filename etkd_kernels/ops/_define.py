@@ -54,6 +54,7 @@ _SCHEMA_TYPES = {
     "int": "int",
     "float": "float",
     "str": "str",
+    "bool": "bool",
     "torch.Tensor": "Tensor",
     "torch.Tensor | None": "Tensor?",
 }

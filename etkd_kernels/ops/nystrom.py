@@ -24,10 +24,14 @@ class NystromParams(CommonParams):
     num_landmarks: int
     pinv_iterations: int
     pinv_init: str
+    # Whether the caller will differentiate the result (grad mode on and an input requiring grad, decided before the
+    # op, so a traced graph sees the same value): the cpu backend then keeps K1 and K3 for its backward
+    # (etkd_kernels/cpu/nystrom.py: kept); the other backends ignore it.
+    for_backward: bool = False
 
 
 # saved_revision 1: the cpu backend's `saved` gained K3's log-sum-exp per landmark (etkd_kernels/cpu/nystrom.py);
-# 2: and K1 where the cpu backend keeps it (etkd_kernels/cpu/nystrom.py: keep_k1).
+# 2: and K1, K3 where the cpu backend keeps them (etkd_kernels/cpu/nystrom.py: kept; the for_backward setting).
 _fwd_op = define("nystrom", NystromParams, lse=False, saved=True, saved_revision=2)
 
 
@@ -67,4 +71,6 @@ def nystrom_attention(
     if q.shape[2] and num_landmarks > q.shape[2]:  # seq 0 gives an empty result whatever the count
         raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
     common, backend = common_settings(q, k, v, options)
-    return run(_fwd_op, q, k, v, NystromParams(num_landmarks, pinv_iterations, pinv_init, **common), backend)
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    params = NystromParams(num_landmarks, pinv_iterations, pinv_init, for_backward, **common)
+    return run(_fwd_op, q, k, v, params, backend)
