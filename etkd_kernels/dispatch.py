@@ -33,6 +33,8 @@ from types import ModuleType
 
 import torch
 
+from ._caller import caller_stacklevel
+
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 NAMES = ("auto", *BACKENDS)  # what a user may ask for (`backend=`, `use_backend`, ETKD_BACKEND, --backend)
 # `auto` walks this list and takes the first backend that can run. Triton on a CPU only runs under the
@@ -279,7 +281,7 @@ def _warn_slow_fallback(op: str, p: Problem) -> None:
             f"etkd: {op} on {device.type}/{dtype} runs on the slow `reference` backend; "
             + "; ".join(unbuilt),
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
         return
     alternatives = [
@@ -309,7 +311,7 @@ def _warn_slow_fallback(op: str, p: Problem) -> None:
         )
         + " or pass backend='reference' to choose this path explicitly",
         RuntimeWarning,
-        stacklevel=2,
+        stacklevel=caller_stacklevel(),
     )
 
 

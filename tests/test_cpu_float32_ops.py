@@ -1,4 +1,5 @@
-"""The cpu ops that compute in float32 only (Nyström, LSG: `etkd_kernels/cpu/_dtype.in_float32`) say so once per
+"""Warnings that a call is off the fast path name the caller's line. The cpu ops that compute in float32 only
+(Nyström, LSG: `etkd_kernels/cpu/_dtype.in_float32`) say so once per
 (op, dtype) when a 16-bit call converts its inputs, pointing at the caller's line; float32 calls say nothing."""
 
 import warnings
@@ -61,3 +62,15 @@ def test_tile_path_warning_points_at_the_callers_line(monkeypatch):
         sliding_window_attention(x, x, x, window=8, backend="cpu")
     assert [w.filename for w in seen] == [__file__], [(w.filename, w.lineno, str(w.message)) for w in seen]
     assert "runs its fp32 tile products on BLAS sgemm" in str(seen[0].message)
+
+
+def test_reference_fallback_warning_points_at_the_callers_line(monkeypatch):
+    from etkd_kernels import dispatch, sliding_window_attention
+
+    monkeypatch.setattr(dispatch, "_warned", set())
+    x = torch.randn(1, 2, 32, 8, dtype=torch.float64)  # float64: auto falls back to `reference`, saying so
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sliding_window_attention(x, x, x, window=8)
+    assert [w.filename for w in seen] == [__file__], [(w.filename, w.lineno, str(w.message)) for w in seen]
+    assert "runs on the slow `reference` backend" in str(seen[0].message)

@@ -17,9 +17,9 @@ import functools
 
 import torch
 
+from .._caller import caller_stacklevel
 from .._env import EnvironmentValueError, flag
 from ..dispatch import Capabilities, backend_ops
-from ._caller import caller_stacklevel
 
 NAME = "cpu"
 OPS = backend_ops(__file__)  # module <op> here holds forward/backward

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from etkd_kernels.cpu._caller import caller_stacklevel
+from etkd_kernels._caller import caller_stacklevel
 
 _HALF = (torch.bfloat16, torch.float16)
 _told: set[tuple[str, torch.dtype]] = set()

@@ -1,4 +1,4 @@
-"""Where a cpu-kernel warning should point: the user's line, not the library's."""
+"""Where an op's warning (a cpu kernel's, a fallback's) should point: the user's line, not the library's."""
 
 from __future__ import annotations
 
