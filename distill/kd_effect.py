@@ -310,6 +310,7 @@ def declared_f1(test: str, predictions: str) -> dict[str, float]:
     """Entity F1 of one demo NER run split by sentence kind: the sentences that declare a codename's type
     ("kor is a firm ta hired kor .": the type comes from the declaration, not from the word) and the ordinary
     ones (`predictions`: the `_predictions.json` that `etkd finetune --output` writes, set "test")."""
+    from .demo.data import is_declaration
     from .metrics import ner_metrics
     from .tasks.ner import read_conll
 
@@ -320,7 +321,7 @@ def declared_f1(test: str, predictions: str) -> dict[str, float]:
         raise ValueError(f"{predictions}: {len(pred)} predicted sentences, but {test} has {len(gold)}")
     out: dict[str, float] = {}
     for part in ("declared", "ordinary"):
-        keep = [i for i, ex in enumerate(gold) if (ex["tokens"][1:3] == ["is", "a"]) == (part == "declared")]
+        keep = [i for i, ex in enumerate(gold) if is_declaration(ex["tokens"]) == (part == "declared")]
         out[part] = ner_metrics([gold[i]["tags"] for i in keep], [pred[i] for i in keep])["f1"]
     return out
 

@@ -72,18 +72,26 @@ Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& 
   return s;
 }
 
-// x (S, D), rows lx floats apart -> means over n segments of c rows (the last one S - (n - 1) c rows): out (n, D),
-// row stride ld >= D (columns D..ld are left as they are).
+// Rows [r0, r1) of landmark segment l: the S rows in segments of c, the last one S - (n - 1) c rows (the one place
+// the landmark means, their backward and the key landmarks' scaling take a segment's rows and count from).
+struct SegmentRows {
+  int64_t r0, r1;
+  float count() const { return static_cast<float>(r1 - r0); }
+};
+SegmentRows segment_rows(int64_t l, int64_t c, int64_t S) { return {l * c, std::min(S, (l + 1) * c)}; }
+
+// x (S, D), rows lx floats apart -> means over n segments of c rows (segment_rows): out (n, D), row stride ld >= D
+// (columns D..ld are left as they are).
 void segment_means(const float* x, int64_t lx, int64_t S, int64_t D, int64_t n, int64_t c, float* out, int64_t ld) {
   for (int64_t l = 0; l < n; ++l) {
-    const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
+    const SegmentRows seg = segment_rows(l, c, S);
     float* o = out + l * ld;
     std::fill(o, o + D, 0.f);
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = seg.r0; r < seg.r1; ++r) {
       const float* xr = x + r * lx;
       for (int64_t j = 0; j < D; ++j) o[j] += xr[j];
     }
-    const float cnt = static_cast<float>(r1 - r0);
+    const float cnt = seg.count();
     for (int64_t j = 0; j < D; ++j) o[j] /= cnt;
   }
 }
@@ -168,8 +176,8 @@ struct SquareOps {
 // n x pad_small(D) (padding zero), and K3's log-sum-exp (pad_small(n)). What the caller asks to keep follows
 // (`keep`, etkd_kernels/cpu/nystrom.py: kept): bit 0, K1 (seq x pad_small(n), before dropout); bit 1, K3 as
 // landmark_attend keeps it (seq x pad_small(n) exps, then one row of pad_small(n) maxima per kLmTile keys). Each saves
-// the backward a product and its softmax or exps, but costs the forward writing it and the backward reading it back,
-// so it pays where products are slow (AVX2's 8-float vectors), not on AVX-512.
+// the backward a product and its softmax or exps, but costs the forward writing it and the backward reading it back
+// (measured a gain on every target with both kept: kept()'s note in etkd_kernels/cpu/nystrom.py).
 int64_t saved_floats(int64_t D, int64_t n) { return 3 * n * pad_small(D) + pad_small(n); }
 int64_t k1_floats(int64_t S, int64_t n) { return S * pad_small(n); }
 int64_t k3_floats(int64_t S, int64_t n) { return (S + (S + kLmTile - 1) / kLmTile) * pad_small(n); }
@@ -190,7 +198,7 @@ float* thread_scratch(int slot, int64_t size) {
 enum NysPhase : int {
   kFMeans, kFK2, kFK3v, kFPinv, kFK1Scores, kFK1Softmax, kFK1Out, kFTotal,
   kBK2, kBNsFwd, kBX, kBK1Scores, kBK1Softmax, kBDx, kBDk1, kBDs1, kBDq, kBDkl, kBDtDz, kBNsBwd, kBK3, kBCopies,
-  kBPhase3, kBTotal,
+  kBSpread, kBTotal,
   // The calling thread's CPU time outside the parallel loops (setup, the max between phases: serial work), and each
   // parallel loop's CPU time per thread (parallel_tasks: thread 0, then the others summed).
   kFSerial, kBSerial, kFLoop1, kFLoop1b, kFLoop2, kFLoop2b, kFLoop3, kFLoop3b, kBLoop1, kBLoop1b, kBLoop2, kBLoop2b,
@@ -255,8 +263,6 @@ void parallel_tasks(int loop, int64_t n, MakeScratch make_scratch, Body body) {
     t.lap(at::get_thread_num() == 0 ? loop : loop + 1);
   });
 }
-
-
 
 }  // namespace
 
@@ -330,7 +336,7 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
                         keep_k3 ? svp + bh * per + k3off + S * np : nullptr);
         t.lap(kFK3v);
         for (int64_t l = 0; l < n; ++l) {
-          const float cnt = static_cast<float>(std::min(S, (l + 1) * c) - l * c);
+          const float cnt = segment_rows(l, c, S).count();
           for (int64_t j = 0; j < D; ++j) klh[l * dp + j] /= cnt;
         }
         transpose(klh, n, D, dp, klt, np);
@@ -516,9 +522,9 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
   // Landmark means' backward: each of the S rows of x (row stride lx) in segment l gets lm's row l / count(l).
   auto spread = [&](float* x, int64_t lx, const float* lm) {
     for (int64_t l = 0; l < n; ++l) {
-      const int64_t r0 = l * c, r1 = std::min(S, r0 + c);
-      const float inv = 1.f / static_cast<float>(r1 - r0);
-      for (int64_t r = r0; r < r1; ++r) {
+      const SegmentRows seg = segment_rows(l, c, S);
+      const float inv = 1.f / seg.count();
+      for (int64_t r = seg.r0; r < seg.r1; ++r) {
         float* g = x + r * lx;
         for (int64_t j = 0; j < D; ++j) g[j] += inv * lm[l * dp + j];
       }
@@ -700,7 +706,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
         transpose(dtt, n, dp, dp, dtT, np);
         rowwise_dot(dtt, tt, dl3, n, dp);
         for (int64_t l = 0; l < n; ++l) {  // dkl / segment size, into xx (free after the query tiles)
-          const float inv = 1.f / static_cast<float>(std::min(S, (l + 1) * c) - l * c);
+          const float inv = 1.f / segment_rows(l, c, S).count();
           for (int64_t j = 0; j < dp; ++j) xx[l * dp + j] = inv * dklh[l * dp + j];
         }
         nystrom_k3_bwd(qlT, lsep(bh), xk, lk, xv, lv, bp ? bp + b * S : nullptr, S, n, np, dp, sc, dtt, dtT, dl3, qlh,
@@ -708,7 +714,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
                        kept_k3 ? svp + bh * per + k3off + S * np : nullptr);
         t.lap(kBK3);
         spread(xdq, ldq, dqlh);  // dq += dql spread over the query segments
-        t.lap(kBPhase3);
+        t.lap(kBSpread);
         if (padded_d) {
           const float* src[3] = {xdq, xdk, xdv};
           float* dst[3] = {dqp + rdq.at(b, h, 0), dkp + rdk.at(b, h, 0), dvp + rdv.at(b, h, 0)};
@@ -743,7 +749,7 @@ std::vector<Tensor> nystrom_bwd(const Tensor& grad_out, const Tensor& q, const T
           product(n, dp, n, sc, dm, 1, np, qlp(bh), dp, dkx, dp, false);
           spread(dqp + rdq.at(bh / H, bh % H, 0), rdq.s, dqx);
           spread(dkp + rdk.at(bh / H, bh % H, 0), rdk.s, dkx);
-          t.lap(kBPhase3);
+          t.lap(kBSpread);
         });
     serial.skip();
   }

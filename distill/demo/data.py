@@ -113,6 +113,11 @@ def declared_sentence(rng: random.Random) -> list[tuple[str, str]]:
     return out + [(".", "O")]
 
 
+def is_declaration(words: list[str]) -> bool:
+    """Whether a sentence's words are a `declared_sentence` ("kor is a firm ..."): its second and third words."""
+    return words[1:3] == ["is", "a"]
+
+
 def write_corpus(path: str, n_docs: int = 400, seed: int = 0, long_share: float = 0.25,
                  declared_share: float = 0.0) -> str:  # fmt: skip
     """jsonl {"text": ...}: mostly short documents, a `long_share` of long ones (hundreds of words); each

@@ -73,12 +73,16 @@ def kept() -> int:
     scores product and exps). ETKD_CPU_NYSTROM_KEEP (read per call): none, k1, k3, k1,k3, or auto (the default):
     both, on every target (A/B at 1 thread, this Xeon, fwd+bwd CPU ms none -> k1,k3: avx2 101.8 -> 94.7, avx512_bf16
     61.7 -> 56.4, avx512 62.1 -> 54.4; README's Nystrom notes). Only where a backward will read them: `_keeps`."""
-    mode = os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip().replace(" ", "") or "auto"
+    mode = _keep_mode()
     if mode == "auto":
         return 3
     if mode not in KEEP_MODES:
         raise EnvironmentValueError(f"ETKD_CPU_NYSTROM_KEEP={mode}: expected auto, {', '.join(KEEP_MODES)}")
     return KEEP_MODES[mode]
+
+
+def _keep_mode() -> str:
+    return os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip().replace(" ", "") or "auto"
 
 
 def _keeps(p) -> int:
@@ -89,8 +93,7 @@ def _keeps(p) -> int:
 
 def keep_description() -> str:
     """What `kept` chooses here, and why, for `etkd info`."""
-    mode = os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip() or "auto"
-    got = kept()
+    mode, got = _keep_mode(), kept()
     said = " and ".join(m for m, bit in (("K1", 1), ("K3", 2)) if got & bit)
     what = f"{said} kept from the forward" if got else "K1 and K3 recomputed in the backward"
     why = (
