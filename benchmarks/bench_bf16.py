@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from etkd_kernels.timing import time_call
+from etkd_kernels.timing import heap, time_call
 
 from . import harness
 from .bench import SIZES, add_attention_arg, hf_pair, model_config
@@ -30,10 +30,12 @@ def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.parser(__doc__.splitlines()[0], seq=4096, layers=12, repeats=2, threads=2)
+    ap = harness.parser(__doc__.splitlines()[0], heap=True, seq=4096, layers=12, repeats=2, threads=2)
     ap.add_argument("--no-warmup", action="store_true", help="time the first call too (long runs)")
     add_attention_arg(ap)
     a = ap.parse_args(argv)
+    if (code := harness.rerun_per_heap(a, "etkd.benchmarks.bench_bf16", argv)) is not None:
+        return code
     torch.set_num_threads(a.threads)
     from etkd.models.patterns import PATTERNS
     from etkd_kernels.cpu import isa_summary
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     with open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     print(
-        f"# {model}; cpu backend {isa_summary()}; torch {torch.__version__}; {a.threads} threads; load {os.getloadavg()}"
+        f"# {model}; cpu backend {isa_summary()}; torch {torch.__version__}; {a.threads} threads; heap {heap()}; "
+        f"load {os.getloadavg()}"
     )
     stem = type(hf).__name__.removesuffix("Model")
     print(f"# {stem} {a.layers} layers x {cfg.hidden_size}, {pattern_label(a.attention)}, batch 1 x {a.seq}, "

@@ -11,25 +11,24 @@ dependency (`pip install --no-deps lsg-converter==0.1.9`).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from etkd_kernels import lsg_attention
 from etkd_kernels.timing import environment, time_call
 
+from . import harness
 from .patterns.lsg import lsg_self_attention_class
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__.split("\n\n")[0], heap=True, seq=4096, repeats=3)
     p.add_argument("--types", default="pooling,stride,block_stride,norm,bos_pooling")
-    p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--factor", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
+    if (code := harness.rerun_per_heap(a, "etkd.benchmarks.lsg_oracle", argv)) is not None:
+        return code
     LSG = lsg_self_attention_class()
     if LSG is None:
         p.error("lsg-converter is not installed: pip install --no-deps lsg-converter==0.1.9")

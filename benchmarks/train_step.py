@@ -11,7 +11,8 @@ defaults otherwise):
 kernel (the same update to rounding; transformers' Trainer default with torch >= 2.8, and etkd's training
 driver's). After one warm-up step each (AdamW's state), the sides alternate step by step for `--repeats`
 rounds, so load on a shared machine falls on both alike; the table gives each median and the ratio of every
-round. `--profile` adds one `torch.profiler` step per side and optimizer: the self-CPU time per op.
+round. `--profile` adds one `torch.profiler` step per side and optimizer: the self-CPU time per op, then per
+group (GEMMs, our attention kernels, copies, AdamW, other) with the bound the shared GEMMs put on the ratio.
 """
 
 from __future__ import annotations
@@ -48,12 +49,42 @@ def models(size: str, layers: int, seq: int, attention: str) -> dict[str, torch.
     return out
 
 
-def profile_table(call, rows: int) -> str:
+# Self-CPU groups of a profiled step (torch.profiler op names; a name ending in "::" is a prefix). The GEMMs are the
+# same MKL calls on both sides (the linear layers' shapes are the model's), so a side's step can be no faster than
+# its GEMM time: HF's step over ours' GEMMs bounds the ratio whatever the rest of ours costs (Amdahl).
+GROUPS = (
+    ("GEMMs (mm, addmm, bmm)", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")),
+    ("etkd attention kernels", ("etkd_cpu::",)),
+    ("copies, fills, gathers", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::cat", "aten::index_select",
+                                "aten::gather", "aten::scatter_", "aten::masked_fill_", "aten::index_put_")),
+    ("AdamW (fused)", ("aten::_fused_adamw_",)),
+)  # fmt: skip
+
+
+def group_of(name: str) -> str:
+    for label, names in GROUPS:
+        if any(name.startswith(n) if n.endswith("::") else name == n for n in names):
+            return label
+    return "other"
+
+
+def profile_step(call, rows: int) -> tuple[str, dict[str, float]]:
+    """One profiled step: the per-op self-CPU table and the seconds per group (GROUPS, "other", "total")."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    events = prof.key_averages()
+    groups = {label: 0.0 for label, _ in GROUPS} | {"other": 0.0}
+    for e in events:
+        groups[group_of(e.key)] += e.self_cpu_time_total / 1e6
+    groups["total"] = sum(groups.values())
+    return events.table(sort_by="self_cpu_time_total", row_limit=rows), groups
+
+
+def group_lines(groups: dict[str, float]) -> str:
+    total = groups["total"]
+    return "\n".join(f"  {k:24s} {1e3 * v:9.1f} ms  {100 * v / total:5.1f} %" for k, v in groups.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(hf) / statistics.median(ours)
         print(f"HF / etkd with {opt}: {med:.2f}x (medians); per round {ratios}")
     if args.profile:
+        profiled = {}
         for (side, opt), call in calls.items():
-            print(f"\n== {side}, {opt}: one step, self CPU time per op\n{profile_table(call, args.rows)}")
+            table, profiled[(side, opt)] = profile_step(call, args.rows)
+            print(f"\n== {side}, {opt}: one step, self CPU time per op\n{table}")
+        for opt in args.optimizers:
+            ours, hf = profiled[("etkd-cpu", opt)], profiled[("hf", opt)]
+            print(f"\n== {opt}: self CPU per group (one profiled step each)\netkd-cpu\n{group_lines(ours)}\n"
+                  f"hf\n{group_lines(hf)}")  # fmt: skip
+            gemm = GROUPS[0][0]
+            print(f"bound: HF's step / our GEMMs alone = {hf['total'] / ours[gemm]:.2f}x (the ratio if everything of "
+                  f"ours outside the GEMMs cost nothing); HF's step / ours = {hf['total'] / ours['total']:.2f}x")  # fmt: skip
     return 0
 
 

@@ -25,6 +25,9 @@ from etkd_kernels._env import CPU_SWITCHES, FLAGS, EnvironmentValueError, flag
 from .errors import UserError
 from .rundir import held_by_command
 
+# The cpu backend's Nystrom switch (etkd_kernels/cpu/nystrom.py: kept, which checks it; read per call there).
+NYSTROM_KEEP = "ETKD_CPU_NYSTROM_KEEP"
+
 # Driver modules, in the order their subcommands are listed by --help.
 COMMANDS = (
     "etkd.distill.info_cmd",
@@ -169,10 +172,13 @@ def check_environment() -> None:
             raise EnvironmentValueError(str(exc)) from None
     for name in FLAGS:
         flag(name)
-    if any(os.environ.get(name) for name in CPU_SWITCHES):
+    if any(os.environ.get(name) for name in (*CPU_SWITCHES, NYSTROM_KEEP)):
         from etkd_kernels import cpu
 
-        cpu.unavailable_reason()
+        if cpu.unavailable_reason() is None and os.environ.get(NYSTROM_KEEP):
+            from etkd_kernels.cpu.nystrom import kept
+
+            kept()  # read per Nystrom call: a bad value would otherwise surface after the data is loaded
 
 
 @contextlib.contextmanager
@@ -198,6 +204,19 @@ def libraries_without_progress_bars(quiet: bool) -> Iterator[None]:
         (hub.disable_progress_bars if hub_was_off else hub.enable_progress_bars)()
 
 
+def progress_off(args: argparse.Namespace) -> bool:
+    """Whether the command's progress bars are off: `--no-progress`, else `progress: false` in its --config file
+    (read here, before the command, so the libraries' bars go off with its own)."""
+    if getattr(args, "no_progress", False):
+        return True
+    progress = getattr(args, "progress", None)
+    if progress is None:
+        from .config import file_settings
+
+        progress = file_settings(args)[0].get("progress", (None,))[0]
+    return progress is False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_module(args.command)
         if missing is not None:  # before the command loads anything: said as the import would say it
             raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-        quiet = getattr(args, "progress", None) is False or getattr(args, "no_progress", False)
+        quiet = progress_off(args)
         with held_by_command(), libraries_without_progress_bars(quiet):  # both undone when it ends, however
             return int(args.func(args) or 0)
     except (UserError, EnvironmentValueError) as exc:

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,12 +105,15 @@ def finish(parser: argparse.ArgumentParser, defaults: dict[str, Any], **set_defa
             specs.setdefault(
                 action.dest, Spec(kind, flag, item, tuple(action.choices) if action.choices else None)
             )
-    aliases = {}
+    aliases, negated = {}, set()
     for action in parser._actions:
         for opt in action.option_strings:
             if opt.startswith("--"):
-                aliases[opt[2:].replace("-", "_")] = action.dest
-    parser.set_defaults(_specs=specs, _aliases=aliases, **set_defaults)
+                name = opt[2:].replace("-", "_")
+                aliases[name] = action.dest
+                if isinstance(action, argparse._StoreFalseAction) and name != action.dest:
+                    negated.add(name)  # `no_progress: true` in a file means progress false, as the flag does
+    parser.set_defaults(_specs=specs, _aliases=aliases, _negated=negated, **set_defaults)
 
 
 def _line_numbers(text: str) -> dict[str, int]:
@@ -224,26 +228,15 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Name
     """Merge `defaults`, the `--config` file and the explicit flags of `args` into a new Namespace, every
     value type- and range-checked. `defaults` lists every setting the driver knows."""
     specs: dict[str, Spec] = getattr(args, "_specs", {})
-    aliases: dict[str, str] = getattr(args, "_aliases", {})
     merged = dict(defaults)
     source = {k: "default" for k in defaults}
     config_path = getattr(args, "config", None)
     if config_path:
-        values, lines = load_config_file(config_path)
-        unknown = []
-        for raw_key, value in values.items():
-            key = aliases.get(raw_key.replace("-", "_"), raw_key.replace("-", "_"))
-            where = f"{config_path}:{lines[raw_key]}" if raw_key in lines else str(config_path)
-            if key not in defaults:
-                unknown.append(raw_key)
-                continue
-            spec = specs.get(key)
-            if spec is not None:
-                value = check_value(raw_key, value, spec, where)
-            if value is not None:
-                merged[key], source[key] = value, f"{where}: {raw_key}"
+        settings, unknown = file_settings(args, defaults)
         if unknown:
             raise UserError(f"--config {config_path}: unknown settings {unknown}; known: {sorted(defaults)}")
+        for key, (value, where) in settings.items():
+            merged[key], source[key] = value, where
     for key, value in vars(args).items():
         if value is not None and not key.startswith("_") and key not in ("config", "func"):
             merged[key] = value
@@ -255,6 +248,35 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Name
         if hasattr(args, key):
             merged[key] = getattr(args, key)
     return argparse.Namespace(**merged)
+
+
+def file_settings(
+    args: argparse.Namespace, known: Container[str] | None = None
+) -> tuple[dict[str, tuple[Any, str]], list[str]]:
+    """The `--config` file of `args` (a parsed driver command) as {dest: (checked value, "file:line: key")}, None
+    values left out, and the file's keys whose dest is not in `known` (every key is known when None); ({}, [])
+    without --config. `resolve` merges these; `etkd`'s main reads `progress` from them before the command starts."""
+    specs: dict[str, Spec] = getattr(args, "_specs", {})
+    aliases: dict[str, str] = getattr(args, "_aliases", {})
+    negated: set[str] = getattr(args, "_negated", set())
+    config_path = getattr(args, "config", None)
+    if not config_path:
+        return {}, []
+    values, lines = load_config_file(config_path)
+    out, unknown = {}, []
+    for raw_key, value in values.items():
+        name = raw_key.replace("-", "_")
+        key = aliases.get(name, name)
+        where = f"{config_path}:{lines[raw_key]}" if raw_key in lines else str(config_path)
+        if known is not None and key not in known:
+            unknown.append(raw_key)
+            continue
+        spec = specs.get(key)
+        if spec is not None:
+            value = check_value(raw_key, value, spec, where)
+        if value is not None:
+            out[key] = (not value if name in negated else value, f"{where}: {raw_key}")
+    return out, unknown
 
 
 def settings_of(ns: argparse.Namespace) -> dict[str, Any]:

@@ -72,6 +72,9 @@ def register(sub) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer to save with the result (default: the source's)"
     )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no progress bars"
+    )
     p.set_defaults(func=run)
 
 

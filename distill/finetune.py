@@ -471,7 +471,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     model_dir = os.path.join(o["output_dir"], "model")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    print(f"[etkd finetune] {task}: {result['step']} steps, loss {result['loss']:.4f}; model in {model_dir}")
+    print(
+        f"[etkd finetune] {task}: {result['step']} step{'' if result['step'] == 1 else 's'}, loss {result['loss']:.4f}; model in {model_dir}"
+    )
     if eval_sets:
         metrics, info = evaluate_all(task, model, tokenizer, labels, o, eval_sets)
         name = o["name"] or os.path.basename(os.path.normpath(o["output_dir"]))

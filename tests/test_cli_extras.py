@@ -110,3 +110,103 @@ def test_no_progress_silences_transformers_bars_for_the_command_only(tmp_path, c
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err and "it/s]" not in err, err
     assert hf_logging.is_progress_bar_enabled()  # as it was before the command
+
+
+@pytest.mark.parametrize("setting", ["progress: false", "no-progress: true", "no_progress: true"])
+def test_progress_off_in_a_config_file_silences_the_libraries_too(tmp_path, monkeypatch, setting):
+    """`progress: false` in a --config file turns the libraries' bars off as `--no-progress` does (only the flag
+    did); `no-progress: true`, the flag's own name, means the same (it read as progress true)."""
+    pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+
+    from etkd.distill import pretrain
+    from etkd.distill.config import resolve
+
+    seen = {}
+
+    def run(args):
+        seen["bars"] = hf_logging.is_progress_bar_enabled()
+        seen["progress"] = resolve(args, pretrain.DEFAULTS).progress
+        return 0
+
+    monkeypatch.setattr(pretrain, "run", run)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"{setting}\n")
+    assert hf_logging.is_progress_bar_enabled()
+    assert cli.main(["pretrain", "--config", str(cfg), "--output-dir", str(tmp_path / "out")]) == 0
+    assert seen == {"bars": False, "progress": False}
+    assert hf_logging.is_progress_bar_enabled()  # as it was before the command
+    cfg.write_text("progress: true\n")
+    assert cli.main(["pretrain", "--config", str(cfg), "--output-dir", str(tmp_path / "out2")]) == 0
+    assert seen == {"bars": True, "progress": True}
+
+
+def _tiny_hf_roberta(path) -> str:
+    transformers = pytest.importorskip("transformers")
+    from test_data import WORDS, make_tokenizer_dir
+
+    cfg = transformers.RobertaConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=34, pad_token_id=0)  # fmt: skip
+    transformers.RobertaModel(cfg).save_pretrained(path)
+    make_tokenizer_dir(path)
+    return str(path)
+
+
+def test_convert_takes_no_progress(tmp_path, capfd):
+    """`etkd convert --no-progress`: no bars from transformers while it loads and writes (the flag did not exist)."""
+    source = _tiny_hf_roberta(tmp_path / "hf")
+    argv = ["convert", "--from", source, "--to", "longformer", "--max-positions", "64", "--window", "8",
+            "--format", "hf"]  # fmt: skip
+    capfd.readouterr()
+    assert cli.main([*argv, "--out", str(tmp_path / "loud")]) == 0
+    loud = capfd.readouterr().err
+    assert cli.main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    quiet = capfd.readouterr().err
+    assert "Loading weights" in loud, loud  # what the flag silences is there without it
+    assert "Loading weights" not in quiet and "it/s]" not in quiet, quiet
+
+
+def test_finetune_says_one_step_in_the_singular(tmp_path, capsys):
+    pytest.importorskip("accelerate")
+    import json
+
+    import torch
+    from test_data import WORDS, make_tokenizer_dir
+
+    from etkd.models import EncoderConfig, EncoderModel
+
+    torch.manual_seed(0)
+    model = tmp_path / "tiny"
+    cfg = EncoderConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                        max_positions=64)  # fmt: skip
+    EncoderModel(cfg).save_pretrained(str(model))
+    make_tokenizer_dir(model)
+    rows = [{"sentence": " ".join(WORDS[i : i + 4]), "label": i % 2} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for steps, said in ((1, "sst2: 1 step, loss"), (2, "sst2: 2 steps, loss")):
+        argv = ["finetune", "--task", "sst2", "--model", str(model), "--train-file", str(tmp_path / "train.jsonl"),
+                "--output-dir", str(tmp_path / f"run{steps}"), "--max-steps", str(steps), "--batch-size", "4",
+                "--no-progress", "--save-every", "0"]  # fmt: skip
+        assert cli.main(argv) == 0
+        assert said in capsys.readouterr().out
+
+
+def test_a_bad_nystrom_keep_value_is_said_before_the_command_starts(tmp_path, monkeypatch, capsys):
+    """ETKD_CPU_NYSTROM_KEEP is checked by `etkd`'s environment check, before any input is read (it was an error
+    only at the first Nystrom call, after the data was loaded)."""
+    from etkd_kernels import cpu
+
+    if cpu.unavailable_reason() is not None:
+        pytest.skip(f"the cpu kernels are not available here: {cpu.unavailable_reason()}")
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", "sometimes")
+    argv = ["convert", "--from", str(tmp_path / "missing"), "--to", "nystrom", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "etkd convert: error: ETKD_CPU_NYSTROM_KEEP=sometimes: expected auto, none, k1, k3, k1,k3"
+    ], err
+    monkeypatch.setenv("ETKD_CPU_NYSTROM_KEEP", "k1")
+    assert cli.main(argv) == 2
+    assert (
+        "--from" in capsys.readouterr().err
+    )  # a good value: on to the command, which refuses the missing input
