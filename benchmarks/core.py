@@ -10,6 +10,7 @@ environment (CPU, ISA, threads, torch).
 from __future__ import annotations
 
 import json
+import os
 import resource
 
 import torch
@@ -18,7 +19,7 @@ from etkd.models.patterns import PATTERNS
 
 from . import harness
 from . import providers as P
-from .harness import environment, run_fresh, time_call
+from .harness import HEAP_VAR, environment, run_fresh, time_call
 
 BASELINES = ("hf-core", "flex", "sdpa", "flash-attn")
 
@@ -52,9 +53,11 @@ def measure(
             row[f"{name}_minflt"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
             if memory:
                 spec = {**setup.build_args, "provider": name, "mode": mode}
-                row[f"{name}_peak_mib"] = run_fresh("etkd.benchmarks.providers:peak_memory", spec).get(
-                    "peak_mib"
-                )
+                # a peak means something on glibc's default heap only (a warm one serves the call from kept pages)
+                heap = "default" if os.environ.get(HEAP_VAR) else None
+                row[f"{name}_peak_mib"] = run_fresh(
+                    "etkd.benchmarks.providers:peak_memory", spec, heap=heap
+                ).get("peak_mib")
         for name in [n for n in setup.providers if n.startswith("etkd-") and f"{n}_ms" in row]:
             row[f"{name}_useful_gflops"] = setup.flops_of(mode) / (row[f"{name}_ms"] / 1e3) / 1e9
             for base in BASELINES:
