@@ -14,6 +14,10 @@ and HF / ours of the medians and of every round.
     avx2-epyc     ETKD_CPU_ISA=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only EPYC; on a CPU whose widest target
                   is avx2 (a real AVX2-only EPYC) it is the default set, run only when named in --switches
 
+`--heap default|warm|both|...` (benchmarks/harness.py: HEAPS) runs the whole comparison once per heap, each in a child
+whose switch sets' workers inherit that heap (warm: tcmalloc preloaded, so neither side pays page faults on a fresh
+large tensor per call); without it the workers run on this process's heap.
+
 `--profile` then runs ours `--repeats` more times per mode with the per-phase timers on (ETKD_CPU_PROFILE's, read by
 `_C.nystrom_profile()`: each phase's thread CPU time summed over threads, so phases measured under load stay
 comparable) and prints, per phase, ms per call and the multiply-adds per second of its products, the calling thread's
@@ -77,11 +81,12 @@ def worker(seq: int, repeats: int, modes: list[str], profile: bool = False) -> d
     import torch
 
     from etkd_kernels import _C
+    from etkd_kernels.timing import heap
 
     from . import providers as P
 
     setup = P.build("nystrom", seq, backends=["cpu"])
-    out = {"isa": _C.isa(), "threads": torch.get_num_threads(), "load": [os.getloadavg()[0]]}
+    out = {"isa": _C.isa(), "threads": torch.get_num_threads(), "heap": heap(), "load": [os.getloadavg()[0]]}
     for mode in modes:
         calls = {side: setup.call(side, mode) for side in SIDES}
         for call in calls.values():
@@ -132,9 +137,9 @@ def print_phases(phases: dict[str, float], threads: int, seq: int, heads: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .harness import parser
+    from .harness import parser, rerun_per_heap
 
-    ap = parser(__doc__.splitlines()[0], seq=4096, repeats=5, threads=2)
+    ap = parser(__doc__.splitlines()[0], heap=True, seq=4096, repeats=5, threads=2)
     ap.add_argument(
         "--switches",
         nargs="+",
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.seq, args.repeats, args.modes, args.profile)))
         return 0
+    # --heap: one child per heap, whose switch sets' workers inherit its environment (so run on that heap)
+    if (code := rerun_per_heap(args, "etkd.benchmarks.nystrom_switches", argv)) is not None:
+        return code
     from etkd_kernels import _C
     from etkd_kernels.timing import environment
 
@@ -172,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         set_text = " ".join(f"{k}={v}" for k, v in SWITCHES[name].items()) or "(none)"
-        print(f"\n{name}: {set_text}; etkd target {r['isa']}, {r['threads']} threads, load {r['load'][0]:.1f}"
-              f"-{r['load'][1]:.1f}")  # fmt: skip
+        print(f"\n{name}: {set_text}; etkd target {r['isa']}, {r['threads']} threads, heap {r['heap']}, load "
+              f"{r['load'][0]:.1f}-{r['load'][1]:.1f}")  # fmt: skip
         for mode in args.modes:
             hf, ours = r[mode]["hf-core"], r[mode]["etkd-cpu"]
             rounds = ", ".join(f"{h / o:.2f}" for h, o in zip(hf, ours))

@@ -571,3 +571,21 @@ def test_switch_sets_a_cpu_cannot_take_are_skipped_saying_why():
     assert plan(["default", "avx2-epyc"], ["avx2"]) == [("default", None), ("avx2-epyc", None)]
     assert [why for _, why in plan(None, ["avx2", "avx512", "avx512_bf16"])] == [None, None, None]
     assert dict(plan(["zen4"], ["avx2", "avx512"]))["zen4"].startswith("this CPU cannot run the avx512_bf16")
+
+
+def test_switches_run_on_the_heap_asked_for(capfd):
+    """nystrom_switches --heap: the comparison reruns in a child per heap, and that child's switch-set workers (which
+    time both sides) run on the heap too (warm: tcmalloc preloaded; where it is not installed the heap is skipped
+    saying how to get it)."""
+    from etkd.benchmarks import nystrom_switches
+
+    argv = ["--heap", "warm", "--seq", "64", "--repeats", "1", "--threads", "1", "--switches", "default",
+            "--modes", "fwd"]  # fmt: skip
+    assert nystrom_switches.main(argv) == 0
+    out = capfd.readouterr().out
+    if "## heap warm: skipped" in out:
+        assert "apt install" in out
+        return
+    assert "## heap warm:" in out
+    assert ", heap warm: tcmalloc" in out, out  # the worker's own heap, in its set's heading
+    assert "HF / ours" in out
