@@ -46,6 +46,7 @@ __all__ = [
     "fault_probe",
     "heap",
     "heap_env",
+    "heap_table",
     "heaps_of",
     "parser",
     "per_heap",
@@ -211,6 +212,31 @@ def per_heap(args: argparse.Namespace, module: str, argv: list[str] | None, json
             else:
                 out[name] = {"exit": code}
     return out
+
+
+def heap_table(by_heap: dict[str, dict], label: str, baseline: str, ours: str = "etkd") -> str:
+    """`per_heap`'s results side by side: one line per row (the children's JSON `rows`, each with `label`, and
+    seconds `<baseline>_s` and `<ours>_s`), per heap `<baseline> / <ours>` seconds and their ratio; a heap that did
+    not run shows its status."""
+    heaps = list(by_heap)
+    head = (
+        f"| {label} | "
+        + " | ".join(f"{h}: {baseline} / {ours} s | {h}: {baseline} / {ours}" for h in heaps)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    keyed = {h: {str(r[label]): r for r in res.get("rows", [])} for h, res in by_heap.items()}
+    for key in dict.fromkeys(k for rows in keyed.values() for k in rows):
+        cells = []
+        for h in heaps:
+            r = keyed[h].get(key)
+            if r is None:
+                cells += [by_heap[h].get("status", "—"), "—"]
+            else:
+                b, o = r[f"{baseline}_s"], r[f"{ours}_s"]
+                cells += [f"{b:.3f} / {o:.3f}", f"**{b / o:.2f}×**"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def rerun_per_heap(args: argparse.Namespace, module: str, argv: list[str] | None = None) -> int | None:

@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
-    if (code := harness.rerun_per_heap(args, "etkd.benchmarks.hf_patch", argv)) is not None:
-        return code
+    by_heap = harness.per_heap(args, "etkd.benchmarks.hf_patch", argv, json_flag="--json")
+    if by_heap is not None:  # the whole comparison once per heap, each in a fresh process
+        print(harness.heap_table(by_heap, "mode", "hf", "etkd"))
+        return 1 if any(r.get("status", "").startswith("error") for r in by_heap.values()) else 0
     pattern = PATTERNS[args.attention]
     if args.window is not None and "window" not in pattern.settings:
         p.error(f"--window: attention {args.attention!r} has no window setting")

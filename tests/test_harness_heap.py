@@ -109,3 +109,19 @@ def test_heap_flag_reruns_a_script_once_per_heap(capfd):
     )
     assert '"heap": "glibc-keep: glibc malloc, glibc.malloc.mmap_threshold=' in out
     assert harness.rerun_per_heap(argparse.Namespace(heap=None), "etkd.benchmarks.harness") is None
+
+
+def test_heap_table_puts_each_heap_side_by_side():
+    by_heap = {"default": {"rows": [{"mode": "fwd", "hf_s": 2.0, "etkd_s": 0.5}, {"mode": "fwd+bwd", "hf_s": 3.0,
+                                                                                   "etkd_s": 1.0}]},
+               "warm": {"status": "skipped: heap warm: libtcmalloc_minimal.so.4 not found"}}  # fmt: skip
+    lines = harness.heap_table(by_heap, "mode", "hf", "etkd").splitlines()
+    assert (
+        lines[0]
+        == "| mode | default: hf / etkd s | default: hf / etkd | warm: hf / etkd s | warm: hf / etkd |"
+    )
+    assert (
+        lines[2]
+        == "| fwd | 2.000 / 0.500 | **4.00×** | skipped: heap warm: libtcmalloc_minimal.so.4 not found | — |"
+    )
+    assert lines[3].startswith("| fwd+bwd | 3.000 / 1.000 | **3.00×** |")
