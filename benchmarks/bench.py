@@ -21,7 +21,7 @@ import torch
 
 from etkd_kernels.timing import model_step
 
-from .harness import PeakMemory, environment, run_fresh, time_call
+from .harness import HEAPS, PeakMemory, add_heap_arg, environment, heaps_of, run_fresh, time_call
 from .patterns import BENCHES
 from .providers import DTYPES
 
@@ -58,6 +58,7 @@ class Row:
     time_p80: float | None = None
     peak_mib: float | None = None
     status: str = "ok"
+    heap: str | None = None  # the heap (harness.HEAPS) its process ran on; None: as `etkd bench` was started
 
 
 def model_config(family: str, seq: int, shape: tuple[int, int, int, int, int], window: int | None = None):
@@ -200,7 +201,10 @@ def run_bench(
     progress: bool = True,
     mode: str = "infer",
     dtype: str = "fp32",
+    heaps: list[str] | None = None,
 ) -> list[dict]:
+    """Every row in a fresh process (`harness.run_fresh`), once per heap of `heaps` (harness.HEAPS; None: as this
+    process was started)."""
     from tqdm import tqdm
 
     dev = torch.device(device)
@@ -211,15 +215,23 @@ def run_bench(
                 for seq in seq_lens:
                     if fam == "full" and seq > 512:
                         continue  # BERT's own 512 positions; "full-4096" is the Table 4 extension
-                    row = Row(fam, student, impl, seq, batch, mode, dtype)
-                    jobs.append({"row": asdict(row), "size": size, "device": device, "repeats": repeats,
-                                 "warmup": warmup, "window": window})  # fmt: skip
+                    for heap in heaps or [None]:
+                        row = Row(fam, student, impl, seq, batch, mode, dtype, heap=heap)
+                        jobs.append({"row": asdict(row), "size": size, "device": device, "repeats": repeats,
+                                     "warmup": warmup, "window": window})  # fmt: skip
     rows = []
     for spec in tqdm(jobs, desc="etkd bench", disable=not progress):
-        if spec["row"]["impl"] in PEERS:
+        heap = spec["row"]["heap"]
+        if spec["row"]["impl"] in PEERS and heap is not None:
+            res = {"status": f"skipped: the peer's side environment does not take --heap (heap {heap})"}
+        elif spec["row"]["impl"] in PEERS:
             res = peer_row(spec, timeout)
         else:
-            res = run_fresh("etkd.benchmarks.bench:worker", spec, timeout)
+            res = run_fresh("etkd.benchmarks.bench:worker", spec, timeout, heap=heap)
+            if heap not in (None, "default") and "peak_mib" in res:
+                res["peak_mib"] = (
+                    None  # a warm heap serves the call from pages kept since the warm-up: not a peak
+                )
         rows.append(res if "time_s" in res else {**spec["row"], **res})
     return rows
 
@@ -342,6 +354,7 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per measured row")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_heap_arg(p)
     p.set_defaults(func=run)
 
 
@@ -353,15 +366,26 @@ def run(args) -> int:
 
         raise UserError(f"--models: unknown {unknown}; expected some of {list(FAMILIES)}")
     backends = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    try:
+        heaps = heaps_of(args.heap)
+    except ValueError as exc:
+        from etkd.distill.errors import UserError
+
+        raise UserError(str(exc)) from None
     env = environment(args.device)
     print(f"etkd bench: mode={args.mode} dtype={args.dtype} size={args.size} batch={args.batch} "
           f"seq={args.seq_lens} device={args.device} ({env.line()})")  # fmt: skip
     rows = run_bench(families, args.seq_lens, args.batch, args.size, args.device, backends, args.repeats,
                      args.warmup, not args.no_students, args.timeout, args.window, args.progress, mode=args.mode,
-                     dtype=args.dtype)  # fmt: skip
+                     dtype=args.dtype, heaps=heaps)  # fmt: skip
     for r in rows:
         r["environment"] = env.as_dict()
-    table = format_tables(rows, args.seq_lens, torch.device(args.device).type)
+    device = torch.device(args.device).type
+    if heaps:  # one table per heap, each comparing rows of that heap
+        table = "\n\n".join(f"heap {h}: {HEAPS[h]}\n" + format_tables([r for r in rows if r.get("heap") == h],
+                              args.seq_lens, device) for h in heaps)  # fmt: skip
+    else:
+        table = format_tables(rows, args.seq_lens, device)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:

@@ -10,11 +10,12 @@ bits: LayerNorm-scaled states are expected within a few 1e-2).
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
-from etkd_kernels.timing import time_call
+from etkd_kernels.timing import heap, time_call
 
 from . import harness
 from .bench import SIZES, add_attention_arg, hf_pair, model_config
@@ -30,10 +31,15 @@ def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, torch.Tensor]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.parser(__doc__.splitlines()[0], seq=4096, layers=12, repeats=2, threads=2)
+    ap = harness.parser(__doc__.splitlines()[0], heap=True, seq=4096, layers=12, repeats=2, threads=2)
     ap.add_argument("--no-warmup", action="store_true", help="time the first call too (long runs)")
+    ap.add_argument("--json", help="write the rows here")
     add_attention_arg(ap)
     a = ap.parse_args(argv)
+    by_heap = harness.per_heap(a, "etkd.benchmarks.bench_bf16", argv, json_flag="--json")
+    if by_heap is not None:  # the whole comparison once per heap, each in a fresh process
+        print(harness.heap_table(by_heap, "etkd", "hf", "etkd"))
+        return 1 if any(r.get("status", "").startswith("error") for r in by_heap.values()) else 0
     torch.set_num_threads(a.threads)
     from etkd.models.patterns import PATTERNS
     from etkd_kernels.cpu import isa_summary
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     with open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     print(
-        f"# {model}; cpu backend {isa_summary()}; torch {torch.__version__}; {a.threads} threads; load {os.getloadavg()}"
+        f"# {model}; cpu backend {isa_summary()}; torch {torch.__version__}; {a.threads} threads; heap {heap()}; "
+        f"load {os.getloadavg()}"
     )
     stem = type(hf).__name__.removesuffix("Model")
     print(f"# {stem} {a.layers} layers x {cfg.hidden_size}, {pattern_label(a.attention)}, batch 1 x {a.seq}, "
@@ -69,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         f"etkd bf16 autocast           {t16:8.3f} s  {t_hf / t16:.2f}x  max|diff| "
         f"{float((y16.float() - y_hf).abs().max()):.2e}  mean|diff| {float((y16.float() - y_hf).abs().mean()):.2e}"
     )
+    if a.json:
+        rows = [
+            {"etkd": "fp32", "hf_s": t_hf, "etkd_s": t32},
+            {"etkd": "bf16 autocast", "hf_s": t_hf, "etkd_s": t16},
+        ]
+        with open(a.json, "w") as f:
+            json.dump({"heap": heap(), "rows": rows}, f, indent=1)
     return 0
 
 

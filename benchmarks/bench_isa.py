@@ -7,8 +7,12 @@ ETKD_CPU_ISA=avx2 plus MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2,
 products call is also limited to AVX2, as on an AVX2-only CPU. `--no-amx` adds an "AVX512-BF16 CPU without AMX"
 configuration (AMD Zen 4/5) on an AMX CPU: ETKD_CPU_ISA=avx512_bf16, ETKD_CPU_AMX=0 (bf16 tiles on the own
 vdpbf16ps kernels), MKL_ENABLE_INSTRUCTIONS=AVX512_E3 and ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (no AMX in MKL or
-oneDNN either). The CPU's model and its SIMD flags are printed first; every child says what multiplied its bf16
-tiles (`_C.bf16_products()`). Shapes: batch 1, 12 heads x 64, seq 4096;
+oneDNN either). The CPU's model (family and model numbers), its SIMD flags and the code path MKL takes on it
+(`MKL_VERBOSE`'s line for one sgemm: MKL picks its kernels per CPU, which moves HF's side and BLAS tiles) are printed
+first; the default targets are those built that this CPU runs, and a target, `--no-amx` or `--mkl-avx2`
+configuration it cannot run is skipped with the reason (an AVX2-only CPU runs `avx2` alone). Every child says what
+multiplied its bf16 tiles (`_C.bf16_products()`) and on which heap it ran (`--heap`: every configuration once per
+heap, `etkd.benchmarks.harness.HEAPS`). Shapes: batch 1, 12 heads x 64, seq 4096;
 sliding window 512 (no globals); BigBird block-sparse 64 (3 window + 2 global + 3 random blocks).
 
 Each round times every case with the project's one timer (`etkd_kernels.timing.time_call`, median of
@@ -32,7 +36,9 @@ import sys
 
 import torch
 
-from etkd_kernels.timing import Timing, time_call
+from etkd_kernels.timing import Timing, environment, heap, time_call
+
+from .harness import HeapUnavailable, add_heap_arg, heap_env, heaps_of
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,7 +54,7 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
         "sliding_window": lambda q, k, v: ek.sliding_window_attention(q, k, v, 512, backend="cpu"),
         "block_sparse": lambda q, k, v: ek.block_sparse_attention(q, k, v, layout, backend="cpu"),
     }
-    res: dict = {"isa": _C.isa(), "bf16": _C.bf16_products(), "times": {}, "phases": {}}
+    res: dict = {"isa": _C.isa(), "bf16": _C.bf16_products(), "heap": heap(), "times": {}, "phases": {}}
     res["rates"] = _C.product_rates()  # the own micro-kernels' peak on one thread (about 25 ms)
     for pattern in patterns:
         for dn in dtypes:
@@ -74,7 +80,9 @@ def _child(patterns: list[str], dtypes: list[str], modes: list[str], seq: int, r
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--isas", nargs="+", default=["avx2", "avx512", "avx512_bf16"])
+    ap.add_argument("--isas", nargs="+", default=None,
+                    help="kernel targets (default: every one built that this CPU runs); one it cannot run is "
+                    "skipped with the reason")  # fmt: skip
     ap.add_argument("--mkl-avx2", action="store_true", help="add the AVX2-CPU emulation (BLAS limited too)")
     ap.add_argument(
         "--blas", action="store_true", help="add each ISA with BLAS tile products (ETKD_CPU_GEMM=blas)"
@@ -92,45 +100,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds over configurations (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="per-phase kernel time (ETKD_CPU_PROFILE=1)")
+    add_heap_arg(ap)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.child:
         print(json.dumps(_child(a.patterns, a.dtypes, a.modes, a.seq, a.repeats)))
         return 0
-    configs = {isa: {"ETKD_CPU_ISA": isa} for isa in a.isas}
-    if a.blas:
-        configs.update({f"{isa}+blas": {"ETKD_CPU_ISA": isa, "ETKD_CPU_GEMM": "blas"} for isa in a.isas})
-    if a.mkl_avx2:
-        configs["avx2+mkl_avx2"] = {
-            "ETKD_CPU_ISA": "avx2",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-            "ONEDNN_MAX_CPU_ISA": "AVX2",
-        }
-        if a.blas:
-            configs["avx2+blas+mkl_avx2"] = dict(configs["avx2+mkl_avx2"], ETKD_CPU_GEMM="blas")
-    if a.no_amx:
-        configs["avx512_bf16+noamx"] = dict(_NO_AMX, ETKD_CPU_ISA="avx512_bf16")
-        if a.blas:
-            configs["avx512_bf16+blas+noamx"] = dict(configs["avx512_bf16+noamx"], ETKD_CPU_GEMM="blas")
-    if a.profile:
-        configs = {c: dict(env, ETKD_CPU_PROFILE="1") for c, env in configs.items()}
+    # What this CPU is, before anything runs: the README's table is per CPU family.
+    print(f"# {environment().cpu}; SIMD flags: {' '.join(_simd_flags()) or 'unknown'}", flush=True)
+    print(f"# torch {torch.__version__} (its own vector ISA {torch.backends.cpu.get_cpu_capability()}); "
+          f"{_blas_path()}", flush=True)  # fmt: skip
+    configs, skipped = _configs(a)
+    for name, why in skipped.items():
+        print(f"# {name}: skipped: {why}", flush=True)
+    try:
+        heaps = heaps_of(a.heap)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if heaps:  # every configuration once per heap, each in its own child (the heap is chosen at start-up)
+        on_heaps = {}
+        for c, env in configs.items():
+            for h in heaps:
+                try:
+                    on_heaps[f"{c}@{h}"] = heap_env(h, dict(os.environ, **env))
+                except HeapUnavailable as exc:
+                    print(f"# {c}@{h}: skipped: {exc}", flush=True)
+        configs = on_heaps
+    else:
+        configs = {c: dict(os.environ, **env) for c, env in configs.items()}
+    if not configs:
+        print("# nothing to run")
+        return 0
     rows: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
     phases: dict[str, dict[str, dict[str, list[float]]]] = {c: {} for c in configs}
     argv_child = [sys.executable, "-m", "etkd.benchmarks.bench_isa", "--child", "1", "--seq", str(a.seq)]
     argv_child += ["--repeats", str(a.repeats), "--threads", str(a.threads), "--patterns", *a.patterns]
     argv_child += ["--dtypes", *a.dtypes, "--modes", *a.modes]
-    print(f"# {_cpu_model()}; SIMD flags: {' '.join(_simd_flags()) or 'unknown'}")
     loads, bf16, rates = [], {}, {}
     for _ in range(a.rounds):
         for name, env in configs.items():
             loads.append(os.getloadavg()[0])
-            out = subprocess.run(argv_child, env=dict(os.environ, **env), capture_output=True, text=True)
+            out = subprocess.run(argv_child, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{name}: {out.stderr[-2000:]}")
             got = json.loads(out.stdout.strip().splitlines()[-1])
             bf16[name] = (
-                f"{got['isa']}, bf16 tiles fwd {got['bf16']['forward']} / bwd {got['bf16']['backward']}"
+                f"{got['isa']}, bf16 tiles fwd {got['bf16']['forward']} / bwd {got['bf16']['backward']}; "
+                f"heap {got['heap']}"
             )
             for kind, val in got["rates"].items():  # the best round: the least disturbed by other load
                 rates.setdefault(name, {})[kind] = max(val, rates.get(name, {}).get(kind, 0.0))
@@ -186,6 +203,76 @@ def main(argv: list[str] | None = None) -> int:
                 cells = " | ".join(f"{1e3 * statistics.median(ph[n]):.0f}" for n in names)
                 print(f"| {c} | {key} | {1e3 * med[c][key]:.0f} | {cells} |")
     return 0
+
+
+def _configs(a: argparse.Namespace) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """({configuration: its environment variables}, {configuration: why it is skipped}) for the command line `a`:
+    the targets this CPU cannot run (or that are not built) are skipped with the reason, not errors."""
+    from etkd_kernels import cpu
+
+    why = cpu.unavailable_reason()
+    if why is not None:
+        raise SystemExit(f"bench_isa: the cpu kernels are not available: {why}")
+    from etkd_kernels import _C
+
+    built, runs = list(_C.built_isas()), list(_C.supported_isas())
+    flags = " ".join(_simd_flags()) or "unknown"
+
+    def cannot(isa: str) -> str | None:
+        if isa not in built:
+            return f"target {isa} is not built here (built: {', '.join(built)})"
+        if isa not in runs:
+            return f"this CPU cannot run target {isa} (it runs: {', '.join(runs)}; its flags: {flags})"
+        return None
+
+    configs, skipped = {}, {}
+    for isa in a.isas or runs:
+        if (why := cannot(isa)) is not None:
+            skipped[isa] = why
+            continue
+        configs[isa] = {"ETKD_CPU_ISA": isa}
+        if a.blas:
+            configs[f"{isa}+blas"] = {"ETKD_CPU_ISA": isa, "ETKD_CPU_GEMM": "blas"}
+    if a.mkl_avx2 and (why := cannot("avx2")) is not None:
+        skipped["avx2+mkl_avx2"] = why
+    elif a.mkl_avx2:
+        configs["avx2+mkl_avx2"] = {
+            "ETKD_CPU_ISA": "avx2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2",
+        }
+        if a.blas:
+            configs["avx2+blas+mkl_avx2"] = dict(configs["avx2+mkl_avx2"], ETKD_CPU_GEMM="blas")
+    if a.no_amx:
+        if (why := cannot("avx512_bf16")) is not None:
+            skipped["avx512_bf16+noamx"] = f"{why}: no bf16 tile products to take off AMX"
+        else:
+            configs["avx512_bf16+noamx"] = dict(_NO_AMX, ETKD_CPU_ISA="avx512_bf16")
+            if a.blas:
+                configs["avx512_bf16+blas+noamx"] = dict(configs["avx512_bf16+noamx"], ETKD_CPU_GEMM="blas")
+    if a.profile:
+        configs = {c: dict(env, ETKD_CPU_PROFILE="1") for c, env in configs.items()}
+    return configs, skipped
+
+
+def _blas_path() -> str:
+    """Which BLAS torch's fp32 GEMMs run here and the code path MKL says it takes on this CPU (one sgemm in a
+    child with MKL_VERBOSE=1: the ISA MKL dispatched to), e.g. "MKL 2024.2: ... AVX2 enabled processors"."""
+    if not torch.backends.mkl.is_available():
+        return "BLAS: torch has no MKL"
+    code = "import torch; a = torch.ones(64, 64); torch.mm(a, a)"
+    env = dict(os.environ, MKL_VERBOSE="1")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return "MKL (its code path not read: timeout)"
+    line = next(
+        (ln for ln in out.stdout.splitlines() if ln.startswith("MKL_VERBOSE") and "SGEMM" not in ln), ""
+    )
+    said = line.removeprefix("MKL_VERBOSE").strip()
+    return f"MKL: {said}" if said else "MKL (MKL_VERBOSE printed no version line)"
 
 
 # What an AVX512-BF16 CPU without AMX runs: our kernels off AMX, MKL and oneDNN (torch's own GEMMs) limited too.

@@ -9,15 +9,17 @@ environment (CPU, ISA, threads, torch).
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import resource
 
 import torch
 
 from etkd.models.patterns import PATTERNS
 
+from . import harness
 from . import providers as P
-from .harness import environment, run_fresh, time_call
+from .harness import HEAP_VAR, environment, run_fresh, time_call
 
 BASELINES = ("hf-core", "flex", "sdpa", "flash-attn")
 
@@ -31,7 +33,8 @@ def matmul_gflops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.fl
 def measure(
     setup: P.Setup, modes: list[str], repeats: int, memory: bool = False, providers: list[str] | None = None
 ) -> list[dict]:
-    """One row per mode: `<provider>_ms` (median), `_p20_ms`, `_p80_ms`, with memory `<provider>_peak_mib`,
+    """One row per mode: `<provider>_ms` (median), `_p20_ms`, `_p80_ms`, `_minflt` (page faults per timed call),
+    with memory `<provider>_peak_mib`,
     per etkd provider its useful GFLOP/s and `<baseline>_over_<etkd provider>` time (and memory) ratios."""
     env = environment(setup.device).as_dict()
     rows = []
@@ -41,13 +44,20 @@ def measure(
         for name in providers or setup.providers:
             if name not in setup.providers or (mode == "fwd_bwd" and name in setup.forward_only):
                 continue
-            t = time_call(setup.call(name, mode), repeats, device=setup.device)
+            call = setup.call(name, mode)
+            call()  # the warm-up, outside the page-fault count
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = time_call(call, repeats, warmup=0, device=setup.device)
             row[f"{name}_ms"], row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = (1e3 * t.median, 1e3 * t.p20, 1e3 * t.p80)  # fmt: skip
+            # page faults per timed call: a heap that hands large blocks back to the OS shows here (--heap)
+            row[f"{name}_minflt"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
             if memory:
                 spec = {**setup.build_args, "provider": name, "mode": mode}
-                row[f"{name}_peak_mib"] = run_fresh("etkd.benchmarks.providers:peak_memory", spec).get(
-                    "peak_mib"
-                )
+                # a peak means something on glibc's default heap only (a warm one serves the call from kept pages)
+                heap = "default" if os.environ.get(HEAP_VAR) else None
+                row[f"{name}_peak_mib"] = run_fresh(
+                    "etkd.benchmarks.providers:peak_memory", spec, heap=heap
+                ).get("peak_mib")
         for name in [n for n in setup.providers if n.startswith("etkd-") and f"{n}_ms" in row]:
             row[f"{name}_useful_gflops"] = setup.flops_of(mode) / (row[f"{name}_ms"] / 1e3) / 1e9
             for base in BASELINES:
@@ -111,19 +121,48 @@ def markdown(rows: list[dict], ours: str = "etkd-cpu") -> str:
     return "\n".join(lines)
 
 
+def markdown_heaps(by_heap: dict[str, list[dict] | dict], ours: str = "etkd-cpu") -> str:
+    """`--heap`'s table: per pattern and mode, HF's core and `ours` side by side on each heap (each heap's rows
+    from its own fresh process)."""
+    heaps = list(by_heap)
+    head = (
+        "| pattern | seq | mode | "
+        + " | ".join(f"{h}: HF core / etkd ms | {h}: page faults per call | {h}: HF / etkd" for h in heaps)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    keyed = {h: {(r["pattern"], r["seq"], r["mode"]): r for r in rows} if isinstance(rows, list) else {}
+             for h, rows in by_heap.items()}  # fmt: skip
+    cases = list(dict.fromkeys(key for rows in keyed.values() for key in rows))
+    for pattern, seq, mode in cases:
+        cells = []
+        for h in heaps:
+            r = keyed[h].get((pattern, seq, mode))
+            if r is None:
+                why = by_heap[h].get("status", "—") if isinstance(by_heap[h], dict) else "—"
+                cells += [why, "—", "—"]
+                continue
+            ms = " / ".join(f"{r[f'{n}_ms']:.0f}" if f"{n}_ms" in r else "—" for n in ("hf-core", ours))
+            flt = " / ".join(
+                f"{r[f'{n}_minflt']:.0f}" if f"{n}_minflt" in r else "—" for n in ("hf-core", ours)
+            )
+            ratio = f"**{r[f'hf-core_over_{ours}']:.2f}×**" if f"hf-core_over_{ours}" in r else "—"
+            cells += [ms, flt, ratio]
+        shown = "fwd+bwd" if mode == "fwd_bwd" else "fwd"
+        lines.append(f"| {pattern_label(pattern)} | {seq} | {shown} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__.splitlines()[0], heap=True, seq=4096, batch=1, repeats=3)
     p.add_argument("--patterns", default=",".join(P.PATTERNS))
-    p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--backends", default="cpu,reference", help="etkd backends (comma list)")
     p.add_argument("--providers", default=None, help="comma list (default: every provider that runs)")
     p.add_argument("--modes", default="fwd,fwd_bwd")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(P.DTYPES), default="fp32")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--memory", action="store_true", help="peak extra memory per call, each in a fresh process"
     )
@@ -132,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-pytest-benchmark", metavar="JSON", default=None,
                    help="print the README table of a `make bench` result instead of measuring")  # fmt: skip
     a = p.parse_args(argv)
+    by_heap = harness.per_heap(a, "etkd.benchmarks.core", argv, json_flag="--json")
+    if by_heap is not None:  # each heap's rows measured in a fresh process of its own
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(by_heap, f, indent=2)
+        print(markdown_heaps(by_heap))
+        return 0
     if a.from_pytest_benchmark:
         rows = from_pytest_benchmark(a.from_pytest_benchmark)
         env = next((r["environment"] for r in rows if r.get("environment")), None)

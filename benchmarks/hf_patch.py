@@ -34,7 +34,7 @@ def _build(attention: str, layers: int, hidden: int, heads: int, window: int | N
 def main(argv: list[str] | None = None) -> int:
     import etkd.hf
 
-    p = harness.parser(__doc__.splitlines()[0], layers=12, seq=4096, batch=1, repeats=3)
+    p = harness.parser(__doc__.splitlines()[0], heap=True, layers=12, seq=4096, batch=1, repeats=3)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     add_attention_arg(p)
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
+    by_heap = harness.per_heap(args, "etkd.benchmarks.hf_patch", argv, json_flag="--json")
+    if by_heap is not None:  # the whole comparison once per heap, each in a fresh process
+        print(harness.heap_table(by_heap, "mode", "hf", "etkd"))
+        return 1 if any(r.get("status", "").startswith("error") for r in by_heap.values()) else 0
     pattern = PATTERNS[args.attention]
     if args.window is not None and "window" not in pattern.settings:
         p.error(f"--window: attention {args.attention!r} has no window setting")
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ", ".join(f"{k} {getattr(cfg, k)}" for k in pattern.settings)
     print(
         f"{type(hf_model).__name__} {args.layers}x{args.hidden}, {args.heads} heads, {settings}, "
-        f"{args.batch}x{args.seq}, fp32, {env.cpu} ({env.isa}), {env.threads} threads, torch {env.torch}, "
+        f"{args.batch}x{args.seq}, fp32, {env.cpu} ({env.isa}), {env.threads} threads, torch {env.torch}, heap {env.heap}, "
         f"load {os.getloadavg()[0]:.1f}; max |patched - HF| / max |HF| = {err:.1e}"
     )
     rows = []

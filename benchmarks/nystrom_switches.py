@@ -6,11 +6,17 @@ call by call for `--repeats` rounds, forward and forward + backward (12 heads x 
 `pinv_init="hf_global"`, the core comparison's `providers.build("nystrom", ...)`); the table gives each median
 and HF / ours of the medians and of every round.
 
-    default       the CPU's own paths (here: avx512_bf16 target, AMX, MKL's own choice)
+    default       the CPU's own paths (its widest etkd target, AMX where present, MKL's own choice)
     zen4          ETKD_CPU_AMX=0, MKL_ENABLE_INSTRUCTIONS=AVX2: AVX-512 and AVX512-BF16 without AMX, and MKL on
                   its AVX2 code path as on an AMD CPU (AMD Zen 4 runs 512-bit ops as two 256-bit halves, so
-                  its FLOP rate is AVX2's: the avx2-epyc set bounds it from that side)
-    avx2-epyc     ETKD_CPU_ISA=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only EPYC
+                  its FLOP rate is AVX2's: the avx2-epyc set bounds it from that side); needs a CPU with
+                  AVX512-BF16 (elsewhere it would run another target under its name: skipped, saying so)
+    avx2-epyc     ETKD_CPU_ISA=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2: an AVX2-only EPYC; on a CPU whose widest target
+                  is avx2 (a real AVX2-only EPYC) it is the default set, run only when named in --switches
+
+`--heap default|warm|both|...` (benchmarks/harness.py: HEAPS) runs the whole comparison once per heap, each in a child
+whose switch sets' workers inherit that heap (warm: tcmalloc preloaded, so neither side pays page faults on a fresh
+large tensor per call); without it the workers run on this process's heap.
 
 `--profile` then runs ours `--repeats` more times per mode with the per-phase timers on (ETKD_CPU_PROFILE's, read by
 `_C.nystrom_profile()`: each phase's thread CPU time summed over threads, so phases measured under load stay
@@ -35,6 +41,27 @@ SWITCHES = {
     "avx2-epyc": {"ETKD_CPU_ISA": "avx2", "ETKD_CPU_AMX": "0", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 SIDES = ("hf-core", "etkd-cpu")
+# The etkd target a set emulates another CPU with: this CPU must run it (`_C.supported_isas()`), else the set would
+# time this CPU's own path under another CPU's name.
+NEEDS = {"zen4": "avx512_bf16", "avx2-epyc": "avx2"}
+
+
+def plan(named: list[str] | None, supported: list[str]) -> list[tuple[str, str | None]]:
+    """(set, reason it is skipped or None) for the sets to report, in order: `named` (--switches) or every set. A set
+    whose target this CPU lacks is skipped; unnamed, avx2-epyc is skipped too where avx2 is the widest target (it is
+    then the default set: the same target, and MKL_ENABLE_INSTRUCTIONS=AVX2 changes nothing on an AVX2-only CPU)."""
+    rows = []
+    for name in named or list(SWITCHES):
+        need = NEEDS.get(name)
+        if need and need not in supported:
+            rows.append((name, f"this CPU cannot run the {need} target it emulates with (supported: "
+                               f"{', '.join(supported) or 'none'})"))  # fmt: skip
+        elif named is None and name == "avx2-epyc" and supported[-1:] == ["avx2"]:
+            rows.append((name, "the same paths as default on this CPU (avx2 is its widest target); name it in "
+                               "--switches to run it anyway"))  # fmt: skip
+        else:
+            rows.append((name, None))
+    return rows
 
 
 # Multiply-adds of each phase's products per (batch, head), L landmarks, D head_dim, S seq (csrc/cpu/nystrom.cpp; the
@@ -54,11 +81,12 @@ def worker(seq: int, repeats: int, modes: list[str], profile: bool = False) -> d
     import torch
 
     from etkd_kernels import _C
+    from etkd_kernels.timing import heap
 
     from . import providers as P
 
     setup = P.build("nystrom", seq, backends=["cpu"])
-    out = {"isa": _C.isa(), "threads": torch.get_num_threads(), "load": [os.getloadavg()[0]]}
+    out = {"isa": _C.isa(), "threads": torch.get_num_threads(), "heap": heap(), "load": [os.getloadavg()[0]]}
     for mode in modes:
         calls = {side: setup.call(side, mode) for side in SIDES}
         for call in calls.values():
@@ -109,10 +137,15 @@ def print_phases(phases: dict[str, float], threads: int, seq: int, heads: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .harness import parser
+    from .harness import parser, rerun_per_heap
 
-    ap = parser(__doc__.splitlines()[0], seq=4096, repeats=5, threads=2)
-    ap.add_argument("--switches", nargs="+", choices=list(SWITCHES), default=list(SWITCHES))
+    ap = parser(__doc__.splitlines()[0], heap=True, seq=4096, repeats=5, threads=2)
+    ap.add_argument(
+        "--switches",
+        nargs="+",
+        choices=list(SWITCHES),
+        help="sets to run (default: every set this CPU can take)",
+    )
     ap.add_argument("--modes", nargs="+", choices=("fwd", "fwd_bwd"), default=["fwd", "fwd_bwd"])
     ap.add_argument(
         "--profile", action="store_true", help="ours' per-phase CPU time and GMAC/s (ETKD_CPU_PROFILE)"
@@ -122,12 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.seq, args.repeats, args.modes, args.profile)))
         return 0
+    # --heap: one child per heap, whose switch sets' workers inherit its environment (so run on that heap)
+    if (code := rerun_per_heap(args, "etkd.benchmarks.nystrom_switches", argv)) is not None:
+        return code
+    from etkd_kernels import _C
     from etkd_kernels.timing import environment
 
     print(environment("cpu").as_dict())
     print(f"Nystrom 64 landmarks, 1 x 12 heads x {args.seq} x 64, fp32, {args.threads} threads, median of "
           f"{args.repeats}, sides alternating")  # fmt: skip
-    for name in args.switches:
+    for name, skipped in plan(args.switches, _C.supported_isas()):
+        if skipped:
+            print(f"\n{name}: skipped: {skipped}")
+            continue
         env = {**os.environ, **SWITCHES[name], "OMP_NUM_THREADS": str(args.threads)}
         for var in ("ETKD_CPU_ISA", "ETKD_CPU_AMX", "MKL_ENABLE_INSTRUCTIONS"):
             if var not in SWITCHES[name]:
@@ -140,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         set_text = " ".join(f"{k}={v}" for k, v in SWITCHES[name].items()) or "(none)"
-        print(f"\n{name}: {set_text}; etkd target {r['isa']}, {r['threads']} threads, load {r['load'][0]:.1f}"
-              f"-{r['load'][1]:.1f}")  # fmt: skip
+        print(f"\n{name}: {set_text}; etkd target {r['isa']}, {r['threads']} threads, heap {r['heap']}, load "
+              f"{r['load'][0]:.1f}-{r['load'][1]:.1f}")  # fmt: skip
         for mode in args.modes:
             hf, ours = r[mode]["hf-core"], r[mode]["etkd-cpu"]
             rounds = ", ".join(f"{h / o:.2f}" for h, o in zip(hf, ours))

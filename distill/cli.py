@@ -172,13 +172,16 @@ def check_environment() -> None:
             raise EnvironmentValueError(str(exc)) from None
     for name in FLAGS:
         flag(name)
-    if any(os.environ.get(name) for name in (*CPU_SWITCHES, NYSTROM_KEEP)):
+    if any(os.environ.get(name) for name in CPU_SWITCHES):
         from etkd_kernels import cpu
 
-        if cpu.unavailable_reason() is None and os.environ.get(NYSTROM_KEEP):
-            from etkd_kernels.cpu.nystrom import kept
+        cpu.unavailable_reason()
+    if os.environ.get(
+        NYSTROM_KEEP
+    ):  # read per Nystrom call: a bad value would surface after the data is loaded
+        from etkd_kernels.cpu.nystrom import check_keep_environment
 
-            kept()  # read per Nystrom call: a bad value would otherwise surface after the data is loaded
+        check_keep_environment()  # without loading the kernels
 
 
 @contextlib.contextmanager

@@ -125,6 +125,45 @@ class PeakMemory:
         self.peak_mib = max(0.0, end - self.start)
 
 
+# glibc malloc's settings a process can be started with (GLIBC_TUNABLES glibc.malloc.*, or their older MALLOC_*_
+# spellings), and the allocators a process can be started on instead (LD_PRELOAD): what `heap()` reports.
+_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                "MALLOC_ARENA_MAX")  # fmt: skip
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+HEAP_VAR = "ETKD_BENCH_HEAP"  # the name of the heap `etkd.benchmarks.harness` started this process under
+
+
+def heap() -> str:
+    """The allocator and heap settings this process runs under, e.g. "glibc malloc, defaults", "warm: glibc malloc,
+    glibc.malloc.mmap_threshold=4294967296:..." or "jemalloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)".
+
+    Why it matters: with glibc's defaults a block above its dynamic mmap threshold (at most 32 MiB) is mmapped,
+    unmapped when freed and page-faulted in afresh the next time, so code allocating large temporaries per call
+    (HF's attention modules) pays page faults in a fresh process that a long-running one with a caching
+    allocator does not (README, "Benchmarks": the heap)."""
+    import os
+
+    name = os.environ.get(HEAP_VAR, "")
+    loaded = None
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if line.count("/") else ""
+                base = path.rsplit("/", 1)[-1]
+                if any(base.startswith(f"lib{a}") for a in _ALLOCATORS):
+                    loaded = f"{base.split('.so')[0].removeprefix('lib').split('_')[0]} ({path})"
+                    break
+    except OSError:
+        pass
+    if loaded is None:
+        tunables = [
+            t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")
+        ]
+        tunables += [f"{v}={os.environ[v]}" for v in _MALLOC_VARS if os.environ.get(v)]
+        loaded = "glibc malloc, " + (":".join(tunables) if tunables else "defaults")
+    return f"{name}: {loaded}" if name else loaded
+
+
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16")
 
 
@@ -138,12 +177,13 @@ class Environment:
     torch: str
     device: str  # "cpu" or the GPU's name
     date: str
+    heap: str = ""  # the allocator and its settings (`heap()`): HF's side moves with it
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
     def line(self) -> str:
-        return f"{self.cpu} [{self.isa}], {self.threads} threads, torch {self.torch}, {self.device}"
+        return f"{self.cpu} [{self.isa}], {self.threads} threads, torch {self.torch}, {self.device}, heap {self.heap}"
 
 
 def environment(device: torch.device | str = "cpu") -> Environment:
@@ -173,7 +213,7 @@ def environment(device: torch.device | str = "cpu") -> Environment:
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     return Environment(
-        cpu, isa, torch.get_num_threads(), torch.__version__, name, time.strftime("%Y-%m-%d %H:%M")
+        cpu, isa, torch.get_num_threads(), torch.__version__, name, time.strftime("%Y-%m-%d %H:%M"), heap()
     )
 
 

@@ -536,3 +536,56 @@ def test_cpu_head_split_views_are_not_copied(fused):
         grads = torch.autograd.grad(out, (q, k, v), torch.randn(b, s, h, d).transpose(1, 2))
     # no copy of a q-sized tensor (the global-token masks and index lists are converted: a few hundred elements)
     assert_views_not_copied(prof, b * h * s * d, out, grads)
+
+
+def test_keep_environment_is_checked_up_front_without_the_build(monkeypatch):
+    """`check_keep_environment` (for `etkd`'s environment check) raises on a bad ETKD_CPU_NYSTROM_KEEP before any
+    Nystrom call, in a process that has not loaded the cpu kernels (their module imports the extension on first use)."""
+    code = (
+        "import sys\n"
+        "from etkd_kernels.cpu.nystrom import check_keep_environment\n"
+        "check_keep_environment()\n"
+        "print('loaded' if 'etkd_kernels._C' in sys.modules else 'not loaded')\n"
+    )
+    env = {**os.environ, "ETKD_CPU_NYSTROM_KEEP": "k1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "not loaded", res.stdout + res.stderr
+    res = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "ETKD_CPU_NYSTROM_KEEP": "k2"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "EnvironmentValueError: ETKD_CPU_NYSTROM_KEEP=k2: expected auto, none, k1, k3, k1,k3" in res.stderr
+
+
+def test_switch_sets_a_cpu_cannot_take_are_skipped_saying_why():
+    """nystrom_switches on an AVX2-only CPU: zen4 (an AVX512-BF16 CPU with AMX off) is skipped with the reason, not
+    run on the avx2 target under its name; avx2-epyc is the default set there, run only when named."""
+    from etkd.benchmarks.nystrom_switches import plan
+
+    avx2_only = plan(None, ["avx2"])
+    assert [name for name, why in avx2_only if why is None] == ["default"]
+    reasons = dict(avx2_only)
+    assert "cannot run the avx512_bf16 target" in reasons["zen4"] and "supported: avx2" in reasons["zen4"]
+    assert "the same paths as default" in reasons["avx2-epyc"]
+    assert plan(["default", "avx2-epyc"], ["avx2"]) == [("default", None), ("avx2-epyc", None)]
+    assert [why for _, why in plan(None, ["avx2", "avx512", "avx512_bf16"])] == [None, None, None]
+    assert dict(plan(["zen4"], ["avx2", "avx512"]))["zen4"].startswith("this CPU cannot run the avx512_bf16")
+
+
+def test_switches_run_on_the_heap_asked_for(capfd):
+    """nystrom_switches --heap: the comparison reruns in a child per heap, and that child's switch-set workers (which
+    time both sides) run on the heap too (warm: tcmalloc preloaded; where it is not installed the heap is skipped
+    saying how to get it)."""
+    from etkd.benchmarks import nystrom_switches
+
+    argv = ["--heap", "warm", "--seq", "64", "--repeats", "1", "--threads", "1", "--switches", "default",
+            "--modes", "fwd"]  # fmt: skip
+    assert nystrom_switches.main(argv) == 0
+    out = capfd.readouterr().out
+    if "## heap warm: skipped" in out:
+        assert "apt install" in out
+        return
+    assert "## heap warm:" in out
+    assert ", heap warm: tcmalloc" in out, out  # the worker's own heap, in its set's heading
+    assert "HF / ours" in out

@@ -17,10 +17,16 @@ import os
 
 import torch
 
-from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
 from etkd_kernels._env import EnvironmentValueError
 from etkd_kernels._shared import recompute_backward
 from etkd_kernels.cpu._dtype import in_float32
+
+
+def _ops():
+    """torch.ops.etkd_cpu, the extension loaded on first use (so `check_keep_environment` needs no build)."""
+    from etkd_kernels import _C  # noqa: F401  (registers torch.ops.etkd_cpu)
+
+    return torch.ops.etkd_cpu
 
 
 class _SoftmaxMatmul(torch.autograd.Function):
@@ -30,7 +36,7 @@ class _SoftmaxMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, c, key_mask, scale, dropout):
         a, b, c = a.contiguous(), b.contiguous(), c.contiguous()
-        out, lse = torch.ops.etkd_cpu.softmax_matmul_fwd(a, b, c, key_mask, scale, *dropout)
+        out, lse = _ops().softmax_matmul_fwd(a, b, c, key_mask, scale, *dropout)
         ctx.save_for_backward(a, b, c, out, lse)
         ctx.key_mask, ctx.scale, ctx.dropout = key_mask, scale, dropout
         return out
@@ -38,7 +44,7 @@ class _SoftmaxMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         a, b, c, out, lse = ctx.saved_tensors
-        da, db, dc = torch.ops.etkd_cpu.softmax_matmul_bwd(
+        da, db, dc = _ops().softmax_matmul_bwd(
             grad_out.contiguous(), a, b, c, out, lse, ctx.key_mask, ctx.scale, *ctx.dropout
         )
         return da, db, dc, None, None, None
@@ -85,6 +91,17 @@ def _keep_mode() -> str:
     return os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip().replace(" ", "") or "auto"
 
 
+def check_keep_environment() -> None:
+    """ETKD_CPU_NYSTROM_KEEP checked up front (`etkd`'s environment check before a command runs), as the first
+    Nystrom call would check it: raises EnvironmentValueError naming the variable and its values. Needs no build of
+    the cpu kernels.
+
+    A forward run with grad mode on and an input requiring grad keeps K1 and K3 until its output's graph is freed even
+    when no backward follows (e.g. `model.eval()` without `torch.no_grad()`): as every autograd op keeps what its
+    backward reads, so no warning; `torch.no_grad()` / `torch.inference_mode()` keep nothing."""
+    kept()
+
+
 def _keeps(p) -> int:
     """`kept()` for a forward whose `saved` a backward will read (p.for_backward, decided by the op before the call:
     grad mode on and an input requiring grad), else 0: inference would only write the matrices."""
@@ -123,7 +140,7 @@ def forward(q, k, v, p):
     with torch.no_grad():
         if p.num_landmarks == q.shape[2]:
             return exact(q, k, v, p.key_padding_mask, p.scale, _dropout(p)), saved_like(q, p)
-        return torch.ops.etkd_cpu.nystrom_fwd(
+        return _ops().nystrom_fwd(
             q,  # q, k, v read at any row strides (a model's head-split views); out in q's layout
             k,
             v,
@@ -143,7 +160,7 @@ def backward(grad_out, q, k, v, out, saved, p):
     scale, pinv_init = p.scale, p.pinv_init
     if num_landmarks == q.shape[2]:
         return recompute_backward(exact, grad_out, (q, k, v), key_padding_mask, scale, _dropout(p))
-    return torch.ops.etkd_cpu.nystrom_bwd(
+    return _ops().nystrom_bwd(
         grad_out,  # read at any strides (csrc/cpu/nystrom.cpp)
         q,  # at any row strides; dq, dk, dv come back in q's, k's, v's layouts
         k,
