@@ -11,7 +11,8 @@ defaults otherwise):
 kernel (the same update to rounding; transformers' Trainer default with torch >= 2.8, and etkd's training
 driver's). After one warm-up step each (AdamW's state), the sides alternate step by step for `--repeats`
 rounds, so load on a shared machine falls on both alike; the table gives each median and the ratio of every
-round. `--profile` adds one `torch.profiler` step per side and optimizer: the self-CPU time per op, then per
+round. `--heap default,warm` (harness.py) runs the whole comparison once per heap in a fresh process. `--profile`
+adds one `torch.profiler` step per side and optimizer: the self-CPU time per op, then per
 group (GEMMs, our attention kernels, copies, AdamW, other) with the bound the shared GEMMs put on the ratio.
 """
 
@@ -26,7 +27,7 @@ import torch
 from etkd_kernels.timing import model_step
 
 from .bench import SIZES, add_attention_arg, build_model
-from .harness import environment, parser
+from .harness import environment, parser, rerun_per_heap
 
 SIDES = ("etkd-cpu", "hf")
 OPTIMIZERS = ("adamw", "fused")
@@ -88,7 +89,7 @@ def group_lines(groups: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = parser(__doc__.splitlines()[0], layers=2, seq=4096, batch=1, repeats=3, threads=2)
+    ap = parser(__doc__.splitlines()[0], heap=True, layers=2, seq=4096, batch=1, repeats=3, threads=2)
     ap.add_argument("--size", choices=list(SIZES), default="base", help="model shapes (default base)")
     ap.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                     help="AdamW implementations, each given to both sides (default: both)")  # fmt: skip
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=25, help="rows of each --profile table (default 25)")
     add_attention_arg(ap)
     args = ap.parse_args(argv)
+    if (code := rerun_per_heap(args, "etkd.benchmarks.train_step", argv)) is not None:
+        return code  # --heap: one child per heap, each printing its own table
     torch.set_num_threads(args.threads)
     built = models(args.size, args.layers, args.seq, args.attention)
     g = torch.Generator().manual_seed(0)

@@ -516,6 +516,14 @@ constexpr int kPanel = kV >= 16 ? 4 : 2;
 // Depth of one pass over B (k rows): a PV product's V rows (kDepth x a panel) stay in L1 while the row blocks of
 // P go past, instead of streaming the whole segment's V from L2 once per row block.
 constexpr int64_t kDepth = 128;
+// The AVX2 target's attention tile products (tile_panels) take the passes over k outside the column panels, kDepthOuter
+// rows of B each: A's chunk (64 query rows x 64 floats = 16 KiB: the P or dS rows of PV and dQ) is then read from L1
+// by every panel; 64 x kDepth floats (32 KiB, a whole Zen 3 L1D) cannot stay in L1 between panels. AMD EPYC Zen 3,
+// 1 thread, process CPU time, BigBird / sliding window fwd+bwd (12 x 4096 x 64), 7 alternating rounds, loaded: 615 ->
+// 588 ms and 508 -> 480 ms (medians). AVX-512 (48 KiB L1D on the Xeons measured) and Nystrom's products keep kDepth
+// inside (gemm_panels).
+constexpr bool kDepthOutside = kV < 16;
+constexpr int64_t kDepthOuter = 64;
 static_assert(kSmallPad % kV == 0, "gemm_small: kSmallPad must be a whole number of vectors");
 
 template <class K, int NV, bool ACC>
@@ -550,11 +558,21 @@ void panel_rows(int64_t nv, bool accumulate, int64_t m, int64_t k, float alpha, 
 // C (m x n) = alpha * A @ B, or C += alpha * A @ B when `accumulate`; n a whole number of vectors (K::kCols), A
 // element (r, kk) at a[r * a_rs + kk * a_ks], B (k x n) and C row-major (K: the micro-kernel and its element,
 // FmaKernel or DpKernel, whose k counts pairs). Column panels of up to NV vectors (B's panel stays in L1 while the
-// row blocks stream past), in passes of kDepth rows of B.
-template <class K, int NV>
+// row blocks stream past), in passes of kDepth rows of B; kOuter: passes of kDepthOuter rows, each over every panel.
+template <class K, int NV, bool kOuter = false>
 void panels(int64_t m, int64_t n, int64_t k, float alpha, const typename K::Elt* a, int64_t a_rs, int64_t a_ks,
             const typename K::Elt* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   assert(n % K::kCols == 0);
+  if constexpr (kOuter) {
+    for (int64_t k0 = 0; k0 < k; k0 += kDepthOuter)
+      for (int64_t j = 0; j < n; j += NV * K::kCols)
+        panel_rows<K, NV>(std::min<int64_t>(NV, (n - j) / K::kCols), accumulate || k0 > 0, m,
+                          std::min(kDepthOuter, k - k0), alpha, a + k0 * a_ks, a_rs, a_ks, b + k0 * ldb + j, ldb,
+                          c + j, ldc);
+    if (k == 0 && !accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.f);
+    return;
+  }
   for (int64_t j = 0; j < n; j += NV * K::kCols) {
     const int64_t nv = std::min<int64_t>(NV, (n - j) / K::kCols);
     for (int64_t k0 = 0; k0 < k; k0 += kDepth)
@@ -569,6 +587,14 @@ template <int NV>
 void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
                  const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   panels<FmaKernel, NV>(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
+}
+
+// gemm_panels for the attention tiles' products (forward_tile, backward_tile, product_rates): k's passes outside the
+// panels on AVX2 (kDepthOutside). Nystrom's products (gemm_small, nystrom_impl.h) keep gemm_panels.
+template <int NV>
+void tile_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t a_rs, int64_t a_ks,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  panels<FmaKernel, NV, kDepthOutside>(m, n, k, alpha, a, a_rs, a_ks, b, ldb, c, ldc, accumulate);
 }
 
 #if ETKD_NATIVE_BF16
@@ -828,7 +854,7 @@ inline Cover scores_own(const KeysT& kt, const Seg& sg, int64_t rows, int64_t d,
   for (int64_t b0 = 0; b0 < cv.ls; b0 += kPackN) {
     const int64_t j0 = std::max(b0, v0), j1 = std::min(b0 + kPackN, v1);
     if (j0 < j1)
-      gemm_panels<kPanel>(rows, j1 - j0, d, alpha, a, d, 1, kt.kt.data() + (cv.a0 + b0 - kt.base) * d + (j0 - b0),
+      tile_panels<kPanel>(rows, j1 - j0, d, alpha, a, d, 1, kt.kt.data() + (cv.a0 + b0 - kt.base) * d + (j0 - b0),
                           kPackN, s + j0, cv.ls, false);
   }
   return cv;
@@ -901,7 +927,7 @@ void forward_tile(const Problem& p, const SrcView<C>* src, const T* q_, const ui
       else
         pp = s;
       if constexpr (std::is_same_v<C, float>) {
-        if (w.own) gemm_panels<kPanel>(rows, d, n, 1.f, pp + c0, ls, 1, vp, d, w.acc.data(), d, true);
+        if (w.own) tile_panels<kPanel>(rows, d, n, 1.f, pp + c0, ls, 1, vp, d, w.acc.data(), d, true);
       }
       if (!w.own) mm(false, false, rows, d, n, 1.f, pp, n, vp, d, 1.f, w.acc.data(), d);
       ck.lap(kPhasePV);
@@ -1478,11 +1504,11 @@ void backward_tile(const Problem& p, const SrcView<T>* src, const GradView* grad
     // dV += P^T dO; dP = dO V^T; dS = P (dP - delta); dQ += s dS K; dK += s dS^T Q.
     if constexpr (std::is_same_v<C, float>) {
       if (w.own) {
-        gemm_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv_at(sg.k0, d), d, true);
+        tile_panels<kPanel>(n, d, rows, rp, pv, 1, ls, dout, d, g.dv_at(sg.k0, d), d, true);
         scores_own(w.vt[sg.src], sg, rows, d, rp, dout, dp - c0);  // dP: same segment, same columns as S
         for (int64_t r = 0; r < rows; ++r) ds_row(r, s + r * ls, dp + r * ls);
-        gemm_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
-        gemm_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk_at(sg.k0, d), d, true);
+        tile_panels<kPanel>(rows, d, n, p.scale, dp, ls, 1, kp, d, dq, d, true);
+        tile_panels<kPanel>(n, d, rows, p.scale, dp, 1, ls, q, d, g.dk_at(sg.k0, d), d, true);
         w.clock.lap(kPhasePV);
         continue;
       }
@@ -2041,8 +2067,8 @@ double product_rate(int kind) {
     const int64_t t0 = now_ns();
     if (kind == 0) {
       for (int64_t b0 = 0; b0 < nc; b0 += kPackN)
-        gemm_panels<kPanel>(rows, kPackN, d, 1.f, a.data(), d, 1, b.data() + b0 * d, kPackN, c.data() + b0, nc, false);
-      gemm_panels<kPanel>(rows, d, nc, 1.f, a.data(), nc, 1, b.data(), d, c.data(), d, true);
+        tile_panels<kPanel>(rows, kPackN, d, 1.f, a.data(), d, 1, b.data() + b0 * d, kPackN, c.data() + b0, nc, false);
+      tile_panels<kPanel>(rows, d, nc, 1.f, a.data(), nc, 1, b.data(), d, c.data(), d, true);
     } else {
 #if ETKD_NATIVE_BF16
       for (int64_t b0 = 0; b0 < nc; b0 += kPackN)
