@@ -33,7 +33,17 @@ import subprocess
 import sys
 import tempfile
 
-from etkd_kernels.timing import HEAP_VAR, Environment, PeakMemory, Timing, environment, heap, time_call
+from etkd_kernels.timing import (
+    ALLOCATORS,
+    HEAP_VAR,
+    MALLOC_VARS,
+    Environment,
+    PeakMemory,
+    Timing,
+    environment,
+    heap,
+    time_call,
+)
 
 __all__ = [
     "HEAPS",
@@ -70,7 +80,7 @@ PRELOADS = {
     "warm": ("libtcmalloc_minimal.so.4", "apt install libtcmalloc-minimal4 (Debian/Ubuntu)"),
     "jemalloc": ("libjemalloc.so.2", "apt install libjemalloc2 (Debian/Ubuntu)"),
 }
-_ALLOCATOR_LIBS = ("libtcmalloc", "libjemalloc", "libmimalloc")  # a preload of one of these is replaced
+_ALLOCATOR_LIBS = tuple(f"lib{a}" for a in ALLOCATORS)  # a preload of one of these is replaced
 _LIB_DIRS = (
     "/usr/lib/x86_64-linux-gnu",
     "/usr/lib/aarch64-linux-gnu",
@@ -78,13 +88,8 @@ _LIB_DIRS = (
     "/usr/lib",
     "/usr/local/lib",
 )
-_GLIBC_VARS = (
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_CONF",
-)
+# glibc malloc's settings (timing.MALLOC_VARS) and jemalloc's MALLOC_CONF: removed from a child started on a named heap
+_HEAP_VARS = (*MALLOC_VARS, "MALLOC_CONF")
 
 
 class HeapUnavailable(RuntimeError):
@@ -117,7 +122,7 @@ def heap_env(name: str, base: dict[str, str] | None = None) -> dict[str, str]:
     if name not in HEAPS:
         raise ValueError(f"heap: unknown {name!r}; expected one of {list(HEAPS)}")
     env = dict(os.environ if base is None else base)
-    for var in _GLIBC_VARS:
+    for var in _HEAP_VARS:
         env.pop(var, None)
     tunables = [
         t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.")

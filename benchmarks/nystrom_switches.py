@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from etkd_kernels import _C
     from etkd_kernels.timing import environment
 
-    print(environment("cpu").as_dict())
+    # the workers run at --threads (OMP_NUM_THREADS below); this process's own count would mislabel the run
+    print({**environment("cpu").as_dict(), "threads": args.threads})
     print(f"Nystrom 64 landmarks, 1 x 12 heads x {args.seq} x 64, fp32, {args.threads} threads, median of "
           f"{args.repeats}, sides alternating")  # fmt: skip
     for name, skipped in plan(args.switches, _C.supported_isas()):

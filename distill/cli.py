@@ -20,13 +20,10 @@ import re
 import sys
 from collections.abc import Iterator
 
-from etkd_kernels._env import CPU_SWITCHES, FLAGS, EnvironmentValueError, flag
+from etkd_kernels._env import CPU_SWITCHES, FLAGS, NYSTROM_KEEP, EnvironmentValueError, flag
 
 from .errors import UserError
 from .rundir import held_by_command
-
-# The cpu backend's Nystrom switch (etkd_kernels/cpu/nystrom.py: kept, which checks it; read per call there).
-NYSTROM_KEEP = "ETKD_CPU_NYSTROM_KEEP"
 
 # Driver modules, in the order their subcommands are listed by --help.
 COMMANDS = (
@@ -176,9 +173,7 @@ def check_environment() -> None:
         from etkd_kernels import cpu
 
         cpu.unavailable_reason()
-    if os.environ.get(
-        NYSTROM_KEEP
-    ):  # read per Nystrom call: a bad value would surface after the data is loaded
+    if os.environ.get(NYSTROM_KEEP):  # read per Nystrom call: a bad value would surface after the data is loaded
         from etkd_kernels.cpu.nystrom import check_keep_environment
 
         check_keep_environment()  # without loading the kernels

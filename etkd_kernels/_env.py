@@ -21,6 +21,9 @@ import os
 FLAGS = ("ETKD_CPU_PROFILE", "ETKD_CHECK_FINITE", "ETKD_JIT")
 # The cpu kernels' switches, checked by the extension at its first use (etkd.distill.cli loads it when one is set).
 CPU_SWITCHES = ("ETKD_CPU_ISA", "ETKD_CPU_GEMM", "ETKD_CPU_AMX", "ETKD_CPU_BF16")
+# The Nystrom cpu kernels' keep switch, read per call in Python (etkd_kernels/cpu/nystrom.py: kept), checked up
+# front by etkd.distill.cli without loading the extension.
+NYSTROM_KEEP = "ETKD_CPU_NYSTROM_KEEP"
 
 
 class EnvironmentValueError(ValueError, RuntimeError):

@@ -127,9 +127,9 @@ class PeakMemory:
 
 # glibc malloc's settings a process can be started with (GLIBC_TUNABLES glibc.malloc.*, or their older MALLOC_*_
 # spellings), and the allocators a process can be started on instead (LD_PRELOAD): what `heap()` reports.
-_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
                 "MALLOC_ARENA_MAX")  # fmt: skip
-_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 HEAP_VAR = "ETKD_BENCH_HEAP"  # the name of the heap `etkd.benchmarks.harness` started this process under
 
 
@@ -150,7 +150,7 @@ def heap() -> str:
             for line in f:
                 path = line.split()[-1] if line.count("/") else ""
                 base = path.rsplit("/", 1)[-1]
-                if any(base.startswith(f"lib{a}") for a in _ALLOCATORS):
+                if any(base.startswith(f"lib{a}") for a in ALLOCATORS):
                     loaded = f"{base.split('.so')[0].removeprefix('lib').split('_')[0]} ({path})"
                     break
     except OSError:
@@ -159,7 +159,7 @@ def heap() -> str:
         tunables = [
             t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")
         ]
-        tunables += [f"{v}={os.environ[v]}" for v in _MALLOC_VARS if os.environ.get(v)]
+        tunables += [f"{v}={os.environ[v]}" for v in MALLOC_VARS if os.environ.get(v)]
         loaded = "glibc malloc, " + (":".join(tunables) if tunables else "defaults")
     return f"{name}: {loaded}" if name else loaded
 

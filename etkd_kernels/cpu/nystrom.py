@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from etkd_kernels._env import EnvironmentValueError
+from etkd_kernels._env import NYSTROM_KEEP, EnvironmentValueError
 from etkd_kernels._shared import recompute_backward
 from etkd_kernels.cpu._dtype import in_float32
 
@@ -83,12 +83,12 @@ def kept() -> int:
     if mode == "auto":
         return 3
     if mode not in KEEP_MODES:
-        raise EnvironmentValueError(f"ETKD_CPU_NYSTROM_KEEP={mode}: expected auto, {', '.join(KEEP_MODES)}")
+        raise EnvironmentValueError(f"{NYSTROM_KEEP}={mode}: expected auto, {', '.join(KEEP_MODES)}")
     return KEEP_MODES[mode]
 
 
 def _keep_mode() -> str:
-    return os.environ.get("ETKD_CPU_NYSTROM_KEEP", "").strip().replace(" ", "") or "auto"
+    return os.environ.get(NYSTROM_KEEP, "").strip().replace(" ", "") or "auto"
 
 
 def check_keep_environment() -> None:
@@ -114,7 +114,7 @@ def keep_description() -> str:
     said = " and ".join(m for m, bit in (("K1", 1), ("K3", 2)) if got & bit)
     what = f"{said} kept from the forward" if got else "K1 and K3 recomputed in the backward"
     why = (
-        f"ETKD_CPU_NYSTROM_KEEP={mode}" if mode != "auto" else "auto; ETKD_CPU_NYSTROM_KEEP=none|k1|k3|k1,k3"
+        f"{NYSTROM_KEEP}={mode}" if mode != "auto" else f"auto; {NYSTROM_KEEP}=none|k1|k3|k1,k3"
     )
     return f"Nystrom {what} when differentiated ({why})"
 
