@@ -173,7 +173,9 @@ def check_environment() -> None:
         from etkd_kernels import cpu
 
         cpu.unavailable_reason()
-    if os.environ.get(NYSTROM_KEEP):  # read per Nystrom call: a bad value would surface after the data is loaded
+    if os.environ.get(
+        NYSTROM_KEEP
+    ):  # read per Nystrom call: a bad value would surface after the data is loaded
         from etkd_kernels.cpu.nystrom import check_keep_environment
 
         check_keep_environment()  # without loading the kernels

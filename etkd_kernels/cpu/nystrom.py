@@ -113,9 +113,7 @@ def keep_description() -> str:
     mode, got = _keep_mode(), kept()
     said = " and ".join(m for m, bit in (("K1", 1), ("K3", 2)) if got & bit)
     what = f"{said} kept from the forward" if got else "K1 and K3 recomputed in the backward"
-    why = (
-        f"{NYSTROM_KEEP}={mode}" if mode != "auto" else f"auto; {NYSTROM_KEEP}=none|k1|k3|k1,k3"
-    )
+    why = f"{NYSTROM_KEEP}={mode}" if mode != "auto" else f"auto; {NYSTROM_KEEP}=none|k1|k3|k1,k3"
     return f"Nystrom {what} when differentiated ({why})"
 
 
