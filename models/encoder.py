@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
@@ -144,6 +145,74 @@ class _QKV(torch.autograd.Function):
         return dx, None, *dws, *dbs
 
 
+# The FFN's row chunks hold at most this many bytes of its (rows, intermediate) activation: glibc's malloc serves a
+# block above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on free, so every such block is
+# faulted in page by page on every step (4096 x 3072 fp32 = 48 MiB: 12 k faults of ~3 us each, four of them per layer
+# per training step); chunks of this size come from the heap and are reused within the step.
+FFN_CHUNK_BYTES = 16 << 20
+# hidden_act -> the `approximate` argument of F.gelu / gelu_backward: the activations `_FFN` computes itself.
+_FFN_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def _row_chunks(n: int, width: int, itemsize: int) -> list[tuple[int, int]]:
+    """(start, stop) of the equal row chunks of an (n, width) activation, each at most FFN_CHUNK_BYTES (or one row)."""
+    parts = max(1, -(-n * width * itemsize // FFN_CHUNK_BYTES))
+    rows = -(-n // parts) if n else 0
+    return [(r, min(r + rows, n)) for r in range(0, n, rows)] if rows else []
+
+
+class _FFN(torch.autograd.Function):
+    """ffn_out(gelu(ffn_in(x))) of x (b, s, d) in row chunks of at most FFN_CHUNK_BYTES of the intermediate activation,
+    with the same GEMMs, GELU and saved tensors (the pre-activation and the activation of every row) as the three
+    modules under autograd, so the same values to rounding. Why: the unchunked (b * s, intermediate) tensors (the
+    forward's two and the backward's two) are over glibc's mmap threshold and are faulted in afresh on every step; a
+    chunk's backward temporaries are reused by the next chunk, and its activation gradient is computed in place."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, w1, b1, w2, b2, approximate):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.new_empty(x2.shape[0], w2.shape[0])
+        saved = []
+        for r0, r1 in _row_chunks(x2.shape[0], w1.shape[0], x2.element_size()):
+            h = torch.addmm(b1, x2[r0:r1], w1.t())
+            a = F.gelu(h, approximate=approximate)
+            torch.addmm(b2, a, w2.t(), out=y[r0:r1])
+            saved += [h, a]
+        ctx.save_for_backward(x2, w1, w2, *saved)
+        ctx.approximate, ctx.shape = approximate, x.shape
+        return y.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, dy):
+        x2, w1, w2, *saved = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need = ctx.needs_input_grad
+        dx = x2.new_empty(x2.shape) if need[0] else None
+        dw1 = w1.new_zeros(w1.shape) if need[1] else None
+        db1 = w1.new_zeros(w1.shape[0]) if need[2] else None
+        dw2 = w2.new_zeros(w2.shape) if need[3] else None
+        db2 = dy2.sum(0) if need[4] else None
+        chunks = _row_chunks(x2.shape[0], w1.shape[0], x2.element_size())
+        for (r0, r1), h, a in zip(chunks, saved[0::2], saved[1::2]):
+            g = dy2[r0:r1]
+            if dw2 is not None:
+                dw2.addmm_(g.t(), a)
+            if not (need[0] or need[1] or need[2]):
+                continue
+            # dL/dh, in place in dL/da (an elementwise op may write over its own input)
+            dh = torch.mm(g, w2)
+            torch.ops.aten.gelu_backward.grad_input(dh, h, approximate=ctx.approximate, grad_input=dh)
+            if dw1 is not None:
+                dw1.addmm_(dh.t(), x2[r0:r1])
+            if db1 is not None:
+                db1 += dh.sum(0)
+            if dx is not None:
+                torch.mm(dh, w1, out=dx[r0:r1])
+        return None if dx is None else dx.view(ctx.shape), dw1, db1, dw2, db2, None
+
+
 def _plain_linear(m: nn.Module) -> bool:
     """An `nn.Linear` exactly (no subclass, wrapper or parametrisation) with a bias and no forward hooks: what
     `_QKV` computes is then what calling it computes."""
@@ -167,6 +236,24 @@ def _say_unfused(layer: int, mods) -> None:
             f"etkd encoder layer {layer}: the q/k/v projections are not plain nn.Linear modules without hooks "
             f"({', '.join(kinds)}), so they run one by one instead of as one stacked GEMM (a few % of a training "
             f"step); the stacked GEMM would bypass what the modules add (said once)",
+            stacklevel=3,
+        )
+
+
+_told_unchunked = False
+
+
+def _say_unchunked(mods, act: str) -> None:
+    global _told_unchunked
+    if not _told_unchunked:
+        _told_unchunked = True
+        kinds = ", ".join(sorted({type(m).__name__ for m in mods}))
+        why = (f"hidden_act {act!r} is not a GELU" if act not in _FFN_GELU
+               else f"ffn_in/ffn_out are not plain nn.Linear modules without hooks ({kinds})")  # fmt: skip
+        warnings.warn(
+            f"etkd encoder: the feed-forward block runs unchunked as its modules ({why}): its (tokens x "
+            f"intermediate) activations are then allocated whole, and above glibc's 32 MiB mmap threshold take fresh "
+            f"page faults on every step (said once)",
             stacklevel=3,
         )
 
@@ -233,9 +320,21 @@ class Layer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.act = activation(cfg.hidden_act)
+        self.hidden_act = cfg.hidden_act
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def ffn(self, x):
+        """ffn_out(act(ffn_in(x))), as `_FFN` (row chunks: no per-step page faults of mmapped activations) when the two
+        are plain nn.Linear modules and the activation is a GELU; under autocast as the modules (autocast routes
+        their calls)."""
+        mods = (self.ffn_in, self.ffn_out)
+        approximate = _FFN_GELU.get(self.hidden_act)
+        plain = all(_plain_linear(m) for m in mods)
+        if approximate is not None and plain and not torch.is_autocast_enabled(x.device.type):
+            w1, b1, w2, b2 = self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight, self.ffn_out.bias
+            return self.dropout(_FFN.apply(x, w1, b1, w2, b2, approximate))
+        if approximate is None or not plain:
+            _say_unchunked(mods, self.hidden_act)
         return self.dropout(self.ffn_out(self.act(self.ffn_in(x))))
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):  # (b, s, d) -> (b, s, d)

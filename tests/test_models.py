@@ -282,3 +282,52 @@ def test_projections_honour_wrapped_or_hooked_linears(monkeypatch):
         warnings.simplefilter("error")
         attn.projections(x)  # said once
     handle.remove()
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("seq", [0, 1, 7])
+def test_chunked_ffn_equals_the_modules(monkeypatch, act, seq):
+    """`Layer.ffn` runs `_FFN` (row chunks, its own backward) for plain linears and a GELU: the same output and
+    gradients for x and every weight and bias as ffn_out(act(ffn_in(x))), with chunks of 3 rows (a partial last one)
+    and with none; float64 gradcheck of its backward; a gradient asked for x alone skips the weights' GEMMs."""
+    import etkd.models.encoder as enc
+
+    cfg = EncoderConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=64, vocab_size=50,
+                        hidden_act=act, hidden_dropout=0.0)  # fmt: skip
+    layer = EncoderModel(cfg).double().encoder.layers[0]
+    params = [*layer.ffn_in.parameters(), *layer.ffn_out.parameters()]
+    x = torch.randn(2, seq, 32, dtype=torch.float64, requires_grad=True)
+    want = layer.ffn_out(layer.act(layer.ffn_in(x)))
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad((want * g).sum(), [x, *params])
+    for chunk_bytes in (3 * 64 * 8, 1 << 30):
+        monkeypatch.setattr(enc, "FFN_CHUNK_BYTES", chunk_bytes)
+        got = layer.ffn(x)
+        assert type(got.grad_fn).__name__ == "_FFNBackward"
+        assert_close(got, want, 1e-12, name="ffn")
+        for a, b in zip(torch.autograd.grad((got * g).sum(), [x, *params]), want_grads):
+            assert_close(a, b, 1e-12, name="grad")
+    monkeypatch.setattr(enc, "FFN_CHUNK_BYTES", 3 * 64 * 8)
+    if seq == 7:
+        fn = lambda x, *w: enc._FFN.apply(x, *w, enc._FFN_GELU[act])  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, *params))
+        for p in params:
+            p.requires_grad_(False)
+        (dx,) = torch.autograd.grad((layer.ffn(x) * g).sum(), [x])
+        assert_close(dx, want_grads[0], 1e-12, name="grad x alone")
+
+
+def test_ffn_without_gelu_runs_as_the_modules_and_says_so(monkeypatch):
+    import etkd.models.encoder as enc
+
+    monkeypatch.setattr(enc, "_told_unchunked", False)
+    cfg = EncoderConfig(hidden_size=32, num_heads=4, num_layers=1, intermediate_size=64, vocab_size=50,
+                        hidden_act="relu", hidden_dropout=0.0)  # fmt: skip
+    layer = EncoderModel(cfg).encoder.layers[0]
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"unchunked .*'relu' is not a GELU"):
+        y = layer.ffn(x)
+    assert_close(y, layer.ffn_out(torch.relu(layer.ffn_in(x))), 1e-6, name="relu ffn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.ffn(x)  # said once
