@@ -6,6 +6,11 @@ model of the pattern's family (`to_hf`: `<Family>Model`) in fp32, our `EncoderMo
 weights in fp32, and ours under `torch.autocast("cpu", dtype=torch.bfloat16)`. Prints median seconds, the
 speed-ups over HF fp32 and the max abs difference of the last hidden states to HF fp32 (bf16 keeps 8 mantissa
 bits: LayerNorm-scaled states are expected within a few 1e-2).
+
+Which GEMMs the bf16 row's linear layers ran is printed (`# bf16 linear layers: ...`, and "gemm" in the JSON):
+torch's bf16 GEMMs where they are fast (oneDNN: AVX-512 CPUs), else fp32 GEMMs on bf16-rounded inputs
+(etkd.models.precision; an AVX2-only CPU, where torch's bf16 GEMM is ~6x slower than fp32). Attention runs in
+bf16 either way. ETKD_CPU_BF16_LINEAR=bf16|fp32 forces either path, to measure both on one CPU.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(r.get("status", "").startswith("error") for r in by_heap.values()) else 0
     torch.set_num_threads(a.threads)
     from etkd.models.patterns import PATTERNS
-    from etkd_kernels.cpu import isa_summary
+    from etkd_kernels.cpu import bf16_matmul, bf16_matmul_summary, isa_summary
 
     cfg = model_config(a.attention, a.seq, SIZES["base"]).replace(num_layers=a.layers)
     ours, hf = hf_pair(cfg)
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = type(hf).__name__.removesuffix("Model")
     print(f"# {stem} {a.layers} layers x {cfg.hidden_size}, {pattern_label(a.attention)}, batch 1 x {a.seq}, "
           f"median of {a.repeats}")  # fmt: skip
+    gemm = "bf16" if bf16_matmul().fast else "fp32"  # what the bf16 row's linear layers ran
+    print(f"# {bf16_matmul_summary()}")
     if BENCHES[a.attention].model_note:
         print(f"# note: {BENCHES[a.attention].model_note}")
     print(f"{f'HF {type(hf).__name__} fp32':28s} {t_hf:8.3f} s  1.00x")
@@ -75,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"etkd bf16 autocast           {t16:8.3f} s  {t_hf / t16:.2f}x  max|diff| "
         f"{float((y16.float() - y_hf).abs().max()):.2e}  mean|diff| {float((y16.float() - y_hf).abs().mean()):.2e}"
+        f"  ({gemm} GEMMs)"
     )
     if a.json:
         rows = [
             {"etkd": "fp32", "hf_s": t_hf, "etkd_s": t32},
-            {"etkd": "bf16 autocast", "hf_s": t_hf, "etkd_s": t16},
+            {"etkd": f"bf16 autocast, {gemm} GEMMs", "hf_s": t_hf, "etkd_s": t16, "gemm": gemm},
         ]
         with open(a.json, "w") as f:
             json.dump({"heap": heap(), "rows": rows}, f, indent=1)
