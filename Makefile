@@ -95,17 +95,30 @@ wheel-env: wheel
 # tree on sys.path); ETKD_TEST_INSTALLED=1 fails the run if etkd was imported from anywhere but site-packages.
 # The Triton interpreter is switched on per process (TRITON_INTERPRET is read when kernels are defined), so
 # its tests run in a pytest process of their own and every other test sees the normal CPU dispatch. The JIT
-# build of the CPU kernels (slow: it compiles csrc/cpu again) runs last, on its own.
+# build of the CPU kernels (slow: it compiles csrc/cpu again) is a third process. The two side runs are
+# mostly one core's work (the interpreter is Python; the JIT compile is one child compiling) while the main
+# suite leaves a core idle between its Python-bound tests, so they start first and run beside it (each with a
+# --basetemp of its own); their output is printed after the main suite's, and any failure fails the target.
+PYTEST_SIDE_RUNS := triton jit
 test: wheel-env
 	$(WBIN)/ruff check etkd_kernels models distill benchmarks tests setup.py
 	$(WBIN)/ruff format --check etkd_kernels models distill benchmarks tests setup.py
 	$(WBIN)/etkd --help > /dev/null
 	$(WBIN)/etkd info | grep -E "^torch|^  cpu:"  # the installed wheel: cpu available, its ISA named
 	set -e; t=$$(mktemp -d); trap 'rm -rf $$t' EXIT; cp -r tests pyproject.toml $$t/; cd $$t; \
-	export ETKD_TEST_INSTALLED=1 ETKD_SOURCE_TREE=$(CURDIR); \
-	$(CURDIR)/$(WBIN)/python -m pytest -q --durations=15 tests $(addprefix --ignore=,$(TESTS_TRITON)); \
-	TRITON_INTERPRET=1 $(CURDIR)/$(WBIN)/python -m pytest -q $(TESTS_TRITON) tests/test_support_matrix.py -k triton; \
-	$(CURDIR)/$(WBIN)/python -m pytest -q -m slow tests/test_jit_build.py
+	export ETKD_TEST_INSTALLED=1 ETKD_SOURCE_TREE=$(CURDIR); py=$(CURDIR)/$(WBIN)/python; \
+	(set +e; TRITON_INTERPRET=1 $$py -m pytest -q --basetemp=$$t/tmp-triton $(TESTS_TRITON) tests/test_support_matrix.py \
+		-k triton > $$t/triton.log 2>&1; echo $$? > $$t/triton.rc) & \
+	(set +e; $$py -m pytest -q --basetemp=$$t/tmp-jit -m slow tests/test_jit_build.py > $$t/jit.log 2>&1; \
+		echo $$? > $$t/jit.rc) & \
+	rc=0; $$py -m pytest -q --durations=15 --basetemp=$$t/tmp-main tests $(addprefix --ignore=,$(TESTS_TRITON)) \
+		|| rc=$$?; \
+	wait; \
+	for run in $(PYTEST_SIDE_RUNS); do \
+		echo "== $$run tests (run beside the main suite) =="; cat $$t/$$run.log; \
+		side=$$(cat $$t/$$run.rc 2>/dev/null || echo 1); [ "$$side" = 0 ] || rc=$$side; \
+	done; \
+	exit $$rc
 
 # The one-shot acceptance run for a machine with a GPU (parity of everything vs the fp32 reference, large
 # shapes, timings): writes gpu_check.json and exits non-zero on any parity failure.
