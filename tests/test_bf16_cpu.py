@@ -296,9 +296,14 @@ def test_training_mixed_precision_bf16_warns_once(monkeypatch, tmp_path):
 
     cfg = TrainConfig(output_dir=str(tmp_path), max_steps=6, per_device_batch_size=2, learning_rate=3e-3,
                       save_every=0, log_every=1, seed=0, progress=False, mixed_precision="bf16")  # fmt: skip
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        out = train(model, data, loss_fn, cfg)
+    from accelerate.state import AcceleratorState
+
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            out = train(model, data, loss_fn, cfg)
+    finally:  # accelerate keeps one state per process: later tests' Accelerator(mixed_precision="no") needs it gone
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert len(_said(record)) == 1, _said(record)
     losses = [r["loss"] for r in out["history"]]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
