@@ -99,6 +99,10 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
     synchronisation per call, which at small batch costs more than the kernel, so there the check runs only
     when the environment sets `ETKD_CHECK_FINITE=1` (read per call). Meta and fake tensors (FakeTensorMode,
     torch.export, shape propagation) hold no values: skipped.
+
+    A backend whose kernel makes this check itself (`Capabilities.checks_finite`: the cpu nystrom kernel, fused into
+    its own passes over q, k, v; csrc/cpu/nystrom.cpp: throw_non_finite) raises this same error, text and type; the
+    op layer then skips this pass (`ops._common.run`).
     """
     if _compiling():
         return

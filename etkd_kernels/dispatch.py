@@ -93,6 +93,9 @@ class Capabilities:
     strided: forward/backward take q, k, v and grad_out with any strides whose last dim is contiguous (e.g. the
     (batch, seq, heads, head_dim) head-split views of a projection, transposed) and return out and the gradients
     in the layout `torch.empty_like` gives q, k, v; else the op layer hands them contiguous tensors.
+    checks_finite: forward rejects NaN/Inf in q, k, v itself, every element, with `_checks.check_finite`'s error (a
+    ValueError naming the first such input, q, k, v in that order), so the op layer skips its own check (one more
+    pass over the inputs) for the ops that ask it to (`ops._common.run`: finite).
     """
 
     devices: tuple[str, ...] | None
@@ -105,6 +108,7 @@ class Capabilities:
     device_note: str = ""
     dropout: bool = False
     strided: bool = False
+    checks_finite: bool = False
 
     def reasons(self, p: Problem) -> list[str]:
         why = []
@@ -221,6 +225,13 @@ def strided_inputs(impl: ModuleType, op: str) -> bool:
     """Whether the implementation module `resolve` returned takes strided inputs (`Capabilities.strided`)."""
     caps = capabilities(name_of(impl), op)
     return caps is not None and caps.strided
+
+
+def checks_finite(impl: ModuleType, op: str) -> bool:
+    """Whether the implementation module `resolve` returned checks its inputs for NaN/Inf itself
+    (`Capabilities.checks_finite`)."""
+    caps = capabilities(name_of(impl), op)
+    return caps is not None and caps.checks_finite
 
 
 def resolve(

@@ -589,3 +589,109 @@ def test_switches_run_on_the_heap_asked_for(capfd):
     assert "## heap warm:" in out
     assert ", heap warm: tcmalloc" in out, out  # the worker's own heap, in its set's heading
     assert "HF / ours" in out
+
+
+# ------------------------------------------------------------------------- cpu: the NaN/Inf check in the kernel
+
+# seq 300 in key tiles of 128 (landmark_attend's kLmTile), the last 150 keys of batch row 1 padded: tile 2 (keys
+# 256..299) is padding only (skipped by the K3 pass), tile 1 partly; 10 landmarks of 30 rows.
+_NF_SEQ, _NF_PAD = 300, 150
+# (batch, head, row, column) of the bad element: a real row, the first and the last row, a padded row in a partly
+# padded tile, one in the all-padding tile, the last column.
+_NF_PLACES = [
+    (0, 1, 37, 5),
+    (0, 0, 0, 0),
+    (1, 1, _NF_SEQ - 1, 15),
+    (1, 0, 200, 3),
+    (1, 1, 270, 15),
+    (1, 0, 40, 15),
+]
+
+
+def _nf_inputs(dtype):
+    q, k, v = (torch.randn(2, 2, _NF_SEQ, 16).to(dtype) for _ in range(3))
+    kpm = torch.ones(2, _NF_SEQ, dtype=torch.bool)
+    kpm[1, _NF_PAD:] = False
+    return q, k, v, kpm
+
+
+def _op_layer_check_off(monkeypatch):
+    """The op layer's own NaN/Inf check made to fail the test if it runs: only the kernel's check is left."""
+    import etkd_kernels.ops._common as common
+
+    def not_here(**tensors):
+        raise AssertionError(f"the op layer checked {list(tensors)} itself")
+
+    monkeypatch.setattr(common, "check_finite", not_here)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_cpu_kernel_rejects_non_finite_inputs(name, bad, dtype, monkeypatch):
+    """The cpu backend checks NaN/Inf itself (`Capabilities.checks_finite`, fused into nystrom_fwd's passes over q, k,
+    v), so the op layer skips its check (made to fail here): the kernel raises check_finite's error, naming the input,
+    for a bad element anywhere (padded rows too, also those the K3 pass skips), fp32 and bf16, landmarks < seq and
+    (the exact case) == seq."""
+    from etkd_kernels.dispatch import capabilities
+
+    assert capabilities("cpu", "nystrom").checks_finite
+    _op_layer_check_off(monkeypatch)
+    for place in _NF_PLACES:
+        *qkv, kpm = _nf_inputs(dtype)
+        t = dict(zip("qkv", qkv))
+        t[name][place] = bad
+        for landmarks, pinv_init in ((10, "hf_global"), (7, "per_head"), (_NF_SEQ, "per_head")):
+            with pytest.raises(
+                ValueError, match=rf"^{name}: contains NaN or Inf; etkd ops reject non-finite inputs"
+            ):
+                nystrom_attention(
+                    t["q"],
+                    t["k"],
+                    t["v"],
+                    landmarks,
+                    key_padding_mask=kpm,
+                    pinv_init=pinv_init,
+                    backend="cpu",
+                )
+
+
+def test_cpu_kernel_check_names_inputs_in_order_and_matches_the_op_layer():
+    """With several bad inputs the kernel names the first of q, k, v, as check_finite does (the bad ones in other heads
+    or batch rows); its message is the op layer's (the reference backend's) word for word; finite values whose sums
+    overflow pass, as with check_finite; inference (no_grad) and a head-split view are checked too."""
+    q, k, v, kpm = _nf_inputs(torch.float32)
+    k[1, 1, 5, 2], v[0, 0, 290, 1] = float("inf"), float("nan")
+    msgs = {}
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError) as e:
+            nystrom_attention(q, k, v, 10, key_padding_mask=kpm, backend=backend)
+        msgs[backend] = str(e.value)
+    assert msgs["cpu"] == msgs["reference"] == "k: contains NaN or Inf; etkd ops reject non-finite inputs"
+    q2 = q.clone()
+    q2[1, 0, 299, 0] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="^q: contains"):
+        nystrom_attention(q2, k, v, 10, key_padding_mask=kpm, backend="cpu")
+    x = torch.randn(1, _NF_SEQ, 2, 16)  # a model's (b, s, h, d) projection seen as (b, h, s, d)
+    x[0, 123, 1, 7] = float("-inf")
+    with pytest.raises(ValueError, match="^v: contains"):
+        nystrom_attention(q[:1], k[:1], x.transpose(1, 2), 10, backend="cpu")
+    big = torch.full((1, 2, _NF_SEQ, 16), 3e38)  # every segment sum overflows to +-Inf: no element is bad
+    nystrom_attention(big, -big, big, 10, backend="cpu")
+    nystrom_attention(big, -big, big, _NF_SEQ, backend="cpu")
+
+
+def test_cpu_kernel_checks_without_the_op_layer():
+    """torch.ops.etkd_cpu.nystrom_fwd itself raises (the check is the kernel's, not a wrapper's), for the first bad
+    input, and not for finite inputs."""
+    from etkd_kernels.cpu.nystrom import _ops
+
+    q, k, v, kpm = _nf_inputs(torch.float32)
+    args = (10, 6, kpm, 0.25, False, 0.0, 0, 0, 0)
+    _ops().nystrom_fwd(q, k, v, *args)
+    v[1, 0, 280, 4] = float("inf")  # a padded key in the tile the K3 pass skips
+    with pytest.raises(ValueError, match="^v: contains NaN or Inf"):
+        _ops().nystrom_fwd(q, k, v, *args)
+    q[0, 1, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="^q: contains NaN or Inf"):
+        _ops().nystrom_fwd(q, k, v, *args)

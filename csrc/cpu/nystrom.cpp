@@ -72,6 +72,36 @@ Setup setup(const Tensor& a, const Tensor& b, const Tensor& c, const OptTensor& 
   return s;
 }
 
+// The NaN/Inf check of nystrom_fwd's inputs (the op layer's _checks.check_finite, fused: Capabilities.checks_finite of
+// the cpu backend's nystrom). x * 0 is 0 for a finite x and NaN for NaN and +-Inf, so one sum of them decides every
+// element exactly (a sum of the values could also overflow), in per-lane partial sums the compiler vectorises without
+// reordering a float reduction. rows x d floats, rows lx apart.
+bool rows_finite(const float* x, int64_t lx, int64_t rows, int64_t d) {
+  constexpr int64_t kLanes = 16;
+  float acc[kLanes] = {};
+  const int64_t dv = d / kLanes * kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * lx;
+    for (int64_t j = 0; j < dv; j += kLanes)
+      for (int64_t u = 0; u < kLanes; ++u) acc[u] += xr[j + u] * 0.f;
+    for (int64_t j = dv; j < d; ++j) acc[0] += xr[j] * 0.f;
+  }
+  float all = 0.f;
+  for (float a : acc) all += a;
+  return all == 0.f;
+}
+
+// Bits of the inputs found holding a NaN or an Inf (kBadQ: q, ...), in the order check_finite names them.
+constexpr int kBadQ = 1, kBadK = 2, kBadV = 4;
+
+// The error the op layer's check_finite raises (etkd_kernels/_checks.py: the same text, a ValueError), for the first
+// of q, k, v in `bad`.
+[[noreturn]] void throw_non_finite(int bad) {
+  const char* name = bad & kBadQ ? "q" : bad & kBadK ? "k" : "v";
+  TORCH_CHECK_VALUE(false, name, ": contains NaN or Inf; etkd ops reject non-finite inputs");
+  __builtin_unreachable();
+}
+
 // Rows [r0, r1) of landmark segment l: the S rows in segments of c, the last one S - (n - 1) c rows (the one place
 // the landmark means, their backward and the key landmarks' scaling take a segment's rows and count from).
 struct SegmentRows {
@@ -196,7 +226,7 @@ float* thread_scratch(int slot, int64_t size) {
 // counts them), so total x threads - the sum of the other phases is the time outside the tasks (serial work,
 // waiting at the ends of the parallel loops). `_C.nystrom_profile()` returns and resets them.
 enum NysPhase : int {
-  kFMeans, kFK2, kFK3v, kFPinv, kFK1Scores, kFK1Softmax, kFK1Out, kFTotal,
+  kFMeans, kFK2, kFK3v, kFPinv, kFK1Scores, kFK1Softmax, kFK1Out, kFTotal, kFCheck,
   kBK2, kBNsFwd, kBX, kBK1Scores, kBK1Softmax, kBDx, kBDk1, kBDs1, kBDq, kBDkl, kBDtDz, kBNsBwd, kBK3, kBCopies,
   kBSpread, kBTotal,
   // The calling thread's CPU time outside the parallel loops (setup, the max between phases: serial work), and each
@@ -206,6 +236,7 @@ enum NysPhase : int {
 };
 const char* const kNysNames[kNysPhases] = {
     "fwd.means", "fwd.k2", "fwd.k3v", "fwd.pinv", "fwd.k1_scores", "fwd.k1_softmax", "fwd.k1_out", "fwd.total",
+    "fwd.check",
     "bwd.k2", "bwd.ns_fwd", "bwd.x", "bwd.k1_scores", "bwd.k1_softmax", "bwd.dx", "bwd.dk1", "bwd.ds1", "bwd.dq",
     "bwd.dkl", "bwd.dt_dz", "bwd.ns_bwd", "bwd.k3_side", "bwd.copies", "bwd.spread", "bwd.total", "fwd.serial",
     "bwd.serial", "fwd.loop1.t0", "fwd.loop1.t1+", "fwd.loop2.t0", "fwd.loop2.t1+", "fwd.loop3.t0", "fwd.loop3.t1+",
@@ -316,6 +347,13 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
   struct Scratch1 {
     std::vector<float> cs, work;
   };
+  // The NaN/Inf check of q, k, v (throw_non_finite), fused into the passes phase 1 makes over them anyway: a sum over
+  // rows is non-finite when one of its terms is (or when finite terms overflow), so a finite result vouches for every
+  // element it summed and only a non-finite one has its rows scanned exactly (rows_finite). Every element is covered:
+  // q by its segment means, k by the key landmarks' sums (every row, padded ones too: landmark_attend's
+  // nystrom_segment_sums), v by T = K3 v (a zero probability times an Inf is NaN still) with K3's log-sum-exp finite
+  // (a landmark without a usable key gets T = 0), and v's padded rows, which landmark_attend may skip, scanned here.
+  std::atomic<int> bad{0};
   serial.lap(kFSerial);
   parallel_tasks(
       kFLoop1, BH, [&] { return Scratch1{std::vector<float>(n), std::vector<float>(landmark_attend_work(np, D))}; },
@@ -326,15 +364,28 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         float *qlh = svp + bh * per + n * dp, *klh = qlh + n * dp, *m = k2.data() + bh * n * np;
         float *qlt = qlT.data() + bh * D * np, *klt = klT.data() + bh * D * np;
         std::fill(qlh, qlh + 2 * n * dp, 0.f);
-        segment_means(qp + rq.at(b, bh % H, 0), rq.s, S, D, n, c, qlh, dp);
+        const float *xq = qp + rq.at(b, bh % H, 0), *xk = kp + rk.at(b, bh % H, 0), *xv = vp + rv.at(b, bh % H, 0);
+        segment_means(xq, rq.s, S, D, n, c, qlh, dp);
+        if (!rows_finite(qlh, dp, n, D) && !rows_finite(xq, rq.s, S, D)) bad.fetch_or(kBadQ);
         transpose(qlh, n, D, dp, qlt, np);
         t.lap(kFMeans);
         // T = K3 v and K3's log-sum-exp; the key landmarks' sums from the same pass over k.
-        landmark_attend(qlt, n, np, kp + rk.at(b, bh % H, 0), rk.s, vp + rv.at(b, bh % H, 0), rv.s,
-                        bp ? bp + b * S : nullptr, S, D, sc, svp + bh * per, svp + bh * per + 3 * n * dp, klh, c,
+        float *tt = svp + bh * per, *lse = tt + 3 * n * dp;
+        landmark_attend(qlt, n, np, xk, rk.s, xv, rv.s, bp ? bp + b * S : nullptr, S, D, sc, tt, lse, klh, c,
                         w.work.data(), keep_k3 ? svp + bh * per + k3off : nullptr,
                         keep_k3 ? svp + bh * per + k3off + S * np : nullptr);
         t.lap(kFK3v);
+        if (!rows_finite(klh, dp, n, D) && !rows_finite(xk, rk.s, S, D)) bad.fetch_or(kBadK);
+        if (!(rows_finite(tt, dp, n, D) && rows_finite(lse, n, 1, n))) {
+          if (!rows_finite(xv, rv.s, S, D)) bad.fetch_or(kBadV);
+        } else if (bp) {
+          const float* bh_bias = bp + b * S;
+          for (int64_t r0 = 0, r1; r0 < S; r0 = r1) {  // runs of padded keys
+            for (r1 = r0 + 1; r1 < S && (bh_bias[r1] != 0.f) == (bh_bias[r0] != 0.f);) ++r1;
+            if (bh_bias[r0] != 0.f && !rows_finite(xv + r0 * rv.s, rv.s, r1 - r0, D)) bad.fetch_or(kBadV);
+          }
+        }
+        t.lap(kFCheck);
         for (int64_t l = 0; l < n; ++l) {
           const float cnt = segment_rows(l, c, S).count();
           for (int64_t j = 0; j < D; ++j) klh[l * dp + j] /= cnt;
@@ -349,6 +400,7 @@ std::tuple<Tensor, Tensor> nystrom_fwd(const Tensor& q, const Tensor& k, const T
         t.lap(kFK2);
       });
   serial.skip();
+  if (const int x = bad.load()) throw_non_finite(x);
   const float gmax = BH ? *std::max_element(colmax.begin(), colmax.end()) : 1.f;
   // Phase 2 per (b, h): Z = pinv(K2), X = Z @ T (n, dp).
   serial.lap(kFSerial);

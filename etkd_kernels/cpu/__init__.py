@@ -330,10 +330,16 @@ DROPOUT_OPS = OPS
 STRIDED_OPS = ("block_sparse", "sliding_window", "nystrom")
 
 
+# Ops whose forward rejects NaN/Inf inputs itself (Capabilities.checks_finite): nystrom, fused into nystrom_fwd's passes
+# over q, k, v (csrc/cpu/nystrom.cpp: rows_finite; the exact landmarks == seq case calls check_finite).
+FINITE_CHECKING_OPS = ("nystrom",)
+
+
 def capabilities(op: str) -> Capabilities:
     return Capabilities(
         devices=("cpu",),
         dtypes=OP_DTYPES.get(op, DTYPES),
         dropout=op in DROPOUT_OPS,
         strided=op in STRIDED_OPS,
+        checks_finite=op in FINITE_CHECKING_OPS,
     )

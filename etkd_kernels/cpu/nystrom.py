@@ -8,7 +8,9 @@ the target's own kernels, and runs the chain rule back. q, k, v are read at any 
 projection, every pass over them in place), out and dq, dk, dv written in their layouts. landmarks == seq (exact softmax attention) differentiates the fused
 `softmax(scale * a @ b^T, masked) @ c` kernel instead. Attention dropout (dropout_p > 0) drops entries of K1 (query
 row i, landmark l: column seq + l), in the forward's query tiles and in the backward's recomputed K1, or the
-probabilities of the exact case (key columns), as etkd_kernels/reference/nystrom.py defines it.
+probabilities of the exact case (key columns), as etkd_kernels/reference/nystrom.py defines it. NaN/Inf in q, k, v:
+`nystrom_fwd` rejects them itself, in its own passes over them (`Capabilities.checks_finite`: the op layer then skips
+its separate sums), with `_checks.check_finite`'s error.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 
 import torch
 
+from etkd_kernels._checks import check_finite
 from etkd_kernels._env import NYSTROM_KEEP, EnvironmentValueError
 from etkd_kernels._shared import recompute_backward
 from etkd_kernels.cpu._dtype import in_float32
@@ -137,6 +140,9 @@ def saved_like(q, p):
 def forward(q, k, v, p):
     with torch.no_grad():
         if p.num_landmarks == q.shape[2]:
+            # the backend checks NaN/Inf inputs itself (Capabilities.checks_finite): nystrom_fwd in its passes, here
+            # the op layer's check
+            check_finite(q=q, k=k, v=v)
             return exact(q, k, v, p.key_padding_mask, p.scale, _dropout(p)), saved_like(q, p)
         return _ops().nystrom_fwd(
             q,  # q, k, v read at any row strides (a model's head-split views); out in q's layout

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_dropout, check_finite, check_scale, check_token_mask
-from ..dispatch import Problem, requested_backend, resolve, strided_inputs
+from ..dispatch import Problem, checks_finite, requested_backend, resolve, strided_inputs
 from ._define import CommonParams, call, op_name, settings_of
 
 if TYPE_CHECKING:
@@ -84,12 +84,19 @@ def _annotation(name: str) -> str:
 
 
 def common_settings(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: OpOptions, **more_inputs: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    options: OpOptions,
+    *,
+    defer_finite: bool = False,
+    **more_inputs: torch.Tensor | None,
 ) -> tuple[dict[str, Any], str]:
     """The checks every public op makes after `check_qkv` and its own, on its `options`: no keyword other than
     OpOptions', the key padding mask, the scale (None: head_dim ** -0.5), the dropout settings, finite q, k, v
-    (and `more_inputs`, by name); and the requested backend with `use_backend` / ETKD_BACKEND applied now, in
-    the caller's context.
+    (and `more_inputs`, by name; with `defer_finite` not here: the op passes them to `run` as `finite`, which
+    checks them once the backend is known, unless its kernel does); and the requested backend with
+    `use_backend` / ETKD_BACKEND applied now, in the caller's context.
 
     Returns (the `CommonParams` fields as keywords, the requested backend)."""
     for name in options:
@@ -101,7 +108,8 @@ def common_settings(
     key_padding_mask = check_token_mask(o["key_padding_mask"], "key_padding_mask", q)
     scale = check_scale(o["scale"], q.shape[-1])
     dropout_p, seed, offset = check_dropout(o["dropout_p"], o["dropout_seed"], o["dropout_offset"])
-    check_finite(q=q, k=k, v=v, **more_inputs)
+    if not defer_finite:
+        check_finite(q=q, k=k, v=v, **more_inputs)
     common = dict(
         key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p, seed=seed, offset=offset
     )
@@ -116,13 +124,17 @@ def run(
     p: CommonParams,
     backend: str,
     multiple: int = 1,
+    finite: dict[str, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """The output of the defined forward op (`_define.define`) on q, k, v with the settings `p`; with `multiple` > 1
     the seq is padded to a multiple of it (the added keys masked) and the output cut back to the caller's seq.
     The backend is resolved here, once per call (`_define.call` hands the choice to the op, which does not resolve
     again): q, k, v reach it as they are where its kernel takes strided inputs (`Capabilities.strided`: the cpu
     kernels read a model's head-split views in place and write the output in q's layout), else contiguous (and
-    always while torch.compile traces, where the backend is chosen in the graph)."""
+    always while torch.compile traces, where the backend is chosen in the graph). `finite`: the inputs (by name)
+    of an op whose `common_settings` deferred the NaN/Inf check: checked here unless the resolved kernel checks
+    them itself (`Capabilities.checks_finite`), which saves a pass over them (while tracing: not at all, as
+    `check_finite` does)."""
     q, k, v, kpm, s = pad_to_multiple(q, k, v, p.key_padding_mask, multiple)
     if kpm is not p.key_padding_mask:
         p = dataclasses.replace(p, key_padding_mask=kpm)
@@ -132,6 +144,8 @@ def run(
         impl = resolve(
             op, Problem.of(q, dropout=p.dropout_p > 0), backend=backend
         )  # the call's one resolution
+    if finite is not None and (impl is None or not checks_finite(impl, op)):
+        check_finite(**finite)
     if impl is None or not strided_inputs(impl, op):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = call(fwd_op, impl, q, k, v, settings_of(p), backend)[0]

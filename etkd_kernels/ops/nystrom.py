@@ -70,7 +70,8 @@ def nystrom_attention(
         raise ValueError(f"pinv_init: expected one of {PINV_INITS}, got {pinv_init!r}")
     if q.shape[2] and num_landmarks > q.shape[2]:  # seq 0 gives an empty result whatever the count
         raise ValueError(f"num_landmarks: expected at most seq ({q.shape[2]}), got {num_landmarks}")
-    common, backend = common_settings(q, k, v, options)
+    # the NaN/Inf check once the backend is known: the cpu kernel makes it in its own passes over q, k, v
+    common, backend = common_settings(q, k, v, options, defer_finite=True)
     for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     params = NystromParams(num_landmarks, pinv_iterations, pinv_init, for_backward, **common)
-    return run(_fwd_op, q, k, v, params, backend)
+    return run(_fwd_op, q, k, v, params, backend, finite=dict(q=q, k=k, v=v))
