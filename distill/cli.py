@@ -20,7 +20,7 @@ import re
 import sys
 from collections.abc import Iterator
 
-from etkd_kernels._env import CPU_SWITCHES, FLAGS, NYSTROM_KEEP, EnvironmentValueError, flag
+from etkd_kernels._env import CPU_SWITCHES, FLAGS, NYSTROM_KEEP, EnvironmentValueError, bf16_linear_mode, flag
 
 from .errors import UserError
 from .rundir import held_by_command
@@ -169,6 +169,7 @@ def check_environment() -> None:
             raise EnvironmentValueError(str(exc)) from None
     for name in FLAGS:
         flag(name)
+    bf16_linear_mode()  # read at the first bf16 linear layer, after the data is loaded
     if any(os.environ.get(name) for name in CPU_SWITCHES):
         from etkd_kernels import cpu
 

@@ -102,7 +102,8 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
 
     A backend whose kernel makes this check itself (`Capabilities.checks_finite`: the cpu nystrom kernel, fused into
     its own passes over q, k, v; csrc/cpu/nystrom.cpp: throw_non_finite) raises this same error, text and type; the
-    op layer then skips this pass (`ops._common.run`).
+    op layer then skips this pass (`ops._common.run`). Such a kernel checks in a torch.compile'd graph too, where
+    this function is skipped (checked: a compiled nystrom_attention on `cpu` raises this error, on `reference` not).
     """
     if _compiling():
         return

@@ -9,6 +9,7 @@ all before a command runs (`etkd.distill.cli.check_environment`) and prints that
     ETKD_CPU_AMX       1 | 0                                     (csrc/cpu/isa.cpp, checked by _C)
     ETKD_CPU_BF16      auto | vdpbf16ps | fp32  (bf16 tiles without AMX; csrc/cpu/isa.cpp, checked by _C)
     ETKD_CPU_NYSTROM_KEEP  auto | none | k1 | k3 | k1,k3  (etkd_kernels/cpu/nystrom.py: kept, read per call)
+    ETKD_CPU_BF16_LINEAR   auto | bf16 | fp32  (etkd.models.precision: the GEMMs of bf16 linear layers on the CPU)
     ETKD_CPU_PROFILE   0 | 1
     ETKD_CHECK_FINITE  0 | 1
     ETKD_JIT           0 | 1   (etkd_kernels.build: compile the cpu kernels for the running torch)
@@ -24,6 +25,11 @@ CPU_SWITCHES = ("ETKD_CPU_ISA", "ETKD_CPU_GEMM", "ETKD_CPU_AMX", "ETKD_CPU_BF16"
 # The Nystrom cpu kernels' keep switch, read per call in Python (etkd_kernels/cpu/nystrom.py: kept), checked up
 # front by etkd.distill.cli without loading the extension.
 NYSTROM_KEEP = "ETKD_CPU_NYSTROM_KEEP"
+# Whether bf16 work of linear layers on the CPU runs torch's bf16 GEMMs or fp32 GEMMs (etkd_kernels.cpu.bf16_matmul
+# answers it, etkd.models.precision acts on it): `auto` asks torch whether its bf16 GEMMs are fast here; `bf16` and
+# `fp32` force either answer, so both paths run (and are tested) on any CPU. Read per call, in Python.
+BF16_LINEAR = "ETKD_CPU_BF16_LINEAR"
+BF16_LINEAR_MODES = ("auto", "bf16", "fp32")
 
 
 class EnvironmentValueError(ValueError, RuntimeError):
@@ -36,3 +42,11 @@ def flag(name: str) -> bool:
     if value not in ("", "0", "1"):
         raise EnvironmentValueError(f"{name}={value}: expected 0 or 1")
     return value == "1"
+
+
+def bf16_linear_mode() -> str:
+    """ETKD_CPU_BF16_LINEAR's value: 'auto' (unset or empty), 'bf16' or 'fp32'; anything else an error."""
+    value = os.environ.get(BF16_LINEAR, "").strip() or "auto"
+    if value not in BF16_LINEAR_MODES:
+        raise EnvironmentValueError(f"{BF16_LINEAR}={value}: expected {', '.join(BF16_LINEAR_MODES)}")
+    return value

@@ -11,6 +11,9 @@ def report() -> str:
     lines = [f"torch {torch.__version__}  (cuda build: {torch.version.cuda or 'no'})", "", "backends:"]
     for info in available_backends().values():
         lines.append(f"  {info}")
+    from .cpu import bf16_matmul_summary  # torch's GEMMs, not the kernels: said whether or not they are built
+
+    lines += ["", bf16_matmul_summary()]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
         for dtype in (torch.float32, torch.bfloat16):

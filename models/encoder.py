@@ -20,6 +20,7 @@ from etkd_kernels.dispatch import check_name
 from .config import LSG_MAX_GLOBAL_TOKENS, EncoderConfig, is_etkd_checkpoint
 from .heads import activation, build_head
 from .patterns import get, get_attention
+from .precision import bf16_gemm, fp32_gemms, linear
 
 WEIGHTS_NAME = "model.safetensors"
 # Other checkpoint formats `save_pretrained(format=...)` writes: name -> fn(model, directory), registered by
@@ -117,10 +118,15 @@ class _QKV(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x, heads, wq, wk, wv, bq, bk, bv):
+    def forward(ctx, x, heads, wq, wk, wv, bq, bk, bv, out_dtype=None):
         b, s, d = x.shape
         x2 = x.reshape(b * s, d)
         qkv = torch.addmm(torch.cat([bq, bk, bv]), x2, torch.cat([wq, wk, wv]).t())
+        # out_dtype: the fp32 GEMM route of a bf16 model (models/precision.py) hands the attention its bf16 q/k/v,
+        # and its backward runs the GEMMs in the forward's dtype (fp32), not in the gradients' bf16.
+        ctx.gemm_dtype = None if out_dtype is None else qkv.dtype
+        if out_dtype is not None:
+            qkv = qkv.to(out_dtype)
         ctx.save_for_backward(x2, wq, wk, wv)
         ctx.shape = x.shape
         ctx.set_materialize_grads(False)  # an output without a gradient comes as None: no GEMMs on zeros
@@ -131,6 +137,8 @@ class _QKV(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         x2, *ws = ctx.saved_tensors
         n = x2.shape[0]
+        if ctx.gemm_dtype is not None:
+            dq, dk, dv = (None if g is None else g.to(ctx.gemm_dtype) for g in (dq, dk, dv))
         # (b, h, s, hd) -> (b * s, h * hd): a view when the gradient is in the heads' (b, s, h, hd) order
         gs = [None if g is None else g.transpose(1, 2).reshape(n, -1) for g in (dq, dk, dv)]
         dx = None
@@ -142,7 +150,7 @@ class _QKV(torch.autograd.Function):
         dws = [None if g is None or not ctx.needs_input_grad[2 + i] else g.t().mm(x2.to(g.dtype))
                for i, g in enumerate(gs)]  # fmt: skip
         dbs = [None if g is None or not ctx.needs_input_grad[5 + i] else g.sum(0) for i, g in enumerate(gs)]
-        return dx, None, *dws, *dbs
+        return dx, None, *dws, *dbs, None
 
 
 # The FFN's row chunks hold at most this many bytes of its (rows, intermediate) activation: glibc's malloc serves a
@@ -294,20 +302,27 @@ class SelfAttention(nn.Module):
         them into one gradient) and sums x's gradient inside the GEMMs (no adds)."""
         mods = (self.q, self.k, self.v)
         if all(_plain_linear(m) for m in mods):
+            if bf16_gemm(x, self.q.weight.dtype) and fp32_gemms():  # this CPU's bf16 GEMMs are slow
+                with torch.autocast("cpu", enabled=False):  # the stacked GEMM in fp32 (models/precision.py)
+                    ws = tuple(m.weight.float() for m in mods)
+                    bs = tuple(m.bias.float() for m in mods)
+                    return _QKV.apply(
+                        x.to(torch.bfloat16).float(), self.config.num_heads, *ws, *bs, torch.bfloat16
+                    )
             return _QKV.apply(x, self.config.num_heads, self.q.weight, self.k.weight, self.v.weight,
                               self.q.bias, self.k.bias, self.v.bias)  # fmt: skip
         # A projection replaced or wrapped (PEFT/LoRA, quantisation, parametrisation, a forward hook): the stacked
         # GEMM reads the weights directly and would bypass what the module's own call adds, so call each module.
         _say_unfused(self.layer_index, mods)
         b, s, _ = x.shape
-        return tuple(m(x).view(b, s, self.config.num_heads, -1).transpose(1, 2) for m in mods)
+        return tuple(linear(m, x).view(b, s, self.config.num_heads, -1).transpose(1, 2) for m in mods)
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):
         b, s, d = x.shape
         q, k, v = self.projections(x)  # (b, h, s, hd)
         y = self.attend(self, x, q, k, v, key_padding_mask, global_mask, backend)  # (b, h, s, hd)
         y = y.transpose(1, 2).reshape(b, s, d)
-        return self.o(y)
+        return linear(self.o, y)
 
 
 class Layer(nn.Module):
@@ -325,16 +340,17 @@ class Layer(nn.Module):
 
     def ffn(self, x):
         """ffn_out(act(ffn_in(x))), as `_FFN` (row chunks: no per-step page faults of mmapped activations) when the two
-        are plain nn.Linear modules and the activation is a GELU; under autocast as the modules (autocast routes
-        their calls)."""
+        are plain nn.Linear modules, the activation is a GELU and no autocast or bf16 GEMM is in play; else as the
+        modules, through `linear` (models/precision.py routes a bf16 GEMM this CPU runs slowly)."""
         mods = (self.ffn_in, self.ffn_out)
         approximate = _FFN_GELU.get(self.hidden_act)
         plain = all(_plain_linear(m) for m in mods)
-        if approximate is not None and plain and not torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) or bf16_gemm(x, self.ffn_in.weight.dtype):
+            return self.dropout(linear(self.ffn_out, self.act(linear(self.ffn_in, x))))
+        if approximate is not None and plain:
             w1, b1, w2, b2 = self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight, self.ffn_out.bias
             return self.dropout(_FFN.apply(x, w1, b1, w2, b2, approximate))
-        if approximate is None or not plain:
-            _say_unchunked(mods, self.hidden_act)
+        _say_unchunked(mods, self.hidden_act)
         return self.dropout(self.ffn_out(self.act(self.ffn_in(x))))
 
     def forward(self, x, key_padding_mask=None, global_mask=None, backend="auto"):  # (b, s, d) -> (b, s, d)
@@ -388,7 +404,7 @@ class Encoder(nn.Module):
                 out = torch.cat([x[:, :1], out[:, 1:]], dim=1)  # the first token gets global 0's output
             x = out
             states = [t[:, g:n] for t in states[:-1]] + [x]
-        pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
+        pooled = torch.tanh(linear(self.pooler, x[:, 0])) if self.pooler is not None else None
         return EncoderOutput(x, pooled=pooled, hidden_states=tuple(states) if output_hidden_states else None)
 
     def _lsg_pad(self, x: torch.Tensor, kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

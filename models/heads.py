@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import EncoderConfig
+from .precision import linear
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -39,7 +40,9 @@ class MaskedLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, out):
-        return self.decoder(self.norm(self.act(self.dense(out.last_hidden_state)))) + self.bias
+        return (
+            linear(self.decoder, self.norm(self.act(linear(self.dense, out.last_hidden_state)))) + self.bias
+        )
 
 
 class SequenceClassificationHead(nn.Module):
@@ -62,9 +65,9 @@ class SequenceClassificationHead(nn.Module):
         if self.dense is None:
             if out.pooled is None:
                 raise ValueError("head_style 'bert' needs the encoder's pooler (config.add_pooler=True)")
-            return self.out(self.dropout(out.pooled))
+            return linear(self.out, self.dropout(out.pooled))
         x = self.dropout(out.last_hidden_state[:, 0])  # (b, d)
-        return self.out(self.dropout(self.act(self.dense(x))))
+        return linear(self.out, self.dropout(self.act(linear(self.dense, x))))
 
 
 class TokenClassificationHead(nn.Module):
@@ -76,7 +79,7 @@ class TokenClassificationHead(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, out):
-        return self.out(self.dropout(out.last_hidden_state))
+        return linear(self.out, self.dropout(out.last_hidden_state))
 
 
 class QuestionAnsweringHead(nn.Module):
@@ -87,7 +90,7 @@ class QuestionAnsweringHead(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, 2)
 
     def forward(self, out):
-        return self.out(out.last_hidden_state)
+        return linear(self.out, out.last_hidden_state)
 
 
 def build_head(cfg: EncoderConfig, encoder: nn.Module) -> nn.Module | None:

@@ -14,6 +14,7 @@ tile); other 16-bit cases convert on load (K/V once per (batch, head) task).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -137,6 +138,59 @@ def onednn_cap_hiding_amx() -> str:
     except OSError:
         flags = []
     return f"{name}={value}" if {"amx_bf16", "amx_tile"} <= set(flags) else ""
+
+
+class Bf16Matmul(NamedTuple):
+    fast: bool  # torch's own bf16 GEMMs (F.linear, matmul) are fast here: run them as they are
+    reason: str  # why, for `etkd info` and the warning of the routed linear layers (etkd.models.precision)
+
+
+def bf16_matmul() -> Bf16Matmul:
+    """Whether torch's own bf16 GEMMs on the CPU (the linear layers of a model under bf16 autocast or with bf16
+    weights; not etkd's attention kernels, whose bf16 tiles `bf16_description` covers) are fast here, and why.
+
+    `auto` asks torch: `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is the check ATen's bf16 matmuls make
+    (use_mkldnn_bf16_matmul, mkldnn_bf16_gemm) before handing a GEMM to oneDNN; it is ideep's
+    `has_bf16_type_support()`, oneDNN's effective ISA >= avx512_core (AVX-512 F/BW/VL/DQ: oneDNN's bf16 kernels,
+    native with AVX512-BF16/AMX, else converting in AVX-512 registers; ONEDNN_MAX_CPU_ISA lowers it). When it is
+    False (an AVX2-only CPU: every Zen 1-3, client Intel without AVX-512) the GEMM runs on ATen's generic
+    kernel instead: measured 5.9x slower than fp32 on a Zen 3 (4096x768 by 3072x768, 1185 vs 200 ms, 2 threads).
+    ETKD_CPU_BF16_LINEAR=bf16|fp32 forces the answer (read per call; a bad value raises EnvironmentValueError)."""
+    from .._env import BF16_LINEAR, bf16_linear_mode
+
+    mode = bf16_linear_mode()
+    if mode == "bf16":
+        return Bf16Matmul(True, f"{BF16_LINEAR}=bf16 forces torch's bf16 GEMMs")
+    if mode == "fp32":
+        return Bf16Matmul(False, f"{BF16_LINEAR}=fp32 forces fp32 GEMMs")
+    return _bf16_matmul_auto()
+
+
+@functools.cache
+def _bf16_matmul_auto() -> Bf16Matmul:
+    if not torch.backends.mkldnn.is_available():
+        return Bf16Matmul(False, "this torch has no oneDNN: its bf16 GEMMs run on ATen's generic kernel")
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return Bf16Matmul(
+            True, "torch runs bf16 GEMMs on oneDNN here (torch.ops.mkldnn._is_mkldnn_bf16_supported())"
+        )
+    return Bf16Matmul(
+        False,
+        "torch.ops.mkldnn._is_mkldnn_bf16_supported() is False (oneDNN's bf16 GEMMs need AVX-512, which this CPU "
+        "lacks or ONEDNN_MAX_CPU_ISA hides), so torch's bf16 GEMMs run on ATen's generic kernel, several times "
+        "slower than its fp32 GEMMs",
+    )
+
+
+def bf16_matmul_summary() -> str:
+    """One line for `etkd info`: how the linear layers' bf16 GEMMs run here (etkd.models.precision)."""
+    got = bf16_matmul()
+    if got.fast:
+        return f"bf16 linear layers: torch's bf16 GEMMs ({got.reason}); ETKD_CPU_BF16_LINEAR=fp32 forces fp32 GEMMs"
+    return (
+        f"bf16 linear layers: fp32 GEMMs on bf16-rounded inputs in etkd's models, a warning for HF models "
+        f"({got.reason}); ETKD_CPU_BF16_LINEAR=bf16 forces torch's bf16 GEMMs"
+    )
 
 
 _told: set[tuple[str, torch.dtype, int]] = set()

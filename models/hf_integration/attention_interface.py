@@ -37,6 +37,7 @@ from ._common import (
     UnsupportedConfigError,
     _collecting,
     full_attention_hf_rows,
+    note_hf_linears,
     warn_ignore_attention_dropout,
 )
 
@@ -106,6 +107,7 @@ def _implementation(name: str, required: tuple[str, ...] = ()):
         def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
             cfg = _settings(module, name, required)
             _checks(name, module, query, key, attention_mask, cfg, kwargs)
+            note_hf_linears(module, query)  # HF's q/k/v/o GEMMs around this call
             cfg = {k: _layer_value(v, module, k) for k, v in cfg.items()}
             common = dict(
                 key_padding_mask=attention_mask, scale=scaling, dropout_p=float(dropout),

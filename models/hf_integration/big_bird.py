@@ -20,7 +20,14 @@ from transformers.models.big_bird import modeling_big_bird as hf
 import etkd_kernels as ek
 from etkd_kernels.layouts.bigbird import bigbird_block_counts, fold_block_counts
 
-from ._common import Options, UnsupportedConfigError, merge_heads, options_of, refuse_attention_weights
+from ._common import (
+    Options,
+    UnsupportedConfigError,
+    merge_heads,
+    note_hf_linears,
+    options_of,
+    refuse_attention_weights,
+)
 from ._common import split_heads as heads
 
 HF_SPARSE = hf.BigBirdBlockSparseAttention
@@ -103,6 +110,7 @@ class BigBirdBlockSparseAttention(HF_SPARSE):
     ):
         opts = options_of(self)
         refuse_attention_weights(kwargs.get("output_attentions", False), "BigBirdBlockSparseAttention")
+        note_hf_linears(self, hidden_states)
         # HF's block-sparse path applies no attention dropout, so training needs no check here.
         b, s, _ = hidden_states.shape
         bs = self.block_size

@@ -15,6 +15,7 @@ import etkd_kernels as ek
 from ._common import (
     Options,
     merge_heads,
+    note_hf_linears,
     options_of,
     refuse_attention_weights,
 )
@@ -39,6 +40,7 @@ class LongformerSelfAttention(HF_CLASS):
     ):
         opts = options_of(self)
         refuse_attention_weights(output_attentions, "LongformerSelfAttention")
+        note_hf_linears(self, hidden_states)
         if is_index_masked is None and attention_mask is not None:
             is_index_masked = attention_mask < 0
         if is_index_global_attn is None and attention_mask is not None:

@@ -20,6 +20,7 @@ from ._common import (
     UnsupportedConfigError,
     full_attention_hf_rows,
     merge_heads,
+    note_hf_linears,
     options_of,
     padding_from_mask,
     refuse_attention_weights,
@@ -50,6 +51,7 @@ class NystromformerSelfAttention(HF_CLASS):
     def forward(self, hidden_states, attention_mask=None, output_attentions=False):
         opts = options_of(self)
         refuse_attention_weights(output_attentions, "NystromformerSelfAttention")
+        note_hf_linears(self, hidden_states)
         # HF's module defines attention dropout but never applies it, so training needs no check here.
         b, s, _ = hidden_states.shape
         q, k, v = (

@@ -6,6 +6,7 @@ import torch
 
 import etkd_kernels as ek
 
+from ..precision import linear
 from . import HFFamily, Option, Pattern, register, register_family
 
 
@@ -19,7 +20,7 @@ def _global_queries(attn, x: torch.Tensor, global_mask: torch.Tensor) -> torch.T
     """(b, s, d): the global query projection at the global rows, zero elsewhere. The op reads qg at global rows
     only, so, as HF's LongformerSelfAttention (`query_global` of the global rows' hidden states), the projection
     runs on those rows alone: a (b*s, d) x (d, d) GEMM (and two in the backward) becomes one per global token."""
-    rows = attn.qg(x[global_mask])  # (n_global, d)
+    rows = linear(attn.qg, x[global_mask])  # (n_global, d); linear: fp32 GEMM where bf16 ones are slow
     # rows' dtype, not x's: under autocast the projection computes in bf16.
     return rows.new_zeros(x.shape[:2] + rows.shape[-1:]).masked_scatter(global_mask[..., None], rows)
 
@@ -31,8 +32,8 @@ def adapter(attn, x, q, k, v, key_padding_mask, global_mask, backend):
         h = attn.config.num_heads
         global_qkv = (
             _heads(_global_queries(attn, x, global_mask), h),
-            _heads(attn.kg(x), h),
-            _heads(attn.vg(x), h),
+            _heads(linear(attn.kg, x), h),
+            _heads(linear(attn.vg, x), h),
         )
     return ek.sliding_window_attention(
         q, k, v, attn.window, global_mask=global_mask, global_qkv=global_qkv,
