@@ -1237,7 +1237,7 @@ inline bool recompute_p(const Problem& p, const Seg& sg, bool band, const float*
     if (kept) std::fill(kept - c0, kept - c0 + ls, 0.f);
     return false;
   }
-  add_bias_max(row, bias, lo, hi);
+  if (bias) add_bias_max(row, bias, lo, hi);  // its max is unused (P = exp(s - lse)): no pass at all without a bias
   std::fill(full, row + lo, 0.f);
   std::fill(row + hi, full + ls, 0.f);
   if (!kept) {
