@@ -287,6 +287,7 @@ def train(
     "is_main_process", "num_processes"}. Only the main process should write the final model.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
 
@@ -296,6 +297,12 @@ def train(
     # accelerate only takes the multi-process CPU path (gloo) when told `cpu`; a torchrun / `accelerate
     # launch --multi_gpu` job on a machine without a GPU means exactly that.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps one AcceleratorState per process and refuses an Accelerator whose mixed precision differs
+    # from the first one's ("already been initialized"): a second run in one process (a notebook, `etkd tune`'s
+    # trials, a test session) may ask another. The run's settings are this run's: drop the earlier run's state
+    # (its PartialState, the process group of a distributed launch, stays).
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or multi_cpu, kwargs_handlers=kwargs
     )

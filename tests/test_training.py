@@ -164,6 +164,25 @@ def test_linear_schedule_and_bad_config():
         train(tiny_mlm(), make_data(n=2), mlm_loss, TrainConfig(per_device_batch_size=4, progress=False))
 
 
+def test_runs_with_other_mixed_precision_in_one_process(tmp_path):
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed
+    precision; `train` starts each run with its own (a notebook, `etkd tune`'s trials, a test session), and a
+    finished run's setting does not leak into the next (checked by what each run's autocast gives)."""
+    seen = []
+
+    def loss_recording_dtype(model, batch):
+        loss, parts = mlm_loss(model, batch)
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return loss, parts
+
+    for run, precision in enumerate(("no", "bf16", "no")):
+        seen.clear()
+        out = train(tiny_mlm(), make_data(8), loss_recording_dtype,
+                    cfg_for(tmp_path / str(run), max_steps=2, save_every=0, mixed_precision=precision),
+                    collate_fn=collate)  # fmt: skip
+        assert out["step"] == 2 and seen and set(seen) == {precision == "bf16"}, (precision, seen)
+
+
 def test_nan_loss_is_a_clear_error(tmp_path):
     def bad_loss(model, batch):
         loss, logs = mlm_loss(model, batch)
