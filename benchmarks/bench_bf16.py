@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 import torch
 
@@ -32,17 +30,11 @@ from .patterns import BENCHES
 
 
 def _median(fn, repeats: int, warmup: bool = True) -> tuple[float, float, torch.Tensor]:
-    """Median seconds of `fn()` by the project's one timer, the median process CPU seconds of the same calls (all
-    threads: steadier than wall time on a shared, loaded machine), and the last call's output."""
-    last, cpu = {}, []
-
-    def call():
-        start = time.process_time()
-        last["out"] = fn()
-        cpu.append(time.process_time() - start)
-
-    timing = time_call(call, repeats=repeats, warmup=int(warmup))
-    return timing.median, statistics.median(cpu[int(warmup) :]), last["out"]
+    """Median wall seconds of `fn()` by the project's one timer, the median process CPU seconds of the same calls
+    (`Timing.cpu_median`), and the last call's output."""
+    last = {}
+    timing = time_call(lambda: last.update(out=fn()), repeats=repeats, warmup=int(warmup))
+    return timing.median, timing.cpu_median, last["out"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,18 @@ HF_RTOL = 1e-5
 RECORDED: list[tuple[str, str, float, float]] = []
 
 
+def padded_global_batch(seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two sequences of token ids (seeded), the second with its last 9 tokens padded, and a global mask marking the
+    first token: (input_ids, attention_mask, global_attention_mask), each (2, seq), for the encoder model tests."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 50, (2, seq), generator=g)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, seq - 9 :] = 0
+    gmask = torch.zeros_like(mask)
+    gmask[:, 0] = 1
+    return ids, mask, gmask
+
+
 def assert_close(
     actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = ""
 ) -> float:

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import padded_global_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import etkd_kernels
@@ -65,12 +66,7 @@ def _model(attention: str = "longformer", head: str | None = "mlm", **over) -> E
 
 
 def _batch(seq: int = 64):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 50, (2, seq), generator=g)
-    mask = torch.ones(2, seq, dtype=torch.long)
-    mask[1, seq - 9 :] = 0
-    gmask = torch.zeros_like(mask)
-    gmask[:, 0] = 1
+    ids, mask, gmask = padded_global_batch(seq)
     return dict(input_ids=ids, attention_mask=mask, global_attention_mask=gmask)
 
 

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, padded_global_batch
 
 import etkd_kernels
 from etkd.models import EncoderConfig, EncoderModel
@@ -40,13 +40,7 @@ def _model(attention: str) -> EncoderModel:
 
 
 def _batch(seq: int = 128):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 50, (2, seq), generator=g)
-    mask = torch.ones(2, seq, dtype=torch.long)
-    mask[1, seq - 9 :] = 0
-    gmask = torch.zeros_like(mask)
-    gmask[:, 0] = 1
-    return ids, mask, gmask
+    return padded_global_batch(seq)
 
 
 def _spy(monkeypatch, module_name: str) -> list[torch.dtype]:

@@ -8,12 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from etkd.models.precision import note_hf_linears
 from etkd_kernels.dispatch import check_name
-
-# Every patched forward calls it on its input: HF's linear layers under bf16 on a CPU whose bf16 GEMMs are slow
-# are not ours to route (etkd's EncoderModel routes its own), so the user is told once.
-__all__ = ["note_hf_linears"]
 
 
 class UnsupportedConfigError(ValueError):

@@ -33,11 +33,13 @@ import torch
 from etkd.models.hf import hf_attention_request
 from etkd.models.patterns import HF_CONFIG_KEY, PATTERNS
 
+# HF's linear layers under bf16 on a CPU whose bf16 GEMMs are slow are not ours to route: told once
+from etkd.models.precision import note_hf_linears
+
 from ._common import (
     UnsupportedConfigError,
     _collecting,
     full_attention_hf_rows,
-    note_hf_linears,
     warn_ignore_attention_dropout,
 )
 

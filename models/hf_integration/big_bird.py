@@ -18,13 +18,15 @@ import torch
 from transformers.models.big_bird import modeling_big_bird as hf
 
 import etkd_kernels as ek
+
+# HF's linear layers under bf16 on a CPU whose bf16 GEMMs are slow are not ours to route: told once
+from etkd.models.precision import note_hf_linears
 from etkd_kernels.layouts.bigbird import bigbird_block_counts, fold_block_counts
 
 from ._common import (
     Options,
     UnsupportedConfigError,
     merge_heads,
-    note_hf_linears,
     options_of,
     refuse_attention_weights,
 )

@@ -12,10 +12,12 @@ from transformers.models.longformer import modeling_longformer as hf
 
 import etkd_kernels as ek
 
+# HF's linear layers under bf16 on a CPU whose bf16 GEMMs are slow are not ours to route: told once
+from etkd.models.precision import note_hf_linears
+
 from ._common import (
     Options,
     merge_heads,
-    note_hf_linears,
     options_of,
     refuse_attention_weights,
 )

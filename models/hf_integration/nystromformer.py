@@ -15,12 +15,14 @@ from transformers.models.nystromformer import modeling_nystromformer as hf
 
 import etkd_kernels as ek
 
+# HF's linear layers under bf16 on a CPU whose bf16 GEMMs are slow are not ours to route: told once
+from etkd.models.precision import note_hf_linears
+
 from ._common import (
     Options,
     UnsupportedConfigError,
     full_attention_hf_rows,
     merge_heads,
-    note_hf_linears,
     options_of,
     padding_from_mask,
     refuse_attention_weights,
